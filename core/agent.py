@@ -1,0 +1,150 @@
+"""The agent: one asyncio loop running the plugins' controllers behind the API socket.
+
+Start-up: lock the state dir, register metrics, build the slot providers, open the API, start
+the controllers. Shutdown (SIGTERM/SIGINT): stop the controllers (waiting up to
+``--shutdown-timeout``), close the API, close providers in reverse order, unconfigure plugins.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import attrs
+from prometheus_client import CollectorRegistry
+
+from meshagent import __version__
+from meshagent.api import APIServer, build_app
+from meshagent.config import Config
+from meshagent.controller import ControllerManager
+from meshagent.corehooks import CoreHooks
+from meshagent.metrics import MetricsServer
+from meshagent.pluginmanager import PluginManager
+from meshagent.slots import DATAPATH, IDENTITY_ALLOCATOR, KVSTORE, POLICY_RESOLVER, SLOTS, Provider
+from meshagent.statedir import StateDir
+from meshagent.status import Health, StatusReport, StatusSection, sort_sections
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, config: Config, plugins: PluginManager):
+        self.config = config
+        self.cluster = config.cluster
+        self.plugins = plugins
+        self.hooks = plugins.hooks
+        self.metrics = CollectorRegistry(auto_describe=True)
+        self.controllers = ControllerManager()
+        self.state_dir = StateDir(config.state_dir)
+        self.started_at = time.time()
+        self.ready = False
+        self.stopping = False
+        self._stop = asyncio.Event()
+        plugins.register(CoreHooks(self), name="core")
+        # Provider choice happens here, before any side effect, so a bad choice exits 2 cleanly.
+        self.providers: dict[str, Provider | None] = {
+            slot.name: self.hooks.register_providers(slot).select(
+                config.get(slot.name), lambda slot=slot: plugins.offers(slot))
+            for slot in SLOTS
+        }
+        self.kvstore_backend: Any = None
+        self.kvstore: Any = None
+        self.identity_allocator: Any = None
+        self.policy_resolver: Any = None
+        self.datapath: Any = None
+
+    def stop(self) -> None:
+        """Ask the agent to shut down (what SIGTERM does)."""
+        self.stopping = True
+        self._stop.set()
+
+    async def run(self) -> None:
+        async with contextlib.AsyncExitStack() as cleanup:
+            self.state_dir.acquire()
+            cleanup.callback(self.state_dir.release)
+            cleanup.callback(self.hooks.unconfigure, self.config)
+            self.hooks.register_metrics(self.metrics)
+            await self._build_providers(cleanup)
+
+            api = APIServer(build_app(self, self.hooks.api_routes(self)), self.config.socket_path)
+            await api.start()
+            cleanup.push_async_callback(api.stop)
+            if addr := self.config.get("prometheus-serve-addr"):
+                metrics_server = MetricsServer(self.metrics, addr)
+                await metrics_server.start()
+                cleanup.push_async_callback(metrics_server.stop)
+
+            async with asyncio.TaskGroup() as tasks:
+                for plugin, controller in self.hooks.controllers(self):
+                    self.controllers.start(controller, plugin, tasks)
+                announce = tasks.create_task(self._announce_ready(), name="announce-ready")
+                log.info("agent started: cluster %s (id %d), node %s, plugins %s",
+                         self.cluster.name, self.cluster.id, self.config.node_name,
+                         ",".join(self.config.plugins))
+                await self._stop.wait()
+                log.info("shutting down")
+                announce.cancel()
+                await self.controllers.stop(self.config.get("shutdown-timeout"))
+        log.info("agent stopped")
+
+    async def _build_providers(self, cleanup: contextlib.AsyncExitStack) -> None:
+        """Instantiate the chosen providers; each is closed in reverse order at exit."""
+        def build(slot):
+            provider = self.providers[slot.name]
+            return provider.factory(self) if provider else None
+
+        self.kvstore_backend = build(KVSTORE)
+        self.kvstore = self.kvstore_backend.local_client(self.config)
+        cleanup.push_async_callback(self.kvstore.close)
+        self.identity_allocator = build(IDENTITY_ALLOCATOR)
+        if self.identity_allocator is not None:
+            cleanup.push_async_callback(self.identity_allocator.close)
+        self.policy_resolver = build(POLICY_RESOLVER)
+        self.datapath = build(DATAPATH)
+        if self.datapath is not None:
+            cleanup.push_async_callback(self.datapath.stop)
+
+    async def _announce_ready(self) -> None:
+        await self.controllers.wait_ready()
+        self.ready = True
+        log.info("agent ready (%d controllers)", len(self.controllers.states))
+
+    def status(self, verbose: bool = False) -> StatusReport:
+        sections = []
+        for plugin, item in self.hooks.status(self, verbose):
+            if isinstance(item, StatusSection):
+                sections.append(item if item.plugin else _with_plugin(item, plugin))
+            else:
+                sections.append(StatusSection(plugin, Health.FAILURE,
+                                              f"status hook failed: {item!r}", plugin=plugin))
+        return StatusReport(
+            version=__version__, cluster_name=self.cluster.name, cluster_id=self.cluster.id,
+            node_name=self.config.node_name, uptime_seconds=time.time() - self.started_at,
+            ready=self.ready, sections=tuple(sort_sections(sections)),
+        )
+
+
+def _with_plugin(section: StatusSection, plugin: str) -> StatusSection:
+    return attrs.evolve(section, plugin=plugin)
+
+
+async def serve(agent: Agent) -> None:
+    """Run ``agent`` until SIGTERM or SIGINT; a second SIGINT exits at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_interrupt() -> None:
+        if agent.stopping:
+            log.warning("second interrupt: exiting without cleanup")
+            os._exit(130)
+        agent.stop()
+
+    loop.add_signal_handler(signal.SIGTERM, agent.stop)
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    try:
+        await agent.run()
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        loop.remove_signal_handler(signal.SIGINT)

@@ -1,0 +1,146 @@
+"""The agent API: HTTP/JSON on a unix socket, versioned under ``/v1/``.
+
+The CLI talks to the agent only through it; plugins add paths with ``meshagent_api_routes``.
+"""
+
+import asyncio
+import enum
+import ipaddress
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from aiohttp import web
+
+from meshagent.errors import MeshagentError, PluginError
+
+if TYPE_CHECKING:
+    from meshagent.agent import Agent
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/v1"
+SOCKET_MODE = 0o660
+
+
+@attrs.frozen
+class Route:
+    method: str
+    path: str  # under /v1, e.g. "/endpoint"
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def to_jsonable(value: Any) -> Any:
+    """attrs objects, enums, paths, addresses and sets as plain JSON values."""
+    if attrs.has(type(value)):
+        return {f.name: to_jsonable(getattr(value, f.name))
+                for f in attrs.fields(type(value)) if not f.name.startswith("_")}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (Path, ipaddress.IPv4Address, ipaddress.IPv4Network,
+                          ipaddress.IPv6Address, ipaddress.IPv6Network)):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (frozenset, set)):
+        return sorted(to_jsonable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+def json_response(value: Any, status: int = 200) -> web.Response:
+    return web.json_response(to_jsonable(value), status=status,
+                             dumps=lambda v: json.dumps(v, indent=2))
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json":
+            raise
+        return web.json_response({"error": exc.reason}, status=exc.status)
+    except MeshagentError as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+
+
+def build_app(agent: "Agent", extra_routes: list[tuple[str, Route]]) -> web.Application:
+    app = web.Application(middlewares=[_errors_as_json])
+    core = [
+        Route("GET", "/healthz", lambda r: _healthz(agent)),
+        Route("GET", "/status", lambda r: _status(agent, r)),
+        Route("GET", "/plugins", lambda r: _plugins(agent)),
+        Route("GET", "/config", lambda r: _config(agent)),
+    ]
+    owners: dict[tuple[str, str], str] = {}
+    for owner, route in [("core", r) for r in core] + extra_routes:
+        key = (route.method.upper(), route.path)
+        if key in owners:
+            raise PluginError(f"API {key[0]} {API_PREFIX}{key[1]} is served by both"
+                              f" {owners[key]!r} and {owner!r}")
+        owners[key] = owner
+        app.router.add_route(route.method, API_PREFIX + route.path, route.handler)
+    return app
+
+
+async def _healthz(agent: "Agent") -> web.Response:
+    return json_response({"ready": agent.ready}, status=200 if agent.ready else 503)
+
+
+async def _status(agent: "Agent", request: web.Request) -> web.Response:
+    verbose = request.query.get("verbose", "false").lower() in ("1", "true", "yes")
+    return json_response(agent.status(verbose))
+
+
+async def _plugins(agent: "Agent") -> web.Response:
+    return json_response(agent.plugins.infos())
+
+
+async def _config(agent: "Agent") -> web.Response:
+    config = agent.config
+    return json_response({name: {"value": config.values[name], "source": config.sources[name]}
+                          for name in sorted(config.values)})
+
+
+class APIServer:
+    """Serves the app on the unix socket, replacing a stale socket file, mode 0660."""
+
+    def __init__(self, app: web.Application, socket_path: Path):
+        self.app = app
+        self.socket_path = socket_path
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        await remove_stale_socket(self.socket_path)
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.UnixSite(self._runner, str(self.socket_path)).start()
+        os.chmod(self.socket_path, SOCKET_MODE)
+        log.info("API listening on %s", self.socket_path)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self.socket_path.unlink(missing_ok=True)
+
+
+async def remove_stale_socket(path: Path) -> None:
+    """Remove a socket file nobody listens on; refuse to steal one an agent still serves."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    try:
+        _, writer = await asyncio.open_unix_connection(str(path))
+    except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
+        log.info("removing stale API socket %s", path)
+        path.unlink(missing_ok=True)
+        return
+    writer.close()
+    raise MeshagentError(f"another agent is already serving the API socket {path}")

@@ -1,0 +1,217 @@
+"""``meshagent``: with no command it runs the agent; with one it talks to a running agent.
+
+``meshagent --plugins etcd,ebpf [options]`` runs the agent. ``meshagent status``,
+``meshagent plugins`` and ``meshagent config`` ask it over the API socket; plugins add commands
+of their own through the ``meshagent_commands`` hook.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from meshagent.agent import Agent, serve
+from meshagent.api import to_jsonable
+from meshagent.client import AgentClient
+from meshagent.config import DEFAULT_SOCKET, Config, add_bootstrap_options, add_core_options
+from meshagent.errors import AgentNotRunning, MeshagentError, UsageError
+from meshagent.logsetup import configure_logging
+from meshagent.options import Parser
+from meshagent.pluginmanager import PluginManager, discover
+from meshagent.status import Health, StatusReport, StatusSection, render_text
+
+log = logging.getLogger("meshagent")
+
+
+@attrs.frozen
+class Command:
+    """A ``meshagent <name>`` sub-command (the core's or a plugin's)."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    environ = os.environ if environ is None else environ
+    try:
+        if argv and not argv[0].startswith("-"):
+            return run_command(argv, environ)
+        return run_agent(argv, environ)
+    except MeshagentError as exc:
+        print(f"meshagent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+# ------------------------------------------------------------------------------------------
+# the agent
+# ------------------------------------------------------------------------------------------
+
+
+def build_agent(argv: Sequence[str], environ: Mapping[str, str],
+                extra_plugins: Sequence[tuple[str, object]] = ()) -> Agent:
+    """Everything up to the first side effect: plugins, options, validation, provider choice."""
+    bootstrap = Parser()
+    add_bootstrap_options(bootstrap)
+    selected = bootstrap.parse(argv, environ, partial=True).values["plugins"]
+    available = discover()
+    if "-h" in argv or "--help" in argv:  # help should work even with a wrong --plugins
+        selected = [name for name in selected if name in available]
+    plugins = PluginManager(selected, available)  # unknown names raise before any import
+    for name, plugin in extra_plugins:
+        plugins.register(plugin, name=name)
+    parser = Parser(description=__doc__ + "\n" + _commands_epilog())
+    add_core_options(parser)
+    plugins.hooks.addoption(parser)
+    config = Config.from_parsed(parser.parse(argv, environ))
+    plugins.hooks.configure(config, plugins)
+    return Agent(config, plugins)
+
+
+def run_agent(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    agent = build_agent(argv, environ)
+    configure_logging(agent.config.get("log-format"), agent.config.get("debug"))
+    for name in agent.config.unknown_config_files:
+        log.warning("config-dir file %r names no option of the loaded plugins; ignored", name)
+    asyncio.run(serve(agent))
+    return 0
+
+
+def _commands_epilog() -> str:
+    names = ", ".join(c.name for c in CORE_COMMANDS)
+    return f"commands (talk to a running agent): {names}; 'meshagent COMMAND --help' for more"
+
+
+# ------------------------------------------------------------------------------------------
+# commands
+# ------------------------------------------------------------------------------------------
+
+
+def run_command(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    commands = {c.name: c for c in CORE_COMMANDS}
+    if argv[0] not in commands:
+        for plugin, command in PluginManager(None).hooks.commands():
+            if command.name in commands:
+                raise UsageError(f"command {command.name!r} of plugin {plugin!r} is taken")
+            commands[command.name] = command
+    if argv[0] not in commands:
+        raise UsageError(f"unknown command {argv[0]!r}; commands: {', '.join(sorted(commands))}")
+    command = commands[argv[0]]
+    parser = argparse.ArgumentParser(prog=f"meshagent {command.name}", description=command.help)
+    parser.add_argument("--socket-path", type=Path,
+                        default=Path(environ.get("MESHAGENT_SOCKET_PATH", DEFAULT_SOCKET)),
+                        help="agent API socket [env MESHAGENT_SOCKET_PATH]")
+    command.add_arguments(parser)
+    try:
+        args = parser.parse_args(argv[1:])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return command.run(args)
+
+
+def _add_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(to_jsonable(value), indent=2))
+
+
+def _status_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="show each section's details")
+    _add_output(parser)
+
+
+def _status(args: argparse.Namespace) -> int:
+    body = AgentClient(args.socket_path).get("/status", params={"verbose": str(args.verbose)})
+    report = status_report_from_json(body)
+    if args.output == "json":
+        _print_json(body)
+    else:
+        print(render_text(report, args.verbose))
+    return 0 if report.healthy else 1
+
+
+def status_report_from_json(body: dict) -> StatusReport:
+    sections = tuple(
+        StatusSection(s["name"], Health(s["health"]), s["summary"], s.get("details", ()),
+                      s.get("plugin", ""))
+        for s in body["sections"]
+    )
+    fields = {k: body[k] for k in ("version", "cluster_name", "cluster_id", "node_name",
+                                   "uptime_seconds", "ready")}
+    return StatusReport(sections=sections, **fields)
+
+
+def _plugins_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugins", default=None,
+                        help="show what this allow-list would load and block, instead of"
+                             " asking the running agent")
+    _add_output(parser)
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    source = "installed plugins (no agent running)"
+    if args.plugins is not None:
+        rows = to_jsonable(PluginManager([p for p in args.plugins.split(",") if p]).infos())
+        source = f"plugins for --plugins={args.plugins}"
+    else:
+        try:
+            rows = AgentClient(args.socket_path).get("/plugins")
+            source = f"plugins of the agent at {args.socket_path}"
+        except AgentNotRunning:
+            rows = to_jsonable(PluginManager(None).infos())
+    if args.output == "json":
+        _print_json(rows)
+        return 0
+    print(f"# {source}")
+    table = [("NAME", "STATUS", "ORIGIN", "PROVIDES", "HOOKS")]
+    for row in rows:
+        provides = "; ".join(f"{slot}: {','.join(names)}" for slot, names in row["provides"].items())
+        hooks = ",".join(h.removeprefix("meshagent_") for h in row["hooks"])
+        table.append((row["name"], row["status"], row["origin"], provides or "-", hooks or "-"))
+    print(_format_table(table))
+    return 0
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    _add_output(parser)
+
+
+def _config(args: argparse.Namespace) -> int:
+    body = AgentClient(args.socket_path).get("/config")
+    if args.output == "json":
+        _print_json(body)
+        return 0
+    table = [("OPTION", "VALUE", "SOURCE")]
+    for name, entry in body.items():
+        value = entry["value"]
+        shown = ",".join(value) if isinstance(value, list) else str(value)
+        table.append((name, shown, entry["source"]))
+    print(_format_table(table))
+    return 0
+
+
+def _format_table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                     for row in rows)
+
+
+CORE_COMMANDS = (
+    Command("status", "show the agent's health, section by section", _status_args, _status),
+    Command("plugins", "list plugins: name, status, origin, slots filled, hooks",
+            _plugins_args, _plugins),
+    Command("config", "show every option's value and where it came from", _config_args, _config),
+)

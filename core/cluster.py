@@ -1,0 +1,88 @@
+"""Who this cluster is in the mesh: name, id, and the identity range the id owns.
+
+The rules are Cilium's, so a name or id accepted here is accepted by a Cilium mesh too.
+"""
+
+import re
+
+import attrs
+
+from meshagent.errors import UsageError
+
+CLUSTER_NAME_MAX_LENGTH = 32
+CLUSTER_NAME_PATTERN = re.compile(r"^([a-z0-9][-a-z0-9]*)?[a-z0-9]$")
+DEFAULT_CLUSTER_NAME = "default"
+MAX_CONNECTED_CLUSTERS_CHOICES = (255, 511)
+
+#: Identities below this number are reserved or unused in every cluster's range.
+MIN_LOCAL_IDENTITY = 256
+
+
+def validate_cluster_name(name: str, cluster_id: int) -> None:
+    """Raise UsageError naming the option, the value and the rule it breaks."""
+    if len(name) > CLUSTER_NAME_MAX_LENGTH:
+        raise UsageError(
+            f"invalid --cluster-name={name!r}: longer than {CLUSTER_NAME_MAX_LENGTH} characters"
+            f" ({len(name)})"
+        )
+    if not CLUSTER_NAME_PATTERN.match(name):
+        raise UsageError(
+            f"invalid --cluster-name={name!r}: must be lower-case letters, digits and '-',"
+            f" starting and ending with a letter or digit ({CLUSTER_NAME_PATTERN.pattern})"
+        )
+    if name == DEFAULT_CLUSTER_NAME and cluster_id != 0:
+        raise UsageError(
+            f"invalid --cluster-name={name!r}: a cluster in a mesh (--cluster-id={cluster_id})"
+            f" needs a unique name, not {DEFAULT_CLUSTER_NAME!r}"
+        )
+
+
+def validate_max_connected_clusters(value: int) -> None:
+    if value not in MAX_CONNECTED_CLUSTERS_CHOICES:
+        raise UsageError(
+            f"invalid --max-connected-clusters={value}: must be one of"
+            f" {', '.join(map(str, MAX_CONNECTED_CLUSTERS_CHOICES))}"
+            " (and the same in every cluster of the mesh)"
+        )
+
+
+def validate_cluster_id(cluster_id: int, max_connected_clusters: int) -> None:
+    if not 0 <= cluster_id <= max_connected_clusters:
+        raise UsageError(
+            f"invalid --cluster-id={cluster_id}: must be 0 (not in a mesh) or"
+            f" 1..{max_connected_clusters} with --max-connected-clusters={max_connected_clusters}"
+        )
+
+
+def identity_shift(max_connected_clusters: int) -> int:
+    """Bits of an identity left to the cluster's own allocations (Cilium: 16, or 15 for 511)."""
+    return 15 if max_connected_clusters == 511 else 16
+
+
+@attrs.frozen
+class ClusterInfo:
+    """This agent's cluster, validated on construction."""
+
+    name: str = DEFAULT_CLUSTER_NAME
+    id: int = 0
+    max_connected_clusters: int = 255
+
+    def __attrs_post_init__(self) -> None:
+        validate_max_connected_clusters(self.max_connected_clusters)
+        validate_cluster_id(self.id, self.max_connected_clusters)
+        validate_cluster_name(self.name, self.id)
+
+    @property
+    def in_mesh(self) -> bool:
+        return self.id != 0
+
+    def identity_range(self, cluster_id: int | None = None) -> range:
+        """Identities that cluster ``cluster_id`` (default: this one) may allocate."""
+        cid = self.id if cluster_id is None else cluster_id
+        shift = identity_shift(self.max_connected_clusters)
+        base = cid << shift
+        return range(base + MIN_LOCAL_IDENTITY, base + (1 << shift))
+
+    def cluster_of_identity(self, identity: int) -> int:
+        """The cluster id encoded in a numeric identity."""
+        return identity >> identity_shift(self.max_connected_clusters)

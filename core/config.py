@@ -1,0 +1,98 @@
+"""The agent's resolved configuration: core options, their validation, and access for plugins."""
+
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from meshagent.cluster import ClusterInfo
+from meshagent.options import CONFIG_DIR, ParsedOptions, Parser, parse_bool, parse_list
+
+DEFAULT_PLUGINS = ("etcd", "ebpf")
+DEFAULT_RUN_DIR = Path("/var/run/meshagent")
+DEFAULT_SOCKET = DEFAULT_RUN_DIR / "meshagent.sock"
+
+
+def add_bootstrap_options(parser: Parser) -> None:
+    """Options read before any plugin loads: which plugins, and where the config dir is."""
+    parser.addoption(
+        "plugins", type=parse_list, default=DEFAULT_PLUGINS,
+        help="plugins to load (allow-list; every other installed plugin is blocked)",
+    )
+    parser.addoption(
+        CONFIG_DIR, type=str, default="",
+        help="directory with one file per option (file name = option name), as a ConfigMap mount",
+    )
+
+
+def add_core_options(parser: Parser) -> None:
+    add_bootstrap_options(parser)
+    parser.addoption("cluster-name", type=str, default="default",
+                     help="name of this cluster, unique in the mesh")
+    parser.addoption("cluster-id", type=int, default=0,
+                     help="id of this cluster, unique in the mesh (0 = not in a mesh)")
+    parser.addoption("max-connected-clusters", type=int, default=255,
+                     help="largest mesh size (255 or 511); must be the same in every cluster")
+    parser.addoption("node-name", type=str, default="",
+                     help="name of this node (default: the host name)")
+    parser.addoption("state-dir", type=Path, default=DEFAULT_RUN_DIR / "state",
+                     help="where the agent keeps state across restarts")
+    parser.addoption("socket-path", type=Path, default=DEFAULT_SOCKET,
+                     help="unix socket of the agent API")
+    parser.addoption("log-format", type=str, default="text", choices=("text", "json"),
+                     help="log line format")
+    parser.addoption("debug", type=parse_bool, default=False, help="log debug messages")
+    parser.addoption("prometheus-serve-addr", type=str, default="",
+                     help="serve Prometheus metrics at HOST:PORT (or :PORT); off when empty")
+    parser.addoption("shutdown-timeout", type=float, default=3.0,
+                     help="seconds to let controllers finish after SIGTERM before cancelling")
+    for slot in ("kvstore", "identity-allocator", "policy-resolver", "datapath"):
+        parser.addoption(slot, type=str, default="",
+                         help=f"{slot} provider to use (default: the only one the plugins offer)")
+
+
+@attrs.frozen
+class Config:
+    """Every option's value and where it came from; built once, read by everyone."""
+
+    values: Mapping[str, Any]
+    sources: Mapping[str, str]
+    cluster: ClusterInfo
+    unknown_config_files: tuple[str, ...] = ()
+
+    @classmethod
+    def from_parsed(cls, parsed: ParsedOptions) -> "Config":
+        """Validate the core options; raises UsageError naming option, value and rule."""
+        values = dict(parsed.values)
+        cluster = ClusterInfo(
+            name=values["cluster-name"],
+            id=values["cluster-id"],
+            max_connected_clusters=values["max-connected-clusters"],
+        )
+        if not values["node-name"]:
+            values["node-name"] = socket.gethostname()
+        return cls(values, dict(parsed.sources), cluster, parsed.unknown_config_files)
+
+    def get(self, name: str) -> Any:
+        try:
+            return self.values[name.removeprefix("--")]
+        except KeyError:
+            raise KeyError(f"no option --{name} (is its plugin loaded?)") from None
+
+    @property
+    def plugins(self) -> tuple[str, ...]:
+        return self.values["plugins"]
+
+    @property
+    def node_name(self) -> str:
+        return self.values["node-name"]
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.values["state-dir"])
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.values["socket-path"])

@@ -1,0 +1,108 @@
+"""The core's own hook implementations: what the agent reports about itself and its slots."""
+
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from meshagent import hookimpl
+from meshagent.controller import Controller, ControllerHandle
+from meshagent.status import Health, StatusSection
+
+if TYPE_CHECKING:
+    from meshagent.agent import Agent
+
+
+class CoreHooks:
+    """Registered as plugin ``core`` in every agent."""
+
+    def __init__(self, agent: "Agent"):
+        self.agent = agent
+
+    @hookimpl
+    def meshagent_controllers(self, agent: "Agent"):
+        controllers = [Controller("kvstore-connect", self._connect_kvstore)]
+        if agent.datapath is not None:
+            controllers.append(Controller("datapath-start", self._start_datapath))
+        return controllers
+
+    async def _connect_kvstore(self, handle: ControllerHandle) -> None:
+        # Raises KVStoreUnavailable while the store is down: the controller retries with backoff.
+        await self.agent.kvstore.connect()
+
+    async def _start_datapath(self, handle: ControllerHandle) -> None:
+        await self.agent.datapath.start()
+
+    @hookimpl
+    def meshagent_status(self, agent: "Agent", verbose: bool):
+        sections = [self._kvstore_section(agent)]
+        if agent.datapath is None:
+            sections.append(StatusSection(
+                "Datapath", Health.DISABLED,
+                "control plane only (no datapath plugin loaded): policy is not enforced"))
+        if agent.policy_resolver is None:
+            sections.append(StatusSection(
+                "Policy", Health.DISABLED, "no policy resolver loaded"))
+        sections.append(self._controllers_section(agent, verbose))
+        sections.append(StatusSection(
+            "Plugins", Health.OK, ", ".join(agent.config.plugins),
+            details=[f"{slot}: {p.name} (plugin {p.plugin})" if p else f"{slot}: none"
+                     for slot, p in agent.providers.items()]))
+        return sections
+
+    @staticmethod
+    def _kvstore_section(agent: "Agent") -> StatusSection:
+        status = agent.kvstore.status()
+        health = Health.OK if status.connected else Health.FAILURE
+        return StatusSection("KVStore", health, status.summary, details=status.details)
+
+    @staticmethod
+    def _controllers_section(agent: "Agent", verbose: bool) -> StatusSection:
+        states = list(agent.controllers.states.values())
+        failing = [s for s in states if not s.healthy]
+        waiting = [s for s in states if not s.ready]
+        summary = f"{len(states) - len(failing)}/{len(states)} healthy"
+        if waiting:
+            summary += f", {len(waiting)} not ready ({', '.join(s.name for s in waiting)})"
+        if failing:
+            summary += f"; failing: {', '.join(f'{s.name}: {s.last_error}' for s in failing)}"
+        details = []
+        now = time.time()
+        for s in sorted(states, key=lambda s: s.name):
+            last = f"{now - s.last_error_at:.0f}s ago: {s.last_error}" if s.last_error_at else "never"
+            state = "done" if s.done else ("ready" if s.ready else "starting")
+            details.append(f"{s.name} [{s.plugin}]: {state}, {s.failures} failures (last: {last})")
+        return StatusSection("Controllers", Health.WARNING if failing else Health.OK, summary,
+                             details=details)
+
+    @hookimpl
+    def meshagent_register_metrics(self, registry):
+        registry.register(_CoreCollector(self.agent))
+
+
+class _CoreCollector:
+    """Metrics read from the agent's state at scrape time, so nothing has to keep them current."""
+
+    def __init__(self, agent: "Agent"):
+        self.agent = agent
+
+    def collect(self):
+        ready = GaugeMetricFamily("meshagent_agent_ready", "1 once every controller is ready")
+        ready.add_metric([], 1.0 if self.agent.ready else 0.0)
+        yield ready
+        failures = CounterMetricFamily("meshagent_controller_failures",
+                                       "times a controller raised", labels=["controller"])
+        healthy = GaugeMetricFamily("meshagent_controller_healthy",
+                                    "1 when the controller's last run did not fail",
+                                    labels=["controller"])
+        for state in self.agent.controllers.states.values():
+            failures.add_metric([state.name], state.failures)
+            healthy.add_metric([state.name], 1.0 if state.healthy else 0.0)
+        yield failures
+        yield healthy
+        errors = CounterMetricFamily("meshagent_hook_errors", "exceptions raised by event hooks")
+        errors.add_metric([], self.agent.hooks.errors)
+        yield errors
+
+    def describe(self):
+        return []

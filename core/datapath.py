@@ -1,0 +1,32 @@
+"""The datapath slot's contract: what enforces policy in the kernel (or elsewhere).
+
+The slot may stay empty: the agent then runs its control plane only and says so in status.
+"""
+
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+
+from meshagent.endpoint import Endpoint
+from meshagent.events import ChangeKind
+from meshagent.ipcache import IPCacheEntry
+
+
+@runtime_checkable
+class Datapath(Protocol):
+    async def start(self) -> None:
+        """Take over existing state (pinned maps, attached programs) without changing it."""
+
+    async def endpoint_added(self, endpoint: Endpoint) -> None:
+        """Start enforcing for a new (or restored) endpoint."""
+
+    async def endpoint_removed(self, endpoint: Endpoint) -> None:
+        """Stop enforcing for an endpoint and free what it used."""
+
+    async def update_ipcache(self, changes: Iterable[tuple[ChangeKind, IPCacheEntry]]) -> None:
+        """Apply IP to identity changes incrementally."""
+
+    async def update_policy(self, endpoint_id: int, changes: Iterable[object]) -> None:
+        """Apply one endpoint's policy map changes incrementally."""
+
+    async def stop(self) -> None:
+        """Stop; keep pinned state so a restarted agent finds it as it was."""

@@ -1,0 +1,71 @@
+"""Shared helpers: run the real ``meshagent`` executable, and start it as a process."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+MESHAGENT = shutil.which("meshagent", path=str(Path(sys.executable).parent)) or "meshagent"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without MESHAGENT_* variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHAGENT_")}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30):
+    return subprocess.run([MESHAGENT, *args], capture_output=True, text=True,
+                          env=env or clean_env(), timeout=timeout)
+
+
+class AgentProcess:
+    """A real agent process; always killed at teardown."""
+
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None):
+        self.socket = tmp / "agent.sock"
+        self.state = tmp / "state"
+        self.log = tmp / "agent.log"
+        self.proc = subprocess.Popen(
+            [MESHAGENT, "--socket-path", str(self.socket), "--state-dir", str(self.state), *args],
+            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env or clean_env(),
+        )
+
+    def wait_for_socket(self, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.socket.exists():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}: {self.log.read_text()}")
+            time.sleep(0.05)
+        raise AssertionError(f"agent socket never appeared: {self.log.read_text()}")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def agent_process(short_tmp):
+    started: list[AgentProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> AgentProcess:
+        proc = AgentProcess(short_tmp, *args, env=env)
+        started.append(proc)
+        proc.wait_for_socket()
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()

@@ -1,0 +1,40 @@
+"""The repository layout installs as the ``meshagent`` namespace and nothing else."""
+
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_top_level_directories_exist():
+    for name in ("pyproject.toml", "core", "plugins", "bpf", "tests", "docs", "contrib"):
+        assert (ROOT / name).exists(), name
+
+
+def test_package_list_covers_every_package_dir():
+    """pyproject lists packages by hand (core/ maps to meshagent): nothing may be left out."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set()
+    for top, dotted in (("core", "meshagent"), ("plugins", "meshagent.plugins")):
+        for init in (ROOT / top).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / top).parts
+            found.add(".".join((dotted, *rel)))
+    assert found == listed
+
+
+def test_wheel_has_no_top_level_core_or_plugins(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("meshagent-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names}
+    assert "core" not in tops and "plugins" not in tops
+    assert "meshagent/hookspecs.py" in names
+    assert "meshagent/plugins/memory/__init__.py" in names
+    assert "meshagent/testing/kvstore_contract.py" in names
