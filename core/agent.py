@@ -77,15 +77,16 @@ class Agent:
                 await metrics_server.start()
                 cleanup.push_async_callback(metrics_server.stop)
 
-            async with asyncio.TaskGroup() as tasks:
-                for plugin, controller in self.hooks.controllers(self):
-                    self.controllers.start(controller, plugin, tasks)
-                announce = tasks.create_task(self._announce_ready(), name="announce-ready")
-                log.info("agent started: cluster %s (id %d), node %s, plugins %s",
-                         self.cluster.name, self.cluster.id, self.config.node_name,
-                         ",".join(self.config.plugins))
+            for plugin, controller in self.hooks.controllers(self):
+                self.controllers.start(controller, plugin)
+            announce = asyncio.create_task(self._announce_ready(), name="announce-ready")
+            log.info("agent started: cluster %s (id %d), node %s, plugins %s",
+                     self.cluster.name, self.cluster.id, self.config.node_name,
+                     ",".join(self.config.plugins))
+            try:
                 await self._stop.wait()
                 log.info("shutting down")
+            finally:
                 announce.cancel()
                 await self.controllers.stop(self.config.get("shutdown-timeout"))
         log.info("agent stopped")
@@ -116,7 +117,8 @@ class Agent:
         sections = []
         for plugin, item in self.hooks.status(self, verbose):
             if isinstance(item, StatusSection):
-                sections.append(item if item.plugin else _with_plugin(item, plugin))
+                sections.append(attrs.evolve(item, plugin=item.plugin or plugin,
+                                             details=item.details if verbose else ()))
             else:
                 sections.append(StatusSection(plugin, Health.FAILURE,
                                               f"status hook failed: {item!r}", plugin=plugin))
@@ -127,8 +129,23 @@ class Agent:
         )
 
 
-def _with_plugin(section: StatusSection, plugin: str) -> StatusSection:
-    return attrs.evolve(section, plugin=plugin)
+def run_forever(agent: Agent) -> None:
+    """``asyncio.run(serve(agent))``, except that leftover tasks get a bounded time to finish.
+
+    asyncio.run waits for every cancelled task; one that swallows cancellation would keep the
+    process alive after SIGTERM.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(serve(agent))
+    finally:
+        leftovers = asyncio.all_tasks(loop)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            loop.run_until_complete(asyncio.wait(leftovers, timeout=1.0))
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
 
 
 async def serve(agent: Agent) -> None:

@@ -5,6 +5,7 @@ The CLI talks to the agent only through it; plugins add paths with ``meshagent_a
 
 import asyncio
 import enum
+import functools
 import ipaddress
 import json
 import logging
@@ -73,10 +74,10 @@ async def _errors_as_json(request: web.Request, handler):
 def build_app(agent: "Agent", extra_routes: list[tuple[str, Route]]) -> web.Application:
     app = web.Application(middlewares=[_errors_as_json])
     core = [
-        Route("GET", "/healthz", lambda r: _healthz(agent)),
-        Route("GET", "/status", lambda r: _status(agent, r)),
-        Route("GET", "/plugins", lambda r: _plugins(agent)),
-        Route("GET", "/config", lambda r: _config(agent)),
+        Route("GET", "/healthz", functools.partial(_healthz, agent)),
+        Route("GET", "/status", functools.partial(_status, agent)),
+        Route("GET", "/plugins", functools.partial(_plugins, agent)),
+        Route("GET", "/config", functools.partial(_config, agent)),
     ]
     owners: dict[tuple[str, str], str] = {}
     for owner, route in [("core", r) for r in core] + extra_routes:
@@ -89,7 +90,7 @@ def build_app(agent: "Agent", extra_routes: list[tuple[str, Route]]) -> web.Appl
     return app
 
 
-async def _healthz(agent: "Agent") -> web.Response:
+async def _healthz(agent: "Agent", request: web.Request) -> web.Response:
     return json_response({"ready": agent.ready}, status=200 if agent.ready else 503)
 
 
@@ -98,11 +99,11 @@ async def _status(agent: "Agent", request: web.Request) -> web.Response:
     return json_response(agent.status(verbose))
 
 
-async def _plugins(agent: "Agent") -> web.Response:
+async def _plugins(agent: "Agent", request: web.Request) -> web.Response:
     return json_response(agent.plugins.infos())
 
 
-async def _config(agent: "Agent") -> web.Response:
+async def _config(agent: "Agent", request: web.Request) -> web.Response:
     config = agent.config
     return json_response({name: {"value": config.values[name], "source": config.sources[name]}
                           for name in sorted(config.values)})

@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from meshagent.agent import Agent, serve
+from meshagent.agent import Agent, run_forever
 from meshagent.api import to_jsonable
 from meshagent.client import AgentClient
 from meshagent.config import DEFAULT_SOCKET, Config, add_bootstrap_options, add_core_options
@@ -84,7 +84,7 @@ def run_agent(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     configure_logging(agent.config.get("log-format"), agent.config.get("debug"))
     for name in agent.config.unknown_config_files:
         log.warning("config-dir file %r names no option of the loaded plugins; ignored", name)
-    asyncio.run(serve(agent))
+    run_forever(agent)
     return 0
 
 

@@ -62,20 +62,24 @@ class ControllerState:
 
 
 class ControllerManager:
-    """Runs controllers in one task group; cancels them all at shutdown."""
+    """Runs controllers as tasks it keeps; cancels them all at shutdown, waiting a bounded time.
+
+    Not a TaskGroup: leaving a TaskGroup waits for every task, and a controller that ignores
+    cancellation must not keep the agent from exiting after ``--shutdown-timeout``.
+    """
 
     def __init__(self) -> None:
         self.states: dict[str, ControllerState] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._all_ready = asyncio.Event()
 
-    def start(self, controller: Controller, plugin: str, task_group: asyncio.TaskGroup) -> None:
+    def start(self, controller: Controller, plugin: str) -> None:
         if controller.name in self.states:
             raise ValueError(f"controller {controller.name!r} started twice")
         state = ControllerState(controller.name, plugin)
         self.states[controller.name] = state
         self._all_ready.clear()
-        self._tasks[controller.name] = task_group.create_task(
+        self._tasks[controller.name] = asyncio.create_task(
             self._supervise(controller, state), name=f"controller:{controller.name}"
         )
 
@@ -130,6 +134,6 @@ class ControllerManager:
         for task in tasks:
             task.cancel()
         if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
             for task in pending:
-                log.warning("controller task %s did not stop within %.1fs", task.get_name(), timeout)
+                log.warning("%s did not stop within %.1fs; abandoning it", task.get_name(), timeout)

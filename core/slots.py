@@ -53,10 +53,10 @@ class Registry:
 
     def register(self, name: str, factory: Callable[[Any], Any]) -> None:
         if name in self.providers:
-            first = self.providers[name].plugin
+            a, b = sorted((self.providers[name].plugin, self.current_plugin))
             raise PluginError(
-                f"{self.slot.name} provider {name!r} is registered by both plugin {first!r}"
-                f" and plugin {self.current_plugin!r}"
+                f"{self.slot.name} provider {name!r} is registered by both plugin {a!r}"
+                f" and plugin {b!r}"
             )
         self.providers[name] = Provider(name, factory, self.current_plugin)
 
