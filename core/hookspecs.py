@@ -59,7 +59,7 @@ def meshagent_register_identity_allocator(registry):
     """Offer identity allocators (the ``identity-allocator`` slot).
 
     Same timing and contract as :func:`meshagent_register_kvstore`; ``factory(agent)`` returns
-    a :class:`meshagent.identity.IdentityAllocator`.
+    an :class:`meshagent.identity.IdentityAllocator`.
     """
 
 

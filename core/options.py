@@ -41,8 +41,8 @@ def parse_list(text: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(word.strip() for word in text.split(",") if word.strip())
 
 
-_TYPE_NAMES = {str: "string", int: "integer", float: "number", parse_bool: "boolean",
-               parse_list: "comma-separated list", Path: "path"}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", parse_bool: "a boolean",
+               parse_list: "a comma-separated list", Path: "a path"}
 
 
 @attrs.frozen
@@ -71,8 +71,9 @@ class Option:
         try:
             value = self.type(raw.strip() if isinstance(raw, str) else raw)
         except (TypeError, ValueError) as exc:
-            kind = _TYPE_NAMES.get(self.type, getattr(self.type, "__name__", "value"))
-            raise UsageError(f"invalid {self.flag}={raw!r} (from {source}): not a {kind}: {exc}")
+            kind = _TYPE_NAMES.get(self.type, getattr(self.type, "__name__", "a value"))
+            raise UsageError(f"invalid {self.flag}={raw!r} (from {source}): expected {kind}"
+                             f" ({exc})")
         self.check_choice(value, source)
         return value
 

@@ -58,12 +58,12 @@ def render_text(report: StatusReport, verbose: bool) -> str:
     width = max([len(s.name) for s in report.sections] + [len("Cluster")]) + 2
     state = "Ok" if report.healthy else "Failure"
     lines = [
-        f"{'Agent:':<{width}}{state:<9}meshagent {report.version}, node {report.node_name},"
+        f"{'Agent:':<{width}}{state:<10}meshagent {report.version}, node {report.node_name},"
         f" up {_duration(report.uptime_seconds)}{'' if report.ready else ', not ready yet'}",
         f"{'Cluster:':<{width}}{report.cluster_name} (id {report.cluster_id})",
     ]
     for section in report.sections:
-        head = f"{section.name + ':':<{width}}{section.health.value:<9}{section.summary}"
+        head = f"{section.name + ':':<{width}}{section.health.value:<10}{section.summary}"
         lines.append(head.rstrip())
         if verbose:
             lines.extend(f"   {detail}" for detail in section.details)

@@ -1,0 +1,20 @@
+# meshagent: the two commands a fresh machine needs are `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test demo docs clean
+
+setup:  ## install system packages, kernel headers for bcc, bpffs, the venv (idempotent)
+	bash scripts/setup.sh
+
+test: setup  ## the whole test suite (what CI runs)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup  ## the demo of what meshagent does today
+	bash scripts/demo.sh
+
+docs: setup  ## regenerate docs/plugin-hooks.md from the hook specs
+	$(PY) scripts/hookdocs.py > docs/plugin-hooks.md
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info contrib/*/*.egg-info .pytest_cache

@@ -1,0 +1,221 @@
+"""Each hook fires when its spec says, with the arguments it says."""
+
+import asyncio
+import ipaddress
+import json
+
+import pytest
+from prometheus_client import Counter
+
+import meshagent
+from meshagent.errors import UsageError
+from meshagent.events import ChangeKind, PolicyChange
+from meshagent.identity import Identity
+from meshagent.ipcache import IPCacheEntry
+from meshagent.endpoint import Endpoint
+from meshagent.node import Node
+from meshagent.service import Service
+from meshagent.status import Health, StatusSection
+
+from conftest import run_cli
+
+
+class Lifecycle:
+    """Records lifecycle hooks in order."""
+
+    def __init__(self):
+        self.calls = []
+
+    @meshagent.hookimpl
+    def meshagent_addoption(self, parser):
+        parser.getgroup("lifecycle").addoption("lifecycle-greeting", default="hi", help="x")
+        self.calls.append("addoption")
+
+    @meshagent.hookimpl
+    def meshagent_configure(self, config, pluginmanager):
+        self.calls.append(("configure", config.get("lifecycle-greeting")))
+        assert pluginmanager.pm.get_plugin("lifecycle") is self
+
+    @meshagent.hookimpl
+    def meshagent_register_metrics(self, registry):
+        self.calls.append("register_metrics")
+
+    @meshagent.hookimpl
+    def meshagent_api_routes(self, agent):
+        self.calls.append("api_routes")
+
+    @meshagent.hookimpl
+    def meshagent_controllers(self, agent):
+        self.calls.append("controllers")
+
+    @meshagent.hookimpl
+    def meshagent_unconfigure(self, config):
+        self.calls.append("unconfigure")
+
+
+async def test_lifecycle_order(agent_factory):
+    plugin = Lifecycle()
+    running = await agent_factory(["--plugins", "memory", "--lifecycle-greeting", "hello"],
+                                  extra_plugins=[("lifecycle", plugin)])
+    # addoption is historic: a plugin registered after the parser exists still adds options
+    assert plugin.calls == ["addoption", ("configure", "hello"), "register_metrics",
+                            "api_routes", "controllers"]
+    await running.stop()
+    assert plugin.calls[-1] == "unconfigure"
+
+
+class Rejecting:
+    @meshagent.hookimpl
+    def meshagent_configure(self, config):
+        raise UsageError("invalid --reject-me: always")
+
+
+async def test_configure_may_reject_before_side_effects(agent_factory, short_tmp):
+    with pytest.raises(UsageError, match="invalid --reject-me"):
+        await agent_factory(extra_plugins=[("rejecting", Rejecting())])
+    assert not (short_tmp / "state0").exists()
+
+
+class FakeSlots:
+    """Test doubles for the slots no built-in plugin fills yet: they record what the core does."""
+
+    def __init__(self):
+        self.events = []
+
+    @meshagent.hookimpl
+    def meshagent_register_identity_allocator(self, registry):
+        registry.register("fake-ids", lambda agent: self._Provider(self, "identity"))
+
+    @meshagent.hookimpl
+    def meshagent_register_policy_resolver(self, registry):
+        registry.register("fake-policy", lambda agent: self._Provider(self, "policy"))
+
+    @meshagent.hookimpl
+    def meshagent_register_datapath(self, registry):
+        registry.register("fake-dp", lambda agent: self._Provider(self, "datapath"))
+
+    class _Provider:
+        def __init__(self, owner, kind):
+            self.owner, self.kind = owner, kind
+            owner.events.append(f"{kind} built")
+
+        async def start(self):
+            self.owner.events.append(f"{self.kind} started")
+
+        async def stop(self):
+            self.owner.events.append(f"{self.kind} stopped")
+
+        async def close(self):
+            self.owner.events.append(f"{self.kind} closed")
+
+
+async def test_every_slot_is_filled_built_started_and_closed(agent_factory):
+    fake = FakeSlots()
+    running = await agent_factory(extra_plugins=[("fake", fake)])
+    agent = running.agent
+    assert {slot: p.name for slot, p in agent.providers.items()} == {
+        "kvstore": "memory", "identity-allocator": "fake-ids",
+        "policy-resolver": "fake-policy", "datapath": "fake-dp"}
+    assert fake.events == ["identity built", "policy built", "datapath built", "datapath started"]
+    status = await running.client.request("GET", "/status")
+    assert "Datapath" not in {s["name"] for s in status["sections"]}  # no longer "Disabled"
+    await running.stop()
+    assert fake.events[-2:] == ["datapath stopped", "identity closed"]  # reverse order
+
+
+async def test_event_hooks_reach_every_observer(agent_factory, hook_recorder):
+    running = await agent_factory(["--plugins", "memory,audit"],
+                                  extra_plugins=[("recorder", hook_recorder)])
+    hooks = running.agent.hooks
+    ip = ipaddress.ip_address("10.1.0.5")
+    objects = {
+        "node": Node("node1", "cluster1", 101, ipaddress.ip_address("10.1.1.1"),
+                     (ipaddress.ip_network("10.1.0.0/24"),)),
+        "identity": Identity(6619392, frozenset({"k8s:app=employee"})),
+        "ipcache": IPCacheEntry(ipaddress.ip_network("10.1.0.5/32"), 6619392, "cluster1"),
+        "endpoint": Endpoint(1, "default", frozenset({"k8s:app=employee"}), ip, 6619392),
+        "policy": PolicyChange("clustermesh-ingress-l4-policy", "default", 1),
+        "service": Service("default", "protected-db", "cluster1", global_=True),
+    }
+    hooks.node_changed(kind=ChangeKind.UPSERT, node=objects["node"])
+    hooks.identity_changed(kind=ChangeKind.UPSERT, identity=objects["identity"])
+    hooks.ipcache_changed(kind=ChangeKind.UPSERT, entry=objects["ipcache"])
+    hooks.endpoint_changed(kind=ChangeKind.UPSERT, endpoint=objects["endpoint"])
+    hooks.policy_changed(kind=ChangeKind.UPSERT, policy=objects["policy"])
+    hooks.service_changed(kind=ChangeKind.DELETE, service=objects["service"])
+    for name in ("node", "identity", "ipcache", "endpoint", "policy"):
+        assert hook_recorder.of(name) == [(ChangeKind.UPSERT, objects[name])]
+    assert hook_recorder.of("service") == [(ChangeKind.DELETE, objects["service"])]
+    recent = await running.client.request("GET", "/audit")
+    assert [(e["kind"], e["change"]) for e in recent] == [
+        ("node", "upsert"), ("identity", "upsert"), ("ipcache", "upsert"),
+        ("endpoint", "upsert"), ("policy", "upsert"), ("service", "delete")]
+    assert recent[0]["object"]["ipv4"] == "10.1.1.1"
+
+
+class RaisingObserver:
+    @meshagent.hookimpl
+    def meshagent_node_changed(self, kind, node):
+        raise RuntimeError("observer bug")
+
+
+async def test_a_raising_observer_does_not_starve_the_others(agent_factory, hook_recorder):
+    running = await agent_factory(extra_plugins=[("recorder", hook_recorder),
+                                                 ("raising", RaisingObserver())])
+    node = Node("n", "c", 0)
+    running.agent.hooks.node_changed(kind=ChangeKind.UPSERT, node=node)
+    assert hook_recorder.of("node") == [(ChangeKind.UPSERT, node)]
+    assert running.agent.hooks.errors == 1
+
+
+class StatusPlugin:
+    @meshagent.hookimpl
+    def meshagent_status(self, agent, verbose):
+        return [StatusSection("Widgets", Health.OK, "3 widgets",
+                              details=["costly detail"] if verbose else []),
+                StatusSection("Gadgets", Health.WARNING, "1 gadget is late")]
+
+
+class BrokenStatus:
+    @meshagent.hookimpl
+    def meshagent_status(self):
+        raise KeyError("oops")
+
+
+async def test_status_sections_from_plugins(agent_factory):
+    running = await agent_factory(extra_plugins=[("widgets", StatusPlugin())])
+    status = await running.client.request("GET", "/status", params={"verbose": "true"})
+    names = [s["name"] for s in status["sections"]]
+    assert names.index("KVStore") < names.index("Controllers") < names.index("Gadgets")
+    widgets = next(s for s in status["sections"] if s["name"] == "Widgets")
+    assert widgets == {"name": "Widgets", "health": "Ok", "summary": "3 widgets",
+                       "details": ["costly detail"], "plugin": "widgets"}
+
+
+async def test_a_failing_status_hook_becomes_a_failure_section(agent_factory):
+    running = await agent_factory(extra_plugins=[("brokenstatus", BrokenStatus())])
+    status = await running.client.request("GET", "/status")
+    broken = next(s for s in status["sections"] if s["name"] == "brokenstatus")
+    assert broken["health"] == "Failure" and "KeyError" in broken["summary"]
+    # the CLI reports an unhealthy agent with exit code 1
+    from meshagent.cli import status_report_from_json
+    assert status_report_from_json(status).healthy is False
+
+
+class MetricsPlugin:
+    @meshagent.hookimpl
+    def meshagent_register_metrics(self, registry):
+        self.counter = Counter("meshagent_test_widgets", "widgets seen", registry=registry)
+
+
+async def test_register_metrics_uses_the_agents_registry(agent_factory):
+    plugin = MetricsPlugin()
+    running = await agent_factory(extra_plugins=[("metrics", plugin)])
+    plugin.counter.inc(3)
+    assert running.agent.metrics.get_sample_value("meshagent_test_widgets_total") == 3
+
+
+def test_commands_hook_adds_cli_commands():
+    result = run_cli("audit", "--help")
+    assert result.returncode == 0
+    assert "most recent recorded changes" in result.stdout and "--limit" in result.stdout
