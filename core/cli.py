@@ -6,7 +6,6 @@ of their own through the ``meshagent_commands`` hook.
 """
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -28,6 +27,13 @@ from meshagent.pluginmanager import PluginManager, discover
 from meshagent.status import Health, StatusReport, StatusSection, render_text
 
 log = logging.getLogger("meshagent")
+
+AGENT_HELP = """\
+Run the meshagent node agent: meshagent --plugins etcd,ebpf [options].
+Every option is also read from MESHAGENT_<OPTION> and from <config-dir>/<option>
+(flag > environment > config dir > default).
+
+"""
 
 
 @attrs.frozen
@@ -71,7 +77,7 @@ def build_agent(argv: Sequence[str], environ: Mapping[str, str],
     plugins = PluginManager(selected, available)  # unknown names raise before any import
     for name, plugin in extra_plugins:
         plugins.register(plugin, name=name)
-    parser = Parser(description=__doc__ + "\n" + _commands_epilog())
+    parser = Parser(description=AGENT_HELP + _commands_epilog())
     add_core_options(parser)
     plugins.hooks.addoption(parser)
     config = Config.from_parsed(parser.parse(argv, environ))

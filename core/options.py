@@ -73,7 +73,7 @@ class Option:
         except (TypeError, ValueError) as exc:
             kind = _TYPE_NAMES.get(self.type, getattr(self.type, "__name__", "a value"))
             raise UsageError(f"invalid {self.flag}={raw!r} (from {source}): expected {kind}"
-                             f" ({exc})")
+                             f" ({exc})") from None
         self.check_choice(value, source)
         return value
 
@@ -220,7 +220,7 @@ def read_config_dir(path: Path) -> dict[str, str]:
         try:
             values[entry.name] = entry.read_text().strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read config-dir file {entry}: {exc}")
+            raise UsageError(f"cannot read config-dir file {entry}: {exc}") from None
     return values
 
 

@@ -179,11 +179,12 @@ class Hooks:
 
     def register_providers(self, slot: Slot) -> Registry:
         """One registry with every plugin's providers; a duplicate name raises PluginError."""
-        registry = Registry(slot)
-        for impl in self._impls(slot.hook):
-            registry.current_plugin = impl.plugin_name
-            impl.function(**self._args(impl, registry=registry))
-        return registry
+        merged = Registry(slot)
+        for plugin, registry in self.registries_by_plugin(slot).items():
+            merged.current_plugin = plugin
+            for provider in registry.providers.values():
+                merged.register(provider.name, provider.factory)
+        return merged
 
     def register_metrics(self, registry: Any) -> None:
         for impl in self._impls("meshagent_register_metrics"):

@@ -5,7 +5,6 @@ import os
 import socket
 import stat
 
-import aiohttp
 import pytest
 
 import meshagent

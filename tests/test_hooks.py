@@ -1,8 +1,6 @@
 """Each hook fires when its spec says, with the arguments it says."""
 
-import asyncio
 import ipaddress
-import json
 
 import pytest
 from prometheus_client import Counter

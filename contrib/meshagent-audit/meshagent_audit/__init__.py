@@ -92,7 +92,7 @@ class AuditLog:
             try:
                 limit = int(request.query.get("limit", "20"))
             except ValueError:
-                raise web.HTTPBadRequest(reason="limit must be an integer")
+                raise web.HTTPBadRequest(reason="limit must be an integer") from None
             return json_response(list(self.recent)[-limit:] if limit > 0 else [])
         return [Route("GET", "/audit", recent)]
 

@@ -51,7 +51,7 @@ async def test_event_filter_and_status(agent_factory, short_tmp):
     hooks = running.agent.hooks
     hooks.node_changed(kind=ChangeKind.UPSERT, node=EVENTS[0][3])
     hooks.identity_changed(kind=ChangeKind.UPSERT, identity=EVENTS[1][3])
-    assert [json.loads(l)["kind"] for l in log_file.read_text().splitlines()] == ["identity"]
+    assert [json.loads(line)["kind"] for line in log_file.read_text().splitlines()] == ["identity"]
     status = await running.client.request("GET", "/status")
     audit = next(s for s in status["sections"] if s["name"] == "Audit")
     assert audit["summary"] == f"1 changes written to {log_file}" and audit["plugin"] == "audit.log"
