@@ -1,0 +1,40 @@
+"""A distributed mutex built only from the kvstore contract (create, leases, watch).
+
+Backends without a native lock use it: the holder owns ``<name>`` on a lease of its own, so a
+holder that dies releases the lock when its lease expires; waiters watch the key's deletion.
+"""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from meshagent.kvstore import EventType, KVStore
+
+LOCK_TTL = 15.0
+
+
+@contextlib.asynccontextmanager
+async def kv_lock(store: KVStore, name: str, ttl: float = LOCK_TTL) -> AsyncIterator[None]:
+    lease = await store.grant_lease(ttl)
+    keeper = None
+    try:
+        while not await store.create(name, b"locked", lease=lease):
+            current = await store.get(name)
+            if current is None:
+                continue
+            async for event in store.watch(name, after_revision=current.mod_revision):
+                if event.key == name and event.type is EventType.DELETE:
+                    break
+        keeper = asyncio.create_task(_keep_alive(store, lease, ttl), name=f"lock:{name}")
+        yield
+    finally:
+        if keeper is not None:
+            keeper.cancel()
+        with contextlib.suppress(Exception):
+            await store.revoke(lease)  # deletes the lock key
+
+
+async def _keep_alive(store: KVStore, lease, ttl: float) -> None:
+    while True:
+        await asyncio.sleep(ttl / 3)
+        await store.keepalive(lease)

@@ -1,0 +1,106 @@
+"""Real etcd servers for tests: a free port each, plain or TLS with client certificates.
+
+Uses Debian's ``etcd`` binary (etcd-server 3.4). Certificates come from ``trustme``: one CA per
+server, a server certificate for 127.0.0.1, and client certificates signed by that CA.
+"""
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EtcdServer:
+    """One single-member etcd; ``stop()`` and ``start()`` again keep its data and port."""
+
+    def __init__(self, name: str = "etcd", *, tls: bool = False, workdir: Path | None = None):
+        self.name = name
+        self.tls = tls
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix=f"ma-{name}-", dir="/tmp"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.ca = None
+        if tls:
+            import trustme
+            self.ca = trustme.CA()
+            server = self.ca.issue_cert("127.0.0.1", "localhost")
+            server.cert_chain_pems[0].write_to_path(str(self.dir / "server.crt"))
+            server.private_key_pem.write_to_path(str(self.dir / "server.key"))
+            self.ca.cert_pem.write_to_path(str(self.dir / "ca.crt"))
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
+
+    def start(self) -> "EtcdServer":
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        args = [
+            ETCD, "--name", self.name, "--data-dir", str(self.dir / "data"),
+            "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{self.name}={peer}", "--initial-cluster-state", "new",
+            "--logger", "zap", "--log-outputs", str(self.dir / "etcd.log"),
+        ]
+        if self.tls:
+            args += ["--cert-file", str(self.dir / "server.crt"),
+                     "--key-file", str(self.dir / "server.key"),
+                     "--trusted-ca-file", str(self.dir / "ca.crt"), "--client-cert-auth"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"etcd {self.name} exited: {self.log_tail()}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.client_port)) == 0:
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError(f"etcd {self.name} did not listen: {self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            return "\n".join((self.dir / "etcd.log").read_text().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def client_config(self, path: Path, *, ca=None, key: str = "ca-file") -> Path:
+        """Write a clustermesh-style file for this server (client cert signed by ``ca``)."""
+        data: dict = {"endpoints": [self.url]}
+        if self.tls:
+            ca = ca or self.ca
+            client = ca.issue_cert("meshagent-client")
+            stem = path.with_name(path.name + "-etcd-client")
+            client.cert_chain_pems[0].write_to_path(f"{stem}.crt")
+            client.private_key_pem.write_to_path(f"{stem}.key")
+            ca.cert_pem.write_to_path(f"{stem}-ca.crt")
+            data.update({key: f"{stem}-ca.crt", "cert-file": f"{stem}.crt",
+                         "key-file": f"{stem}.key"})
+        path.write_text(yaml.safe_dump(data))
+        return path

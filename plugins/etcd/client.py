@@ -1,0 +1,312 @@
+"""The etcd v3 client behind the kvstore contract, on aetcd.
+
+aetcd speaks gRPC to one endpoint over a plaintext channel; this module adds what the agent
+needs on top: TLS with a CA and a client certificate, failover across several endpoints, the
+revision of every listing (for list-then-watch), and errors mapped onto the contract's.
+"""
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's C core logs to stderr otherwise
+
+import aetcd  # noqa: E402
+import grpc  # noqa: E402
+from aetcd import exceptions as etcd_errors  # noqa: E402
+from aetcd import rpc  # noqa: E402
+from aetcd import transactions as txn  # noqa: E402
+
+from meshagent.kvlock import kv_lock  # noqa: E402
+from meshagent.kvstore import (  # noqa: E402
+    EventType, KeyValue, KVStoreError, KVStoreStatus, KVStoreUnavailable, Lease, LeaseExpired,
+    Listing, RevisionCompacted, WatchEvent,
+)
+from meshagent.plugins.etcd.config import Endpoint, EtcdConfig  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+REQUEST_TIMEOUT = 5.0
+CHANNEL_OPTIONS = {
+    # a remote cluster's full listing (100k ipcache entries) is one response
+    "grpc.max_receive_message_length": 256 * 1024 * 1024,
+    # notice a dead peer on an idle connection (etcd allows pings every 5 s)
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.keepalive_permit_without_calls": 1,
+    # reconnect attempts are ours (failover, backoff); keep gRPC's short
+    "grpc.initial_reconnect_backoff_ms": 200,
+    "grpc.max_reconnect_backoff_ms": 2_000,
+}
+_CONNECTION_ERRORS = (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError,
+                      asyncio.TimeoutError)
+
+
+class _Client(aetcd.Client):
+    """aetcd's client with an optional TLS channel."""
+
+    def __init__(self, endpoint: Endpoint, credentials: grpc.ChannelCredentials | None):
+        super().__init__(host=endpoint.host, port=endpoint.port, timeout=REQUEST_TIMEOUT,
+                         options=CHANNEL_OPTIONS)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        target = f"{self._host}:{self._port}"
+        options = list(self._options.items())
+        if self._credentials is None:
+            self.channel = rpc.insecure_channel(target, options=options)
+        else:
+            self.channel = rpc.secure_channel(target, self._credentials, options=options)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel), timeout=None,
+                                              metadata=self.metadata)
+        self._connected.set()
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line reason, naming TLS verification when that is what failed."""
+    text = str(exc) or type(exc).__name__
+    rpc_error = exc if isinstance(exc, grpc.aio.AioRpcError) else exc.__cause__
+    if isinstance(rpc_error, grpc.aio.AioRpcError):
+        text = rpc_error.details() or text
+    lowered = text.lower()
+    if "certificate_verify_failed" in lowered or "certificate verify failed" in lowered:
+        return f"TLS verification of the server certificate failed ({text.strip()})"
+    if "handshake" in lowered or "ssl" in lowered or "tls" in lowered:
+        return f"TLS handshake failed ({text.strip()})"
+    if isinstance(exc, asyncio.TimeoutError | etcd_errors.ConnectionTimeoutError):
+        return f"timed out ({text})"
+    return text.strip()
+
+
+class EtcdKVStore:
+    """One client of one etcd cluster; meets :class:`meshagent.kvstore.KVStore`."""
+
+    def __init__(self, config: EtcdConfig):
+        self.config = config
+        self._credentials = self._load_credentials(config)
+        self._index = 0
+        self._client: _Client | None = None
+        self._connect_lock = asyncio.Lock()
+        self.closed = False
+        self.server_version = ""
+        self.is_leader = False
+        self.last_error = ""
+        self.leases: set[int] = set()
+
+    @staticmethod
+    def _load_credentials(config: EtcdConfig) -> grpc.ChannelCredentials | None:
+        if not any(e.tls for e in config.endpoints):
+            return None
+        # Read once per client: a changed clustermesh file makes a new client, which is how
+        # rotated certificates are picked up.
+        def read(path):
+            try:
+                return path.read_bytes() if path else None
+            except OSError as exc:
+                raise KVStoreError(f"etcd config {config.source}: cannot read {path}:"
+                                   f" {exc.strerror}") from None
+        return grpc.ssl_channel_credentials(read(config.trusted_ca_file),
+                                            read(config.key_file), read(config.cert_file))
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.config.endpoints[self._index % len(self.config.endpoints)]
+
+    # -- connection and failover ----------------------------------------------------------------
+
+    async def connect(self) -> None:
+        async with self._connect_lock:
+            if self._client is not None:
+                return
+            if self.closed:
+                raise KVStoreUnavailable("client is closed")
+            reasons = []
+            for _ in self.config.endpoints:
+                endpoint = self.endpoint
+                client = _Client(endpoint, self._credentials if endpoint.tls else None)
+                try:
+                    status = await asyncio.wait_for(self._status(client), REQUEST_TIMEOUT)
+                except (etcd_errors.ClientError, grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
+                    reasons.append(f"{endpoint.url}: {describe_error(exc)}")
+                    await client.close()
+                    self._index += 1
+                    continue
+                self._client = client
+                self.server_version, self.is_leader = status
+                self.last_error = ""
+                log.debug("connected to etcd %s (%s)", endpoint.url, self.server_version)
+                return
+            self.last_error = "; ".join(reasons)
+            raise KVStoreUnavailable(self.last_error)
+
+    @staticmethod
+    async def _status(client: _Client) -> tuple[str, bool]:
+        """The server's version and whether it leads: proves the endpoint answers."""
+        await client.connect()
+        response = await client.maintenancestub.Status(rpc.StatusRequest(),
+                                                        timeout=REQUEST_TIMEOUT)
+        return response.version, response.leader == response.header.member_id
+
+    async def _drop(self, exc: BaseException) -> None:
+        """Forget the current endpoint after a connection error; the next call fails over."""
+        self.last_error = f"{self.endpoint.url}: {describe_error(exc)}"
+        client, self._client = self._client, None
+        self._index += 1
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    async def _call(self, op: Callable[[_Client], Awaitable[T]]) -> T:
+        """Run ``op`` on a connected client, failing over once per endpoint."""
+        for _ in self.config.endpoints:
+            await self.connect()
+            client = self._client
+            try:
+                return await op(client)
+            except _CONNECTION_ERRORS as exc:
+                if self._client is client:
+                    await self._drop(exc)
+        raise KVStoreUnavailable(self.last_error)
+
+    # -- key-value ------------------------------------------------------------------------------
+
+    async def get(self, key: str) -> KeyValue | None:
+        result = await self._call(lambda c: c.get(key.encode()))
+        return _kv(result) if result is not None else None
+
+    async def list_prefix(self, prefix: str) -> Listing:
+        result = await self._call(lambda c: c.get_prefix(prefix.encode(), sort_target="key"))
+        return Listing([_kv(kv) for kv in result], result.header.revision)
+
+    async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
+        result = await self._leased(lambda c: c.put(key.encode(), value, lease=_lease_id(lease)))
+        return result.header.revision
+
+    async def create(self, key: str, value: bytes, *, lease: Lease | None = None) -> bool:
+        return await self._txn(key, [txn.Create(key.encode()) == 0],
+                               [txn.Put(key.encode(), value, lease=_lease_id(lease))])
+
+    async def update_if(self, key: str, value: bytes, *, mod_revision: int,
+                        lease: Lease | None = None) -> bool:
+        return await self._txn(key, [txn.Mod(key.encode()) == mod_revision],
+                               [txn.Put(key.encode(), value, lease=_lease_id(lease))])
+
+    async def delete(self, key: str) -> bool:
+        result = await self._call(lambda c: c.delete(key.encode()))
+        return result is not None
+
+    async def delete_if(self, key: str, *, mod_revision: int) -> bool:
+        return await self._txn(key, [txn.Mod(key.encode()) == mod_revision],
+                               [txn.Delete(key.encode())])
+
+    async def delete_prefix(self, prefix: str) -> int:
+        result = await self._call(lambda c: c.delete_prefix(prefix.encode()))
+        return result.deleted
+
+    async def _txn(self, key: str, compare: list, success: list) -> bool:
+        async def run(client):
+            succeeded, _ = await client.transaction(compare=compare, success=success, failure=[])
+            return succeeded
+        return await self._leased(run)
+
+    async def _leased(self, op: Callable[[_Client], Awaitable[T]]) -> T:
+        try:
+            return await self._call(op)
+        except etcd_errors.ClientError as exc:
+            if "lease not found" in str(exc):
+                raise LeaseExpired(str(exc)) from None
+            raise KVStoreError(describe_error(exc)) from exc
+
+    # -- watch ----------------------------------------------------------------------------------
+
+    async def watch(self, prefix: str, *, after_revision: int) -> AsyncIterator[WatchEvent]:
+        watch = await self._call(lambda c: c.watch_prefix(
+            prefix.encode(), start_revision=after_revision + 1))
+        client = self._client
+        try:
+            async for event in watch:
+                kind = EventType.PUT if event.kind == "PUT" else EventType.DELETE
+                yield WatchEvent(kind, event.kv.key.decode(),
+                                 event.kv.value if kind is EventType.PUT else None,
+                                 event.kv.mod_revision)
+        except etcd_errors.RevisionCompactedError as exc:
+            raise RevisionCompacted(after_revision, exc.compacted_revision) from None
+        except etcd_errors.ClientError as exc:
+            if self._client is client:
+                await self._drop(exc)
+            raise KVStoreUnavailable(f"watch of {prefix} lost: {self.last_error}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(watch.cancel(), 1)
+        if self.closed:
+            raise KVStoreUnavailable("client is closed")
+        # aetcd ends the iteration without an error when its stream is torn down
+        if self._client is client:
+            await self._drop(ConnectionError("watch stream ended"))
+        raise KVStoreUnavailable(f"watch of {prefix} ended: {self.last_error}")
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: float) -> Lease:
+        granted = await self._call(lambda c: c.lease(max(1, math.ceil(ttl))))
+        self.leases.add(granted.id)
+        return Lease(granted.id, float(granted.ttl))
+
+    async def keepalive(self, lease: Lease) -> None:
+        reply = await self._call(lambda c: c.refresh_lease(lease.id))
+        if reply is None or reply.TTL <= 0:
+            self.leases.discard(lease.id)
+            raise LeaseExpired(f"lease {lease.id:x} is gone")
+
+    async def revoke(self, lease: Lease) -> None:
+        self.leases.discard(lease.id)
+        try:
+            await self._call(lambda c: c.revoke_lease(lease.id))
+        except etcd_errors.ClientError as exc:
+            if "lease not found" not in str(exc):
+                raise KVStoreError(describe_error(exc)) from exc
+
+    def lock(self, name: str):
+        return kv_lock(self, name)
+
+    # -- status and shutdown --------------------------------------------------------------------
+
+    def status(self) -> KVStoreStatus:
+        total = len(self.config.endpoints)
+        connected = self._client is not None and not self.closed
+        if connected:
+            leader = " (Leader)" if self.is_leader else ""
+            summary = (f"etcd: 1/{total} connected, leases={len(self.leases)},"
+                       f" has-quorum=true: {self.endpoint.url} - {self.server_version}{leader}")
+        else:
+            state = "closed" if self.closed else (self.last_error or "not connected yet")
+            summary = f"etcd: 0/{total} connected, has-quorum=false: {state}"
+        details = tuple(f"endpoint {e.url}" for e in self.config.endpoints)
+        return KVStoreStatus(connected, summary, details)
+
+    async def close(self) -> None:
+        self.closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), 2)
+
+
+def _kv(kv) -> KeyValue:
+    return KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision,
+                    kv.lease or None)
+
+
+def _lease_id(lease: Lease | None) -> int:
+    return lease.id if lease is not None else 0
