@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -18,14 +19,21 @@ from prometheus_client import CollectorRegistry
 
 from meshagent import __version__
 from meshagent.api import APIServer, build_app
+from meshagent.clustermesh import ClusterMesh
+from meshagent.clustersync import ClusterSync, Tables
 from meshagent.config import Config
 from meshagent.controller import ControllerManager
 from meshagent.corehooks import CoreHooks
+from meshagent.errors import PluginError
 from meshagent.metrics import MetricsServer
 from meshagent.pluginmanager import PluginManager
-from meshagent.slots import DATAPATH, IDENTITY_ALLOCATOR, KVSTORE, POLICY_RESOLVER, SLOTS, Provider
+from meshagent.publisher import Publisher
+from meshagent.slots import (
+    DATAPATH, IDENTITY_ALLOCATOR, KVSTORE, POLICY_RESOLVER, SLOTS, Provider, Registry,
+)
 from meshagent.statedir import StateDir
 from meshagent.status import Health, StatusReport, StatusSection, sort_sections
+from meshagent.table import Table
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +53,27 @@ class Agent:
         self._stop = asyncio.Event()
         plugins.register(CoreHooks(self), name="core")
         # Provider choice happens here, before any side effect, so a bad choice exits 2 cleanly.
+        self.registries: dict[str, Registry] = {
+            slot.name: self.hooks.register_providers(slot) for slot in SLOTS}
         self.providers: dict[str, Provider | None] = {
-            slot.name: self.hooks.register_providers(slot).select(
+            slot.name: self.registries[slot.name].select(
                 config.get(slot.name), lambda slot=slot: plugins.offers(slot))
             for slot in SLOTS
         }
+        hooks = self.hooks
+        self.tables = Tables(
+            nodes=Table("node", lambda kind, v: hooks.node_changed(kind=kind, node=v)),
+            identities=Table("identity",
+                             lambda kind, v: hooks.identity_changed(kind=kind, identity=v)),
+            ipcache=Table("ipcache", lambda kind, v: hooks.ipcache_changed(kind=kind, entry=v)),
+            services=Table("service", lambda kind, v: hooks.service_changed(kind=kind, service=v)),
+        )
+        self.local_sync = ClusterSync(self.cluster.name, self.cluster.id, self.cluster, self.tables)
+        self.publisher = Publisher(self, config.get("kvstore-lease-ttl"))
+        mesh_dir = config.get("clustermesh-config")
+        self.clustermesh = ClusterMesh(self, Path(mesh_dir), config.get(
+            "clustermesh-cache-ttl")) if mesh_dir else None
+        self._backends: dict[str, Any] = {}
         self.kvstore_backend: Any = None
         self.kvstore: Any = None
         self.identity_allocator: Any = None
@@ -97,9 +121,12 @@ class Agent:
             provider = self.providers[slot.name]
             return provider.factory(self) if provider else None
 
-        self.kvstore_backend = build(KVSTORE)
+        self.kvstore_backend = self.kvstore_backend_named(self.providers[KVSTORE.name].name)
         self.kvstore = self.kvstore_backend.local_client(self.config)
         cleanup.push_async_callback(self.kvstore.close)
+        cleanup.push_async_callback(self.publisher.close)  # revoke the lease before closing
+        if self.clustermesh is not None:
+            cleanup.push_async_callback(self.clustermesh.close)
         self.identity_allocator = build(IDENTITY_ALLOCATOR)
         if self.identity_allocator is not None:
             cleanup.push_async_callback(self.identity_allocator.close)
@@ -107,6 +134,17 @@ class Agent:
         self.datapath = build(DATAPATH)
         if self.datapath is not None:
             cleanup.push_async_callback(self.datapath.stop)
+
+    def kvstore_backend_named(self, name: str | None) -> Any:
+        """A kvstore backend by name (default: the local cluster's), built once."""
+        name = name or self.providers[KVSTORE.name].name
+        if name not in self._backends:
+            provider = self.registries[KVSTORE.name].providers.get(name)
+            if provider is None:
+                loaded = ", ".join(sorted(self.registries[KVSTORE.name].providers)) or "none"
+                raise PluginError(f"no loaded plugin offers kvstore {name!r} (loaded: {loaded})")
+            self._backends[name] = provider.factory(self)
+        return self._backends[name]
 
     async def _announce_ready(self) -> None:
         await self.controllers.wait_ready()

@@ -10,6 +10,7 @@ import ipaddress
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,6 +79,10 @@ def build_app(agent: "Agent", extra_routes: list[tuple[str, Route]]) -> web.Appl
         Route("GET", "/status", functools.partial(_status, agent)),
         Route("GET", "/plugins", functools.partial(_plugins, agent)),
         Route("GET", "/config", functools.partial(_config, agent)),
+        Route("GET", "/nodes", functools.partial(_nodes, agent)),
+        Route("GET", "/identities", functools.partial(_identities, agent)),
+        Route("GET", "/ipcache", functools.partial(_ipcache, agent)),
+        Route("GET", "/clustermesh", functools.partial(_clustermesh, agent)),
     ]
     owners: dict[tuple[str, str], str] = {}
     for owner, route in [("core", r) for r in core] + extra_routes:
@@ -107,6 +112,27 @@ async def _config(agent: "Agent", request: web.Request) -> web.Response:
     config = agent.config
     return json_response({name: {"value": config.values[name], "source": config.sources[name]}
                           for name in sorted(config.values)})
+
+
+async def _nodes(agent: "Agent", request: web.Request) -> web.Response:
+    return json_response(sorted(agent.tables.nodes.values(), key=lambda n: n.full_name))
+
+
+async def _identities(agent: "Agent", request: web.Request) -> web.Response:
+    return json_response(sorted(agent.tables.identities.values(), key=lambda i: i.id))
+
+
+async def _ipcache(agent: "Agent", request: web.Request) -> web.Response:
+    return json_response(sorted(agent.tables.ipcache.values(), key=lambda e: e.prefix))
+
+
+async def _clustermesh(agent: "Agent", request: web.Request) -> web.Response:
+    mesh = agent.clustermesh
+    if mesh is None:
+        return json_response({"configured": False, "remotes": []})
+    now = time.time()
+    return json_response({"configured": True, "directory": mesh.directory,
+                          "remotes": [r.to_json(now) for _, r in sorted(mesh.remotes.items())]})
 
 
 class APIServer:

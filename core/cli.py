@@ -209,6 +209,43 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("list",))
+    _add_output(parser)
+
+
+def _print_rows(args: argparse.Namespace, path: str, header: tuple[str, ...], row) -> int:
+    """GET ``path`` and print it as JSON or as a table of ``row(item)``."""
+    items = AgentClient(args.socket_path).get(path)
+    if args.output == "json":
+        _print_json(items)
+    else:
+        print(_format_table([header] + [row(item) for item in items]))
+    return 0
+
+
+def _node_list(args: argparse.Namespace) -> int:
+    def row(node):
+        cidrs = node["pod_cidrs"]
+        return (f"{node['cluster']}/{node['name']}", node["ipv4"] or "",
+                cidrs[0] if cidrs else "", "", "")
+    return _print_rows(args, "/nodes", ("Name", "IPv4 Address", "Endpoint CIDR",
+                                        "IPv6 Address", "Endpoint CIDR"), row)
+
+
+def _identity_list(args: argparse.Namespace) -> int:
+    return _print_rows(args, "/identities", ("ID", "CLUSTER", "LABELS"),
+                       lambda i: (str(i["id"]), i["cluster"], " ".join(i["labels"])))
+
+
+def _ip_list(args: argparse.Namespace) -> int:
+    def row(entry):
+        pod = f"{entry['namespace']}/{entry['pod_name']}" if entry["pod_name"] else ""
+        return (entry["prefix"], str(entry["identity"]), entry["cluster"],
+                entry["host_ip"] or "", pod)
+    return _print_rows(args, "/ipcache", ("IP", "IDENTITY", "CLUSTER", "HOST", "POD"), row)
+
+
 def _format_table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
@@ -220,4 +257,9 @@ CORE_COMMANDS = (
     Command("plugins", "list plugins: name, status, origin, slots filled, hooks",
             _plugins_args, _plugins),
     Command("config", "show every option's value and where it came from", _config_args, _config),
+    Command("node", "list the nodes of every cluster in the mesh", _list_args, _node_list),
+    Command("identity", "list the security identities known from every cluster", _list_args,
+            _identity_list),
+    Command("ip", "list IP to identity mappings (the ipcache) of every cluster", _list_args,
+            _ip_list),
 )

@@ -1,5 +1,6 @@
 """The agent's resolved configuration: core options, their validation, and access for plugins."""
 
+import ipaddress
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -8,11 +9,20 @@ from typing import Any
 import attrs
 
 from meshagent.cluster import ClusterInfo
+from meshagent.errors import UsageError
 from meshagent.options import CONFIG_DIR, ParsedOptions, Parser, parse_bool, parse_list
 
 DEFAULT_PLUGINS = ("etcd", "ebpf")
 DEFAULT_RUN_DIR = Path("/var/run/meshagent")
 DEFAULT_SOCKET = DEFAULT_RUN_DIR / "meshagent.sock"
+
+
+def parse_ipv4(text: str) -> ipaddress.IPv4Address | None:
+    return ipaddress.IPv4Address(text) if text else None
+
+
+def parse_cidrs(text: str) -> tuple[ipaddress.IPv4Network, ...]:
+    return tuple(ipaddress.IPv4Network(word) for word in parse_list(text))
 
 
 def add_bootstrap_options(parser: Parser) -> None:
@@ -37,6 +47,18 @@ def add_core_options(parser: Parser) -> None:
                      help="largest mesh size (255 or 511); must be the same in every cluster")
     parser.addoption("node-name", type=str, default="",
                      help="name of this node (default: the host name)")
+    parser.addoption("node-ip", type=parse_ipv4, default=None,
+                     help="this node's IPv4 address, published with the node")
+    parser.addoption("pod-cidr", type=parse_cidrs, default=(),
+                     help="this node's pod CIDR(s), comma-separated, published with the node")
+    parser.addoption("kvstore-lease-ttl", type=float, default=900.0,
+                     help="seconds the node's kvstore keys outlive a dead agent (Cilium: 15 min)")
+    parser.addoption("clustermesh-config", type=str, default="",
+                     help="directory with one kvstore config file per remote cluster, named"
+                          " after it; watched for changes")
+    parser.addoption("clustermesh-cache-ttl", type=float, default=0.0,
+                     help="drop a remote cluster's entries after it was unreachable this many"
+                          " seconds (0: keep them until it is back)")
     parser.addoption("state-dir", type=Path, default=DEFAULT_RUN_DIR / "state",
                      help="where the agent keeps state across restarts")
     parser.addoption("socket-path", type=Path, default=DEFAULT_SOCKET,
@@ -73,6 +95,15 @@ class Config:
         )
         if not values["node-name"]:
             values["node-name"] = socket.gethostname()
+        if mesh_dir := values["clustermesh-config"]:
+            if not Path(mesh_dir).is_dir():
+                raise UsageError(f"invalid --clustermesh-config={mesh_dir!r}: not a directory")
+            if cluster.id == 0:
+                raise UsageError("--clustermesh-config needs a --cluster-id (1.."
+                                 f"{cluster.max_connected_clusters}) unique in the mesh")
+        if values["kvstore-lease-ttl"] < 1:
+            raise UsageError(f"invalid --kvstore-lease-ttl={values['kvstore-lease-ttl']}:"
+                             " must be at least 1 second")
         return cls(values, dict(parsed.sources), cluster, parsed.unknown_config_files)
 
     def get(self, name: str) -> Any:

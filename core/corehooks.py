@@ -21,10 +21,20 @@ class CoreHooks:
 
     @hookimpl
     def meshagent_controllers(self, agent: "Agent"):
-        controllers = [Controller("kvstore-connect", self._connect_kvstore)]
+        controllers = [
+            Controller("kvstore-connect", self._connect_kvstore),
+            Controller("kvstore-publish", agent.publisher.run),
+            Controller("local-cluster-sync", self._sync_local_cluster),
+        ]
+        if agent.clustermesh is not None:
+            controllers.append(Controller("clustermesh-config", agent.clustermesh.run))
         if agent.datapath is not None:
             controllers.append(Controller("datapath-start", self._start_datapath))
         return controllers
+
+    async def _sync_local_cluster(self, handle: ControllerHandle) -> None:
+        """Our own cluster's nodes, identities, endpoints and services, from the local store."""
+        await self.agent.local_sync.run(self.agent.kvstore, handle.ready)
 
     async def _connect_kvstore(self, handle: ControllerHandle) -> None:
         # Raises KVStoreUnavailable while the store is down: the controller retries with backoff.
@@ -36,6 +46,11 @@ class CoreHooks:
     @hookimpl
     def meshagent_status(self, agent: "Agent", verbose: bool):
         sections = [self._kvstore_section(agent)]
+        if agent.clustermesh is not None:
+            sections.append(agent.clustermesh.status(verbose))
+        else:
+            sections.append(StatusSection("ClusterMesh", Health.DISABLED,
+                                          "not configured (--clustermesh-config)"))
         if agent.datapath is None:
             sections.append(StatusSection(
                 "Datapath", Health.DISABLED,

@@ -22,16 +22,48 @@ class ReservedIdentity(enum.IntEnum):
     KUBE_APISERVER = 7
 
 
+#: The label every endpoint carries with its cluster's name.
+CLUSTER_LABEL = "io.cilium.k8s.policy.cluster"
+
+
 @attrs.frozen
 class Identity:
-    """A numeric identity and the source-prefixed labels it stands for (``k8s:app=db``)."""
+    """A numeric identity, the source-prefixed labels it stands for (``k8s:app=db``), and the
+    cluster it came from."""
 
     id: int
     labels: frozenset[str]
+    cluster: str = ""
 
     @property
     def reserved(self) -> bool:
         return self.id < 256
+
+
+def format_labels(labels: frozenset[str]) -> str:
+    """Cilium's sorted label list, the value of ``cilium/state/identities/v1/id/<id>``."""
+    return "".join(f"{label};" for label in sorted(labels))
+
+
+def parse_labels(text: str) -> frozenset[str]:
+    """The inverse of :func:`format_labels`; ValueError names the bad label."""
+    labels = frozenset(part for part in text.split(";") if part)
+    if not labels:
+        raise ValueError("empty label set")
+    for label in labels:
+        source, sep, rest = label.partition(":")
+        if not sep or not source or not rest or rest.startswith("="):
+            raise ValueError(f"label {label!r} is not source:key[=value]")
+    return labels
+
+
+def label_value(labels: frozenset[str], key: str) -> str | None:
+    """The value of ``key`` whatever its source prefix, or None."""
+    for label in labels:
+        name, _, value = label.partition(":")[2].partition("=")
+        if name == key:
+            return value
+    return None
 
 
 @runtime_checkable

@@ -25,7 +25,7 @@ async def test_status_plugins_config_healthz_round_trip(agent_factory):
     assert sections["KVStore"]["health"] == "Ok"
     assert sections["Datapath"]["health"] == "Disabled"
     assert "control plane only" in sections["Datapath"]["summary"]
-    assert sections["Controllers"]["summary"].startswith("1/1 healthy")
+    assert sections["Controllers"]["summary"].startswith("3/3 healthy")
     assert sections["Controllers"]["details"] == []  # details only with verbose
     verbose = await client.request("GET", "/status", params={"verbose": "true"})
     assert any("kvstore-connect" in d for d in
@@ -77,8 +77,9 @@ async def test_second_agent_on_the_same_state_dir_is_refused(agent_factory):
 
 
 async def test_plugin_routes_are_served(agent_factory):
-    running = await agent_factory(["--plugins", "memory,audit"])
-    assert await running.client.request("GET", "/audit", params={"limit": "5"}) == []
+    running = await agent_factory(["--plugins", "memory,audit", "--node-name", "n1"])
+    recent = await running.client.request("GET", "/audit", params={"limit": "5"})
+    assert [(e["kind"], e["object"]["name"]) for e in recent] == [("node", "n1")]  # itself
     with pytest.raises(MeshagentError, match="400: limit must be an integer"):
         await running.client.request("GET", "/audit", params={"limit": "x"})
 
@@ -133,6 +134,8 @@ def test_cli_against_a_real_agent_process(agent_process):
     config = run_cli("config", *sock).stdout
     assert any(line.split()[:3] == ["cluster-id", "101", "flag"] for line in config.splitlines())
     plugins = json.loads(run_cli("plugins", "-o", "json", *sock).stdout)
-    assert {p["name"]: p["status"] for p in plugins} == {"audit": "active", "memory": "active"}
+    assert {p["name"]: p["status"] for p in plugins} == {"audit": "active", "etcd": "blocked",
+                                                         "memory": "active"}
     audit = run_cli("audit", "--limit", "3", *sock)
-    assert audit.returncode == 0 and audit.stdout == ""
+    assert audit.returncode == 0
+    assert [json.loads(line)["kind"] for line in audit.stdout.splitlines()] == ["node"]

@@ -30,7 +30,7 @@ async def test_metrics_endpoint_serves_core_and_plugin_metrics(agent_factory):
             text = await response.text()
     assert "meshagent_agent_ready 1.0" in text
     assert 'meshagent_controller_failures_total{controller="kvstore-connect"} 0.0' in text
-    assert 'meshagent_audit_events_total{kind="node"} 1.0' in text
+    assert 'meshagent_audit_events_total{kind="node"} 2.0' in text  # its own node, and n1
 
 
 async def test_metrics_are_off_by_default(agent_factory):

@@ -46,8 +46,10 @@ class RunningAgent:
 async def agent_factory(short_tmp):
     """``await agent_factory(["--plugins", "memory", ...], extra_plugins=[(name, obj)])``.
 
-    Socket, state dir and memory store are private to the agent unless the args say otherwise;
-    the environment is empty unless ``environ`` is given. Returns once the agent is ready.
+    Socket and state dir are private to each agent unless the args say otherwise; agents of one
+    test share the memory store ``default`` unless ``--memory-store`` names another (that is
+    one cluster). The environment is empty unless ``environ`` is given. Returns once the agent
+    is ready (or, with ``wait_ready=False``, once its API socket exists).
     """
     from meshagent.cli import build_agent
 

@@ -1,0 +1,322 @@
+"""ClusterMesh: connect to every cluster in ``--clustermesh-config``, sync it, show it.
+
+The directory holds one file per remote cluster, named after it (the seed's layout; the
+certificates beside it are ignored because a cluster name has no dot). The directory is
+watched with inotify: a new file connects, a changed one reconnects, a removed one disconnects
+and withdraws every entry of that cluster. Written against the kvstore slot only: a file may
+say ``kvstore: <backend>`` and defaults to the local cluster's backend.
+"""
+
+import asyncio
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import yaml
+
+from meshagent import kvkeys
+from meshagent.cluster import CLUSTER_NAME_PATTERN
+from meshagent.clustersync import ClusterSync
+from meshagent.controller import ControllerHandle
+from meshagent.errors import MeshagentError
+from meshagent.jsonfields import field, load_object
+from meshagent.kvstore import KVStore
+from meshagent.status import Health, StatusSection
+
+if TYPE_CHECKING:
+    from meshagent.agent import Agent
+
+log = logging.getLogger(__name__)
+
+BACKOFF_START = 0.5
+BACKOFF_MAX = 30.0
+DEBOUNCE = 0.1
+
+
+class ClusterConfigError(MeshagentError):
+    """A remote's cluster config is missing or conflicts: retried, and shown in status."""
+
+
+@attrs.frozen
+class RemoteFile:
+    name: str
+    path: Path
+    digest: str
+
+
+def scan_config_dir(directory: Path, local_name: str) -> dict[str, RemoteFile]:
+    """The remote cluster files in ``directory``, by cluster name, with a content hash."""
+    found = {}
+    for entry in sorted(directory.iterdir()):
+        name = entry.name
+        if name == local_name or not CLUSTER_NAME_PATTERN.match(name) or not entry.is_file():
+            continue
+        try:
+            digest = hashlib.sha256(entry.read_bytes()).hexdigest()
+        except OSError as exc:
+            log.warning("clustermesh: cannot read %s: %s", entry, exc)
+            continue
+        found[name] = RemoteFile(name, entry, digest)
+    return found
+
+
+class RemoteCluster:
+    """One remote cluster: its connection, its sync, and what status says about it."""
+
+    def __init__(self, mesh: "ClusterMesh", remote: RemoteFile):
+        self.mesh = mesh
+        self.agent = mesh.agent
+        self.name = remote.name
+        self.file = remote
+        self.store: KVStore | None = None
+        self.sync: ClusterSync | None = None
+        self.remote_id: int | None = None  # what its cluster config says
+        self.accepted_id: int | None = None  # set once that id passed the conflict checks
+        self.config_retrieved = False
+        self.ready = False
+        self.failures = 0
+        self.last_failure_at: float | None = None
+        self.last_error = ""
+        self.disconnected_at: float | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"clustermesh:{self.name}")
+
+    async def stop(self, withdraw: bool) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self.accepted_id = None
+        if withdraw and self.sync is not None:
+            self.sync.withdraw()
+            log.info("clustermesh: withdrew every entry of cluster %s", self.name)
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_START
+        while True:
+            try:
+                await self._connect_and_sync()
+            except asyncio.CancelledError:
+                await self._close_store()
+                raise
+            except Exception as exc:
+                self._failed(exc)
+            await self._close_store()
+            await asyncio.sleep(backoff)
+            backoff = BACKOFF_START if self.ready else min(backoff * 2, BACKOFF_MAX)
+            self.ready = False
+
+    async def _connect_and_sync(self) -> None:
+        backend = self.mesh.backend_for(self.file.path)
+        self.store = backend.client_from_file(self.file.path)
+        await self.store.connect()
+        cluster_id = await self._read_cluster_config(self.store)
+        if self.sync is None or self.sync.cluster_id != cluster_id:
+            if self.sync is not None:
+                self.sync.withdraw()
+            self.sync = ClusterSync(self.name, cluster_id, self.agent.cluster, self.agent.tables)
+        await self.sync.run(self.store, self._synced)
+
+    async def _read_cluster_config(self, store: KVStore) -> int:
+        entry = await store.get(kvkeys.cluster_config_key(self.name))
+        if entry is None:
+            self.config_retrieved = False
+            raise ClusterConfigError(f"no cluster config at {kvkeys.cluster_config_key(self.name)}"
+                                     " yet (is an agent of that cluster running?)")
+        try:
+            cluster_id = field(load_object(entry.value), "id", int)
+        except ValueError as exc:
+            raise ClusterConfigError(f"malformed cluster config: {exc}") from None
+        self.config_retrieved = True
+        self.remote_id = cluster_id
+        problem = self._id_problem(cluster_id)
+        if problem:
+            self.accepted_id = None
+            raise ClusterConfigError(problem)
+        self.accepted_id = cluster_id
+        return cluster_id
+
+    def _id_problem(self, cluster_id: int) -> str:
+        local = self.agent.cluster
+        if not 1 <= cluster_id <= local.max_connected_clusters:
+            return f"cluster id {cluster_id} is out of range 1..{local.max_connected_clusters}"
+        if cluster_id == local.id:
+            return (f"cluster id {cluster_id} conflicts with the local cluster {local.name!r}:"
+                    " refusing to connect")
+        for other in self.mesh.remotes.values():
+            if other is not self and other.accepted_id == cluster_id:
+                return (f"cluster id {cluster_id} conflicts with remote cluster {other.name!r}:"
+                        " refusing to connect")
+        return ""
+
+    def _synced(self) -> None:
+        if not self.ready:
+            self.ready = True
+            self.last_error = ""
+            self.disconnected_at = None
+            if self._expiry is not None:
+                self._expiry.cancel()
+                self._expiry = None
+            log.info("clustermesh: cluster %s (id %d) is ready", self.name, self.remote_id)
+
+    def _failed(self, exc: Exception) -> None:
+        if isinstance(exc, ExceptionGroup):
+            exc = exc.exceptions[0]
+        self.failures += 1
+        self.last_failure_at = time.time()
+        self.last_error = (str(exc) if isinstance(exc, MeshagentError)
+                           else f"{type(exc).__name__}: {exc}")
+        self.ready = False
+        log.warning("clustermesh: cluster %s: %s (failure %d; entries kept)", self.name,
+                    self.last_error, self.failures)
+        if self.disconnected_at is None:
+            self.disconnected_at = time.time()
+            ttl = self.mesh.cache_ttl
+            if ttl > 0 and self.sync is not None:
+                self._expiry = asyncio.get_running_loop().call_later(ttl, self._expire)
+
+    def _expire(self) -> None:
+        log.warning("clustermesh: cluster %s unreachable for over %.0fs: dropping its entries",
+                    self.name, self.mesh.cache_ttl)
+        if self.sync is not None:
+            self.sync.withdraw()
+
+    async def _close_store(self) -> None:
+        store, self.store = self.store, None
+        if store is not None:
+            await store.close()
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def status_lines(self, now: float) -> list[str]:
+        tables = self.agent.tables
+        last = "never" if self.last_failure_at is None else f"{now - self.last_failure_at:.0f}s ago"
+        head = (f"{self.name}: {'ready' if self.ready else 'not ready'},"
+                f" {tables.nodes.count(self.name)} nodes,"
+                f" {tables.ipcache.count(self.name)} endpoints,"
+                f" {tables.identities.count(self.name)} identities,"
+                f" {tables.services.count(self.name)} services,"
+                f" {self.failures} failures (last: {last})")
+        lines = [head]
+        store_status = self.store.status().summary if self.store else (
+            f"not connected: {self.last_error}" if self.last_error else "not connected")
+        lines.append(f"└  {store_status}")
+        cid = self.remote_id if self.remote_id is not None else "unknown"
+        lines.append(f"└  remote configuration: expected=true,"
+                     f" retrieved={str(self.config_retrieved).lower()}, cluster-id={cid}")
+        synced = self.sync.synced if self.sync else {}
+        flags = ", ".join(f"{k}={str(synced.get(k, False)).lower()}"
+                          for k in ("nodes", "endpoints", "identities", "services"))
+        lines.append(f"└  synchronization status: {flags}")
+        if self.sync and self.sync.last_event_at:
+            lines.append(f"└  sync lag: {now - self.sync.last_event_at:.1f}s since the last"
+                         " applied change")
+        if self.sync and self.sync.rejected:
+            counts = ", ".join(f"{n} {k}" for k, n in sorted(self.sync.rejected.items()))
+            lines.append(f"└  rejected: {counts}")
+            for kind, reason in sorted(self.sync.last_reject.items()):
+                lines.append(f"   last rejected {kind}: {reason}")
+        if self.last_error and not self.ready:
+            lines.append(f"└  error: {self.last_error}")
+        return lines
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        tables = self.agent.tables
+        return {
+            "name": self.name, "ready": self.ready, "cluster_id": self.remote_id,
+            "config_retrieved": self.config_retrieved, "config_file": str(self.file.path),
+            "nodes": tables.nodes.count(self.name),
+            "endpoints": tables.ipcache.count(self.name),
+            "identities": tables.identities.count(self.name),
+            "services": tables.services.count(self.name),
+            "failures": self.failures, "last_failure_at": self.last_failure_at,
+            "last_error": self.last_error,
+            "kvstore": self.store.status().summary if self.store else None,
+            "synced": self.sync.synced if self.sync else {},
+            "sync_lag_seconds": (now - self.sync.last_event_at)
+            if self.sync and self.sync.last_event_at else None,
+            "rejected": dict(self.sync.rejected) if self.sync else {},
+        }
+
+
+class ClusterMesh:
+    """Every remote cluster of ``--clustermesh-config``, kept in step with the directory."""
+
+    def __init__(self, agent: "Agent", directory: Path, cache_ttl: float):
+        self.agent = agent
+        self.directory = directory
+        self.cache_ttl = cache_ttl
+        self.remotes: dict[str, RemoteCluster] = {}
+
+    def backend_for(self, path: Path):
+        """The kvstore backend a clustermesh file asks for (default: the local one)."""
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            data = None  # the backend's own parser reports what is wrong
+        name = data.get("kvstore") if isinstance(data, dict) else None
+        return self.agent.kvstore_backend_named(name)
+
+    async def run(self, handle: ControllerHandle) -> None:
+        """Controller: connect to what is there, then follow the directory's changes."""
+        from asyncinotify import Inotify, Mask
+
+        mask = (Mask.CREATE | Mask.DELETE | Mask.MODIFY | Mask.CLOSE_WRITE | Mask.MOVED_TO
+                | Mask.MOVED_FROM | Mask.ATTRIB)
+        with Inotify() as inotify:
+            inotify.add_watch(self.directory, mask)
+            await self.reconcile()
+            handle.ready()
+            events = aiter(inotify)
+            while True:
+                await anext(events)
+                await asyncio.sleep(DEBOUNCE)  # a writer's burst of events is one change
+                await self.reconcile()
+
+    async def reconcile(self) -> None:
+        wanted = scan_config_dir(self.directory, self.agent.cluster.name)
+        for name in sorted(set(self.remotes) - set(wanted)):
+            log.info("clustermesh: %s removed from %s: disconnecting", name, self.directory)
+            await self.remotes.pop(name).stop(withdraw=True)
+        for name, remote in sorted(wanted.items()):
+            current = self.remotes.get(name)
+            if current is not None and current.file.digest == remote.digest:
+                continue
+            if current is not None:
+                log.info("clustermesh: %s changed: reconnecting", name)
+                await current.stop(withdraw=False)
+            else:
+                log.info("clustermesh: connecting to cluster %s (%s)", name, remote.path)
+            cluster = RemoteCluster(self, remote)
+            if current is not None and current.sync is not None:
+                # keep its entries until the new connection has listed them again
+                cluster.sync = current.sync
+                cluster.sync.relist()
+            self.remotes[name] = cluster
+            cluster.start()
+
+    async def close(self) -> None:
+        """Agent shutdown: disconnect, withdraw nothing (as Cilium does)."""
+        for remote in list(self.remotes.values()):
+            await remote.stop(withdraw=False)
+
+    def status(self, verbose: bool) -> StatusSection:
+        now = time.time()
+        remotes = sorted(self.remotes.values(), key=lambda r: r.name)
+        ready = sum(1 for r in remotes if r.ready)
+        services = sum(1 for s in self.agent.tables.services.values() if s.global_)
+        summary = f"{ready}/{len(remotes)} remote clusters ready, {services} global-services"
+        not_ready = [r for r in remotes if not r.ready]
+        if not_ready:
+            summary += "; not ready: " + ", ".join(
+                f"{r.name} ({r.last_error or 'connecting'})" for r in not_ready)
+        details = [line for r in remotes for line in r.status_lines(now)]
+        return StatusSection("ClusterMesh", Health.WARNING if not_ready else Health.OK, summary,
+                             details=details)

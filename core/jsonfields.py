@@ -1,0 +1,67 @@
+"""Reading fields out of decoded JSON with errors that say which field is wrong.
+
+Remote clusters send us JSON we did not write: every decoder goes through these so a bad entry
+is rejected with a reason instead of crashing a sync loop.
+"""
+
+import base64
+import ipaddress
+import json
+from typing import Any
+
+
+def load_object(data: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"malformed JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("malformed JSON: expected an object")
+    return value
+
+
+def field(obj: dict, name: str, kind: type | tuple[type, ...], *, required: bool = True,
+          default: Any = None) -> Any:
+    if name not in obj or obj[name] is None:
+        if required:
+            raise ValueError(f"field {name!r} is missing")
+        return default
+    value = obj[name]
+    if isinstance(value, bool) and kind in (int, (int,)):
+        raise ValueError(f"field {name!r} must be {_kind_name(kind)}, not a boolean")
+    if not isinstance(value, kind):
+        raise ValueError(f"field {name!r} must be {_kind_name(kind)}, not {type(value).__name__}")
+    return value
+
+
+def ipv4(text: Any, name: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(text)
+    except (ipaddress.AddressValueError, ValueError, TypeError):
+        raise ValueError(f"field {name!r}: {text!r} is not an IPv4 address") from None
+
+
+def mask_to_prefixlen(mask_b64: str | None, name: str) -> int:
+    """Go's net.IPMask marshals as base64 bytes; None means a host address (/32)."""
+    if mask_b64 is None:
+        return 32
+    try:
+        raw = base64.b64decode(mask_b64, validate=True)
+    except (ValueError, TypeError):
+        raise ValueError(f"field {name!r}: mask {mask_b64!r} is not base64") from None
+    bits = "".join(f"{byte:08b}" for byte in raw)
+    if len(raw) != 4 or "01" in bits:
+        raise ValueError(f"field {name!r}: {mask_b64!r} is not an IPv4 netmask")
+    return bits.count("1")
+
+
+def prefixlen_to_mask(prefixlen: int) -> str:
+    mask = (0xFFFFFFFF << (32 - prefixlen)) & 0xFFFFFFFF
+    return base64.b64encode(mask.to_bytes(4, "big")).decode()
+
+
+def _kind_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "a string", int: "an integer", list: "a list", dict: "an object",
+             bool: "a boolean"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)

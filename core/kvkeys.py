@@ -1,0 +1,47 @@
+"""Where things live in a cluster's kvstore: Cilium's key layout.
+
+Keeping Cilium's layout lets a user inspect meshagent's kvstore with what they know from
+``cilium kvstore get --recursive cilium/state/``.
+"""
+
+NODES = "cilium/state/nodes/v1/"
+IDENTITIES = "cilium/state/identities/v1/id/"
+IDENTITY_VALUES = "cilium/state/identities/v1/value/"
+IPCACHE = "cilium/state/ip/v1/"
+SERVICES = "cilium/state/services/v1/"
+CLUSTER_CONFIG = "cilium/cluster-config/"
+SYNCED = "cilium/synced/"
+HEARTBEAT = "cilium/.heartbeat"
+
+
+def node_key(cluster: str, node: str) -> str:
+    return f"{NODES}{cluster}/{node}"
+
+
+def identity_key(identity: int) -> str:
+    return f"{IDENTITIES}{identity}"
+
+
+def ipcache_key(cluster: str, ip: str) -> str:
+    return f"{IPCACHE}{cluster}/{ip}"
+
+
+def service_key(cluster: str, namespace: str, name: str) -> str:
+    return f"{SERVICES}{cluster}/{namespace}/{name}"
+
+
+def cluster_config_key(cluster: str) -> str:
+    return f"{CLUSTER_CONFIG}{cluster}"
+
+
+def synced_key(cluster: str, prefix: str) -> str:
+    """The sync canary for one of ``cluster``'s prefixes (written once it is published)."""
+    return f"{SYNCED}{cluster}/{prefix.rstrip('/')}"
+
+
+def split_key(key: str, prefix: str, parts: int) -> list[str]:
+    """The ``parts`` path elements of ``key`` after ``prefix``; ValueError if it has others."""
+    rest = key[len(prefix):].split("/")
+    if not key.startswith(prefix) or len(rest) != parts or not all(rest):
+        raise ValueError(f"key {key!r} is not {prefix}" + "/".join(["<x>"] * parts))
+    return rest
