@@ -33,11 +33,16 @@ log = logging.getLogger(__name__)
 
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
+CONFIG_WAIT_MAX = 2.0  # retry interval cap while a remote has not published its config
 DEBOUNCE = 0.1
 
 
 class ClusterConfigError(MeshagentError):
-    """A remote's cluster config is missing or conflicts: retried, and shown in status."""
+    """A remote's cluster config is malformed or conflicts: retried, and shown in status."""
+
+
+class ClusterConfigMissing(ClusterConfigError):
+    """No cluster config yet: its agents have not started. Waited for, not a failure."""
 
 
 @attrs.frozen
@@ -106,6 +111,9 @@ class RemoteCluster:
             except asyncio.CancelledError:
                 await self._close_store()
                 raise
+            except ClusterConfigMissing as exc:
+                self.last_error = str(exc)
+                backoff = min(backoff, CONFIG_WAIT_MAX / 2)
             except Exception as exc:
                 self._failed(exc)
             await self._close_store()
@@ -128,8 +136,9 @@ class RemoteCluster:
         entry = await store.get(kvkeys.cluster_config_key(self.name))
         if entry is None:
             self.config_retrieved = False
-            raise ClusterConfigError(f"no cluster config at {kvkeys.cluster_config_key(self.name)}"
-                                     " yet (is an agent of that cluster running?)")
+            raise ClusterConfigMissing(
+                f"waiting for its cluster config at {kvkeys.cluster_config_key(self.name)}"
+                " (is an agent of that cluster running?)")
         try:
             cluster_id = field(load_object(entry.value), "id", int)
         except ValueError as exc:
@@ -284,7 +293,8 @@ class ClusterMesh:
         wanted = scan_config_dir(self.directory, self.agent.cluster.name)
         for name in sorted(set(self.remotes) - set(wanted)):
             log.info("clustermesh: %s removed from %s: disconnecting", name, self.directory)
-            await self.remotes.pop(name).stop(withdraw=True)
+            await self.remotes[name].stop(withdraw=True)
+            del self.remotes[name]
         for name, remote in sorted(wanted.items()):
             current = self.remotes.get(name)
             if current is not None and current.file.digest == remote.digest:

@@ -133,10 +133,13 @@ class ClusterSync:
         def one_synced() -> None:
             if all(p.synced for p in self.prefixes):
                 on_synced()
-        async with asyncio.TaskGroup() as tasks:
-            for prefix in self.prefixes:
-                tasks.create_task(prefix.run(store, one_synced),
-                                  name=f"sync:{self.cluster}:{prefix.kind.name}")
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for prefix in self.prefixes:
+                    tasks.create_task(prefix.run(store, one_synced),
+                                      name=f"sync:{self.cluster}:{prefix.kind.name}")
+        except ExceptionGroup as group:  # all kinds share the store: the first error says it
+            raise group.exceptions[0] from None
 
     def relist(self) -> None:
         """List every kind again on the next run (a new connection); rows stay until then."""

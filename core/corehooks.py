@@ -33,7 +33,11 @@ class CoreHooks:
         return controllers
 
     async def _sync_local_cluster(self, handle: ControllerHandle) -> None:
-        """Our own cluster's nodes, identities, endpoints and services, from the local store."""
+        """Our own cluster's nodes, identities, endpoints and services, from the local store.
+
+        Listed after our own initial publish, so a ready agent lists itself.
+        """
+        await self.agent.publisher.published.wait()
         await self.agent.local_sync.run(self.agent.kvstore, handle.ready)
 
     async def _connect_kvstore(self, handle: ControllerHandle) -> None:

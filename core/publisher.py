@@ -36,7 +36,7 @@ class Publisher:
         self.cluster = agent.cluster
         self.lease_ttl = lease_ttl
         self.lease: Lease | None = None
-        self.published = False
+        self.published = asyncio.Event()  # set once the initial state is in the kvstore
         self.wanted: dict[str, bytes] = {}  # key -> value on the lease
         self._store: KVStore | None = None
         self._pending: set[str] = set()  # keys whose kvstore copy is out of date
@@ -90,7 +90,7 @@ class Publisher:
         for prefix in (kvkeys.NODES, kvkeys.IPCACHE, kvkeys.SERVICES):
             await store.put(kvkeys.synced_key(self.cluster.name, prefix),
                             str(int(time.time())).encode())
-        self.published = True
+        self.published.set()
         handle.ready()
         log.info("published node %s of cluster %s (id %d) to the kvstore",
                  self.agent.config.node_name, self.cluster.name, self.cluster.id)

@@ -144,3 +144,22 @@ def test_help_lists_options_with_env_names():
     assert "--cluster-id" in result.stdout and "MESHAGENT_CLUSTER_ID" in result.stdout
     assert "--memory-store" in result.stdout  # the plugin's group is shown
     assert "commands" in result.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--clustermesh-config", "/nonexistent"], "invalid --clustermesh-config='/nonexistent'"),
+    (["--clustermesh-config", "/tmp"], "--clustermesh-config needs a --cluster-id"),
+    (["--kvstore-lease-ttl", "0"], "invalid --kvstore-lease-ttl=0.0"),
+    (["--pod-cidr", "10.1.0.0/33"], "--pod-cidr"),
+    (["--node-ip", "10.1.1"], "--node-ip"),
+])
+def test_clustermesh_and_node_options_are_validated(args, expected):
+    with pytest.raises(UsageError, match=expected.replace("(", r"\(")):
+        build_agent(["--plugins", "memory", *args], {})
+
+
+def test_etcd_plugin_needs_its_config_file(tmp_path):
+    with pytest.raises(UsageError, match="--etcd-config is required by the etcd kvstore"):
+        build_agent(["--plugins", "etcd"], {})
+    with pytest.raises(UsageError, match=f"etcd config {tmp_path / 'missing'}"):
+        build_agent(["--plugins", "etcd", "--etcd-config", str(tmp_path / "missing")], {})
