@@ -92,8 +92,8 @@ async def test_own_cluster_file_and_certificates_are_ignored(agent_factory, mesh
 
 async def test_a_broken_file_is_reported_and_fixing_it_connects(agent_factory, mesh_dir):
     (mesh_dir / "cluster2").write_text("kvstore: memory\n")  # no store named
-    a2 = await agent_factory(["--plugins", "memory", "--memory-store", "cluster2",
-                              "--cluster-name", "cluster2", "--cluster-id", "102"])
+    await agent_factory(["--plugins", "memory", "--memory-store", "cluster2",
+                         "--cluster-name", "cluster2", "--cluster-id", "102"])
     a1 = await agent_factory(["--plugins", "memory", "--memory-store", "cluster1",
                               "--cluster-name", "cluster1", "--cluster-id", "101",
                               "--clustermesh-config", str(mesh_dir)])
