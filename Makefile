@@ -11,7 +11,7 @@ test: setup  ## the whole test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup  ## the demo of what meshagent does today
-	bash scripts/demo.sh
+	$(PY) scripts/demo.py
 
 docs: setup  ## regenerate docs/plugin-hooks.md from the hook specs
 	$(PY) scripts/hookdocs.py > docs/plugin-hooks.md

@@ -225,8 +225,8 @@ class RemoteCluster:
                           for k in ("nodes", "endpoints", "identities", "services"))
         lines.append(f"└  synchronization status: {flags}")
         if self.sync and self.sync.last_event_at:
-            lines.append(f"└  sync lag: {now - self.sync.last_event_at:.1f}s since the last"
-                         " applied change")
+            lines.append(f"└  sync lag: {now - self.sync.last_event_at:.1f}s (age of the last"
+                         " applied change)")
         if self.sync and self.sync.rejected:
             counts = ", ".join(f"{n} {k}" for k, n in sorted(self.sync.rejected.items()))
             lines.append(f"└  rejected: {counts}")
