@@ -53,6 +53,9 @@ def add_core_options(parser: Parser) -> None:
                      help="this node's pod CIDR(s), comma-separated, published with the node")
     parser.addoption("kvstore-lease-ttl", type=float, default=900.0,
                      help="seconds the node's kvstore keys outlive a dead agent (Cilium: 15 min)")
+    parser.addoption("identity-gc-interval", type=float, default=900.0,
+                     help="seconds between identity garbage collections; an identity no node"
+                          " uses is deleted after two of them")
     parser.addoption("clustermesh-config", type=str, default="",
                      help="directory with one kvstore config file per remote cluster, named"
                           " after it; watched for changes")

@@ -20,6 +20,11 @@ class CoreHooks:
         self.agent = agent
 
     @hookimpl
+    def meshagent_register_identity_allocator(self, registry):
+        from meshagent.identityalloc import KVStoreIdentityAllocator
+        registry.register("kvstore", KVStoreIdentityAllocator)
+
+    @hookimpl
     def meshagent_controllers(self, agent: "Agent"):
         controllers = [
             Controller("kvstore-connect", self._connect_kvstore),
@@ -28,6 +33,8 @@ class CoreHooks:
         ]
         if agent.clustermesh is not None:
             controllers.append(Controller("clustermesh-config", agent.clustermesh.run))
+        if hasattr(agent.identity_allocator, "run_gc"):
+            controllers.append(Controller("identity-gc", agent.identity_allocator.run_gc))
         if agent.datapath is not None:
             controllers.append(Controller("datapath-start", self._start_datapath))
         return controllers

@@ -62,6 +62,15 @@ class Publisher:
     def delete_service(self, service: Service) -> None:
         self._unwant(kvkeys.service_key(self.cluster.name, service.namespace, service.name))
 
+    def adopt(self, key: str, value: bytes) -> None:
+        """A key its owner already wrote on our lease: put it back if the lease is renewed."""
+        self.wanted[key] = value
+
+    def forget(self, key: str) -> None:
+        """A key its owner deletes itself."""
+        self.wanted.pop(key, None)
+        self._pending.discard(key)
+
     def _want(self, key: str, value: bytes) -> None:
         self.wanted[key] = value
         self._pending.add(key)
