@@ -24,7 +24,9 @@ from meshagent.clustersync import ClusterSync, Tables
 from meshagent.config import Config
 from meshagent.controller import ControllerManager
 from meshagent.corehooks import CoreHooks
+from meshagent.endpoints import EndpointManager
 from meshagent.errors import PluginError
+from meshagent.noderoutes import NodeRoutes
 from meshagent.metrics import MetricsServer
 from meshagent.pluginmanager import PluginManager
 from meshagent.publisher import Publisher
@@ -70,6 +72,8 @@ class Agent:
         )
         self.local_sync = ClusterSync(self.cluster.name, self.cluster.id, self.cluster, self.tables)
         self.publisher = Publisher(self, config.get("kvstore-lease-ttl"))
+        self.endpoints = EndpointManager(self)
+        self.node_routes = NodeRoutes(self) if config.get("auto-direct-node-routes") else None
         mesh_dir = config.get("clustermesh-config")
         self.clustermesh = ClusterMesh(self, Path(mesh_dir), config.get(
             "clustermesh-cache-ttl")) if mesh_dir else None

@@ -69,7 +69,7 @@ async def _errors_as_json(request: web.Request, handler):
             raise
         return web.json_response({"error": exc.reason}, status=exc.status)
     except MeshagentError as exc:
-        return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"error": str(exc)}, status=getattr(exc, "http_status", 400))
 
 
 def build_app(agent: "Agent", extra_routes: list[tuple[str, Route]]) -> web.Application:
@@ -83,6 +83,10 @@ def build_app(agent: "Agent", extra_routes: list[tuple[str, Route]]) -> web.Appl
         Route("GET", "/identities", functools.partial(_identities, agent)),
         Route("GET", "/ipcache", functools.partial(_ipcache, agent)),
         Route("GET", "/clustermesh", functools.partial(_clustermesh, agent)),
+        Route("GET", "/endpoints", functools.partial(_endpoints, agent)),
+        Route("POST", "/endpoints", functools.partial(_endpoint_create, agent)),
+        Route("GET", "/endpoints/{id}", functools.partial(_endpoint_get, agent)),
+        Route("DELETE", "/endpoints/{id}", functools.partial(_endpoint_delete, agent)),
     ]
     owners: dict[tuple[str, str], str] = {}
     for owner, route in [("core", r) for r in core] + extra_routes:
@@ -133,6 +137,39 @@ async def _clustermesh(agent: "Agent", request: web.Request) -> web.Response:
     now = time.time()
     return json_response({"configured": True, "directory": mesh.directory,
                           "remotes": [r.to_json(now) for _, r in sorted(mesh.remotes.items())]})
+
+
+async def _endpoints(agent: "Agent", request: web.Request) -> web.Response:
+    container = request.query.get("container_id")
+    found = sorted(agent.endpoints.endpoints.values(), key=lambda e: e.id)
+    if container is not None:
+        found = [e for e in found if e.container_id == container]
+    return json_response(found)
+
+
+async def _endpoint_create(agent: "Agent", request: web.Request) -> web.Response:
+    from meshagent.endpoints import EndpointRequest
+    try:
+        body = await request.json()
+        endpoint_request = EndpointRequest(**body)
+    except (ValueError, TypeError) as exc:
+        raise web.HTTPBadRequest(reason=f"expected an endpoint request: {exc}") from None
+    return json_response(await agent.endpoints.create(endpoint_request), status=201)
+
+
+def _endpoint_id(request: web.Request) -> int:
+    try:
+        return int(request.match_info["id"])
+    except ValueError:
+        raise web.HTTPBadRequest(reason="endpoint id must be a number") from None
+
+
+async def _endpoint_get(agent: "Agent", request: web.Request) -> web.Response:
+    return json_response(agent.endpoints.get(_endpoint_id(request)))
+
+
+async def _endpoint_delete(agent: "Agent", request: web.Request) -> web.Response:
+    return json_response(await agent.endpoints.delete(_endpoint_id(request)))
 
 
 class APIServer:

@@ -6,6 +6,7 @@ of their own through the ``meshagent_commands`` hook.
 """
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -246,6 +247,54 @@ def _ip_list(args: argparse.Namespace) -> int:
     return _print_rows(args, "/ipcache", ("IP", "IDENTITY", "CLUSTER", "HOST", "POD"), row)
 
 
+def _endpoint_args(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="wire a network namespace up as an endpoint")
+    create.add_argument("--netns", required=True, help="netns name (ip netns) or path")
+    create.add_argument("--namespace", required=True, help="the pod's Kubernetes namespace")
+    create.add_argument("--labels", default="", help="app=x,role=y (source k8s: unless given)")
+    create.add_argument("--ifname", default="eth0", help="interface name inside the netns")
+    create.add_argument("--pod-name", default="")
+    create.add_argument("--container-id", default="")
+    actions.add_parser("list", help="list endpoints")
+    for name in ("get", "delete"):
+        sub = actions.add_parser(name, help=f"{name} one endpoint")
+        sub.add_argument("id", type=int)
+    for sub in actions.choices.values():
+        _add_output(sub)
+        sub.add_argument("--socket-path", type=Path, default=argparse.SUPPRESS,
+                         help="agent API socket [env MESHAGENT_SOCKET_PATH]")
+
+
+def _endpoint(args: argparse.Namespace) -> int:
+    client = AgentClient(args.socket_path)
+    if args.action == "list":
+        return _print_rows(args, "/endpoints", ("ENDPOINT", "IPV4", "IDENTITY", "INTERFACE",
+                                                "NAMESPACE", "LABELS"), _endpoint_row)
+    if args.action == "create":
+        body = {"netns": args.netns, "namespace": args.namespace, "labels": args.labels,
+                "pod_ifname": args.ifname, "pod_name": args.pod_name,
+                "container_id": args.container_id}
+        endpoint = asyncio.run(client.request("POST", "/endpoints", json=body, ok=(201,)))
+    elif args.action == "get":
+        endpoint = client.get(f"/endpoints/{args.id}")
+    else:
+        endpoint = asyncio.run(client.request("DELETE", f"/endpoints/{args.id}"))
+    if args.output == "json":
+        _print_json(endpoint)
+    else:
+        print(_format_table([("ENDPOINT", "IPV4", "IDENTITY", "INTERFACE", "NAMESPACE",
+                              "LABELS"), _endpoint_row(endpoint)]))
+    return 0
+
+
+def _endpoint_row(e: dict) -> tuple[str, ...]:
+    user = [label for label in e["labels"] if "io.kubernetes.pod.namespace" not in label
+            and "io.cilium.k8s.policy.cluster" not in label]
+    return (str(e["id"]), e["ipv4"], str(e["identity"]), e["ifname"], e["namespace"],
+            " ".join(user))
+
+
 def _format_table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
@@ -262,4 +311,6 @@ CORE_COMMANDS = (
             _identity_list),
     Command("ip", "list IP to identity mappings (the ipcache) of every cluster", _list_args,
             _ip_list),
+    Command("endpoint", "create, list, get and delete local endpoints (pods)", _endpoint_args,
+            _endpoint),
 )

@@ -51,6 +51,9 @@ def add_core_options(parser: Parser) -> None:
                      help="this node's IPv4 address, published with the node")
     parser.addoption("pod-cidr", type=parse_cidrs, default=(),
                      help="this node's pod CIDR(s), comma-separated, published with the node")
+    parser.addoption("auto-direct-node-routes", type=parse_bool, default=False,
+                     help="route every other node's pod CIDR via that node's IP (nodes on one"
+                          " L2 network)")
     parser.addoption("kvstore-lease-ttl", type=float, default=900.0,
                      help="seconds the node's kvstore keys outlive a dead agent (Cilium: 15 min)")
     parser.addoption("identity-gc-interval", type=float, default=900.0,

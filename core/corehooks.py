@@ -30,9 +30,12 @@ class CoreHooks:
             Controller("kvstore-connect", self._connect_kvstore),
             Controller("kvstore-publish", agent.publisher.run),
             Controller("local-cluster-sync", self._sync_local_cluster),
+            Controller("endpoint-restore", agent.endpoints.restore),
         ]
         if agent.clustermesh is not None:
             controllers.append(Controller("clustermesh-config", agent.clustermesh.run))
+        if agent.node_routes is not None:
+            controllers.append(Controller("node-routes", agent.node_routes.run))
         if hasattr(agent.identity_allocator, "run_gc"):
             controllers.append(Controller("identity-gc", agent.identity_allocator.run_gc))
         if agent.datapath is not None:
@@ -46,6 +49,11 @@ class CoreHooks:
         """
         await self.agent.publisher.published.wait()
         await self.agent.local_sync.run(self.agent.kvstore, handle.ready)
+
+    @hookimpl
+    def meshagent_node_changed(self, kind, node):
+        if self.agent.node_routes is not None:
+            self.agent.node_routes.node_changed(kind, node)
 
     async def _connect_kvstore(self, handle: ControllerHandle) -> None:
         # Raises KVStoreUnavailable while the store is down: the controller retries with backoff.

@@ -25,9 +25,12 @@ def free_port() -> int:
 class EtcdServer:
     """One single-member etcd; ``stop()`` and ``start()`` again keep its data and port."""
 
-    def __init__(self, name: str = "etcd", *, tls: bool = False, workdir: Path | None = None):
+    def __init__(self, name: str = "etcd", *, tls: bool = False, workdir: Path | None = None,
+                 netns: str | None = None, host: str = "127.0.0.1"):
         self.name = name
         self.tls = tls
+        self.netns = netns  # run inside this network namespace, listening on ``host``
+        self.host = host
         self.dir = Path(workdir or tempfile.mkdtemp(prefix=f"ma-{name}-", dir="/tmp"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.client_port = free_port()
@@ -37,18 +40,19 @@ class EtcdServer:
         if tls:
             import trustme
             self.ca = trustme.CA()
-            server = self.ca.issue_cert("127.0.0.1", "localhost")
+            server = self.ca.issue_cert(host, "127.0.0.1", "localhost")
             server.cert_chain_pems[0].write_to_path(str(self.dir / "server.crt"))
             server.private_key_pem.write_to_path(str(self.dir / "server.key"))
             self.ca.cert_pem.write_to_path(str(self.dir / "ca.crt"))
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
 
     def start(self) -> "EtcdServer":
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        args = [
+        peer = f"http://{self.host}:{self.peer_port}"
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        args = [*prefix,
             ETCD, "--name", self.name, "--data-dir", str(self.dir / "data"),
             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
@@ -64,11 +68,19 @@ class EtcdServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd {self.name} exited: {self.log_tail()}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.client_port)) == 0:
-                    return self
+            if self._listening():
+                return self
             time.sleep(0.05)
         raise RuntimeError(f"etcd {self.name} did not listen: {self.log_tail()}")
+
+    def _listening(self) -> bool:
+        if self.netns is None:
+            with socket.socket() as s:
+                return s.connect_ex((self.host, self.client_port)) == 0
+        probe = subprocess.run(["ip", "netns", "exec", self.netns, "bash", "-c",
+                                f"exec 3<>/dev/tcp/{self.host}/{self.client_port}"],
+                               capture_output=True)
+        return probe.returncode == 0
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -1,0 +1,199 @@
+"""Creating, restoring and deleting local endpoints: address, interface, identity, publish.
+
+Creation is a sequence of steps, each with its undo; if a step fails the done ones are undone in
+reverse, so a failed create leaves no half-made endpoint, leaked address or stray veth. Each
+endpoint is saved in the state dir; after a restart it is restored without re-addressing.
+"""
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import attrs
+
+from meshagent import podnet
+from meshagent.controller import ControllerHandle
+from meshagent.endpoint import Endpoint, endpoint_from_json, endpoint_labels, endpoint_to_json
+from meshagent.errors import MeshagentError, UsageError
+from meshagent.events import ChangeKind
+from meshagent.identity import Identity
+from meshagent.ipam import HostScopeIPAM
+from meshagent.ipcache import IPCacheEntry
+
+if TYPE_CHECKING:
+    from meshagent.agent import Agent
+
+log = logging.getLogger(__name__)
+
+
+class EndpointNotFound(MeshagentError):
+    http_status = 404
+
+
+@attrs.frozen
+class EndpointRequest:
+    netns: str
+    namespace: str
+    labels: str | list[str] = ""
+    pod_ifname: str = "eth0"
+    container_id: str = ""
+    pod_name: str = ""
+
+
+class EndpointManager:
+    def __init__(self, agent: "Agent"):
+        self.agent = agent
+        self.ipam = HostScopeIPAM(tuple(agent.config.get("pod-cidr")))
+        self.endpoints: dict[int, Endpoint] = {}
+        self.directory = agent.config.state_dir / "endpoints"
+        self._lock = asyncio.Lock()
+        self.restored = asyncio.Event()
+        self._node_prepared = False
+
+    async def _prepare_node(self) -> None:
+        """Node-wide settings (gateway on lo, forwarding), made when the first pod needs them."""
+        if not self._node_prepared:
+            await asyncio.to_thread(podnet.prepare_node)
+            self._node_prepared = True
+
+    # -- create ---------------------------------------------------------------------------------
+
+    async def create(self, request: EndpointRequest) -> Endpoint:
+        labels = endpoint_labels(request.labels, request.namespace, self.agent.cluster.name)
+        if not 0 < len(request.pod_ifname) <= 15:
+            raise UsageError(f"invalid interface name {request.pod_ifname!r}")
+        podnet.netns_path(request.netns)  # a clear error before anything is made
+        await self.restored.wait()
+        async with self._lock:
+            if request.container_id and self.by_container(request.container_id):
+                raise UsageError(f"container {request.container_id} already has an endpoint")
+            undo: list[Callable[[], Awaitable[None]]] = []
+            try:
+                return await self._create(request, labels, undo)
+            except BaseException:
+                for step in reversed(undo):
+                    try:
+                        await step()
+                    except Exception:
+                        log.exception("undoing a failed endpoint create")
+                raise
+
+    async def _create(self, request: EndpointRequest, labels: frozenset[str], undo) -> Endpoint:
+        await self._prepare_node()
+        endpoint_id = max(self.endpoints, default=0) + 1
+        seed = request.container_id or f"{request.netns}/{request.pod_ifname}"
+        host_ifname = "lxc" + hashlib.sha1(seed.encode()).hexdigest()[:12]
+        address = self.ipam.allocate(f"endpoint {endpoint_id}")
+        undo.append(lambda: _sync(self.ipam.release, address))
+        wired = await asyncio.to_thread(podnet.create_pod_interface, request.netns,
+                                        request.pod_ifname, host_ifname, address)
+        undo.append(lambda: asyncio.to_thread(podnet.remove_pod_interface, host_ifname))
+        identity = await self.agent.identity_allocator.allocate(labels)
+        undo.append(lambda: self.agent.identity_allocator.release(identity))
+        endpoint = Endpoint(
+            id=endpoint_id, namespace=request.namespace, labels=labels, ipv4=address,
+            identity=identity.id, ifname=host_ifname, ifindex=wired["host_ifindex"],
+            netns=request.netns, pod_ifname=request.pod_ifname,
+            container_id=request.container_id, pod_name=request.pod_name,
+            host_mac=wired["host_mac"], pod_mac=wired["pod_mac"])
+        await self._activate(endpoint, undo)
+        self._save(endpoint)
+        log.info("endpoint %d created: %s in %s, identity %d", endpoint.id, address,
+                 request.netns, identity.id)
+        return endpoint
+
+    async def _activate(self, endpoint: Endpoint, undo: list) -> None:
+        """Publish, hand to the datapath, announce: shared by create and restore."""
+        self.endpoints[endpoint.id] = endpoint
+        undo.append(lambda: _sync(self.endpoints.pop, endpoint.id, None))
+        entry = self._ipcache_entry(endpoint)
+        self.agent.publisher.upsert_ipcache(entry)
+        undo.append(lambda: _sync(self.agent.publisher.delete_ipcache, entry))
+        if self.agent.datapath is not None:
+            await self.agent.datapath.endpoint_added(endpoint)
+            undo.append(lambda: self.agent.datapath.endpoint_removed(endpoint))
+        self.agent.hooks.endpoint_changed(kind=ChangeKind.UPSERT, endpoint=endpoint)
+
+    def _ipcache_entry(self, endpoint: Endpoint) -> IPCacheEntry:
+        return IPCacheEntry(ipaddress.IPv4Network(f"{endpoint.ipv4}/32"), endpoint.identity,
+                            self.agent.cluster.name, self.agent.config.get("node-ip"),
+                            endpoint.namespace, endpoint.pod_name)
+
+    # -- delete ---------------------------------------------------------------------------------
+
+    async def delete(self, endpoint_id: int) -> Endpoint:
+        async with self._lock:
+            endpoint = self.endpoints.get(endpoint_id)
+            if endpoint is None:
+                raise EndpointNotFound(f"no endpoint {endpoint_id}")
+            if self.agent.datapath is not None:
+                await self.agent.datapath.endpoint_removed(endpoint)
+            self.agent.publisher.delete_ipcache(self._ipcache_entry(endpoint))
+            await asyncio.to_thread(podnet.remove_pod_interface, endpoint.ifname)
+            await self.agent.identity_allocator.release(
+                Identity(endpoint.identity, endpoint.labels, self.agent.cluster.name))
+            self.ipam.release(endpoint.ipv4)
+            del self.endpoints[endpoint_id]
+            (self.directory / f"{endpoint_id}.json").unlink(missing_ok=True)
+            self.agent.hooks.endpoint_changed(kind=ChangeKind.DELETE, endpoint=endpoint)
+            log.info("endpoint %d deleted (%s)", endpoint_id, endpoint.ipv4)
+            return endpoint
+
+    # -- lookups --------------------------------------------------------------------------------
+
+    def get(self, endpoint_id: int) -> Endpoint:
+        if endpoint_id not in self.endpoints:
+            raise EndpointNotFound(f"no endpoint {endpoint_id}")
+        return self.endpoints[endpoint_id]
+
+    def by_container(self, container_id: str) -> Endpoint | None:
+        return next((e for e in self.endpoints.values() if e.container_id == container_id), None)
+
+    # -- persistence and restore ----------------------------------------------------------------
+
+    def _save(self, endpoint: Endpoint) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{endpoint.id}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(endpoint_to_json(endpoint))
+        os.replace(tmp, path)
+
+    async def restore(self, handle: ControllerHandle) -> None:
+        """Controller: bring back the endpoints saved before a restart, as they were."""
+        async with self._lock:
+            for path in sorted(self.directory.glob("*.json")) if self.directory.is_dir() else []:
+                await self._prepare_node()
+                try:
+                    saved = endpoint_from_json(path.read_text())
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.error("ignoring unreadable endpoint state %s: %s", path, exc)
+                    continue
+                await self._restore_one(saved, path)
+        self.restored.set()
+        handle.ready()
+
+    async def _restore_one(self, saved: Endpoint, path) -> None:
+        ifindex = await asyncio.to_thread(podnet.host_interface, saved.ifname)
+        if ifindex is None or not await asyncio.to_thread(
+                podnet.pod_interface_present, saved.netns, saved.pod_ifname):
+            log.warning("endpoint %d (%s) is gone (pod network removed while the agent was"
+                        " down): cleaning up", saved.id, saved.ipv4)
+            await asyncio.to_thread(podnet.remove_pod_interface, saved.ifname)
+            path.unlink(missing_ok=True)
+            return
+        self.ipam.claim(saved.ipv4, f"endpoint {saved.id}")
+        identity = await self.agent.identity_allocator.allocate(saved.labels)
+        endpoint = attrs.evolve(saved, identity=identity.id, ifindex=ifindex)
+        await self._activate(endpoint, [])
+        if endpoint != saved:
+            self._save(endpoint)
+        log.info("endpoint %d restored: %s, identity %d", endpoint.id, endpoint.ipv4,
+                 endpoint.identity)
+
+
+async def _sync(func, *args) -> None:
+    func(*args)

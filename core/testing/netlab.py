@@ -1,0 +1,69 @@
+"""Network namespaces for tests: per-run names, an underlay bridge, always cleaned up.
+
+Nothing is linked to the root namespace: traffic stays between namespaces made here.
+"""
+
+import os
+import secrets
+import subprocess
+from pathlib import Path
+
+
+class NetLab:
+    def __init__(self) -> None:
+        self.prefix = "ma" + secrets.token_hex(3)
+        self.namespaces: list[str] = []
+        self.procs: list[subprocess.Popen] = []
+        self._links = 0
+
+    def ns(self, name: str) -> str:
+        """Make ``<prefix>-<name>`` with lo up; returns the full name."""
+        full = f"{self.prefix}-{name}"
+        subprocess.run(["ip", "netns", "add", full], check=True)
+        self.namespaces.append(full)
+        self.exec(full, "ip", "link", "set", "lo", "up")
+        return full
+
+    def exec(self, ns: str, *cmd: str, check: bool = True, timeout: float = 30,
+             **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", ns, *cmd], check=check, timeout=timeout,
+                              capture_output=True, text=True, **kwargs)
+
+    def spawn(self, ns: str, *cmd: str, log: Path, env: dict | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=open(log, "w"),
+                                stderr=subprocess.STDOUT, env=env)
+        self.procs.append(proc)
+        return proc
+
+    def underlay(self, name: str = "underlay") -> str:
+        """A namespace holding a bridge that nodes attach to."""
+        full = self.ns(name)
+        self.exec(full, "ip", "link", "add", "br0", "type", "bridge")
+        self.exec(full, "ip", "link", "set", "br0", "up")
+        return full
+
+    def attach(self, ns: str, underlay: str, address: str, ifname: str = "uplink0") -> None:
+        """Join ``ns`` to the underlay bridge with ``address`` (CIDR form) on ``ifname``."""
+        self._links += 1
+        outer = f"{self.prefix[:8]}u{self._links}"
+        subprocess.run(["ip", "link", "add", outer, "netns", underlay, "type", "veth", "peer",
+                        "name", ifname, "netns", ns], check=True)
+        self.exec(underlay, "ip", "link", "set", outer, "master", "br0", "up")
+        self.exec(ns, "ip", "addr", "add", address, "dev", ifname)
+        self.exec(ns, "ip", "link", "set", ifname, "up")
+
+    def bridge_address(self, underlay: str, address: str) -> None:
+        self.exec(underlay, "ip", "addr", "add", address, "dev", "br0")
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for ns in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.namespaces.clear()
+
+
+def can_run() -> bool:
+    return os.geteuid() == 0 and Path("/var/run/netns").parent.exists()
