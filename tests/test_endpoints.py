@@ -182,3 +182,86 @@ def test_pods_on_two_nodes_reach_each_other(lab, short_tmp):
             time.sleep(0.1)
     finally:
         etcd.stop()
+
+
+CNI = str(__import__("pathlib").Path(MESHAGENT).with_name("meshagent-cni"))
+
+
+def cni(command: str, config: dict | str, container: str = "c0ffee", netns: str = "",
+        ifname: str = "eth0", args: str = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=employee-0",
+        env_extra: dict | None = None):
+    """Call the plugin exactly as a runtime does: config on stdin, parameters in CNI_*."""
+    import subprocess
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_NETNS": netns,
+           "CNI_IFNAME": ifname, "CNI_ARGS": args, "CNI_PATH": "/opt/cni/bin",
+           "PATH": "/usr/bin:/bin", **(env_extra or {})}
+    stdin = config if isinstance(config, str) else json.dumps(config)
+    result = subprocess.run([CNI], input=stdin, capture_output=True, text=True, env=env,
+                            timeout=30)
+    return result.returncode, json.loads(result.stdout) if result.stdout.strip() else None
+
+
+def test_cni_add_check_del_as_a_runtime_calls_it(lab, short_tmp):
+    node, agent = single_node(lab, short_tmp, "--pod-cidr", "10.1.1.0/24")
+    pod = lab.ns("pod1")
+    config = {"cniVersion": "1.0.0", "name": "meshagent", "type": "meshagent-cni",
+              "socketPath": str(agent.socket),
+              "runtimeConfig": {"labels": {"app": "employee"}},
+              "args": {"cni": {"labels": [{"key": "tier", "value": "client"}]}}}
+    netns = f"/var/run/netns/{pod}"
+
+    code, version = cni("VERSION", "")
+    assert code == 0 and version["supportedVersions"][-1] == "1.0.0"
+
+    code, result = cni("ADD", config, netns=netns)
+    assert code == 0, result
+    assert result["cniVersion"] == "1.0.0"
+    assert result["ips"] == [{"address": "10.1.1.1/32", "gateway": "169.254.1.1",
+                              "interface": 1}]
+    assert result["interfaces"][1] == {"name": "eth0", "mac": result["interfaces"][1]["mac"],
+                                       "sandbox": netns}
+    assert result["routes"] == [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}]
+    (endpoint,) = agent.endpoints()
+    assert endpoint["container_id"] == "c0ffee" and endpoint["pod_name"] == "employee-0"
+    assert {"k8s:app=employee", "k8s:tier=client"} <= set(endpoint["labels"])
+    assert "10.1.1.1/32" in lab.exec(pod, "ip", "-4", "addr", "show", "eth0").stdout
+
+    code, again = cni("ADD", config, netns=netns)  # a retried ADD answers the same
+    assert code == 0 and again["ips"] == result["ips"] and len(agent.endpoints()) == 1
+
+    code, out = cni("CHECK", {**config, "prevResult": result}, netns=netns)
+    assert (code, out) == (0, None)
+    code, out = cni("CHECK", {**config, "prevResult": result}, container="unknown")
+    assert code == 1 and out["code"] == 3
+
+    code, out = cni("DEL", config, netns=netns)
+    assert (code, out) == (0, None) and agent.endpoints() == []
+    assert endpoint["ifname"] not in agent.links()
+    code, out = cni("DEL", config, netns=netns)  # DEL of something gone still succeeds
+    assert (code, out) == (0, None)
+
+
+def test_cni_errors_are_cni_error_json(lab, short_tmp):
+    node, agent = single_node(lab, short_tmp, "--pod-cidr", "10.1.1.0/24")
+    pod = lab.ns("pod1")
+    good = {"cniVersion": "1.0.0", "name": "meshagent", "type": "meshagent-cni",
+            "socketPath": str(agent.socket)}
+    netns = f"/var/run/netns/{pod}"
+    cases = [
+        (dict(config="{broken"), 6, "not valid JSON"),
+        (dict(config={**good, "cniVersion": "9.9.9"}), 1, "not supported"),
+        (dict(config={k: v for k, v in good.items() if k != "name"}), 7, "no name"),
+        (dict(config=good, netns=""), 4, "CNI_NETNS is not set"),
+        (dict(config=good, netns=f"/var/run/netns/{lab.prefix}-nosuch"), 3, "does not exist"),
+        (dict(config={**good, "socketPath": str(short_tmp / "none.sock")}, netns=netns), 11,
+         "not reachable"),
+        (dict(config={**good, "runtimeConfig": {"labels": {"bad key!": "x"}}}, netns=netns),
+         100, "invalid label"),
+    ]
+    for kwargs, code, message in cases:
+        rc, out = cni("ADD", **kwargs)
+        assert rc == 1 and out["code"] == code, (kwargs, out)
+        assert message in out["msg"] + out["details"], out
+        assert out["cniVersion"] == "1.0.0"
+    assert agent.endpoints() == []
+    assert [link for link in agent.links() if link.startswith("lxc")] == []

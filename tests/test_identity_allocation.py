@@ -20,7 +20,7 @@ async def etcd_agents(short_tmp, agent_factory):
     started = []
 
     async def start(n: int, *extra: str):
-        for i in range(n):
+        for _ in range(n):
             started.append(await agent_factory(
                 ["--plugins", "etcd", "--etcd-config", str(config), *CLUSTER,
                  "--node-name", f"node{len(started) + 1}", *extra]))
