@@ -295,6 +295,86 @@ def _endpoint_row(e: dict) -> tuple[str, ...]:
             " ".join(user))
 
 
+def _policy_args(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    imp = actions.add_parser("import", help="validate and import policy files (YAML or JSON)")
+    imp.add_argument("files", nargs="+", type=Path)
+    delete = actions.add_parser("delete", help="delete a policy by name")
+    delete.add_argument("name")
+    delete.add_argument("--namespace", default="default")
+    delete.add_argument("--clusterwide", action="store_true",
+                        help="a CiliumClusterwideNetworkPolicy")
+    get = actions.add_parser("get", help="the policies in force")
+    get.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml")
+    tr = actions.add_parser("trace", help="explain the verdict for a source reaching an endpoint")
+    source = tr.add_mutually_exclusive_group(required=True)
+    source.add_argument("--src-labels", help="app=x,... (k8s: prefix added where missing)")
+    source.add_argument("--src-identity", type=int)
+    source.add_argument("--src-ip")
+    tr.add_argument("--dst-endpoint", type=int, required=True)
+    tr.add_argument("--dport", required=True, help="PORT or PORT/PROTO (default TCP)")
+    tr.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    for sub in actions.choices.values():
+        sub.add_argument("--socket-path", type=Path, default=argparse.SUPPRESS,
+                         help="agent API socket [env MESHAGENT_SOCKET_PATH]")
+
+
+def _policy(args: argparse.Namespace) -> int:
+    client = AgentClient(args.socket_path)
+    if args.action == "import":
+        for path in args.files:
+            try:
+                text = path.read_text()
+            except OSError as exc:
+                raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+            done = asyncio.run(client.request("POST", "/policy", json={
+                "text": text, "source": str(path)}, ok=(201,)))
+            for name in done["imported"]:
+                print(f"imported {name}")
+        return 0
+    if args.action == "delete":
+        kind = "CiliumClusterwideNetworkPolicy" if args.clusterwide else "CiliumNetworkPolicy"
+        namespace = "-" if args.clusterwide else args.namespace
+        asyncio.run(client.request("DELETE", f"/policy/{kind}/{namespace}/{args.name}"))
+        print(f"deleted {kind} {args.name}")
+        return 0
+    if args.action == "get":
+        body = client.get("/policy")
+        if args.output == "json":
+            _print_json(body)
+        else:
+            import yaml
+            print(f"# revision {body['revision']}")
+            print(yaml.safe_dump_all(body["policies"], sort_keys=False) if body["policies"]
+                  else "# no policies", end="")
+        return 0
+    port, _, proto = args.dport.partition("/")
+    if not port.isdigit():
+        raise UsageError(f"invalid --dport={args.dport!r}: expected PORT or PORT/PROTO")
+    body = {"dst_endpoint": args.dst_endpoint, "port": int(port), "protocol": proto or "TCP"}
+    if args.src_labels is not None:
+        body["src_labels"] = [label if ":" in label.split("=")[0] else f"k8s:{label}"
+                              for label in args.src_labels.split(",") if label]
+    elif args.src_identity is not None:
+        body["src_identity"] = args.src_identity
+    else:
+        body["src_ip"] = args.src_ip
+    result = asyncio.run(client.request("POST", "/policy/trace", json=body))
+    if args.output == "json":
+        _print_json(result)
+        return 0
+    src = result["source"]
+    print(f"source:      identity {src['identity']} from cluster {src['cluster']}:"
+          f" {' '.join(src['labels'])}")
+    print(f"destination: endpoint {result['destination']['endpoint']}, port"
+          f" {result['port']}/{result['protocol']} (ingress)")
+    print(f"policies:    {', '.join(result['selecting_policies']) or 'none selects it'}")
+    for line in result["matched"]:
+        print(f"matched:     {line}")
+    print(f"verdict:     {result['verdict'].upper()}: {result['reason']}")
+    return 0 if result["verdict"] == "allow" else 1
+
+
 def _format_table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
@@ -313,4 +393,5 @@ CORE_COMMANDS = (
             _ip_list),
     Command("endpoint", "create, list, get and delete local endpoints (pods)", _endpoint_args,
             _endpoint),
+    Command("policy", "import, delete, get and trace network policies", _policy_args, _policy),
 )

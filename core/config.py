@@ -59,6 +59,9 @@ def add_core_options(parser: Parser) -> None:
     parser.addoption("identity-gc-interval", type=float, default=900.0,
                      help="seconds between identity garbage collections; an identity no node"
                           " uses is deleted after two of them")
+    parser.addoption("policy-default-local-cluster", type=parse_bool, default=True,
+                     help="a peer selector without io.cilium.k8s.policy.cluster matches only"
+                          " the local cluster (false: every cluster)")
     parser.addoption("clustermesh-config", type=str, default="",
                      help="directory with one kvstore config file per remote cluster, named"
                           " after it; watched for changes")

@@ -25,6 +25,11 @@ class CoreHooks:
         registry.register("kvstore", KVStoreIdentityAllocator)
 
     @hookimpl
+    def meshagent_register_policy_resolver(self, registry):
+        from meshagent.policy.service import PolicyService
+        registry.register("default", PolicyService)
+
+    @hookimpl
     def meshagent_controllers(self, agent: "Agent"):
         controllers = [
             Controller("kvstore-connect", self._connect_kvstore),

@@ -130,6 +130,21 @@ def meshagent_controllers(agent):
     """
 
 
+@_hookspec
+def meshagent_policy_source(agent):
+    """Feed policies from elsewhere than the cluster's kvstore (e.g. Kubernetes CRDs).
+
+    Fires once at agent start, when the default policy resolver starts its controllers.
+
+    :param agent: the :class:`meshagent.agent.Agent`.
+    :returns: an async iterable of :class:`meshagent.policy.service.PolicyUpdate` (an
+        ``UPSERT`` with a parsed :class:`meshagent.policy.api.Policy`, or a ``DELETE`` with its
+        key), consumed for the agent's lifetime by a controller of its own; or None.
+    :raises: the iterable may raise: its controller is restarted with backoff and the error is
+        shown in status.
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # Events the agent publishes: observers only, called synchronously in the event loop
 # --------------------------------------------------------------------------------------------

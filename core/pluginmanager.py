@@ -241,6 +241,9 @@ class Hooks:
             out.extend((impl.plugin_name, s) for s in _as_list(result))
         return out
 
+    def policy_sources(self, agent: Any) -> list[tuple[str, Any]]:
+        return list(self._collect("meshagent_policy_source", agent=agent))
+
     def api_routes(self, agent: Any) -> list[tuple[str, Any]]:
         return list(self._collect("meshagent_api_routes", agent=agent))
 
@@ -275,6 +278,6 @@ class Hooks:
 def _as_list(result: Any) -> Iterable[Any]:
     if result is None:
         return ()
-    if isinstance(result, (list, tuple)):
+    if isinstance(result, list):
         return result
     return (result,)

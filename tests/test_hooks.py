@@ -109,7 +109,8 @@ class FakeSlots:
 
 async def test_every_slot_is_filled_built_started_and_closed(agent_factory):
     fake = FakeSlots()
-    running = await agent_factory(["--plugins", "memory", "--identity-allocator", "fake-ids"],
+    running = await agent_factory(["--plugins", "memory", "--identity-allocator", "fake-ids",
+                                   "--policy-resolver", "fake-policy"],
                                   extra_plugins=[("fake", fake)])
     agent = running.agent
     assert {slot: p.name for slot, p in agent.providers.items()} == {

@@ -1,0 +1,364 @@
+"""CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy (cilium.io/v2): model and validation.
+
+Documents come as YAML or JSON, one or many. Everything meshagent enforces is parsed into attrs
+classes; anything it would not enforce (L7 rules, toFQDNs, named ports, …) is rejected with the
+document, the field path and the reason — never silently ignored.
+"""
+
+import ipaddress
+from typing import Any
+
+import attrs
+import yaml
+
+from meshagent.errors import UsageError
+
+API_VERSION = "cilium.io/v2"
+CNP = "CiliumNetworkPolicy"
+CCNP = "CiliumClusterwideNetworkPolicy"
+PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ANY": 0}
+ENTITIES = ("world", "cluster", "host", "remote-node", "all", "health", "init", "unmanaged",
+            "kube-apiserver")
+OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+_INGRESS_PEERS = {"fromEndpoints", "fromEntities", "fromCIDR", "fromCIDRSet"}
+_EGRESS_PEERS = {"toEndpoints", "toEntities", "toCIDR", "toCIDRSet"}
+_UNSUPPORTED = {
+    "fromRequires": "fromRequires", "toRequires": "toRequires", "toFQDNs": "DNS-based rules",
+    "toServices": "service-based rules", "fromGroups": "cloud groups", "toGroups": "cloud groups",
+    "fromNodes": "node selectors", "toNodes": "node selectors", "icmps": "ICMP rules",
+    "authentication": "mutual authentication", "nodeSelector": "host policies",
+    "rules": "L7 rules", "serverNames": "TLS SNI rules", "terminatingTLS": "TLS termination",
+    "originatingTLS": "TLS origination", "listener": "Envoy listeners",
+    "cidrGroupRef": "CIDR groups", "toCIDRGroupRef": "CIDR groups",
+}
+
+
+class PolicyError(UsageError):
+    """A policy document is invalid or uses something meshagent does not enforce."""
+
+
+@attrs.frozen
+class Requirement:
+    key: str  # as written, maybe with a source prefix (k8s:app)
+    operator: str
+    values: frozenset[str] = frozenset()
+
+    @property
+    def source(self) -> str | None:
+        source, sep, _ = self.key.partition(":")
+        return source if sep and source != "any" else None
+
+    @property
+    def bare_key(self) -> str:
+        return self.key.partition(":")[2] if ":" in self.key else self.key
+
+
+@attrs.frozen
+class EndpointSelector:
+    requirements: tuple[Requirement, ...] = ()
+
+    def names(self, bare_key: str) -> bool:
+        return any(r.bare_key == bare_key for r in self.requirements)
+
+    def with_requirement(self, requirement: Requirement) -> "EndpointSelector":
+        return EndpointSelector(tuple(sorted(self.requirements + (requirement,),
+                                             key=lambda r: (r.key, r.operator))))
+
+
+@attrs.frozen
+class PortProtocol:
+    port: int  # 0: any port
+    end_port: int  # == port unless a range
+    protocol: str  # TCP, UDP, SCTP, ANY
+
+
+@attrs.frozen
+class CIDRRule:
+    cidr: ipaddress.IPv4Network
+    excepts: tuple[ipaddress.IPv4Network, ...] = ()
+
+
+@attrs.frozen
+class PeerRule:
+    """One item of an ingress/egress (or deny) section: peers AND ports."""
+
+    endpoints: tuple[EndpointSelector, ...] | None = None  # None: not given
+    entities: tuple[str, ...] | None = None
+    cidrs: tuple[CIDRRule, ...] | None = None
+    ports: tuple[PortProtocol, ...] = ()
+
+    @property
+    def names_peers(self) -> bool:
+        return any(x is not None for x in (self.endpoints, self.entities, self.cidrs))
+
+
+@attrs.frozen
+class Rule:
+    endpoint_selector: EndpointSelector
+    ingress: tuple[PeerRule, ...] = ()
+    ingress_deny: tuple[PeerRule, ...] = ()
+    egress: tuple[PeerRule, ...] = ()
+    egress_deny: tuple[PeerRule, ...] = ()
+    default_deny_ingress: bool | None = None  # None: on when the rule has ingress rules
+    default_deny_egress: bool | None = None
+    description: str = ""
+
+    def enforces(self, direction: str) -> bool:
+        explicit = self.default_deny_ingress if direction == "ingress" else self.default_deny_egress
+        if explicit is not None:
+            return explicit
+        if direction == "ingress":
+            return bool(self.ingress or self.ingress_deny)
+        return bool(self.egress or self.egress_deny)
+
+
+@attrs.frozen
+class Policy:
+    kind: str
+    name: str
+    namespace: str | None  # None for a clusterwide policy
+    rules: tuple[Rule, ...]
+    document: dict = attrs.field(eq=False, repr=False, factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.kind, self.namespace or "", self.name)
+
+    @property
+    def display(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}" if self.namespace else \
+            f"{self.kind} {self.name}"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_policies(text: str, source: str = "input") -> list[Policy]:
+    """Every document of a YAML/JSON stream; PolicyError names document, field and problem."""
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML/JSON: {exc}") from None
+    if not documents:
+        raise PolicyError(f"{source}: no policy document found")
+    policies = []
+    for index, document in enumerate(documents, 1):
+        if isinstance(document, dict) and document.get("kind") == "List":
+            items = document.get("items")
+            if not isinstance(items, list):
+                raise PolicyError(f"{source} document {index}: List without items")
+            policies += [parse_document(item, f"{source} document {index}.{i}")
+                         for i, item in enumerate(items, 1)]
+        else:
+            policies.append(parse_document(document, f"{source} document {index}"))
+    return policies
+
+
+def parse_document(document: Any, where: str) -> Policy:
+    p = _Parser(where)
+    doc = p.mapping(document, "")
+    kind = doc.get("kind")
+    if kind not in (CNP, CCNP):
+        p.fail("kind", f"must be {CNP} or {CCNP}, not {kind!r}")
+    if doc.get("apiVersion") != API_VERSION:
+        p.fail("apiVersion", f"must be {API_VERSION!r}, not {doc.get('apiVersion')!r}")
+    p.only(doc, "", {"apiVersion", "kind", "metadata", "spec", "specs", "status"})
+    meta = p.mapping(doc.get("metadata"), "metadata")
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        p.fail("metadata.name", "is required")
+    p.where = f"{where} ({kind} {name})"
+    namespace = meta.get("namespace")
+    if kind == CCNP:
+        if namespace is not None:
+            p.fail("metadata.namespace", "a clusterwide policy has no namespace")
+    else:
+        namespace = namespace or "default"
+        if not isinstance(namespace, str):
+            p.fail("metadata.namespace", "must be a string")
+    specs = []
+    if "spec" in doc:
+        specs.append((doc["spec"], "spec"))
+    if "specs" in doc:
+        items = doc["specs"]
+        if not isinstance(items, list) or not items:
+            p.fail("specs", "must be a non-empty list")
+        specs += [(item, f"specs[{i}]") for i, item in enumerate(items)]
+    if not specs:
+        p.fail("spec", "is required (or specs)")
+    rules = tuple(p.rule(spec, path, clusterwide=kind == CCNP) for spec, path in specs)
+    return Policy(kind, name, namespace, rules, doc)
+
+
+class _Parser:
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, path: str, problem: str):
+        raise PolicyError(f"{self.where}: {path or 'document'}: {problem}")
+
+    def mapping(self, value: Any, path: str) -> dict:
+        if not isinstance(value, dict):
+            self.fail(path, f"must be a mapping, not {type(value).__name__}")
+        return value
+
+    def listing(self, value: Any, path: str) -> list:
+        if not isinstance(value, list):
+            self.fail(path, f"must be a list, not {type(value).__name__}")
+        return value
+
+    def only(self, obj: dict, path: str, allowed: set[str]) -> None:
+        for key in obj:
+            if key in allowed:
+                continue
+            where = f"{path}.{key}" if path else key
+            if key in _UNSUPPORTED:
+                self.fail(where, f"{_UNSUPPORTED[key]} are not supported by meshagent")
+            self.fail(where, "unknown field")
+
+    def rule(self, spec: Any, path: str, clusterwide: bool) -> Rule:
+        spec = self.mapping(spec, path)
+        self.only(spec, path, {"endpointSelector", "ingress", "ingressDeny", "egress",
+                               "egressDeny", "description", "labels", "enableDefaultDeny"})
+        if "endpointSelector" not in spec:
+            self.fail(f"{path}.endpointSelector", "is required")
+        selector = self.selector(spec["endpointSelector"], f"{path}.endpointSelector")
+        sections = {}
+        for name, peers, deny in (("ingress", _INGRESS_PEERS, False),
+                                  ("ingressDeny", _INGRESS_PEERS, True),
+                                  ("egress", _EGRESS_PEERS, False),
+                                  ("egressDeny", _EGRESS_PEERS, True)):
+            items = self.listing(spec.get(name, []) or [], f"{path}.{name}")
+            sections[name] = tuple(self.peer_rule(item, f"{path}.{name}[{i}]", peers, deny)
+                                   for i, item in enumerate(items))
+        default_deny = self.mapping(spec.get("enableDefaultDeny", {}) or {},
+                                    f"{path}.enableDefaultDeny")
+        self.only(default_deny, f"{path}.enableDefaultDeny", {"ingress", "egress"})
+        for key, value in default_deny.items():
+            if not isinstance(value, bool):
+                self.fail(f"{path}.enableDefaultDeny.{key}", "must be true or false")
+        return Rule(selector, sections["ingress"], sections["ingressDeny"], sections["egress"],
+                    sections["egressDeny"], default_deny.get("ingress"),
+                    default_deny.get("egress"), str(spec.get("description", "")))
+
+    def peer_rule(self, item: Any, path: str, peers: set[str], deny: bool) -> PeerRule:
+        item = self.mapping(item, path)
+        self.only(item, path, peers | {"toPorts"})
+        prefix = "from" if "fromEndpoints" in peers else "to"
+        endpoints = entities = cidrs = None
+        if f"{prefix}Endpoints" in item:
+            field = f"{path}.{prefix}Endpoints"
+            endpoints = tuple(self.selector(s, f"{field}[{i}]")
+                              for i, s in enumerate(self.listing(item[f"{prefix}Endpoints"],
+                                                                 field)))
+        if f"{prefix}Entities" in item:
+            field = f"{path}.{prefix}Entities"
+            entities = tuple(self.entity(e, f"{field}[{i}]")
+                             for i, e in enumerate(self.listing(item[f"{prefix}Entities"], field)))
+        collected = []
+        if f"{prefix}CIDR" in item:
+            field = f"{path}.{prefix}CIDR"
+            for i, text in enumerate(self.listing(item[f"{prefix}CIDR"], field)):
+                collected.append(CIDRRule(self.cidr(text, f"{field}[{i}]")))
+        if f"{prefix}CIDRSet" in item:
+            field = f"{path}.{prefix}CIDRSet"
+            for i, entry in enumerate(self.listing(item[f"{prefix}CIDRSet"], field)):
+                collected.append(self.cidr_set(entry, f"{field}[{i}]"))
+        if f"{prefix}CIDR" in item or f"{prefix}CIDRSet" in item:
+            cidrs = tuple(collected)
+        ports = ()
+        if "toPorts" in item:
+            field = f"{path}.toPorts"
+            ports = tuple(p for i, entry in enumerate(self.listing(item["toPorts"], field))
+                          for p in self.port_rule(entry, f"{field}[{i}]"))
+        return PeerRule(endpoints, entities, cidrs, ports)
+
+    def selector(self, value: Any, path: str) -> EndpointSelector:
+        value = self.mapping(value if value is not None else {}, path)
+        self.only(value, path, {"matchLabels", "matchExpressions"})
+        requirements = []
+        labels = self.mapping(value.get("matchLabels", {}) or {}, f"{path}.matchLabels")
+        for key, label_value in labels.items():
+            if not isinstance(key, str) or not key:
+                self.fail(f"{path}.matchLabels", f"label key {key!r} must be a string")
+            if not isinstance(label_value, (str, int, bool)) or isinstance(label_value, bool):
+                self.fail(f"{path}.matchLabels.{key}", "label value must be a string")
+            requirements.append(Requirement(key, "In", frozenset({str(label_value)})))
+        for i, expr in enumerate(self.listing(value.get("matchExpressions", []) or [],
+                                              f"{path}.matchExpressions")):
+            where = f"{path}.matchExpressions[{i}]"
+            expr = self.mapping(expr, where)
+            self.only(expr, where, {"key", "operator", "values"})
+            key, operator = expr.get("key"), expr.get("operator")
+            if not isinstance(key, str) or not key:
+                self.fail(f"{where}.key", "is required")
+            if operator not in OPERATORS:
+                self.fail(f"{where}.operator", f"must be one of {', '.join(OPERATORS)},"
+                                               f" not {operator!r}")
+            values = self.listing(expr.get("values", []) or [], f"{where}.values")
+            if operator in ("In", "NotIn") and not values:
+                self.fail(f"{where}.values", f"{operator} needs at least one value")
+            if operator in ("Exists", "DoesNotExist") and values:
+                self.fail(f"{where}.values", f"{operator} takes no values")
+            requirements.append(Requirement(key, operator, frozenset(str(v) for v in values)))
+        return EndpointSelector(tuple(sorted(requirements, key=lambda r: (r.key, r.operator))))
+
+    def entity(self, value: Any, path: str) -> str:
+        if value not in ENTITIES:
+            self.fail(path, f"unknown entity {value!r}; supported: {', '.join(ENTITIES)}")
+        return value
+
+    def cidr(self, value: Any, path: str) -> ipaddress.IPv4Network:
+        if not isinstance(value, str):
+            self.fail(path, "must be a CIDR string")
+        try:
+            return ipaddress.IPv4Network(value)
+        except ValueError as exc:
+            if ":" in value:
+                self.fail(path, "IPv6 is not supported by meshagent")
+            self.fail(path, f"{value!r} is not a valid IPv4 CIDR ({exc})")
+
+    def cidr_set(self, value: Any, path: str) -> CIDRRule:
+        value = self.mapping(value, path)
+        self.only(value, path, {"cidr", "except"})
+        cidr = self.cidr(value.get("cidr"), f"{path}.cidr")
+        excepts = []
+        for i, text in enumerate(self.listing(value.get("except", []) or [], f"{path}.except")):
+            network = self.cidr(text, f"{path}.except[{i}]")
+            if not network.subnet_of(cidr):
+                self.fail(f"{path}.except[{i}]", f"{network} is not inside {cidr}")
+            excepts.append(network)
+        return CIDRRule(cidr, tuple(excepts))
+
+    def port_rule(self, value: Any, path: str) -> list[PortProtocol]:
+        value = self.mapping(value, path)
+        self.only(value, path, {"ports"})
+        out = []
+        for i, entry in enumerate(self.listing(value.get("ports", []) or [], f"{path}.ports")):
+            where = f"{path}.ports[{i}]"
+            entry = self.mapping(entry, where)
+            self.only(entry, where, {"port", "endPort", "protocol"})
+            port_text = entry.get("port", "0")
+            if isinstance(port_text, bool) or not isinstance(port_text, (str, int)):
+                self.fail(f"{where}.port", "must be a port number")
+            port_text = str(port_text)
+            if not port_text.isdigit():
+                self.fail(f"{where}.port", f"named ports ({port_text!r}) are not supported by"
+                                           " meshagent; use the number")
+            port = int(port_text)
+            if not 0 <= port <= 65535:
+                self.fail(f"{where}.port", f"{port} is out of range 0..65535")
+            end = entry.get("endPort", port)
+            if isinstance(end, bool) or not isinstance(end, int) or not port <= end <= 65535:
+                self.fail(f"{where}.endPort", f"must be a number from {port} to 65535")
+            if end != port and port == 0:
+                self.fail(f"{where}.endPort", "a range needs a start port")
+            protocol = entry.get("protocol", "ANY")
+            if protocol not in PROTOCOLS:
+                self.fail(f"{where}.protocol", f"must be one of {', '.join(PROTOCOLS)},"
+                                               f" not {protocol!r}")
+            out.append(PortProtocol(port, end, protocol))
+        if not out:
+            self.fail(f"{path}.ports", "needs at least one port")
+        return out

@@ -1,0 +1,324 @@
+"""Resolving policies into per-endpoint map state, incrementally.
+
+For each local endpoint the resolver keeps ``{MapKey → allow|deny}``: (direction, peer identity
+or 0 for any, protocol or 0, port range or 0) — what the datapath looks up. Every key counts its
+contributions (how many rule items allow it, how many deny it); deny wins. An identity coming or
+going touches only the keys of the peers that match it, for the endpoints that use those peers;
+a policy or endpoint change recomputes the endpoints concerned. Only differences are handed on.
+Replies are the datapath's (conntrack): the resolver emits no reply rules.
+"""
+
+import enum
+from collections.abc import Callable, Iterable
+
+import attrs
+
+from meshagent.endpoint import NAMESPACE_LABEL
+from meshagent.events import ChangeKind
+from meshagent.identity import CLUSTER_LABEL, Identity, ReservedIdentity
+from meshagent.policy.api import PROTOCOLS, PeerRule, Policy, PortProtocol, Requirement, Rule
+from meshagent.policy.selector import (
+    CIDRPeer, EntityPeer, Peer, SelectorCache, SelectorPeer, label_index, requirement_matches,
+)
+
+INGRESS, EGRESS = "ingress", "egress"
+ANY_PORT = PortProtocol(0, 0, "ANY")
+
+
+class Verdict(enum.Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+@attrs.frozen(order=True)
+class MapKey:
+    direction: str
+    identity: int  # 0: any peer
+    protocol: int  # 0: any
+    port: int  # 0: any
+    end_port: int
+
+
+@attrs.frozen
+class MapChange:
+    kind: ChangeKind
+    key: MapKey
+    verdict: Verdict | None  # None for DELETE
+
+
+@attrs.frozen
+class PolicyEndpoint:
+    id: int
+    namespace: str
+    labels: frozenset[str]
+
+
+@attrs.frozen
+class Contribution:
+    """One rule item's effect on an endpoint: this verdict for these peers on these ports."""
+
+    direction: str
+    verdict: Verdict
+    peer: Peer | None  # None: any peer
+    ports: tuple[PortProtocol, ...]
+    origin: str  # "CiliumNetworkPolicy default/x spec ingress[0]", or why it is implied
+
+
+@attrs.define
+class EndpointState:
+    endpoint: PolicyEndpoint
+    enforced: dict[str, bool]
+    rules: list[str]  # the policies that select it, for trace
+    by_peer: dict[Peer | None, list[Contribution]]
+    counts: dict[MapKey, list[int]] = attrs.field(factory=dict)  # key -> [allows, denies]
+
+    def verdicts(self) -> dict[MapKey, Verdict]:
+        return {k: Verdict.DENY if c[1] else Verdict.ALLOW for k, c in self.counts.items()
+                if c[0] or c[1]}
+
+
+def reserved_identities() -> list[Identity]:
+    return [Identity(int(r), frozenset({f"reserved:{r.name.lower().replace('_', '-')}"}))
+            for r in ReservedIdentity]
+
+
+class Resolver:
+    def __init__(self, local_cluster: str, *, default_local_cluster: bool = True,
+                 on_change: Callable[[int, list[MapChange]], None] | None = None):
+        self.local_cluster = local_cluster
+        self.default_local_cluster = default_local_cluster
+        self.on_change = on_change or (lambda endpoint_id, changes: None)
+        self.policies: dict[tuple[str, str, str], Policy] = {}
+        self.revision = 0
+        self.cache = SelectorCache()
+        self.endpoints: dict[int, EndpointState] = {}
+        self.users: dict[Peer, set[int]] = {}
+        self.handed: dict[int, dict[MapKey, Verdict]] = {}  # what on_change was last told
+        for identity in reserved_identities():
+            self.cache.add_identity(identity)
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def upsert_policy(self, policy: Policy) -> int:
+        self.policies[policy.key] = policy
+        return self._policies_changed()
+
+    def delete_policy(self, key: tuple[str, str, str]) -> int:
+        if self.policies.pop(key, None) is None:
+            return self.revision
+        return self._policies_changed()
+
+    def _policies_changed(self) -> int:
+        self.revision += 1
+        for endpoint_id in list(self.endpoints):
+            self._recompute(self.endpoints[endpoint_id].endpoint)
+        return self.revision
+
+    def set_endpoint(self, endpoint: PolicyEndpoint) -> None:
+        self._recompute(endpoint)
+
+    def remove_endpoint(self, endpoint_id: int) -> None:
+        state = self.endpoints.pop(endpoint_id, None)
+        self.handed.pop(endpoint_id, None)
+        if state is not None:
+            self._drop_users(endpoint_id, state)
+
+    def add_identity(self, identity: Identity) -> None:
+        gained = self.cache.add_identity(identity)
+        self._touch(identity.id, gained, +1)
+
+    def remove_identity(self, identity_id: int) -> None:
+        lost = self.cache.remove_identity(identity_id)
+        self._touch(identity_id, lost, -1)
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    def verdicts(self, endpoint_id: int) -> dict[MapKey, Verdict]:
+        state = self.endpoints.get(endpoint_id)
+        return state.verdicts() if state else {}
+
+    # -- machinery ------------------------------------------------------------------------------
+
+    def _touch(self, identity_id: int, peers: list[Peer], delta: int) -> None:
+        """An identity joined (delta +1) or left (-1) the peers given: adjust their users."""
+        changed: dict[int, set[MapKey]] = {}
+        for peer in peers:
+            for endpoint_id in self.users.get(peer, ()):
+                state = self.endpoints[endpoint_id]
+                for contribution in state.by_peer.get(peer, ()):
+                    for key in _keys(contribution, (identity_id,)):
+                        self._count(state, key, contribution.verdict, delta)
+                        changed.setdefault(endpoint_id, set()).add(key)
+        for endpoint_id, keys in changed.items():
+            self._emit(endpoint_id, keys)
+
+    def _count(self, state: EndpointState, key: MapKey, verdict: Verdict, delta: int) -> None:
+        counts = state.counts.setdefault(key, [0, 0])
+        counts[0 if verdict is Verdict.ALLOW else 1] += delta
+        if counts == [0, 0]:
+            del state.counts[key]
+
+    def _recompute(self, endpoint: PolicyEndpoint) -> None:
+        old = self.endpoints.get(endpoint.id)
+        if old is not None:
+            self._drop_users(endpoint.id, old)
+        state = self._compute(endpoint)
+        self.endpoints[endpoint.id] = state
+        for peer in state.by_peer:
+            if peer is not None:
+                self.users.setdefault(peer, set()).add(endpoint.id)
+        self._emit(endpoint.id, set(self.handed.get(endpoint.id, ())) | set(state.counts))
+
+    def _drop_users(self, endpoint_id: int, state: EndpointState) -> None:
+        for peer in state.by_peer:
+            users = self.users.get(peer)
+            if users is not None:
+                users.discard(endpoint_id)
+                if not users:
+                    del self.users[peer]
+                    self.cache.forget([peer])
+
+    def _emit(self, endpoint_id: int, keys: Iterable[MapKey]) -> None:
+        """Hand on how ``keys`` differ from what was handed on last time."""
+        state = self.endpoints.get(endpoint_id)
+        handed = self.handed.setdefault(endpoint_id, {})
+        changes = []
+        for key in sorted(keys):
+            counts = state.counts.get(key) if state else None
+            new = None if not counts else (Verdict.DENY if counts[1] else Verdict.ALLOW)
+            if handed.get(key) == new:
+                continue
+            if new is None:
+                del handed[key]
+                changes.append(MapChange(ChangeKind.DELETE, key, None))
+            else:
+                handed[key] = new
+                changes.append(MapChange(ChangeKind.UPSERT, key, new))
+        if changes:
+            self.on_change(endpoint_id, changes)
+
+    def _compute(self, endpoint: PolicyEndpoint) -> EndpointState:
+        index = label_index(endpoint.labels)
+        selecting = [(policy, i, rule) for policy in self.policies.values()
+                     for i, rule in enumerate(policy.rules) if self._selects(policy, rule, index,
+                                                                             endpoint)]
+        enforced = {d: any(rule.enforces(d) for _, _, rule in selecting) for d in (INGRESS, EGRESS)}
+        state = EndpointState(endpoint, enforced,
+                              sorted({policy.display for policy, _, _ in selecting}), {})
+        contributions = []
+        for policy, i, rule in selecting:
+            where = f"{policy.display} {'spec' if len(policy.rules) == 1 else f'specs[{i}]'}"
+            for section, direction, verdict in (("ingress", INGRESS, Verdict.ALLOW),
+                                                ("ingressDeny", INGRESS, Verdict.DENY),
+                                                ("egress", EGRESS, Verdict.ALLOW),
+                                                ("egressDeny", EGRESS, Verdict.DENY)):
+                for j, item in enumerate(getattr(rule, _FIELDS[section])):
+                    for peer in self._peers(item, policy):
+                        contributions.append(Contribution(direction, verdict, peer,
+                                                          item.ports or (ANY_PORT,),
+                                                          f"{where} {section}[{j}]"))
+        for direction, on in enforced.items():
+            if not on:
+                contributions.append(Contribution(direction, Verdict.ALLOW, None, (ANY_PORT,),
+                                                  f"no policy enforces {direction}"))
+        for contribution in contributions:
+            state.by_peer.setdefault(contribution.peer, []).append(contribution)
+            ids = (0,) if contribution.peer is None else self.cache.ids(contribution.peer)
+            for key in _keys(contribution, ids):
+                self._count(state, key, contribution.verdict, +1)
+        return state
+
+    @staticmethod
+    def _selects(policy: Policy, rule: Rule, index, endpoint: PolicyEndpoint) -> bool:
+        if policy.namespace is not None and policy.namespace != endpoint.namespace:
+            return False
+        return all(requirement_matches(r, index) for r in rule.endpoint_selector.requirements)
+
+    def _peers(self, item: PeerRule, policy: Policy) -> list[Peer | None]:
+        if not item.names_peers:
+            return [None] if item.ports else []  # ports alone: from/to any peer
+        peers: list[Peer | None] = []
+        for selector in item.endpoints or ():
+            if policy.namespace is not None and not selector.names(NAMESPACE_LABEL):
+                selector = selector.with_requirement(Requirement(
+                    f"k8s:{NAMESPACE_LABEL}", "In", frozenset({policy.namespace})))
+            if self.default_local_cluster and not selector.names(CLUSTER_LABEL):
+                selector = selector.with_requirement(Requirement(
+                    f"k8s:{CLUSTER_LABEL}", "In", frozenset({self.local_cluster})))
+            peers.append(SelectorPeer(selector))
+        for entity in item.entities or ():
+            peers.append(None if entity == "all" else EntityPeer(entity, self.local_cluster))
+        peers.extend(CIDRPeer(cidr) for cidr in item.cidrs or ())
+        return peers
+
+
+_FIELDS = {"ingress": "ingress", "ingressDeny": "ingress_deny", "egress": "egress",
+           "egressDeny": "egress_deny"}
+
+
+def _keys(contribution: Contribution, identities: Iterable[int]) -> list[MapKey]:
+    return [MapKey(contribution.direction, identity, PROTOCOLS[port.protocol], port.port,
+                   port.end_port)
+            for identity in identities for port in contribution.ports]
+
+
+def key_matches(key: MapKey, direction: str, identity: int, protocol: int, port: int) -> bool:
+    """Whether a map key covers this packet (the datapath's lookup, in Python)."""
+    return (key.direction == direction and key.identity in (0, identity)
+            and key.protocol in (0, protocol)
+            and (key.port == 0 or key.port <= port <= key.end_port))
+
+
+def decide(verdicts: dict[MapKey, Verdict], direction: str, identity: int, protocol: int,
+           port: int) -> Verdict:
+    """Deny if any matching key denies, allow if one allows, otherwise denied by default."""
+    matching = {v for k, v in verdicts.items() if key_matches(k, direction, identity, protocol,
+                                                               port)}
+    if Verdict.DENY in matching:
+        return Verdict.DENY
+    return Verdict.ALLOW if Verdict.ALLOW in matching else Verdict.DENY
+
+
+@attrs.frozen
+class Trace:
+    verdict: Verdict
+    reason: str  # "allowed", "denied by a deny rule", "denied by default"
+    enforced: bool
+    matched: tuple[str, ...]  # the contributions (rule items and peers) that matched
+    selecting: tuple[str, ...]  # the policies that select the endpoint
+
+
+def trace(resolver: Resolver, endpoint_id: int, direction: str, peer: Identity, protocol: int,
+          port: int) -> Trace:
+    """Explain the verdict for ``peer`` talking to (ingress) or from (egress) an endpoint."""
+    state = resolver.endpoints[endpoint_id]
+    index = label_index(peer.labels)
+    allows, denies = [], []
+    for peer_key, contributions in state.by_peer.items():
+        if peer_key is not None and not peer_key.matches(peer, index):
+            continue
+        for c in contributions:
+            if c.direction != direction:
+                continue
+            for p in c.ports:
+                if p.protocol not in ("ANY",) and PROTOCOLS[p.protocol] != protocol:
+                    continue
+                if p.port and not p.port <= port <= p.end_port:
+                    continue
+                what = "any peer" if peer_key is None else peer_key.describe()
+                ports = "any port" if not p.port else (
+                    f"{p.port}-{p.end_port}/{p.protocol}" if p.end_port != p.port
+                    else f"{p.port}/{p.protocol}")
+                (denies if c.verdict is Verdict.DENY else allows).append(
+                    f"{c.verdict.value}: {c.origin}: {what} on {ports}")
+                break
+    enforced = state.enforced[direction]
+    if denies:
+        verdict, reason = Verdict.DENY, "denied by a deny rule"
+    elif allows:
+        verdict, reason = Verdict.ALLOW, "allowed" if enforced else \
+            f"allowed: no policy enforces {direction} for this endpoint"
+    else:
+        verdict, reason = Verdict.DENY, f"denied by default ({direction} is enforced and no rule" \
+                                        " allows it)"
+    return Trace(verdict, reason, enforced, tuple(denies + allows), tuple(state.rules))

@@ -1,0 +1,303 @@
+"""The default policy-resolver provider: the cluster's policies in, the datapath's maps out.
+
+Policies live in the local cluster's kvstore (``meshagent/policies/v1/<kind>/<ns>/<name>``, the
+original document as JSON), so every agent of the cluster enforces the same set; remote clusters
+never see them. Plugins can feed more (Kubernetes CRDs) through ``meshagent_policy_source``.
+Identities and endpoints arrive through the agent's events; the resolver's map changes go to
+the datapath slot in order, per endpoint.
+"""
+
+import asyncio
+import ipaddress
+import json
+import logging
+from typing import TYPE_CHECKING
+
+import attrs
+
+from meshagent import hookimpl
+from meshagent.api import Route, json_response
+from meshagent.controller import Controller, ControllerHandle
+from meshagent.events import ChangeKind, PolicyChange
+from meshagent.identity import Identity
+from meshagent.ipcache import IPCacheEntry
+from meshagent.kvstore import EventType, RevisionCompacted
+from meshagent.policy.api import Policy, PolicyError, parse_document, parse_policies
+from meshagent.policy.resolver import (
+    EGRESS, INGRESS, MapChange, PolicyEndpoint, Resolver, Trace, trace,
+)
+from meshagent.status import Health, StatusSection
+
+if TYPE_CHECKING:
+    from meshagent.agent import Agent
+
+log = logging.getLogger(__name__)
+
+PREFIX = "meshagent/policies/v1/"
+LOCAL_IDENTITY_FLAG = 1 << 24  # CIDR identities are local to the node, as in Cilium
+
+
+@attrs.frozen
+class PolicyUpdate:
+    """What a policy source yields: an imported policy, or the key of a deleted one."""
+
+    kind: ChangeKind
+    policy: Policy | None = None
+    key: tuple[str, str, str] | None = None
+
+
+def policy_key(policy: Policy) -> str:
+    return f"{PREFIX}{policy.kind}/{policy.namespace or '-'}/{policy.name}"
+
+
+class PolicyService:
+    def __init__(self, agent: "Agent"):
+        self.agent = agent
+        self.resolver = Resolver(agent.cluster.name,
+                                 default_local_cluster=agent.config.get(
+                                     "policy-default-local-cluster"),
+                                 on_change=self._changed)
+        self.pending: dict[int, list[MapChange]] = {}
+        self._wake = asyncio.Event()
+        self.kv_keys: dict[str, tuple[str, str, str]] = {}  # kvstore key -> policy key
+        self.rejected: dict[str, str] = {}  # kvstore key -> why its document was refused
+        self.cidr_identities: dict[ipaddress.IPv4Network, Identity] = {}
+        agent.plugins.register(self, name="policy.default")
+
+    # -- the PolicyResolver contract ------------------------------------------------------------
+
+    def import_policies(self, text: str, source: str) -> list[Policy]:
+        """Validate (raises PolicyError); storing them is :meth:`store`'s job."""
+        return parse_policies(text, source)
+
+    async def store(self, policies: list[Policy]) -> None:
+        for policy in policies:
+            await self.agent.kvstore.put(policy_key(policy), json.dumps(policy.document).encode())
+
+    async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
+        key = f"{PREFIX}{kind}/{namespace or '-'}/{name}"
+        return await self.agent.kvstore.delete(key)
+
+    def policies(self) -> list[Policy]:
+        return sorted(self.resolver.policies.values(), key=lambda p: p.key)
+
+    @property
+    def revision(self) -> int:
+        return self.resolver.revision
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def apply(self, update: PolicyUpdate) -> None:
+        if update.kind is ChangeKind.UPSERT:
+            self._refresh_cidr_identities(extra=update.policy)
+            revision = self.resolver.upsert_policy(update.policy)
+            policy = update.policy
+            self.agent.hooks.policy_changed(kind=ChangeKind.UPSERT, policy=PolicyChange(
+                policy.name, policy.namespace, revision))
+        else:
+            old = self.resolver.policies.get(update.key)
+            revision = self.resolver.delete_policy(update.key)
+            self._refresh_cidr_identities()
+            if old is not None:
+                self.agent.hooks.policy_changed(kind=ChangeKind.DELETE, policy=PolicyChange(
+                    old.name, old.namespace, revision))
+
+    def _refresh_cidr_identities(self, extra: Policy | None = None) -> None:
+        """Every CIDR (and except) in the policies gets a node-local identity and an ipcache
+        prefix, so the datapath can tell those destinations apart from the rest of the world."""
+        wanted = set()
+        for policy in list(self.resolver.policies.values()) + ([extra] if extra else []):
+            for rule in policy.rules:
+                for item in rule.ingress + rule.ingress_deny + rule.egress + rule.egress_deny:
+                    for cidr in item.cidrs or ():
+                        wanted.add(cidr.cidr)
+                        wanted.update(cidr.excepts)
+        wanted.discard(ipaddress.IPv4Network("0.0.0.0/0"))  # that is the world identity
+        tables, cluster = self.agent.tables, self.agent.cluster.name
+        for prefix in sorted(set(self.cidr_identities) - wanted):
+            identity = self.cidr_identities.pop(prefix)
+            tables.ipcache.delete(prefix)
+            tables.identities.delete(identity.id)
+        taken = {i.id for i in self.cidr_identities.values()}
+        for prefix in sorted(wanted - set(self.cidr_identities)):
+            number = next(n for n in range(LOCAL_IDENTITY_FLAG | 1, LOCAL_IDENTITY_FLAG << 1)
+                          if n not in taken)
+            taken.add(number)
+            identity = Identity(number, frozenset({f"cidr:{prefix}", "reserved:world"}), cluster)
+            self.cidr_identities[prefix] = identity
+            tables.identities.upsert(number, identity)
+            tables.ipcache.upsert(prefix, IPCacheEntry(prefix, number, cluster))
+
+    @hookimpl
+    def meshagent_identity_changed(self, kind, identity):
+        if kind is ChangeKind.UPSERT:
+            self.resolver.add_identity(identity)
+        else:
+            self.resolver.remove_identity(identity.id)
+
+    @hookimpl
+    def meshagent_endpoint_changed(self, kind, endpoint):
+        if kind is ChangeKind.UPSERT:
+            self.resolver.set_endpoint(PolicyEndpoint(endpoint.id, endpoint.namespace,
+                                                      endpoint.labels))
+        else:
+            self.resolver.remove_endpoint(endpoint.id)
+            self.pending.pop(endpoint.id, None)
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    def _changed(self, endpoint_id: int, changes: list[MapChange]) -> None:
+        self.pending.setdefault(endpoint_id, []).extend(changes)
+        self._wake.set()
+
+    async def _apply_to_datapath(self, handle: ControllerHandle) -> None:
+        handle.ready()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.pending:
+                endpoint_id, changes = next(iter(self.pending.items()))
+                del self.pending[endpoint_id]
+                if self.agent.datapath is not None:
+                    try:
+                        await self.agent.datapath.update_policy(endpoint_id, changes)
+                    except BaseException:
+                        self.pending[endpoint_id] = changes + self.pending.get(endpoint_id, [])
+                        raise
+
+    async def _sync_kvstore(self, handle: ControllerHandle) -> None:
+        """List then watch the cluster's policies; a bad document is refused, not fatal."""
+        store = self.agent.kvstore
+        while True:
+            listing = await store.list_prefix(PREFIX)
+            present = set()
+            for item in listing.items:
+                present.add(item.key)
+                self._apply_stored(item.key, item.value)
+            for key in set(self.kv_keys) - present:
+                self._apply_stored(key, None)
+            handle.ready()
+            try:
+                async for event in store.watch(PREFIX, after_revision=listing.revision):
+                    self._apply_stored(event.key,
+                                       event.value if event.type is EventType.PUT else None)
+            except RevisionCompacted:
+                continue
+
+    def _apply_stored(self, key: str, value: bytes | None) -> None:
+        if value is None:
+            self.rejected.pop(key, None)
+            if key in self.kv_keys:
+                self.apply(PolicyUpdate(ChangeKind.DELETE, key=self.kv_keys.pop(key)))
+            return
+        try:
+            policy = parse_document(json.loads(value), key)
+        except (ValueError, PolicyError) as exc:
+            self.rejected[key] = str(exc)
+            log.error("refusing stored policy %s: %s (the last good version stays)", key, exc)
+            return
+        self.rejected.pop(key, None)
+        self.kv_keys[key] = policy.key
+        self.apply(PolicyUpdate(ChangeKind.UPSERT, policy))
+
+    async def _run_source(self, source, handle: ControllerHandle) -> None:
+        handle.ready()
+        async for update in source:
+            self.apply(update)
+
+    @hookimpl
+    def meshagent_controllers(self, agent):
+        controllers = [Controller("policy-sync", self._sync_kvstore),
+                       Controller("policy-apply", self._apply_to_datapath)]
+        for plugin, source in agent.hooks.policy_sources(agent):
+            controllers.append(Controller(f"policy-source-{plugin}",
+                                          lambda h, s=source: self._run_source(s, h)))
+        return controllers
+
+    # -- visibility -----------------------------------------------------------------------------
+
+    @hookimpl
+    def meshagent_status(self, verbose):
+        r = self.resolver
+        enforced = sum(1 for s in r.endpoints.values() if s.enforced[INGRESS] or s.enforced[EGRESS])
+        summary = (f"revision {r.revision}, {len(r.policies)} policies,"
+                   f" {enforced}/{len(r.endpoints)} endpoints enforcing")
+        details = [f"{p.display}" for p in self.policies()]
+        details += [f"refused {key}: {why}" for key, why in sorted(self.rejected.items())]
+        return StatusSection("Policy", Health.WARNING if self.rejected else Health.OK, summary,
+                             details=details)
+
+    @hookimpl
+    def meshagent_api_routes(self):
+        return [Route("GET", "/policy", self._get), Route("POST", "/policy", self._import),
+                Route("DELETE", "/policy/{kind}/{namespace}/{name}", self._delete),
+                Route("POST", "/policy/trace", self._trace)]
+
+    async def _get(self, request):
+        return json_response({"revision": self.revision,
+                              "policies": [p.document for p in self.policies()]})
+
+    async def _import(self, request):
+        body = await request.json()
+        policies = self.import_policies(body.get("text", ""), body.get("source", "request"))
+        await self.store(policies)
+        return json_response({"imported": [p.display for p in policies]}, status=201)
+
+    async def _delete(self, request):
+        info = request.match_info
+        namespace = None if info["namespace"] == "-" else info["namespace"]
+        if not await self.delete(info["kind"], namespace, info["name"]):
+            from aiohttp import web
+            raise web.HTTPNotFound(reason=f"no policy {info['kind']} {info['namespace']}/"
+                                          f"{info['name']}")
+        return json_response({"deleted": info["name"]})
+
+    async def _trace(self, request):
+        body = await request.json()
+        return json_response(self.trace(**body))
+
+    def trace(self, dst_endpoint: int, port: int, protocol: str = "TCP",
+              src_identity: int | None = None, src_labels: list[str] | None = None,
+              src_ip: str | None = None) -> dict:
+        """Explain the verdict for a source talking to a local endpoint."""
+        from meshagent.policy.api import PROTOCOLS
+        if dst_endpoint not in self.resolver.endpoints:
+            raise PolicyError(f"no local endpoint {dst_endpoint}")
+        source = self._source_identity(src_identity, src_labels, src_ip)
+        proto = PROTOCOLS.get(protocol.upper())
+        if proto is None:
+            raise PolicyError(f"unknown protocol {protocol!r}")
+        result: Trace = trace(self.resolver, dst_endpoint, INGRESS, source, proto, port)
+        return {"source": {"identity": source.id, "cluster": source.cluster or "(reserved)",
+                           "labels": sorted(source.labels)},
+                "destination": {"endpoint": dst_endpoint,
+                                "labels": sorted(self.resolver.endpoints[dst_endpoint]
+                                                 .endpoint.labels)},
+                "port": port, "protocol": protocol.upper(),
+                "verdict": result.verdict.value, "reason": result.reason,
+                "enforced": result.enforced, "matched": list(result.matched),
+                "selecting_policies": list(result.selecting)}
+
+    def _source_identity(self, identity_id, labels, ip) -> Identity:
+        if identity_id is not None:
+            found = self.resolver.cache.identities.get(int(identity_id))
+            if found is None:
+                raise PolicyError(f"identity {identity_id} is not known to this agent")
+            return found[0]
+        if labels is not None:
+            wanted = frozenset(labels)
+            for identity, _ in self.resolver.cache.identities.values():
+                if identity.labels == wanted:
+                    return identity
+            return Identity(0, wanted, "")  # not allocated yet: judge the labels as given
+        if ip is not None:
+            address = ipaddress.IPv4Address(ip)
+            best = None
+            for entry in self.agent.tables.ipcache.values():
+                if address in entry.prefix and (best is None
+                                                or entry.prefix.prefixlen > best.prefix.prefixlen):
+                    best = entry
+            number = best.identity if best else 2  # unknown addresses are the world
+            found = self.resolver.cache.identities.get(number)
+            return found[0] if found else Identity(number, frozenset(), "")
+        raise PolicyError("give the source as src_identity, src_labels or src_ip")
