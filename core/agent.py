@@ -51,6 +51,8 @@ class Agent:
         self.state_dir = StateDir(config.state_dir)
         self.started_at = time.time()
         self.ready = False
+        self.ready_event = asyncio.Event()
+        self.datapath_synced = asyncio.Event()  # the datapath got its first full state
         self.stopping = False
         self._stop = asyncio.Event()
         plugins.register(CoreHooks(self), name="core")
@@ -153,6 +155,7 @@ class Agent:
     async def _announce_ready(self) -> None:
         await self.controllers.wait_ready()
         self.ready = True
+        self.ready_event.set()
         log.info("agent ready (%d controllers)", len(self.controllers.states))
 
     def status(self, verbose: bool = False) -> StatusReport:

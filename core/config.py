@@ -62,6 +62,9 @@ def add_core_options(parser: Parser) -> None:
     parser.addoption("policy-default-local-cluster", type=parse_bool, default=True,
                      help="a peer selector without io.cilium.k8s.policy.cluster matches only"
                           " the local cluster (false: every cluster)")
+    parser.addoption("datapath-sync-timeout", type=float, default=30.0,
+                     help="seconds to wait for remote clusters before the first datapath"
+                          " update after start (the datapath changes nothing before it)")
     parser.addoption("clustermesh-config", type=str, default="",
                      help="directory with one kvstore config file per remote cluster, named"
                           " after it; watched for changes")

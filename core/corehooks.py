@@ -1,5 +1,6 @@
 """The core's own hook implementations: what the agent reports about itself and its slots."""
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,8 @@ class CoreHooks:
 
     def __init__(self, agent: "Agent"):
         self.agent = agent
+        self._ipcache_changes: list = []
+        self._ipcache_wake = asyncio.Event()
 
     @hookimpl
     def meshagent_register_identity_allocator(self, registry):
@@ -45,7 +48,42 @@ class CoreHooks:
             controllers.append(Controller("identity-gc", agent.identity_allocator.run_gc))
         if agent.datapath is not None:
             controllers.append(Controller("datapath-start", self._start_datapath))
+            controllers.append(Controller("datapath-sync", self._sync_datapath))
         return controllers
+
+    @hookimpl
+    def meshagent_ipcache_changed(self, kind, entry):
+        if self.agent.datapath is not None:
+            self._ipcache_changes.append((kind, entry))
+            self._ipcache_wake.set()
+
+    async def _sync_datapath(self, handle: ControllerHandle) -> None:
+        """Hold every datapath change until the agent is synced, reconcile, then stream.
+
+        Synced: every controller ready (policies listed, endpoints restored, local cluster
+        listed) and every remote cluster ready, or ``--datapath-sync-timeout`` passed.
+        """
+        agent = self.agent
+        handle.ready()
+        await agent.ready_event.wait()
+        if agent.clustermesh is not None:
+            deadline = time.monotonic() + agent.config.get("datapath-sync-timeout")
+            while time.monotonic() < deadline and not all(
+                    r.ready for r in agent.clustermesh.remotes.values()):
+                await asyncio.sleep(0.1)
+        policies = {}
+        resolver = agent.policy_resolver
+        if resolver is not None and hasattr(resolver, "resolver"):
+            policies = {ep: resolver.resolver.verdicts(ep) for ep in resolver.resolver.endpoints}
+        self._ipcache_changes.clear()
+        await agent.datapath.reconcile(policies, agent.tables.ipcache.values())
+        agent.datapath_synced.set()
+        while True:
+            await self._ipcache_wake.wait()
+            self._ipcache_wake.clear()
+            batch, self._ipcache_changes = self._ipcache_changes, []
+            if batch:
+                await agent.datapath.update_ipcache(batch)
 
     async def _sync_local_cluster(self, handle: ControllerHandle) -> None:
         """Our own cluster's nodes, identities, endpoints and services, from the local store.
@@ -124,6 +162,8 @@ class _CoreCollector:
 
     def __init__(self, agent: "Agent"):
         self.agent = agent
+        self._ipcache_changes: list = []
+        self._ipcache_wake = asyncio.Event()
 
     def collect(self):
         ready = GaugeMetricFamily("meshagent_agent_ready", "1 once every controller is ready")

@@ -28,5 +28,13 @@ class Datapath(Protocol):
     async def update_policy(self, endpoint_id: int, changes: Iterable[object]) -> None:
         """Apply one endpoint's policy map changes incrementally."""
 
+    async def reconcile(self, policies: dict[int, dict], ipcache: list[IPCacheEntry]) -> None:
+        """Once the agent has synced: make the maps exactly this, dropping what is stale.
+
+        Until then the datapath changes nothing, so a restart neither drops allowed traffic
+        nor lets denied traffic pass. ``policies`` maps endpoint id to its
+        ``{MapKey: Verdict}``.
+        """
+
     async def stop(self) -> None:
         """Stop; keep pinned state so a restarted agent finds it as it was."""

@@ -152,6 +152,9 @@ class PolicyService:
 
     async def _apply_to_datapath(self, handle: ControllerHandle) -> None:
         handle.ready()
+        if self.agent.datapath is not None:
+            await self.agent.datapath_synced.wait()  # the first full state went by reconcile
+            self.pending.clear()
         while True:
             await self._wake.wait()
             self._wake.clear()

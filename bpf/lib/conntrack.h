@@ -1,0 +1,59 @@
+/* Connection tracking per endpoint and direction: replies of allowed connections pass. */
+#ifndef MESHAGENT_CONNTRACK_H
+#define MESHAGENT_CONNTRACK_H
+
+#include "lib/maps.h"
+
+static __always_inline struct ct_value *ct_find(struct ct_key *key, u64 now, u64 lifetime)
+{
+    struct ct_value *value = key->protocol == IPPROTO_TCP ? ct_tcp.lookup(key)
+                                                          : ct_any.lookup(key);
+    if (!value)
+        return 0;
+    if (now - value->last_seen_ns > lifetime) {  /* expired */
+        if (key->protocol == IPPROTO_TCP)
+            ct_tcp.delete(key);
+        else
+            ct_any.delete(key);
+        return 0;
+    }
+    return value;
+}
+
+/* 1 if the packet belongs to a tracked connection (either way), else 0. */
+static __always_inline int ct_lookup(u32 endpoint_id, u8 direction, struct flow *f, u64 now)
+{
+    u64 lifetime = f->protocol == IPPROTO_TCP ? CT_LIFETIME_TCP_NS : CT_LIFETIME_ANY_NS;
+    struct ct_key key = {.saddr = f->saddr, .daddr = f->daddr, .sport = f->sport,
+                         .dport = f->dport, .protocol = f->protocol, .direction = direction,
+                         .endpoint_id = endpoint_id};
+    struct ct_value *value = ct_find(&key, now, lifetime);
+    if (!value) {
+        /* a reply: the connection was opened the other way through this endpoint */
+        key.saddr = f->daddr;
+        key.daddr = f->saddr;
+        key.sport = f->dport;
+        key.dport = f->sport;
+        key.direction = direction ^ 1;
+        value = ct_find(&key, now, lifetime);
+    }
+    if (!value)
+        return 0;
+    value->last_seen_ns = now;
+    __sync_fetch_and_add(&value->packets, 1);
+    return 1;
+}
+
+static __always_inline void ct_create(u32 endpoint_id, u8 direction, struct flow *f, u64 now)
+{
+    struct ct_key key = {.saddr = f->saddr, .daddr = f->daddr, .sport = f->sport,
+                         .dport = f->dport, .protocol = f->protocol, .direction = direction,
+                         .endpoint_id = endpoint_id};
+    struct ct_value value = {.last_seen_ns = now, .packets = 1};
+    if (f->protocol == IPPROTO_TCP)
+        ct_tcp.update(&key, &value);
+    else
+        ct_any.update(&key, &value);
+}
+
+#endif

@@ -1,0 +1,21 @@
+/* The pinned maps: one set for every endpoint, kept across agent restarts. */
+#ifndef MESHAGENT_MAPS_H
+#define MESHAGENT_MAPS_H
+
+#include "lib/common.h"
+
+BPF_TABLE_PINNED("hash", u32, struct endpoint_info, endpoints, ENDPOINTS_MAX,
+                 PIN_DIR "/endpoints");
+BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, ipcache, IPCACHE_MAX,
+                 PIN_DIR "/ipcache", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct policy_key, struct policy_value, policy, POLICY_MAX,
+                 PIN_DIR "/policy");
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, ct_tcp, CT_TCP_MAX,
+                 PIN_DIR "/ct_tcp");
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, ct_any, CT_ANY_MAX,
+                 PIN_DIR "/ct_any");
+BPF_TABLE_PINNED("percpu_array", u32, struct metrics_value, metrics, REASON_MAX,
+                 PIN_DIR "/metrics");
+BPF_PERF_OUTPUT(drop_events);
+
+#endif

@@ -1,0 +1,39 @@
+"""The ``ebpf`` plugin: enforce policy in the kernel with tc programs (bcc + pyroute2).
+
+One compiled pair of programs serves every endpoint; endpoint facts, the ipcache, policy,
+conntrack and counters live in maps pinned under ``<bpf-root>/meshagent`` so that a restarted
+agent finds them — and the attached programs — as it left them.
+"""
+
+import meshagent
+from meshagent.options import parse_bool  # noqa: F401 (re-exported for option types)
+
+
+@meshagent.hookimpl
+def meshagent_addoption(parser):
+    group = parser.getgroup("ebpf", "eBPF datapath plugin")
+    group.addoption("ebpf-bpf-root", type=str, default="/sys/fs/bpf",
+                    help="bpffs mount; maps are pinned under <root>/meshagent (give each agent"
+                         " sharing a machine its own)")
+    group.addoption("ebpf-ipcache-max", type=int, default=512000, help="ipcache map entries")
+    group.addoption("ebpf-policy-max", type=int, default=262144,
+                    help="policy map entries (all endpoints together)")
+    group.addoption("ebpf-ct-tcp-max", type=int, default=524288, help="TCP conntrack entries")
+    group.addoption("ebpf-ct-any-max", type=int, default=262144,
+                    help="non-TCP conntrack entries")
+    group.addoption("ebpf-ct-timeout-tcp", type=float, default=21600.0,
+                    help="seconds an idle TCP connection stays tracked")
+    group.addoption("ebpf-ct-timeout-any", type=float, default=60.0,
+                    help="seconds an idle non-TCP flow stays tracked")
+
+
+@meshagent.hookimpl
+def meshagent_register_datapath(registry):
+    from meshagent.plugins.ebpf.datapath import EbpfDatapath
+    registry.register("ebpf", EbpfDatapath)
+
+
+@meshagent.hookimpl
+def meshagent_commands():
+    from meshagent.plugins.ebpf.commands import COMMANDS
+    return list(COMMANDS)

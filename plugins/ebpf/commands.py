@@ -1,0 +1,156 @@
+"""``meshagent monitor`` (from the agent) and ``meshagent bpf ...`` (from the pinned maps).
+
+The ``bpf`` commands open the pinned maps directly, so they work while the agent is down.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import aiohttp
+
+from meshagent.api import API_PREFIX
+from meshagent.cli import Command, _format_table
+from meshagent.errors import AgentNotRunning
+from meshagent.plugins.ebpf.maps import (
+    DIR_INGRESS, PROTOCOL_NAMES, REASONS, VERDICT_DENY, PinnedMap, ip_text,
+)
+
+
+def _bpf_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bpf-root", type=Path,
+                        default=Path(os.environ.get("MESHAGENT_EBPF_BPF_ROOT", "/sys/fs/bpf")),
+                        help="bpffs the agent pins under [env MESHAGENT_EBPF_BPF_ROOT]")
+    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
+
+
+def _pinned(args, name: str) -> PinnedMap:
+    return PinnedMap(args.bpf_root / "meshagent", name)
+
+
+def read_metrics(table: PinnedMap) -> dict[int, tuple[int, int]]:
+    out = {}
+    for key, values in table.items():
+        out[key.value] = (sum(v.packets for v in values), sum(v.bytes for v in values))
+    return out
+
+
+def _emit(args, header, rows, as_json) -> int:
+    if args.output == "json":
+        print(json.dumps(as_json, indent=2))
+    else:
+        print(_format_table([header] + rows))
+    return 0
+
+
+def _bpf_args(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="what", required=True)
+    ipc = sub.add_parser("ipcache", help="IP prefix -> identity (LPM)")
+    ipc.add_argument("action", choices=("list",))
+    pol = sub.add_parser("policy", help="one endpoint's policy entries")
+    pol.add_argument("action", choices=("get",))
+    pol.add_argument("endpoint", type=int)
+    ctp = sub.add_parser("ct", help="tracked connections")
+    ctp.add_argument("action", choices=("list",))
+    sub.add_parser("metrics", help="packets and bytes per verdict reason")
+    for p in sub.choices.values():
+        _bpf_root(p)
+
+
+def _bpf(args: argparse.Namespace) -> int:
+    if args.what == "ipcache":
+        rows = sorted(((f"{ip_text(k.ip)}/{k.prefixlen}", v.identity)
+                       for k, v in _pinned(args, "ipcache").items()), key=lambda r: r[0])
+        return _emit(args, ("PREFIX", "IDENTITY"), [(p, str(i)) for p, i in rows],
+                     [{"prefix": p, "identity": i} for p, i in rows])
+    if args.what == "policy":
+        rows = []
+        for k, v in _pinned(args, "policy").items():
+            if k.endpoint_id != args.endpoint:
+                continue
+            rows.append({"direction": "ingress" if k.direction == DIR_INGRESS else "egress",
+                         "identity": k.identity or "any",
+                         "protocol": PROTOCOL_NAMES.get(k.protocol, k.protocol),
+                         "port": k.port or "any",
+                         "verdict": "deny" if v.verdict == VERDICT_DENY else "allow"})
+        rows.sort(key=lambda r: (r["direction"], str(r["identity"]), str(r["port"])))
+        return _emit(args, ("DIRECTION", "IDENTITY", "PROTO", "PORT", "VERDICT"),
+                     [tuple(str(r[c]) for c in ("direction", "identity", "protocol", "port",
+                                                 "verdict")) for r in rows], rows)
+    if args.what == "ct":
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        rows = []
+        for name in ("ct_tcp", "ct_any"):
+            for k, v in _pinned(args, name).items():
+                rows.append({"endpoint": k.endpoint_id,
+                             "direction": "ingress" if k.direction == DIR_INGRESS else "egress",
+                             "protocol": PROTOCOL_NAMES.get(k.protocol, k.protocol),
+                             "source": f"{ip_text(k.saddr)}:{k.sport}",
+                             "destination": f"{ip_text(k.daddr)}:{k.dport}",
+                             "packets": v.packets,
+                             "idle_seconds": round((now - v.last_seen_ns) / 1e9, 1)})
+        return _emit(args, ("ENDPOINT", "DIR", "PROTO", "SOURCE", "DESTINATION", "PACKETS",
+                            "IDLE"),
+                     [tuple(str(r[c]) for c in ("endpoint", "direction", "protocol", "source",
+                                                 "destination", "packets", "idle_seconds"))
+                      for r in rows], rows)
+    metrics = read_metrics(_pinned(args, "metrics"))
+    rows = [{"reason": REASONS.get(r, str(r)), "packets": p, "bytes": b}
+            for r, (p, b) in sorted(metrics.items()) if r in REASONS]
+    return _emit(args, ("REASON", "PACKETS", "BYTES"),
+                 [(r["reason"], str(r["packets"]), str(r["bytes"])) for r in rows], rows)
+
+
+def _monitor_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--type", choices=("drop",), default=None,
+                        help="only events of this type (the datapath sends drops)")
+    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    parser.add_argument("--count", type=int, default=0, help="stop after N events")
+
+
+def format_drop(event: dict) -> str:
+    src, dst = event["source"], event["destination"]
+    flags = f" {','.join(event['tcp_flags'])}" if event["tcp_flags"] else ""
+    stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+    return (f"{stamp} drop ({event['reason']}) endpoint {event['endpoint']}"
+            f" {event['direction']}: {src['ip']}:{src['port']} -> {dst['ip']}:{dst['port']}"
+            f" {event['protocol']}{flags}, identity {src['identity']} ({src['cluster']}) ->"
+            f" {dst['identity']} ({dst['cluster']})")
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    async def stream() -> int:
+        connector = aiohttp.UnixConnector(path=str(args.socket_path))
+        seen = 0
+        try:
+            async with aiohttp.ClientSession(connector=connector,
+                                             timeout=aiohttp.ClientTimeout(total=None)) as s:
+                async with s.get(f"http://meshagent{API_PREFIX}/monitor") as response:
+                    async for line in response.content:
+                        event = json.loads(line)
+                        if args.type and event.get("type") != args.type:
+                            continue
+                        print(json.dumps(event) if args.output == "json" else format_drop(event),
+                              flush=True)
+                        seen += 1
+                        if args.count and seen >= args.count:
+                            return 0
+        except (aiohttp.ClientConnectionError, FileNotFoundError) as exc:
+            raise AgentNotRunning(f"no agent is running: cannot connect to {args.socket_path}"
+                                  f" ({exc})") from None
+        return 0
+    try:
+        return asyncio.run(stream())
+    except KeyboardInterrupt:
+        return 0
+
+
+COMMANDS = (
+    Command("monitor", "stream datapath events (drops) from the running agent", _monitor_args,
+            _monitor),
+    Command("bpf", "read the pinned BPF maps directly (works while the agent is down)",
+            _bpf_args, _bpf),
+)

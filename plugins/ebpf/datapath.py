@@ -1,0 +1,273 @@
+"""The eBPF datapath: keeps the pinned maps equal to what the agent resolved.
+
+Changes are applied one key at a time (no flush-and-refill). Until the agent has synced
+(policies, identities, endpoints, remote clusters) nothing is changed: a restarted agent first
+finds the maps and attached programs as they were, then reconciles them in one pass.
+"""
+
+import asyncio
+import collections
+import ctypes as ct
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from meshagent import hookimpl
+from meshagent.api import Route, json_response
+from meshagent.endpoint import Endpoint
+from meshagent.events import ChangeKind
+from meshagent.ipcache import IPCacheEntry
+from meshagent.plugins.ebpf import loader
+from meshagent.plugins.ebpf.maps import (
+    DIR_EGRESS, DIR_INGRESS, PROTOCOL_NAMES, REASONS, VERDICT_ALLOW, VERDICT_DENY, DropEvent,
+    EndpointInfo, IPCacheKey, IPCacheValue, PolicyKey, PolicyValue, ip_bytes, ip_text, open_maps,
+)
+from meshagent.status import Health, StatusSection
+
+if TYPE_CHECKING:
+    from meshagent.agent import Agent
+
+log = logging.getLogger(__name__)
+
+PORT_RANGE_MAX = 1024  # a range becomes one policy entry per port; larger ones are refused
+RECENT_DROPS = 1000
+TCP_FLAGS = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"))
+
+
+def policy_keys(endpoint_id: int, key) -> list[tuple]:
+    """A resolver MapKey as the policy map's exact-port entries."""
+    direction = DIR_INGRESS if key.direction == "ingress" else DIR_EGRESS
+    ports = [0] if key.port == 0 else range(key.port, key.end_port + 1)
+    return [(endpoint_id, key.identity, port, key.protocol, direction) for port in ports]
+
+
+class EbpfDatapath:
+    """Meets :class:`meshagent.datapath.Datapath`; registered as ``ebpf``."""
+
+    def __init__(self, agent: "Agent"):
+        self.agent = agent
+        config = agent.config
+        self.root = Path(config.get("ebpf-bpf-root"))
+        self.pin_dir = self.root / "meshagent"
+        self.defines = {
+            "IPCACHE_MAX": config.get("ebpf-ipcache-max"),
+            "POLICY_MAX": config.get("ebpf-policy-max"),
+            "CT_TCP_MAX": config.get("ebpf-ct-tcp-max"),
+            "CT_ANY_MAX": config.get("ebpf-ct-any-max"),
+            "CT_LIFETIME_TCP_NS": f"{int(config.get('ebpf-ct-timeout-tcp') * 1e9)}ULL",
+            "CT_LIFETIME_ANY_NS": f"{int(config.get('ebpf-ct-timeout-any') * 1e9)}ULL",
+        }
+        self.programs: dict[str, tuple] = {}
+        self.maps: dict = {}
+        self.endpoints: dict[int, Endpoint] = {}
+        self.desired: dict[int, dict] = {}  # endpoint id -> {MapKey: Verdict}
+        self.covering: dict[tuple, set] = {}  # policy map key -> MapKeys that expand to it
+        self.refused: dict[str, str] = {}
+        self.synced = False
+        self.started = False
+        self.recent_drops: collections.deque = collections.deque(maxlen=RECENT_DROPS)
+        self.subscribers: set[asyncio.Queue] = set()
+        self._readers: list[int] = []
+        agent.plugins.register(self, name="ebpf.datapath")
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loader.ensure_bpffs(self.root)
+        self.pin_dir.mkdir(exist_ok=True)
+        self.programs = await asyncio.to_thread(loader.compile_programs, self.pin_dir,
+                                                self.defines)
+        self.maps = open_maps(self.pin_dir)
+        self._open_drop_events()
+        self.started = True
+        log.info("eBPF programs loaded; maps pinned under %s", self.pin_dir)
+
+    def _open_drop_events(self) -> None:
+        from bcc.libbcc import lib
+        loop = asyncio.get_running_loop()
+        for bpf, _ in self.programs.values():
+            bpf["drop_events"].open_perf_buffer(self._on_drop, page_cnt=16)
+            for reader in bpf.perf_buffers.values():
+                fd = lib.perf_reader_fd(reader)
+                loop.add_reader(fd, lib.perf_reader_event_read, reader)
+                self._readers.append(fd)
+
+    async def stop(self) -> None:
+        """Stop reading events; programs and pinned maps stay for the next agent."""
+        loop = asyncio.get_running_loop()
+        for fd in self._readers:
+            loop.remove_reader(fd)
+        self._readers.clear()
+        for pinned in self.maps.values():
+            pinned.close()
+
+    # -- endpoints ------------------------------------------------------------------------------
+
+    async def endpoint_added(self, endpoint: Endpoint) -> None:
+        self.endpoints[endpoint.id] = endpoint
+        info = EndpointInfo(endpoint.id, endpoint.identity, ip_bytes(endpoint.ipv4), 0)
+        self.maps["endpoints"].put(ct.c_uint32(endpoint.ifindex), info)
+        functions = {name: function for name, (_, function) in self.programs.items()}
+        await asyncio.to_thread(loader.attach, endpoint.ifindex, functions)
+
+    async def endpoint_removed(self, endpoint: Endpoint) -> None:
+        self.maps["endpoints"].delete(ct.c_uint32(endpoint.ifindex))
+        self.endpoints.pop(endpoint.id, None)
+        for key in list(self.desired.get(endpoint.id, {})):
+            self._set_policy(endpoint.id, key, None)
+        self.desired.pop(endpoint.id, None)
+
+    # -- ipcache and policy -----------------------------------------------------------------------
+
+    async def update_ipcache(self, changes) -> None:
+        table = self.maps["ipcache"]
+        for kind, entry in changes:
+            key = IPCacheKey(entry.prefix.prefixlen, ip_bytes(entry.prefix.network_address))
+            if kind is ChangeKind.DELETE:
+                table.delete(key)
+            else:
+                table.put(key, IPCacheValue(entry.identity, 0))
+
+    async def update_policy(self, endpoint_id: int, changes) -> None:
+        for change in changes:
+            self._set_policy(endpoint_id, change.key, change.verdict)
+
+    def _set_policy(self, endpoint_id: int, key, verdict) -> None:
+        desired = self.desired.setdefault(endpoint_id, {})
+        if verdict is None:
+            desired.pop(key, None)
+        else:
+            desired[key] = verdict
+        expanded = policy_keys(endpoint_id, key)
+        if len(expanded) > PORT_RANGE_MAX:
+            where = f"endpoint {endpoint_id} ports {key.port}-{key.end_port}"
+            if verdict is None:
+                self.refused.pop(where, None)
+            else:
+                self.refused[where] = (f"range of {len(expanded)} ports is larger than"
+                                       f" {PORT_RANGE_MAX}: not installed (traffic stays denied)")
+                log.error("%s: %s", where, self.refused[where])
+            return
+        for pk in expanded:
+            covering = self.covering.setdefault(pk, set())
+            if verdict is None:
+                covering.discard(key)
+            else:
+                covering.add(key)
+            self._write_policy_entry(endpoint_id, pk)
+
+    def _write_policy_entry(self, endpoint_id: int, pk: tuple) -> None:
+        verdicts = {self.desired.get(endpoint_id, {}).get(k) for k in self.covering.get(pk, ())}
+        verdicts.discard(None)
+        key = PolicyKey(*pk)
+        if not verdicts:
+            self.covering.pop(pk, None)
+            self.maps["policy"].delete(key)
+            return
+        value = VERDICT_DENY if any(v.value == "deny" for v in verdicts) else VERDICT_ALLOW
+        self.maps["policy"].put(key, PolicyValue(value))
+
+    async def reconcile(self, policies: dict[int, dict], ipcache: list[IPCacheEntry]) -> None:
+        """Make the maps exactly this (first sync after start): write, then drop the stale."""
+        wanted = {(e.prefix.prefixlen, e.prefix.network_address.packed): e for e in ipcache}
+        await self.update_ipcache([(ChangeKind.UPSERT, e) for e in ipcache])
+        for key, _ in list(self.maps["ipcache"].items()):
+            if (key.prefixlen, bytes(key.ip)) not in wanted:
+                self.maps["ipcache"].delete(key)
+        self.desired.clear()
+        self.covering.clear()
+        for endpoint_id, verdicts in policies.items():
+            for key, verdict in verdicts.items():
+                self._set_policy(endpoint_id, key, verdict)
+        for key, _ in list(self.maps["policy"].items()):
+            pk = (key.endpoint_id, key.identity, key.port, key.protocol, key.direction)
+            if pk not in self.covering:
+                self.maps["policy"].delete(key)
+        live = {e.ifindex for e in self.endpoints.values()}
+        for key, _ in list(self.maps["endpoints"].items()):
+            if key.value not in live:
+                self.maps["endpoints"].delete(key)
+        self.synced = True
+        log.info("eBPF maps reconciled: %d ipcache entries, %d endpoints", len(ipcache),
+                 len(policies))
+
+    # -- drop events ----------------------------------------------------------------------------
+
+    def _on_drop(self, cpu, data, size) -> None:
+        raw = ct.cast(data, ct.POINTER(DropEvent)).contents
+        event = self.describe_drop(raw)
+        self.recent_drops.append(event)
+        for queue in list(self.subscribers):
+            if queue.qsize() < 10000:
+                queue.put_nowait(event)
+
+    def describe_drop(self, raw: DropEvent) -> dict:
+        def who(identity: int) -> dict:
+            known = self.agent.tables.identities.get(identity)
+            cluster = known.cluster if known else ("reserved" if identity < 256 else "?")
+            return {"identity": identity, "cluster": cluster}
+        flags = [name for bit, name in TCP_FLAGS if raw.tcp_flags & bit] if raw.protocol == 6 \
+            else []
+        return {
+            "type": "drop", "time": time.time(), "reason": REASONS.get(raw.reason, raw.reason),
+            "endpoint": raw.endpoint_id,
+            "direction": "ingress" if raw.direction == DIR_INGRESS else "egress",
+            "source": {"ip": ip_text(raw.saddr), "port": raw.sport, **who(raw.src_identity)},
+            "destination": {"ip": ip_text(raw.daddr), "port": raw.dport,
+                            **who(raw.dst_identity)},
+            "protocol": PROTOCOL_NAMES.get(raw.protocol, str(raw.protocol)),
+            "tcp_flags": flags,
+        }
+
+    # -- visibility -----------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        from meshagent.plugins.ebpf.commands import read_metrics
+        return {REASONS.get(r, str(r)): packets for r, (packets, _) in
+                read_metrics(self.maps["metrics"]).items()}
+
+    @hookimpl
+    def meshagent_status(self, verbose):
+        if not self.started:
+            return StatusSection("Datapath", Health.WARNING, "ebpf: loading programs")
+        attached = {ep.id: loader.attached(ep.ifindex) for ep in self.endpoints.values()}
+        full = sum(1 for names in attached.values() if len(names) == 2)
+        sizes = {name: len(self.maps[name]) for name in ("ipcache", "policy", "ct_tcp",
+                                                         "ct_any")}
+        limits = {"ipcache": "IPCACHE_MAX", "policy": "POLICY_MAX", "ct_tcp": "CT_TCP_MAX",
+                  "ct_any": "CT_ANY_MAX"}
+        drops = {reason: n for reason, n in self.counters().items() if reason != "forwarded"}
+        summary = (f"ebpf: programs attached on {full}/{len(self.endpoints)} endpoints,"
+                   f" {'synced' if self.synced else 'waiting for the agent to sync'};"
+                   f" drops: " + (", ".join(f"{n} {r}" for r, n in drops.items() if n) or "none"))
+        details = [f"map {name}: {count}/{self.defines[limits[name]]}"
+                   for name, count in sizes.items()]
+        details += [f"endpoint {ep_id}: {', '.join(names) or 'NOT ATTACHED'}"
+                    for ep_id, names in sorted(attached.items())]
+        details += [f"refused {where}: {why}" for where, why in sorted(self.refused.items())]
+        health = Health.OK if full == len(self.endpoints) and not self.refused else \
+            Health.WARNING
+        return StatusSection("Datapath", health, summary, details=details)
+
+    @hookimpl
+    def meshagent_api_routes(self):
+        return [Route("GET", "/monitor", self._monitor)]
+
+    async def _monitor(self, request: web.Request) -> web.StreamResponse:
+        import json
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        queue: asyncio.Queue = asyncio.Queue()
+        self.subscribers.add(queue)
+        try:
+            while True:
+                event = await queue.get()
+                await response.write((json.dumps(event) + "\n").encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.subscribers.discard(queue)
+        return response
