@@ -125,4 +125,4 @@ def test_plugins_listing_for_an_allow_list():
     result = run_cli("plugins", "--plugins", "memory")
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[2:]}
-    assert lines == {"audit": "blocked", "etcd": "blocked", "memory": "active"}
+    assert lines == {"audit": "blocked", "ebpf": "blocked", "etcd": "blocked", "memory": "active"}

@@ -48,6 +48,10 @@ class RecordingDatapath:
     async def update_ipcache(self, changes):
         pass
 
+    async def reconcile(self, policies, ipcache):
+        self.updates = {ep: {k: v.value for k, v in verdicts.items()}
+                        for ep, verdicts in policies.items()}
+
     async def update_policy(self, endpoint_id, changes):
         state = self.updates.setdefault(endpoint_id, {})
         for change in changes:

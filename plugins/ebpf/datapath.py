@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from meshagent import hookimpl
-from meshagent.api import Route, json_response
+from meshagent.api import Route
 from meshagent.endpoint import Endpoint
 from meshagent.events import ChangeKind
 from meshagent.ipcache import IPCacheEntry
@@ -63,11 +63,13 @@ class EbpfDatapath:
         self.programs: dict[str, tuple] = {}
         self.maps: dict = {}
         self.endpoints: dict[int, Endpoint] = {}
+        self.attached: dict[int, list[str]] = {}  # endpoint id -> programs seen on its veth
         self.desired: dict[int, dict] = {}  # endpoint id -> {MapKey: Verdict}
         self.covering: dict[tuple, set] = {}  # policy map key -> MapKeys that expand to it
         self.refused: dict[str, str] = {}
         self.synced = False
         self.started = False
+        self.start_error = ""
         self.recent_drops: collections.deque = collections.deque(maxlen=RECENT_DROPS)
         self.subscribers: set[asyncio.Queue] = set()
         self._readers: list[int] = []
@@ -76,10 +78,14 @@ class EbpfDatapath:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loader.ensure_bpffs(self.root)
-        self.pin_dir.mkdir(exist_ok=True)
-        self.programs = await asyncio.to_thread(loader.compile_programs, self.pin_dir,
-                                                self.defines)
+        try:
+            loader.ensure_bpffs(self.root)
+            self.pin_dir.mkdir(exist_ok=True)
+            self.programs = await asyncio.to_thread(loader.compile_programs, self.pin_dir,
+                                                    self.defines)
+        except loader.DatapathError as exc:
+            self.start_error = str(exc)
+            raise
         self.maps = open_maps(self.pin_dir)
         self._open_drop_events()
         self.started = True
@@ -112,10 +118,13 @@ class EbpfDatapath:
         self.maps["endpoints"].put(ct.c_uint32(endpoint.ifindex), info)
         functions = {name: function for name, (_, function) in self.programs.items()}
         await asyncio.to_thread(loader.attach, endpoint.ifindex, functions)
+        # read back what the kernel has, so status reports attachments, not intentions
+        self.attached[endpoint.id] = await asyncio.to_thread(loader.attached, endpoint.ifindex)
 
     async def endpoint_removed(self, endpoint: Endpoint) -> None:
         self.maps["endpoints"].delete(ct.c_uint32(endpoint.ifindex))
         self.endpoints.pop(endpoint.id, None)
+        self.attached.pop(endpoint.id, None)
         for key in list(self.desired.get(endpoint.id, {})):
             self._set_policy(endpoint.id, key, None)
         self.desired.pop(endpoint.id, None)
@@ -171,17 +180,19 @@ class EbpfDatapath:
         self.maps["policy"].put(key, PolicyValue(value))
 
     async def reconcile(self, policies: dict[int, dict], ipcache: list[IPCacheEntry]) -> None:
-        """Make the maps exactly this (first sync after start): write, then drop the stale."""
-        wanted = {(e.prefix.prefixlen, e.prefix.network_address.packed): e for e in ipcache}
-        await self.update_ipcache([(ChangeKind.UPSERT, e) for e in ipcache])
-        for key, _ in list(self.maps["ipcache"].items()):
-            if (key.prefixlen, bytes(key.ip)) not in wanted:
-                self.maps["ipcache"].delete(key)
+        """Make the maps exactly this (first sync after start), make-before-break: new policy
+        entries first, then the ipcache, and only then remove what is stale — so no packet of
+        an allowed connection meets a half-updated state."""
         self.desired.clear()
         self.covering.clear()
         for endpoint_id, verdicts in policies.items():
             for key, verdict in verdicts.items():
                 self._set_policy(endpoint_id, key, verdict)
+        wanted = {(e.prefix.prefixlen, e.prefix.network_address.packed): e for e in ipcache}
+        await self.update_ipcache([(ChangeKind.UPSERT, e) for e in ipcache])
+        for key, _ in list(self.maps["ipcache"].items()):
+            if (key.prefixlen, bytes(key.ip)) not in wanted:
+                self.maps["ipcache"].delete(key)
         for key, _ in list(self.maps["policy"].items()):
             pk = (key.endpoint_id, key.identity, key.port, key.protocol, key.direction)
             if pk not in self.covering:
@@ -232,8 +243,11 @@ class EbpfDatapath:
     @hookimpl
     def meshagent_status(self, verbose):
         if not self.started:
+            if self.start_error:
+                return StatusSection("Datapath", Health.FAILURE,
+                                     f"ebpf: NOT enforcing: {self.start_error}")
             return StatusSection("Datapath", Health.WARNING, "ebpf: loading programs")
-        attached = {ep.id: loader.attached(ep.ifindex) for ep in self.endpoints.values()}
+        attached = {ep_id: self.attached.get(ep_id, []) for ep_id in self.endpoints}
         full = sum(1 for names in attached.values() if len(names) == 2)
         sizes = {name: len(self.maps[name]) for name in ("ipcache", "policy", "ct_tcp",
                                                          "ct_any")}

@@ -61,7 +61,11 @@ def ensure_bpffs(root: Path) -> None:
     """Mount bpffs at ``root`` unless it is one already."""
     if is_bpffs(root):
         return
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatapathError(f"--ebpf-bpf-root {root} is unusable ({exc.strerror}): give a"
+                            " directory where bpffs is (or can be) mounted") from None
     result = os.system(f"mount -t bpf bpf {root} 2>/dev/null")
     if result != 0 or not is_bpffs(root):
         raise DatapathError(f"{root} is not a bpffs and mounting one failed: run"

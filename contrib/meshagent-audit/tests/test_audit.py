@@ -76,4 +76,4 @@ async def test_two_agents_in_one_process_keep_separate_logs(agent_factory, short
 def test_commands_hook_offers_the_audit_command():
     """meshagent_commands: every installed plugin is asked; audit offers 'audit'."""
     commands = {command.name: plugin for plugin, command in PluginManager(None).hooks.commands()}
-    assert commands == {"audit": "audit"}
+    assert commands["audit"] == "audit"

@@ -1,0 +1,297 @@
+"""The eBPF datapath with real packets: namespaces as node and pods, programs on their veths.
+
+Privileged: root, BPF, tc. Each test mounts its own bpffs (so pinned maps never mix between
+tests) and builds namespaces with a per-run prefix; everything is removed afterwards.
+"""
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from meshagent.testing.etcd import EtcdServer
+from meshagent.testing.netlab import NetLab, can_run
+
+from conftest import run_cli
+from nettraffic import CLIENT, LOOP, SERVER
+from test_endpoints import NodeAgent
+
+pytestmark = [pytest.mark.privileged,
+              pytest.mark.skipif(not can_run(), reason="needs root, ip netns and BPF")]
+
+PY = "/usr/bin/python3"
+
+
+@pytest.fixture
+def lab():
+    lab = NetLab()
+    yield lab
+    lab.cleanup()
+    if getattr(lab, "etcd", None):
+        lab.etcd.stop()
+
+
+@pytest.fixture
+def bpffs(short_tmp):
+    root = short_tmp / "bpffs"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True)
+    yield root
+    subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+class Cluster1Node:
+    """One node of cluster1 with the ebpf datapath and a few pods."""
+
+    def __init__(self, lab, short_tmp, bpffs, *extra):
+        self.lab = lab
+        self.tmp = short_tmp
+        self.bpffs = bpffs
+        self.node = lab.ns("node1")
+        self.agent = NodeAgent(lab, self.node, short_tmp, "--plugins", "memory,ebpf",
+                               "--ebpf-bpf-root", str(bpffs), "--cluster-name", "cluster1",
+                               "--cluster-id", "101", "--node-name", "node1",
+                               "--pod-cidr", "10.1.1.0/24", *extra)
+        self.pods = {}
+
+    def pod(self, name: str, labels: str, namespace: str = "default") -> dict:
+        ns = self.lab.ns(name)
+        endpoint = self.agent.create(ns, labels, namespace)
+        self.pods[name] = (ns, endpoint)
+        return endpoint
+
+    def serve(self, name: str, tcp: str = "6379,7000", udp: str = "5353") -> None:
+        ns, _ = self.pods[name]
+        proc = self.lab.spawn(ns, PY, "-c", SERVER, tcp, udp, log=self.tmp / f"{name}.srv")
+        deadline = time.monotonic() + 5
+        while "ready" not in (self.tmp / f"{name}.srv").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+
+    def talk(self, src: str, dst: str, port: int, proto: str = "tcp", sport: int = 0,
+             timeout: float = 1.0) -> str:
+        ns, _ = self.pods[src]
+        target = dst if dst[0].isdigit() else self.pods[dst][1]["ipv4"]
+        result = self.lab.exec(ns, PY, "-c", CLIENT, proto, target, str(port), str(sport),
+                               str(timeout), check=False)
+        return result.stdout.strip()
+
+    def policy(self, text: str, name: str = "p.yaml") -> None:
+        path = self.tmp / name
+        path.write_text(text)
+        result = self.agent.cli("policy", "import", str(path))
+        assert result.returncode == 0, result.stderr
+        self.wait_revision()
+
+    def wait_revision(self, settle: float = 0.3) -> None:
+        time.sleep(settle)  # the agent applies map changes asynchronously; they land in ms
+
+    def bpf(self, *args: str):
+        return run_cli("bpf", *args, "--bpf-root", str(self.bpffs))
+
+
+def db_policy(extra: str = "") -> str:
+    return f"""apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: db}}
+spec:
+  endpointSelector: {{matchLabels: {{app: protected-db}}}}
+  ingress:
+  - fromEndpoints: [{{matchLabels: {{app: employee}}}}]
+    toPorts:
+    - ports: [{{port: "6379", protocol: TCP}}, {{port: "5353", protocol: UDP}}]
+{extra}"""
+
+
+@pytest.fixture
+def node(lab, short_tmp, bpffs):
+    n = Cluster1Node(lab, short_tmp, bpffs)
+    n.pod("db", "app=protected-db")
+    n.pod("employee", "app=employee")
+    n.pod("stranger", "app=stranger")
+    n.serve("db")
+    return n
+
+
+def test_allow_and_deny_by_identity_and_port_tcp_and_udp(node):
+    assert node.talk("stranger", "db", 6379) == "ok"  # no policy yet
+    node.policy(db_policy())
+    assert node.talk("employee", "db", 6379) == "ok"  # and its replies came back
+    assert node.talk("stranger", "db", 6379) == "timeout"
+    assert node.talk("employee", "db", 5353, "udp") == "ok"
+    assert node.talk("stranger", "db", 5353, "udp") == "timeout"
+    assert node.talk("employee", "db", 7000) == "timeout"  # port not allowed
+    status = json.loads(node.agent.cli("status", "-o", "json").stdout)
+    datapath = next((s for s in status["sections"] if s["name"] == "Datapath"), None)
+    assert datapath, [s["name"] + ": " + s["summary"] for s in status["sections"]]
+    assert datapath["summary"].startswith("ebpf: programs attached on 3/3 endpoints, synced")
+    assert "policy denied (by default)" in datapath["summary"]
+
+
+def test_deny_beats_allow(node):
+    node.policy(db_policy("""  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: employee}}]
+    toPorts: [{ports: [{port: "6379", protocol: TCP}]}]
+"""))
+    assert node.talk("employee", "db", 6379) == "timeout"
+    assert node.talk("employee", "db", 5353, "udp") == "ok"
+
+
+def test_drop_events_through_monitor(node):
+    node.policy(db_policy())
+    monitor = subprocess.Popen(
+        ["meshagent" if False else str(__import__("conftest").MESHAGENT), "monitor",
+         "--type", "drop", "--count", "1", "-o", "json", "--socket-path",
+         str(node.agent.socket)], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    assert node.talk("stranger", "db", 6379) == "timeout"
+    out, _ = monitor.communicate(timeout=10)
+    event = json.loads(out.splitlines()[0])
+    assert event["reason"] == "policy denied (by default)"
+    assert event["direction"] == "ingress" and event["protocol"] == "tcp"
+    assert "SYN" in event["tcp_flags"]
+    assert event["destination"]["port"] == 6379
+    assert event["source"]["ip"] == node.pods["stranger"][1]["ipv4"]
+    assert event["source"]["identity"] == node.pods["stranger"][1]["identity"]
+    assert event["source"]["cluster"] == "cluster1"
+    text = run_cli("monitor", "--help").stdout
+    assert "--type" in text
+
+
+def test_bpf_commands_read_pinned_maps_while_the_agent_is_down(node):
+    node.policy(db_policy())
+    assert node.talk("employee", "db", 6379) == "ok"
+    db = node.pods["db"][1]
+    node.agent.stop()
+    ipcache = json.loads(node.bpf("ipcache", "list", "-o", "json").stdout)
+    assert {"prefix": f"{db['ipv4']}/32", "identity": db["identity"]} in ipcache
+    policy = json.loads(node.bpf("policy", "get", str(db["id"]), "-o", "json").stdout)
+    employee = node.pods["employee"][1]
+    assert {"direction": "ingress", "identity": employee["identity"], "protocol": "tcp",
+            "port": 6379, "verdict": "allow"} in policy
+    ct = json.loads(node.bpf("ct", "list", "-o", "json").stdout)
+    assert any(c["destination"] == f"{db['ipv4']}:6379" for c in ct)
+    metrics = {m["reason"]: m for m in json.loads(node.bpf("metrics", "-o", "json").stdout)}
+    assert metrics["forwarded"]["packets"] > 0
+    # the programs stayed attached: enforcement goes on without the agent
+    assert node.talk("employee", "db", 6379) == "ok"
+    assert node.talk("stranger", "db", 6379) == "timeout"
+
+
+def test_cidr_rules_with_real_packets(lab, short_tmp, bpffs):
+    node = Cluster1Node(lab, short_tmp, bpffs)
+    node.pod("employee", "app=employee")
+    node.pod("stranger", "app=stranger")
+    ext = lab.ns("ext")  # outside the cluster: no endpoint, no identity of its own
+    subprocess.run(["ip", "link", "add", "ext0", "netns", node.node, "type", "veth", "peer",
+                    "name", "eth0", "netns", ext], check=True)
+    lab.exec(node.node, "ip", "addr", "add", "192.168.77.1/24", "dev", "ext0")
+    lab.exec(node.node, "ip", "link", "set", "ext0", "up")
+    for address in ("192.168.77.2/24", "192.168.77.3/24"):
+        lab.exec(ext, "ip", "addr", "add", address, "dev", "eth0")
+    lab.exec(ext, "ip", "link", "set", "eth0", "up")
+    lab.exec(ext, "ip", "route", "add", "default", "via", "192.168.77.1")
+    proc = lab.spawn(ext, PY, "-c", SERVER, "8080", "5300", log=short_tmp / "ext.srv")
+    deadline = time.monotonic() + 5
+    while "ready" not in (short_tmp / "ext.srv").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    assert node.talk("employee", "192.168.77.3", 8080) == "ok"
+    node.policy("""apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: egress-cidr}
+spec:
+  endpointSelector: {matchLabels: {app: employee}}
+  egress:
+  - toCIDRSet: [{cidr: 192.168.77.0/24, except: [192.168.77.3/32]}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+""")
+    assert node.talk("employee", "192.168.77.2", 8080) == "ok"
+    assert node.talk("employee", "192.168.77.3", 8080) == "timeout"  # the except
+    assert node.talk("employee", "192.168.77.2", 5300, "udp") == "timeout"  # not that port
+    assert node.talk("stranger", "192.168.77.3", 8080) == "ok"  # no egress policy
+    prefixes = {e["prefix"] for e in json.loads(node.bpf("ipcache", "list", "-o", "json").stdout)}
+    assert {"192.168.77.0/24", "192.168.77.3/32"} <= prefixes
+
+
+def test_conntrack_keeps_a_flow_until_it_expires(lab, short_tmp, bpffs):
+    node = Cluster1Node(lab, short_tmp, bpffs, "--ebpf-ct-timeout-any", "2")
+    node.pod("db", "app=protected-db")
+    node.pod("employee", "app=employee")
+    node.serve("db")
+    node.policy(db_policy())
+    assert node.talk("employee", "db", 5353, "udp", sport=40000) == "ok"
+    node.policy(db_policy().replace(', {port: "5353", protocol: UDP}', ""))  # UDP no longer
+    assert node.talk("employee", "db", 5353, "udp", sport=40000) == "ok"  # tracked flow
+    assert node.talk("employee", "db", 5353, "udp", sport=40001) == "timeout"  # new flow
+    time.sleep(3)
+    assert node.talk("employee", "db", 5353, "udp", sport=40000) == "timeout"  # expired
+
+
+def test_agent_restart_under_traffic_drops_nothing_allowed_passes_nothing_denied(
+        lab, short_tmp, bpffs):
+    # a real kvstore: policies and identities outlive the agent, as they do in a cluster
+    underlay = lab.underlay()
+    lab.bridge_address(underlay, "10.99.0.1/24")
+    etcd = EtcdServer("dp", netns=underlay, host="10.99.0.1", workdir=short_tmp / "etcd").start()
+    lab.etcd = etcd
+    config = etcd.client_config(short_tmp / "etcd.yaml")
+    node = Cluster1Node.__new__(Cluster1Node)
+    node.lab, node.tmp, node.bpffs, node.pods = lab, short_tmp, bpffs, {}
+    node.node = lab.ns("node1")
+    lab.attach(node.node, underlay, "10.99.0.11/24")
+    node.agent = NodeAgent(lab, node.node, short_tmp, "--plugins", "etcd,ebpf",
+                           "--etcd-config", str(config), "--ebpf-bpf-root", str(bpffs),
+                           "--cluster-name", "cluster1", "--cluster-id", "101",
+                           "--node-name", "node1", "--node-ip", "10.99.0.11",
+                           "--pod-cidr", "10.1.1.0/24")
+    for name, labels in (("db", "app=protected-db"), ("employee", "app=employee"),
+                         ("stranger", "app=stranger")):
+        node.pod(name, labels)
+    node.serve("db")
+    node.policy(db_policy())
+    db_ip = node.pods["db"][1]["ipv4"]
+    loops = {}
+    for who in ("employee", "stranger"):
+        ns, _ = node.pods[who]
+        out = node.tmp / f"{who}.count"
+        loops[who] = (node.lab.spawn(ns, PY, "-c", LOOP, db_ip, "6379", "12", str(out),
+                                     log=node.tmp / f"{who}.loop"), out)
+    time.sleep(2)
+    node.agent.stop()
+    time.sleep(1)
+    node.agent.start()
+    for proc, _ in loops.values():
+        proc.wait(timeout=30)
+    employee_ok, employee_failed = map(int, loops["employee"][1].read_text().split())
+    stranger_ok, stranger_failed = map(int, loops["stranger"][1].read_text().split())
+    print(f"employee: {employee_ok} ok, {employee_failed} failed; stranger: {stranger_ok} got"
+          f" through, {stranger_failed} refused")
+    assert employee_ok > 50 and employee_failed == 0
+    assert stranger_ok == 0 and stranger_failed > 0
+    assert node.talk("employee", "db", 6379) == "ok"  # and after the restart, still right
+    assert node.talk("stranger", "db", 6379) == "timeout"
+
+
+def test_a_datapath_that_cannot_start_says_why(lab, short_tmp):
+    node = lab.ns("node1")
+    not_a_dir = short_tmp / "file"
+    not_a_dir.write_text("x")
+    agent_args = ["--plugins", "memory,ebpf", "--ebpf-bpf-root", str(not_a_dir / "bpf")]
+    proc = lab.spawn(node, str(__import__("conftest").MESHAGENT), "--socket-path",
+                     str(short_tmp / "a.sock"), "--state-dir", str(short_tmp / "st"),
+                     *agent_args, log=short_tmp / "agent.log")
+    deadline = time.monotonic() + 15
+    while True:
+        result = run_cli("status", "-o", "json", "--socket-path", str(short_tmp / "a.sock"))
+        if result.stdout:
+            sections = {s["name"]: s for s in json.loads(result.stdout)["sections"]}
+            if "Datapath" in sections and "NOT enforcing" in sections["Datapath"]["summary"]:
+                break
+        assert time.monotonic() < deadline and proc.poll() is None, (short_tmp / "agent.log").read_text()
+        time.sleep(0.2)
+    assert sections["Datapath"]["health"] == "Failure"
+    assert "is unusable" in sections["Datapath"]["summary"]
+    assert json.loads(result.stdout)["ready"] is False
+    assert result.returncode == 1  # status reports the failure
