@@ -10,7 +10,7 @@ apt_packages=(
   etcd-server etcd-client          # kvstore for tests and the lab
   python3-bpfcc linux-headers-amd64  # bcc compiles the tc programs against these headers
   python3-venv python3-pip
-  iproute2 iputils-ping redis-server redis-tools iperf3 openssl make
+  iproute2 iputils-ping iptables redis-server redis-tools iperf3 openssl make
 )
 
 log() { printf '[setup] %s\n' "$*"; }

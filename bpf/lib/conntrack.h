@@ -20,7 +20,8 @@ static __always_inline struct ct_value *ct_find(struct ct_key *key, u64 now, u64
     return value;
 }
 
-/* 1 if the packet belongs to a tracked connection (either way), else 0. */
+/* 1 if the packet belongs to a tracked connection, else 0: one lookup, since a connection
+ * is tracked under both its directions from its first packet on. */
 static __always_inline int ct_lookup(u32 endpoint_id, u8 direction, struct flow *f, u64 now)
 {
     u64 lifetime = f->protocol == IPPROTO_TCP ? CT_LIFETIME_TCP_NS : CT_LIFETIME_ANY_NS;
@@ -28,15 +29,6 @@ static __always_inline int ct_lookup(u32 endpoint_id, u8 direction, struct flow 
                          .dport = f->dport, .protocol = f->protocol, .direction = direction,
                          .endpoint_id = endpoint_id};
     struct ct_value *value = ct_find(&key, now, lifetime);
-    if (!value) {
-        /* a reply: the connection was opened the other way through this endpoint */
-        key.saddr = f->daddr;
-        key.daddr = f->saddr;
-        key.sport = f->dport;
-        key.dport = f->sport;
-        key.direction = direction ^ 1;
-        value = ct_find(&key, now, lifetime);
-    }
     if (!value)
         return 0;
     value->last_seen_ns = now;
@@ -44,16 +36,29 @@ static __always_inline int ct_lookup(u32 endpoint_id, u8 direction, struct flow 
     return 1;
 }
 
+static __always_inline void ct_put(struct ct_key *key, struct ct_value *value)
+{
+    if (key->protocol == IPPROTO_TCP)
+        ct_tcp.update(key, value);
+    else
+        ct_any.update(key, value);
+}
+
+/* Track an allowed connection: its packets this way, and its replies coming back. */
 static __always_inline void ct_create(u32 endpoint_id, u8 direction, struct flow *f, u64 now)
 {
     struct ct_key key = {.saddr = f->saddr, .daddr = f->daddr, .sport = f->sport,
                          .dport = f->dport, .protocol = f->protocol, .direction = direction,
                          .endpoint_id = endpoint_id};
     struct ct_value value = {.last_seen_ns = now, .packets = 1};
-    if (f->protocol == IPPROTO_TCP)
-        ct_tcp.update(&key, &value);
-    else
-        ct_any.update(&key, &value);
+    ct_put(&key, &value);
+    key.saddr = f->daddr;
+    key.daddr = f->saddr;
+    key.sport = f->dport;
+    key.dport = f->sport;
+    key.direction = direction ^ 1;
+    value.packets = 0;
+    ct_put(&key, &value);
 }
 
 #endif
