@@ -394,4 +394,7 @@ CORE_COMMANDS = (
     Command("endpoint", "create, list, get and delete local endpoints (pods)", _endpoint_args,
             _endpoint),
     Command("policy", "import, delete, get and trace network policies", _policy_args, _policy),
+    Command("lab", "the seed's two clusters on this machine, in network namespaces",
+            lambda p: __import__("meshagent.lab").lab.add_arguments(p),
+            lambda a: __import__("meshagent.lab").lab.run(a)),
 )
