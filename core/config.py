@@ -54,6 +54,9 @@ def add_core_options(parser: Parser) -> None:
     parser.addoption("auto-direct-node-routes", type=parse_bool, default=False,
                      help="route every other node's pod CIDR via that node's IP (nodes on one"
                           " L2 network)")
+    parser.addoption("node-route-delete-grace", type=float, default=30.0,
+                     help="seconds a gone node keeps its route (an agent restart revokes and"
+                          " republishes its node; its pods stay reachable meanwhile)")
     parser.addoption("kvstore-lease-ttl", type=float, default=900.0,
                      help="seconds the node's kvstore keys outlive a dead agent (Cilium: 15 min)")
     parser.addoption("identity-gc-interval", type=float, default=900.0,

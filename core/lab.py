@@ -229,7 +229,7 @@ class Lab:
             if not quiet:
                 print("lab: nothing to tear down")
             return
-        for name, pid in sorted(self.state.get("pids", {}).items(),
+        for _name, pid in sorted(self.state.get("pids", {}).items(),
                                 key=lambda kv: kv[0].startswith("etcd")):
             _kill(pid, signal.SIGTERM, wait=5)
         for ns in reversed(self.state.get("namespaces", [])):

@@ -2,6 +2,8 @@
 
 Nodes come from the node table (this cluster's and every remote's); each change is queued by
 the node event hook and applied by a controller, so netlink work never runs inside a hook.
+A node that goes away keeps its route for a grace period: an agent restart revokes its keys and
+publishes them again a moment later, and its pods must stay reachable meanwhile.
 """
 
 import asyncio
@@ -20,9 +22,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+DELETE_GRACE = 30.0
+EXPIRE = "expire"
+
+
 class NodeRoutes:
     def __init__(self, agent: "Agent"):
         self.agent = agent
+        self.delete_grace = agent.config.get("node-route-delete-grace")
+        self._pending_deletes: dict[ipaddress.IPv4Network, asyncio.TimerHandle] = {}
         self.queue: asyncio.Queue[tuple[ChangeKind, Node]] = asyncio.Queue()
         self.routes: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = {}
         self.refused: dict[ipaddress.IPv4Network, str] = {}
@@ -38,13 +46,27 @@ class NodeRoutes:
         handle.ready()
         while True:
             kind, node = await self.queue.get()
+            if kind is EXPIRE:  # the grace period of a gone node's route ran out
+                if self._pending_deletes.pop(node, None) is not None:
+                    await self._remove(node)
+                continue
             if self._is_self(node):
                 continue
             for cidr in node.pod_cidrs:
                 if kind is ChangeKind.DELETE or node.ipv4 is None:
-                    await self._remove(cidr)
+                    self._remove_later(cidr)
                 else:
+                    if handle := self._pending_deletes.pop(cidr, None):
+                        handle.cancel()  # it came back in time
                     await self._install(cidr, node)
+
+    def _remove_later(self, cidr: ipaddress.IPv4Network) -> None:
+        if cidr in self._pending_deletes or cidr not in self.routes:
+            self.refused.pop(cidr, None)
+            return
+        loop = asyncio.get_running_loop()
+        self._pending_deletes[cidr] = loop.call_later(
+            self.delete_grace, self.queue.put_nowait, (EXPIRE, cidr))
 
     async def _install(self, cidr: ipaddress.IPv4Network, node: Node) -> None:
         own = [c for c in self.agent.config.get("pod-cidr") if c.overlaps(cidr)]

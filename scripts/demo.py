@@ -1,110 +1,129 @@
-"""What meshagent does today, in one run: two clusters meshed over etcd with TLS.
+"""The seed's story in one command: two clusters, protected-db, employee, stranger.
 
-cluster1 (id 101) and cluster2 (id 102) each get their own etcd (client-certificate TLS, on
-loopback, free ports) and one agent; each agent's clustermesh directory is laid out as the
-seed's (cluster2, cluster2-etcd-client-ca.crt, -client.crt, -client.key). The demo shows
-`meshagent status` (ClusterMesh 1/1 ready), `meshagent node list`, then removes cluster2's file
-and shows its node withdrawn, and stops everything. The seed's protected-db / employee /
-stranger scenario joins once endpoints, policy and the datapath exist.
+Builds the lab (two clusters in network namespaces, each with its own TLS etcd, meshed by the
+seed's clustermesh directory layout), runs redis in protected-db, checks redis-cli ping from the
+three clients before and after importing the seed's l4-policy.yaml unchanged, shows the
+stranger's dropped SYN, status and node list — and exits non-zero if any verdict differs from
+the seed's. Tears the lab down at the end (also on failure).
 """
 
-import shutil
-import signal
+import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from meshagent.testing.etcd import EtcdServer
+from meshagent.lab import Lab
 
-BIN = Path(sys.executable).parent / "meshagent"
+HERE = Path(__file__).resolve().parent
+POLICY = HERE.parent / "contrib" / "seed" / "l4-policy.yaml"  # the seed's, byte for byte
+BIN = str(Path(sys.executable).with_name("meshagent"))
+CLIENTS = (("employee-0 (cluster1, default)", "employee-c1", "PONG"),
+           ("stranger-0 (cluster1, default)", "stranger", "timeout"),
+           ("employee-0 (cluster2, istio-space)", "employee-c2", "PONG"))
 
 
 def step(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
-def cli(*args: str) -> str:
-    out = subprocess.run([str(BIN), *args], capture_output=True, text=True)
+def show(*args: str, names: dict[str, str] | None = None) -> str:
+    shown = [(names or {}).get(a, a) for a in args]
+    print(f"$ meshagent {' '.join(shown)}", flush=True)
+    out = subprocess.run([BIN, *args], capture_output=True, text=True)
     print(out.stdout + out.stderr, end="", flush=True)
     return out.stdout
 
 
-def wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise SystemExit(f"demo: timed out waiting for {what}")
+def ping(lab: Lab, pod: str, db_ip: str) -> str:
+    try:
+        out = lab.pod_exec(pod, ["redis-cli", "-h", db_ip, "-p", "6379", "ping"],
+                           capture_output=True, text=True, timeout=3)
+        return out.stdout.strip() or out.stderr.strip()
+    except subprocess.TimeoutExpired:
+        return "timeout"
+
+
+def check(lab: Lab, db_ip: str, expected: dict[str, str]) -> bool:
+    ok = True
+    for title, pod, _ in CLIENTS:
+        got = ping(lab, pod, db_ip)
+        mark = "✓" if got == expected[pod] else "✗ expected " + expected[pod]
+        print(f"  {title:38} redis-cli -h {db_ip} -p 6379 ping  →  {got}   {mark}", flush=True)
+        ok &= got == expected[pod]
+    return ok
 
 
 def main() -> int:
-    work = Path(tempfile.mkdtemp(prefix="meshagent-demo-", dir="/tmp"))
-    servers, agents = [], []
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="meshagent-demo-", dir="/tmp"))
+    lab = Lab(workdir / "lab")
+    ok = True
     try:
-        step("two etcd servers with client-certificate TLS, one per cluster")
-        etcd = {n: EtcdServer(f"etcd{n}", tls=True, workdir=work / f"etcd{n}").start()
-                for n in (1, 2)}
-        servers.extend(etcd.values())
-        for n, server in etcd.items():
-            print(f"cluster{n}: {server.url}")
+        step("build the lab: cluster1 (id 101) and cluster2 (id 102), each with its own etcd (TLS)")
+        lab.bring_up(nodes=1)
+        print(lab.describe())
+        mesh = workdir / "lab" / "cluster1" / "clustermesh"
+        step("cluster1's clustermesh directory, laid out as the seed's")
+        print("\n".join(sorted(p.name for p in mesh.iterdir())))
+        print((mesh / "cluster2").read_text(), end="")
+        s1 = lab.state["nodes"]["cluster1-node1"]["socket"]
+        print(f"agents run as: {' '.join(lab.agent_command('cluster1-node1')[:6])} ...")
 
-        socks = {}
-        for n, other in ((1, 2), (2, 1)):
-            mesh = work / f"cluster{n}" / "clustermesh"
-            mesh.mkdir(parents=True)
-            etcd[other].client_config(mesh / f"cluster{other}")  # the seed's file layout
-            own = etcd[n].client_config(work / f"cluster{n}" / "etcd.yaml")
-            socks[n] = work / f"cluster{n}" / "agent.sock"
-            cmd = [str(BIN), "--plugins", "etcd", f"--cluster-id={100 + n}",
-                   f"--cluster-name=cluster{n}", f"--clustermesh-config={mesh}",
-                   "--etcd-config", str(own), "--node-name", "node1",
-                   "--node-ip", f"10.{n}.{n}.1", "--pod-cidr", f"10.{n}.0.0/24",
-                   "--socket-path", str(socks[n]), "--state-dir", str(work / f"cluster{n}/state")]
-            if n == 1:
-                step("cluster1's clustermesh directory, as in the seed")
-                cli_ls = sorted(p.name for p in mesh.iterdir())
-                print("\n".join(cli_ls))
-                print((mesh / "cluster2").read_text(), end="")
-            step(f"start the cluster{n} agent: meshagent --plugins etcd --cluster-id={100 + n}"
-                 f" --cluster-name=cluster{n} --clustermesh-config=...")
-            log = open(work / f"cluster{n}" / "agent.log", "w")
-            agents.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+        step("create the pods (the seed's protected-db, employee ×2, stranger)")
+        db = lab.pod_create("protected-db", "cluster1-node1", "default", "app=protected-db")
+        lab.pod_create("employee-c1", "cluster1-node1", "default", "app=employee")
+        lab.pod_create("stranger", "cluster1-node1", "default", "app=stranger")
+        lab.pod_create("employee-c2", "cluster2-node1", "istio-space", "app=employee")
+        print(lab.describe().split("\n", 1)[1])
+        lab.pod_spawn("protected-db", "redis", ["redis-server", "--port", "6379", "--save", "",
+                                               "--appendonly", "no", "--protected-mode", "no"])
+        time.sleep(0.5)
 
-        started = time.monotonic()
-        for n in (1, 2):
-            wait(lambda n=n: "1/1 remote clusters ready" in subprocess.run(
-                [str(BIN), "status", "--socket-path", str(socks[n])], capture_output=True,
-                text=True).stdout, 30, f"cluster{n} to see its peer")
-        print(f"both clusters see each other after {time.monotonic() - started:.1f}s")
+        step("4.2 connectivity test, no policy yet: PONG ×3")
+        ok &= check(lab, db["ip"], {pod: "PONG" for _, pod, _ in CLIENTS})
 
-        step("meshagent status --verbose (cluster1)")
-        cli("status", "--verbose", "--socket-path", str(socks[1]))
-        step("meshagent node list (cluster1): nodes of both clusters")
-        cli("node", "list", "--socket-path", str(socks[1]))
+        step("4.3 apply the seed's l4-policy.yaml (unchanged) in cluster1")
+        print(POLICY.read_text(), end="")
+        names = {s1: "<cluster1-node1>", str(POLICY): "l4-policy.yaml"}
+        show("policy", "import", str(POLICY), "--socket-path", s1, names=names)
+        monitor = subprocess.Popen([BIN, "monitor", "--type", "drop", "--count", "1",
+                                    "--socket-path", s1], stdout=subprocess.PIPE, text=True)
+        time.sleep(1)
 
-        step("remove cluster2's file from cluster1's clustermesh directory: withdrawn, no restart")
-        (work / "cluster1" / "clustermesh" / "cluster2").unlink()
-        wait(lambda: "cluster2/" not in subprocess.run(
-            [str(BIN), "node", "list", "--socket-path", str(socks[1])], capture_output=True,
-            text=True).stdout, 10, "cluster2 to be withdrawn")
-        cli("node", "list", "--socket-path", str(socks[1]))
+        step("4.4 test and observe: PONG / timeout / PONG")
+        ok &= check(lab, db["ip"], {pod: verdict for _, pod, verdict in CLIENTS})
 
-        step("SIGTERM: agents stop cleanly (their leases are revoked)")
-        for proc in agents:
-            proc.send_signal(signal.SIGTERM)
-        for proc in agents:
-            print(f"agent {proc.pid} exited {proc.wait(10)}")
-        return 0
+        step("the stranger's SYN, dropped on protected-db's node (meshagent monitor --type drop)")
+        try:
+            out, _ = monitor.communicate(timeout=10)
+            print(out, end="")
+            ok &= "SYN" in out and "6379" in out
+        except subprocess.TimeoutExpired:
+            monitor.kill()
+            print("no drop event seen ✗")
+            ok = False
+
+        step("meshagent status (cluster1)")
+        status = show("status", "--socket-path", s1, names=names)
+        ok &= "1/1 remote clusters ready" in status
+        step("meshagent node list (cluster1)")
+        show("node", "list", "--socket-path", s1, names=names)
+        step("why the stranger is refused: meshagent policy trace")
+        show("policy", "trace", "--src-ip", lab.state["pods"]["stranger"]["ip"],
+             "--dst-endpoint", str(db["endpoint"]), "--dport", "6379/TCP", "--socket-path", s1,
+             names=names)
+    except Exception as exc:
+        print(f"\ndemo failed: {exc}", file=sys.stderr)
+        ok = False
     finally:
-        for proc in agents:
-            if proc.poll() is None:
-                proc.kill()
-        for server in servers:
-            server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        step("tear down")
+        lab.tear_down()
+    took = time.monotonic() - started
+    print(f"\n{'all verdicts as in the seed' if ok else 'VERDICTS DIFFER FROM THE SEED'}"
+          f" ({took:.0f}s)")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

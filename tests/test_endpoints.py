@@ -159,7 +159,7 @@ def test_pods_on_two_nodes_reach_each_other(lab, short_tmp):
                 lab, node, short_tmp, "--plugins", "etcd", "--etcd-config", str(config),
                 "--cluster-name", "cluster1", "--cluster-id", "101", "--node-name", f"node{n}",
                 "--node-ip", f"10.99.0.1{n}", "--pod-cidr", f"10.1.{n}.0/24",
-                "--auto-direct-node-routes"))
+                "--auto-direct-node-routes", "--node-route-delete-grace", "2"))
             pods.append(lab.ns(f"pod{n}"))
         ep1 = agents[0].create(pods[0], "app=employee")
         ep2 = agents[1].create(pods[1], "app=protected-db")
@@ -174,8 +174,11 @@ def test_pods_on_two_nodes_reach_each_other(lab, short_tmp):
                                                                 "json").stdout)}
         assert ips[f"{ep2['ipv4']}/32"]["identity"] == ep2["identity"]
         assert ips[f"{ep2['ipv4']}/32"]["host_ip"] == "10.99.0.12"
-        # node2 goes away cleanly: its lease is revoked, node1 removes the route
+        # node2 goes away cleanly: its lease is revoked; node1 keeps the route for the grace
+        # period (an agent restart must not cut its pods off), then removes it
         agents[1].stop()
+        time.sleep(1)
+        assert "10.1.2.0/24" in lab.exec(agents[0].ns, "ip", "route").stdout
         deadline = time.monotonic() + 10
         while "10.1.2.0/24" in lab.exec(agents[0].ns, "ip", "route").stdout:
             assert time.monotonic() < deadline, "route to node2's pods not removed"

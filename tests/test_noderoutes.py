@@ -15,7 +15,7 @@ class _Config(dict):
 class _Agent:
     def __init__(self):
         self.config = _Config({"pod-cidr": (ipaddress.ip_network("10.1.1.0/24"),),
-                               "node-name": "node1"})
+                               "node-name": "node1", "node-route-delete-grace": 30.0})
         self.config.node_name = "node1"
 
         class cluster:
