@@ -7,7 +7,6 @@ stranger's dropped SYN, status and node list — and exits non-zero if any verdi
 the seed's. Tears the lab down at the end (also on failure).
 """
 
-import json
 import subprocess
 import sys
 import tempfile
