@@ -375,6 +375,16 @@ def _policy(args: argparse.Namespace) -> int:
     return 0 if result["verdict"] == "allow" else 1
 
 
+def _lab_args(parser: argparse.ArgumentParser) -> None:
+    from meshagent import lab  # imported on use: it pulls in the test helpers (trustme)
+    lab.add_arguments(parser)
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from meshagent import lab
+    return lab.run(args)
+
+
 def _format_table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
@@ -395,6 +405,5 @@ CORE_COMMANDS = (
             _endpoint),
     Command("policy", "import, delete, get and trace network policies", _policy_args, _policy),
     Command("lab", "the seed's two clusters on this machine, in network namespaces",
-            lambda p: __import__("meshagent.lab").lab.add_arguments(p),
-            lambda a: __import__("meshagent.lab").lab.run(a)),
+            _lab_args, _lab),
 )

@@ -177,7 +177,6 @@ class Lab:
 
     def _wait_ready(self, timeout: float = 60) -> None:
         from meshagent.client import AgentClient
-        import asyncio
         deadline = time.monotonic() + timeout
         for name, node in self.state["nodes"].items():
             while True:
@@ -192,13 +191,13 @@ class Lab:
                     raise LabError(f"agent {name} not ready within {timeout:.0f}s (see"
                                    f" {self.dir / 'logs' / f'agent-{name}.log'})")
                 time.sleep(0.2)
-        del asyncio
 
     # -- pods -----------------------------------------------------------------------------------
 
     def pod_create(self, name: str, node: str, namespace: str, labels: str) -> dict:
-        from meshagent.client import AgentClient
         import asyncio
+
+        from meshagent.client import AgentClient
         if name in self.state["pods"]:
             raise UsageError(f"pod {name} exists already")
         if node not in self.state["nodes"]:

@@ -19,20 +19,12 @@ from meshagent.ipcache import IPCacheEntry, ipcache_to_json
 from meshagent.node import Node, node_to_json
 from meshagent.plugins.etcd.client import EtcdKVStore
 from meshagent.plugins.etcd.config import load_etcd_config
+from meshagent.testing import eventually as wait_for
 from meshagent.testing.etcd import EtcdServer
 
 from conftest import run_cli
 
 C2_BASE = 102 << 16
-
-
-async def wait_for(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Mesh:

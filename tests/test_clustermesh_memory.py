@@ -3,22 +3,13 @@ used here for what is hard to stage with a real server: compaction during an out
 cache TTL."""
 
 import asyncio
-import time
 
 import pytest
 
 from meshagent import kvkeys
 from meshagent.node import Node, node_to_json
 from meshagent.plugins.memory.store import shared_store
-
-
-async def wait_for(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+from meshagent.testing import eventually as wait_for
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from meshagent.identity import Identity
 from meshagent.ipcache import IPCacheEntry
 from meshagent.policy.api import parse_policies
 from meshagent.policy.service import PREFIX, PolicyUpdate
+from meshagent.testing import eventually
 
 from conftest import run_cli
 from test_policy_semantics import IDS, SEED
@@ -59,14 +60,6 @@ class RecordingDatapath:
                 state.pop(change.key)
             else:
                 state[change.key] = change.verdict.value
-
-
-async def eventually(predicate, timeout=5.0):
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    assert predicate()
 
 
 def cli(running, *args):
