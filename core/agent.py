@@ -30,6 +30,7 @@ from meshagent.noderoutes import NodeRoutes
 from meshagent.metrics import MetricsServer
 from meshagent.pluginmanager import PluginManager
 from meshagent.publisher import Publisher
+from meshagent.services import ServiceManager
 from meshagent.slots import (
     DATAPATH, IDENTITY_ALLOCATOR, KVSTORE, POLICY_RESOLVER, SLOTS, Provider, Registry,
 )
@@ -75,6 +76,7 @@ class Agent:
         self.local_sync = ClusterSync(self.cluster.name, self.cluster.id, self.cluster, self.tables)
         self.publisher = Publisher(self, config.get("kvstore-lease-ttl"))
         self.endpoints = EndpointManager(self)
+        self.services = ServiceManager(self)
         self.node_routes = NodeRoutes(self) if config.get("auto-direct-node-routes") else None
         mesh_dir = config.get("clustermesh-config")
         self.clustermesh = ClusterMesh(self, Path(mesh_dir), config.get(

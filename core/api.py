@@ -83,6 +83,9 @@ def build_app(agent: "Agent", extra_routes: list[tuple[str, Route]]) -> web.Appl
         Route("GET", "/identities", functools.partial(_identities, agent)),
         Route("GET", "/ipcache", functools.partial(_ipcache, agent)),
         Route("GET", "/clustermesh", functools.partial(_clustermesh, agent)),
+        Route("GET", "/services", functools.partial(_services, agent)),
+        Route("POST", "/services", functools.partial(_service_apply, agent)),
+        Route("DELETE", "/services/{namespace}/{name}", functools.partial(_service_delete, agent)),
         Route("GET", "/endpoints", functools.partial(_endpoints, agent)),
         Route("POST", "/endpoints", functools.partial(_endpoint_create, agent)),
         Route("GET", "/endpoints/{id}", functools.partial(_endpoint_get, agent)),
@@ -137,6 +140,23 @@ async def _clustermesh(agent: "Agent", request: web.Request) -> web.Response:
     now = time.time()
     return json_response({"configured": True, "directory": mesh.directory,
                           "remotes": [r.to_json(now) for _, r in sorted(mesh.remotes.items())]})
+
+
+async def _services(agent: "Agent", request: web.Request) -> web.Response:
+    return json_response([agent.services.merged[key] for key in sorted(agent.services.merged)])
+
+
+async def _service_apply(agent: "Agent", request: web.Request) -> web.Response:
+    body = await request.json()
+    services = await agent.services.apply(body.get("text", ""), body.get("source", "request"))
+    return json_response({"applied": [f"{s.namespace}/{s.name}" for s in services]}, status=201)
+
+
+async def _service_delete(agent: "Agent", request: web.Request) -> web.Response:
+    info = request.match_info
+    if not await agent.services.delete(info["namespace"], info["name"]):
+        raise web.HTTPNotFound(reason=f"no service {info['namespace']}/{info['name']}")
+    return json_response({"deleted": f"{info['namespace']}/{info['name']}"})
 
 
 async def _endpoints(agent: "Agent", request: web.Request) -> web.Response:

@@ -375,6 +375,48 @@ def _policy(args: argparse.Namespace) -> int:
     return 0 if result["verdict"] == "allow" else 1
 
 
+def _service_args(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    apply = actions.add_parser("apply", help="Kubernetes Service YAML with its Endpoints")
+    apply.add_argument("files", nargs="+", type=Path)
+    delete = actions.add_parser("delete", help="delete a service")
+    delete.add_argument("name")
+    delete.add_argument("--namespace", default="default")
+    listing = actions.add_parser("list", help="services with their frontends and backends")
+    _add_output(listing)
+    for sub in actions.choices.values():
+        sub.add_argument("--socket-path", type=Path, default=argparse.SUPPRESS,
+                         help="agent API socket [env MESHAGENT_SOCKET_PATH]")
+
+
+def _service(args: argparse.Namespace) -> int:
+    client = AgentClient(args.socket_path)
+    if args.action == "apply":
+        for path in args.files:
+            try:
+                text = path.read_text()
+            except OSError as exc:
+                raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+            done = asyncio.run(client.request("POST", "/services", json={
+                "text": text, "source": str(path)}, ok=(201,)))
+            for name in done["applied"]:
+                print(f"applied service {name}")
+        return 0
+    if args.action == "delete":
+        asyncio.run(client.request("DELETE", f"/services/{args.namespace}/{args.name}"))
+        print(f"deleted service {args.namespace}/{args.name}")
+        return 0
+
+    def row(m):
+        s = m["service"]
+        frontends = ", ".join(f"{f['ip']}:{f['port']}/{f['protocol']}" for f in s["frontends"])
+        backends = ", ".join(f"{b['ip']}:{b['port']} ({b['cluster']})" for b in m["backends"])
+        kind = ("global" + ("" if s["shared"] else ", not shared")) if s["global_"] else "local"
+        return (f"{s['namespace']}/{s['name']}", kind, s["affinity"], frontends, backends or "-")
+    return _print_rows(args, "/services", ("SERVICE", "TYPE", "AFFINITY", "FRONTENDS",
+                                           "BACKENDS"), row)
+
+
 def _lab_args(parser: argparse.ArgumentParser) -> None:
     from meshagent import lab  # imported on use: it pulls in the test helpers (trustme)
     lab.add_arguments(parser)
@@ -404,6 +446,8 @@ CORE_COMMANDS = (
     Command("endpoint", "create, list, get and delete local endpoints (pods)", _endpoint_args,
             _endpoint),
     Command("policy", "import, delete, get and trace network policies", _policy_args, _policy),
+    Command("service", "apply, delete and list services (global ones span clusters)",
+            _service_args, _service),
     Command("lab", "the seed's two clusters on this machine, in network namespaces",
             _lab_args, _lab),
 )

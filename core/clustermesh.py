@@ -321,7 +321,7 @@ class ClusterMesh:
         now = time.time()
         remotes = sorted(self.remotes.values(), key=lambda r: r.name)
         ready = sum(1 for r in remotes if r.ready)
-        services = sum(1 for s in self.agent.tables.services.values() if s.global_)
+        services = self.agent.services.global_count()
         summary = f"{ready}/{len(remotes)} remote clusters ready, {services} global-services"
         not_ready = [r for r in remotes if not r.ready]
         if not_ready:

@@ -39,6 +39,7 @@ class CoreHooks:
             Controller("kvstore-publish", agent.publisher.run),
             Controller("local-cluster-sync", self._sync_local_cluster),
             Controller("endpoint-restore", agent.endpoints.restore),
+            Controller("service-sync", agent.services.sync),
         ]
         if agent.clustermesh is not None:
             controllers.append(Controller("clustermesh-config", agent.clustermesh.run))
@@ -50,6 +51,10 @@ class CoreHooks:
             controllers.append(Controller("datapath-start", self._start_datapath))
             controllers.append(Controller("datapath-sync", self._sync_datapath))
         return controllers
+
+    @hookimpl
+    def meshagent_service_changed(self, kind, service):
+        self.agent.services.service_changed(kind, service)
 
     @hookimpl
     def meshagent_ipcache_changed(self, kind, entry):
@@ -120,6 +125,7 @@ class CoreHooks:
         if agent.policy_resolver is None:
             sections.append(StatusSection(
                 "Policy", Health.DISABLED, "no policy resolver loaded"))
+        sections.append(self._services_section(agent))
         sections.append(self._controllers_section(agent, verbose))
         sections.append(StatusSection(
             "Plugins", Health.OK, ", ".join(agent.config.plugins),
@@ -132,6 +138,20 @@ class CoreHooks:
         status = agent.kvstore.status()
         health = Health.OK if status.connected else Health.FAILURE
         return StatusSection("KVStore", health, status.summary, details=status.details)
+
+    @staticmethod
+    def _services_section(agent: "Agent") -> StatusSection:
+        services = agent.services
+        merged = services.merged.values()
+        problems = [f"{m.service.namespace}/{m.service.name}: {c}" for m in merged
+                    for c in m.conflicts]
+        problems += [f"{key}: {why}" for key, why in sorted(services.rejected.items())]
+        summary = (f"{len(services.merged)} services, {services.global_count()} global,"
+                   f" {sum(m.remote_backends for m in merged)} remote backends")
+        if problems:
+            summary += f"; {len(problems)} problems"
+        return StatusSection("Services", Health.WARNING if problems else Health.OK, summary,
+                             details=problems)
 
     @staticmethod
     def _controllers_section(agent: "Agent", verbose: bool) -> StatusSection:

@@ -1,0 +1,285 @@
+"""Services: the cluster's own (from ``meshagent service apply``), and global ones merged
+across clusters.
+
+A service applied to any agent is stored in the cluster's kvstore
+(``meshagent/services/v1/<ns>/<name>``), so every agent of the cluster knows it; a global,
+shared one is also exported as Cilium's ClusterService under
+``cilium/state/services/v1/<cluster>/<ns>/<name>``, where remote clusters' agents find it through
+ClusterMesh. Each agent merges the backends of its cluster's global services with those of the
+same namespace/name from every remote cluster, by the annotations:
+
+- ``service.cilium.io/global: "true"`` (old alias ``io.cilium/global-service``): merge at all;
+- ``service.cilium.io/shared`` (default true): false keeps this cluster's backends to itself;
+- ``service.cilium.io/affinity``: ``local`` prefers local backends while any exist, ``remote``
+  prefers remote ones, ``none`` (default) uses all.
+"""
+
+import ipaddress
+import json
+import logging
+from typing import TYPE_CHECKING
+
+import attrs
+import yaml
+
+from meshagent import kvkeys
+from meshagent.controller import ControllerHandle
+from meshagent.errors import UsageError
+from meshagent.events import ChangeKind
+from meshagent.kvstore import EventType, RevisionCompacted
+from meshagent.service import Backend, Frontend, Service, service_to_json
+
+if TYPE_CHECKING:
+    from meshagent.agent import Agent
+
+log = logging.getLogger(__name__)
+
+PREFIX = "meshagent/services/v1/"
+GLOBAL = ("service.cilium.io/global", "io.cilium/global-service")
+SHARED = "service.cilium.io/shared"
+AFFINITY = "service.cilium.io/affinity"
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+
+
+class ServiceError(UsageError):
+    """A service document is invalid; the message names it and the problem."""
+
+
+@attrs.frozen
+class MergedService:
+    """What the datapath balances: a local service's frontends over the chosen backends."""
+
+    service: Service
+    backends: tuple[Backend, ...]  # after merging and affinity
+    remote_backends: int
+    conflicts: tuple[str, ...] = ()
+
+
+# -- parsing Kubernetes documents ------------------------------------------------------------------
+
+
+def _bool_annotation(annotations: dict, names, default: bool, where: str) -> bool:
+    for name in (names if isinstance(names, tuple) else (names,)):
+        if name in annotations:
+            value = str(annotations[name]).lower()
+            if value not in ("true", "false"):
+                raise ServiceError(f"{where}: annotation {name}={annotations[name]!r} must be"
+                                   " \"true\" or \"false\"")
+            return value == "true"
+    return default
+
+
+def parse_services(text: str, cluster: str, source: str = "input") -> list[Service]:
+    """Kubernetes Services with their Endpoints or EndpointSlices, as meshagent services."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise ServiceError(f"{source}: not valid YAML/JSON: {exc}") from None
+    services, backends = [], {}
+    for i, doc in enumerate(docs, 1):
+        where = f"{source} document {i}"
+        if not isinstance(doc, dict):
+            raise ServiceError(f"{where}: must be a mapping")
+        meta = doc.get("metadata") or {}
+        name, namespace = meta.get("name"), meta.get("namespace", "default")
+        if not isinstance(name, str) or not name:
+            raise ServiceError(f"{where}: metadata.name is required")
+        kind = doc.get("kind")
+        if kind == "Service":
+            services.append((doc, f"{where} (Service {namespace}/{name})"))
+        elif kind == "Endpoints":
+            for subset in doc.get("subsets") or []:
+                ports = subset.get("ports") or []
+                for address in subset.get("addresses") or []:
+                    for port in ports:
+                        backends.setdefault((namespace, name), []).append(
+                            (address.get("ip"), port.get("port"), port.get("protocol", "TCP"),
+                             where))
+        elif kind == "EndpointSlice":
+            owner = (meta.get("labels") or {}).get("kubernetes.io/service-name", name)
+            for endpoint in doc.get("endpoints") or []:
+                for address in endpoint.get("addresses") or []:
+                    for port in doc.get("ports") or []:
+                        backends.setdefault((namespace, owner), []).append(
+                            (address, port.get("port"), port.get("protocol", "TCP"), where))
+        else:
+            raise ServiceError(f"{where}: kind {kind!r} is not Service, Endpoints or"
+                               " EndpointSlice")
+    return [_service(doc, where, cluster, backends) for doc, where in services]
+
+
+def _service(doc: dict, where: str, cluster: str, backends: dict) -> Service:
+    meta, spec = doc["metadata"], doc.get("spec") or {}
+    namespace = meta.get("namespace", "default")
+    annotations = meta.get("annotations") or {}
+    affinity = str(annotations.get(AFFINITY, "none")).lower()
+    if affinity not in ("local", "remote", "none"):
+        raise ServiceError(f"{where}: annotation {AFFINITY}={affinity!r} must be local, remote"
+                           " or none")
+    try:
+        cluster_ip = ipaddress.IPv4Address(spec.get("clusterIP"))
+    except (ipaddress.AddressValueError, ValueError):
+        raise ServiceError(f"{where}: spec.clusterIP {spec.get('clusterIP')!r} is not an IPv4"
+                           " address") from None
+    frontends = []
+    for j, port in enumerate(spec.get("ports") or []):
+        number, protocol = port.get("port"), port.get("protocol", "TCP")
+        if not isinstance(number, int) or not 0 < number < 65536:
+            raise ServiceError(f"{where}: spec.ports[{j}].port must be 1..65535")
+        if protocol not in PROTOCOLS:
+            raise ServiceError(f"{where}: spec.ports[{j}].protocol must be one of"
+                               f" {', '.join(PROTOCOLS)}")
+        frontends.append(Frontend(cluster_ip, number, protocol))
+    if not frontends:
+        raise ServiceError(f"{where}: spec.ports needs at least one port")
+    found = []
+    for ip, port, protocol, source in backends.get((namespace, meta["name"]), []):
+        try:
+            address = ipaddress.IPv4Address(ip)
+        except (ipaddress.AddressValueError, ValueError):
+            raise ServiceError(f"{source}: backend address {ip!r} is not IPv4") from None
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ServiceError(f"{source}: backend port {port!r} must be 1..65535")
+        found.append(Backend(address, port, cluster, protocol))
+    return Service(namespace, meta["name"], cluster, tuple(frontends), tuple(sorted(
+        set(found), key=lambda b: (b.ip, b.port))),
+        global_=_bool_annotation(annotations, GLOBAL, False, where),
+        shared=_bool_annotation(annotations, SHARED, True, where), affinity=affinity)
+
+
+# -- the manager -----------------------------------------------------------------------------------
+
+
+def _model_to_json(service: Service) -> bytes:
+    return json.dumps({"service": json.loads(service_to_json(service)),
+                       "affinity": service.affinity}).encode()
+
+
+def _model_from_json(data: bytes, cluster: str) -> Service:
+    from meshagent.service import service_from_json
+    doc = json.loads(data)
+    service = service_from_json(json.dumps(doc["service"]).encode())
+    return attrs.evolve(service, affinity=doc.get("affinity", "none"), cluster=cluster)
+
+
+class ServiceManager:
+    def __init__(self, agent: "Agent"):
+        self.agent = agent
+        self.local: dict[tuple[str, str], Service] = {}
+        self.merged: dict[tuple[str, str], MergedService] = {}
+        self.rejected: dict[str, str] = {}
+
+    # -- apply / delete (API) -------------------------------------------------------------------
+
+    def validate(self, service: Service) -> None:
+        cidrs = list(self.agent.config.get("pod-cidr"))
+        cidrs += [c for node in self.agent.tables.nodes.values()
+                  if node.cluster == self.agent.cluster.name for c in node.pod_cidrs]
+        for backend in service.backends:
+            if not any(backend.ip in cidr for cidr in cidrs):
+                raise ServiceError(
+                    f"service {service.namespace}/{service.name}: backend {backend.ip} is"
+                    f" outside every pod CIDR of cluster {self.agent.cluster.name}"
+                    f" ({', '.join(map(str, cidrs)) or 'none known'})")
+
+    async def apply(self, text: str, source: str) -> list[Service]:
+        services = parse_services(text, self.agent.cluster.name, source)
+        for service in services:
+            self.validate(service)
+        store = self.agent.kvstore
+        for service in services:
+            await store.put(f"{PREFIX}{service.namespace}/{service.name}",
+                            _model_to_json(service))
+            export = kvkeys.service_key(self.agent.cluster.name, service.namespace, service.name)
+            if service.global_ and service.shared:
+                await store.put(export, service_to_json(attrs.evolve(
+                    service, cluster_id=self.agent.cluster.id)))
+            else:
+                await store.delete(export)
+        return services
+
+    async def delete(self, namespace: str, name: str) -> bool:
+        store = self.agent.kvstore
+        await store.delete(kvkeys.service_key(self.agent.cluster.name, namespace, name))
+        return await store.delete(f"{PREFIX}{namespace}/{name}")
+
+    # -- the cluster's services, from the kvstore -----------------------------------------------
+
+    async def sync(self, handle: ControllerHandle) -> None:
+        store = self.agent.kvstore
+        while True:
+            listing = await store.list_prefix(PREFIX)
+            present = set()
+            for item in listing.items:
+                present.add(item.key)
+                self._apply_stored(item.key, item.value)
+            for namespace, name in list(self.local):
+                if f"{PREFIX}{namespace}/{name}" not in present:
+                    self._apply_stored(f"{PREFIX}{namespace}/{name}", None)
+            handle.ready()
+            try:
+                async for event in store.watch(PREFIX, after_revision=listing.revision):
+                    self._apply_stored(event.key,
+                                       event.value if event.type is EventType.PUT else None)
+            except RevisionCompacted:
+                continue
+
+    def _apply_stored(self, key: str, value: bytes | None) -> None:
+        namespace, _, name = key[len(PREFIX):].partition("/")
+        if value is None:
+            self.local.pop((namespace, name), None)
+        else:
+            try:
+                self.local[(namespace, name)] = _model_from_json(value, self.agent.cluster.name)
+                self.rejected.pop(key, None)
+            except (ValueError, KeyError, TypeError) as exc:
+                self.rejected[key] = f"malformed stored service: {exc}"
+                log.error("refusing stored service %s: %s", key, exc)
+                return
+        self.remerge()
+
+    # -- merging --------------------------------------------------------------------------------
+
+    def service_changed(self, kind: ChangeKind, service: Service) -> None:
+        """A remote (or exported) ClusterService changed: merge again."""
+        self.remerge()
+
+    def remerge(self) -> None:
+        local_name = self.agent.cluster.name
+        remote = {}
+        for service in self.agent.tables.services.values():
+            if service.cluster != local_name and service.global_ and service.shared:
+                remote.setdefault((service.namespace, service.name), []).append(service)
+        merged = {}
+        for key, service in self.local.items():
+            local_backends = service.backends
+            remote_backends, conflicts = [], []
+            if service.global_:
+                ports = {(f.port, f.protocol) for f in service.frontends}
+                for other in remote.get(key, []):
+                    if {(f.port, f.protocol) for f in other.frontends} != ports:
+                        conflicts.append(f"{other.cluster}: ports differ"
+                                         f" ({_ports(other)} vs {_ports(service)}); its backends"
+                                         " are not used")
+                        continue
+                    remote_backends.extend(other.backends)
+            chosen = _by_affinity(service.affinity, list(local_backends), remote_backends)
+            merged[key] = MergedService(service, tuple(chosen), len(remote_backends),
+                                        tuple(conflicts))
+        self.merged = merged
+
+    def global_count(self) -> int:
+        return sum(1 for m in self.merged.values() if m.service.global_)
+
+
+def _by_affinity(affinity: str, local: list[Backend], remote: list[Backend]) -> list[Backend]:
+    if affinity == "local" and local:
+        return local
+    if affinity == "remote" and remote:
+        return remote
+    return local + remote
+
+
+def _ports(service: Service) -> str:
+    return ",".join(f"{f.port}/{f.protocol}" for f in sorted(
+        service.frontends, key=lambda f: (f.port, f.protocol)))

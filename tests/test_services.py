@@ -1,0 +1,143 @@
+"""Services across clusters (control plane): apply, export, merge by the annotations, list."""
+
+import asyncio
+import json
+
+import pytest
+
+from meshagent.services import ServiceError, parse_services
+from meshagent.testing import eventually
+
+from conftest import run_cli
+
+
+def service_yaml(cluster_ip: str, backends: list[str], *, port: int = 6379,
+                 annotations: dict | None = None, name: str = "protected-db",
+                 slice_: bool = False) -> str:
+    notes = annotations if annotations is not None else {"io.cilium/global-service": "true"}
+    doc = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": name, "namespace": "default", "annotations": notes},
+           "spec": {"clusterIP": cluster_ip, "ports": [{"port": port, "protocol": "TCP"}]}}
+    if slice_:
+        endpoints = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                     "metadata": {"name": f"{name}-abc", "namespace": "default",
+                                  "labels": {"kubernetes.io/service-name": name}},
+                     "endpoints": [{"addresses": [ip]} for ip in backends],
+                     "ports": [{"port": 6379, "protocol": "TCP"}]}
+    else:
+        endpoints = {"apiVersion": "v1", "kind": "Endpoints",
+                     "metadata": {"name": name, "namespace": "default"},
+                     "subsets": [{"addresses": [{"ip": ip} for ip in backends],
+                                  "ports": [{"port": 6379, "protocol": "TCP"}]}]}
+    return json.dumps(doc) + "\n---\n" + json.dumps(endpoints)
+
+
+@pytest.fixture
+async def mesh(agent_factory, short_tmp):
+    agents = {}
+    for n, other in ((1, 2), (2, 1)):
+        directory = short_tmp / f"mesh{n}"
+        directory.mkdir()
+        (directory / f"cluster{other}").write_text(f"kvstore: memory\nmemory-store: c{other}\n")
+        agents[n] = await agent_factory([
+            "--plugins", "memory", "--memory-store", f"c{n}", "--cluster-name", f"cluster{n}",
+            "--cluster-id", str(100 + n), "--pod-cidr", f"10.{n}.1.0/24",
+            "--clustermesh-config", str(directory)])
+    for n, other in ((1, 2), (2, 1)):
+        await eventually(lambda n=n, other=other: agents[n].agent.clustermesh.remotes[
+            f"cluster{other}"].ready, 5, "mesh ready")
+    return agents
+
+
+async def apply(running, text, tmp_path, name="svc.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    result = await asyncio.to_thread(run_cli, "service", "apply", str(path), "--socket-path",
+                                     str(running.socket_path))
+    return result
+
+
+def merged(running, name="protected-db"):
+    found = running.agent.services.merged.get(("default", name))
+    return sorted((str(b.ip), b.cluster) for b in found.backends) if found else None
+
+
+async def test_global_service_backends_merge_across_clusters(mesh, tmp_path):
+    assert (await apply(mesh[1], service_yaml("10.96.0.10", ["10.1.1.5"]), tmp_path)
+            ).returncode == 0
+    assert (await apply(mesh[2], service_yaml("10.97.0.10", ["10.2.1.7", "10.2.1.8"]),
+                        tmp_path)).returncode == 0
+    await eventually(lambda: merged(mesh[1]) == [("10.1.1.5", "cluster1"),
+                                                 ("10.2.1.7", "cluster2"),
+                                                 ("10.2.1.8", "cluster2")], 5, "merge")
+    # exported as Cilium's ClusterService, and counted in status
+    exported = await mesh[2].agent.kvstore.get(
+        "cilium/state/services/v1/cluster2/default/protected-db")
+    assert json.loads(exported.value)["shared"] is True
+    status = await mesh[1].client.request("GET", "/status")
+    summary = next(s for s in status["sections"] if s["name"] == "ClusterMesh")["summary"]
+    assert summary == "1/1 remote clusters ready, 1 global-services"
+    listing = (await asyncio.to_thread(run_cli, "service", "list", "--socket-path",
+                                       str(mesh[1].socket_path))).stdout
+    assert "default/protected-db  global" in listing
+    assert "10.96.0.10:6379/TCP" in listing and "10.2.1.7:6379 (cluster2)" in listing
+
+
+async def test_not_shared_keeps_backends_home_and_file_removal_withdraws(mesh, tmp_path,
+                                                                         short_tmp):
+    await apply(mesh[1], service_yaml("10.96.0.10", ["10.1.1.5"]), tmp_path)
+    await apply(mesh[2], service_yaml("10.97.0.10", ["10.2.1.7"], annotations={
+        "service.cilium.io/global": "true", "service.cilium.io/shared": "false"}), tmp_path)
+    await asyncio.sleep(0.3)
+    assert merged(mesh[1]) == [("10.1.1.5", "cluster1")]
+    await apply(mesh[2], service_yaml("10.97.0.10", ["10.2.1.7"]), tmp_path)  # shared again
+    await eventually(lambda: ("10.2.1.7", "cluster2") in merged(mesh[1]), 5, "shared")
+    (short_tmp / "mesh1" / "cluster2").unlink()
+    await eventually(lambda: merged(mesh[1]) == [("10.1.1.5", "cluster1")], 5, "withdrawn")
+
+
+async def test_affinity_local_prefers_local_backends_while_any(mesh, tmp_path):
+    notes = {"service.cilium.io/global": "true", "service.cilium.io/affinity": "local"}
+    await apply(mesh[1], service_yaml("10.96.0.10", ["10.1.1.5"], annotations=notes), tmp_path)
+    await apply(mesh[2], service_yaml("10.97.0.10", ["10.2.1.7"]), tmp_path)
+    await eventually(lambda: mesh[1].agent.services.merged[("default", "protected-db")]
+                     .remote_backends == 1, 5, "remote backend known")
+    assert merged(mesh[1]) == [("10.1.1.5", "cluster1")]
+    await apply(mesh[1], service_yaml("10.96.0.10", [], annotations=notes), tmp_path)
+    await eventually(lambda: merged(mesh[1]) == [("10.2.1.7", "cluster2")], 5, "failover")
+
+
+async def test_ports_differing_between_clusters_are_reported(mesh, tmp_path):
+    await apply(mesh[1], service_yaml("10.96.0.10", ["10.1.1.5"]), tmp_path)
+    await apply(mesh[2], service_yaml("10.97.0.10", ["10.2.1.7"], port=6380), tmp_path)
+    await eventually(lambda: mesh[1].agent.services.merged[("default", "protected-db")]
+                     .conflicts, 5, "conflict")
+    assert merged(mesh[1]) == [("10.1.1.5", "cluster1")]
+    status = await mesh[1].client.request("GET", "/status", params={"verbose": "1"})
+    section = next(s for s in status["sections"] if s["name"] == "Services")
+    assert section["health"] == "Warning"
+    assert any("cluster2: ports differ (6380/TCP vs 6379/TCP)" in d for d in section["details"])
+
+
+async def test_backend_outside_every_pod_cidr_is_refused(mesh, tmp_path):
+    result = await apply(mesh[1], service_yaml("10.96.0.10", ["192.0.2.9"]), tmp_path)
+    assert result.returncode == 1
+    assert "backend 192.0.2.9 is outside every pod CIDR of cluster cluster1" in result.stderr
+    assert mesh[1].agent.services.merged == {}
+
+
+def test_parsing_endpointslices_and_bad_documents():
+    (service,) = parse_services(service_yaml("10.96.0.10", ["10.1.1.5", "10.1.1.6"],
+                                             slice_=True), "cluster1")
+    assert [str(b.ip) for b in service.backends] == ["10.1.1.5", "10.1.1.6"]
+    assert service.global_ and service.shared and service.affinity == "none"
+    for text, message in [
+        (service_yaml("nope", []), "spec.clusterIP 'nope' is not an IPv4 address"),
+        (service_yaml("10.96.0.1", [], annotations={"service.cilium.io/affinity": "near"}),
+         "affinity='near' must be local, remote or none"),
+        (service_yaml("10.96.0.1", [], annotations={"service.cilium.io/shared": "maybe"}),
+         "must be \"true\" or \"false\""),
+        ("kind: Deployment\nmetadata: {name: x}\n", "is not Service, Endpoints or EndpointSlice"),
+    ]:
+        with pytest.raises(ServiceError, match=message.replace("(", r"\(")):
+            parse_services(text, "cluster1", "svc.yaml")
