@@ -50,6 +50,8 @@ class CoreHooks:
         if agent.datapath is not None:
             controllers.append(Controller("datapath-start", self._start_datapath))
             controllers.append(Controller("datapath-sync", self._sync_datapath))
+            if hasattr(agent.datapath, "update_services"):
+                controllers.append(Controller("datapath-services", agent.services.feed_datapath))
         return controllers
 
     @hookimpl
@@ -58,6 +60,8 @@ class CoreHooks:
 
     @hookimpl
     def meshagent_ipcache_changed(self, kind, entry):
+        if self.agent.services.local:
+            self.agent.services.remerge()  # backends follow their endpoints
         if self.agent.datapath is not None:
             self._ipcache_changes.append((kind, entry))
             self._ipcache_wake.set()

@@ -28,6 +28,10 @@ class Datapath(Protocol):
     async def update_policy(self, endpoint_id: int, changes: Iterable[object]) -> None:
         """Apply one endpoint's policy map changes incrementally."""
 
+    async def update_services(self, services: Iterable[object]) -> None:
+        """Load-balance connections to each service frontend over its merged backends
+        (:class:`meshagent.services.MergedService`); the whole current set every time."""
+
     async def reconcile(self, policies: dict[int, dict], ipcache: list[IPCacheEntry]) -> None:
         """Once the agent has synced: make the maps exactly this, dropping what is stale.
 

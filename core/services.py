@@ -14,6 +14,7 @@ same namespace/name from every remote cluster, by the annotations:
   prefers remote ones, ``none`` (default) uses all.
 """
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -168,6 +169,7 @@ class ServiceManager:
         self.local: dict[tuple[str, str], Service] = {}
         self.merged: dict[tuple[str, str], MergedService] = {}
         self.rejected: dict[str, str] = {}
+        self._changed = asyncio.Event()
 
     # -- apply / delete (API) -------------------------------------------------------------------
 
@@ -251,8 +253,11 @@ class ServiceManager:
             if service.cluster != local_name and service.global_ and service.shared:
                 remote.setdefault((service.namespace, service.name), []).append(service)
         merged = {}
+        live = {entry.prefix.network_address for entry in self.agent.tables.ipcache.values()
+                if entry.prefix.prefixlen == 32}
         for key, service in self.local.items():
-            local_backends = service.backends
+            # a backend whose endpoint went away (no ipcache entry any more) is not used
+            local_backends = tuple(b for b in service.backends if b.ip in live)
             remote_backends, conflicts = [], []
             if service.global_:
                 ports = {(f.port, f.protocol) for f in service.frontends}
@@ -262,11 +267,24 @@ class ServiceManager:
                                          f" ({_ports(other)} vs {_ports(service)}); its backends"
                                          " are not used")
                         continue
-                    remote_backends.extend(other.backends)
+                    remote_backends.extend(b for b in other.backends if b.ip in live)
             chosen = _by_affinity(service.affinity, list(local_backends), remote_backends)
             merged[key] = MergedService(service, tuple(chosen), len(remote_backends),
                                         tuple(conflicts))
-        self.merged = merged
+        if merged != self.merged:
+            self.merged = merged
+            self._changed.set()
+
+    async def feed_datapath(self, handle: ControllerHandle) -> None:
+        """Controller: hand the merged services to the datapath whenever they change (after
+        the datapath's first sync, so a restart changes nothing before then)."""
+        handle.ready()
+        await self.agent.datapath_synced.wait()
+        self._changed.set()
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            await self.agent.datapath.update_services(list(self.merged.values()))
 
     def global_count(self) -> int:
         return sum(1 for m in self.merged.values() if m.service.global_)

@@ -1,10 +1,12 @@
 """Services across clusters (control plane): apply, export, merge by the annotations, list."""
 
 import asyncio
+import ipaddress
 import json
 
 import pytest
 
+from meshagent.ipcache import IPCacheEntry
 from meshagent.services import ServiceError, parse_services
 from meshagent.testing import eventually
 
@@ -46,6 +48,12 @@ async def mesh(agent_factory, short_tmp):
     for n, other in ((1, 2), (2, 1)):
         await eventually(lambda n=n, other=other: agents[n].agent.clustermesh.remotes[
             f"cluster{other}"].ready, 5, "mesh ready")
+    # the backends' endpoints: a backend is used only while its endpoint exists
+    for n, ips in ((1, ("10.1.1.5",)), (2, ("10.2.1.7", "10.2.1.8"))):
+        for i, ip in enumerate(ips):
+            agents[n].agent.publisher.upsert_ipcache(IPCacheEntry(
+                ipaddress.ip_network(f"{ip}/32"), ((100 + n) << 16) + 300 + i, f"cluster{n}"))
+    await eventually(lambda: len(agents[1].agent.tables.ipcache) == 3, 5, "endpoints known")
     return agents
 
 
@@ -105,6 +113,15 @@ async def test_affinity_local_prefers_local_backends_while_any(mesh, tmp_path):
     assert merged(mesh[1]) == [("10.1.1.5", "cluster1")]
     await apply(mesh[1], service_yaml("10.96.0.10", [], annotations=notes), tmp_path)
     await eventually(lambda: merged(mesh[1]) == [("10.2.1.7", "cluster2")], 5, "failover")
+
+
+async def test_a_backend_follows_its_endpoint(mesh, tmp_path):
+    await apply(mesh[1], service_yaml("10.96.0.10", ["10.1.1.5"]), tmp_path)
+    await apply(mesh[2], service_yaml("10.97.0.10", ["10.2.1.7", "10.2.1.8"]), tmp_path)
+    await eventually(lambda: len(merged(mesh[1])) == 3, 5, "merge")
+    mesh[2].agent.publisher.delete_ipcache(IPCacheEntry(
+        ipaddress.ip_network("10.2.1.8/32"), (102 << 16) + 301, "cluster2"))
+    await eventually(lambda: ("10.2.1.8", "cluster2") not in merged(mesh[1]), 5, "backend gone")
 
 
 async def test_ports_differing_between_clusters_are_reported(mesh, tmp_path):

@@ -28,6 +28,15 @@
 #ifndef CT_ANY_MAX
 #define CT_ANY_MAX 262144
 #endif
+#ifndef LB_SERVICES_MAX
+#define LB_SERVICES_MAX 65536
+#endif
+#ifndef LB_BACKENDS_MAX
+#define LB_BACKENDS_MAX 65536
+#endif
+#ifndef LB_NAT_MAX
+#define LB_NAT_MAX 262144
+#endif
 #ifndef CT_LIFETIME_TCP_NS
 #define CT_LIFETIME_TCP_NS (21600ULL * 1000000000ULL)
 #endif
@@ -116,6 +125,45 @@ struct drop_event {
     u32 dst_identity;
 };
 
+struct lb_service_key {
+    u32 vip;        /* network byte order */
+    u16 port;       /* host byte order */
+    u8 protocol;
+    u8 pad;
+};
+
+struct lb_service {
+    u32 service_id;
+    u32 count;      /* backends in slots 0..count-1 */
+};
+
+struct lb_backend_key {
+    u32 service_id;
+    u32 slot;
+};
+
+struct lb_backend {
+    u32 ip;         /* network byte order */
+    u16 port;       /* host byte order */
+    u16 pad;
+};
+
+/* One connection to a frontend: the backend it got (forward), and the way back (reverse). */
+struct lb_nat_key {
+    u32 client_ip;
+    u32 other_ip;   /* forward: the frontend; reverse: the backend */
+    u16 client_port;
+    u16 other_port;
+    u8 protocol;
+    u8 pad[3];
+};
+
+struct lb_nat_value {
+    u32 ip;         /* forward: the backend; reverse: the frontend */
+    u16 port;
+    u16 pad;
+};
+
 /* The parsed packet: what policy and conntrack look at. */
 struct flow {
     u32 saddr;
@@ -124,6 +172,7 @@ struct flow {
     u16 dport;
     u8 protocol;
     u8 tcp_flags;
+    u16 l4_off;     /* where the transport header starts */
 };
 
 #endif

@@ -3,6 +3,7 @@
 #define MESHAGENT_ENFORCE_H
 
 #include "lib/conntrack.h"
+#include "lib/lb.h"
 #include "lib/policy.h"
 
 static __always_inline int parse_flow(struct __sk_buff *skb, struct flow *f)
@@ -18,6 +19,7 @@ static __always_inline int parse_flow(struct __sk_buff *skb, struct flow *f)
     f->saddr = ip->saddr;
     f->daddr = ip->daddr;
     f->protocol = ip->protocol;
+    f->l4_off = ETH_HLEN + ip->ihl * 4;
     void *l4 = (void *)ip + ip->ihl * 4;
     if (ip->frag_off & htons(0x1FFF))  /* a later fragment: no ports to read */
         return 1;
@@ -54,8 +56,14 @@ static __always_inline int enforce(struct __sk_buff *skb, u8 direction)
     struct flow f = {};
     if (!ep || !parse_flow(skb, &f))
         return TC_ACT_OK;  /* not an endpoint of ours, or not IPv4 */
+    /* leaving the pod towards a service frontend: pick a backend first, so conntrack and
+     * policy see (and judge) the connection to the backend */
+    if (direction == DIR_EGRESS)
+        lb_forward(skb, &f);
     u64 now = bpf_ktime_get_ns();
     if (ct_lookup(ep->endpoint_id, direction, &f, now)) {
+        if (direction == DIR_INGRESS)
+            lb_reverse(skb, &f);
         account(REASON_FORWARDED, skb->len);
         return TC_ACT_OK;
     }
@@ -64,6 +72,8 @@ static __always_inline int enforce(struct __sk_buff *skb, u8 direction)
     int reason = policy_check(ep->endpoint_id, direction, peer, f.protocol, f.dport);
     if (reason == REASON_FORWARDED) {
         ct_create(ep->endpoint_id, direction, &f, now);
+        if (direction == DIR_INGRESS)
+            lb_reverse(skb, &f);
         account(REASON_FORWARDED, skb->len);
         return TC_ACT_OK;
     }

@@ -23,7 +23,8 @@ from meshagent.ipcache import IPCacheEntry
 from meshagent.plugins.ebpf import loader
 from meshagent.plugins.ebpf.maps import (
     DIR_EGRESS, DIR_INGRESS, PROTOCOL_NAMES, REASONS, VERDICT_ALLOW, VERDICT_DENY, DropEvent,
-    EndpointInfo, IPCacheKey, IPCacheValue, PolicyKey, PolicyValue, ip_bytes, ip_text, open_maps,
+    EndpointInfo, IPCacheKey, IPCacheValue, IPv4Bytes, LBBackend, LBBackendKey, LBService,
+    LBServiceKey, PolicyKey, PolicyValue, ip_bytes, ip_text, open_maps,
 )
 from meshagent.status import Health, StatusSection
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 PORT_RANGE_MAX = 1024  # a range becomes one policy entry per port; larger ones are refused
 RECENT_DROPS = 1000
 TCP_FLAGS = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"))
@@ -57,6 +59,7 @@ class EbpfDatapath:
             "POLICY_MAX": config.get("ebpf-policy-max"),
             "CT_TCP_MAX": config.get("ebpf-ct-tcp-max"),
             "CT_ANY_MAX": config.get("ebpf-ct-any-max"),
+            "LB_SERVICES_MAX": 65536,
             "CT_LIFETIME_TCP_NS": f"{int(config.get('ebpf-ct-timeout-tcp') * 1e9)}ULL",
             "CT_LIFETIME_ANY_NS": f"{int(config.get('ebpf-ct-timeout-any') * 1e9)}ULL",
         }
@@ -67,6 +70,7 @@ class EbpfDatapath:
         self.desired: dict[int, dict] = {}  # endpoint id -> {MapKey: Verdict}
         self.covering: dict[tuple, set] = {}  # policy map key -> MapKeys that expand to it
         self.refused: dict[str, str] = {}
+        self.service_ids: dict[tuple, int] = {}  # (vip, port, proto) -> service id
         self.synced = False
         self.started = False
         self.start_error = ""
@@ -205,6 +209,37 @@ class EbpfDatapath:
         log.info("eBPF maps reconciled: %d ipcache entries, %d endpoints", len(ipcache),
                  len(policies))
 
+    # -- services -------------------------------------------------------------------------------
+
+    async def update_services(self, services) -> None:
+        """Make the load-balancer maps match the merged services: backends first, then the
+        service entries that point at them, then what is stale (new connections never meet a
+        service without its backends)."""
+        wanted: dict[tuple, list] = {}
+        for merged in services:
+            for frontend in merged.service.frontends:
+                backends = [b for b in merged.backends if b.protocol == frontend.protocol]
+                key = (frontend.ip.packed, frontend.port, PROTOCOL_NUMBERS[frontend.protocol])
+                wanted[key] = backends
+        for key in wanted:
+            self.service_ids.setdefault(key, max(self.service_ids.values(), default=0) + 1)
+        services_map, backends_map = self.maps["lb_services"], self.maps["lb_backends"]
+        for key, backends in wanted.items():
+            service_id = self.service_ids[key]
+            for slot, backend in enumerate(backends):
+                backends_map.put(LBBackendKey(service_id, slot),
+                                 LBBackend(ip_bytes(backend.ip), backend.port, 0))
+            services_map.put(LBServiceKey(IPv4Bytes(*key[0]), key[1], key[2], 0),
+                             LBService(service_id, len(backends)))
+        counts = {self.service_ids[k]: len(b) for k, b in wanted.items()}
+        for key, _ in list(services_map.items()):
+            if (bytes(key.vip), key.port, key.protocol) not in wanted:
+                services_map.delete(key)
+        for key, _ in list(backends_map.items()):
+            if key.slot >= counts.get(key.service_id, 0):
+                backends_map.delete(key)
+        self.service_ids = {k: v for k, v in self.service_ids.items() if k in wanted}
+
     # -- drop events ----------------------------------------------------------------------------
 
     def _on_drop(self, cpu, data, size) -> None:
@@ -250,9 +285,9 @@ class EbpfDatapath:
         attached = {ep_id: self.attached.get(ep_id, []) for ep_id in self.endpoints}
         full = sum(1 for names in attached.values() if len(names) == 2)
         sizes = {name: len(self.maps[name]) for name in ("ipcache", "policy", "ct_tcp",
-                                                         "ct_any")}
+                                                         "ct_any", "lb_services")}
         limits = {"ipcache": "IPCACHE_MAX", "policy": "POLICY_MAX", "ct_tcp": "CT_TCP_MAX",
-                  "ct_any": "CT_ANY_MAX"}
+                  "ct_any": "CT_ANY_MAX", "lb_services": "LB_SERVICES_MAX"}
         drops = {reason: n for reason, n in self.counters().items() if reason != "forwarded"}
         summary = (f"ebpf: programs attached on {full}/{len(self.endpoints)} endpoints,"
                    f" {'synced' if self.synced else 'waiting for the agent to sync'};"

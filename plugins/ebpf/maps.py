@@ -19,7 +19,8 @@ DIR_INGRESS, DIR_EGRESS = 0, 1
 VERDICT_ALLOW, VERDICT_DENY = 1, 2
 REASONS = {0: "forwarded", 1: "policy denied (deny rule)", 2: "policy denied (by default)"}
 PROTOCOL_NAMES = {0: "any", 1: "icmp", 6: "tcp", 17: "udp", 132: "sctp"}
-MAP_NAMES = ("endpoints", "ipcache", "policy", "ct_tcp", "ct_any", "metrics")
+MAP_NAMES = ("endpoints", "ipcache", "policy", "ct_tcp", "ct_any", "metrics", "lb_services",
+             "lb_backends")
 
 
 class EndpointInfo(ct.Structure):
@@ -63,6 +64,22 @@ class DropEvent(ct.Structure):
                 ("dst_identity", u32)]
 
 
+class LBServiceKey(ct.Structure):
+    _fields_ = [("vip", IPv4Bytes), ("port", u16), ("protocol", u8), ("pad", u8)]
+
+
+class LBService(ct.Structure):
+    _fields_ = [("service_id", u32), ("count", u32)]
+
+
+class LBBackendKey(ct.Structure):
+    _fields_ = [("service_id", u32), ("slot", u32)]
+
+
+class LBBackend(ct.Structure):
+    _fields_ = [("ip", IPv4Bytes), ("port", u16), ("pad", u16)]
+
+
 TYPES = {
     "endpoints": (u32, EndpointInfo),
     "ipcache": (IPCacheKey, IPCacheValue),
@@ -70,6 +87,8 @@ TYPES = {
     "ct_tcp": (CTKey, CTValue),
     "ct_any": (CTKey, CTValue),
     "metrics": (u32, MetricsValue),
+    "lb_services": (LBServiceKey, LBService),
+    "lb_backends": (LBBackendKey, LBBackend),
 }
 
 
