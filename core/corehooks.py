@@ -41,6 +41,9 @@ class CoreHooks:
             Controller("endpoint-restore", agent.endpoints.restore),
             Controller("service-sync", agent.services.sync),
         ]
+        for plugin, source in agent.hooks.service_sources(agent):
+            controllers.append(Controller(f"service-source-{plugin}",
+                                          lambda h, s=source: agent.services.run_source(s, h)))
         if agent.clustermesh is not None:
             controllers.append(Controller("clustermesh-config", agent.clustermesh.run))
         if agent.node_routes is not None:
@@ -60,7 +63,7 @@ class CoreHooks:
 
     @hookimpl
     def meshagent_ipcache_changed(self, kind, entry):
-        if self.agent.services.local:
+        if self.agent.services.local or self.agent.services.sourced:
             self.agent.services.remerge()  # backends follow their endpoints
         if self.agent.datapath is not None:
             self._ipcache_changes.append((kind, entry))

@@ -145,6 +145,22 @@ def meshagent_policy_source(agent):
     """
 
 
+@_hookspec
+def meshagent_service_source(agent):
+    """Feed local services from elsewhere than ``meshagent service apply`` (e.g. Kubernetes
+    Services and EndpointSlices).
+
+    Fires once at agent start.
+
+    :param agent: the :class:`meshagent.agent.Agent`.
+    :returns: an async iterable of :class:`meshagent.services.ServiceUpdate` (``UPSERT`` with a
+        :class:`meshagent.service.Service` of the local cluster, or ``DELETE`` with one), consumed
+        for the agent's lifetime by a controller of its own; or None.
+    :raises: the iterable may raise: its controller is restarted with backoff and the error is
+        shown in status.
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # Events the agent publishes: observers only, called synchronously in the event loop
 # --------------------------------------------------------------------------------------------

@@ -241,6 +241,9 @@ class Hooks:
             out.extend((impl.plugin_name, s) for s in _as_list(result))
         return out
 
+    def service_sources(self, agent: Any) -> list[tuple[str, Any]]:
+        return list(self._collect("meshagent_service_source", agent=agent))
+
     def policy_sources(self, agent: Any) -> list[tuple[str, Any]]:
         return list(self._collect("meshagent_policy_source", agent=agent))
 

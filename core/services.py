@@ -47,6 +47,14 @@ class ServiceError(UsageError):
 
 
 @attrs.frozen
+class ServiceUpdate:
+    """What a service source yields."""
+
+    kind: ChangeKind
+    service: Service
+
+
+@attrs.frozen
 class MergedService:
     """What the datapath balances: a local service's frontends over the chosen backends."""
 
@@ -166,7 +174,8 @@ def _model_from_json(data: bytes, cluster: str) -> Service:
 class ServiceManager:
     def __init__(self, agent: "Agent"):
         self.agent = agent
-        self.local: dict[tuple[str, str], Service] = {}
+        self.local: dict[tuple[str, str], Service] = {}  # stored in the cluster's kvstore
+        self.sourced: dict[tuple[str, str], Service] = {}  # from source plugins
         self.merged: dict[tuple[str, str], MergedService] = {}
         self.rejected: dict[str, str] = {}
         self._changed = asyncio.Event()
@@ -240,6 +249,18 @@ class ServiceManager:
                 return
         self.remerge()
 
+    async def run_source(self, source, handle: ControllerHandle) -> None:
+        """Controller: apply what a source plugin yields."""
+        handle.ready()
+        async for update in source:
+            key = (update.service.namespace, update.service.name)
+            if update.kind is ChangeKind.UPSERT:
+                self.validate(update.service)
+                self.sourced[key] = attrs.evolve(update.service, cluster=self.agent.cluster.name)
+            else:
+                self.sourced.pop(key, None)
+            self.remerge()
+
     # -- merging --------------------------------------------------------------------------------
 
     def service_changed(self, kind: ChangeKind, service: Service) -> None:
@@ -255,7 +276,7 @@ class ServiceManager:
         merged = {}
         live = {entry.prefix.network_address for entry in self.agent.tables.ipcache.values()
                 if entry.prefix.prefixlen == 32}
-        for key, service in self.local.items():
+        for key, service in {**self.sourced, **self.local}.items():
             # a backend whose endpoint went away (no ipcache entry any more) is not used
             local_backends = tuple(b for b in service.backends if b.ip in live)
             remote_backends, conflicts = [], []

@@ -7,7 +7,9 @@ import json
 import pytest
 
 from meshagent.ipcache import IPCacheEntry
-from meshagent.services import ServiceError, parse_services
+import meshagent
+from meshagent.events import ChangeKind
+from meshagent.services import ServiceError, ServiceUpdate, parse_services
 from meshagent.testing import eventually
 
 from conftest import run_cli
@@ -158,3 +160,31 @@ def test_parsing_endpointslices_and_bad_documents():
     ]:
         with pytest.raises(ServiceError, match=message.replace("(", r"\(")):
             parse_services(text, "cluster1", "svc.yaml")
+
+
+class ServiceFeed:
+    """A service source plugin, as the k8s plugin will be (meshagent_service_source)."""
+
+    def __init__(self):
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    @meshagent.hookimpl
+    def meshagent_service_source(self, agent):
+        async def updates():
+            while True:
+                yield await self.queue.get()
+        return updates()
+
+
+async def test_service_source_hook_feeds_local_services(agent_factory):
+    feed = ServiceFeed()
+    running = await agent_factory(["--plugins", "memory", "--cluster-name", "cluster1",
+                                   "--cluster-id", "101", "--pod-cidr", "10.1.1.0/24"],
+                                  extra_plugins=[("k8s-like", feed)])
+    (service,) = parse_services(service_yaml("10.96.0.10", []), "cluster1")
+    await feed.queue.put(ServiceUpdate(ChangeKind.UPSERT, service))
+    await eventually(lambda: ("default", "protected-db") in running.agent.services.merged, 5,
+                     "sourced service")
+    assert running.agent.services.global_count() == 1
+    await feed.queue.put(ServiceUpdate(ChangeKind.DELETE, service))
+    await eventually(lambda: running.agent.services.merged == {}, 5, "removed")
