@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo docs clean
+.PHONY: setup test demo bench docs clean
 
 setup:  ## install system packages, kernel headers for bcc, bpffs, the venv (idempotent)
 	bash scripts/setup.sh
@@ -12,6 +12,9 @@ test: setup  ## the whole test suite (what CI runs)
 
 demo: setup  ## the demo of what meshagent does today
 	$(PY) scripts/demo.py
+
+bench: setup  ## all benchmarks; writes bench/results/*.json and docs/performance.md (--quick: short)
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 docs: setup  ## regenerate docs/plugin-hooks.md from the hook specs
 	$(PY) scripts/hookdocs.py > docs/plugin-hooks.md

@@ -1,0 +1,120 @@
+"""ClusterMesh sync: time from agent start to "remote ready, everything in the BPF maps".
+
+A remote cluster (cluster2) whose etcd holds N ipcache entries, N/10 identities, N/100 nodes and
+N/100 services; the agent (cluster1, memory kvstore for itself, the eBPF datapath) connects to it.
+Reported: seconds to ready (remote listed, datapath reconciled, BPF ipcache filled) and the
+agent's peak RSS, at full, 1/10 and 1/100 scale.
+
+    .venv/bin/python bench/clustermesh_sync.py [--entries 100000] [--json FILE]
+"""
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from common import MESHAGENT, BpfFs, machine, peak_rss_mib, populate, progress, \
+    remote_cluster_items
+
+from meshagent.client import AgentClient
+from meshagent.errors import MeshagentError
+from meshagent.plugins.etcd.client import EtcdKVStore
+from meshagent.plugins.etcd.config import load_etcd_config
+from meshagent.plugins.ebpf.maps import PinnedMap
+from meshagent.testing.etcd import EtcdServer
+
+
+def run_one(entries: int, workdir: Path, datapath: bool = True) -> dict:
+    tag = f"{entries}{'' if datapath else '-nodp'}"
+    server = EtcdServer(f"sync{tag}", workdir=workdir / f"etcd{tag}").start()
+    bpffs = BpfFs()
+    proc = None
+    try:
+        config = server.client_config(workdir / f"remote{tag}.yaml")
+        items = remote_cluster_items(entries, max(entries // 10, 1), max(entries // 100, 1),
+                                     max(entries // 100, 1))
+
+        async def fill():
+            store = EtcdKVStore(load_etcd_config(config))
+            await populate(store, items)
+            await store.close()
+        started = time.monotonic()
+        asyncio.run(fill())
+        progress(f"  {entries:>7} entries: remote etcd filled with {len(items)} keys in"
+                 f" {time.monotonic() - started:.1f}s")
+        mesh = workdir / f"mesh{tag}"
+        mesh.mkdir()
+        (mesh / "cluster2").write_text(config.read_text() + "kvstore: etcd\n")
+        sock = workdir / f"agent{tag}.sock"
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [MESHAGENT, "--plugins", "memory,etcd,ebpf" if datapath else "memory,etcd",
+             "--kvstore", "memory",
+             "--cluster-name", "cluster1", "--cluster-id", "101", "--clustermesh-config",
+             str(mesh), *(["--ebpf-bpf-root", str(bpffs.path)] if datapath else []),
+             "--socket-path", str(sock),
+             "--state-dir", str(workdir / f"state{tag}")],
+            stdout=open(workdir / f"agent{tag}.log", "w"), stderr=subprocess.STDOUT)
+        client = AgentClient(sock)
+        while True:
+            try:
+                status = client.get("/status")
+                section = next(s for s in status["sections"] if s["name"] == "Datapath")
+                mesh_ok = next(s for s in status["sections"] if s["name"] == "ClusterMesh")[
+                    "summary"].startswith("1/1")
+                if status["ready"] and mesh_ok and (", synced" in section["summary"]
+                                                    or not datapath):
+                    break
+            except (MeshagentError, StopIteration):
+                pass
+            if proc.poll() is not None:
+                raise SystemExit(f"agent died: {(workdir / f'agent{tag}.log').read_text()}")
+            time.sleep(0.05)
+        ready = time.monotonic() - started
+        in_map = len(PinnedMap(bpffs.path / "meshagent", "ipcache")) if datapath else None
+        rss = peak_rss_mib(proc.pid)
+        result = {"entries": entries, "keys": len(items), "datapath": datapath,
+                  "seconds_to_ready": round(ready, 2), "ipcache_in_bpf": in_map,
+                  "peak_rss_mib": round(rss, 1)}
+        progress(f"  {entries:>7} entries{'' if datapath else ' (no datapath)'}: ready in"
+                 f" {ready:.2f}s, {in_map} in the BPF ipcache, peak RSS {rss:.0f} MiB")
+        return result
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+        bpffs.close()
+        server.cleanup()
+
+
+def measure(entries: int) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="ma-bench-sync-", dir="/tmp"))
+    try:
+        runs = [run_one(n, workdir) for n in (entries // 100, entries // 10, entries)]
+        runs.append(run_one(entries, workdir, datapath=False))  # what the datapath costs
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    full = runs[2]
+    return {"machine": machine(), "runs": runs,
+            "goal_seconds_le_5": full["seconds_to_ready"] <= 5,
+            "goal_rss_le_200mib": full["peak_rss_mib"] <= 200}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    result = measure(args.entries)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Shared pieces of the benchmarks: a populated remote etcd, an agent process, measurements."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from meshagent import kvkeys
+from meshagent.identity import format_labels
+
+MESHAGENT = str(Path(sys.executable).with_name("meshagent"))
+C2 = 102 << 16
+
+
+def machine() -> str:
+    return (f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()},"
+            f" Linux {platform.release()}, Python {platform.python_version()}")
+
+
+def progress(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+async def populate(store, items: list[tuple[str, str]], concurrency: int = 256) -> None:
+    """Write many keys with bounded concurrency."""
+    import asyncio
+    queue = iter(items)
+
+    async def worker():
+        for key, value in queue:
+            await store.put(key, value.encode())
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+def remote_cluster_items(ipcache: int, identities: int, nodes: int, services: int):
+    items = [(kvkeys.cluster_config_key("cluster2"), '{"id": 102}')]
+    for i in range(nodes):
+        items.append((kvkeys.node_key("cluster2", f"node{i}"), json.dumps(
+            {"Name": f"node{i}", "Cluster": "cluster2", "ClusterID": 102,
+             "IPAddresses": [{"Type": "InternalIP", "IP": f"10.98.{i // 250}.{i % 250 + 1}"}]},
+            separators=(",", ":"))))
+    for i in range(identities):
+        labels = frozenset({f"k8s:app=app{i}", "k8s:io.kubernetes.pod.namespace=default",
+                            "k8s:io.cilium.k8s.policy.cluster=cluster2"})
+        items.append((kvkeys.identity_key(C2 + 256 + i), format_labels(labels)))
+    for i in range(ipcache):
+        ip = f"10.{200 + i // 65536}.{(i // 256) % 256}.{i % 256}"
+        items.append((kvkeys.ipcache_key("cluster2", ip), json.dumps(
+            {"IP": ip, "ID": C2 + 256 + (i % max(identities, 1)), "HostIP": "10.98.0.1"},
+            separators=(",", ":"))))
+    for i in range(services):
+        items.append((kvkeys.service_key("cluster2", "default", f"svc{i}"), json.dumps(
+            {"cluster": "cluster2", "namespace": "default", "name": f"svc{i}",
+             "frontends": {"10.97.0.1": {"p": {"Protocol": "TCP", "Port": 1000 + i}}},
+             "backends": {}, "includeExternal": True, "shared": True, "clusterID": 102},
+            separators=(",", ":"))))
+    return items
+
+
+class BpfFs:
+    def __init__(self):
+        self.path = Path(tempfile.mkdtemp(prefix="ma-bench-bpf-", dir="/tmp"))
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(self.path)], check=True)
+
+    def close(self):
+        subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

@@ -1,0 +1,190 @@
+"""All benchmarks, one run, one report: ``make bench`` (or ``make bench BENCH_ARGS=--quick``).
+
+Runs the ClusterMesh sync, propagation, identity allocation, policy resolution and datapath
+benchmarks side by side, writes their JSON to bench/results/, and writes docs/performance.md
+(tables, PNG plots, the command behind each figure, the machine). Needs root (BPF, namespaces).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+DOCS = ROOT / "docs"
+PY = sys.executable
+
+
+def step(name: str, script: str, *args: str) -> dict:
+    out = RESULTS / f"{name}.json"
+    print(f"\n=== {name}: {script} {' '.join(args)}", flush=True)
+    started = time.monotonic()
+    subprocess.run([PY, str(HERE / script), *args, "--json", str(out)], check=True, cwd=HERE)
+    print(f"=== {name} took {time.monotonic() - started:.0f}s", flush=True)
+    return json.loads(out.read_text())
+
+
+def plots(results: dict) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    made = []
+    runs = [r for r in results["sync"]["runs"] if r["datapath"]]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    xs = [r["entries"] for r in runs]
+    ax[0].plot(xs, [r["seconds_to_ready"] for r in runs], "o-")
+    ax[0].axhline(5, color="grey", linestyle="--", label="goal 5 s")
+    ax[0].set(xscale="log", xlabel="remote ipcache entries", ylabel="seconds to ready",
+              title="ClusterMesh sync")
+    ax[0].legend()
+    ax[1].plot(xs, [r["peak_rss_mib"] for r in runs], "o-", color="tab:orange")
+    ax[1].axhline(200, color="grey", linestyle="--", label="goal 200 MiB")
+    ax[1].set(xscale="log", xlabel="remote ipcache entries", ylabel="peak RSS (MiB)",
+              title="agent memory")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(DOCS / "perf-sync.png", dpi=90)
+    made.append("perf-sync.png")
+    dp = results["datapath"]["ratio_to_a"]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    names = ["(a) none", "(b) meshagent", "(c) iptables"]
+    keys = ["a_no_programs", "b_meshagent_ebpf", "c_iptables"]
+    width = 0.35
+    for i, metric in enumerate(("iperf3_gbit_s", "redis_ping_rps")):
+        ax.bar([k + i * width for k in range(3)], [dp[key][metric] for key in keys], width,
+               label=metric)
+    ax.axhline(0.95, color="grey", linestyle="--", label="goal 0.95")
+    ax.set_xticks([k + width / 2 for k in range(3)], names)
+    ax.set(ylim=(0.7, 1.1), ylabel="ratio to (a)", title="datapath overhead")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(DOCS / "perf-datapath.png", dpi=90)
+    made.append("perf-datapath.png")
+    return made
+
+
+def report(results: dict, args) -> str:
+    sync, prop, ids, pol, dp = (results[k] for k in ("sync", "propagation", "identity",
+                                                     "policy", "datapath"))
+    full = sync["runs"][2]
+    nodp = sync["runs"][3]
+    yes = lambda ok: "met" if ok else "**missed**"  # noqa: E731
+    lines = [
+        "# Performance", "",
+        f"Measured by `make bench{' BENCH_ARGS=--quick' if args.quick else ''}`"
+        f" (bench/run.py) on {sync['machine']}, {time.strftime('%Y-%m-%d')}.",
+        "Every figure is measured; comparisons are side by side in one run and stated as"
+        " ratios. Each section names the command that reproduces it alone.", "",
+        "## Summary", "",
+        "| goal | measured | |", "|---|---|---|",
+        f"| ClusterMesh sync of {full['entries']:,} entries ≤ 5 s |"
+        f" {full['seconds_to_ready']} s | {yes(sync['goal_seconds_le_5'])} |",
+        f"| … with peak RSS ≤ 200 MiB | {full['peak_rss_mib']} MiB |"
+        f" {yes(sync['goal_rss_le_200mib'])} |",
+        f"| propagation p99 ≤ 100 ms at {prop['rate_per_s']}/s | {prop['p99_ms']} ms |"
+        f" {yes(prop['goal_p99_le_100ms'])} |",
+        f"| datapath throughput and request rate ≥ 95% of no programs |"
+        f" {dp['ratio_to_a']['b_meshagent_ebpf']['iperf3_gbit_s']:.0%} /"
+        f" {dp['ratio_to_a']['b_meshagent_ebpf']['redis_ping_rps']:.0%} |"
+        f" {yes(dp['goal_b_ge_95pct'])} |",
+        f"| incremental policy update ≤ 10 ms | {pol['incremental_add_ms_median']} ms |"
+        f" {yes(pol['goal_incremental_le_10ms'])} |", "",
+        "## ClusterMesh sync", "",
+        "`.venv/bin/python bench/clustermesh_sync.py --entries "
+        f"{full['entries']}` — a remote etcd holding N ipcache entries, N/10 identities, N/100"
+        " nodes and N/100 services; time from agent start until the remote is ready and every"
+        " entry is in the BPF ipcache; the agent's peak RSS.", "",
+        "| entries (keys) | seconds to ready | in BPF ipcache | peak RSS |", "|---|---|---|---|",
+    ]
+    for r in sync["runs"]:
+        label = f"{r['entries']:,} ({r['keys']:,})" + ("" if r["datapath"] else
+                                                       ", no datapath")
+        lines.append(f"| {label} | {r['seconds_to_ready']} | {r['ipcache_in_bpf'] or '-'} |"
+                     f" {r['peak_rss_mib']} MiB |")
+    lines += ["", "![sync](perf-sync.png)", "",
+              f"What bounds memory: the run without the datapath peaks at {nodp['peak_rss_mib']}"
+              " MiB for the same entries — the Python objects of the agent's tables (about"
+              " 1.7 KiB per ipcache entry with its key, decoded entry and table slot); the eBPF"
+              " datapath adds bcc's in-process LLVM compile of the two programs at start (about"
+              " 150 MiB of peak, freed afterwards, as the 1,000-entry run shows) and the full"
+              " list handed to the first reconcile. Profiled with `.venv/bin/python"
+              " bench/memory_profile.py` (tracemalloc, no datapath, 100,000 entries): about"
+              " 100 MiB traced once ready — `ipaddress.IPv4Network` objects (two per entry,"
+              " ~25 MiB), the decoded `IPCacheEntry` rows and their JSON dicts (~22 MiB), the"
+              " listing's `KeyValue` objects (~10 MiB), table and sync dicts; the rest of the RSS"
+              " is the interpreter with aiohttp, gRPC and PyYAML. Next steps: compile the BPF"
+              " programs in a short-lived child process, and keep ipcache rows as packed integers"
+              " instead of `IPv4Network` objects.", "",
+              "## Propagation", "",
+              f"`.venv/bin/python bench/propagation.py --rate {prop['rate_per_s']} --seconds"
+              f" {prop['seconds']:g}` — remote ipcache puts at a steady rate (a separate writer"
+              " process); latency from each put to the local BPF map update.", "",
+              "| written | applied | p50 | p99 | max | kept up |", "|---|---|---|---|---|---|",
+              f"| {prop['written']:,} | {prop['applied']:,} | {prop['p50_ms']} ms |"
+              f" {prop['p99_ms']} ms | {prop['max_ms']} ms | {prop['kept_up']} |", "",
+              "## Identity allocation", "",
+              f"`.venv/bin/python bench/identity.py --agents {ids['agents']} --labels"
+              f" {ids['label_sets']}` — every agent allocates every label set at once (the race"
+              " the allocator must win), against one etcd.", "",
+              "| allocations | seconds | allocations/s | p50 | p99 | agreed, distinct |",
+              "|---|---|---|---|---|---|",
+              f"| {ids['allocations']:,} | {ids['seconds']} | {ids['allocations_per_s']} |"
+              f" {ids['p50_ms']} ms | {ids['p99_ms']} ms |"
+              f" {ids['all_agents_agree_and_ids_distinct']} |", "",
+              "The latencies are those of a burst: all allocations are issued at the same"
+              " moment, so most of them wait in line behind the per-label-set locks.", "",
+              "## Policy resolution", "",
+              f"`.venv/bin/python bench/policy.py --identities {pol['identities']} --policies"
+              f" {pol['policies']} --endpoints {pol['endpoints']}`", "",
+              "| map entries | full resolution | one incremental identity add (median / max) |"
+              " full / incremental |", "|---|---|---|---|",
+              f"| {pol['map_entries']:,} | {pol['full_resolution_s']} s |"
+              f" {pol['incremental_add_ms_median']} / {pol['incremental_add_ms_max']} ms |"
+              f" {pol['full_over_incremental']:,} |", "",
+              "## Datapath overhead", "",
+              "`.venv/bin/python bench/datapath.py --rounds 3` — two pods on one node,"
+              " medians of 3 interleaved rounds: (a) no programs,"
+              " (b) meshagent's eBPF datapath enforcing an allow policy with 10,000 extra ipcache"
+              " and 1,000 extra policy entries, (c) the same policy as stateful iptables (1,001"
+              " rules).", "",
+              "| scenario | iperf3 | ratio | redis PING | ratio |", "|---|---|---|---|---|"]
+    for key, name in (("a_no_programs", "(a) no programs"), ("b_meshagent_ebpf", "(b) eBPF"),
+                      ("c_iptables", "(c) iptables")):
+        r, q = dp["results"][key], dp["ratio_to_a"][key]
+        lines.append(f"| {name} | {r['iperf3_gbit_s']} Gbit/s | {q['iperf3_gbit_s']} |"
+                     f" {int(r['redis_ping_rps']):,}/s | {q['redis_ping_rps']} |")
+    lines += ["", "![datapath](perf-datapath.png)", "",
+              "Run-to-run noise on this 2-core machine is about ±5% (see (c) wandering above"
+              " and below (a)), as large as the overhead measured; one conntrack lookup per"
+              " packet (both directions tracked at connection start) brought (b) from 94%/90%"
+              " to within that noise.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter runs")
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    q = args.quick
+    results = {
+        "sync": step("sync", "clustermesh_sync.py", "--entries", "10000" if q else "100000"),
+        "propagation": step("propagation", "propagation.py", "--seconds", "5" if q else "30"),
+        "identity": step("identity", "identity.py", "--labels", "300" if q else "1000"),
+        "policy": step("policy", "policy.py", *(["--identities", "2000", "--policies", "200"]
+                                                if q else [])),
+        "datapath": step("datapath", "datapath.py", "--seconds", "2" if q else "5",
+                         "--rounds", "1" if q else "3"),
+    }
+    made = plots(results)
+    (DOCS / "performance.md").write_text(report(results, args))
+    print("\n" + (DOCS / "performance.md").read_text().split("## ClusterMesh sync")[0])
+    print(f"wrote docs/performance.md and {', '.join(made)}")
+
+
+if __name__ == "__main__":
+    main()
