@@ -9,6 +9,7 @@ import asyncio
 import collections
 import ctypes as ct
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,7 +77,8 @@ class EbpfDatapath:
         self.start_error = ""
         self.recent_drops: collections.deque = collections.deque(maxlen=RECENT_DROPS)
         self.subscribers: set[asyncio.Queue] = set()
-        self._readers: list[int] = []
+        self._readers: list[tuple[int, int]] = []
+        self._event_maps: list[int] = []
         agent.plugins.register(self, name="ebpf.datapath")
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -85,8 +87,9 @@ class EbpfDatapath:
         try:
             loader.ensure_bpffs(self.root)
             self.pin_dir.mkdir(exist_ok=True)
-            self.programs = await asyncio.to_thread(loader.compile_programs, self.pin_dir,
-                                                    self.defines)
+            await loader.compile_in_child(self.pin_dir, self.defines)
+            self.programs = {name: loader.PinnedProgram(self.pin_dir, name)
+                             for name in loader.PROGRAMS}
         except loader.DatapathError as exc:
             self.start_error = str(exc)
             raise
@@ -96,21 +99,48 @@ class EbpfDatapath:
         log.info("eBPF programs loaded; maps pinned under %s", self.pin_dir)
 
     def _open_drop_events(self) -> None:
-        from bcc.libbcc import lib
+        """One perf reader per CPU on each program's pinned event array, read in the loop."""
+        from bcc.libbcc import bcc_perf_buffer_opts, lib
+        from bcc.table import _LOST_CB_TYPE, _RAW_CB_TYPE
+
+        from meshagent.plugins.ebpf.maps import possible_cpus
         loop = asyncio.get_running_loop()
-        for bpf, _ in self.programs.values():
-            bpf["drop_events"].open_perf_buffer(self._on_drop, page_cnt=16)
-            for reader in bpf.perf_buffers.values():
+        callback = _RAW_CB_TYPE(lambda _, data, size: self._on_drop(0, data, size))
+        lost = ct.cast(None, _LOST_CB_TYPE)
+        self._callbacks = (callback, lost)  # ctypes callbacks must outlive the readers
+        for name in loader.PROGRAMS:
+            map_fd = lib.bpf_obj_get(str(self.pin_dir / f"events_{name}").encode())
+            if map_fd < 0:
+                raise loader.DatapathError(f"cannot open the pinned event array of {name}")
+            for cpu in range(possible_cpus()):
+                opts = bcc_perf_buffer_opts()
+                opts.pid, opts.cpu, opts.wakeup_events = -1, cpu, 1  # wake on every event
+                reader = lib.bpf_open_perf_buffer_opts(callback, lost, None, 16, ct.byref(opts))
+                if not reader:
+                    raise loader.DatapathError("could not open a perf buffer for drop events")
                 fd = lib.perf_reader_fd(reader)
+                key, value = ct.c_int(cpu), ct.c_int(fd)
+                if lib.bpf_update_elem(map_fd, ct.byref(key), ct.byref(value), 0) != 0:
+                    raise loader.DatapathError(f"cannot register the drop event reader of"
+                                               f" {name} on CPU {cpu}")
                 loop.add_reader(fd, lib.perf_reader_event_read, reader)
-                self._readers.append(fd)
+                self._readers.append((fd, reader))
+            # keep it open: the kernel drops perf entries when the map file that set them closes
+            self._event_maps.append(map_fd)
 
     async def stop(self) -> None:
         """Stop reading events; programs and pinned maps stay for the next agent."""
+        from bcc.libbcc import lib
         loop = asyncio.get_running_loop()
-        for fd in self._readers:
+        for fd, reader in self._readers:
             loop.remove_reader(fd)
+            lib.perf_reader_free(reader)
         self._readers.clear()
+        for map_fd in self._event_maps:
+            os.close(map_fd)
+        self._event_maps.clear()
+        for program in self.programs.values():
+            program.close()
         for pinned in self.maps.values():
             pinned.close()
 
@@ -120,8 +150,7 @@ class EbpfDatapath:
         self.endpoints[endpoint.id] = endpoint
         info = EndpointInfo(endpoint.id, endpoint.identity, ip_bytes(endpoint.ipv4), 0)
         self.maps["endpoints"].put(ct.c_uint32(endpoint.ifindex), info)
-        functions = {name: function for name, (_, function) in self.programs.items()}
-        await asyncio.to_thread(loader.attach, endpoint.ifindex, functions)
+        await asyncio.to_thread(loader.attach, endpoint.ifindex, self.programs)
         # read back what the kernel has, so status reports attachments, not intentions
         self.attached[endpoint.id] = await asyncio.to_thread(loader.attached, endpoint.ifindex)
 

@@ -103,6 +103,35 @@ def compile_programs(pin_dir: Path, defines: dict[str, int]) -> dict[str, tuple]
     return loaded
 
 
+async def compile_in_child(pin_dir: Path, defines: dict) -> None:
+    """Compile and pin the programs in a child process (keeps LLVM's peak out of the agent)."""
+    import asyncio
+    import json
+    import sys
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshagent.plugins.ebpf.compile", str(pin_dir),
+        json.dumps(defines), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await child.communicate()
+    if child.returncode != 0:
+        message = err.decode().strip().splitlines()
+        raise DatapathError(message[-1] if message else f"compiling the programs failed"
+                                                        f" (exit {child.returncode})")
+
+
+class PinnedProgram:
+    """A loaded program opened by its pin: what tc attaches."""
+
+    def __init__(self, pin_dir: Path, name: str):
+        from bcc.libbcc import lib
+        self.name = name
+        self.fd = lib.bpf_obj_get(str(pin_dir / f"prog_{name}").encode())
+        if self.fd < 0:
+            raise DatapathError(f"cannot open the pinned program {pin_dir / f'prog_{name}'}")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def attach(ifindex: int, functions: dict[str, object]) -> None:
     """Attach (or atomically replace) both programs on one veth."""
     with IPRoute() as ipr:
