@@ -101,7 +101,7 @@ struct ct_key {
 
 struct ct_value {
     u64 last_seen_ns;
-    u64 packets;
+    u64 packets;    /* 1 for the packet that opened it (not counted further: see conntrack.h) */
 };
 
 struct metrics_value {

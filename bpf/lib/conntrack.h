@@ -31,8 +31,10 @@ static __always_inline int ct_lookup(u32 endpoint_id, u8 direction, struct flow 
     struct ct_value *value = ct_find(&key, now, lifetime);
     if (!value)
         return 0;
-    value->last_seen_ns = now;
-    __sync_fetch_and_add(&value->packets, 1);
+    /* refresh at most once a second: a write per packet would dirty the entry's cache line
+     * on every packet, and second-granularity is plenty for expiry */
+    if (now - value->last_seen_ns > 1000000000ULL)
+        value->last_seen_ns = now;
     return 1;
 }
 
