@@ -295,6 +295,21 @@ def _endpoint_row(e: dict) -> tuple[str, ...]:
             " ".join(user))
 
 
+def _post_files(client: AgentClient, path: str, files: list[Path], field: str,
+                verb: str) -> int:
+    """Send each file's text to the agent (which validates it) and print what it took."""
+    for file in files:
+        try:
+            text = file.read_text()
+        except OSError as exc:
+            raise UsageError(f"cannot read {file}: {exc.strerror}") from None
+        done = asyncio.run(client.request("POST", path, json={"text": text, "source": str(file)},
+                                          ok=(201,)))
+        for name in done[field]:
+            print(f"{verb} {name}")
+    return 0
+
+
 def _policy_args(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True)
     imp = actions.add_parser("import", help="validate and import policy files (YAML or JSON)")
@@ -322,16 +337,7 @@ def _policy_args(parser: argparse.ArgumentParser) -> None:
 def _policy(args: argparse.Namespace) -> int:
     client = AgentClient(args.socket_path)
     if args.action == "import":
-        for path in args.files:
-            try:
-                text = path.read_text()
-            except OSError as exc:
-                raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-            done = asyncio.run(client.request("POST", "/policy", json={
-                "text": text, "source": str(path)}, ok=(201,)))
-            for name in done["imported"]:
-                print(f"imported {name}")
-        return 0
+        return _post_files(client, "/policy", args.files, "imported", "imported")
     if args.action == "delete":
         kind = "CiliumClusterwideNetworkPolicy" if args.clusterwide else "CiliumNetworkPolicy"
         namespace = "-" if args.clusterwide else args.namespace
@@ -392,16 +398,7 @@ def _service_args(parser: argparse.ArgumentParser) -> None:
 def _service(args: argparse.Namespace) -> int:
     client = AgentClient(args.socket_path)
     if args.action == "apply":
-        for path in args.files:
-            try:
-                text = path.read_text()
-            except OSError as exc:
-                raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-            done = asyncio.run(client.request("POST", "/services", json={
-                "text": text, "source": str(path)}, ok=(201,)))
-            for name in done["applied"]:
-                print(f"applied service {name}")
-        return 0
+        return _post_files(client, "/services", args.files, "applied", "applied service")
     if args.action == "delete":
         asyncio.run(client.request("DELETE", f"/services/{args.namespace}/{args.name}"))
         print(f"deleted service {args.namespace}/{args.name}")

@@ -27,7 +27,7 @@ from meshagent import kvkeys
 from meshagent.controller import ControllerHandle
 from meshagent.errors import UsageError
 from meshagent.events import ChangeKind
-from meshagent.kvstore import EventType, RevisionCompacted
+from meshagent.kvsync import follow_prefix
 from meshagent.service import Backend, Frontend, Service, service_to_json
 
 if TYPE_CHECKING:
@@ -217,23 +217,10 @@ class ServiceManager:
     # -- the cluster's services, from the kvstore -----------------------------------------------
 
     async def sync(self, handle: ControllerHandle) -> None:
-        store = self.agent.kvstore
-        while True:
-            listing = await store.list_prefix(PREFIX)
-            present = set()
-            for item in listing.items:
-                present.add(item.key)
-                self._apply_stored(item.key, item.value)
-            for namespace, name in list(self.local):
-                if f"{PREFIX}{namespace}/{name}" not in present:
-                    self._apply_stored(f"{PREFIX}{namespace}/{name}", None)
-            handle.ready()
-            try:
-                async for event in store.watch(PREFIX, after_revision=listing.revision):
-                    self._apply_stored(event.key,
-                                       event.value if event.type is EventType.PUT else None)
-            except RevisionCompacted:
-                continue
+        """Controller: the cluster's services, listed then watched in its kvstore."""
+        await follow_prefix(self.agent.kvstore, PREFIX, self._apply_stored,
+                            lambda: [f"{PREFIX}{ns}/{name}" for ns, name in self.local],
+                            handle.ready)
 
     def _apply_stored(self, key: str, value: bytes | None) -> None:
         namespace, _, name = key[len(PREFIX):].partition("/")

@@ -21,7 +21,7 @@ from meshagent.controller import Controller, ControllerHandle
 from meshagent.events import ChangeKind, PolicyChange
 from meshagent.identity import Identity
 from meshagent.ipcache import IPCacheEntry
-from meshagent.kvstore import EventType, RevisionCompacted
+from meshagent.kvsync import follow_prefix
 from meshagent.policy.api import Policy, PolicyError, parse_document, parse_policies
 from meshagent.policy.resolver import (
     EGRESS, INGRESS, MapChange, PolicyEndpoint, Resolver, Trace, trace,
@@ -170,22 +170,8 @@ class PolicyService:
 
     async def _sync_kvstore(self, handle: ControllerHandle) -> None:
         """List then watch the cluster's policies; a bad document is refused, not fatal."""
-        store = self.agent.kvstore
-        while True:
-            listing = await store.list_prefix(PREFIX)
-            present = set()
-            for item in listing.items:
-                present.add(item.key)
-                self._apply_stored(item.key, item.value)
-            for key in set(self.kv_keys) - present:
-                self._apply_stored(key, None)
-            handle.ready()
-            try:
-                async for event in store.watch(PREFIX, after_revision=listing.revision):
-                    self._apply_stored(event.key,
-                                       event.value if event.type is EventType.PUT else None)
-            except RevisionCompacted:
-                continue
+        await follow_prefix(self.agent.kvstore, PREFIX, self._apply_stored,
+                            lambda: list(self.kv_keys), handle.ready)
 
     def _apply_stored(self, key: str, value: bytes | None) -> None:
         if value is None:
