@@ -19,10 +19,11 @@ async def kv_lock(store: KVStore, name: str, ttl: float = LOCK_TTL) -> AsyncIter
     keeper = None
     try:
         while not await store.create(name, b"locked", lease=lease):
-            current = await store.get(name)
-            if current is None:
+            # watch from a listing's revision: every backend can resume from that
+            listing = await store.list_prefix(name)
+            if not any(item.key == name for item in listing.items):
                 continue
-            async for event in store.watch(name, after_revision=current.mod_revision):
+            async for event in store.watch(name, after_revision=listing.revision):
                 if event.key == name and event.type is EventType.DELETE:
                     break
         keeper = asyncio.create_task(_keep_alive(store, lease, ttl), name=f"lock:{name}")

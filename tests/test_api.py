@@ -135,8 +135,9 @@ def test_cli_against_a_real_agent_process(agent_process):
     config = run_cli("config", *sock).stdout
     assert any(line.split()[:3] == ["cluster-id", "101", "flag"] for line in config.splitlines())
     plugins = json.loads(run_cli("plugins", "-o", "json", *sock).stdout)
-    assert {p["name"]: p["status"] for p in plugins} == {"audit": "active", "ebpf": "blocked",
-                                                         "etcd": "blocked", "memory": "active"}
+    assert {p["name"]: p["status"] for p in plugins} == {
+        "audit": "active", "consul": "blocked", "ebpf": "blocked", "etcd": "blocked",
+        "memory": "active"}
     audit = run_cli("audit", "--limit", "3", *sock)
     assert audit.returncode == 0
     assert [json.loads(line)["kind"] for line in audit.stdout.splitlines()] == ["node"]

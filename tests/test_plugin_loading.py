@@ -68,7 +68,8 @@ def test_empty_required_slot_names_slot_and_candidates():
     result = run_cli("--plugins", "audit")
     assert result.returncode == 2
     assert "slot 'kvstore' is empty" in result.stderr
-    assert "plugins that could fill it: etcd (etcd), memory (memory)" in result.stderr
+    assert ("plugins that could fill it: consul (consul), etcd (etcd), memory (memory)"
+            in result.stderr)
 
 
 def test_unknown_provider_choice_is_an_error():
@@ -125,4 +126,5 @@ def test_plugins_listing_for_an_allow_list():
     result = run_cli("plugins", "--plugins", "memory")
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[2:]}
-    assert lines == {"audit": "blocked", "ebpf": "blocked", "etcd": "blocked", "memory": "active"}
+    assert lines == {"audit": "blocked", "consul": "blocked", "ebpf": "blocked",
+                     "etcd": "blocked", "memory": "active"}
