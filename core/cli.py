@@ -127,6 +127,12 @@ def run_command(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     return command.run(args)
 
 
+def _add_socket_path(parser: argparse.ArgumentParser) -> None:
+    """A sub-command's own --socket-path (argparse reads options after the action there)."""
+    parser.add_argument("--socket-path", type=Path, default=argparse.SUPPRESS,
+                        help="agent API socket [env MESHAGENT_SOCKET_PATH]")
+
+
 def _add_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
 
@@ -262,8 +268,7 @@ def _endpoint_args(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("id", type=int)
     for sub in actions.choices.values():
         _add_output(sub)
-        sub.add_argument("--socket-path", type=Path, default=argparse.SUPPRESS,
-                         help="agent API socket [env MESHAGENT_SOCKET_PATH]")
+        _add_socket_path(sub)
 
 
 def _endpoint(args: argparse.Namespace) -> int:
@@ -330,8 +335,7 @@ def _policy_args(parser: argparse.ArgumentParser) -> None:
     tr.add_argument("--dport", required=True, help="PORT or PORT/PROTO (default TCP)")
     tr.add_argument("-o", "--output", choices=("text", "json"), default="text")
     for sub in actions.choices.values():
-        sub.add_argument("--socket-path", type=Path, default=argparse.SUPPRESS,
-                         help="agent API socket [env MESHAGENT_SOCKET_PATH]")
+        _add_socket_path(sub)
 
 
 def _policy(args: argparse.Namespace) -> int:
@@ -391,8 +395,7 @@ def _service_args(parser: argparse.ArgumentParser) -> None:
     listing = actions.add_parser("list", help="services with their frontends and backends")
     _add_output(listing)
     for sub in actions.choices.values():
-        sub.add_argument("--socket-path", type=Path, default=argparse.SUPPRESS,
-                         help="agent API socket [env MESHAGENT_SOCKET_PATH]")
+        _add_socket_path(sub)
 
 
 def _service(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import pytest
 from meshagent.plugins.consul.client import ConsulKVStore
 from meshagent.testing import eventually
 from meshagent.testing.consul import ConsulStandIn
-from meshagent.testing.kvstore_contract import KVStoreContract
+from meshagent.testing.kvstore_contract import KVStoreContract, client_factory
 
 
 @pytest.fixture
@@ -29,17 +29,8 @@ class TestConsulContract(KVStoreContract):
 
     @pytest.fixture
     async def new_client(self, consul_address):
-        clients = []
-
-        async def make():
-            client = ConsulKVStore(consul_address)
-            await client.connect()
-            clients.append(client)
-            return client
-
-        yield make
-        for client in clients:
-            await client.close()
+        async with client_factory(lambda: ConsulKVStore(consul_address)) as make:
+            yield make
 
 
 async def test_unreachable_consul_is_unavailable():

@@ -9,7 +9,7 @@ from meshagent.kvstore import KVStoreUnavailable, RevisionCompacted
 from meshagent.plugins.etcd.client import EtcdKVStore
 from meshagent.plugins.etcd.config import load_etcd_config
 from meshagent.testing.etcd import EtcdServer, free_port
-from meshagent.testing.kvstore_contract import KVStoreContract, next_events
+from meshagent.testing.kvstore_contract import KVStoreContract, client_factory, next_events
 
 
 @pytest.fixture(scope="module")
@@ -26,27 +26,14 @@ def etcd_tls():
     server.cleanup()
 
 
-def _client_factory(config_path):
-    clients = []
-
-    async def make():
-        client = EtcdKVStore(load_etcd_config(config_path))
-        await client.connect()
-        clients.append(client)
-        return client
-
-    return make, clients
-
-
 class TestEtcdContract(KVStoreContract):
     lease_ttl = 2.0  # etcd rounds shorter leases up
 
     @pytest.fixture
     async def new_client(self, etcd_plain, tmp_path):
-        make, clients = _client_factory(etcd_plain.client_config(tmp_path / "etcd.yaml"))
-        yield make
-        for client in clients:
-            await client.close()
+        config = load_etcd_config(etcd_plain.client_config(tmp_path / "etcd.yaml"))
+        async with client_factory(lambda: EtcdKVStore(config)) as make:
+            yield make
 
 
 class TestEtcdTLSContract(KVStoreContract):
@@ -54,11 +41,10 @@ class TestEtcdTLSContract(KVStoreContract):
 
     @pytest.fixture
     async def new_client(self, etcd_tls, tmp_path):
-        make, clients = _client_factory(
+        config = load_etcd_config(
             etcd_tls.client_config(tmp_path / "cluster2", key="trusted-ca-file"))
-        yield make
-        for client in clients:
-            await client.close()
+        async with client_factory(lambda: EtcdKVStore(config)) as make:
+            yield make
 
 
 async def test_failover_to_the_next_endpoint(etcd_plain, tmp_path):

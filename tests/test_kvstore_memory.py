@@ -6,7 +6,7 @@ import pytest
 
 from meshagent.kvstore import KVStoreUnavailable, RevisionCompacted
 from meshagent.plugins.memory.store import MemoryKVStore, shared_store
-from meshagent.testing.kvstore_contract import KVStoreContract, next_events
+from meshagent.testing.kvstore_contract import KVStoreContract, client_factory, next_events
 
 
 class TestMemoryContract(KVStoreContract):
@@ -15,17 +15,8 @@ class TestMemoryContract(KVStoreContract):
     @pytest.fixture
     async def new_client(self):
         store = shared_store(f"contract-{uuid.uuid4().hex[:8]}")
-        clients = []
-
-        async def make():
-            client = MemoryKVStore(store)
-            await client.connect()
-            clients.append(client)
-            return client
-
-        yield make
-        for client in clients:
-            await client.close()
+        async with client_factory(lambda: MemoryKVStore(store)) as make:
+            yield make
 
 
 async def test_outage_fails_operations_and_watches(memory_kvstore):

@@ -5,15 +5,9 @@ A backend's tests subclass :class:`KVStoreContract` and provide one fixture::
     class TestMyStore(KVStoreContract):
         @pytest.fixture
         async def new_client(self):
-            clients = []
-            async def make():
-                client = MyStore(...)          # every client reaches the same store
-                await client.connect()
-                clients.append(client)
-                return client
-            yield make
-            for client in clients:
-                await client.close()
+            # every client reaches the same store; all are closed afterwards
+            async with client_factory(lambda: MyStore(...)) as make:
+                yield make
 
 Each test uses keys under a fresh prefix, so a shared real server is fine. ``lease_ttl`` may be
 overridden where the server has a minimum TTL (etcd rounds short leases up, Consul refuses
@@ -23,6 +17,7 @@ checks what a coalescing watch must still get right — revisions in order, the 
 """
 
 import asyncio
+import contextlib
 import uuid
 
 import pytest
@@ -49,6 +44,25 @@ async def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
             return True
         await asyncio.sleep(interval)
     return await predicate()
+
+
+@contextlib.asynccontextmanager
+async def client_factory(make_client):
+    """``async with client_factory(lambda: MyStore(...)) as make:`` — ``await make()`` returns a
+    connected client; every client made is closed on exit. For ``new_client`` fixtures."""
+    clients = []
+
+    async def make():
+        client = make_client()
+        await client.connect()
+        clients.append(client)
+        return client
+
+    try:
+        yield make
+    finally:
+        for client in clients:
+            await client.close()
 
 
 class KVStoreContract:
