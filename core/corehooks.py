@@ -40,10 +40,12 @@ class CoreHooks:
             Controller("local-cluster-sync", self._sync_local_cluster),
             Controller("endpoint-restore", agent.endpoints.restore),
             Controller("service-sync", agent.services.sync),
+            Controller("service-export", agent.services.export),
         ]
         for plugin, source in agent.hooks.service_sources(agent):
-            controllers.append(Controller(f"service-source-{plugin}",
-                                          lambda h, s=source: agent.services.run_source(s, h)))
+            controllers.append(Controller(
+                f"service-source-{plugin}",
+                lambda h, s=source, p=plugin: agent.services.run_source(s, h, p)))
         if agent.clustermesh is not None:
             controllers.append(Controller("clustermesh-config", agent.clustermesh.run))
         if agent.node_routes is not None:

@@ -31,11 +31,13 @@ class Endpoint:
     pod_name: str = ""
     host_mac: str = ""
     pod_mac: str = ""
+    plugin_labels: frozenset[str] = frozenset()  # the part of ``labels`` plugins supplied
 
 
 def endpoint_to_json(endpoint: Endpoint) -> str:
     doc = attrs.asdict(endpoint)
     doc["labels"] = sorted(endpoint.labels)
+    doc["plugin_labels"] = sorted(endpoint.plugin_labels)
     doc["ipv4"] = str(endpoint.ipv4)
     return json.dumps(doc, indent=2)
 
@@ -43,6 +45,7 @@ def endpoint_to_json(endpoint: Endpoint) -> str:
 def endpoint_from_json(text: str) -> Endpoint:
     doc = json.loads(text)
     doc["labels"] = frozenset(doc["labels"])
+    doc["plugin_labels"] = frozenset(doc.get("plugin_labels", ()))
     doc["ipv4"] = ipaddress.IPv4Address(doc["ipv4"])
     return Endpoint(**doc)
 

@@ -64,6 +64,7 @@ class EndpointManager:
 
     async def create(self, request: EndpointRequest) -> Endpoint:
         labels = endpoint_labels(request.labels, request.namespace, self.agent.cluster.name)
+        plugin_labels = await self._plugin_labels(request.namespace, request.pod_name)
         if not 0 < len(request.pod_ifname) <= 15:
             raise UsageError(f"invalid interface name {request.pod_ifname!r}")
         podnet.netns_path(request.netns)  # a clear error before anything is made
@@ -73,7 +74,7 @@ class EndpointManager:
                 raise UsageError(f"container {request.container_id} already has an endpoint")
             undo: list[Callable[[], Awaitable[None]]] = []
             try:
-                return await self._create(request, labels, undo)
+                return await self._create(request, labels | plugin_labels, plugin_labels, undo)
             except BaseException:
                 for step in reversed(undo):
                     try:
@@ -82,7 +83,8 @@ class EndpointManager:
                         log.exception("undoing a failed endpoint create")
                 raise
 
-    async def _create(self, request: EndpointRequest, labels: frozenset[str], undo) -> Endpoint:
+    async def _create(self, request: EndpointRequest, labels: frozenset[str],
+                      plugin_labels: frozenset[str], undo) -> Endpoint:
         await self._prepare_node()
         endpoint_id = max(self.endpoints, default=0) + 1
         seed = request.container_id or f"{request.netns}/{request.pod_ifname}"
@@ -99,7 +101,7 @@ class EndpointManager:
             identity=identity.id, ifname=host_ifname, ifindex=wired["host_ifindex"],
             netns=request.netns, pod_ifname=request.pod_ifname,
             container_id=request.container_id, pod_name=request.pod_name,
-            host_mac=wired["host_mac"], pod_mac=wired["pod_mac"])
+            host_mac=wired["host_mac"], pod_mac=wired["pod_mac"], plugin_labels=plugin_labels)
         await self._activate(endpoint, undo)
         self._save(endpoint)
         log.info("endpoint %d created: %s in %s, identity %d", endpoint.id, address,
@@ -117,6 +119,42 @@ class EndpointManager:
             await self.agent.datapath.endpoint_added(endpoint)
             undo.append(lambda: self.agent.datapath.endpoint_removed(endpoint))
         self.agent.hooks.endpoint_changed(kind=ChangeKind.UPSERT, endpoint=endpoint)
+
+    async def _plugin_labels(self, namespace: str, pod_name: str) -> frozenset[str]:
+        if not pod_name:
+            return frozenset()
+        return await self.agent.hooks.endpoint_labels(agent=self.agent, namespace=namespace,
+                                                      pod_name=pod_name)
+
+    # -- labels changed elsewhere ---------------------------------------------------------------
+
+    async def refresh_labels(self, namespace: str, pod_name: str) -> list[Endpoint]:
+        """Ask the plugins again for a pod's labels; an endpoint whose labels changed gets the
+        identity of its new labels (allocated before the old one is released, so the pod is
+        never without one) and the datapath and the rest of the agent hear of it.
+
+        Returns the endpoints that changed. Raises what the label hook raises; then nothing
+        changed.
+        """
+        changed = []
+        async with self._lock:
+            for endpoint in [e for e in self.endpoints.values()
+                             if e.pod_name == pod_name and e.namespace == namespace]:
+                plugin_labels = await self._plugin_labels(namespace, pod_name)
+                labels = (endpoint.labels - endpoint.plugin_labels) | plugin_labels
+                if labels == endpoint.labels:
+                    continue
+                old = Identity(endpoint.identity, endpoint.labels, self.agent.cluster.name)
+                identity = await self.agent.identity_allocator.allocate(labels)
+                updated = attrs.evolve(endpoint, labels=labels, plugin_labels=plugin_labels,
+                                       identity=identity.id)
+                await self._activate(updated, [])
+                self._save(updated)
+                await self.agent.identity_allocator.release(old)
+                log.info("endpoint %d (%s/%s) relabelled: identity %d -> %d", endpoint.id,
+                         namespace, pod_name, old.id, identity.id)
+                changed.append(updated)
+        return changed
 
     def _ipcache_entry(self, endpoint: Endpoint) -> IPCacheEntry:
         return IPCacheEntry(ipaddress.IPv4Network(f"{endpoint.ipv4}/32"), endpoint.identity,

@@ -161,6 +161,24 @@ def meshagent_service_source(agent):
     """
 
 
+@_hookspec
+def meshagent_endpoint_labels(agent, namespace, pod_name):
+    """Labels of a pod known elsewhere than the CNI call (e.g. the Kubernetes API).
+
+    Fires when an endpoint for pod ``namespace/pod_name`` is created, and again when a plugin
+    asks the agent to refresh that pod's labels (``agent.endpoints.refresh_labels``).
+
+    :param agent: the :class:`meshagent.agent.Agent`.
+    :param namespace: the pod's namespace.
+    :param pod_name: the pod's name (never empty: endpoints without one are not asked about).
+    :returns: None when the plugin does not know the pod, else an awaitable resolving to an
+        iterable of source-prefixed labels (``k8s:app=db``); the agent adds them to the labels
+        given at creation and derives the identity from the union.
+    :raises: the awaitable may raise :class:`meshagent.errors.UsageError` naming why the pod's
+        labels cannot be had; the endpoint create then fails with that message.
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # Events the agent publishes: observers only, called synchronously in the event loop
 # --------------------------------------------------------------------------------------------

@@ -247,6 +247,14 @@ class Hooks:
     def policy_sources(self, agent: Any) -> list[tuple[str, Any]]:
         return list(self._collect("meshagent_policy_source", agent=agent))
 
+    async def endpoint_labels(self, agent: Any, namespace: str, pod_name: str) -> frozenset[str]:
+        """The union of what every plugin knows of the pod's labels."""
+        labels: set[str] = set()
+        for _, awaitable in list(self._collect("meshagent_endpoint_labels", agent=agent,
+                                               namespace=namespace, pod_name=pod_name)):
+            labels.update(await awaitable)
+        return frozenset(labels)
+
     def api_routes(self, agent: Any) -> list[tuple[str, Any]]:
         return list(self._collect("meshagent_api_routes", agent=agent))
 

@@ -2,10 +2,11 @@
 across clusters.
 
 A service applied to any agent is stored in the cluster's kvstore
-(``meshagent/services/v1/<ns>/<name>``), so every agent of the cluster knows it; a global,
-shared one is also exported as Cilium's ClusterService under
+(``meshagent/services/v1/<ns>/<name>``), so every agent of the cluster knows it; source plugins
+(Kubernetes Services) feed more. A global, shared one is exported as Cilium's ClusterService under
 ``cilium/state/services/v1/<cluster>/<ns>/<name>``, where remote clusters' agents find it through
-ClusterMesh. Each agent merges the backends of its cluster's global services with those of the
+ClusterMesh: every agent reconciles that prefix to what it knows (the same writes from each, as
+idempotent as Cilium's operator doing it once). Each agent merges the backends of its cluster's global services with those of the
 same namespace/name from every remote cluster, by the annotations:
 
 - ``service.cilium.io/global: "true"`` (old alias ``io.cilium/global-service``): merge at all;
@@ -84,9 +85,15 @@ def parse_services(text: str, cluster: str, source: str = "input") -> list[Servi
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise ServiceError(f"{source}: not valid YAML/JSON: {exc}") from None
+    return services_from_documents(docs, cluster, [f"{source} document {i}"
+                                                   for i in range(1, len(docs) + 1)])
+
+
+def services_from_documents(docs: list, cluster: str, names: list[str]) -> list[Service]:
+    """The parsed form of :func:`parse_services`; ``names`` says what to call each document in
+    an error. Only ready endpoints of IPv4 EndpointSlices are backends."""
     services, backends = [], {}
-    for i, doc in enumerate(docs, 1):
-        where = f"{source} document {i}"
+    for doc, where in zip(docs, names):
         if not isinstance(doc, dict):
             raise ServiceError(f"{where}: must be a mapping")
         meta = doc.get("metadata") or {}
@@ -106,7 +113,11 @@ def parse_services(text: str, cluster: str, source: str = "input") -> list[Servi
                              where))
         elif kind == "EndpointSlice":
             owner = (meta.get("labels") or {}).get("kubernetes.io/service-name", name)
+            if doc.get("addressType", "IPv4") != "IPv4":
+                continue
             for endpoint in doc.get("endpoints") or []:
+                if (endpoint.get("conditions") or {}).get("ready") is False:
+                    continue
                 for address in endpoint.get("addresses") or []:
                     for port in doc.get("ports") or []:
                         backends.setdefault((namespace, owner), []).append(
@@ -179,6 +190,8 @@ class ServiceManager:
         self.merged: dict[tuple[str, str], MergedService] = {}
         self.rejected: dict[str, str] = {}
         self._changed = asyncio.Event()
+        self.exports: dict[str, bytes] = {}  # ClusterService key -> value, for remote clusters
+        self._export_wake = asyncio.Event()
 
     # -- apply / delete (API) -------------------------------------------------------------------
 
@@ -186,6 +199,7 @@ class ServiceManager:
         cidrs = list(self.agent.config.get("pod-cidr"))
         cidrs += [c for node in self.agent.tables.nodes.values()
                   if node.cluster == self.agent.cluster.name for c in node.pod_cidrs]
+        cidrs = list(dict.fromkeys(cidrs))
         for backend in service.backends:
             if not any(backend.ip in cidr for cidr in cidrs):
                 raise ServiceError(
@@ -197,22 +211,13 @@ class ServiceManager:
         services = parse_services(text, self.agent.cluster.name, source)
         for service in services:
             self.validate(service)
-        store = self.agent.kvstore
         for service in services:
-            await store.put(f"{PREFIX}{service.namespace}/{service.name}",
-                            _model_to_json(service))
-            export = kvkeys.service_key(self.agent.cluster.name, service.namespace, service.name)
-            if service.global_ and service.shared:
-                await store.put(export, service_to_json(attrs.evolve(
-                    service, cluster_id=self.agent.cluster.id)))
-            else:
-                await store.delete(export)
+            await self.agent.kvstore.put(f"{PREFIX}{service.namespace}/{service.name}",
+                                         _model_to_json(service))
         return services
 
     async def delete(self, namespace: str, name: str) -> bool:
-        store = self.agent.kvstore
-        await store.delete(kvkeys.service_key(self.agent.cluster.name, namespace, name))
-        return await store.delete(f"{PREFIX}{namespace}/{name}")
+        return await self.agent.kvstore.delete(f"{PREFIX}{namespace}/{name}")
 
     # -- the cluster's services, from the kvstore -----------------------------------------------
 
@@ -236,17 +241,52 @@ class ServiceManager:
                 return
         self.remerge()
 
-    async def run_source(self, source, handle: ControllerHandle) -> None:
-        """Controller: apply what a source plugin yields."""
+    async def run_source(self, source, handle: ControllerHandle, plugin: str = "") -> None:
+        """Controller: apply what a source plugin yields; a service that fails validation is
+        refused (shown in status) and its last good version stays."""
         handle.ready()
         async for update in source:
             key = (update.service.namespace, update.service.name)
+            where = f"{plugin} service {key[0]}/{key[1]}"
             if update.kind is ChangeKind.UPSERT:
-                self.validate(update.service)
+                try:
+                    self.validate(update.service)
+                except ServiceError as exc:
+                    self.rejected[where] = str(exc)
+                    log.error("refusing %s: %s (the last good version stays)", where, exc)
+                    continue
                 self.sourced[key] = attrs.evolve(update.service, cluster=self.agent.cluster.name)
             else:
                 self.sourced.pop(key, None)
+            self.rejected.pop(where, None)
             self.remerge()
+
+    # -- export to remote clusters --------------------------------------------------------------
+
+    def _exports(self) -> dict[str, bytes]:
+        cluster = self.agent.cluster
+        return {kvkeys.service_key(cluster.name, s.namespace, s.name):
+                service_to_json(attrs.evolve(s, cluster=cluster.name, cluster_id=cluster.id))
+                for s in {**self.sourced, **self.local}.values() if s.global_ and s.shared}
+
+    async def export(self, handle: ControllerHandle) -> None:
+        """Controller: make ``cilium/state/services/v1/<cluster>/`` hold exactly this cluster's
+        global, shared services. It starts once the agent is synced (so a restart does not
+        withdraw what the sources have not listed yet) and follows every change after."""
+        handle.ready()
+        await self.agent.ready_event.wait()
+        store = self.agent.kvstore
+        prefix = kvkeys.service_key(self.agent.cluster.name, "", "")[:-1]
+        while True:
+            self._export_wake.clear()
+            wanted = self.exports
+            present = {kv.key: kv.value for kv in (await store.list_prefix(prefix)).items}
+            for key in present.keys() - wanted.keys():
+                await store.delete(key)
+            for key, value in wanted.items():
+                if present.get(key) != value:
+                    await store.put(key, value)
+            await self._export_wake.wait()
 
     # -- merging --------------------------------------------------------------------------------
 
@@ -279,6 +319,10 @@ class ServiceManager:
             chosen = _by_affinity(service.affinity, list(local_backends), remote_backends)
             merged[key] = MergedService(service, tuple(chosen), len(remote_backends),
                                         tuple(conflicts))
+        exports = self._exports()
+        if exports != self.exports:
+            self.exports = exports
+            self._export_wake.set()
         if merged != self.merged:
             self.merged = merged
             self._changed.set()

@@ -225,3 +225,31 @@ def test_commands_hook_adds_cli_commands():
     result = run_cli("audit", "--help")
     assert result.returncode == 0
     assert "most recent recorded changes" in result.stdout and "--limit" in result.stdout
+
+
+async def test_endpoint_labels_are_the_union_of_what_plugins_know(agent_factory):
+    """``meshagent_endpoint_labels``: None means "not mine"; an error names the pod."""
+    class Registry:
+        @meshagent.hookimpl
+        def meshagent_endpoint_labels(self, agent, namespace, pod_name):
+            async def labels():
+                if pod_name == "broken":
+                    raise UsageError(f"pod {namespace}/{pod_name}: unreadable")
+                return [f"k8s:app={pod_name}"]
+            return labels() if namespace == "default" else None
+
+    class Team:
+        @meshagent.hookimpl
+        def meshagent_endpoint_labels(self, namespace, pod_name):
+            async def labels():
+                return {"k8s:team=blue"}
+            return labels()
+
+    running = await agent_factory(extra_plugins=[("registry", Registry()), ("team", Team())])
+    hooks, agent = running.agent.hooks, running.agent
+    assert await hooks.endpoint_labels(agent=agent, namespace="default", pod_name="db") == {
+        "k8s:app=db", "k8s:team=blue"}
+    assert await hooks.endpoint_labels(agent=agent, namespace="other", pod_name="db") == {
+        "k8s:team=blue"}
+    with pytest.raises(UsageError, match="pod default/broken: unreadable"):
+        await hooks.endpoint_labels(agent=agent, namespace="default", pod_name="broken")

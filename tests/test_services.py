@@ -188,3 +188,37 @@ async def test_service_source_hook_feeds_local_services(agent_factory):
     assert running.agent.services.global_count() == 1
     await feed.queue.put(ServiceUpdate(ChangeKind.DELETE, service))
     await eventually(lambda: running.agent.services.merged == {}, 5, "removed")
+
+
+async def test_export_prefix_holds_exactly_the_clusters_global_shared_services(
+        agent_factory, memory_kvstore):
+    """Sourced services are exported like applied ones; a key left from a service deleted while
+    every agent was down is withdrawn once the agent is synced."""
+    from meshagent import kvkeys
+    feed = ServiceFeed()
+    stale = kvkeys.service_key("cluster1", "default", "gone")
+    await memory_kvstore.put(stale, b'{"cluster":"cluster1","namespace":"default"}')
+    running = await agent_factory(["--plugins", "memory", "--cluster-name", "cluster1",
+                                   "--cluster-id", "101", "--pod-cidr", "10.1.1.0/24",
+                                   "--memory-store", memory_kvstore.store.name],
+                                  extra_plugins=[("k8s-like", feed)])
+    store = running.agent.kvstore
+    (service,) = parse_services(service_yaml("10.96.0.10", []), "cluster1")
+    await feed.queue.put(ServiceUpdate(ChangeKind.UPSERT, service))
+    key = kvkeys.service_key("cluster1", "default", "protected-db")
+    listing = None
+    for _ in range(100):
+        listing = {kv.key for kv in (await store.list_prefix(
+            kvkeys.service_key("cluster1", "", "")[:-1])).items}
+        if listing == {key}:
+            break
+        await asyncio.sleep(0.05)
+    assert listing == {key}
+    exported = json.loads((await store.get(key)).value)
+    assert (exported["clusterID"], exported["includeExternal"]) == (101, True)
+    await feed.queue.put(ServiceUpdate(ChangeKind.DELETE, service))
+    for _ in range(100):
+        if await store.get(key) is None:
+            break
+        await asyncio.sleep(0.05)
+    assert await store.get(key) is None

@@ -17,6 +17,8 @@ import uuid
 
 from aiohttp import web
 
+from meshagent.testing.netlab import listening_socket
+
 MIN_TTL = 10.0
 
 
@@ -51,11 +53,15 @@ class ConsulStandIn:
         app.router.add_put("/v1/session/destroy/{id}", self._session_destroy)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = await self.listen()
         return self
+
+    async def listen(self, netns: str | None = None, host: str = "127.0.0.1",
+                     port: int = 0) -> str:
+        """Answer on one more address (e.g. inside an agent's network namespace too)."""
+        sock = await asyncio.to_thread(listening_socket, netns, host, port)
+        await web.SockSite(self.runner, sock).start()
+        return f"http://{host}:{sock.getsockname()[1]}"
 
     async def stop(self) -> None:
         for session in self.sessions.values():

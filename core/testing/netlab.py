@@ -5,6 +5,7 @@ Nothing is linked to the root namespace: traffic stays between namespaces made h
 
 import os
 import secrets
+import socket
 import subprocess
 from pathlib import Path
 
@@ -67,3 +68,22 @@ class NetLab:
 
 def can_run() -> bool:
     return os.geteuid() == 0 and Path("/var/run/netns").parent.exists()
+
+
+def listening_socket(netns: str | None, host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A non-blocking listening TCP socket, made inside ``netns`` when given: a server in the
+    test process can then answer agents that run in that namespace (the socket stays there).
+    Blocking (setns on the calling thread): call it through ``asyncio.to_thread``."""
+    from meshagent import podnet
+
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
+    if netns is None:
+        return make()
+    with podnet.in_netns(podnet.netns_path(netns)):
+        return make()
