@@ -140,8 +140,9 @@ def meshagent_policy_source(agent):
     :returns: an async iterable of :class:`meshagent.policy.service.PolicyUpdate` (an
         ``UPSERT`` with a parsed :class:`meshagent.policy.api.Policy`, or a ``DELETE`` with its
         key), consumed for the agent's lifetime by a controller of its own; or None.
-    :raises: the iterable may raise: its controller is restarted with backoff and the error is
-        shown in status.
+    :raises: the iterable may raise: the error is shown in status and its controller restarts
+        with backoff, iterating the same object again — an async generator is finished once it
+        has raised, so a source meant to outlive errors handles them itself.
     """
 
 
@@ -156,8 +157,9 @@ def meshagent_service_source(agent):
     :returns: an async iterable of :class:`meshagent.services.ServiceUpdate` (``UPSERT`` with a
         :class:`meshagent.service.Service` of the local cluster, or ``DELETE`` with one), consumed
         for the agent's lifetime by a controller of its own; or None.
-    :raises: the iterable may raise: its controller is restarted with backoff and the error is
-        shown in status.
+    :raises: the iterable may raise: the error is shown in status and its controller restarts
+        with backoff, iterating the same object again — an async generator is finished once it
+        has raised, so a source meant to outlive errors handles them itself.
     """
 
 

@@ -27,3 +27,17 @@ def test_manifest_documents_agree():
     assert {"cluster2", "cluster2-etcd-client-ca.crt", "cluster2-etcd-client.crt",
             "cluster2-etcd-client.key"} <= set(secret)
     assert yaml.safe_load(secret["cluster2"])["ca-file"].startswith(mounts["clustermesh"])
+
+
+def test_the_cluster_role_grants_what_the_k8s_plugin_reads():
+    from meshagent.plugins.k8s.client import (
+        CCNPS, CNPS, ENDPOINT_SLICES, NAMESPACES, PODS, SERVICES,
+    )
+    docs = {d["kind"]: d for d in yaml.safe_load_all(MANIFEST.read_text())}
+    assert "k8s" in docs["ConfigMap"]["data"]["plugins"].split(",")
+    granted = {(group, resource) for rule in docs["ClusterRole"]["rules"]
+               if {"get", "list", "watch"} <= set(rule["verbs"])
+               for group in rule["apiGroups"] for resource in rule["resources"]}
+    for read in (NAMESPACES, PODS, SERVICES, ENDPOINT_SLICES, CNPS, CCNPS):
+        group = read.api_version.rpartition("/")[0]
+        assert (group, read.plural) in granted, read
