@@ -111,6 +111,8 @@ class CoreHooks:
     def meshagent_node_changed(self, kind, node):
         if self.agent.node_routes is not None:
             self.agent.node_routes.node_changed(kind, node)
+        if node.cluster == self.agent.cluster.name and self.agent.services.refused_updates:
+            self.agent.services.revalidate()
 
     async def _connect_kvstore(self, handle: ControllerHandle) -> None:
         # Raises KVStoreUnavailable while the store is down: the controller retries with backoff.

@@ -133,28 +133,38 @@ class EndpointManager:
         identity of its new labels (allocated before the old one is released, so the pod is
         never without one) and the datapath and the rest of the agent hear of it.
 
-        Returns the endpoints that changed. Raises what the label hook raises; then nothing
-        changed.
+        The labels are fetched outside the endpoint lock (creates and deletes do not wait on
+        the network). Returns the endpoints that changed. Raises what the label hook raises, or
+        what applying the change raised after undoing it; either way nothing changed.
         """
+        plugin_labels = await self._plugin_labels(namespace, pod_name)
         changed = []
         async with self._lock:
             for endpoint in [e for e in self.endpoints.values()
                              if e.pod_name == pod_name and e.namespace == namespace]:
-                plugin_labels = await self._plugin_labels(namespace, pod_name)
                 labels = (endpoint.labels - endpoint.plugin_labels) | plugin_labels
-                if labels == endpoint.labels:
-                    continue
-                old = Identity(endpoint.identity, endpoint.labels, self.agent.cluster.name)
-                identity = await self.agent.identity_allocator.allocate(labels)
-                updated = attrs.evolve(endpoint, labels=labels, plugin_labels=plugin_labels,
-                                       identity=identity.id)
-                await self._activate(updated, [])
-                self._save(updated)
-                await self.agent.identity_allocator.release(old)
-                log.info("endpoint %d (%s/%s) relabelled: identity %d -> %d", endpoint.id,
-                         namespace, pod_name, old.id, identity.id)
-                changed.append(updated)
+                if labels != endpoint.labels:
+                    changed.append(await self._relabel(endpoint, labels, plugin_labels))
         return changed
+
+    async def _relabel(self, endpoint: Endpoint, labels: frozenset[str],
+                       plugin_labels: frozenset[str]) -> Endpoint:
+        cluster = self.agent.cluster.name
+        identity = await self.agent.identity_allocator.allocate(labels)
+        updated = attrs.evolve(endpoint, labels=labels, plugin_labels=plugin_labels,
+                               identity=identity.id)
+        try:
+            await self._activate(updated, [])
+        except BaseException:
+            await self._activate(endpoint, [])  # back to what it was
+            await self.agent.identity_allocator.release(identity)
+            raise
+        self._save(updated)
+        await self.agent.identity_allocator.release(Identity(endpoint.identity, endpoint.labels,
+                                                             cluster))
+        log.info("endpoint %d (%s/%s) relabelled: identity %d -> %d", endpoint.id,
+                 endpoint.namespace, endpoint.pod_name, endpoint.identity, identity.id)
+        return updated
 
     def _ipcache_entry(self, endpoint: Endpoint) -> IPCacheEntry:
         return IPCacheEntry(ipaddress.IPv4Network(f"{endpoint.ipv4}/32"), endpoint.identity,

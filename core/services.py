@@ -191,6 +191,10 @@ class ServiceManager:
         self.rejected: dict[str, str] = {}
         self._changed = asyncio.Event()
         self.exports: dict[str, bytes] = {}  # ClusterService key -> value, for remote clusters
+        self._written: dict[str, bytes] = {}  # what this agent exported
+        self._swept = False
+        self.sources = 0  # service source plugins feeding this agent
+        self.refused_updates: dict[tuple[str, str], tuple[str, Service]] = {}
         self._export_wake = asyncio.Event()
 
     # -- apply / delete (API) -------------------------------------------------------------------
@@ -239,27 +243,53 @@ class ServiceManager:
                 self.rejected[key] = f"malformed stored service: {exc}"
                 log.error("refusing stored service %s: %s", key, exc)
                 return
-        self.remerge()
+        self._services_changed()
 
     async def run_source(self, source, handle: ControllerHandle, plugin: str = "") -> None:
         """Controller: apply what a source plugin yields; a service that fails validation is
-        refused (shown in status) and its last good version stays."""
+        refused (shown in status), its last good version stays, and it is checked again when
+        the cluster's nodes (and so its pod CIDRs) change."""
+        self.sources += 1
         handle.ready()
         async for update in source:
             key = (update.service.namespace, update.service.name)
             where = f"{plugin} service {key[0]}/{key[1]}"
+            self.refused_updates.pop(key, None)
             if update.kind is ChangeKind.UPSERT:
                 try:
                     self.validate(update.service)
                 except ServiceError as exc:
                     self.rejected[where] = str(exc)
+                    self.refused_updates[key] = (where, update.service)
                     log.error("refusing %s: %s (the last good version stays)", where, exc)
                     continue
                 self.sourced[key] = attrs.evolve(update.service, cluster=self.agent.cluster.name)
             else:
                 self.sourced.pop(key, None)
             self.rejected.pop(where, None)
-            self.remerge()
+            self._services_changed()
+
+    def revalidate(self) -> None:
+        """The cluster's nodes changed: a sourced service refused for a backend outside every
+        known pod CIDR may be fine now."""
+        for key, (where, service) in list(self.refused_updates.items()):
+            try:
+                self.validate(service)
+            except ServiceError as exc:
+                self.rejected[where] = str(exc)
+                continue
+            del self.refused_updates[key]
+            self.rejected.pop(where, None)
+            self.sourced[key] = attrs.evolve(service, cluster=self.agent.cluster.name)
+            log.info("accepting %s now", where)
+            self._services_changed()
+
+    def _services_changed(self) -> None:
+        exports = self._exports()
+        if exports != self.exports:
+            self.exports = exports
+            self._export_wake.set()
+        self.remerge()
 
     # -- export to remote clusters --------------------------------------------------------------
 
@@ -270,28 +300,47 @@ class ServiceManager:
                 for s in {**self.sourced, **self.local}.values() if s.global_ and s.shared}
 
     async def export(self, handle: ControllerHandle) -> None:
-        """Controller: make ``cilium/state/services/v1/<cluster>/`` hold exactly this cluster's
-        global, shared services. It starts once the agent is synced (so a restart does not
-        withdraw what the sources have not listed yet) and follows every change after."""
+        """Controller: write this cluster's global, shared services as Cilium's ClusterServices
+        for the other clusters, and take back those that stop being global or go away.
+
+        It starts once the agent is synced. An agent with a service source then clears keys
+        under ``cilium/state/services/v1/<cluster>/`` that nobody wants any more (a Service
+        deleted while every agent was down); after that it deletes only what it wrote itself,
+        so agents whose views differ for a moment never keep undoing each other, and it writes
+        a wanted key again if the key disappears.
+        """
         handle.ready()
         await self.agent.ready_event.wait()
         store = self.agent.kvstore
-        prefix = kvkeys.service_key(self.agent.cluster.name, "", "")[:-1]
+        if self.sources and not self._swept:
+            prefix = kvkeys.service_key(self.agent.cluster.name, "", "")[:-1]
+            for kv in (await store.list_prefix(prefix)).items:
+                if kv.key not in self.exports:
+                    await store.delete(kv.key)
+                    log.info("withdrew %s: no such global service any more", kv.key)
+            self._swept = True
         while True:
             self._export_wake.clear()
             wanted = self.exports
-            present = {kv.key: kv.value for kv in (await store.list_prefix(prefix)).items}
-            for key in present.keys() - wanted.keys():
+            local = self.agent.cluster.name
+            present = {kvkeys.service_key(local, s.namespace, s.name)
+                       for s in self.agent.tables.services.values() if s.cluster == local}
+            for key in self._written.keys() - wanted.keys():
                 await store.delete(key)
+                del self._written[key]
             for key, value in wanted.items():
-                if present.get(key) != value:
+                if self._written.get(key) != value or key not in present:
                     await store.put(key, value)
+                    self._written[key] = value
             await self._export_wake.wait()
 
     # -- merging --------------------------------------------------------------------------------
 
     def service_changed(self, kind: ChangeKind, service: Service) -> None:
-        """A remote (or exported) ClusterService changed: merge again."""
+        """A remote (or exported) ClusterService changed: merge again; one of ours deleted
+        behind our back is written again."""
+        if kind is ChangeKind.DELETE and service.cluster == self.agent.cluster.name:
+            self._export_wake.set()
         self.remerge()
 
     def remerge(self) -> None:
@@ -319,10 +368,6 @@ class ServiceManager:
             chosen = _by_affinity(service.affinity, list(local_backends), remote_backends)
             merged[key] = MergedService(service, tuple(chosen), len(remote_backends),
                                         tuple(conflicts))
-        exports = self._exports()
-        if exports != self.exports:
-            self.exports = exports
-            self._export_wake.set()
         if merged != self.merged:
             self.merged = merged
             self._changed.set()

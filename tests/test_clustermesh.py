@@ -230,17 +230,13 @@ async def test_foreign_and_malformed_entries_are_rejected_and_counted(mesh):
         kvkeys.node_key("cluster2", "n2"): node_to_json(Node("n2", "cluster3", 103)).decode(),
         kvkeys.ipcache_key("cluster2", "10.2.0.9"): ipcache_to_json(IPCacheEntry(
             ipaddress.ip_network("10.2.0.9/32"), (101 << 16) + 256, "cluster2")).decode(),
+        kvkeys.service_key("cluster2", "default", "broken"): "{not json",
     }
     for key, value in bad.items():
         await w2.put(key, value.encode())
     await w2.put(kvkeys.identity_key(C2_BASE + 256), good_labels.encode())
-    a2 = await mesh.start(2)
-    # cluster2's agents own their export prefix and clear what they did not put there: the
-    # garbage goes in after their first reconcile, as if written behind their back
-    await wait_for(lambda: a2.agent.ready, 10, "cluster2 ready")
-    await asyncio.sleep(0.3)
-    await w2.put(kvkeys.service_key("cluster2", "default", "broken"), b"{not json")
     a1 = await mesh.start(1)
+    await mesh.start(2)
     await wait_for(lambda: remote(a1, "cluster2").ready, 10, "ready")
     sync = remote(a1, "cluster2").sync
     assert dict(sync.rejected) == {"identities": 4, "nodes": 2, "endpoints": 1, "services": 1}

@@ -64,7 +64,9 @@ def pod(namespace: str, name: str, labels: dict, node: str = "node1", account: s
 
 
 def policy_names(running) -> set[str]:
-    return {p.display for p in running.agent.policy_resolver.policies()}
+    """This run's policies (a real cluster may hold others)."""
+    return {p.display for p in running.agent.policy_resolver.policies()
+            if p.name.startswith("ma") or (p.namespace or "").startswith("ma")}
 
 
 # -- policies ------------------------------------------------------------------------------------
@@ -164,6 +166,36 @@ async def test_gone_410_relists_and_deletes_what_vanished_meanwhile(kube, k8s_ag
     assert reflector.lists == 2
 
 
+async def test_a_watch_answered_410_by_http_relists_too(kube, k8s_agent):
+    server = standin(kube)
+    ns = await kube.namespace("default")
+    await kube.apply(CNPS, cnp(ns, "a", "a", "b"))
+    running = await k8s_agent()
+    reflector = _source(running).reflectors["ciliumnetworkpolicies"]
+    await eventually(lambda: server.watch_count("ciliumnetworkpolicies") == 1, what="a watch")
+    server.expired_as_http = True
+    await server.stop()
+    server.delete_object("ciliumnetworkpolicies", ns, "a")
+    server.compact()
+    await server.start(port=int(server.url.rsplit(":", 1)[1]))
+    await eventually(lambda: not policy_names(running), timeout=15, what="the re-list")
+    assert reflector.lists == 2
+
+
+async def test_lists_come_in_pages(kube, k8s_agent, monkeypatch):
+    from meshagent.plugins.k8s import reflector
+    monkeypatch.setattr(reflector, "PAGE_SIZE", 2)
+    ns = await kube.namespace("default")
+    for i in range(5):
+        await kube.apply(CNPS, cnp(ns, f"p{i}", "a", "b"))
+    running = await k8s_agent()
+    assert policy_names(running) == {f"CiliumNetworkPolicy {ns}/p{i}" for i in range(5)}
+    if kube.standin is not None:
+        pages = [r for r in kube.standin.requests
+                 if "ciliumnetworkpolicies?" in r and "watch=1" not in r]
+        assert len(pages) == 3 and "continue=" in pages[-1], pages
+
+
 async def test_garbage_on_a_watch_is_skipped_counted_and_shown(kube, k8s_agent):
     server = standin(kube)
     ns = await kube.namespace("default")
@@ -226,19 +258,23 @@ def test_a_missing_kubeconfig_exits_2_naming_it(short_tmp):
 async def test_endpoint_labels_come_from_the_pod_its_namespace_and_service_account(
         kube, k8s_agent):
     ns = await kube.namespace("shop", labels={"team": "blue"})
-    await kube.apply(PODS, pod(ns, "db-0", {"app": "protected-db", "pod-template-hash": "abc",
-                                            "io.cilium.k8s.policy.cluster": "spoof"},
-                               account="db"))
+    await kube.apply(PODS, pod(ns, "db-0", {
+        "app": "protected-db", "app.kubernetes.io/name": "redis", "pod-template-hash": "abc",
+        "controller-revision-hash": "x", "statefulset.kubernetes.io/pod-name": "db-0",
+        "kubernetes.io/os": "linux", "io.cilium.k8s.policy.cluster": "spoof"}, account="db"))
     running = await k8s_agent()
     labels = await running.agent.hooks.endpoint_labels(agent=running.agent, namespace=ns,
                                                        pod_name="db-0")
-    assert labels == {"k8s:app=protected-db", "k8s:io.cilium.k8s.namespace.labels.team=blue",
+    assert labels == {"k8s:app=protected-db", "k8s:app.kubernetes.io/name=redis",
+                      "k8s:io.cilium.k8s.namespace.labels.team=blue",
                       "k8s:io.cilium.k8s.policy.serviceaccount=db"}
     # a pod that arrives while the agent waits for it
     task = asyncio.create_task(running.agent.hooks.endpoint_labels(
         agent=running.agent, namespace=ns, pod_name="late"))
     await kube.apply(PODS, pod(ns, "late", {"app": "late"}))
     assert "k8s:app=late" in await task
+    if kube.standin is not None:  # from the watch, not from a GET after the wait
+        assert not [r for r in kube.standin.requests if r.startswith("GET") and "/late" in r]
     # a pod on another node is read from the API server
     await kube.apply(PODS, pod(ns, "elsewhere", {"app": "x"}, node="node2"))
     assert "k8s:app=x" in await running.agent.hooks.endpoint_labels(
@@ -313,15 +349,21 @@ async def test_services_and_endpointslices_become_global_services(kube, k8s_agen
     assert not await exported()
 
 
-async def test_a_service_with_backends_outside_the_pod_cidr_is_refused(kube, k8s_agent):
+async def test_a_service_with_backends_outside_the_pod_cidr_is_refused_until_they_are_in(
+        kube, k8s_agent):
     ns = await kube.namespace("default")
     running = await k8s_agent()
     await kube.apply(SERVICES, service(ns, "web", "10.96.0.20"))
-    await kube.apply(ENDPOINT_SLICES, endpoint_slice(ns, "web", ["192.0.2.7"]))
-    await eventually(lambda: "192.0.2.7" in str(section(running, "Services").details),
+    await kube.apply(ENDPOINT_SLICES, endpoint_slice(ns, "web", ["10.1.2.7"]))
+    await eventually(lambda: "10.1.2.7" in str(section(running, "Services").details),
                      what="the refusal in the Services section")
     # the version without endpoints (the Service came first) stays
     assert running.agent.services.sourced[(ns, "web")].backends == ()
+    # a second node of the cluster joins with 10.1.2.0/24: the refused version is good now
+    await k8s_agent("--node-name", "node2", "--pod-cidr", "10.1.2.0/24")
+    await eventually(lambda: [str(b.ip) for b in running.agent.services.sourced[
+        (ns, "web")].backends] == ["10.1.2.7"], what="the service accepted")
+    assert "10.1.2.7" not in str(section(running, "Services").details)
 
 
 # -- the stand-in speaks the wire format ---------------------------------------------------------

@@ -88,7 +88,7 @@ async def test_etcd_k8s_ebpf_enforce_the_seed_policy_from_kubernetes(lab, short_
                                              await kube.standin.listen(netns=node))
         await kube.apply(NAMESPACES, {"metadata": {"name": "default"}})
         for name, app in (("protected-db", "protected-db"), ("employee", "employee"),
-                          ("stranger", "stranger")):
+                          ("stranger", "stranger"), ("admin", "admin")):
             await kube.apply(PODS, pod(name, app))
         seed = yaml.safe_load(SEED_POLICY.read_text())
         seed["metadata"]["namespace"] = "default"
@@ -103,7 +103,7 @@ async def test_etcd_k8s_ebpf_enforce_the_seed_policy_from_kubernetes(lab, short_
 
         # pods get their labels from Kubernetes, not from the command line
         netns, ips = {}, {}
-        for name in ("protected-db", "employee", "stranger"):
+        for name in ("protected-db", "employee", "stranger", "admin"):
             netns[name] = lab.ns(name)
             result = await cli(agent, "endpoint", "create", "--netns", netns[name],
                                "--namespace", "default", "--pod-name", name, "-o", "json")
@@ -121,6 +121,7 @@ async def test_etcd_k8s_ebpf_enforce_the_seed_policy_from_kubernetes(lab, short_
         db = ips["protected-db"]
         assert await ping(lab, netns["employee"], db) == "PONG"
         assert await ping(lab, netns["stranger"], db) == "timeout"
+        assert await ping(lab, netns["admin"], db) == "timeout"
 
         # the stranger's Pod is relabelled in Kubernetes: new identity, now allowed
         before = {e["pod_name"]: e["identity"] for e in json.loads(
@@ -142,6 +143,18 @@ async def test_etcd_k8s_ebpf_enforce_the_seed_policy_from_kubernetes(lab, short_
         await kube.apply(CNPS, seed)
         await asyncio.sleep(0.5)
         assert await ping(lab, netns["employee"], db) == "timeout"
+        assert await ping(lab, netns["admin"], db) == "PONG"
+
+        # the Namespace's labels change: every pod in it is relabelled
+        await kube.apply(NAMESPACES, {"metadata": {"name": "default", "labels": {"team": "a"}}})
+        label = "k8s:io.cilium.k8s.namespace.labels.team=a"
+        for _ in range(50):
+            endpoints = json.loads((await cli(agent, "endpoint", "list", "-o", "json")).stdout)
+            if all(label in e["labels"] for e in endpoints):
+                break
+            await asyncio.sleep(0.1)
+        assert all(label in e["labels"] for e in endpoints), endpoints
+        assert await ping(lab, netns["admin"], db) == "PONG"
         await assert_healthy(agent, "Kubernetes", "Policy")
         await asyncio.to_thread(agent.stop)
     finally:

@@ -222,3 +222,35 @@ async def test_export_prefix_holds_exactly_the_clusters_global_shared_services(
             break
         await asyncio.sleep(0.05)
     assert await store.get(key) is None
+
+
+async def test_agents_without_the_source_do_not_undo_its_exports(agent_factory, memory_kvstore):
+    """Agent A is fed a global service by a source; agent B of the same cluster has no source
+    and must leave A's export alone. A key deleted behind A's back is written again."""
+    from meshagent import kvkeys
+    feed = ServiceFeed()
+    args = ["--plugins", "memory", "--cluster-name", "cluster1", "--cluster-id", "101",
+            "--memory-store", memory_kvstore.store.name]
+    a = await agent_factory(args + ["--node-name", "a", "--pod-cidr", "10.1.1.0/24"],
+                            extra_plugins=[("k8s-like", feed)])
+    (service,) = parse_services(service_yaml("10.96.0.10", []), "cluster1")
+    await feed.queue.put(ServiceUpdate(ChangeKind.UPSERT, service))
+    key = kvkeys.service_key("cluster1", "default", "protected-db")
+
+    async def present():
+        return await memory_kvstore.get(key) is not None
+
+    for _ in range(100):
+        if await present():
+            break
+        await asyncio.sleep(0.05)
+    await agent_factory(args + ["--node-name", "b", "--pod-cidr", "10.1.2.0/24"])
+    await asyncio.sleep(0.5)
+    assert await present()
+    await memory_kvstore.delete(key)  # someone else's mistake
+    for _ in range(100):
+        if await present():
+            break
+        await asyncio.sleep(0.05)
+    assert await present()
+    assert a.agent.services.exports.keys() == {key}

@@ -95,6 +95,9 @@ class KubeStandIn:
     def __init__(self, token: str = "", bookmark_interval: float = 60.0) -> None:
         self.token = token
         self.bookmark_interval = bookmark_interval
+        # answer a watch from a compacted version with HTTP 410 instead of an ERROR event
+        # (both happen: servers without the watch cache, proxies)
+        self.expired_as_http = False
         self.revision = 1
         self.compacted = 1  # watches from before this get 410
         self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, ns, name) -> object
@@ -280,6 +283,10 @@ class KubeStandIn:
                               " name on the URL")
         old = self._find(kind, meta.get("namespace", ""), meta["name"])
         wanted = meta.get("resourceVersion")
+        if not wanted and not kind.builtin:
+            raise StatusError(422, "Invalid", f'{kind.kind}.{kind.api_version.split("/")[0]}'
+                              f' "{meta["name"]}" is invalid: metadata.resourceVersion: Invalid'
+                              " value: 0x0: must be specified for an update")
         if wanted and wanted != old["metadata"]["resourceVersion"]:
             raise StatusError(409, "Conflict", f'Operation cannot be fulfilled on {kind.plural}'
                               f' "{meta["name"]}": the object has been modified; please apply'
@@ -333,7 +340,11 @@ class KubeStandIn:
         query = request.query
         watcher = _Watcher(kind, namespace, selector, asyncio.Queue(), request.transport)
         version = query.get("resourceVersion", "")
-        if version not in ("", "0") and int(version) < self.compacted:
+        expired = version not in ("", "0") and int(version) < self.compacted
+        if expired and self.expired_as_http:
+            raise StatusError(410, "Expired", f"too old resource version: {version}"
+                              f" ({self.compacted})")
+        if expired:
             watcher.queue.put_nowait(json.dumps({"type": "ERROR", "object": status_object(
                 410, "Expired", f"too old resource version: {version} ({self.compacted})")}))
             watcher.queue.put_nowait(None)
@@ -418,13 +429,14 @@ def _event_for(watcher: _Watcher, event: str, obj: dict, old: dict | None) -> st
         return o is not None and watcher.namespace in (None, o["metadata"].get("namespace", "")) \
             and _matches(o, watcher.selector)
     now, before = visible(obj) and event != "DELETED", visible(old)
-    if event == "DELETED":
-        kind = "DELETED" if before else None
-    elif now:
-        kind = "MODIFIED" if before else "ADDED"
-    else:
-        kind = "DELETED" if before else None
-    return None if kind is None else json.dumps({"type": kind, "object": obj})
+    if now:
+        return json.dumps({"type": "MODIFIED" if before else "ADDED", "object": obj})
+    if not before:
+        return None
+    # gone from this watcher's view: the object as it saw it last, at the event's version
+    last = {**old, "metadata": {**old["metadata"],
+                                "resourceVersion": obj["metadata"]["resourceVersion"]}}
+    return json.dumps({"type": "DELETED", "object": last})
 
 
 async def _serve(port: int, kubeconfig: Path) -> None:

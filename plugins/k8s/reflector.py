@@ -80,13 +80,24 @@ class Reflector:
             except Expired as exc:
                 log.info("%s: %s; listing again", self.name, exc)
                 self.resource_version = ""
-            except (*TRANSIENT, KubeError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
-                self.last_error_at = time.time()
-                log.warning("%s from %s: %s; retrying in %.1f s", self.name, self.api.server,
-                            self.last_error, backoff)
-                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+            except KubeError as exc:
+                if exc.code == 410 and self.resource_version:
+                    # the same news as an ERROR event, answered to the watch request itself
+                    log.info("%s: %s; listing again", self.name, exc)
+                    self.resource_version = ""
+                    continue
+                await self._failed(exc, backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
+            except TRANSIENT as exc:
+                await self._failed(exc, backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def _failed(self, exc: Exception, backoff: float) -> None:
+        self.last_error = str(exc) or type(exc).__name__
+        self.last_error_at = time.time()
+        log.warning("%s from %s: %s; retrying in %.1f s", self.name, self.api.server,
+                    self.last_error, backoff)
+        await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
 
     # -- list ------------------------------------------------------------------------------------
 
@@ -147,9 +158,10 @@ class Reflector:
             self._malformed(f"unreadable watch event ({exc}): {line[:120]!r}")
             return
         if kind == "ERROR":
-            if obj.get("code") == 410:
+            code = obj.get("code")
+            if code == 410:
                 raise Expired(obj.get("message") or "resource version too old")
-            raise KubeError(int(obj.get("code") or 500), str(obj.get("reason", "")),
+            raise KubeError(code if isinstance(code, int) else 500, str(obj.get("reason", "")),
                             str(obj.get("message", "")))
         version = (obj.get("metadata") or {}).get("resourceVersion")
         if kind == "BOOKMARK":

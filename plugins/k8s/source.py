@@ -57,6 +57,8 @@ class KubernetesSource:
         self._relabel: set[tuple[str, str]] = set()
         self._relabel_wake = asyncio.Event()
         self._pod_arrived: dict[tuple[str, str], asyncio.Event] = {}
+        self._pod_waiters: dict[tuple[str, str], int] = {}
+        self._slices: dict[tuple[str, str], dict[tuple[str, str], dict]] = {}  # by service
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -110,24 +112,39 @@ class KubernetesSource:
     # -- pods, namespaces and endpoint labels ------------------------------------------------
 
     def _namespace_changed(self, resource: Resource, change: Change) -> None:
-        if change.kind is ChangeKind.DELETE:
-            return  # its pods go first, or stay with the labels they had
-        self._queue_relabel(lambda ns, pod: ns == change.key[1])
+        if change.kind is ChangeKind.UPSERT:  # a deleted one's pods go first
+            self._queue_stale(lambda endpoint: endpoint.namespace == change.key[1])
 
     def _pod_changed(self, resource: Resource, change: Change) -> None:
-        arrived = self._pod_arrived.pop(change.key, None)
+        arrived = self._pod_arrived.get(change.key)
         if arrived is not None:
             arrived.set()
         if change.kind is ChangeKind.UPSERT:
-            self._queue_relabel(lambda ns, pod: (ns, pod) == change.key)
+            self._queue_stale(lambda e: (e.namespace, e.pod_name) == change.key)
 
-    def _queue_relabel(self, wanted) -> None:
+    def _cached_labels(self, namespace: str, pod_name: str) -> frozenset[str] | None:
+        pod = self.reflectors["pods"].objects.get((namespace, pod_name))
+        ns = self.reflectors["namespaces"].objects.get(("", namespace))
+        return None if pod is None or ns is None else translate.identity_labels(pod, ns)
+
+    def _queue_stale(self, wanted) -> None:
+        """Queue a relabel for every wanted endpoint whose labels from us differ from what the
+        local copies say now (a Pod's status updates change nothing)."""
         if self.agent is None:
             return
-        for endpoint in self.agent.endpoints.endpoints.values():
-            if endpoint.pod_name and wanted(endpoint.namespace, endpoint.pod_name):
-                self._relabel.add((endpoint.namespace, endpoint.pod_name))
-                self._relabel_wake.set()
+        for endpoint in list(self.agent.endpoints.endpoints.values()):
+            if endpoint.pod_name and wanted(endpoint):
+                labels = self._cached_labels(endpoint.namespace, endpoint.pod_name)
+                if labels is not None and labels != endpoint.plugin_labels:
+                    self._relabel.add((endpoint.namespace, endpoint.pod_name))
+                    self._relabel_wake.set()
+
+    @hookimpl
+    def meshagent_endpoint_changed(self, kind, endpoint):
+        """An endpoint created while its Pod changed may carry the labels from before the
+        change (the event found no endpoint to relabel yet): catch up."""
+        if kind is ChangeKind.UPSERT and endpoint.pod_name:
+            self._queue_stale(lambda e: e.id == endpoint.id)
 
     async def _apply_labels(self, handle: ControllerHandle) -> None:
         """Controller: once pods, namespaces and restored endpoints are known, give every
@@ -136,7 +153,7 @@ class KubernetesSource:
         await self.reflectors["pods"].synced.wait()
         await self.reflectors["namespaces"].synced.wait()
         await agent.endpoints.restored.wait()
-        self._queue_relabel(lambda ns, pod: True)
+        self._queue_stale(lambda endpoint: True)
         first = True
         while True:
             pending, self._relabel = self._relabel, set()
@@ -165,10 +182,15 @@ class KubernetesSource:
         pod = pods.objects.get(key) if pods else None
         if pod is None and pods is not None:
             arrived = self._pod_arrived.setdefault(key, asyncio.Event())
+            self._pod_waiters[key] = self._pod_waiters.get(key, 0) + 1
             try:
                 await asyncio.wait_for(arrived.wait(), self.pod_wait)
             except TimeoutError:
-                self._pod_arrived.pop(key, None)
+                pass
+            finally:
+                self._pod_waiters[key] -= 1
+                if not self._pod_waiters[key]:
+                    del self._pod_waiters[key], self._pod_arrived[key]
             pod = pods.objects.get(key)
         api = self.api
         if api is None:
@@ -220,23 +242,26 @@ class KubernetesSource:
         self._update_service(change.key)
 
     def _slice_changed(self, resource: Resource, change: Change) -> None:
+        before = next((owner for owner, owned in self._slices.items()
+                       if owned.pop(change.key, None) is not None), None)
         owner = translate.slice_owner(change.obj)
-        if owner is not None:
-            self._update_service(owner)
+        if owner is not None and change.kind is ChangeKind.UPSERT:
+            self._slices.setdefault(owner, {})[change.key] = change.obj
+        for affected in {before, owner} - {None}:
+            self._update_service(affected)
 
     def _update_service(self, key: tuple[str, str]) -> None:
-        services, slices = self.reflectors.get("services"), self.reflectors.get("endpointslices")
+        services = self.reflectors.get("services")
         obj = services.objects.get(key) if services else None
         name = f"Service {key[0]}/{key[1]}"
         if obj is None:
             self.refused.pop(name, None)
             self._withdraw_service(key)
             return
-        owned = [s for s in (slices.objects.values() if slices else ())
-                 if translate.slice_owner(s) == key]
+        owned = list(self._slices.get(key, {}).values())
         try:
             service = translate.service_from(obj, owned, self.agent.cluster.name)
-        except (ServiceError, TypeError, AttributeError, ValueError) as exc:
+        except (ServiceError, TypeError, AttributeError, ValueError, KeyError) as exc:
             self._refuse(name, str(exc), kept=key in self.services)
             return
         self.refused.pop(name, None)

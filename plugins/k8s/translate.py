@@ -4,6 +4,8 @@ Each function takes the objects as the API server sent them and raises an error 
 object when one cannot be used; the caller refuses that object and keeps its last good version.
 """
 
+import re
+
 import attrs
 
 from meshagent.plugins.k8s.client import Resource
@@ -11,23 +13,22 @@ from meshagent.policy.api import Policy, PolicyError, parse_document
 from meshagent.service import Service
 from meshagent.services import services_from_documents
 
-# Pod labels that say nothing about what a workload is (hashes, generations, names the
-# controllers add), left out of identities as Cilium leaves them out by default; and the
-# ``io.cilium.k8s`` labels, which only the agent sets.
-IGNORED_KEYS = ("pod-template-hash", "pod-template-generation", "controller-revision-hash",
-                "controller-uid", "job-name", "etcd_node")
-IGNORED_PREFIXES = ("io.kubernetes", "kubernetes.io/", "k8s.io/", "io.cilium.k8s",
-                    "statefulset.kubernetes.io/", "batch.kubernetes.io/",
-                    "annotation.")
+# Cilium's default identity-relevant label filter: a key that *starts* with one of these
+# patterns says nothing about what a workload is (hashes, generations, indexes, the
+# Kubernetes-owned namespaces) and is left out; ``io.cilium.k8s`` is the agent's own. Everything
+# else counts, ``app.kubernetes.io/name`` included.
+IGNORED = (r"io\.kubernetes", r"kubernetes\.io", r".*beta\.kubernetes\.io", r"k8s\.io",
+           r"pod-template-generation", r"pod-template-hash", r"controller-revision-hash",
+           r"annotation.*", r"etcd_node", r"statefulset\.kubernetes\.io/pod-name",
+           r"apps\.kubernetes\.io/pod-index", r"batch\.kubernetes\.io/job-completion-index",
+           r"io\.cilium\.k8s")
+_IGNORED = re.compile("|".join(f"(?:{pattern})" for pattern in IGNORED))
 NAMESPACE_LABELS = "io.cilium.k8s.namespace.labels."
 SERVICE_ACCOUNT = "io.cilium.k8s.policy.serviceaccount"
 
 
 def relevant(key: str) -> bool:
-    if key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
-        return False
-    prefix, slash, _ = key.partition("/")
-    return not (slash and prefix.endswith((".kubernetes.io", ".k8s.io")))
+    return not _IGNORED.match(key)
 
 
 def identity_labels(pod: dict, namespace: dict | None) -> frozenset[str]:
