@@ -69,3 +69,13 @@ def agent_process(short_tmp):
     yield start
     for proc in started:
         proc.kill()
+
+
+@pytest.fixture
+def bpffs(short_tmp):
+    """A bpffs of the test's own, so pinned maps never mix between tests."""
+    root = short_tmp / "bpffs"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True)
+    yield root
+    subprocess.run(["umount", "-l", str(root)], check=False)

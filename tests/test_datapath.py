@@ -32,15 +32,6 @@ def lab():
         lab.etcd.stop()
 
 
-@pytest.fixture
-def bpffs(short_tmp):
-    root = short_tmp / "bpffs"
-    root.mkdir()
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True)
-    yield root
-    subprocess.run(["umount", "-l", str(root)], check=False)
-
-
 class Cluster1Node:
     """One node of cluster1 with the ebpf datapath and a few pods."""
 

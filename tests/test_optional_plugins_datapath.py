@@ -10,7 +10,6 @@ namespace). The test's own blocking calls go through threads so the stand-ins ke
 
 import asyncio
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -37,15 +36,6 @@ def lab():
     lab = NetLab()
     yield lab
     lab.cleanup()
-
-
-@pytest.fixture
-def bpffs(short_tmp):
-    root = short_tmp / "bpffs"
-    root.mkdir()
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True)
-    yield root
-    subprocess.run(["umount", "-l", str(root)], check=False)
 
 
 async def start_agent(lab, node, short_tmp, *args) -> NodeAgent:

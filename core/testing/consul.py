@@ -17,7 +17,7 @@ import uuid
 
 from aiohttp import web
 
-from meshagent.testing.netlab import listening_socket
+from meshagent.testing.netlab import serve
 
 MIN_TTL = 10.0
 
@@ -59,9 +59,7 @@ class ConsulStandIn:
     async def listen(self, netns: str | None = None, host: str = "127.0.0.1",
                      port: int = 0) -> str:
         """Answer on one more address (e.g. inside an agent's network namespace too)."""
-        sock = await asyncio.to_thread(listening_socket, netns, host, port)
-        await web.SockSite(self.runner, sock).start()
-        return f"http://{host}:{sock.getsockname()[1]}"
+        return await serve(self.runner, netns, host, port)
 
     async def stop(self) -> None:
         for session in self.sessions.values():

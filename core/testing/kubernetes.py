@@ -35,7 +35,7 @@ from pathlib import Path
 import attrs
 from aiohttp import web
 
-from meshagent.testing.netlab import listening_socket
+from meshagent.testing.netlab import serve
 
 
 @attrs.frozen
@@ -135,9 +135,7 @@ class KubeStandIn:
     async def listen(self, netns: str | None = None, host: str = "127.0.0.1",
                      port: int = 0) -> str:
         """Answer on one more address (e.g. inside an agent's network namespace too)."""
-        sock = await asyncio.to_thread(listening_socket, netns, host, port)
-        await web.SockSite(self.runner, sock).start()
-        return f"http://{host}:{sock.getsockname()[1]}"
+        return await serve(self.runner, netns, host, port)
 
     async def stop(self) -> None:
         self.drop_watches()

@@ -87,3 +87,14 @@ def listening_socket(netns: str | None, host: str = "127.0.0.1", port: int = 0) 
         return make()
     with podnet.in_netns(podnet.netns_path(netns)):
         return make()
+
+
+async def serve(runner, netns: str | None = None, host: str = "127.0.0.1", port: int = 0) -> str:
+    """Have an aiohttp ``runner`` answer on ``host:port`` (a free port by default), inside
+    ``netns`` if given; returns its ``http://`` URL. Stand-ins call it once per address."""
+    import asyncio
+
+    from aiohttp import web
+    sock = await asyncio.to_thread(listening_socket, netns, host, port)
+    await web.SockSite(runner, sock).start()
+    return f"http://{host}:{sock.getsockname()[1]}"
