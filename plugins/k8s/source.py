@@ -47,7 +47,7 @@ class KubernetesSource:
         self.api: KubeAPI | None = None
         self._connected = asyncio.Event()
         self.reflectors: dict[str, Reflector] = {}
-        self._consumed: set[int] = set()  # ids of the update queues the agent reads
+        self._consumed: set[asyncio.Queue] = set()  # the update queues the agent reads
         self.refused: dict[str, str] = {}  # "Kind ns/name" -> why it is not used
         self.label_errors: dict[str, str] = {}  # "ns/pod" -> why its labels were not applied
         self.policies: set[tuple[str, str, str]] = set()  # keys of the policies in force
@@ -103,7 +103,7 @@ class KubernetesSource:
             reflector.api = self.api
 
             async def listed() -> None:
-                if queue is not None and id(queue) in self._consumed:
+                if queue in self._consumed:
                     await queue.join()  # applied by the agent before we say ready
                 handle.ready()
             await reflector.run(listed)
@@ -233,7 +233,7 @@ class KubernetesSource:
 
     @hookimpl
     def meshagent_policy_source(self, agent):
-        self._consumed.add(id(self.policy_updates))
+        self._consumed.add(self.policy_updates)
         return _drain(self.policy_updates)
 
     # -- services -------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ class KubernetesSource:
 
     @hookimpl
     def meshagent_service_source(self, agent):
-        self._consumed.add(id(self.service_updates))
+        self._consumed.add(self.service_updates)
         return _drain(self.service_updates)
 
     # -- visibility -----------------------------------------------------------------------------
