@@ -10,7 +10,6 @@ agent's peak RSS, at full, 1/10 and 1/100 scale.
 
 import argparse
 import asyncio
-import json
 import shutil
 import subprocess
 import tempfile
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 from common import MESHAGENT, BpfFs, machine, peak_rss_mib, populate, progress, \
-    remote_cluster_items
+    remote_cluster_items, report
 
 from meshagent.client import AgentClient
 from meshagent.errors import MeshagentError
@@ -111,9 +110,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     result = measure(args.entries)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    report(result, args.json)
 
 
 if __name__ == "__main__":

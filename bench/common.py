@@ -21,6 +21,19 @@ def machine() -> str:
             f" Linux {platform.release()}, Python {platform.python_version()}")
 
 
+def report(result: dict, json_path: str | None, text: str | None = None) -> None:
+    """Print a benchmark's result (as JSON unless ``text`` is given) and write it to ``--json``
+    when asked: ``bench/run.py`` reads those files."""
+    print(text if text is not None else json.dumps(result, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+
+
+def percentile_ms(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted durations in seconds, in milliseconds (0.1 ms)."""
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
+
+
 def progress(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 

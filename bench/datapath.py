@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import report
+
+from meshagent.lab import REDIS_SERVER
 from meshagent.testing.netlab import NetLab
 
 HERE = Path(__file__).resolve().parent
@@ -88,8 +91,7 @@ def scenario(name: str, args, workdir: Path, plugins: str, iptables: bool) -> di
         client_ip = json.loads(cli(sock, "endpoint", "create", "--netns", client, "--namespace",
                                    "default", "--labels", "app=client", "-o", "json"))["ipv4"]
         lab.spawn(server, "iperf3", "-s", log=workdir / f"{name}-iperf.log")
-        lab.spawn(server, "redis-server", "--port", "6379", "--save", "", "--appendonly", "no",
-                  "--protected-mode", "no", log=workdir / f"{name}-redis.log")
+        lab.spawn(server, *REDIS_SERVER, log=workdir / f"{name}-redis.log")
         if "ebpf" in plugins:
             (workdir / "policy.yaml").write_text(POLICY)
             cli(sock, "policy", "import", str(workdir / "policy.yaml"))
@@ -155,12 +157,10 @@ def main() -> None:
     base = results["a_no_programs"]
     ratios = {name: {metric: round(value / base[metric], 3) for metric, value in r.items()}
               for name, r in results.items()}
-    report = {"results": results, "ratio_to_a": ratios, "rounds": args.rounds,
+    result = {"results": results, "ratio_to_a": ratios, "rounds": args.rounds,
               "samples": samples,
               "goal_b_ge_95pct": all(v >= 0.95 for v in ratios["b_meshagent_ebpf"].values())}
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    report(result, args.json)
 
 
 if __name__ == "__main__":

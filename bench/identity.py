@@ -8,12 +8,11 @@ allocations per second over all agents, latency p50/p99, and that they agreed.
 
 import argparse
 import asyncio
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from common import machine, progress
+from common import machine, percentile_ms, progress, report
 
 from meshagent.cli import build_agent
 from meshagent.testing.etcd import EtcdServer
@@ -61,8 +60,7 @@ async def run(args) -> dict:
     return {"machine": machine(), "agents": args.agents, "label_sets": args.labels,
             "allocations": len(latencies), "seconds": round(took, 2),
             "allocations_per_s": round(len(latencies) / took, 1),
-            "p50_ms": round(ordered[len(ordered) // 2] * 1000, 1),
-            "p99_ms": round(ordered[int(len(ordered) * 0.99)] * 1000, 1),
+            "p50_ms": percentile_ms(ordered, 0.50), "p99_ms": percentile_ms(ordered, 0.99),
             "all_agents_agree_and_ids_distinct": agreed}
 
 
@@ -74,9 +72,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     result = asyncio.run(run(args))
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ selectors match, and their ratio. Goal: incremental ≤ 10 ms.
 """
 
 import argparse
-import json
 import platform
 import random
 import statistics
 import time
+
+from common import report
 
 from meshagent.identity import Identity
 from meshagent.policy.api import parse_policies
@@ -109,11 +110,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
     result = measure(args)
-    for key, value in result.items():
-        print(f"{key:28} {value}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.json, "\n".join(f"{key:28} {value}" for key, value in result.items()))
 
 
 if __name__ == "__main__":

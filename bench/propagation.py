@@ -9,7 +9,6 @@ each entry was written into the BPF ipcache. Reports p50, p99, max and whether i
 
 import argparse
 import asyncio
-import json
 import statistics
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BpfFs, machine, progress
+from common import BpfFs, machine, percentile_ms, progress, report
 
 from meshagent.cli import build_agent
 from meshagent.plugins.ebpf.datapath import EbpfDatapath
@@ -102,14 +101,14 @@ async def run(args) -> dict:
         bpffs.close()
         server.cleanup()
     ordered = sorted(latencies)
-    pct = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
+    p99 = percentile_ms(ordered, 0.99)
     result = {"machine": machine(), "rate_per_s": args.rate, "seconds": args.seconds,
               "written": written, "applied": len(latencies),
-              "p50_ms": round(pct(0.50), 1), "p99_ms": round(pct(0.99), 1),
+              "p50_ms": percentile_ms(ordered, 0.50), "p99_ms": p99,
               "max_ms": round(max(ordered) * 1000, 1),
               "mean_ms": round(statistics.mean(ordered) * 1000, 1),
-              "kept_up": len(latencies) >= written and pct(0.99) < 1000,
-              "goal_p99_le_100ms": pct(0.99) <= 100}
+              "kept_up": len(latencies) >= written and p99 < 1000,
+              "goal_p99_le_100ms": p99 <= 100}
     return result
 
 
@@ -121,9 +120,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     result = asyncio.run(run(args))
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ from meshagent.errors import MeshagentError, UsageError
 
 DEFAULT_DIR = Path("/tmp/meshagent-lab")
 CLUSTERS = {"cluster1": 101, "cluster2": 102}
+# the seed's protected-db: redis on 6379, no persistence, answering other pods
+REDIS_SERVER = ("redis-server", "--port", "6379", "--save", "", "--appendonly", "no",
+                "--protected-mode", "no")
 UNDERLAY_CIDR = 16  # 10.99.0.0/16: every node and etcd on one L2 segment
 
 

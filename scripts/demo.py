@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from meshagent.lab import Lab
+from meshagent.lab import REDIS_SERVER, Lab
 
 HERE = Path(__file__).resolve().parent
 POLICY = HERE.parent / "contrib" / "seed" / "l4-policy.yaml"  # the seed's, byte for byte
@@ -76,8 +76,7 @@ def main() -> int:
         lab.pod_create("stranger", "cluster1-node1", "default", "app=stranger")
         lab.pod_create("employee-c2", "cluster2-node1", "istio-space", "app=employee")
         print(lab.describe().split("\n", 1)[1])
-        lab.pod_spawn("protected-db", "redis", ["redis-server", "--port", "6379", "--save", "",
-                                               "--appendonly", "no", "--protected-mode", "no"])
+        lab.pod_spawn("protected-db", "redis", list(REDIS_SERVER))
         time.sleep(0.5)
 
         step("4.2 connectivity test, no policy yet: PONG ×3")

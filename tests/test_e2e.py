@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from meshagent.lab import Lab
+from meshagent.lab import REDIS_SERVER, Lab
 from meshagent.testing.netlab import can_run
 
 from conftest import run_cli
@@ -47,8 +47,7 @@ def lab(tmp_path_factory):
         lab.pod_create("employee-c1", "cluster1-node2", "default", "app=employee")  # other node
         lab.pod_create("stranger", "cluster1-node1", "default", "app=stranger")
         lab.pod_create("employee-c2", "cluster2-node2", "istio-space", "app=employee")
-        lab.pod_spawn("protected-db", "redis", ["redis-server", "--port", "6379", "--save", "",
-                                               "--appendonly", "no", "--protected-mode", "no"])
+        lab.pod_spawn("protected-db", "redis", list(REDIS_SERVER))
         time.sleep(0.5)
         yield lab
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from meshagent.lab import Lab
+from meshagent.lab import REDIS_SERVER, Lab
 from meshagent.testing.netlab import can_run
 
 from conftest import run_cli
@@ -29,8 +29,7 @@ def lab(tmp_path_factory):
         lab.bring_up(nodes=1)
         for pod, node in (("redis-a", "cluster1-node1"), ("redis-b", "cluster2-node1")):
             lab.pod_create(pod, node, "default", "app=protected-db")
-            lab.pod_spawn(pod, f"redis-{pod}", ["redis-server", "--port", "6379", "--save", "",
-                                                "--appendonly", "no", "--protected-mode", "no"])
+            lab.pod_spawn(pod, f"redis-{pod}", list(REDIS_SERVER))
         lab.pod_create("client", "cluster1-node1", "default", "app=employee")
         lab.pod_create("stranger", "cluster1-node1", "default", "app=stranger")
         time.sleep(0.5)

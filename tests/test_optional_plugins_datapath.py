@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from meshagent.lab import REDIS_SERVER
 from meshagent.plugins.k8s.client import CNPS, NAMESPACES, PODS
 from meshagent.testing.consul import ConsulStandIn
 from meshagent.testing.etcd import EtcdServer
@@ -101,8 +102,7 @@ async def test_etcd_k8s_ebpf_enforce_the_seed_policy_from_kubernetes(lab, short_
             endpoint = json.loads(result.stdout)
             assert f"k8s:app={name}" in endpoint["labels"], endpoint
             ips[name] = endpoint["ipv4"]
-        lab.spawn(netns["protected-db"], "redis-server", "--port", "6379", "--save", "",
-                  "--appendonly", "no", "--protected-mode", "no", log=short_tmp / "redis.log")
+        lab.spawn(netns["protected-db"], *REDIS_SERVER, log=short_tmp / "redis.log")
         for _ in range(50):
             if await ping(lab, netns["employee"], ips["protected-db"]) == "PONG":
                 break
