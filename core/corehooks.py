@@ -65,7 +65,8 @@ class CoreHooks:
 
     @hookimpl
     def meshagent_ipcache_changed(self, kind, entry):
-        if self.agent.services.local or self.agent.services.sourced:
+        if entry.prefix.prefixlen == 32 and \
+                entry.prefix.network_address in self.agent.services.backend_ips:
             self.agent.services.remerge()  # backends follow their endpoints
         if self.agent.datapath is not None:
             self._ipcache_changes.append((kind, entry))

@@ -191,6 +191,7 @@ class ServiceManager:
         self.rejected: dict[str, str] = {}
         self._changed = asyncio.Event()
         self.exports: dict[str, bytes] = {}  # ClusterService key -> value, for remote clusters
+        self.backend_ips: set = set()  # every backend address a merge looks at
         self._written: dict[str, bytes] = {}  # what this agent exported
         self._swept = False
         self.sources = 0  # service source plugins feeding this agent
@@ -350,9 +351,14 @@ class ServiceManager:
             if service.cluster != local_name and service.global_ and service.shared:
                 remote.setdefault((service.namespace, service.name), []).append(service)
         merged = {}
+        ours = {**self.sourced, **self.local}
+        self.backend_ips = {b.ip for service in ours.values() for b in service.backends}
+        self.backend_ips |= {b.ip for key in ours for other in remote.get(key, ())
+                             for b in other.backends}
         live = {entry.prefix.network_address for entry in self.agent.tables.ipcache.values()
-                if entry.prefix.prefixlen == 32}
-        for key, service in {**self.sourced, **self.local}.items():
+                if entry.prefix.prefixlen == 32 and entry.prefix.network_address
+                in self.backend_ips}
+        for key, service in ours.items():
             # a backend whose endpoint went away (no ipcache entry any more) is not used
             local_backends = tuple(b for b in service.backends if b.ip in live)
             remote_backends, conflicts = [], []
