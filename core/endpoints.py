@@ -64,10 +64,10 @@ class EndpointManager:
 
     async def create(self, request: EndpointRequest) -> Endpoint:
         labels = endpoint_labels(request.labels, request.namespace, self.agent.cluster.name)
-        plugin_labels = await self._plugin_labels(request.namespace, request.pod_name)
         if not 0 < len(request.pod_ifname) <= 15:
             raise UsageError(f"invalid interface name {request.pod_ifname!r}")
         podnet.netns_path(request.netns)  # a clear error before anything is made
+        plugin_labels = await self._plugin_labels(request.namespace, request.pod_name)
         await self.restored.wait()
         async with self._lock:
             if request.container_id and self.by_container(request.container_id):
