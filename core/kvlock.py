@@ -16,7 +16,8 @@ LOCK_TTL = 15.0
 @contextlib.asynccontextmanager
 async def kv_lock(store: KVStore, name: str, ttl: float = LOCK_TTL) -> AsyncIterator[None]:
     lease = await store.grant_lease(ttl)
-    keeper = None
+    # kept alive from the start: waiting behind other holders may take longer than the TTL
+    keeper = asyncio.create_task(_keep_alive(store, lease, ttl), name=f"lock:{name}")
     try:
         while not await store.create(name, b"locked", lease=lease):
             # watch from a listing's revision: every backend can resume from that
@@ -26,11 +27,9 @@ async def kv_lock(store: KVStore, name: str, ttl: float = LOCK_TTL) -> AsyncIter
             async for event in store.watch(name, after_revision=listing.revision):
                 if event.key == name and event.type is EventType.DELETE:
                     break
-        keeper = asyncio.create_task(_keep_alive(store, lease, ttl), name=f"lock:{name}")
         yield
     finally:
-        if keeper is not None:
-            keeper.cancel()
+        keeper.cancel()
         with contextlib.suppress(Exception):
             await store.revoke(lease)  # deletes the lock key
 
