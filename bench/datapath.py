@@ -118,7 +118,7 @@ def load_extra_entries(pin_dir: Path) -> None:
         ipcache.put(IPCacheKey(32, ip_bytes(f"10.200.{i // 250}.{i % 250 + 1}")),
                     IPCacheValue(70000 + i, 0))
     for i in range(1_000):
-        policy.put(PolicyKey(999, 70000 + i, 6379, 6, 0), PolicyValue(1))
+        policy.put(PolicyKey(96, 999, 70000 + i, 0, 6, 6379), PolicyValue(1))
 
 
 

@@ -129,16 +129,29 @@ def test_deny_beats_allow(node):
     assert node.talk("employee", "db", 5353, "udp") == "ok"
 
 
+def first_drop(node, provoke) -> dict:
+    """The first drop event ``meshagent monitor`` shows while ``provoke()`` (which must return
+    True) is repeated: the monitor may take a moment to subscribe."""
+    out = node.tmp / "monitor.out"
+    monitor = subprocess.Popen(
+        [str(__import__("conftest").MESHAGENT), "monitor", "--type", "drop", "--count", "1",
+         "-o", "json", "--socket-path", str(node.agent.socket)], stdout=open(out, "w"),
+        text=True)
+    try:
+        for _ in range(20):
+            assert provoke()
+            if monitor.poll() is not None:
+                break
+            time.sleep(0.2)
+        monitor.wait(timeout=5)
+    finally:
+        monitor.kill()
+    return json.loads(out.read_text().splitlines()[0])
+
+
 def test_drop_events_through_monitor(node):
     node.policy(db_policy())
-    monitor = subprocess.Popen(
-        ["meshagent" if False else str(__import__("conftest").MESHAGENT), "monitor",
-         "--type", "drop", "--count", "1", "-o", "json", "--socket-path",
-         str(node.agent.socket)], stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
-    assert node.talk("stranger", "db", 6379) == "timeout"
-    out, _ = monitor.communicate(timeout=10)
-    event = json.loads(out.splitlines()[0])
+    event = first_drop(node, lambda: node.talk("stranger", "db", 6379) == "timeout")
     assert event["reason"] == "policy denied (by default)"
     assert event["direction"] == "ingress" and event["protocol"] == "tcp"
     assert "SYN" in event["tcp_flags"]
@@ -206,18 +219,56 @@ spec:
     assert {"192.168.77.0/24", "192.168.77.3/32"} <= prefixes
 
 
-def test_conntrack_keeps_a_flow_until_it_expires(lab, short_tmp, bpffs):
+UDP_LISTEN = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
+s.sendto(b"open", (sys.argv[2], int(sys.argv[3])))
+with open(sys.argv[4], "a") as out:
+    while True:
+        data, _ = s.recvfrom(100); out.write(data.decode() + "\n"); out.flush()
+"""
+UDP_SEND = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
+s.sendto(sys.argv[4].encode(), (sys.argv[2], int(sys.argv[3])))
+"""
+CLOSED_INGRESS = """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: employee-closed}
+spec:
+  endpointSelector: {matchLabels: {app: employee}}
+  ingress:
+  - {}
+"""
+
+
+def test_conntrack_replies_pass_policy_judges_tracked_flows_entries_expire(lab, short_tmp,
+                                                                           bpffs):
     node = Cluster1Node(lab, short_tmp, bpffs, "--ebpf-ct-timeout-any", "2")
     node.pod("db", "app=protected-db")
     node.pod("employee", "app=employee")
     node.serve("db")
-    node.policy(db_policy())
-    assert node.talk("employee", "db", 5353, "udp", sport=40000) == "ok"
-    node.policy(db_policy().replace(', {port: "5353", protocol: UDP}', ""))  # UDP no longer
-    assert node.talk("employee", "db", 5353, "udp", sport=40000) == "ok"  # tracked flow
-    assert node.talk("employee", "db", 5353, "udp", sport=40001) == "timeout"  # new flow
+    udp = ', {port: "5353", protocol: UDP}'
+    node.policy(db_policy().replace(udp, udp + ', {port: "5354", protocol: UDP}'))
+    node.policy(CLOSED_INGRESS, "closed.yaml")  # only replies of its own flows reach employee
+    assert node.talk("employee", "db", 5353, "udp", sport=40000) == "ok"  # the reply came back
+    # as in Cilium, conntrack lets replies through; every other packet is judged by the
+    # policy of the moment, so a tracked flow stops as soon as policy no longer allows it
+    node.policy(db_policy().replace(udp, ', {port: "5354", protocol: UDP}'))
+    assert node.talk("employee", "db", 5353, "udp", sport=40000) == "timeout"
+    # a reply after the flow's entry expired (2 s idle) is judged as new traffic: refused
+    employee_ns, employee = node.pods["employee"]
+    db_ns, db = node.pods["db"]
+    got = short_tmp / "employee.got"
+    got.write_text("")
+    lab.spawn(employee_ns, PY, "-c", UDP_LISTEN, "40001", db["ipv4"], "5354", str(got),
+              log=short_tmp / "listen.log")
+    time.sleep(0.5)
+    lab.exec(db_ns, PY, "-c", UDP_SEND, "5354", employee["ipv4"], "40001", "early")
     time.sleep(3)
-    assert node.talk("employee", "db", 5353, "udp", sport=40000) == "timeout"  # expired
+    lab.exec(db_ns, PY, "-c", UDP_SEND, "5354", employee["ipv4"], "40001", "late")
+    time.sleep(0.5)
+    assert got.read_text().split() == ["early"]
 
 
 def test_agent_restart_under_traffic_drops_nothing_allowed_passes_nothing_denied(

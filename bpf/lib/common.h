@@ -1,4 +1,7 @@
-/* Shared types and constants of meshagent's tc programs. */
+/* Shared types and constants of meshagent's tc programs.
+ *
+ * Every struct here has a ctypes twin in plugins/ebpf/maps.py; tests/test_datapath_layout.py
+ * compares both (sizes and field offsets) against what bcc compiles. */
 #ifndef MESHAGENT_COMMON_H
 #define MESHAGENT_COMMON_H
 
@@ -28,14 +31,14 @@
 #ifndef CT_ANY_MAX
 #define CT_ANY_MAX 262144
 #endif
+#ifndef IPFRAG_MAX
+#define IPFRAG_MAX 8192
+#endif
 #ifndef LB_SERVICES_MAX
 #define LB_SERVICES_MAX 65536
 #endif
 #ifndef LB_BACKENDS_MAX
 #define LB_BACKENDS_MAX 65536
-#endif
-#ifndef LB_NAT_MAX
-#define LB_NAT_MAX 262144
 #endif
 #ifndef CT_LIFETIME_TCP_NS
 #define CT_LIFETIME_TCP_NS (21600ULL * 1000000000ULL)
@@ -49,11 +52,16 @@
 
 #define IDENTITY_WORLD 2
 
-/* Verdict reasons: index of the metrics array, and the reason of a drop event. */
+/* Verdict reasons: index of the metrics array, the reason of a drop event, and skb->cb[0]
+ * after the program ran (what the differential tests read back). */
 #define REASON_FORWARDED 0
 #define REASON_POLICY_DENY 1     /* a deny rule matched */
 #define REASON_POLICY_DEFAULT 2  /* enforced, and no rule allows it */
-#define REASON_MAX 4
+#define REASON_SPOOFED 3         /* left a pod with a source address that is not the pod's */
+#define REASON_FRAG_TINY 4       /* a fragment splits or overlaps the transport header */
+#define REASON_FRAG_UNKNOWN 5    /* a later fragment whose first fragment was never seen */
+#define REASON_MALFORMED 6       /* a bad IPv4 header or a truncated transport header */
+#define REASON_MAX 8
 
 #define VERDICT_ALLOW 1
 #define VERDICT_DENY 2
@@ -61,8 +69,8 @@
 struct endpoint_info {
     u32 endpoint_id;
     u32 identity;
-    u32 ipv4;      /* network byte order */
-    u32 flags;
+    u32 ipv4;       /* network byte order: the only source address its packets may carry */
+    u32 generation; /* bumped whenever its verdicts may have changed (policy, ipcache) */
 };
 
 struct ipcache_key {
@@ -75,13 +83,20 @@ struct ipcache_value {
     u32 flags;
 };
 
+/* LPM trie key: endpoint, peer identity (0: any) and direction always match exactly
+ * (POLICY_PREFIX_STATIC bits); then the protocol (8 bits, or none: any protocol) and the
+ * destination port (0..16 bits, network byte order, so a port range is a few prefixes). */
 struct policy_key {
+    u32 prefixlen;
     u32 endpoint_id;
-    u32 identity;   /* 0: any peer */
-    u16 port;       /* host byte order; 0: any port */
-    u8 protocol;    /* 0: any */
+    u32 identity;
     u8 direction;
+    u8 protocol;
+    u16 port;       /* network byte order */
 };
+
+#define POLICY_PREFIX_STATIC 72  /* endpoint_id, identity, direction */
+#define POLICY_PREFIX_FULL 96
 
 struct policy_value {
     u8 verdict;     /* VERDICT_ALLOW or VERDICT_DENY */
@@ -99,9 +114,31 @@ struct ct_key {
     u32 endpoint_id;
 };
 
+#define CT_REPLY 1     /* the reply direction of a connection: passes without policy */
+#define CT_NAT_DST 2   /* rewrite the destination to nat_ip:nat_port (service -> backend) */
+#define CT_NAT_SRC 4   /* rewrite the source to nat_ip:nat_port (backend -> service) */
+
 struct ct_value {
     u64 last_seen_ns;
-    u64 packets;    /* 1 for the packet that opened it (not counted further: see conntrack.h) */
+    u32 generation; /* the endpoint generation the connection was last judged at */
+    u32 nat_ip;     /* network byte order */
+    u16 nat_port;   /* host byte order */
+    u8 flags;
+    u8 pad[5];
+};
+
+/* The first fragment's ports, for the fragments after it (as Cilium's lib/ipfrag.h). */
+struct ipfrag_key {
+    u32 saddr;
+    u32 daddr;
+    u16 id;         /* network byte order */
+    u8 protocol;
+    u8 pad;
+};
+
+struct ipfrag_ports {
+    u16 sport;
+    u16 dport;
 };
 
 struct metrics_value {
@@ -148,22 +185,6 @@ struct lb_backend {
     u16 pad;
 };
 
-/* One connection to a frontend: the backend it got (forward), and the way back (reverse). */
-struct lb_nat_key {
-    u32 client_ip;
-    u32 other_ip;   /* forward: the frontend; reverse: the backend */
-    u16 client_port;
-    u16 other_port;
-    u8 protocol;
-    u8 pad[3];
-};
-
-struct lb_nat_value {
-    u32 ip;         /* forward: the backend; reverse: the frontend */
-    u16 port;
-    u16 pad;
-};
-
 /* The parsed packet: what policy and conntrack look at. */
 struct flow {
     u32 saddr;
@@ -173,6 +194,7 @@ struct flow {
     u8 protocol;
     u8 tcp_flags;
     u16 l4_off;     /* where the transport header starts */
+    u8 has_l4;      /* the transport header is in this packet (not a later fragment) */
 };
 
 #endif

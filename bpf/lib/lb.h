@@ -1,5 +1,6 @@
-/* Service load balancing at tc level: DNAT to a backend on the way out of the client pod,
- * and the reverse on the way back in, remembered per connection. */
+/* Service load balancing at tc level: a new connection to a frontend gets a backend, and the
+ * packet is rewritten to it; conntrack keeps the choice (and the way back) for the rest of
+ * the connection. */
 #ifndef MESHAGENT_LB_H
 #define MESHAGENT_LB_H
 
@@ -12,6 +13,8 @@
 
 static __always_inline int l4_csum_off(struct flow *f)
 {
+    if (!f->has_l4)
+        return -1;  /* a later fragment: the transport checksum is in the first one */
     if (f->protocol == IPPROTO_TCP)
         return f->l4_off + 16;
     if (f->protocol == IPPROTO_UDP)
@@ -44,7 +47,9 @@ static __always_inline void rewrite(struct __sk_buff *skb, struct flow *f, int s
     }
 }
 
-static __always_inline void lb_forward(struct __sk_buff *skb, struct flow *f)
+/* A new connection leaving a pod: if it goes to a service frontend, rewrite it to a backend
+ * picked at random. */
+static __always_inline void lb_select(struct __sk_buff *skb, struct flow *f)
 {
     if (f->protocol != IPPROTO_TCP && f->protocol != IPPROTO_UDP)
         return;
@@ -52,43 +57,21 @@ static __always_inline void lb_forward(struct __sk_buff *skb, struct flow *f)
     struct lb_service *svc = lb_services.lookup(&sk);
     if (!svc || svc->count == 0)
         return;
-    struct lb_nat_key nk = {.client_ip = f->saddr, .other_ip = f->daddr,
-                            .client_port = f->sport, .other_port = f->dport,
-                            .protocol = f->protocol};
-    struct lb_nat_value backend = {};
-    struct lb_nat_value *known = lb_forward_nat.lookup(&nk);
-    if (known) {
-        backend = *known;
-    } else {
-        struct lb_backend_key bk = {.service_id = svc->service_id,
-                                    .slot = bpf_get_prandom_u32() % svc->count};
-        struct lb_backend *be = lb_backends.lookup(&bk);
-        if (!be)
-            return;
-        backend.ip = be->ip;
-        backend.port = be->port;
-        lb_forward_nat.update(&nk, &backend);
-        struct lb_nat_key rk = {.client_ip = f->saddr, .other_ip = be->ip,
-                                .client_port = f->sport, .other_port = be->port,
-                                .protocol = f->protocol};
-        struct lb_nat_value frontend = {.ip = f->daddr, .port = f->dport};
-        lb_reverse_nat.update(&rk, &frontend);
-    }
-    rewrite(skb, f, 0, backend.ip, backend.port);
+    struct lb_backend_key bk = {.service_id = svc->service_id,
+                                .slot = bpf_get_prandom_u32() % svc->count};
+    struct lb_backend *be = lb_backends.lookup(&bk);
+    if (be)
+        rewrite(skb, f, 0, be->ip, be->port);
 }
 
-static __always_inline void lb_reverse(struct __sk_buff *skb, struct flow *f)
+/* A packet of a tracked connection: apply the NAT its entry remembers. */
+static __always_inline void ct_apply_nat(struct __sk_buff *skb, struct flow *f,
+                                         struct ct_value *ct)
 {
-    if (f->protocol != IPPROTO_TCP && f->protocol != IPPROTO_UDP)
-        return;
-    struct lb_nat_key rk = {.client_ip = f->daddr, .other_ip = f->saddr,
-                            .client_port = f->dport, .other_port = f->sport,
-                            .protocol = f->protocol};
-    struct lb_nat_value *frontend = lb_reverse_nat.lookup(&rk);
-    if (frontend) {
-        struct lb_nat_value copy = *frontend;
-        rewrite(skb, f, 1, copy.ip, copy.port);
-    }
+    if (ct->flags & CT_NAT_DST)
+        rewrite(skb, f, 0, ct->nat_ip, ct->nat_port);
+    else if (ct->flags & CT_NAT_SRC)
+        rewrite(skb, f, 1, ct->nat_ip, ct->nat_port);
 }
 
 #endif

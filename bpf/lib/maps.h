@@ -8,22 +8,20 @@ BPF_TABLE_PINNED("hash", u32, struct endpoint_info, endpoints, ENDPOINTS_MAX,
                  PIN_DIR "/endpoints");
 BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, ipcache, IPCACHE_MAX,
                  PIN_DIR "/ipcache", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("hash", struct policy_key, struct policy_value, policy, POLICY_MAX,
-                 PIN_DIR "/policy");
+BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_value, policy, POLICY_MAX,
+                 PIN_DIR "/policy", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, ct_tcp, CT_TCP_MAX,
                  PIN_DIR "/ct_tcp");
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, ct_any, CT_ANY_MAX,
                  PIN_DIR "/ct_any");
+BPF_TABLE_PINNED("lru_hash", struct ipfrag_key, struct ipfrag_ports, ipfrag, IPFRAG_MAX,
+                 PIN_DIR "/ipfrag");
 BPF_TABLE_PINNED("percpu_array", u32, struct metrics_value, metrics, REASON_MAX,
                  PIN_DIR "/metrics");
 BPF_TABLE_PINNED("hash", struct lb_service_key, struct lb_service, lb_services,
                  LB_SERVICES_MAX, PIN_DIR "/lb_services");
 BPF_TABLE_PINNED("hash", struct lb_backend_key, struct lb_backend, lb_backends,
                  LB_BACKENDS_MAX, PIN_DIR "/lb_backends");
-BPF_TABLE_PINNED("lru_hash", struct lb_nat_key, struct lb_nat_value, lb_forward_nat, LB_NAT_MAX,
-                 PIN_DIR "/lb_forward_nat");
-BPF_TABLE_PINNED("lru_hash", struct lb_nat_key, struct lb_nat_value, lb_reverse_nat,
-                 LB_NAT_MAX, PIN_DIR "/lb_reverse_nat");
 BPF_PERF_OUTPUT(drop_events);
 
 #endif

@@ -1,39 +1,34 @@
-/* Policy lookup: exact, then wildcards; a deny anywhere in the matching set wins. */
+/* Policy lookup: two longest-prefix lookups, the peer's identity and any identity.
+ *
+ * Userspace (plugins/ebpf/policymap.py) writes each (endpoint, direction, identity) group so
+ * that its longest matching prefix carries the verdict of every rule covering the packet, deny
+ * beating allow; across the two lookups a deny wins, then an allow, else the default deny. */
 #ifndef MESHAGENT_POLICY_H
 #define MESHAGENT_POLICY_H
 
 #include "lib/maps.h"
 
+static __always_inline u8 policy_lookup(u32 endpoint_id, u8 direction, u32 identity,
+                                        u8 protocol, u16 port)
+{
+    struct policy_key key = {.prefixlen = POLICY_PREFIX_FULL, .endpoint_id = endpoint_id,
+                             .identity = identity, .direction = direction,
+                             .protocol = protocol, .port = htons(port)};
+    struct policy_value *value = policy.lookup(&key);
+    return value ? value->verdict : 0;
+}
+
 static __always_inline int policy_check(u32 endpoint_id, u8 direction, u32 identity,
                                         u8 protocol, u16 port)
 {
-    struct policy_key key = {};
-    int allowed = 0;
-    u32 identities[2] = {identity, 0};
-    u8 protocols[2] = {protocol, 0};
-    u16 ports[2] = {port, 0};
-
-    key.endpoint_id = endpoint_id;
-    key.direction = direction;
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-#pragma unroll
-        for (int p = 0; p < 2; p++) {
-#pragma unroll
-            for (int q = 0; q < 2; q++) {
-                key.identity = identities[i];
-                key.protocol = protocols[p];
-                key.port = ports[q];
-                struct policy_value *value = policy.lookup(&key);
-                if (!value)
-                    continue;
-                if (value->verdict == VERDICT_DENY)
-                    return REASON_POLICY_DENY;
-                allowed = 1;
-            }
-        }
-    }
-    return allowed ? REASON_FORWARDED : REASON_POLICY_DEFAULT;
+    u8 specific = identity ? policy_lookup(endpoint_id, direction, identity, protocol, port) : 0;
+    if (specific == VERDICT_DENY)
+        return REASON_POLICY_DENY;
+    u8 any = policy_lookup(endpoint_id, direction, 0, protocol, port);
+    if (any == VERDICT_DENY)
+        return REASON_POLICY_DENY;
+    return specific == VERDICT_ALLOW || any == VERDICT_ALLOW ? REASON_FORWARDED
+                                                             : REASON_POLICY_DEFAULT;
 }
 
 static __always_inline u32 ipcache_identity(u32 ip)

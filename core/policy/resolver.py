@@ -269,14 +269,27 @@ def key_matches(key: MapKey, direction: str, identity: int, protocol: int, port:
             and (key.port == 0 or key.port <= port <= key.end_port))
 
 
-def decide(verdicts: dict[MapKey, Verdict], direction: str, identity: int, protocol: int,
-           port: int) -> Verdict:
-    """Deny if any matching key denies, allow if one allows, otherwise denied by default."""
+DENIED_BY_RULE, DENIED_BY_DEFAULT, ALLOWED = "denied by a deny rule", "denied by default", \
+    "allowed"
+
+
+def judge(verdicts: dict[MapKey, Verdict], direction: str, identity: int, protocol: int,
+          port: int) -> tuple[Verdict, str]:
+    """The verdict and why: deny if any matching key denies, allow if one allows, otherwise
+    denied by default. ``port`` is 0 for a protocol without ports."""
     matching = {v for k, v in verdicts.items() if key_matches(k, direction, identity, protocol,
                                                                port)}
     if Verdict.DENY in matching:
-        return Verdict.DENY
-    return Verdict.ALLOW if Verdict.ALLOW in matching else Verdict.DENY
+        return Verdict.DENY, DENIED_BY_RULE
+    if Verdict.ALLOW in matching:
+        return Verdict.ALLOW, ALLOWED
+    return Verdict.DENY, DENIED_BY_DEFAULT
+
+
+def decide(verdicts: dict[MapKey, Verdict], direction: str, identity: int, protocol: int,
+           port: int) -> Verdict:
+    """Deny if any matching key denies, allow if one allows, otherwise denied by default."""
+    return judge(verdicts, direction, identity, protocol, port)[0]
 
 
 @attrs.frozen

@@ -23,6 +23,7 @@ from meshagent.identity import Identity
 from meshagent.ipcache import IPCacheEntry
 from meshagent.kvsync import follow_prefix
 from meshagent.policy.api import Policy, PolicyError, parse_document, parse_policies
+from meshagent.policy.cidr import cidr_identity, free_local_identity, policy_cidrs
 from meshagent.policy.resolver import (
     EGRESS, INGRESS, MapChange, PolicyEndpoint, Resolver, Trace, trace,
 )
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFIX = "meshagent/policies/v1/"
-LOCAL_IDENTITY_FLAG = 1 << 24  # CIDR identities are local to the node, as in Cilium
 
 
 @attrs.frozen
@@ -105,14 +105,7 @@ class PolicyService:
     def _refresh_cidr_identities(self, extra: Policy | None = None) -> None:
         """Every CIDR (and except) in the policies gets a node-local identity and an ipcache
         prefix, so the datapath can tell those destinations apart from the rest of the world."""
-        wanted = set()
-        for policy in list(self.resolver.policies.values()) + ([extra] if extra else []):
-            for rule in policy.rules:
-                for item in rule.ingress + rule.ingress_deny + rule.egress + rule.egress_deny:
-                    for cidr in item.cidrs or ():
-                        wanted.add(cidr.cidr)
-                        wanted.update(cidr.excepts)
-        wanted.discard(ipaddress.IPv4Network("0.0.0.0/0"))  # that is the world identity
+        wanted = policy_cidrs(list(self.resolver.policies.values()) + ([extra] if extra else []))
         tables, cluster = self.agent.tables, self.agent.cluster.name
         for prefix in sorted(set(self.cidr_identities) - wanted):
             identity = self.cidr_identities.pop(prefix)
@@ -120,10 +113,9 @@ class PolicyService:
             tables.identities.delete(identity.id)
         taken = {i.id for i in self.cidr_identities.values()}
         for prefix in sorted(wanted - set(self.cidr_identities)):
-            number = next(n for n in range(LOCAL_IDENTITY_FLAG | 1, LOCAL_IDENTITY_FLAG << 1)
-                          if n not in taken)
+            number = free_local_identity(taken)
             taken.add(number)
-            identity = Identity(number, frozenset({f"cidr:{prefix}", "reserved:world"}), cluster)
+            identity = cidr_identity(number, prefix, cluster)
             self.cidr_identities[prefix] = identity
             tables.identities.upsert(number, identity)
             tables.ipcache.upsert(prefix, IPCacheEntry(prefix, number, cluster))

@@ -27,10 +27,17 @@ def meshagent_addoption(parser):
                     help="seconds an idle non-TCP flow stays tracked")
 
 
+def build_datapath(agent):
+    """The datapath with what it uses: its options, and identities to name drop events by."""
+    from meshagent.plugins.ebpf.datapath import EbpfDatapath, EbpfSettings
+    datapath = EbpfDatapath(EbpfSettings.from_config(agent.config), agent.tables.identities.get)
+    agent.plugins.register(datapath, name="ebpf.datapath")  # its status and API routes
+    return datapath
+
+
 @meshagent.hookimpl
 def meshagent_register_datapath(registry):
-    from meshagent.plugins.ebpf.datapath import EbpfDatapath
-    registry.register("ebpf", EbpfDatapath)
+    registry.register("ebpf", build_datapath)
 
 
 @meshagent.hookimpl

@@ -16,8 +16,10 @@ from meshagent.api import API_PREFIX
 from meshagent.cli import Command, _format_table
 from meshagent.errors import AgentNotRunning
 from meshagent.plugins.ebpf.maps import (
-    DIR_INGRESS, PROTOCOL_NAMES, REASONS, VERDICT_DENY, PinnedMap, ip_text,
+    CT_NAT_DST, CT_NAT_SRC, CT_REPLY, DIR_INGRESS, POLICY_PREFIX_STATIC, PROTOCOL_NAMES, REASONS,
+    VERDICT_DENY, PinnedMap, ip_text,
 )
+from meshagent.plugins.ebpf.policymap import Block
 
 
 def _bpf_root(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +52,7 @@ def _bpf_args(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     ipc = sub.add_parser("ipcache", help="IP prefix -> identity (LPM)")
     ipc.add_argument("action", choices=("list",))
-    pol = sub.add_parser("policy", help="one endpoint's policy entries")
+    pol = sub.add_parser("policy", help="one endpoint's policy entries (port prefixes)")
     pol.add_argument("action", choices=("get",))
     pol.add_argument("endpoint", type=int)
     ctp = sub.add_parser("ct", help="tracked connections")
@@ -71,10 +73,15 @@ def _bpf(args: argparse.Namespace) -> int:
         for k, v in _pinned(args, "policy").items():
             if k.endpoint_id != args.endpoint:
                 continue
+            block = Block(k.prefixlen - POLICY_PREFIX_STATIC, k.protocol, k.port)
+            ports = "any" if block.bits <= 8 else (
+                block.first_port if block.first_port == block.last_port
+                else f"{block.first_port}-{block.last_port}")
             rows.append({"direction": "ingress" if k.direction == DIR_INGRESS else "egress",
                          "identity": k.identity or "any",
-                         "protocol": PROTOCOL_NAMES.get(k.protocol, k.protocol),
-                         "port": k.port or "any",
+                         "protocol": PROTOCOL_NAMES.get(k.protocol, k.protocol)
+                         if block.bits else "any",
+                         "port": ports,
                          "verdict": "deny" if v.verdict == VERDICT_DENY else "allow"})
         rows.sort(key=lambda r: (r["direction"], str(r["identity"]), str(r["port"])))
         return _emit(args, ("DIRECTION", "IDENTITY", "PROTO", "PORT", "VERDICT"),
@@ -85,17 +92,23 @@ def _bpf(args: argparse.Namespace) -> int:
         rows = []
         for name in ("ct_tcp", "ct_any"):
             for k, v in _pinned(args, name).items():
+                nat = ""
+                if v.flags & CT_NAT_DST:
+                    nat = f"to {ip_text(v.nat_ip)}:{v.nat_port}"
+                elif v.flags & CT_NAT_SRC:
+                    nat = f"from {ip_text(v.nat_ip)}:{v.nat_port}"
                 rows.append({"endpoint": k.endpoint_id,
                              "direction": "ingress" if k.direction == DIR_INGRESS else "egress",
                              "protocol": PROTOCOL_NAMES.get(k.protocol, k.protocol),
                              "source": f"{ip_text(k.saddr)}:{k.sport}",
                              "destination": f"{ip_text(k.daddr)}:{k.dport}",
-                             "packets": v.packets,
+                             "kind": "reply" if v.flags & CT_REPLY else "forward",
+                             "nat": nat,
                              "idle_seconds": round((now - v.last_seen_ns) / 1e9, 1)})
-        return _emit(args, ("ENDPOINT", "DIR", "PROTO", "SOURCE", "DESTINATION", "PACKETS",
+        return _emit(args, ("ENDPOINT", "DIR", "PROTO", "SOURCE", "DESTINATION", "KIND", "NAT",
                             "IDLE"),
                      [tuple(str(r[c]) for c in ("endpoint", "direction", "protocol", "source",
-                                                 "destination", "packets", "idle_seconds"))
+                                                 "destination", "kind", "nat", "idle_seconds"))
                       for r in rows], rows)
     metrics = read_metrics(_pinned(args, "metrics"))
     rows = [{"reason": REASONS.get(r, str(r)), "packets": p, "bytes": b}

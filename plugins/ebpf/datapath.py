@@ -11,66 +11,110 @@ import ctypes as ct
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import attrs
 from aiohttp import web
 
 from meshagent import hookimpl
 from meshagent.api import Route
 from meshagent.endpoint import Endpoint
 from meshagent.events import ChangeKind
+from meshagent.identity import Identity
 from meshagent.ipcache import IPCacheEntry
 from meshagent.plugins.ebpf import loader
 from meshagent.plugins.ebpf.maps import (
-    DIR_EGRESS, DIR_INGRESS, PROTOCOL_NAMES, REASONS, VERDICT_ALLOW, VERDICT_DENY, DropEvent,
-    EndpointInfo, IPCacheKey, IPCacheValue, IPv4Bytes, LBBackend, LBBackendKey, LBService,
-    LBServiceKey, PolicyKey, PolicyValue, ip_bytes, ip_text, open_maps,
+    DIR_EGRESS, DIR_INGRESS, POLICY_PREFIX_STATIC, PROTOCOL_NAMES, REASONS, VERDICT_ALLOW,
+    VERDICT_DENY, DropEvent, EndpointInfo, IPCacheKey, IPCacheValue, IPv4Bytes, LBBackend,
+    LBBackendKey, LBService, LBServiceKey, PolicyKey, PolicyValue, ip_bytes, ip_text, open_maps,
 )
+from meshagent.plugins.ebpf.policymap import Block, group_entries
 from meshagent.status import Health, StatusSection
-
-if TYPE_CHECKING:
-    from meshagent.agent import Agent
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
-PORT_RANGE_MAX = 1024  # a range becomes one policy entry per port; larger ones are refused
 RECENT_DROPS = 1000
 TCP_FLAGS = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"))
+DIRECTIONS = {"ingress": DIR_INGRESS, "egress": DIR_EGRESS}
+
+#: One longest-prefix group of the policy map: (endpoint id, direction, identity or 0).
+GroupKey = tuple[int, int, int]
 
 
-def policy_keys(endpoint_id: int, key) -> list[tuple]:
-    """A resolver MapKey as the policy map's exact-port entries."""
-    direction = DIR_INGRESS if key.direction == "ingress" else DIR_EGRESS
-    ports = [0] if key.port == 0 else range(key.port, key.end_port + 1)
-    return [(endpoint_id, key.identity, port, key.protocol, direction) for port in ports]
+@attrs.frozen
+class EbpfSettings:
+    """What the plugin's options decide: where maps are pinned, their sizes, CT lifetimes."""
+
+    bpf_root: Path
+    ipcache_max: int = 512000
+    policy_max: int = 262144
+    ct_tcp_max: int = 524288
+    ct_any_max: int = 262144
+    ct_timeout_tcp: float = 21600.0
+    ct_timeout_any: float = 60.0
+
+    @classmethod
+    def from_config(cls, config) -> "EbpfSettings":
+        return cls(Path(config.get("ebpf-bpf-root")), config.get("ebpf-ipcache-max"),
+                   config.get("ebpf-policy-max"), config.get("ebpf-ct-tcp-max"),
+                   config.get("ebpf-ct-any-max"), config.get("ebpf-ct-timeout-tcp"),
+                   config.get("ebpf-ct-timeout-any"))
+
+    def defines(self) -> dict[str, int | str]:
+        """The C constants the programs are compiled with."""
+        return {
+            "IPCACHE_MAX": self.ipcache_max,
+            "POLICY_MAX": self.policy_max,
+            "CT_TCP_MAX": self.ct_tcp_max,
+            "CT_ANY_MAX": self.ct_any_max,
+            "LB_SERVICES_MAX": 65536,
+            "CT_LIFETIME_TCP_NS": f"{int(self.ct_timeout_tcp * 1e9)}ULL",
+            "CT_LIFETIME_ANY_NS": f"{int(self.ct_timeout_any * 1e9)}ULL",
+        }
+
+
+def policy_map_key(group: GroupKey, block: Block) -> PolicyKey:
+    endpoint_id, direction, identity = group
+    return PolicyKey(POLICY_PREFIX_STATIC + block.bits, endpoint_id, identity, direction,
+                     block.protocol, block.port)
+
+
+def group_of(endpoint_id: int, key) -> GroupKey:
+    """The group a resolver :class:`~meshagent.policy.resolver.MapKey` belongs to."""
+    return (endpoint_id, DIRECTIONS[key.direction], key.identity)
+
+
+def entries_for(keys: dict) -> dict[Block, str]:
+    """One group's resolver keys and verdicts as the policy map's prefixes."""
+    return group_entries((k.protocol, k.port, k.end_port, v.value) for k, v in keys.items())
 
 
 class EbpfDatapath:
-    """Meets :class:`meshagent.datapath.Datapath`; registered as ``ebpf``."""
+    """Meets :class:`meshagent.datapath.Datapath`; registered as ``ebpf``.
 
-    def __init__(self, agent: "Agent"):
-        self.agent = agent
-        config = agent.config
-        self.root = Path(config.get("ebpf-bpf-root"))
-        self.pin_dir = self.root / "meshagent"
-        self.defines = {
-            "IPCACHE_MAX": config.get("ebpf-ipcache-max"),
-            "POLICY_MAX": config.get("ebpf-policy-max"),
-            "CT_TCP_MAX": config.get("ebpf-ct-tcp-max"),
-            "CT_ANY_MAX": config.get("ebpf-ct-any-max"),
-            "LB_SERVICES_MAX": 65536,
-            "CT_LIFETIME_TCP_NS": f"{int(config.get('ebpf-ct-timeout-tcp') * 1e9)}ULL",
-            "CT_LIFETIME_ANY_NS": f"{int(config.get('ebpf-ct-timeout-any') * 1e9)}ULL",
-        }
-        self.programs: dict[str, tuple] = {}
+    ``identities`` names the peers of drop events; ``attacher`` puts the programs on a veth
+    (tests that run the programs on synthetic packets pass one that attaches nothing).
+    """
+
+    def __init__(self, settings: EbpfSettings,
+                 identities: Callable[[int], Identity | None] = lambda _: None,
+                 attacher: "loader.Attacher | None" = None):
+        self.settings = settings
+        self.identities = identities
+        self.attacher = attacher or loader.TcAttacher()
+        self.pin_dir = settings.bpf_root / "meshagent"
+        self.defines = settings.defines()
+        self.programs: dict[str, loader.PinnedProgram] = {}
         self.maps: dict = {}
         self.endpoints: dict[int, Endpoint] = {}
         self.attached: dict[int, list[str]] = {}  # endpoint id -> programs seen on its veth
-        self.desired: dict[int, dict] = {}  # endpoint id -> {MapKey: Verdict}
-        self.covering: dict[tuple, set] = {}  # policy map key -> MapKeys that expand to it
-        self.refused: dict[str, str] = {}
+        self.groups: dict[GroupKey, dict] = {}  # group -> {MapKey: Verdict} the resolver wants
+        self.installed: dict[GroupKey, dict[Block, str]] = {}  # group -> what the map holds
+        self.generation = 0  # endpoint generations: bumped when verdicts may have changed
+        self.replaced_maps: list[str] = []  # pinned maps of another layout, started afresh
+        self.deferred: set[int] = set()  # endpoints whose programs wait for the first sync
         self.service_ids: dict[tuple, int] = {}  # (vip, port, proto) -> service id
         self.synced = False
         self.started = False
@@ -79,23 +123,30 @@ class EbpfDatapath:
         self.subscribers: set[asyncio.Queue] = set()
         self._readers: list[tuple[int, int]] = []
         self._event_maps: list[int] = []
-        agent.plugins.register(self, name="ebpf.datapath")
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         try:
-            loader.ensure_bpffs(self.root)
+            loader.ensure_bpffs(self.settings.bpf_root)
             self.pin_dir.mkdir(exist_ok=True)
-            await loader.compile_in_child(self.pin_dir, self.defines)
+            self.replaced_maps = await loader.compile_in_child(self.pin_dir, self.defines)
             self.programs = {name: loader.PinnedProgram(self.pin_dir, name)
                              for name in loader.PROGRAMS}
         except loader.DatapathError as exc:
             self.start_error = str(exc)
             raise
         self.maps = open_maps(self.pin_dir)
+        # generations only grow, also across restarts: a connection judged by an earlier
+        # agent is judged again
+        self.generation = max((v.generation for _, v in self.maps["endpoints"].items()),
+                              default=0) + 1
         self._open_drop_events()
         self.started = True
+        if self.replaced_maps:
+            log.warning("pinned maps of another layout started afresh: %s (programs already"
+                        " attached keep their old maps until the first sync)",
+                        ", ".join(self.replaced_maps))
         log.info("eBPF programs loaded; maps pinned under %s", self.pin_dir)
 
     def _open_drop_events(self) -> None:
@@ -146,21 +197,42 @@ class EbpfDatapath:
 
     # -- endpoints ------------------------------------------------------------------------------
 
+    def _write_endpoint(self, endpoint: Endpoint) -> None:
+        info = EndpointInfo(endpoint.id, endpoint.identity, ip_bytes(endpoint.ipv4),
+                            self.generation)
+        self.maps["endpoints"].put(ct.c_uint32(endpoint.ifindex), info)
+
     async def endpoint_added(self, endpoint: Endpoint) -> None:
         self.endpoints[endpoint.id] = endpoint
-        info = EndpointInfo(endpoint.id, endpoint.identity, ip_bytes(endpoint.ipv4), 0)
-        self.maps["endpoints"].put(ct.c_uint32(endpoint.ifindex), info)
-        await asyncio.to_thread(loader.attach, endpoint.ifindex, self.programs)
+        self._write_endpoint(endpoint)
+        if not self.synced and self.replaced_maps and await asyncio.to_thread(
+                self.attacher.attached, endpoint.ifindex):
+            # the programs there use the maps of an earlier layout, which hold the last
+            # agent's state: they keep enforcing it until the new maps are filled
+            self.deferred.add(endpoint.id)
+        else:
+            await asyncio.to_thread(self.attacher.attach, endpoint.ifindex, self.programs)
         # read back what the kernel has, so status reports attachments, not intentions
-        self.attached[endpoint.id] = await asyncio.to_thread(loader.attached, endpoint.ifindex)
+        self.attached[endpoint.id] = await asyncio.to_thread(self.attacher.attached,
+                                                             endpoint.ifindex)
 
     async def endpoint_removed(self, endpoint: Endpoint) -> None:
         self.maps["endpoints"].delete(ct.c_uint32(endpoint.ifindex))
         self.endpoints.pop(endpoint.id, None)
         self.attached.pop(endpoint.id, None)
-        for key in list(self.desired.get(endpoint.id, {})):
-            self._set_policy(endpoint.id, key, None)
-        self.desired.pop(endpoint.id, None)
+        self.deferred.discard(endpoint.id)
+        for group in [g for g in self.groups if g[0] == endpoint.id]:
+            self.groups.pop(group)
+            self._write_group(group)
+
+    def _bump(self, endpoint_ids: Iterable[int]) -> None:
+        """Verdicts of these endpoints may have changed: their tracked connections are judged
+        again on their next packet (after the maps were written)."""
+        self.generation += 1
+        for endpoint_id in endpoint_ids:
+            endpoint = self.endpoints.get(endpoint_id)
+            if endpoint is not None:
+                self._write_endpoint(endpoint)
 
     # -- ipcache and policy -----------------------------------------------------------------------
 
@@ -172,71 +244,87 @@ class EbpfDatapath:
                 table.delete(key)
             else:
                 table.put(key, IPCacheValue(entry.identity, 0))
+        self._bump(list(self.endpoints))
 
     async def update_policy(self, endpoint_id: int, changes) -> None:
+        touched = set()
         for change in changes:
-            self._set_policy(endpoint_id, change.key, change.verdict)
+            group = group_of(endpoint_id, change.key)
+            keys = self.groups.setdefault(group, {})
+            if change.verdict is None:
+                keys.pop(change.key, None)
+            else:
+                keys[change.key] = change.verdict
+            touched.add(group)
+        for group in sorted(touched):
+            self._write_group(group)
+        self._bump([endpoint_id])
 
-    def _set_policy(self, endpoint_id: int, key, verdict) -> None:
-        desired = self.desired.setdefault(endpoint_id, {})
-        if verdict is None:
-            desired.pop(key, None)
+    def _write_group(self, group: GroupKey) -> None:
+        """Make one group's entries what its keys want: new and changed entries first, then
+        the ones no longer wanted (a packet never meets a group with holes)."""
+        keys = self.groups.get(group)
+        if not keys:
+            self.groups.pop(group, None)
+        wanted = entries_for(keys) if keys else {}
+        old = self.installed.get(group, {})
+        table = self.maps["policy"]
+        for block, verdict in wanted.items():
+            if old.get(block) != verdict:
+                table.put(policy_map_key(group, block), _policy_value(verdict))
+        for block in old:
+            if block not in wanted:
+                table.delete(policy_map_key(group, block))
+        if wanted:
+            self.installed[group] = wanted
         else:
-            desired[key] = verdict
-        expanded = policy_keys(endpoint_id, key)
-        if len(expanded) > PORT_RANGE_MAX:
-            where = f"endpoint {endpoint_id} ports {key.port}-{key.end_port}"
-            if verdict is None:
-                self.refused.pop(where, None)
-            else:
-                self.refused[where] = (f"range of {len(expanded)} ports is larger than"
-                                       f" {PORT_RANGE_MAX}: not installed (traffic stays denied)")
-                log.error("%s: %s", where, self.refused[where])
-            return
-        for pk in expanded:
-            covering = self.covering.setdefault(pk, set())
-            if verdict is None:
-                covering.discard(key)
-            else:
-                covering.add(key)
-            self._write_policy_entry(endpoint_id, pk)
-
-    def _write_policy_entry(self, endpoint_id: int, pk: tuple) -> None:
-        verdicts = {self.desired.get(endpoint_id, {}).get(k) for k in self.covering.get(pk, ())}
-        verdicts.discard(None)
-        key = PolicyKey(*pk)
-        if not verdicts:
-            self.covering.pop(pk, None)
-            self.maps["policy"].delete(key)
-            return
-        value = VERDICT_DENY if any(v.value == "deny" for v in verdicts) else VERDICT_ALLOW
-        self.maps["policy"].put(key, PolicyValue(value))
+            self.installed.pop(group, None)
 
     async def reconcile(self, policies: dict[int, dict], ipcache: list[IPCacheEntry]) -> None:
         """Make the maps exactly this (first sync after start), make-before-break: new policy
         entries first, then the ipcache, and only then remove what is stale — so no packet of
         an allowed connection meets a half-updated state."""
-        self.desired.clear()
-        self.covering.clear()
+        self.groups = {}
         for endpoint_id, verdicts in policies.items():
             for key, verdict in verdicts.items():
-                self._set_policy(endpoint_id, key, verdict)
+                self.groups.setdefault(group_of(endpoint_id, key), {})[key] = verdict
+        self.installed = {group: entries_for(keys) for group, keys in self.groups.items()}
+        table = self.maps["policy"]
+        wanted_policy = set()
+        for group, entries in self.installed.items():
+            for block, verdict in entries.items():
+                key = policy_map_key(group, block)
+                table.put(key, _policy_value(verdict))
+                wanted_policy.add(bytes(key))
         wanted = {(e.prefix.prefixlen, e.prefix.network_address.packed): e for e in ipcache}
-        await self.update_ipcache([(ChangeKind.UPSERT, e) for e in ipcache])
+        for entry in ipcache:
+            self.maps["ipcache"].put(
+                IPCacheKey(entry.prefix.prefixlen, ip_bytes(entry.prefix.network_address)),
+                IPCacheValue(entry.identity, 0))
         for key, _ in list(self.maps["ipcache"].items()):
             if (key.prefixlen, bytes(key.ip)) not in wanted:
                 self.maps["ipcache"].delete(key)
-        for key, _ in list(self.maps["policy"].items()):
-            pk = (key.endpoint_id, key.identity, key.port, key.protocol, key.direction)
-            if pk not in self.covering:
-                self.maps["policy"].delete(key)
+        for key in list(table.keys()):
+            if bytes(key) not in wanted_policy:
+                table.delete(key)
         live = {e.ifindex for e in self.endpoints.values()}
         for key, _ in list(self.maps["endpoints"].items()):
             if key.value not in live:
                 self.maps["endpoints"].delete(key)
+        self._bump(list(self.endpoints))
+        for endpoint_id in sorted(self.deferred):
+            endpoint = self.endpoints[endpoint_id]
+            await asyncio.to_thread(self.attacher.attach, endpoint.ifindex, self.programs)
+            self.attached[endpoint_id] = await asyncio.to_thread(self.attacher.attached,
+                                                                 endpoint.ifindex)
+        self.deferred.clear()
         self.synced = True
-        log.info("eBPF maps reconciled: %d ipcache entries, %d endpoints", len(ipcache),
-                 len(policies))
+        log.info("eBPF maps reconciled: %d ipcache entries, %d endpoints, %d policy entries",
+                 len(ipcache), len(policies), len(wanted_policy))
+
+    def policy_entry_count(self) -> int:
+        """Entries the policy map holds for the resolved verdicts (as written)."""
+        return sum(len(entries) for entries in self.installed.values())
 
     # -- services -------------------------------------------------------------------------------
 
@@ -281,7 +369,7 @@ class EbpfDatapath:
 
     def describe_drop(self, raw: DropEvent) -> dict:
         def who(identity: int) -> dict:
-            known = self.agent.tables.identities.get(identity)
+            known = self.identities(identity)
             cluster = known.cluster if known else ("reserved" if identity < 256 else "?")
             return {"identity": identity, "cluster": cluster}
         flags = [name for bit, name in TCP_FLAGS if raw.tcp_flags & bit] if raw.protocol == 6 \
@@ -313,8 +401,9 @@ class EbpfDatapath:
             return StatusSection("Datapath", Health.WARNING, "ebpf: loading programs")
         attached = {ep_id: self.attached.get(ep_id, []) for ep_id in self.endpoints}
         full = sum(1 for names in attached.values() if len(names) == 2)
-        sizes = {name: len(self.maps[name]) for name in ("ipcache", "policy", "ct_tcp",
-                                                         "ct_any", "lb_services")}
+        sizes = {name: len(self.maps[name]) for name in ("ipcache", "ct_tcp", "ct_any",
+                                                         "lb_services")}
+        sizes["policy"] = self.policy_entry_count()
         limits = {"ipcache": "IPCACHE_MAX", "policy": "POLICY_MAX", "ct_tcp": "CT_TCP_MAX",
                   "ct_any": "CT_ANY_MAX", "lb_services": "LB_SERVICES_MAX"}
         drops = {reason: n for reason, n in self.counters().items() if reason != "forwarded"}
@@ -325,9 +414,9 @@ class EbpfDatapath:
                    for name, count in sizes.items()]
         details += [f"endpoint {ep_id}: {', '.join(names) or 'NOT ATTACHED'}"
                     for ep_id, names in sorted(attached.items())]
-        details += [f"refused {where}: {why}" for where, why in sorted(self.refused.items())]
-        health = Health.OK if full == len(self.endpoints) and not self.refused else \
-            Health.WARNING
+        details += [f"endpoint {ep_id}: keeps the programs of an earlier map layout until the"
+                    " first sync" for ep_id in sorted(self.deferred)]
+        health = Health.OK if full == len(self.endpoints) else Health.WARNING
         return StatusSection("Datapath", health, summary, details=details)
 
     @hookimpl
@@ -349,3 +438,7 @@ class EbpfDatapath:
         finally:
             self.subscribers.discard(queue)
         return response
+
+
+def _policy_value(verdict: str) -> PolicyValue:
+    return PolicyValue(VERDICT_DENY if verdict == "deny" else VERDICT_ALLOW)

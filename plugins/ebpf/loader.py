@@ -5,9 +5,11 @@ it with its ``#include "lib/..."`` lines expanded in place. The two programs sha
 pinning them under ``<bpf-root>/meshagent``.
 """
 
+import json
 import os
 import re
 from pathlib import Path
+from typing import Protocol
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -103,19 +105,20 @@ def compile_programs(pin_dir: Path, defines: dict[str, int]) -> dict[str, tuple]
     return loaded
 
 
-async def compile_in_child(pin_dir: Path, defines: dict) -> None:
-    """Compile and pin the programs in a child process (keeps LLVM's peak out of the agent)."""
+async def compile_in_child(pin_dir: Path, defines: dict) -> list[str]:
+    """Compile and pin the programs in a child process (keeps LLVM's peak out of the agent);
+    the names of pinned maps of another layout it had to start afresh."""
     import asyncio
-    import json
     import sys
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "meshagent.plugins.ebpf.compile", str(pin_dir),
         json.dumps(defines), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    _, err = await child.communicate()
+    out, err = await child.communicate()
     if child.returncode != 0:
         message = err.decode().strip().splitlines()
         raise DatapathError(message[-1] if message else f"compiling the programs failed"
                                                         f" (exit {child.returncode})")
+    return json.loads(out.decode().strip().splitlines()[-1])["replaced"]
 
 
 class PinnedProgram:
@@ -132,32 +135,43 @@ class PinnedProgram:
         os.close(self.fd)
 
 
-def attach(ifindex: int, functions: dict[str, object]) -> None:
-    """Attach (or atomically replace) both programs on one veth."""
-    with IPRoute() as ipr:
-        try:
-            ipr.tc("add", "clsact", ifindex)
-        except NetlinkError as exc:
-            if exc.code != 17:  # EEXIST: already there
-                raise
-        for name, function in functions.items():
-            ipr.tc("replace-filter", "bpf", ifindex, ":1", fd=function.fd, name=function.name,
-                   parent=PARENTS[name], classid=1, direct_action=True, prio=1,
-                   protocol=ETH_P_ALL)
+class Attacher(Protocol):
+    """Puts the programs on an endpoint's veth, and tells what is there."""
+
+    def attach(self, ifindex: int, programs: dict[str, "PinnedProgram"]) -> None: ...
+
+    def attached(self, ifindex: int) -> list[str]: ...
 
 
-def attached(ifindex: int) -> list[str]:
-    """Names of our programs attached to ``ifindex`` (for status and tests)."""
-    names = []
-    with IPRoute() as ipr:
-        for parent in PARENTS.values():
+class TcAttacher:
+    """The real one: clsact and direct-action filters on the host-side veth (pyroute2)."""
+
+    def attach(self, ifindex: int, programs: dict[str, "PinnedProgram"]) -> None:
+        """Attach (or atomically replace) both programs on one veth."""
+        with IPRoute() as ipr:
             try:
-                filters = ipr.get_filters(index=ifindex, parent=int(parent.replace(":", ""), 16))
-            except NetlinkError:
-                continue
-            for f in filters:
-                options = f.get_attr("TCA_OPTIONS")
-                name = options.get_attr("TCA_BPF_NAME") if options else None
-                if name:
-                    names.append(name)
-    return names
+                ipr.tc("add", "clsact", ifindex)
+            except NetlinkError as exc:
+                if exc.code != 17:  # EEXIST: already there
+                    raise
+            for name, program in programs.items():
+                ipr.tc("replace-filter", "bpf", ifindex, ":1", fd=program.fd,
+                       name=program.name, parent=PARENTS[name], classid=1,
+                       direct_action=True, prio=1, protocol=ETH_P_ALL)
+
+    def attached(self, ifindex: int) -> list[str]:
+        """Names of our programs attached to ``ifindex`` (for status and tests)."""
+        names = []
+        with IPRoute() as ipr:
+            for parent in PARENTS.values():
+                try:
+                    filters = ipr.get_filters(index=ifindex,
+                                              parent=int(parent.replace(":", ""), 16))
+                except NetlinkError:
+                    continue
+                for f in filters:
+                    options = f.get_attr("TCA_OPTIONS")
+                    name = options.get_attr("TCA_BPF_NAME") if options else None
+                    if name:
+                        names.append(name)
+        return names

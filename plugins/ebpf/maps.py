@@ -13,18 +13,32 @@ from pathlib import Path
 from meshagent.errors import MeshagentError
 
 u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
+be16 = ct.c_uint16.__ctype_be__
 IPv4Bytes = u8 * 4
 
 DIR_INGRESS, DIR_EGRESS = 0, 1
 VERDICT_ALLOW, VERDICT_DENY = 1, 2
-REASONS = {0: "forwarded", 1: "policy denied (deny rule)", 2: "policy denied (by default)"}
+REASON_FORWARDED, REASON_POLICY_DENY, REASON_POLICY_DEFAULT = 0, 1, 2
+REASON_SPOOFED, REASON_FRAG_TINY, REASON_FRAG_UNKNOWN, REASON_MALFORMED = 3, 4, 5, 6
+REASONS = {
+    REASON_FORWARDED: "forwarded",
+    REASON_POLICY_DENY: "policy denied (deny rule)",
+    REASON_POLICY_DEFAULT: "policy denied (by default)",
+    REASON_SPOOFED: "spoofed source address",
+    REASON_FRAG_TINY: "tiny fragment (splits the transport header)",
+    REASON_FRAG_UNKNOWN: "fragment without its first fragment",
+    REASON_MALFORMED: "malformed packet",
+}
 PROTOCOL_NAMES = {0: "any", 1: "icmp", 6: "tcp", 17: "udp", 132: "sctp"}
-MAP_NAMES = ("endpoints", "ipcache", "policy", "ct_tcp", "ct_any", "metrics", "lb_services",
-             "lb_backends")
+POLICY_PREFIX_STATIC = 72  # endpoint_id, identity, direction: always matched whole
+CT_REPLY, CT_NAT_DST, CT_NAT_SRC = 1, 2, 4
+MAP_NAMES = ("endpoints", "ipcache", "policy", "ct_tcp", "ct_any", "ipfrag", "metrics",
+             "lb_services", "lb_backends")
 
 
 class EndpointInfo(ct.Structure):
-    _fields_ = [("endpoint_id", u32), ("identity", u32), ("ipv4", IPv4Bytes), ("flags", u32)]
+    _fields_ = [("endpoint_id", u32), ("identity", u32), ("ipv4", IPv4Bytes),
+                ("generation", u32)]
 
 
 class IPCacheKey(ct.Structure):
@@ -36,8 +50,10 @@ class IPCacheValue(ct.Structure):
 
 
 class PolicyKey(ct.Structure):
-    _fields_ = [("endpoint_id", u32), ("identity", u32), ("port", u16), ("protocol", u8),
-                ("direction", u8)]
+    """LPM key: prefixlen counts bits from endpoint_id on (see bpf/lib/common.h)."""
+
+    _fields_ = [("prefixlen", u32), ("endpoint_id", u32), ("identity", u32), ("direction", u8),
+                ("protocol", u8), ("port", be16)]
 
 
 class PolicyValue(ct.Structure):
@@ -50,7 +66,17 @@ class CTKey(ct.Structure):
 
 
 class CTValue(ct.Structure):
-    _fields_ = [("last_seen_ns", u64), ("packets", u64)]
+    _fields_ = [("last_seen_ns", u64), ("generation", u32), ("nat_ip", IPv4Bytes),
+                ("nat_port", u16), ("flags", u8), ("pad", u8 * 5)]
+
+
+class IPFragKey(ct.Structure):
+    _fields_ = [("saddr", IPv4Bytes), ("daddr", IPv4Bytes), ("id", be16), ("protocol", u8),
+                ("pad", u8)]
+
+
+class IPFragPorts(ct.Structure):
+    _fields_ = [("sport", u16), ("dport", u16)]
 
 
 class MetricsValue(ct.Structure):
@@ -86,10 +112,68 @@ TYPES = {
     "policy": (PolicyKey, PolicyValue),
     "ct_tcp": (CTKey, CTValue),
     "ct_any": (CTKey, CTValue),
+    "ipfrag": (IPFragKey, IPFragPorts),
     "metrics": (u32, MetricsValue),
     "lb_services": (LBServiceKey, LBService),
     "lb_backends": (LBBackendKey, LBBackend),
 }
+
+
+#: Every struct shared with the programs, by its C name in bpf/lib/common.h (checked against
+#: what the compiler lays out by tests/test_datapath_layout.py).
+C_STRUCTS = {
+    "endpoint_info": EndpointInfo, "ipcache_key": IPCacheKey, "ipcache_value": IPCacheValue,
+    "policy_key": PolicyKey, "policy_value": PolicyValue, "ct_key": CTKey, "ct_value": CTValue,
+    "ipfrag_key": IPFragKey, "ipfrag_ports": IPFragPorts, "metrics_value": MetricsValue,
+    "drop_event": DropEvent, "lb_service_key": LBServiceKey, "lb_service": LBService,
+    "lb_backend_key": LBBackendKey, "lb_backend": LBBackend,
+}
+
+#: name -> (BPF map type, the C define sizing it, its default): what a pinned map must be for
+#: the programs of this version to use it.
+MAP_HASH, MAP_PERCPU_ARRAY, MAP_LRU_HASH, MAP_LPM_TRIE = 1, 6, 9, 11
+MAP_SPECS = {
+    "endpoints": (MAP_HASH, "ENDPOINTS_MAX", 4096),
+    "ipcache": (MAP_LPM_TRIE, "IPCACHE_MAX", 512000),
+    "policy": (MAP_LPM_TRIE, "POLICY_MAX", 262144),
+    "ct_tcp": (MAP_LRU_HASH, "CT_TCP_MAX", 524288),
+    "ct_any": (MAP_LRU_HASH, "CT_ANY_MAX", 262144),
+    "ipfrag": (MAP_LRU_HASH, "IPFRAG_MAX", 8192),
+    "metrics": (MAP_PERCPU_ARRAY, "REASON_MAX", 8),
+    "lb_services": (MAP_HASH, "LB_SERVICES_MAX", 65536),
+    "lb_backends": (MAP_HASH, "LB_BACKENDS_MAX", 65536),
+}
+
+
+class MapInfo(ct.Structure):
+    """The head of the kernel's struct bpf_map_info."""
+
+    _fields_ = [("type", u32), ("id", u32), ("key_size", u32), ("value_size", u32),
+                ("max_entries", u32), ("map_flags", u32)]
+
+
+def expected_layout(name: str, defines: dict) -> tuple[int, int, int, int]:
+    """(type, key size, value size, max entries) the programs compiled with ``defines`` use."""
+    map_type, define, default = MAP_SPECS[name]
+    key_type, value_type = TYPES[name]
+    return (map_type, ct.sizeof(key_type), ct.sizeof(value_type),
+            int(defines.get(define, default)))
+
+
+def pinned_layout(path: Path) -> tuple[int, int, int, int] | None:
+    """The layout of the map pinned at ``path``, or None when there is none."""
+    lib = _lib()
+    fd = lib.bpf_obj_get(str(path).encode())
+    if fd < 0:
+        return None
+    try:
+        info = MapInfo()
+        size = ct.c_uint32(ct.sizeof(info))
+        if lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) != 0:
+            return None
+        return (info.type, info.key_size, info.value_size, info.max_entries)
+    finally:
+        os.close(fd)
 
 
 def ip_bytes(address: ipaddress.IPv4Address | str) -> IPv4Bytes:

@@ -1,0 +1,99 @@
+"""What a datapath must do with each packet, written as plainly as possible: the reference every
+datapath is tested against (docs/datapath.md, "What every datapath enforces").
+
+It is the resolver's decision plus the packet-level rules around it, in this order: a frame
+that is not IPv4 passes (ARP); a malformed IPv4 packet is dropped; a packet leaving a pod with
+a source that is not the pod's is dropped; fragments follow RFC 1858 and take their first
+fragment's ports; a reply of an allowed connection passes; every other packet gets the
+resolver's verdict for (endpoint, direction, peer identity, protocol, destination port), the
+peer identity being the longest ipcache prefix holding the peer's address (world if none).
+An allowed packet makes its reverse a reply. As in Cilium, connection state only ever lets
+replies through: a packet of a known connection in its own direction is judged by policy as it
+is now.
+"""
+
+import ipaddress
+from collections.abc import Callable
+
+import attrs
+
+from meshagent.identity import ReservedIdentity
+from meshagent.policy.resolver import ALLOWED, DENIED_BY_DEFAULT, DENIED_BY_RULE, Verdict
+from meshagent.testing.packets import (
+    FRAG_FIRST, FRAG_LATER, FRAG_NONE, MALFORMED, NOT_IPV4, TRANSPORT_HEADER, parse,
+)
+
+INGRESS, EGRESS = "ingress", "egress"
+
+#: Why a packet passed or was dropped: the names every datapath maps its own codes to.
+FORWARDED = "forwarded"
+POLICY_DENY = "policy-deny"
+POLICY_DEFAULT = "policy-default"
+SPOOFED = "spoofed"
+FRAG_TINY = "frag-tiny"
+FRAG_UNKNOWN = "frag-unknown"
+MALFORMED_PACKET = "malformed"
+
+_REASONS = {ALLOWED: FORWARDED, DENIED_BY_RULE: POLICY_DENY, DENIED_BY_DEFAULT: POLICY_DEFAULT}
+
+
+@attrs.frozen
+class ModelEndpoint:
+    id: int
+    ip: str
+
+
+#: decision(endpoint id, direction, identity, protocol, port) -> (Verdict, reason)
+Decision = Callable[[int, str, int, int, int], tuple[Verdict, str]]
+
+
+class DatapathModel:
+    """Expected outcomes for a sequence of packets; keeps replies and fragment ports."""
+
+    def __init__(self, decision: Decision):
+        self.decision = decision
+        self.endpoints: dict[int, ModelEndpoint] = {}
+        self.ipcache: dict[ipaddress.IPv4Network, int] = {}
+        self.replies: set[tuple] = set()
+        self.fragments: dict[tuple, tuple[int, int]] = {}
+
+    def identity_of(self, address: str) -> int:
+        ip = ipaddress.IPv4Address(address)
+        best = None
+        for prefix in self.ipcache:
+            if ip in prefix and (best is None or prefix.prefixlen > best.prefixlen):
+                best = prefix
+        return self.ipcache[best] if best is not None else int(ReservedIdentity.WORLD)
+
+    def outcome(self, endpoint_id: int, direction: str, frame: bytes) -> str:
+        endpoint = self.endpoints[endpoint_id]
+        p = parse(frame)
+        if p.outcome == NOT_IPV4:
+            return FORWARDED
+        if p.outcome == MALFORMED:
+            return MALFORMED_PACKET
+        if direction == EGRESS and p.src != endpoint.ip:
+            return SPOOFED
+        sport, dport = p.sport, p.dport
+        need = TRANSPORT_HEADER.get(p.protocol, 0)
+        if p.fragment != FRAG_NONE and need:
+            key = (p.src, p.dst, p.ip_id, p.protocol)
+            if p.fragment == FRAG_FIRST:
+                if p.transport_short:
+                    return FRAG_TINY
+                self.fragments[key] = (sport, dport)
+            elif p.fragment == FRAG_LATER:
+                if p.frag_offset < need:
+                    return FRAG_TINY
+                if key not in self.fragments:
+                    return FRAG_UNKNOWN
+                sport, dport = self.fragments[key]
+        flow = (endpoint_id, direction, p.src, p.dst, sport, dport, p.protocol)
+        if flow in self.replies:
+            return FORWARDED
+        peer = self.identity_of(p.src if direction == INGRESS else p.dst)
+        verdict, why = self.decision(endpoint_id, direction, peer, p.protocol, dport)
+        if verdict is Verdict.ALLOW:
+            back = EGRESS if direction == INGRESS else INGRESS
+            self.replies.add((endpoint_id, back, p.dst, p.src, dport, sport, p.protocol))
+        return _REASONS[why]

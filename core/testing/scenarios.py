@@ -1,0 +1,499 @@
+"""Random worlds for differential datapath tests: policies, identities, ipcache, packets.
+
+A :class:`Scenario` is a fixed set of local endpoints and a list of phases; each phase sets
+the identities, the ipcache and the policies in force, then sends probes (a packet at one
+endpoint, in one direction). :class:`ResolvedWorld` follows the phases with the real
+:class:`~meshagent.policy.resolver.Resolver` (and CIDR identities made as the policy service
+makes them) and hands on exactly what the agent hands a datapath: a reconcile for the first
+phase, incremental policy and ipcache changes after that. :func:`scenarios` is the hypothesis
+strategy; a scenario round-trips through JSON so that a failing one can be kept as a
+regression case. Needs the test extras (hypothesis).
+"""
+
+import ipaddress
+import json
+import random
+import time
+from collections.abc import Callable, Iterable
+
+import attrs
+from hypothesis import strategies as st
+
+from meshagent.endpoint import NAMESPACE_LABEL
+from meshagent.events import ChangeKind
+from meshagent.identity import CLUSTER_LABEL, Identity, ReservedIdentity
+from meshagent.ipcache import IPCacheEntry
+from meshagent.policy.api import parse_document
+from meshagent.policy.cidr import cidr_identity, free_local_identity, policy_cidrs
+from meshagent.policy.resolver import (
+    EGRESS, INGRESS, MapChange, PolicyEndpoint, Resolver, Verdict, judge, trace,
+)
+from meshagent.testing.datapath_model import DatapathModel, ModelEndpoint
+from meshagent.testing.packets import ETH_ARP, ETH_IPV6, ICMP, SCTP, TCP, TRANSPORT_HEADER, UDP, \
+    Packet
+
+LOCAL, REMOTE = "cluster1", "cluster2"
+
+
+@attrs.frozen
+class IdentitySpec:
+    id: int
+    labels: tuple[str, ...]
+    cluster: str
+
+    def identity(self) -> Identity:
+        return Identity(self.id, frozenset(self.labels), self.cluster)
+
+
+@attrs.frozen
+class EndpointSpec:
+    id: int
+    ip: str
+    namespace: str
+    identity: int  # one of the first phase's identities, of the local cluster
+
+
+@attrs.frozen
+class Probe:
+    endpoint: int
+    direction: str  # "ingress": entering the pod; "egress": leaving it
+    packet: Packet
+
+
+@attrs.frozen
+class Phase:
+    identities: tuple[IdentitySpec, ...]
+    ipcache: tuple[tuple[str, int], ...]  # (prefix, identity): the world's rows, not CIDR ones
+    policies: tuple[str, ...]  # one JSON document each
+    probes: tuple[Probe, ...]
+
+
+@attrs.frozen
+class Scenario:
+    endpoints: tuple[EndpointSpec, ...]
+    phases: tuple[Phase, ...]
+    default_local_cluster: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps(attrs.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Scenario":
+        doc = json.loads(text)
+        return cls(
+            tuple(EndpointSpec(**e) for e in doc["endpoints"]),
+            tuple(Phase(tuple(IdentitySpec(i["id"], tuple(i["labels"]), i["cluster"])
+                              for i in p["identities"]),
+                        tuple((prefix, identity) for prefix, identity in p["ipcache"]),
+                        tuple(p["policies"]),
+                        tuple(Probe(q["endpoint"], q["direction"], Packet(**q["packet"]))
+                              for q in p["probes"]))
+                  for p in doc["phases"]),
+            doc.get("default_local_cluster", True))
+
+    @property
+    def probe_count(self) -> int:
+        return sum(len(p.probes) for p in self.phases)
+
+
+# -- following a scenario with the real resolver ------------------------------------------------
+
+class ResolvedWorld:
+    """The resolver's view of a scenario, phase by phase, and what a datapath is handed."""
+
+    def __init__(self, scenario: Scenario):
+        self.scenario = scenario
+        self.changes: dict[int, list[MapChange]] = {}
+        self.resolver = Resolver(LOCAL, default_local_cluster=scenario.default_local_cluster,
+                                 on_change=lambda ep, c: self.changes.setdefault(ep, []).extend(c))
+        self.identities: dict[int, Identity] = {}
+        self.cidr: dict[ipaddress.IPv4Network, Identity] = {}
+        self.ipcache: dict[ipaddress.IPv4Network, IPCacheEntry] = {}
+        self.policies: dict[tuple, object] = {}
+        self.model = DatapathModel(self.decision)
+        self.model.endpoints = {e.id: ModelEndpoint(e.id, e.ip) for e in scenario.endpoints}
+
+    def decision(self, endpoint_id: int, direction: str, identity: int, protocol: int,
+                 port: int) -> tuple[Verdict, str]:
+        return judge(self.resolver.verdicts(endpoint_id), direction, identity, protocol, port)
+
+    def explained(self, endpoint_id: int, direction: str, identity: int, protocol: int,
+                  port: int) -> Verdict | None:
+        """The verdict ``policy trace`` explains, from the rules themselves (None for an
+        identity the resolver does not know: no selector can name it)."""
+        known = self.resolver.cache.identities.get(identity)
+        if known is None:
+            return None
+        return trace(self.resolver, endpoint_id, direction, known[0], protocol, port).verdict
+
+    def enter(self, phase: Phase) -> list[tuple[ChangeKind, IPCacheEntry]]:
+        """Apply a phase; the ipcache changes (map changes collect in ``changes``)."""
+        before = dict(self.ipcache)
+        wanted = {i.id: i.identity() for i in phase.identities}
+        for number, identity in wanted.items():
+            if self.identities.get(number) != identity:
+                self.identities[number] = identity
+                self.resolver.add_identity(identity)
+        policies = {}
+        for text in phase.policies:
+            policy = parse_document(json.loads(text), "scenario")
+            policies[policy.key] = policy
+        cidrs = policy_cidrs(policies.values())
+        taken = {i.id for i in self.cidr.values()}
+        for prefix in sorted(cidrs - set(self.cidr)):  # as the policy service: identities first
+            number = free_local_identity(taken)
+            taken.add(number)
+            self.cidr[prefix] = cidr_identity(number, prefix, LOCAL)
+            self.resolver.add_identity(self.cidr[prefix])
+        if not self.resolver.endpoints:
+            for e in self.scenario.endpoints:
+                labels = self.identities[e.identity].labels
+                self.resolver.set_endpoint(PolicyEndpoint(e.id, e.namespace, labels))
+        for key, policy in policies.items():
+            if self.policies.get(key) != policy:
+                self.resolver.upsert_policy(policy)
+        for key in set(self.policies) - set(policies):
+            self.resolver.delete_policy(key)
+        self.policies = policies
+        for prefix in sorted(set(self.cidr) - cidrs):
+            self.resolver.remove_identity(self.cidr.pop(prefix).id)
+        for number in set(self.identities) - set(wanted):
+            del self.identities[number]
+            self.resolver.remove_identity(number)
+        self.ipcache = {}
+        for prefix, number in phase.ipcache:
+            network = ipaddress.IPv4Network(prefix)
+            self.ipcache[network] = IPCacheEntry(network, number, LOCAL)
+        for prefix, identity in self.cidr.items():
+            self.ipcache[prefix] = IPCacheEntry(prefix, identity.id, LOCAL)
+        self.model.ipcache = {p: e.identity for p, e in self.ipcache.items()}
+        changes = [(ChangeKind.DELETE, e) for p, e in before.items() if p not in self.ipcache]
+        changes += [(ChangeKind.UPSERT, e) for p, e in self.ipcache.items() if before.get(p) != e]
+        return changes
+
+    def take_changes(self) -> dict[int, list[MapChange]]:
+        changes, self.changes = self.changes, {}
+        return changes
+
+    def verdicts(self) -> dict[int, dict]:
+        return {e.id: self.resolver.verdicts(e.id) for e in self.scenario.endpoints}
+
+
+# -- hypothesis strategies ------------------------------------------------------------------------
+
+APPS = ("a", "b", "db")
+NAMESPACES = ("default", "other")
+CIDRS = ("10.2.0.0/16", "10.2.3.0/24", "10.1.0.0/16", "10.0.0.0/8", "192.0.2.0/24",
+         "198.51.100.0/24", "198.51.100.128/25", "203.0.113.7/32", "0.0.0.0/0")
+ENTITIES = ("world", "cluster", "host", "remote-node", "all")
+PORTS = (1, 22, 53, 80, 443, 1023, 1024, 4095, 4096, 6379, 8080, 8191, 8192, 30000, 31000,
+         32767, 32768, 65534, 65535)
+PROTOCOLS = ("TCP", "UDP", "SCTP", "ANY", None)
+
+
+def labels_of(app: str, namespace: str, cluster: str, tier: str | None) -> tuple[str, ...]:
+    labels = [f"k8s:app={app}", f"k8s:{NAMESPACE_LABEL}={namespace}",
+              f"k8s:{CLUSTER_LABEL}={cluster}"]
+    if tier:
+        labels.append(f"k8s:tier={tier}")
+    return tuple(sorted(labels))
+
+
+@st.composite
+def identity_specs(draw) -> tuple[IdentitySpec, ...]:
+    shapes = draw(st.lists(st.tuples(st.sampled_from(APPS), st.sampled_from(NAMESPACES),
+                                     st.sampled_from((LOCAL, LOCAL, REMOTE)),
+                                     st.sampled_from((None, "web"))),
+                           min_size=2, max_size=6, unique=True))
+    out = []
+    for n, (app, namespace, cluster, tier) in enumerate(shapes):
+        base = (101 if cluster == LOCAL else 102) << 16
+        out.append(IdentitySpec(base + 256 + n, labels_of(app, namespace, cluster, tier),
+                                cluster))
+    return tuple(out)
+
+
+@st.composite
+def selectors(draw) -> dict:
+    kind = draw(st.sampled_from(("empty", "app", "app-cluster", "app-ns", "expr")))
+    app = draw(st.sampled_from(APPS))
+    if kind == "empty":
+        return {}
+    if kind == "app":
+        return {"matchLabels": {"app": app}}
+    if kind == "app-cluster":
+        return {"matchLabels": {"app": app, CLUSTER_LABEL: draw(st.sampled_from((LOCAL, REMOTE)))}}
+    if kind == "app-ns":
+        return {"matchLabels": {"app": app,
+                                f"k8s:{NAMESPACE_LABEL}": draw(st.sampled_from(NAMESPACES))}}
+    operator = draw(st.sampled_from(("In", "NotIn", "Exists", "DoesNotExist")))
+    key = draw(st.sampled_from(("app", "tier")))
+    expr = {"key": key, "operator": operator}
+    if operator in ("In", "NotIn"):
+        expr["values"] = draw(st.lists(st.sampled_from(APPS + ("web",)), min_size=1, max_size=2,
+                                       unique=True))
+    return {"matchExpressions": [expr]}
+
+
+#: Ranges that overlap one another in every way (nested, crossing, equal, adjacent), so deny
+#: and allow rules meet at different specificities.
+RANGES = ((80, 80), (443, 443), (6379, 6379), (8080, 8080), (4096, 8191), (8000, 8100),
+          (8191, 8192), (30000, 32767), (31000, 31000), (1024, 65535), (1, 65535), (53, 53),
+          (1, 1023), (65535, 65535))
+
+
+@st.composite
+def port_rules(draw) -> list:
+    ports = []
+    for _ in range(draw(st.integers(1, 3))):
+        if draw(st.integers(0, 9)) < 7:
+            port, end = draw(st.sampled_from(RANGES))
+        else:
+            port = draw(st.one_of(st.sampled_from(PORTS), st.integers(1, 65535)))
+            end = draw(st.one_of(st.just(port), st.integers(port, min(65535, port + 64)),
+                                 st.integers(port, 65535)))
+        entry = {"port": str(port)}
+        if end != port or draw(st.integers(0, 4)) == 0:
+            entry["endPort"] = end
+        protocol = draw(st.sampled_from(PROTOCOLS))
+        if protocol:
+            entry["protocol"] = protocol
+        ports.append(entry)
+    return [{"ports": ports}]
+
+
+@st.composite
+def peer_rules(draw, direction: str) -> dict:
+    prefix = "from" if direction == INGRESS else "to"
+    item: dict = {}
+    kind = draw(st.sampled_from(("endpoints", "entities", "cidr", "cidrset", "none", "none")))
+    if kind == "endpoints":
+        item[f"{prefix}Endpoints"] = draw(st.lists(selectors(), min_size=1, max_size=2))
+    elif kind == "entities":
+        item[f"{prefix}Entities"] = draw(st.lists(st.sampled_from(ENTITIES), min_size=1,
+                                                  max_size=2, unique=True))
+    elif kind == "cidr":
+        item[f"{prefix}CIDR"] = draw(st.lists(st.sampled_from(CIDRS), min_size=1, max_size=2,
+                                              unique=True))
+    elif kind == "cidrset":
+        cidr = draw(st.sampled_from(CIDRS[:-2] + ("0.0.0.0/0",)))
+        network = ipaddress.IPv4Network(cidr)
+        inside = [c for c in CIDRS if ipaddress.IPv4Network(c).subnet_of(network)
+                  and c != cidr]
+        entry = {"cidr": cidr}
+        if inside and draw(st.booleans()):
+            entry["except"] = draw(st.lists(st.sampled_from(inside), min_size=1, max_size=2,
+                                            unique=True))
+        item[f"{prefix}CIDRSet"] = [entry]
+    if kind.startswith("none") or draw(st.booleans()):
+        if kind.startswith("none") and draw(st.integers(0, 4)) == 0:
+            return item  # {}: selects nothing, but the direction is enforced
+        item["toPorts"] = draw(port_rules())
+    return item
+
+
+@st.composite
+def policies(draw, index: int) -> str:
+    clusterwide = draw(st.integers(0, 4)) == 0
+    spec: dict = {"endpointSelector": draw(st.one_of(
+        st.just({}), st.builds(lambda a: {"matchLabels": {"app": a}}, st.sampled_from(APPS))))}
+    for section, direction in (("ingress", INGRESS), ("ingressDeny", INGRESS),
+                               ("egress", EGRESS), ("egressDeny", EGRESS)):
+        count = draw(st.sampled_from((0, 0, 1, 1, 2) if "Deny" not in section else (0, 0, 1)))
+        if count:
+            spec[section] = [draw(peer_rules(direction)) for _ in range(count)]
+    if draw(st.integers(0, 5)) == 0:
+        spec["enableDefaultDeny"] = {d: draw(st.booleans()) for d in
+                                     draw(st.sets(st.sampled_from(("ingress", "egress")),
+                                                  min_size=1))}
+    metadata = {"name": f"p{index}"}
+    if not clusterwide:
+        metadata["namespace"] = draw(st.sampled_from(("default", "default", "other")))
+    document = {"apiVersion": "cilium.io/v2",
+                "kind": "CiliumClusterwideNetworkPolicy" if clusterwide
+                else "CiliumNetworkPolicy", "metadata": metadata, "spec": spec}
+    return json.dumps(document, sort_keys=True)
+
+
+@st.composite
+def scenarios(draw, probes_per_phase: int = 80, phases: int = 2) -> Scenario:
+    identities = draw(identity_specs())
+    local = [i for i in identities if i.cluster == LOCAL]
+    if not local:
+        identities += (IdentitySpec((101 << 16) + 300, labels_of("db", "default", LOCAL, None),
+                                    LOCAL),)
+        local = [identities[-1]]
+    endpoints = []
+    for n in range(draw(st.integers(1, 3))):
+        spec = draw(st.sampled_from(local))
+        namespace = dict(label.split(":", 1)[1].split("=", 1) for label in spec.labels)[
+            NAMESPACE_LABEL]
+        endpoints.append(EndpointSpec(n + 1, f"10.1.1.{n + 1}", namespace, spec.id))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = random.Random(seed)
+    out, history = [], []
+    for phase_index in range(phases):
+        phase_identities = identities
+        if phase_index and draw(st.booleans()):  # identity churn between phases
+            keep = {e.identity for e in endpoints}
+            phase_identities = tuple(i for i in identities
+                                     if i.id in keep or draw(st.integers(0, 3)) > 0)
+        docs = tuple(draw(policies(n)) for n in range(draw(st.integers(0, 4))))
+        if phase_index and out and draw(st.booleans()):
+            docs = out[-1].policies[:draw(st.integers(0, len(out[-1].policies)))] + docs[:1]
+        ipcache = world_ipcache(rng, identities, endpoints, phase_index)
+        draft = Phase(phase_identities, ipcache, docs, ())
+        probes = make_probes(rng, draft, endpoints, probes_per_phase, history)
+        history.extend(probes)
+        out.append(attrs.evolve(draft, probes=tuple(probes)))
+    return Scenario(tuple(endpoints), tuple(out), draw(st.integers(0, 5)) > 0)
+
+
+def world_ipcache(rng: random.Random, identities: Iterable[IdentitySpec],
+                  endpoints: list[EndpointSpec], phase_index: int) -> tuple:
+    """Endpoints' own rows, pods of both clusters, reserved and unknown identities; a later
+    phase moves or drops a few rows."""
+    rows = {f"{e.ip}/32": e.identity for e in endpoints}
+    for n, identity in enumerate(identities):
+        rows[f"10.1.2.{n + 1}/32" if identity.cluster == LOCAL else f"10.2.3.{n + 1}/32"] = \
+            identity.id
+        rows[f"10.2.{n + 5}.9/32"] = identity.id
+    rows["10.1.0.1/32"] = int(ReservedIdentity.HOST)
+    rows["10.2.0.1/32"] = int(ReservedIdentity.REMOTE_NODE)
+    rows["10.3.0.0/16"] = (102 << 16) + 999  # a range of a remote cluster, unknown identity
+    rows["192.0.2.200/32"] = 777  # an identity nobody knows
+    if phase_index:
+        movable = sorted(p for p in rows if not p.startswith("10.1.1."))
+        for prefix in rng.sample(movable, k=min(2, len(movable))):
+            if rng.random() < 0.5:
+                del rows[prefix]
+            else:
+                rows[prefix] = rng.choice(list(rows.values()))
+    return tuple(sorted(rows.items()))
+
+
+def _addresses(rng: random.Random, phase: Phase) -> list[str]:
+    """Addresses worth probing: every ipcache row's, and the edges and insides of every CIDR
+    the phase's policies and ipcache name."""
+    out = set()
+    prefixes = {p for p, _ in phase.ipcache} | set(CIDRS)
+    for text in phase.policies:
+        out.update(c for c in CIDRS if c in text)
+    for prefix in prefixes:
+        network = ipaddress.IPv4Network(prefix)
+        out.add(str(network.network_address))
+        out.add(str(network.broadcast_address))
+        if network.num_addresses > 2:
+            out.add(str(network.network_address + rng.randrange(1, network.num_addresses - 1)))
+    out.discard("0.0.0.0")
+    out.discard("255.255.255.255")
+    out.add(f"198.18.{rng.randrange(256)}.{rng.randrange(1, 255)}")
+    return sorted(a for a in out if "/" not in a)
+
+
+def _ports(rng: random.Random, phase: Phase) -> list[int]:
+    edges = {0, 1, 65535, rng.randrange(1, 65536)}
+    for text in phase.policies:
+        for rule in _port_entries(json.loads(text)):
+            start = int(rule["port"])
+            end = rule.get("endPort", start)
+            edges.update({start - 1, start, start + 1, end - 1, end, end + 1,
+                          rng.randrange(start, end + 1)})
+    return sorted(p for p in edges if 0 <= p <= 65535)
+
+
+def _port_entries(document: dict) -> list[dict]:
+    spec = document["spec"]
+    out = []
+    for section in ("ingress", "ingressDeny", "egress", "egressDeny"):
+        for item in spec.get(section, []):
+            for rule in item.get("toPorts", []):
+                out.extend(rule["ports"])
+    return out
+
+
+def make_probes(rng: random.Random, phase: Phase, endpoints: list[EndpointSpec], count: int,
+                history: list[Probe]) -> list[Probe]:
+    addresses, ports = _addresses(rng, phase), _ports(rng, phase)
+    probes: list[Probe] = []
+    firsts: list[Probe] = []
+    for _ in range(count):
+        endpoint = rng.choice(endpoints)
+        direction = rng.choice((INGRESS, EGRESS))
+        peer = rng.choice(addresses + [e.ip for e in endpoints])
+        protocol = rng.choice((TCP, TCP, UDP, UDP, SCTP, ICMP, 47))
+        src, dst = (peer, endpoint.ip) if direction == INGRESS else (endpoint.ip, peer)
+        packet = Packet(src, dst, protocol, rng.choice(ports + [rng.randrange(1024, 65536)]),
+                        rng.choice(ports), ip_id=rng.randrange(65536), payload=rng.randrange(64))
+        roll = rng.random()
+        earlier = history + probes
+        if roll < 0.12 and earlier:  # the reply of an earlier packet
+            old = rng.choice(earlier)
+            probe = Probe(old.endpoint, EGRESS if old.direction == INGRESS else INGRESS,
+                          old.packet.reply())
+        elif roll < 0.20 and earlier:  # an earlier packet again (judged anew after a change)
+            probe = rng.choice(earlier)
+        elif roll < 0.26:  # a first fragment, whole or tiny
+            need = TRANSPORT_HEADER.get(protocol, 8)
+            short = rng.random() < 0.3
+            probe = Probe(endpoint.id, direction, attrs.evolve(
+                packet, more_fragments=True, payload=rng.randrange(8, 64),
+                transport_bytes=rng.randrange(0, need) if short else None))
+            firsts.append(probe)
+        elif roll < 0.32:  # a later fragment: of a first one, of none, or overlapping
+            if firsts and rng.random() < 0.7:
+                first = rng.choice(firsts)
+                probe = Probe(first.endpoint, first.direction, attrs.evolve(
+                    first.packet, more_fragments=rng.random() < 0.5, transport_bytes=None,
+                    frag_offset=rng.choice((8, 16, 24, 64, 1480)), payload=rng.randrange(1, 64)))
+            else:
+                probe = Probe(endpoint.id, direction, attrs.evolve(
+                    packet, frag_offset=rng.choice((8, 24, 1480)), payload=16))
+        elif roll < 0.37:  # leaving the pod with someone else's address
+            others = [e.ip for e in endpoints if e.ip != endpoint.ip] + addresses
+            probe = Probe(endpoint.id, EGRESS, attrs.evolve(packet, src=rng.choice(others),
+                                                            dst=peer))
+        elif roll < 0.43:  # broken or unusual headers
+            change = rng.choice(("ihl", "version", "length", "truncated", "options", "options"))
+            broken = {"ihl": dict(ihl=rng.choice((0, 3, 4))), "version": dict(version=6),
+                      "length": dict(length_excess=rng.randrange(1, 40)),
+                      "truncated": dict(transport_bytes=rng.randrange(0, 8)),
+                      "options": dict(ihl=rng.choice((6, 10, 15)))}[change]
+            probe = Probe(endpoint.id, direction, attrs.evolve(packet, **broken))
+        elif roll < 0.45:  # not IPv4
+            probe = Probe(endpoint.id, direction, attrs.evolve(
+                packet, ethertype=rng.choice((ETH_ARP, ETH_IPV6))))
+        else:
+            probe = Probe(endpoint.id, direction, packet)
+        probes.append(probe)
+    return probes
+
+
+def minimize(scenario: Scenario, fails: Callable[[Scenario], bool],
+             budget: float = 60.0) -> Scenario:
+    """A smaller scenario that still ``fails``: drop probes, policies and whole phases one at
+    a time while it keeps failing (greedy; stops after ``budget`` seconds)."""
+    deadline = time.monotonic() + budget
+    changed = True
+    while changed and time.monotonic() < deadline:
+        changed = False
+        for index in range(len(scenario.phases)):
+            for field in ("probes", "policies"):
+                items = list(getattr(scenario.phases[index], field))
+                position = 0
+                while position < len(items) and time.monotonic() < deadline:
+                    trial = items[:position] + items[position + 1:]
+                    phases = list(scenario.phases)
+                    phases[index] = attrs.evolve(phases[index], **{field: tuple(trial)})
+                    candidate = attrs.evolve(scenario, phases=tuple(phases))
+                    if fails(candidate):
+                        scenario, items, changed = candidate, trial, True
+                    else:
+                        position += 1
+        for index in range(len(scenario.phases)):
+            candidate = attrs.evolve(scenario, phases=scenario.phases[:index]
+                                     + scenario.phases[index + 1:])
+            if candidate.phases and fails(candidate):
+                scenario, changed = candidate, True
+                break
+    return scenario

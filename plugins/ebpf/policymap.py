@@ -1,0 +1,133 @@
+"""The policy map's longest-prefix layout: resolver map keys in, LPM trie entries out.
+
+The kernel looks a packet up twice, once with the peer's identity and once with identity 0
+(any peer), each a longest-prefix match over (protocol, destination port) inside the group of
+entries of one (endpoint, direction, identity). A port range becomes the few aligned port
+prefixes that cover it exactly (at most 30 for 16 bits), never one entry per port.
+
+Deny must beat allow whatever the specificity: an allow on port 8080 inside a denied range
+4096-8191 must still be denied. So every prefix written carries the verdict of *all* keys of its
+group that cover it (deny if any denies): the longest prefix a packet matches is then inside
+every key that covers the packet, and its verdict is the packet's. A prefix whose verdict is
+the one its nearest written ancestor gives anyway is left out.
+"""
+
+from collections.abc import Iterable
+
+import attrs
+
+ANY_PROTOCOL = 0
+#: A rule with ports but protocol ANY: the protocols that carry ports (as Cilium expands it).
+PORT_PROTOCOLS = (6, 17, 132)
+PROTOCOL_BITS, PORT_BITS = 8, 16
+ALLOW, DENY = "allow", "deny"
+
+
+@attrs.frozen(order=True)
+class Block:
+    """One LPM entry inside a group: ``bits`` leading bits of (protocol, port) count.
+
+    bits 0: any protocol; 8: this protocol, any port; 8+k: the ports sharing the k leading
+    bits of ``port`` (``port`` has the other bits zero).
+    """
+
+    bits: int
+    protocol: int
+    port: int
+
+    @property
+    def first_port(self) -> int:
+        return self.port
+
+    @property
+    def last_port(self) -> int:
+        if self.bits <= PROTOCOL_BITS:
+            return 65535
+        return self.port | ((1 << (PROTOCOL_BITS + PORT_BITS - self.bits)) - 1)
+
+    def contains(self, other: "Block") -> bool:
+        if self.bits > other.bits:
+            return False
+        if self.bits == 0:
+            return True
+        return (self.protocol == other.protocol and self.first_port <= other.first_port
+                and other.last_port <= self.last_port)
+
+    def describe(self) -> str:
+        if self.bits == 0:
+            return "any protocol"
+        ports = "any port" if self.bits == PROTOCOL_BITS else (
+            str(self.port) if self.first_port == self.last_port
+            else f"{self.first_port}-{self.last_port}")
+        return f"{self.protocol}/{ports}"
+
+
+def port_prefixes(first: int, last: int) -> list[tuple[int, int]]:
+    """``[(port, bits)]``: the fewest aligned prefixes covering exactly ``first..last``."""
+    if not 0 <= first <= last <= 65535:
+        raise ValueError(f"bad port range {first}-{last}")
+    out = []
+    while first <= last:
+        size = first & -first if first else 1 << PORT_BITS  # the alignment of ``first``
+        while first + size - 1 > last:
+            size >>= 1
+        out.append((first, PORT_BITS - size.bit_length() + 1))
+        first += size
+    return out
+
+
+def key_blocks(protocol: int, port: int, end_port: int) -> list[Block]:
+    """The blocks of one resolver key (``port`` 0: any port; ``protocol`` 0: any)."""
+    if port == 0:
+        if protocol == ANY_PROTOCOL:
+            return [Block(0, 0, 0)]
+        return [Block(PROTOCOL_BITS, protocol, 0)]
+    protocols = PORT_PROTOCOLS if protocol == ANY_PROTOCOL else (protocol,)
+    return [Block(PROTOCOL_BITS + bits, proto, start)
+            for proto in protocols for start, bits in port_prefixes(port, end_port)]
+
+
+def group_entries(keys: Iterable[tuple[int, int, int, str]]) -> dict[Block, str]:
+    """``{Block: "allow"|"deny"}`` for one group's ``(protocol, port, end_port, verdict)``
+    keys, such that the longest block containing a packet gives its verdict."""
+    owners: dict[Block, set[str]] = {}
+    for protocol, port, end, verdict in keys:
+        for block in key_blocks(protocol, port, end):
+            owners.setdefault(block, set()).add(verdict)
+    # A key covers a block exactly when one of its own blocks is the block or an ancestor of
+    # it (its blocks are the maximal aligned ones), so only ancestors need looking at.
+    verdicts: dict[Block, str] = {}
+    written: dict[Block, str] = {}
+    for block in sorted(owners):  # shortest first: ancestors are decided before descendants
+        covering = set()
+        nearest = None
+        for ancestor in ancestors(block):
+            if ancestor in owners:
+                covering |= owners[ancestor]
+                if ancestor != block:
+                    nearest = ancestor
+        verdicts[block] = DENY if DENY in covering else ALLOW
+        if nearest is None or verdicts[nearest] != verdicts[block]:
+            written[block] = verdicts[block]
+    return written
+
+
+def ancestors(block: Block) -> list[Block]:
+    """The blocks containing ``block``, itself included, shortest first."""
+    out = [Block(0, 0, 0)]
+    if block.bits >= PROTOCOL_BITS:
+        out.append(Block(PROTOCOL_BITS, block.protocol, 0))
+    for bits in range(PROTOCOL_BITS + 1, block.bits + 1):
+        mask = ~((1 << (PROTOCOL_BITS + PORT_BITS - bits)) - 1) & 0xFFFF
+        out.append(Block(bits, block.protocol, block.port & mask))
+    return out
+
+
+def lookup(entries: dict[Block, str], protocol: int, port: int) -> str | None:
+    """What the kernel finds in one group for a packet (the longest containing block)."""
+    point = Block(PROTOCOL_BITS + PORT_BITS, protocol, port)
+    best = None
+    for block in entries:
+        if block.contains(point) and (best is None or block.bits > best.bits):
+            best = block
+    return None if best is None else entries[best]
