@@ -5,6 +5,7 @@ tests) and builds namespaces with a per-run prefix; everything is removed afterw
 """
 
 import json
+import os
 import subprocess
 import time
 
@@ -337,3 +338,36 @@ def test_a_datapath_that_cannot_start_says_why(lab, short_tmp):
     assert "is unusable" in sections["Datapath"]["summary"]
     assert json.loads(result.stdout)["ready"] is False
     assert result.returncode == 1  # status reports the failure
+
+
+SPOOF_UDP = r"""
+import socket, struct, sys
+src, dst, dport = sys.argv[1], sys.argv[2], int(sys.argv[3])
+udp = struct.pack("!HHHH", 40000, dport, 12, 0) + b"ping"
+h = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                socket.inet_aton(src), socket.inet_aton(dst))
+socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(h + udp, (dst, 0))
+"""
+
+
+def test_a_spoofed_source_is_dropped_shown_and_counted(lab, short_tmp, bpffs):
+    port = 20000 + int.from_bytes(os.urandom(2), "big") % 30000  # inside the node's own netns
+    node = Cluster1Node(lab, short_tmp, bpffs, "--prometheus-serve-addr", f"127.0.0.1:{port}")
+    node.pod("db", "app=protected-db")
+    node.pod("employee", "app=employee")
+    node.pod("stranger", "app=stranger")
+    node.serve("db")
+    node.policy(db_policy())  # the employee may reach db on UDP 5353, the stranger may not
+    stranger_ns, _ = node.pods["stranger"]
+    employee, db = node.pods["employee"][1]["ipv4"], node.pods["db"][1]["ipv4"]
+
+    def spoof() -> bool:
+        lab.exec(stranger_ns, PY, "-c", SPOOF_UDP, employee, db, "5353")
+        return True
+    event = first_drop(node, spoof)
+    assert event["reason"] == "spoofed source address", event
+    assert event["direction"] == "egress" and event["source"]["ip"] == employee
+    metrics = lab.exec(node.node, PY, "-c", "import urllib.request, sys; print(urllib.request."
+                       f"urlopen('http://127.0.0.1:{port}/metrics').read().decode())").stdout
+    assert 'meshagent_drop_count_total{reason="spoofed source address"}' in metrics
+    assert "meshagent_forward_count_total" in metrics

@@ -29,9 +29,10 @@ def meshagent_addoption(parser):
 
 def build_datapath(agent):
     """The datapath with what it uses: its options, and identities to name drop events by."""
-    from meshagent.plugins.ebpf.datapath import EbpfDatapath, EbpfSettings
+    from meshagent.plugins.ebpf.datapath import DatapathMetrics, EbpfDatapath, EbpfSettings
     datapath = EbpfDatapath(EbpfSettings.from_config(agent.config), agent.tables.identities.get)
     agent.plugins.register(datapath, name="ebpf.datapath")  # its status and API routes
+    agent.metrics.register(DatapathMetrics(datapath))
     return datapath
 
 

@@ -17,7 +17,7 @@ from meshagent.cli import Command, _format_table
 from meshagent.errors import AgentNotRunning
 from meshagent.plugins.ebpf.maps import (
     CT_NAT_DST, CT_NAT_SRC, CT_REPLY, DIR_INGRESS, POLICY_PREFIX_STATIC, PROTOCOL_NAMES, REASONS,
-    VERDICT_DENY, PinnedMap, ip_text,
+    VERDICT_DENY, PinnedMap, ip_text, read_metrics,
 )
 from meshagent.plugins.ebpf.policymap import Block
 
@@ -31,13 +31,6 @@ def _bpf_root(parser: argparse.ArgumentParser) -> None:
 
 def _pinned(args, name: str) -> PinnedMap:
     return PinnedMap(args.bpf_root / "meshagent", name)
-
-
-def read_metrics(table: PinnedMap) -> dict[int, tuple[int, int]]:
-    out = {}
-    for key, values in table.items():
-        out[key.value] = (sum(v.packets for v in values), sum(v.bytes for v in values))
-    return out
 
 
 def _emit(args, header, rows, as_json) -> int:

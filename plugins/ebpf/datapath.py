@@ -25,9 +25,11 @@ from meshagent.identity import Identity
 from meshagent.ipcache import IPCacheEntry
 from meshagent.plugins.ebpf import loader
 from meshagent.plugins.ebpf.maps import (
-    DIR_EGRESS, DIR_INGRESS, POLICY_PREFIX_STATIC, PROTOCOL_NAMES, REASONS, VERDICT_ALLOW,
+    DIR_EGRESS, DIR_INGRESS, POLICY_PREFIX_STATIC, PROTOCOL_NAMES, REASON_FORWARDED, REASONS,
+    VERDICT_ALLOW,
     VERDICT_DENY, DropEvent, EndpointInfo, IPCacheKey, IPCacheValue, IPv4Bytes, LBBackend,
     LBBackendKey, LBService, LBServiceKey, PolicyKey, PolicyValue, ip_bytes, ip_text, open_maps,
+    read_metrics,
 )
 from meshagent.plugins.ebpf.policymap import Block, group_entries
 from meshagent.status import Health, StatusSection
@@ -388,7 +390,6 @@ class EbpfDatapath:
     # -- visibility -----------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
-        from meshagent.plugins.ebpf.commands import read_metrics
         return {REASONS.get(r, str(r)): packets for r, (packets, _) in
                 read_metrics(self.maps["metrics"]).items()}
 
@@ -442,3 +443,34 @@ class EbpfDatapath:
 
 def _policy_value(verdict: str) -> PolicyValue:
     return PolicyValue(VERDICT_DENY if verdict == "deny" else VERDICT_ALLOW)
+
+
+class DatapathMetrics:
+    """Packets and bytes per verdict reason, read from the pinned metrics map when scraped
+    (Cilium's ``drop_count_total``/``forward_count_total``, under meshagent's prefix)."""
+
+    def __init__(self, datapath: EbpfDatapath):
+        self.datapath = datapath
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+        if not self.datapath.started:
+            return
+        drops = CounterMetricFamily("meshagent_drop_count", "packets dropped, by reason",
+                                    labels=["reason"])
+        drop_bytes = CounterMetricFamily("meshagent_drop_bytes", "bytes dropped, by reason",
+                                         labels=["reason"])
+        forwarded = CounterMetricFamily("meshagent_forward_count", "packets forwarded")
+        forwarded_bytes = CounterMetricFamily("meshagent_forward_bytes", "bytes forwarded")
+        for reason, (packets, size) in sorted(read_metrics(self.datapath.maps["metrics"])
+                                              .items()):
+            if reason == REASON_FORWARDED:
+                forwarded.add_metric([], packets)
+                forwarded_bytes.add_metric([], size)
+            elif reason in REASONS:
+                drops.add_metric([REASONS[reason]], packets)
+                drop_bytes.add_metric([REASONS[reason]], size)
+        yield from (drops, drop_bytes, forwarded, forwarded_bytes)
+
+    def describe(self):
+        return []

@@ -257,5 +257,13 @@ class PinnedMap:
         return sum(1 for _ in self.keys())
 
 
+def read_metrics(table: PinnedMap) -> dict[int, tuple[int, int]]:
+    """``{reason: (packets, bytes)}``, summed over CPUs."""
+    out = {}
+    for key, values in table.items():
+        out[key.value] = (sum(v.packets for v in values), sum(v.bytes for v in values))
+    return out
+
+
 def open_maps(pin_dir: Path) -> dict[str, PinnedMap]:
     return {name: PinnedMap(pin_dir, name) for name in MAP_NAMES}
