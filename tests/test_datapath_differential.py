@@ -36,6 +36,7 @@ REASON_NAMES = {0: model.FORWARDED, 1: model.POLICY_DENY, 2: model.POLICY_DEFAUL
                 3: model.SPOOFED, 4: model.FRAG_TINY, 5: model.FRAG_UNKNOWN, 6: model.MALFORMED_PACKET}
 PROGRAM = {INGRESS: "to_container", EGRESS: "from_container"}
 probes_run = {"random": 0}
+seen = {}  # outcome (and "redirected") -> how many random probes had it
 
 
 class KernelHarness:
@@ -71,9 +72,11 @@ class KernelHarness:
                 table.delete(key)
         import ipaddress
         for spec in scenario.endpoints:
+            macs = dict(pod_mac=f"02:00:00:00:01:{spec.id:02x}",
+                        host_mac=f"02:00:00:00:02:{spec.id:02x}") if spec.local_delivery else {}
             self._await(self.datapath.endpoint_added(Endpoint(
                 spec.id, spec.namespace, frozenset(), ipaddress.IPv4Address(spec.ip),
-                spec.identity, ifindex=100 + spec.id)))
+                spec.identity, ifindex=100 + spec.id, **macs)))
 
     def enter(self, world: ResolvedWorld, phase, first: bool) -> None:
         ipcache_changes = world.enter(phase)
@@ -86,17 +89,49 @@ class KernelHarness:
         if ipcache_changes:
             self._await(self.datapath.update_ipcache(ipcache_changes))
 
-    def outcome(self, endpoint_id: int, direction: str, frame: bytes) -> str:
-        from meshagent.plugins.ebpf.testrun import TC_ACT_OK, TC_ACT_SHOT
+    def delivery(self, endpoint_id: int, direction: str, frame: bytes) -> tuple[str, bool]:
+        """The program's outcome for the frame at this endpoint's hook, and whether it
+        redirected the frame into a local pod."""
+        from meshagent.plugins.ebpf.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
         endpoint = self.datapath.endpoints[endpoint_id]
         table = self.datapath.maps["endpoints"]
         table.put(ct.c_uint32(1), table.get(ct.c_uint32(endpoint.ifindex)))  # the test device
         result = self.runner.run(PROGRAM[direction], frame)
         name = REASON_NAMES.get(result.reason, f"reason {result.reason}")
-        expected_action = TC_ACT_OK if name == model.FORWARDED else TC_ACT_SHOT
-        if result.action != expected_action:
-            return f"{name} but action {result.action}"
-        return name
+        if name != model.FORWARDED and result.action != TC_ACT_SHOT:
+            name = f"{name} but action {result.action}"
+        if name == model.FORWARDED and result.action not in (TC_ACT_OK, TC_ACT_REDIRECT):
+            name = f"{name} but action {result.action}"
+        if result.action == TC_ACT_REDIRECT:
+            name += redirect_problems(self.datapath, frame, result.frame)
+        return name, result.action == TC_ACT_REDIRECT
+
+    def outcome(self, endpoint_id: int, direction: str, frame: bytes) -> str:
+        return self.delivery(endpoint_id, direction, frame)[0]
+
+
+def redirect_problems(datapath, sent: bytes, delivered: bytes) -> str:
+    """What is wrong with a frame redirected into a local pod ("" if nothing): it must be
+    addressed to the pod's eth0 from its host veth, with the TTL one lower and the IPv4 header
+    checksum right; the rest unchanged."""
+    from meshagent.testing.packets import _checksum
+    problems = []
+    target = next((e for e in datapath.endpoints.values()
+                   if e.ipv4.packed == delivered[30:34]), None)
+    if target is None:
+        return " (redirected, to no endpoint)"
+    if delivered[0:6] != bytes.fromhex(target.pod_mac.replace(":", "")) or \
+            delivered[6:12] != bytes.fromhex(target.host_mac.replace(":", "")):
+        problems.append("MAC addresses")
+    if delivered[22] != sent[22] - 1:
+        problems.append(f"TTL {sent[22]} -> {delivered[22]}")
+    ihl = (delivered[14] & 0xF) * 4
+    if _checksum(delivered[14:14 + ihl]) != 0:
+        problems.append("IPv4 header checksum")
+    if delivered[12:22] != sent[12:22] or delivered[23:24] != sent[23:24] or \
+            delivered[26:] != sent[26:]:
+        problems.append("other bytes changed")
+    return f" (redirected with wrong {', '.join(problems)})" if problems else ""
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +147,8 @@ def harness():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_scenario(kernel: KernelHarness, scenario: Scenario) -> list[str]:
+def run_scenario(kernel: KernelHarness, scenario: Scenario, tally: dict | None = None
+                 ) -> list[str]:
     """Every probe through the kernel and the model; the differences, described."""
     world = ResolvedWorld(scenario)
     kernel.load(scenario)
@@ -121,8 +157,11 @@ def run_scenario(kernel: KernelHarness, scenario: Scenario) -> list[str]:
         kernel.enter(world, phase, first=n == 0)
         for i, probe in enumerate(phase.probes):
             frame = probe.packet.frame()
-            expected = world.model.outcome(probe.endpoint, probe.direction, frame)
-            got = kernel.outcome(probe.endpoint, probe.direction, frame)
+            expected = world.model.delivery(probe.endpoint, probe.direction, frame)
+            got = kernel.delivery(probe.endpoint, probe.direction, frame)
+            if tally is not None:
+                tally[got[0]] = tally.get(got[0], 0) + 1
+                tally["redirected"] = tally.get("redirected", 0) + got[1]
             if got != expected:
                 differences.append(f"phase {n} probe {i}: endpoint {probe.endpoint}"
                                    f" {probe.direction} {probe.packet}: kernel {got},"
@@ -172,7 +211,7 @@ def fail_with(kernel: KernelHarness, scenario: Scenario, differences: list[str])
                                  HealthCheck.function_scoped_fixture])
 @given(scenario=scenarios(probes_per_phase=PROBES_PER_PHASE))
 def test_kernel_verdicts_equal_the_resolvers_on_random_worlds(harness, scenario):
-    differences = run_scenario(harness, scenario) + resolver_self_check(scenario)
+    differences = run_scenario(harness, scenario, seen) + resolver_self_check(scenario)
     probes_run["random"] += scenario.probe_count
     if differences:
         fail_with(harness, scenario, differences)
@@ -182,6 +221,8 @@ def test_the_random_run_was_big_enough():
     if probes_run["random"] == 0:
         pytest.skip("the random differential test did not run")
     assert probes_run["random"] >= MIN_PROBES, probes_run
+    # every outcome came up, and local delivery too: no path went untested
+    assert set(REASON_NAMES.values()) <= set(seen) and seen["redirected"] > 0, seen
 
 
 # -- the policy-semantics table, through the kernel ------------------------------------------------

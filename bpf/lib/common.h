@@ -66,11 +66,17 @@
 #define VERDICT_ALLOW 1
 #define VERDICT_DENY 2
 
+#define ENDPOINT_LOCAL_DELIVERY 1  /* MACs known: local traffic may be redirected into it */
+
 struct endpoint_info {
     u32 endpoint_id;
     u32 identity;
     u32 ipv4;       /* network byte order: the only source address its packets may carry */
     u32 generation; /* bumped whenever its verdicts may have changed (policy, ipcache) */
+    u32 ifindex;    /* its host-side veth */
+    u8 pod_mac[6];  /* the pod's eth0 */
+    u8 host_mac[6]; /* the host-side veth */
+    u32 flags;
 };
 
 struct ipcache_key {

@@ -3,7 +3,11 @@
  * Order: parse (malformed: drop) -> source check (leaving the pod) -> fragment rules ->
  * conntrack (one lookup; a reply passes, a known forward packet passes unless policy or the
  * ipcache changed since it was judged) -> service frontend (new connections leaving a pod) ->
- * policy (two LPM lookups) -> track it. Non-IPv4 traffic (ARP) passes. */
+ * policy (two LPM lookups) -> track it. Non-IPv4 traffic (ARP) passes.
+ *
+ * A packet leaving a pod for another pod of this node is judged by the destination's ingress
+ * policy right there, then redirected into the destination pod (bpf_redirect_peer), as
+ * Cilium delivers locally: it skips the node's routing and the second veth. */
 #ifndef MESHAGENT_ENFORCE_H
 #define MESHAGENT_ENFORCE_H
 
@@ -52,6 +56,65 @@ static __always_inline int judge(struct endpoint_info *ep, u8 direction, struct 
     return policy_check(ep->endpoint_id, direction, *peer, f->protocol, f->dport);
 }
 
+/* Conntrack, service frontend and policy for one endpoint and direction: REASON_FORWARDED
+ * (the packet may have been rewritten by service NAT, and ``f`` with it) or a drop reason,
+ * with ``peer`` set for the drop event. */
+static __always_inline int verdict(struct __sk_buff *skb, struct endpoint_info *ep,
+                                   u8 direction, struct flow *f, u64 now, u32 *peer)
+{
+    struct ct_key key = {};
+    ct_fill_key(&key, ep->endpoint_id, direction, f);
+    struct ct_value *ct = ct_lookup(&key, now);
+    *peer = 0;
+    if (ct) {
+        if (ct->flags & CT_REPLY || ct->generation == ep->generation) {
+            ct_apply_nat(skb, f, ct);
+            return REASON_FORWARDED;
+        }
+        /* policy or the ipcache changed since this connection was judged: judge it again,
+         * against where it really goes */
+        struct flow judged = *f;
+        if (ct->flags & CT_NAT_DST) {
+            judged.daddr = ct->nat_ip;
+            judged.dport = ct->nat_port;
+        }
+        int reason = judge(ep, direction, &judged, peer);
+        if (reason != REASON_FORWARDED)
+            return reason;
+        ct->generation = ep->generation;
+        ct_apply_nat(skb, f, ct);
+        return REASON_FORWARDED;
+    }
+    struct flow orig = *f;
+    if (direction == DIR_EGRESS)
+        lb_select(skb, f);  /* policy judges the backend, not the frontend */
+    int reason = judge(ep, direction, f, peer);
+    if (reason != REASON_FORWARDED)
+        return reason;
+    ct_create(ep->endpoint_id, direction, &orig, f, ep->generation, now);
+    return REASON_FORWARDED;
+}
+
+/* Into a local pod without the node's stack: decrement the TTL (as a router would), address
+ * the pod's eth0 from its host-side veth, and hand it over. Written in place, no helpers.
+ * TC_ACT_OK (the stack's way) when it cannot. */
+static __always_inline int deliver_locally(struct __sk_buff *skb, struct endpoint_info *dst)
+{
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    struct iphdr *ip = data + ETH_HLEN;
+    if ((void *)(ip + 1) > end || ip->ttl <= 1)
+        return TC_ACT_OK;  /* the stack answers an expiring TTL */
+    u32 check = ip->check;  /* the kernel's ip_decrease_ttl(): TTL is the checksum word's MSB */
+    check += htons(0x0100);
+    ip->check = (u16)(check + (check >= 0xFFFF));
+    ip->ttl -= 1;
+    __builtin_memcpy(eth->h_dest, dst->pod_mac, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, dst->host_mac, ETH_ALEN);
+    return bpf_redirect_peer(dst->ifindex, 0);
+}
+
 static __always_inline int enforce(struct __sk_buff *skb, u8 direction)
 {
     u32 ifindex = skb->ifindex;
@@ -70,38 +133,23 @@ static __always_inline int enforce(struct __sk_buff *skb, u8 direction)
     reason = fragment_check(&p);
     if (reason != REASON_FORWARDED)
         return drop(skb, ep, direction, &p.f, reason, 0, now);
-
-    struct flow *f = &p.f;
-    struct ct_key key = {};
-    ct_fill_key(&key, ep->endpoint_id, direction, f);
-    struct ct_value *ct = ct_lookup(&key, now);
     u32 peer = 0;
-    if (ct) {
-        if (ct->flags & CT_REPLY || ct->generation == ep->generation) {
-            ct_apply_nat(skb, f, ct);
-            return pass(skb);
-        }
-        /* policy or the ipcache changed since this connection was judged: judge it again,
-         * against where it really goes */
-        struct flow judged = *f;
-        if (ct->flags & CT_NAT_DST) {
-            judged.daddr = ct->nat_ip;
-            judged.dport = ct->nat_port;
-        }
-        reason = judge(ep, direction, &judged, &peer);
-        if (reason != REASON_FORWARDED)
-            return drop(skb, ep, direction, &judged, reason, peer, now);
-        ct->generation = ep->generation;
-        ct_apply_nat(skb, f, ct);
-        return pass(skb);
-    }
-    struct flow orig = *f;
-    if (direction == DIR_EGRESS)
-        lb_select(skb, f);  /* policy judges the backend, not the frontend */
-    reason = judge(ep, direction, f, &peer);
+    reason = verdict(skb, ep, direction, &p.f, now, &peer);
     if (reason != REASON_FORWARDED)
-        return drop(skb, ep, direction, f, reason, peer, now);
-    ct_create(ep->endpoint_id, direction, &orig, f, ep->generation, now);
+        return drop(skb, ep, direction, &p.f, reason, peer, now);
+    if (direction == DIR_EGRESS) {
+        u32 daddr = p.f.daddr;
+        u32 *local = local_ips.lookup(&daddr);
+        struct endpoint_info *dst = local ? endpoints.lookup(local) : 0;
+        if (dst && dst->flags & ENDPOINT_LOCAL_DELIVERY) {
+            reason = verdict(skb, dst, DIR_INGRESS, &p.f, now, &peer);
+            if (reason != REASON_FORWARDED)
+                return drop(skb, dst, DIR_INGRESS, &p.f, reason, peer, now);
+            skb->cb[0] = REASON_FORWARDED;
+            account(REASON_FORWARDED, skb->len);
+            return deliver_locally(skb, dst);
+        }
+    }
     return pass(skb);
 }
 

@@ -6,6 +6,7 @@
 
 BPF_TABLE_PINNED("hash", u32, struct endpoint_info, endpoints, ENDPOINTS_MAX,
                  PIN_DIR "/endpoints");
+BPF_TABLE_PINNED("hash", u32, u32, local_ips, ENDPOINTS_MAX, PIN_DIR "/local_ips");
 BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, ipcache, IPCACHE_MAX,
                  PIN_DIR "/ipcache", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_value, policy, POLICY_MAX,

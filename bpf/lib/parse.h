@@ -1,7 +1,7 @@
 /* Parsing an IPv4 packet into a flow, and the fragment rules.
  *
- * Headers are read in place; a header that is not in the linear part of the skb is pulled in
- * first. A packet whose IPv4 header is bad, or whose transport header is cut short though it
+ * Headers are read in place; the few bytes read are pulled into the linear part of the skb
+ * only when they are not there already. A packet whose IPv4 header is bad, or whose transport header is cut short though it
  * is not a fragment, is malformed. Fragments follow RFC 1858 and Cilium's lib/ipfrag.h: a
  * first fragment must hold the whole transport header, a later one may not overlap it, and a
  * later fragment takes the ports its first fragment recorded. */
@@ -16,7 +16,6 @@
 #define FRAG_NONE 0
 #define FRAG_FIRST 1
 #define FRAG_LATER 2
-#define PULL_MAX (ETH_HLEN + 60 + 20)  /* Ethernet, the longest IPv4 header, TCP */
 
 struct packet {
     struct flow f;
@@ -39,27 +38,38 @@ static __always_inline u32 l4_min_len(u8 protocol)
     return 0;
 }
 
+/* Make the first ``len`` bytes linear (directly readable), pulling them in only when they
+ * are not: a packet from a local socket carries its payload in page fragments, and pulling it
+ * in would copy (and maybe reallocate) on every packet. 0 if the packet is shorter. */
+static __always_inline int linear(struct __sk_buff *skb, u32 len)
+{
+    if ((void *)(long)skb->data + len <= (void *)(long)skb->data_end)
+        return 1;
+    if (skb->len < len)
+        return 0;
+    return bpf_skb_pull_data(skb, len) == 0;
+}
+
 /* REASON_FORWARDED when ``p`` is filled, PARSE_NOT_IPV4, or REASON_MALFORMED. */
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *p)
 {
-    void *data = (void *)(long)skb->data;
-    void *end = (void *)(long)skb->data_end;
-    if (data + PULL_MAX > end && skb->len > end - data) {
-        bpf_skb_pull_data(skb, skb->len < PULL_MAX ? skb->len : PULL_MAX);
-        data = (void *)(long)skb->data;
-        end = (void *)(long)skb->data_end;
-    }
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > end)
+    if (!linear(skb, ETH_HLEN))
+        return REASON_MALFORMED;
+    struct ethhdr *eth = (void *)(long)skb->data;
+    if ((void *)(eth + 1) > (void *)(long)skb->data_end)
         return REASON_MALFORMED;
     if (eth->h_proto != htons(ETH_P_IP))
         return PARSE_NOT_IPV4;
-    struct iphdr *ip = (void *)(eth + 1);
+    if (!linear(skb, ETH_HLEN + sizeof(struct iphdr)))
+        return REASON_MALFORMED;
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    struct iphdr *ip = data + ETH_HLEN;
     if ((void *)(ip + 1) > end || ip->version != 4 || ip->ihl < 5)
         return REASON_MALFORMED;
-    u32 hlen = ip->ihl * 4;
+    u32 hlen = (ip->ihl & 0xF) * 4;
     u32 tot_len = ntohs(ip->tot_len);
-    if (tot_len < hlen || tot_len > skb->len - ETH_HLEN || (void *)ip + hlen > end)
+    if (tot_len < hlen || tot_len > skb->len - ETH_HLEN)
         return REASON_MALFORMED;
     struct flow *f = &p->f;
     f->saddr = ip->saddr;
@@ -75,22 +85,28 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *p)
         p->frag = FRAG_FIRST;
     if (p->frag == FRAG_LATER)
         return REASON_FORWARDED;  /* no transport header here: ports come from ipfrag */
-    u32 need = l4_min_len(ip->protocol);
+    u32 need = l4_min_len(f->protocol);
     if (!need)
         return REASON_FORWARDED;
     if (tot_len - hlen < need) {
         p->l4_short = 1;
         return p->frag == FRAG_FIRST ? REASON_FORWARDED : REASON_MALFORMED;
     }
-    void *l4 = (void *)ip + hlen;
-    /* the header is in the packet; not in the linear data only if the pull failed */
-    if (l4 + 4 > end || (ip->protocol == IPPROTO_TCP && l4 + 14 > end))
+    /* read the ports (and TCP's flags): only those bytes need to be linear */
+    u32 l4_off = ETH_HLEN + hlen;
+    int tcp = f->protocol == IPPROTO_TCP;
+    if (!linear(skb, l4_off + (tcp ? 14 : 4)))
+        return REASON_MALFORMED;
+    data = (void *)(long)skb->data;
+    end = (void *)(long)skb->data_end;
+    void *l4 = data + l4_off;
+    if (l4 + 4 > end || (tcp && l4 + 14 > end))
         return REASON_MALFORMED;
     struct udphdr *ports = l4;  /* TCP's, UDP's and SCTP's ports sit in the same place */
     f->sport = ntohs(ports->source);
     f->dport = ntohs(ports->dest);
     f->has_l4 = 1;
-    if (ip->protocol == IPPROTO_TCP)
+    if (tcp)
         f->tcp_flags = ((u8 *)l4)[13];
     return REASON_FORWARDED;
 }

@@ -9,7 +9,8 @@ resolver's verdict for (endpoint, direction, peer identity, protocol, destinatio
 peer identity being the longest ipcache prefix holding the peer's address (world if none).
 An allowed packet makes its reverse a reply. As in Cilium, connection state only ever lets
 replies through: a packet of a known connection in its own direction is judged by policy as it
-is now.
+is now. A packet leaving a pod for another pod of the node that takes local delivery is judged
+by that pod's ingress too, and delivered into it directly (:meth:`DatapathModel.delivery`).
 """
 
 import ipaddress
@@ -20,7 +21,7 @@ import attrs
 from meshagent.identity import ReservedIdentity
 from meshagent.policy.resolver import ALLOWED, DENIED_BY_DEFAULT, DENIED_BY_RULE, Verdict
 from meshagent.testing.packets import (
-    FRAG_FIRST, FRAG_LATER, FRAG_NONE, MALFORMED, NOT_IPV4, TRANSPORT_HEADER, parse,
+    FRAG_FIRST, FRAG_LATER, FRAG_NONE, MALFORMED, NOT_IPV4, PARSED, TRANSPORT_HEADER, parse,
 )
 
 INGRESS, EGRESS = "ingress", "egress"
@@ -41,6 +42,7 @@ _REASONS = {ALLOWED: FORWARDED, DENIED_BY_RULE: POLICY_DENY, DENIED_BY_DEFAULT: 
 class ModelEndpoint:
     id: int
     ip: str
+    local_delivery: bool = True  # other local pods' packets are delivered into it directly
 
 
 #: decision(endpoint id, direction, identity, protocol, port) -> (Verdict, reason)
@@ -64,6 +66,19 @@ class DatapathModel:
             if ip in prefix and (best is None or prefix.prefixlen > best.prefixlen):
                 best = prefix
         return self.ipcache[best] if best is not None else int(ReservedIdentity.WORLD)
+
+    def delivery(self, endpoint_id: int, direction: str, frame: bytes) -> tuple[str, bool]:
+        """The outcome at this hook, and whether the packet goes straight into a local pod
+        (judged by that pod's ingress policy on the way)."""
+        outcome = self.outcome(endpoint_id, direction, frame)
+        p = parse(frame)
+        if direction != EGRESS or outcome != FORWARDED or p.outcome != PARSED:
+            return outcome, False
+        target = next((e for e in self.endpoints.values() if e.ip == p.dst), None)
+        if target is None or not target.local_delivery:
+            return outcome, False
+        outcome = self.outcome(target.id, INGRESS, frame)
+        return outcome, outcome == FORWARDED
 
     def outcome(self, endpoint_id: int, direction: str, frame: bytes) -> str:
         endpoint = self.endpoints[endpoint_id]

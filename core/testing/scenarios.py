@@ -51,6 +51,7 @@ class EndpointSpec:
     ip: str
     namespace: str
     identity: int  # one of the first phase's identities, of the local cluster
+    local_delivery: bool = True  # its MACs are known: local pods' packets go straight in
 
 
 @attrs.frozen
@@ -111,7 +112,8 @@ class ResolvedWorld:
         self.ipcache: dict[ipaddress.IPv4Network, IPCacheEntry] = {}
         self.policies: dict[tuple, object] = {}
         self.model = DatapathModel(self.decision)
-        self.model.endpoints = {e.id: ModelEndpoint(e.id, e.ip) for e in scenario.endpoints}
+        self.model.endpoints = {e.id: ModelEndpoint(e.id, e.ip, e.local_delivery)
+                                for e in scenario.endpoints}
 
     def decision(self, endpoint_id: int, direction: str, identity: int, protocol: int,
                  port: int) -> tuple[Verdict, str]:
@@ -328,7 +330,8 @@ def scenarios(draw, probes_per_phase: int = 80, phases: int = 2) -> Scenario:
         spec = draw(st.sampled_from(local))
         namespace = dict(label.split(":", 1)[1].split("=", 1) for label in spec.labels)[
             NAMESPACE_LABEL]
-        endpoints.append(EndpointSpec(n + 1, f"10.1.1.{n + 1}", namespace, spec.id))
+        endpoints.append(EndpointSpec(n + 1, f"10.1.1.{n + 1}", namespace, spec.id,
+                                      draw(st.integers(0, 3)) > 0))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = random.Random(seed)
     out, history = [], []

@@ -25,11 +25,10 @@ from meshagent.identity import Identity
 from meshagent.ipcache import IPCacheEntry
 from meshagent.plugins.ebpf import loader
 from meshagent.plugins.ebpf.maps import (
-    DIR_EGRESS, DIR_INGRESS, POLICY_PREFIX_STATIC, PROTOCOL_NAMES, REASON_FORWARDED, REASONS,
-    VERDICT_ALLOW,
-    VERDICT_DENY, DropEvent, EndpointInfo, IPCacheKey, IPCacheValue, IPv4Bytes, LBBackend,
-    LBBackendKey, LBService, LBServiceKey, PolicyKey, PolicyValue, ip_bytes, ip_text, open_maps,
-    read_metrics,
+    DIR_EGRESS, DIR_INGRESS, ENDPOINT_LOCAL_DELIVERY, POLICY_PREFIX_STATIC, PROTOCOL_NAMES,
+    REASON_FORWARDED, REASONS, VERDICT_ALLOW, VERDICT_DENY, DropEvent, EndpointInfo, IPCacheKey,
+    IPCacheValue, IPv4Bytes, LBBackend, LBBackendKey, LBService, LBServiceKey, PolicyKey,
+    PolicyValue, ip_bytes, ip_text, mac_bytes, open_maps, read_metrics,
 )
 from meshagent.plugins.ebpf.policymap import Block, group_entries
 from meshagent.status import Health, StatusSection
@@ -200,13 +199,17 @@ class EbpfDatapath:
     # -- endpoints ------------------------------------------------------------------------------
 
     def _write_endpoint(self, endpoint: Endpoint) -> None:
+        known = bool(endpoint.pod_mac and endpoint.host_mac)
         info = EndpointInfo(endpoint.id, endpoint.identity, ip_bytes(endpoint.ipv4),
-                            self.generation)
+                            self.generation, endpoint.ifindex, mac_bytes(endpoint.pod_mac),
+                            mac_bytes(endpoint.host_mac),
+                            ENDPOINT_LOCAL_DELIVERY if known else 0)
         self.maps["endpoints"].put(ct.c_uint32(endpoint.ifindex), info)
 
     async def endpoint_added(self, endpoint: Endpoint) -> None:
         self.endpoints[endpoint.id] = endpoint
         self._write_endpoint(endpoint)
+        self.maps["local_ips"].put(ip_bytes(endpoint.ipv4), ct.c_uint32(endpoint.ifindex))
         if not self.synced and self.replaced_maps and await asyncio.to_thread(
                 self.attacher.attached, endpoint.ifindex):
             # the programs there use the maps of an earlier layout, which hold the last
@@ -219,6 +222,9 @@ class EbpfDatapath:
                                                              endpoint.ifindex)
 
     async def endpoint_removed(self, endpoint: Endpoint) -> None:
+        local = self.maps["local_ips"].get(ip_bytes(endpoint.ipv4))
+        if local is not None and local.value == endpoint.ifindex:
+            self.maps["local_ips"].delete(ip_bytes(endpoint.ipv4))
         self.maps["endpoints"].delete(ct.c_uint32(endpoint.ifindex))
         self.endpoints.pop(endpoint.id, None)
         self.attached.pop(endpoint.id, None)
@@ -313,6 +319,10 @@ class EbpfDatapath:
         for key, _ in list(self.maps["endpoints"].items()):
             if key.value not in live:
                 self.maps["endpoints"].delete(key)
+        local = {e.ipv4.packed: e.ifindex for e in self.endpoints.values()}
+        for key, ifindex in list(self.maps["local_ips"].items()):
+            if local.get(bytes(key)) != ifindex.value:
+                self.maps["local_ips"].delete(key)
         self._bump(list(self.endpoints))
         for endpoint_id in sorted(self.deferred):
             endpoint = self.endpoints[endpoint_id]

@@ -32,13 +32,18 @@ REASONS = {
 PROTOCOL_NAMES = {0: "any", 1: "icmp", 6: "tcp", 17: "udp", 132: "sctp"}
 POLICY_PREFIX_STATIC = 72  # endpoint_id, identity, direction: always matched whole
 CT_REPLY, CT_NAT_DST, CT_NAT_SRC = 1, 2, 4
-MAP_NAMES = ("endpoints", "ipcache", "policy", "ct_tcp", "ct_any", "ipfrag", "metrics",
+MAP_NAMES = ("endpoints", "local_ips", "ipcache", "policy", "ct_tcp", "ct_any", "ipfrag", "metrics",
              "lb_services", "lb_backends")
+
+
+ENDPOINT_LOCAL_DELIVERY = 1
+MAC = u8 * 6
 
 
 class EndpointInfo(ct.Structure):
     _fields_ = [("endpoint_id", u32), ("identity", u32), ("ipv4", IPv4Bytes),
-                ("generation", u32)]
+                ("generation", u32), ("ifindex", u32), ("pod_mac", MAC), ("host_mac", MAC),
+                ("flags", u32)]
 
 
 class IPCacheKey(ct.Structure):
@@ -108,6 +113,7 @@ class LBBackend(ct.Structure):
 
 TYPES = {
     "endpoints": (u32, EndpointInfo),
+    "local_ips": (IPv4Bytes, u32),
     "ipcache": (IPCacheKey, IPCacheValue),
     "policy": (PolicyKey, PolicyValue),
     "ct_tcp": (CTKey, CTValue),
@@ -134,6 +140,7 @@ C_STRUCTS = {
 MAP_HASH, MAP_PERCPU_ARRAY, MAP_LRU_HASH, MAP_LPM_TRIE = 1, 6, 9, 11
 MAP_SPECS = {
     "endpoints": (MAP_HASH, "ENDPOINTS_MAX", 4096),
+    "local_ips": (MAP_HASH, "ENDPOINTS_MAX", 4096),
     "ipcache": (MAP_LPM_TRIE, "IPCACHE_MAX", 512000),
     "policy": (MAP_LPM_TRIE, "POLICY_MAX", 262144),
     "ct_tcp": (MAP_LRU_HASH, "CT_TCP_MAX", 524288),
@@ -178,6 +185,11 @@ def pinned_layout(path: Path) -> tuple[int, int, int, int] | None:
 
 def ip_bytes(address: ipaddress.IPv4Address | str) -> IPv4Bytes:
     return IPv4Bytes(*ipaddress.IPv4Address(address).packed)
+
+
+def mac_bytes(text: str) -> "MAC":
+    """``aa:bb:cc:dd:ee:ff`` as the struct field (all zero when unknown)."""
+    return MAC(*bytes.fromhex(text.replace(":", ""))) if text else MAC()
 
 
 def ip_text(raw: IPv4Bytes) -> str:

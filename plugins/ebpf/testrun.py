@@ -19,7 +19,7 @@ SYS_BPF = 321  # x86_64
 BPF_PROG_TEST_RUN = 10
 SK_BUFF_SIZE = 192  # sizeof(struct __sk_buff)
 SK_BUFF_CB0 = 48  # offsetof(struct __sk_buff, cb[0])
-TC_ACT_OK, TC_ACT_SHOT = 0, 2
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 LOOPBACK_IFINDEX = 1
 
 
@@ -37,7 +37,7 @@ class _TestRunAttr(ct.Structure):
 
 @attrs.frozen
 class RunResult:
-    action: int  # TC_ACT_OK or TC_ACT_SHOT
+    action: int  # TC_ACT_OK, TC_ACT_SHOT or TC_ACT_REDIRECT (into a local pod)
     reason: int  # the program's cb[0]
     frame: bytes  # as the program left it (rewritten by service NAT, for one)
 
