@@ -108,6 +108,11 @@ def report(results: dict, args) -> str:
         lines.append(f"| {label} | {r['seconds_to_ready']} | {r['ipcache_in_bpf'] or '-'} |"
                      f" {r['peak_rss_mib']} MiB |")
     lines += ["", "![sync](perf-sync.png)", "",
+              f"The no-datapath row is the control: it runs no datapath code at all, so when it"
+              f" moves between two runs the machine moved. This shared 2-core machine varies by"
+              f" 2–3× between days (the control took 2.67 s on 2026-11-26 and"
+              f" {nodp['seconds_to_ready']} s in this run); compare only figures of one run, or"
+              f" run the previous commit side by side from a git worktree with its own venv.", "",
               f"What bounds memory: the run without the datapath peaks at {nodp['peak_rss_mib']}"
               " MiB for the same entries — the Python objects of the agent's tables (about"
               " 1.7 KiB per ipcache entry with its key, decoded entry and table slot); the eBPF"
@@ -176,8 +181,8 @@ def report(results: dict, args) -> str:
                      f" {int(r['redis_ping_rps']):,}/s | {q['redis_ping_rps']} |")
     lines += ["", "![datapath](perf-datapath.png)", "",
               "Reading: single measurements on this 2-core machine wander by 10–20%, hence the"
-              " interleaved rounds and paired ratios. (b) is faster than no programs because a"
-              " packet between two pods of a node is judged by both pods' policies in one"
+              " interleaved rounds and paired ratios. Why (b) keeps up with no programs at all, or"
+              " beats it: a packet between two pods of a node is judged by both pods' policies in one"
               " program run and redirected straight into the destination pod (bpf_redirect_peer),"
               " skipping the node's routing and the second veth, as Cilium does; iptables adds"
               " netfilter conntrack to the full path. What bounds (b): about 0.8 µs of program per"
@@ -195,9 +200,17 @@ def report(results: dict, args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter runs")
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing: rewrite docs/performance.md from bench/results/")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     q = args.quick
+    if args.report_only:
+        results = {name: json.loads((RESULTS / f"{name}.json").read_text()) for name in
+                   ("sync", "propagation", "identity", "policy", "datapath")}
+        plots(results)
+        (DOCS / "performance.md").write_text(report(results, args))
+        return
     results = {
         "sync": step("sync", "clustermesh_sync.py", "--entries", "10000" if q else "100000"),
         "propagation": step("propagation", "propagation.py", "--seconds", "5" if q else "30"),

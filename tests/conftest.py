@@ -1,5 +1,7 @@
-"""Shared helpers: run the real ``meshagent`` executable, and start it as a process."""
+"""Shared helpers: run the real ``meshagent`` executable, start it as a process, bring a lab
+up for a module."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -79,3 +81,17 @@ def bpffs(short_tmp):
     subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True)
     yield root
     subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+@contextlib.contextmanager
+def lab_up(tmp_path_factory, name: str, nodes: int):
+    """The two-cluster lab with ``nodes`` nodes per cluster, torn down afterwards (also when
+    setting it up failed)."""
+    from meshagent.lab import Lab
+    directory = Path(tmp_path_factory.mktemp(name, numbered=True))
+    lab = Lab(Path("/tmp") / f"ma-{name}-{directory.name}")
+    try:
+        lab.bring_up(nodes=nodes)
+        yield lab
+    finally:
+        lab.tear_down(quiet=True)

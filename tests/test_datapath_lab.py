@@ -8,14 +8,13 @@ client runs in cluster1, echo in cluster2; one lab for the module, tests in orde
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from meshagent.lab import Lab
 from meshagent.testing.netlab import can_run
 
-from conftest import MESHAGENT, run_cli
+from conftest import MESHAGENT, lab_up, run_cli
 from nettraffic import CLIENT, SERVER
 
 pytestmark = [pytest.mark.privileged,
@@ -122,10 +121,7 @@ ingress:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    directory = Path(tmp_path_factory.mktemp("dplab", numbered=True))
-    lab = Lab(Path("/tmp") / f"ma-dpl-{directory.name}")
-    try:
-        lab.bring_up(nodes=1)
+    with lab_up(tmp_path_factory, "dpl", nodes=1) as lab:
         lab.pod_create("client", "cluster1-node1", "default", "app=client")
         lab.pod_create("employee", "cluster1-node1", "default", "app=employee")
         lab.pod_create("echo", "cluster2-node1", "default", "app=echo")
@@ -135,8 +131,6 @@ def lab(tmp_path_factory):
                                          str(lab.dir / "echo-5354.log")])
         time.sleep(1)
         yield lab
-    finally:
-        lab.tear_down(quiet=True)
 
 
 def in_pod(lab: Lab, pod: str, script: str, *args: str) -> str:

@@ -14,7 +14,7 @@ import pytest
 from meshagent.lab import REDIS_SERVER, Lab
 from meshagent.testing.netlab import can_run
 
-from conftest import run_cli
+from conftest import lab_up, run_cli
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not can_run(), reason="needs root, ip netns and BPF")]
@@ -39,10 +39,7 @@ open(out, "w").write(f"{ok} {failed}")
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    directory = Path(tmp_path_factory.mktemp("lab", numbered=True))
-    lab = Lab(Path("/tmp") / f"ma-e2e-{directory.name}")
-    try:
-        lab.bring_up(nodes=2)
+    with lab_up(tmp_path_factory, "e2e", nodes=2) as lab:
         lab.pod_create("protected-db", "cluster1-node1", "default", "app=protected-db")
         lab.pod_create("employee-c1", "cluster1-node2", "default", "app=employee")  # other node
         lab.pod_create("stranger", "cluster1-node1", "default", "app=stranger")
@@ -50,8 +47,6 @@ def lab(tmp_path_factory):
         lab.pod_spawn("protected-db", "redis", list(REDIS_SERVER))
         time.sleep(0.5)
         yield lab
-    finally:
-        lab.tear_down(quiet=True)
 
 
 def ping(lab: Lab, pod: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 from meshagent.lab import REDIS_SERVER, Lab
 from meshagent.testing.netlab import can_run
 
-from conftest import run_cli
+from conftest import lab_up, run_cli
 from test_services import service_yaml
 
 pytestmark = [pytest.mark.privileged,
@@ -23,10 +23,7 @@ VIP = "10.96.0.10"
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    directory = Path(tmp_path_factory.mktemp("gs", numbered=True))
-    lab = Lab(Path("/tmp") / f"ma-gs-{directory.name}")
-    try:
-        lab.bring_up(nodes=1)
+    with lab_up(tmp_path_factory, "gs", nodes=1) as lab:
         for pod, node in (("redis-a", "cluster1-node1"), ("redis-b", "cluster2-node1")):
             lab.pod_create(pod, node, "default", "app=protected-db")
             lab.pod_spawn(pod, f"redis-{pod}", list(REDIS_SERVER))
@@ -34,8 +31,6 @@ def lab(tmp_path_factory):
         lab.pod_create("stranger", "cluster1-node1", "default", "app=stranger")
         time.sleep(0.5)
         yield lab
-    finally:
-        lab.tear_down(quiet=True)
 
 
 def run_id(lab: Lab, pod: str, host: str) -> str:
