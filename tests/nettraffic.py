@@ -1,4 +1,4 @@
-"""Tiny TCP/UDP echo server and one-shot client, run inside test namespaces."""
+"""Tiny TCP/UDP echo server and one-shot clients, run inside test namespaces."""
 
 SERVER = r'''
 import socket, sys, threading
@@ -57,4 +57,23 @@ while time.monotonic() < end:
         fail += 1
     time.sleep(0.05)
 open(out, "w").write(f"{ok} {fail}")
+'''
+
+# A UDP server answering with the size of each datagram it got, and a client sending one datagram
+# of a given size: whether a datagram larger than the MTU (fragmented) arrives whole.
+BIG_UDP_SERVER = r'''
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(65535); s.sendto(str(len(data)).encode(), peer)
+'''
+BIG_UDP_CLIENT = r'''
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+s.sendto(b"x" * int(sys.argv[3]), (sys.argv[1], int(sys.argv[2])))
+try:
+    print(s.recvfrom(100)[0].decode())
+except socket.timeout:
+    print("timeout")
 '''

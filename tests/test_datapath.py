@@ -15,7 +15,7 @@ from meshagent.testing.etcd import EtcdServer
 from meshagent.testing.netlab import NetLab, can_run
 
 from conftest import run_cli
-from nettraffic import CLIENT, LOOP, SERVER
+from nettraffic import BIG_UDP_CLIENT, BIG_UDP_SERVER, CLIENT, LOOP, SERVER
 from test_endpoints import NodeAgent
 
 pytestmark = [pytest.mark.privileged,
@@ -371,3 +371,17 @@ def test_a_spoofed_source_is_dropped_shown_and_counted(lab, short_tmp, bpffs):
                        f"urlopen('http://127.0.0.1:{port}/metrics').read().decode())").stdout
     assert 'meshagent_drop_count_total{reason="spoofed source address"}' in metrics
     assert "meshagent_forward_count_total" in metrics
+
+
+def test_a_fragmented_datagram_between_pods_of_a_node_arrives_whole(node):
+    """Local delivery redirects every fragment into the destination pod: the first one with its
+    ports, the later ones by the ports it left behind."""
+    ns, db = node.pods["db"]
+    node.lab.spawn(ns, PY, "-c", BIG_UDP_SERVER, "5354", log=node.tmp / "big.srv")
+    node.policy(db_policy().replace('"5353"', '"5354"'))
+    time.sleep(0.5)
+    employee_ns, stranger_ns = node.pods["employee"][0], node.pods["stranger"][0]
+    sent = node.lab.exec(employee_ns, PY, "-c", BIG_UDP_CLIENT, db["ipv4"], "5354", "4000")
+    assert sent.stdout.strip() == "4000"
+    refused = node.lab.exec(stranger_ns, PY, "-c", BIG_UDP_CLIENT, db["ipv4"], "5354", "4000")
+    assert refused.stdout.strip() == "timeout"

@@ -15,7 +15,7 @@ from meshagent.lab import Lab
 from meshagent.testing.netlab import can_run
 
 from conftest import MESHAGENT, lab_up, run_cli
-from nettraffic import CLIENT, SERVER
+from nettraffic import BIG_UDP_CLIENT, BIG_UDP_SERVER, CLIENT, SERVER
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not can_run(), reason="needs root, ip netns and BPF")]
@@ -23,22 +23,6 @@ pytestmark = [pytest.mark.privileged,
 PY = "/usr/bin/python3"
 TCP_PORTS = "4095,4096,8080,8191,8192,31000"
 
-BIG_UDP_SERVER = r'''
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-while True:
-    data, peer = s.recvfrom(65535); s.sendto(str(len(data)).encode(), peer)
-'''
-BIG_UDP_CLIENT = r'''
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
-s.sendto(b"x" * int(sys.argv[3]), (sys.argv[1], int(sys.argv[2])))
-try:
-    print(s.recvfrom(100)[0].decode())
-except socket.timeout:
-    print("timeout")
-'''
 UDP_LOG = r'''
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
