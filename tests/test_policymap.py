@@ -2,11 +2,11 @@
 written for a group gives the resolver's verdict for every packet, and a range costs at most 30
 prefixes per protocol."""
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from meshagent.plugins.ebpf.policymap import (
-    ALLOW, DENY, group_entries, key_blocks, lookup, port_prefixes,
+    ALLOW, DENY, group_entries, key_blocks, lookup, ordered_writes, port_prefixes, safe_stages,
 )
 from meshagent.policy.resolver import MapKey, Verdict, judge
 
@@ -34,7 +34,7 @@ PROBE_PORTS = [0, 1, 79, 80, 81, 1023, 1024, 4095, 4096, 8080, 8191, 8192, 29999
                32768, 65534, 65535]
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(KEYS, st.lists(st.integers(0, 65535), max_size=5))
 def test_the_longest_prefix_gives_the_resolvers_verdict(keys, extra_ports):
     verdicts = {MapKey("ingress", 0, proto, start, end): Verdict(verdict)
@@ -61,3 +61,66 @@ def test_an_allow_inside_a_denied_range_stays_denied():
     assert [lookup(entries, 6, p) for p in (4095, 4096, 8080, 8191, 8192)] == \
         [ALLOW, DENY, DENY, DENY, ALLOW]
     assert len(entries) == 2  # the 8080 allow adds nothing the deny's prefix does not say
+
+
+# -- a change, write by write --------------------------------------------------------------------
+
+GROUP_KEYS = st.dictionaries(
+    st.tuples(st.sampled_from([0, 6, 17]), RANGES).map(
+        lambda t: (t[0], t[1][0], t[1][1])), st.sampled_from([ALLOW, DENY]), max_size=4)
+
+
+def combined(groups: dict, proto: int, port: int) -> str | None:
+    """The kernel's two lookups (the peer's identity, any identity): deny wins, then allow."""
+    found = {lookup(entries, proto, port) for entries in groups.values()}
+    return DENY if DENY in found else (ALLOW if ALLOW in found else None)
+
+
+@settings(max_examples=400, deadline=None)
+@given(GROUP_KEYS, GROUP_KEYS, GROUP_KEYS, GROUP_KEYS)
+# a stale deny removed before the stale allow above it would open port 80 for a moment
+@example({}, {(6, 0, 0): ALLOW, (6, 80, 80): DENY}, {}, {(0, 0, 0): DENY})
+# one group's new allow landing before the other's new deny
+@example({}, {}, {(6, 80, 80): ALLOW}, {(6, 80, 80): DENY})
+def test_no_write_of_a_change_allows_what_before_and_after_both_deny(old_id, old_any, new_id,
+                                                                      new_any):
+    """Applied as the datapath applies it (every group through the same stages; within a group
+    longest prefixes written first, stale ones removed shortest first), no state in between
+    allows a packet that the state before and the state after both refuse."""
+    old, new = {"id": old_id, "any": old_any}, {"id": new_id, "any": new_any}
+
+    def entries(keys: dict) -> dict:
+        return group_entries((p, s, e, v) for (p, s, e), v in keys.items())
+    before = {g: entries(k) for g, k in old.items()}
+    after = {g: entries(k) for g, k in new.items()}
+    current = {g: dict(e) for g, e in before.items()}
+    points = [(proto, port if proto != 1 else 0) for proto in (1, 6, 17, 132)
+              for port in PROBE_PORTS]
+
+    def check(where: str) -> None:
+        for proto, port in points:
+            if combined(current, proto, port) == ALLOW:
+                assert ALLOW in (combined(before, proto, port), combined(after, proto, port)), \
+                    (where, proto, port, current)
+    stages = {g: safe_stages(old[g], new[g]) for g in old}
+    for index in range(3):
+        for group in sorted(stages):
+            for block, verdict in ordered_writes(current[group], entries(stages[group][index])):
+                if verdict is None:
+                    del current[group][block]
+                else:
+                    current[group][block] = verdict
+                check(f"stage {index} group {group}")
+    assert current == after
+
+
+def test_one_stage_at_a_time_is_what_makes_it_safe():
+    """The counter-example the stages exist for: a new allow in one group lands before the
+    new deny in the other."""
+    old = {"id": {}, "any": {}}
+    new = {"id": {(6, 22, 22): ALLOW}, "any": {(6, 22, 22): DENY}}
+    naive = {"id": group_entries([(6, 22, 22, ALLOW)]), "any": {}}  # "id" written first
+    assert combined(naive, 6, 22) == ALLOW
+    staged = {g: group_entries((p, s, e, v) for (p, s, e), v in safe_stages(old[g], new[g])[0]
+                               .items()) for g in old}
+    assert combined(staged, 6, 22) == DENY

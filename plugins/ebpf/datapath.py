@@ -30,7 +30,9 @@ from meshagent.plugins.ebpf.maps import (
     IPCacheValue, IPv4Bytes, LBBackend, LBBackendKey, LBService, LBServiceKey, PolicyKey,
     PolicyValue, ip_bytes, ip_text, mac_bytes, open_maps, read_metrics,
 )
-from meshagent.plugins.ebpf.policymap import Block, group_entries
+from meshagent.plugins.ebpf.policymap import (
+    Block, Keys, block_key, group_entries, ordered_writes, safe_stages,
+)
 from meshagent.status import Health, StatusSection
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,11 @@ def group_of(endpoint_id: int, key) -> GroupKey:
 def entries_for(keys: dict) -> dict[Block, str]:
     """One group's resolver keys and verdicts as the policy map's prefixes."""
     return group_entries((k.protocol, k.port, k.end_port, v.value) for k, v in keys.items())
+
+
+def _as_keys(keys: dict) -> Keys:
+    """Resolver MapKeys of one group as policymap keys."""
+    return {(k.protocol, k.port, k.end_port): v.value for k, v in keys.items()}
 
 
 class EbpfDatapath:
@@ -229,9 +236,10 @@ class EbpfDatapath:
         self.endpoints.pop(endpoint.id, None)
         self.attached.pop(endpoint.id, None)
         self.deferred.discard(endpoint.id)
-        for group in [g for g in self.groups if g[0] == endpoint.id]:
-            self.groups.pop(group)
-            self._write_group(group)
+        for group in [g for g in self.groups.keys() | self.installed.keys()
+                      if g[0] == endpoint.id]:
+            self.groups.pop(group, None)
+            self._write_group(group, {})  # its veth is going: no order to keep
 
     def _bump(self, endpoint_ids: Iterable[int]) -> None:
         """Verdicts of these endpoints may have changed: their tracked connections are judged
@@ -245,76 +253,91 @@ class EbpfDatapath:
     # -- ipcache and policy -----------------------------------------------------------------------
 
     async def update_ipcache(self, changes) -> None:
+        """Upserts before deletes: every address resolves to its old or new identity on the
+        way, never to a shorter prefix's for a moment."""
         table = self.maps["ipcache"]
+        changes = list(changes)
         for kind, entry in changes:
-            key = IPCacheKey(entry.prefix.prefixlen, ip_bytes(entry.prefix.network_address))
-            if kind is ChangeKind.DELETE:
-                table.delete(key)
-            else:
+            if kind is not ChangeKind.DELETE:
+                key = IPCacheKey(entry.prefix.prefixlen, ip_bytes(entry.prefix.network_address))
                 table.put(key, IPCacheValue(entry.identity, 0))
+        for kind, entry in changes:
+            if kind is ChangeKind.DELETE:
+                table.delete(IPCacheKey(entry.prefix.prefixlen,
+                                        ip_bytes(entry.prefix.network_address)))
         self._bump(list(self.endpoints))
 
     async def update_policy(self, endpoint_id: int, changes) -> None:
-        touched = set()
+        before: dict[GroupKey, dict] = {}
         for change in changes:
             group = group_of(endpoint_id, change.key)
             keys = self.groups.setdefault(group, {})
+            before.setdefault(group, dict(keys))
             if change.verdict is None:
                 keys.pop(change.key, None)
             else:
                 keys[change.key] = change.verdict
-            touched.add(group)
-        for group in sorted(touched):
-            self._write_group(group)
+        after = {group: self.groups.get(group, {}) for group in before}
+        for group in [g for g, keys in after.items() if not keys]:
+            self.groups.pop(group, None)
+        self._step_groups({g: _as_keys(keys) for g, keys in before.items()},
+                          {g: _as_keys(keys) for g, keys in after.items()})
         self._bump([endpoint_id])
 
-    def _write_group(self, group: GroupKey) -> None:
-        """Make one group's entries what its keys want: new and changed entries first, then
-        the ones no longer wanted (a packet never meets a group with holes)."""
-        keys = self.groups.get(group)
-        if not keys:
-            self.groups.pop(group, None)
-        wanted = entries_for(keys) if keys else {}
-        old = self.installed.get(group, {})
+    def _step_groups(self, old: dict[GroupKey, Keys], new: dict[GroupKey, Keys],
+                     between=None) -> None:
+        """Take these groups from ``old`` to ``new`` keys through the safe stages, every
+        group stage by stage (``between`` runs after the tightening stages)."""
+        stages = {group: safe_stages(old.get(group, {}), new.get(group, {}))
+                  for group in old.keys() | new.keys()}
+        for index in range(3):
+            if index == 2 and between is not None:
+                between()
+            for group in sorted(stages):
+                self._write_group(group, group_entries(
+                    (protocol, port, end, verdict)
+                    for (protocol, port, end), verdict in stages[group][index].items()))
+
+    def _write_group(self, group: GroupKey, wanted: dict[Block, str]) -> None:
+        """Make one group's entries ``wanted``, write by write in an order where every packet
+        meets its verdict of before or of after (policymap.ordered_writes)."""
         table = self.maps["policy"]
-        for block, verdict in wanted.items():
-            if old.get(block) != verdict:
-                table.put(policy_map_key(group, block), _policy_value(verdict))
-        for block in old:
-            if block not in wanted:
-                table.delete(policy_map_key(group, block))
+        for block, verdict in ordered_writes(self.installed.get(group, {}), wanted):
+            key = policy_map_key(group, block)
+            if verdict is None:
+                table.delete(key)
+            else:
+                table.put(key, _policy_value(verdict))
         if wanted:
             self.installed[group] = wanted
         else:
             self.installed.pop(group, None)
 
+    def _read_installed(self) -> dict[GroupKey, dict[Block, str]]:
+        """The policy map's entries as the last agent left them, by group."""
+        installed: dict[GroupKey, dict[Block, str]] = {}
+        for key, value in self.maps["policy"].items():
+            group = (key.endpoint_id, key.direction, key.identity)
+            block = Block(key.prefixlen - POLICY_PREFIX_STATIC, key.protocol, key.port)
+            installed.setdefault(group, {})[block] = \
+                "deny" if value.verdict == VERDICT_DENY else "allow"
+        return installed
+
     async def reconcile(self, policies: dict[int, dict], ipcache: list[IPCacheEntry]) -> None:
-        """Make the maps exactly this (first sync after start), make-before-break: new policy
-        entries first, then the ipcache, and only then remove what is stale — so no packet of
-        an allowed connection meets a half-updated state."""
+        """Make the maps exactly this (first sync after start), taking what the last agent
+        left through the same safe stages as any change: policy tightened to what both the
+        old and the new state allow, then the ipcache (new rows before stale ones go), then
+        the new policy — no packet of an allowed connection meets a half-updated state, and
+        none that both states deny passes."""
         self.groups = {}
         for endpoint_id, verdicts in policies.items():
             for key, verdict in verdicts.items():
                 self.groups.setdefault(group_of(endpoint_id, key), {})[key] = verdict
-        self.installed = {group: entries_for(keys) for group, keys in self.groups.items()}
-        table = self.maps["policy"]
-        wanted_policy = set()
-        for group, entries in self.installed.items():
-            for block, verdict in entries.items():
-                key = policy_map_key(group, block)
-                table.put(key, _policy_value(verdict))
-                wanted_policy.add(bytes(key))
-        wanted = {(e.prefix.prefixlen, e.prefix.network_address.packed): e for e in ipcache}
-        for entry in ipcache:
-            self.maps["ipcache"].put(
-                IPCacheKey(entry.prefix.prefixlen, ip_bytes(entry.prefix.network_address)),
-                IPCacheValue(entry.identity, 0))
-        for key, _ in list(self.maps["ipcache"].items()):
-            if (key.prefixlen, bytes(key.ip)) not in wanted:
-                self.maps["ipcache"].delete(key)
-        for key in list(table.keys()):
-            if bytes(key) not in wanted_policy:
-                table.delete(key)
+        self.installed = self._read_installed()
+        old = {group: {block_key(b): v for b, v in entries.items()}
+               for group, entries in self.installed.items()}
+        self._step_groups(old, {g: _as_keys(keys) for g, keys in self.groups.items()},
+                          between=lambda: self._replace_ipcache(ipcache))
         live = {e.ifindex for e in self.endpoints.values()}
         for key, _ in list(self.maps["endpoints"].items()):
             if key.value not in live:
@@ -332,7 +355,19 @@ class EbpfDatapath:
         self.deferred.clear()
         self.synced = True
         log.info("eBPF maps reconciled: %d ipcache entries, %d endpoints, %d policy entries",
-                 len(ipcache), len(policies), len(wanted_policy))
+                 len(ipcache), len(policies), self.policy_entry_count())
+
+    def _replace_ipcache(self, ipcache: list[IPCacheEntry]) -> None:
+        """The ipcache exactly these rows: new ones first, then stale ones removed, so every
+        address resolves to its old or its new identity on the way."""
+        wanted = {(e.prefix.prefixlen, e.prefix.network_address.packed): e for e in ipcache}
+        for entry in ipcache:
+            self.maps["ipcache"].put(
+                IPCacheKey(entry.prefix.prefixlen, ip_bytes(entry.prefix.network_address)),
+                IPCacheValue(entry.identity, 0))
+        for key, _ in list(self.maps["ipcache"].items()):
+            if (key.prefixlen, bytes(key.ip)) not in wanted:
+                self.maps["ipcache"].delete(key)
 
     def policy_entry_count(self) -> int:
         """Entries the policy map holds for the resolved verdicts (as written)."""

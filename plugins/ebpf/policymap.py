@@ -123,6 +123,51 @@ def ancestors(block: Block) -> list[Block]:
     return out
 
 
+# -- changing what is written without a moment of too much allowed ---------------------------------
+
+#: A group's keys by (protocol, port, end_port): its verdicts as the resolver gives them.
+Keys = dict[tuple[int, int, int], str]
+
+
+def safe_stages(old: Keys, new: Keys) -> list[Keys]:
+    """The key sets one group passes through from ``old`` to ``new``.
+
+    The kernel combines two groups per packet (the peer's identity and any identity), so a
+    change applied group after group could, for a moment, pair one group's new allow with the
+    other's old lack of a deny. Every group of an endpoint therefore steps through the same
+    three stages together: old plus new's denies (tighter than old), then without the allows
+    new drops (tighter than both), then new. No packet that both old and new deny is allowed
+    on the way (tests/test_policymap.py simulates it write by write).
+    """
+    tighter = dict(old)
+    tighter.update({k: DENY for k, v in new.items() if v == DENY})
+    both = {k: DENY for k in old.keys() | new.keys() if DENY in (old.get(k), new.get(k))}
+    both.update({k: ALLOW for k in old.keys() & new.keys()
+                 if old[k] == ALLOW and new[k] == ALLOW})
+    return [tighter, both, new]
+
+
+def ordered_writes(before: dict[Block, str], after: dict[Block, str]
+                   ) -> list[tuple[Block, str | None]]:
+    """The writes (verdict, or None to delete) that take one group's entries from ``before``
+    to ``after`` so that at every step each packet meets its verdict of before or of after:
+    new and changed entries longest prefix first, then stale ones shortest prefix first."""
+    puts = sorted(((b, v) for b, v in after.items() if before.get(b) != v),
+                  key=lambda item: -item[0].bits)
+    deletes = sorted((b for b in before if b not in after), key=lambda b: b.bits)
+    return puts + [(b, None) for b in deletes]
+
+
+def block_key(block: Block) -> tuple[int, int, int]:
+    """An entry read back from the map as the key that writes exactly it: entries of a group
+    never put an allow under a deny, so reading them as keys gives the same verdicts."""
+    if block.bits == 0:
+        return (ANY_PROTOCOL, 0, 0)
+    if block.bits == PROTOCOL_BITS:
+        return (block.protocol, 0, 0)
+    return (block.protocol, block.first_port, block.last_port)
+
+
 def lookup(entries: dict[Block, str], protocol: int, port: int) -> str | None:
     """What the kernel finds in one group for a packet (the longest containing block)."""
     point = Block(PROTOCOL_BITS + PORT_BITS, protocol, port)
