@@ -178,10 +178,12 @@ class EndpointManager:
             endpoint = self.endpoints.get(endpoint_id)
             if endpoint is None:
                 raise EndpointNotFound(f"no endpoint {endpoint_id}")
+            # the veth (and the programs on it) go first: until then the datapath keeps
+            # enforcing for the pod, never lets its traffic pass unjudged
+            await asyncio.to_thread(podnet.remove_pod_interface, endpoint.ifname)
             if self.agent.datapath is not None:
                 await self.agent.datapath.endpoint_removed(endpoint)
             self.agent.publisher.delete_ipcache(self._ipcache_entry(endpoint))
-            await asyncio.to_thread(podnet.remove_pod_interface, endpoint.ifname)
             await self.agent.identity_allocator.release(
                 Identity(endpoint.identity, endpoint.labels, self.agent.cluster.name))
             self.ipam.release(endpoint.ipv4)

@@ -77,6 +77,8 @@ struct endpoint_info {
     u8 pod_mac[6];  /* the pod's eth0 */
     u8 host_mac[6]; /* the host-side veth */
     u32 flags;
+    u32 born;       /* the generation it was added at: older conntrack entries (of an endpoint
+                     * that had its id before) are not its own */
 };
 
 struct ipcache_key {

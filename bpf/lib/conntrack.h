@@ -23,24 +23,55 @@ static __always_inline void ct_fill_key(struct ct_key *key, u32 endpoint_id, u8 
     key->endpoint_id = endpoint_id;
 }
 
-/* The live entry for this packet's tuple, or 0. Refreshes last-seen at most once a second:
- * a write per packet would dirty the entry's cache line on every packet. */
-static __always_inline struct ct_value *ct_lookup(struct ct_key *key, u64 now)
+/* The key of the other half of a connection: the reverse tuple, through the NAT the entry
+ * keeps (a forward entry to a service frontend has its reply from the backend). */
+static __always_inline void ct_other_half(struct ct_key *key, struct ct_value *value,
+                                          struct ct_key *other)
+{
+    other->saddr = key->daddr;
+    other->daddr = key->saddr;
+    other->sport = key->dport;
+    other->dport = key->sport;
+    other->protocol = key->protocol;
+    other->direction = key->direction ^ 1;
+    other->pad = 0;
+    other->endpoint_id = key->endpoint_id;
+    if (value->flags & CT_NAT_DST) {
+        other->saddr = value->nat_ip;
+        other->sport = value->nat_port;
+    } else if (value->flags & CT_NAT_SRC) {
+        other->daddr = value->nat_ip;
+        other->dport = value->nat_port;
+    }
+}
+
+/* The live entry for this packet's tuple, or 0. An entry older than the endpoint belongs to
+ * an endpoint that had its id before: not this one's. Refreshes last-seen at most once a
+ * second — both halves of the connection, so that they live and expire together (a write per
+ * packet would dirty the entries' cache lines on every packet). */
+static __always_inline struct ct_value *ct_lookup(struct ct_key *key, struct endpoint_info *ep,
+                                                  u64 now)
 {
     int tcp = key->protocol == IPPROTO_TCP;
     u64 lifetime = tcp ? CT_LIFETIME_TCP_NS : CT_LIFETIME_ANY_NS;
     struct ct_value *value = tcp ? ct_tcp.lookup(key) : ct_any.lookup(key);
     if (!value)
         return 0;
-    if (now - value->last_seen_ns > lifetime) {  /* expired */
+    if (now - value->last_seen_ns > lifetime || value->generation < ep->born) {
         if (tcp)
             ct_tcp.delete(key);
         else
             ct_any.delete(key);
         return 0;
     }
-    if (now - value->last_seen_ns > 1000000000ULL)
+    if (now - value->last_seen_ns > 1000000000ULL) {
         value->last_seen_ns = now;
+        struct ct_key other = {};
+        ct_other_half(key, value, &other);
+        struct ct_value *half = tcp ? ct_tcp.lookup(&other) : ct_any.lookup(&other);
+        if (half)
+            half->last_seen_ns = now;
+    }
     return value;
 }
 
@@ -52,16 +83,27 @@ static __always_inline void ct_put(struct ct_key *key, struct ct_value *value)
         ct_any.update(key, value);
 }
 
+/* Whether ``key`` holds a live entry of a connection the other way, judged by policy. */
+static __always_inline int ct_live_forward(struct ct_key *key, struct endpoint_info *ep,
+                                           u64 now)
+{
+    int tcp = key->protocol == IPPROTO_TCP;
+    u64 lifetime = tcp ? CT_LIFETIME_TCP_NS : CT_LIFETIME_ANY_NS;
+    struct ct_value *value = tcp ? ct_tcp.lookup(key) : ct_any.lookup(key);
+    return value && !(value->flags & CT_REPLY) && now - value->last_seen_ns <= lifetime &&
+           value->generation >= ep->born;
+}
+
 /* Track an allowed connection. ``orig`` is the packet as it reached the hook, ``f`` as it
  * leaves (after a service DNAT, if any): the forward entry is keyed by the first, the reply
  * entry by the reverse of the second, and undoes the DNAT. */
-static __always_inline void ct_create(u32 endpoint_id, u8 direction, struct flow *orig,
-                                      struct flow *f, u32 generation, u64 now)
+static __always_inline void ct_create(struct endpoint_info *ep, u8 direction,
+                                      struct flow *orig, struct flow *f, u64 now)
 {
     struct ct_key key = {};
-    struct ct_value value = {.last_seen_ns = now, .generation = generation};
+    struct ct_value value = {.last_seen_ns = now, .generation = ep->generation};
     int nat = orig->daddr != f->daddr || orig->dport != f->dport;
-    ct_fill_key(&key, endpoint_id, direction, orig);
+    ct_fill_key(&key, ep->endpoint_id, direction, orig);
     if (nat) {
         value.flags = CT_NAT_DST;
         value.nat_ip = f->daddr;
@@ -81,7 +123,10 @@ static __always_inline void ct_create(u32 endpoint_id, u8 direction, struct flow
         value.nat_ip = orig->daddr;
         value.nat_port = orig->dport;
     }
-    ct_put(&key, &value);
+    /* never over a live entry of a connection the other way: a reply entry is never judged
+     * again, so it must not replace one that is */
+    if (!ct_live_forward(&key, ep, now))
+        ct_put(&key, &value);
 }
 
 #endif

@@ -64,7 +64,7 @@ static __always_inline int verdict(struct __sk_buff *skb, struct endpoint_info *
 {
     struct ct_key key = {};
     ct_fill_key(&key, ep->endpoint_id, direction, f);
-    struct ct_value *ct = ct_lookup(&key, now);
+    struct ct_value *ct = ct_lookup(&key, ep, now);
     *peer = 0;
     if (ct) {
         if (ct->flags & CT_REPLY || ct->generation == ep->generation) {
@@ -91,7 +91,7 @@ static __always_inline int verdict(struct __sk_buff *skb, struct endpoint_info *
     int reason = judge(ep, direction, f, peer);
     if (reason != REASON_FORWARDED)
         return reason;
-    ct_create(ep->endpoint_id, direction, &orig, f, ep->generation, now);
+    ct_create(ep, direction, &orig, f, now);
     return REASON_FORWARDED;
 }
 
@@ -145,9 +145,12 @@ static __always_inline int enforce(struct __sk_buff *skb, u8 direction)
             reason = verdict(skb, dst, DIR_INGRESS, &p.f, now, &peer);
             if (reason != REASON_FORWARDED)
                 return drop(skb, dst, DIR_INGRESS, &p.f, reason, peer, now);
+            int action = deliver_locally(skb, dst);
+            if (action == TC_ACT_OK)
+                return pass(skb);  /* through the stack after all */
             skb->cb[0] = REASON_FORWARDED;
             account(REASON_FORWARDED, skb->len);
-            return deliver_locally(skb, dst);
+            return action;
         }
     }
     return pass(skb);

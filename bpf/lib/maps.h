@@ -23,6 +23,9 @@ BPF_TABLE_PINNED("hash", struct lb_service_key, struct lb_service, lb_services,
                  LB_SERVICES_MAX, PIN_DIR "/lb_services");
 BPF_TABLE_PINNED("hash", struct lb_backend_key, struct lb_backend, lb_backends,
                  LB_BACKENDS_MAX, PIN_DIR "/lb_backends");
+/* The last endpoint generation given out, so that a restarted agent goes on from there even
+ * when other maps were started afresh. Only the agent reads and writes it. */
+BPF_TABLE_PINNED("array", u32, u32, generation, 1, PIN_DIR "/generation");
 BPF_PERF_OUTPUT(drop_events);
 
 #endif

@@ -1,8 +1,8 @@
 /* Parsing an IPv4 packet into a flow, and the fragment rules.
  *
  * Headers are read in place; the few bytes read are pulled into the linear part of the skb
- * only when they are not there already. A packet whose IPv4 header is bad, or whose transport header is cut short though it
- * is not a fragment, is malformed. Fragments follow RFC 1858 and Cilium's lib/ipfrag.h: a
+ * only when they are not there already. A packet whose IPv4 header is bad, or whose transport
+ * header is cut short though it is not a fragment, is malformed. Fragments follow RFC 1858 and Cilium's lib/ipfrag.h: a
  * first fragment must hold the whole transport header, a later one may not overlap it, and a
  * later fragment takes the ports its first fragment recorded. */
 #ifndef MESHAGENT_PARSE_H
@@ -69,6 +69,8 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *p)
         return REASON_MALFORMED;
     u32 hlen = (ip->ihl & 0xF) * 4;
     u32 tot_len = ntohs(ip->tot_len);
+    if (!tot_len && skb->gso_size)  /* BIG TCP: a GSO packet over 64 KiB says 0 */
+        tot_len = skb->len - ETH_HLEN;
     if (tot_len < hlen || tot_len > skb->len - ETH_HLEN)
         return REASON_MALFORMED;
     struct flow *f = &p->f;

@@ -66,7 +66,7 @@ class Packet:
                              total & 0xFFFF, self.ip_id, flags, 64, self.protocol, 0,
                              ipaddress.IPv4Address(self.src).packed,
                              ipaddress.IPv4Address(self.dst).packed) + options
-        header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+        header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
         return eth + header + body
 
     def _transport(self, payload: int) -> bytes:
@@ -82,7 +82,7 @@ class Packet:
         return b""
 
 
-def _checksum(data: bytes) -> int:
+def checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))

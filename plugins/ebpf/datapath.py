@@ -23,7 +23,7 @@ from meshagent.endpoint import Endpoint
 from meshagent.events import ChangeKind
 from meshagent.identity import Identity
 from meshagent.ipcache import IPCacheEntry
-from meshagent.plugins.ebpf import loader
+from meshagent.plugins.ebpf import loader, migrate
 from meshagent.plugins.ebpf.maps import (
     DIR_EGRESS, DIR_INGRESS, ENDPOINT_LOCAL_DELIVERY, POLICY_PREFIX_STATIC, PROTOCOL_NAMES,
     REASON_FORWARDED, REASONS, VERDICT_ALLOW, VERDICT_DENY, DropEvent, EndpointInfo, IPCacheKey,
@@ -123,6 +123,9 @@ class EbpfDatapath:
         self.generation = 0  # endpoint generations: bumped when verdicts may have changed
         self.replaced_maps: list[str] = []  # pinned maps of another layout, started afresh
         self.deferred: set[int] = set()  # endpoints whose programs wait for the first sync
+        self.previous: "migrate.PreviousMaps | None" = None  # the last agent's, if replaced
+        self.pinned_endpoints: dict[int, EndpointInfo] = {}  # ifindex -> as the last left it
+        self.born: dict[int, int] = {}  # endpoint id -> the generation it was added at
         self.service_ids: dict[tuple, int] = {}  # (vip, port, proto) -> service id
         self.synced = False
         self.started = False
@@ -138,17 +141,23 @@ class EbpfDatapath:
         try:
             loader.ensure_bpffs(self.settings.bpf_root)
             self.pin_dir.mkdir(exist_ok=True)
+            self.previous = migrate.open_previous(self.pin_dir)  # before the compile unpins
             self.replaced_maps = await loader.compile_in_child(self.pin_dir, self.defines)
             self.programs = {name: loader.PinnedProgram(self.pin_dir, name)
                              for name in loader.PROGRAMS}
         except loader.DatapathError as exc:
             self.start_error = str(exc)
+            if self.previous is not None:
+                self.previous.close()
             raise
         self.maps = open_maps(self.pin_dir)
+        self.pinned_endpoints = {key.value: info for key, info in self.maps["endpoints"].items()}
         # generations only grow, also across restarts: a connection judged by an earlier
         # agent is judged again
-        self.generation = max((v.generation for _, v in self.maps["endpoints"].items()),
-                              default=0) + 1
+        last = self.maps["generation"].get(ct.c_uint32(0))
+        self.generation = max([last.value if last else 0]
+                              + [max(i.generation, i.born) for i in self.pinned_endpoints.values()])
+        self._next_generation()
         self._open_drop_events()
         self.started = True
         if self.replaced_maps:
@@ -202,23 +211,41 @@ class EbpfDatapath:
             program.close()
         for pinned in self.maps.values():
             pinned.close()
+        if self.previous is not None:
+            self.previous.close()
 
     # -- endpoints ------------------------------------------------------------------------------
+
+    def _next_generation(self) -> int:
+        """A generation no earlier one had (kept in the pinned ``generation`` map)."""
+        self.generation += 1
+        self.maps["generation"].put(ct.c_uint32(0), ct.c_uint32(self.generation))
+        return self.generation
 
     def _write_endpoint(self, endpoint: Endpoint) -> None:
         known = bool(endpoint.pod_mac and endpoint.host_mac)
         info = EndpointInfo(endpoint.id, endpoint.identity, ip_bytes(endpoint.ipv4),
                             self.generation, endpoint.ifindex, mac_bytes(endpoint.pod_mac),
                             mac_bytes(endpoint.host_mac),
-                            ENDPOINT_LOCAL_DELIVERY if known else 0)
+                            ENDPOINT_LOCAL_DELIVERY if known else 0, self.born[endpoint.id])
         self.maps["endpoints"].put(ct.c_uint32(endpoint.ifindex), info)
 
     async def endpoint_added(self, endpoint: Endpoint) -> None:
+        restoring = not self.synced and self.replaced_maps and await asyncio.to_thread(
+            self.attacher.attached, endpoint.ifindex)
+        pinned = self.pinned_endpoints.pop(endpoint.ifindex, None)
+        if pinned is not None and pinned.endpoint_id == endpoint.id and \
+                bytes(pinned.ipv4) == endpoint.ipv4.packed:
+            born = pinned.born  # the same endpoint after a restart: its connections are its own
+        elif restoring and "endpoints" in self.replaced_maps:
+            born = 0  # the same, across a layout change: so are those carried over
+        else:  # a new endpoint: what conntrack holds under its id belonged to another
+            born = self._next_generation()
+        self.born[endpoint.id] = born
         self.endpoints[endpoint.id] = endpoint
         self._write_endpoint(endpoint)
         self.maps["local_ips"].put(ip_bytes(endpoint.ipv4), ct.c_uint32(endpoint.ifindex))
-        if not self.synced and self.replaced_maps and await asyncio.to_thread(
-                self.attacher.attached, endpoint.ifindex):
+        if restoring:
             # the programs there use the maps of an earlier layout, which hold the last
             # agent's state: they keep enforcing it until the new maps are filled
             self.deferred.add(endpoint.id)
@@ -234,6 +261,7 @@ class EbpfDatapath:
             self.maps["local_ips"].delete(ip_bytes(endpoint.ipv4))
         self.maps["endpoints"].delete(ct.c_uint32(endpoint.ifindex))
         self.endpoints.pop(endpoint.id, None)
+        self.born.pop(endpoint.id, None)
         self.attached.pop(endpoint.id, None)
         self.deferred.discard(endpoint.id)
         for group in [g for g in self.groups.keys() | self.installed.keys()
@@ -244,7 +272,7 @@ class EbpfDatapath:
     def _bump(self, endpoint_ids: Iterable[int]) -> None:
         """Verdicts of these endpoints may have changed: their tracked connections are judged
         again on their next packet (after the maps were written)."""
-        self.generation += 1
+        self._next_generation()
         for endpoint_id in endpoint_ids:
             endpoint = self.endpoints.get(endpoint_id)
             if endpoint is not None:
@@ -347,6 +375,11 @@ class EbpfDatapath:
             if local.get(bytes(key)) != ifindex.value:
                 self.maps["local_ips"].delete(key)
         self._bump(list(self.endpoints))
+        if self.previous is not None:
+            carried = migrate.carry(self.previous, self.maps)
+            self.previous.close()
+            self.previous = None
+            log.info("carried %d tracked connections over from the previous map layout", carried)
         for endpoint_id in sorted(self.deferred):
             endpoint = self.endpoints[endpoint_id]
             await asyncio.to_thread(self.attacher.attach, endpoint.ifindex, self.programs)

@@ -32,8 +32,8 @@ REASONS = {
 PROTOCOL_NAMES = {0: "any", 1: "icmp", 6: "tcp", 17: "udp", 132: "sctp"}
 POLICY_PREFIX_STATIC = 72  # endpoint_id, identity, direction: always matched whole
 CT_REPLY, CT_NAT_DST, CT_NAT_SRC = 1, 2, 4
-MAP_NAMES = ("endpoints", "local_ips", "ipcache", "policy", "ct_tcp", "ct_any", "ipfrag", "metrics",
-             "lb_services", "lb_backends")
+MAP_NAMES = ("endpoints", "local_ips", "ipcache", "policy", "ct_tcp", "ct_any", "ipfrag",
+             "metrics", "lb_services", "lb_backends", "generation")
 
 
 ENDPOINT_LOCAL_DELIVERY = 1
@@ -43,7 +43,7 @@ MAC = u8 * 6
 class EndpointInfo(ct.Structure):
     _fields_ = [("endpoint_id", u32), ("identity", u32), ("ipv4", IPv4Bytes),
                 ("generation", u32), ("ifindex", u32), ("pod_mac", MAC), ("host_mac", MAC),
-                ("flags", u32)]
+                ("flags", u32), ("born", u32)]
 
 
 class IPCacheKey(ct.Structure):
@@ -122,6 +122,7 @@ TYPES = {
     "metrics": (u32, MetricsValue),
     "lb_services": (LBServiceKey, LBService),
     "lb_backends": (LBBackendKey, LBBackend),
+    "generation": (u32, u32),
 }
 
 
@@ -135,20 +136,22 @@ C_STRUCTS = {
     "lb_backend_key": LBBackendKey, "lb_backend": LBBackend,
 }
 
-#: name -> (BPF map type, the C define sizing it, its default): what a pinned map must be for
-#: the programs of this version to use it.
-MAP_HASH, MAP_PERCPU_ARRAY, MAP_LRU_HASH, MAP_LPM_TRIE = 1, 6, 9, 11
+#: name -> (BPF map type, the C define sizing it, its default, map flags): what a pinned map
+#: must be for the programs of this version to use it.
+MAP_HASH, MAP_ARRAY, MAP_PERCPU_ARRAY, MAP_LRU_HASH, MAP_LPM_TRIE = 1, 2, 6, 9, 11
+NO_PREALLOC = 1
 MAP_SPECS = {
-    "endpoints": (MAP_HASH, "ENDPOINTS_MAX", 4096),
-    "local_ips": (MAP_HASH, "ENDPOINTS_MAX", 4096),
-    "ipcache": (MAP_LPM_TRIE, "IPCACHE_MAX", 512000),
-    "policy": (MAP_LPM_TRIE, "POLICY_MAX", 262144),
-    "ct_tcp": (MAP_LRU_HASH, "CT_TCP_MAX", 524288),
-    "ct_any": (MAP_LRU_HASH, "CT_ANY_MAX", 262144),
-    "ipfrag": (MAP_LRU_HASH, "IPFRAG_MAX", 8192),
-    "metrics": (MAP_PERCPU_ARRAY, "REASON_MAX", 8),
-    "lb_services": (MAP_HASH, "LB_SERVICES_MAX", 65536),
-    "lb_backends": (MAP_HASH, "LB_BACKENDS_MAX", 65536),
+    "endpoints": (MAP_HASH, "ENDPOINTS_MAX", 4096, 0),
+    "local_ips": (MAP_HASH, "ENDPOINTS_MAX", 4096, 0),
+    "ipcache": (MAP_LPM_TRIE, "IPCACHE_MAX", 512000, NO_PREALLOC),
+    "policy": (MAP_LPM_TRIE, "POLICY_MAX", 262144, NO_PREALLOC),
+    "ct_tcp": (MAP_LRU_HASH, "CT_TCP_MAX", 524288, 0),
+    "ct_any": (MAP_LRU_HASH, "CT_ANY_MAX", 262144, 0),
+    "ipfrag": (MAP_LRU_HASH, "IPFRAG_MAX", 8192, 0),
+    "metrics": (MAP_PERCPU_ARRAY, "REASON_MAX", 8, 0),
+    "lb_services": (MAP_HASH, "LB_SERVICES_MAX", 65536, 0),
+    "lb_backends": (MAP_HASH, "LB_BACKENDS_MAX", 65536, 0),
+    "generation": (MAP_ARRAY, "", 1, 0),
 }
 
 
@@ -159,15 +162,18 @@ class MapInfo(ct.Structure):
                 ("max_entries", u32), ("map_flags", u32)]
 
 
-def expected_layout(name: str, defines: dict) -> tuple[int, int, int, int]:
-    """(type, key size, value size, max entries) the programs compiled with ``defines`` use."""
-    map_type, define, default = MAP_SPECS[name]
+Layout = tuple[int, int, int, int, int]  # type, key size, value size, max entries, flags
+
+
+def expected_layout(name: str, defines: dict) -> Layout:
+    """The layout of map ``name`` for the programs compiled with ``defines``."""
+    map_type, define, default, flags = MAP_SPECS[name]
     key_type, value_type = TYPES[name]
     return (map_type, ct.sizeof(key_type), ct.sizeof(value_type),
-            int(defines.get(define, default)))
+            int(defines.get(define, default)), flags)
 
 
-def pinned_layout(path: Path) -> tuple[int, int, int, int] | None:
+def pinned_layout(path: Path) -> Layout | None:
     """The layout of the map pinned at ``path``, or None when there is none."""
     lib = _lib()
     fd = lib.bpf_obj_get(str(path).encode())
@@ -178,7 +184,7 @@ def pinned_layout(path: Path) -> tuple[int, int, int, int] | None:
         size = ct.c_uint32(ct.sizeof(info))
         if lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) != 0:
             return None
-        return (info.type, info.key_size, info.value_size, info.max_entries)
+        return (info.type, info.key_size, info.value_size, info.max_entries, info.map_flags)
     finally:
         os.close(fd)
 
@@ -207,12 +213,13 @@ def possible_cpus() -> int:
 
 
 class PinnedMap:
-    """One pinned map, opened by path, with typed get/put/delete/items."""
+    """One pinned map, opened by path, with typed get/put/delete/items (its types are this
+    version's unless given: an earlier version's map can be read too)."""
 
-    def __init__(self, pin_dir: Path, name: str):
+    def __init__(self, pin_dir: Path, name: str, types: tuple[type, type] | None = None):
         self.name = name
         self.path = Path(pin_dir) / name
-        self.key_type, self.value_type = TYPES[name]
+        self.key_type, self.value_type = types or TYPES[name]
         self.percpu = name == "metrics"
         lib = _lib()
         self._lib = lib
