@@ -233,6 +233,18 @@ import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
 s.sendto(sys.argv[4].encode(), (sys.argv[2], int(sys.argv[3])))
 """
+UDP_KEEP_SENDING = r"""
+import socket, sys, threading, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
+def send():
+    end = time.monotonic() + float(sys.argv[5])
+    while time.monotonic() < end:
+        s.sendto(b"tick", (sys.argv[2], int(sys.argv[3]))); time.sleep(0.5)
+threading.Thread(target=send, daemon=True).start()
+with open(sys.argv[4], "a") as out:
+    while True:
+        data, _ = s.recvfrom(100); out.write(data.decode() + "\n"); out.flush()
+"""
 CLOSED_INGRESS = """apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata: {name: employee-closed}
@@ -270,6 +282,16 @@ def test_conntrack_replies_pass_policy_judges_tracked_flows_entries_expire(lab, 
     lab.exec(db_ns, PY, "-c", UDP_SEND, "5354", employee["ipv4"], "40001", "late")
     time.sleep(0.5)
     assert got.read_text().split() == ["early"]
+    # but the two halves of a flow live together: while the employee keeps sending, a reply
+    # 3.5 s after the flow began (and after its previous reply) still passes
+    kept = short_tmp / "employee.kept"
+    kept.write_text("")
+    lab.spawn(employee_ns, PY, "-c", UDP_KEEP_SENDING, "40002", db["ipv4"], "5354", str(kept),
+              "5", log=short_tmp / "keep.log")
+    time.sleep(3.5)
+    lab.exec(db_ns, PY, "-c", UDP_SEND, "5354", employee["ipv4"], "40002", "still-tracked")
+    time.sleep(0.5)
+    assert kept.read_text().split() == ["still-tracked"]
 
 
 def test_agent_restart_under_traffic_drops_nothing_allowed_passes_nothing_denied(

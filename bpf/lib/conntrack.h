@@ -28,21 +28,16 @@ static __always_inline void ct_fill_key(struct ct_key *key, u32 endpoint_id, u8 
 static __always_inline void ct_other_half(struct ct_key *key, struct ct_value *value,
                                           struct ct_key *other)
 {
-    other->saddr = key->daddr;
-    other->daddr = key->saddr;
-    other->sport = key->dport;
-    other->dport = key->sport;
-    other->protocol = key->protocol;
-    other->direction = key->direction ^ 1;
-    other->pad = 0;
-    other->endpoint_id = key->endpoint_id;
+    struct flow back = {.saddr = key->daddr, .daddr = key->saddr, .sport = key->dport,
+                        .dport = key->sport, .protocol = key->protocol};
     if (value->flags & CT_NAT_DST) {
-        other->saddr = value->nat_ip;
-        other->sport = value->nat_port;
+        back.saddr = value->nat_ip;
+        back.sport = value->nat_port;
     } else if (value->flags & CT_NAT_SRC) {
-        other->daddr = value->nat_ip;
-        other->dport = value->nat_port;
+        back.daddr = value->nat_ip;
+        back.dport = value->nat_port;
     }
+    ct_fill_key(other, key->endpoint_id, key->direction ^ 1, &back);
 }
 
 /* The live entry for this packet's tuple, or 0. An entry older than the endpoint belongs to
