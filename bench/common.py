@@ -51,18 +51,25 @@ async def populate(store, items: list[tuple[str, str]], concurrency: int = 256) 
 
 
 def remote_cluster_items(ipcache: int, identities: int, nodes: int, services: int):
+    """cluster2's keys: node i owns 10.<200 + i // 256>.<i % 256>.0/24, and its pods (ipcache
+    entries, 100 a node at most) sit there, as a remote cluster's must."""
     items = [(kvkeys.cluster_config_key("cluster2"), '{"id": 102}')]
+    nodes = max(nodes, -(-ipcache // 100))
+
+    def pod_net(i: int) -> str:
+        return f"10.{200 + i // 256}.{i % 256}"
     for i in range(nodes):
         items.append((kvkeys.node_key("cluster2", f"node{i}"), json.dumps(
             {"Name": f"node{i}", "Cluster": "cluster2", "ClusterID": 102,
-             "IPAddresses": [{"Type": "InternalIP", "IP": f"10.98.{i // 250}.{i % 250 + 1}"}]},
+             "IPAddresses": [{"Type": "InternalIP", "IP": f"10.98.{i // 250}.{i % 250 + 1}"}],
+             "IPv4AllocCIDR": {"IP": f"{pod_net(i)}.0", "Mask": "////AA=="}},
             separators=(",", ":"))))
     for i in range(identities):
         labels = frozenset({f"k8s:app=app{i}", "k8s:io.kubernetes.pod.namespace=default",
                             "k8s:io.cilium.k8s.policy.cluster=cluster2"})
         items.append((kvkeys.identity_key(C2 + 256 + i), format_labels(labels)))
     for i in range(ipcache):
-        ip = f"10.{200 + i // 65536}.{(i // 256) % 256}.{i % 256}"
+        ip = f"{pod_net(i // 100)}.{i % 100 + 1}"
         items.append((kvkeys.ipcache_key("cluster2", ip), json.dumps(
             {"IP": ip, "ID": C2 + 256 + (i % max(identities, 1)), "HostIP": "10.98.0.1"},
             separators=(",", ":"))))

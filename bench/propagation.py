@@ -30,6 +30,11 @@ config, rate, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 async def main():
     store = EtcdKVStore(load_etcd_config(config))
     await store.put("cilium/cluster-config/cluster2", b'{"id": 102}')
+    # the node whose pod CIDR (10.208.0.0/12) holds every address written below
+    await store.put("cilium/state/nodes/v1/cluster2/node1", json.dumps({
+        "Name": "node1", "Cluster": "cluster2", "ClusterID": 102,
+        "IPAddresses": [{"Type": "InternalIP", "IP": "10.98.0.1"}],
+        "IPv4AllocCIDR": {"IP": "10.208.0.0", "Mask": "//AAAA=="}}).encode())
     start = time.monotonic(); n = 0; pending = set()
     while time.monotonic() - start < seconds:
         due = start + n / rate

@@ -27,7 +27,9 @@ from meshagent.corehooks import CoreHooks
 from meshagent.endpoints import EndpointManager
 from meshagent.errors import PluginError
 from meshagent.noderoutes import NodeRoutes
+from meshagent.ipcache import IPCache
 from meshagent.metrics import MetricsServer
+from meshagent.ownership import AddressOwnership
 from meshagent.pluginmanager import PluginManager
 from meshagent.publisher import Publisher
 from meshagent.services import ServiceManager
@@ -70,14 +72,18 @@ class Agent:
             nodes=Table("node", lambda kind, v: hooks.node_changed(kind=kind, node=v)),
             identities=Table("identity",
                              lambda kind, v: hooks.identity_changed(kind=kind, identity=v)),
-            ipcache=Table("ipcache", lambda kind, v: hooks.ipcache_changed(kind=kind, entry=v)),
+            ipcache=IPCache(self.cluster.name,
+                            lambda kind, v: hooks.ipcache_changed(kind=kind, entry=v)),
             services=Table("service", lambda kind, v: hooks.service_changed(kind=kind, service=v)),
         )
+        self.ownership = AddressOwnership(self.cluster.name, config.get("pod-cidr"),
+                                          self.kvstore_addresses)
         self.local_sync = ClusterSync(self.cluster.name, self.cluster.id, self.cluster, self.tables)
         self.publisher = Publisher(self, config.get("kvstore-lease-ttl"))
         self.endpoints = EndpointManager(self)
         self.services = ServiceManager(self)
-        self.node_routes = NodeRoutes(self) if config.get("auto-direct-node-routes") else None
+        self.node_routes = NodeRoutes(self.ownership, config.node_name, config.get(
+            "node-route-delete-grace")) if config.get("auto-direct-node-routes") else None
         mesh_dir = config.get("clustermesh-config")
         self.clustermesh = ClusterMesh(self, Path(mesh_dir), config.get(
             "clustermesh-cache-ttl")) if mesh_dir else None
@@ -142,6 +148,15 @@ class Agent:
         self.datapath = build(DATAPATH)
         if self.datapath is not None:
             cleanup.push_async_callback(self.datapath.stop)
+
+    def kvstore_addresses(self) -> list[str]:
+        """The servers of the local and every remote kvstore: no pod CIDR may cover them."""
+        stores = [self.kvstore] + ([r.store for r in self.clustermesh.remotes.values()]
+                                   if self.clustermesh is not None else [])
+        out = [a for store in stores if store is not None for a in store.status().addresses]
+        if self.clustermesh is not None:
+            out += [a for r in self.clustermesh.remotes.values() for a in r.known_addresses]
+        return out
 
     def kvstore_backend_named(self, name: str | None) -> Any:
         """A kvstore backend by name (default: the local cluster's), built once."""

@@ -86,6 +86,7 @@ class RemoteCluster:
         self.last_failure_at: float | None = None
         self.last_error = ""
         self.disconnected_at: float | None = None
+        self.known_addresses: tuple[str, ...] = ()  # its kvstore servers, once known
         self._expiry: asyncio.TimerHandle | None = None
         self.task: asyncio.Task | None = None
 
@@ -124,12 +125,15 @@ class RemoteCluster:
     async def _connect_and_sync(self) -> None:
         backend = self.mesh.backend_for(self.file.path)
         self.store = backend.client_from_file(self.file.path)
+        self.known_addresses = self.store.status().addresses
+        self.agent.ownership.schedule()  # no pod CIDR may cover these servers
         await self.store.connect()
         cluster_id = await self._read_cluster_config(self.store)
         if self.sync is None or self.sync.cluster_id != cluster_id:
             if self.sync is not None:
                 self.sync.withdraw()
-            self.sync = ClusterSync(self.name, cluster_id, self.agent.cluster, self.agent.tables)
+            self.sync = ClusterSync(self.name, cluster_id, self.agent.cluster, self.agent.tables,
+                                    self.agent.ownership)
         await self.sync.run(self.store, self._synced)
 
     async def _read_cluster_config(self, store: KVStore) -> int:
@@ -227,6 +231,14 @@ class RemoteCluster:
         if self.sync and self.sync.last_event_at:
             lines.append(f"└  sync lag: {now - self.sync.last_event_at:.1f}s (age of the last"
                          " applied change)")
+        if self.sync and self.sync.held:
+            counts = ", ".join(f"{n} {k}" for k, n in sorted(self.sync.held.items()))
+            lines.append(f"└  held (outside the pod CIDRs granted to {self.name}): {counts}")
+        refused = [f"{node}: {cidr}: {why}" for (cluster, node, cidr), why
+                   in sorted(self.agent.ownership.refused.items()) if cluster == self.name]
+        if refused:
+            lines.append(f"└  pod CIDRs refused: {len(refused)}")
+            lines += [f"   {line}" for line in refused[:10]]
         if self.sync and self.sync.rejected:
             counts = ", ".join(f"{n} {k}" for k, n in sorted(self.sync.rejected.items()))
             lines.append(f"└  rejected: {counts}")
@@ -252,6 +264,11 @@ class RemoteCluster:
             "sync_lag_seconds": (now - self.sync.last_event_at)
             if self.sync and self.sync.last_event_at else None,
             "rejected": dict(self.sync.rejected) if self.sync else {},
+            "last_rejected": dict(self.sync.last_reject) if self.sync else {},
+            "held": self.sync.held if self.sync else {},
+            "refused_pod_cidrs": {f"{node}/{cidr}": why for (cluster, node, cidr), why
+                                  in self.agent.ownership.refused.items()
+                                  if cluster == self.name},
         }
 
 
@@ -263,6 +280,13 @@ class ClusterMesh:
         self.directory = directory
         self.cache_ttl = cache_ttl
         self.remotes: dict[str, RemoteCluster] = {}
+        agent.ownership.listeners.append(self._rights_changed)
+
+    def _rights_changed(self) -> None:
+        """Granted pod CIDRs changed: every remote's endpoints are checked against them again."""
+        for remote in self.remotes.values():
+            if remote.sync is not None:
+                remote.sync.readmit()
 
     def backend_for(self, path: Path):
         """The kvstore backend a clustermesh file asks for (default: the local one)."""
@@ -328,5 +352,11 @@ class ClusterMesh:
             summary += "; not ready: " + ", ".join(
                 f"{r.name} ({r.last_error or 'connecting'})" for r in not_ready)
         details = [line for r in remotes for line in r.status_lines(now)]
+        routes = self.agent.node_routes
+        if routes is not None:
+            details.append(f"node routes: {len(routes.routes)} installed,"
+                           f" {len(routes.refused)} refused")
+            details += [f"   not routed {cidr}: {why}" for cidr, why in sorted(
+                routes.refused.items())]
         return StatusSection("ClusterMesh", Health.WARNING if not_ready else Health.OK, summary,
                              details=details)

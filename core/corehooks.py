@@ -110,8 +110,7 @@ class CoreHooks:
 
     @hookimpl
     def meshagent_node_changed(self, kind, node):
-        if self.agent.node_routes is not None:
-            self.agent.node_routes.node_changed(kind, node)
+        self.agent.ownership.node_changed(kind, node)
         if node.cluster == self.agent.cluster.name and self.agent.services.refused_updates:
             self.agent.services.revalidate()
 

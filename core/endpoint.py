@@ -2,18 +2,13 @@
 
 import ipaddress
 import json
-import re
 
 import attrs
 
 from meshagent.errors import UsageError
-from meshagent.identity import CLUSTER_LABEL
+from meshagent.identity import CLUSTER_LABEL, LABEL_KEY, LABEL_VALUE
 
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
-# Kubernetes label syntax: optional DNS-subdomain prefix, a name, and a value.
-_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-_KEY = re.compile(rf"^([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME}$")
-_VALUE = re.compile(rf"^({_NAME})?$")
 
 
 @attrs.frozen
@@ -65,14 +60,14 @@ def endpoint_labels(user_labels: str | list[str], namespace: str, cluster: str) 
         if not sep or "=" in source:
             source, rest = "k8s", word
         key, _, value = rest.partition("=")
-        if not _KEY.match(key) or not _VALUE.match(value) or len(value) > 63:
+        if not LABEL_KEY.match(key) or not LABEL_VALUE.match(value) or len(value) > 63:
             raise UsageError(f"invalid label {word!r}: expected key=value in Kubernetes label"
                              " syntax (key: [prefix/]name, value: up to 63 of [A-Za-z0-9-_.])")
         if key in (NAMESPACE_LABEL, CLUSTER_LABEL):
             raise UsageError(f"label {key!r} is set by the agent (from --namespace and the"
                              " cluster name)")
         labels.add(f"{source}:{key}={value}")
-    if not _VALUE.match(namespace) or not namespace:
+    if not LABEL_VALUE.match(namespace) or not namespace:
         raise UsageError(f"invalid namespace {namespace!r}")
     labels.add(f"k8s:{NAMESPACE_LABEL}={namespace}")
     labels.add(f"k8s:{CLUSTER_LABEL}={cluster}")

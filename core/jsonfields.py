@@ -14,7 +14,9 @@ def load_object(data: bytes) -> dict[str, Any]:
     try:
         value = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"malformed JSON: {exc}") from None
+        raise ValueError(f"malformed JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise ValueError("malformed JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise ValueError("malformed JSON: expected an object")
     return value

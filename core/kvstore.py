@@ -85,6 +85,7 @@ class KVStoreStatus:
     connected: bool
     summary: str  # e.g. "etcd: 1/1 connected, has-quorum=true: https://10.2.2.2:2379 - 3.4.23"
     details: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()  # the servers' hosts (no remote pod CIDR may cover them)
 
 
 @runtime_checkable

@@ -25,6 +25,9 @@ from meshagent.testing.etcd import EtcdServer
 from conftest import run_cli
 
 C2_BASE = 102 << 16
+#: cluster2's node whose pod CIDR holds the endpoints the tests publish for cluster2
+POD_NODE = Node("node1", "cluster2", 102, ipaddress.ip_address("10.2.2.1"),
+                (ipaddress.ip_network("10.2.0.0/24"),))
 
 
 class Mesh:
@@ -128,6 +131,7 @@ async def test_remote_identities_and_ips_flow_as_events(mesh, hook_recorder):
     entry = IPCacheEntry(ipaddress.ip_network("10.2.0.5/32"), C2_BASE + 256, "cluster2",
                          ipaddress.ip_address("10.2.2.1"), "istio-space", "employee-0")
     await w2.put(kvkeys.ipcache_key("cluster2", "10.2.0.5"), ipcache_to_json(entry))
+    await w2.put(kvkeys.node_key("cluster2", "node1"), node_to_json(POD_NODE))  # grants 10.2.0.x
     await w2.put(kvkeys.cluster_config_key("cluster2"), b'{"id": 102}')
     a1 = await mesh.start(1, extra_plugins=[("rec", hook_recorder)])
     await wait_for(lambda: remote(a1, "cluster2").ready, 10, "cluster2 ready")
@@ -191,6 +195,7 @@ async def test_remote_outage_keeps_entries_then_resyncs(mesh):
         await w2.put(kvkeys.ipcache_key("cluster2", ip), ipcache_to_json(entry))
     await w2.put(kvkeys.node_key("cluster2", "node9"),
                  node_to_json(Node("node9", "cluster2", 102)))
+    await w2.put(kvkeys.node_key("cluster2", "node1"), node_to_json(POD_NODE))
     await w2.close()
     a1 = await mesh.start(1)
     await wait_for(lambda: remote(a1, "cluster2").ready, 10, "ready")

@@ -20,7 +20,7 @@ from meshagent.api import Route, json_response
 from meshagent.controller import Controller, ControllerHandle
 from meshagent.events import ChangeKind, PolicyChange
 from meshagent.identity import Identity
-from meshagent.ipcache import IPCacheEntry
+from meshagent.ipcache import POLICY_SOURCE, IPCacheEntry
 from meshagent.kvsync import follow_prefix
 from meshagent.policy.api import Policy, PolicyError, parse_document, parse_policies
 from meshagent.policy.cidr import cidr_identity, free_local_identity, policy_cidrs
@@ -109,7 +109,7 @@ class PolicyService:
         tables, cluster = self.agent.tables, self.agent.cluster.name
         for prefix in sorted(set(self.cidr_identities) - wanted):
             identity = self.cidr_identities.pop(prefix)
-            tables.ipcache.delete(prefix)
+            tables.ipcache.delete(prefix, POLICY_SOURCE)
             tables.identities.delete(identity.id)
         taken = {i.id for i in self.cidr_identities.values()}
         for prefix in sorted(wanted - set(self.cidr_identities)):
@@ -118,7 +118,7 @@ class PolicyService:
             identity = cidr_identity(number, prefix, cluster)
             self.cidr_identities[prefix] = identity
             tables.identities.upsert(number, identity)
-            tables.ipcache.upsert(prefix, IPCacheEntry(prefix, number, cluster))
+            tables.ipcache.upsert(prefix, IPCacheEntry(prefix, number, cluster), POLICY_SOURCE)
 
     @hookimpl
     def meshagent_identity_changed(self, kind, identity):

@@ -39,6 +39,7 @@ class ConsulKVStore:
     def __init__(self, address: str, token: str | None = None):
         parts = urlsplit(address if "://" in address else f"http://{address}")
         self.address = f"{parts.scheme}://{parts.hostname}:{parts.port or 8500}"
+        self.host = parts.hostname
         self._consul = consul.aio.Consul(host=parts.hostname, port=parts.port or 8500,
                                          scheme=parts.scheme, token=token)
         self._sessions: dict[int, str] = {}
@@ -190,7 +191,7 @@ class ConsulKVStore:
         else:
             state = "closed" if self.closed else (self.last_error or "not connected yet")
             summary = f"consul: not connected: {state}"
-        return KVStoreStatus(connected, summary)
+        return KVStoreStatus(connected, summary, addresses=(self.host,))
 
     async def close(self) -> None:
         self.closed = True

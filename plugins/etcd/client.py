@@ -237,7 +237,7 @@ class EtcdKVStore:
         try:
             async for event in watch:
                 kind = EventType.PUT if event.kind == "PUT" else EventType.DELETE
-                yield WatchEvent(kind, event.kv.key.decode(),
+                yield WatchEvent(kind, decode_key(event.kv.key),
                                  event.kv.value if kind is EventType.PUT else None,
                                  event.kv.mod_revision)
         except etcd_errors.RevisionCompactedError as exc:
@@ -293,7 +293,8 @@ class EtcdKVStore:
             state = "closed" if self.closed else (self.last_error or "not connected yet")
             summary = f"etcd: 0/{total} connected, has-quorum=false: {state}"
         details = tuple(f"endpoint {e.url}" for e in self.config.endpoints)
-        return KVStoreStatus(connected, summary, details)
+        return KVStoreStatus(connected, summary, details,
+                             tuple(e.host for e in self.config.endpoints))
 
     async def close(self) -> None:
         self.closed = True
@@ -303,8 +304,14 @@ class EtcdKVStore:
                 await asyncio.wait_for(client.close(), 2)
 
 
+def decode_key(raw: bytes) -> str:
+    """etcd keys are bytes; ours are UTF-8. Bytes that are not decode to surrogates, so that
+    the key still reaches the sync, which rejects and counts it instead of stopping on it."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
 def _kv(kv) -> KeyValue:
-    return KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision,
+    return KeyValue(decode_key(kv.key), kv.value, kv.mod_revision, kv.create_revision,
                     kv.lease or None)
 
 
