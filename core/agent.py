@@ -145,6 +145,8 @@ class Agent:
         if self.identity_allocator is not None:
             cleanup.push_async_callback(self.identity_allocator.close)
         self.policy_resolver = build(POLICY_RESOLVER)
+        if self.policy_resolver is not None:
+            cleanup.push_async_callback(self.policy_resolver.close)
         self.datapath = build(DATAPATH)
         if self.datapath is not None:
             cleanup.push_async_callback(self.datapath.stop)

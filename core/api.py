@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = "/v1"
 SOCKET_MODE = 0o660
+MAX_REQUEST_BYTES = 20 * 1024 * 1024
 
 
 @attrs.frozen
@@ -70,10 +71,19 @@ async def _errors_as_json(request: web.Request, handler):
         return web.json_response({"error": exc.reason}, status=exc.status)
     except MeshagentError as exc:
         return web.json_response({"error": str(exc)}, status=getattr(exc, "http_status", 400))
+    except json.JSONDecodeError as exc:
+        return web.json_response({"error": f"the request body is not JSON: {exc}"}, status=400)
+    except RecursionError:
+        return web.json_response({"error": "the request is nested too deeply"}, status=400)
+    except Exception as exc:  # a bug: say so in JSON, and keep serving
+        log.exception("API %s %s failed", request.method, request.path)
+        return web.json_response({"error": f"internal error: {type(exc).__name__}: {exc}"},
+                                 status=500)
 
 
 def build_app(agent: "Agent", extra_routes: list[tuple[str, Route]]) -> web.Application:
-    app = web.Application(middlewares=[_errors_as_json])
+    # room for the largest policy import (8 MiB of YAML, JSON-escaped), no more
+    app = web.Application(middlewares=[_errors_as_json], client_max_size=MAX_REQUEST_BYTES)
     core = [
         Route("GET", "/healthz", functools.partial(_healthz, agent)),
         Route("GET", "/status", functools.partial(_status, agent)),

@@ -1,6 +1,7 @@
 """The CLI's side of the agent API: JSON over the unix socket, one line when nobody answers."""
 
 import asyncio
+import json as _json
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,29 @@ class AgentClient:
             async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as session:
                 async with session.request(method, f"http://meshagent{API_PREFIX}{path}",
                                            params=params, json=json) as response:
-                    body = await response.json(content_type=None)
+                    text = await response.text()
+                    try:
+                        body = _json.loads(text)
+                    except ValueError:
+                        body = None
                     if response.status not in ok:
-                        error = body.get("error") if isinstance(body, dict) else body
+                        error = body.get("error") if isinstance(body, dict) else text.strip()
                         raise MeshagentError(f"agent answered {response.status}: {error}")
+                    if body is None and text:
+                        raise MeshagentError(f"agent answered {response.status} with something"
+                                             f" that is not JSON: {text[:200]!r}")
                     return body
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, PermissionError):
+                raise MeshagentError(
+                    f"permission denied on {self.socket_path}: the agent's socket is for root"
+                    " and its group (run as root, or join the socket's group)") from None
+            raise AgentNotRunning(
+                f"no agent is running: cannot connect to {self.socket_path}"
+                f" ({_reason(exc)}); start it with 'meshagent --plugins ...'"
+            ) from None
+        except PermissionError:
+            raise MeshagentError(f"permission denied on {self.socket_path}") from None
         except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
             raise AgentNotRunning(
                 f"no agent is running: cannot connect to {self.socket_path}"

@@ -82,7 +82,8 @@ def add_core_options(parser: Parser) -> None:
                      help="log line format")
     parser.addoption("debug", type=parse_bool, default=False, help="log debug messages")
     parser.addoption("prometheus-serve-addr", type=str, default="",
-                     help="serve Prometheus metrics at HOST:PORT (or :PORT); off when empty")
+                     help="serve Prometheus metrics at HOST:PORT; :PORT binds every address of"
+                          " the node; off when empty")
     parser.addoption("shutdown-timeout", type=float, default=3.0,
                      help="seconds to let controllers finish after SIGTERM before cancelling")
     for slot in ("kvstore", "identity-allocator", "policy-resolver", "datapath"):

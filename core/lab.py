@@ -146,7 +146,7 @@ class Lab:
         self._attach(ns, node_ip)
         bpffs = self.dir / "bpffs" / name
         bpffs.mkdir(parents=True, exist_ok=True)
-        _run("mount", "-t", "bpf", "bpf", str(bpffs))
+        _run("mount", "-t", "bpf", "-o", "mode=0700", "bpf", str(bpffs))
         self.state.setdefault("mounts", []).append(str(bpffs))
         node = {"cluster": cluster, "ns": ns, "ip": node_ip, "pod_cidr": f"10.{n}.{i}.0/24",
                 "socket": str(self.dir / "run" / f"{name}.sock"),

@@ -78,7 +78,7 @@ def bpffs(short_tmp):
     """A bpffs of the test's own, so pinned maps never mix between tests."""
     root = short_tmp / "bpffs"
     root.mkdir()
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True)
+    subprocess.run(["mount", "-t", "bpf", "-o", "mode=0700", "bpf", str(root)], check=True)
     yield root
     subprocess.run(["umount", "-l", str(root)], check=False)
 

@@ -120,7 +120,7 @@ async def test_every_slot_is_filled_built_started_and_closed(agent_factory):
     status = await running.client.request("GET", "/status")
     assert "Datapath" not in {s["name"] for s in status["sections"]}  # no longer "Disabled"
     await running.stop()
-    assert fake.events[-2:] == ["datapath stopped", "identity closed"]  # reverse order
+    assert fake.events[-3:] == ["datapath stopped", "policy closed", "identity closed"]  # reversed
 
 
 async def test_event_hooks_reach_every_observer(agent_factory, hook_recorder):

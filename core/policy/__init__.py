@@ -16,9 +16,10 @@ class PolicyResolver(Protocol):
     entries to the datapath slot (``update_policy``).
     """
 
-    def import_policies(self, text: str, source: str) -> list:
+    async def import_policies(self, text: str, source: str) -> list:
         """Validate YAML/JSON documents into policies; raises
-        :class:`meshagent.policy.api.PolicyError` naming document, field path and problem."""
+        :class:`meshagent.policy.api.PolicyError` naming document, field path and problem, or
+        the input limit it exceeds (docs/policy.md)."""
 
     async def store(self, policies: list) -> None:
         """Make the policies the cluster's (every agent of it enforces them)."""
@@ -35,3 +36,6 @@ class PolicyResolver(Protocol):
 
     def trace(self, dst_endpoint: int, port: int, protocol: str = "TCP", **source) -> dict:
         """Explain the verdict for a source (identity, labels or IP) reaching an endpoint."""
+
+    async def close(self) -> None:
+        """Stop what it runs besides the agent (its parser process)."""

@@ -6,6 +6,7 @@ document, the field path and the reason — never silently ignored.
 """
 
 import ipaddress
+import json
 from typing import Any
 
 import attrs
@@ -38,7 +39,7 @@ class PolicyError(UsageError):
     """A policy document is invalid or uses something meshagent does not enforce."""
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class Requirement:
     key: str  # as written, maybe with a source prefix (k8s:app)
     operator: str
@@ -54,7 +55,7 @@ class Requirement:
         return self.key.partition(":")[2] if ":" in self.key else self.key
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class EndpointSelector:
     requirements: tuple[Requirement, ...] = ()
 
@@ -119,7 +120,12 @@ class Policy:
     name: str
     namespace: str | None  # None for a clusterwide policy
     rules: tuple[Rule, ...]
-    document: dict = attrs.field(eq=False, repr=False, factory=dict)
+    # the document as given, as JSON: what is stored, and read back only when asked for
+    document_json: str = attrs.field(eq=False, repr=False, default="{}")
+
+    @property
+    def document(self) -> dict:
+        return json.loads(self.document_json)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -134,10 +140,65 @@ class Policy:
 # ---------------------------------------------------------------------------------------------
 
 
+#: Input limits: far above any real policy set, low enough that one import cannot exhaust the
+#: agent. A policy of 10,000 rules is about 1 MiB of YAML and 260,000 YAML nodes.
+MAX_INPUT_BYTES = 8 * 1024 * 1024
+MAX_YAML_NODES = 2_000_000  # counting every alias as the nodes it stands for
+MAX_YAML_DEPTH = 64
+MAX_DOCUMENTS = 10_000
+MAX_RULES = 20_000  # per policy: rule items of every section of every spec
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when there
+
+
+def check_yaml(text: str, source: str) -> None:
+    """Refuse input that would cost more to load than any policy can need: too many bytes,
+    too deep, or too many nodes once aliases are expanded (a "billion laughs" bomb is a few
+    hundred bytes). Reads the event stream only, which never recurses and never expands."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_INPUT_BYTES:
+        raise PolicyError(f"{source}: {size} bytes, more than the limit of {MAX_INPUT_BYTES}")
+    anchors: dict[str, int] = {}
+    stack: list[list] = []  # open collections: [nodes so far, anchor]
+    total = depth = documents = 0
+    try:
+        for event in yaml.parse(text, Loader=_LOADER):
+            if isinstance(event, yaml.DocumentStartEvent):
+                documents += 1
+                if documents > MAX_DOCUMENTS:
+                    raise PolicyError(f"{source}: more than {MAX_DOCUMENTS} documents")
+                continue
+            if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                stack.append([1, event.anchor])
+                depth = max(depth, len(stack))
+                if depth > MAX_YAML_DEPTH:
+                    raise PolicyError(f"{source}: nested deeper than {MAX_YAML_DEPTH} levels")
+                continue
+            if isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                size_of, anchor = stack.pop()
+            elif isinstance(event, yaml.ScalarEvent):
+                size_of, anchor = 1, event.anchor
+            elif isinstance(event, yaml.AliasEvent):
+                size_of, anchor = anchors.get(event.anchor, 1), None
+            else:
+                continue
+            if anchor is not None:
+                anchors[anchor] = size_of
+            if stack:
+                stack[-1][0] += size_of
+            else:
+                total += size_of
+            if total + sum(n for n, _ in stack) > MAX_YAML_NODES:
+                raise PolicyError(f"{source}: more than {MAX_YAML_NODES} YAML nodes once its"
+                                  " aliases are expanded")
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML/JSON: {exc}") from None
+
+
 def parse_policies(text: str, source: str = "input") -> list[Policy]:
     """Every document of a YAML/JSON stream; PolicyError names document, field and problem."""
+    check_yaml(text, source)
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+        documents = [d for d in yaml.load_all(text, Loader=_LOADER) if d is not None]
     except yaml.YAMLError as exc:
         raise PolicyError(f"{source}: not valid YAML/JSON: {exc}") from None
     if not documents:
@@ -187,8 +248,14 @@ def parse_document(document: Any, where: str) -> Policy:
         specs += [(item, f"specs[{i}]") for i, item in enumerate(items)]
     if not specs:
         p.fail("spec", "is required (or specs)")
+    if len(specs) > MAX_RULES:
+        p.fail("specs", f"{len(specs)} specs, more than the limit of {MAX_RULES} rules")
     rules = tuple(p.rule(spec, path, clusterwide=kind == CCNP) for spec, path in specs)
-    return Policy(kind, name, namespace, rules, doc)
+    count = sum(len(r.ingress) + len(r.ingress_deny) + len(r.egress) + len(r.egress_deny)
+                for r in rules)
+    if count > MAX_RULES:
+        p.fail("spec", f"{count} rules, more than the limit of {MAX_RULES}")
+    return Policy(kind, name, namespace, rules, json.dumps(doc))
 
 
 class _Parser:

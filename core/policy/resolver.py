@@ -9,7 +9,7 @@ Replies are the datapath's (conntrack): the resolver emits no reply rules.
 """
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import attrs
 
@@ -94,30 +94,91 @@ class Resolver:
         self.endpoints: dict[int, EndpointState] = {}
         self.users: dict[Peer, set[int]] = {}
         self.handed: dict[int, dict[MapKey, Verdict]] = {}  # what on_change was last told
+        self._made: dict[tuple[str, str, str], tuple[Policy, list]] = {}  # per policy key
+        self.dirty: set[int] = set()  # endpoints a staged policy change has not reached yet
+        self._warmed: set[Peer] = set()
         for identity in reserved_identities():
             self.cache.add_identity(identity)
 
     # -- inputs ---------------------------------------------------------------------------------
 
     def upsert_policy(self, policy: Policy) -> int:
-        self.policies[policy.key] = policy
-        return self._policies_changed()
+        revision = self.stage_policy(policy)
+        while self.recompute_pending(len(self.dirty)):
+            pass
+        return revision  # (nothing was prepared: nothing to forget)
 
     def delete_policy(self, key: tuple[str, str, str]) -> int:
-        if self.policies.pop(key, None) is None:
-            return self.revision
-        return self._policies_changed()
+        revision = self.stage_delete(key)
+        while self.recompute_pending(len(self.dirty)):
+            pass
+        return revision
 
-    def _policies_changed(self) -> int:
+    # Cooperative use (the policy service): prepare a policy's contributions and its
+    # selectors' matches a chunk at a time, stage it, then recompute the endpoints one by one
+    # — other events may come in between, each keeping the state consistent.
+
+    def prepare(self, policy: Policy, chunk: int = 500) -> Iterator[None]:
+        """Make ``policy``'s contributions and its selectors' matches, yielding after every
+        ``chunk`` rule items (see :meth:`forget_unused` for the matches no one uses)."""
+        made = []
+        done = 0
+        for i, rule in enumerate(policy.rules):
+            out: list[Contribution] = []
+            for contributions in self._item_contributions(policy, i, rule):
+                out += contributions
+                done += 1
+                if done % chunk == 0:
+                    yield
+            made.append(out)
+        self._made[policy.key] = (policy, made)
+        peers = [c.peer for spec in made for c in spec if c.peer is not None]
+        for n, peer in enumerate(peers, 1):
+            self.cache.ids(peer)
+            if n % chunk == 0:
+                yield
+        self._warmed.update(peers)
+
+    def forget_unused(self, chunk: int = 500) -> Iterator[None]:
+        """Forget the selectors matched while preparing that no endpoint ended up using,
+        yielding after every ``chunk``."""
+        unused = [p for p in self._warmed if p not in self.users]
+        self._warmed.clear()
+        for start in range(0, len(unused), chunk):
+            self.cache.forget(unused[start:start + chunk])
+            yield
+
+    def stage_policy(self, policy: Policy) -> int:
+        """Put ``policy`` in force; endpoints catch up in :meth:`recompute_pending`."""
+        self.policies[policy.key] = policy
         self.revision += 1
-        for endpoint_id in list(self.endpoints):
-            self._recompute(self.endpoints[endpoint_id].endpoint)
+        self.dirty.update(self.endpoints)
         return self.revision
 
+    def stage_delete(self, key: tuple[str, str, str]) -> int:
+        self._made.pop(key, None)
+        if self.policies.pop(key, None) is None:
+            return self.revision
+        self.revision += 1
+        self.dirty.update(self.endpoints)
+        return self.revision
+
+    def recompute_pending(self, limit: int = 1) -> bool:
+        """Recompute up to ``limit`` endpoints a policy change left behind; True if more wait."""
+        for _ in range(min(limit, len(self.dirty))):
+            endpoint_id = min(self.dirty)
+            self.dirty.discard(endpoint_id)
+            state = self.endpoints.get(endpoint_id)
+            if state is not None:
+                self._recompute(state.endpoint)
+        return bool(self.dirty)
+
     def set_endpoint(self, endpoint: PolicyEndpoint) -> None:
+        self.dirty.discard(endpoint.id)
         self._recompute(endpoint)
 
     def remove_endpoint(self, endpoint_id: int) -> None:
+        self.dirty.discard(endpoint_id)
         state = self.endpoints.pop(endpoint_id, None)
         self.handed.pop(endpoint_id, None)
         if state is not None:
@@ -206,17 +267,8 @@ class Resolver:
         state = EndpointState(endpoint, enforced,
                               sorted({policy.display for policy, _, _ in selecting}), {})
         contributions = []
-        for policy, i, rule in selecting:
-            where = f"{policy.display} {'spec' if len(policy.rules) == 1 else f'specs[{i}]'}"
-            for section, direction, verdict in (("ingress", INGRESS, Verdict.ALLOW),
-                                                ("ingressDeny", INGRESS, Verdict.DENY),
-                                                ("egress", EGRESS, Verdict.ALLOW),
-                                                ("egressDeny", EGRESS, Verdict.DENY)):
-                for j, item in enumerate(getattr(rule, _FIELDS[section])):
-                    for peer in self._peers(item, policy):
-                        contributions.append(Contribution(direction, verdict, peer,
-                                                          item.ports or (ANY_PORT,),
-                                                          f"{where} {section}[{j}]"))
+        for policy, i, _ in selecting:
+            contributions += self._contributions(policy)[i]
         for direction, on in enforced.items():
             if not on:
                 contributions.append(Contribution(direction, Verdict.ALLOW, None, (ANY_PORT,),
@@ -233,6 +285,33 @@ class Resolver:
         if policy.namespace is not None and policy.namespace != endpoint.namespace:
             return False
         return all(requirement_matches(r, index) for r in rule.endpoint_selector.requirements)
+
+    def _contributions(self, policy: Policy) -> list[list[Contribution]]:
+        """Per spec of ``policy``, what it contributes to an endpoint it selects: the same for
+        every endpoint, so made once per policy version (a policy of 10,000 rules is not
+        rebuilt for each endpoint)."""
+        cached = self._made.get(policy.key)
+        if cached is not None and cached[0] is policy:
+            return cached[1]
+        made = [self._rule_contributions(policy, i, rule) for i, rule in enumerate(policy.rules)]
+        self._made[policy.key] = (policy, made)
+        return made
+
+    def _rule_contributions(self, policy: Policy, i: int, rule: Rule) -> list[Contribution]:
+        return [c for item in self._item_contributions(policy, i, rule) for c in item]
+
+    def _item_contributions(self, policy: Policy, i: int, rule: Rule
+                            ) -> Iterator[list[Contribution]]:
+        """What each rule item of spec ``i`` contributes, item by item."""
+        where = f"{policy.display} {'spec' if len(policy.rules) == 1 else f'specs[{i}]'}"
+        for section, direction, verdict in (("ingress", INGRESS, Verdict.ALLOW),
+                                            ("ingressDeny", INGRESS, Verdict.DENY),
+                                            ("egress", EGRESS, Verdict.ALLOW),
+                                            ("egressDeny", EGRESS, Verdict.DENY)):
+            for j, item in enumerate(getattr(rule, _FIELDS[section])):
+                yield [Contribution(direction, verdict, peer, item.ports or (ANY_PORT,),
+                                    f"{where} {section}[{j}]")
+                       for peer in self._peers(item, policy)]
 
     def _peers(self, item: PeerRule, policy: Policy) -> list[Peer | None]:
         if not item.names_peers:

@@ -13,6 +13,8 @@ import attrs
 from meshagent.identity import CLUSTER_LABEL, Identity, ReservedIdentity
 from meshagent.policy.api import CIDRRule, EndpointSelector, Requirement
 
+NAMESPACE_KEY = "io.kubernetes.pod.namespace"
+
 #: Entities that are part of "cluster" besides the local cluster's endpoints.
 _CLUSTER_RESERVED = {ReservedIdentity.HOST, ReservedIdentity.REMOTE_NODE,
                      ReservedIdentity.HEALTH, ReservedIdentity.INIT, ReservedIdentity.UNMANAGED,
@@ -45,7 +47,7 @@ def requirement_matches(req: Requirement, index: dict[str, list[tuple[str, str]]
     return not values  # DoesNotExist
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class SelectorPeer:
     selector: EndpointSelector
 
@@ -62,7 +64,7 @@ class SelectorPeer:
         return "{" + ", ".join(parts) + "}"
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class EntityPeer:
     entity: str
     local_cluster: str
@@ -80,7 +82,7 @@ class EntityPeer:
         return f"entity {self.entity}"
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class CIDRPeer:
     rule: CIDRRule
 
@@ -103,38 +105,111 @@ Peer = SelectorPeer | EntityPeer | CIDRPeer
 
 
 class SelectorCache:
-    """For every peer in use, the identities it matches; kept current one identity at a time."""
+    """For every peer in use, the identities it matches; kept current one identity at a time.
+
+    Indexed both ways so that neither a policy with thousands of selectors nor a mesh with
+    thousands of identities makes every change a full scan: identities by their labels, and
+    each selector by the labels one of which a matching identity must carry (its most
+    selective ``In`` requirement, its anchor). A peer without an anchor is checked against
+    every identity.
+    """
 
     def __init__(self) -> None:
         self.identities: dict[int, tuple[Identity, dict]] = {}
         self.matches: dict[Peer, set[int]] = {}
+        self._by_label: dict[tuple[str, str], set[int]] = {}
+        self._anchored: dict[tuple[str, str], set[Peer]] = {}
+        self._unanchored: set[Peer] = set()
+        self._member_of: dict[int, set[Peer]] = {}
+        self._anchors: dict[Peer, list[tuple[str, str]] | None] = {}
+
+    @staticmethod
+    def _anchor(peer: Peer) -> list[tuple[str, str]] | None:
+        """(key, value) pairs one of which every identity the peer matches carries."""
+        if not isinstance(peer, SelectorPeer):
+            return None
+        ins = [r for r in peer.selector.requirements if r.operator == "In"]
+        if not ins:
+            return None
+        broad = (NAMESPACE_KEY, CLUSTER_LABEL)  # shared by many identities: last resort
+        best = min(ins, key=lambda r: (r.bare_key in broad, len(r.values), r.key))
+        return [(best.bare_key, value) for value in sorted(best.values)]
+
+    @staticmethod
+    def _pairs(identity: Identity) -> set[tuple[str, str]]:
+        pairs = set()
+        for label in identity.labels:
+            key, _, value = label.partition(":")[2].partition("=")
+            pairs.add((key, value))
+        return pairs
 
     def add_identity(self, identity: Identity) -> list[Peer]:
         """Remember ``identity``; the peers that now match it (and did not before)."""
         index = label_index(identity.labels)
         self.identities[identity.id] = (identity, index)
+        pairs = self._pairs(identity)
+        candidates = set(self._unanchored)
+        for pair in pairs:
+            self._by_label.setdefault(pair, set()).add(identity.id)
+            candidates |= self._anchored.get(pair, set())
         gained = []
-        for peer, ids in self.matches.items():
+        for peer in candidates:
+            ids = self.matches[peer]
             if identity.id not in ids and peer.matches(identity, index):
                 ids.add(identity.id)
+                self._member_of.setdefault(identity.id, set()).add(peer)
                 gained.append(peer)
         return gained
 
     def remove_identity(self, identity_id: int) -> list[Peer]:
-        self.identities.pop(identity_id, None)
-        lost = []
-        for peer, ids in self.matches.items():
-            if identity_id in ids:
-                ids.discard(identity_id)
-                lost.append(peer)
+        known = self.identities.pop(identity_id, None)
+        if known is not None:
+            for pair in self._pairs(known[0]):
+                ids = self._by_label.get(pair)
+                if ids is not None:
+                    ids.discard(identity_id)
+                    if not ids:
+                        del self._by_label[pair]
+        lost = list(self._member_of.pop(identity_id, ()))
+        for peer in lost:
+            self.matches[peer].discard(identity_id)
         return lost
 
     def ids(self, peer: Peer) -> set[int]:
         if peer not in self.matches:
-            self.matches[peer] = {i for i, (identity, index) in self.identities.items()
-                                  if peer.matches(identity, index)}
+            anchor = self._anchors[peer] = self._anchor(peer)
+            if anchor is None:
+                self._unanchored.add(peer)
+                candidates = set(self.identities)
+            else:
+                candidates = set()
+                for pair in anchor:
+                    self._anchored.setdefault(pair, set()).add(peer)
+                    candidates |= self._by_label.get(pair, set())
+            matched = {i for i in candidates if peer.matches(*self.identities[i])}
+            self.matches[peer] = matched
+            for i in matched:
+                self._member_of.setdefault(i, set()).add(peer)
         return self.matches[peer]
 
     def forget(self, peers: Iterable[Peer]) -> None:
         for peer in peers:
-            self.matches.pop(peer, None)
+            matched = self.matches.pop(peer, None)
+            if matched is None:
+                continue
+            for i in matched:
+                members = self._member_of.get(i)
+                if members is not None:
+                    members.discard(peer)
+                    if not members:
+                        del self._member_of[i]
+            anchor = self._anchors.pop(peer, None)
+            if anchor is None:
+                self._unanchored.discard(peer)
+            else:
+                for pair in anchor:
+                    anchored = self._anchored.get(pair)
+                    if anchored is not None:
+                        anchored.discard(peer)
+                        if not anchored:
+                            del self._anchored[pair]

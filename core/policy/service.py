@@ -9,7 +9,6 @@ the datapath slot in order, per endpoint.
 
 import asyncio
 import ipaddress
-import json
 import logging
 from typing import TYPE_CHECKING
 
@@ -22,7 +21,8 @@ from meshagent.events import ChangeKind, PolicyChange
 from meshagent.identity import Identity
 from meshagent.ipcache import POLICY_SOURCE, IPCacheEntry
 from meshagent.kvsync import follow_prefix
-from meshagent.policy.api import Policy, PolicyError, parse_document, parse_policies
+from meshagent.policy.api import Policy, PolicyError
+from meshagent.policy.worker import LARGE_POLICY, PolicyParser, collections_held, rule_count
 from meshagent.policy.cidr import cidr_identity, free_local_identity, policy_cidrs
 from meshagent.policy.resolver import (
     EGRESS, INGRESS, MapChange, PolicyEndpoint, Resolver, Trace, trace,
@@ -62,17 +62,19 @@ class PolicyService:
         self.kv_keys: dict[str, tuple[str, str, str]] = {}  # kvstore key -> policy key
         self.rejected: dict[str, str] = {}  # kvstore key -> why its document was refused
         self.cidr_identities: dict[ipaddress.IPv4Network, Identity] = {}
+        self.parser = PolicyParser()
         agent.plugins.register(self, name="policy.default")
 
     # -- the PolicyResolver contract ------------------------------------------------------------
 
-    def import_policies(self, text: str, source: str) -> list[Policy]:
-        """Validate (raises PolicyError); storing them is :meth:`store`'s job."""
-        return parse_policies(text, source)
+    async def import_policies(self, text: str, source: str) -> list[Policy]:
+        """Validate (raises PolicyError); storing them is :meth:`store`'s job. Parsed in the
+        policy worker process: a big import neither stalls the agent nor can exhaust it."""
+        return await self.parser.parse_text(text, source)
 
     async def store(self, policies: list[Policy]) -> None:
         for policy in policies:
-            await self.agent.kvstore.put(policy_key(policy), json.dumps(policy.document).encode())
+            await self.agent.kvstore.put(policy_key(policy), policy.document_json.encode())
 
     async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
         key = f"{PREFIX}{kind}/{namespace or '-'}/{name}"
@@ -87,20 +89,38 @@ class PolicyService:
 
     # -- inputs ---------------------------------------------------------------------------------
 
-    def apply(self, update: PolicyUpdate) -> None:
+    async def apply(self, update: PolicyUpdate) -> None:
+        """Put a policy change in force without holding the loop: the policy's contributions
+        and selectors are prepared a chunk at a time, then the endpoints recomputed one by
+        one (status keeps answering during a 10,000-rule import)."""
+        large = update.policy is not None and rule_count(update.policy) >= LARGE_POLICY
+        with collections_held(large):
+            await self._apply(update)
+
+    async def _apply(self, update: PolicyUpdate) -> None:
         if update.kind is ChangeKind.UPSERT:
-            self._refresh_cidr_identities(extra=update.policy)
-            revision = self.resolver.upsert_policy(update.policy)
             policy = update.policy
+            for _ in self.resolver.prepare(policy):
+                await asyncio.sleep(0)
+            self._refresh_cidr_identities(extra=policy)
+            revision = self.resolver.stage_policy(policy)
+            await self._catch_up()
             self.agent.hooks.policy_changed(kind=ChangeKind.UPSERT, policy=PolicyChange(
                 policy.name, policy.namespace, revision))
         else:
             old = self.resolver.policies.get(update.key)
-            revision = self.resolver.delete_policy(update.key)
+            revision = self.resolver.stage_delete(update.key)
+            await self._catch_up()
             self._refresh_cidr_identities()
             if old is not None:
                 self.agent.hooks.policy_changed(kind=ChangeKind.DELETE, policy=PolicyChange(
                     old.name, old.namespace, revision))
+
+    async def _catch_up(self) -> None:
+        while self.resolver.recompute_pending(1):
+            await asyncio.sleep(0)
+        for _ in self.resolver.forget_unused():
+            await asyncio.sleep(0)
 
     def _refresh_cidr_identities(self, extra: Policy | None = None) -> None:
         """Every CIDR (and except) in the policies gets a node-local identity and an ipcache
@@ -165,26 +185,29 @@ class PolicyService:
         await follow_prefix(self.agent.kvstore, PREFIX, self._apply_stored,
                             lambda: list(self.kv_keys), handle.ready)
 
-    def _apply_stored(self, key: str, value: bytes | None) -> None:
+    async def _apply_stored(self, key: str, value: bytes | None) -> None:
         if value is None:
             self.rejected.pop(key, None)
             if key in self.kv_keys:
-                self.apply(PolicyUpdate(ChangeKind.DELETE, key=self.kv_keys.pop(key)))
+                await self.apply(PolicyUpdate(ChangeKind.DELETE, key=self.kv_keys.pop(key)))
             return
         try:
-            policy = parse_document(json.loads(value), key)
-        except (ValueError, PolicyError) as exc:
+            policy = await self.parser.parse_stored(value, key)
+        except PolicyError as exc:
             self.rejected[key] = str(exc)
             log.error("refusing stored policy %s: %s (the last good version stays)", key, exc)
             return
         self.rejected.pop(key, None)
         self.kv_keys[key] = policy.key
-        self.apply(PolicyUpdate(ChangeKind.UPSERT, policy))
+        await self.apply(PolicyUpdate(ChangeKind.UPSERT, policy))
 
     async def _run_source(self, source, handle: ControllerHandle) -> None:
         handle.ready()
         async for update in source:
-            self.apply(update)
+            await self.apply(update)
+
+    async def close(self) -> None:
+        await self.parser.close()
 
     @hookimpl
     def meshagent_controllers(self, agent):
@@ -220,7 +243,7 @@ class PolicyService:
 
     async def _import(self, request):
         body = await request.json()
-        policies = self.import_policies(body.get("text", ""), body.get("source", "request"))
+        policies = await self.import_policies(body.get("text", ""), body.get("source", "request"))
         await self.store(policies)
         return json_response({"imported": [p.display for p in policies]}, status=201)
 

@@ -4,6 +4,7 @@ Uses Debian's ``etcd`` binary (etcd-server 3.4). Certificates come from ``trustm
 server, a server certificate for 127.0.0.1, and client certificates signed by that CA.
 """
 
+import os
 import shutil
 import socket
 import subprocess
@@ -42,7 +43,7 @@ class EtcdServer:
             self.ca = trustme.CA()
             server = self.ca.issue_cert(host, "127.0.0.1", "localhost")
             server.cert_chain_pems[0].write_to_path(str(self.dir / "server.crt"))
-            server.private_key_pem.write_to_path(str(self.dir / "server.key"))
+            write_key(server.private_key_pem, self.dir / "server.key")
             self.ca.cert_pem.write_to_path(str(self.dir / "ca.crt"))
 
     @property
@@ -110,9 +111,17 @@ class EtcdServer:
             client = ca.issue_cert("meshagent-client")
             stem = path.with_name(path.name + "-etcd-client")
             client.cert_chain_pems[0].write_to_path(f"{stem}.crt")
-            client.private_key_pem.write_to_path(f"{stem}.key")
+            write_key(client.private_key_pem, Path(f"{stem}.key"))
             ca.cert_pem.write_to_path(f"{stem}-ca.crt")
             data.update({key: f"{stem}-ca.crt", "cert-file": f"{stem}.crt",
                          "key-file": f"{stem}.key"})
         path.write_text(yaml.safe_dump(data))
         return path
+
+
+def write_key(pem, path: Path) -> None:
+    """A private key, readable by its owner only (0600) from the moment it exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(pem.bytes())
+    os.chmod(path, 0o600)

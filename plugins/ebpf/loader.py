@@ -68,7 +68,7 @@ def ensure_bpffs(root: Path) -> None:
     except OSError as exc:
         raise DatapathError(f"--ebpf-bpf-root {root} is unusable ({exc.strerror}): give a"
                             " directory where bpffs is (or can be) mounted") from None
-    result = os.system(f"mount -t bpf bpf {root} 2>/dev/null")
+    result = os.system(f"mount -t bpf -o mode=0700 bpf {root} 2>/dev/null")
     if result != 0 or not is_bpffs(root):
         raise DatapathError(f"{root} is not a bpffs and mounting one failed: run"
                             f" 'mount -t bpf bpf {root}' as root, or pass --bpf-root to a bpffs")
