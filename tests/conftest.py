@@ -95,3 +95,14 @@ def lab_up(tmp_path_factory, name: str, nodes: int):
         yield lab
     finally:
         lab.tear_down(quiet=True)
+
+
+def redis_ping(lab, pod: str) -> str:
+    """``redis-cli ping`` from a lab pod to protected-db: PONG, or "timeout"."""
+    db = lab.state["pods"]["protected-db"]["ip"]
+    try:
+        out = lab.pod_exec(pod, ["redis-cli", "-h", db, "-p", "6379", "ping"],
+                           capture_output=True, text=True, timeout=2)
+        return out.stdout.strip()
+    except subprocess.TimeoutExpired:
+        return "timeout"

@@ -14,7 +14,7 @@ import pytest
 from meshagent.lab import REDIS_SERVER, Lab
 from meshagent.testing.netlab import can_run
 
-from conftest import lab_up, run_cli
+from conftest import lab_up, redis_ping, run_cli
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not can_run(), reason="needs root, ip netns and BPF")]
@@ -49,14 +49,7 @@ def lab(tmp_path_factory):
         yield lab
 
 
-def ping(lab: Lab, pod: str) -> str:
-    db = lab.state["pods"]["protected-db"]["ip"]
-    try:
-        out = lab.pod_exec(pod, ["redis-cli", "-h", db, "-p", "6379", "ping"],
-                           capture_output=True, text=True, timeout=2)
-        return out.stdout.strip()
-    except subprocess.TimeoutExpired:
-        return "timeout"
+ping = redis_ping
 
 
 def socket_of(lab: Lab, node: str) -> str:
