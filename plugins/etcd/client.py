@@ -35,10 +35,15 @@ REQUEST_TIMEOUT = 5.0
 CHANNEL_OPTIONS = {
     # a remote cluster's full listing (100k ipcache entries) is one response
     "grpc.max_receive_message_length": 256 * 1024 * 1024,
-    # notice a dead peer on an idle connection (etcd allows pings every 5 s)
+    # notice a dead peer on an idle connection (etcd allows pings every 5 s); without the
+    # http2 settings gRPC throttles pings to one a minute and two without data, and a hung
+    # server is never noticed
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
     "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.max_pings_without_data": 0,
+    "grpc.http2.min_time_between_pings_ms": 10_000,
+    "grpc.http2.min_ping_interval_without_data_ms": 5_000,
     # reconnect attempts are ours (failover, backoff); keep gRPC's short
     "grpc.initial_reconnect_backoff_ms": 200,
     "grpc.max_reconnect_backoff_ms": 2_000,
@@ -73,8 +78,9 @@ class _Client(aetcd.Client):
         self._connected.set()
 
 
-def describe_error(exc: BaseException) -> str:
-    """A one-line reason, naming TLS verification when that is what failed."""
+def describe_error(exc: BaseException, endpoint: "Endpoint | None" = None) -> str:
+    """A one-line reason, naming TLS verification when that is what failed, and a plaintext
+    client talking to a TLS server (which just closes the socket)."""
     text = str(exc) or type(exc).__name__
     rpc_error = exc if isinstance(exc, grpc.aio.AioRpcError) else exc.__cause__
     if isinstance(rpc_error, grpc.aio.AioRpcError):
@@ -86,6 +92,9 @@ def describe_error(exc: BaseException) -> str:
         return f"TLS handshake failed ({text.strip()})"
     if isinstance(exc, asyncio.TimeoutError | etcd_errors.ConnectionTimeoutError):
         return f"timed out ({text})"
+    if endpoint is not None and not endpoint.tls and "socket closed" in lowered:
+        return (f"the server closed the connection ({text.strip()}): does it want TLS? The"
+                f" endpoint is {endpoint.url}; use https:// with a CA (trusted-ca-file)")
     return text.strip()
 
 
@@ -138,7 +147,7 @@ class EtcdKVStore:
                 try:
                     status = await asyncio.wait_for(self._status(client), REQUEST_TIMEOUT)
                 except (etcd_errors.ClientError, grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
-                    reasons.append(f"{endpoint.url}: {describe_error(exc)}")
+                    reasons.append(f"{endpoint.url}: {describe_error(exc, endpoint)}")
                     await client.close()
                     self._index += 1
                     continue
@@ -160,12 +169,12 @@ class EtcdKVStore:
 
     async def _drop(self, exc: BaseException) -> None:
         """Forget the current endpoint after a connection error; the next call fails over."""
-        self.last_error = f"{self.endpoint.url}: {describe_error(exc)}"
+        self.last_error = f"{self.endpoint.url}: {describe_error(exc, self.endpoint)}"
         client, self._client = self._client, None
         self._index += 1
         if client is not None:
             with contextlib.suppress(Exception):
-                await client.close()
+                await asyncio.wait_for(client.close(), 2)
 
     async def _call(self, op: Callable[[_Client], Awaitable[T]]) -> T:
         """Run ``op`` on a connected client, failing over once per endpoint."""
