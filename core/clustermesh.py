@@ -2,15 +2,17 @@
 
 The directory holds one file per remote cluster, named after it (the seed's layout; the
 certificates beside it are ignored because a cluster name has no dot). The directory is
-watched with inotify: a new file connects, a changed one reconnects, a removed one disconnects
-and withdraws every entry of that cluster. Written against the kvstore slot only: a file may
+watched with inotify: a new file connects, a changed one (or a changed CA, certificate or key
+it names) reconnects, a removed one disconnects and withdraws every entry of that cluster. Written against the kvstore slot only: a file may
 say ``kvstore: <backend>`` and defaults to the local cluster's backend.
 """
 
 import asyncio
 import hashlib
 import logging
+import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +25,8 @@ from meshagent.clustersync import ClusterSync
 from meshagent.controller import ControllerHandle
 from meshagent.errors import MeshagentError
 from meshagent.jsonfields import field, load_object
-from meshagent.kvstore import KVStore
+from meshagent.kvstore import KVStore, KVStoreUnavailable
+from meshagent.liveness import KVStoreSilent, Liveness
 from meshagent.status import Health, StatusSection
 
 if TYPE_CHECKING:
@@ -32,9 +35,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BACKOFF_START = 0.5
-BACKOFF_MAX = 30.0
-CONFIG_WAIT_MAX = 2.0  # retry interval cap while a remote has not published its config
+# Short, so that a remote is back within seconds of its return however long it was away: one
+# connection attempt every ~2 s per remote is cheap (KVStoreMesh is the answer at scale).
+BACKOFF_MAX = 2.0
 DEBOUNCE = 0.1
+RESCAN_INTERVAL = 10.0
 
 
 class ClusterConfigError(MeshagentError):
@@ -50,21 +55,32 @@ class RemoteFile:
     name: str
     path: Path
     digest: str
+    named_files: tuple[Path, ...] = ()
 
 
-def scan_config_dir(directory: Path, local_name: str) -> dict[str, RemoteFile]:
-    """The remote cluster files in ``directory``, by cluster name, with a content hash."""
+def scan_config_dir(directory: Path, local_name: str,
+                    files_of: Callable[[Path], tuple[Path, ...]]) -> dict[str, RemoteFile]:
+    """The remote cluster files in ``directory``, by cluster name, with a hash of their
+    content and of the files they name (``files_of``: CA, certificate, key)."""
     found = {}
     for entry in sorted(directory.iterdir()):
         name = entry.name
         if name == local_name or not CLUSTER_NAME_PATTERN.match(name) or not entry.is_file():
             continue
+        digest = hashlib.sha256()
         try:
-            digest = hashlib.sha256(entry.read_bytes()).hexdigest()
+            digest.update(entry.read_bytes())
         except OSError as exc:
             log.warning("clustermesh: cannot read %s: %s", entry, exc)
             continue
-        found[name] = RemoteFile(name, entry, digest)
+        named_files = files_of(entry)
+        for named in named_files:
+            digest.update(b"\0" + str(named).encode() + b"\0")
+            try:
+                digest.update(hashlib.sha256(named.read_bytes()).digest())
+            except OSError:
+                digest.update(b"unreadable")  # the connection attempt will say why
+        found[name] = RemoteFile(name, entry, digest.hexdigest(), named_files)
     return found
 
 
@@ -87,6 +103,7 @@ class RemoteCluster:
         self.last_error = ""
         self.disconnected_at: float | None = None
         self.known_addresses: tuple[str, ...] = ()  # its kvstore servers, once known
+        self.liveness = Liveness(kvkeys.cluster_config_key(self.name))
         self._expiry: asyncio.TimerHandle | None = None
         self.task: asyncio.Task | None = None
 
@@ -107,6 +124,7 @@ class RemoteCluster:
     async def _run(self) -> None:
         backoff = BACKOFF_START
         while True:
+            was_ready = False
             try:
                 await self._connect_and_sync()
             except asyncio.CancelledError:
@@ -114,13 +132,15 @@ class RemoteCluster:
                 raise
             except ClusterConfigMissing as exc:
                 self.last_error = str(exc)
-                backoff = min(backoff, CONFIG_WAIT_MAX / 2)
             except Exception as exc:
+                was_ready = self.ready
                 self._failed(exc)
-            await self._close_store()
-            await asyncio.sleep(backoff)
-            backoff = BACKOFF_START if self.ready else min(backoff * 2, BACKOFF_MAX)
             self.ready = False
+            await self._close_store()
+            if was_ready:
+                backoff = BACKOFF_START  # a new outage, however long the last one was
+            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+            backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _connect_and_sync(self) -> None:
         backend = self.mesh.backend_for(self.file.path)
@@ -128,13 +148,18 @@ class RemoteCluster:
         self.known_addresses = self.store.status().addresses
         self.agent.ownership.schedule()  # no pod CIDR may cover these servers
         await self.store.connect()
+        self.liveness.answered()
         cluster_id = await self._read_cluster_config(self.store)
         if self.sync is None or self.sync.cluster_id != cluster_id:
             if self.sync is not None:
                 self.sync.withdraw()
             self.sync = ClusterSync(self.name, cluster_id, self.agent.cluster, self.agent.tables,
                                     self.agent.ownership)
-        await self.sync.run(self.store, self._synced)
+        # A hung or partitioned server keeps the watches open and silent: the probe notices
+        # and its raise ends the sync, so the connection is made again.
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.liveness.watch(self.store), name=f"liveness:{self.name}")
+            await self.sync.run(self.store, self._synced)
 
     async def _read_cluster_config(self, store: KVStore) -> int:
         entry = await store.get(kvkeys.cluster_config_key(self.name))
@@ -186,6 +211,8 @@ class RemoteCluster:
         self.last_failure_at = time.time()
         self.last_error = (str(exc) if isinstance(exc, MeshagentError)
                            else f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, KVStoreUnavailable) and not isinstance(exc, KVStoreSilent):
+            self.liveness.no_answer(self.last_error)  # the silence goes on while reconnecting
         self.ready = False
         log.warning("clustermesh: cluster %s: %s (failure %d; entries kept)", self.name,
                     self.last_error, self.failures)
@@ -207,6 +234,13 @@ class RemoteCluster:
             await store.close()
 
     # -- status ---------------------------------------------------------------------------------
+
+    def problem(self) -> str:
+        """Why it is not ready, naming its kvstore and how long it has been silent."""
+        if self.liveness.failing:
+            where = ", ".join(self.known_addresses) or f"of {self.file.path}"
+            return f"kvstore {where}: {self.liveness.describe()}"
+        return self.last_error or "connecting"
 
     def status_lines(self, now: float) -> list[str]:
         tables = self.agent.tables
@@ -244,8 +278,10 @@ class RemoteCluster:
             lines.append(f"└  rejected: {counts}")
             for kind, reason in sorted(self.sync.last_reject.items()):
                 lines.append(f"   last rejected {kind}: {reason}")
-        if self.last_error and not self.ready:
-            lines.append(f"└  error: {self.last_error}")
+        if not self.ready:
+            lines.append(f"└  error: {self.problem()}")
+        elif self.liveness.failing:
+            lines.append(f"└  warning: {self.problem()}")
         return lines
 
     def to_json(self, now: float) -> dict[str, Any]:
@@ -259,6 +295,7 @@ class RemoteCluster:
             "services": tables.services.count(self.name),
             "failures": self.failures, "last_failure_at": self.last_failure_at,
             "last_error": self.last_error,
+            "no_answer_seconds": round(self.liveness.silence(), 1),
             "kvstore": self.store.status().summary if self.store else None,
             "synced": self.sync.synced if self.sync else {},
             "sync_lag_seconds": (now - self.sync.last_event_at)
@@ -297,6 +334,12 @@ class ClusterMesh:
         name = data.get("kvstore") if isinstance(data, dict) else None
         return self.agent.kvstore_backend_named(name)
 
+    def _files_of(self, path: Path) -> tuple[Path, ...]:
+        try:
+            return self.backend_for(path).files_of(path)
+        except MeshagentError:
+            return ()  # an unknown backend: connecting will say so
+
     async def run(self, handle: ControllerHandle) -> None:
         """Controller: connect to what is there, then follow the directory's changes."""
         from asyncinotify import Inotify, Mask
@@ -305,16 +348,28 @@ class ClusterMesh:
                 | Mask.MOVED_FROM | Mask.ATTRIB)
         with Inotify() as inotify:
             inotify.add_watch(self.directory, mask)
+            watched = {self.directory.resolve()}
             await self.reconcile()
             handle.ready()
             events = aiter(inotify)
             while True:
-                await anext(events)
+                # certificates may live in other directories: watch those too
+                for folder in {f.parent.resolve() for r in self.remotes.values()
+                               for f in r.file.named_files} - watched:
+                    try:
+                        inotify.add_watch(folder, mask)
+                        watched.add(folder)
+                    except OSError as exc:
+                        log.warning("clustermesh: cannot watch %s: %s", folder, exc)
+                try:  # and look again now and then, in case an event was missed
+                    await asyncio.wait_for(anext(events), RESCAN_INTERVAL)
+                except asyncio.TimeoutError:
+                    pass
                 await asyncio.sleep(DEBOUNCE)  # a writer's burst of events is one change
                 await self.reconcile()
 
     async def reconcile(self) -> None:
-        wanted = scan_config_dir(self.directory, self.agent.cluster.name)
+        wanted = scan_config_dir(self.directory, self.agent.cluster.name, self._files_of)
         for name in sorted(set(self.remotes) - set(wanted)):
             log.info("clustermesh: %s removed from %s: disconnecting", name, self.directory)
             await self.remotes[name].stop(withdraw=True)
@@ -349,8 +404,13 @@ class ClusterMesh:
         summary = f"{ready}/{len(remotes)} remote clusters ready, {services} global-services"
         not_ready = [r for r in remotes if not r.ready]
         if not_ready:
-            summary += "; not ready: " + ", ".join(
-                f"{r.name} ({r.last_error or 'connecting'})" for r in not_ready)
+            summary += "; not ready: " + ", ".join(f"{r.name} ({r.problem()})"
+                                                   for r in not_ready)
+        # Still synced, but its last probes went unanswered: say so before it is given up.
+        silent = [r for r in remotes if r.ready and r.liveness.failing]
+        if silent:
+            summary += "; not answering: " + ", ".join(f"{r.name} ({r.problem()})"
+                                                       for r in silent)
         details = [line for r in remotes for line in r.status_lines(now)]
         routes = self.agent.node_routes
         if routes is not None:
@@ -358,5 +418,6 @@ class ClusterMesh:
                            f" {len(routes.refused)} refused")
             details += [f"   not routed {cidr}: {why}" for cidr, why in sorted(
                 routes.refused.items())]
-        return StatusSection("ClusterMesh", Health.WARNING if not_ready else Health.OK, summary,
+        health = Health.WARNING if not_ready or silent else Health.OK
+        return StatusSection("ClusterMesh", health, summary,
                              details=details)

@@ -6,6 +6,7 @@ counted and shown in ``meshagent status`` so a user can see which job is stuck a
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -72,6 +73,7 @@ class ControllerManager:
         self.states: dict[str, ControllerState] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._all_ready = asyncio.Event()
+        self._retry = asyncio.Event()  # set (and replaced) by retry_now
 
     def start(self, controller: Controller, plugin: str) -> None:
         if controller.name in self.states:
@@ -106,14 +108,27 @@ class ControllerManager:
                 state.running = False
                 if time.monotonic() - started > BACKOFF_MAX:
                     backoff = BACKOFF_START  # it had been working: retry soon
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                woken = await self._wait_backoff(backoff)
+                backoff = BACKOFF_START if woken else min(backoff * 2, BACKOFF_MAX)
                 continue
             # A controller that returns has finished its job; that counts as ready.
             state.running = False
             state.done = True
             handle.ready()
             return
+
+    async def _wait_backoff(self, seconds: float) -> bool:
+        """Sleep ``seconds``, or less if :meth:`retry_now` is called; True if it was."""
+        retry = self._retry
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(retry.wait(), seconds)
+        return retry.is_set()
+
+    def retry_now(self) -> None:
+        """What failing controllers waited for is back (the kvstore answers again): every
+        controller sleeping in its backoff runs again now instead of at its next tick."""
+        retry, self._retry = self._retry, asyncio.Event()
+        retry.set()
 
     def _check_ready(self) -> None:
         if all(s.ready for s in self.states.values()):

@@ -1,17 +1,21 @@
 """The core's own hook implementations: what the agent reports about itself and its slots."""
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from meshagent import hookimpl
+from meshagent import hookimpl, kvkeys
 from meshagent.controller import Controller, ControllerHandle
+from meshagent.liveness import PROBE_INTERVAL, PROBE_INTERVAL_FAILING, Liveness
 from meshagent.status import Health, StatusSection
 
 if TYPE_CHECKING:
     from meshagent.agent import Agent
+
+log = logging.getLogger(__name__)
 
 
 class CoreHooks:
@@ -21,6 +25,7 @@ class CoreHooks:
         self.agent = agent
         self._ipcache_changes: list = []
         self._ipcache_wake = asyncio.Event()
+        self.kvstore_liveness = Liveness(kvkeys.HEARTBEAT)
 
     @hookimpl
     def meshagent_register_identity_allocator(self, registry):
@@ -36,6 +41,7 @@ class CoreHooks:
     def meshagent_controllers(self, agent: "Agent"):
         controllers = [
             Controller("kvstore-connect", self._connect_kvstore),
+            Controller("kvstore-health", self._watch_kvstore),
             Controller("kvstore-publish", agent.publisher.run),
             Controller("local-cluster-sync", self._sync_local_cluster),
             Controller("endpoint-restore", agent.endpoints.restore),
@@ -117,9 +123,26 @@ class CoreHooks:
     async def _connect_kvstore(self, handle: ControllerHandle) -> None:
         # Raises KVStoreUnavailable while the store is down: the controller retries with backoff.
         await self.agent.kvstore.connect()
+        if self.kvstore_liveness.failing:
+            self.kvstore_liveness.answered()
+            self.agent.controllers.retry_now()
 
     async def _start_datapath(self, handle: ControllerHandle) -> None:
         await self.agent.datapath.start()
+        self.agent.datapath_started.set()
+
+    async def _watch_kvstore(self, handle: ControllerHandle) -> None:
+        """Probe the local kvstore every few seconds, so that a hung one is reported even
+        while nothing else asks it, and, the moment it answers again, wake every controller
+        waiting in its backoff: recovery within a second of its return, not at the next tick."""
+        liveness = self.kvstore_liveness
+        handle.ready()
+        while True:
+            was_failing = liveness.failing
+            if await liveness.probe(self.agent.kvstore) and was_failing:
+                log.info("the kvstore answers again: retrying what waited for it")
+                self.agent.controllers.retry_now()
+            await asyncio.sleep(PROBE_INTERVAL_FAILING if liveness.failing else PROBE_INTERVAL)
 
     @hookimpl
     def meshagent_status(self, agent: "Agent", verbose: bool):
@@ -144,9 +167,12 @@ class CoreHooks:
                      for slot, p in agent.providers.items()]))
         return sections
 
-    @staticmethod
-    def _kvstore_section(agent: "Agent") -> StatusSection:
+    def _kvstore_section(self, agent: "Agent") -> StatusSection:
         status = agent.kvstore.status()
+        liveness = self.kvstore_liveness
+        if liveness.failing:
+            summary = f"{liveness.describe()}; {status.summary}"
+            return StatusSection("KVStore", Health.FAILURE, summary, details=status.details)
         health = Health.OK if status.connected else Health.FAILURE
         return StatusSection("KVStore", health, status.summary, details=status.details)
 

@@ -155,3 +155,8 @@ class KVStoreBackend(Protocol):
 
     def client_from_file(self, path: Path) -> KVStore:
         """A store described by a clustermesh-style YAML file (a remote cluster's)."""
+
+    def files_of(self, path: Path) -> tuple[Path, ...]:
+        """The other files such a YAML file names (CA, certificate, key): a change to any of
+        them reconnects that remote, as a change to the file itself does. Empty if the file
+        cannot be read; :meth:`client_from_file` reports why."""

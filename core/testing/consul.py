@@ -5,13 +5,13 @@ this: KV get (single, recurse) with blocking queries (``index``, ``wait``) and
 ``X-Consul-Index``; put with ``cas``, ``acquire``, ``release``; delete with ``recurse`` and
 ``cas``; sessions with ``TTL`` (at least 10 s, as Consul requires), ``Behavior`` delete or
 release, renew, destroy and invalidation on expiry; ``/v1/status/leader``. It follows the
-documented semantics; set ``MESHAGENT_TEST_CONSUL`` to run the same tests against a real Consul.
+documented semantics; ``stalled`` makes it behave like a stopped server (requests, and the
+answers of blocking queries, wait until it is cleared). Set ``MESHAGENT_TEST_CONSUL`` to run the same tests against a real Consul.
 """
 
 import asyncio
 import base64
 import json
-
 import re
 import uuid
 
@@ -20,6 +20,7 @@ from aiohttp import web
 from meshagent.testing.netlab import serve
 
 MIN_TTL = 10.0
+STALL_POLL = 0.05
 
 
 def _duration(text: str | None, default: float) -> float:
@@ -41,9 +42,21 @@ class ConsulStandIn:
         self.runner: web.AppRunner | None = None
         self.url = ""
         self._tasks: set[asyncio.Task] = set()
+        self.stalled = False
+
+    async def _wait_while_stalled(self) -> None:
+        while self.stalled:
+            await asyncio.sleep(STALL_POLL)
+
+    @web.middleware
+    async def _stall(self, request, handler):
+        await self._wait_while_stalled()
+        response = await handler(request)
+        await self._wait_while_stalled()  # a blocking query's answer is held back too
+        return response
 
     async def start(self) -> "ConsulStandIn":
-        app = web.Application()
+        app = web.Application(middlewares=[self._stall])
         app.router.add_get("/v1/status/leader", self._leader)
         app.router.add_route("GET", "/v1/kv/{key:.*}", self._get)
         app.router.add_route("PUT", "/v1/kv/{key:.*}", self._put)

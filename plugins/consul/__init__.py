@@ -31,6 +31,9 @@ class ConsulBackend:
             raise UsageError(f"consul config {path}: needs 'address: http://HOST:PORT'")
         return ConsulKVStore(data["address"], data.get("token"))
 
+    def files_of(self, path: Path) -> tuple[Path, ...]:
+        return ()  # the file holds all there is (address, token)
+
 
 @meshagent.hookimpl
 def meshagent_addoption(parser):

@@ -28,7 +28,12 @@ from meshagent.kvstore import (
 )
 
 MIN_TTL = 10  # Consul refuses shorter session TTLs
-WAIT = "10s"
+REQUEST_TIMEOUT = 5.0
+LIST_TIMEOUT = 30.0  # a large cluster's full listing is one response
+WAIT = 5.0  # seconds a blocking query may wait for a change
+# Consul adds up to WAIT/16 of jitter; past this a long-poll has stalled (a hung server, a
+# dropped connection) and the watch ends so it can be made again
+WAIT_TIMEOUT = WAIT * 17 / 16 + REQUEST_TIMEOUT
 SNAPSHOTS = 16
 _CONNECTION_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
@@ -51,12 +56,16 @@ class ConsulKVStore:
         self.leader = ""
         self.last_error = ""
 
-    async def _call(self, coroutine):
+    async def _call(self, coroutine, timeout: float = REQUEST_TIMEOUT):
         if self.closed:
             coroutine.close()
             raise KVStoreUnavailable("client is closed")
         try:
-            result = await coroutine
+            result = await asyncio.wait_for(coroutine, timeout)
+        except asyncio.TimeoutError:
+            self.connected = False
+            self.last_error = f"{self.address}: no answer within {timeout:.0f}s"
+            raise KVStoreUnavailable(self.last_error) from None
         except _CONNECTION_ERRORS as exc:
             self.connected = False
             self.last_error = f"{self.address}: {exc or type(exc).__name__}"
@@ -80,7 +89,7 @@ class ConsulKVStore:
         return self._kv(item) if item else None
 
     async def list_prefix(self, prefix: str) -> Listing:
-        index, items = await self._call(self._consul.kv.get(prefix, recurse=True))
+        index, items = await self._call(self._consul.kv.get(prefix, recurse=True), LIST_TIMEOUT)
         items = items or []
         self._remember(prefix, int(index), {i["Key"]: i["ModifyIndex"] for i in items})
         return Listing([self._kv(i) for i in items], int(index))
@@ -135,7 +144,7 @@ class ConsulKVStore:
         index = after_revision
         while True:
             new_index, items = await self._call(self._consul.kv.get(
-                prefix, recurse=True, index=index, wait=WAIT))
+                prefix, recurse=True, index=index, wait=f"{WAIT:.0f}s"), WAIT_TIMEOUT)
             new_index = int(new_index)
             if new_index == index:
                 continue  # the wait ran out with no change

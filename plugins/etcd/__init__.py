@@ -21,6 +21,14 @@ class EtcdBackend:
     def client_from_file(self, path: Path) -> EtcdKVStore:
         return EtcdKVStore(load_etcd_config(path))
 
+    def files_of(self, path: Path) -> tuple[Path, ...]:
+        try:
+            config = load_etcd_config(path)
+        except UsageError:
+            return ()
+        return tuple(f for f in (config.trusted_ca_file, config.cert_file, config.key_file)
+                     if f is not None)
+
 
 @meshagent.hookimpl
 def meshagent_addoption(parser):

@@ -29,6 +29,9 @@ class MemoryBackend:
             raise UsageError(f"memory kvstore config {path}: needs 'memory-store: NAME'")
         return MemoryKVStore(shared_store(data["memory-store"]))
 
+    def files_of(self, path: Path) -> tuple[Path, ...]:
+        return ()
+
 
 @meshagent.hookimpl
 def meshagent_addoption(parser):

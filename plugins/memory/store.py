@@ -16,6 +16,7 @@ from meshagent.kvstore import (
 )
 
 HISTORY_LIMIT = 100_000
+HUNG_POLL = 0.05  # how often a request to a hung store looks whether it answers again
 _CLOSED = object()
 
 _stores: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, SharedStore]]" = (
@@ -41,6 +42,7 @@ class SharedStore:
         self.history: deque[WatchEvent] = deque()
         self.compacted = 0
         self.available = True
+        self.hung = False
         self.leases: dict[int, asyncio.TimerHandle] = {}
         self.lease_keys: dict[int, set[str]] = {}
         self._next_lease = 1
@@ -53,6 +55,11 @@ class SharedStore:
         self.available = available
         if not available:
             self._broadcast(_CLOSED)
+
+    def set_hung(self, hung: bool) -> None:
+        """A hung server (stopped, or partitioned away): requests and watches wait, and the
+        connection still looks fine. Only a client that expects answers notices."""
+        self.hung = hung
 
     def compact(self, revision: int) -> None:
         while self.history and self.history[0].revision <= revision:
@@ -132,6 +139,11 @@ class MemoryKVStore:
         self.closed = False
         self._queues: set[asyncio.Queue] = set()
 
+    async def _answer(self) -> SharedStore:
+        while self.store.hung and not self.closed:
+            await asyncio.sleep(HUNG_POLL)
+        return self._check()
+
     def _check(self) -> SharedStore:
         if self.closed:
             raise KVStoreUnavailable("client is closed")
@@ -140,21 +152,21 @@ class MemoryKVStore:
         return self.store
 
     async def connect(self) -> None:
-        self._check()
+        await self._answer()
 
     async def get(self, key: str) -> KeyValue | None:
-        return self._check().data.get(key)
+        return (await self._answer()).data.get(key)
 
     async def list_prefix(self, prefix: str) -> Listing:
-        store = self._check()
+        store = await self._answer()
         items = [kv for key, kv in sorted(store.data.items()) if key.startswith(prefix)]
         return Listing(items, store.revision)
 
     async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
-        return self._check().write(key, value, lease)
+        return (await self._answer()).write(key, value, lease)
 
     async def create(self, key: str, value: bytes, *, lease: Lease | None = None) -> bool:
-        store = self._check()
+        store = await self._answer()
         if key in store.data:
             return False
         store.write(key, value, lease)
@@ -162,7 +174,7 @@ class MemoryKVStore:
 
     async def update_if(self, key: str, value: bytes, *, mod_revision: int,
                         lease: Lease | None = None) -> bool:
-        store = self._check()
+        store = await self._answer()
         current = store.data.get(key)
         if current is None or current.mod_revision != mod_revision:
             return False
@@ -170,24 +182,24 @@ class MemoryKVStore:
         return True
 
     async def delete(self, key: str) -> bool:
-        return self._check().remove(key)
+        return (await self._answer()).remove(key)
 
     async def delete_if(self, key: str, *, mod_revision: int) -> bool:
-        store = self._check()
+        store = await self._answer()
         current = store.data.get(key)
         if current is None or current.mod_revision != mod_revision:
             return False
         return store.remove(key)
 
     async def delete_prefix(self, prefix: str) -> int:
-        store = self._check()
+        store = await self._answer()
         keys = [key for key in store.data if key.startswith(prefix)]
         for key in sorted(keys):
             store.remove(key)
         return len(keys)
 
     async def watch(self, prefix: str, *, after_revision: int) -> AsyncIterator[WatchEvent]:
-        store = self._check()
+        store = await self._answer()
         if after_revision < store.compacted:
             raise RevisionCompacted(after_revision, store.compacted)
         queue: asyncio.Queue = asyncio.Queue()
@@ -203,6 +215,8 @@ class MemoryKVStore:
                 last = event.revision
             while True:
                 item = await queue.get()
+                while store.hung and not self.closed:
+                    await asyncio.sleep(HUNG_POLL)
                 if item is _CLOSED:
                     self._check()
                     raise KVStoreUnavailable(f"memory store {store.name!r} is unavailable")
@@ -216,17 +230,17 @@ class MemoryKVStore:
             self._queues.discard(queue)
 
     async def grant_lease(self, ttl: float) -> Lease:
-        return self._check().grant(ttl)
+        return (await self._answer()).grant(ttl)
 
     async def keepalive(self, lease: Lease) -> None:
-        self._check().keepalive(lease)
+        (await self._answer()).keepalive(lease)
 
     async def revoke(self, lease: Lease) -> None:
-        self._check().end_lease(lease.id)
+        (await self._answer()).end_lease(lease.id)
 
     @contextlib.asynccontextmanager
     async def lock(self, name: str) -> AsyncIterator[None]:
-        store = self._check()
+        store = await self._answer()
         mutex = store.locks.setdefault(name, asyncio.Lock())
         async with mutex:
             yield
