@@ -55,6 +55,7 @@ class Agent:
         self.started_at = time.time()
         self.ready = False
         self.ready_event = asyncio.Event()
+        self.datapath_started = asyncio.Event()  # its maps are open: it may be called
         self.datapath_synced = asyncio.Event()  # the datapath got its first full state
         self.stopping = False
         self._stop = asyncio.Event()
@@ -150,6 +151,8 @@ class Agent:
         self.datapath = build(DATAPATH)
         if self.datapath is not None:
             cleanup.push_async_callback(self.datapath.stop)
+        else:
+            self.datapath_started.set()  # nothing to wait for
 
     def kvstore_addresses(self) -> list[str]:
         """The servers of the local and every remote kvstore: no pod CIDR may cover them."""

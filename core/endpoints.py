@@ -6,6 +6,7 @@ endpoint is saved in the state dir; after a restart it is restored without re-ad
 """
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import logging
@@ -73,15 +74,8 @@ class EndpointManager:
             if request.container_id and self.by_container(request.container_id):
                 raise UsageError(f"container {request.container_id} already has an endpoint")
             undo: list[Callable[[], Awaitable[None]]] = []
-            try:
+            async with _undone_on_failure(undo, "endpoint create"):
                 return await self._create(request, labels | plugin_labels, plugin_labels, undo)
-            except BaseException:
-                for step in reversed(undo):
-                    try:
-                        await step()
-                    except Exception:
-                        log.exception("undoing a failed endpoint create")
-                raise
 
     async def _create(self, request: EndpointRequest, labels: frozenset[str],
                       plugin_labels: frozenset[str], undo) -> Endpoint:
@@ -184,11 +178,15 @@ class EndpointManager:
             if self.agent.datapath is not None:
                 await self.agent.datapath.endpoint_removed(endpoint)
             self.agent.publisher.delete_ipcache(self._ipcache_entry(endpoint))
-            await self.agent.identity_allocator.release(
-                Identity(endpoint.identity, endpoint.labels, self.agent.cluster.name))
             self.ipam.release(endpoint.ipv4)
             del self.endpoints[endpoint_id]
             (self.directory / f"{endpoint_id}.json").unlink(missing_ok=True)
+            try:  # once, whatever happens: the endpoint is gone and so is its reference
+                await self.agent.identity_allocator.release(
+                    Identity(endpoint.identity, endpoint.labels, self.agent.cluster.name))
+            except Exception:
+                log.exception("endpoint %d: releasing identity %d failed", endpoint_id,
+                              endpoint.identity)
             self.agent.hooks.endpoint_changed(kind=ChangeKind.DELETE, endpoint=endpoint)
             log.info("endpoint %d deleted (%s)", endpoint_id, endpoint.ipv4)
             return endpoint
@@ -213,7 +211,9 @@ class EndpointManager:
         os.replace(tmp, path)
 
     async def restore(self, handle: ControllerHandle) -> None:
-        """Controller: bring back the endpoints saved before a restart, as they were."""
+        """Controller: bring back the endpoints saved before a restart, as they were (once
+        the datapath is started: restoring hands each endpoint to it)."""
+        await self.agent.datapath_started.wait()
         async with self._lock:
             for path in sorted(self.directory.glob("*.json")) if self.directory.is_dir() else []:
                 await self._prepare_node()
@@ -222,8 +222,10 @@ class EndpointManager:
                 except (ValueError, KeyError, TypeError) as exc:
                     log.error("ignoring unreadable endpoint state %s: %s", path, exc)
                     continue
-                await self._restore_one(saved, path)
+                if saved.id not in self.endpoints:  # not restored by an earlier, failed run
+                    await self._restore_one(saved, path)
         self.restored.set()
+        self.agent.publisher.endpoints_restored()
         handle.ready()
 
     async def _restore_one(self, saved: Endpoint, path) -> None:
@@ -235,10 +237,14 @@ class EndpointManager:
             await asyncio.to_thread(podnet.remove_pod_interface, saved.ifname)
             path.unlink(missing_ok=True)
             return
-        self.ipam.claim(saved.ipv4, f"endpoint {saved.id}")
-        identity = await self.agent.identity_allocator.allocate(saved.labels)
-        endpoint = attrs.evolve(saved, identity=identity.id, ifindex=ifindex)
-        await self._activate(endpoint, [])
+        undo: list[Callable[[], Awaitable[None]]] = []
+        async with _undone_on_failure(undo, f"restore of endpoint {saved.id}"):
+            self.ipam.claim(saved.ipv4, f"endpoint {saved.id}")
+            undo.append(lambda: _sync(self.ipam.release, saved.ipv4))
+            identity = await self.agent.identity_allocator.allocate(saved.labels)
+            undo.append(lambda: self.agent.identity_allocator.release(identity))
+            endpoint = attrs.evolve(saved, identity=identity.id, ifindex=ifindex)
+            await self._activate(endpoint, undo)
         if endpoint != saved:
             self._save(endpoint)
         log.info("endpoint %d restored: %s, identity %d", endpoint.id, endpoint.ipv4,
@@ -247,3 +253,18 @@ class EndpointManager:
 
 async def _sync(func, *args) -> None:
     func(*args)
+
+
+@contextlib.asynccontextmanager
+async def _undone_on_failure(undo: list[Callable[[], Awaitable[None]]], what: str):
+    """Run the undo steps, newest first, if the block fails: a failed create or restore
+    leaves no address, interface, identity reference or published entry behind."""
+    try:
+        yield
+    except BaseException:
+        for step in reversed(undo):
+            try:
+                await step()
+            except Exception:
+                log.exception("undoing a failed %s", what)
+        raise

@@ -110,7 +110,12 @@ class IdentityAllocator(Protocol):
         """
 
     async def release(self, identity: Identity) -> bool:
-        """Drop one local reference; True when it was the last one on this node."""
+        """Drop one local reference; True when it was the last one on this node.
+
+        Called exactly once per :meth:`allocate`. It should not fail because the store is
+        unreachable: the reference is gone either way, so its removal from the store must land
+        when the store answers again.
+        """
 
     def lookup(self, identity_id: int) -> Identity | None:
         """A known identity (local, remote or reserved) by number, without I/O."""

@@ -112,9 +112,8 @@ class KVStoreIdentityAllocator:
         if entry[1] > 0:
             return False
         del self.refs[identity.labels]
-        key = self._value_key(format_labels(identity.labels))
-        self.agent.publisher.forget(key)
-        await self.agent.kvstore.delete(key)
+        # deleted by the publisher: now, or when the store answers again if it does not now
+        self.agent.publisher.unwant(self._value_key(format_labels(identity.labels)))
         return True
 
     def lookup(self, identity_id: int) -> Identity | None:

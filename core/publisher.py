@@ -1,12 +1,13 @@
 """Publishing this node's state to the local cluster's kvstore, in Cilium's layout.
 
-The node key, IP→identity entries of local endpoints and services live on the agent's lease,
-kept alive while the agent runs and revoked on a clean shutdown (so they vanish at once instead
-of after the TTL). The cluster config and the sync canaries are written once the initial state
+The node key, IP→identity entries of local endpoints and the node's identity references live
+on the agent's lease, kept alive while the agent runs and revoked on a clean shutdown (so they
+vanish at once instead of after the TTL). The cluster config and the sync canaries are written once the initial state
 is up, so peers know the cluster's id and that its listing is complete.
 """
 
 import asyncio
+import ipaddress
 import json
 import logging
 import time
@@ -17,7 +18,6 @@ from meshagent.controller import ControllerHandle
 from meshagent.ipcache import IPCacheEntry, ipcache_to_json
 from meshagent.kvstore import KVStore, KVStoreError, Lease, LeaseExpired
 from meshagent.node import Node, node_to_json
-from meshagent.service import Service, service_to_json
 
 if TYPE_CHECKING:
     from meshagent.agent import Agent
@@ -29,7 +29,13 @@ REVOKE_TIMEOUT = 2.0
 
 
 class Publisher:
-    """What this agent owns in the local kvstore, and the lease that owns it."""
+    """What this agent owns in the local kvstore, and the lease that owns it.
+
+    ``wanted`` is the source of truth. Each (re)start of the controller reconciles the store to
+    it: keys on our lease that are no longer wanted are deleted (a pod deleted while the store
+    was unreachable), wanted keys are put back. Once the endpoints are restored, keys an
+    earlier run of this node left on its own lease are swept as well.
+    """
 
     def __init__(self, agent: "Agent", lease_ttl: float):
         self.agent = agent
@@ -40,58 +46,59 @@ class Publisher:
         self.wanted: dict[str, bytes] = {}  # key -> value on the lease
         self._store: KVStore | None = None
         self._pending: set[str] = set()  # keys whose kvstore copy is out of date
+        self._in_flight: str | None = None
+        self._written: set[str] = set()  # keys we put and have not deleted since
         self._wake = asyncio.Event()
+        self._sweep_earlier_run = False  # set once the endpoints are restored
+        self._swept = False
 
     def node(self) -> Node:
         config = self.agent.config
         return Node(config.node_name, self.cluster.name, self.cluster.id,
                     config.get("node-ip") or None, tuple(config.get("pod-cidr")))
 
-    # -- what to publish (called by endpoints and services as they change) -------------------------
+    # -- what to publish (called by endpoints and the identity allocator as they change) ------
 
     def upsert_ipcache(self, entry: IPCacheEntry) -> None:
-        self._want(kvkeys.ipcache_key(self.cluster.name, entry.key_ip), ipcache_to_json(entry))
+        self.want(kvkeys.ipcache_key(self.cluster.name, entry.key_ip), ipcache_to_json(entry))
 
     def delete_ipcache(self, entry: IPCacheEntry) -> None:
-        self._unwant(kvkeys.ipcache_key(self.cluster.name, entry.key_ip))
+        self.unwant(kvkeys.ipcache_key(self.cluster.name, entry.key_ip))
 
-    def upsert_service(self, service: Service) -> None:
-        self._want(kvkeys.service_key(self.cluster.name, service.namespace, service.name),
-                   service_to_json(service))
-
-    def delete_service(self, service: Service) -> None:
-        self._unwant(kvkeys.service_key(self.cluster.name, service.namespace, service.name))
-
-    def adopt(self, key: str, value: bytes) -> None:
-        """A key its owner already wrote on our lease: put it back if the lease is renewed."""
-        self.wanted[key] = value
-
-    def forget(self, key: str) -> None:
-        """A key its owner deletes itself."""
-        self.wanted.pop(key, None)
-        self._pending.discard(key)
-
-    def _want(self, key: str, value: bytes) -> None:
+    def want(self, key: str, value: bytes) -> None:
+        """Keep ``key`` = ``value`` on the lease; written soon, and again whenever it is lost."""
         self.wanted[key] = value
         self._pending.add(key)
         self._wake.set()
 
-    def _unwant(self, key: str) -> None:
+    def unwant(self, key: str) -> None:
+        """Delete ``key``: now if the store answers, else as soon as it does again."""
         self.wanted.pop(key, None)
         self._pending.add(key)
+        self._wake.set()
+
+    def adopt(self, key: str, value: bytes) -> None:
+        """A key its owner just put on our lease itself: keep it there from now on."""
+        self.wanted[key] = value
+        self._written.add(key)
+        if key in self._pending or key == self._in_flight:
+            self._wake.set()  # a delete of it may land after the owner's put: put it again
+            self._pending.add(key)
+
+    def endpoints_restored(self) -> None:
+        """Every endpoint of an earlier run is back in ``wanted``: what that run left on the
+        store and nobody wants any more can go."""
+        self._sweep_earlier_run = True
         self._wake.set()
 
     # -- the controller ------------------------------------------------------------------------
 
     async def run(self, handle: ControllerHandle) -> None:
-        """Publish everything, then keep the lease alive and apply changes as they come."""
+        """Reconcile the store to what we want, then keep the lease alive and apply changes."""
         store = self._store = self.agent.kvstore
         await self._ensure_lease(store)
-        node_key = kvkeys.node_key(self.cluster.name, self.agent.config.node_name)
-        self.wanted[node_key] = node_to_json(self.node())
-        for key, value in list(self.wanted.items()):
-            await store.put(key, value, lease=self.lease)
-        self._pending.clear()
+        self.wanted[self._node_key()] = node_to_json(self.node())
+        await self._reconcile(store)
         await store.put(kvkeys.cluster_config_key(self.cluster.name), json.dumps(
             {"id": self.cluster.id, "capabilities": {
                 "syncedCanaries": True,
@@ -99,10 +106,11 @@ class Publisher:
         for prefix in (kvkeys.NODES, kvkeys.IPCACHE, kvkeys.SERVICES):
             await store.put(kvkeys.synced_key(self.cluster.name, prefix),
                             str(int(time.time())).encode())
-        self.published.set()
+        if not self.published.is_set():
+            self.published.set()
+            log.info("published node %s of cluster %s (id %d) to the kvstore",
+                     self.agent.config.node_name, self.cluster.name, self.cluster.id)
         handle.ready()
-        log.info("published node %s of cluster %s (id %d) to the kvstore",
-                 self.agent.config.node_name, self.cluster.name, self.cluster.id)
         next_keepalive = time.monotonic() + self.lease.ttl / 3
         next_heartbeat = time.monotonic()
         while True:
@@ -113,6 +121,8 @@ class Publisher:
             if now >= next_keepalive:
                 await self._keepalive(store)
                 next_keepalive = now + self.lease.ttl / 3
+            if self._sweep_earlier_run and not self._swept:
+                await self._reconcile(store)
             await self._flush(store)
             self._wake.clear()
             timeout = max(0.0, min(next_keepalive, next_heartbeat) - time.monotonic())
@@ -120,6 +130,45 @@ class Publisher:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
+
+    def _node_key(self) -> str:
+        return kvkeys.node_key(self.cluster.name, self.agent.config.node_name)
+
+    def _named_ours(self, key: str) -> bool:
+        """A key this node owns by its name, on whichever lease: the node key, its identity
+        references, IP entries of addresses in its pod CIDRs."""
+        if key == self._node_key():
+            return True
+        if key.startswith(kvkeys.IDENTITY_VALUES):
+            return key.endswith("/" + self.agent.config.node_name)
+        try:
+            address = ipaddress.ip_address(key.removeprefix(
+                kvkeys.ipcache_key(self.cluster.name, "")))
+        except ValueError:
+            return False
+        return any(address in ipaddress.ip_network(cidr, strict=False)
+                   for cidr in self.agent.config.get("pod-cidr"))
+
+    async def _reconcile(self, store: KVStore) -> None:
+        """Make the store hold what we want: delete what we wrote and nobody wants any more,
+        put every wanted key. Changes made meanwhile are queued as usual and flushed after."""
+        sweep = self._sweep_earlier_run
+        self._pending.clear()
+        stale = self._written - self.wanted.keys()
+        if sweep and not self._swept:
+            for prefix in (kvkeys.ipcache_key(self.cluster.name, ""), kvkeys.IDENTITY_VALUES):
+                stale.update(kv.key for kv in (await store.list_prefix(prefix)).items
+                             if kv.lease != self.lease.id and self._named_ours(kv.key))
+        for key in sorted(stale):
+            if key not in self.wanted:
+                await store.delete(key)
+                self._written.discard(key)
+                log.info("withdrew %s from the kvstore: no longer wanted", key)
+        for key, value in list(self.wanted.items()):
+            if self.wanted.get(key) == value:
+                self._written.add(key)
+                await store.put(key, value, lease=self.lease)
+        self._swept = sweep
 
     async def _ensure_lease(self, store: KVStore) -> None:
         if self.lease is not None:
@@ -140,15 +189,19 @@ class Publisher:
 
     async def _flush(self, store: KVStore) -> None:
         while self._pending:
-            key = self._pending.pop()
+            key = self._in_flight = self._pending.pop()
             try:
                 if key in self.wanted:
+                    self._written.add(key)
                     await store.put(key, self.wanted[key], lease=self.lease)
                 else:
                     await store.delete(key)
+                    self._written.discard(key)
             except BaseException:
-                self._pending.add(key)  # retried after the controller restarts
+                self._pending.add(key)  # the controller's next run reconciles everything
                 raise
+            finally:
+                self._in_flight = None
 
     async def close(self) -> None:
         """Clean shutdown: revoke the lease so this node's keys disappear now."""
