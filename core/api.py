@@ -19,6 +19,7 @@ import attrs
 from aiohttp import web
 
 from meshagent.errors import MeshagentError, PluginError
+from meshagent.kvstore import KVStoreError, KVStoreUnavailable
 
 if TYPE_CHECKING:
     from meshagent.agent import Agent
@@ -69,6 +70,9 @@ async def _errors_as_json(request: web.Request, handler):
         if exc.content_type == "application/json":
             raise
         return web.json_response({"error": exc.reason}, status=exc.status)
+    except KVStoreError as exc:  # the request was fine; the store behind it was not
+        what = "unavailable" if isinstance(exc, KVStoreUnavailable) else "error"
+        return web.json_response({"error": f"kvstore {what}: {exc}"}, status=503)
     except MeshagentError as exc:
         return web.json_response({"error": str(exc)}, status=getattr(exc, "http_status", 400))
     except json.JSONDecodeError as exc:

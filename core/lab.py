@@ -197,10 +197,22 @@ class Lab:
 
     # -- pods -----------------------------------------------------------------------------------
 
+    def _require_up(self) -> None:
+        if not self.state.get("nodes"):
+            raise LabError(f"no lab in {self.dir}: run 'meshagent lab up' first"
+                           " (or give its --dir)")
+
+    def node_socket(self, node: str) -> str:
+        self._require_up()
+        if node not in self.state["nodes"]:
+            raise UsageError(f"no node {node}; nodes: {', '.join(self.state['nodes'])}")
+        return self.state["nodes"][node]["socket"]
+
     def pod_create(self, name: str, node: str, namespace: str, labels: str) -> dict:
         import asyncio
 
         from meshagent.client import AgentClient
+        self._require_up()
         if name in self.state["pods"]:
             raise UsageError(f"pod {name} exists already")
         if node not in self.state["nodes"]:
@@ -216,6 +228,9 @@ class Lab:
         return self.state["pods"][name]
 
     def pod_exec(self, name: str, command: list[str], **kwargs) -> subprocess.CompletedProcess:
+        self._require_up()
+        if not command:
+            raise UsageError("no command given: meshagent lab exec POD -- COMMAND...")
         if name not in self.state["pods"]:
             raise UsageError(f"no pod {name}; pods: {', '.join(self.state['pods']) or 'none'}")
         return subprocess.run(["ip", "netns", "exec", self.state["pods"][name]["ns"], *command],
@@ -314,7 +329,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--dir", type=Path, default=argparse.SUPPRESS)
 
 
+def _exec_options(args: argparse.Namespace) -> list[str]:
+    """The command of ``lab exec POD [--dir D] -- COMMAND``: argparse hands everything after
+    the pod name over as the command, options meant for ``lab exec`` included."""
+    command = args.command
+    if "--" not in command:
+        return command
+    split = command.index("--")
+    options = command[:split]
+    while options:
+        option = options.pop(0)
+        if option == "--dir" and options:
+            args.dir = Path(options.pop(0))
+        elif option.startswith("--dir="):
+            args.dir = Path(option.removeprefix("--dir="))
+        else:
+            raise UsageError(f"lab exec: unexpected {option!r} before '--' (only --dir DIR)")
+    return command[split + 1:]
+
+
 def run(args: argparse.Namespace) -> int:
+    command = _exec_options(args) if args.action == "exec" else []
     lab = Lab(args.dir)
     if args.action == "up":
         lab.bring_up(args.nodes)
@@ -328,8 +363,7 @@ def run(args: argparse.Namespace) -> int:
         pod = lab.pod_create(args.name, args.node, args.namespace, args.labels)
         print(f"pod {args.name} on {args.node}: {pod['ip']} (identity {pod['identity']})")
     elif args.action == "exec":
-        command = args.command[1:] if args.command[:1] == ["--"] else args.command
         return lab.pod_exec(args.name, command).returncode
     elif args.action == "socket":
-        print(lab.state["nodes"][args.node]["socket"])
+        print(lab.node_socket(args.node))
     return 0
