@@ -10,6 +10,7 @@ import pytest
 import meshagent
 from meshagent.api import Route, json_response
 from meshagent.errors import AgentNotRunning, MeshagentError, PluginError
+from meshagent.plugins.memory.store import shared_store
 
 from conftest import run_cli
 
@@ -141,3 +142,30 @@ def test_cli_against_a_real_agent_process(agent_process):
     audit = run_cli("audit", "--limit", "3", *sock)
     assert audit.returncode == 0
     assert [json.loads(line)["kind"] for line in audit.stdout.splitlines()] == ["node"]
+
+
+@pytest.mark.parametrize("args", [["exec", "employee", "--", "true"], ["socket", "node1"],
+                                  ["exec", "employee", "--dir", "DIR", "--", "true"]])
+def test_lab_commands_without_a_lab_say_so_in_one_line(args, short_tmp):
+    """``--dir`` is the lab's, also when given after the pod name."""
+    lab_dir = short_tmp / "nolab"
+    args = [str(lab_dir) if a == "DIR" else a for a in args]
+    if "--dir" not in args:
+        args = ["--dir", str(lab_dir), *args]
+    result = run_cli("lab", *args)
+    assert result.returncode == 1, result
+    assert result.stderr == (f"meshagent: error: no lab in {lab_dir}: run 'meshagent lab up'"
+                             " first (or give its --dir)\n")
+
+
+async def test_kvstore_down_answers_503_naming_the_kvstore(agent_factory):
+    store = shared_store("api-503")
+    running = await agent_factory(["--plugins", "memory", "--memory-store", "api-503",
+                                   "--cluster-name", "cluster1", "--cluster-id", "101"])
+    store.set_available(False)
+    try:
+        answer = await running.client.request("DELETE", "/services/default/redis", ok=(503,))
+    finally:
+        store.set_available(True)
+    assert answer["error"].startswith("kvstore unavailable: ")
+    assert "api-503" in answer["error"]

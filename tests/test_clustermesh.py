@@ -8,9 +8,11 @@ import asyncio
 import ipaddress
 import json
 import time
+from pathlib import Path
 
 import pytest
 import trustme
+import yaml
 
 from meshagent import kvkeys
 from meshagent.events import ChangeKind
@@ -186,6 +188,29 @@ async def test_changing_the_file_reconnects(mesh):
     assert nodes(a1) == ["cluster1/node1", "cluster2/node1"]
 
 
+async def test_a_rotated_ca_file_is_picked_up_without_touching_the_config(mesh):
+    """The CA lives outside the clustermesh directory (as a mounted secret may): replacing it
+    alone reconnects, with the new CA."""
+    await mesh.start(2)
+    config = mesh.connect(1, 2)
+    certs = mesh.tmp / "certs"
+    certs.mkdir()
+    settings = yaml.safe_load(config.read_text())
+    ca_file = certs / "ca.crt"
+    ca_file.write_bytes(Path(settings["ca-file"]).read_bytes())
+    right_ca = ca_file.read_bytes()
+    settings["ca-file"] = str(ca_file)
+    config.write_text(yaml.safe_dump(settings))
+    a1 = await mesh.start(1)
+    await wait_for(lambda: remote(a1, "cluster2").ready, 10, "ready")
+
+    trustme.CA().cert_pem.write_to_path(str(ca_file))  # rotated to a CA etcd's cert is not from
+    await wait_for(lambda: "TLS verification" in remote(a1, "cluster2").last_error, 15,
+                   "reconnect with the new CA file")
+    ca_file.write_bytes(right_ca)
+    await wait_for(lambda: remote(a1, "cluster2").ready, 15, "ready with the right CA again")
+
+
 async def test_remote_outage_keeps_entries_then_resyncs(mesh):
     mesh.connect(1, 2)
     w2 = await mesh.writer(2)
@@ -233,8 +258,8 @@ async def test_foreign_and_malformed_entries_are_rejected_and_counted(mesh):
         kvkeys.identity_key(C2_BASE + 401): "",  # no labels
         kvkeys.node_key("cluster3", "n1"): node_to_json(Node("n1", "cluster3", 103)).decode(),
         kvkeys.node_key("cluster2", "n2"): node_to_json(Node("n2", "cluster3", 103)).decode(),
-        kvkeys.ipcache_key("cluster2", "10.2.0.9"): ipcache_to_json(IPCacheEntry(
-            ipaddress.ip_network("10.2.0.9/32"), (101 << 16) + 256, "cluster2")).decode(),
+        kvkeys.ipcache_key("cluster2", "10.2.1.9"): ipcache_to_json(IPCacheEntry(
+            ipaddress.ip_network("10.2.1.9/32"), (101 << 16) + 256, "cluster2")).decode(),
         kvkeys.service_key("cluster2", "default", "broken"): "{not json",
     }
     for key, value in bad.items():

@@ -78,3 +78,28 @@ async def test_kvstore_outage_at_start_is_retried_and_reported(agent_factory):
     kvstore = next(s for s in status["sections"] if s["name"] == "KVStore")
     assert kvstore["health"] == "Ok"
     assert running.agent.controllers.states["kvstore-connect"].failures >= 1
+
+
+async def test_retry_now_wakes_a_controller_sleeping_in_a_long_backoff(monkeypatch):
+    """A controller that waits for the kvstore must not sit out its backoff once it is back."""
+    monkeypatch.setattr("meshagent.controller.BACKOFF_START", 60.0)
+    attempts = []
+
+    async def needs_the_store(handle):
+        attempts.append(asyncio.get_running_loop().time())
+        if len(attempts) == 1:
+            raise ConnectionError("kvstore unavailable")
+        handle.ready()
+        await asyncio.sleep(3600)
+
+    manager = ControllerManager()
+    manager.start(Controller("publish", needs_the_store), "test")
+    async with asyncio.timeout(1):
+        while not attempts:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    assert len(attempts) == 1  # sleeping its 60 s backoff
+    manager.retry_now()
+    await asyncio.wait_for(manager.wait_ready(), 1)
+    assert len(attempts) == 2 and attempts[1] - attempts[0] < 1
+    await manager.stop(1)

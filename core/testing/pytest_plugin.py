@@ -7,6 +7,7 @@
 """
 
 import asyncio
+import io
 import shutil
 import tempfile
 import uuid
@@ -39,7 +40,19 @@ class RunningAgent:
 
     async def stop(self) -> None:
         self.agent.stop()
-        await asyncio.wait_for(asyncio.shield(self.task), 10)
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), 10)
+        except asyncio.TimeoutError:
+            raise AssertionError("the agent did not stop within 10 s; its loop's tasks:\n"
+                                 + _task_stacks()) from None
+
+
+def _task_stacks() -> str:
+    """Where every task of the loop is waiting: what a stuck shutdown needs to be found."""
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=8, file=out)
+    return out.getvalue()
 
 
 @pytest.fixture
