@@ -97,6 +97,63 @@ def lab_up(tmp_path_factory, name: str, nodes: int):
         lab.tear_down(quiet=True)
 
 
+SEED_POLICY = Path(__file__).resolve().parent.parent / "contrib" / "seed" / "l4-policy.yaml"
+
+
+def seed_scene(lab) -> None:
+    """The seed's scene on a one-node-per-cluster lab: protected-db (redis) and a stranger in
+    cluster1, the employee in cluster2's istio-space, the seed's l4-policy on cluster1."""
+    from meshagent.lab import REDIS_SERVER
+    lab.pod_create("protected-db", "cluster1-node1", "default", "app=protected-db")
+    lab.pod_create("stranger", "cluster1-node1", "default", "app=stranger")
+    lab.pod_create("employee-c2", "cluster2-node1", "istio-space", "app=employee")
+    lab.pod_spawn("protected-db", "redis", list(REDIS_SERVER))
+    result = run_cli("policy", "import", str(SEED_POLICY), "--socket-path",
+                     lab.state["nodes"]["cluster1-node1"]["socket"])
+    assert result.returncode == 0, result.stderr
+    time.sleep(1)
+
+
+#: connects to redis every 50 ms until the stop file exists; writes "ok failed"
+REDIS_UNTIL = r'''
+import os, socket, sys, time
+host, stop, out = sys.argv[1], sys.argv[2], sys.argv[3]
+ok = failed = 0
+while not os.path.exists(stop):
+    try:
+        s = socket.create_connection((host, 6379), timeout=2.0)
+        s.sendall(b"PING\r\n")
+        ok += s.recv(100).startswith(b"+PONG"); s.close()
+    except OSError:
+        failed += 1
+    time.sleep(0.05)
+open(out, "w").write(f"{ok} {failed}")
+'''
+
+
+@contextlib.contextmanager
+def redis_traffic(lab, tmp_path: Path, *pods: str):
+    """The pods keep connecting to protected-db's redis while the block runs. Yields a dict
+    that, once the block ends, holds (ok, failed) for each pod."""
+    db = lab.state["pods"]["protected-db"]["ip"]
+    stop = tmp_path / "stop-traffic"
+    outs = {pod: tmp_path / f"{pod}.count" for pod in pods}
+    procs = [subprocess.Popen(["ip", "netns", "exec", lab.state["pods"][pod]["ns"],
+                               sys.executable, "-c", REDIS_UNTIL, db, str(stop), str(out)])
+             for pod, out in outs.items()]
+    counts: dict[str, tuple[int, int]] = {}
+    try:
+        yield counts
+    finally:
+        stop.touch()
+        for proc in procs:
+            proc.wait(timeout=10)
+        stop.unlink()
+    for pod, out in outs.items():
+        ok, failed = map(int, out.read_text().split())
+        counts[pod] = (ok, failed)
+
+
 def redis_ping(lab, pod: str) -> str:
     """``redis-cli ping`` from a lab pod to protected-db: PONG, or "timeout"."""
     db = lab.state["pods"]["protected-db"]["ip"]

@@ -4,8 +4,6 @@ One lab for the module (building it takes seconds); the tests run in order and t
 removes cluster2 from cluster1's clustermesh directory.
 """
 
-import socket  # noqa: F401  (used inside the pod scripts' text)
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,27 +12,12 @@ import pytest
 from meshagent.lab import REDIS_SERVER, Lab
 from meshagent.testing.netlab import can_run
 
-from conftest import lab_up, redis_ping, run_cli
+from conftest import lab_up, redis_ping, redis_traffic, run_cli
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not can_run(), reason="needs root, ip netns and BPF")]
 
 POLICY = Path(__file__).resolve().parent.parent / "contrib" / "seed" / "l4-policy.yaml"
-REDIS_LOOP = r'''
-import socket, sys, time
-host, seconds, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-ok = failed = 0
-end = time.monotonic() + seconds
-while time.monotonic() < end:
-    try:
-        s = socket.create_connection((host, 6379), timeout=2.0)
-        s.sendall(b"PING\r\n")
-        ok += s.recv(100).startswith(b"+PONG"); s.close()
-    except OSError:
-        failed += 1
-    time.sleep(0.05)
-open(out, "w").write(f"{ok} {failed}")
-'''
 
 
 @pytest.fixture(scope="module")
@@ -84,19 +67,13 @@ def test_2_a_new_cluster2_pod_is_allowed_within_5s(lab):
 
 
 def test_3_agent_restart_on_the_db_node_loses_no_request(lab, tmp_path):
-    db = lab.state["pods"]["protected-db"]["ip"]
-    counts = {who: tmp_path / f"{who}.count" for who in ("employee-c2", "stranger")}
-    procs = {who: subprocess.Popen(["ip", "netns", "exec", lab.state["pods"][who]["ns"],
-                                    "/usr/bin/python3", "-c", REDIS_LOOP, db, "10", str(out)])
-             for who, out in counts.items()}
-    time.sleep(2)
-    lab.stop_agent("cluster1-node1")
-    time.sleep(1)
-    lab.start_agent("cluster1-node1")
-    for proc in procs.values():
-        proc.wait(timeout=40)
-    employee_ok, employee_failed = map(int, counts["employee-c2"].read_text().split())
-    stranger_ok, _ = map(int, counts["stranger"].read_text().split())
+    with redis_traffic(lab, tmp_path, "employee-c2", "stranger") as counts:
+        time.sleep(2)
+        lab.stop_agent("cluster1-node1")
+        time.sleep(1)
+        lab.start_agent("cluster1-node1")
+        time.sleep(7)
+    (employee_ok, employee_failed), (stranger_ok, _) = counts["employee-c2"], counts["stranger"]
     print(f"\nrestart under traffic: employee {employee_ok} ok / {employee_failed} failed,"
           f" stranger {stranger_ok} got through")
     assert employee_ok > 50 and employee_failed == 0

@@ -12,7 +12,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,48 +20,24 @@ import yaml
 
 from meshagent.client import AgentClient
 from meshagent.errors import MeshagentError
-from meshagent.lab import REDIS_SERVER, Lab
+from meshagent.lab import Lab
 from meshagent.testing.netlab import can_run
 
-from conftest import lab_up, run_cli
+from conftest import lab_up, redis_traffic, run_cli, seed_scene
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not can_run(), reason="needs root, ip netns and BPF")]
 
-POLICY = Path(__file__).resolve().parent.parent / "contrib" / "seed" / "l4-policy.yaml"
 NOTICE_WITHIN = 15.0
 HEAL_WITHIN = 5.0
 ETCD2 = "10.99.2.250"
 NODE1_IP = "10.99.1.1"
 
-#: connects to redis every 50 ms until the stop file exists; writes "ok failed"
-REDIS_UNTIL = r'''
-import os, socket, sys, time
-host, stop, out = sys.argv[1], sys.argv[2], sys.argv[3]
-ok = failed = 0
-while not os.path.exists(stop):
-    try:
-        s = socket.create_connection((host, 6379), timeout=2.0)
-        s.sendall(b"PING\r\n")
-        ok += s.recv(100).startswith(b"+PONG"); s.close()
-    except OSError:
-        failed += 1
-    time.sleep(0.05)
-open(out, "w").write(f"{ok} {failed}")
-'''
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     with lab_up(tmp_path_factory, "faults", nodes=1) as lab:
-        lab.pod_create("protected-db", "cluster1-node1", "default", "app=protected-db")
-        lab.pod_create("stranger", "cluster1-node1", "default", "app=stranger")
+        seed_scene(lab)
         lab.pod_create("employee-c1", "cluster1-node1", "default", "app=employee")
-        lab.pod_create("employee-c2", "cluster2-node1", "istio-space", "app=employee")
-        lab.pod_spawn("protected-db", "redis", list(REDIS_SERVER))
-        result = run_cli("policy", "import", str(POLICY), "--socket-path", sock(lab))
-        assert result.returncode == 0, result.stderr
-        time.sleep(1)
         yield lab
 
 
@@ -102,20 +77,9 @@ def wait_for(predicate, timeout: float, what: str) -> float:
 def traffic(lab: Lab, tmp_path: Path):
     """employee-c2 and the stranger keep connecting to protected-db while the block runs;
     afterwards, not one allowed connection failed and not one denied connection passed."""
-    db = lab.state["pods"]["protected-db"]["ip"]
-    stop = tmp_path / "stop"
-    counts = {who: tmp_path / f"{who}.count" for who in ("employee-c2", "stranger")}
-    procs = [subprocess.Popen(["ip", "netns", "exec", lab.state["pods"][who]["ns"],
-                               sys.executable, "-c", REDIS_UNTIL, db, str(stop), str(out)])
-             for who, out in counts.items()]
-    try:
+    with redis_traffic(lab, tmp_path, "employee-c2", "stranger") as counts:
         yield
-    finally:
-        stop.touch()
-        for proc in procs:
-            proc.wait(timeout=10)
-    employee_ok, employee_failed = map(int, counts["employee-c2"].read_text().split())
-    stranger_ok, _ = map(int, counts["stranger"].read_text().split())
+    (employee_ok, employee_failed), (stranger_ok, _) = counts["employee-c2"], counts["stranger"]
     print(f"\ntraffic: employee {employee_ok} ok / {employee_failed} failed,"
           f" stranger {stranger_ok} got through")
     assert employee_ok > 20 and employee_failed == 0

@@ -15,15 +15,14 @@ from pathlib import Path
 import pytest
 
 from meshagent.client import AgentClient
-from meshagent.lab import REDIS_SERVER, Lab
+from meshagent.lab import Lab
 from meshagent.testing.netlab import can_run
 
-from conftest import lab_up, redis_ping, run_cli
+from conftest import lab_up, redis_ping, run_cli, seed_scene
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not can_run(), reason="needs root, ip netns and BPF")]
 
-POLICY = Path(__file__).resolve().parent.parent / "contrib" / "seed" / "l4-policy.yaml"
 WRITER = Path(__file__).resolve().parent / "hostile_writer.py"
 C2 = 102 << 16
 
@@ -31,13 +30,7 @@ C2 = 102 << 16
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     with lab_up(tmp_path_factory, "hostile", nodes=1) as lab:
-        lab.pod_create("protected-db", "cluster1-node1", "default", "app=protected-db")
-        lab.pod_create("stranger", "cluster1-node1", "default", "app=stranger")
-        lab.pod_create("employee-c2", "cluster2-node1", "istio-space", "app=employee")
-        lab.pod_spawn("protected-db", "redis", list(REDIS_SERVER))
-        result = run_cli("policy", "import", str(POLICY), "--socket-path", sock(lab))
-        assert result.returncode == 0, result.stderr
-        time.sleep(1)
+        seed_scene(lab)
         yield lab
 
 
