@@ -4,9 +4,7 @@ The CLI talks to the agent only through it; plugins add paths with ``meshagent_a
 """
 
 import asyncio
-import enum
 import functools
-import ipaddress
 import json
 import logging
 import os
@@ -18,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from aiohttp import web
 
+from meshagent.client import API_PREFIX
 from meshagent.errors import MeshagentError, PluginError
+from meshagent.jsonfields import to_jsonable
 from meshagent.kvstore import KVStoreError, KVStoreUnavailable
 
 if TYPE_CHECKING:
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-API_PREFIX = "/v1"
 SOCKET_MODE = 0o660
 MAX_REQUEST_BYTES = 20 * 1024 * 1024
 
@@ -36,25 +35,6 @@ class Route:
     method: str
     path: str  # under /v1, e.g. "/endpoint"
     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def to_jsonable(value: Any) -> Any:
-    """attrs objects, enums, paths, addresses and sets as plain JSON values."""
-    if attrs.has(type(value)):
-        return {f.name: to_jsonable(getattr(value, f.name))
-                for f in attrs.fields(type(value)) if not f.name.startswith("_")}
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, (Path, ipaddress.IPv4Address, ipaddress.IPv4Network,
-                          ipaddress.IPv6Address, ipaddress.IPv6Network)):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (frozenset, set)):
-        return sorted(to_jsonable(v) for v in value)
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    return value
 
 
 def json_response(value: Any, status: int = 200) -> web.Response:

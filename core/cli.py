@@ -6,26 +6,23 @@ of their own through the ``meshagent_commands`` hook.
 """
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from meshagent.agent import Agent, run_forever
-from meshagent.api import to_jsonable
-from meshagent.client import AgentClient
-from meshagent.config import DEFAULT_SOCKET, Config, add_bootstrap_options, add_core_options
+from meshagent.client import DEFAULT_SOCKET, AgentClient
 from meshagent.errors import AgentNotRunning, MeshagentError, UsageError
-from meshagent.logsetup import configure_logging
-from meshagent.options import Parser
-from meshagent.pluginmanager import PluginManager, discover
+from meshagent.jsonfields import to_jsonable
 from meshagent.status import Health, StatusReport, StatusSection, render_text
+
+if TYPE_CHECKING:
+    from meshagent.agent import Agent
 
 log = logging.getLogger("meshagent")
 
@@ -67,8 +64,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def build_agent(argv: Sequence[str], environ: Mapping[str, str],
-                extra_plugins: Sequence[tuple[str, object]] = ()) -> Agent:
+                extra_plugins: Sequence[tuple[str, object]] = ()) -> "Agent":
     """Everything up to the first side effect: plugins, options, validation, provider choice."""
+    # imported here: a client command must not pay for what only the agent uses
+    from meshagent.agent import Agent
+    from meshagent.config import Config, add_bootstrap_options, add_core_options
+    from meshagent.options import Parser
+    from meshagent.pluginmanager import PluginManager, discover
     bootstrap = Parser()
     add_bootstrap_options(bootstrap)
     selected = bootstrap.parse(argv, environ, partial=True).values["plugins"]
@@ -87,6 +89,8 @@ def build_agent(argv: Sequence[str], environ: Mapping[str, str],
 
 
 def run_agent(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    from meshagent.agent import run_forever
+    from meshagent.logsetup import configure_logging
     agent = build_agent(argv, environ)
     configure_logging(agent.config.get("log-format"), agent.config.get("debug"))
     for name in agent.config.unknown_config_files:
@@ -108,6 +112,7 @@ def _commands_epilog() -> str:
 def run_command(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     commands = {c.name: c for c in CORE_COMMANDS}
     if argv[0] not in commands:
+        from meshagent.pluginmanager import PluginManager
         for plugin, command in PluginManager(None).hooks.commands():
             if command.name in commands:
                 raise UsageError(f"command {command.name!r} of plugin {plugin!r} is taken")
@@ -175,6 +180,7 @@ def _plugins_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _plugins(args: argparse.Namespace) -> int:
+    from meshagent.pluginmanager import PluginManager
     source = "installed plugins (no agent running)"
     if args.plugins is not None:
         rows = to_jsonable(PluginManager([p for p in args.plugins.split(",") if p]).infos())
@@ -280,11 +286,11 @@ def _endpoint(args: argparse.Namespace) -> int:
         body = {"netns": args.netns, "namespace": args.namespace, "labels": args.labels,
                 "pod_ifname": args.ifname, "pod_name": args.pod_name,
                 "container_id": args.container_id}
-        endpoint = asyncio.run(client.request("POST", "/endpoints", json=body, ok=(201,)))
+        endpoint = client.call("POST", "/endpoints", json=body, ok=(201,))
     elif args.action == "get":
         endpoint = client.get(f"/endpoints/{args.id}")
     else:
-        endpoint = asyncio.run(client.request("DELETE", f"/endpoints/{args.id}"))
+        endpoint = client.call("DELETE", f"/endpoints/{args.id}")
     if args.output == "json":
         _print_json(endpoint)
     else:
@@ -308,8 +314,7 @@ def _post_files(client: AgentClient, path: str, files: list[Path], field: str,
             text = file.read_text()
         except OSError as exc:
             raise UsageError(f"cannot read {file}: {exc.strerror}") from None
-        done = asyncio.run(client.request("POST", path, json={"text": text, "source": str(file)},
-                                          ok=(201,)))
+        done = client.call("POST", path, json={"text": text, "source": str(file)}, ok=(201,))
         for name in done[field]:
             print(f"{verb} {name}")
     return 0
@@ -345,7 +350,7 @@ def _policy(args: argparse.Namespace) -> int:
     if args.action == "delete":
         kind = "CiliumClusterwideNetworkPolicy" if args.clusterwide else "CiliumNetworkPolicy"
         namespace = "-" if args.clusterwide else args.namespace
-        asyncio.run(client.request("DELETE", f"/policy/{kind}/{namespace}/{args.name}"))
+        client.call("DELETE", f"/policy/{kind}/{namespace}/{args.name}")
         print(f"deleted {kind} {args.name}")
         return 0
     if args.action == "get":
@@ -369,7 +374,7 @@ def _policy(args: argparse.Namespace) -> int:
         body["src_identity"] = args.src_identity
     else:
         body["src_ip"] = args.src_ip
-    result = asyncio.run(client.request("POST", "/policy/trace", json=body))
+    result = client.call("POST", "/policy/trace", json=body)
     if args.output == "json":
         _print_json(result)
         return 0
@@ -403,7 +408,7 @@ def _service(args: argparse.Namespace) -> int:
     if args.action == "apply":
         return _post_files(client, "/services", args.files, "applied", "applied service")
     if args.action == "delete":
-        asyncio.run(client.request("DELETE", f"/services/{args.namespace}/{args.name}"))
+        client.call("DELETE", f"/services/{args.namespace}/{args.name}")
         print(f"deleted service {args.namespace}/{args.name}")
         return 0
 

@@ -1,65 +1,94 @@
-"""The CLI's side of the agent API: JSON over the unix socket, one line when nobody answers."""
+"""The CLI's side of the agent API: JSON over the unix socket, one line when nobody answers.
 
-import asyncio
+Standard library only (``http.client`` over ``AF_UNIX``): every ``meshagent status`` pays for
+what this imports, and an HTTP client framework costs more than the request.
+"""
+
+import http.client
 import json as _json
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
-from meshagent.api import API_PREFIX
 from meshagent.errors import AgentNotRunning, MeshagentError
 
-TIMEOUT = aiohttp.ClientTimeout(total=30, connect=3)
+API_PREFIX = "/v1"  # both ends: the server mounts every route under it
+DEFAULT_SOCKET = Path("/var/run/meshagent/meshagent.sock")  # --socket-path's default
+CONNECT_TIMEOUT = 3.0
+TIMEOUT = 30.0
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: Path):
+        super().__init__("meshagent", timeout=TIMEOUT)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(str(self.socket_path))
+            sock.settimeout(TIMEOUT)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 class AgentClient:
     def __init__(self, socket_path: Path):
         self.socket_path = Path(socket_path)
 
-    async def request(self, method: str, path: str, *, params: dict | None = None,
-                      json: Any = None, ok: tuple[int, ...] = (200,)) -> Any:
+    def call(self, method: str, path: str, *, params: dict | None = None, json: Any = None,
+             ok: tuple[int, ...] = (200,)) -> Any:
         """The decoded JSON answer; raises AgentNotRunning or MeshagentError with the reason."""
-        connector = aiohttp.UnixConnector(path=str(self.socket_path))
+        url = API_PREFIX + path
+        if params:
+            url += ("&" if "?" in url else "?") + urllib.parse.urlencode(params)
+        body = None if json is None else _json.dumps(json).encode()
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        connection = _UnixConnection(self.socket_path)
         try:
-            async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as session:
-                async with session.request(method, f"http://meshagent{API_PREFIX}{path}",
-                                           params=params, json=json) as response:
-                    text = await response.text()
-                    try:
-                        body = _json.loads(text)
-                    except ValueError:
-                        body = None
-                    if response.status not in ok:
-                        error = body.get("error") if isinstance(body, dict) else text.strip()
-                        raise MeshagentError(f"agent answered {response.status}: {error}")
-                    if body is None and text:
-                        raise MeshagentError(f"agent answered {response.status} with something"
-                                             f" that is not JSON: {text[:200]!r}")
-                    return body
-        except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, PermissionError):
+            try:
+                connection.connect()
+            except PermissionError:
                 raise MeshagentError(
                     f"permission denied on {self.socket_path}: the agent's socket is for root"
                     " and its group (run as root, or join the socket's group)") from None
-            raise AgentNotRunning(
-                f"no agent is running: cannot connect to {self.socket_path}"
-                f" ({_reason(exc)}); start it with 'meshagent --plugins ...'"
-            ) from None
-        except PermissionError:
-            raise MeshagentError(f"permission denied on {self.socket_path}") from None
-        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
-            raise AgentNotRunning(
-                f"no agent is running: cannot connect to {self.socket_path}"
-                f" ({_reason(exc)}); start it with 'meshagent --plugins ...'"
-            ) from None
-        except asyncio.TimeoutError:
-            raise AgentNotRunning(f"the agent at {self.socket_path} did not answer in time") from None
+            except OSError as exc:
+                raise AgentNotRunning(
+                    f"no agent is running: cannot connect to {self.socket_path}"
+                    f" ({exc.strerror or exc}); start it with 'meshagent --plugins ...'"
+                ) from None
+            try:
+                connection.request(method, url, body=body, headers=headers)
+                response = connection.getresponse()
+                text = response.read().decode("utf-8", "replace")
+            except TimeoutError:
+                raise AgentNotRunning(
+                    f"the agent at {self.socket_path} did not answer in time") from None
+            except (OSError, http.client.HTTPException) as exc:
+                raise AgentNotRunning(f"the agent at {self.socket_path} hung up: {exc}") from None
+        finally:
+            connection.close()
+        try:
+            answer = _json.loads(text)
+        except ValueError:
+            answer = None
+        if response.status not in ok:
+            error = answer.get("error") if isinstance(answer, dict) else text.strip()
+            raise MeshagentError(f"agent answered {response.status}: {error}")
+        if answer is None and text:
+            raise MeshagentError(f"agent answered {response.status} with something that is"
+                                 f" not JSON: {text[:200]!r}")
+        return answer
 
     def get(self, path: str, **kwargs: Any) -> Any:
-        return asyncio.run(self.request("GET", path, **kwargs))
+        return self.call("GET", path, **kwargs)
 
-
-def _reason(exc: Exception) -> str:
-    cause = getattr(exc, "os_error", None) or exc
-    return getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """:meth:`call` from a coroutine, in a thread: the event loop (maybe the agent's own)
+        keeps running meanwhile."""
+        import asyncio
+        return await asyncio.to_thread(self.call, method, path, **kwargs)

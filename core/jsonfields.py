@@ -1,13 +1,18 @@
-"""Reading fields out of decoded JSON with errors that say which field is wrong.
+"""JSON in and out: fields read from decoded JSON with errors that say which field is wrong,
+and our values (attrs classes, addresses, enums) written as plain JSON.
 
 Remote clusters send us JSON we did not write: every decoder goes through these so a bad entry
 is rejected with a reason instead of crashing a sync loop.
 """
 
 import base64
+import enum
 import ipaddress
 import json
+from pathlib import Path
 from typing import Any
+
+import attrs
 
 
 def load_object(data: bytes) -> dict[str, Any]:
@@ -67,3 +72,22 @@ def _kind_name(kind) -> str:
     names = {str: "a string", int: "an integer", list: "a list", dict: "an object",
              bool: "a boolean"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def to_jsonable(value: Any) -> Any:
+    """attrs objects, enums, paths, addresses and sets as plain JSON values."""
+    if attrs.has(type(value)):
+        return {f.name: to_jsonable(getattr(value, f.name))
+                for f in attrs.fields(type(value)) if not f.name.startswith("_")}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (Path, ipaddress.IPv4Address, ipaddress.IPv4Network,
+                          ipaddress.IPv6Address, ipaddress.IPv6Network)):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (frozenset, set)):
+        return sorted(to_jsonable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    return value

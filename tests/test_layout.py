@@ -40,3 +40,19 @@ def test_wheel_has_no_top_level_core_or_plugins(tmp_path):
     assert "meshagent/testing/kvstore_contract.py" in names
     assert "meshagent/plugins/ebpf/bpf/from_container.c" in names
     assert "meshagent/plugins/ebpf/bpf/lib/enforce.h" in names
+
+
+def test_client_commands_import_only_the_client(tmp_path):
+    """``meshagent status`` is run by people and scripts all day: it must not pay for the
+    agent's imports (netlink, the HTTP server, metrics)."""
+    script = (
+        "import sys\n"
+        "from meshagent import cli\n"
+        f"cli.main(['status', '--socket-path', {str(tmp_path / 'none.sock')!r}])\n"
+        "heavy = sorted(m for m in sys.modules if m == 'meshagent.agent' or m.split('.')[0] in"
+        " ('pyroute2', 'aiohttp', 'prometheus_client', 'bcc'))\n"
+        "print(','.join(heavy))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=30)
+    assert "no agent is running" in result.stderr
+    assert result.stdout.strip() == "", f"imported by 'meshagent status': {result.stdout}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from meshagent.api import API_PREFIX
+from meshagent.client import API_PREFIX
 from meshagent.cli import Command, _format_table
 from meshagent.errors import AgentNotRunning
 from meshagent.plugins.ebpf.maps import (
