@@ -24,6 +24,7 @@ from meshagent.clustersync import ClusterSync, Tables
 from meshagent.config import Config
 from meshagent.controller import ControllerManager
 from meshagent.corehooks import CoreHooks
+from meshagent.datapathfeed import DatapathFeed
 from meshagent.endpoints import EndpointManager
 from meshagent.errors import PluginError
 from meshagent.noderoutes import NodeRoutes
@@ -35,6 +36,7 @@ from meshagent.publisher import Publisher
 from meshagent.services import ServiceManager
 from meshagent.slots import (
     DATAPATH, IDENTITY_ALLOCATOR, KVSTORE, POLICY_RESOLVER, SLOTS, Provider, Registry,
+    check_provider,
 )
 from meshagent.statedir import StateDir
 from meshagent.status import Health, StatusReport, StatusSection, sort_sections
@@ -60,6 +62,7 @@ class Agent:
         self.stopping = False
         self._stop = asyncio.Event()
         plugins.register(CoreHooks(self), name="core")
+        plugins.register(DatapathFeed(self), name="core.datapath")
         # Provider choice happens here, before any side effect, so a bad choice exits 2 cleanly.
         self.registries: dict[str, Registry] = {
             slot.name: self.hooks.register_providers(slot) for slot in SLOTS}
@@ -134,9 +137,11 @@ class Agent:
         """Instantiate the chosen providers; each is closed in reverse order at exit."""
         def build(slot):
             provider = self.providers[slot.name]
-            return provider.factory(self) if provider else None
+            return check_provider(slot, provider, provider.factory(self)) if provider else None
 
-        self.kvstore_backend = self.kvstore_backend_named(self.providers[KVSTORE.name].name)
+        kvstore = self.providers[KVSTORE.name]
+        self.kvstore_backend = check_provider(KVSTORE, kvstore,
+                                              self.kvstore_backend_named(kvstore.name))
         self.kvstore = self.kvstore_backend.local_client(self.config)
         cleanup.push_async_callback(self.kvstore.close)
         cleanup.push_async_callback(self.publisher.close)  # revoke the lease before closing

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from meshagent import hookimpl, kvkeys
 from meshagent.controller import Controller, ControllerHandle
+from meshagent.identity import CollectsGarbage
 from meshagent.liveness import PROBE_INTERVAL, PROBE_INTERVAL_FAILING, Liveness
 from meshagent.status import Health, StatusSection
 
@@ -23,8 +24,6 @@ class CoreHooks:
 
     def __init__(self, agent: "Agent"):
         self.agent = agent
-        self._ipcache_changes: list = []
-        self._ipcache_wake = asyncio.Event()
         self.kvstore_liveness = Liveness(kvkeys.HEARTBEAT)
 
     @hookimpl
@@ -56,13 +55,8 @@ class CoreHooks:
             controllers.append(Controller("clustermesh-config", agent.clustermesh.run))
         if agent.node_routes is not None:
             controllers.append(Controller("node-routes", agent.node_routes.run))
-        if hasattr(agent.identity_allocator, "run_gc"):
+        if isinstance(agent.identity_allocator, CollectsGarbage):
             controllers.append(Controller("identity-gc", agent.identity_allocator.run_gc))
-        if agent.datapath is not None:
-            controllers.append(Controller("datapath-start", self._start_datapath))
-            controllers.append(Controller("datapath-sync", self._sync_datapath))
-            if hasattr(agent.datapath, "update_services"):
-                controllers.append(Controller("datapath-services", agent.services.feed_datapath))
         return controllers
 
     @hookimpl
@@ -74,37 +68,6 @@ class CoreHooks:
         if entry.prefix.prefixlen == 32 and \
                 entry.prefix.network_address in self.agent.services.backend_ips:
             self.agent.services.remerge()  # backends follow their endpoints
-        if self.agent.datapath is not None:
-            self._ipcache_changes.append((kind, entry))
-            self._ipcache_wake.set()
-
-    async def _sync_datapath(self, handle: ControllerHandle) -> None:
-        """Hold every datapath change until the agent is synced, reconcile, then stream.
-
-        Synced: every controller ready (policies listed, endpoints restored, local cluster
-        listed) and every remote cluster ready, or ``--datapath-sync-timeout`` passed.
-        """
-        agent = self.agent
-        handle.ready()
-        await agent.ready_event.wait()
-        if agent.clustermesh is not None:
-            deadline = time.monotonic() + agent.config.get("datapath-sync-timeout")
-            while time.monotonic() < deadline and not all(
-                    r.ready for r in agent.clustermesh.remotes.values()):
-                await asyncio.sleep(0.1)
-        policies = {}
-        resolver = agent.policy_resolver
-        if resolver is not None and hasattr(resolver, "resolver"):
-            policies = {ep: resolver.resolver.verdicts(ep) for ep in resolver.resolver.endpoints}
-        self._ipcache_changes.clear()
-        await agent.datapath.reconcile(policies, agent.tables.ipcache.values())
-        agent.datapath_synced.set()
-        while True:
-            await self._ipcache_wake.wait()
-            self._ipcache_wake.clear()
-            batch, self._ipcache_changes = self._ipcache_changes, []
-            if batch:
-                await agent.datapath.update_ipcache(batch)
 
     async def _sync_local_cluster(self, handle: ControllerHandle) -> None:
         """Our own cluster's nodes, identities, endpoints and services, from the local store.
@@ -126,10 +89,6 @@ class CoreHooks:
         if self.kvstore_liveness.failing:
             self.kvstore_liveness.answered()
             self.agent.controllers.retry_now()
-
-    async def _start_datapath(self, handle: ControllerHandle) -> None:
-        await self.agent.datapath.start()
-        self.agent.datapath_started.set()
 
     async def _watch_kvstore(self, handle: ControllerHandle) -> None:
         """Probe the local kvstore every few seconds, so that a hung one is reported even
@@ -219,8 +178,6 @@ class _CoreCollector:
 
     def __init__(self, agent: "Agent"):
         self.agent = agent
-        self._ipcache_changes: list = []
-        self._ipcache_wake = asyncio.Event()
 
     def collect(self):
         ready = GaugeMetricFamily("meshagent_agent_ready", "1 once every controller is ready")

@@ -3,12 +3,14 @@
 The slot may stay empty: the agent then runs its control plane only and says so in status.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from meshagent.endpoint import Endpoint
 from meshagent.events import ChangeKind
 from meshagent.ipcache import IPCacheEntry
+from meshagent.policy.contract import MapChange, MapState
+from meshagent.service import MergedService
 
 
 @runtime_checkable
@@ -25,19 +27,21 @@ class Datapath(Protocol):
     async def update_ipcache(self, changes: Iterable[tuple[ChangeKind, IPCacheEntry]]) -> None:
         """Apply IP to identity changes incrementally."""
 
-    async def update_policy(self, endpoint_id: int, changes: Iterable[object]) -> None:
-        """Apply one endpoint's policy map changes incrementally."""
+    async def update_policy(self, endpoint_id: int, changes: Sequence[MapChange]) -> None:
+        """Apply one endpoint's policy map changes incrementally, in order (from any
+        resolver, through :meth:`meshagent.policy.PolicyResolver.changes`)."""
 
-    async def update_services(self, services: Iterable[object]) -> None:
-        """Load-balance connections to each service frontend over its merged backends
-        (:class:`meshagent.services.MergedService`); the whole current set every time."""
+    async def update_services(self, services: Iterable[MergedService]) -> None:
+        """Load-balance connections to each service frontend over its merged backends; the
+        whole current set every time."""
 
-    async def reconcile(self, policies: dict[int, dict], ipcache: list[IPCacheEntry]) -> None:
+    async def reconcile(self, policies: Mapping[int, MapState],
+                        ipcache: Sequence[IPCacheEntry]) -> None:
         """Once the agent has synced: make the maps exactly this, dropping what is stale.
 
         Until then the datapath changes nothing, so a restart neither drops allowed traffic
-        nor lets denied traffic pass. ``policies`` maps endpoint id to its
-        ``{MapKey: Verdict}``.
+        nor lets denied traffic pass. ``policies`` maps endpoint id to its map state
+        (:meth:`meshagent.policy.PolicyResolver.snapshot`).
         """
 
     async def stop(self) -> None:

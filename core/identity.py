@@ -10,6 +10,8 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
+from meshagent.controller import ControllerHandle
+
 
 class ReservedIdentity(enum.IntEnum):
     """Cilium's reserved identities, the same number in every cluster."""
@@ -122,3 +124,12 @@ class IdentityAllocator(Protocol):
 
     async def close(self) -> None:
         """Stop watching and give up this node's claims."""
+
+
+@runtime_checkable
+class CollectsGarbage(Protocol):
+    """An identity allocator that also frees identities no node uses any more: the agent runs
+    ``run_gc`` as controller ``identity-gc``."""
+
+    async def run_gc(self, handle: ControllerHandle) -> None:
+        """Collect unused identities now and then, for the agent's lifetime."""

@@ -81,3 +81,13 @@ def service_from_json(data: bytes) -> Service:
         shared=field(doc, "shared", bool, required=False, default=True),
         cluster_id=field(doc, "clusterID", int, required=False, default=0),
     )
+
+
+@attrs.frozen
+class MergedService:
+    """What the datapath balances: a local service's frontends over the chosen backends."""
+
+    service: Service
+    backends: tuple[Backend, ...]  # after merging and affinity
+    remote_backends: int
+    conflicts: tuple[str, ...] = ()

@@ -29,7 +29,7 @@ from meshagent.controller import ControllerHandle
 from meshagent.errors import UsageError
 from meshagent.events import ChangeKind
 from meshagent.kvsync import follow_prefix
-from meshagent.service import Backend, Frontend, Service, service_to_json
+from meshagent.service import Backend, Frontend, MergedService, Service, service_to_json
 
 if TYPE_CHECKING:
     from meshagent.agent import Agent
@@ -53,16 +53,6 @@ class ServiceUpdate:
 
     kind: ChangeKind
     service: Service
-
-
-@attrs.frozen
-class MergedService:
-    """What the datapath balances: a local service's frontends over the chosen backends."""
-
-    service: Service
-    backends: tuple[Backend, ...]  # after merging and affinity
-    remote_backends: int
-    conflicts: tuple[str, ...] = ()
 
 
 # -- parsing Kubernetes documents ------------------------------------------------------------------

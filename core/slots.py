@@ -94,3 +94,25 @@ def _hint(offers: dict[str, list[str]]) -> str:
         return "no installed plugin can fill it"
     listed = ", ".join(f"{plugin} ({', '.join(names)})" for plugin, names in sorted(offers.items()))
     return f"plugins that could fill it: {listed}; add one to --plugins"
+
+
+def check_provider(slot: Slot, provider: Provider, built: Any) -> Any:
+    """``built`` if it meets the slot's protocol; else a PluginError naming the plugin and
+    what is missing (at start-up, not at the first call that needs it)."""
+    if isinstance(built, slot.protocol):
+        return built
+    missing = sorted(name for name in _members(slot.protocol) if not hasattr(built, name))
+    raise PluginError(
+        f"{slot.name} provider {provider.name!r} of plugin {provider.plugin!r} does not meet"
+        f" {slot.protocol.__module__}.{slot.protocol.__qualname__}: missing"
+        f" {', '.join(missing) or '?'}")
+
+
+def _members(protocol: type) -> set[str]:
+    names: set[str] = set()
+    for klass in protocol.__mro__:
+        if klass is object or klass.__name__ in ("Protocol", "Generic"):
+            continue
+        names.update(n for n in vars(klass) if not n.startswith("_"))
+        names.update(getattr(klass, "__annotations__", {}))
+    return names

@@ -442,7 +442,7 @@ def test_service_connections_are_judged_against_the_backend_and_keep_it(harness)
 
     from meshagent.service import Backend, Frontend, Service
     from meshagent.testing.packets import checksum
-    from meshagent.services import MergedService
+    from meshagent.service import MergedService
     vip = "10.96.0.10"
 
     def service(backend: str, port: int) -> MergedService:

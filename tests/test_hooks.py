@@ -1,12 +1,13 @@
 """Each hook fires when its spec says, with the arguments it says."""
 
+import asyncio
 import ipaddress
 
 import pytest
 from prometheus_client import Counter
 
 import meshagent
-from meshagent.errors import UsageError
+from meshagent.errors import PluginError, UsageError
 from meshagent.events import ChangeKind, PolicyChange
 from meshagent.identity import Identity
 from meshagent.ipcache import IPCacheEntry
@@ -93,6 +94,11 @@ class FakeSlots:
         registry.register("fake-dp", lambda agent: self._Provider(self, "datapath"))
 
     class _Provider:
+        """Meets the identity allocator, policy resolver and datapath contracts, doing
+        nothing but recording its life."""
+
+        revision = 0
+
         def __init__(self, owner, kind):
             self.owner, self.kind = owner, kind
             owner.events.append(f"{kind} built")
@@ -105,6 +111,72 @@ class FakeSlots:
 
         async def close(self):
             self.owner.events.append(f"{self.kind} closed")
+
+        async def allocate(self, labels):
+            raise NotImplementedError
+
+        async def release(self, identity):
+            return False
+
+        def lookup(self, identity_id):
+            return None
+
+        async def import_policies(self, text, source):
+            return []
+
+        async def store(self, policies):
+            pass
+
+        async def delete(self, kind, namespace, name):
+            return False
+
+        def policies(self):
+            return []
+
+        def trace(self, dst_endpoint, port, protocol="TCP", **source):
+            return {}
+
+        def snapshot(self):
+            return {}
+
+        async def changes(self):
+            await asyncio.Event().wait()
+
+        async def endpoint_added(self, endpoint):
+            pass
+
+        async def endpoint_removed(self, endpoint):
+            pass
+
+        async def update_ipcache(self, changes):
+            pass
+
+        async def update_policy(self, endpoint_id, changes):
+            pass
+
+        async def update_services(self, services):
+            pass
+
+        async def reconcile(self, policies, ipcache):
+            pass
+
+
+async def test_a_provider_that_does_not_meet_its_slot_is_refused_naming_its_plugin(
+        agent_factory):
+    class Half:
+        async def start(self):
+            pass
+
+    class Offers:
+        @meshagent.hookimpl
+        def meshagent_register_datapath(self, registry):
+            registry.register("half", lambda agent: Half())
+
+    with pytest.raises(PluginError, match=r"datapath provider 'half' of plugin 'halfdp' does"
+                       r" not meet meshagent\.datapath\.Datapath: missing endpoint_added,"
+                       r" endpoint_removed, reconcile, stop, update_ipcache, update_policy,"
+                       r" update_services"):
+        await agent_factory(extra_plugins=[("halfdp", Offers())])
 
 
 async def test_every_slot_is_filled_built_started_and_closed(agent_factory):

@@ -49,6 +49,9 @@ class RecordingDatapath:
     async def update_ipcache(self, changes):
         pass
 
+    async def update_services(self, services):
+        pass
+
     async def reconcile(self, policies, ipcache):
         self.updates = {ep: {k: v.value for k, v in verdicts.items()}
                         for ep, verdicts in policies.items()}

@@ -8,7 +8,6 @@ a policy or endpoint change recomputes the endpoints concerned. Only differences
 Replies are the datapath's (conntrack): the resolver emits no reply rules.
 """
 
-import enum
 from collections.abc import Callable, Iterable, Iterator
 
 import attrs
@@ -17,33 +16,13 @@ from meshagent.endpoint import NAMESPACE_LABEL
 from meshagent.events import ChangeKind
 from meshagent.identity import CLUSTER_LABEL, Identity, ReservedIdentity
 from meshagent.policy.api import PROTOCOLS, PeerRule, Policy, PortProtocol, Requirement, Rule
+from meshagent.policy.contract import MapChange, MapKey, Verdict
 from meshagent.policy.selector import (
     CIDRPeer, EntityPeer, Peer, SelectorCache, SelectorPeer, label_index, requirement_matches,
 )
 
 INGRESS, EGRESS = "ingress", "egress"
 ANY_PORT = PortProtocol(0, 0, "ANY")
-
-
-class Verdict(enum.Enum):
-    ALLOW = "allow"
-    DENY = "deny"
-
-
-@attrs.frozen(order=True)
-class MapKey:
-    direction: str
-    identity: int  # 0: any peer
-    protocol: int  # 0: any
-    port: int  # 0: any
-    end_port: int
-
-
-@attrs.frozen
-class MapChange:
-    kind: ChangeKind
-    key: MapKey
-    verdict: Verdict | None  # None for DELETE
 
 
 @attrs.frozen

@@ -3,8 +3,8 @@
 Policies live in the local cluster's kvstore (``meshagent/policies/v1/<kind>/<ns>/<name>``, the
 original document as JSON), so every agent of the cluster enforces the same set; remote clusters
 never see them. Plugins can feed more (Kubernetes CRDs) through ``meshagent_policy_source``.
-Identities and endpoints arrive through the agent's events; the resolver's map changes go to
-the datapath slot in order, per endpoint.
+Identities and endpoints arrive through the agent's events; the resolver's map changes are
+handed over through the contract (``snapshot``, ``changes``) for the core to feed the datapath.
 """
 
 import asyncio
@@ -24,9 +24,8 @@ from meshagent.kvsync import follow_prefix
 from meshagent.policy.api import Policy, PolicyError
 from meshagent.policy.worker import LARGE_POLICY, PolicyParser, collections_held, rule_count
 from meshagent.policy.cidr import cidr_identity, free_local_identity, policy_cidrs
-from meshagent.policy.resolver import (
-    EGRESS, INGRESS, MapChange, PolicyEndpoint, Resolver, Trace, trace,
-)
+from meshagent.policy.contract import EndpointChanges, MapChange, MapState
+from meshagent.policy.resolver import EGRESS, INGRESS, PolicyEndpoint, Resolver, Trace, trace
 from meshagent.status import Health, StatusSection
 
 if TYPE_CHECKING:
@@ -162,23 +161,17 @@ class PolicyService:
         self.pending.setdefault(endpoint_id, []).extend(changes)
         self._wake.set()
 
-    async def _apply_to_datapath(self, handle: ControllerHandle) -> None:
-        handle.ready()
-        if self.agent.datapath is not None:
-            await self.agent.datapath_synced.wait()  # the first full state went by reconcile
-            self.pending.clear()
-        while True:
-            await self._wake.wait()
+    def snapshot(self) -> dict[int, MapState]:
+        self.pending.clear()
+        handed = self.resolver.handed
+        return {ep: dict(handed.get(ep, {})) for ep in self.resolver.endpoints}
+
+    async def changes(self) -> EndpointChanges:
+        while not self.pending:
             self._wake.clear()
-            while self.pending:
-                endpoint_id, changes = next(iter(self.pending.items()))
-                del self.pending[endpoint_id]
-                if self.agent.datapath is not None:
-                    try:
-                        await self.agent.datapath.update_policy(endpoint_id, changes)
-                    except BaseException:
-                        self.pending[endpoint_id] = changes + self.pending.get(endpoint_id, [])
-                        raise
+            await self._wake.wait()
+        taken, self.pending = self.pending, {}
+        return taken
 
     async def _sync_kvstore(self, handle: ControllerHandle) -> None:
         """List then watch the cluster's policies; a bad document is refused, not fatal."""
@@ -211,8 +204,7 @@ class PolicyService:
 
     @hookimpl
     def meshagent_controllers(self, agent):
-        controllers = [Controller("policy-sync", self._sync_kvstore),
-                       Controller("policy-apply", self._apply_to_datapath)]
+        controllers = [Controller("policy-sync", self._sync_kvstore)]
         for plugin, source in agent.hooks.policy_sources(agent):
             controllers.append(Controller(f"policy-source-{plugin}",
                                           lambda h, s=source: self._run_source(s, h)))
