@@ -23,6 +23,7 @@ from meshagent.kvstore import KVStoreError, KVStoreUnavailable
 
 if TYPE_CHECKING:
     from meshagent.agent import Agent
+    from meshagent.policy import PolicyResolver
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,12 @@ def build_app(agent: "Agent", extra_routes: list[tuple[str, Route]]) -> web.Appl
         Route("POST", "/endpoints", functools.partial(_endpoint_create, agent)),
         Route("GET", "/endpoints/{id}", functools.partial(_endpoint_get, agent)),
         Route("DELETE", "/endpoints/{id}", functools.partial(_endpoint_delete, agent)),
+        # policy, for whichever resolver fills the slot: only its contract is used
+        Route("GET", "/policy", functools.partial(_policy_get, agent)),
+        Route("POST", "/policy", functools.partial(_policy_import, agent)),
+        Route("DELETE", "/policy/{kind}/{namespace}/{name}",
+              functools.partial(_policy_delete, agent)),
+        Route("POST", "/policy/trace", functools.partial(_policy_trace, agent)),
     ]
     owners: dict[tuple[str, str], str] = {}
     for owner, route in [("core", r) for r in core] + extra_routes:
@@ -94,6 +101,47 @@ def build_app(agent: "Agent", extra_routes: list[tuple[str, Route]]) -> web.Appl
         owners[key] = owner
         app.router.add_route(route.method, API_PREFIX + route.path, route.handler)
     return app
+
+
+def _resolver(agent: "Agent") -> "PolicyResolver":
+    if agent.policy_resolver is None:
+        raise web.HTTPNotFound(reason="no policy resolver is loaded (slot policy-resolver)")
+    return agent.policy_resolver
+
+
+async def _policy_get(agent: "Agent", request: web.Request) -> web.Response:
+    resolver = _resolver(agent)
+    return json_response({"revision": resolver.revision,
+                          "policies": [p.document for p in resolver.policies()]})
+
+
+async def _policy_import(agent: "Agent", request: web.Request) -> web.Response:
+    resolver = _resolver(agent)
+    body = await request.json()
+    policies = await resolver.import_policies(body.get("text", ""), body.get("source", "request"))
+    await resolver.store(policies)
+    return json_response({"imported": [p.display for p in policies]}, status=201)
+
+
+async def _policy_delete(agent: "Agent", request: web.Request) -> web.Response:
+    info = request.match_info
+    namespace = None if info["namespace"] == "-" else info["namespace"]
+    if not await _resolver(agent).delete(info["kind"], namespace, info["name"]):
+        raise web.HTTPNotFound(reason=f"no policy {info['kind']} {info['namespace']}/"
+                                      f"{info['name']}")
+    return json_response({"deleted": info["name"]})
+
+
+TRACE_FIELDS = {"dst_endpoint", "port", "protocol", "src_identity", "src_labels", "src_ip"}
+
+
+async def _policy_trace(agent: "Agent", request: web.Request) -> web.Response:
+    resolver = _resolver(agent)
+    body = await request.json()
+    if not isinstance(body, dict) or not {"dst_endpoint", "port"} <= body.keys() <= TRACE_FIELDS:
+        raise web.HTTPBadRequest(reason="expected a trace request: dst_endpoint, port and"
+                                        " optionally protocol, src_identity, src_labels, src_ip")
+    return json_response(resolver.trace(**body))
 
 
 async def _healthz(agent: "Agent", request: web.Request) -> web.Response:

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from meshagent.errors import MeshagentError, UsageError
@@ -86,7 +87,9 @@ class Lab:
 
     # -- up -------------------------------------------------------------------------------------
 
-    def bring_up(self, nodes: int) -> None:
+    def bring_up(self, nodes: int, agent_args: Sequence[str] = ()) -> None:
+        """Both clusters with ``nodes`` nodes each; ``agent_args`` go to every agent (more
+        plugins, another policy resolver)."""
         if self.up:
             print(f"lab already up in {self.dir} ({self.state['nodes_per_cluster']} node(s) per"
                   " cluster); 'meshagent lab down' first to rebuild")
@@ -97,7 +100,7 @@ class Lab:
             raise LabError("the lab needs root (network namespaces, BPF)")
         from meshagent.testing.etcd import EtcdServer
         self.state = {"prefix": "mal" + secrets.token_hex(2), "nodes_per_cluster": nodes,
-                      "clusters": {}, "nodes": {}, "pods": {}}
+                      "clusters": {}, "nodes": {}, "pods": {}, "agent_args": list(agent_args)}
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.save()
         try:
@@ -167,7 +170,8 @@ class Lab:
                 "--etcd-config", str(base / "etcd.yaml"), "--node-name", node["name"],
                 "--node-ip", node["ip"], "--pod-cidr", node["pod_cidr"],
                 "--auto-direct-node-routes", "--ebpf-bpf-root", node["bpffs"],
-                "--socket-path", node["socket"], "--state-dir", node["state_dir"]]
+                "--socket-path", node["socket"], "--state-dir", node["state_dir"],
+                *self.state.get("agent_args", ())]
 
     def start_agent(self, name: str) -> None:
         self._spawn(self.state["nodes"][name]["ns"], f"agent-{name}", self.agent_command(name))

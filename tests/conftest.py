@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -84,14 +85,14 @@ def bpffs(short_tmp):
 
 
 @contextlib.contextmanager
-def lab_up(tmp_path_factory, name: str, nodes: int):
+def lab_up(tmp_path_factory, name: str, nodes: int, agent_args: Sequence[str] = ()):
     """The two-cluster lab with ``nodes`` nodes per cluster, torn down afterwards (also when
     setting it up failed)."""
     from meshagent.lab import Lab
     directory = Path(tmp_path_factory.mktemp(name, numbered=True))
     lab = Lab(Path("/tmp") / f"ma-{name}-{directory.name}")
     try:
-        lab.bring_up(nodes=nodes)
+        lab.bring_up(nodes=nodes, agent_args=agent_args)
         yield lab
     finally:
         lab.tear_down(quiet=True)

@@ -137,8 +137,8 @@ def test_cli_against_a_real_agent_process(agent_process):
     assert any(line.split()[:3] == ["cluster-id", "101", "flag"] for line in config.splitlines())
     plugins = json.loads(run_cli("plugins", "-o", "json", *sock).stdout)
     assert {p["name"]: p["status"] for p in plugins} == {
-        "audit": "active", "consul": "blocked", "ebpf": "blocked", "etcd": "blocked", "k8s": "blocked",
-        "memory": "active"}
+        "audit": "active", "consul": "blocked", "ebpf": "blocked", "etcd": "blocked",
+        "guardrails": "blocked", "k8s": "blocked", "memory": "active"}
     audit = run_cli("audit", "--limit", "3", *sock)
     assert audit.returncode == 0
     assert [json.loads(line)["kind"] for line in audit.stdout.splitlines()] == ["node"]

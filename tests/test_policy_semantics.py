@@ -1,85 +1,16 @@
-"""Policy semantics, table-driven: one policy set, one endpoint, one peer, one port → verdict.
-
-Each case states what current Cilium does; the comment says why where it is not obvious.
-"""
+"""Policy semantics, table-driven (the table is :mod:`meshagent.testing.policy_cases`),
+through the resolver directly; ``test_resolver_contract.py`` drives the same table through the
+policy-resolver contract of a running agent."""
 
 import pytest
 
-from meshagent.identity import Identity
 from meshagent.policy.api import parse_policies
 from meshagent.policy.resolver import (
     EGRESS, INGRESS, PolicyEndpoint, Resolver, Verdict, decide,
 )
-
-C1, C2 = 101 << 16, 102 << 16
-TCP, UDP, SCTP = 6, 17, 132
-
-
-def L(app: str, ns: str = "default", cluster: str = "cluster1", **extra: str) -> frozenset:
-    labels = {f"k8s:app={app}", f"k8s:io.kubernetes.pod.namespace={ns}",
-              f"k8s:io.cilium.k8s.policy.cluster={cluster}"}
-    labels |= {f"k8s:{k.replace('_', '-')}={v}" for k, v in extra.items()}
-    return frozenset(labels)
-
-
-IDS = {
-    "db": Identity(C1 + 300, L("protected-db"), "cluster1"),
-    "employee": Identity(C1 + 301, L("employee"), "cluster1"),
-    "stranger": Identity(C1 + 302, L("stranger"), "cluster1"),
-    "employee-c2": Identity(C2 + 300, L("employee", "istio-space", "cluster2"), "cluster2"),
-    "employee-c2-default": Identity(C2 + 301, L("employee", "default", "cluster2"), "cluster2"),
-    "employee-other-ns": Identity(C1 + 303, L("employee", "other"), "cluster1"),
-    "frontend": Identity(C1 + 304, L("frontend", tier="web"), "cluster1"),
-    "backend": Identity(C1 + 305, L("backend", tier="api"), "cluster1"),
-    "world": Identity(2, frozenset({"reserved:world"})),
-    "host": Identity(1, frozenset({"reserved:host"})),
-    "remote-node": Identity(6, frozenset({"reserved:remote-node"})),
-    "cidr-10-1": Identity((1 << 24) + 1, frozenset({"cidr:10.1.0.0/16", "reserved:world"})),
-    "cidr-10-1-5": Identity((1 << 24) + 2, frozenset({"cidr:10.1.5.0/24", "reserved:world"})),
-}
-
-SEED = """
-apiVersion: "cilium.io/v2"
-kind: CiliumNetworkPolicy
-metadata:
-  name: "clustermesh-ingress-l4-policy"
-  description: "demo: allow only employee to access protected-db"
-spec:
-  endpointSelector:
-    matchLabels:
-      app: protected-db
-      io.cilium.k8s.policy.cluster: cluster1
-  ingress:
-  - toPorts:
-    - ports:
-      - port: "6379"
-        protocol: TCP
-    fromEndpoints:
-      - matchLabels:
-          app: employee
-          io.cilium.k8s.policy.cluster: cluster2
-          k8s:io.kubernetes.pod.namespace: istio-space
-      - matchLabels:
-          app: employee
-          # io.cilium.k8s.policy.cluster: cluster1
-          k8s:io.kubernetes.pod.namespace: default
-"""
-
-
-def cnp(spec: str, name: str = "p", namespace: str = "default") -> str:
-    body = "\n".join("  " + line for line in spec.strip("\n").splitlines())
-    return (f"apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\n"
-            f"  namespace: {namespace}\nspec:\n{body}\n")
-
-
-def ccnp(spec: str, name: str = "cw") -> str:
-    body = "\n".join("  " + line for line in spec.strip("\n").splitlines())
-    return (f"apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata:\n"
-            f"  name: {name}\nspec:\n{body}\n")
-
-
-DB_SEL = "endpointSelector:\n  matchLabels:\n    app: protected-db\n"
-
+from meshagent.testing.policy_cases import (  # noqa: F401 (re-exported for other tests)
+    CASES, EGRESS_CASES, IDS, SEED, TCP, L, ccnp, cnp,
+)
 
 def verdict(text: str, peer: str, port: int = 6379, proto: int = TCP, *,
             direction: str = INGRESS, endpoint: frozenset = IDS["db"].labels,
@@ -93,184 +24,12 @@ def verdict(text: str, peer: str, port: int = 6379, proto: int = TCP, *,
     return decide(resolver.verdicts(1), direction, IDS[peer].id, proto, port).value
 
 
-CASES = [
-    # -- no policy, and the seed -----------------------------------------------------------------
-    ("no policy: everything is allowed", "", "stranger", 6379, TCP, "allow"),
-    ("seed: cluster2 employee (istio-space) allowed", SEED, "employee-c2", 6379, TCP, "allow"),
-    ("seed: cluster1 employee (default) allowed", SEED, "employee", 6379, TCP, "allow"),
-    ("seed: stranger denied", SEED, "stranger", 6379, TCP, "deny"),
-    ("seed: employee on another port denied", SEED, "employee", 6380, TCP, "deny"),
-    ("seed: employee over UDP denied", SEED, "employee", 6379, UDP, "deny"),
-    ("seed: employee of cluster2 in default is not cluster1's (local-cluster default)", SEED,
-     "employee-c2-default", 6379, TCP, "deny"),
-    ("seed: employee in another namespace denied", SEED, "employee-other-ns", 6379, TCP, "deny"),
-    # -- default deny --------------------------------------------------------------------------
-    ("ingress section => default deny", cnp(DB_SEL + "ingress:\n- {}\n"), "employee", 6379, TCP,
-     "deny"),
-    ("policy not selecting the endpoint changes nothing",
-     cnp("endpointSelector:\n  matchLabels:\n    app: other\ningress:\n- {}\n"), "stranger",
-     6379, TCP, "allow"),
-    ("egress-only policy leaves ingress open",
-     cnp(DB_SEL + "egress:\n- toEntities: [world]\n"), "stranger", 6379, TCP, "allow"),
-    ("enableDefaultDeny ingress false: rules add, nothing is closed",
-     cnp(DB_SEL + "enableDefaultDeny: {ingress: false}\n"
-         "ingressDeny:\n- fromEndpoints: [{matchLabels: {app: stranger}}]\n"),
-     "employee", 6379, TCP, "allow"),
-    ("a deny-only policy puts the endpoint in default deny",
-     cnp(DB_SEL + "ingressDeny:\n- fromEndpoints: [{matchLabels: {app: stranger}}]\n"),
-     "employee", 6379, TCP, "deny"),
-    # -- L4 --------------------------------------------------------------------------------------
-    ("ports without peers: any peer on that port",
-     cnp(DB_SEL + "ingress:\n- toPorts: [{ports: [{port: '6379', protocol: TCP}]}]\n"),
-     "stranger", 6379, TCP, "allow"),
-    ("ports without peers: other port denied",
-     cnp(DB_SEL + "ingress:\n- toPorts: [{ports: [{port: '6379', protocol: TCP}]}]\n"),
-     "stranger", 22, TCP, "deny"),
-    ("port range start", cnp(DB_SEL + "ingress:\n- toPorts: [{ports: [{port: '8000', endPort: "
-                                      "8100, protocol: TCP}]}]\n"), "stranger", 8000, TCP, "allow"),
-    ("port range end", cnp(DB_SEL + "ingress:\n- toPorts: [{ports: [{port: '8000', endPort: "
-                                    "8100, protocol: TCP}]}]\n"), "stranger", 8100, TCP, "allow"),
-    ("port range outside", cnp(DB_SEL + "ingress:\n- toPorts: [{ports: [{port: '8000', endPort: "
-                                        "8100, protocol: TCP}]}]\n"), "stranger", 8101, TCP,
-     "deny"),
-    ("protocol ANY covers UDP",
-     cnp(DB_SEL + "ingress:\n- toPorts: [{ports: [{port: '53', protocol: ANY}]}]\n"), "stranger",
-     53, UDP, "allow"),
-    ("no protocol means ANY (SCTP)", cnp(DB_SEL + "ingress:\n- toPorts: [{ports: [{port: '9'}]}]\n"),
-     "stranger", 9, SCTP, "allow"),
-    ("UDP rule does not open TCP",
-     cnp(DB_SEL + "ingress:\n- toPorts: [{ports: [{port: '53', protocol: UDP}]}]\n"), "stranger",
-     53, TCP, "deny"),
-    # -- L3 endpoints ------------------------------------------------------------------------------
-    ("fromEndpoints without ports: all ports",
-     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {app: employee}}]\n"), "employee",
-     12345, UDP, "allow"),
-    ("matchLabels with k8s: prefix",
-     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {'k8s:app': employee}}]\n"),
-     "employee", 6379, TCP, "allow"),
-    ("empty selector: every endpoint of the namespace",
-     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{}]\n"), "stranger", 6379, TCP, "allow"),
-    ("empty selector does not reach other namespaces",
-     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{}]\n"), "employee-other-ns", 6379, TCP, "deny"),
-    ("empty selector is not the world", cnp(DB_SEL + "ingress:\n- fromEndpoints: [{}]\n"),
-     "world", 6379, TCP, "deny"),
-    ("peer naming its namespace leaves the policy's",
-     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {app: employee, "
-                  "'k8s:io.kubernetes.pod.namespace': other}}]\n"), "employee-other-ns", 1, TCP,
-     "allow"),
-    ("matchExpressions In", cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchExpressions: [{key: "
-                                         "app, operator: In, values: [employee, frontend]}]}]\n"),
-     "frontend", 1, TCP, "allow"),
-    ("matchExpressions NotIn", cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchExpressions: "
-                                            "[{key: app, operator: NotIn, values: [stranger]}]}]\n"),
-     "stranger", 1, TCP, "deny"),
-    ("matchExpressions NotIn others pass",
-     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchExpressions: [{key: app, operator: NotIn, "
-                  "values: [stranger]}]}]\n"), "employee", 1, TCP, "allow"),
-    ("matchExpressions Exists", cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchExpressions: "
-                                             "[{key: tier, operator: Exists}]}]\n"),
-     "backend", 1, TCP, "allow"),
-    ("matchExpressions DoesNotExist", cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchExpressions:"
-                                                   " [{key: tier, operator: DoesNotExist}]}]\n"),
-     "backend", 1, TCP, "deny"),
-    # -- clusters ------------------------------------------------------------------------------
-    ("peer without cluster label: local cluster only (default)",
-     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {app: employee}}]\n"),
-     "employee-c2-default", 1, TCP, "deny"),
-    ("--policy-default-local-cluster=false: every cluster",
-     "FLAT:" + cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {app: employee}}]\n"),
-     "employee-c2-default", 1, TCP, "allow"),
-    ("the cluster label works for local peers too (unlike the seed's old Cilium)",
-     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {app: employee, "
-                  "io.cilium.k8s.policy.cluster: cluster1}}]\n"), "employee", 1, TCP, "allow"),
-    ("cluster label selects the remote cluster only",
-     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {app: employee, "
-                  "io.cilium.k8s.policy.cluster: cluster2}}]\n"), "employee", 1, TCP, "deny"),
-    # -- entities ------------------------------------------------------------------------------
-    ("entity world", cnp(DB_SEL + "ingress:\n- fromEntities: [world]\n"), "world", 1, TCP,
-     "allow"),
-    ("entity world includes CIDR identities", cnp(DB_SEL + "ingress:\n- fromEntities: [world]\n"),
-     "cidr-10-1", 1, TCP, "allow"),
-    ("entity world is not cluster endpoints", cnp(DB_SEL + "ingress:\n- fromEntities: [world]\n"),
-     "employee", 1, TCP, "deny"),
-    ("entity cluster: local endpoints", cnp(DB_SEL + "ingress:\n- fromEntities: [cluster]\n"),
-     "employee-other-ns", 1, TCP, "allow"),
-    ("entity cluster: host too", cnp(DB_SEL + "ingress:\n- fromEntities: [cluster]\n"), "host", 1,
-     TCP, "allow"),
-    ("entity cluster: not remote clusters' endpoints",
-     cnp(DB_SEL + "ingress:\n- fromEntities: [cluster]\n"), "employee-c2", 1, TCP, "deny"),
-    ("entity host", cnp(DB_SEL + "ingress:\n- fromEntities: [host]\n"), "host", 1, TCP, "allow"),
-    ("entity remote-node", cnp(DB_SEL + "ingress:\n- fromEntities: [remote-node]\n"),
-     "remote-node", 1, TCP, "allow"),
-    ("entity all: remote clusters too", cnp(DB_SEL + "ingress:\n- fromEntities: [all]\n"),
-     "employee-c2", 1, TCP, "allow"),
-    # -- CIDR ------------------------------------------------------------------------------------
-    ("fromCIDR matches its CIDR identity", cnp(DB_SEL + "ingress:\n- fromCIDR: [10.1.0.0/16]\n"),
-     "cidr-10-1", 1, TCP, "allow"),
-    ("fromCIDR matches a more specific CIDR identity",
-     cnp(DB_SEL + "ingress:\n- fromCIDR: [10.0.0.0/8]\n"), "cidr-10-1-5", 1, TCP, "allow"),
-    ("fromCIDRSet except", cnp(DB_SEL + "ingress:\n- fromCIDRSet: [{cidr: 10.1.0.0/16, except: "
-                                        "[10.1.5.0/24]}]\n"), "cidr-10-1-5", 1, TCP, "deny"),
-    ("fromCIDRSet except leaves the rest", cnp(DB_SEL + "ingress:\n- fromCIDRSet: [{cidr: "
-                                                        "10.1.0.0/16, except: [10.1.5.0/24]}]\n"),
-     "cidr-10-1", 1, TCP, "allow"),
-    ("0.0.0.0/0 is the world", cnp(DB_SEL + "ingress:\n- fromCIDR: [0.0.0.0/0]\n"), "world", 1,
-     TCP, "allow"),
-    ("CIDR does not select cluster endpoints", cnp(DB_SEL + "ingress:\n- fromCIDR: [0.0.0.0/0]\n"),
-     "employee", 1, TCP, "deny"),
-    # -- deny ------------------------------------------------------------------------------------
-    ("deny beats allow (same policy)",
-     cnp(DB_SEL + "ingress:\n- fromEntities: [all]\ningressDeny:\n- fromEndpoints: "
-                  "[{matchLabels: {app: stranger}}]\n"), "stranger", 6379, TCP, "deny"),
-    ("deny on one port leaves others",
-     cnp(DB_SEL + "ingress:\n- fromEntities: [all]\ningressDeny:\n- toPorts: [{ports: [{port: "
-                  "'80', protocol: TCP}]}]\n"), "stranger", 81, TCP, "allow"),
-    ("deny beats allow across policies",
-     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {app: employee}}]\n", "allow")
-     + "---\n" + cnp(DB_SEL + "ingressDeny:\n- fromEndpoints: [{matchLabels: {app: employee}}]\n"
-                              "  toPorts: [{ports: [{port: '6379', protocol: TCP}]}]\n", "deny"),
-     "employee", 6379, TCP, "deny"),
-    ("clusterwide deny beats a namespaced allow",
-     cnp(DB_SEL + "ingress:\n- fromEntities: [all]\n") + "---\n"
-     + ccnp(DB_SEL + "ingressDeny:\n- fromEntities: [world]\n"), "world", 1, TCP, "deny"),
-    # -- clusterwide and namespaces ------------------------------------------------------------
-    ("clusterwide empty endpointSelector selects every endpoint",
-     ccnp("endpointSelector: {}\ningress:\n- {}\n"), "stranger", 1, TCP, "deny"),
-    ("namespaced policy does not select other namespaces",
-     cnp(DB_SEL + "ingress:\n- {}\n", namespace="other"), "stranger", 1, TCP, "allow"),
-    ("clusterwide peer selector spans namespaces",
-     ccnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {app: employee}}]\n"),
-     "employee-other-ns", 1, TCP, "allow"),
-    ("several specs in one policy",
-     "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: multi}\nspecs:\n"
-     "- endpointSelector: {matchLabels: {app: protected-db}}\n  ingress:\n"
-     "  - fromEndpoints: [{matchLabels: {app: employee}}]\n"
-     "- endpointSelector: {matchLabels: {app: protected-db}}\n  ingress:\n"
-     "  - fromEndpoints: [{matchLabels: {app: frontend}}]\n", "frontend", 1, TCP, "allow"),
-]
-
-
 @pytest.mark.parametrize("name, text, peer, port, proto, expected", CASES,
                          ids=[c[0] for c in CASES])
 def test_ingress_verdicts(name, text, peer, port, proto, expected):
     flat = text.startswith("FLAT:")
     assert verdict(text.removeprefix("FLAT:"), peer, port, proto,
                    default_local_cluster=not flat) == expected
-
-
-EGRESS_CASES = [
-    ("egress to endpoints", "egress:\n- toEndpoints: [{matchLabels: {app: protected-db}}]\n",
-     "db", 6379, "allow"),
-    ("egress default deny", "egress:\n- toEndpoints: [{matchLabels: {app: protected-db}}]\n",
-     "backend", 6379, "deny"),
-    ("egress to a CIDR", "egress:\n- toCIDRSet: [{cidr: 10.0.0.0/8}]\n", "cidr-10-1", 443,
-     "allow"),
-    ("egress to world by entity", "egress:\n- toEntities: [world]\n  toPorts: [{ports: [{port: "
-                                  "'443', protocol: TCP}]}]\n", "world", 443, "allow"),
-    ("egress deny", "egress:\n- toEntities: [all]\negressDeny:\n- toEntities: [world]\n",
-     "world", 443, "deny"),
-    ("ingress-only policy leaves egress open", "ingress:\n- {}\n", "world", 443, "allow"),
-]
 
 
 @pytest.mark.parametrize("name, spec, peer, port, expected", EGRESS_CASES,

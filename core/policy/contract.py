@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 import attrs
 
 from meshagent.events import ChangeKind
+from meshagent.policy.api import Policy
 
 
 class Verdict(enum.Enum):
@@ -51,26 +52,30 @@ class PolicyResolver(Protocol):
     ``meshagent_endpoint_changed``).
     """
 
-    async def import_policies(self, text: str, source: str) -> list:
+    async def import_policies(self, text: str, source: str) -> list[Policy]:
         """Validate YAML/JSON documents into policies; raises
         :class:`meshagent.policy.api.PolicyError` naming document, field path and problem, or
         the input limit it exceeds (docs/policy.md)."""
 
-    async def store(self, policies: list) -> None:
+    async def store(self, policies: list[Policy]) -> None:
         """Make the policies the cluster's (every agent of it enforces them)."""
 
     async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
         """Remove one policy from the cluster; False if there was none."""
 
-    def policies(self) -> list:
-        """The policies in force."""
+    def policies(self) -> list[Policy]:
+        """The policies in force (served by ``meshagent policy get``)."""
 
     @property
     def revision(self) -> int:
         """Grows with every change of the policies in force."""
 
     def trace(self, dst_endpoint: int, port: int, protocol: str = "TCP", **source) -> dict:
-        """Explain the verdict for a source (identity, labels or IP) reaching an endpoint."""
+        """Explain the verdict for a source (``src_identity``, ``src_labels`` or ``src_ip``)
+        reaching a local endpoint: ``source``, ``destination``, ``port``, ``protocol``,
+        ``verdict`` ("allow"/"deny"), ``reason`` and what matched (``meshagent policy trace``
+        prints it). The core's ``/v1/policy`` routes call the slot's resolver through these
+        methods only, so the ``policy`` commands work with any resolver."""
 
     def snapshot(self) -> dict[int, MapState]:
         """Every local endpoint's map state now. :meth:`changes` continues from here: what

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import attrs
 
 from meshagent import hookimpl
-from meshagent.api import Route, json_response
 from meshagent.controller import Controller, ControllerHandle
 from meshagent.events import ChangeKind, PolicyChange
 from meshagent.identity import Identity
@@ -222,35 +221,6 @@ class PolicyService:
         details += [f"refused {key}: {why}" for key, why in sorted(self.rejected.items())]
         return StatusSection("Policy", Health.WARNING if self.rejected else Health.OK, summary,
                              details=details)
-
-    @hookimpl
-    def meshagent_api_routes(self):
-        return [Route("GET", "/policy", self._get), Route("POST", "/policy", self._import),
-                Route("DELETE", "/policy/{kind}/{namespace}/{name}", self._delete),
-                Route("POST", "/policy/trace", self._trace)]
-
-    async def _get(self, request):
-        return json_response({"revision": self.revision,
-                              "policies": [p.document for p in self.policies()]})
-
-    async def _import(self, request):
-        body = await request.json()
-        policies = await self.import_policies(body.get("text", ""), body.get("source", "request"))
-        await self.store(policies)
-        return json_response({"imported": [p.display for p in policies]}, status=201)
-
-    async def _delete(self, request):
-        info = request.match_info
-        namespace = None if info["namespace"] == "-" else info["namespace"]
-        if not await self.delete(info["kind"], namespace, info["name"]):
-            from aiohttp import web
-            raise web.HTTPNotFound(reason=f"no policy {info['kind']} {info['namespace']}/"
-                                          f"{info['name']}")
-        return json_response({"deleted": info["name"]})
-
-    async def _trace(self, request):
-        body = await request.json()
-        return json_response(self.trace(**body))
 
     def trace(self, dst_endpoint: int, port: int, protocol: str = "TCP",
               src_identity: int | None = None, src_labels: list[str] | None = None,
