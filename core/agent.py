@@ -16,22 +16,25 @@ from typing import Any
 
 import attrs
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from meshagent import __version__
+from meshagent import __version__, hookimpl, identityalloc
 from meshagent.api import APIServer, build_app
 from meshagent.clustermesh import ClusterMesh
 from meshagent.clustersync import ClusterSync, Tables
 from meshagent.config import Config
-from meshagent.controller import ControllerManager
-from meshagent.corehooks import CoreHooks
+from meshagent.controller import Controller, ControllerManager
 from meshagent.datapathfeed import DatapathFeed
 from meshagent.endpoints import EndpointManager
 from meshagent.errors import PluginError
+from meshagent.identity import CollectsGarbage
+from meshagent.localstore import LocalStore
 from meshagent.noderoutes import NodeRoutes
 from meshagent.ipcache import IPCache
 from meshagent.metrics import MetricsServer
 from meshagent.ownership import AddressOwnership
 from meshagent.pluginmanager import PluginManager
+from meshagent.policy import service as policy_service
 from meshagent.publisher import Publisher
 from meshagent.services import ServiceManager
 from meshagent.slots import (
@@ -61,8 +64,9 @@ class Agent:
         self.datapath_synced = asyncio.Event()  # the datapath got its first full state
         self.stopping = False
         self._stop = asyncio.Event()
-        plugins.register(CoreHooks(self), name="core")
-        plugins.register(DatapathFeed(self), name="core.datapath")
+        plugins.register(_AgentHooks(self), name="core")
+        plugins.register(identityalloc, name="core.identity")  # the default providers
+        plugins.register(policy_service, name="core.policy")
         # Provider choice happens here, before any side effect, so a bad choice exits 2 cleanly.
         self.registries: dict[str, Registry] = {
             slot.name: self.hooks.register_providers(slot) for slot in SLOTS}
@@ -91,6 +95,16 @@ class Agent:
         mesh_dir = config.get("clustermesh-config")
         self.clustermesh = ClusterMesh(self, Path(mesh_dir), config.get(
             "clustermesh-cache-ttl")) if mesh_dir else None
+        # each component brings its own controllers, event handlers and status section
+        for name, component in (("core.ownership", self.ownership),
+                                ("core.publisher", self.publisher),
+                                ("core.endpoints", self.endpoints),
+                                ("core.services", self.services),
+                                ("core.datapath", DatapathFeed(self)),
+                                ("core.node-routes", self.node_routes),
+                                ("core.clustermesh", self.clustermesh)):
+            if component is not None:
+                plugins.register(component, name=name)
         self._backends: dict[str, Any] = {}
         self.kvstore_backend: Any = None
         self.kvstore: Any = None
@@ -144,6 +158,8 @@ class Agent:
                                               self.kvstore_backend_named(kvstore.name))
         self.kvstore = self.kvstore_backend.local_client(self.config)
         cleanup.push_async_callback(self.kvstore.close)
+        self.plugins.register(LocalStore(self.kvstore, self.controllers, self.local_sync,
+                                         self.publisher.published), name="core.kvstore")
         cleanup.push_async_callback(self.publisher.close)  # revoke the lease before closing
         if self.clustermesh is not None:
             cleanup.push_async_callback(self.clustermesh.close)
@@ -237,3 +253,88 @@ async def serve(agent: Agent) -> None:
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
         loop.remove_signal_handler(signal.SIGINT)
+
+
+class _AgentHooks:
+    """Registered as plugin ``core``: what the agent reports about itself (its controllers,
+    plugins and empty slots) and the slot-level wiring no single component owns."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+
+    @hookimpl
+    def meshagent_controllers(self, agent: Agent):
+        if isinstance(agent.identity_allocator, CollectsGarbage):
+            return [Controller("identity-gc", agent.identity_allocator.run_gc)]
+        return []
+
+    @hookimpl
+    def meshagent_status(self, agent: Agent, verbose: bool):
+        sections = []
+        if agent.clustermesh is None:
+            sections.append(StatusSection("ClusterMesh", Health.DISABLED,
+                                          "not configured (--clustermesh-config)"))
+        if agent.datapath is None:
+            sections.append(StatusSection(
+                "Datapath", Health.DISABLED,
+                "control plane only (no datapath plugin loaded): policy is not enforced"))
+        if agent.policy_resolver is None:
+            sections.append(StatusSection(
+                "Policy", Health.DISABLED, "no policy resolver loaded"))
+        sections.append(self._controllers_section(agent))
+        sections.append(StatusSection(
+            "Plugins", Health.OK, ", ".join(agent.config.plugins),
+            details=[f"{slot}: {p.name} (plugin {p.plugin})" if p else f"{slot}: none"
+                     for slot, p in agent.providers.items()]))
+        return sections
+
+    @staticmethod
+    def _controllers_section(agent: Agent) -> StatusSection:
+        states = list(agent.controllers.states.values())
+        failing = [s for s in states if not s.healthy]
+        waiting = [s for s in states if not s.ready]
+        summary = f"{len(states) - len(failing)}/{len(states)} healthy"
+        if waiting:
+            summary += f", {len(waiting)} not ready ({', '.join(s.name for s in waiting)})"
+        if failing:
+            summary += f"; failing: {', '.join(f'{s.name}: {s.last_error}' for s in failing)}"
+        details = []
+        now = time.time()
+        for s in sorted(states, key=lambda s: s.name):
+            last = f"{now - s.last_error_at:.0f}s ago: {s.last_error}" if s.last_error_at else "never"
+            state = "done" if s.done else ("ready" if s.ready else "starting")
+            details.append(f"{s.name} [{s.plugin}]: {state}, {s.failures} failures (last: {last})")
+        return StatusSection("Controllers", Health.WARNING if failing else Health.OK, summary,
+                             details=details)
+
+    @hookimpl
+    def meshagent_register_metrics(self, registry):
+        registry.register(_AgentCollector(self.agent))
+
+
+class _AgentCollector:
+    """Metrics read from the agent's state at scrape time, so nothing has to keep them current."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+
+    def collect(self):
+        ready = GaugeMetricFamily("meshagent_agent_ready", "1 once every controller is ready")
+        ready.add_metric([], 1.0 if self.agent.ready else 0.0)
+        yield ready
+        failures = CounterMetricFamily("meshagent_controller_failures",
+                                       "times a controller raised", labels=["controller"])
+        healthy = GaugeMetricFamily("meshagent_controller_healthy",
+                                    "1 when the controller's last run did not fail",
+                                    labels=["controller"])
+        for state in self.agent.controllers.states.values():
+            failures.add_metric([state.name], state.failures)
+            healthy.add_metric([state.name], 1.0 if state.healthy else 0.0)
+        yield failures
+        yield healthy
+        errors = CounterMetricFamily("meshagent_hook_errors", "exceptions raised by event hooks")
+        errors.add_metric([], self.agent.hooks.errors)
+        yield errors
+
+    def describe(self):
+        return []

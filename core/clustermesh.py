@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import yaml
 
-from meshagent import kvkeys
+from meshagent import hookimpl, kvkeys
 from meshagent.cluster import CLUSTER_NAME_PATTERN
 from meshagent.clustersync import ClusterSync
-from meshagent.controller import ControllerHandle
+from meshagent.controller import Controller, ControllerHandle
 from meshagent.errors import MeshagentError
 from meshagent.jsonfields import field, load_object
 from meshagent.kvstore import KVStore, KVStoreUnavailable
@@ -395,6 +395,14 @@ class ClusterMesh:
         """Agent shutdown: disconnect, withdraw nothing (as Cilium does)."""
         for remote in list(self.remotes.values()):
             await remote.stop(withdraw=False)
+
+    @hookimpl
+    def meshagent_controllers(self):
+        return [Controller("clustermesh-config", self.run)]
+
+    @hookimpl
+    def meshagent_status(self, verbose):
+        return self.status(verbose)
 
     def status(self, verbose: bool) -> StatusSection:
         now = time.time()

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from meshagent import podnet
-from meshagent.controller import ControllerHandle
+from meshagent import hookimpl, podnet
+from meshagent.controller import Controller, ControllerHandle
 from meshagent.endpoint import Endpoint, endpoint_from_json, endpoint_labels, endpoint_to_json
 from meshagent.errors import MeshagentError, UsageError
 from meshagent.events import ChangeKind
@@ -209,6 +209,10 @@ class EndpointManager:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(endpoint_to_json(endpoint))
         os.replace(tmp, path)
+
+    @hookimpl
+    def meshagent_controllers(self):
+        return [Controller("endpoint-restore", self.restore)]
 
     async def restore(self, handle: ControllerHandle) -> None:
         """Controller: bring back the endpoints saved before a restart, as they were (once

@@ -12,7 +12,7 @@ import logging
 import random
 from typing import TYPE_CHECKING
 
-from meshagent import kvkeys
+from meshagent import hookimpl, kvkeys
 from meshagent.controller import ControllerHandle
 from meshagent.errors import MeshagentError
 from meshagent.identity import Identity, ReservedIdentity, format_labels
@@ -166,3 +166,9 @@ class KVStoreIdentityAllocator:
         while True:
             await asyncio.sleep(interval)
             await self.collect_garbage()
+
+
+@hookimpl
+def meshagent_register_identity_allocator(registry):
+    """This module is registered as plugin ``core.identity``: the default allocator."""
+    registry.register("kvstore", KVStoreIdentityAllocator)

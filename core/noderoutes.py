@@ -15,7 +15,8 @@ import ipaddress
 import logging
 import time
 
-from meshagent.controller import ControllerHandle
+from meshagent import hookimpl
+from meshagent.controller import Controller, ControllerHandle
 from meshagent.ownership import AddressOwnership, Grant
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,10 @@ class NodeRoutes:
         self.missing_since: dict[ipaddress.IPv4Network, float] = {}
         self._wake = asyncio.Event()
         ownership.listeners.append(self._wake.set)
+
+    @hookimpl
+    def meshagent_controllers(self):
+        return [Controller("node-routes", self.run)]
 
     async def run(self, handle: ControllerHandle) -> None:
         handle.ready()

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
+from meshagent import hookimpl
 from meshagent.events import ChangeKind
 from meshagent.node import Node
 
@@ -48,6 +49,10 @@ class AddressOwnership:
         self._pending: asyncio.TimerHandle | None = None
 
     # -- inputs ---------------------------------------------------------------------------------
+
+    @hookimpl
+    def meshagent_node_changed(self, kind, node):
+        self.node_changed(kind, node)
 
     def node_changed(self, kind: ChangeKind, node: Node) -> None:
         key = (node.cluster, node.name)

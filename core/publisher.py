@@ -13,8 +13,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from meshagent import kvkeys
-from meshagent.controller import ControllerHandle
+from meshagent import hookimpl, kvkeys
+from meshagent.controller import Controller, ControllerHandle
 from meshagent.ipcache import IPCacheEntry, ipcache_to_json
 from meshagent.kvstore import KVStore, KVStoreError, Lease, LeaseExpired
 from meshagent.node import Node, node_to_json
@@ -92,6 +92,10 @@ class Publisher:
         self._wake.set()
 
     # -- the controller ------------------------------------------------------------------------
+
+    @hookimpl
+    def meshagent_controllers(self):
+        return [Controller("kvstore-publish", self.run)]
 
     async def run(self, handle: ControllerHandle) -> None:
         """Reconcile the store to what we want, then keep the lease alive and apply changes."""

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING
 import attrs
 import yaml
 
-from meshagent import kvkeys
-from meshagent.controller import ControllerHandle
+from meshagent import hookimpl, kvkeys
+from meshagent.controller import Controller, ControllerHandle
 from meshagent.errors import UsageError
 from meshagent.events import ChangeKind
+from meshagent.status import Health, StatusSection
 from meshagent.kvsync import follow_prefix
 from meshagent.service import Backend, Frontend, MergedService, Service, service_to_json
 
@@ -215,6 +216,45 @@ class ServiceManager:
         return await self.agent.kvstore.delete(f"{PREFIX}{namespace}/{name}")
 
     # -- the cluster's services, from the kvstore -----------------------------------------------
+
+    # -- hooks (registered as plugin ``core.services``) ------------------------------------------
+
+    @hookimpl
+    def meshagent_controllers(self, agent):
+        controllers = [Controller("service-sync", self.sync),
+                       Controller("service-export", self.export)]
+        for plugin, source in agent.hooks.service_sources(agent):
+            controllers.append(Controller(
+                f"service-source-{plugin}",
+                lambda h, s=source, p=plugin: self.run_source(s, h, p)))
+        return controllers
+
+    @hookimpl
+    def meshagent_service_changed(self, kind, service):
+        self.service_changed(kind, service)
+
+    @hookimpl
+    def meshagent_ipcache_changed(self, kind, entry):
+        if entry.prefix.prefixlen == 32 and entry.prefix.network_address in self.backend_ips:
+            self.remerge()  # backends follow their endpoints
+
+    @hookimpl
+    def meshagent_node_changed(self, kind, node):
+        if node.cluster == self.agent.cluster.name and self.refused_updates:
+            self.revalidate()  # a new pod CIDR may admit a refused service
+
+    @hookimpl
+    def meshagent_status(self):
+        merged = self.merged.values()
+        problems = [f"{m.service.namespace}/{m.service.name}: {c}" for m in merged
+                    for c in m.conflicts]
+        problems += [f"{key}: {why}" for key, why in sorted(self.rejected.items())]
+        summary = (f"{len(self.merged)} services, {self.global_count()} global,"
+                   f" {sum(m.remote_backends for m in merged)} remote backends")
+        if problems:
+            summary += f"; {len(problems)} problems"
+        return StatusSection("Services", Health.WARNING if problems else Health.OK, summary,
+                             details=problems)
 
     async def sync(self, handle: ControllerHandle) -> None:
         """Controller: the cluster's services, listed then watched in its kvstore."""

@@ -130,7 +130,7 @@ def test_cli_against_a_real_agent_process(agent_process):
     assert "Cluster:     cluster1 (id 101)" in status.stdout
     assert "Datapath:    Disabled" in status.stdout and "Audit:" in status.stdout
     verbose = run_cli("status", "--verbose", *sock)
-    assert "kvstore-connect [core]" in verbose.stdout
+    assert "kvstore-connect [core.kvstore]" in verbose.stdout
     as_json = json.loads(run_cli("status", "-o", "json", *sock).stdout)
     assert as_json["cluster_id"] == 101
     config = run_cli("config", *sock).stdout

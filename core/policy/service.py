@@ -267,3 +267,9 @@ class PolicyService:
             found = self.resolver.cache.identities.get(number)
             return found[0] if found else Identity(number, frozenset(), "")
         raise PolicyError("give the source as src_identity, src_labels or src_ip")
+
+
+@hookimpl
+def meshagent_register_policy_resolver(registry):
+    """This module is registered as plugin ``core.policy``: the default resolver."""
+    registry.register("default", PolicyService)
