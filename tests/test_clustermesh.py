@@ -68,11 +68,13 @@ class Mesh:
         return client
 
     async def cleanup(self):
-        for running in self.agents:  # agents first, while their etcd still answers
-            if not running.task.done():
-                await running.stop()
-        for server in self.etcd.values():
-            server.cleanup()
+        try:
+            for running in self.agents:  # agents first, while their etcd still answers
+                if not running.task.done():
+                    await running.stop()
+        finally:  # a stuck agent must not leave etcd servers running for the next test
+            for server in self.etcd.values():
+                server.cleanup()
 
 
 @pytest.fixture

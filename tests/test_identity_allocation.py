@@ -27,10 +27,12 @@ async def etcd_agents(short_tmp, agent_factory):
         return started[-n:]
 
     yield start
-    for running in started:
-        if not running.task.done():
-            await running.stop()
-    server.cleanup()
+    try:
+        for running in started:
+            if not running.task.done():
+                await running.stop()
+    finally:
+        server.cleanup()
 
 
 def labels(i: int, app: str = "app") -> frozenset[str]:
