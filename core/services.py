@@ -19,6 +19,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -375,35 +376,16 @@ class ServiceManager:
         self.remerge()
 
     def remerge(self) -> None:
-        local_name = self.agent.cluster.name
-        remote = {}
-        for service in self.agent.tables.services.values():
-            if service.cluster != local_name and service.global_ and service.shared:
-                remote.setdefault((service.namespace, service.name), []).append(service)
-        merged = {}
         ours = {**self.sourced, **self.local}
+        others = [s for s in self.agent.tables.services.values()
+                  if s.cluster != self.agent.cluster.name]
         self.backend_ips = {b.ip for service in ours.values() for b in service.backends}
-        self.backend_ips |= {b.ip for key in ours for other in remote.get(key, ())
-                             for b in other.backends}
+        self.backend_ips |= {b.ip for other in others if other.global_ and other.shared
+                             and (other.namespace, other.name) in ours for b in other.backends}
         live = {entry.prefix.network_address for entry in self.agent.tables.ipcache.values()
                 if entry.prefix.prefixlen == 32 and entry.prefix.network_address
                 in self.backend_ips}
-        for key, service in ours.items():
-            # a backend whose endpoint went away (no ipcache entry any more) is not used
-            local_backends = tuple(b for b in service.backends if b.ip in live)
-            remote_backends, conflicts = [], []
-            if service.global_:
-                ports = {(f.port, f.protocol) for f in service.frontends}
-                for other in remote.get(key, []):
-                    if {(f.port, f.protocol) for f in other.frontends} != ports:
-                        conflicts.append(f"{other.cluster}: ports differ"
-                                         f" ({_ports(other)} vs {_ports(service)}); its backends"
-                                         " are not used")
-                        continue
-                    remote_backends.extend(b for b in other.backends if b.ip in live)
-            chosen = _by_affinity(service.affinity, list(local_backends), remote_backends)
-            merged[key] = MergedService(service, tuple(chosen), len(remote_backends),
-                                        tuple(conflicts))
+        merged = merge_services(ours, others, live, self.agent.cluster.name)
         if merged != self.merged:
             self.merged = merged
             self._changed.set()
@@ -421,6 +403,39 @@ class ServiceManager:
 
     def global_count(self) -> int:
         return sum(1 for m in self.merged.values() if m.service.global_)
+
+
+def merge_services(ours: dict[tuple[str, str], Service], others: Iterable[Service],
+                   live: set[ipaddress.IPv4Address], local_cluster: str,
+                   ) -> dict[tuple[str, str], MergedService]:
+    """What the datapath balances for each of our services (Cilium's global services).
+
+    A global service takes the backends of the same namespace/name from every other cluster
+    that marks it global and shared, unless that cluster's ports differ (reported as a
+    conflict); ``affinity`` local/remote prefers one side while any of it is alive. A backend
+    whose address is not ``live`` (its endpoint went away) is never used.
+    """
+    remote: dict[tuple[str, str], list[Service]] = {}
+    for service in others:
+        if service.cluster != local_cluster and service.global_ and service.shared:
+            remote.setdefault((service.namespace, service.name), []).append(service)
+    merged = {}
+    for key, service in ours.items():
+        local_backends = [b for b in service.backends if b.ip in live]
+        remote_backends, conflicts = [], []
+        if service.global_:
+            ports = {(f.port, f.protocol) for f in service.frontends}
+            for other in remote.get(key, []):
+                if {(f.port, f.protocol) for f in other.frontends} != ports:
+                    conflicts.append(f"{other.cluster}: ports differ"
+                                     f" ({_ports(other)} vs {_ports(service)}); its backends"
+                                     " are not used")
+                    continue
+                remote_backends.extend(b for b in other.backends if b.ip in live)
+        chosen = _by_affinity(service.affinity, local_backends, remote_backends)
+        merged[key] = MergedService(service, tuple(chosen), len(remote_backends),
+                                    tuple(conflicts))
+    return merged
 
 
 def _by_affinity(affinity: str, local: list[Backend], remote: list[Backend]) -> list[Backend]:
