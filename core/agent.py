@@ -32,6 +32,7 @@ from meshagent.localstore import LocalStore
 from meshagent.noderoutes import NodeRoutes
 from meshagent.ipcache import IPCache
 from meshagent.metrics import MetricsServer
+from meshagent.node import Node
 from meshagent.ownership import AddressOwnership
 from meshagent.pluginmanager import PluginManager
 from meshagent.policy import service as policy_service
@@ -87,7 +88,7 @@ class Agent:
         self.ownership = AddressOwnership(self.cluster.name, config.get("pod-cidr"),
                                           self.kvstore_addresses)
         self.local_sync = ClusterSync(self.cluster.name, self.cluster.id, self.cluster, self.tables)
-        self.publisher = Publisher(self, config.get("kvstore-lease-ttl"))
+        self.publisher: Publisher | None = None  # built with the store
         self.endpoints = EndpointManager(self)
         self.services = ServiceManager(self)
         self.node_routes = NodeRoutes(self.ownership, config.node_name, config.get(
@@ -97,10 +98,8 @@ class Agent:
             "clustermesh-cache-ttl")) if mesh_dir else None
         # each component brings its own controllers, event handlers and status section
         for name, component in (("core.ownership", self.ownership),
-                                ("core.publisher", self.publisher),
                                 ("core.endpoints", self.endpoints),
                                 ("core.services", self.services),
-                                ("core.datapath", DatapathFeed(self)),
                                 ("core.node-routes", self.node_routes),
                                 ("core.clustermesh", self.clustermesh)):
             if component is not None:
@@ -158,6 +157,11 @@ class Agent:
                                               self.kvstore_backend_named(kvstore.name))
         self.kvstore = self.kvstore_backend.local_client(self.config)
         cleanup.push_async_callback(self.kvstore.close)
+        config = self.config
+        self.publisher = Publisher(self.kvstore, self.cluster, Node(
+            config.node_name, self.cluster.name, self.cluster.id, config.get("node-ip") or None,
+            tuple(config.get("pod-cidr"))), config.get("kvstore-lease-ttl"))
+        self.plugins.register(self.publisher, name="core.publisher")
         self.plugins.register(LocalStore(self.kvstore, self.controllers, self.local_sync,
                                          self.publisher.published), name="core.kvstore")
         cleanup.push_async_callback(self.publisher.close)  # revoke the lease before closing
@@ -174,6 +178,13 @@ class Agent:
             cleanup.push_async_callback(self.datapath.stop)
         else:
             self.datapath_started.set()  # nothing to wait for
+        mesh = self.clustermesh
+        self.plugins.register(DatapathFeed(
+            self.datapath, self.policy_resolver, self.tables.ipcache,
+            self.services.feed_datapath, agent_ready=self.ready_event,
+            remotes_ready=lambda: mesh is None or all(r.ready for r in mesh.remotes.values()),
+            sync_timeout=self.config.get("datapath-sync-timeout"),
+            started=self.datapath_started, synced=self.datapath_synced), name="core.datapath")
 
     def kvstore_addresses(self) -> list[str]:
         """The servers of the local and every remote kvstore: no pod CIDR may cover them."""

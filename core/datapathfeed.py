@@ -9,33 +9,41 @@ neither drops allowed traffic nor lets denied traffic pass.
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from meshagent import hookimpl
 from meshagent.controller import Controller, ControllerHandle
 from meshagent.datapath import Datapath
 from meshagent.events import ChangeKind
-from meshagent.ipcache import IPCacheEntry
+from meshagent.ipcache import IPCache, IPCacheEntry
 from meshagent.policy import PolicyResolver
-
-if TYPE_CHECKING:
-    from meshagent.agent import Agent
 
 log = logging.getLogger(__name__)
 
 
 class DatapathFeed:
-    """Registered as plugin ``core.datapath``; owns the datapath's controllers."""
+    """Registered as plugin ``core.datapath`` once the providers are built."""
 
-    def __init__(self, agent: "Agent"):
-        self.agent = agent
+    def __init__(self, datapath: Datapath | None, resolver: PolicyResolver | None,
+                 ipcache: IPCache, feed_services: Callable[[ControllerHandle], object], *,
+                 agent_ready: asyncio.Event, remotes_ready: Callable[[], bool],
+                 sync_timeout: float, started: asyncio.Event, synced: asyncio.Event):
+        self.datapath = datapath
+        self.resolver = resolver
+        self.ipcache = ipcache
+        self.feed_services = feed_services  # the services component's controller
+        self.agent_ready = agent_ready
+        self.remotes_ready = remotes_ready
+        self.sync_timeout = sync_timeout
+        self.started = started  # set here: the datapath may be called
+        self.synced = synced  # set here: it got its first full state
         self._ipcache_changes: list[tuple[ChangeKind, IPCacheEntry]] = []
         self._ipcache_wake = asyncio.Event()
         self._gone: set[int] = set()  # endpoints deleted since the policy batch was taken
 
     @hookimpl
-    def meshagent_controllers(self, agent: "Agent"):
-        datapath, resolver = agent.datapath, agent.policy_resolver
+    def meshagent_controllers(self):
+        datapath, resolver = self.datapath, self.resolver
         if datapath is None:
             if resolver is None:
                 return []
@@ -43,11 +51,11 @@ class DatapathFeed:
             return [Controller("policy-changes", lambda h: self._discard_changes(resolver, h))]
         return [Controller("datapath-start", lambda h: self._start(datapath, h)),
                 Controller("datapath-sync", lambda h: self._sync(datapath, resolver, h)),
-                Controller("datapath-services", agent.services.feed_datapath)]
+                Controller("datapath-services", self.feed_services)]
 
     @hookimpl
     def meshagent_ipcache_changed(self, kind, entry):
-        if self.agent.datapath is not None:
+        if self.datapath is not None:
             self._ipcache_changes.append((kind, entry))
             self._ipcache_wake.set()
 
@@ -58,7 +66,7 @@ class DatapathFeed:
 
     async def _start(self, datapath: Datapath, handle: ControllerHandle) -> None:
         await datapath.start()
-        self.agent.datapath_started.set()
+        self.started.set()
 
     async def _sync(self, datapath: Datapath, resolver: PolicyResolver | None,
                     handle: ControllerHandle) -> None:
@@ -68,18 +76,15 @@ class DatapathFeed:
         listed) and every remote cluster ready, or ``--datapath-sync-timeout`` passed. A
         failure restarts this from a fresh reconcile, so no change is lost.
         """
-        agent = self.agent
         handle.ready()
-        await agent.ready_event.wait()
-        if agent.clustermesh is not None:
-            deadline = time.monotonic() + agent.config.get("datapath-sync-timeout")
-            while time.monotonic() < deadline and not all(
-                    r.ready for r in agent.clustermesh.remotes.values()):
-                await asyncio.sleep(0.1)
+        await self.agent_ready.wait()
+        deadline = time.monotonic() + self.sync_timeout
+        while time.monotonic() < deadline and not self.remotes_ready():
+            await asyncio.sleep(0.1)
         policies = resolver.snapshot() if resolver is not None else {}
         self._ipcache_changes.clear()
-        await datapath.reconcile(policies, list(agent.tables.ipcache.values()))
-        agent.datapath_synced.set()
+        await datapath.reconcile(policies, list(self.ipcache.values()))
+        self.synced.set()
         async with asyncio.TaskGroup() as streams:
             streams.create_task(self._stream_ipcache(datapath))
             if resolver is not None:

@@ -11,16 +11,13 @@ import ipaddress
 import json
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from meshagent import hookimpl, kvkeys
+from meshagent.cluster import ClusterInfo
 from meshagent.controller import Controller, ControllerHandle
 from meshagent.ipcache import IPCacheEntry, ipcache_to_json
 from meshagent.kvstore import KVStore, KVStoreError, Lease, LeaseExpired
 from meshagent.node import Node, node_to_json
-
-if TYPE_CHECKING:
-    from meshagent.agent import Agent
 
 log = logging.getLogger(__name__)
 
@@ -37,25 +34,21 @@ class Publisher:
     earlier run of this node left on its own lease are swept as well.
     """
 
-    def __init__(self, agent: "Agent", lease_ttl: float):
-        self.agent = agent
-        self.cluster = agent.cluster
+    def __init__(self, store: KVStore, cluster: ClusterInfo, node: Node, lease_ttl: float):
+        self.store = store
+        self.cluster = cluster
+        self.node = node  # this node as published: name, addresses, pod CIDRs
         self.lease_ttl = lease_ttl
         self.lease: Lease | None = None
         self.published = asyncio.Event()  # set once the initial state is in the kvstore
         self.wanted: dict[str, bytes] = {}  # key -> value on the lease
-        self._store: KVStore | None = None
+        self._ran = False
         self._pending: set[str] = set()  # keys whose kvstore copy is out of date
         self._in_flight: str | None = None
         self._written: set[str] = set()  # keys we put and have not deleted since
         self._wake = asyncio.Event()
         self._sweep_earlier_run = False  # set once the endpoints are restored
         self._swept = False
-
-    def node(self) -> Node:
-        config = self.agent.config
-        return Node(config.node_name, self.cluster.name, self.cluster.id,
-                    config.get("node-ip") or None, tuple(config.get("pod-cidr")))
 
     # -- what to publish (called by endpoints and the identity allocator as they change) ------
 
@@ -99,9 +92,10 @@ class Publisher:
 
     async def run(self, handle: ControllerHandle) -> None:
         """Reconcile the store to what we want, then keep the lease alive and apply changes."""
-        store = self._store = self.agent.kvstore
+        store = self.store
+        self._ran = True
         await self._ensure_lease(store)
-        self.wanted[self._node_key()] = node_to_json(self.node())
+        self.wanted[self._node_key()] = node_to_json(self.node)
         await self._reconcile(store)
         await store.put(kvkeys.cluster_config_key(self.cluster.name), json.dumps(
             {"id": self.cluster.id, "capabilities": {
@@ -113,7 +107,7 @@ class Publisher:
         if not self.published.is_set():
             self.published.set()
             log.info("published node %s of cluster %s (id %d) to the kvstore",
-                     self.agent.config.node_name, self.cluster.name, self.cluster.id)
+                     self.node.name, self.cluster.name, self.cluster.id)
         handle.ready()
         next_keepalive = time.monotonic() + self.lease.ttl / 3
         next_heartbeat = time.monotonic()
@@ -136,7 +130,7 @@ class Publisher:
                 pass
 
     def _node_key(self) -> str:
-        return kvkeys.node_key(self.cluster.name, self.agent.config.node_name)
+        return kvkeys.node_key(self.cluster.name, self.node.name)
 
     def _named_ours(self, key: str) -> bool:
         """A key this node owns by its name, on whichever lease: the node key, its identity
@@ -144,14 +138,13 @@ class Publisher:
         if key == self._node_key():
             return True
         if key.startswith(kvkeys.IDENTITY_VALUES):
-            return key.endswith("/" + self.agent.config.node_name)
+            return key.endswith("/" + self.node.name)
         try:
             address = ipaddress.ip_address(key.removeprefix(
                 kvkeys.ipcache_key(self.cluster.name, "")))
         except ValueError:
             return False
-        return any(address in ipaddress.ip_network(cidr, strict=False)
-                   for cidr in self.agent.config.get("pod-cidr"))
+        return any(address in cidr for cidr in self.node.pod_cidrs)
 
     async def _reconcile(self, store: KVStore) -> None:
         """Make the store hold what we want: delete what we wrote and nobody wants any more,
@@ -209,10 +202,10 @@ class Publisher:
 
     async def close(self) -> None:
         """Clean shutdown: revoke the lease so this node's keys disappear now."""
-        if self.lease is None or self._store is None:
+        if self.lease is None or not self._ran:
             return
         try:
-            await asyncio.wait_for(self._store.revoke(self.lease), REVOKE_TIMEOUT)
+            await asyncio.wait_for(self.store.revoke(self.lease), REVOKE_TIMEOUT)
             log.info("revoked the agent's kvstore lease")
         except (KVStoreError, asyncio.TimeoutError) as exc:
             log.warning("could not revoke the kvstore lease (%s); keys expire with it", exc)
