@@ -15,6 +15,7 @@ from meshagent.endpoint import Endpoint
 from meshagent.node import Node
 from meshagent.service import Service
 from meshagent.status import Health, StatusSection
+from meshagent.testing.resolver_contract import RecordingDatapath
 
 from conftest import run_cli
 
@@ -93,13 +94,14 @@ class FakeSlots:
     def meshagent_register_datapath(self, registry):
         registry.register("fake-dp", lambda agent: self._Provider(self, "datapath"))
 
-    class _Provider:
+    class _Provider(RecordingDatapath):
         """Meets the identity allocator, policy resolver and datapath contracts, doing
         nothing but recording its life."""
 
         revision = 0
 
         def __init__(self, owner, kind):
+            super().__init__()
             self.owner, self.kind = owner, kind
             owner.events.append(f"{kind} built")
 
@@ -142,23 +144,6 @@ class FakeSlots:
         async def changes(self):
             await asyncio.Event().wait()
 
-        async def endpoint_added(self, endpoint):
-            pass
-
-        async def endpoint_removed(self, endpoint):
-            pass
-
-        async def update_ipcache(self, changes):
-            pass
-
-        async def update_policy(self, endpoint_id, changes):
-            pass
-
-        async def update_services(self, services):
-            pass
-
-        async def reconcile(self, policies, ipcache):
-            pass
 
 
 async def test_a_provider_that_does_not_meet_its_slot_is_refused_naming_its_plugin(

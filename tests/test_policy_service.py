@@ -17,6 +17,8 @@ from meshagent.policy.api import parse_policies
 from meshagent.policy.service import PREFIX, PolicyUpdate
 from meshagent.testing import eventually
 
+from meshagent.testing.resolver_contract import RecordingDatapath
+
 from conftest import run_cli
 from test_policy_semantics import IDS, SEED
 
@@ -24,45 +26,9 @@ ARGS = ["--plugins", "memory", "--cluster-name", "cluster1", "--cluster-id", "10
         "--memory-store", "cluster1"]
 
 
-class RecordingDatapath:
-    """A datapath double: records what the policy resolver hands it."""
-
-    def __init__(self):
-        self.updates: dict[int, dict] = {}
-
-    @meshagent.hookimpl
-    def meshagent_register_datapath(self, registry):
-        registry.register("recording", lambda agent: self)
-
-    async def start(self):
-        pass
-
-    async def stop(self):
-        pass
-
-    async def endpoint_added(self, endpoint):
-        pass
-
-    async def endpoint_removed(self, endpoint):
-        pass
-
-    async def update_ipcache(self, changes):
-        pass
-
-    async def update_services(self, services):
-        pass
-
-    async def reconcile(self, policies, ipcache):
-        self.updates = {ep: {k: v.value for k, v in verdicts.items()}
-                        for ep, verdicts in policies.items()}
-
-    async def update_policy(self, endpoint_id, changes):
-        state = self.updates.setdefault(endpoint_id, {})
-        for change in changes:
-            if change.verdict is None:
-                state.pop(change.key)
-            else:
-                state[change.key] = change.verdict.value
+def verdicts(datapath: RecordingDatapath, endpoint_id: int) -> dict:
+    """What the datapath holds for an endpoint, verdicts as text."""
+    return {k: v.value for k, v in datapath.state.get(endpoint_id, {}).items()}
 
 
 def cli(running, *args):
@@ -129,19 +95,19 @@ async def test_verdicts_reach_the_datapath_and_trace_explains(agent_factory, see
     add_identities(a1.agent)
     db = Endpoint(7, "default", IDS["db"].labels, ipaddress.ip_address("10.1.1.7"), IDS["db"].id)
     a1.agent.hooks.endpoint_changed(kind=ChangeKind.UPSERT, endpoint=db)
-    await eventually(lambda: 7 in datapath.updates)
-    assert set(datapath.updates[7].values()) == {"allow"}  # no policy yet: allow all
+    await eventually(lambda: 7 in datapath.state)
+    assert set(verdicts(datapath, 7).values()) == {"allow"}  # no policy yet: allow all
     assert (await cli(a1, "policy", "import", str(seed_file))).returncode == 0
-    await eventually(lambda: "deny" not in datapath.updates[7].values() and any(
-        key.identity == IDS["employee-c2"].id for key in datapath.updates[7]))
-    ingress = {k: v for k, v in datapath.updates[7].items() if k.direction == "ingress"}
+    await eventually(lambda: "deny" not in verdicts(datapath, 7).values() and any(
+        key.identity == IDS["employee-c2"].id for key in datapath.state[7]))
+    ingress = {k: v for k, v in verdicts(datapath, 7).items() if k.direction == "ingress"}
     assert {k.identity for k in ingress} == {IDS["employee"].id, IDS["employee-c2"].id}
     assert {(k.protocol, k.port) for k in ingress} == {(6, 6379)}
 
     # a remote identity arriving later is added incrementally
     late = Identity((102 << 16) + 999, IDS["employee-c2"].labels, "cluster2")
     a1.agent.tables.identities.upsert(late.id, late)
-    await eventually(lambda: any(k.identity == late.id for k in datapath.updates[7]))
+    await eventually(lambda: any(k.identity == late.id for k in datapath.state[7]))
 
     allowed = await cli(a1, "policy", "trace", "--src-labels",
                         "app=employee,io.kubernetes.pod.namespace=istio-space,"

@@ -7,7 +7,8 @@ provider (policies stored in the cluster's kvstore).
 """
 
 from meshagent.policy.contract import (
-    EndpointChanges, MapChange, MapKey, MapState, PolicyResolver, Verdict,
+    ChangeQueue, EndpointChanges, MapChange, MapKey, MapState, PolicyResolver, Verdict,
 )
 
-__all__ = ["EndpointChanges", "MapChange", "MapKey", "MapState", "PolicyResolver", "Verdict"]
+__all__ = ["ChangeQueue", "EndpointChanges", "MapChange", "MapKey", "MapState",
+           "PolicyResolver", "Verdict"]

@@ -7,6 +7,7 @@ datapath slot through :meth:`PolicyResolver.snapshot` (the whole state, for a re
 eBPF datapath exactly as the default one does.
 """
 
+import asyncio
 import enum
 from typing import Protocol, runtime_checkable
 
@@ -42,6 +43,35 @@ class MapChange:
 
 MapState = dict[MapKey, Verdict]  # one endpoint's
 EndpointChanges = dict[int, list[MapChange]]  # endpoint id -> its changes, in order
+
+
+class ChangeQueue:
+    """Map changes waiting to be taken, per endpoint and in order: what a resolver needs to
+    serve :meth:`PolicyResolver.changes` (and to drop on :meth:`PolicyResolver.snapshot`)."""
+
+    def __init__(self) -> None:
+        self._pending: EndpointChanges = {}
+        self._wake = asyncio.Event()
+
+    def add(self, endpoint_id: int, changes: list[MapChange]) -> None:
+        if changes:
+            self._pending.setdefault(endpoint_id, []).extend(changes)
+            self._wake.set()
+
+    def drop(self, endpoint_id: int) -> None:
+        """The endpoint is gone: its untaken changes must not reach the datapath."""
+        self._pending.pop(endpoint_id, None)
+
+    def clear(self) -> None:
+        self._pending = {}
+
+    async def take(self) -> EndpointChanges:
+        """Wait until something is pending, then hand all of it over."""
+        while not self._pending:
+            self._wake.clear()
+            await self._wake.wait()
+        taken, self._pending = self._pending, {}
+        return taken
 
 
 @runtime_checkable

@@ -23,7 +23,7 @@ from meshagent.kvsync import follow_prefix
 from meshagent.policy.api import Policy, PolicyError
 from meshagent.policy.worker import LARGE_POLICY, PolicyParser, collections_held, rule_count
 from meshagent.policy.cidr import cidr_identity, free_local_identity, policy_cidrs
-from meshagent.policy.contract import EndpointChanges, MapChange, MapState
+from meshagent.policy.contract import ChangeQueue, EndpointChanges, MapChange, MapState
 from meshagent.policy.resolver import EGRESS, INGRESS, PolicyEndpoint, Resolver, Trace, trace
 from meshagent.status import Health, StatusSection
 
@@ -55,8 +55,7 @@ class PolicyService:
                                  default_local_cluster=agent.config.get(
                                      "policy-default-local-cluster"),
                                  on_change=self._changed)
-        self.pending: dict[int, list[MapChange]] = {}
-        self._wake = asyncio.Event()
+        self.pending = ChangeQueue()
         self.kv_keys: dict[str, tuple[str, str, str]] = {}  # kvstore key -> policy key
         self.rejected: dict[str, str] = {}  # kvstore key -> why its document was refused
         self.cidr_identities: dict[ipaddress.IPv4Network, Identity] = {}
@@ -152,13 +151,12 @@ class PolicyService:
                                                       endpoint.labels))
         else:
             self.resolver.remove_endpoint(endpoint.id)
-            self.pending.pop(endpoint.id, None)
+            self.pending.drop(endpoint.id)
 
     # -- outputs --------------------------------------------------------------------------------
 
     def _changed(self, endpoint_id: int, changes: list[MapChange]) -> None:
-        self.pending.setdefault(endpoint_id, []).extend(changes)
-        self._wake.set()
+        self.pending.add(endpoint_id, changes)
 
     def snapshot(self) -> dict[int, MapState]:
         self.pending.clear()
@@ -166,11 +164,7 @@ class PolicyService:
         return {ep: dict(handed.get(ep, {})) for ep in self.resolver.endpoints}
 
     async def changes(self) -> EndpointChanges:
-        while not self.pending:
-            self._wake.clear()
-            await self._wake.wait()
-        taken, self.pending = self.pending, {}
-        return taken
+        return await self.pending.take()
 
     async def _sync_kvstore(self, handle: ControllerHandle) -> None:
         """List then watch the cluster's policies; a bad document is refused, not fatal."""

@@ -15,7 +15,6 @@ The deny file (YAML)::
     - matchLabels: {k8s:io.cilium.k8s.policy.cluster: cluster3}
 """
 
-import asyncio
 from pathlib import Path
 
 import attrs
@@ -26,7 +25,9 @@ from meshagent.controller import Controller, ControllerHandle
 from meshagent.errors import UsageError
 from meshagent.events import ChangeKind
 from meshagent.identity import Identity
-from meshagent.policy import EndpointChanges, MapChange, MapKey, MapState, PolicyResolver, Verdict
+from meshagent.policy import (
+    ChangeQueue, EndpointChanges, MapChange, MapKey, MapState, PolicyResolver, Verdict,
+)
 from meshagent.status import Health, StatusSection
 
 DIRECTIONS = ("ingress", "egress")
@@ -92,8 +93,7 @@ class Guardrails:
         self.endpoints: set[int] = set()
         self.inner_state: dict[int, MapState] = {}  # the inner resolver's output, mirrored
         self.out: dict[int, MapState] = {}  # what we handed on
-        self.pending: EndpointChanges = {}
-        self._wake = asyncio.Event()
+        self.pending = ChangeQueue()
 
     # -- what the inner resolver decides, delegated -----------------------------------------------
 
@@ -131,15 +131,11 @@ class Guardrails:
         self.inner_state = {ep: dict(state) for ep, state in self.inner.snapshot().items()}
         self.endpoints |= set(self.inner_state)
         self.out = {ep: self._desired_state(ep) for ep in self.endpoints}
-        self.pending = {}
+        self.pending.clear()
         return {ep: dict(state) for ep, state in self.out.items()}
 
     async def changes(self) -> EndpointChanges:
-        while not self.pending:
-            self._wake.clear()
-            await self._wake.wait()
-        taken, self.pending = self.pending, {}
-        return taken
+        return await self.pending.take()
 
     def _deny_keys(self, identity_id: int) -> list[MapKey]:
         return [MapKey(direction, identity_id, 0, 0, 0) for direction in DIRECTIONS]
@@ -170,9 +166,7 @@ class Guardrails:
             else:
                 out[key] = new
                 changes.append(MapChange(ChangeKind.UPSERT, key, new))
-        if changes:
-            self.pending.setdefault(endpoint_id, []).extend(changes)
-            self._wake.set()
+        self.pending.add(endpoint_id, changes)
 
     # -- inputs: the inner resolver's changes, identities and endpoints ---------------------------
 
@@ -211,8 +205,9 @@ class Guardrails:
     def meshagent_endpoint_changed(self, kind, endpoint):
         if kind is ChangeKind.DELETE:
             self.endpoints.discard(endpoint.id)
-            for table in (self.inner_state, self.out, self.pending):
-                table.pop(endpoint.id, None)
+            self.inner_state.pop(endpoint.id, None)
+            self.out.pop(endpoint.id, None)
+            self.pending.drop(endpoint.id)
         elif endpoint.id not in self.endpoints:
             self.endpoints.add(endpoint.id)
             self._refresh(endpoint.id, [k for i in self.denied for k in self._deny_keys(i)])
