@@ -10,15 +10,15 @@ Identities no node uses any more are garbage-collected after a grace period.
 import asyncio
 import logging
 import random
-from typing import TYPE_CHECKING
 
 from meshagent import hookimpl, kvkeys
+from meshagent.cluster import ClusterInfo
 from meshagent.controller import ControllerHandle
 from meshagent.errors import MeshagentError
 from meshagent.identity import Identity, ReservedIdentity, format_labels
-
-if TYPE_CHECKING:
-    from meshagent.agent import Agent
+from meshagent.kvstore import KVStore
+from meshagent.publisher import Publisher
+from meshagent.table import Table
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,19 @@ def reserved_identity(labels: frozenset[str]) -> Identity | None:
 class KVStoreIdentityAllocator:
     """Meets :class:`meshagent.identity.IdentityAllocator`; registered as ``kvstore``."""
 
-    def __init__(self, agent: "Agent"):
-        self.agent = agent
-        self.cluster = agent.cluster
+    def __init__(self, store: KVStore, publisher: Publisher, identities: Table,
+                 cluster: ClusterInfo, node_name: str, gc_interval: float):
+        self.store = store
+        self.publisher = publisher  # our references go on its lease, and away through it
+        self.identities = identities  # every identity the agent knows, by number
+        self.cluster = cluster
+        self.node_name = node_name
+        self.gc_interval = gc_interval
         self.refs: dict[frozenset[str], list] = {}  # labels -> [identity, local users]
         self._unused_seen: dict[int, int] = {}  # id -> mod_revision when first seen unused
 
     def _value_key(self, labels_text: str) -> str:
-        return f"{kvkeys.IDENTITY_VALUES}{labels_text}/{self.agent.config.node_name}"
+        return f"{kvkeys.IDENTITY_VALUES}{labels_text}/{self.node_name}"
 
     async def allocate(self, labels: frozenset[str]) -> Identity:
         if reserved := reserved_identity(labels):
@@ -58,8 +63,8 @@ class KVStoreIdentityAllocator:
         if labels in self.refs:
             self.refs[labels][1] += 1
             return self.refs[labels][0]
-        await self.agent.publisher.published.wait()  # our value keys go on the agent's lease
-        store = self.agent.kvstore
+        await self.publisher.published.wait()  # our value keys go on the agent's lease
+        store = self.store
         text = format_labels(labels)
         async with store.lock(LOCKS + text):
             if labels in self.refs:  # another local caller finished while we waited
@@ -67,22 +72,22 @@ class KVStoreIdentityAllocator:
                 return self.refs[labels][0]
             number = await self._existing(text, labels) or await self._create(text)
             key, value = self._value_key(text), str(number).encode()
-            await store.put(key, value, lease=self.agent.publisher.lease)
-            self.agent.publisher.adopt(key, value)
+            await store.put(key, value, lease=self.publisher.lease)
+            self.publisher.adopt(key, value)
         identity = Identity(number, labels, self.cluster.name)
         self.refs[labels] = [identity, 1]
         return identity
 
     async def _existing(self, text: str, labels: frozenset[str]) -> int | None:
         """An id some node already uses for these labels, or an unused one not yet collected."""
-        store = self.agent.kvstore
+        store = self.store
         for item in (await store.list_prefix(f"{kvkeys.IDENTITY_VALUES}{text}/")).items:
             if item.value.isdigit():
                 number = int(item.value)
                 current = await store.get(kvkeys.identity_key(number))
                 if current is not None and current.value.decode() == text:
                     return number
-        for identity in self.agent.tables.identities.values():
+        for identity in self.identities.values():
             if identity.labels == labels and identity.cluster == self.cluster.name:
                 current = await store.get(kvkeys.identity_key(identity.id))
                 if current is not None and current.value.decode() == text:
@@ -90,9 +95,9 @@ class KVStoreIdentityAllocator:
         return None
 
     async def _create(self, text: str) -> int:
-        store = self.agent.kvstore
+        store = self.store
         allowed = self.cluster.identity_range()
-        taken = {i.id for i in self.agent.tables.identities.values()}
+        taken = {i.id for i in self.identities.values()}
         for _ in range(MAX_ATTEMPTS):
             number = random.randrange(allowed.start, allowed.stop)
             if number in taken:
@@ -113,7 +118,7 @@ class KVStoreIdentityAllocator:
             return False
         del self.refs[identity.labels]
         # deleted by the publisher: now, or when the store answers again if it does not now
-        self.agent.publisher.unwant(self._value_key(format_labels(identity.labels)))
+        self.publisher.unwant(self._value_key(format_labels(identity.labels)))
         return True
 
     def lookup(self, identity_id: int) -> Identity | None:
@@ -123,7 +128,7 @@ class KVStoreIdentityAllocator:
             except ValueError:
                 return None
             return Identity(identity_id, frozenset({f"reserved:{reserved.name.lower()}"}))
-        return self.agent.tables.identities.get(identity_id)
+        return self.identities.get(identity_id)
 
     async def close(self) -> None:
         """Nothing to do: our value keys go with the agent's lease."""
@@ -132,7 +137,7 @@ class KVStoreIdentityAllocator:
 
     async def collect_garbage(self) -> list[int]:
         """Delete identities of this cluster that no node used at this run and the last one."""
-        store = self.agent.kvstore
+        store = self.store
         used = set()
         for item in (await store.list_prefix(kvkeys.IDENTITY_VALUES)).items:
             if item.value.isdigit():
@@ -161,7 +166,7 @@ class KVStoreIdentityAllocator:
 
     async def run_gc(self, handle: ControllerHandle) -> None:
         """Controller: collect every ``--identity-gc-interval`` seconds."""
-        interval = self.agent.config.get("identity-gc-interval")
+        interval = self.gc_interval
         handle.ready()
         while True:
             await asyncio.sleep(interval)
@@ -171,4 +176,6 @@ class KVStoreIdentityAllocator:
 @hookimpl
 def meshagent_register_identity_allocator(registry):
     """This module is registered as plugin ``core.identity``: the default allocator."""
-    registry.register("kvstore", KVStoreIdentityAllocator)
+    registry.register("kvstore", lambda agent: KVStoreIdentityAllocator(
+        agent.kvstore, agent.publisher, agent.tables.identities, agent.cluster,
+        agent.config.node_name, agent.config.get("identity-gc-interval")))
