@@ -10,15 +10,17 @@ handed over through the contract (``snapshot``, ``changes``) for the core to fee
 import asyncio
 import ipaddress
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import attrs
 
 from meshagent import hookimpl
+from meshagent.clustersync import Tables
 from meshagent.controller import Controller, ControllerHandle
 from meshagent.events import ChangeKind, PolicyChange
 from meshagent.identity import Identity
 from meshagent.ipcache import POLICY_SOURCE, IPCacheEntry
+from meshagent.kvstore import KVStore
 from meshagent.kvsync import follow_prefix
 from meshagent.policy.api import Policy, PolicyError
 from meshagent.policy.worker import LARGE_POLICY, PolicyParser, collections_held, rule_count
@@ -26,9 +28,6 @@ from meshagent.policy.cidr import cidr_identity, free_local_identity, policy_cid
 from meshagent.policy.contract import ChangeQueue, EndpointChanges, MapChange, MapState
 from meshagent.policy.resolver import EGRESS, INGRESS, PolicyEndpoint, Resolver, Trace, trace
 from meshagent.status import Health, StatusSection
-
-if TYPE_CHECKING:
-    from meshagent.agent import Agent
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +48,19 @@ def policy_key(policy: Policy) -> str:
 
 
 class PolicyService:
-    def __init__(self, agent: "Agent"):
-        self.agent = agent
-        self.resolver = Resolver(agent.cluster.name,
-                                 default_local_cluster=agent.config.get(
-                                     "policy-default-local-cluster"),
+    def __init__(self, store: KVStore, cluster: str, tables: Tables,
+                 policy_changed: Callable[..., None], *, default_local_cluster: bool):
+        self.kvstore = store
+        self.cluster = cluster
+        self.tables = tables  # CIDR identities go in, sources are looked up by IP
+        self.policy_changed = policy_changed  # tells the plugins (meshagent_policy_changed)
+        self.resolver = Resolver(cluster, default_local_cluster=default_local_cluster,
                                  on_change=self._changed)
         self.pending = ChangeQueue()
         self.kv_keys: dict[str, tuple[str, str, str]] = {}  # kvstore key -> policy key
         self.rejected: dict[str, str] = {}  # kvstore key -> why its document was refused
         self.cidr_identities: dict[ipaddress.IPv4Network, Identity] = {}
         self.parser = PolicyParser()
-        agent.plugins.register(self, name="policy.default")
 
     # -- the PolicyResolver contract ------------------------------------------------------------
 
@@ -71,11 +71,11 @@ class PolicyService:
 
     async def store(self, policies: list[Policy]) -> None:
         for policy in policies:
-            await self.agent.kvstore.put(policy_key(policy), policy.document_json.encode())
+            await self.kvstore.put(policy_key(policy), policy.document_json.encode())
 
     async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
         key = f"{PREFIX}{kind}/{namespace or '-'}/{name}"
-        return await self.agent.kvstore.delete(key)
+        return await self.kvstore.delete(key)
 
     def policies(self) -> list[Policy]:
         return sorted(self.resolver.policies.values(), key=lambda p: p.key)
@@ -102,7 +102,7 @@ class PolicyService:
             self._refresh_cidr_identities(extra=policy)
             revision = self.resolver.stage_policy(policy)
             await self._catch_up()
-            self.agent.hooks.policy_changed(kind=ChangeKind.UPSERT, policy=PolicyChange(
+            self.policy_changed(kind=ChangeKind.UPSERT, policy=PolicyChange(
                 policy.name, policy.namespace, revision))
         else:
             old = self.resolver.policies.get(update.key)
@@ -110,7 +110,7 @@ class PolicyService:
             await self._catch_up()
             self._refresh_cidr_identities()
             if old is not None:
-                self.agent.hooks.policy_changed(kind=ChangeKind.DELETE, policy=PolicyChange(
+                self.policy_changed(kind=ChangeKind.DELETE, policy=PolicyChange(
                     old.name, old.namespace, revision))
 
     async def _catch_up(self) -> None:
@@ -123,7 +123,7 @@ class PolicyService:
         """Every CIDR (and except) in the policies gets a node-local identity and an ipcache
         prefix, so the datapath can tell those destinations apart from the rest of the world."""
         wanted = policy_cidrs(list(self.resolver.policies.values()) + ([extra] if extra else []))
-        tables, cluster = self.agent.tables, self.agent.cluster.name
+        tables, cluster = self.tables, self.cluster
         for prefix in sorted(set(self.cidr_identities) - wanted):
             identity = self.cidr_identities.pop(prefix)
             tables.ipcache.delete(prefix, POLICY_SOURCE)
@@ -168,7 +168,7 @@ class PolicyService:
 
     async def _sync_kvstore(self, handle: ControllerHandle) -> None:
         """List then watch the cluster's policies; a bad document is refused, not fatal."""
-        await follow_prefix(self.agent.kvstore, PREFIX, self._apply_stored,
+        await follow_prefix(self.kvstore, PREFIX, self._apply_stored,
                             lambda: list(self.kv_keys), handle.ready)
 
     async def _apply_stored(self, key: str, value: bytes | None) -> None:
@@ -253,7 +253,7 @@ class PolicyService:
         if ip is not None:
             address = ipaddress.IPv4Address(ip)
             best = None
-            for entry in self.agent.tables.ipcache.values():
+            for entry in self.tables.ipcache.values():
                 if address in entry.prefix and (best is None
                                                 or entry.prefix.prefixlen > best.prefix.prefixlen):
                     best = entry
@@ -263,7 +263,18 @@ class PolicyService:
         raise PolicyError("give the source as src_identity, src_labels or src_ip")
 
 
+def build_default(agent) -> PolicyService:
+    """The default resolver for an agent, registered for the events it follows (plugin
+    ``policy.default``). A resolver that wraps it (contrib's meshagent-guardrails) builds it
+    this way too."""
+    service = PolicyService(agent.kvstore, agent.cluster.name, agent.tables,
+                            agent.hooks.policy_changed,
+                            default_local_cluster=agent.config.get("policy-default-local-cluster"))
+    agent.plugins.register(service, name="policy.default")
+    return service
+
+
 @hookimpl
 def meshagent_register_policy_resolver(registry):
     """This module is registered as plugin ``core.policy``: the default resolver."""
-    registry.register("default", PolicyService)
+    registry.register("default", build_default)

@@ -243,8 +243,8 @@ def meshagent_register_policy_resolver(registry):
 def build(agent) -> Guardrails:
     """The default resolver, wrapped. Its events and controllers come from the agent as for
     any plugin; the wrapper registers itself for the identity and endpoint events it needs."""
-    from meshagent.policy.service import PolicyService
+    from meshagent.policy.service import build_default
     path = agent.config.get("guardrails-deny-file")
-    guardrails = Guardrails(PolicyService(agent), load_deny_file(Path(path) if path else None))
+    guardrails = Guardrails(build_default(agent), load_deny_file(Path(path) if path else None))
     agent.plugins.register(guardrails, name="guardrails.resolver")
     return guardrails
