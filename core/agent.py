@@ -90,7 +90,7 @@ class Agent:
         self.local_sync = ClusterSync(self.cluster.name, self.cluster.id, self.cluster, self.tables)
         self.publisher: Publisher | None = None  # built with the store
         self.endpoints = EndpointManager(self)
-        self.services = ServiceManager(self)
+        self.services: ServiceManager | None = None  # built with the store
         self.node_routes = NodeRoutes(self.ownership, config.node_name, config.get(
             "node-route-delete-grace")) if config.get("auto-direct-node-routes") else None
         mesh_dir = config.get("clustermesh-config")
@@ -99,7 +99,6 @@ class Agent:
         # each component brings its own controllers, event handlers and status section
         for name, component in (("core.ownership", self.ownership),
                                 ("core.endpoints", self.endpoints),
-                                ("core.services", self.services),
                                 ("core.node-routes", self.node_routes),
                                 ("core.clustermesh", self.clustermesh)):
             if component is not None:
@@ -164,6 +163,9 @@ class Agent:
         self.plugins.register(self.publisher, name="core.publisher")
         self.plugins.register(LocalStore(self.kvstore, self.controllers, self.local_sync,
                                          self.publisher.published), name="core.kvstore")
+        self.services = ServiceManager(self.kvstore, self.cluster, config.get("pod-cidr"),
+                                       self.tables, self.ready_event)
+        self.plugins.register(self.services, name="core.services")
         cleanup.push_async_callback(self.publisher.close)  # revoke the lease before closing
         if self.clustermesh is not None:
             cleanup.push_async_callback(self.clustermesh.close)
@@ -178,10 +180,11 @@ class Agent:
             cleanup.push_async_callback(self.datapath.stop)
         else:
             self.datapath_started.set()  # nothing to wait for
-        mesh = self.clustermesh
+        mesh, services, datapath = self.clustermesh, self.services, self.datapath
         self.plugins.register(DatapathFeed(
             self.datapath, self.policy_resolver, self.tables.ipcache,
-            self.services.feed_datapath, agent_ready=self.ready_event,
+            lambda h: services.feed_datapath(h, datapath, self.datapath_synced),
+            agent_ready=self.ready_event,
             remotes_ready=lambda: mesh is None or all(r.ready for r in mesh.remotes.values()),
             sync_timeout=self.config.get("datapath-sync-timeout"),
             started=self.datapath_started, synced=self.datapath_synced), name="core.datapath")

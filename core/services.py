@@ -19,22 +19,22 @@ import asyncio
 import ipaddress
 import json
 import logging
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
 
 import attrs
 import yaml
 
 from meshagent import hookimpl, kvkeys
+from meshagent.cluster import ClusterInfo
+from meshagent.clustersync import Tables
 from meshagent.controller import Controller, ControllerHandle
+from meshagent.datapath import Datapath
 from meshagent.errors import UsageError
 from meshagent.events import ChangeKind
-from meshagent.status import Health, StatusSection
+from meshagent.kvstore import KVStore
 from meshagent.kvsync import follow_prefix
 from meshagent.service import Backend, Frontend, MergedService, Service, service_to_json
-
-if TYPE_CHECKING:
-    from meshagent.agent import Agent
+from meshagent.status import Health, StatusSection
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,13 @@ def _model_from_json(data: bytes, cluster: str) -> Service:
 
 
 class ServiceManager:
-    def __init__(self, agent: "Agent"):
-        self.agent = agent
+    def __init__(self, store: KVStore, cluster: ClusterInfo, pod_cidrs: Sequence,
+                 tables: Tables, agent_ready: asyncio.Event):
+        self.store = store
+        self.cluster = cluster
+        self.pod_cidrs = tuple(pod_cidrs)  # this node's (--pod-cidr)
+        self.tables = tables
+        self.agent_ready = agent_ready
         self.local: dict[tuple[str, str], Service] = {}  # stored in the cluster's kvstore
         self.sourced: dict[tuple[str, str], Service] = {}  # from source plugins
         self.merged: dict[tuple[str, str], MergedService] = {}
@@ -193,28 +198,28 @@ class ServiceManager:
     # -- apply / delete (API) -------------------------------------------------------------------
 
     def validate(self, service: Service) -> None:
-        cidrs = list(self.agent.config.get("pod-cidr"))
-        cidrs += [c for node in self.agent.tables.nodes.values()
-                  if node.cluster == self.agent.cluster.name for c in node.pod_cidrs]
+        cidrs = list(self.pod_cidrs)
+        cidrs += [c for node in self.tables.nodes.values()
+                  if node.cluster == self.cluster.name for c in node.pod_cidrs]
         cidrs = list(dict.fromkeys(cidrs))
         for backend in service.backends:
             if not any(backend.ip in cidr for cidr in cidrs):
                 raise ServiceError(
                     f"service {service.namespace}/{service.name}: backend {backend.ip} is"
-                    f" outside every pod CIDR of cluster {self.agent.cluster.name}"
+                    f" outside every pod CIDR of cluster {self.cluster.name}"
                     f" ({', '.join(map(str, cidrs)) or 'none known'})")
 
     async def apply(self, text: str, source: str) -> list[Service]:
-        services = parse_services(text, self.agent.cluster.name, source)
+        services = parse_services(text, self.cluster.name, source)
         for service in services:
             self.validate(service)
         for service in services:
-            await self.agent.kvstore.put(f"{PREFIX}{service.namespace}/{service.name}",
+            await self.store.put(f"{PREFIX}{service.namespace}/{service.name}",
                                          _model_to_json(service))
         return services
 
     async def delete(self, namespace: str, name: str) -> bool:
-        return await self.agent.kvstore.delete(f"{PREFIX}{namespace}/{name}")
+        return await self.store.delete(f"{PREFIX}{namespace}/{name}")
 
     # -- the cluster's services, from the kvstore -----------------------------------------------
 
@@ -241,7 +246,7 @@ class ServiceManager:
 
     @hookimpl
     def meshagent_node_changed(self, kind, node):
-        if node.cluster == self.agent.cluster.name and self.refused_updates:
+        if node.cluster == self.cluster.name and self.refused_updates:
             self.revalidate()  # a new pod CIDR may admit a refused service
 
     @hookimpl
@@ -259,7 +264,7 @@ class ServiceManager:
 
     async def sync(self, handle: ControllerHandle) -> None:
         """Controller: the cluster's services, listed then watched in its kvstore."""
-        await follow_prefix(self.agent.kvstore, PREFIX, self._apply_stored,
+        await follow_prefix(self.store, PREFIX, self._apply_stored,
                             lambda: [f"{PREFIX}{ns}/{name}" for ns, name in self.local],
                             handle.ready)
 
@@ -269,7 +274,7 @@ class ServiceManager:
             self.local.pop((namespace, name), None)
         else:
             try:
-                self.local[(namespace, name)] = _model_from_json(value, self.agent.cluster.name)
+                self.local[(namespace, name)] = _model_from_json(value, self.cluster.name)
                 self.rejected.pop(key, None)
             except (ValueError, KeyError, TypeError) as exc:
                 self.rejected[key] = f"malformed stored service: {exc}"
@@ -295,7 +300,7 @@ class ServiceManager:
                     self.refused_updates[key] = (where, update.service)
                     log.error("refusing %s: %s (the last good version stays)", where, exc)
                     continue
-                self.sourced[key] = attrs.evolve(update.service, cluster=self.agent.cluster.name)
+                self.sourced[key] = attrs.evolve(update.service, cluster=self.cluster.name)
             else:
                 self.sourced.pop(key, None)
             self.rejected.pop(where, None)
@@ -312,7 +317,7 @@ class ServiceManager:
                 continue
             del self.refused_updates[key]
             self.rejected.pop(where, None)
-            self.sourced[key] = attrs.evolve(service, cluster=self.agent.cluster.name)
+            self.sourced[key] = attrs.evolve(service, cluster=self.cluster.name)
             log.info("accepting %s now", where)
             self._services_changed()
 
@@ -326,7 +331,7 @@ class ServiceManager:
     # -- export to remote clusters --------------------------------------------------------------
 
     def _exports(self) -> dict[str, bytes]:
-        cluster = self.agent.cluster
+        cluster = self.cluster
         return {kvkeys.service_key(cluster.name, s.namespace, s.name):
                 service_to_json(attrs.evolve(s, cluster=cluster.name, cluster_id=cluster.id))
                 for s in {**self.sourced, **self.local}.values() if s.global_ and s.shared}
@@ -342,10 +347,10 @@ class ServiceManager:
         a wanted key again if the key disappears.
         """
         handle.ready()
-        await self.agent.ready_event.wait()
-        store = self.agent.kvstore
+        await self.agent_ready.wait()
+        store = self.store
         if self.sources and not self._swept:
-            prefix = kvkeys.service_key(self.agent.cluster.name, "", "")[:-1]
+            prefix = kvkeys.service_key(self.cluster.name, "", "")[:-1]
             for kv in (await store.list_prefix(prefix)).items:
                 if kv.key not in self.exports:
                     await store.delete(kv.key)
@@ -354,9 +359,9 @@ class ServiceManager:
         while True:
             self._export_wake.clear()
             wanted = self.exports
-            local = self.agent.cluster.name
+            local = self.cluster.name
             present = {kvkeys.service_key(local, s.namespace, s.name)
-                       for s in self.agent.tables.services.values() if s.cluster == local}
+                       for s in self.tables.services.values() if s.cluster == local}
             for key in self._written.keys() - wanted.keys():
                 await store.delete(key)
                 del self._written[key]
@@ -371,35 +376,36 @@ class ServiceManager:
     def service_changed(self, kind: ChangeKind, service: Service) -> None:
         """A remote (or exported) ClusterService changed: merge again; one of ours deleted
         behind our back is written again."""
-        if kind is ChangeKind.DELETE and service.cluster == self.agent.cluster.name:
+        if kind is ChangeKind.DELETE and service.cluster == self.cluster.name:
             self._export_wake.set()
         self.remerge()
 
     def remerge(self) -> None:
         ours = {**self.sourced, **self.local}
-        others = [s for s in self.agent.tables.services.values()
-                  if s.cluster != self.agent.cluster.name]
+        others = [s for s in self.tables.services.values()
+                  if s.cluster != self.cluster.name]
         self.backend_ips = {b.ip for service in ours.values() for b in service.backends}
         self.backend_ips |= {b.ip for other in others if other.global_ and other.shared
                              and (other.namespace, other.name) in ours for b in other.backends}
-        live = {entry.prefix.network_address for entry in self.agent.tables.ipcache.values()
+        live = {entry.prefix.network_address for entry in self.tables.ipcache.values()
                 if entry.prefix.prefixlen == 32 and entry.prefix.network_address
                 in self.backend_ips}
-        merged = merge_services(ours, others, live, self.agent.cluster.name)
+        merged = merge_services(ours, others, live, self.cluster.name)
         if merged != self.merged:
             self.merged = merged
             self._changed.set()
 
-    async def feed_datapath(self, handle: ControllerHandle) -> None:
+    async def feed_datapath(self, handle: ControllerHandle, datapath: Datapath,
+                            synced: asyncio.Event) -> None:
         """Controller: hand the merged services to the datapath whenever they change (after
         the datapath's first sync, so a restart changes nothing before then)."""
         handle.ready()
-        await self.agent.datapath_synced.wait()
+        await synced.wait()
         self._changed.set()
         while True:
             await self._changed.wait()
             self._changed.clear()
-            await self.agent.datapath.update_services(list(self.merged.values()))
+            await datapath.update_services(list(self.merged.values()))
 
     def global_count(self) -> int:
         return sum(1 for m in self.merged.values() if m.service.global_)
