@@ -8,15 +8,13 @@ from typing import Any
 
 import attrs
 
-from meshagent.client import DEFAULT_SOCKET as CLIENT_DEFAULT_SOCKET
+from meshagent.client import DEFAULT_SOCKET
 from meshagent.cluster import ClusterInfo
 from meshagent.errors import UsageError
 from meshagent.options import CONFIG_DIR, ParsedOptions, Parser, parse_bool, parse_list
 
 DEFAULT_PLUGINS = ("etcd", "ebpf")
-DEFAULT_RUN_DIR = Path("/var/run/meshagent")
-DEFAULT_SOCKET = CLIENT_DEFAULT_SOCKET
-assert DEFAULT_SOCKET.parent == DEFAULT_RUN_DIR
+DEFAULT_RUN_DIR = DEFAULT_SOCKET.parent  # /var/run/meshagent
 
 
 def parse_ipv4(text: str) -> ipaddress.IPv4Address | None:

@@ -42,7 +42,6 @@ class Publisher:
         self.lease: Lease | None = None
         self.published = asyncio.Event()  # set once the initial state is in the kvstore
         self.wanted: dict[str, bytes] = {}  # key -> value on the lease
-        self._ran = False
         self._pending: set[str] = set()  # keys whose kvstore copy is out of date
         self._in_flight: str | None = None
         self._written: set[str] = set()  # keys we put and have not deleted since
@@ -93,7 +92,6 @@ class Publisher:
     async def run(self, handle: ControllerHandle) -> None:
         """Reconcile the store to what we want, then keep the lease alive and apply changes."""
         store = self.store
-        self._ran = True
         await self._ensure_lease(store)
         self.wanted[self._node_key()] = node_to_json(self.node)
         await self._reconcile(store)
@@ -202,7 +200,7 @@ class Publisher:
 
     async def close(self) -> None:
         """Clean shutdown: revoke the lease so this node's keys disappear now."""
-        if self.lease is None or not self._ran:
+        if self.lease is None:  # never ran: nothing of ours is in the store
             return
         try:
             await asyncio.wait_for(self.store.revoke(self.lease), REVOKE_TIMEOUT)
