@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from meshagent import __version__, hookimpl, identityalloc
-from meshagent.api import APIServer, build_app
+from meshagent.api import APIServer, APIState, build_app
 from meshagent.clustermesh import ClusterMesh
 from meshagent.clustersync import ClusterSync, Tables
 from meshagent.config import Config
@@ -89,18 +89,14 @@ class Agent:
                                           self.kvstore_addresses)
         self.local_sync = ClusterSync(self.cluster.name, self.cluster.id, self.cluster, self.tables)
         self.publisher: Publisher | None = None  # built with the store
-        self.endpoints = EndpointManager(self)
+        self.endpoints: EndpointManager | None = None  # built with the providers
         self.services: ServiceManager | None = None  # built with the store
         self.node_routes = NodeRoutes(self.ownership, config.node_name, config.get(
             "node-route-delete-grace")) if config.get("auto-direct-node-routes") else None
-        mesh_dir = config.get("clustermesh-config")
-        self.clustermesh = ClusterMesh(self, Path(mesh_dir), config.get(
-            "clustermesh-cache-ttl")) if mesh_dir else None
+        self.clustermesh: ClusterMesh | None = None  # built with the store
         # each component brings its own controllers, event handlers and status section
         for name, component in (("core.ownership", self.ownership),
-                                ("core.endpoints", self.endpoints),
-                                ("core.node-routes", self.node_routes),
-                                ("core.clustermesh", self.clustermesh)):
+                                ("core.node-routes", self.node_routes)):
             if component is not None:
                 plugins.register(component, name=name)
         self._backends: dict[str, Any] = {}
@@ -123,7 +119,12 @@ class Agent:
             self.hooks.register_metrics(self.metrics)
             await self._build_providers(cleanup)
 
-            api = APIServer(build_app(self, self.hooks.api_routes(self)), self.config.socket_path)
+            state = APIState(
+                is_ready=lambda: self.ready, status=self.status, plugin_infos=self.plugins.infos,
+                config=self.config, tables=self.tables, services=self.services,
+                endpoints=self.endpoints, clustermesh=self.clustermesh,
+                resolver=self.policy_resolver)
+            api = APIServer(build_app(state, self.hooks.api_routes(self)), self.config.socket_path)
             await api.start()
             cleanup.push_async_callback(api.stop)
             if addr := self.config.get("prometheus-serve-addr"):
@@ -167,7 +168,13 @@ class Agent:
                                        self.tables, self.ready_event)
         self.plugins.register(self.services, name="core.services")
         cleanup.push_async_callback(self.publisher.close)  # revoke the lease before closing
-        if self.clustermesh is not None:
+        if mesh_dir := config.get("clustermesh-config"):
+            self.clustermesh = ClusterMesh(
+                cluster=self.cluster, tables=self.tables, ownership=self.ownership,
+                backend_named=self.kvstore_backend_named,
+                global_services=self.services.global_count, node_routes=self.node_routes,
+                directory=Path(mesh_dir), cache_ttl=config.get("clustermesh-cache-ttl"))
+            self.plugins.register(self.clustermesh, name="core.clustermesh")
             cleanup.push_async_callback(self.clustermesh.close)
         self.identity_allocator = build(IDENTITY_ALLOCATOR)
         if self.identity_allocator is not None:
@@ -180,6 +187,16 @@ class Agent:
             cleanup.push_async_callback(self.datapath.stop)
         else:
             self.datapath_started.set()  # nothing to wait for
+        hooks = self.hooks
+        self.endpoints = EndpointManager(
+            cluster_name=self.cluster.name, node_ip=config.get("node-ip") or None,
+            pod_cidrs=tuple(config.get("pod-cidr")), directory=config.state_dir / "endpoints",
+            allocator=self.identity_allocator, publisher=self.publisher, datapath=self.datapath,
+            datapath_started=self.datapath_started,
+            plugin_labels=lambda namespace, pod: hooks.endpoint_labels(
+                agent=self, namespace=namespace, pod_name=pod),
+            changed=lambda kind, endpoint: hooks.endpoint_changed(kind=kind, endpoint=endpoint))
+        self.plugins.register(self.endpoints, name="core.endpoints")
         mesh, services, datapath = self.clustermesh, self.services, self.datapath
         self.plugins.register(DatapathFeed(
             self.datapath, self.policy_resolver, self.tables.ipcache,

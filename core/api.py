@@ -21,9 +21,14 @@ from meshagent.errors import MeshagentError, PluginError
 from meshagent.jsonfields import to_jsonable
 from meshagent.kvstore import KVStoreError, KVStoreUnavailable
 
-if TYPE_CHECKING:
-    from meshagent.agent import Agent
+if TYPE_CHECKING:  # types only: plugins import Route from here without the components
+    from meshagent.clustermesh import ClusterMesh
+    from meshagent.clustersync import Tables
+    from meshagent.config import Config
+    from meshagent.endpoints import EndpointManager
     from meshagent.policy import PolicyResolver
+    from meshagent.services import ServiceManager
+    from meshagent.status import StatusReport
 
 log = logging.getLogger(__name__)
 
@@ -66,31 +71,46 @@ async def _errors_as_json(request: web.Request, handler):
                                  status=500)
 
 
-def build_app(agent: "Agent", extra_routes: list[tuple[str, Route]]) -> web.Application:
+@attrs.frozen
+class APIState:
+    """What the core routes serve, handed over by the agent (the API never sees the agent)."""
+
+    is_ready: Callable[[], bool]
+    status: "Callable[[bool], StatusReport]"
+    plugin_infos: Callable[[], Any]
+    config: "Config"
+    tables: "Tables"
+    services: "ServiceManager"
+    endpoints: "EndpointManager"
+    clustermesh: "ClusterMesh | None"
+    resolver: "PolicyResolver | None"
+
+
+def build_app(api: APIState, extra_routes: list[tuple[str, Route]]) -> web.Application:
     # room for the largest policy import (8 MiB of YAML, JSON-escaped), no more
     app = web.Application(middlewares=[_errors_as_json], client_max_size=MAX_REQUEST_BYTES)
     core = [
-        Route("GET", "/healthz", functools.partial(_healthz, agent)),
-        Route("GET", "/status", functools.partial(_status, agent)),
-        Route("GET", "/plugins", functools.partial(_plugins, agent)),
-        Route("GET", "/config", functools.partial(_config, agent)),
-        Route("GET", "/nodes", functools.partial(_nodes, agent)),
-        Route("GET", "/identities", functools.partial(_identities, agent)),
-        Route("GET", "/ipcache", functools.partial(_ipcache, agent)),
-        Route("GET", "/clustermesh", functools.partial(_clustermesh, agent)),
-        Route("GET", "/services", functools.partial(_services, agent)),
-        Route("POST", "/services", functools.partial(_service_apply, agent)),
-        Route("DELETE", "/services/{namespace}/{name}", functools.partial(_service_delete, agent)),
-        Route("GET", "/endpoints", functools.partial(_endpoints, agent)),
-        Route("POST", "/endpoints", functools.partial(_endpoint_create, agent)),
-        Route("GET", "/endpoints/{id}", functools.partial(_endpoint_get, agent)),
-        Route("DELETE", "/endpoints/{id}", functools.partial(_endpoint_delete, agent)),
+        Route("GET", "/healthz", functools.partial(_healthz, api)),
+        Route("GET", "/status", functools.partial(_status, api)),
+        Route("GET", "/plugins", functools.partial(_plugins, api)),
+        Route("GET", "/config", functools.partial(_config, api)),
+        Route("GET", "/nodes", functools.partial(_nodes, api)),
+        Route("GET", "/identities", functools.partial(_identities, api)),
+        Route("GET", "/ipcache", functools.partial(_ipcache, api)),
+        Route("GET", "/clustermesh", functools.partial(_clustermesh, api)),
+        Route("GET", "/services", functools.partial(_services, api)),
+        Route("POST", "/services", functools.partial(_service_apply, api)),
+        Route("DELETE", "/services/{namespace}/{name}", functools.partial(_service_delete, api)),
+        Route("GET", "/endpoints", functools.partial(_endpoints, api)),
+        Route("POST", "/endpoints", functools.partial(_endpoint_create, api)),
+        Route("GET", "/endpoints/{id}", functools.partial(_endpoint_get, api)),
+        Route("DELETE", "/endpoints/{id}", functools.partial(_endpoint_delete, api)),
         # policy, for whichever resolver fills the slot: only its contract is used
-        Route("GET", "/policy", functools.partial(_policy_get, agent)),
-        Route("POST", "/policy", functools.partial(_policy_import, agent)),
+        Route("GET", "/policy", functools.partial(_policy_get, api)),
+        Route("POST", "/policy", functools.partial(_policy_import, api)),
         Route("DELETE", "/policy/{kind}/{namespace}/{name}",
-              functools.partial(_policy_delete, agent)),
-        Route("POST", "/policy/trace", functools.partial(_policy_trace, agent)),
+              functools.partial(_policy_delete, api)),
+        Route("POST", "/policy/trace", functools.partial(_policy_trace, api)),
     ]
     owners: dict[tuple[str, str], str] = {}
     for owner, route in [("core", r) for r in core] + extra_routes:
@@ -103,30 +123,30 @@ def build_app(agent: "Agent", extra_routes: list[tuple[str, Route]]) -> web.Appl
     return app
 
 
-def _resolver(agent: "Agent") -> "PolicyResolver":
-    if agent.policy_resolver is None:
+def _resolver(api: APIState) -> "PolicyResolver":
+    if api.resolver is None:
         raise web.HTTPNotFound(reason="no policy resolver is loaded (slot policy-resolver)")
-    return agent.policy_resolver
+    return api.resolver
 
 
-async def _policy_get(agent: "Agent", request: web.Request) -> web.Response:
-    resolver = _resolver(agent)
+async def _policy_get(api: APIState, request: web.Request) -> web.Response:
+    resolver = _resolver(api)
     return json_response({"revision": resolver.revision,
                           "policies": [p.document for p in resolver.policies()]})
 
 
-async def _policy_import(agent: "Agent", request: web.Request) -> web.Response:
-    resolver = _resolver(agent)
+async def _policy_import(api: APIState, request: web.Request) -> web.Response:
+    resolver = _resolver(api)
     body = await request.json()
     policies = await resolver.import_policies(body.get("text", ""), body.get("source", "request"))
     await resolver.store(policies)
     return json_response({"imported": [p.display for p in policies]}, status=201)
 
 
-async def _policy_delete(agent: "Agent", request: web.Request) -> web.Response:
+async def _policy_delete(api: APIState, request: web.Request) -> web.Response:
     info = request.match_info
     namespace = None if info["namespace"] == "-" else info["namespace"]
-    if not await _resolver(agent).delete(info["kind"], namespace, info["name"]):
+    if not await _resolver(api).delete(info["kind"], namespace, info["name"]):
         raise web.HTTPNotFound(reason=f"no policy {info['kind']} {info['namespace']}/"
                                       f"{info['name']}")
     return json_response({"deleted": info["name"]})
@@ -135,8 +155,8 @@ async def _policy_delete(agent: "Agent", request: web.Request) -> web.Response:
 TRACE_FIELDS = {"dst_endpoint", "port", "protocol", "src_identity", "src_labels", "src_ip"}
 
 
-async def _policy_trace(agent: "Agent", request: web.Request) -> web.Response:
-    resolver = _resolver(agent)
+async def _policy_trace(api: APIState, request: web.Request) -> web.Response:
+    resolver = _resolver(api)
     body = await request.json()
     if not isinstance(body, dict) or not {"dst_endpoint", "port"} <= body.keys() <= TRACE_FIELDS:
         raise web.HTTPBadRequest(reason="expected a trace request: dst_endpoint, port and"
@@ -144,39 +164,39 @@ async def _policy_trace(agent: "Agent", request: web.Request) -> web.Response:
     return json_response(resolver.trace(**body))
 
 
-async def _healthz(agent: "Agent", request: web.Request) -> web.Response:
-    return json_response({"ready": agent.ready}, status=200 if agent.ready else 503)
+async def _healthz(api: APIState, request: web.Request) -> web.Response:
+    return json_response({"ready": api.is_ready()}, status=200 if api.is_ready() else 503)
 
 
-async def _status(agent: "Agent", request: web.Request) -> web.Response:
+async def _status(api: APIState, request: web.Request) -> web.Response:
     verbose = request.query.get("verbose", "false").lower() in ("1", "true", "yes")
-    return json_response(agent.status(verbose))
+    return json_response(api.status(verbose))
 
 
-async def _plugins(agent: "Agent", request: web.Request) -> web.Response:
-    return json_response(agent.plugins.infos())
+async def _plugins(api: APIState, request: web.Request) -> web.Response:
+    return json_response(api.plugin_infos())
 
 
-async def _config(agent: "Agent", request: web.Request) -> web.Response:
-    config = agent.config
+async def _config(api: APIState, request: web.Request) -> web.Response:
+    config = api.config
     return json_response({name: {"value": config.values[name], "source": config.sources[name]}
                           for name in sorted(config.values)})
 
 
-async def _nodes(agent: "Agent", request: web.Request) -> web.Response:
-    return json_response(sorted(agent.tables.nodes.values(), key=lambda n: n.full_name))
+async def _nodes(api: APIState, request: web.Request) -> web.Response:
+    return json_response(sorted(api.tables.nodes.values(), key=lambda n: n.full_name))
 
 
-async def _identities(agent: "Agent", request: web.Request) -> web.Response:
-    return json_response(sorted(agent.tables.identities.values(), key=lambda i: i.id))
+async def _identities(api: APIState, request: web.Request) -> web.Response:
+    return json_response(sorted(api.tables.identities.values(), key=lambda i: i.id))
 
 
-async def _ipcache(agent: "Agent", request: web.Request) -> web.Response:
-    return json_response(sorted(agent.tables.ipcache.values(), key=lambda e: e.prefix))
+async def _ipcache(api: APIState, request: web.Request) -> web.Response:
+    return json_response(sorted(api.tables.ipcache.values(), key=lambda e: e.prefix))
 
 
-async def _clustermesh(agent: "Agent", request: web.Request) -> web.Response:
-    mesh = agent.clustermesh
+async def _clustermesh(api: APIState, request: web.Request) -> web.Response:
+    mesh = api.clustermesh
     if mesh is None:
         return json_response({"configured": False, "remotes": []})
     now = time.time()
@@ -184,39 +204,39 @@ async def _clustermesh(agent: "Agent", request: web.Request) -> web.Response:
                           "remotes": [r.to_json(now) for _, r in sorted(mesh.remotes.items())]})
 
 
-async def _services(agent: "Agent", request: web.Request) -> web.Response:
-    return json_response([agent.services.merged[key] for key in sorted(agent.services.merged)])
+async def _services(api: APIState, request: web.Request) -> web.Response:
+    return json_response([api.services.merged[key] for key in sorted(api.services.merged)])
 
 
-async def _service_apply(agent: "Agent", request: web.Request) -> web.Response:
+async def _service_apply(api: APIState, request: web.Request) -> web.Response:
     body = await request.json()
-    services = await agent.services.apply(body.get("text", ""), body.get("source", "request"))
+    services = await api.services.apply(body.get("text", ""), body.get("source", "request"))
     return json_response({"applied": [f"{s.namespace}/{s.name}" for s in services]}, status=201)
 
 
-async def _service_delete(agent: "Agent", request: web.Request) -> web.Response:
+async def _service_delete(api: APIState, request: web.Request) -> web.Response:
     info = request.match_info
-    if not await agent.services.delete(info["namespace"], info["name"]):
+    if not await api.services.delete(info["namespace"], info["name"]):
         raise web.HTTPNotFound(reason=f"no service {info['namespace']}/{info['name']}")
     return json_response({"deleted": f"{info['namespace']}/{info['name']}"})
 
 
-async def _endpoints(agent: "Agent", request: web.Request) -> web.Response:
+async def _endpoints(api: APIState, request: web.Request) -> web.Response:
     container = request.query.get("container_id")
-    found = sorted(agent.endpoints.endpoints.values(), key=lambda e: e.id)
+    found = sorted(api.endpoints.endpoints.values(), key=lambda e: e.id)
     if container is not None:
         found = [e for e in found if e.container_id == container]
     return json_response(found)
 
 
-async def _endpoint_create(agent: "Agent", request: web.Request) -> web.Response:
+async def _endpoint_create(api: APIState, request: web.Request) -> web.Response:
     from meshagent.endpoints import EndpointRequest
     try:
         body = await request.json()
         endpoint_request = EndpointRequest(**body)
     except (ValueError, TypeError) as exc:
         raise web.HTTPBadRequest(reason=f"expected an endpoint request: {exc}") from None
-    return json_response(await agent.endpoints.create(endpoint_request), status=201)
+    return json_response(await api.endpoints.create(endpoint_request), status=201)
 
 
 def _endpoint_id(request: web.Request) -> int:
@@ -226,12 +246,12 @@ def _endpoint_id(request: web.Request) -> int:
         raise web.HTTPBadRequest(reason="endpoint id must be a number") from None
 
 
-async def _endpoint_get(agent: "Agent", request: web.Request) -> web.Response:
-    return json_response(agent.endpoints.get(_endpoint_id(request)))
+async def _endpoint_get(api: APIState, request: web.Request) -> web.Response:
+    return json_response(api.endpoints.get(_endpoint_id(request)))
 
 
-async def _endpoint_delete(agent: "Agent", request: web.Request) -> web.Response:
-    return json_response(await agent.endpoints.delete(_endpoint_id(request)))
+async def _endpoint_delete(api: APIState, request: web.Request) -> web.Response:
+    return json_response(await api.endpoints.delete(_endpoint_id(request)))
 
 
 class APIServer:

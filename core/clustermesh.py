@@ -14,23 +14,22 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import yaml
 
 from meshagent import hookimpl, kvkeys
-from meshagent.cluster import CLUSTER_NAME_PATTERN
-from meshagent.clustersync import ClusterSync
+from meshagent.cluster import CLUSTER_NAME_PATTERN, ClusterInfo
+from meshagent.clustersync import ClusterSync, Tables
 from meshagent.controller import Controller, ControllerHandle
 from meshagent.errors import MeshagentError
 from meshagent.jsonfields import field, load_object
-from meshagent.kvstore import KVStore, KVStoreUnavailable
+from meshagent.kvstore import KVStore, KVStoreBackend, KVStoreUnavailable
 from meshagent.liveness import KVStoreSilent, Liveness
+from meshagent.noderoutes import NodeRoutes
+from meshagent.ownership import AddressOwnership
 from meshagent.status import Health, StatusSection
-
-if TYPE_CHECKING:
-    from meshagent.agent import Agent
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,6 @@ class RemoteCluster:
 
     def __init__(self, mesh: "ClusterMesh", remote: RemoteFile):
         self.mesh = mesh
-        self.agent = mesh.agent
         self.name = remote.name
         self.file = remote
         self.store: KVStore | None = None
@@ -146,15 +144,15 @@ class RemoteCluster:
         backend = self.mesh.backend_for(self.file.path)
         self.store = backend.client_from_file(self.file.path)
         self.known_addresses = self.store.status().addresses
-        self.agent.ownership.schedule()  # no pod CIDR may cover these servers
+        self.mesh.ownership.schedule()  # no pod CIDR may cover these servers
         await self.store.connect()
         self.liveness.answered()
         cluster_id = await self._read_cluster_config(self.store)
         if self.sync is None or self.sync.cluster_id != cluster_id:
             if self.sync is not None:
                 self.sync.withdraw()
-            self.sync = ClusterSync(self.name, cluster_id, self.agent.cluster, self.agent.tables,
-                                    self.agent.ownership)
+            self.sync = ClusterSync(self.name, cluster_id, self.mesh.cluster, self.mesh.tables,
+                                    self.mesh.ownership)
         # A hung or partitioned server keeps the watches open and silent: the probe notices
         # and its raise ends the sync, so the connection is made again.
         async with asyncio.TaskGroup() as group:
@@ -182,7 +180,7 @@ class RemoteCluster:
         return cluster_id
 
     def _id_problem(self, cluster_id: int) -> str:
-        local = self.agent.cluster
+        local = self.mesh.cluster
         if not 1 <= cluster_id <= local.max_connected_clusters:
             return f"cluster id {cluster_id} is out of range 1..{local.max_connected_clusters}"
         if cluster_id == local.id:
@@ -243,7 +241,7 @@ class RemoteCluster:
         return self.last_error or "connecting"
 
     def status_lines(self, now: float) -> list[str]:
-        tables = self.agent.tables
+        tables = self.mesh.tables
         last = "never" if self.last_failure_at is None else f"{now - self.last_failure_at:.0f}s ago"
         head = (f"{self.name}: {'ready' if self.ready else 'not ready'},"
                 f" {tables.nodes.count(self.name)} nodes,"
@@ -269,7 +267,7 @@ class RemoteCluster:
             counts = ", ".join(f"{n} {k}" for k, n in sorted(self.sync.held.items()))
             lines.append(f"└  held (outside the pod CIDRs granted to {self.name}): {counts}")
         refused = [f"{node}: {cidr}: {why}" for (cluster, node, cidr), why
-                   in sorted(self.agent.ownership.refused.items()) if cluster == self.name]
+                   in sorted(self.mesh.ownership.refused.items()) if cluster == self.name]
         if refused:
             lines.append(f"└  pod CIDRs refused: {len(refused)}")
             lines += [f"   {line}" for line in refused[:10]]
@@ -285,7 +283,7 @@ class RemoteCluster:
         return lines
 
     def to_json(self, now: float) -> dict[str, Any]:
-        tables = self.agent.tables
+        tables = self.mesh.tables
         return {
             "name": self.name, "ready": self.ready, "cluster_id": self.remote_id,
             "config_retrieved": self.config_retrieved, "config_file": str(self.file.path),
@@ -304,7 +302,7 @@ class RemoteCluster:
             "last_rejected": dict(self.sync.last_reject) if self.sync else {},
             "held": self.sync.held if self.sync else {},
             "refused_pod_cidrs": {f"{node}/{cidr}": why for (cluster, node, cidr), why
-                                  in self.agent.ownership.refused.items()
+                                  in self.mesh.ownership.refused.items()
                                   if cluster == self.name},
         }
 
@@ -312,12 +310,20 @@ class RemoteCluster:
 class ClusterMesh:
     """Every remote cluster of ``--clustermesh-config``, kept in step with the directory."""
 
-    def __init__(self, agent: "Agent", directory: Path, cache_ttl: float):
-        self.agent = agent
+    def __init__(self, *, cluster: ClusterInfo, tables: Tables, ownership: AddressOwnership,
+                 backend_named: Callable[[str | None], KVStoreBackend],
+                 global_services: Callable[[], int], node_routes: NodeRoutes | None,
+                 directory: Path, cache_ttl: float):
+        self.cluster = cluster
+        self.tables = tables
+        self.ownership = ownership
+        self._backend_named = backend_named
+        self._global_services = global_services
+        self.node_routes = node_routes
         self.directory = directory
         self.cache_ttl = cache_ttl
         self.remotes: dict[str, RemoteCluster] = {}
-        agent.ownership.listeners.append(self._rights_changed)
+        ownership.listeners.append(self._rights_changed)
 
     def _rights_changed(self) -> None:
         """Granted pod CIDRs changed: every remote's endpoints are checked against them again."""
@@ -332,7 +338,7 @@ class ClusterMesh:
         except (OSError, yaml.YAMLError):
             data = None  # the backend's own parser reports what is wrong
         name = data.get("kvstore") if isinstance(data, dict) else None
-        return self.agent.kvstore_backend_named(name)
+        return self._backend_named(name)
 
     def _files_of(self, path: Path) -> tuple[Path, ...]:
         try:
@@ -369,7 +375,7 @@ class ClusterMesh:
                 await self.reconcile()
 
     async def reconcile(self) -> None:
-        wanted = scan_config_dir(self.directory, self.agent.cluster.name, self._files_of)
+        wanted = scan_config_dir(self.directory, self.cluster.name, self._files_of)
         for name in sorted(set(self.remotes) - set(wanted)):
             log.info("clustermesh: %s removed from %s: disconnecting", name, self.directory)
             await self.remotes[name].stop(withdraw=True)
@@ -408,7 +414,7 @@ class ClusterMesh:
         now = time.time()
         remotes = sorted(self.remotes.values(), key=lambda r: r.name)
         ready = sum(1 for r in remotes if r.ready)
-        services = self.agent.services.global_count()
+        services = self._global_services()
         summary = f"{ready}/{len(remotes)} remote clusters ready, {services} global-services"
         not_ready = [r for r in remotes if not r.ready]
         if not_ready:
@@ -420,7 +426,7 @@ class ClusterMesh:
             summary += "; not answering: " + ", ".join(f"{r.name} ({r.problem()})"
                                                        for r in silent)
         details = [line for r in remotes for line in r.status_lines(now)]
-        routes = self.agent.node_routes
+        routes = self.node_routes
         if routes is not None:
             details.append(f"node routes: {len(routes.routes)} installed,"
                            f" {len(routes.refused)} refused")

@@ -12,21 +12,20 @@ import ipaddress
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import attrs
 
 from meshagent import hookimpl, podnet
 from meshagent.controller import Controller, ControllerHandle
+from meshagent.datapath import Datapath
 from meshagent.endpoint import Endpoint, endpoint_from_json, endpoint_labels, endpoint_to_json
 from meshagent.errors import MeshagentError, UsageError
 from meshagent.events import ChangeKind
-from meshagent.identity import Identity
+from meshagent.identity import Identity, IdentityAllocator
 from meshagent.ipam import HostScopeIPAM
 from meshagent.ipcache import IPCacheEntry
-
-if TYPE_CHECKING:
-    from meshagent.agent import Agent
+from meshagent.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +44,29 @@ class EndpointRequest:
     pod_name: str = ""
 
 
+LabelSource = Callable[[str, str], Awaitable[frozenset[str]]]
+"""(namespace, pod name) -> the labels plugins give that pod (the endpoint_labels hook)."""
+EndpointListener = Callable[[ChangeKind, Endpoint], None]
+
+
 class EndpointManager:
-    def __init__(self, agent: "Agent"):
-        self.agent = agent
-        self.ipam = HostScopeIPAM(tuple(agent.config.get("pod-cidr")))
+    """The endpoints of this node, saved under ``directory`` and handed to the datapath."""
+
+    def __init__(self, *, cluster_name: str, node_ip: str | None, pod_cidrs: tuple[str, ...],
+                 directory: Path, allocator: IdentityAllocator, publisher: Publisher,
+                 datapath: Datapath | None, datapath_started: asyncio.Event,
+                 plugin_labels: LabelSource, changed: EndpointListener):
+        self.cluster_name = cluster_name
+        self.node_ip = node_ip
+        self.ipam = HostScopeIPAM(tuple(pod_cidrs))
+        self.allocator = allocator
+        self.publisher = publisher
+        self.datapath = datapath
+        self.datapath_started = datapath_started
+        self._labels_of = plugin_labels
+        self._changed = changed
         self.endpoints: dict[int, Endpoint] = {}
-        self.directory = agent.config.state_dir / "endpoints"
+        self.directory = directory
         self._lock = asyncio.Lock()
         self.restored = asyncio.Event()
         self._node_prepared = False
@@ -64,7 +80,7 @@ class EndpointManager:
     # -- create ---------------------------------------------------------------------------------
 
     async def create(self, request: EndpointRequest) -> Endpoint:
-        labels = endpoint_labels(request.labels, request.namespace, self.agent.cluster.name)
+        labels = endpoint_labels(request.labels, request.namespace, self.cluster_name)
         if not 0 < len(request.pod_ifname) <= 15:
             raise UsageError(f"invalid interface name {request.pod_ifname!r}")
         podnet.netns_path(request.netns)  # a clear error before anything is made
@@ -88,8 +104,8 @@ class EndpointManager:
         wired = await asyncio.to_thread(podnet.create_pod_interface, request.netns,
                                         request.pod_ifname, host_ifname, address)
         undo.append(lambda: asyncio.to_thread(podnet.remove_pod_interface, host_ifname))
-        identity = await self.agent.identity_allocator.allocate(labels)
-        undo.append(lambda: self.agent.identity_allocator.release(identity))
+        identity = await self.allocator.allocate(labels)
+        undo.append(lambda: self.allocator.release(identity))
         endpoint = Endpoint(
             id=endpoint_id, namespace=request.namespace, labels=labels, ipv4=address,
             identity=identity.id, ifname=host_ifname, ifindex=wired["host_ifindex"],
@@ -107,18 +123,17 @@ class EndpointManager:
         self.endpoints[endpoint.id] = endpoint
         undo.append(lambda: _sync(self.endpoints.pop, endpoint.id, None))
         entry = self._ipcache_entry(endpoint)
-        self.agent.publisher.upsert_ipcache(entry)
-        undo.append(lambda: _sync(self.agent.publisher.delete_ipcache, entry))
-        if self.agent.datapath is not None:
-            await self.agent.datapath.endpoint_added(endpoint)
-            undo.append(lambda: self.agent.datapath.endpoint_removed(endpoint))
-        self.agent.hooks.endpoint_changed(kind=ChangeKind.UPSERT, endpoint=endpoint)
+        self.publisher.upsert_ipcache(entry)
+        undo.append(lambda: _sync(self.publisher.delete_ipcache, entry))
+        if self.datapath is not None:
+            await self.datapath.endpoint_added(endpoint)
+            undo.append(lambda: self.datapath.endpoint_removed(endpoint))
+        self._changed(ChangeKind.UPSERT, endpoint)
 
     async def _plugin_labels(self, namespace: str, pod_name: str) -> frozenset[str]:
         if not pod_name:
             return frozenset()
-        return await self.agent.hooks.endpoint_labels(agent=self.agent, namespace=namespace,
-                                                      pod_name=pod_name)
+        return await self._labels_of(namespace, pod_name)
 
     # -- labels changed elsewhere ---------------------------------------------------------------
 
@@ -143,18 +158,18 @@ class EndpointManager:
 
     async def _relabel(self, endpoint: Endpoint, labels: frozenset[str],
                        plugin_labels: frozenset[str]) -> Endpoint:
-        cluster = self.agent.cluster.name
-        identity = await self.agent.identity_allocator.allocate(labels)
+        cluster = self.cluster_name
+        identity = await self.allocator.allocate(labels)
         updated = attrs.evolve(endpoint, labels=labels, plugin_labels=plugin_labels,
                                identity=identity.id)
         try:
             await self._activate(updated, [])
         except BaseException:
             await self._activate(endpoint, [])  # back to what it was
-            await self.agent.identity_allocator.release(identity)
+            await self.allocator.release(identity)
             raise
         self._save(updated)
-        await self.agent.identity_allocator.release(Identity(endpoint.identity, endpoint.labels,
+        await self.allocator.release(Identity(endpoint.identity, endpoint.labels,
                                                              cluster))
         log.info("endpoint %d (%s/%s) relabelled: identity %d -> %d", endpoint.id,
                  endpoint.namespace, endpoint.pod_name, endpoint.identity, identity.id)
@@ -162,7 +177,7 @@ class EndpointManager:
 
     def _ipcache_entry(self, endpoint: Endpoint) -> IPCacheEntry:
         return IPCacheEntry(ipaddress.IPv4Network(f"{endpoint.ipv4}/32"), endpoint.identity,
-                            self.agent.cluster.name, self.agent.config.get("node-ip"),
+                            self.cluster_name, self.node_ip,
                             endpoint.namespace, endpoint.pod_name)
 
     # -- delete ---------------------------------------------------------------------------------
@@ -175,19 +190,19 @@ class EndpointManager:
             # the veth (and the programs on it) go first: until then the datapath keeps
             # enforcing for the pod, never lets its traffic pass unjudged
             await asyncio.to_thread(podnet.remove_pod_interface, endpoint.ifname)
-            if self.agent.datapath is not None:
-                await self.agent.datapath.endpoint_removed(endpoint)
-            self.agent.publisher.delete_ipcache(self._ipcache_entry(endpoint))
+            if self.datapath is not None:
+                await self.datapath.endpoint_removed(endpoint)
+            self.publisher.delete_ipcache(self._ipcache_entry(endpoint))
             self.ipam.release(endpoint.ipv4)
             del self.endpoints[endpoint_id]
             (self.directory / f"{endpoint_id}.json").unlink(missing_ok=True)
             try:  # once, whatever happens: the endpoint is gone and so is its reference
-                await self.agent.identity_allocator.release(
-                    Identity(endpoint.identity, endpoint.labels, self.agent.cluster.name))
+                await self.allocator.release(
+                    Identity(endpoint.identity, endpoint.labels, self.cluster_name))
             except Exception:
                 log.exception("endpoint %d: releasing identity %d failed", endpoint_id,
                               endpoint.identity)
-            self.agent.hooks.endpoint_changed(kind=ChangeKind.DELETE, endpoint=endpoint)
+            self._changed(ChangeKind.DELETE, endpoint)
             log.info("endpoint %d deleted (%s)", endpoint_id, endpoint.ipv4)
             return endpoint
 
@@ -217,7 +232,7 @@ class EndpointManager:
     async def restore(self, handle: ControllerHandle) -> None:
         """Controller: bring back the endpoints saved before a restart, as they were (once
         the datapath is started: restoring hands each endpoint to it)."""
-        await self.agent.datapath_started.wait()
+        await self.datapath_started.wait()
         async with self._lock:
             for path in sorted(self.directory.glob("*.json")) if self.directory.is_dir() else []:
                 await self._prepare_node()
@@ -229,7 +244,7 @@ class EndpointManager:
                 if saved.id not in self.endpoints:  # not restored by an earlier, failed run
                     await self._restore_one(saved, path)
         self.restored.set()
-        self.agent.publisher.endpoints_restored()
+        self.publisher.endpoints_restored()
         handle.ready()
 
     async def _restore_one(self, saved: Endpoint, path) -> None:
@@ -245,8 +260,8 @@ class EndpointManager:
         async with _undone_on_failure(undo, f"restore of endpoint {saved.id}"):
             self.ipam.claim(saved.ipv4, f"endpoint {saved.id}")
             undo.append(lambda: _sync(self.ipam.release, saved.ipv4))
-            identity = await self.agent.identity_allocator.allocate(saved.labels)
-            undo.append(lambda: self.agent.identity_allocator.release(identity))
+            identity = await self.allocator.allocate(saved.labels)
+            undo.append(lambda: self.allocator.release(identity))
             endpoint = attrs.evolve(saved, identity=identity.id, ifindex=ifindex)
             await self._activate(endpoint, undo)
         if endpoint != saved:

@@ -64,9 +64,6 @@ VALUES_AND_CONTRACTS = {
     "jsonfields", "cluster", "status", "kvstore", "datapath", "policy.contract", "policy.api",
     "controller", "liveness", "config", "options", "client",
 }
-#: modules below the agent that still reach into it (issue 17 moves each to constructor
-#: injection); this list may only shrink
-STILL_IMPORT_THE_AGENT = {"api", "clustermesh", "endpoints"}
 
 
 def _meshagent_imports(path: Path) -> set[str]:
@@ -88,12 +85,10 @@ def _core_modules() -> dict[str, Path]:
             for p in CORE.rglob("*.py") if "testing" not in p.parts}
 
 
-def test_nothing_new_below_the_agent_imports_it():
+def test_nothing_below_the_agent_imports_it():
     importers = {name for name, path in _core_modules().items()
                  if name not in ("agent", "cli") and "agent" in _meshagent_imports(path)}
-    assert importers == STILL_IMPORT_THE_AGENT, (
-        f"new: {sorted(importers - STILL_IMPORT_THE_AGENT)}; no longer (take them off the"
-        f" list): {sorted(STILL_IMPORT_THE_AGENT - importers)}")
+    assert importers == set()
 
 
 def test_values_and_contracts_import_no_component():
