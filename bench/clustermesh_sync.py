@@ -16,15 +16,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MESHAGENT, BpfFs, machine, peak_rss_mib, populate, progress, \
-    remote_cluster_items, report
+from common import (
+    MESHAGENT,
+    BpfFs,
+    machine,
+    peak_rss_mib,
+    populate,
+    progress,
+    remote_cluster_items,
+    report,
+)
 
 from meshagent.client import AgentClient
 from meshagent.errors import MeshagentError
+from meshagent.plugins.ebpf.maps import PinnedMap
 from meshagent.plugins.etcd.client import EtcdKVStore
 from meshagent.plugins.etcd.config import load_etcd_config
-from meshagent.plugins.ebpf.maps import PinnedMap
-from meshagent.testing.etcd import EtcdServer
+from meshagent_dev.etcd import EtcdServer
 
 
 def run_one(entries: int, workdir: Path, datapath: bool = True) -> dict:

@@ -9,8 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from meshagent import kvkeys
-from meshagent.identity import format_labels
+from meshagent.kvstore import keys as kvkeys
+from meshagent.model.identity import format_labels
 
 MESHAGENT = str(Path(sys.executable).with_name("meshagent"))
 C2 = 102 << 16

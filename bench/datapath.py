@@ -33,8 +33,8 @@ from pathlib import Path
 
 from common import report
 
-from meshagent.lab import REDIS_SERVER
-from meshagent.testing.netlab import NetLab
+from meshagent_dev.lab import REDIS_SERVER
+from meshagent_dev.netlab import NetLab
 
 MESHAGENT = str(Path(sys.executable).with_name("meshagent"))
 POLICY = """apiVersion: cilium.io/v2
@@ -106,7 +106,12 @@ def build(lab: NetLab, workdir: Path, key: str) -> tuple[str, str]:
 def load_extra_entries(pin_dir: Path) -> None:
     """10,000 ipcache and 1,000 policy entries that match nothing of the benchmark's."""
     from meshagent.plugins.ebpf.maps import (
-        IPCacheKey, IPCacheValue, PinnedMap, PolicyKey, PolicyValue, ip_bytes,
+        IPCacheKey,
+        IPCacheValue,
+        PinnedMap,
+        PolicyKey,
+        PolicyValue,
+        ip_bytes,
     )
     ipcache, policy = PinnedMap(pin_dir, "ipcache"), PinnedMap(pin_dir, "policy")
     for i in range(10_000):

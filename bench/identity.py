@@ -15,7 +15,7 @@ from pathlib import Path
 from common import machine, percentile_ms, progress, report
 
 from meshagent.cli import build_agent
-from meshagent.testing.etcd import EtcdServer
+from meshagent_dev.etcd import EtcdServer
 
 
 async def run(args) -> dict:

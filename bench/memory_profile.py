@@ -17,7 +17,7 @@ from common import populate, remote_cluster_items
 from meshagent.cli import build_agent
 from meshagent.plugins.etcd.client import EtcdKVStore
 from meshagent.plugins.etcd.config import load_etcd_config
-from meshagent.testing.etcd import EtcdServer
+from meshagent_dev.etcd import EtcdServer
 
 
 async def main(entries: int) -> None:

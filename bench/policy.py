@@ -18,7 +18,7 @@ import time
 
 from common import report
 
-from meshagent.identity import Identity
+from meshagent.model.identity import Identity
 from meshagent.policy.api import parse_policies
 from meshagent.policy.resolver import PolicyEndpoint, Resolver
 

@@ -20,7 +20,7 @@ from common import BpfFs, machine, percentile_ms, progress, report
 
 from meshagent.cli import build_agent
 from meshagent.plugins.ebpf.datapath import EbpfDatapath
-from meshagent.testing.etcd import EtcdServer
+from meshagent_dev.etcd import EtcdServer
 
 WRITER = r'''
 import asyncio, json, sys, time

@@ -1,7 +1,7 @@
 """meshagent: a node agent that does what a Cilium agent does with ClusterMesh enabled.
 
 Plugins implement hooks with :data:`hookimpl`; the hook specifications live in
-:mod:`meshagent.hookspecs`.
+:mod:`meshagent.hooks.specs`.
 """
 
 import pluggy

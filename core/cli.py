@@ -10,19 +10,18 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import attrs
-
 from meshagent.client import DEFAULT_SOCKET, AgentClient
 from meshagent.errors import AgentNotRunning, MeshagentError, UsageError
-from meshagent.jsonfields import to_jsonable
-from meshagent.status import Health, StatusReport, StatusSection, render_text
+from meshagent.hooks.additions import Command, format_table
+from meshagent.model.jsonfields import to_jsonable
+from meshagent.runtime.status import Health, StatusReport, StatusSection, render_text
 
 if TYPE_CHECKING:
-    from meshagent.agent import Agent
+    from meshagent.daemon.agent import Agent
 
 log = logging.getLogger("meshagent")
 
@@ -32,16 +31,6 @@ Every option is also read from MESHAGENT_<OPTION> and from <config-dir>/<option>
 (flag > environment > config dir > default).
 
 """
-
-
-@attrs.frozen
-class Command:
-    """A ``meshagent <name>`` sub-command (the core's or a plugin's)."""
-
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -67,10 +56,10 @@ def build_agent(argv: Sequence[str], environ: Mapping[str, str],
                 extra_plugins: Sequence[tuple[str, object]] = ()) -> "Agent":
     """Everything up to the first side effect: plugins, options, validation, provider choice."""
     # imported here: a client command must not pay for what only the agent uses
-    from meshagent.agent import Agent
-    from meshagent.config import Config, add_bootstrap_options, add_core_options
-    from meshagent.options import Parser
-    from meshagent.pluginmanager import PluginManager, discover
+    from meshagent.daemon.agent import Agent
+    from meshagent.hooks.manager import PluginManager, discover
+    from meshagent.runtime.config import Config, add_bootstrap_options, add_core_options
+    from meshagent.runtime.options import Parser
     bootstrap = Parser()
     add_bootstrap_options(bootstrap)
     selected = bootstrap.parse(argv, environ, partial=True).values["plugins"]
@@ -89,8 +78,8 @@ def build_agent(argv: Sequence[str], environ: Mapping[str, str],
 
 
 def run_agent(argv: Sequence[str], environ: Mapping[str, str]) -> int:
-    from meshagent.agent import run_forever
-    from meshagent.logsetup import configure_logging
+    from meshagent.daemon.agent import run_forever
+    from meshagent.runtime.logsetup import configure_logging
     agent = build_agent(argv, environ)
     configure_logging(agent.config.get("log-format"), agent.config.get("debug"))
     for name in agent.config.unknown_config_files:
@@ -112,7 +101,7 @@ def _commands_epilog() -> str:
 def run_command(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     commands = {c.name: c for c in CORE_COMMANDS}
     if argv[0] not in commands:
-        from meshagent.pluginmanager import PluginManager
+        from meshagent.hooks.manager import PluginManager
         for plugin, command in PluginManager(None).hooks.commands():
             if command.name in commands:
                 raise UsageError(f"command {command.name!r} of plugin {plugin!r} is taken")
@@ -180,7 +169,7 @@ def _plugins_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    from meshagent.pluginmanager import PluginManager
+    from meshagent.hooks.manager import PluginManager
     source = "installed plugins (no agent running)"
     if args.plugins is not None:
         rows = to_jsonable(PluginManager([p for p in args.plugins.split(",") if p]).infos())
@@ -200,7 +189,7 @@ def _plugins(args: argparse.Namespace) -> int:
         provides = "; ".join(f"{slot}: {','.join(names)}" for slot, names in row["provides"].items())
         hooks = ",".join(h.removeprefix("meshagent_") for h in row["hooks"])
         table.append((row["name"], row["status"], row["origin"], provides or "-", hooks or "-"))
-    print(_format_table(table))
+    print(format_table(table))
     return 0
 
 
@@ -218,7 +207,7 @@ def _config(args: argparse.Namespace) -> int:
         value = entry["value"]
         shown = ",".join(value) if isinstance(value, list) else str(value)
         table.append((name, shown, entry["source"]))
-    print(_format_table(table))
+    print(format_table(table))
     return 0
 
 
@@ -233,7 +222,7 @@ def _print_rows(args: argparse.Namespace, path: str, header: tuple[str, ...], ro
     if args.output == "json":
         _print_json(items)
     else:
-        print(_format_table([header] + [row(item) for item in items]))
+        print(format_table([header] + [row(item) for item in items]))
     return 0
 
 
@@ -294,7 +283,7 @@ def _endpoint(args: argparse.Namespace) -> int:
     if args.output == "json":
         _print_json(endpoint)
     else:
-        print(_format_table([("ENDPOINT", "IPV4", "IDENTITY", "INTERFACE", "NAMESPACE",
+        print(format_table([("ENDPOINT", "IPV4", "IDENTITY", "INTERFACE", "NAMESPACE",
                               "LABELS"), _endpoint_row(endpoint)]))
     return 0
 
@@ -422,20 +411,23 @@ def _service(args: argparse.Namespace) -> int:
                                            "BACKENDS"), row)
 
 
+def _lab_module():
+    """The lab is a development tool (package meshagent-dev, installed by ``make setup``), not
+    part of the product: imported on use, with a clear error where it is not installed."""
+    try:
+        from meshagent_dev import lab
+    except ImportError as exc:
+        raise UsageError("'meshagent lab' needs the development tools: pip install"
+                         f" ./devtools (make setup does) ({exc})") from None
+    return lab
+
+
 def _lab_args(parser: argparse.ArgumentParser) -> None:
-    from meshagent import lab  # imported on use: it pulls in the test helpers (trustme)
-    lab.add_arguments(parser)
+    _lab_module().add_arguments(parser)
 
 
 def _lab(args: argparse.Namespace) -> int:
-    from meshagent import lab
-    return lab.run(args)
-
-
-def _format_table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
-                     for row in rows)
+    return _lab_module().run(args)
 
 
 CORE_COMMANDS = (

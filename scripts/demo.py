@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from meshagent.lab import REDIS_SERVER, Lab
+from meshagent_dev.lab import REDIS_SERVER, Lab
 
 HERE = Path(__file__).resolve().parent
 POLICY = HERE.parent / "contrib" / "seed" / "l4-policy.yaml"  # the seed's, byte for byte

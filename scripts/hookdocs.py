@@ -7,12 +7,12 @@ Run: .venv/bin/python scripts/hookdocs.py > docs/plugin-hooks.md
 import inspect
 import re
 
-from meshagent import hookspecs
+from meshagent.hooks import specs as hookspecs
 
 INTRO = """\
 # Plugin hooks
 
-Generated from `core/hookspecs.py` by `scripts/hookdocs.py`; do not edit by hand.
+Generated from `core/hooks/specs.py` by `scripts/hookdocs.py`; do not edit by hand.
 
 Implement a hook with `@meshagent.hookimpl` on a function (or method) of the same name in your
 plugin. An implementation may take any subset of the arguments. All hooks are synchronous;

@@ -58,11 +58,13 @@ fi
 # Reinstall the project only when its packaging changed.
 stamp=$venv/.meshagent-installed
 shopt -s nullglob
-want=$(cat "$here/pyproject.toml" "$here"/contrib/*/pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat "$here/pyproject.toml" "$here/devtools/pyproject.toml" "$here"/contrib/*/pyproject.toml \
+  | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing meshagent and test extras into $venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
   "$venv/bin/python" -m pip install -q -e "$here[test]"
+  "$venv/bin/python" -m pip install -q -e "$here/devtools"  # lab, etcd runner, stand-ins
   for plugin in "$here"/contrib/*/; do
     [ -f "$plugin/pyproject.toml" ] && "$venv/bin/python" -m pip install -q -e "$plugin"
   done

@@ -88,7 +88,7 @@ def bpffs(short_tmp):
 def lab_up(tmp_path_factory, name: str, nodes: int, agent_args: Sequence[str] = ()):
     """The two-cluster lab with ``nodes`` nodes per cluster, torn down afterwards (also when
     setting it up failed)."""
-    from meshagent.lab import Lab
+    from meshagent_dev.lab import Lab
     directory = Path(tmp_path_factory.mktemp(name, numbered=True))
     lab = Lab(Path("/tmp") / f"ma-{name}-{directory.name}")
     try:
@@ -104,7 +104,7 @@ SEED_POLICY = Path(__file__).resolve().parent.parent / "contrib" / "seed" / "l4-
 def seed_scene(lab) -> None:
     """The seed's scene on a one-node-per-cluster lab: protected-db (redis) and a stranger in
     cluster1, the employee in cluster2's istio-space, the seed's l4-policy on cluster1."""
-    from meshagent.lab import REDIS_SERVER
+    from meshagent_dev.lab import REDIS_SERVER
     lab.pod_create("protected-db", "cluster1-node1", "default", "app=protected-db")
     lab.pod_create("stranger", "cluster1-node1", "default", "app=stranger")
     lab.pod_create("employee-c2", "cluster2-node1", "istio-space", "app=employee")

@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 from meshagent.plugins.k8s.client import CCNPS, NAMESPACES, KubeAPI, KubeError, Resource
-from meshagent.testing.kubernetes import KubeStandIn
+from meshagent_dev.kubernetes import KubeStandIn
 
 REAL = os.environ.get("MESHAGENT_TEST_KUBECONFIG", "")
 

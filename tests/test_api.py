@@ -6,13 +6,12 @@ import socket
 import stat
 
 import pytest
+from conftest import run_cli
 
 import meshagent
-from meshagent.api import Route, json_response
 from meshagent.errors import AgentNotRunning, MeshagentError, PluginError
+from meshagent.plugin import Route, json_response
 from meshagent.plugins.memory.store import shared_store
-
-from conftest import run_cli
 
 
 async def test_status_plugins_config_healthz_round_trip(agent_factory):

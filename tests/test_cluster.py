@@ -2,8 +2,8 @@
 
 import pytest
 
-from meshagent.cluster import ClusterInfo
 from meshagent.errors import UsageError
+from meshagent.model.cluster import ClusterInfo
 
 
 @pytest.mark.parametrize("name", ["cluster1", "c", "a-b-1", "x" * 32])

@@ -13,18 +13,17 @@ from pathlib import Path
 import pytest
 import trustme
 import yaml
+from conftest import run_cli
 
-from meshagent import kvkeys
 from meshagent.events import ChangeKind
-from meshagent.identity import format_labels
-from meshagent.ipcache import IPCacheEntry, ipcache_to_json
-from meshagent.node import Node, node_to_json
+from meshagent.kvstore import keys as kvkeys
+from meshagent.model.identity import format_labels
+from meshagent.model.ipcache import IPCacheEntry, ipcache_to_json
+from meshagent.model.node import Node, node_to_json
 from meshagent.plugins.etcd.client import EtcdKVStore
 from meshagent.plugins.etcd.config import load_etcd_config
 from meshagent.testing import eventually as wait_for
-from meshagent.testing.etcd import EtcdServer
-
-from conftest import run_cli
+from meshagent_dev.etcd import EtcdServer
 
 C2_BASE = 102 << 16
 #: cluster2's node whose pod CIDR holds the endpoints the tests publish for cluster2

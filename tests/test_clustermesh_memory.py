@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from meshagent import kvkeys
-from meshagent.node import Node, node_to_json
+from meshagent.kvstore import keys as kvkeys
+from meshagent.model.node import Node, node_to_json
 from meshagent.plugins.memory.store import shared_store
 from meshagent.testing import eventually as wait_for
 

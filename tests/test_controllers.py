@@ -3,8 +3,8 @@
 import asyncio
 
 import meshagent
-from meshagent.controller import Controller, ControllerManager
 from meshagent.plugins.memory.store import shared_store
+from meshagent.runtime.controller import Controller, ControllerManager
 
 
 async def test_failing_controller_is_retried_until_it_succeeds():
@@ -82,7 +82,7 @@ async def test_kvstore_outage_at_start_is_retried_and_reported(agent_factory):
 
 async def test_retry_now_wakes_a_controller_sleeping_in_a_long_backoff(monkeypatch):
     """A controller that waits for the kvstore must not sit out its backoff once it is back."""
-    monkeypatch.setattr("meshagent.controller.BACKOFF_START", 60.0)
+    monkeypatch.setattr("meshagent.runtime.controller.BACKOFF_START", 60.0)
     attempts = []
 
     async def needs_the_store(handle):

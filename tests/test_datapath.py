@@ -10,13 +10,12 @@ import subprocess
 import time
 
 import pytest
-
-from meshagent.testing.etcd import EtcdServer
-from meshagent.testing.netlab import NetLab, can_run
-
 from conftest import run_cli
 from nettraffic import BIG_UDP_CLIENT, BIG_UDP_SERVER, CLIENT, LOOP, SERVER
 from test_endpoints import NodeAgent
+
+from meshagent_dev.etcd import EtcdServer
+from meshagent_dev.netlab import NetLab, can_run
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not can_run(), reason="needs root, ip netns and BPF")]

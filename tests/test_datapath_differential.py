@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 
 from meshagent.policy.resolver import EGRESS, INGRESS
 from meshagent.testing import datapath_model as model
-from meshagent.testing.netlab import can_run
 from meshagent.testing.packets import TCP, Packet
 from meshagent.testing.scenarios import ResolvedWorld, Scenario, minimize, scenarios
+from meshagent_dev.netlab import can_run
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not can_run(), reason="needs root and BPF")]
@@ -63,7 +63,7 @@ class KernelHarness:
 
     def load(self, scenario: Scenario) -> None:
         """Forget the previous scenario: its endpoints, and every tracked connection."""
-        from meshagent.endpoint import Endpoint
+        from meshagent.model.endpoint import Endpoint
         for endpoint in list(self.datapath.endpoints.values()):
             self._await(self.datapath.endpoint_removed(endpoint))
         for name in ("ct_tcp", "ct_any", "ipfrag"):
@@ -239,9 +239,9 @@ def table_scenario(text: str, peer: str, port: int, proto: int, direction: str,
     import json
 
     import yaml
+    from test_policy_semantics import IDS
 
     from meshagent.testing.scenarios import EndpointSpec, IdentitySpec, Phase, Probe
-    from test_policy_semantics import IDS
     pods = {name: i for name, i in IDS.items() if not i.reserved and not name.startswith("cidr")}
     addresses = {name: f"10.9.1.{n + 1}" for n, name in enumerate(pods)}
     addresses.update({"world": "198.18.0.1", "host": "10.9.0.254", "remote-node": "10.9.0.253",
@@ -307,7 +307,11 @@ def named_scenario(specs: list[dict], probes: list[tuple]) -> Scenario:
     import json
 
     from meshagent.testing.scenarios import (
-        EndpointSpec, IdentitySpec, Phase, Probe, labels_of,
+        EndpointSpec,
+        IdentitySpec,
+        Phase,
+        Probe,
+        labels_of,
     )
     apps = {"client": (CLIENT, 1), "echo": (ECHO, 2), "echo2": (ECHO2, 3)}
     identities = [IdentitySpec((101 << 16) + 256 + n, labels_of(app, "default", "cluster1", None),
@@ -440,9 +444,8 @@ def test_service_connections_are_judged_against_the_backend_and_keep_it(harness)
 
     import attrs
 
-    from meshagent.service import Backend, Frontend, Service
+    from meshagent.model.service import Backend, Frontend, MergedService, Service
     from meshagent.testing.packets import checksum
-    from meshagent.service import MergedService
     vip = "10.96.0.10"
 
     def service(backend: str, port: int) -> MergedService:

@@ -10,12 +10,11 @@ import subprocess
 import time
 
 import pytest
-
-from meshagent.lab import Lab
-from meshagent.testing.netlab import can_run
-
 from conftest import MESHAGENT, lab_up, run_cli
 from nettraffic import BIG_UDP_CLIENT, BIG_UDP_SERVER, CLIENT, SERVER
+
+from meshagent_dev.lab import Lab
+from meshagent_dev.netlab import can_run
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not can_run(), reason="needs root, ip netns and BPF")]

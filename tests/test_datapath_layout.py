@@ -9,7 +9,7 @@ import os
 import pytest
 
 from meshagent.plugins.ebpf.maps import C_STRUCTS, MAP_NAMES, TYPES, expected_layout
-from meshagent.testing.netlab import can_run
+from meshagent_dev.netlab import can_run
 
 pytestmark = [pytest.mark.privileged, pytest.mark.skipif(not can_run(), reason="needs root and BPF")]
 
@@ -42,7 +42,7 @@ def test_ctypes_structs_match_what_the_compiler_lays_out():
     from bcc import BPF
 
     from meshagent.plugins.ebpf.loader import bpf_source_dir
-    from meshagent.plugins.ebpf.testrun import _TestRunAttr, SYS_BPF, BPF_PROG_TEST_RUN
+    from meshagent.plugins.ebpf.testrun import BPF_PROG_TEST_RUN, SYS_BPF, _TestRunAttr
     facts = c_facts()
     lines = "\n".join(f"    v = {expr}; layout.update(&i, &v); i++;" for _, expr in facts)
     text = (bpf_source_dir() / "lib" / "common.h").read_text() + f"""

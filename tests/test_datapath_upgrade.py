@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from meshagent.endpoint import Endpoint
-from meshagent.ipcache import IPCacheEntry
+from meshagent.model.endpoint import Endpoint
+from meshagent.model.ipcache import IPCacheEntry
 from meshagent.policy.api import parse_policies
 from meshagent.policy.resolver import PolicyEndpoint, Resolver
-from meshagent.testing.netlab import can_run
 from meshagent.testing.packets import ACK, TCP, Packet
+from meshagent_dev.netlab import can_run
 
 pytestmark = [pytest.mark.privileged, pytest.mark.skipif(not can_run(), reason="needs root and BPF")]
 
@@ -57,7 +57,7 @@ def v1_state(pin_dir: Path) -> None:
     (conntrack keyed after the DNAT, the NAT in the lb_*_nat maps)."""
     from bcc import BPF
 
-    from meshagent.plugins.ebpf.maps import CTKey, DIR_EGRESS, DIR_INGRESS, PinnedMap
+    from meshagent.plugins.ebpf.maps import DIR_EGRESS, DIR_INGRESS, CTKey, PinnedMap
     from meshagent.plugins.ebpf.migrate import V1CTValue, V1NATKey, V1NATValue
     BPF(text=V1_MAPS.replace("DIR", str(pin_dir)).encode())
     now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # what bpf_ktime_get_ns() reads

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meshagent import hookspecs
+from meshagent.hooks import specs as hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS = sorted(n for n, f in inspect.getmembers(hookspecs, inspect.isfunction)
@@ -46,5 +46,5 @@ def test_hook_is_exercised_by_a_test(hook):
 
 
 def test_every_slot_has_a_register_hook():
-    from meshagent.slots import SLOTS
+    from meshagent.hooks.slots import SLOTS
     assert {slot.hook for slot in SLOTS} <= set(HOOKS)

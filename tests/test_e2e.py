@@ -8,11 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from meshagent.lab import REDIS_SERVER, Lab
-from meshagent.testing.netlab import can_run
-
 from conftest import lab_up, redis_ping, redis_traffic, run_cli
+
+from meshagent_dev.lab import REDIS_SERVER, Lab
+from meshagent_dev.netlab import can_run
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not can_run(), reason="needs root, ip netns and BPF")]

@@ -9,11 +9,10 @@ import signal
 import time
 
 import pytest
-
-from meshagent.testing.etcd import EtcdServer
-from meshagent.testing.netlab import NetLab, can_run
-
 from conftest import MESHAGENT, clean_env, run_cli
+
+from meshagent_dev.etcd import EtcdServer
+from meshagent_dev.netlab import NetLab, can_run
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not can_run(), reason="needs root and ip netns")]

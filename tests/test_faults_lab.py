@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import lab_up, redis_traffic, run_cli, seed_scene
 
 from meshagent.client import AgentClient
 from meshagent.errors import MeshagentError
-from meshagent.lab import Lab
-from meshagent.testing.netlab import can_run
-
-from conftest import lab_up, redis_traffic, run_cli, seed_scene
+from meshagent_dev.lab import Lab
+from meshagent_dev.netlab import can_run
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not can_run(), reason="needs root, ip netns and BPF")]

@@ -6,10 +6,9 @@ deny list is enforced by the kernel: a contractor the seed's policy would let in
 import time
 
 import pytest
-
-from meshagent.testing.netlab import can_run
-
 from conftest import lab_up, redis_ping, run_cli, seed_scene
+
+from meshagent_dev.netlab import can_run
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not can_run(), reason="needs root, ip netns and BPF")]

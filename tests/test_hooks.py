@@ -4,20 +4,19 @@ import asyncio
 import ipaddress
 
 import pytest
+from conftest import run_cli
 from prometheus_client import Counter
 
 import meshagent
 from meshagent.errors import PluginError, UsageError
 from meshagent.events import ChangeKind, PolicyChange
-from meshagent.identity import Identity
-from meshagent.ipcache import IPCacheEntry
-from meshagent.endpoint import Endpoint
-from meshagent.node import Node
-from meshagent.service import Service
-from meshagent.status import Health, StatusSection
+from meshagent.model.endpoint import Endpoint
+from meshagent.model.identity import Identity
+from meshagent.model.ipcache import IPCacheEntry
+from meshagent.model.node import Node
+from meshagent.model.service import Service
+from meshagent.runtime.status import Health, StatusSection
 from meshagent.testing.resolver_contract import RecordingDatapath
-
-from conftest import run_cli
 
 
 class Lifecycle:
@@ -60,6 +59,9 @@ async def test_lifecycle_order(agent_factory):
     # addoption is historic: a plugin registered after the parser exists still adds options
     assert plugin.calls == ["addoption", ("configure", "hello"), "register_metrics",
                             "api_routes", "controllers"]
+    # what plugins are handed is the agent as the public protocol describes it
+    from meshagent.plugin import AgentView
+    assert isinstance(running.agent, AgentView) and running.agent.endpoints is not None
     await running.stop()
     assert plugin.calls[-1] == "unconfigure"
 
@@ -159,7 +161,7 @@ async def test_a_provider_that_does_not_meet_its_slot_is_refused_naming_its_plug
             registry.register("half", lambda agent: Half())
 
     with pytest.raises(PluginError, match=r"datapath provider 'half' of plugin 'halfdp' does"
-                       r" not meet meshagent\.datapath\.Datapath: missing endpoint_added,"
+                       r" not meet meshagent\.plugin\.Datapath: missing endpoint_added,"
                        r" endpoint_removed, reconcile, stop, update_ipcache, update_policy,"
                        r" update_services"):
         await agent_factory(extra_plugins=[("halfdp", Offers())])

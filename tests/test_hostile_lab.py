@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import lab_up, redis_ping, run_cli, seed_scene
 
 from meshagent.client import AgentClient
-from meshagent.lab import Lab
-from meshagent.testing.netlab import can_run
-
-from conftest import lab_up, redis_ping, run_cli, seed_scene
+from meshagent_dev.lab import Lab
+from meshagent_dev.netlab import can_run
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not can_run(), reason="needs root, ip netns and BPF")]

@@ -9,15 +9,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshagent import kvkeys
-from meshagent.cluster import ClusterInfo
-from meshagent.clustersync import ClusterSync, Tables
+from meshagent.clustermesh.ownership import AddressOwnership
+from meshagent.clustermesh.sync import ClusterSync
 from meshagent.events import ChangeKind
-from meshagent.identity import format_labels
-from meshagent.ipcache import POLICY_SOURCE, IPCache, IPCacheEntry, ipcache_to_json
-from meshagent.node import Node
-from meshagent.ownership import AddressOwnership
-from meshagent.table import Table
+from meshagent.kvstore import keys as kvkeys
+from meshagent.model.cluster import ClusterInfo
+from meshagent.model.identity import format_labels
+from meshagent.model.ipcache import POLICY_SOURCE, IPCache, IPCacheEntry, ipcache_to_json
+from meshagent.model.node import Node
+from meshagent.model.table import Table, Tables
 
 net, ip = ipaddress.IPv4Network, ipaddress.IPv4Address
 C1, C2 = 101 << 16, 102 << 16

@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from meshagent import kvkeys
-from meshagent.identity import ReservedIdentity, format_labels
-from meshagent.identityalloc import reserved_identity
-from meshagent.testing.etcd import EtcdServer
+from meshagent.identity.allocator import reserved_identity
+from meshagent.kvstore import keys as kvkeys
+from meshagent.model.identity import ReservedIdentity, format_labels
+from meshagent_dev.etcd import EtcdServer
 
 CLUSTER = ["--cluster-name", "cluster1", "--cluster-id", "101"]
 

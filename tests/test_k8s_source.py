@@ -9,15 +9,20 @@ import asyncio
 import json
 
 import pytest
+from kube import KubeCluster
 
 from meshagent.errors import UsageError
 from meshagent.plugins.k8s.client import (
-    CCNPS, CNPS, ENDPOINT_SLICES, NAMESPACES, PODS, SERVICES, KubeError,
+    CCNPS,
+    CNPS,
+    ENDPOINT_SLICES,
+    NAMESPACES,
+    PODS,
+    SERVICES,
+    KubeError,
 )
-from meshagent.status import Health
+from meshagent.runtime.status import Health
 from meshagent.testing import eventually
-
-from kube import KubeCluster
 
 CLUSTER = ["--cluster-name", "cluster1", "--cluster-id", "1", "--node-name", "node1",
            "--pod-cidr", "10.1.1.0/24"]

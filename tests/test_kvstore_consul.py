@@ -8,8 +8,8 @@ import pytest
 
 from meshagent.plugins.consul.client import ConsulKVStore
 from meshagent.testing import eventually
-from meshagent.testing.consul import ConsulStandIn
 from meshagent.testing.kvstore_contract import KVStoreContract, client_factory
+from meshagent_dev.consul import ConsulStandIn
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ class TestConsulContract(KVStoreContract):
 
 async def test_unreachable_consul_is_unavailable():
     from meshagent.kvstore import KVStoreUnavailable
-    from meshagent.testing.etcd import free_port
+    from meshagent_dev.etcd import free_port
     client = ConsulKVStore(f"http://127.0.0.1:{free_port()}")
     with pytest.raises(KVStoreUnavailable):
         await client.connect()

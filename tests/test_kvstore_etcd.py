@@ -8,8 +8,8 @@ from meshagent.errors import UsageError
 from meshagent.kvstore import KVStoreUnavailable, RevisionCompacted
 from meshagent.plugins.etcd.client import EtcdKVStore
 from meshagent.plugins.etcd.config import load_etcd_config
-from meshagent.testing.etcd import EtcdServer, free_port
 from meshagent.testing.kvstore_contract import KVStoreContract, client_factory, next_events
+from meshagent_dev.etcd import EtcdServer, free_port
 
 
 @pytest.fixture(scope="module")

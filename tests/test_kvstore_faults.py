@@ -6,11 +6,11 @@ import asyncio
 import ipaddress
 import time
 
-from meshagent import kvkeys
-from meshagent.ipcache import IPCacheEntry
+from meshagent.kvstore import keys as kvkeys
+from meshagent.model.ipcache import IPCacheEntry
 from meshagent.plugins.memory.store import shared_store
 from meshagent.testing import eventually
-from meshagent.testing.consul import ConsulStandIn
+from meshagent_dev.consul import ConsulStandIn
 
 CLUSTER1 = ["--cluster-name", "cluster1", "--cluster-id", "101", "--node-name", "node1",
             "--pod-cidr", "10.1.0.0/24"]

@@ -35,7 +35,8 @@ def test_wheel_has_no_top_level_core_or_plugins(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names}
     assert "core" not in tops and "plugins" not in tops
-    assert "meshagent/hookspecs.py" in names
+    assert "meshagent/hooks/specs.py" in names
+    assert not any(n.startswith(("meshagent_dev/", "meshagent/lab")) for n in names)
     assert "meshagent/plugins/memory/__init__.py" in names
     assert "meshagent/testing/kvstore_contract.py" in names
     assert "meshagent/plugins/ebpf/bpf/from_container.c" in names
@@ -49,7 +50,7 @@ def test_client_commands_import_only_the_client(tmp_path):
         "import sys\n"
         "from meshagent import cli\n"
         f"cli.main(['status', '--socket-path', {str(tmp_path / 'none.sock')!r}])\n"
-        "heavy = sorted(m for m in sys.modules if m == 'meshagent.agent' or m.split('.')[0] in"
+        "heavy = sorted(m for m in sys.modules if m == 'meshagent.daemon.agent' or m.split('.')[0] in"
         " ('pyroute2', 'aiohttp', 'prometheus_client', 'bcc'))\n"
         "print(','.join(heavy))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -59,11 +60,32 @@ def test_client_commands_import_only_the_client(tmp_path):
 
 
 CORE = Path(__file__).resolve().parent.parent / "core"
-VALUES_AND_CONTRACTS = {
-    "errors", "events", "node", "ipcache", "endpoint", "service", "identity", "kvkeys",
-    "jsonfields", "cluster", "status", "kvstore", "datapath", "policy.contract", "policy.api",
-    "controller", "liveness", "config", "options", "client",
-}
+#: The dependency direction, lowest first: a module imports only from its own layer or below.
+LAYERS = (
+    ("foundation", ("", "errors", "events", "client", "model", "runtime", "kvstore.keys")),
+    ("contracts", ("kvstore", "kvstore.contract", "identity", "identity.contract", "datapath",
+                   "datapath.contract", "policy", "policy.contract", "policy.api")),
+    ("components", ("kvstore.", "identity.", "datapath.", "policy.", "clustermesh", "endpoint",
+                    "service")),
+    ("plugin machinery", ("hooks", "plugin")),
+    ("agent", ("daemon", "cli")),
+)
+
+
+def _layer(module: str) -> int:
+    """The layer of a meshagent module (dotted, without ``meshagent.``): its most specific
+    match, so ``kvstore.contract`` is a contract and ``kvstore.lock`` a component."""
+    best, level = -1, None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if prefix.endswith("."):
+                hit = module.startswith(prefix)
+            else:
+                hit = module == prefix or (prefix and module.startswith(prefix + "."))
+            if hit and len(prefix) > best:
+                best, level = len(prefix), index
+    assert level is not None, f"meshagent.{module} is in no layer of tests/test_layout.py"
+    return level
 
 
 def _meshagent_imports(path: Path) -> set[str]:
@@ -81,19 +103,45 @@ def _meshagent_imports(path: Path) -> set[str]:
 
 
 def _core_modules() -> dict[str, Path]:
-    return {".".join(p.relative_to(CORE).with_suffix("").parts).removesuffix(".__init__"): p
-            for p in CORE.rglob("*.py") if "testing" not in p.parts}
+    return {".".join(p.relative_to(CORE).with_suffix("").parts).removesuffix("__init__")
+            .removesuffix("."): p for p in CORE.rglob("*.py") if "testing" not in p.parts}
+
+
+def test_dependencies_point_one_way():
+    """values -> contracts -> components -> plugin machinery -> agent: never back up."""
+    wrong = []
+    for name, path in sorted(_core_modules().items()):
+        for imported in sorted(_meshagent_imports(path)):
+            if imported.startswith("plugins") or imported == "testing":
+                continue
+            if _layer(imported) > _layer(name):
+                wrong.append(f"meshagent.{name} ({LAYERS[_layer(name)][0]}) imports"
+                             f" meshagent.{imported} ({LAYERS[_layer(imported)][0]})")
+    assert wrong == []
 
 
 def test_nothing_below_the_agent_imports_it():
     importers = {name for name, path in _core_modules().items()
-                 if name not in ("agent", "cli") and "agent" in _meshagent_imports(path)}
+                 if name not in ("daemon.agent", "cli") and "daemon.agent" in _meshagent_imports(path)}
     assert importers == set()
 
 
-def test_values_and_contracts_import_no_component():
-    modules = _core_modules()
-    for name in sorted(VALUES_AND_CONTRACTS):
-        imported = _meshagent_imports(modules[name])
-        assert imported <= VALUES_AND_CONTRACTS | {"policy"}, (name, sorted(
-            imported - VALUES_AND_CONTRACTS))
+def test_plugins_and_contrib_do_not_import_the_agent():
+    importers = [str(p.relative_to(ROOT)) for top in ("plugins", "contrib") for p in
+                 (ROOT / top).rglob("*.py") if "daemon.agent" in _meshagent_imports(p)]
+    assert importers == []
+
+
+def test_contrib_plugins_use_only_the_public_module():
+    """contrib/ shows a plugin author the way: everything from ``meshagent.plugin`` (and
+    ``meshagent.client`` for a command that talks to the agent)."""
+    for path in sorted((ROOT / "contrib").glob("*/meshagent_*/*.py")):
+        assert _meshagent_imports(path) <= {"plugin", "client"}, path
+
+
+def test_every_slot_contract_is_in_the_public_module():
+    import meshagent.plugin
+    from meshagent.hooks.slots import SLOTS
+    for slot in SLOTS:
+        assert getattr(meshagent.plugin, slot.protocol.__qualname__) is slot.protocol
+    assert set(meshagent.plugin.__all__) <= set(vars(meshagent.plugin))

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import yaml
 
-from meshagent.config import add_core_options
-from meshagent.options import Parser
+from meshagent.runtime.config import add_core_options
+from meshagent.runtime.options import Parser
 
 MANIFEST = Path(__file__).resolve().parent.parent / "contrib" / "kubernetes" / "meshagent.yaml"
 
@@ -31,7 +31,12 @@ def test_manifest_documents_agree():
 
 def test_the_cluster_role_grants_what_the_k8s_plugin_reads():
     from meshagent.plugins.k8s.client import (
-        CCNPS, CNPS, ENDPOINT_SLICES, NAMESPACES, PODS, SERVICES,
+        CCNPS,
+        CNPS,
+        ENDPOINT_SLICES,
+        NAMESPACES,
+        PODS,
+        SERVICES,
     )
     docs = {d["kind"]: d for d in yaml.safe_load_all(MANIFEST.read_text())}
     assert "k8s" in docs["ConfigMap"]["data"]["plugins"].split(",")

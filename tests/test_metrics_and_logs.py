@@ -9,8 +9,8 @@ import pytest
 
 from meshagent.errors import UsageError
 from meshagent.events import ChangeKind
-from meshagent.metrics import parse_serve_addr
-from meshagent.node import Node
+from meshagent.model.node import Node
+from meshagent.runtime.metrics import parse_serve_addr
 
 
 def free_port() -> int:
@@ -70,4 +70,4 @@ def test_text_logs_and_unknown_config_dir_files(agent_process, short_tmp):
     agent.proc.wait(timeout=5)
     log = agent.log.read_text()
     assert "WARNING meshagent: config-dir file 'enable-hubble' names no option" in log
-    assert " INFO    meshagent.agent: agent started" in log
+    assert " INFO    meshagent.daemon.agent: agent started" in log

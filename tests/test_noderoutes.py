@@ -4,10 +4,10 @@ even when no delete event arrives (the route table stands in for the kernel's)."
 
 import ipaddress
 
+from meshagent.clustermesh.noderoutes import NodeRoutes
+from meshagent.clustermesh.ownership import AddressOwnership
 from meshagent.events import ChangeKind
-from meshagent.node import Node
-from meshagent.noderoutes import NodeRoutes
-from meshagent.ownership import AddressOwnership
+from meshagent.model.node import Node
 
 net, ip = ipaddress.IPv4Network, ipaddress.IPv4Address
 
@@ -76,7 +76,7 @@ async def test_a_route_goes_after_the_grace_period_without_any_delete_event(monk
     ownership.node_changed(ChangeKind.DELETE, gone)
     ownership.recompute()
     now = [1000.0]
-    monkeypatch.setattr("meshagent.noderoutes.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("meshagent.clustermesh.noderoutes.time.monotonic", lambda: now[0])
     await routes.reconcile()
     assert net("10.2.1.0/24") in table.ours  # within the grace period: kept
     now[0] += 6

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from meshagent.lab import REDIS_SERVER
-from meshagent.plugins.k8s.client import CNPS, NAMESPACES, PODS
-from meshagent.testing.consul import ConsulStandIn
-from meshagent.testing.etcd import EtcdServer
-from meshagent.testing.netlab import NetLab, can_run
-
 from kube import REAL, KubeCluster
 from test_endpoints import NodeAgent
+
+from meshagent.plugins.k8s.client import CNPS, NAMESPACES, PODS
+from meshagent_dev.consul import ConsulStandIn
+from meshagent_dev.etcd import EtcdServer
+from meshagent_dev.lab import REDIS_SERVER
+from meshagent_dev.netlab import NetLab, can_run
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not can_run(), reason="needs root, ip netns and BPF")]

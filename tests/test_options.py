@@ -1,13 +1,12 @@
 """Options: flags > MESHAGENT_* environment > --config-dir files > defaults; clear errors."""
 
 import pytest
+from conftest import run_cli
 
 from meshagent.cli import build_agent
-from meshagent.config import add_core_options
 from meshagent.errors import PluginError, UsageError
-from meshagent.options import Parser, parse_bool, read_config_dir
-
-from conftest import run_cli
+from meshagent.runtime.config import add_core_options
+from meshagent.runtime.options import Parser, parse_bool, read_config_dir
 
 
 def core_parser() -> Parser:

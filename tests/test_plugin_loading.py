@@ -6,12 +6,11 @@ import sys
 import textwrap
 
 import pytest
+from conftest import clean_env, run_cli
 
 import meshagent
 from meshagent.cli import build_agent
 from meshagent.errors import PluginError
-
-from conftest import clean_env, run_cli
 
 
 def test_unknown_plugin_exits_2_and_lists_available(short_tmp):
@@ -26,7 +25,7 @@ def test_unknown_plugin_exits_2_and_lists_available(short_tmp):
 def _imported_after_loading(selected: list[str]) -> bool:
     code = textwrap.dedent(f"""
         import sys
-        from meshagent.pluginmanager import PluginManager
+        from meshagent.hooks.manager import PluginManager
         PluginManager({selected!r})
         print("meshagent_audit" in sys.modules)
     """)

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from conftest import MESHAGENT, run_cli
 
 from meshagent.policy.api import MAX_INPUT_BYTES, MAX_YAML_DEPTH, PolicyError, parse_policies
-
-from conftest import MESHAGENT, run_cli
 
 ARGS = ["--plugins", "memory", "--cluster-name", "cluster1", "--cluster-id", "101"]
 

@@ -6,11 +6,24 @@ import pytest
 
 from meshagent.policy.api import parse_policies
 from meshagent.policy.resolver import (
-    EGRESS, INGRESS, PolicyEndpoint, Resolver, Verdict, decide,
+    EGRESS,
+    INGRESS,
+    PolicyEndpoint,
+    Resolver,
+    Verdict,
+    decide,
 )
 from meshagent.testing.policy_cases import (  # noqa: F401 (re-exported for other tests)
-    CASES, EGRESS_CASES, IDS, SEED, TCP, L, ccnp, cnp,
+    CASES,
+    EGRESS_CASES,
+    IDS,
+    SEED,
+    TCP,
+    L,
+    ccnp,
+    cnp,
 )
+
 
 def verdict(text: str, peer: str, port: int = 6379, proto: int = TCP, *,
             direction: str = INGRESS, endpoint: frozenset = IDS["db"].labels,

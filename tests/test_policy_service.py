@@ -6,21 +6,19 @@ import ipaddress
 import json
 
 import pytest
+from conftest import run_cli
+from test_policy_semantics import IDS, SEED
 
 import meshagent
-from meshagent import kvkeys
-from meshagent.endpoint import Endpoint
 from meshagent.events import ChangeKind
-from meshagent.identity import Identity
-from meshagent.ipcache import IPCacheEntry
+from meshagent.kvstore import keys as kvkeys
+from meshagent.model.endpoint import Endpoint
+from meshagent.model.identity import Identity
+from meshagent.model.ipcache import IPCacheEntry
 from meshagent.policy.api import parse_policies
 from meshagent.policy.service import PREFIX, PolicyUpdate
 from meshagent.testing import eventually
-
 from meshagent.testing.resolver_contract import RecordingDatapath
-
-from conftest import run_cli
-from test_policy_semantics import IDS, SEED
 
 ARGS = ["--plugins", "memory", "--cluster-name", "cluster1", "--cluster-id", "101",
         "--memory-store", "cluster1"]

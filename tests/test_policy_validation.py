@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshagent.identity import Identity
+from meshagent.model.identity import Identity
 from meshagent.policy.api import PolicyError, parse_policies
 from meshagent.policy.resolver import PolicyEndpoint, Resolver
 

@@ -6,7 +6,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from meshagent.plugins.ebpf.policymap import (
-    ALLOW, DENY, group_entries, key_blocks, lookup, ordered_writes, port_prefixes, safe_stages,
+    ALLOW,
+    DENY,
+    group_entries,
+    key_blocks,
+    lookup,
+    ordered_writes,
+    port_prefixes,
+    safe_stages,
 )
 from meshagent.policy.resolver import MapKey, Verdict, judge
 

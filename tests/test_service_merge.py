@@ -3,8 +3,8 @@ conflicting ports and backends whose endpoint is gone (Cilium's global-service a
 
 import ipaddress
 
-from meshagent.service import Backend, Frontend, Service
-from meshagent.services import merge_services
+from meshagent.model.service import Backend, Frontend, Service
+from meshagent.service.merge import merge_services
 
 IP = ipaddress.IPv4Address
 FRONT = (Frontend(IP("10.96.0.10"), 6379),)

@@ -5,14 +5,14 @@ import ipaddress
 import json
 
 import pytest
+from conftest import run_cli
 
-from meshagent.ipcache import IPCacheEntry
 import meshagent
 from meshagent.events import ChangeKind
-from meshagent.services import ServiceError, ServiceUpdate, parse_services
+from meshagent.model.ipcache import IPCacheEntry
+from meshagent.model.service import ServiceUpdate
+from meshagent.service.kubernetes import ServiceError, parse_services
 from meshagent.testing import eventually
-
-from conftest import run_cli
 
 
 def service_yaml(cluster_ip: str, backends: list[str], *, port: int = 6379,
@@ -194,7 +194,7 @@ async def test_export_prefix_holds_exactly_the_clusters_global_shared_services(
         agent_factory, memory_kvstore):
     """Sourced services are exported like applied ones; a key left from a service deleted while
     every agent was down is withdrawn once the agent is synced."""
-    from meshagent import kvkeys
+    from meshagent.kvstore import keys as kvkeys
     feed = ServiceFeed()
     stale = kvkeys.service_key("cluster1", "default", "gone")
     await memory_kvstore.put(stale, b'{"cluster":"cluster1","namespace":"default"}')
@@ -227,7 +227,7 @@ async def test_export_prefix_holds_exactly_the_clusters_global_shared_services(
 async def test_agents_without_the_source_do_not_undo_its_exports(agent_factory, memory_kvstore):
     """Agent A is fed a global service by a source; agent B of the same cluster has no source
     and must leave A's export alone. A key deleted behind A's back is written again."""
-    from meshagent import kvkeys
+    from meshagent.kvstore import keys as kvkeys
     feed = ServiceFeed()
     args = ["--plugins", "memory", "--cluster-name", "cluster1", "--cluster-id", "101",
             "--memory-store", memory_kvstore.store.name]

@@ -38,9 +38,9 @@ def test_sigint_stops_gracefully(agent_process):
 STUBBORN_AGENT = textwrap.dedent("""
     import asyncio, sys
     import meshagent
-    from meshagent.agent import run_forever
+    from meshagent.daemon.agent import run_forever
     from meshagent.cli import build_agent
-    from meshagent.controller import Controller
+    from meshagent.runtime.controller import Controller
 
     class Stubborn:
         @meshagent.hookimpl

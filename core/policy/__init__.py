@@ -7,7 +7,13 @@ provider (policies stored in the cluster's kvstore).
 """
 
 from meshagent.policy.contract import (
-    ChangeQueue, EndpointChanges, MapChange, MapKey, MapState, PolicyResolver, Verdict,
+    ChangeQueue,
+    EndpointChanges,
+    MapChange,
+    MapKey,
+    MapState,
+    PolicyResolver,
+    Verdict,
 )
 
 __all__ = ["ChangeQueue", "EndpointChanges", "MapChange", "MapKey", "MapState",

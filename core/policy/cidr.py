@@ -9,7 +9,7 @@ Cilium, these identities are local to the node (``LOCAL_IDENTITY_FLAG``) and lab
 import ipaddress
 from collections.abc import Iterable
 
-from meshagent.identity import Identity
+from meshagent.model.identity import Identity
 from meshagent.policy.api import Policy
 
 LOCAL_IDENTITY_FLAG = 1 << 24

@@ -12,13 +12,19 @@ from collections.abc import Callable, Iterable, Iterator
 
 import attrs
 
-from meshagent.endpoint import NAMESPACE_LABEL
 from meshagent.events import ChangeKind
-from meshagent.identity import CLUSTER_LABEL, Identity, ReservedIdentity
+from meshagent.model.endpoint import NAMESPACE_LABEL
+from meshagent.model.identity import CLUSTER_LABEL, Identity, ReservedIdentity
 from meshagent.policy.api import PROTOCOLS, PeerRule, Policy, PortProtocol, Requirement, Rule
 from meshagent.policy.contract import MapChange, MapKey, Verdict
 from meshagent.policy.selector import (
-    CIDRPeer, EntityPeer, Peer, SelectorCache, SelectorPeer, label_index, requirement_matches,
+    CIDRPeer,
+    EntityPeer,
+    Peer,
+    SelectorCache,
+    SelectorPeer,
+    label_index,
+    requirement_matches,
 )
 
 INGRESS, EGRESS = "ingress", "egress"

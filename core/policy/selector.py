@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from meshagent.identity import CLUSTER_LABEL, Identity, ReservedIdentity
+from meshagent.model.identity import CLUSTER_LABEL, Identity, ReservedIdentity
 from meshagent.policy.api import CIDRRule, EndpointSelector, Requirement
 
 NAMESPACE_KEY = "io.kubernetes.pod.namespace"

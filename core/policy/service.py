@@ -15,19 +15,19 @@ from collections.abc import Callable
 import attrs
 
 from meshagent import hookimpl
-from meshagent.clustersync import Tables
-from meshagent.controller import Controller, ControllerHandle
 from meshagent.events import ChangeKind, PolicyChange
-from meshagent.identity import Identity
-from meshagent.ipcache import POLICY_SOURCE, IPCacheEntry
 from meshagent.kvstore import KVStore
-from meshagent.kvsync import follow_prefix
+from meshagent.kvstore.follow import follow_prefix
+from meshagent.model.identity import Identity
+from meshagent.model.ipcache import POLICY_SOURCE, IPCacheEntry
+from meshagent.model.table import Tables
 from meshagent.policy.api import Policy, PolicyError
-from meshagent.policy.worker import LARGE_POLICY, PolicyParser, collections_held, rule_count
 from meshagent.policy.cidr import cidr_identity, free_local_identity, policy_cidrs
 from meshagent.policy.contract import ChangeQueue, EndpointChanges, MapChange, MapState
 from meshagent.policy.resolver import EGRESS, INGRESS, PolicyEndpoint, Resolver, Trace, trace
-from meshagent.status import Health, StatusSection
+from meshagent.policy.worker import LARGE_POLICY, PolicyParser, collections_held, rule_count
+from meshagent.runtime.controller import Controller, ControllerHandle
+from meshagent.runtime.status import Health, StatusSection
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +264,9 @@ class PolicyService:
 
 
 def build_default(agent) -> PolicyService:
-    """The default resolver for an agent, registered for the events it follows (plugin
-    ``policy.default``). A resolver that wraps it (contrib's meshagent-guardrails) builds it
-    this way too."""
+    """The default resolver for an agent (a :class:`meshagent.hooks.view.AgentView`),
+    registered for the events it follows (plugin ``policy.default``). A resolver that wraps it
+    (contrib's meshagent-guardrails) builds it this way too."""
     service = PolicyService(agent.kvstore, agent.cluster.name, agent.tables,
                             agent.hooks.policy_changed,
                             default_local_cluster=agent.config.get("policy-default-local-cluster"))

@@ -18,10 +18,17 @@ from collections.abc import Callable
 
 import attrs
 
-from meshagent.identity import ReservedIdentity
+from meshagent.model.identity import ReservedIdentity
 from meshagent.policy.resolver import ALLOWED, DENIED_BY_DEFAULT, DENIED_BY_RULE, Verdict
 from meshagent.testing.packets import (
-    FRAG_FIRST, FRAG_LATER, FRAG_NONE, MALFORMED, NOT_IPV4, PARSED, TRANSPORT_HEADER, parse,
+    FRAG_FIRST,
+    FRAG_LATER,
+    FRAG_NONE,
+    MALFORMED,
+    NOT_IPV4,
+    PARSED,
+    TRANSPORT_HEADER,
+    parse,
 )
 
 INGRESS, EGRESS = "ingress", "egress"

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from meshagent.identity import IdentityAllocator, ReservedIdentity
+from meshagent.identity import IdentityAllocator
+from meshagent.model.identity import ReservedIdentity
 from meshagent.testing import eventually
 
 CLUSTER_ID = 101

@@ -7,7 +7,7 @@ and through the kernel. A case whose text starts with ``FLAT:`` runs with
 ``--policy-default-local-cluster=false``.
 """
 
-from meshagent.identity import Identity
+from meshagent.model.identity import Identity
 
 C1, C2 = 101 << 16, 102 << 16
 TCP, UDP, SCTP = 6, 17, 132

@@ -29,8 +29,8 @@ import attrs
 import pytest
 
 from meshagent import hookimpl
-from meshagent.endpoint import Endpoint
 from meshagent.events import ChangeKind
+from meshagent.model.endpoint import Endpoint
 from meshagent.policy.contract import MapState, PolicyResolver, Verdict
 from meshagent.policy.resolver import EGRESS, INGRESS, decide
 from meshagent.testing.policy_cases import CASES, EGRESS_CASES, IDS, SEED, TCP, cnp

@@ -19,18 +19,33 @@ from collections.abc import Callable, Iterable
 import attrs
 from hypothesis import strategies as st
 
-from meshagent.endpoint import NAMESPACE_LABEL
 from meshagent.events import ChangeKind
-from meshagent.identity import CLUSTER_LABEL, Identity, ReservedIdentity
-from meshagent.ipcache import IPCacheEntry
+from meshagent.model.endpoint import NAMESPACE_LABEL
+from meshagent.model.identity import CLUSTER_LABEL, Identity, ReservedIdentity
+from meshagent.model.ipcache import IPCacheEntry
 from meshagent.policy.api import parse_document
 from meshagent.policy.cidr import cidr_identity, free_local_identity, policy_cidrs
 from meshagent.policy.resolver import (
-    EGRESS, INGRESS, MapChange, PolicyEndpoint, Resolver, Verdict, judge, trace,
+    EGRESS,
+    INGRESS,
+    MapChange,
+    PolicyEndpoint,
+    Resolver,
+    Verdict,
+    judge,
+    trace,
 )
 from meshagent.testing.datapath_model import DatapathModel, ModelEndpoint
-from meshagent.testing.packets import ETH_ARP, ETH_IPV6, ICMP, SCTP, TCP, TRANSPORT_HEADER, UDP, \
-    Packet
+from meshagent.testing.packets import (
+    ETH_ARP,
+    ETH_IPV6,
+    ICMP,
+    SCTP,
+    TCP,
+    TRANSPORT_HEADER,
+    UDP,
+    Packet,
+)
 
 LOCAL, REMOTE = "cluster1", "cluster2"
 

@@ -21,11 +21,19 @@ import aiohttp
 import consul.aio
 from consul.exceptions import ConsulException
 
-from meshagent.kvlock import kv_lock
 from meshagent.kvstore import (
-    EventType, KeyValue, KVStoreError, KVStoreStatus, KVStoreUnavailable, Lease, LeaseExpired,
-    Listing, RevisionCompacted, WatchEvent,
+    EventType,
+    KeyValue,
+    KVStoreError,
+    KVStoreStatus,
+    KVStoreUnavailable,
+    Lease,
+    LeaseExpired,
+    Listing,
+    RevisionCompacted,
+    WatchEvent,
 )
+from meshagent.kvstore.lock import kv_lock
 
 MIN_TTL = 10  # Consul refuses shorter session TTLs
 REQUEST_TIMEOUT = 5.0

@@ -13,11 +13,20 @@ from pathlib import Path
 import aiohttp
 
 from meshagent.client import API_PREFIX
-from meshagent.cli import Command, _format_table
 from meshagent.errors import AgentNotRunning
+from meshagent.hooks.additions import Command, format_table
 from meshagent.plugins.ebpf.maps import (
-    CT_NAT_DST, CT_NAT_SRC, CT_REPLY, DIR_INGRESS, POLICY_PREFIX_STATIC, PROTOCOL_NAMES, REASONS,
-    VERDICT_DENY, PinnedMap, ip_text, read_metrics,
+    CT_NAT_DST,
+    CT_NAT_SRC,
+    CT_REPLY,
+    DIR_INGRESS,
+    POLICY_PREFIX_STATIC,
+    PROTOCOL_NAMES,
+    REASONS,
+    VERDICT_DENY,
+    PinnedMap,
+    ip_text,
+    read_metrics,
 )
 from meshagent.plugins.ebpf.policymap import Block
 
@@ -37,7 +46,7 @@ def _emit(args, header, rows, as_json) -> int:
     if args.output == "json":
         print(json.dumps(as_json, indent=2))
     else:
-        print(_format_table([header] + rows))
+        print(format_table([header] + rows))
     return 0
 
 

@@ -18,22 +18,48 @@ import attrs
 from aiohttp import web
 
 from meshagent import hookimpl
-from meshagent.api import Route
-from meshagent.endpoint import Endpoint
 from meshagent.events import ChangeKind
-from meshagent.identity import Identity
-from meshagent.ipcache import IPCacheEntry
+from meshagent.hooks.additions import Route
+from meshagent.model.endpoint import Endpoint
+from meshagent.model.identity import Identity
+from meshagent.model.ipcache import IPCacheEntry
 from meshagent.plugins.ebpf import loader, migrate
 from meshagent.plugins.ebpf.maps import (
-    DIR_EGRESS, DIR_INGRESS, ENDPOINT_LOCAL_DELIVERY, POLICY_PREFIX_STATIC, PROTOCOL_NAMES,
-    REASON_FORWARDED, REASONS, VERDICT_ALLOW, VERDICT_DENY, DropEvent, EndpointInfo, IPCacheKey,
-    IPCacheValue, IPv4Bytes, LBBackend, LBBackendKey, LBService, LBServiceKey, PolicyKey,
-    PolicyValue, ip_bytes, ip_text, mac_bytes, open_maps, read_metrics,
+    DIR_EGRESS,
+    DIR_INGRESS,
+    ENDPOINT_LOCAL_DELIVERY,
+    POLICY_PREFIX_STATIC,
+    PROTOCOL_NAMES,
+    REASON_FORWARDED,
+    REASONS,
+    VERDICT_ALLOW,
+    VERDICT_DENY,
+    DropEvent,
+    EndpointInfo,
+    IPCacheKey,
+    IPCacheValue,
+    IPv4Bytes,
+    LBBackend,
+    LBBackendKey,
+    LBService,
+    LBServiceKey,
+    PolicyKey,
+    PolicyValue,
+    ip_bytes,
+    ip_text,
+    mac_bytes,
+    open_maps,
+    read_metrics,
 )
 from meshagent.plugins.ebpf.policymap import (
-    Block, Keys, block_key, group_entries, ordered_writes, safe_stages,
+    Block,
+    Keys,
+    block_key,
+    group_entries,
+    ordered_writes,
+    safe_stages,
 )
-from meshagent.status import Health, StatusSection
+from meshagent.runtime.status import Health, StatusSection
 
 log = logging.getLogger(__name__)
 

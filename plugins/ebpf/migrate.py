@@ -21,8 +21,19 @@ from pathlib import Path
 import attrs
 
 from meshagent.plugins.ebpf.maps import (
-    CT_NAT_DST, CT_NAT_SRC, CT_REPLY, DIR_EGRESS, DIR_INGRESS, CTKey, CTValue, IPv4Bytes,
-    PinnedMap, pinned_layout, u8, u16, u64,
+    CT_NAT_DST,
+    CT_NAT_SRC,
+    CT_REPLY,
+    DIR_EGRESS,
+    DIR_INGRESS,
+    CTKey,
+    CTValue,
+    IPv4Bytes,
+    PinnedMap,
+    pinned_layout,
+    u8,
+    u16,
+    u64,
 )
 
 log = logging.getLogger(__name__)

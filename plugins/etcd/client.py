@@ -21,11 +21,19 @@ from aetcd import exceptions as etcd_errors  # noqa: E402
 from aetcd import rpc  # noqa: E402
 from aetcd import transactions as txn  # noqa: E402
 
-from meshagent.kvlock import kv_lock  # noqa: E402
 from meshagent.kvstore import (  # noqa: E402
-    EventType, KeyValue, KVStoreError, KVStoreStatus, KVStoreUnavailable, Lease, LeaseExpired,
-    Listing, RevisionCompacted, WatchEvent,
+    EventType,
+    KeyValue,
+    KVStoreError,
+    KVStoreStatus,
+    KVStoreUnavailable,
+    Lease,
+    LeaseExpired,
+    Listing,
+    RevisionCompacted,
+    WatchEvent,
 )
+from meshagent.kvstore.lock import kv_lock  # noqa: E402
 from meshagent.plugins.etcd.config import Endpoint, EtcdConfig  # noqa: E402
 
 log = logging.getLogger(__name__)

@@ -14,23 +14,32 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from meshagent import hookimpl
-from meshagent.controller import Controller, ControllerHandle
 from meshagent.errors import UsageError
 from meshagent.events import ChangeKind
+from meshagent.model.service import ServiceUpdate
 from meshagent.plugins.k8s import translate
 from meshagent.plugins.k8s.client import (
-    CCNPS, CNPS, ENDPOINT_SLICES, NAMESPACES, PODS, SERVICES, TRANSIENT, KubeAPI, KubeError,
+    CCNPS,
+    CNPS,
+    ENDPOINT_SLICES,
+    NAMESPACES,
+    PODS,
+    SERVICES,
+    TRANSIENT,
+    KubeAPI,
+    KubeError,
     Resource,
 )
 from meshagent.plugins.k8s.reflector import Change, Reflector
 from meshagent.policy.api import PolicyError
 from meshagent.policy.service import PolicyUpdate
-from meshagent.services import ServiceError, ServiceUpdate
-from meshagent.status import Health, StatusSection
+from meshagent.runtime.controller import Controller, ControllerHandle
+from meshagent.runtime.status import Health, StatusSection
+from meshagent.service.kubernetes import ServiceError
 
 if TYPE_CHECKING:
-    from meshagent.agent import Agent
-    from meshagent.config import Config
+    from meshagent.hooks.view import AgentView
+    from meshagent.runtime.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +52,7 @@ class KubernetesSource:
         self.node_name = config.get("k8s-node-name") or config.node_name
         self.watch_timeout = config.get("k8s-watch-timeout")
         self.pod_wait = config.get("k8s-pod-wait")
-        self.agent: "Agent | None" = None
+        self.agent: "AgentView | None" = None
         self.api: KubeAPI | None = None
         self._connected = asyncio.Event()
         self.reflectors: dict[str, Reflector] = {}
@@ -272,7 +281,7 @@ class KubernetesSource:
         self.service_updates.put_nowait(ServiceUpdate(ChangeKind.UPSERT, service))
 
     def _withdraw_service(self, key: tuple[str, str]) -> None:
-        from meshagent.service import Service
+        from meshagent.model.service import Service
         if key in self.services:
             self.services.discard(key)
             self.service_updates.put_nowait(ServiceUpdate(ChangeKind.DELETE, Service(

@@ -11,8 +11,15 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from meshagent.kvstore import (
-    EventType, KeyValue, KVStoreStatus, KVStoreUnavailable, Lease, LeaseExpired, Listing,
-    RevisionCompacted, WatchEvent,
+    EventType,
+    KeyValue,
+    KVStoreStatus,
+    KVStoreUnavailable,
+    Lease,
+    LeaseExpired,
+    Listing,
+    RevisionCompacted,
+    WatchEvent,
 )
 
 HISTORY_LIMIT = 100_000

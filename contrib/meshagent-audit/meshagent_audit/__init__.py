@@ -13,9 +13,14 @@ from aiohttp import web
 from prometheus_client import Counter
 
 import meshagent
-from meshagent.api import Route, json_response, to_jsonable
-from meshagent.errors import UsageError
-from meshagent.status import Health, StatusSection
+from meshagent.plugin import (
+    Health,
+    Route,
+    StatusSection,
+    UsageError,
+    json_response,
+    to_jsonable,
+)
 
 KINDS = ("node", "identity", "ipcache", "endpoint", "policy", "service")
 RECENT = 1000
@@ -119,7 +124,7 @@ def meshagent_configure(config, pluginmanager):
 
 @meshagent.hookimpl
 def meshagent_commands():
-    from meshagent.cli import Command
+    from meshagent.plugin import Command
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--limit", type=int, default=20, help="how many recent changes")

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from meshagent.endpoint import Endpoint
 from meshagent.errors import UsageError
 from meshagent.events import ChangeKind, PolicyChange
-from meshagent.identity import Identity
-from meshagent.ipcache import IPCacheEntry
-from meshagent.node import Node
-from meshagent.pluginmanager import PluginManager
-from meshagent.service import Service
+from meshagent.hooks.manager import PluginManager
+from meshagent.model.endpoint import Endpoint
+from meshagent.model.identity import Identity
+from meshagent.model.ipcache import IPCacheEntry
+from meshagent.model.node import Node
+from meshagent.model.service import Service
 
 IP = ipaddress.ip_address("10.1.0.7")
 

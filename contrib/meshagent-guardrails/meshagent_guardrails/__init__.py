@@ -21,14 +21,24 @@ import attrs
 import yaml
 
 import meshagent
-from meshagent.controller import Controller, ControllerHandle
-from meshagent.errors import UsageError
-from meshagent.events import ChangeKind
-from meshagent.identity import Identity
-from meshagent.policy import (
-    ChangeQueue, EndpointChanges, MapChange, MapKey, MapState, PolicyResolver, Verdict,
+from meshagent.plugin import (
+    AgentView,
+    ChangeKind,
+    ChangeQueue,
+    Controller,
+    ControllerHandle,
+    EndpointChanges,
+    Health,
+    Identity,
+    MapChange,
+    MapKey,
+    MapState,
+    PolicyResolver,
+    StatusSection,
+    UsageError,
+    Verdict,
+    build_default_resolver,
 )
-from meshagent.status import Health, StatusSection
 
 DIRECTIONS = ("ingress", "egress")
 
@@ -240,11 +250,10 @@ def meshagent_register_policy_resolver(registry):
     registry.register("guardrails", build)
 
 
-def build(agent) -> Guardrails:
+def build(agent: AgentView) -> Guardrails:
     """The default resolver, wrapped. Its events and controllers come from the agent as for
     any plugin; the wrapper registers itself for the identity and endpoint events it needs."""
-    from meshagent.policy.service import build_default
     path = agent.config.get("guardrails-deny-file")
-    guardrails = Guardrails(build_default(agent), load_deny_file(Path(path) if path else None))
+    guardrails = Guardrails(build_default_resolver(agent), load_deny_file(Path(path) if path else None))
     agent.plugins.register(guardrails, name="guardrails.resolver")
     return guardrails

@@ -1,0 +1,341 @@
+"""Keeping the agent's tables in step with one cluster's kvstore: list, then watch.
+
+A :class:`ClusterSync` runs one :class:`PrefixSync` per kind (nodes, identities, ipcache,
+services) against a cluster's store. Each entry is decoded and checked against the cluster it
+comes from; an entry that does not belong (a foreign cluster name, an identity outside the
+cluster's range, malformed JSON) is rejected and counted, and nothing else is lost. A dropped
+connection keeps the entries; the next run resumes from the last revision, or lists again when
+that history is compacted, deleting what did not come back.
+"""
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from meshagent.clustermesh.ownership import AddressOwnership
+from meshagent.kvstore import EventType, KVStore, RevisionCompacted
+from meshagent.kvstore import keys as kvkeys
+from meshagent.model.cluster import ClusterInfo
+from meshagent.model.identity import Identity, check_endpoint_labels, parse_labels
+from meshagent.model.ipcache import ipcache_from_json
+from meshagent.model.node import node_from_json
+from meshagent.model.service import service_from_json
+from meshagent.model.table import Table, Tables
+
+log = logging.getLogger(__name__)
+
+
+class Rejected(ValueError):
+    """An entry that does not belong to the cluster it came from."""
+
+
+MAX_KEY_BYTES = 1024
+
+
+@attrs.frozen
+class Kind:
+    """One kind of entry: where it lives, which table it fills, how it is checked."""
+
+    name: str  # nodes, identities, endpoints, services (the words of cilium status)
+    prefix: str
+    table: str
+    decode: Callable[["ClusterSync", str, bytes], tuple[Any, Any]]  # -> (table key, row)
+    max_value: int  # bytes: a larger value is rejected before it is decoded
+    # a remote's row that decodes fine may still wait for the right to it: why, or ""
+    admit: Callable[["ClusterSync", Any], str] | None = None
+
+
+def printable(key: str, limit: int = 160) -> str:
+    """A key as it can be logged and shown, whatever bytes it holds."""
+    text = key.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class PrefixSync:
+    """One kind of one cluster: list, then watch; remembers the revision it reached."""
+
+    def __init__(self, sync: "ClusterSync", kind: Kind):
+        self.sync = sync
+        self.kind = kind
+        self.table: Table = getattr(sync.tables, kind.table)
+        self.revision: int | None = None  # None: list before watching
+        self.owned: dict[str, Any] = {}  # kvstore key -> table key of rows we put there
+        self.held: dict[str, tuple[Any, Any, str]] = {}  # kvstore key -> (table key, row, why)
+        self.rows: dict[str, Any] = {}  # kvstore key -> the row we put there (to re-admit)
+        self.synced = False
+
+    async def run(self, store: KVStore, on_synced: Callable[[], None]) -> None:
+        while True:
+            if self.revision is None:
+                await self._list(store)
+            self.synced = True
+            on_synced()
+            try:
+                async for event in store.watch(self.kind.prefix, after_revision=self.revision):
+                    self._apply(event.key, event.value if event.type is EventType.PUT else None)
+                    self.revision = event.revision
+                    self.sync.last_event_at = time.time()
+            except RevisionCompacted as exc:
+                log.info("%s %s: %s; listing again", self.sync.cluster, self.kind.name, exc)
+                self.revision = None
+
+    async def _list(self, store: KVStore) -> None:
+        listing = await store.list_prefix(self.kind.prefix)
+        present = set()
+        for item in listing.items:
+            present.add(item.key)
+            self._apply(item.key, item.value)
+        for key in set(self.owned) - present:  # gone while we were not watching
+            self._apply(key, None)
+        self.revision = listing.revision
+        self.sync.last_event_at = time.time()
+
+    def _apply(self, key: str, value: bytes | None) -> None:
+        """One key's new value (None: deleted). Whatever the value holds, this returns: a
+        value that does not decode or does not belong is rejected and counted, and the row
+        the key had stays; the caller moves on to the next revision, never replaying it."""
+        if value is None:
+            self.held.pop(key, None)
+            self.rows.pop(key, None)
+            table_key = self.owned.pop(key, None)
+            if table_key is not None:
+                self.table.delete(table_key, self.sync.cluster)
+            return
+        try:
+            table_key, row = self.kind.decode(self.sync, check_key(key),
+                                              check_size(value, self.kind.max_value))
+        except ValueError as exc:
+            self.sync.reject(self.kind.name, key, str(exc))
+            return
+        except RecursionError:
+            self.sync.reject(self.kind.name, key, "nested too deeply")
+            return
+        except Exception as exc:  # a decoder bug must not stop the sync either
+            self.sync.reject(self.kind.name, key, f"{type(exc).__name__}: {exc}")
+            return
+        self._admit(key, table_key, row)
+
+    def _admit(self, key: str, table_key: Any, row: Any) -> None:
+        """Put the row in the table, or hold it while the cluster has no right to it."""
+        why = self.sync.admission(self.kind, row)
+        if why:
+            self.held[key] = (table_key, row, why)
+            self.rows.pop(key, None)
+            old = self.owned.pop(key, None)
+            if old is not None:
+                self.table.delete(old, self.sync.cluster)
+            return
+        self.held.pop(key, None)
+        old = self.owned.get(key)
+        if old is not None and old != table_key:
+            self.table.delete(old, self.sync.cluster)
+        self.owned[key] = table_key
+        if self.kind.admit is not None and self.sync.ownership is not None:
+            self.rows[key] = row  # kept to check again when rights change
+        self.table.upsert(table_key, row)
+
+    def readmit(self) -> None:
+        """Rights changed: check every row again, held and admitted."""
+        if self.kind.admit is None:
+            return
+        for key, (table_key, row, _) in list(self.held.items()):
+            self._admit(key, table_key, row)
+        for key, row in list(self.rows.items()):
+            self._admit(key, self.owned[key], row)
+
+    def withdraw(self) -> None:
+        for key in list(self.owned) + list(self.held):
+            self._apply(key, None)
+        self.revision = None
+        self.synced = False
+
+
+class ClusterSync:
+    """All kinds of one cluster, checked against that cluster's name and id."""
+
+    def __init__(self, cluster: str, cluster_id: int, local: ClusterInfo, tables: Tables,
+                 ownership: AddressOwnership | None = None):
+        self.cluster = cluster
+        self.cluster_id = cluster_id
+        self.local = local
+        self.tables = tables
+        self.ownership = ownership  # None: this cluster's own sync, trusted with addresses
+        self.rejected: Counter[str] = Counter()
+        self.last_reject: dict[str, str] = {}
+        self.last_event_at: float | None = None
+        self.prefixes = [PrefixSync(self, kind) for kind in KINDS]
+
+    @property
+    def synced(self) -> dict[str, bool]:
+        return {p.kind.name: p.synced for p in self.prefixes}
+
+    async def run(self, store: KVStore, on_synced: Callable[[], None]) -> None:
+        """Sync every kind until the store fails; ``on_synced`` once all are listed."""
+        def one_synced() -> None:
+            if all(p.synced for p in self.prefixes):
+                on_synced()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for prefix in self.prefixes:
+                    tasks.create_task(prefix.run(store, one_synced),
+                                      name=f"sync:{self.cluster}:{prefix.kind.name}")
+        except ExceptionGroup as group:  # all kinds share the store: the first error says it
+            raise group.exceptions[0] from None
+
+    def admission(self, kind: Kind, row: Any) -> str:
+        """Why a remote's row must wait ("" to admit it): only remote rows are checked."""
+        if kind.admit is None or self.ownership is None:
+            return ""
+        return kind.admit(self, row)
+
+    def readmit(self) -> None:
+        for prefix in self.prefixes:
+            prefix.readmit()
+
+    @property
+    def held(self) -> dict[str, int]:
+        return {p.kind.name: len(p.held) for p in self.prefixes if p.held}
+
+    def relist(self) -> None:
+        """List every kind again on the next run (a new connection); rows stay until then."""
+        for prefix in self.prefixes:
+            prefix.revision = None
+            prefix.synced = False
+
+    def withdraw(self) -> None:
+        """Remove every row this cluster contributed (its clustermesh file went away)."""
+        for prefix in self.prefixes:
+            prefix.withdraw()
+
+    def reject(self, kind: str, key: str, reason: str) -> None:
+        self.rejected[kind] += 1
+        shown = f"{printable(key)}: {printable(reason, 300)}"
+        if kind not in self.last_reject:  # log once per kind; status shows the latest
+            log.warning("cluster %s: rejected %s entry %s (further %s rejections are counted,"
+                        " not logged)", self.cluster, kind, shown, kind)
+        self.last_reject[kind] = shown
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def check_cluster(self, what: str, name: str) -> None:
+        if name != self.cluster:
+            raise Rejected(f"{what} names cluster {name!r}, not {self.cluster!r}")
+
+    def check_identity(self, identity: int) -> None:
+        """``identity`` is one this cluster may allocate: in its range exactly as Cilium
+        computes it (id << 16 | 256 .. id << 16 | 0xFFFF), never a reserved one."""
+        if identity < 256:
+            raise Rejected(f"reserved identity {identity} is not for clusters to publish")
+        allowed = self.local.identity_range(self.cluster_id)
+        if identity not in allowed:
+            raise Rejected(f"identity {identity} is outside {self.cluster}'s range"
+                           f" {allowed.start}..{allowed.stop - 1}")
+
+
+def _node(sync: ClusterSync, key: str, value: bytes):
+    cluster, name = kvkeys.split_key(key, kvkeys.NODES, 2)
+    sync.check_cluster("node key", cluster)
+    node = node_from_json(value)
+    sync.check_cluster("node", node.cluster)
+    if node.name != name:
+        raise Rejected(f"node named {node.name!r} under key of {name!r}")
+    if node.cluster_id not in (0, sync.cluster_id):
+        raise Rejected(f"node has cluster id {node.cluster_id}, not {sync.cluster_id}")
+    return (cluster, name), attrs.evolve(node, cluster_id=sync.cluster_id)
+
+
+def _identity(sync: ClusterSync, key: str, value: bytes):
+    number = _identity_key(sync, key)
+    sync.check_identity(number)
+    try:
+        labels = parse_labels(value.decode())
+    except UnicodeDecodeError:
+        raise ValueError("labels are not UTF-8") from None
+    check_endpoint_labels(labels, sync.cluster)
+    return number, Identity(number, labels, sync.cluster)
+
+
+def _identity_key(sync: ClusterSync, key: str) -> int:
+    """The number a key ends in, written the one way Cilium writes it (no sign, no leading
+    zero, ASCII digits)."""
+    (text,) = kvkeys.split_key(key, kvkeys.IDENTITIES, 1)
+    if not (text.isascii() and text.isdigit()) or str(int(text)) != text:
+        raise ValueError("identity key does not end in a number written canonically")
+    return int(text)
+
+
+def _ipcache(sync: ClusterSync, key: str, value: bytes):
+    cluster, ip = _ipcache_key_parts(key)
+    sync.check_cluster("ipcache key", cluster)
+    entry = ipcache_from_json(value, sync.cluster)
+    if entry.key_ip != ip and str(entry.prefix.network_address) != ip:
+        raise Rejected(f"entry for {entry.prefix} under key of {ip}")
+    if sync.ownership is not None and entry.prefix.prefixlen != 32:
+        raise Rejected(f"{entry.prefix} is not a single address: a remote cluster publishes its"
+                       " endpoints, never ranges")
+    sync.check_identity(entry.identity)
+    return entry.prefix, entry
+
+
+def _ipcache_admission(sync: ClusterSync, entry) -> str:
+    """A remote's endpoint must be inside a pod CIDR granted to that cluster."""
+    owner = sync.ownership.owner(entry.prefix.network_address)
+    if owner == sync.cluster:
+        return ""
+    if owner is None:
+        return f"{entry.prefix.network_address} is in no pod CIDR granted to {sync.cluster}"
+    whose = "this cluster" if owner == sync.local.name else f"cluster {owner}"
+    return f"{entry.prefix.network_address} belongs to {whose}'s pod CIDRs"
+
+
+def _ipcache_key_parts(key: str) -> tuple[str, str]:
+    rest = key[len(kvkeys.IPCACHE):]
+    cluster, _, ip = rest.partition("/")
+    if not key.startswith(kvkeys.IPCACHE) or not cluster or not ip:
+        raise ValueError(f"key {key!r} is not {kvkeys.IPCACHE}<cluster>/<ip>")
+    return cluster, ip
+
+
+def _service(sync: ClusterSync, key: str, value: bytes):
+    cluster, namespace, name = kvkeys.split_key(key, kvkeys.SERVICES, 3)
+    sync.check_cluster("service key", cluster)
+    service = service_from_json(value)
+    sync.check_cluster("service", service.cluster)
+    if (service.namespace, service.name) != (namespace, name):
+        raise Rejected(f"service {service.namespace}/{service.name} under key of"
+                       f" {namespace}/{name}")
+    if service.cluster_id not in (0, sync.cluster_id):
+        raise Rejected(f"service has cluster id {service.cluster_id}, not {sync.cluster_id}")
+    return (cluster, namespace, name), service
+
+
+def check_key(key: str) -> str:
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("key is not UTF-8") from None
+    if size > MAX_KEY_BYTES:
+        raise ValueError(f"key of {size} bytes is longer than the limit, {MAX_KEY_BYTES}")
+    return key
+
+
+def check_size(value: bytes, limit: int) -> bytes:
+    if len(value) > limit:
+        raise ValueError(f"value of {len(value)} bytes is larger than the limit for its kind,"
+                         f" {limit}")
+    return value
+
+
+#: Value size limits (bytes): far above what an agent writes (a node ~300, an identity ~200,
+#: an ipcache entry ~150), low enough that a hostile cluster cannot make us hold much.
+KINDS = (
+    Kind("nodes", kvkeys.NODES, "nodes", _node, 64 * 1024),
+    Kind("identities", kvkeys.IDENTITIES, "identities", _identity, 16 * 1024),
+    Kind("endpoints", kvkeys.IPCACHE, "ipcache", _ipcache, 4 * 1024, _ipcache_admission),
+    Kind("services", kvkeys.SERVICES, "services", _service, 1024 * 1024),
+)

@@ -1,0 +1,378 @@
+"""The agent: one asyncio loop running the plugins' controllers behind the API socket.
+
+Start-up: lock the state dir, register metrics, build the slot providers, open the API, start
+the controllers. Shutdown (SIGTERM/SIGINT): stop the controllers (waiting up to
+``--shutdown-timeout``), close the API, close providers in reverse order, unconfigure plugins.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from meshagent import __version__, hookimpl
+from meshagent.clustermesh.mesh import ClusterMesh
+from meshagent.clustermesh.noderoutes import NodeRoutes
+from meshagent.clustermesh.ownership import AddressOwnership
+from meshagent.clustermesh.sync import ClusterSync
+from meshagent.daemon.api import APIServer, APIState, build_app
+from meshagent.datapath.feed import DatapathFeed
+from meshagent.endpoint.manager import EndpointManager
+from meshagent.errors import PluginError
+from meshagent.hooks.manager import PluginManager
+from meshagent.hooks.slots import (
+    DATAPATH,
+    IDENTITY_ALLOCATOR,
+    KVSTORE,
+    POLICY_RESOLVER,
+    SLOTS,
+    Provider,
+    Registry,
+    check_provider,
+)
+from meshagent.identity import CollectsGarbage
+from meshagent.identity import allocator as identityalloc
+from meshagent.kvstore.local import LocalStore
+from meshagent.kvstore.publisher import Publisher
+from meshagent.model.ipcache import IPCache
+from meshagent.model.node import Node
+from meshagent.model.table import Table, Tables
+from meshagent.policy import service as policy_service
+from meshagent.runtime.config import Config
+from meshagent.runtime.controller import Controller, ControllerManager
+from meshagent.runtime.metrics import MetricsServer
+from meshagent.runtime.statedir import StateDir
+from meshagent.runtime.status import Health, StatusReport, StatusSection, sort_sections
+from meshagent.service.manager import ServiceManager
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, config: Config, plugins: PluginManager):
+        self.config = config
+        self.cluster = config.cluster
+        self.plugins = plugins
+        self.hooks = plugins.hooks
+        self.metrics = CollectorRegistry(auto_describe=True)
+        self.controllers = ControllerManager()
+        self.state_dir = StateDir(config.state_dir)
+        self.started_at = time.time()
+        self.ready = False
+        self.ready_event = asyncio.Event()
+        self.datapath_started = asyncio.Event()  # its maps are open: it may be called
+        self.datapath_synced = asyncio.Event()  # the datapath got its first full state
+        self.stopping = False
+        self._stop = asyncio.Event()
+        plugins.register(_AgentHooks(self), name="core")
+        plugins.register(identityalloc, name="core.identity")  # the default providers
+        plugins.register(policy_service, name="core.policy")
+        # Provider choice happens here, before any side effect, so a bad choice exits 2 cleanly.
+        self.registries: dict[str, Registry] = {
+            slot.name: self.hooks.register_providers(slot) for slot in SLOTS}
+        self.providers: dict[str, Provider | None] = {
+            slot.name: self.registries[slot.name].select(
+                config.get(slot.name), lambda slot=slot: plugins.offers(slot))
+            for slot in SLOTS
+        }
+        hooks = self.hooks
+        self.tables = Tables(
+            nodes=Table("node", lambda kind, v: hooks.node_changed(kind=kind, node=v)),
+            identities=Table("identity",
+                             lambda kind, v: hooks.identity_changed(kind=kind, identity=v)),
+            ipcache=IPCache(self.cluster.name,
+                            lambda kind, v: hooks.ipcache_changed(kind=kind, entry=v)),
+            services=Table("service", lambda kind, v: hooks.service_changed(kind=kind, service=v)),
+        )
+        self.ownership = AddressOwnership(self.cluster.name, config.get("pod-cidr"),
+                                          self.kvstore_addresses)
+        self.local_sync = ClusterSync(self.cluster.name, self.cluster.id, self.cluster, self.tables)
+        self.publisher: Publisher | None = None  # built with the store
+        self.endpoints: EndpointManager | None = None  # built with the providers
+        self.services: ServiceManager | None = None  # built with the store
+        self.node_routes = NodeRoutes(self.ownership, config.node_name, config.get(
+            "node-route-delete-grace")) if config.get("auto-direct-node-routes") else None
+        self.clustermesh: ClusterMesh | None = None  # built with the store
+        # each component brings its own controllers, event handlers and status section
+        for name, component in (("core.ownership", self.ownership),
+                                ("core.node-routes", self.node_routes)):
+            if component is not None:
+                plugins.register(component, name=name)
+        self._backends: dict[str, Any] = {}
+        self.kvstore_backend: Any = None
+        self.kvstore: Any = None
+        self.identity_allocator: Any = None
+        self.policy_resolver: Any = None
+        self.datapath: Any = None
+
+    def stop(self) -> None:
+        """Ask the agent to shut down (what SIGTERM does)."""
+        self.stopping = True
+        self._stop.set()
+
+    async def run(self) -> None:
+        async with contextlib.AsyncExitStack() as cleanup:
+            self.state_dir.acquire()
+            cleanup.callback(self.state_dir.release)
+            cleanup.callback(self.hooks.unconfigure, self.config)
+            self.hooks.register_metrics(self.metrics)
+            await self._build_providers(cleanup)
+
+            state = APIState(
+                is_ready=lambda: self.ready, status=self.status, plugin_infos=self.plugins.infos,
+                config=self.config, tables=self.tables, services=self.services,
+                endpoints=self.endpoints, clustermesh=self.clustermesh,
+                resolver=self.policy_resolver)
+            api = APIServer(build_app(state, self.hooks.api_routes(self)), self.config.socket_path)
+            await api.start()
+            cleanup.push_async_callback(api.stop)
+            if addr := self.config.get("prometheus-serve-addr"):
+                metrics_server = MetricsServer(self.metrics, addr)
+                await metrics_server.start()
+                cleanup.push_async_callback(metrics_server.stop)
+
+            for plugin, controller in self.hooks.controllers(self):
+                self.controllers.start(controller, plugin)
+            announce = asyncio.create_task(self._announce_ready(), name="announce-ready")
+            log.info("agent started: cluster %s (id %d), node %s, plugins %s",
+                     self.cluster.name, self.cluster.id, self.config.node_name,
+                     ",".join(self.config.plugins))
+            try:
+                await self._stop.wait()
+                log.info("shutting down")
+            finally:
+                announce.cancel()
+                await self.controllers.stop(self.config.get("shutdown-timeout"))
+        log.info("agent stopped")
+
+    async def _build_providers(self, cleanup: contextlib.AsyncExitStack) -> None:
+        """Instantiate the chosen providers; each is closed in reverse order at exit."""
+        def build(slot):
+            provider = self.providers[slot.name]
+            return check_provider(slot, provider, provider.factory(self)) if provider else None
+
+        kvstore = self.providers[KVSTORE.name]
+        self.kvstore_backend = check_provider(KVSTORE, kvstore,
+                                              self.kvstore_backend_named(kvstore.name))
+        self.kvstore = self.kvstore_backend.local_client(self.config)
+        cleanup.push_async_callback(self.kvstore.close)
+        config = self.config
+        self.publisher = Publisher(self.kvstore, self.cluster, Node(
+            config.node_name, self.cluster.name, self.cluster.id, config.get("node-ip") or None,
+            tuple(config.get("pod-cidr"))), config.get("kvstore-lease-ttl"))
+        self.plugins.register(self.publisher, name="core.publisher")
+        self.plugins.register(LocalStore(self.kvstore, self.controllers, self.local_sync,
+                                         self.publisher.published), name="core.kvstore")
+        self.services = ServiceManager(self.kvstore, self.cluster, config.get("pod-cidr"),
+                                       self.tables, self.ready_event)
+        self.plugins.register(self.services, name="core.services")
+        cleanup.push_async_callback(self.publisher.close)  # revoke the lease before closing
+        if mesh_dir := config.get("clustermesh-config"):
+            self.clustermesh = ClusterMesh(
+                cluster=self.cluster, tables=self.tables, ownership=self.ownership,
+                backend_named=self.kvstore_backend_named,
+                global_services=self.services.global_count, node_routes=self.node_routes,
+                directory=Path(mesh_dir), cache_ttl=config.get("clustermesh-cache-ttl"))
+            self.plugins.register(self.clustermesh, name="core.clustermesh")
+            cleanup.push_async_callback(self.clustermesh.close)
+        self.identity_allocator = build(IDENTITY_ALLOCATOR)
+        if self.identity_allocator is not None:
+            cleanup.push_async_callback(self.identity_allocator.close)
+        self.policy_resolver = build(POLICY_RESOLVER)
+        if self.policy_resolver is not None:
+            cleanup.push_async_callback(self.policy_resolver.close)
+        self.datapath = build(DATAPATH)
+        if self.datapath is not None:
+            cleanup.push_async_callback(self.datapath.stop)
+        else:
+            self.datapath_started.set()  # nothing to wait for
+        hooks = self.hooks
+        self.endpoints = EndpointManager(
+            cluster_name=self.cluster.name, node_ip=config.get("node-ip") or None,
+            pod_cidrs=tuple(config.get("pod-cidr")), directory=config.state_dir / "endpoints",
+            allocator=self.identity_allocator, publisher=self.publisher, datapath=self.datapath,
+            datapath_started=self.datapath_started,
+            plugin_labels=lambda namespace, pod: hooks.endpoint_labels(
+                agent=self, namespace=namespace, pod_name=pod),
+            changed=lambda kind, endpoint: hooks.endpoint_changed(kind=kind, endpoint=endpoint))
+        self.plugins.register(self.endpoints, name="core.endpoints")
+        mesh, services, datapath = self.clustermesh, self.services, self.datapath
+        self.plugins.register(DatapathFeed(
+            self.datapath, self.policy_resolver, self.tables.ipcache,
+            lambda h: services.feed_datapath(h, datapath, self.datapath_synced),
+            agent_ready=self.ready_event,
+            remotes_ready=lambda: mesh is None or all(r.ready for r in mesh.remotes.values()),
+            sync_timeout=self.config.get("datapath-sync-timeout"),
+            started=self.datapath_started, synced=self.datapath_synced), name="core.datapath")
+
+    def kvstore_addresses(self) -> list[str]:
+        """The servers of the local and every remote kvstore: no pod CIDR may cover them."""
+        stores = [self.kvstore] + ([r.store for r in self.clustermesh.remotes.values()]
+                                   if self.clustermesh is not None else [])
+        out = [a for store in stores if store is not None for a in store.status().addresses]
+        if self.clustermesh is not None:
+            out += [a for r in self.clustermesh.remotes.values() for a in r.known_addresses]
+        return out
+
+    def kvstore_backend_named(self, name: str | None) -> Any:
+        """A kvstore backend by name (default: the local cluster's), built once."""
+        name = name or self.providers[KVSTORE.name].name
+        if name not in self._backends:
+            provider = self.registries[KVSTORE.name].providers.get(name)
+            if provider is None:
+                loaded = ", ".join(sorted(self.registries[KVSTORE.name].providers)) or "none"
+                raise PluginError(f"no loaded plugin offers kvstore {name!r} (loaded: {loaded})")
+            self._backends[name] = provider.factory(self)
+        return self._backends[name]
+
+    async def _announce_ready(self) -> None:
+        await self.controllers.wait_ready()
+        self.ready = True
+        self.ready_event.set()
+        log.info("agent ready (%d controllers)", len(self.controllers.states))
+
+    def status(self, verbose: bool = False) -> StatusReport:
+        sections = []
+        for plugin, item in self.hooks.status(self, verbose):
+            if isinstance(item, StatusSection):
+                sections.append(attrs.evolve(item, plugin=item.plugin or plugin,
+                                             details=item.details if verbose else ()))
+            else:
+                sections.append(StatusSection(plugin, Health.FAILURE,
+                                              f"status hook failed: {item!r}", plugin=plugin))
+        return StatusReport(
+            version=__version__, cluster_name=self.cluster.name, cluster_id=self.cluster.id,
+            node_name=self.config.node_name, uptime_seconds=time.time() - self.started_at,
+            ready=self.ready, sections=tuple(sort_sections(sections)),
+        )
+
+
+def run_forever(agent: Agent) -> None:
+    """``asyncio.run(serve(agent))``, except that leftover tasks get a bounded time to finish.
+
+    asyncio.run waits for every cancelled task; one that swallows cancellation would keep the
+    process alive after SIGTERM.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(serve(agent))
+    finally:
+        leftovers = asyncio.all_tasks(loop)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            loop.run_until_complete(asyncio.wait(leftovers, timeout=1.0))
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+
+async def serve(agent: Agent) -> None:
+    """Run ``agent`` until SIGTERM or SIGINT; a second SIGINT exits at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_interrupt() -> None:
+        if agent.stopping:
+            log.warning("second interrupt: exiting without cleanup")
+            os._exit(130)
+        agent.stop()
+
+    loop.add_signal_handler(signal.SIGTERM, agent.stop)
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    try:
+        await agent.run()
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+class _AgentHooks:
+    """Registered as plugin ``core``: what the agent reports about itself (its controllers,
+    plugins and empty slots) and the slot-level wiring no single component owns."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+
+    @hookimpl
+    def meshagent_controllers(self, agent: Agent):
+        if isinstance(agent.identity_allocator, CollectsGarbage):
+            return [Controller("identity-gc", agent.identity_allocator.run_gc)]
+        return []
+
+    @hookimpl
+    def meshagent_status(self, agent: Agent, verbose: bool):
+        sections = []
+        if agent.clustermesh is None:
+            sections.append(StatusSection("ClusterMesh", Health.DISABLED,
+                                          "not configured (--clustermesh-config)"))
+        if agent.datapath is None:
+            sections.append(StatusSection(
+                "Datapath", Health.DISABLED,
+                "control plane only (no datapath plugin loaded): policy is not enforced"))
+        if agent.policy_resolver is None:
+            sections.append(StatusSection(
+                "Policy", Health.DISABLED, "no policy resolver loaded"))
+        sections.append(self._controllers_section(agent))
+        sections.append(StatusSection(
+            "Plugins", Health.OK, ", ".join(agent.config.plugins),
+            details=[f"{slot}: {p.name} (plugin {p.plugin})" if p else f"{slot}: none"
+                     for slot, p in agent.providers.items()]))
+        return sections
+
+    @staticmethod
+    def _controllers_section(agent: Agent) -> StatusSection:
+        states = list(agent.controllers.states.values())
+        failing = [s for s in states if not s.healthy]
+        waiting = [s for s in states if not s.ready]
+        summary = f"{len(states) - len(failing)}/{len(states)} healthy"
+        if waiting:
+            summary += f", {len(waiting)} not ready ({', '.join(s.name for s in waiting)})"
+        if failing:
+            summary += f"; failing: {', '.join(f'{s.name}: {s.last_error}' for s in failing)}"
+        details = []
+        now = time.time()
+        for s in sorted(states, key=lambda s: s.name):
+            last = f"{now - s.last_error_at:.0f}s ago: {s.last_error}" if s.last_error_at else "never"
+            state = "done" if s.done else ("ready" if s.ready else "starting")
+            details.append(f"{s.name} [{s.plugin}]: {state}, {s.failures} failures (last: {last})")
+        return StatusSection("Controllers", Health.WARNING if failing else Health.OK, summary,
+                             details=details)
+
+    @hookimpl
+    def meshagent_register_metrics(self, registry):
+        registry.register(_AgentCollector(self.agent))
+
+
+class _AgentCollector:
+    """Metrics read from the agent's state at scrape time, so nothing has to keep them current."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+
+    def collect(self):
+        ready = GaugeMetricFamily("meshagent_agent_ready", "1 once every controller is ready")
+        ready.add_metric([], 1.0 if self.agent.ready else 0.0)
+        yield ready
+        failures = CounterMetricFamily("meshagent_controller_failures",
+                                       "times a controller raised", labels=["controller"])
+        healthy = GaugeMetricFamily("meshagent_controller_healthy",
+                                    "1 when the controller's last run did not fail",
+                                    labels=["controller"])
+        for state in self.agent.controllers.states.values():
+            failures.add_metric([state.name], state.failures)
+            healthy.add_metric([state.name], 1.0 if state.healthy else 0.0)
+        yield failures
+        yield healthy
+        errors = CounterMetricFamily("meshagent_hook_errors", "exceptions raised by event hooks")
+        errors.add_metric([], self.agent.hooks.errors)
+        yield errors
+
+    def describe(self):
+        return []

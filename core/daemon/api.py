@@ -1,0 +1,280 @@
+"""The agent API: HTTP/JSON on a unix socket, versioned under ``/v1/``.
+
+The CLI talks to the agent only through it; plugins add paths with ``meshagent_api_routes``.
+"""
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from aiohttp import web
+
+from meshagent.client import API_PREFIX
+from meshagent.errors import MeshagentError, PluginError
+from meshagent.hooks.additions import Route, json_response
+from meshagent.kvstore import KVStoreError, KVStoreUnavailable
+
+if TYPE_CHECKING:  # types only: plugins import Route from here without the components
+    from meshagent.clustermesh.mesh import ClusterMesh
+    from meshagent.endpoint.manager import EndpointManager
+    from meshagent.model.table import Tables
+    from meshagent.policy import PolicyResolver
+    from meshagent.runtime.config import Config
+    from meshagent.runtime.status import StatusReport
+    from meshagent.service.manager import ServiceManager
+
+log = logging.getLogger(__name__)
+
+SOCKET_MODE = 0o660
+MAX_REQUEST_BYTES = 20 * 1024 * 1024
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json":
+            raise
+        return web.json_response({"error": exc.reason}, status=exc.status)
+    except KVStoreError as exc:  # the request was fine; the store behind it was not
+        what = "unavailable" if isinstance(exc, KVStoreUnavailable) else "error"
+        return web.json_response({"error": f"kvstore {what}: {exc}"}, status=503)
+    except MeshagentError as exc:
+        return web.json_response({"error": str(exc)}, status=getattr(exc, "http_status", 400))
+    except json.JSONDecodeError as exc:
+        return web.json_response({"error": f"the request body is not JSON: {exc}"}, status=400)
+    except RecursionError:
+        return web.json_response({"error": "the request is nested too deeply"}, status=400)
+    except Exception as exc:  # a bug: say so in JSON, and keep serving
+        log.exception("API %s %s failed", request.method, request.path)
+        return web.json_response({"error": f"internal error: {type(exc).__name__}: {exc}"},
+                                 status=500)
+
+
+@attrs.frozen
+class APIState:
+    """What the core routes serve, handed over by the agent (the API never sees the agent)."""
+
+    is_ready: Callable[[], bool]
+    status: "Callable[[bool], StatusReport]"
+    plugin_infos: Callable[[], Any]
+    config: "Config"
+    tables: "Tables"
+    services: "ServiceManager"
+    endpoints: "EndpointManager"
+    clustermesh: "ClusterMesh | None"
+    resolver: "PolicyResolver | None"
+
+
+def build_app(api: APIState, extra_routes: list[tuple[str, Route]]) -> web.Application:
+    # room for the largest policy import (8 MiB of YAML, JSON-escaped), no more
+    app = web.Application(middlewares=[_errors_as_json], client_max_size=MAX_REQUEST_BYTES)
+    core = [
+        Route("GET", "/healthz", functools.partial(_healthz, api)),
+        Route("GET", "/status", functools.partial(_status, api)),
+        Route("GET", "/plugins", functools.partial(_plugins, api)),
+        Route("GET", "/config", functools.partial(_config, api)),
+        Route("GET", "/nodes", functools.partial(_nodes, api)),
+        Route("GET", "/identities", functools.partial(_identities, api)),
+        Route("GET", "/ipcache", functools.partial(_ipcache, api)),
+        Route("GET", "/clustermesh", functools.partial(_clustermesh, api)),
+        Route("GET", "/services", functools.partial(_services, api)),
+        Route("POST", "/services", functools.partial(_service_apply, api)),
+        Route("DELETE", "/services/{namespace}/{name}", functools.partial(_service_delete, api)),
+        Route("GET", "/endpoints", functools.partial(_endpoints, api)),
+        Route("POST", "/endpoints", functools.partial(_endpoint_create, api)),
+        Route("GET", "/endpoints/{id}", functools.partial(_endpoint_get, api)),
+        Route("DELETE", "/endpoints/{id}", functools.partial(_endpoint_delete, api)),
+        # policy, for whichever resolver fills the slot: only its contract is used
+        Route("GET", "/policy", functools.partial(_policy_get, api)),
+        Route("POST", "/policy", functools.partial(_policy_import, api)),
+        Route("DELETE", "/policy/{kind}/{namespace}/{name}",
+              functools.partial(_policy_delete, api)),
+        Route("POST", "/policy/trace", functools.partial(_policy_trace, api)),
+    ]
+    owners: dict[tuple[str, str], str] = {}
+    for owner, route in [("core", r) for r in core] + extra_routes:
+        key = (route.method.upper(), route.path)
+        if key in owners:
+            raise PluginError(f"API {key[0]} {API_PREFIX}{key[1]} is served by both"
+                              f" {owners[key]!r} and {owner!r}")
+        owners[key] = owner
+        app.router.add_route(route.method, API_PREFIX + route.path, route.handler)
+    return app
+
+
+def _resolver(api: APIState) -> "PolicyResolver":
+    if api.resolver is None:
+        raise web.HTTPNotFound(reason="no policy resolver is loaded (slot policy-resolver)")
+    return api.resolver
+
+
+async def _policy_get(api: APIState, request: web.Request) -> web.Response:
+    resolver = _resolver(api)
+    return json_response({"revision": resolver.revision,
+                          "policies": [p.document for p in resolver.policies()]})
+
+
+async def _policy_import(api: APIState, request: web.Request) -> web.Response:
+    resolver = _resolver(api)
+    body = await request.json()
+    policies = await resolver.import_policies(body.get("text", ""), body.get("source", "request"))
+    await resolver.store(policies)
+    return json_response({"imported": [p.display for p in policies]}, status=201)
+
+
+async def _policy_delete(api: APIState, request: web.Request) -> web.Response:
+    info = request.match_info
+    namespace = None if info["namespace"] == "-" else info["namespace"]
+    if not await _resolver(api).delete(info["kind"], namespace, info["name"]):
+        raise web.HTTPNotFound(reason=f"no policy {info['kind']} {info['namespace']}/"
+                                      f"{info['name']}")
+    return json_response({"deleted": info["name"]})
+
+
+TRACE_FIELDS = {"dst_endpoint", "port", "protocol", "src_identity", "src_labels", "src_ip"}
+
+
+async def _policy_trace(api: APIState, request: web.Request) -> web.Response:
+    resolver = _resolver(api)
+    body = await request.json()
+    if not isinstance(body, dict) or not {"dst_endpoint", "port"} <= body.keys() <= TRACE_FIELDS:
+        raise web.HTTPBadRequest(reason="expected a trace request: dst_endpoint, port and"
+                                        " optionally protocol, src_identity, src_labels, src_ip")
+    return json_response(resolver.trace(**body))
+
+
+async def _healthz(api: APIState, request: web.Request) -> web.Response:
+    return json_response({"ready": api.is_ready()}, status=200 if api.is_ready() else 503)
+
+
+async def _status(api: APIState, request: web.Request) -> web.Response:
+    verbose = request.query.get("verbose", "false").lower() in ("1", "true", "yes")
+    return json_response(api.status(verbose))
+
+
+async def _plugins(api: APIState, request: web.Request) -> web.Response:
+    return json_response(api.plugin_infos())
+
+
+async def _config(api: APIState, request: web.Request) -> web.Response:
+    config = api.config
+    return json_response({name: {"value": config.values[name], "source": config.sources[name]}
+                          for name in sorted(config.values)})
+
+
+async def _nodes(api: APIState, request: web.Request) -> web.Response:
+    return json_response(sorted(api.tables.nodes.values(), key=lambda n: n.full_name))
+
+
+async def _identities(api: APIState, request: web.Request) -> web.Response:
+    return json_response(sorted(api.tables.identities.values(), key=lambda i: i.id))
+
+
+async def _ipcache(api: APIState, request: web.Request) -> web.Response:
+    return json_response(sorted(api.tables.ipcache.values(), key=lambda e: e.prefix))
+
+
+async def _clustermesh(api: APIState, request: web.Request) -> web.Response:
+    mesh = api.clustermesh
+    if mesh is None:
+        return json_response({"configured": False, "remotes": []})
+    now = time.time()
+    return json_response({"configured": True, "directory": mesh.directory,
+                          "remotes": [r.to_json(now) for _, r in sorted(mesh.remotes.items())]})
+
+
+async def _services(api: APIState, request: web.Request) -> web.Response:
+    return json_response([api.services.merged[key] for key in sorted(api.services.merged)])
+
+
+async def _service_apply(api: APIState, request: web.Request) -> web.Response:
+    body = await request.json()
+    services = await api.services.apply(body.get("text", ""), body.get("source", "request"))
+    return json_response({"applied": [f"{s.namespace}/{s.name}" for s in services]}, status=201)
+
+
+async def _service_delete(api: APIState, request: web.Request) -> web.Response:
+    info = request.match_info
+    if not await api.services.delete(info["namespace"], info["name"]):
+        raise web.HTTPNotFound(reason=f"no service {info['namespace']}/{info['name']}")
+    return json_response({"deleted": f"{info['namespace']}/{info['name']}"})
+
+
+async def _endpoints(api: APIState, request: web.Request) -> web.Response:
+    container = request.query.get("container_id")
+    found = sorted(api.endpoints.endpoints.values(), key=lambda e: e.id)
+    if container is not None:
+        found = [e for e in found if e.container_id == container]
+    return json_response(found)
+
+
+async def _endpoint_create(api: APIState, request: web.Request) -> web.Response:
+    from meshagent.endpoint.manager import EndpointRequest
+    try:
+        body = await request.json()
+        endpoint_request = EndpointRequest(**body)
+    except (ValueError, TypeError) as exc:
+        raise web.HTTPBadRequest(reason=f"expected an endpoint request: {exc}") from None
+    return json_response(await api.endpoints.create(endpoint_request), status=201)
+
+
+def _endpoint_id(request: web.Request) -> int:
+    try:
+        return int(request.match_info["id"])
+    except ValueError:
+        raise web.HTTPBadRequest(reason="endpoint id must be a number") from None
+
+
+async def _endpoint_get(api: APIState, request: web.Request) -> web.Response:
+    return json_response(api.endpoints.get(_endpoint_id(request)))
+
+
+async def _endpoint_delete(api: APIState, request: web.Request) -> web.Response:
+    return json_response(await api.endpoints.delete(_endpoint_id(request)))
+
+
+class APIServer:
+    """Serves the app on the unix socket, replacing a stale socket file, mode 0660."""
+
+    def __init__(self, app: web.Application, socket_path: Path):
+        self.app = app
+        self.socket_path = socket_path
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        await remove_stale_socket(self.socket_path)
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.UnixSite(self._runner, str(self.socket_path)).start()
+        os.chmod(self.socket_path, SOCKET_MODE)
+        log.info("API listening on %s", self.socket_path)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self.socket_path.unlink(missing_ok=True)
+
+
+async def remove_stale_socket(path: Path) -> None:
+    """Remove a socket file nobody listens on; refuse to steal one an agent still serves."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    try:
+        _, writer = await asyncio.open_unix_connection(str(path))
+    except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
+        log.info("removing stale API socket %s", path)
+        path.unlink(missing_ok=True)
+        return
+    writer.close()
+    raise MeshagentError(f"another agent is already serving the API socket {path}")

@@ -1,0 +1,21 @@
+"""The kvstore slot: its contract (re-exported here), every key prefix, and what the agent
+builds on any store: a lock, list-then-watch, liveness, the publisher of this node's state."""
+
+from meshagent.kvstore.contract import (
+    EventType,
+    KeyValue,
+    KVStore,
+    KVStoreBackend,
+    KVStoreError,
+    KVStoreStatus,
+    KVStoreUnavailable,
+    Lease,
+    LeaseExpired,
+    Listing,
+    RevisionCompacted,
+    WatchEvent,
+)
+
+__all__ = ["EventType", "KeyValue", "KVStore", "KVStoreBackend", "KVStoreError",
+           "KVStoreStatus", "KVStoreUnavailable", "Lease", "LeaseExpired", "Listing",
+           "RevisionCompacted", "WatchEvent"]

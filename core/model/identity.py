@@ -1,0 +1,99 @@
+"""Numeric security identities and the allocator slot's contract.
+
+An identity stands for a label set; policy is written against labels and enforced against
+identities. Reserved identities (below 256) need no allocation.
+"""
+
+import enum
+import re
+
+import attrs
+
+
+class ReservedIdentity(enum.IntEnum):
+    """Cilium's reserved identities, the same number in every cluster."""
+
+    HOST = 1
+    WORLD = 2
+    UNMANAGED = 3
+    HEALTH = 4
+    INIT = 5
+    REMOTE_NODE = 6
+    KUBE_APISERVER = 7
+
+
+#: The label every endpoint carries with its cluster's name.
+CLUSTER_LABEL = "io.cilium.k8s.policy.cluster"
+
+# Kubernetes label syntax: optional DNS-subdomain prefix, a name, and a value.
+_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY = re.compile(rf"^([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME}$")
+LABEL_VALUE = re.compile(rf"^({_NAME})?$")
+#: Label sources an endpoint identity may carry (Cilium's: pod and namespace labels are k8s:).
+ENDPOINT_LABEL_SOURCES = frozenset({"k8s", "container", "unspec", "cilium-generated"})
+MAX_LABELS = 128  # per identity: far more than any pod carries
+
+
+@attrs.frozen
+class Identity:
+    """A numeric identity, the source-prefixed labels it stands for (``k8s:app=db``), and the
+    cluster it came from."""
+
+    id: int
+    labels: frozenset[str]
+    cluster: str = ""
+
+    @property
+    def reserved(self) -> bool:
+        return self.id < 256
+
+
+def format_labels(labels: frozenset[str]) -> str:
+    """Cilium's sorted label list, the value of ``cilium/state/identities/v1/id/<id>``."""
+    return "".join(f"{label};" for label in sorted(labels))
+
+
+def parse_labels(text: str) -> frozenset[str]:
+    """The inverse of :func:`format_labels`; ValueError names the bad label."""
+    labels = frozenset(part for part in text.split(";") if part)
+    if not labels:
+        raise ValueError("empty label set")
+    for label in labels:
+        source, sep, rest = label.partition(":")
+        if not sep or not source or not rest or rest.startswith("="):
+            raise ValueError(f"label {label!r} is not source:key[=value]")
+    return labels
+
+
+def check_endpoint_labels(labels: frozenset[str], cluster: str) -> None:
+    """An endpoint identity's labels as a remote cluster may publish them: a known source, a
+    Kubernetes label key and value each, at most MAX_LABELS, and exactly one cluster label,
+    naming ``cluster``. ValueError says what is wrong."""
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"{len(labels)} labels, more than {MAX_LABELS}")
+    clusters = []
+    for label in sorted(labels):
+        source, _, rest = label.partition(":")
+        key, _, value = rest.partition("=")
+        if source not in ENDPOINT_LABEL_SOURCES:
+            raise ValueError(f"label {label[:80]!r}: source {source[:40]!r} is not one of"
+                             f" {', '.join(sorted(ENDPOINT_LABEL_SOURCES))}")
+        if not LABEL_KEY.match(key) or not LABEL_VALUE.match(value):
+            raise ValueError(f"label {label[:80]!r} is not a Kubernetes label (key=value)")
+        if key == CLUSTER_LABEL:
+            clusters.append(value)
+    if len(clusters) != 1:
+        raise ValueError(f"{len(clusters)} cluster labels ({CLUSTER_LABEL}), not exactly one")
+    if clusters[0] != cluster:
+        raise ValueError(f"cluster label names {clusters[0]!r}, not {cluster!r}")
+
+
+def label_value(labels: frozenset[str], key: str) -> str | None:
+    """The value of ``key`` whatever its source prefix, or None."""
+    for label in labels:
+        name, _, value = label.partition(":")[2].partition("=")
+        if name == key:
+            return value
+    return None
+
+

@@ -1,0 +1,64 @@
+"""The agent's view of the mesh: one table per kind (nodes, identities, ipcache, services).
+
+Every change goes through a table, and the table tells the plugins through the matching event
+hook. Rows carry their origin cluster; a cluster withdrawing a key only removes its own row.
+"""
+
+from collections.abc import Callable, Hashable, Iterator
+from typing import Generic, TypeVar
+
+import attrs
+
+from meshagent.events import ChangeKind
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class Table(Generic[K, V]):
+    def __init__(self, kind: str, notify: Callable[[ChangeKind, V], None]):
+        self.kind = kind
+        self._notify = notify
+        self._rows: dict[K, V] = {}
+
+    def upsert(self, key: K, value: V) -> bool:
+        """Store ``value``; tell observers only if it differs from what was there."""
+        if self._rows.get(key) == value:
+            return False
+        self._rows[key] = value
+        self._notify(ChangeKind.UPSERT, value)
+        return True
+
+    def delete(self, key: K, cluster: str | None = None) -> V | None:
+        """Remove the row, but only ``cluster``'s own when a cluster is given."""
+        value = self._rows.get(key)
+        if value is None or (cluster is not None and getattr(value, "cluster", None) != cluster):
+            return None
+        del self._rows[key]
+        self._notify(ChangeKind.DELETE, value)
+        return value
+
+    def get(self, key: K) -> V | None:
+        return self._rows.get(key)
+
+    def values(self) -> list[V]:
+        return list(self._rows.values())
+
+    def count(self, cluster: str) -> int:
+        return sum(1 for v in self._rows.values() if getattr(v, "cluster", None) == cluster)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(list(self._rows))
+
+
+@attrs.define
+class Tables:
+    """The agent's tables, shared by the local and every remote cluster's sync."""
+
+    nodes: Table
+    identities: Table
+    ipcache: Table
+    services: Table

@@ -1,0 +1,2 @@
+"""What every component runs on: options and config, controllers, status sections, metrics,
+logging and the state directory."""

@@ -1,0 +1,145 @@
+"""The agent's resolved configuration: core options, their validation, and access for plugins."""
+
+import ipaddress
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from meshagent.client import DEFAULT_SOCKET
+from meshagent.errors import UsageError
+from meshagent.model.cluster import ClusterInfo
+from meshagent.runtime.options import CONFIG_DIR, ParsedOptions, Parser, parse_bool, parse_list
+
+DEFAULT_PLUGINS = ("etcd", "ebpf")
+DEFAULT_RUN_DIR = DEFAULT_SOCKET.parent  # /var/run/meshagent
+
+
+def parse_ipv4(text: str) -> ipaddress.IPv4Address | None:
+    return ipaddress.IPv4Address(text) if text else None
+
+
+def parse_cidrs(text: str) -> tuple[ipaddress.IPv4Network, ...]:
+    return tuple(ipaddress.IPv4Network(word) for word in parse_list(text))
+
+
+def add_bootstrap_options(parser: Parser) -> None:
+    """Options read before any plugin loads: which plugins, and where the config dir is."""
+    parser.addoption(
+        "plugins", type=parse_list, default=DEFAULT_PLUGINS,
+        help="plugins to load (allow-list; every other installed plugin is blocked)",
+    )
+    parser.addoption(
+        CONFIG_DIR, type=str, default="",
+        help="directory with one file per option (file name = option name), as a ConfigMap mount",
+    )
+
+
+def add_core_options(parser: Parser) -> None:
+    add_bootstrap_options(parser)
+    parser.addoption("cluster-name", type=str, default="default",
+                     help="name of this cluster, unique in the mesh")
+    parser.addoption("cluster-id", type=int, default=0,
+                     help="id of this cluster, unique in the mesh (0 = not in a mesh)")
+    parser.addoption("max-connected-clusters", type=int, default=255,
+                     help="largest mesh size (255 or 511); must be the same in every cluster")
+    parser.addoption("node-name", type=str, default="",
+                     help="name of this node (default: the host name)")
+    parser.addoption("node-ip", type=parse_ipv4, default=None,
+                     help="this node's IPv4 address, published with the node")
+    parser.addoption("pod-cidr", type=parse_cidrs, default=(),
+                     help="this node's pod CIDR(s), comma-separated, published with the node")
+    parser.addoption("auto-direct-node-routes", type=parse_bool, default=False,
+                     help="route every other node's pod CIDR via that node's IP (nodes on one"
+                          " L2 network)")
+    parser.addoption("node-route-delete-grace", type=float, default=30.0,
+                     help="seconds a gone node keeps its route (an agent restart revokes and"
+                          " republishes its node; its pods stay reachable meanwhile)")
+    parser.addoption("kvstore-lease-ttl", type=float, default=900.0,
+                     help="seconds the node's kvstore keys outlive a dead agent (Cilium: 15 min)")
+    parser.addoption("identity-gc-interval", type=float, default=900.0,
+                     help="seconds between identity garbage collections; an identity no node"
+                          " uses is deleted after two of them")
+    parser.addoption("policy-default-local-cluster", type=parse_bool, default=True,
+                     help="a peer selector without io.cilium.k8s.policy.cluster matches only"
+                          " the local cluster (false: every cluster)")
+    parser.addoption("datapath-sync-timeout", type=float, default=30.0,
+                     help="seconds to wait for remote clusters before the first datapath"
+                          " update after start (the datapath changes nothing before it)")
+    parser.addoption("clustermesh-config", type=str, default="",
+                     help="directory with one kvstore config file per remote cluster, named"
+                          " after it; watched for changes")
+    parser.addoption("clustermesh-cache-ttl", type=float, default=0.0,
+                     help="drop a remote cluster's entries after it was unreachable this many"
+                          " seconds (0: keep them until it is back)")
+    parser.addoption("state-dir", type=Path, default=DEFAULT_RUN_DIR / "state",
+                     help="where the agent keeps state across restarts")
+    parser.addoption("socket-path", type=Path, default=DEFAULT_SOCKET,
+                     help="unix socket of the agent API")
+    parser.addoption("log-format", type=str, default="text", choices=("text", "json"),
+                     help="log line format")
+    parser.addoption("debug", type=parse_bool, default=False, help="log debug messages")
+    parser.addoption("prometheus-serve-addr", type=str, default="",
+                     help="serve Prometheus metrics at HOST:PORT; :PORT binds every address of"
+                          " the node; off when empty")
+    parser.addoption("shutdown-timeout", type=float, default=3.0,
+                     help="seconds to let controllers finish after SIGTERM before cancelling")
+    for slot in ("kvstore", "identity-allocator", "policy-resolver", "datapath"):
+        parser.addoption(slot, type=str, default="",
+                         help=f"{slot} provider to use (default: the only one the plugins offer)")
+
+
+@attrs.frozen
+class Config:
+    """Every option's value and where it came from; built once, read by everyone."""
+
+    values: Mapping[str, Any]
+    sources: Mapping[str, str]
+    cluster: ClusterInfo
+    unknown_config_files: tuple[str, ...] = ()
+
+    @classmethod
+    def from_parsed(cls, parsed: ParsedOptions) -> "Config":
+        """Validate the core options; raises UsageError naming option, value and rule."""
+        values = dict(parsed.values)
+        cluster = ClusterInfo(
+            name=values["cluster-name"],
+            id=values["cluster-id"],
+            max_connected_clusters=values["max-connected-clusters"],
+        )
+        if not values["node-name"]:
+            values["node-name"] = socket.gethostname()
+        if mesh_dir := values["clustermesh-config"]:
+            if not Path(mesh_dir).is_dir():
+                raise UsageError(f"invalid --clustermesh-config={mesh_dir!r}: not a directory")
+            if cluster.id == 0:
+                raise UsageError("--clustermesh-config needs a --cluster-id (1.."
+                                 f"{cluster.max_connected_clusters}) unique in the mesh")
+        if values["kvstore-lease-ttl"] < 1:
+            raise UsageError(f"invalid --kvstore-lease-ttl={values['kvstore-lease-ttl']}:"
+                             " must be at least 1 second")
+        return cls(values, dict(parsed.sources), cluster, parsed.unknown_config_files)
+
+    def get(self, name: str) -> Any:
+        try:
+            return self.values[name.removeprefix("--")]
+        except KeyError:
+            raise KeyError(f"no option --{name} (is its plugin loaded?)") from None
+
+    @property
+    def plugins(self) -> tuple[str, ...]:
+        return self.values["plugins"]
+
+    @property
+    def node_name(self) -> str:
+        return self.values["node-name"]
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.values["state-dir"])
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.values["socket-path"])

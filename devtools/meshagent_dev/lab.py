@@ -1,0 +1,373 @@
+"""``meshagent lab``: the seed's two clusters on one Linux machine, entirely in namespaces.
+
+Two clusters — cluster1 (id 101) and cluster2 (id 102) — each with its own etcd over TLS with
+client certificates and N nodes; every node and etcd is a network namespace joined to one
+underlay bridge (direct routing, as in the seed); pods are namespaces wired by the node's agent.
+Each node runs ``meshagent --plugins etcd,ebpf --cluster-id=… --cluster-name=…
+--clustermesh-config=…`` inside its namespace. Nothing is linked to the root namespace, so no
+traffic leaves. The lab's state is a JSON file in its directory, so ``up``, ``pod``, ``exec``,
+``status`` and ``down`` can run as separate commands; ``down`` also cleans up after a failure.
+"""
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from meshagent.errors import MeshagentError, UsageError
+
+DEFAULT_DIR = Path("/tmp/meshagent-lab")
+CLUSTERS = {"cluster1": 101, "cluster2": 102}
+# the seed's protected-db: redis on 6379, no persistence, answering other pods
+REDIS_SERVER = ("redis-server", "--port", "6379", "--save", "", "--appendonly", "no",
+                "--protected-mode", "no")
+UNDERLAY_CIDR = 16  # 10.99.0.0/16: every node and etcd on one L2 segment
+
+
+class LabError(MeshagentError):
+    pass
+
+
+def _run(*cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), check=check, capture_output=True, text=True, **kwargs)
+
+
+class Lab:
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.state_file = self.dir / "lab.json"
+        self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+
+    # -- state ------------------------------------------------------------------------------------
+
+    @property
+    def up(self) -> bool:
+        return bool(self.state.get("ready"))
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(json.dumps(self.state, indent=2))
+
+    def _ns(self, name: str) -> str:
+        full = f"{self.state['prefix']}-{name}"
+        _run("ip", "netns", "add", full)
+        self.state.setdefault("namespaces", []).append(full)
+        self.save()
+        _run("ip", "netns", "exec", full, "ip", "link", "set", "lo", "up")
+        return full
+
+    def _spawn(self, ns: str, name: str, cmd: list[str]) -> int:
+        log = open(self.dir / "logs" / f"{name}.log", "a")
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={k: v for k, v in os.environ.items()
+                                     if not k.startswith("MESHAGENT_")})
+        self.state.setdefault("pids", {})[name] = proc.pid
+        self.save()
+        return proc.pid
+
+    def _attach(self, ns: str, address: str) -> None:
+        n = len(self.state.setdefault("links", []))
+        outer = f"{self.state['prefix'][:7]}u{n}"
+        _run("ip", "link", "add", outer, "netns", self.state["underlay"], "type", "veth", "peer",
+             "name", "uplink0", "netns", ns)
+        self.state["links"].append(outer)
+        _run("ip", "netns", "exec", self.state["underlay"], "ip", "link", "set", outer, "master",
+             "br0", "up")
+        _run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{address}/{UNDERLAY_CIDR}", "dev",
+             "uplink0")
+        _run("ip", "netns", "exec", ns, "ip", "link", "set", "uplink0", "up")
+
+    # -- up -------------------------------------------------------------------------------------
+
+    def bring_up(self, nodes: int, agent_args: Sequence[str] = ()) -> None:
+        """Both clusters with ``nodes`` nodes each; ``agent_args`` go to every agent (more
+        plugins, another policy resolver)."""
+        if self.up:
+            print(f"lab already up in {self.dir} ({self.state['nodes_per_cluster']} node(s) per"
+                  " cluster); 'meshagent lab down' first to rebuild")
+            return
+        if self.state:
+            self.tear_down(quiet=True)  # leftovers of a failed run
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root (network namespaces, BPF)")
+        from meshagent_dev.etcd import EtcdServer
+        self.state = {"prefix": "mal" + secrets.token_hex(2), "nodes_per_cluster": nodes,
+                      "clusters": {}, "nodes": {}, "pods": {}, "agent_args": list(agent_args)}
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.save()
+        try:
+            self.state["underlay"] = self._ns("underlay")
+            _run("ip", "netns", "exec", self.state["underlay"], "ip", "link", "add", "br0",
+                 "type", "bridge")
+            _run("ip", "netns", "exec", self.state["underlay"], "ip", "link", "set", "br0", "up")
+            etcd = {}
+            for cluster, cluster_id in CLUSTERS.items():
+                n = cluster_id - 100
+                ns = self._ns(f"etcd{n}")
+                address = f"10.99.{n}.250"
+                self._attach(ns, address)
+                server = EtcdServer(f"etcd{n}", tls=True, workdir=self.dir / cluster / "etcd",
+                                    netns=ns, host=address)
+                server.start()
+                self.state.setdefault("pids", {})[f"etcd{n}"] = server.proc.pid
+                etcd[cluster] = server
+                self.state["clusters"][cluster] = {"id": cluster_id, "etcd": server.url}
+                self.save()
+            for cluster, server in etcd.items():
+                base = self.dir / cluster
+                mesh = base / "clustermesh"
+                mesh.mkdir(parents=True, exist_ok=True)
+                for other, other_server in etcd.items():
+                    if other != cluster:  # the seed's layout: cluster2, cluster2-etcd-client*.
+                        other_server.client_config(mesh / other)
+                server.client_config(base / "etcd.yaml", key="trusted-ca-file")
+            for cluster, cluster_id in CLUSTERS.items():
+                for i in range(1, nodes + 1):
+                    self._start_node(cluster, cluster_id, i)
+            self._wait_ready()
+            self.state["ready"] = True
+            self.save()
+        except BaseException:
+            print(f"lab: bring-up failed; logs in {self.dir / 'logs'}; tearing down",
+                  file=sys.stderr)
+            self.tear_down(quiet=True)
+            raise
+
+    def _start_node(self, cluster: str, cluster_id: int, i: int) -> None:
+        n = cluster_id - 100
+        name = f"{cluster}-node{i}"
+        ns = self._ns(f"c{n}n{i}")
+        node_ip = f"10.99.{n}.{i}"
+        self._attach(ns, node_ip)
+        bpffs = self.dir / "bpffs" / name
+        bpffs.mkdir(parents=True, exist_ok=True)
+        _run("mount", "-t", "bpf", "-o", "mode=0700", "bpf", str(bpffs))
+        self.state.setdefault("mounts", []).append(str(bpffs))
+        node = {"cluster": cluster, "ns": ns, "ip": node_ip, "pod_cidr": f"10.{n}.{i}.0/24",
+                "socket": str(self.dir / "run" / f"{name}.sock"),
+                "state_dir": str(self.dir / "run" / f"{name}-state"), "bpffs": str(bpffs),
+                "name": f"node{i}"}
+        (self.dir / "run").mkdir(exist_ok=True)
+        self.state["nodes"][name] = node
+        self.save()
+        self.start_agent(name)
+
+    def agent_command(self, name: str) -> list[str]:
+        node = self.state["nodes"][name]
+        cluster = node["cluster"]
+        base = self.dir / cluster
+        return [str(Path(sys.executable).with_name("meshagent")), "--plugins", "etcd,ebpf",
+                f"--cluster-id={CLUSTERS[cluster]}", f"--cluster-name={cluster}",
+                f"--clustermesh-config={base / 'clustermesh'}",
+                "--etcd-config", str(base / "etcd.yaml"), "--node-name", node["name"],
+                "--node-ip", node["ip"], "--pod-cidr", node["pod_cidr"],
+                "--auto-direct-node-routes", "--ebpf-bpf-root", node["bpffs"],
+                "--socket-path", node["socket"], "--state-dir", node["state_dir"],
+                *self.state.get("agent_args", ())]
+
+    def start_agent(self, name: str) -> None:
+        self._spawn(self.state["nodes"][name]["ns"], f"agent-{name}", self.agent_command(name))
+
+    def stop_agent(self, name: str) -> None:
+        pid = self.state["pids"].pop(f"agent-{name}", None)
+        self.save()
+        if pid:
+            _kill(pid, signal.SIGTERM, wait=10)
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        from meshagent.client import AgentClient
+        deadline = time.monotonic() + timeout
+        for name, node in self.state["nodes"].items():
+            while True:
+                try:
+                    status = AgentClient(Path(node["socket"])).get("/status")
+                    mesh = next(s for s in status["sections"] if s["name"] == "ClusterMesh")
+                    if status["ready"] and mesh["summary"].startswith("1/1"):
+                        break
+                except MeshagentError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise LabError(f"agent {name} not ready within {timeout:.0f}s (see"
+                                   f" {self.dir / 'logs' / f'agent-{name}.log'})")
+                time.sleep(0.2)
+
+    # -- pods -----------------------------------------------------------------------------------
+
+    def _require_up(self) -> None:
+        if not self.state.get("nodes"):
+            raise LabError(f"no lab in {self.dir}: run 'meshagent lab up' first"
+                           " (or give its --dir)")
+
+    def node_socket(self, node: str) -> str:
+        self._require_up()
+        if node not in self.state["nodes"]:
+            raise UsageError(f"no node {node}; nodes: {', '.join(self.state['nodes'])}")
+        return self.state["nodes"][node]["socket"]
+
+    def pod_create(self, name: str, node: str, namespace: str, labels: str) -> dict:
+        import asyncio
+
+        from meshagent.client import AgentClient
+        self._require_up()
+        if name in self.state["pods"]:
+            raise UsageError(f"pod {name} exists already")
+        if node not in self.state["nodes"]:
+            raise UsageError(f"no node {node}; nodes: {', '.join(self.state['nodes'])}")
+        ns = self._ns(f"pod-{name}")
+        client = AgentClient(Path(self.state["nodes"][node]["socket"]))
+        endpoint = asyncio.run(client.request("POST", "/endpoints", json={
+            "netns": ns, "namespace": namespace, "labels": labels, "pod_name": name},
+            ok=(201,)))
+        self.state["pods"][name] = {"ns": ns, "node": node, "ip": endpoint["ipv4"],
+                                    "endpoint": endpoint["id"], "identity": endpoint["identity"]}
+        self.save()
+        return self.state["pods"][name]
+
+    def pod_exec(self, name: str, command: list[str], **kwargs) -> subprocess.CompletedProcess:
+        self._require_up()
+        if not command:
+            raise UsageError("no command given: meshagent lab exec POD -- COMMAND...")
+        if name not in self.state["pods"]:
+            raise UsageError(f"no pod {name}; pods: {', '.join(self.state['pods']) or 'none'}")
+        return subprocess.run(["ip", "netns", "exec", self.state["pods"][name]["ns"], *command],
+                              **kwargs)
+
+    def pod_spawn(self, name: str, label: str, command: list[str]) -> int:
+        return self._spawn(self.state["pods"][name]["ns"], label, command)
+
+    # -- down -----------------------------------------------------------------------------------
+
+    def tear_down(self, quiet: bool = False) -> None:
+        if not self.state:
+            if not quiet:
+                print("lab: nothing to tear down")
+            return
+        for _name, pid in sorted(self.state.get("pids", {}).items(),
+                                key=lambda kv: kv[0].startswith("etcd")):
+            _kill(pid, signal.SIGTERM, wait=5)
+        for ns in reversed(self.state.get("namespaces", [])):
+            _run("ip", "netns", "del", ns, check=False)
+        for mount in self.state.get("mounts", []):
+            _run("umount", "-l", mount, check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.state = {}
+        if not quiet:
+            print("lab: torn down")
+
+    def describe(self) -> str:
+        if not self.state:
+            return f"lab: down (no state in {self.dir})"
+        lines = [f"lab: {'up' if self.up else 'incomplete'} in {self.dir}"]
+        for cluster, info in self.state.get("clusters", {}).items():
+            lines.append(f"  {cluster} (id {info['id']}), etcd {info['etcd']}")
+        for name, node in self.state.get("nodes", {}).items():
+            pid = self.state.get("pids", {}).get(f"agent-{name}")
+            alive = pid is not None and _alive(pid)
+            lines.append(f"  {name}: {node['ip']}, pods {node['pod_cidr']}, agent"
+                         f" {'running' if alive else 'NOT running'}, socket {node['socket']}")
+        for name, pod in self.state.get("pods", {}).items():
+            lines.append(f"  pod {name} on {pod['node']}: {pod['ip']} (identity"
+                         f" {pod['identity']})")
+        return "\n".join(lines)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def _kill(pid: int, sig: int, wait: float) -> None:
+    try:
+        os.killpg(pid, sig)
+    except OSError:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            return
+    deadline = time.monotonic() + wait
+    while _alive(pid) and time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    if _alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="the lab's state directory")
+    sub = parser.add_subparsers(dest="action", required=True)
+    up = sub.add_parser("up", help="build the two clusters (idempotent)")
+    up.add_argument("--nodes", type=int, default=1, help="nodes per cluster")
+    sub.add_parser("down", help="stop everything and remove the namespaces")
+    sub.add_parser("status", help="what is running")
+    pod = sub.add_parser("pod", help="create a pod on a node")
+    pod.add_argument("name")
+    pod.add_argument("--node", required=True, help="e.g. cluster1-node1")
+    pod.add_argument("--namespace", default="default")
+    pod.add_argument("--labels", default="")
+    ex = sub.add_parser("exec", help="run a command in a pod's network namespace")
+    ex.add_argument("name")
+    ex.add_argument("command", nargs=argparse.REMAINDER)
+    sock = sub.add_parser("socket", help="print a node agent's API socket (for --socket-path)")
+    sock.add_argument("node")
+    for p in sub.choices.values():
+        p.add_argument("--dir", type=Path, default=argparse.SUPPRESS)
+
+
+def _exec_options(args: argparse.Namespace) -> list[str]:
+    """The command of ``lab exec POD [--dir D] -- COMMAND``: argparse hands everything after
+    the pod name over as the command, options meant for ``lab exec`` included."""
+    command = args.command
+    if "--" not in command:
+        return command
+    split = command.index("--")
+    options = command[:split]
+    while options:
+        option = options.pop(0)
+        if option == "--dir" and options:
+            args.dir = Path(options.pop(0))
+        elif option.startswith("--dir="):
+            args.dir = Path(option.removeprefix("--dir="))
+        else:
+            raise UsageError(f"lab exec: unexpected {option!r} before '--' (only --dir DIR)")
+    return command[split + 1:]
+
+
+def run(args: argparse.Namespace) -> int:
+    command = _exec_options(args) if args.action == "exec" else []
+    lab = Lab(args.dir)
+    if args.action == "up":
+        lab.bring_up(args.nodes)
+        print(lab.describe())
+    elif args.action == "down":
+        lab.tear_down()
+    elif args.action == "status":
+        print(lab.describe())
+        return 0 if lab.up else 1
+    elif args.action == "pod":
+        pod = lab.pod_create(args.name, args.node, args.namespace, args.labels)
+        print(f"pod {args.name} on {args.node}: {pod['ip']} (identity {pod['identity']})")
+    elif args.action == "exec":
+        return lab.pod_exec(args.name, command).returncode
+    elif args.action == "socket":
+        print(lab.node_socket(args.node))
+    return 0
