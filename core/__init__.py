@@ -4,18 +4,19 @@ Plugins implement hooks with :data:`hookimpl`; the hook specifications live in
 :mod:`meshagent.hooks.specs`.
 """
 
-import pluggy
+from typing import Any
 
 PROJECT = "meshagent"
 
-#: Marker for hook implementations: ``@meshagent.hookimpl``.
-hookimpl = pluggy.HookimplMarker(PROJECT)
 
-
-
-def __getattr__(name: str) -> str:
-    """``__version__``, read from the installed metadata on first use: importlib.metadata
-    costs every CLI call ~20 ms otherwise."""
+def __getattr__(name: str) -> Any:
+    """``hookimpl`` (the marker for hook implementations: ``@meshagent.hookimpl``) and
+    ``__version__``, made on first use: pluggy and importlib.metadata would cost every CLI
+    call ~25 ms otherwise, and ``meshagent status`` needs neither."""
+    if name == "hookimpl":
+        import pluggy
+        marker = globals()["hookimpl"] = pluggy.HookimplMarker(PROJECT)
+        return marker
     if name != "__version__":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from importlib.metadata import PackageNotFoundError, version

@@ -45,13 +45,15 @@ def test_wheel_has_no_top_level_core_or_plugins(tmp_path):
 
 def test_client_commands_import_only_the_client(tmp_path):
     """``meshagent status`` is run by people and scripts all day: it must not pay for the
-    agent's imports (netlink, the HTTP server, metrics)."""
+    agent's imports (netlink, the HTTP server, metrics), nor for the plugin machinery, YAML or
+    an HTTP client library (the client speaks HTTP/1.1 over the socket itself)."""
     script = (
         "import sys\n"
         "from meshagent import cli\n"
         f"cli.main(['status', '--socket-path', {str(tmp_path / 'none.sock')!r}])\n"
         "heavy = sorted(m for m in sys.modules if m == 'meshagent.daemon.agent' or m.split('.')[0] in"
-        " ('pyroute2', 'aiohttp', 'prometheus_client', 'bcc'))\n"
+        " ('pyroute2', 'aiohttp', 'prometheus_client', 'bcc', 'pluggy', 'yaml')"
+        " or m in ('http.client', 'importlib.metadata'))\n"
         "print(','.join(heavy))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=30)

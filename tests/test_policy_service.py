@@ -16,7 +16,7 @@ from meshagent.model.endpoint import Endpoint
 from meshagent.model.identity import Identity
 from meshagent.model.ipcache import IPCacheEntry
 from meshagent.policy.api import parse_policies
-from meshagent.policy.service import PREFIX, PolicyUpdate
+from meshagent.policy.service import PolicyUpdate
 from meshagent.testing import eventually
 from meshagent.testing.resolver_contract import RecordingDatapath
 
@@ -52,7 +52,7 @@ async def test_import_get_delete_and_revision(agent_factory, seed_file, tmp_path
     assert result.returncode == 0, result.stderr
     assert "imported CiliumNetworkPolicy default/clustermesh-ingress-l4-policy" in result.stdout
     stored = await a1.agent.kvstore.get(
-        f"{PREFIX}CiliumNetworkPolicy/default/clustermesh-ingress-l4-policy")
+        kvkeys.policy_key("CiliumNetworkPolicy", "default", "clustermesh-ingress-l4-policy"))
     assert json.loads(stored.value)["spec"]["endpointSelector"]["matchLabels"]["app"] == \
         "protected-db"
     await eventually(lambda: a1.agent.policy_resolver.revision == 1)
@@ -150,7 +150,7 @@ async def test_a_bad_stored_document_is_refused_and_the_last_good_stays(agent_fa
     a1 = await agent_factory(ARGS)
     assert (await cli(a1, "policy", "import", str(seed_file))).returncode == 0
     await eventually(lambda: a1.agent.policy_resolver.revision == 1)
-    key = f"{PREFIX}CiliumNetworkPolicy/default/clustermesh-ingress-l4-policy"
+    key = kvkeys.policy_key("CiliumNetworkPolicy", "default", "clustermesh-ingress-l4-policy")
     await a1.agent.kvstore.put(key, b'{"kind": "CiliumNetworkPolicy", "spec": 3}')
     await eventually(lambda: key in a1.agent.policy_resolver.rejected)
     assert len(a1.agent.policy_resolver.policies()) == 1

@@ -18,8 +18,9 @@ from typing import Any
 import attrs
 
 from meshagent.clustermesh.ownership import AddressOwnership
-from meshagent.kvstore import EventType, KVStore, RevisionCompacted
+from meshagent.kvstore import KVStore
 from meshagent.kvstore import keys as kvkeys
+from meshagent.kvstore.follow import Position, follow_prefix
 from meshagent.model.cluster import ClusterInfo
 from meshagent.model.identity import Identity, check_endpoint_labels, parse_labels
 from meshagent.model.ipcache import ipcache_from_json
@@ -63,36 +64,21 @@ class PrefixSync:
         self.sync = sync
         self.kind = kind
         self.table: Table = getattr(sync.tables, kind.table)
-        self.revision: int | None = None  # None: list before watching
+        self.position = Position()  # the revision reached; None: list before watching
         self.owned: dict[str, Any] = {}  # kvstore key -> table key of rows we put there
         self.held: dict[str, tuple[Any, Any, str]] = {}  # kvstore key -> (table key, row, why)
         self.rows: dict[str, Any] = {}  # kvstore key -> the row we put there (to re-admit)
         self.synced = False
 
     async def run(self, store: KVStore, on_synced: Callable[[], None]) -> None:
-        while True:
-            if self.revision is None:
-                await self._list(store)
+        def listed() -> None:
             self.synced = True
             on_synced()
-            try:
-                async for event in store.watch(self.kind.prefix, after_revision=self.revision):
-                    self._apply(event.key, event.value if event.type is EventType.PUT else None)
-                    self.revision = event.revision
-                    self.sync.last_event_at = time.time()
-            except RevisionCompacted as exc:
-                log.info("%s %s: %s; listing again", self.sync.cluster, self.kind.name, exc)
-                self.revision = None
+        await follow_prefix(store, self.kind.prefix, self._apply,
+                            lambda: list(self.owned) + list(self.held),
+                            listed, self.position, self._heard)
 
-    async def _list(self, store: KVStore) -> None:
-        listing = await store.list_prefix(self.kind.prefix)
-        present = set()
-        for item in listing.items:
-            present.add(item.key)
-            self._apply(item.key, item.value)
-        for key in set(self.owned) - present:  # gone while we were not watching
-            self._apply(key, None)
-        self.revision = listing.revision
+    def _heard(self) -> None:
         self.sync.last_event_at = time.time()
 
     def _apply(self, key: str, value: bytes | None) -> None:
@@ -151,7 +137,7 @@ class PrefixSync:
     def withdraw(self) -> None:
         for key in list(self.owned) + list(self.held):
             self._apply(key, None)
-        self.revision = None
+        self.position.revision = None
         self.synced = False
 
 
@@ -204,7 +190,7 @@ class ClusterSync:
     def relist(self) -> None:
         """List every kind again on the next run (a new connection); rows stay until then."""
         for prefix in self.prefixes:
-            prefix.revision = None
+            prefix.position.revision = None
             prefix.synced = False
 
     def withdraw(self) -> None:

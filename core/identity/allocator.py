@@ -23,7 +23,6 @@ from meshagent.runtime.controller import ControllerHandle
 
 log = logging.getLogger(__name__)
 
-LOCKS = "cilium/state/identities/v1/locks/"
 RESERVED_BY_LABEL = {f"reserved:{r.name.lower().replace('_', '-')}": r for r in ReservedIdentity}
 MAX_ATTEMPTS = 64
 
@@ -67,7 +66,7 @@ class KVStoreIdentityAllocator:
         await self.publisher.published.wait()  # our value keys go on the agent's lease
         store = self.store
         text = format_labels(labels)
-        async with store.lock(LOCKS + text):
+        async with store.lock(kvkeys.IDENTITY_LOCKS + text):
             if labels in self.refs:  # another local caller finished while we waited
                 self.refs[labels][1] += 1
                 return self.refs[labels][0]
@@ -153,7 +152,7 @@ class KVStoreIdentityAllocator:
         for number, item in unused_now.items():
             if self._unused_seen.get(number) != item.mod_revision:
                 continue  # first time seen unused (or changed since): wait one more round
-            async with store.lock(LOCKS + item.value.decode()):
+            async with store.lock(kvkeys.IDENTITY_LOCKS + item.value.decode()):
                 still_unused = not (await store.list_prefix(
                     f"{kvkeys.IDENTITY_VALUES}{item.value.decode()}/")).items
                 if still_unused and await store.delete_if(item.key,

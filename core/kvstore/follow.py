@@ -1,36 +1,66 @@
 """Following a kvstore prefix: list it, then watch it, for as long as the caller runs.
 
-Used for what a cluster shares through its own kvstore (policies, services). A compacted
-history makes it list again, and keys that did not come back are reported deleted.
+The one list-then-watch loop of the agent: ClusterMesh follows each kind of a remote cluster
+with it, and the policy and service components follow what their cluster shares. A compacted
+history makes it list again, and keys that did not come back are reported deleted. A caller
+that keeps the :class:`Position` resumes from the revision it reached (a reconnect does not
+list again unless the history is gone).
 """
 
 import inspect
+import logging
 from collections.abc import Awaitable, Callable, Iterable
 
-from meshagent.kvstore import EventType, KVStore, RevisionCompacted
+import attrs
+
+from meshagent.kvstore.contract import EventType, KVStore, RevisionCompacted
+
+log = logging.getLogger(__name__)
+
+
+@attrs.define
+class Position:
+    """How far a follower got: the last revision it applied (None: list before watching)."""
+
+    revision: int | None = None
 
 
 async def follow_prefix(store: KVStore, prefix: str,
                         apply: Callable[[str, bytes | None], None | Awaitable[None]],
                         known_keys: Callable[[], Iterable[str]],
-                        on_listed: Callable[[], None]) -> None:
+                        on_listed: Callable[[], None],
+                        position: Position | None = None,
+                        on_progress: Callable[[], None] | None = None) -> None:
     """``apply(key, value)`` for every key under ``prefix`` (value None: deleted), forever;
-    awaited when it is a coroutine function (one key at a time, in order)."""
+    awaited when it returns an awaitable (one key at a time, in order). ``known_keys`` are the
+    keys applied so far (a listing deletes those it does not return); ``on_listed`` runs each
+    time the follower is caught up, ``on_progress`` after each listing and event."""
+    position = position if position is not None else Position()
+
     async def call(key: str, value: bytes | None) -> None:
         result = apply(key, value)
         if inspect.isawaitable(result):
             await result
+
     while True:
-        listing = await store.list_prefix(prefix)
-        present = set()
-        for item in listing.items:
-            present.add(item.key)
-            await call(item.key, item.value)
-        for key in set(known_keys()) - present:
-            await call(key, None)
+        if position.revision is None:
+            listing = await store.list_prefix(prefix)
+            present = set()
+            for item in listing.items:
+                present.add(item.key)
+                await call(item.key, item.value)
+            for key in set(known_keys()) - present:  # gone while nobody was watching
+                await call(key, None)
+            position.revision = listing.revision
+            if on_progress is not None:
+                on_progress()
         on_listed()
         try:
-            async for event in store.watch(prefix, after_revision=listing.revision):
+            async for event in store.watch(prefix, after_revision=position.revision):
                 await call(event.key, event.value if event.type is EventType.PUT else None)
-        except RevisionCompacted:
-            continue
+                position.revision = event.revision
+                if on_progress is not None:
+                    on_progress()
+        except RevisionCompacted as exc:
+            log.info("%s: %s; listing again", prefix, exc)
+            position.revision = None

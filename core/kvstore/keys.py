@@ -12,6 +12,10 @@ SERVICES = "cilium/state/services/v1/"
 CLUSTER_CONFIG = "cilium/cluster-config/"
 SYNCED = "cilium/synced/"
 HEARTBEAT = "cilium/.heartbeat"
+IDENTITY_LOCKS = "cilium/state/identities/v1/locks/"  # one per label set being allocated
+# meshagent's own, shared by the agents of one cluster (Cilium keeps these in Kubernetes)
+POLICIES = "meshagent/policies/v1/"
+LOCAL_SERVICES = "meshagent/services/v1/"
 
 
 def node_key(cluster: str, node: str) -> str:
@@ -37,6 +41,14 @@ def cluster_config_key(cluster: str) -> str:
 def synced_key(cluster: str, prefix: str) -> str:
     """The sync canary for one of ``cluster``'s prefixes (written once it is published)."""
     return f"{SYNCED}{cluster}/{prefix.rstrip('/')}"
+
+
+def policy_key(kind: str, namespace: str, name: str) -> str:
+    return f"{POLICIES}{kind}/{namespace or '-'}/{name}"
+
+
+def local_service_key(namespace: str, name: str) -> str:
+    return f"{LOCAL_SERVICES}{namespace}/{name}"
 
 
 def split_key(key: str, prefix: str, parts: int) -> list[str]:

@@ -17,6 +17,7 @@ import attrs
 from meshagent import hookimpl
 from meshagent.events import ChangeKind, PolicyChange
 from meshagent.kvstore import KVStore
+from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstore.follow import follow_prefix
 from meshagent.model.identity import Identity
 from meshagent.model.ipcache import POLICY_SOURCE, IPCacheEntry
@@ -31,7 +32,6 @@ from meshagent.runtime.status import Health, StatusSection
 
 log = logging.getLogger(__name__)
 
-PREFIX = "meshagent/policies/v1/"
 
 
 @attrs.frozen
@@ -44,7 +44,7 @@ class PolicyUpdate:
 
 
 def policy_key(policy: Policy) -> str:
-    return f"{PREFIX}{policy.kind}/{policy.namespace or '-'}/{policy.name}"
+    return kvkeys.policy_key(policy.kind, policy.namespace, policy.name)
 
 
 class PolicyService:
@@ -74,7 +74,7 @@ class PolicyService:
             await self.kvstore.put(policy_key(policy), policy.document_json.encode())
 
     async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
-        key = f"{PREFIX}{kind}/{namespace or '-'}/{name}"
+        key = kvkeys.policy_key(kind, namespace, name)
         return await self.kvstore.delete(key)
 
     def policies(self) -> list[Policy]:
@@ -168,7 +168,7 @@ class PolicyService:
 
     async def _sync_kvstore(self, handle: ControllerHandle) -> None:
         """List then watch the cluster's policies; a bad document is refused, not fatal."""
-        await follow_prefix(self.kvstore, PREFIX, self._apply_stored,
+        await follow_prefix(self.kvstore, kvkeys.POLICIES, self._apply_stored,
                             lambda: list(self.kv_keys), handle.ready)
 
     async def _apply_stored(self, key: str, value: bytes | None) -> None:

@@ -38,7 +38,6 @@ from meshagent.service.merge import merge_services
 
 log = logging.getLogger(__name__)
 
-PREFIX = "meshagent/services/v1/"
 
 
 # -- parsing Kubernetes documents ------------------------------------------------------------------
@@ -99,12 +98,12 @@ class ServiceManager:
         for service in services:
             self.validate(service)
         for service in services:
-            await self.store.put(f"{PREFIX}{service.namespace}/{service.name}",
+            await self.store.put(kvkeys.local_service_key(service.namespace, service.name),
                                          _model_to_json(service))
         return services
 
     async def delete(self, namespace: str, name: str) -> bool:
-        return await self.store.delete(f"{PREFIX}{namespace}/{name}")
+        return await self.store.delete(kvkeys.local_service_key(namespace, name))
 
     # -- the cluster's services, from the kvstore -----------------------------------------------
 
@@ -149,12 +148,12 @@ class ServiceManager:
 
     async def sync(self, handle: ControllerHandle) -> None:
         """Controller: the cluster's services, listed then watched in its kvstore."""
-        await follow_prefix(self.store, PREFIX, self._apply_stored,
-                            lambda: [f"{PREFIX}{ns}/{name}" for ns, name in self.local],
+        await follow_prefix(self.store, kvkeys.LOCAL_SERVICES, self._apply_stored,
+                            lambda: [kvkeys.local_service_key(ns, name) for ns, name in self.local],
                             handle.ready)
 
     def _apply_stored(self, key: str, value: bytes | None) -> None:
-        namespace, _, name = key[len(PREFIX):].partition("/")
+        namespace, _, name = key[len(kvkeys.LOCAL_SERVICES):].partition("/")
         if value is None:
             self.local.pop((namespace, name), None)
         else:

@@ -1,0 +1,267 @@
+"""The conformance suite of the datapath slot: packets get exactly the resolver's verdicts.
+
+Random worlds (policies, identities, ipcache rows, endpoints, packets from
+:mod:`meshagent.testing.scenarios`) are resolved by the real default resolver; the datapath
+under test is fed through its contract only (``endpoint_added``, ``reconcile`` for a world's
+first phase, ``update_policy`` and ``update_ipcache`` after that), and every packet's outcome
+must equal the reference model's (:mod:`meshagent.testing.datapath_model`: the resolver's
+decision plus the packet rules). The policy-semantics table runs through it too.
+
+A datapath plugin's tests subclass :class:`DatapathContract` and provide a ``judge`` fixture
+(class or module scope) returning a :class:`DatapathJudge`: its started datapath and a way
+to run one frame through it. The eBPF plugin's judge runs its tc programs with
+``BPF_PROG_TEST_RUN``.
+"""
+
+import ipaddress
+import json
+import os
+import tempfile
+from collections.abc import Awaitable, Iterator
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+
+from meshagent.datapath import Datapath
+from meshagent.model.endpoint import Endpoint
+from meshagent.policy.resolver import EGRESS, INGRESS
+from meshagent.testing import datapath_model as model
+from meshagent.testing.packets import TCP, Packet
+from meshagent.testing.policy_cases import CASES, EGRESS_CASES, IDS, cnp
+from meshagent.testing.scenarios import (
+    EndpointSpec,
+    IdentitySpec,
+    Phase,
+    Probe,
+    ResolvedWorld,
+    Scenario,
+    minimize,
+    scenarios,
+)
+
+T = TypeVar("T")
+#: every outcome a judge may report (the model's names)
+OUTCOMES = (model.FORWARDED, model.POLICY_DENY, model.POLICY_DEFAULT, model.SPOOFED,
+            model.FRAG_TINY, model.FRAG_UNKNOWN, model.MALFORMED_PACKET)
+
+
+@runtime_checkable
+class DatapathJudge(Protocol):
+    """A started datapath, and how to ask it what happens to one frame."""
+
+    datapath: Datapath
+
+    def call(self, coroutine: Awaitable[T]) -> T:
+        """Run one of the datapath's coroutines to its end (on the judge's event loop)."""
+
+    def forget_connections(self) -> None:
+        """Drop every tracked connection: the next scenario starts with none."""
+
+    def delivery(self, endpoint_id: int, direction: str, frame: bytes) -> tuple[str, bool]:
+        """What the datapath does with ``frame`` (Ethernet) at the endpoint's hook: one of
+        :data:`OUTCOMES` (or a description of what is wrong), and whether it delivered the
+        frame straight into a local pod (a datapath that never does says False)."""
+
+
+def endpoint_of(spec: EndpointSpec) -> Endpoint:
+    """The endpoint a scenario's spec stands for, as the agent would hand it over."""
+    macs = dict(pod_mac=f"02:00:00:00:01:{spec.id:02x}",
+                host_mac=f"02:00:00:00:02:{spec.id:02x}") if spec.local_delivery else {}
+    return Endpoint(spec.id, spec.namespace, frozenset(), ipaddress.IPv4Address(spec.ip),
+                    spec.identity, ifindex=100 + spec.id, **macs)
+
+
+class ScenarioDriver:
+    """Feeds scenarios to a judge's datapath through the datapath contract alone."""
+
+    def __init__(self, judge: DatapathJudge):
+        self.judge = judge
+        self.endpoints: dict[int, Endpoint] = {}
+
+    def load(self, scenario: Scenario) -> None:
+        """Forget the previous scenario (its endpoints, its connections); add this one's."""
+        for endpoint in list(self.endpoints.values()):
+            self.judge.call(self.judge.datapath.endpoint_removed(endpoint))
+        self.endpoints.clear()
+        self.judge.forget_connections()
+        for spec in scenario.endpoints:
+            endpoint = endpoint_of(spec)
+            self.judge.call(self.judge.datapath.endpoint_added(endpoint))
+            self.endpoints[endpoint.id] = endpoint
+
+    def enter(self, world: ResolvedWorld, phase: Phase, first: bool) -> None:
+        """The world moves to ``phase``: a reconcile the first time, then only the changes."""
+        datapath = self.judge.datapath
+        ipcache_changes = world.enter(phase)
+        changes = world.take_changes()
+        if first:
+            self.judge.call(datapath.reconcile(world.verdicts(), list(world.ipcache.values())))
+            return
+        for endpoint_id, endpoint_changes in sorted(changes.items()):
+            self.judge.call(datapath.update_policy(endpoint_id, endpoint_changes))
+        if ipcache_changes:
+            self.judge.call(datapath.update_ipcache(ipcache_changes))
+
+    def start(self, scenario: Scenario) -> ResolvedWorld:
+        """Load ``scenario`` and enter its first phase; the resolved world it is in."""
+        world = ResolvedWorld(scenario)
+        self.load(scenario)
+        self.enter(world, scenario.phases[0], first=True)
+        return world
+
+    def run(self, scenario: Scenario, tally: dict | None = None) -> list[str]:
+        """Every probe through the datapath and the model; the differences, described."""
+        world = ResolvedWorld(scenario)
+        self.load(scenario)
+        differences = []
+        for n, phase in enumerate(scenario.phases):
+            self.enter(world, phase, first=n == 0)
+            for i, probe in enumerate(phase.probes):
+                frame = probe.packet.frame()
+                expected = world.model.delivery(probe.endpoint, probe.direction, frame)
+                got = self.judge.delivery(probe.endpoint, probe.direction, frame)
+                if tally is not None:
+                    tally[got[0]] = tally.get(got[0], 0) + 1
+                    tally["delivered"] = tally.get("delivered", 0) + got[1]
+                if got != expected:
+                    differences.append(f"phase {n} probe {i}: endpoint {probe.endpoint}"
+                                       f" {probe.direction} {probe.packet}: datapath {got},"
+                                       f" resolver/model {expected}")
+        return differences
+
+    def fail_with(self, scenario: Scenario, differences: list[str]) -> None:
+        """Save the smallest failing scenario found, and fail showing where it is."""
+        def fails(candidate: Scenario) -> bool:
+            try:
+                return bool(self.run(candidate))
+            except Exception:
+                return False
+        if self.run(scenario):  # the datapath disagrees (not the resolver's self-check)
+            scenario = minimize(scenario, fails)
+            differences = self.run(scenario)
+        path = Path(tempfile.mkdtemp(prefix="ma-diff-case-")) / "case.json"
+        path.write_text(scenario.to_json())
+        shown = "\n".join(differences[:10])
+        raise AssertionError(f"{len(differences)} verdicts differ; scenario saved to {path}"
+                             f" (keep it as a regression case):\n{shown}")
+
+
+def resolver_self_check(scenario: Scenario) -> list[str]:
+    """The incremental map state agrees with ``policy trace``'s explanation from the rules."""
+    world = ResolvedWorld(scenario)
+    problems = []
+    for phase in scenario.phases:
+        world.enter(phase)
+        for probe in phase.probes[:20]:
+            p = probe.packet
+            peer = p.src if probe.direction == INGRESS else p.dst
+            identity = world.model.identity_of(peer)
+            port = p.dport if p.protocol in (6, 17, 132) else 0
+            explained = world.explained(probe.endpoint, probe.direction, identity, p.protocol,
+                                        port)
+            decided = world.decision(probe.endpoint, probe.direction, identity, p.protocol,
+                                     port)[0]
+            if explained is not None and explained != decided:
+                problems.append(f"{probe}: map state {decided}, trace {explained}")
+    return problems
+
+
+# -- the policy-semantics table as scenarios ----------------------------------------------------
+
+def table_scenario(text: str, peer: str, port: int, proto: int, direction: str,
+                   endpoint: str, flat: bool) -> Scenario:
+    """One table case as a scenario: the table's identities at addresses of their own, its
+    endpoint at 10.9.0.1, one packet between them."""
+    pods = {name: i for name, i in IDS.items() if not i.reserved and not name.startswith("cidr")}
+    addresses = {name: f"10.9.1.{n + 1}" for n, name in enumerate(pods)}
+    addresses.update({"world": "198.18.0.1", "host": "10.9.0.254", "remote-node": "10.9.0.253",
+                      "cidr-10-1": "10.1.200.1", "cidr-10-1-5": "10.1.5.1"})
+    addresses[endpoint] = "10.9.0.1"
+    ipcache = [(f"{addresses[name]}/32", i.id) for name, i in pods.items()]
+    ipcache += [("10.9.0.254/32", 1), ("10.9.0.253/32", 6)]
+    peer_ip = addresses[peer]
+    src, dst = (peer_ip, "10.9.0.1") if direction == INGRESS else ("10.9.0.1", peer_ip)
+    documents = tuple(json.dumps(d) for d in yaml.safe_load_all(text) if d)
+    namespace = next(label.split("=", 1)[1] for label in IDS[endpoint].labels
+                     if "io.kubernetes.pod.namespace=" in label)
+    return Scenario(
+        (EndpointSpec(1, "10.9.0.1", namespace, IDS[endpoint].id),),
+        (Phase(tuple(IdentitySpec(i.id, tuple(sorted(i.labels)), i.cluster)
+                     for i in pods.values()), tuple(ipcache), documents,
+               (Probe(1, direction, Packet(src, dst, proto, 40000, port)),)),),
+        default_local_cluster=not flat)
+
+
+def table_cases() -> Iterator[Any]:
+    """Every case of :mod:`meshagent.testing.policy_cases`, ingress and egress, as params."""
+    for name, text, peer, port, proto, expected in CASES:
+        flat = text.startswith("FLAT:")
+        yield pytest.param(text.removeprefix("FLAT:"), peer, port, proto, INGRESS, "db", flat,
+                           expected, id=name)
+    for name, spec, peer, port, expected in EGRESS_CASES:
+        text = cnp("endpointSelector: {matchLabels: {app: employee}}\n" + spec)
+        yield pytest.param(text, peer, port, TCP, EGRESS, "employee", False, expected, id=name)
+
+
+# -- the suite -----------------------------------------------------------------------------------
+
+EXAMPLES = int(os.environ.get("MESHAGENT_DIFF_EXAMPLES", "120"))
+
+
+class DatapathContract:
+    """Subclass it in a datapath plugin's tests and provide a ``judge`` fixture.
+
+    ``probes_run`` and ``outcomes_seen`` add up over the random run; the last test checks
+    the run was big enough and saw every outcome (``expected_outcomes``), so no path of the
+    datapath went untested.
+    """
+
+    probes_per_phase = 80
+    min_probes = 10_000
+    expected_outcomes: tuple[str, ...] = OUTCOMES
+    expects_local_delivery = True
+    probes_run = 0
+    outcomes_seen: dict[str, int] = {}
+
+    @pytest.fixture
+    def driver(self, judge: DatapathJudge) -> ScenarioDriver:
+        assert isinstance(judge, DatapathJudge), "the judge fixture must meet DatapathJudge"
+        return ScenarioDriver(judge)
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                     HealthCheck.function_scoped_fixture])
+    @given(scenario=scenarios(probes_per_phase=80))
+    def test_verdicts_equal_the_resolvers_on_random_worlds(self, driver, scenario):
+        cls = type(self)
+        if not cls.outcomes_seen:
+            cls.outcomes_seen = {}
+        differences = driver.run(scenario, cls.outcomes_seen) + resolver_self_check(scenario)
+        cls.probes_run += scenario.probe_count
+        if differences:
+            driver.fail_with(scenario, differences)
+
+    def test_the_random_run_was_big_enough(self):
+        cls = type(self)
+        if cls.probes_run == 0:
+            pytest.skip("the random differential test did not run")
+        assert cls.probes_run >= min(cls.min_probes, EXAMPLES * 2 * cls.probes_per_phase), \
+            cls.probes_run
+        seen = cls.outcomes_seen
+        assert set(cls.expected_outcomes) <= set(seen), seen
+        if cls.expects_local_delivery:
+            assert seen.get("delivered", 0) > 0, seen
+
+    @pytest.mark.parametrize("text, peer, port, proto, direction, endpoint, flat, expected",
+                             list(table_cases()))
+    def test_policy_semantics_table(self, driver, text, peer, port, proto, direction,
+                                    endpoint, flat, expected):
+        scenario = table_scenario(text, peer, port, proto, direction, endpoint, flat)
+        assert not driver.run(scenario)
+        driver.start(scenario)
+        probe = scenario.phases[0].probes[0]
+        got, _ = driver.judge.delivery(1, direction, probe.packet.frame())
+        assert (got == model.FORWARDED) == (expected == "allow"), got
