@@ -406,3 +406,32 @@ def test_a_fragmented_datagram_between_pods_of_a_node_arrives_whole(node):
     assert sent.stdout.strip() == "4000"
     refused = node.lab.exec(stranger_ns, PY, "-c", BIG_UDP_CLIENT, db["ipv4"], "5354", "4000")
     assert refused.stdout.strip() == "timeout"
+
+
+RAW_FRAME = r'''
+import socket, struct, sys
+ethertype = int(sys.argv[1], 16)
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+src = s.getsockname()[4]
+ipv6 = struct.pack("!IHBB16s16s", 6 << 28, 8, 17, 64, bytes(15) + b"\x01", bytes(15) + b"\x02")
+for _ in range(int(sys.argv[2])):
+    s.send(b"\xff" * 6 + src + struct.pack("!H", ethertype) + ipv6 + bytes(8))
+'''
+
+
+def test_a_frame_of_another_family_never_passes_unjudged(node):
+    """Pods are IPv4-only (no IPv6 on their interfaces); an IPv6 frame a pod sends anyway is
+    dropped and counted, while ARP keeps working (the pods still talk)."""
+    ns, _ = node.pods["stranger"]
+    assert node.lab.exec(ns, "cat", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6").stdout.strip() \
+        == "1"
+
+    def unsupported() -> int:
+        metrics = json.loads(node.bpf("metrics", "-o", "json").stdout)
+        return sum(m["packets"] for m in metrics if m["reason"].startswith("unsupported L3"))
+    before = unsupported()
+    node.lab.exec(ns, PY, "-c", RAW_FRAME, "86dd", "5")
+    assert unsupported() - before == 5
+    node.lab.exec(ns, "ip", "neigh", "flush", "all")
+    assert node.talk("stranger", "db", 6379) == "ok"  # no policy yet; ARP resolved again

@@ -32,7 +32,8 @@ pytestmark = [pytest.mark.privileged,
 
 CASES_DIR = Path(__file__).parent / "datapath_cases"
 REASON_NAMES = {0: model.FORWARDED, 1: model.POLICY_DENY, 2: model.POLICY_DEFAULT,
-                3: model.SPOOFED, 4: model.FRAG_TINY, 5: model.FRAG_UNKNOWN, 6: model.MALFORMED_PACKET}
+                3: model.SPOOFED, 4: model.FRAG_TINY, 5: model.FRAG_UNKNOWN, 6: model.MALFORMED_PACKET,
+                7: model.UNSUPPORTED_L3}
 PROGRAM = {INGRESS: "to_container", EGRESS: "from_container"}
 
 

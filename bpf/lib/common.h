@@ -61,6 +61,7 @@
 #define REASON_FRAG_TINY 4       /* a fragment splits or overlaps the transport header */
 #define REASON_FRAG_UNKNOWN 5    /* a later fragment whose first fragment was never seen */
 #define REASON_MALFORMED 6       /* a bad IPv4 header or a truncated transport header */
+#define REASON_UNSUPPORTED_L3 7  /* neither IPv4 nor ARP: it cannot be judged, so it is dropped */
 #define REASON_MAX 8
 
 #define VERDICT_ALLOW 1

@@ -3,7 +3,8 @@
  * Order: parse (malformed: drop) -> source check (leaving the pod) -> fragment rules ->
  * conntrack (one lookup; a reply passes, a known forward packet passes unless policy or the
  * ipcache changed since it was judged) -> service frontend (new connections leaving a pod) ->
- * policy (two LPM lookups) -> track it. Non-IPv4 traffic (ARP) passes.
+ * policy (two LPM lookups) -> track it. ARP passes; any other ethertype (IPv6 included,
+ * until the datapath parses it) is dropped: nothing passes unjudged because of its family.
  *
  * A packet leaving a pod for another pod of this node is judged by the destination's ingress
  * policy right there, then redirected into the destination pod (bpf_redirect_peer), as
@@ -124,7 +125,7 @@ static __always_inline int enforce(struct __sk_buff *skb, u8 direction)
     struct packet p = {};
     u64 now = bpf_ktime_get_ns();
     int reason = parse_ipv4(skb, &p);
-    if (reason == PARSE_NOT_IPV4)
+    if (reason == PARSE_ARP)
         return pass(skb);
     if (reason != REASON_FORWARDED)
         return drop(skb, ep, direction, &p.f, reason, 0, now);

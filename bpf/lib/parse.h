@@ -10,7 +10,7 @@
 
 #include "lib/maps.h"
 
-#define PARSE_NOT_IPV4 (-1)
+#define PARSE_ARP (-1)
 #define IP_MORE_FRAGMENTS 0x2000
 #define IP_OFFSET_MASK 0x1FFF
 #define FRAG_NONE 0
@@ -50,7 +50,9 @@ static __always_inline int linear(struct __sk_buff *skb, u32 len)
     return bpf_skb_pull_data(skb, len) == 0;
 }
 
-/* REASON_FORWARDED when ``p`` is filled, PARSE_NOT_IPV4, or REASON_MALFORMED. */
+/* REASON_FORWARDED when ``p`` is filled, PARSE_ARP, REASON_UNSUPPORTED_L3 (another
+ * ethertype: the datapath cannot judge it, so it never passes an enforcing endpoint), or
+ * REASON_MALFORMED. */
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *p)
 {
     if (!linear(skb, ETH_HLEN))
@@ -58,8 +60,10 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *p)
     struct ethhdr *eth = (void *)(long)skb->data;
     if ((void *)(eth + 1) > (void *)(long)skb->data_end)
         return REASON_MALFORMED;
+    if (eth->h_proto == htons(ETH_P_ARP))
+        return PARSE_ARP;
     if (eth->h_proto != htons(ETH_P_IP))
-        return PARSE_NOT_IPV4;
+        return REASON_UNSUPPORTED_L3;
     if (!linear(skb, ETH_HLEN + sizeof(struct iphdr)))
         return REASON_MALFORMED;
     void *data = (void *)(long)skb->data;

@@ -87,6 +87,7 @@ def create_pod_interface(netns: str, pod_ifname: str, host_ifname: str,
             host_index = ipr.link_lookup(ifname=host_ifname)[0]
             host_mac = ipr.get_links(host_index)[0].get_attr("IFLA_ADDRESS")
             Path(f"/proc/sys/net/ipv4/conf/{host_ifname}/proxy_arp").write_text("1")
+            _without_ipv6(host_ifname)
             ipr.link("set", index=host_index, state="up")
             ipr.route("replace", dst=f"{address}/32", oif=host_index, scope=RT_SCOPE_LINK)
         with in_netns(path), IPRoute() as ns:
@@ -94,6 +95,7 @@ def create_pod_interface(netns: str, pod_ifname: str, host_ifname: str,
                 raise PodNetworkError(f"interface {pod_ifname} already exists in {netns}")
             index = ns.link_lookup(ifname=peer_tmp)[0]
             ns.link("set", index=index, ifname=pod_ifname)
+            _without_ipv6(pod_ifname)
             ns.addr("add", index=index, address=str(address), prefixlen=32)
             ns.link("set", index=index, state="up")
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
@@ -106,6 +108,15 @@ def create_pod_interface(netns: str, pod_ifname: str, host_ifname: str,
             raise PodNetworkError(f"setting up {host_ifname} for {netns}: {exc}") from None
         raise
     return {"host_ifindex": host_index, "host_mac": host_mac, "pod_mac": pod_mac}
+
+
+def _without_ipv6(ifname: str) -> None:
+    """The pod is IPv4-only: no link-local address, router solicitation or MLD report on
+    either end (the datapath drops every frame it cannot judge, and they would be noise)."""
+    try:
+        Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6").write_text("1")
+    except FileNotFoundError:
+        pass  # a kernel without IPv6
 
 
 def remove_pod_interface(host_ifname: str) -> bool:

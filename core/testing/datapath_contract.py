@@ -45,7 +45,7 @@ from meshagent.testing.scenarios import (
 T = TypeVar("T")
 #: every outcome a judge may report (the model's names)
 OUTCOMES = (model.FORWARDED, model.POLICY_DENY, model.POLICY_DEFAULT, model.SPOOFED,
-            model.FRAG_TINY, model.FRAG_UNKNOWN, model.MALFORMED_PACKET)
+            model.FRAG_TINY, model.FRAG_UNKNOWN, model.MALFORMED_PACKET, model.UNSUPPORTED_L3)
 
 
 @runtime_checkable

@@ -21,6 +21,7 @@ import attrs
 from meshagent.model.identity import ReservedIdentity
 from meshagent.policy.resolver import ALLOWED, DENIED_BY_DEFAULT, DENIED_BY_RULE, Verdict
 from meshagent.testing.packets import (
+    ARP,
     FRAG_FIRST,
     FRAG_LATER,
     FRAG_NONE,
@@ -41,6 +42,7 @@ SPOOFED = "spoofed"
 FRAG_TINY = "frag-tiny"
 FRAG_UNKNOWN = "frag-unknown"
 MALFORMED_PACKET = "malformed"
+UNSUPPORTED_L3 = "unsupported-l3"  # neither IPv4 nor ARP: never passes unjudged
 
 _REASONS = {ALLOWED: FORWARDED, DENIED_BY_RULE: POLICY_DENY, DENIED_BY_DEFAULT: POLICY_DEFAULT}
 
@@ -90,8 +92,10 @@ class DatapathModel:
     def outcome(self, endpoint_id: int, direction: str, frame: bytes) -> str:
         endpoint = self.endpoints[endpoint_id]
         p = parse(frame)
-        if p.outcome == NOT_IPV4:
+        if p.outcome == ARP:
             return FORWARDED
+        if p.outcome == NOT_IPV4:
+            return UNSUPPORTED_L3
         if p.outcome == MALFORMED:
             return MALFORMED_PACKET
         if direction == EGRESS and p.src != endpoint.ip:

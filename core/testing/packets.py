@@ -91,7 +91,7 @@ def checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-NOT_IPV4, MALFORMED, PARSED = "not-ipv4", "malformed", "parsed"
+ARP, NOT_IPV4, MALFORMED, PARSED = "arp", "not-ipv4", "malformed", "parsed"
 FRAG_NONE, FRAG_FIRST, FRAG_LATER = "none", "first", "later"
 
 
@@ -99,7 +99,7 @@ FRAG_NONE, FRAG_FIRST, FRAG_LATER = "none", "first", "later"
 class Parsed:
     """What a datapath reads off a frame (docs/datapath.md, "Parsing")."""
 
-    outcome: str  # NOT_IPV4, MALFORMED or PARSED
+    outcome: str  # ARP, NOT_IPV4 (another ethertype), MALFORMED or PARSED
     src: str = ""
     dst: str = ""
     protocol: int = 0
@@ -114,7 +114,10 @@ class Parsed:
 def parse(frame: bytes) -> Parsed:
     if len(frame) < 14:
         return Parsed(MALFORMED)
-    if struct.unpack_from("!H", frame, 12)[0] != ETH_IPV4:
+    ethertype = struct.unpack_from("!H", frame, 12)[0]
+    if ethertype == ETH_ARP:
+        return Parsed(ARP)
+    if ethertype != ETH_IPV4:
         return Parsed(NOT_IPV4)
     ip = frame[14:]
     if len(ip) < 20 or ip[0] >> 4 != 4 or ip[0] & 0xF < 5:

@@ -20,6 +20,7 @@ DIR_INGRESS, DIR_EGRESS = 0, 1
 VERDICT_ALLOW, VERDICT_DENY = 1, 2
 REASON_FORWARDED, REASON_POLICY_DENY, REASON_POLICY_DEFAULT = 0, 1, 2
 REASON_SPOOFED, REASON_FRAG_TINY, REASON_FRAG_UNKNOWN, REASON_MALFORMED = 3, 4, 5, 6
+REASON_UNSUPPORTED_L3 = 7
 REASONS = {
     REASON_FORWARDED: "forwarded",
     REASON_POLICY_DENY: "policy denied (deny rule)",
@@ -28,6 +29,7 @@ REASONS = {
     REASON_FRAG_TINY: "tiny fragment (splits the transport header)",
     REASON_FRAG_UNKNOWN: "fragment without its first fragment",
     REASON_MALFORMED: "malformed packet",
+    REASON_UNSUPPORTED_L3: "unsupported L3 protocol (neither IPv4 nor ARP)",
 }
 PROTOCOL_NAMES = {0: "any", 1: "icmp", 6: "tcp", 17: "udp", 132: "sctp"}
 POLICY_PREFIX_STATIC = 72  # endpoint_id, identity, direction: always matched whole
