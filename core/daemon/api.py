@@ -180,7 +180,8 @@ async def _identities(api: APIState, request: web.Request) -> web.Response:
 
 
 async def _ipcache(api: APIState, request: web.Request) -> web.Response:
-    return json_response(sorted(api.tables.ipcache.values(), key=lambda e: e.prefix))
+    return json_response(sorted(api.tables.ipcache.values(),
+                                key=lambda e: (e.prefix.version, e.prefix)))
 
 
 async def _clustermesh(api: APIState, request: web.Request) -> web.Response:

@@ -20,6 +20,20 @@ class ReservedIdentity(enum.IntEnum):
     INIT = 5
     REMOTE_NODE = 6
     KUBE_APISERVER = 7
+    INGRESS = 8
+    WORLD_IPV4 = 9  # Cilium's dual-stack split of the world; meshagent's IPv4 world stays 2
+    WORLD_IPV6 = 10  # any IPv6 address no entry of the ipcache covers
+
+
+#: The reserved identities that stand for "outside": the entity ``world`` selects them all.
+WORLD_IDENTITIES = frozenset({ReservedIdentity.WORLD, ReservedIdentity.WORLD_IPV4,
+                              ReservedIdentity.WORLD_IPV6})
+WORLD_LABELS = frozenset({"reserved:world", "reserved:world-ipv4", "reserved:world-ipv6"})
+
+
+def world_identity(version: int) -> ReservedIdentity:
+    """The identity of an address of that IP version no ipcache entry covers."""
+    return ReservedIdentity.WORLD_IPV6 if version == 6 else ReservedIdentity.WORLD
 
 
 #: The label every endpoint carries with its cluster's name.

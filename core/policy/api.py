@@ -74,10 +74,15 @@ class PortProtocol:
     protocol: str  # TCP, UDP, SCTP, ANY
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @attrs.frozen
 class CIDRRule:
-    cidr: ipaddress.IPv4Network
-    excepts: tuple[ipaddress.IPv4Network, ...] = ()
+    """A CIDR of either family; its excepts are of the same family and inside it."""
+
+    cidr: Network
+    excepts: tuple[Network, ...] = ()
 
 
 @attrs.frozen
@@ -376,15 +381,14 @@ class _Parser:
             self.fail(path, f"unknown entity {value!r}; supported: {', '.join(ENTITIES)}")
         return value
 
-    def cidr(self, value: Any, path: str) -> ipaddress.IPv4Network:
+    def cidr(self, value: Any, path: str) -> Network:
         if not isinstance(value, str):
             self.fail(path, "must be a CIDR string")
         try:
-            return ipaddress.IPv4Network(value)
+            return ipaddress.ip_network(value)
         except ValueError as exc:
-            if ":" in value:
-                self.fail(path, "IPv6 is not supported by meshagent")
-            self.fail(path, f"{value!r} is not a valid IPv4 CIDR ({exc})")
+            family = "IPv6" if ":" in value else "IPv4"
+            self.fail(path, f"{value!r} is not a valid {family} CIDR ({exc})")
 
     def cidr_set(self, value: Any, path: str) -> CIDRRule:
         value = self.mapping(value, path)
@@ -393,6 +397,8 @@ class _Parser:
         excepts = []
         for i, text in enumerate(self.listing(value.get("except", []) or [], f"{path}.except")):
             network = self.cidr(text, f"{path}.except[{i}]")
+            if network.version != cidr.version:
+                self.fail(f"{path}.except[{i}]", f"{network} is not of the family of {cidr}")
             if not network.subnet_of(cidr):
                 self.fail(f"{path}.except[{i}]", f"{network} is not inside {cidr}")
             excepts.append(network)

@@ -10,7 +10,13 @@ from collections.abc import Iterable
 
 import attrs
 
-from meshagent.model.identity import CLUSTER_LABEL, Identity, ReservedIdentity
+from meshagent.model.identity import (
+    CLUSTER_LABEL,
+    WORLD_IDENTITIES,
+    WORLD_LABELS,
+    Identity,
+    ReservedIdentity,
+)
 from meshagent.policy.api import CIDRRule, EndpointSelector, Requirement
 
 NAMESPACE_KEY = "io.kubernetes.pod.namespace"
@@ -70,8 +76,8 @@ class EntityPeer:
     local_cluster: str
 
     def matches(self, identity: Identity, index) -> bool:
-        if self.entity == "world":
-            return identity.id == ReservedIdentity.WORLD or "reserved:world" in identity.labels
+        if self.entity == "world":  # both families, as Cilium's dual-stack world
+            return identity.id in WORLD_IDENTITIES or not WORLD_LABELS.isdisjoint(identity.labels)
         if self.entity == "cluster":
             if identity.id in _CLUSTER_RESERVED:
                 return True
@@ -87,12 +93,20 @@ class CIDRPeer:
     rule: CIDRRule
 
     def matches(self, identity: Identity, index) -> bool:
-        if identity.id == ReservedIdentity.WORLD:
-            return self.rule.cidr.prefixlen == 0
+        """A CIDR selects the addresses of its own family only: ``::/0`` is the IPv6 world,
+        never the IPv4 one."""
+        cidr = self.rule.cidr
+        if identity.id in (ReservedIdentity.WORLD, ReservedIdentity.WORLD_IPV4):
+            return cidr.prefixlen == 0 and cidr.version == 4
+        if identity.id == ReservedIdentity.WORLD_IPV6:
+            return cidr.prefixlen == 0 and cidr.version == 6
         for label in identity.labels:
             if label.startswith("cidr:"):
-                prefix = ipaddress.IPv4Network(label[5:])
-                return prefix.subnet_of(self.rule.cidr) and not any(
+                try:
+                    prefix = ipaddress.ip_network(label[5:])
+                except ValueError:
+                    return False
+                return prefix.version == cidr.version and prefix.subnet_of(cidr) and not any(
                     prefix.subnet_of(e) for e in self.rule.excepts)
         return False
 

@@ -19,10 +19,10 @@ from meshagent.events import ChangeKind, PolicyChange
 from meshagent.kvstore import KVStore
 from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstore.follow import follow_prefix
-from meshagent.model.identity import Identity
+from meshagent.model.identity import Identity, world_identity
 from meshagent.model.ipcache import POLICY_SOURCE, IPCacheEntry
 from meshagent.model.table import Tables
-from meshagent.policy.api import Policy, PolicyError
+from meshagent.policy.api import Network, Policy, PolicyError
 from meshagent.policy.cidr import cidr_identity, free_local_identity, policy_cidrs
 from meshagent.policy.contract import ChangeQueue, EndpointChanges, MapChange, MapState
 from meshagent.policy.resolver import EGRESS, INGRESS, PolicyEndpoint, Resolver, Trace, trace
@@ -59,7 +59,7 @@ class PolicyService:
         self.pending = ChangeQueue()
         self.kv_keys: dict[str, tuple[str, str, str]] = {}  # kvstore key -> policy key
         self.rejected: dict[str, str] = {}  # kvstore key -> why its document was refused
-        self.cidr_identities: dict[ipaddress.IPv4Network, Identity] = {}
+        self.cidr_identities: dict[Network, Identity] = {}
         self.parser = PolicyParser()
 
     # -- the PolicyResolver contract ------------------------------------------------------------
@@ -124,12 +124,12 @@ class PolicyService:
         prefix, so the datapath can tell those destinations apart from the rest of the world."""
         wanted = policy_cidrs(list(self.resolver.policies.values()) + ([extra] if extra else []))
         tables, cluster = self.tables, self.cluster
-        for prefix in sorted(set(self.cidr_identities) - wanted):
+        for prefix in sorted(set(self.cidr_identities) - wanted, key=_family_order):
             identity = self.cidr_identities.pop(prefix)
             tables.ipcache.delete(prefix, POLICY_SOURCE)
             tables.identities.delete(identity.id)
         taken = {i.id for i in self.cidr_identities.values()}
-        for prefix in sorted(wanted - set(self.cidr_identities)):
+        for prefix in sorted(wanted - set(self.cidr_identities), key=_family_order):
             number = free_local_identity(taken)
             taken.add(number)
             identity = cidr_identity(number, prefix, cluster)
@@ -251,13 +251,17 @@ class PolicyService:
                     return identity
             return Identity(0, wanted, "")  # not allocated yet: judge the labels as given
         if ip is not None:
-            address = ipaddress.IPv4Address(ip)
+            try:
+                address = ipaddress.ip_address(ip)
+            except ValueError:
+                raise PolicyError(f"src_ip {ip!r} is not an IPv4 or IPv6 address") from None
             best = None
             for entry in self.tables.ipcache.values():
-                if address in entry.prefix and (best is None
-                                                or entry.prefix.prefixlen > best.prefix.prefixlen):
+                if entry.prefix.version == address.version and address in entry.prefix and (
+                        best is None or entry.prefix.prefixlen > best.prefix.prefixlen):
                     best = entry
-            number = best.identity if best else 2  # unknown addresses are the world
+            # an address no entry covers is the world of its family
+            number = best.identity if best else int(world_identity(address.version))
             found = self.resolver.cache.identities.get(number)
             return found[0] if found else Identity(number, frozenset(), "")
         raise PolicyError("give the source as src_identity, src_labels or src_ip")
@@ -278,3 +282,8 @@ def build_default(agent) -> PolicyService:
 def meshagent_register_policy_resolver(registry):
     """This module is registered as plugin ``core.policy``: the default resolver."""
     registry.register("default", build_default)
+
+
+def _family_order(prefix: Network) -> tuple[int, Network]:
+    """IPv4 before IPv6 (networks of two families do not compare)."""
+    return prefix.version, prefix

@@ -310,7 +310,7 @@ class EbpfDatapath:
         """Upserts before deletes: every address resolves to its old or new identity on the
         way, never to a shorter prefix's for a moment."""
         table = self.maps["ipcache"]
-        changes = list(changes)
+        changes = [(kind, entry) for kind, entry in changes if entry.prefix.version == 4]
         for kind, entry in changes:
             if kind is not ChangeKind.DELETE:
                 key = IPCacheKey(entry.prefix.prefixlen, ip_bytes(entry.prefix.network_address))
@@ -419,6 +419,7 @@ class EbpfDatapath:
     def _replace_ipcache(self, ipcache: list[IPCacheEntry]) -> None:
         """The ipcache exactly these rows: new ones first, then stale ones removed, so every
         address resolves to its old or its new identity on the way."""
+        ipcache = [e for e in ipcache if e.prefix.version == 4]  # IPv6 frames are dropped
         wanted = {(e.prefix.prefixlen, e.prefix.network_address.packed): e for e in ipcache}
         for entry in ipcache:
             self.maps["ipcache"].put(
