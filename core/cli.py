@@ -228,9 +228,10 @@ def _print_rows(args: argparse.Namespace, path: str, header: tuple[str, ...], ro
 
 def _node_list(args: argparse.Namespace) -> int:
     def row(node):
-        cidrs = node["pod_cidrs"]
-        return (f"{node['cluster']}/{node['name']}", node["ipv4"] or "",
-                cidrs[0] if cidrs else "", "", "")
+        v4 = [c for c in node["pod_cidrs"] if ":" not in c]
+        v6 = [c for c in node["pod_cidrs"] if ":" in c]
+        return (f"{node['cluster']}/{node['name']}", node["ipv4"] or "", v4[0] if v4 else "",
+                node.get("ipv6") or "", v6[0] if v6 else "")
     return _print_rows(args, "/nodes", ("Name", "IPv4 Address", "Endpoint CIDR",
                                         "IPv6 Address", "Endpoint CIDR"), row)
 

@@ -152,6 +152,10 @@ def test_parsing_endpointslices_and_bad_documents():
     assert service.global_ and service.shared and service.affinity == "none"
     for text, message in [
         (service_yaml("nope", []), "spec.clusterIP 'nope' is not an IPv4 address"),
+        (service_yaml("fd00::10", []), "spec.clusterIP 'fd00::10' is not an IPv4 address (IPv6"
+                                       " services are not supported yet"),
+        (service_yaml("10.96.0.1", ["fd00:1:1::5"]), "backend address 'fd00:1:1::5' is not"
+                                                    " IPv4 (IPv6 services are not supported"),
         (service_yaml("10.96.0.1", [], annotations={"service.cilium.io/affinity": "near"}),
          "affinity='near' must be local, remote or none"),
         (service_yaml("10.96.0.1", [], annotations={"service.cilium.io/shared": "maybe"}),

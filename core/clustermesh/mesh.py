@@ -269,7 +269,8 @@ class RemoteCluster:
             counts = ", ".join(f"{n} {k}" for k, n in sorted(self.sync.held.items()))
             lines.append(f"└  held (outside the pod CIDRs granted to {self.name}): {counts}")
         refused = [f"{node}: {cidr}: {why}" for (cluster, node, cidr), why
-                   in sorted(self.mesh.ownership.refused.items()) if cluster == self.name]
+                   in sorted(self.mesh.ownership.refused.items(), key=lambda item: (
+                       item[0][1], item[0][2].version, item[0][2])) if cluster == self.name]
         if refused:
             lines.append(f"└  pod CIDRs refused: {len(refused)}")
             lines += [f"   {line}" for line in refused[:10]]
@@ -433,7 +434,7 @@ class ClusterMesh:
             details.append(f"node routes: {len(routes.routes)} installed,"
                            f" {len(routes.refused)} refused")
             details += [f"   not routed {cidr}: {why}" for cidr, why in sorted(
-                routes.refused.items())]
+                routes.refused.items(), key=lambda item: (item[0].version, item[0]))]
         health = Health.WARNING if not_ready or silent else Health.OK
         return StatusSection("ClusterMesh", health, summary,
                              details=details)

@@ -14,9 +14,10 @@ import asyncio
 import ipaddress
 import logging
 import time
+from socket import AF_INET, AF_INET6
 
 from meshagent import hookimpl
-from meshagent.clustermesh.ownership import AddressOwnership, Grant
+from meshagent.clustermesh.ownership import Address, AddressOwnership, Grant, Network
 from meshagent.runtime.controller import Controller, ControllerHandle
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,12 @@ log = logging.getLogger(__name__)
 ROUTE_PROTOCOL = 77  # "meshagent" in the route's protocol field: only these are ours
 RECONCILE_INTERVAL = 10.0  # seconds between reconciles when nothing asks for one
 RT_SCOPE_LINK = 253
+RTPROT_KERNEL = 2
+
+
+def _order(network: Network) -> tuple[int, Network]:
+    """IPv4 before IPv6 (networks of two families do not compare)."""
+    return network.version, network
 
 
 class NodeRoutes:
@@ -33,7 +40,7 @@ class NodeRoutes:
         self.node_name = node_name
         self.delete_grace = delete_grace
         self.netlink = netlink or RouteTable()
-        self.routes: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = {}  # as installed
+        self.routes: dict[Network, Address] = {}  # as installed
         self.refused: dict[ipaddress.IPv4Network, str] = {}
         self.missing_since: dict[ipaddress.IPv4Network, float] = {}
         self._wake = asyncio.Event()
@@ -63,7 +70,7 @@ class NodeRoutes:
         """Make our routes in the kernel what the grants say (minus refusals), adding and
         replacing first, removing last."""
         installed, connected = await asyncio.to_thread(self.netlink.read, ROUTE_PROTOCOL)
-        wanted: dict[ipaddress.IPv4Network, Grant] = {}
+        wanted: dict[Network, Grant] = {}
         refused = {}
         for network, grant in self.ownership.routes(self.node_name).items():
             clash = next((c for c in connected if c.overlaps(network)), None)
@@ -76,7 +83,7 @@ class NodeRoutes:
             if self.refused.get(network) != reason:
                 log.error("not routing %s: %s", network, reason)
         self.refused = refused
-        for network, grant in sorted(wanted.items()):
+        for network, grant in sorted(wanted.items(), key=lambda item: _order(item[0])):
             self.missing_since.pop(network, None)
             if installed.get(network) != grant.via:
                 await asyncio.to_thread(self.netlink.replace, network, grant.via,
@@ -84,7 +91,7 @@ class NodeRoutes:
                 log.info("route %s via %s (node %s/%s)", network, grant.via, grant.cluster,
                          grant.node)
         now = time.monotonic()
-        for network in sorted(set(installed) - set(wanted)):
+        for network in sorted(set(installed) - set(wanted), key=_order):
             if network in refused:
                 self.missing_since.pop(network, None)  # never keep a refused route
             else:
@@ -102,37 +109,41 @@ class NodeRoutes:
 class RouteTable:
     """The node's main routing table through netlink (pyroute2), blocking: call in a thread."""
 
-    def read(self, protocol: int) -> tuple[dict[ipaddress.IPv4Network, ipaddress.IPv4Address],
-                                           list[ipaddress.IPv4Network]]:
-        """Our routes (dst -> gateway) and the directly connected networks (not ours)."""
+    def read(self, protocol: int) -> tuple[dict[Network, Address], list[Network]]:
+        """Our routes (dst -> gateway) and the directly connected networks (not ours), both
+        families."""
         from pyroute2 import IPRoute
         ours, connected = {}, []
         with IPRoute() as ipr:
-            for route in ipr.get_routes(family=2, table=254):
-                dst = route.get_attr("RTA_DST")
-                if dst is None:
-                    continue
-                network = ipaddress.IPv4Network(f"{dst}/{route['dst_len']}", strict=False)
-                if route["proto"] == protocol:
+            for family in (AF_INET, AF_INET6):
+                for route in ipr.get_routes(family=family, table=254):
+                    dst = route.get_attr("RTA_DST")
+                    if dst is None:
+                        continue
+                    network = ipaddress.ip_network(f"{dst}/{route['dst_len']}", strict=False)
                     gateway = route.get_attr("RTA_GATEWAY")
-                    if gateway:
-                        ours[network] = ipaddress.IPv4Address(gateway)
-                elif route["scope"] == RT_SCOPE_LINK and route["dst_len"] < 32:
-                    connected.append(network)
+                    if route["proto"] == protocol:
+                        if gateway:
+                            ours[network] = ipaddress.ip_address(gateway)
+                    elif network.prefixlen < network.max_prefixlen and not gateway and (
+                            route["scope"] == RT_SCOPE_LINK if family == AF_INET
+                            else route["proto"] == RTPROT_KERNEL):
+                        connected.append(network)  # IPv6's connected routes are the kernel's
         return ours, connected
 
-    def replace(self, network: ipaddress.IPv4Network, via: ipaddress.IPv4Address,
-                protocol: int) -> None:
+    def replace(self, network: Network, via: Address, protocol: int) -> None:
         from pyroute2 import IPRoute
         with IPRoute() as ipr:
-            ipr.route("replace", dst=str(network), gateway=str(via), proto=protocol)
+            ipr.route("replace", dst=str(network), gateway=str(via), proto=protocol,
+                      family=AF_INET6 if network.version == 6 else AF_INET)
 
-    def delete(self, network: ipaddress.IPv4Network, protocol: int) -> None:
+    def delete(self, network: Network, protocol: int) -> None:
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
         with IPRoute() as ipr:
             try:
-                ipr.route("del", dst=str(network), proto=protocol)
+                ipr.route("del", dst=str(network), proto=protocol,
+                          family=AF_INET6 if network.version == 6 else AF_INET)
             except NetlinkError as exc:
                 if exc.code != 3:  # ESRCH: already gone
                     raise

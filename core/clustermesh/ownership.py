@@ -7,6 +7,10 @@ range keeps it), and covers no node's address and no kvstore server's address â€
 take over this cluster's pods, another cluster's, or the network the agents talk over. This
 cluster's own nodes are trusted. Decisions are remade from the node table whenever it changes
 (batched), and whoever depends on them hears of it.
+
+Both families are judged the same way; an IPv6 pod CIDR is routed via the node's IPv6 address.
+Addresses are compared as integers on one line: IPv4 below ``V6_OFFSET``, IPv6 above it, so
+no range of one family ever overlaps one of the other.
 """
 
 import asyncio
@@ -24,25 +28,41 @@ from meshagent.model.node import Node
 log = logging.getLogger(__name__)
 
 RECOMPUTE_DELAY = 0.02  # seconds: a sync's burst of node changes is one recomputation
+V6_OFFSET = 1 << 32  # IPv6 address n sits at V6_OFFSET + n on the line of addresses
+LINE_END = V6_OFFSET + (1 << 128)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _at(address: Address) -> int:
+    """Where an address of either family sits on the line."""
+    return int(address) + (V6_OFFSET if address.version == 6 else 0)
+
+
+def _address(position: int) -> Address:
+    if position >= V6_OFFSET:
+        return ipaddress.IPv6Address(position - V6_OFFSET)
+    return ipaddress.IPv4Address(position)
 
 
 @attrs.frozen
 class Grant:
-    network: ipaddress.IPv4Network
+    network: Network
     cluster: str
     node: str
-    via: ipaddress.IPv4Address | None  # the node's address, where its pods are routed
+    via: Address | None  # the node's address of the CIDR's family, where its pods are routed
 
 
 class AddressOwnership:
-    def __init__(self, local_cluster: str, local_pod_cidrs: Iterable[ipaddress.IPv4Network],
+    def __init__(self, local_cluster: str, local_pod_cidrs: Iterable[Network],
                  protected: Callable[[], Iterable[str]] = tuple):
         self.local_cluster = local_cluster
         self.local_pod_cidrs = tuple(local_pod_cidrs)
         self.protected = protected  # addresses no pod CIDR may cover (the kvstore servers)
         self.nodes: dict[tuple[str, str], Node] = {}  # in the order they were first seen
         self.grants: list[Grant] = []
-        self.refused: dict[tuple[str, str, ipaddress.IPv4Network], str] = {}
+        self.refused: dict[tuple[str, str, Network], str] = {}
         self.listeners: list[Callable[[], None]] = []
         self._starts: list[int] = []  # sorted starts of the granted ranges, for owner()
         self._ranges: list[tuple[int, int, str]] = []
@@ -77,8 +97,9 @@ class AddressOwnership:
     def recompute(self) -> None:
         self._pending = None
         before = (list(self.grants), dict(self.refused))
-        node_ips = sorted(int(n.ipv4) for n in self.nodes.values() if n.ipv4 is not None)
-        protected = sorted(int(a) for a in _addresses(self.protected()))
+        node_ips = sorted(_at(a) for n in self.nodes.values() for a in (n.ipv4, n.ipv6)
+                          if a is not None)
+        protected = sorted(_at(a) for a in _addresses(self.protected()))
         ranges: list[tuple[int, int, str]] = []  # granted, sorted by start, not overlapping
         grants, refused = [], {}
         local = list(self.local_pod_cidrs) + [c for n in self.nodes.values()
@@ -95,10 +116,11 @@ class AddressOwnership:
                     refused[(node.cluster, node.name, cidr)] = reason
                     continue
                 _insert(ranges, cidr, node.cluster)
-                grants.append(Grant(cidr, node.cluster, node.name, node.ipv4))
+                grants.append(Grant(cidr, node.cluster, node.name, node.address(cidr.version)))
         for node in self.nodes.values():
             if node.cluster == self.local_cluster:
-                grants += [Grant(c, node.cluster, node.name, node.ipv4) for c in node.pod_cidrs]
+                grants += [Grant(c, node.cluster, node.name, node.address(c.version))
+                           for c in node.pod_cidrs]
         self.grants, self.refused = grants, refused
         self._ranges = ranges
         self._starts = [start for start, _, _ in ranges]
@@ -109,28 +131,28 @@ class AddressOwnership:
             for listener in list(self.listeners):
                 listener()
 
-    def _problem(self, cidr: ipaddress.IPv4Network, node: Node, ranges, node_ips: list[int],
+    def _problem(self, cidr: Network, node: Node, ranges, node_ips: list[int],
                  protected: list[int]) -> str:
-        start, end = int(cidr.network_address), int(cidr.broadcast_address)
+        start, end = _at(cidr.network_address), _at(cidr.broadcast_address)
         clash = _overlapping(ranges, start, end)
         if clash is not None and clash[2] != node.cluster:
             first, last, owner = clash
-            other = ipaddress.IPv4Address(first), ipaddress.IPv4Address(last)
+            other = _address(first), _address(last)
             whose = "this cluster's" if owner == self.local_cluster else f"cluster {owner}'s"
             return f"overlaps {whose} pod addresses {other[0]}-{other[1]}"
         index = bisect.bisect_left(node_ips, start)
         if index < len(node_ips) and node_ips[index] <= end:
-            return f"covers the address of a node ({ipaddress.IPv4Address(node_ips[index])})"
+            return f"covers the address of a node ({_address(node_ips[index])})"
         index = bisect.bisect_left(protected, start)
         if index < len(protected) and protected[index] <= end:
-            return f"covers a kvstore server's address ({ipaddress.IPv4Address(protected[index])})"
+            return f"covers a kvstore server's address ({_address(protected[index])})"
         return ""
 
     # -- answers --------------------------------------------------------------------------------
 
-    def owner(self, address: ipaddress.IPv4Address) -> str | None:
+    def owner(self, address: Address) -> str | None:
         """The cluster whose granted (or own) pod CIDR holds ``address``."""
-        value = int(address)
+        value = _at(address)
         index = bisect.bisect_right(self._starts, value) - 1
         if index >= 0:
             start, end, cluster = self._ranges[index]
@@ -138,16 +160,15 @@ class AddressOwnership:
                 return cluster
         return None
 
-    def routes(self, node_name: str) -> dict[ipaddress.IPv4Network, Grant]:
+    def routes(self, node_name: str) -> dict[Network, Grant]:
         """Every granted pod CIDR of another node that has an address: what to route where."""
         return {g.network: g for g in self.grants if g.via is not None
                 and (g.cluster, g.node) != (self.local_cluster, node_name)}
 
 
-def _insert(ranges: list[tuple[int, int, str]], cidr: ipaddress.IPv4Network,
-            cluster: str) -> None:
+def _insert(ranges: list[tuple[int, int, str]], cidr: Network, cluster: str) -> None:
     """Add a range; one of the same cluster overlapping it is merged (same owner)."""
-    start, end = int(cidr.network_address), int(cidr.broadcast_address)
+    start, end = _at(cidr.network_address), _at(cidr.broadcast_address)
     while (clash := _overlapping(ranges, start, end)) is not None:
         ranges.remove(clash)
         start, end = min(start, clash[0]), max(end, clash[1])
@@ -155,18 +176,18 @@ def _insert(ranges: list[tuple[int, int, str]], cidr: ipaddress.IPv4Network,
 
 
 def _overlapping(ranges: list[tuple[int, int, str]], start: int, end: int):
-    index = bisect.bisect_right(ranges, (start, 2**32, "")) - 1
+    index = bisect.bisect_right(ranges, (start, LINE_END, "")) - 1
     for candidate in ranges[max(index, 0):index + 2]:
         if candidate[0] <= end and start <= candidate[1]:
             return candidate
     return None
 
 
-def _addresses(texts: Iterable[str]) -> list[ipaddress.IPv4Address]:
+def _addresses(texts: Iterable[str]) -> list[Address]:
     out = []
     for text in texts:
         try:
-            out.append(ipaddress.IPv4Address(text))
+            out.append(ipaddress.ip_address(text))
         except ValueError:
             continue  # a name: not an address to protect by range
     return out

@@ -261,7 +261,7 @@ def _ipcache(sync: ClusterSync, key: str, value: bytes):
     entry = ipcache_from_json(value, sync.cluster)
     if entry.key_ip != ip and str(entry.prefix.network_address) != ip:
         raise Rejected(f"entry for {entry.prefix} under key of {ip}")
-    if sync.ownership is not None and entry.prefix.prefixlen != 32:
+    if sync.ownership is not None and entry.prefix.prefixlen != entry.prefix.max_prefixlen:
         raise Rejected(f"{entry.prefix} is not a single address: a remote cluster publishes its"
                        " endpoints, never ranges")
     sync.check_identity(entry.identity)

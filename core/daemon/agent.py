@@ -46,7 +46,7 @@ from meshagent.model.ipcache import IPCache
 from meshagent.model.node import Node
 from meshagent.model.table import Table, Tables
 from meshagent.policy import service as policy_service
-from meshagent.runtime.config import Config
+from meshagent.runtime.config import Config, of_family
 from meshagent.runtime.controller import Controller, ControllerManager
 from meshagent.runtime.metrics import MetricsServer
 from meshagent.runtime.statedir import StateDir
@@ -166,8 +166,8 @@ class Agent:
         cleanup.push_async_callback(self.kvstore.close)
         config = self.config
         self.publisher = Publisher(self.kvstore, self.cluster, Node(
-            config.node_name, self.cluster.name, self.cluster.id, config.get("node-ip") or None,
-            tuple(config.get("pod-cidr"))), config.get("kvstore-lease-ttl"))
+            config.node_name, self.cluster.name, self.cluster.id, self._node_ip(4),
+            tuple(config.get("pod-cidr")), self._node_ip(6)), config.get("kvstore-lease-ttl"))
         self.plugins.register(self.publisher, name="core.publisher")
         self.plugins.register(LocalStore(self.kvstore, self.controllers, self.local_sync,
                                          self.publisher.published), name="core.kvstore")
@@ -196,8 +196,9 @@ class Agent:
             self.datapath_started.set()  # nothing to wait for
         hooks = self.hooks
         self.endpoints = EndpointManager(
-            cluster_name=self.cluster.name, node_ip=config.get("node-ip") or None,
-            pod_cidrs=tuple(config.get("pod-cidr")), directory=config.state_dir / "endpoints",
+            cluster_name=self.cluster.name, node_ip=self._node_ip(4),
+            pod_cidrs=of_family(config.get("pod-cidr"), 4),  # pods are IPv4-only, for now
+            directory=config.state_dir / "endpoints",
             allocator=self.identity_allocator, publisher=self.publisher, datapath=self.datapath,
             datapath_started=self.datapath_started,
             plugin_labels=lambda namespace, pod: hooks.endpoint_labels(
@@ -212,6 +213,10 @@ class Agent:
             remotes_ready=lambda: mesh is None or all(r.ready for r in mesh.remotes.values()),
             sync_timeout=self.config.get("datapath-sync-timeout"),
             started=self.datapath_started, synced=self.datapath_synced), name="core.datapath")
+
+    def _node_ip(self, version: int):
+        """This node's address of that family (``--node-ip``), or None."""
+        return next(iter(of_family(self.config.get("node-ip"), version)), None)
 
     def kvstore_addresses(self) -> list[str]:
         """The servers of the local and every remote kvstore: no pod CIDR may cover them."""

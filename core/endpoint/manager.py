@@ -59,7 +59,8 @@ EndpointListener = Callable[[ChangeKind, Endpoint], None]
 class EndpointManager:
     """The endpoints of this node, saved under ``directory`` and handed to the datapath."""
 
-    def __init__(self, *, cluster_name: str, node_ip: str | None, pod_cidrs: tuple[str, ...],
+    def __init__(self, *, cluster_name: str, node_ip: ipaddress.IPv4Address | None,
+                 pod_cidrs: tuple[ipaddress.IPv4Network, ...],
                  directory: Path, allocator: IdentityAllocator, publisher: Publisher,
                  datapath: Datapath | None, datapath_started: asyncio.Event,
                  plugin_labels: LabelSource, changed: EndpointListener):

@@ -8,28 +8,31 @@ import attrs
 from meshagent.events import ChangeKind
 from meshagent.model.jsonfields import (
     field,
-    ipv4,
+    ip_address,
     load_object,
     mask_to_prefixlen,
     prefixlen_to_mask,
 )
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @attrs.frozen
 class IPCacheEntry:
     """Who owns an address: published under ``cilium/state/ip/v1/<cluster>/<ip>``."""
 
-    prefix: ipaddress.IPv4Network
+    prefix: Network  # either family
     identity: int
     cluster: str
-    host_ip: ipaddress.IPv4Address | None = None
+    host_ip: Address | None = None
     namespace: str = ""
     pod_name: str = ""
 
     @property
     def key_ip(self) -> str:
         """The address as it appears in the key: bare for a host, ``a.b.c.d/len`` for a CIDR."""
-        if self.prefix.prefixlen == 32:
+        if self.prefix.prefixlen == self.prefix.max_prefixlen:
             return str(self.prefix.network_address)
         return str(self.prefix)
 
@@ -38,7 +41,8 @@ def ipcache_to_json(entry: IPCacheEntry) -> bytes:
     """Cilium's identity.IPIdentityPair JSON."""
     doc = {
         "IP": str(entry.prefix.network_address),
-        "Mask": None if entry.prefix.prefixlen == 32 else prefixlen_to_mask(entry.prefix.prefixlen),
+        "Mask": None if entry.prefix.prefixlen == entry.prefix.max_prefixlen else
+        prefixlen_to_mask(entry.prefix.prefixlen, entry.prefix.max_prefixlen),
         "HostIP": str(entry.host_ip) if entry.host_ip else "",
         "ID": entry.identity,
         "Key": 0,
@@ -50,15 +54,15 @@ def ipcache_to_json(entry: IPCacheEntry) -> bytes:
 
 def ipcache_from_json(data: bytes, cluster: str) -> IPCacheEntry:
     doc = load_object(data)
-    ip = ipv4(field(doc, "IP", str), "IP")
-    prefixlen = mask_to_prefixlen(doc.get("Mask"), "Mask")
+    ip = ip_address(field(doc, "IP", str), "IP")
+    prefixlen = mask_to_prefixlen(doc.get("Mask"), "Mask", ip.max_prefixlen)
     try:
-        prefix = ipaddress.IPv4Network(f"{ip}/{prefixlen}")
+        prefix = ipaddress.ip_network(f"{ip}/{prefixlen}")
     except ValueError as exc:
         raise ValueError(f"field 'IP': {exc}") from None
     identity = field(doc, "ID", int)
     host = field(doc, "HostIP", str, required=False, default="")
-    return IPCacheEntry(prefix, identity, cluster, ipv4(host, "HostIP") if host else None,
+    return IPCacheEntry(prefix, identity, cluster, ip_address(host, "HostIP") if host else None,
                         field(doc, "K8sNamespace", str, required=False, default=""),
                         field(doc, "K8sPodName", str, required=False, default=""))
 
@@ -80,8 +84,8 @@ class IPCache:
     def __init__(self, local_cluster: str, notify):
         self.local_cluster = local_cluster
         self._notify = notify
-        self._claims: dict[ipaddress.IPv4Network, dict[str, tuple[int, IPCacheEntry]]] = {}
-        self._in_force: dict[ipaddress.IPv4Network, IPCacheEntry] = {}
+        self._claims: dict[Network, dict[str, tuple[int, IPCacheEntry]]] = {}
+        self._in_force: dict[Network, IPCacheEntry] = {}
         self._counts: dict[str, int] = {}
         self._order = 0
 
@@ -89,7 +93,7 @@ class IPCache:
         return (0 if source == self.local_cluster else 1 if source == POLICY_SOURCE else 2,
                 order)
 
-    def upsert(self, prefix: ipaddress.IPv4Network, entry: IPCacheEntry,
+    def upsert(self, prefix: Network, entry: IPCacheEntry,
                source: str | None = None) -> bool:
         """``source`` (default: the entry's cluster) claims ``prefix``; True if that changed
         the entry in force."""
@@ -104,7 +108,7 @@ class IPCache:
         claims[source] = (order, entry)
         return self._refresh(prefix)
 
-    def delete(self, prefix: ipaddress.IPv4Network, cluster: str | None = None
+    def delete(self, prefix: Network, cluster: str | None = None
                ) -> IPCacheEntry | None:
         """Withdraw ``cluster``'s claim (every claim when None); the claim it had."""
         claims = self._claims.get(prefix)
@@ -122,7 +126,7 @@ class IPCache:
         self._refresh(prefix)
         return gone
 
-    def _refresh(self, prefix: ipaddress.IPv4Network) -> bool:
+    def _refresh(self, prefix: Network) -> bool:
         claims = self._claims.get(prefix)
         best = None
         if claims:
@@ -138,10 +142,10 @@ class IPCache:
             self._notify(ChangeKind.UPSERT, best)
         return True
 
-    def get(self, prefix: ipaddress.IPv4Network) -> IPCacheEntry | None:
+    def get(self, prefix: Network) -> IPCacheEntry | None:
         return self._in_force.get(prefix)
 
-    def claims(self, prefix: ipaddress.IPv4Network) -> dict[str, IPCacheEntry]:
+    def claims(self, prefix: Network) -> dict[str, IPCacheEntry]:
         """Every source's claim on ``prefix``, whether in force or not."""
         return {s: e for s, (_, e) in self._claims.get(prefix, {}).items()}
 

@@ -48,23 +48,40 @@ def ipv4(text: Any, name: str) -> ipaddress.IPv4Address:
         raise ValueError(f"field {name!r}: {text!r} is not an IPv4 address") from None
 
 
-def mask_to_prefixlen(mask_b64: str | None, name: str) -> int:
-    """Go's net.IPMask marshals as base64 bytes; None means a host address (/32)."""
+def ip_address(text: Any, name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address of either family (IPv6 in any of its spellings)."""
+    try:
+        return ipaddress.ip_address(text)
+    except (ValueError, TypeError):
+        raise ValueError(f"field {name!r}: {text!r} is not an IPv4 or IPv6 address") from None
+
+
+def ipv6(text: Any, name: str) -> ipaddress.IPv6Address:
+    try:
+        return ipaddress.IPv6Address(text)
+    except (ipaddress.AddressValueError, ValueError, TypeError):
+        raise ValueError(f"field {name!r}: {text!r} is not an IPv6 address") from None
+
+
+def mask_to_prefixlen(mask_b64: str | None, name: str, bits: int = 32) -> int:
+    """Go's net.IPMask marshals as base64 bytes (4 for IPv4, 16 for IPv6); None means a host
+    address (/32, /128)."""
     if mask_b64 is None:
-        return 32
+        return bits
     try:
         raw = base64.b64decode(mask_b64, validate=True)
     except (ValueError, TypeError):
         raise ValueError(f"field {name!r}: mask {mask_b64!r} is not base64") from None
-    bits = "".join(f"{byte:08b}" for byte in raw)
-    if len(raw) != 4 or "01" in bits:
-        raise ValueError(f"field {name!r}: {mask_b64!r} is not an IPv4 netmask")
-    return bits.count("1")
+    ones = "".join(f"{byte:08b}" for byte in raw)
+    if len(raw) != bits // 8 or "01" in ones:
+        family = "IPv6" if bits == 128 else "IPv4"
+        raise ValueError(f"field {name!r}: {mask_b64!r} is not an {family} netmask")
+    return ones.count("1")
 
 
-def prefixlen_to_mask(prefixlen: int) -> str:
-    mask = (0xFFFFFFFF << (32 - prefixlen)) & 0xFFFFFFFF
-    return base64.b64encode(mask.to_bytes(4, "big")).decode()
+def prefixlen_to_mask(prefixlen: int, bits: int = 32) -> str:
+    mask = ((1 << bits) - 1) ^ ((1 << (bits - prefixlen)) - 1)
+    return base64.b64encode(mask.to_bytes(bits // 8, "big")).decode()
 
 
 def _kind_name(kind) -> str:

@@ -7,11 +7,15 @@ import attrs
 
 from meshagent.model.jsonfields import (
     field,
+    ip_address,
     ipv4,
+    ipv6,
     load_object,
     mask_to_prefixlen,
     prefixlen_to_mask,
 )
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @attrs.frozen
@@ -20,24 +24,32 @@ class Node:
     cluster: str
     cluster_id: int
     ipv4: ipaddress.IPv4Address | None = None
-    pod_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
+    pod_cidrs: tuple[Network, ...] = ()  # IPv4 ones first, then IPv6 ones
+    ipv6: ipaddress.IPv6Address | None = None
 
     @property
     def full_name(self) -> str:
         """``cluster/node``, the way ``node list`` names nodes across the mesh."""
         return f"{self.cluster}/{self.name}"
 
+    def address(self, version: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """The node's address of that family (where its pod CIDRs of that family are routed)."""
+        return self.ipv6 if version == 6 else self.ipv4
+
 
 def node_to_json(node: Node) -> bytes:
-    """Cilium's node.Node JSON (the fields meshagent uses)."""
+    """Cilium's node.Node JSON (the fields meshagent uses), both families."""
     doc: dict = {"Name": node.name, "Cluster": node.cluster, "ClusterID": node.cluster_id,
                  "IPAddresses": []}
-    if node.ipv4 is not None:
-        doc["IPAddresses"].append({"Type": "InternalIP", "IP": str(node.ipv4)})
-    if node.pod_cidrs:
-        doc["IPv4AllocCIDR"] = _cidr_json(node.pod_cidrs[0])
-        if node.pod_cidrs[1:]:
-            doc["IPv4SecondaryAllocCIDRs"] = [_cidr_json(c) for c in node.pod_cidrs[1:]]
+    for address in (node.ipv4, node.ipv6):
+        if address is not None:
+            doc["IPAddresses"].append({"Type": "InternalIP", "IP": str(address)})
+    for family, version in (("IPv4", 4), ("IPv6", 6)):
+        cidrs = [c for c in node.pod_cidrs if c.version == version]
+        if cidrs:
+            doc[f"{family}AllocCIDR"] = _cidr_json(cidrs[0])
+            if cidrs[1:]:
+                doc[f"{family}SecondaryAllocCIDRs"] = [_cidr_json(c) for c in cidrs[1:]]
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -47,33 +59,35 @@ def node_from_json(data: bytes) -> Node:
     name = field(doc, "Name", str)
     cluster = field(doc, "Cluster", str)
     cluster_id = field(doc, "ClusterID", int, required=False, default=0)
-    address = None
+    addresses: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
     for entry in field(doc, "IPAddresses", list, required=False, default=[]):
         if not isinstance(entry, dict):
             raise ValueError("field 'IPAddresses' must hold objects")
         kind = entry.get("Type", entry.get("AddressType"))
         ip = entry.get("IP")
-        if kind == "InternalIP" and isinstance(ip, str) and ":" not in ip:
-            address = ipv4(ip, "IPAddresses.IP")
-            break
-    cidrs = []
-    primary = field(doc, "IPv4AllocCIDR", dict, required=False)
-    for cidr in ([primary] if primary else []) + list(
-            field(doc, "IPv4SecondaryAllocCIDRs", list, required=False, default=[])):
-        cidrs.append(_cidr_from_json(cidr, "IPv4AllocCIDR"))
-    return Node(name, cluster, cluster_id, address, tuple(cidrs))
+        if kind == "InternalIP" and isinstance(ip, str):
+            address = ip_address(ip, "IPAddresses.IP")
+            addresses.setdefault(address.version, address)  # the first of each family
+    cidrs: list[Network] = []
+    for family, parse in (("IPv4", ipv4), ("IPv6", ipv6)):
+        primary = field(doc, f"{family}AllocCIDR", dict, required=False)
+        for cidr in ([primary] if primary else []) + list(
+                field(doc, f"{family}SecondaryAllocCIDRs", list, required=False, default=[])):
+            cidrs.append(_cidr_from_json(cidr, f"{family}AllocCIDR", parse))
+    return Node(name, cluster, cluster_id, addresses.get(4), tuple(cidrs), addresses.get(6))
 
 
-def _cidr_json(network: ipaddress.IPv4Network) -> dict:
-    return {"IP": str(network.network_address), "Mask": prefixlen_to_mask(network.prefixlen)}
+def _cidr_json(network: Network) -> dict:
+    return {"IP": str(network.network_address),
+            "Mask": prefixlen_to_mask(network.prefixlen, network.max_prefixlen)}
 
 
-def _cidr_from_json(doc: object, name: str) -> ipaddress.IPv4Network:
+def _cidr_from_json(doc: object, name: str, parse) -> Network:
     if not isinstance(doc, dict):
         raise ValueError(f"field {name!r} must be an object")
-    ip = ipv4(doc.get("IP"), f"{name}.IP")
-    prefixlen = mask_to_prefixlen(doc.get("Mask"), f"{name}.Mask")
+    ip = parse(doc.get("IP"), f"{name}.IP")
+    prefixlen = mask_to_prefixlen(doc.get("Mask"), f"{name}.Mask", ip.max_prefixlen)
     try:
-        return ipaddress.IPv4Network(f"{ip}/{prefixlen}")
+        return ipaddress.ip_network(f"{ip}/{prefixlen}")
     except ValueError as exc:
         raise ValueError(f"field {name!r}: {exc}") from None

@@ -17,12 +17,23 @@ DEFAULT_PLUGINS = ("etcd", "ebpf")
 DEFAULT_RUN_DIR = DEFAULT_SOCKET.parent  # /var/run/meshagent
 
 
-def parse_ipv4(text: str) -> ipaddress.IPv4Address | None:
-    return ipaddress.IPv4Address(text) if text else None
+def parse_cidrs(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """CIDRs of either family, IPv4 ones first (a dual-stack node has one of each)."""
+    cidrs = [ipaddress.ip_network(word) for word in parse_list(text)]
+    return tuple(sorted(cidrs, key=lambda c: c.version))
 
 
-def parse_cidrs(text: str) -> tuple[ipaddress.IPv4Network, ...]:
-    return tuple(ipaddress.IPv4Network(word) for word in parse_list(text))
+def parse_node_ips(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    """At most one address of each family, IPv4 first: ``10.0.0.1``, ``fd00::1`` or both."""
+    addresses = [ipaddress.ip_address(word) for word in parse_list(text)]
+    if len({a.version for a in addresses}) != len(addresses):
+        raise ValueError("give at most one address of each family (IPv4,IPv6)")
+    return tuple(sorted(addresses, key=lambda a: a.version))
+
+
+def of_family(values, version: int):
+    """The values (addresses or networks) of one IP version, in order."""
+    return tuple(v for v in values if v.version == version)
 
 
 def add_bootstrap_options(parser: Parser) -> None:
@@ -47,10 +58,12 @@ def add_core_options(parser: Parser) -> None:
                      help="largest mesh size (255 or 511); must be the same in every cluster")
     parser.addoption("node-name", type=str, default="",
                      help="name of this node (default: the host name)")
-    parser.addoption("node-ip", type=parse_ipv4, default=None,
-                     help="this node's IPv4 address, published with the node")
+    parser.addoption("node-ip", type=parse_node_ips, default=(),
+                     help="this node's address, published with the node: IPv4, IPv6 or both"
+                          " (comma-separated, one of each family)")
     parser.addoption("pod-cidr", type=parse_cidrs, default=(),
-                     help="this node's pod CIDR(s), comma-separated, published with the node")
+                     help="this node's pod CIDR(s), comma-separated, IPv4 and/or IPv6,"
+                          " published with the node")
     parser.addoption("auto-direct-node-routes", type=parse_bool, default=False,
                      help="route every other node's pod CIDR via that node's IP (nodes on one"
                           " L2 network)")

@@ -89,7 +89,7 @@ def _service(doc: dict, where: str, cluster: str, backends: dict) -> Service:
         cluster_ip = ipaddress.IPv4Address(spec.get("clusterIP"))
     except (ipaddress.AddressValueError, ValueError):
         raise ServiceError(f"{where}: spec.clusterIP {spec.get('clusterIP')!r} is not an IPv4"
-                           " address") from None
+                           f" address{_ipv6_note(spec.get('clusterIP'))}") from None
     frontends = []
     for j, port in enumerate(spec.get("ports") or []):
         number, protocol = port.get("port"), port.get("protocol", "TCP")
@@ -106,7 +106,8 @@ def _service(doc: dict, where: str, cluster: str, backends: dict) -> Service:
         try:
             address = ipaddress.IPv4Address(ip)
         except (ipaddress.AddressValueError, ValueError):
-            raise ServiceError(f"{source}: backend address {ip!r} is not IPv4") from None
+            raise ServiceError(f"{source}: backend address {ip!r} is not IPv4"
+                               f"{_ipv6_note(ip)}") from None
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ServiceError(f"{source}: backend port {port!r} must be 1..65535")
         found.append(Backend(address, port, cluster, protocol))
@@ -114,3 +115,13 @@ def _service(doc: dict, where: str, cluster: str, backends: dict) -> Service:
         set(found), key=lambda b: (b.ip, b.port))),
         global_=_bool_annotation(annotations, GLOBAL, False, where),
         shared=_bool_annotation(annotations, SHARED, True, where), affinity=affinity)
+
+
+def _ipv6_note(text: object) -> str:
+    """Say so when the address is IPv6: services are IPv4-only for now (docs/dual-stack.md)."""
+    try:
+        if ipaddress.ip_address(str(text)).version == 6:
+            return " (IPv6 services are not supported yet: IPv4 ClusterIPs and backends only)"
+    except ValueError:
+        pass
+    return ""
