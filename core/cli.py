@@ -270,8 +270,7 @@ def _endpoint_args(parser: argparse.ArgumentParser) -> None:
 def _endpoint(args: argparse.Namespace) -> int:
     client = AgentClient(args.socket_path)
     if args.action == "list":
-        return _print_rows(args, "/endpoints", ("ENDPOINT", "IPV4", "IDENTITY", "INTERFACE",
-                                                "NAMESPACE", "LABELS"), _endpoint_row)
+        return _print_rows(args, "/endpoints", ENDPOINT_HEADER, _endpoint_row)
     if args.action == "create":
         body = {"netns": args.netns, "namespace": args.namespace, "labels": args.labels,
                 "pod_ifname": args.ifname, "pod_name": args.pod_name,
@@ -284,16 +283,18 @@ def _endpoint(args: argparse.Namespace) -> int:
     if args.output == "json":
         _print_json(endpoint)
     else:
-        print(format_table([("ENDPOINT", "IPV4", "IDENTITY", "INTERFACE", "NAMESPACE",
-                              "LABELS"), _endpoint_row(endpoint)]))
+        print(format_table([ENDPOINT_HEADER, _endpoint_row(endpoint)]))
     return 0
+
+
+ENDPOINT_HEADER = ("ENDPOINT", "IPV4", "IPV6", "IDENTITY", "INTERFACE", "NAMESPACE", "LABELS")
 
 
 def _endpoint_row(e: dict) -> tuple[str, ...]:
     user = [label for label in e["labels"] if "io.kubernetes.pod.namespace" not in label
             and "io.cilium.k8s.policy.cluster" not in label]
-    return (str(e["id"]), e["ipv4"], str(e["identity"]), e["ifname"], e["namespace"],
-            " ".join(user))
+    return (str(e["id"]), e["ipv4"], e.get("ipv6") or "-", str(e["identity"]), e["ifname"],
+            e["namespace"], " ".join(user))
 
 
 def _post_files(client: AgentClient, path: str, files: list[Path], field: str,

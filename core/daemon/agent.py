@@ -197,7 +197,7 @@ class Agent:
         hooks = self.hooks
         self.endpoints = EndpointManager(
             cluster_name=self.cluster.name, node_ip=self._node_ip(4),
-            pod_cidrs=of_family(config.get("pod-cidr"), 4),  # pods are IPv4-only, for now
+            pod_cidrs=tuple(config.get("pod-cidr")),
             directory=config.state_dir / "endpoints",
             allocator=self.identity_allocator, publisher=self.publisher, datapath=self.datapath,
             datapath_started=self.datapath_started,

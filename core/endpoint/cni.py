@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from meshagent.client import AgentClient
-from meshagent.endpoint.podnet import GATEWAY
+from meshagent.endpoint.podnet import GATEWAY, GATEWAY6
 from meshagent.errors import AgentNotRunning, MeshagentError
 from meshagent.runtime.config import DEFAULT_SOCKET
 
@@ -97,6 +97,12 @@ def labels_from(config: Mapping[str, Any]) -> list[str]:
 
 
 def result_for(endpoint: dict, version: str) -> dict:
+    """The CNI result: the pod's interface and its address of each family, with routes."""
+    ips = [{"address": f"{endpoint['ipv4']}/32", "gateway": GATEWAY, "interface": 1}]
+    routes = [{"dst": "0.0.0.0/0", "gw": GATEWAY}]
+    if endpoint.get("ipv6"):
+        ips.append({"address": f"{endpoint['ipv6']}/128", "gateway": GATEWAY6, "interface": 1})
+        routes.append({"dst": "::/0", "gw": GATEWAY6})
     return {
         "cniVersion": version,
         "interfaces": [
@@ -104,8 +110,8 @@ def result_for(endpoint: dict, version: str) -> dict:
             {"name": endpoint["pod_ifname"], "mac": endpoint["pod_mac"],
              "sandbox": endpoint["netns"]},
         ],
-        "ips": [{"address": f"{endpoint['ipv4']}/32", "gateway": GATEWAY, "interface": 1}],
-        "routes": [{"dst": "0.0.0.0/0", "gw": GATEWAY}],
+        "ips": ips,
+        "routes": routes,
         "dns": {},
     }
 
@@ -148,9 +154,11 @@ def handle(env: Mapping[str, str], stdin: str) -> dict | None:
         if existing is None:
             raise CNIError(UNKNOWN_CONTAINER, f"no endpoint for container {container}")
         expected = {ip.get("address") for ip in config.get("prevResult", {}).get("ips", [])}
-        if expected and expected != {f"{existing['ipv4']}/32"}:
+        have = {f"{existing['ipv4']}/32"} | ({f"{existing['ipv6']}/128"}
+                                             if existing.get("ipv6") else set())
+        if expected and expected != have:
             raise CNIError(AGENT_REFUSED, "endpoint address differs from prevResult",
-                           f"agent: {existing['ipv4']}/32, prevResult: {sorted(expected)}")
+                           f"agent: {sorted(have)}, prevResult: {sorted(expected)}")
         return None
     raise CNIError(INVALID_ENVIRONMENT, f"CNI_COMMAND {command!r} is not supported")
 

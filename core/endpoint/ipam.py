@@ -13,27 +13,39 @@ class IPAMError(MeshagentError):
     """No address can be given (none configured, pool exhausted, address taken)."""
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 class HostScopeIPAM:
-    def __init__(self, cidrs: tuple[ipaddress.IPv4Network, ...]):
+    """Addresses of both families: each endpoint gets one of every family configured."""
+
+    def __init__(self, cidrs: tuple[Network, ...]):
         self.cidrs = cidrs
-        self.owners: dict[ipaddress.IPv4Address, str] = {}
+        self.owners: dict[Address, str] = {}
 
-    def _usable(self):
+    def families(self) -> tuple[int, ...]:
+        return tuple(sorted({c.version for c in self.cidrs}))
+
+    def _usable(self, version: int | None = None):
         for cidr in self.cidrs:
-            hosts = cidr.hosts() if cidr.prefixlen < 31 else iter(cidr)
-            yield from hosts
+            if version is None or cidr.version == version:
+                yield from cidr.hosts() if cidr.prefixlen < cidr.max_prefixlen - 1 else iter(cidr)
 
-    def allocate(self, owner: str) -> ipaddress.IPv4Address:
+    def allocate(self, owner: str, version: int = 4) -> Address:
         if not self.cidrs:
             raise IPAMError("no pod CIDR configured: start the agent with --pod-cidr")
-        for address in self._usable():
+        cidrs = [c for c in self.cidrs if c.version == version]
+        if not cidrs:
+            raise IPAMError(f"no IPv{version} pod CIDR configured (--pod-cidr)")
+        for address in self._usable(version):
             if address not in self.owners:
                 self.owners[address] = owner
                 return address
-        raise IPAMError(f"pod CIDR {', '.join(map(str, self.cidrs))} is exhausted"
+        raise IPAMError(f"pod CIDR {', '.join(map(str, cidrs))} is exhausted"
                         f" ({len(self.owners)} addresses in use)")
 
-    def claim(self, address: ipaddress.IPv4Address, owner: str) -> None:
+    def claim(self, address: Address, owner: str) -> None:
         """Take a specific address back (restoring an endpoint after a restart)."""
         if not any(address in cidr for cidr in self.cidrs):
             raise IPAMError(f"{address} is outside the pod CIDR {', '.join(map(str, self.cidrs))}")
@@ -42,9 +54,16 @@ class HostScopeIPAM:
             raise IPAMError(f"{address} is already used by {holder}")
         self.owners[address] = owner
 
-    def release(self, address: ipaddress.IPv4Address) -> None:
+    def release(self, address: Address) -> None:
         self.owners.pop(address, None)
 
     def status_line(self) -> str:
-        size = sum(1 for _ in self._usable())
+        size = sum(_usable_count(c) for c in self.cidrs)
         return f"{len(self.owners)}/{size} allocated from {', '.join(map(str, self.cidrs))}"
+
+
+def _usable_count(cidr: Network) -> int:
+    """How many addresses ``hosts()`` yields, without walking a /64."""
+    if cidr.prefixlen >= cidr.max_prefixlen - 1:
+        return cidr.num_addresses
+    return cidr.num_addresses - (2 if cidr.version == 4 else 1)

@@ -60,7 +60,7 @@ class EndpointManager:
     """The endpoints of this node, saved under ``directory`` and handed to the datapath."""
 
     def __init__(self, *, cluster_name: str, node_ip: ipaddress.IPv4Address | None,
-                 pod_cidrs: tuple[ipaddress.IPv4Network, ...],
+                 pod_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
                  directory: Path, allocator: IdentityAllocator, publisher: Publisher,
                  datapath: Datapath | None, datapath_started: asyncio.Event,
                  plugin_labels: LabelSource, changed: EndpointListener):
@@ -109,13 +109,17 @@ class EndpointManager:
         host_ifname = "lxc" + hashlib.sha1(seed.encode()).hexdigest()[:12]
         address = self.ipam.allocate(f"endpoint {endpoint_id}")
         undo.append(lambda: _sync(self.ipam.release, address))
+        address6 = None
+        if 6 in self.ipam.families():  # dual stack: an address of each family
+            address6 = self.ipam.allocate(f"endpoint {endpoint_id}", version=6)
+            undo.append(lambda: _sync(self.ipam.release, address6))
         wired = await asyncio.to_thread(podnet.create_pod_interface, request.netns,
-                                        request.pod_ifname, host_ifname, address)
+                                        request.pod_ifname, host_ifname, address, address6)
         undo.append(lambda: asyncio.to_thread(podnet.remove_pod_interface, host_ifname))
         identity = await self.allocator.allocate(labels)
         undo.append(lambda: self.allocator.release(identity))
         endpoint = Endpoint(
-            id=endpoint_id, namespace=request.namespace, labels=labels, ipv4=address,
+            id=endpoint_id, namespace=request.namespace, labels=labels, ipv4=address, ipv6=address6,
             identity=identity.id, ifname=host_ifname, ifindex=wired["host_ifindex"],
             netns=request.netns, pod_ifname=request.pod_ifname,
             container_id=request.container_id, pod_name=request.pod_name,
@@ -130,9 +134,9 @@ class EndpointManager:
         """Publish, hand to the datapath, announce: shared by create and restore."""
         self.endpoints[endpoint.id] = endpoint
         undo.append(lambda: _sync(self.endpoints.pop, endpoint.id, None))
-        entry = self._ipcache_entry(endpoint)
-        self.publisher.upsert_ipcache(entry)
-        undo.append(lambda: _sync(self.publisher.delete_ipcache, entry))
+        for entry in self._ipcache_entries(endpoint):
+            self.publisher.upsert_ipcache(entry)
+            undo.append(lambda entry=entry: _sync(self.publisher.delete_ipcache, entry))
         if self.datapath is not None:
             await self.datapath.endpoint_added(endpoint)
             undo.append(lambda: self.datapath.endpoint_removed(endpoint))
@@ -183,10 +187,11 @@ class EndpointManager:
                  endpoint.namespace, endpoint.pod_name, endpoint.identity, identity.id)
         return updated
 
-    def _ipcache_entry(self, endpoint: Endpoint) -> IPCacheEntry:
-        return IPCacheEntry(ipaddress.IPv4Network(f"{endpoint.ipv4}/32"), endpoint.identity,
-                            self.cluster_name, self.node_ip,
-                            endpoint.namespace, endpoint.pod_name)
+    def _ipcache_entries(self, endpoint: Endpoint) -> list[IPCacheEntry]:
+        """One per address of the endpoint (a /32, and a /128 in dual stack)."""
+        return [IPCacheEntry(ipaddress.ip_network(address), endpoint.identity,
+                             self.cluster_name, self.node_ip, endpoint.namespace,
+                             endpoint.pod_name) for address in endpoint.addresses]
 
     # -- delete ---------------------------------------------------------------------------------
 
@@ -200,8 +205,10 @@ class EndpointManager:
             await asyncio.to_thread(podnet.remove_pod_interface, endpoint.ifname)
             if self.datapath is not None:
                 await self.datapath.endpoint_removed(endpoint)
-            self.publisher.delete_ipcache(self._ipcache_entry(endpoint))
-            self.ipam.release(endpoint.ipv4)
+            for entry in self._ipcache_entries(endpoint):
+                self.publisher.delete_ipcache(entry)
+            for address in endpoint.addresses:
+                self.ipam.release(address)
             del self.endpoints[endpoint_id]
             (self.directory / f"{endpoint_id}.json").unlink(missing_ok=True)
             try:  # once, whatever happens: the endpoint is gone and so is its reference
@@ -266,8 +273,9 @@ class EndpointManager:
             return
         undo: list[Callable[[], Awaitable[None]]] = []
         async with _undone_on_failure(undo, f"restore of endpoint {saved.id}"):
-            self.ipam.claim(saved.ipv4, f"endpoint {saved.id}")
-            undo.append(lambda: _sync(self.ipam.release, saved.ipv4))
+            for address in saved.addresses:
+                self.ipam.claim(address, f"endpoint {saved.id}")
+                undo.append(lambda address=address: _sync(self.ipam.release, address))
             identity = await self.allocator.allocate(saved.labels)
             undo.append(lambda: self.allocator.release(identity))
             endpoint = attrs.evolve(saved, identity=identity.id, ifindex=ifindex)

@@ -2,8 +2,11 @@
 
 The pod gets ``eth0`` with its address as /32, a link route to 169.254.1.1 and a default route
 through it; the node answers for 169.254.1.1 by proxy ARP on the pod's host-side veth, routes the
-pod's /32 to that veth, and forwards. The agent runs in the node's network namespace: all
-host-side changes happen there. These functions block (netlink), so callers run them in a thread.
+pod's /32 to that veth, and forwards. A dual-stack pod also gets its IPv6 address as /128 and a
+default route via ``fe80::1``, the link-local address every host-side veth carries; the node
+routes the pod's /128 to the veth and forwards IPv6. An IPv4-only pod has IPv6 turned off on
+both ends. The agent runs in the node's network namespace: all host-side changes happen there.
+These functions block (netlink), so callers run them in a thread.
 
 Inside a pod's namespace we work with ``setns`` on the calling thread, not with pyroute2's
 ``NetNS``: that one forks a helper, and a forked child shares asyncio's signal wake-up socket,
@@ -23,7 +26,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 from meshagent.errors import MeshagentError
 
 GATEWAY = "169.254.1.1"
+GATEWAY6 = "fe80::1"
 RT_SCOPE_LINK = 253
+IFA_F_NODAD = 0x02  # no duplicate address detection: the address works at once
+AF_INET6 = 10
 NETNS_DIR = Path("/var/run/netns")
 
 
@@ -61,7 +67,8 @@ def in_netns(path: Path) -> Iterator[None]:
 
 
 def prepare_node() -> None:
-    """Once per agent: the gateway address on lo, and forwarding on."""
+    """Once per agent: the gateway address on lo, and forwarding on (IPv6 too, where the
+    kernel has it)."""
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         ipr.link("set", index=lo, state="up")
@@ -71,11 +78,15 @@ def prepare_node() -> None:
             if exc.code != 17:  # EEXIST
                 raise
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
+    with contextlib.suppress(FileNotFoundError):
+        Path("/proc/sys/net/ipv6/conf/all/forwarding").write_text("1")
 
 
 def create_pod_interface(netns: str, pod_ifname: str, host_ifname: str,
-                         address: ipaddress.IPv4Address) -> dict:
-    """Make the veth pair and configure both ends; undo what was done if any step fails."""
+                         address: ipaddress.IPv4Address,
+                         address6: ipaddress.IPv6Address | None = None) -> dict:
+    """Make the veth pair and configure both ends (IPv6 too when ``address6`` is given); undo
+    what was done if any step fails."""
     path = str(netns_path(netns))
     peer_tmp = "tmp" + host_ifname[3:]
     try:
@@ -87,20 +98,32 @@ def create_pod_interface(netns: str, pod_ifname: str, host_ifname: str,
             host_index = ipr.link_lookup(ifname=host_ifname)[0]
             host_mac = ipr.get_links(host_index)[0].get_attr("IFLA_ADDRESS")
             Path(f"/proc/sys/net/ipv4/conf/{host_ifname}/proxy_arp").write_text("1")
-            _without_ipv6(host_ifname)
+            if address6 is None:
+                _without_ipv6(host_ifname)
+            else:
+                ipr.addr("add", index=host_index, address=GATEWAY6, prefixlen=64,
+                         flags=IFA_F_NODAD)
             ipr.link("set", index=host_index, state="up")
             ipr.route("replace", dst=f"{address}/32", oif=host_index, scope=RT_SCOPE_LINK)
+            if address6 is not None:
+                ipr.route("replace", dst=f"{address6}/128", oif=host_index, family=AF_INET6)
         with in_netns(path), IPRoute() as ns:
             if ns.link_lookup(ifname=pod_ifname):
                 raise PodNetworkError(f"interface {pod_ifname} already exists in {netns}")
             index = ns.link_lookup(ifname=peer_tmp)[0]
             ns.link("set", index=index, ifname=pod_ifname)
-            _without_ipv6(pod_ifname)
+            if address6 is None:
+                _without_ipv6(pod_ifname)
             ns.addr("add", index=index, address=str(address), prefixlen=32)
+            if address6 is not None:
+                ns.addr("add", index=index, address=str(address6), prefixlen=128,
+                        flags=IFA_F_NODAD)
             ns.link("set", index=index, state="up")
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
             ns.route("add", dst=f"{GATEWAY}/32", oif=index, scope=RT_SCOPE_LINK)
             ns.route("add", dst="0.0.0.0/0", gateway=GATEWAY, oif=index)
+            if address6 is not None:
+                ns.route("add", dst="::/0", gateway=GATEWAY6, oif=index, family=AF_INET6)
             pod_mac = ns.get_links(index)[0].get_attr("IFLA_ADDRESS")
     except BaseException as exc:
         remove_pod_interface(host_ifname)
@@ -111,8 +134,8 @@ def create_pod_interface(netns: str, pod_ifname: str, host_ifname: str,
 
 
 def _without_ipv6(ifname: str) -> None:
-    """The pod is IPv4-only: no link-local address, router solicitation or MLD report on
-    either end (the datapath drops every frame it cannot judge, and they would be noise)."""
+    """An IPv4-only pod: no link-local address, router solicitation or MLD report on either
+    end (the datapath drops every frame it cannot judge, and they would be noise)."""
     try:
         Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6").write_text("1")
     except FileNotFoundError:

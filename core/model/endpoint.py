@@ -27,6 +27,11 @@ class Endpoint:
     host_mac: str = ""
     pod_mac: str = ""
     plugin_labels: frozenset[str] = frozenset()  # the part of ``labels`` plugins supplied
+    ipv6: ipaddress.IPv6Address | None = None  # with an IPv6 --pod-cidr (dual stack)
+
+    @property
+    def addresses(self) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+        return (self.ipv4,) if self.ipv6 is None else (self.ipv4, self.ipv6)
 
 
 def endpoint_to_json(endpoint: Endpoint) -> str:
@@ -34,6 +39,7 @@ def endpoint_to_json(endpoint: Endpoint) -> str:
     doc["labels"] = sorted(endpoint.labels)
     doc["plugin_labels"] = sorted(endpoint.plugin_labels)
     doc["ipv4"] = str(endpoint.ipv4)
+    doc["ipv6"] = str(endpoint.ipv6) if endpoint.ipv6 is not None else None
     return json.dumps(doc, indent=2)
 
 
@@ -42,6 +48,7 @@ def endpoint_from_json(text: str) -> Endpoint:
     doc["labels"] = frozenset(doc["labels"])
     doc["plugin_labels"] = frozenset(doc.get("plugin_labels", ()))
     doc["ipv4"] = ipaddress.IPv4Address(doc["ipv4"])
+    doc["ipv6"] = ipaddress.IPv6Address(doc["ipv6"]) if doc.get("ipv6") else None
     return Endpoint(**doc)
 
 

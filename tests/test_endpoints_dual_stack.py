@@ -1,0 +1,91 @@
+"""Dual-stack pods: with an IPv6 --pod-cidr beside the IPv4 one, every endpoint gets an
+address of each family, wired, published (a /32 and a /128 ipcache entry) and restored; the
+CNI result carries both. Without a datapath the pods reach each other over both families;
+with the eBPF datapath, which does not parse IPv6 yet, IPv6 is dropped and counted while IPv4
+keeps working (nothing passes unjudged because of its family)."""
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import MESHAGENT
+from test_endpoints import cni, lab, ping, single_node  # noqa: F401 (lab: a fixture)
+
+from meshagent_dev.netlab import can_run
+
+pytestmark = [pytest.mark.privileged, pytest.mark.skipif(not can_run(), reason="needs root")]
+
+DUAL = ("--pod-cidr", "10.1.1.0/24,fd00:1:1::/64", "--node-ip", "10.99.1.1,fd00:99:1::1")
+
+
+def ping6(lab, from_ns: str, address: str) -> bool:  # noqa: F811
+    return lab.exec(from_ns, "ping", "-6", "-c", "1", "-W", "1", address,
+                    check=False).returncode == 0
+
+
+def test_dual_stack_pods_get_both_families_and_talk_over_both(lab, short_tmp):  # noqa: F811
+    node, agent = single_node(lab, short_tmp, *DUAL)
+    pod1, pod2 = lab.ns("pod1"), lab.ns("pod2")
+    ep1, ep2 = agent.create(pod1, "app=employee"), agent.create(pod2, "app=protected-db")
+    assert (ep1["ipv4"], ep1["ipv6"]) == ("10.1.1.1", "fd00:1:1::1")
+    assert (ep2["ipv4"], ep2["ipv6"]) == ("10.1.1.2", "fd00:1:1::2")
+    assert "fd00:1:1::1/128" in lab.exec(pod1, "ip", "-6", "addr", "show", "eth0").stdout
+    assert ping(lab, pod1, "10.1.1.2") and ping6(lab, pod1, "fd00:1:1::2")
+    ips = {(e["prefix"], e["identity"]) for e in json.loads(agent.cli("ip", "list", "-o",
+                                                                     "json").stdout)}
+    assert ips == {("10.1.1.1/32", ep1["identity"]), ("fd00:1:1::1/128", ep1["identity"]),
+                   ("10.1.1.2/32", ep2["identity"]), ("fd00:1:1::2/128", ep2["identity"])}
+    table = agent.cli("endpoint", "list").stdout.splitlines()
+    assert table[0].split()[:3] == ["ENDPOINT", "IPV4", "IPV6"]
+    assert table[1].split()[1:3] == ["10.1.1.1", "fd00:1:1::1"]
+    nodes = agent.cli("node", "list").stdout.splitlines()
+    assert nodes[1].split() == ["cluster1/node1", "10.99.1.1", "10.1.1.0/24", "fd00:99:1::1",
+                                "fd00:1:1::/64"]
+    # a restart restores both addresses; a delete gives both back
+    agent.stop()
+    agent.start()
+    again = {e["id"]: e for e in agent.endpoints()}
+    assert again[ep1["id"]]["ipv6"] == "fd00:1:1::1" and ping6(lab, pod2, "fd00:1:1::1")
+    assert agent.cli("endpoint", "delete", str(ep2["id"])).returncode == 0
+    assert agent.create(lab.ns("pod3"))["ipv6"] == "fd00:1:1::2"
+
+
+def test_the_cni_result_carries_both_families(lab, short_tmp):  # noqa: F811
+    node, agent = single_node(lab, short_tmp, *DUAL)
+    pod = lab.ns("pod1")
+    config = {"cniVersion": "1.0.0", "name": "meshagent", "type": "meshagent-cni",
+              "socketPath": str(agent.socket)}
+    code, answer = cni("ADD", config, netns=f"/var/run/netns/{pod}")
+    assert code == 0, answer
+    assert answer["ips"] == [
+        {"address": "10.1.1.1/32", "gateway": "169.254.1.1", "interface": 1},
+        {"address": "fd00:1:1::1/128", "gateway": "fe80::1", "interface": 1}]
+    assert answer["routes"] == [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"},
+                                {"dst": "::/0", "gw": "fe80::1"}]
+    config["prevResult"] = answer
+    code, _ = cni("CHECK", config, netns=f"/var/run/netns/{pod}")
+    assert code == 0
+
+
+def test_with_the_ebpf_datapath_ipv6_is_dropped_and_ipv4_works(lab, short_tmp):  # noqa: F811
+    bpffs = Path(tempfile.mkdtemp(prefix="ma-bpffs-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
+    try:
+        node, agent = single_node(lab, short_tmp, *DUAL, "--plugins", "memory,ebpf",
+                                  "--ebpf-bpf-root", str(bpffs))
+        pod1, pod2 = lab.ns("pod1"), lab.ns("pod2")
+        agent.create(pod1, "app=employee")
+        agent.create(pod2, "app=protected-db")
+        assert ping(lab, pod1, "10.1.1.2")
+        assert not ping6(lab, pod1, "fd00:1:1::2")
+        metrics = json.loads(subprocess.run(
+            [MESHAGENT, "bpf", "metrics", "--bpf-root",
+             str(bpffs), "-o", "json"], capture_output=True, text=True).stdout)
+        dropped = {m["reason"]: m["packets"] for m in metrics}
+        assert dropped.get("unsupported L3 protocol (neither IPv4 nor ARP)", 0) >= 1, dropped
+        agent.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(bpffs)], check=False)
+        bpffs.rmdir()
