@@ -29,6 +29,7 @@ CLUSTERS = {"cluster1": 101, "cluster2": 102}
 REDIS_SERVER = ("redis-server", "--port", "6379", "--save", "", "--appendonly", "no",
                 "--protected-mode", "no")
 UNDERLAY_CIDR = 16  # 10.99.0.0/16: every node and etcd on one L2 segment
+UNDERLAY_CIDR6 = 64  # fd00:99::/64 beside it, in a dual-stack lab
 
 
 class LabError(MeshagentError):
@@ -73,7 +74,7 @@ class Lab:
         self.save()
         return proc.pid
 
-    def _attach(self, ns: str, address: str) -> None:
+    def _attach(self, ns: str, address: str, address6: str | None = None) -> None:
         n = len(self.state.setdefault("links", []))
         outer = f"{self.state['prefix'][:7]}u{n}"
         _run("ip", "link", "add", outer, "netns", self.state["underlay"], "type", "veth", "peer",
@@ -83,13 +84,18 @@ class Lab:
              "br0", "up")
         _run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{address}/{UNDERLAY_CIDR}", "dev",
              "uplink0")
+        if address6 is not None:
+            _run("ip", "netns", "exec", ns, "ip", "-6", "addr", "add",
+                 f"{address6}/{UNDERLAY_CIDR6}", "dev", "uplink0", "nodad")
         _run("ip", "netns", "exec", ns, "ip", "link", "set", "uplink0", "up")
 
     # -- up -------------------------------------------------------------------------------------
 
-    def bring_up(self, nodes: int, agent_args: Sequence[str] = ()) -> None:
+    def bring_up(self, nodes: int, agent_args: Sequence[str] = (),
+                 dual_stack: bool = False) -> None:
         """Both clusters with ``nodes`` nodes each; ``agent_args`` go to every agent (more
-        plugins, another policy resolver)."""
+        plugins, another policy resolver). ``dual_stack``: nodes and pods get IPv6 addresses
+        too (underlay fd00:99::/64, pod CIDRs fd00:<cluster>:<node>::/64)."""
         if self.up:
             print(f"lab already up in {self.dir} ({self.state['nodes_per_cluster']} node(s) per"
                   " cluster); 'meshagent lab down' first to rebuild")
@@ -100,7 +106,8 @@ class Lab:
             raise LabError("the lab needs root (network namespaces, BPF)")
         from meshagent_dev.etcd import EtcdServer
         self.state = {"prefix": "mal" + secrets.token_hex(2), "nodes_per_cluster": nodes,
-                      "clusters": {}, "nodes": {}, "pods": {}, "agent_args": list(agent_args)}
+                      "clusters": {}, "nodes": {}, "pods": {}, "agent_args": list(agent_args),
+                      "dual_stack": dual_stack}
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.save()
         try:
@@ -146,12 +153,15 @@ class Lab:
         name = f"{cluster}-node{i}"
         ns = self._ns(f"c{n}n{i}")
         node_ip = f"10.99.{n}.{i}"
-        self._attach(ns, node_ip)
+        dual = self.state.get("dual_stack", False)
+        node_ip6 = f"fd00:99::{n}:{i}" if dual else None
+        self._attach(ns, node_ip, node_ip6)
         bpffs = self.dir / "bpffs" / name
         bpffs.mkdir(parents=True, exist_ok=True)
         _run("mount", "-t", "bpf", "-o", "mode=0700", "bpf", str(bpffs))
         self.state.setdefault("mounts", []).append(str(bpffs))
         node = {"cluster": cluster, "ns": ns, "ip": node_ip, "pod_cidr": f"10.{n}.{i}.0/24",
+                "ip6": node_ip6, "pod_cidr6": f"fd00:{n}:{i}::/64" if dual else None,
                 "socket": str(self.dir / "run" / f"{name}.sock"),
                 "state_dir": str(self.dir / "run" / f"{name}-state"), "bpffs": str(bpffs),
                 "name": f"node{i}"}
@@ -168,7 +178,8 @@ class Lab:
                 f"--cluster-id={CLUSTERS[cluster]}", f"--cluster-name={cluster}",
                 f"--clustermesh-config={base / 'clustermesh'}",
                 "--etcd-config", str(base / "etcd.yaml"), "--node-name", node["name"],
-                "--node-ip", node["ip"], "--pod-cidr", node["pod_cidr"],
+                "--node-ip", ",".join(filter(None, (node["ip"], node.get("ip6")))),
+                "--pod-cidr", ",".join(filter(None, (node["pod_cidr"], node.get("pod_cidr6")))),
                 "--auto-direct-node-routes", "--ebpf-bpf-root", node["bpffs"],
                 "--socket-path", node["socket"], "--state-dir", node["state_dir"],
                 *self.state.get("agent_args", ())]
@@ -227,6 +238,7 @@ class Lab:
             "netns": ns, "namespace": namespace, "labels": labels, "pod_name": name},
             ok=(201,)))
         self.state["pods"][name] = {"ns": ns, "node": node, "ip": endpoint["ipv4"],
+                                    "ip6": endpoint.get("ipv6"),
                                     "endpoint": endpoint["id"], "identity": endpoint["identity"]}
         self.save()
         return self.state["pods"][name]
@@ -271,10 +283,13 @@ class Lab:
         for name, node in self.state.get("nodes", {}).items():
             pid = self.state.get("pids", {}).get(f"agent-{name}")
             alive = pid is not None and _alive(pid)
-            lines.append(f"  {name}: {node['ip']}, pods {node['pod_cidr']}, agent"
+            ips = ", ".join(filter(None, (node["ip"], node.get("ip6"))))
+            pods = ", ".join(filter(None, (node["pod_cidr"], node.get("pod_cidr6"))))
+            lines.append(f"  {name}: {ips}, pods {pods}, agent"
                          f" {'running' if alive else 'NOT running'}, socket {node['socket']}")
         for name, pod in self.state.get("pods", {}).items():
-            lines.append(f"  pod {name} on {pod['node']}: {pod['ip']} (identity"
+            ips = ", ".join(filter(None, (pod["ip"], pod.get("ip6"))))
+            lines.append(f"  pod {name} on {pod['node']}: {ips} (identity"
                          f" {pod['identity']})")
         return "\n".join(lines)
 
@@ -317,6 +332,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     up = sub.add_parser("up", help="build the two clusters (idempotent)")
     up.add_argument("--nodes", type=int, default=1, help="nodes per cluster")
+    up.add_argument("--dual-stack", action="store_true",
+                    help="IPv6 too: nodes and pods get an address of each family")
     sub.add_parser("down", help="stop everything and remove the namespaces")
     sub.add_parser("status", help="what is running")
     pod = sub.add_parser("pod", help="create a pod on a node")
@@ -356,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
     command = _exec_options(args) if args.action == "exec" else []
     lab = Lab(args.dir)
     if args.action == "up":
-        lab.bring_up(args.nodes)
+        lab.bring_up(args.nodes, dual_stack=args.dual_stack)
         print(lab.describe())
     elif args.action == "down":
         lab.tear_down()
@@ -365,7 +382,8 @@ def run(args: argparse.Namespace) -> int:
         return 0 if lab.up else 1
     elif args.action == "pod":
         pod = lab.pod_create(args.name, args.node, args.namespace, args.labels)
-        print(f"pod {args.name} on {args.node}: {pod['ip']} (identity {pod['identity']})")
+        ips = ", ".join(filter(None, (pod["ip"], pod.get("ip6"))))
+        print(f"pod {args.name} on {args.node}: {ips} (identity {pod['identity']})")
     elif args.action == "exec":
         return lab.pod_exec(args.name, command).returncode
     elif args.action == "socket":
