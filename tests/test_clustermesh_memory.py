@@ -102,3 +102,32 @@ async def test_unknown_backend_in_a_file_is_reported(agent_factory, mesh_dir):
     remote = a1.agent.clustermesh.remotes["cluster2"]
     await wait_for(lambda: "no loaded plugin offers kvstore 'consul'" in remote.last_error, 5,
                    "backend error")
+
+
+async def test_a_remote_whose_client_swallows_a_cancellation_still_stops(tmp_path):
+    """Shutdown cancels a remote's task again each second: a client library that swallows
+    one cancellation (as Python 3.11's asyncio.wait_for can) cannot hold the agent up."""
+    import time
+    from pathlib import Path
+
+    from meshagent.clustermesh.mesh import STOP_RECANCEL, RemoteCluster, RemoteFile
+
+    swallowed = []
+
+    async def stubborn_run():
+        while True:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed.append(True)  # the first cancellation is lost
+
+    remote = RemoteCluster(object(), RemoteFile("cluster2", Path(tmp_path / "cluster2"), ""))
+    remote._run = stubborn_run
+    remote.start()
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    await remote.stop(withdraw=False)
+    assert remote.task.done() and swallowed
+    assert time.monotonic() - started < STOP_RECANCEL + 1

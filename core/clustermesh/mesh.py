@@ -41,6 +41,7 @@ BACKOFF_START = 0.5
 BACKOFF_MAX = 2.0
 DEBOUNCE = 0.1
 RESCAN_INTERVAL = 10.0
+STOP_RECANCEL = 1.0  # seconds between cancellations of a remote's task that will not stop
 
 
 class ClusterConfigError(MeshagentError):
@@ -111,9 +112,11 @@ class RemoteCluster:
         self.task = asyncio.create_task(self._run(), name=f"clustermesh:{self.name}")
 
     async def stop(self, withdraw: bool) -> None:
-        if self.task is not None:
+        while self.task is not None and not self.task.done():
+            # cancelled again each second: a client library may swallow one cancellation
+            # (Python 3.11's asyncio.wait_for can), and shutdown must not wait on it forever
             self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+            await asyncio.wait({self.task}, timeout=STOP_RECANCEL)
         if self._expiry is not None:
             self._expiry.cancel()
         self.accepted_id = None
@@ -371,7 +374,8 @@ class ClusterMesh:
                     except OSError as exc:
                         log.warning("clustermesh: cannot watch %s: %s", folder, exc)
                 try:  # and look again now and then, in case an event was missed
-                    await asyncio.wait_for(anext(events), RESCAN_INTERVAL)
+                    async with asyncio.timeout(RESCAN_INTERVAL):
+                        await anext(events)
                 except asyncio.TimeoutError:
                     pass
                 await asyncio.sleep(DEBOUNCE)  # a writer's burst of events is one change

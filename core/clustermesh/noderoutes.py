@@ -56,7 +56,8 @@ class NodeRoutes:
             await self.reconcile()
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), self._next_wait())
+                async with asyncio.timeout(self._next_wait()):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 

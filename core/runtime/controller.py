@@ -121,7 +121,8 @@ class ControllerManager:
         """Sleep ``seconds``, or less if :meth:`retry_now` is called; True if it was."""
         retry = self._retry
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(retry.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await retry.wait()
         return retry.is_set()
 
     def retry_now(self) -> None:

@@ -69,7 +69,8 @@ class ConsulKVStore:
             coroutine.close()
             raise KVStoreUnavailable("client is closed")
         try:
-            result = await asyncio.wait_for(coroutine, timeout)
+            async with asyncio.timeout(timeout):
+                result = await coroutine
         except asyncio.TimeoutError:
             self.connected = False
             self.last_error = f"{self.address}: no answer within {timeout:.0f}s"

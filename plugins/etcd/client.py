@@ -153,7 +153,8 @@ class EtcdKVStore:
                 endpoint = self.endpoint
                 client = _Client(endpoint, self._credentials if endpoint.tls else None)
                 try:
-                    status = await asyncio.wait_for(self._status(client), REQUEST_TIMEOUT)
+                    async with asyncio.timeout(REQUEST_TIMEOUT):
+                        status = await self._status(client)
                 except (etcd_errors.ClientError, grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
                     reasons.append(f"{endpoint.url}: {describe_error(exc, endpoint)}")
                     await client.close()
@@ -182,7 +183,8 @@ class EtcdKVStore:
         self._index += 1
         if client is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.close(), 2)
+                async with asyncio.timeout(2):
+                    await client.close()
 
     async def _call(self, op: Callable[[_Client], Awaitable[T]]) -> T:
         """Run ``op`` on a connected client, failing over once per endpoint."""
@@ -265,7 +267,8 @@ class EtcdKVStore:
             raise KVStoreUnavailable(f"watch of {prefix} lost: {self.last_error}") from None
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(watch.cancel(), 1)
+                async with asyncio.timeout(1):
+                    await watch.cancel()
         if self.closed:
             raise KVStoreUnavailable("client is closed")
         # aetcd ends the iteration without an error when its stream is torn down
@@ -318,7 +321,8 @@ class EtcdKVStore:
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.close(), 2)
+                async with asyncio.timeout(2):
+                    await client.close()
 
 
 def decode_key(raw: bytes) -> str:

@@ -193,7 +193,8 @@ class KubernetesSource:
             arrived = self._pod_arrived.setdefault(key, asyncio.Event())
             self._pod_waiters[key] = self._pod_waiters.get(key, 0) + 1
             try:
-                await asyncio.wait_for(arrived.wait(), self.pod_wait)
+                async with asyncio.timeout(self.pod_wait):
+                    await arrived.wait()
             except TimeoutError:
                 pass
             finally:
