@@ -29,6 +29,7 @@ from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstore.liveness import KVStoreSilent, Liveness
 from meshagent.model.cluster import CLUSTER_NAME_PATTERN, ClusterInfo
 from meshagent.model.jsonfields import field, load_object
+from meshagent.model.net import family_order
 from meshagent.model.table import Tables
 from meshagent.runtime.controller import Controller, ControllerHandle
 from meshagent.runtime.status import Health, StatusSection
@@ -273,7 +274,7 @@ class RemoteCluster:
             lines.append(f"└  held (outside the pod CIDRs granted to {self.name}): {counts}")
         refused = [f"{node}: {cidr}: {why}" for (cluster, node, cidr), why
                    in sorted(self.mesh.ownership.refused.items(), key=lambda item: (
-                       item[0][1], item[0][2].version, item[0][2])) if cluster == self.name]
+                       item[0][1], family_order(item[0][2]))) if cluster == self.name]
         if refused:
             lines.append(f"└  pod CIDRs refused: {len(refused)}")
             lines += [f"   {line}" for line in refused[:10]]
@@ -438,7 +439,7 @@ class ClusterMesh:
             details.append(f"node routes: {len(routes.routes)} installed,"
                            f" {len(routes.refused)} refused")
             details += [f"   not routed {cidr}: {why}" for cidr, why in sorted(
-                routes.refused.items(), key=lambda item: (item[0].version, item[0]))]
+                routes.refused.items(), key=lambda item: family_order(item[0]))]
         health = Health.WARNING if not_ready or silent else Health.OK
         return StatusSection("ClusterMesh", health, summary,
                              details=details)

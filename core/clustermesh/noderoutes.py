@@ -17,7 +17,8 @@ import time
 from socket import AF_INET, AF_INET6
 
 from meshagent import hookimpl
-from meshagent.clustermesh.ownership import Address, AddressOwnership, Grant, Network
+from meshagent.clustermesh.ownership import AddressOwnership, Grant
+from meshagent.model.net import Address, Network, family_order
 from meshagent.runtime.controller import Controller, ControllerHandle
 
 log = logging.getLogger(__name__)
@@ -26,11 +27,6 @@ ROUTE_PROTOCOL = 77  # "meshagent" in the route's protocol field: only these are
 RECONCILE_INTERVAL = 10.0  # seconds between reconciles when nothing asks for one
 RT_SCOPE_LINK = 253
 RTPROT_KERNEL = 2
-
-
-def _order(network: Network) -> tuple[int, Network]:
-    """IPv4 before IPv6 (networks of two families do not compare)."""
-    return network.version, network
 
 
 class NodeRoutes:
@@ -84,7 +80,7 @@ class NodeRoutes:
             if self.refused.get(network) != reason:
                 log.error("not routing %s: %s", network, reason)
         self.refused = refused
-        for network, grant in sorted(wanted.items(), key=lambda item: _order(item[0])):
+        for network, grant in sorted(wanted.items(), key=lambda item: family_order(item[0])):
             self.missing_since.pop(network, None)
             if installed.get(network) != grant.via:
                 await asyncio.to_thread(self.netlink.replace, network, grant.via,
@@ -92,7 +88,7 @@ class NodeRoutes:
                 log.info("route %s via %s (node %s/%s)", network, grant.via, grant.cluster,
                          grant.node)
         now = time.monotonic()
-        for network in sorted(set(installed) - set(wanted), key=_order):
+        for network in sorted(set(installed) - set(wanted), key=family_order):
             if network in refused:
                 self.missing_since.pop(network, None)  # never keep a refused route
             else:

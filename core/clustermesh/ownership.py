@@ -23,6 +23,7 @@ import attrs
 
 from meshagent import hookimpl
 from meshagent.events import ChangeKind
+from meshagent.model.net import Address, Network
 from meshagent.model.node import Node
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,6 @@ RECOMPUTE_DELAY = 0.02  # seconds: a sync's burst of node changes is one recompu
 V6_OFFSET = 1 << 32  # IPv6 address n sits at V6_OFFSET + n on the line of addresses
 LINE_END = V6_OFFSET + (1 << 128)
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _at(address: Address) -> int:

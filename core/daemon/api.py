@@ -20,6 +20,7 @@ from meshagent.client import API_PREFIX
 from meshagent.errors import MeshagentError, PluginError
 from meshagent.hooks.additions import Route, json_response
 from meshagent.kvstore import KVStoreError, KVStoreUnavailable
+from meshagent.model.net import family_order
 
 if TYPE_CHECKING:  # types only: plugins import Route from here without the components
     from meshagent.clustermesh.mesh import ClusterMesh
@@ -181,7 +182,7 @@ async def _identities(api: APIState, request: web.Request) -> web.Response:
 
 async def _ipcache(api: APIState, request: web.Request) -> web.Response:
     return json_response(sorted(api.tables.ipcache.values(),
-                                key=lambda e: (e.prefix.version, e.prefix)))
+                                key=lambda e: family_order(e.prefix)))
 
 
 async def _clustermesh(api: APIState, request: web.Request) -> web.Response:

@@ -4,17 +4,15 @@ The allocations are not stored separately: they are the addresses of the endpoin
 persisted, so after a restart the pool is rebuilt by claiming each restored endpoint's address.
 """
 
-import ipaddress
 
 from meshagent.errors import MeshagentError
+from meshagent.model.net import Address, Network
 
 
 class IPAMError(MeshagentError):
     """No address can be given (none configured, pool exhausted, address taken)."""
 
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class HostScopeIPAM:

@@ -13,9 +13,7 @@ from meshagent.model.jsonfields import (
     mask_to_prefixlen,
     prefixlen_to_mask,
 )
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+from meshagent.model.net import Address, Network
 
 
 @attrs.frozen

@@ -14,8 +14,7 @@ from meshagent.model.jsonfields import (
     mask_to_prefixlen,
     prefixlen_to_mask,
 )
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+from meshagent.model.net import Network
 
 
 @attrs.frozen

@@ -13,6 +13,7 @@ import attrs
 import yaml
 
 from meshagent.errors import UsageError
+from meshagent.model.net import Network
 
 API_VERSION = "cilium.io/v2"
 CNP = "CiliumNetworkPolicy"
@@ -74,7 +75,6 @@ class PortProtocol:
     protocol: str  # TCP, UDP, SCTP, ANY
 
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @attrs.frozen

@@ -21,8 +21,9 @@ from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstore.follow import follow_prefix
 from meshagent.model.identity import Identity, world_identity
 from meshagent.model.ipcache import POLICY_SOURCE, IPCacheEntry
+from meshagent.model.net import Network, family_order
 from meshagent.model.table import Tables
-from meshagent.policy.api import Network, Policy, PolicyError
+from meshagent.policy.api import Policy, PolicyError
 from meshagent.policy.cidr import cidr_identity, free_local_identity, policy_cidrs
 from meshagent.policy.contract import ChangeQueue, EndpointChanges, MapChange, MapState
 from meshagent.policy.resolver import EGRESS, INGRESS, PolicyEndpoint, Resolver, Trace, trace
@@ -124,12 +125,12 @@ class PolicyService:
         prefix, so the datapath can tell those destinations apart from the rest of the world."""
         wanted = policy_cidrs(list(self.resolver.policies.values()) + ([extra] if extra else []))
         tables, cluster = self.tables, self.cluster
-        for prefix in sorted(set(self.cidr_identities) - wanted, key=_family_order):
+        for prefix in sorted(set(self.cidr_identities) - wanted, key=family_order):
             identity = self.cidr_identities.pop(prefix)
             tables.ipcache.delete(prefix, POLICY_SOURCE)
             tables.identities.delete(identity.id)
         taken = {i.id for i in self.cidr_identities.values()}
-        for prefix in sorted(wanted - set(self.cidr_identities), key=_family_order):
+        for prefix in sorted(wanted - set(self.cidr_identities), key=family_order):
             number = free_local_identity(taken)
             taken.add(number)
             identity = cidr_identity(number, prefix, cluster)
@@ -282,8 +283,3 @@ def build_default(agent) -> PolicyService:
 def meshagent_register_policy_resolver(registry):
     """This module is registered as plugin ``core.policy``: the default resolver."""
     registry.register("default", build_default)
-
-
-def _family_order(prefix: Network) -> tuple[int, Network]:
-    """IPv4 before IPv6 (networks of two families do not compare)."""
-    return prefix.version, prefix
