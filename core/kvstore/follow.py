@@ -7,7 +7,6 @@ that keeps the :class:`Position` resumes from the revision it reached (a reconne
 list again unless the history is gone).
 """
 
-import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -32,35 +31,43 @@ async def follow_prefix(store: KVStore, prefix: str,
                         position: Position | None = None,
                         on_progress: Callable[[], None] | None = None) -> None:
     """``apply(key, value)`` for every key under ``prefix`` (value None: deleted), forever;
-    awaited when it returns an awaitable (one key at a time, in order). ``known_keys`` are the
-    keys applied so far (a listing deletes those it does not return); ``on_listed`` runs each
-    time the follower is caught up, ``on_progress`` after each listing and event."""
-    position = position if position is not None else Position()
+    what it returns, if not None, is awaited (one key at a time, in order). ``known_keys`` are
+    the keys applied so far (a listing deletes those it does not return); ``on_listed`` runs
+    each time the follower is caught up, ``on_progress`` after each listing and event.
 
-    async def call(key: str, value: bytes | None) -> None:
-        result = apply(key, value)
-        if inspect.isawaitable(result):
-            await result
+    A synchronous ``apply`` is called without a coroutine per key: a remote cluster's listing
+    may hold 100,000 of them."""
+    position = position if position is not None else Position()
 
     while True:
         if position.revision is None:
-            listing = await store.list_prefix(prefix)
-            present = set()
-            for item in listing.items:
-                present.add(item.key)
-                await call(item.key, item.value)
-            for key in set(known_keys()) - present:  # gone while nobody was watching
-                await call(key, None)
-            position.revision = listing.revision
+            position.revision = await _list(store, prefix, apply, known_keys)
             if on_progress is not None:
                 on_progress()
         on_listed()
         try:
             async for event in store.watch(prefix, after_revision=position.revision):
-                await call(event.key, event.value if event.type is EventType.PUT else None)
+                pending = apply(event.key, event.value if event.type is EventType.PUT else None)
+                if pending is not None:
+                    await pending
                 position.revision = event.revision
                 if on_progress is not None:
                     on_progress()
         except RevisionCompacted as exc:
             log.info("%s: %s; listing again", prefix, exc)
             position.revision = None
+
+
+async def _list(store: KVStore, prefix: str, apply, known_keys) -> int:
+    """Apply a listing of ``prefix``; its revision. A function of its own so that the listing
+    (100,000 entries for a large remote cluster) is freed before the watch starts."""
+    listing = await store.list_prefix(prefix)
+    present = set()
+    for item in listing.items:
+        present.add(item.key)
+        if (pending := apply(item.key, item.value)) is not None:
+            await pending
+    for key in set(known_keys()) - present:  # gone while nobody was watching
+        if (pending := apply(key, None)) is not None:
+            await pending
+    return listing.revision
