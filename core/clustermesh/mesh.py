@@ -115,7 +115,9 @@ class RemoteCluster:
     async def stop(self, withdraw: bool) -> None:
         while self.task is not None and not self.task.done():
             # cancelled again each second: a client library may swallow one cancellation
-            # (Python 3.11's asyncio.wait_for can), and shutdown must not wait on it forever
+            # (Python 3.11's asyncio.wait_for can), and shutdown must not wait on it forever.
+            # (asyncio.timeout is no cure on 3.11: after a TaskGroup child fails, the task's
+            # cancel count stays raised and a later timeout turns into a cancellation.)
             self.task.cancel()
             await asyncio.wait({self.task}, timeout=STOP_RECANCEL)
         if self._expiry is not None:
@@ -375,8 +377,7 @@ class ClusterMesh:
                     except OSError as exc:
                         log.warning("clustermesh: cannot watch %s: %s", folder, exc)
                 try:  # and look again now and then, in case an event was missed
-                    async with asyncio.timeout(RESCAN_INTERVAL):
-                        await anext(events)
+                    await asyncio.wait_for(anext(events), RESCAN_INTERVAL)
                 except asyncio.TimeoutError:
                     pass
                 await asyncio.sleep(DEBOUNCE)  # a writer's burst of events is one change

@@ -52,8 +52,7 @@ class NodeRoutes:
             await self.reconcile()
             self._wake.clear()
             try:
-                async with asyncio.timeout(self._next_wait()):
-                    await self._wake.wait()
+                await asyncio.wait_for(self._wake.wait(), self._next_wait())
             except TimeoutError:
                 pass
 

@@ -47,8 +47,7 @@ class Liveness:
     async def probe(self, store: KVStore) -> bool:
         """Ask once; True when the store answered in time."""
         try:
-            async with asyncio.timeout(PROBE_TIMEOUT):
-                await store.get(self.key)
+            await asyncio.wait_for(store.get(self.key), PROBE_TIMEOUT)
         except asyncio.TimeoutError:
             self.no_answer(f"timed out after {PROBE_TIMEOUT:.0f}s")
             return False

@@ -124,8 +124,7 @@ class Publisher:
             self._wake.clear()
             timeout = max(0.0, min(next_keepalive, next_heartbeat) - time.monotonic())
             try:
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
+                await asyncio.wait_for(self._wake.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
 
@@ -205,8 +204,7 @@ class Publisher:
         if self.lease is None:  # never ran: nothing of ours is in the store
             return
         try:
-            async with asyncio.timeout(REVOKE_TIMEOUT):
-                await self.store.revoke(self.lease)
+            await asyncio.wait_for(self.store.revoke(self.lease), REVOKE_TIMEOUT)
             log.info("revoked the agent's kvstore lease")
         except (KVStoreError, asyncio.TimeoutError) as exc:
             log.warning("could not revoke the kvstore lease (%s); keys expire with it", exc)

@@ -121,8 +121,7 @@ class ControllerManager:
         """Sleep ``seconds``, or less if :meth:`retry_now` is called; True if it was."""
         retry = self._retry
         with contextlib.suppress(asyncio.TimeoutError):
-            async with asyncio.timeout(seconds):
-                await retry.wait()
+            await asyncio.wait_for(retry.wait(), seconds)
         return retry.is_set()
 
     def retry_now(self) -> None:

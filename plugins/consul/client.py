@@ -69,8 +69,7 @@ class ConsulKVStore:
             coroutine.close()
             raise KVStoreUnavailable("client is closed")
         try:
-            async with asyncio.timeout(timeout):
-                result = await coroutine
+            result = await asyncio.wait_for(coroutine, timeout)
         except asyncio.TimeoutError:
             self.connected = False
             self.last_error = f"{self.address}: no answer within {timeout:.0f}s"

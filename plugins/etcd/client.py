@@ -153,8 +153,7 @@ class EtcdKVStore:
                 endpoint = self.endpoint
                 client = _Client(endpoint, self._credentials if endpoint.tls else None)
                 try:
-                    async with asyncio.timeout(REQUEST_TIMEOUT):
-                        status = await self._status(client)
+                    status = await asyncio.wait_for(self._status(client), REQUEST_TIMEOUT)
                 except (etcd_errors.ClientError, grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
                     reasons.append(f"{endpoint.url}: {describe_error(exc, endpoint)}")
                     await client.close()
@@ -183,8 +182,7 @@ class EtcdKVStore:
         self._index += 1
         if client is not None:
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await client.close()
+                await asyncio.wait_for(client.close(), 2)
 
     async def _call(self, op: Callable[[_Client], Awaitable[T]]) -> T:
         """Run ``op`` on a connected client, failing over once per endpoint."""
@@ -267,8 +265,7 @@ class EtcdKVStore:
             raise KVStoreUnavailable(f"watch of {prefix} lost: {self.last_error}") from None
         finally:
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(1):
-                    await watch.cancel()
+                await asyncio.wait_for(watch.cancel(), 1)
         if self.closed:
             raise KVStoreUnavailable("client is closed")
         # aetcd ends the iteration without an error when its stream is torn down
@@ -321,8 +318,7 @@ class EtcdKVStore:
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await client.close()
+                await asyncio.wait_for(client.close(), 2)
 
 
 def decode_key(raw: bytes) -> str:

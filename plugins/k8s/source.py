@@ -193,8 +193,7 @@ class KubernetesSource:
             arrived = self._pod_arrived.setdefault(key, asyncio.Event())
             self._pod_waiters[key] = self._pod_waiters.get(key, 0) + 1
             try:
-                async with asyncio.timeout(self.pod_wait):
-                    await arrived.wait()
+                await asyncio.wait_for(arrived.wait(), self.pod_wait)
             except TimeoutError:
                 pass
             finally:
