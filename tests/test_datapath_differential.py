@@ -197,7 +197,7 @@ def tcp(dst: str, port: int, src: str = CLIENT) -> tuple[str, Packet]:
     return (EGRESS if src == CLIENT else INGRESS, Packet(src, dst, TCP, 40000, port))
 
 
-def test_an_egress_deny_range_beats_allow_all(judge, driver):
+def test_an_egress_deny_range_beats_allow_all(driver):
     deny = {**ALL_EGRESS, "egressDeny": [{"toPorts": [{"ports": [
         {"port": "4096", "endPort": 8191, "protocol": "TCP"}]}]}]}
     got = outcomes(driver, named_scenario([deny], [tcp(ECHO, p) for p in
@@ -224,7 +224,7 @@ def test_wide_ranges_allow_and_deny_without_expansion(judge, driver):
     assert judge.datapath.policy_entry_count() == 16 + 6
 
 
-def test_an_ingress_deny_range_on_the_server(judge, driver):
+def test_an_ingress_deny_range_on_the_server(driver):
     spec = {"endpointSelector": {"matchLabels": {"app": "echo2"}},
             "ingress": [{"fromEntities": ["all"]}],
             "ingressDeny": [{"toPorts": [{"ports": [{"port": "4096", "endPort": 8191,
@@ -257,7 +257,7 @@ def test_fragments_tiny_overlapping_and_whole(judge, driver):
         assert all(key.sport and key.dport for key in judge.datapath.maps[name].keys())
 
 
-def test_a_pod_cannot_send_with_another_address(judge, driver):
+def test_a_pod_cannot_send_with_another_address(driver):
     from meshagent.testing.packets import ETH_ARP
     got = outcomes(driver, named_scenario([], [
         (EGRESS, Packet(ECHO, ECHO2, 17, 40000, 53), 1),  # the client sends as echo

@@ -8,6 +8,7 @@ import pytest
 from meshagent.identity.allocator import reserved_identity
 from meshagent.kvstore import keys as kvkeys
 from meshagent.model.identity import ReservedIdentity, format_labels
+from meshagent.testing.identity_contract import labels
 from meshagent_dev.etcd import EtcdServer
 
 CLUSTER = ["--cluster-name", "cluster1", "--cluster-id", "101"]
@@ -33,11 +34,6 @@ async def etcd_agents(short_tmp, agent_factory):
                 await running.stop()
     finally:
         server.cleanup()
-
-
-def labels(i: int, app: str = "app") -> frozenset[str]:
-    return frozenset({f"k8s:{app}=x{i}", "k8s:io.kubernetes.pod.namespace=default",
-                      "k8s:io.cilium.k8s.policy.cluster=cluster1"})
 
 
 async def test_same_labels_concurrently_get_one_id(etcd_agents):

@@ -37,8 +37,8 @@ class NodeRoutes:
         self.delete_grace = delete_grace
         self.netlink = netlink or RouteTable()
         self.routes: dict[Network, Address] = {}  # as installed
-        self.refused: dict[ipaddress.IPv4Network, str] = {}
-        self.missing_since: dict[ipaddress.IPv4Network, float] = {}
+        self.refused: dict[Network, str] = {}
+        self.missing_since: dict[Network, float] = {}
         self._wake = asyncio.Event()
         ownership.listeners.append(self._wake.set)
 

@@ -134,11 +134,15 @@ class PrefixSync:
         for key, row in list(self.rows.items()):
             self._admit(key, self.owned[key], row)
 
+    def relist(self) -> None:
+        """List again on the next run; the rows stay until then."""
+        self.position.revision = None
+        self.synced = False
+
     def withdraw(self) -> None:
         for key in list(self.owned) + list(self.held):
             self._apply(key, None)
-        self.position.revision = None
-        self.synced = False
+        self.relist()
 
 
 class ClusterSync:
@@ -190,8 +194,7 @@ class ClusterSync:
     def relist(self) -> None:
         """List every kind again on the next run (a new connection); rows stay until then."""
         for prefix in self.prefixes:
-            prefix.position.revision = None
-            prefix.synced = False
+            prefix.relist()
 
     def withdraw(self) -> None:
         """Remove every row this cluster contributed (its clustermesh file went away)."""

@@ -46,7 +46,7 @@ from meshagent.model.ipcache import IPCache
 from meshagent.model.node import Node
 from meshagent.model.table import Table, Tables
 from meshagent.policy import service as policy_service
-from meshagent.runtime.config import Config, of_family
+from meshagent.runtime.config import Config
 from meshagent.runtime.controller import Controller, ControllerManager
 from meshagent.runtime.metrics import MetricsServer
 from meshagent.runtime.statedir import StateDir
@@ -165,9 +165,10 @@ class Agent:
         self.kvstore = self.kvstore_backend.local_client(self.config)
         cleanup.push_async_callback(self.kvstore.close)
         config = self.config
-        self.publisher = Publisher(self.kvstore, self.cluster, Node(
-            config.node_name, self.cluster.name, self.cluster.id, self._node_ip(4),
-            tuple(config.get("pod-cidr")), self._node_ip(6)), config.get("kvstore-lease-ttl"))
+        node = Node(config.node_name, self.cluster.name, self.cluster.id, self._node_ip(4),
+                    config.get("pod-cidr"), self._node_ip(6))
+        self.publisher = Publisher(self.kvstore, self.cluster, node,
+                                   config.get("kvstore-lease-ttl"))
         self.plugins.register(self.publisher, name="core.publisher")
         self.plugins.register(LocalStore(self.kvstore, self.controllers, self.local_sync,
                                          self.publisher.published), name="core.kvstore")
@@ -196,8 +197,7 @@ class Agent:
             self.datapath_started.set()  # nothing to wait for
         hooks = self.hooks
         self.endpoints = EndpointManager(
-            cluster_name=self.cluster.name, node_ip=self._node_ip(4),
-            pod_cidrs=tuple(config.get("pod-cidr")),
+            cluster_name=self.cluster.name, node_ip=node.ipv4, pod_cidrs=node.pod_cidrs,
             directory=config.state_dir / "endpoints",
             allocator=self.identity_allocator, publisher=self.publisher, datapath=self.datapath,
             datapath_started=self.datapath_started,
@@ -205,10 +205,10 @@ class Agent:
                 agent=self, namespace=namespace, pod_name=pod),
             changed=lambda kind, endpoint: hooks.endpoint_changed(kind=kind, endpoint=endpoint))
         self.plugins.register(self.endpoints, name="core.endpoints")
-        mesh, services, datapath = self.clustermesh, self.services, self.datapath
+        mesh = self.clustermesh
         self.plugins.register(DatapathFeed(
             self.datapath, self.policy_resolver, self.tables.ipcache,
-            lambda h: services.feed_datapath(h, datapath, self.datapath_synced),
+            self.services.feed_datapath,
             agent_ready=self.ready_event,
             remotes_ready=lambda: mesh is None or all(r.ready for r in mesh.remotes.values()),
             sync_timeout=self.config.get("datapath-sync-timeout"),
@@ -216,7 +216,7 @@ class Agent:
 
     def _node_ip(self, version: int):
         """This node's address of that family (``--node-ip``), or None."""
-        return next(iter(of_family(self.config.get("node-ip"), version)), None)
+        return next((a for a in self.config.get("node-ip") if a.version == version), None)
 
     def kvstore_addresses(self) -> list[str]:
         """The servers of the local and every remote kvstore: no pod CIDR may cover them."""

@@ -22,7 +22,7 @@ from meshagent.hooks.additions import Route, json_response
 from meshagent.kvstore import KVStoreError, KVStoreUnavailable
 from meshagent.model.net import family_order
 
-if TYPE_CHECKING:  # types only: plugins import Route from here without the components
+if TYPE_CHECKING:  # types only: the API serves the components, it does not build them
     from meshagent.clustermesh.mesh import ClusterMesh
     from meshagent.endpoint.manager import EndpointManager
     from meshagent.model.table import Tables

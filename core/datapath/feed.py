@@ -25,13 +25,14 @@ class DatapathFeed:
     """Registered as plugin ``core.datapath`` once the providers are built."""
 
     def __init__(self, datapath: Datapath | None, resolver: PolicyResolver | None,
-                 ipcache: IPCache, feed_services: Callable[[ControllerHandle], object], *,
+                 ipcache: IPCache,
+                 feed_services: Callable[[ControllerHandle, Datapath, asyncio.Event], object], *,
                  agent_ready: asyncio.Event, remotes_ready: Callable[[], bool],
                  sync_timeout: float, started: asyncio.Event, synced: asyncio.Event):
         self.datapath = datapath
         self.resolver = resolver
         self.ipcache = ipcache
-        self.feed_services = feed_services  # the services component's controller
+        self.feed_services = feed_services  # the services component's, given datapath and synced
         self.agent_ready = agent_ready
         self.remotes_ready = remotes_ready
         self.sync_timeout = sync_timeout
@@ -51,7 +52,8 @@ class DatapathFeed:
             return [Controller("policy-changes", lambda h: self._discard_changes(resolver, h))]
         return [Controller("datapath-start", lambda h: self._start(datapath, h)),
                 Controller("datapath-sync", lambda h: self._sync(datapath, resolver, h)),
-                Controller("datapath-services", self.feed_services)]
+                Controller("datapath-services",
+                           lambda handle: self.feed_services(handle, datapath, self.synced))]
 
     @hookimpl
     def meshagent_ipcache_changed(self, kind, entry):

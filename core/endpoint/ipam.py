@@ -22,13 +22,8 @@ class HostScopeIPAM:
         self.cidrs = cidrs
         self.owners: dict[Address, str] = {}
 
-    def families(self) -> tuple[int, ...]:
-        return tuple(sorted({c.version for c in self.cidrs}))
-
-    def _usable(self, version: int | None = None):
-        for cidr in self.cidrs:
-            if version is None or cidr.version == version:
-                yield from cidr.hosts() if cidr.prefixlen < cidr.max_prefixlen - 1 else iter(cidr)
+    def has_family(self, version: int) -> bool:
+        return any(c.version == version for c in self.cidrs)
 
     def allocate(self, owner: str, version: int = 4) -> Address:
         if not self.cidrs:
@@ -36,7 +31,7 @@ class HostScopeIPAM:
         cidrs = [c for c in self.cidrs if c.version == version]
         if not cidrs:
             raise IPAMError(f"no IPv{version} pod CIDR configured (--pod-cidr)")
-        for address in self._usable(version):
+        for address in (a for cidr in cidrs for a in _usable(cidr)):
             if address not in self.owners:
                 self.owners[address] = owner
                 return address
@@ -58,6 +53,11 @@ class HostScopeIPAM:
     def status_line(self) -> str:
         size = sum(_usable_count(c) for c in self.cidrs)
         return f"{len(self.owners)}/{size} allocated from {', '.join(map(str, self.cidrs))}"
+
+
+def _usable(cidr: Network):
+    """The addresses a pod may get: not the network (nor IPv4's broadcast) address."""
+    return cidr.hosts() if cidr.prefixlen < cidr.max_prefixlen - 1 else iter(cidr)
 
 
 def _usable_count(cidr: Network) -> int:

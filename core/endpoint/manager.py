@@ -56,6 +56,13 @@ LabelSource = Callable[[str, str], Awaitable[frozenset[str]]]
 EndpointListener = Callable[[ChangeKind, Endpoint], None]
 
 
+def host_interface_name(request: EndpointRequest) -> str:
+    """The node-side veth of a pod: ``lxc`` and a hash of its container (or netns and
+    interface), so that a retried CNI ADD finds the same name."""
+    seed = request.container_id or f"{request.netns}/{request.pod_ifname}"
+    return "lxc" + hashlib.sha1(seed.encode()).hexdigest()[:12]
+
+
 class EndpointManager:
     """The endpoints of this node, saved under ``directory`` and handed to the datapath."""
 
@@ -105,12 +112,11 @@ class EndpointManager:
                       plugin_labels: frozenset[str], undo) -> Endpoint:
         await self._prepare_node()
         endpoint_id = max(self.endpoints, default=0) + 1
-        seed = request.container_id or f"{request.netns}/{request.pod_ifname}"
-        host_ifname = "lxc" + hashlib.sha1(seed.encode()).hexdigest()[:12]
+        host_ifname = host_interface_name(request)
         address = self.ipam.allocate(f"endpoint {endpoint_id}")
         undo.append(lambda: _sync(self.ipam.release, address))
         address6 = None
-        if 6 in self.ipam.families():  # dual stack: an address of each family
+        if self.ipam.has_family(6):  # dual stack: an address of each family
             address6 = self.ipam.allocate(f"endpoint {endpoint_id}", version=6)
             undo.append(lambda: _sync(self.ipam.release, address6))
         wired = await asyncio.to_thread(podnet.create_pod_interface, request.netns,

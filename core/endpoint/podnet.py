@@ -19,6 +19,7 @@ import ipaddress
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from socket import AF_INET6
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -29,7 +30,6 @@ GATEWAY = "169.254.1.1"
 GATEWAY6 = "fe80::1"
 RT_SCOPE_LINK = 253
 IFA_F_NODAD = 0x02  # no duplicate address detection: the address works at once
-AF_INET6 = 10
 NETNS_DIR = Path("/var/run/netns")
 
 
@@ -136,10 +136,8 @@ def create_pod_interface(netns: str, pod_ifname: str, host_ifname: str,
 def _without_ipv6(ifname: str) -> None:
     """An IPv4-only pod: no link-local address, router solicitation or MLD report on either
     end (the datapath drops every frame it cannot judge, and they would be noise)."""
-    try:
+    with contextlib.suppress(FileNotFoundError):  # a kernel without IPv6
         Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6").write_text("1")
-    except FileNotFoundError:
-        pass  # a kernel without IPv6
 
 
 def remove_pod_interface(host_ifname: str) -> bool:

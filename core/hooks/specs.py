@@ -293,7 +293,7 @@ def meshagent_api_routes(agent):
     Fires once at agent start, before the socket opens.
 
     :param agent: the :class:`meshagent.hooks.view.AgentView`.
-    :returns: a list of :class:`meshagent.daemon.api.Route` (method, path under ``/v1/``, an aiohttp
+    :returns: a list of :class:`meshagent.plugin.Route` (method, path under ``/v1/``, an aiohttp
         handler), or None.
     :raises: a path another plugin or the core serves already raises
         :class:`~meshagent.errors.PluginError` naming both.

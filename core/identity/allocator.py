@@ -23,7 +23,7 @@ from meshagent.runtime.controller import ControllerHandle
 
 log = logging.getLogger(__name__)
 
-RESERVED_BY_LABEL = {f"reserved:{r.name.lower().replace('_', '-')}": r for r in ReservedIdentity}
+RESERVED_BY_LABEL = {r.label: r for r in ReservedIdentity}
 MAX_ATTEMPTS = 64
 
 
@@ -127,7 +127,7 @@ class KVStoreIdentityAllocator:
                 reserved = ReservedIdentity(identity_id)
             except ValueError:
                 return None
-            return Identity(identity_id, frozenset({f"reserved:{reserved.name.lower()}"}))
+            return Identity(identity_id, frozenset({reserved.label}))
         return self.identities.get(identity_id)
 
     async def close(self) -> None:

@@ -1,4 +1,4 @@
-"""Numeric security identities and the allocator slot's contract.
+"""Numeric security identities and their labels.
 
 An identity stands for a label set; policy is written against labels and enforced against
 identities. Reserved identities (below 256) need no allocation.
@@ -24,11 +24,16 @@ class ReservedIdentity(enum.IntEnum):
     WORLD_IPV4 = 9  # Cilium's dual-stack split of the world; meshagent's IPv4 world stays 2
     WORLD_IPV6 = 10  # any IPv6 address no entry of the ipcache covers
 
+    @property
+    def label(self) -> str:
+        """Its one label, as Cilium spells it: ``reserved:world-ipv6``."""
+        return f"reserved:{self.name.lower().replace('_', '-')}"
+
 
 #: The reserved identities that stand for "outside": the entity ``world`` selects them all.
 WORLD_IDENTITIES = frozenset({ReservedIdentity.WORLD, ReservedIdentity.WORLD_IPV4,
                               ReservedIdentity.WORLD_IPV6})
-WORLD_LABELS = frozenset({"reserved:world", "reserved:world-ipv4", "reserved:world-ipv6"})
+WORLD_LABELS = frozenset(r.label for r in WORLD_IDENTITIES)
 
 
 def world_identity(version: int) -> ReservedIdentity:

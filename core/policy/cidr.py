@@ -10,7 +10,7 @@ Cilium's dual-stack clusters).
 import ipaddress
 from collections.abc import Iterable
 
-from meshagent.model.identity import Identity
+from meshagent.model.identity import Identity, world_identity
 from meshagent.policy.api import Network, Policy
 
 LOCAL_IDENTITY_FLAG = 1 << 24
@@ -32,8 +32,8 @@ def policy_cidrs(policies: Iterable[Policy]) -> set[Network]:
 
 
 def cidr_identity(number: int, prefix: Network, cluster: str) -> Identity:
-    world = "reserved:world-ipv6" if prefix.version == 6 else "reserved:world"
-    return Identity(number, frozenset({f"cidr:{prefix}", world}), cluster)
+    return Identity(number, frozenset({f"cidr:{prefix}", world_identity(prefix.version).label}),
+                    cluster)
 
 
 def free_local_identity(taken: set[int]) -> int:

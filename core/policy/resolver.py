@@ -63,8 +63,7 @@ class EndpointState:
 
 
 def reserved_identities() -> list[Identity]:
-    return [Identity(int(r), frozenset({f"reserved:{r.name.lower().replace('_', '-')}"}))
-            for r in ReservedIdentity]
+    return [Identity(int(r), frozenset({r.label})) for r in ReservedIdentity]
 
 
 class Resolver:

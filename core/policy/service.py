@@ -258,7 +258,7 @@ class PolicyService:
                 raise PolicyError(f"src_ip {ip!r} is not an IPv4 or IPv6 address") from None
             best = None
             for entry in self.tables.ipcache.values():
-                if entry.prefix.version == address.version and address in entry.prefix and (
+                if address in entry.prefix and (  # never true across families
                         best is None or entry.prefix.prefixlen > best.prefix.prefixlen):
                     best = entry
             # an address no entry covers is the world of its family

@@ -31,11 +31,6 @@ def parse_node_ips(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Add
     return tuple(sorted(addresses, key=lambda a: a.version))
 
 
-def of_family(values, version: int):
-    """The values (addresses or networks) of one IP version, in order."""
-    return tuple(v for v in values if v.version == version)
-
-
 def add_bootstrap_options(parser: Parser) -> None:
     """Options read before any plugin loads: which plugins, and where the config dir is."""
     parser.addoption(

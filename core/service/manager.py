@@ -29,7 +29,7 @@ from meshagent.kvstore import KVStore
 from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstore.follow import follow_prefix
 from meshagent.model.cluster import ClusterInfo
-from meshagent.model.service import MergedService, Service, service_to_json
+from meshagent.model.service import MergedService, Service, service_from_json, service_to_json
 from meshagent.model.table import Tables
 from meshagent.runtime.controller import Controller, ControllerHandle
 from meshagent.runtime.status import Health, StatusSection
@@ -40,19 +40,12 @@ log = logging.getLogger(__name__)
 
 
 
-# -- parsing Kubernetes documents ------------------------------------------------------------------
-
-
-# -- the manager -----------------------------------------------------------------------------------
-
-
 def _model_to_json(service: Service) -> bytes:
     return json.dumps({"service": json.loads(service_to_json(service)),
                        "affinity": service.affinity}).encode()
 
 
 def _model_from_json(data: bytes, cluster: str) -> Service:
-    from meshagent.model.service import service_from_json
     doc = json.loads(data)
     service = service_from_json(json.dumps(doc["service"]).encode())
     return attrs.evolve(service, affinity=doc.get("affinity", "none"), cluster=cluster)
@@ -104,8 +97,6 @@ class ServiceManager:
 
     async def delete(self, namespace: str, name: str) -> bool:
         return await self.store.delete(kvkeys.local_service_key(namespace, name))
-
-    # -- the cluster's services, from the kvstore -----------------------------------------------
 
     # -- hooks (registered as plugin ``core.services``) ------------------------------------------
 

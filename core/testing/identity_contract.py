@@ -31,10 +31,6 @@ def labels(i: int, app: str = "app") -> frozenset[str]:
                       "k8s:io.cilium.k8s.policy.cluster=cluster1"})
 
 
-def in_cluster_range(identity_id: int) -> bool:
-    return identity_id >> 16 == CLUSTER_ID and identity_id & 0xFFFF >= 256
-
-
 class IdentityAllocatorContract:
     agent_args: Sequence[str] = ("--plugins", "memory")
 
@@ -60,18 +56,21 @@ class IdentityAllocatorContract:
         return running.agent.identity_allocator
 
     async def test_same_labels_concurrently_get_one_id_in_the_cluster_range(self, start):
-        allocators = [self.allocator(a) for a in await start(3)]
+        agents = await start(3)
+        allocators = [self.allocator(a) for a in agents]
         ids = await asyncio.gather(*(alloc.allocate(labels(7)) for alloc in allocators * 5))
         assert len({i.id for i in ids}) == 1
-        assert in_cluster_range(ids[0].id)
+        assert ids[0].id in agents[0].agent.cluster.identity_range()
         assert ids[0].labels == labels(7)
 
     async def test_distinct_labels_get_distinct_ids_and_every_agent_agrees(self, start):
-        a1, a2 = (self.allocator(a) for a in await start(2))
+        agents = await start(2)
+        a1, a2 = (self.allocator(a) for a in agents)
         first = await asyncio.gather(*(a1.allocate(labels(i)) for i in range(40)),
                                      *(a2.allocate(labels(i)) for i in range(40, 60)))
         assert len({i.id for i in first}) == 60
-        assert all(in_cluster_range(i.id) for i in first)
+        in_range = agents[0].agent.cluster.identity_range()
+        assert all(i.id in in_range for i in first)
         again = await asyncio.gather(*(a2.allocate(labels(i)) for i in range(40)))
         assert [i.id for i in again] == [i.id for i in first[:40]]
 

@@ -178,8 +178,8 @@ class Lab:
                 f"--cluster-id={CLUSTERS[cluster]}", f"--cluster-name={cluster}",
                 f"--clustermesh-config={base / 'clustermesh'}",
                 "--etcd-config", str(base / "etcd.yaml"), "--node-name", node["name"],
-                "--node-ip", ",".join(filter(None, (node["ip"], node.get("ip6")))),
-                "--pod-cidr", ",".join(filter(None, (node["pod_cidr"], node.get("pod_cidr6")))),
+                "--node-ip", _both(node["ip"], node.get("ip6"), ","),
+                "--pod-cidr", _both(node["pod_cidr"], node.get("pod_cidr6"), ","),
                 "--auto-direct-node-routes", "--ebpf-bpf-root", node["bpffs"],
                 "--socket-path", node["socket"], "--state-dir", node["state_dir"],
                 *self.state.get("agent_args", ())]
@@ -283,15 +283,20 @@ class Lab:
         for name, node in self.state.get("nodes", {}).items():
             pid = self.state.get("pids", {}).get(f"agent-{name}")
             alive = pid is not None and _alive(pid)
-            ips = ", ".join(filter(None, (node["ip"], node.get("ip6"))))
-            pods = ", ".join(filter(None, (node["pod_cidr"], node.get("pod_cidr6"))))
+            ips = _both(node["ip"], node.get("ip6"))
+            pods = _both(node["pod_cidr"], node.get("pod_cidr6"))
             lines.append(f"  {name}: {ips}, pods {pods}, agent"
                          f" {'running' if alive else 'NOT running'}, socket {node['socket']}")
         for name, pod in self.state.get("pods", {}).items():
-            ips = ", ".join(filter(None, (pod["ip"], pod.get("ip6"))))
+            ips = _both(pod["ip"], pod.get("ip6"))
             lines.append(f"  pod {name} on {pod['node']}: {ips} (identity"
                          f" {pod['identity']})")
         return "\n".join(lines)
+
+
+def _both(ipv4: str, ipv6: str | None, sep: str = ", ") -> str:
+    """A node's or pod's IPv4 value, and its IPv6 one in a dual-stack lab."""
+    return f"{ipv4}{sep}{ipv6}" if ipv6 else ipv4
 
 
 def _alive(pid: int) -> bool:
@@ -382,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
         return 0 if lab.up else 1
     elif args.action == "pod":
         pod = lab.pod_create(args.name, args.node, args.namespace, args.labels)
-        ips = ", ".join(filter(None, (pod["ip"], pod.get("ip6"))))
+        ips = _both(pod["ip"], pod.get("ip6"))
         print(f"pod {args.name} on {args.node}: {ips} (identity {pod['identity']})")
     elif args.action == "exec":
         return lab.pod_exec(args.name, command).returncode

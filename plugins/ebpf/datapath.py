@@ -310,15 +310,13 @@ class EbpfDatapath:
         """Upserts before deletes: every address resolves to its old or new identity on the
         way, never to a shorter prefix's for a moment."""
         table = self.maps["ipcache"]
-        changes = [(kind, entry) for kind, entry in changes if entry.prefix.version == 4]
+        changes = [(kind, entry) for kind, entry in changes if _in_map(entry)]
         for kind, entry in changes:
             if kind is not ChangeKind.DELETE:
-                key = IPCacheKey(entry.prefix.prefixlen, ip_bytes(entry.prefix.network_address))
-                table.put(key, IPCacheValue(entry.identity, 0))
+                table.put(_ipcache_key(entry), IPCacheValue(entry.identity, 0))
         for kind, entry in changes:
             if kind is ChangeKind.DELETE:
-                table.delete(IPCacheKey(entry.prefix.prefixlen,
-                                        ip_bytes(entry.prefix.network_address)))
+                table.delete(_ipcache_key(entry))
         self._bump(list(self.endpoints))
 
     async def update_policy(self, endpoint_id: int, changes) -> None:
@@ -387,6 +385,7 @@ class EbpfDatapath:
         for endpoint_id, verdicts in policies.items():
             for key, verdict in verdicts.items():
                 self.groups.setdefault(group_of(endpoint_id, key), {})[key] = verdict
+        ipcache = [e for e in ipcache if _in_map(e)]
         self.installed = self._read_installed()
         old = {group: {block_key(b): v for b, v in entries.items()}
                for group, entries in self.installed.items()}
@@ -419,12 +418,9 @@ class EbpfDatapath:
     def _replace_ipcache(self, ipcache: list[IPCacheEntry]) -> None:
         """The ipcache exactly these rows: new ones first, then stale ones removed, so every
         address resolves to its old or its new identity on the way."""
-        ipcache = [e for e in ipcache if e.prefix.version == 4]  # IPv6 frames are dropped
         wanted = {(e.prefix.prefixlen, e.prefix.network_address.packed): e for e in ipcache}
         for entry in ipcache:
-            self.maps["ipcache"].put(
-                IPCacheKey(entry.prefix.prefixlen, ip_bytes(entry.prefix.network_address)),
-                IPCacheValue(entry.identity, 0))
+            self.maps["ipcache"].put(_ipcache_key(entry), IPCacheValue(entry.identity, 0))
         for key, _ in list(self.maps["ipcache"].items()):
             if (key.prefixlen, bytes(key.ip)) not in wanted:
                 self.maps["ipcache"].delete(key)
@@ -579,3 +575,12 @@ class DatapathMetrics:
 
     def describe(self):
         return []
+
+
+def _in_map(entry: IPCacheEntry) -> bool:
+    """Only IPv4 rows have a place in the BPF ipcache: IPv6 frames are dropped, unparsed."""
+    return entry.prefix.version == 4
+
+
+def _ipcache_key(entry: IPCacheEntry) -> IPCacheKey:
+    return IPCacheKey(entry.prefix.prefixlen, ip_bytes(entry.prefix.network_address))
