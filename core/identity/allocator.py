@@ -52,6 +52,9 @@ class KVStoreIdentityAllocator:
         self.node_name = node_name
         self.gc_interval = gc_interval
         self.refs: dict[frozenset[str], list] = {}  # labels -> [identity, local users]
+        # labels -> the id this agent last used for them: found again even before the
+        # identity table heard of it (a release and a new allocate can beat the watch)
+        self._used: dict[str, int] = {}
         self._unused_seen: dict[int, int] = {}  # id -> mod_revision when first seen unused
 
     def _value_key(self, labels_text: str) -> str:
@@ -71,6 +74,7 @@ class KVStoreIdentityAllocator:
                 self.refs[labels][1] += 1
                 return self.refs[labels][0]
             number = await self._existing(text, labels) or await self._create(text)
+            self._used[text] = number
             key, value = self._value_key(text), str(number).encode()
             await store.put(key, value, lease=self.publisher.lease)
             self.publisher.adopt(key, value)
@@ -87,11 +91,14 @@ class KVStoreIdentityAllocator:
                 current = await store.get(kvkeys.identity_key(number))
                 if current is not None and current.value.decode() == text:
                     return number
-        for identity in self.identities.values():
-            if identity.labels == labels and identity.cluster == self.cluster.name:
-                current = await store.get(kvkeys.identity_key(identity.id))
-                if current is not None and current.value.decode() == text:
-                    return identity.id
+        candidates = [i.id for i in self.identities.values()
+                      if i.labels == labels and i.cluster == self.cluster.name]
+        if text in self._used:
+            candidates.append(self._used[text])
+        for number in candidates:
+            current = await store.get(kvkeys.identity_key(number))
+            if current is not None and current.value.decode() == text:
+                return number
         return None
 
     async def _create(self, text: str) -> int:
