@@ -1,10 +1,10 @@
 """The seed's story in one command: two clusters, protected-db, employee, stranger.
 
-Builds the lab (two clusters in network namespaces, each with its own TLS etcd, meshed by the
-seed's clustermesh directory layout), runs redis in protected-db, checks redis-cli ping from the
-three clients before and after importing the seed's l4-policy.yaml unchanged, shows the
-stranger's dropped SYN, status and node list — and exits non-zero if any verdict differs from
-the seed's. Tears the lab down at the end (also on failure).
+Builds the lab (two dual-stack clusters in network namespaces, each with its own TLS etcd,
+meshed by the seed's clustermesh directory layout), runs redis in protected-db, checks
+redis-cli ping from the three clients over IPv4 and IPv6 before and after importing the seed's
+l4-policy.yaml unchanged, shows the stranger's dropped SYN, status and node list — and exits
+non-zero if any verdict differs from the seed's. Tears the lab down at the end (also on failure).
 """
 
 import subprocess
@@ -60,8 +60,9 @@ def main() -> int:
     lab = Lab(workdir / "lab")
     ok = True
     try:
-        step("build the lab: cluster1 (id 101) and cluster2 (id 102), each with its own etcd (TLS)")
-        lab.bring_up(nodes=1)
+        step("build the lab: cluster1 (id 101) and cluster2 (id 102), dual stack, each with its"
+             " own etcd (TLS)")
+        lab.bring_up(nodes=1, dual_stack=True)
         print(lab.describe())
         mesh = workdir / "lab" / "cluster1" / "clustermesh"
         step("cluster1's clustermesh directory, laid out as the seed's")
@@ -79,8 +80,9 @@ def main() -> int:
         lab.pod_spawn("protected-db", "redis", list(REDIS_SERVER))
         time.sleep(0.5)
 
-        step("4.2 connectivity test, no policy yet: PONG ×3")
-        ok &= check(lab, db["ip"], {pod: "PONG" for _, pod, _ in CLIENTS})
+        step("4.2 connectivity test, no policy yet: PONG ×3, over IPv4 and IPv6")
+        for address in (db["ip"], db["ip6"]):
+            ok &= check(lab, address, {pod: "PONG" for _, pod, _ in CLIENTS})
 
         step("4.3 apply the seed's l4-policy.yaml (unchanged) in cluster1")
         print(POLICY.read_text(), end="")
@@ -90,8 +92,9 @@ def main() -> int:
                                     "--socket-path", s1], stdout=subprocess.PIPE, text=True)
         time.sleep(1)
 
-        step("4.4 test and observe: PONG / timeout / PONG")
-        ok &= check(lab, db["ip"], {pod: verdict for _, pod, verdict in CLIENTS})
+        step("4.4 test and observe: PONG / timeout / PONG, over IPv4 and IPv6")
+        for address in (db["ip"], db["ip6"]):
+            ok &= check(lab, address, {pod: verdict for _, pod, verdict in CLIENTS})
 
         step("the stranger's SYN, dropped on protected-db's node (meshagent monitor --type drop)")
         try:

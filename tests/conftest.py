@@ -156,9 +156,10 @@ def redis_traffic(lab, tmp_path: Path, *pods: str):
         counts[pod] = (ok, failed)
 
 
-def redis_ping(lab, pod: str) -> str:
-    """``redis-cli ping`` from a lab pod to protected-db: PONG, or "timeout"."""
-    db = lab.state["pods"]["protected-db"]["ip"]
+def redis_ping(lab, pod: str, family: int = 4) -> str:
+    """``redis-cli ping`` from a lab pod to protected-db's address of ``family``: PONG, or
+    "timeout"."""
+    db = lab.state["pods"]["protected-db"]["ip6" if family == 6 else "ip"]
     try:
         out = lab.pod_exec(pod, ["redis-cli", "-h", db, "-p", "6379", "ping"],
                            capture_output=True, text=True, timeout=2)

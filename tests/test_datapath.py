@@ -421,17 +421,19 @@ for _ in range(int(sys.argv[2])):
 
 
 def test_a_frame_of_another_family_never_passes_unjudged(node):
-    """Pods are IPv4-only (no IPv6 on their interfaces); an IPv6 frame a pod sends anyway is
-    dropped and counted, while ARP keeps working (the pods still talk)."""
+    """Pods are IPv4-only (no IPv6 on their interfaces): an IPv6 packet a pod sends anyway
+    does not carry an address of its own and is dropped as spoofed; a frame neither IP nor ARP
+    is dropped and counted; ARP keeps working (the pods still talk)."""
     ns, _ = node.pods["stranger"]
     assert node.lab.exec(ns, "cat", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6").stdout.strip() \
         == "1"
 
-    def unsupported() -> int:
+    def dropped(reason: str) -> int:
         metrics = json.loads(node.bpf("metrics", "-o", "json").stdout)
-        return sum(m["packets"] for m in metrics if m["reason"].startswith("unsupported L3"))
-    before = unsupported()
-    node.lab.exec(ns, PY, "-c", RAW_FRAME, "86dd", "5")
-    assert unsupported() - before == 5
+        return sum(m["packets"] for m in metrics if m["reason"].startswith(reason))
+    before = dropped("unsupported L3"), dropped("spoofed")
+    node.lab.exec(ns, PY, "-c", RAW_FRAME, "88b5", "5")
+    node.lab.exec(ns, PY, "-c", RAW_FRAME, "86dd", "3")
+    assert (dropped("unsupported L3") - before[0], dropped("spoofed") - before[1]) == (5, 3)
     node.lab.exec(ns, "ip", "neigh", "flush", "all")
     assert node.talk("stranger", "db", 6379) == "ok"  # no policy yet; ARP resolved again

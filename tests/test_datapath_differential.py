@@ -60,7 +60,7 @@ class KernelJudge:
         return self.loop.run_until_complete(coroutine)
 
     def forget_connections(self) -> None:
-        for name in ("ct_tcp", "ct_any", "ipfrag"):
+        for name in ("ct_tcp", "ct_any", "ct6_tcp", "ct6_any", "ipfrag", "ipfrag6"):
             table = self.datapath.maps[name]
             for key in list(table.keys()):
                 table.delete(key)
@@ -146,6 +146,8 @@ def test_kept_cases(driver, path):
 # -- the issue's reproductions, by name ---------------------------------------------------------
 
 CLIENT, ECHO, ECHO2, REMOTE = "10.1.1.1", "10.1.1.2", "10.1.1.3", "10.2.1.5"
+CLIENT6, ECHO6, ECHO26, REMOTE6 = "fd00:1:1::1", "fd00:1:1::2", "fd00:1:1::3", "fd00:2:1::5"
+SIX = {CLIENT: CLIENT6, ECHO: ECHO6, ECHO2: ECHO26, REMOTE: REMOTE6}
 ALL_EGRESS = {"egress": [{"toEntities": ["all"]}]}
 
 
@@ -167,16 +169,19 @@ def named_scenario(specs: list[dict], probes: list[tuple]) -> Scenario:
                                "cluster1") for app, (_, n) in apps.items()]
     identities.append(IdentitySpec((102 << 16) + 256, labels_of("employee", "default", "cluster2",
                                                                 None), "cluster2"))
-    endpoints = tuple(EndpointSpec(n, ip, "default", identities[n - 1].id)
+    endpoints = tuple(EndpointSpec(n, ip, "default", identities[n - 1].id, ipv6=SIX[ip])
                       for ip, n in apps.values())
     ipcache = tuple((f"{ip}/32", identities[n - 1].id) for ip, n in apps.values()) + (
         (f"{REMOTE}/32", identities[-1].id),)
+    ipcache += tuple((f"{SIX[ip]}/128", identities[n - 1].id) for ip, n in apps.values()) + (
+        (f"{REMOTE6}/128", identities[-1].id),)
     documents = []
     for n, spec in enumerate(specs):
         spec = {"endpointSelector": {"matchLabels": {"app": "client"}}, **spec}
         documents.append(json.dumps({"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
                                      "metadata": {"name": f"p{n}"}, "spec": spec}))
     endpoint_of = {ip: n for ip, n in apps.values()}
+    endpoint_of.update({SIX[ip]: n for ip, n in apps.values()})
     phase_probes = []
     for direction, packet, *at in probes:
         local = packet.src if direction == EGRESS else packet.dst
@@ -194,7 +199,7 @@ def outcomes(driver: ScenarioDriver, scenario: Scenario) -> list[str]:
 
 
 def tcp(dst: str, port: int, src: str = CLIENT) -> tuple[str, Packet]:
-    return (EGRESS if src == CLIENT else INGRESS, Packet(src, dst, TCP, 40000, port))
+    return (EGRESS if src in (CLIENT, CLIENT6) else INGRESS, Packet(src, dst, TCP, 40000, port))
 
 
 def test_an_egress_deny_range_beats_allow_all(driver):
@@ -321,3 +326,79 @@ def test_service_connections_are_judged_against_the_backend_and_keep_it(judge, d
     judge.call(judge.datapath.update_services([service(ECHO, 9090)]))
     denied = Packet(CLIENT, vip, TCP, 40001, 80)
     assert judge.delivery(1, EGRESS, denied.frame()) == (model.POLICY_DEFAULT, False)
+
+
+# -- IPv6 ----------------------------------------------------------------------------------------
+
+def test_the_connectivity_test_allow_all_egress_opens_each_familys_world(driver):
+    """Cilium's connectivity-test policy: ``toCIDR: [0.0.0.0/0, ::/0]``; each prefix is its
+    family's world, and neither selects cluster endpoints."""
+    both = {"egress": [{"toCIDR": ["0.0.0.0/0", "::/0"]}]}
+    world4, world6 = "198.18.0.1", "2a00:1::1"
+    got = outcomes(driver, named_scenario([both], [
+        tcp(world4, 443), tcp(world6, 443, src=CLIENT6), tcp(ECHO, 80), tcp(ECHO6, 80, CLIENT6)]))
+    assert got == [model.FORWARDED, model.FORWARDED, model.POLICY_DEFAULT, model.POLICY_DEFAULT]
+    only6 = {"egress": [{"toCIDR": ["::/0"]}]}
+    got = outcomes(driver, named_scenario([only6], [tcp(world4, 443),
+                                                    tcp(world6, 443, src=CLIENT6)]))
+    assert got == [model.POLICY_DEFAULT, model.FORWARDED]
+
+
+def test_ipv6_ports_are_found_behind_extension_headers(driver):
+    import attrs
+
+    from meshagent.testing.packets import AUTH, DEST_OPTIONS, HOP_BY_HOP, ROUTING
+    deny = {**ALL_EGRESS, "egressDeny": [{"toPorts": [{"ports": [
+        {"port": "4096", "endPort": 8191, "protocol": "TCP"}]}]}]}
+    _, syn = tcp(ECHO6, 8080, src=CLIENT6)
+    _, other = tcp(ECHO6, 9000, src=CLIENT6)
+    got = outcomes(driver, named_scenario([deny], [
+        (EGRESS, attrs.evolve(syn, ext_headers=(HOP_BY_HOP, DEST_OPTIONS, ROUTING))),
+        (EGRESS, attrs.evolve(other, ext_headers=(HOP_BY_HOP, AUTH))),
+        (EGRESS, attrs.evolve(other, ext_headers=(DEST_OPTIONS,) * 5)),  # more than 4
+        (EGRESS, attrs.evolve(other, ext_headers=(HOP_BY_HOP, ROUTING), truncate=30)),
+    ]))
+    assert got == [model.POLICY_DENY, model.FORWARDED, model.MALFORMED_PACKET,
+                   model.MALFORMED_PACKET]
+
+
+def test_ipv6_fragments_take_their_first_fragments_ports(driver):
+    import attrs
+    deny = {**ALL_EGRESS, "egressDeny": [{"toPorts": [{"ports": [{"port": "53",
+                                                                   "protocol": "UDP"}]}]}]}
+    dns = Packet(CLIENT6, ECHO6, 17, 40000, 53, ip_id=0x12345678)
+    other = Packet(CLIENT6, ECHO6, 17, 40001, 5353, ip_id=0x12345679)
+    got = outcomes(driver, named_scenario([deny], [
+        (EGRESS, attrs.evolve(dns, more_fragments=True, payload=1400)),
+        (EGRESS, attrs.evolve(dns, frag_offset=1408, payload=100)),
+        (EGRESS, attrs.evolve(other, more_fragments=True, payload=1400)),
+        (EGRESS, attrs.evolve(other, frag_offset=1408, payload=100)),
+        (EGRESS, attrs.evolve(other, ip_id=7, frag_offset=1408, payload=100)),  # no first
+        (EGRESS, attrs.evolve(other, more_fragments=True, transport_bytes=4)),  # tiny
+    ]))
+    assert got == [model.POLICY_DENY, model.POLICY_DENY, model.FORWARDED, model.FORWARDED,
+                   model.FRAG_UNKNOWN, model.FRAG_TINY]
+
+
+def test_neighbour_discovery_passes_a_closed_pod_and_nothing_else_does(driver):
+    """Under default deny both ways, the link's ND and MLD pass (as ARP does); an echo, an ND
+    message that was routed (hop limit below 255), or one leaving for a routed address is
+    judged — and dropped. The pod's own link-local or unspecified source is fine for ND only."""
+    import attrs
+
+    from meshagent.testing.packets import HOP_BY_HOP, ICMPV6
+    closed = {"ingress": [{}], "egress": [{}]}  # select nothing: both directions closed
+    ns = Packet(CLIENT6, "ff02::1:ff00:1", ICMPV6, icmp_type=135, hop_limit=255)
+    got = outcomes(driver, named_scenario([closed], [
+        (EGRESS, ns),
+        (EGRESS, attrs.evolve(ns, src="::")),  # duplicate address detection
+        (EGRESS, attrs.evolve(ns, src="fe80::2", dst="fe80::1", icmp_type=136)),
+        (INGRESS, attrs.evolve(ns, src="fe80::1", dst=CLIENT6)),
+        (EGRESS, attrs.evolve(ns, icmp_type=143, dst="ff02::16", hop_limit=1,
+                              ext_headers=(HOP_BY_HOP,))),  # an MLD report
+        (EGRESS, attrs.evolve(ns, dst=ECHO6)),  # ND to a routed address
+        (INGRESS, attrs.evolve(ns, src=REMOTE6, dst=CLIENT6, hop_limit=254)),  # routed
+        (EGRESS, attrs.evolve(ns, icmp_type=128, dst=ECHO6, hop_limit=64)),  # a ping
+        (EGRESS, attrs.evolve(ns, icmp_type=128, src="fe80::2", dst="fe80::1")),
+    ]))
+    assert got == [model.FORWARDED] * 5 + [model.POLICY_DEFAULT] * 3 + [model.SPOOFED]

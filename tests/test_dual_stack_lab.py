@@ -1,8 +1,9 @@
 """The dual-stack lab (``meshagent lab up --dual-stack``): both clusters' nodes publish IPv6
 addresses and pod CIDRs, pods get an address of each family, remote IPv6 endpoints are admitted
-inside the pod CIDRs granted to their cluster, IPv6 node routes are installed, and the seed
-holds over IPv4. The eBPF datapath does not parse IPv6 yet: an IPv6 packet from the stranger to
-protected-db is dropped, and ``meshagent monitor`` shows why."""
+inside the pod CIDRs granted to their cluster, IPv6 node routes are installed, and the seed's
+verdicts hold over both families across clusters (employee PONG, stranger timeout, cluster2's
+employee PONG); an IPv6 packet from the stranger to protected-db is dropped by the eBPF
+datapath, and ``meshagent monitor`` shows it with its IPv6 addresses."""
 
 import json
 import subprocess
@@ -11,6 +12,7 @@ import time
 import pytest
 from conftest import MESHAGENT, lab_up, redis_ping, run_cli, seed_scene
 
+from meshagent.plugins.ebpf.commands import format_drop
 from meshagent_dev.netlab import can_run
 
 pytestmark = [pytest.mark.privileged,
@@ -21,6 +23,8 @@ pytestmark = [pytest.mark.privileged,
 def lab(tmp_path_factory):
     with lab_up(tmp_path_factory, "dual", nodes=1, dual_stack=True) as lab:
         seed_scene(lab)
+        lab.pod_create("employee", "cluster1-node1", "default", "app=employee")
+        time.sleep(1)
         yield lab
 
 
@@ -46,12 +50,13 @@ def test_node_list_shows_ipv6_addresses_and_cidrs_of_both_clusters(lab):
     assert "fd00:2:1::/64 via fd00:99::2:1" in routes, routes
 
 
-def test_pods_have_both_families_and_the_seed_holds(lab):
+def test_pods_have_both_families_and_the_seed_holds_over_both(lab):
     pods = lab.state["pods"]
     assert pods["protected-db"]["ip6"].startswith("fd00:1:1::")
     assert pods["employee-c2"]["ip6"].startswith("fd00:2:1::")
-    assert {pod: redis_ping(lab, pod) for pod in ("stranger", "employee-c2")} == {
-        "stranger": "timeout", "employee-c2": "PONG"}
+    seed = {"employee": "PONG", "stranger": "timeout", "employee-c2": "PONG"}
+    for family in (4, 6):
+        assert {pod: redis_ping(lab, pod, family) for pod in seed} == seed, family
     ips = json.loads(run_cli("ip", "list", "-o", "json", "--socket-path", socket(lab)).stdout)
     remote = {e["prefix"]: e for e in ips if e["cluster"] == "cluster2"}
     employee = pods["employee-c2"]
@@ -62,16 +67,20 @@ def test_an_ipv6_packet_from_the_stranger_to_protected_db_is_dropped_and_shown(l
     out = tmp_path / "monitor.json"
     monitor = subprocess.Popen([MESHAGENT, "monitor", "--type", "drop", "-o", "json",
                                 "--socket-path", socket(lab)], stdout=open(out, "w"))
+    db6 = lab.state["pods"]["protected-db"]["ip6"]
+    stranger6 = lab.state["pods"]["stranger"]["ip6"]
     try:
         time.sleep(1)
-        db6 = lab.state["pods"]["protected-db"]["ip6"]
-        ping = lab.pod_exec("stranger", ["ping", "-6", "-c", "1", "-W", "1", db6],
-                            capture_output=True, text=True)
-        assert ping.returncode != 0
+        assert redis_ping(lab, "stranger", 6) == "timeout"
         time.sleep(1)
     finally:
         monitor.kill()
     events = [json.loads(line) for line in out.read_text().splitlines()]
-    unsupported = [e for e in events if e["reason"].startswith("unsupported L3 protocol")]
-    stranger = lab.state["pods"]["stranger"]["endpoint"]
-    assert any(e["endpoint"] == stranger for e in unsupported), events
+    syn = [e for e in events if e["source"]["ip"] == stranger6
+           and e["destination"] == {**e["destination"], "ip": db6, "port": 6379}]
+    assert syn, events
+    assert syn[0]["reason"] == "policy denied (by default)"
+    assert syn[0]["protocol"] == "tcp" and syn[0]["tcp_flags"] == ["SYN"]
+    assert syn[0]["source"]["identity"] == lab.state["pods"]["stranger"]["identity"]
+    assert f"[{stranger6}]:" in format_drop(syn[0])
+    assert f"-> [{db6}]:6379 tcp SYN" in format_drop(syn[0])

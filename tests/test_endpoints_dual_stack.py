@@ -1,12 +1,12 @@
 """Dual-stack pods: with an IPv6 --pod-cidr beside the IPv4 one, every endpoint gets an
 address of each family, wired, published (a /32 and a /128 ipcache entry) and restored; the
-CNI result carries both. Without a datapath the pods reach each other over both families;
-with the eBPF datapath, which does not parse IPv6 yet, IPv6 is dropped and counted while IPv4
-keeps working (nothing passes unjudged because of its family)."""
+CNI result carries both. The pods reach each other over both families, without a datapath
+and with the eBPF one, which tracks IPv6 connections and enforces policy on them as on IPv4."""
 
 import json
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -69,9 +69,14 @@ def test_the_cni_result_carries_both_families(lab, short_tmp):  # noqa: F811
     assert code == 0
 
 
-def test_with_the_ebpf_datapath_ipv6_is_dropped_and_ipv4_works(lab, short_tmp):  # noqa: F811
+def test_with_the_ebpf_datapath_both_families_are_tracked_and_enforced(lab, short_tmp):  # noqa: F811
     bpffs = Path(tempfile.mkdtemp(prefix="ma-bpffs-", dir="/tmp"))
     subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
+
+    def bpf(*args: str):
+        out = subprocess.run([MESHAGENT, "bpf", *args, "--bpf-root", str(bpffs), "-o", "json"],
+                             capture_output=True, text=True)
+        return json.loads(out.stdout)
     try:
         node, agent = single_node(lab, short_tmp, *DUAL, "--plugins", "memory,ebpf",
                                   "--ebpf-bpf-root", str(bpffs))
@@ -79,13 +84,34 @@ def test_with_the_ebpf_datapath_ipv6_is_dropped_and_ipv4_works(lab, short_tmp): 
         agent.create(pod1, "app=employee")
         agent.create(pod2, "app=protected-db")
         assert ping(lab, pod1, "10.1.1.2")
+        assert ping6(lab, pod1, "fd00:1:1::2")  # neighbour discovery passes, ICMPv6 is judged
+        tracked = {(c["source"], c["destination"], c["kind"]) for c in bpf("ct", "list")}
+        assert ("[fd00:1:1::1]:0", "[fd00:1:1::2]:0", "forward") in {
+            (src.rsplit(":", 1)[0] + ":0", dst.rsplit(":", 1)[0] + ":0", kind)
+            for src, dst, kind in tracked}, tracked
+        ipcache = {row["prefix"]: row["identity"] for row in bpf("ipcache", "list")}
+        assert "fd00:1:1::2/128" in ipcache and "10.1.1.2/32" in ipcache, ipcache
+        policy = short_tmp / "db-only-redis.yaml"
+        policy.write_text(DB_ONLY_REDIS)
+        assert agent.cli("policy", "import", str(policy)).returncode == 0
+        time.sleep(0.5)
         assert not ping6(lab, pod1, "fd00:1:1::2")
-        metrics = json.loads(subprocess.run(
-            [MESHAGENT, "bpf", "metrics", "--bpf-root",
-             str(bpffs), "-o", "json"], capture_output=True, text=True).stdout)
-        dropped = {m["reason"]: m["packets"] for m in metrics}
-        assert dropped.get("unsupported L3 protocol (neither IPv4 nor ARP)", 0) >= 1, dropped
+        assert not ping(lab, pod1, "10.1.1.2")
+        dropped = {m["reason"]: m["packets"] for m in bpf("metrics")}
+        assert dropped.get("policy denied (by default)", 0) >= 2, dropped
         agent.stop()
     finally:
         subprocess.run(["umount", "-l", str(bpffs)], check=False)
         bpffs.rmdir()
+
+
+DB_ONLY_REDIS = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: db-only-redis, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: protected-db}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: employee}}]
+    toPorts: [{ports: [{port: "6379", protocol: TCP}]}]
+"""

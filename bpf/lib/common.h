@@ -8,6 +8,7 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
@@ -31,6 +32,12 @@
 #ifndef CT_ANY_MAX
 #define CT_ANY_MAX 262144
 #endif
+#ifndef CT6_TCP_MAX
+#define CT6_TCP_MAX 131072
+#endif
+#ifndef CT6_ANY_MAX
+#define CT6_ANY_MAX 65536
+#endif
 #ifndef IPFRAG_MAX
 #define IPFRAG_MAX 8192
 #endif
@@ -50,7 +57,8 @@
 #define DIR_INGRESS 0 /* traffic entering the pod: its ingress policy */
 #define DIR_EGRESS 1  /* traffic leaving the pod: its egress policy */
 
-#define IDENTITY_WORLD 2
+#define IDENTITY_WORLD 2       /* an IPv4 address no ipcache row covers */
+#define IDENTITY_WORLD_IPV6 10 /* an IPv6 address no ipcache row covers */
 
 /* Verdict reasons: index of the metrics array, the reason of a drop event, and skb->cb[0]
  * after the program ran (what the differential tests read back). */
@@ -60,14 +68,17 @@
 #define REASON_SPOOFED 3         /* left a pod with a source address that is not the pod's */
 #define REASON_FRAG_TINY 4       /* a fragment splits or overlaps the transport header */
 #define REASON_FRAG_UNKNOWN 5    /* a later fragment whose first fragment was never seen */
-#define REASON_MALFORMED 6       /* a bad IPv4 header or a truncated transport header */
-#define REASON_UNSUPPORTED_L3 7  /* neither IPv4 nor ARP: it cannot be judged, so it is dropped */
+#define REASON_MALFORMED 6       /* a bad IP header, extension header or truncated transport
+                                  * header */
+#define REASON_UNSUPPORTED_L3 7  /* neither IPv4, IPv6 nor ARP: it cannot be judged, so it is
+                                  * dropped */
 #define REASON_MAX 8
 
 #define VERDICT_ALLOW 1
 #define VERDICT_DENY 2
 
 #define ENDPOINT_LOCAL_DELIVERY 1  /* MACs known: local traffic may be redirected into it */
+#define ENDPOINT_HAS_IPV6 2        /* dual stack: ipv6 is its address */
 
 struct endpoint_info {
     u32 endpoint_id;
@@ -80,11 +91,17 @@ struct endpoint_info {
     u32 flags;
     u32 born;       /* the generation it was added at: older conntrack entries (of an endpoint
                      * that had its id before) are not its own */
+    u32 ipv6[4];    /* the only IPv6 source its packets may carry (ENDPOINT_HAS_IPV6) */
 };
 
 struct ipcache_key {
     u32 prefixlen;  /* LPM: bits of ip that count */
     u32 ip;         /* network byte order */
+};
+
+struct ipcache6_key {
+    u32 prefixlen;
+    u32 ip[4];
 };
 
 struct ipcache_value {
@@ -123,6 +140,18 @@ struct ct_key {
     u32 endpoint_id;
 };
 
+/* IPv6 connections: the same, with 128-bit addresses (no service NAT over IPv6). */
+struct ct6_key {
+    u32 saddr[4];
+    u32 daddr[4];
+    u16 sport;
+    u16 dport;
+    u8 protocol;
+    u8 direction;
+    u16 pad;
+    u32 endpoint_id;
+};
+
 #define CT_REPLY 1     /* the reply direction of a connection: passes without policy */
 #define CT_NAT_DST 2   /* rewrite the destination to nat_ip:nat_port (service -> backend) */
 #define CT_NAT_SRC 4   /* rewrite the source to nat_ip:nat_port (backend -> service) */
@@ -143,6 +172,14 @@ struct ipfrag_key {
     u16 id;         /* network byte order */
     u8 protocol;
     u8 pad;
+};
+
+struct ipfrag6_key {
+    u32 saddr[4];
+    u32 daddr[4];
+    u32 id;         /* the fragment header's identification, network byte order */
+    u8 protocol;
+    u8 pad[3];
 };
 
 struct ipfrag_ports {
@@ -166,9 +203,11 @@ struct drop_event {
     u8 protocol;
     u8 tcp_flags;
     u8 direction;
-    u8 pad;
+    u8 family;      /* 4: saddr/daddr; 6: saddr6/daddr6 */
     u32 src_identity;
     u32 dst_identity;
+    u32 saddr6[4];
+    u32 daddr6[4];
 };
 
 struct lb_service_key {
@@ -196,7 +235,7 @@ struct lb_backend {
 
 /* The parsed packet: what policy and conntrack look at. */
 struct flow {
-    u32 saddr;
+    u32 saddr;      /* IPv4 */
     u32 daddr;
     u16 sport;
     u16 dport;
@@ -204,6 +243,13 @@ struct flow {
     u8 tcp_flags;
     u16 l4_off;     /* where the transport header starts */
     u8 has_l4;      /* the transport header is in this packet (not a later fragment) */
+    u8 family;      /* 4 or 6 */
+    u8 hop_limit;   /* IPv6 */
+    u8 icmp_type;   /* ICMPv6, when has_icmp */
+    u8 has_icmp;
+    u8 pad[3];
+    u32 saddr6[4];  /* IPv6 */
+    u32 daddr6[4];
 };
 
 #endif

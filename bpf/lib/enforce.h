@@ -3,8 +3,10 @@
  * Order: parse (malformed: drop) -> source check (leaving the pod) -> fragment rules ->
  * conntrack (one lookup; a reply passes, a known forward packet passes unless policy or the
  * ipcache changed since it was judged) -> service frontend (new connections leaving a pod) ->
- * policy (two LPM lookups) -> track it. ARP passes; any other ethertype (IPv6 included,
- * until the datapath parses it) is dropped: nothing passes unjudged because of its family.
+ * policy (two LPM lookups) -> track it. IPv6 takes the same steps with its own ipcache and
+ * conntrack maps (no services, no local redirect). ARP and the link's ICMPv6 control
+ * messages (neighbour discovery, MLD) pass; any other ethertype is dropped: nothing passes
+ * unjudged because of its family.
  *
  * A packet leaving a pod for another pod of this node is judged by the destination's ingress
  * policy right there, then redirected into the destination pod (bpf_redirect_peer), as
@@ -13,6 +15,7 @@
 #define MESHAGENT_ENFORCE_H
 
 #include "lib/conntrack.h"
+#include "lib/conntrack6.h"
 #include "lib/lb.h"
 #include "lib/parse.h"
 #include "lib/policy.h"
@@ -42,7 +45,9 @@ static __always_inline int drop(struct __sk_buff *skb, struct endpoint_info *ep,
                                .endpoint_id = ep->endpoint_id, .saddr = f->saddr,
                                .daddr = f->daddr, .sport = f->sport, .dport = f->dport,
                                .protocol = f->protocol, .tcp_flags = f->tcp_flags,
-                               .direction = direction};
+                               .direction = direction, .family = f->family};
+    __builtin_memcpy(event.saddr6, f->saddr6, 16);
+    __builtin_memcpy(event.daddr6, f->daddr6, 16);
     event.src_identity = direction == DIR_INGRESS ? peer : ep->identity;
     event.dst_identity = direction == DIR_INGRESS ? ep->identity : peer;
     drop_events.perf_submit(skb, &event, sizeof(event));
@@ -53,7 +58,10 @@ static __always_inline int judge(struct endpoint_info *ep, u8 direction, struct 
                                  u32 *peer)
 {
     /* the peer: the source entering the pod, the destination leaving it */
-    *peer = ipcache_identity(direction == DIR_INGRESS ? f->saddr : f->daddr);
+    if (f->family == 6)
+        *peer = ipcache6_identity(direction == DIR_INGRESS ? f->saddr6 : f->daddr6);
+    else
+        *peer = ipcache_identity(direction == DIR_INGRESS ? f->saddr : f->daddr);
     return policy_check(ep->endpoint_id, direction, *peer, f->protocol, f->dport);
 }
 
@@ -96,6 +104,32 @@ static __always_inline int verdict(struct __sk_buff *skb, struct endpoint_info *
     return REASON_FORWARDED;
 }
 
+/* verdict() for IPv6: conntrack and policy. */
+static __always_inline int verdict6(struct endpoint_info *ep, u8 direction, struct flow *f,
+                                    u64 now, u32 *peer)
+{
+    struct ct_value *ct = ct6_lookup(ep, direction, f, now);
+    *peer = 0;
+    if (ct && (ct->flags & CT_REPLY || ct->generation == ep->generation))
+        return REASON_FORWARDED;
+    int reason = judge(ep, direction, f, peer);
+    if (reason != REASON_FORWARDED)
+        return reason;
+    if (ct)
+        ct->generation = ep->generation;  /* judged again after a change, and still allowed */
+    else
+        ct6_create(ep, direction, f, now);
+    return REASON_FORWARDED;
+}
+
+/* Whether an IPv6 packet leaving the pod carries the pod's own IPv6 address. */
+static __always_inline int own_ipv6(struct endpoint_info *ep, struct flow *f)
+{
+    return ep->flags & ENDPOINT_HAS_IPV6 && f->saddr6[0] == ep->ipv6[0] &&
+           f->saddr6[1] == ep->ipv6[1] && f->saddr6[2] == ep->ipv6[2] &&
+           f->saddr6[3] == ep->ipv6[3];
+}
+
 /* Into a local pod without the node's stack: decrement the TTL (as a router would), address
  * the pod's eth0 from its host-side veth, and hand it over. Written in place, no helpers.
  * TC_ACT_OK (the stack's way) when it cannot. */
@@ -124,17 +158,26 @@ static __always_inline int enforce(struct __sk_buff *skb, u8 direction)
         return TC_ACT_OK;  /* not an endpoint of ours */
     struct packet p = {};
     u64 now = bpf_ktime_get_ns();
-    int reason = parse_ipv4(skb, &p);
+    int reason = parse(skb, &p);
     if (reason == PARSE_ARP)
         return pass(skb);
     if (reason != REASON_FORWARDED)
         return drop(skb, ep, direction, &p.f, reason, 0, now);
-    if (direction == DIR_EGRESS && p.f.saddr != ep->ipv4)
+    int v6 = p.f.family == 6;
+    if (v6 && link_control(&p, direction))
+        return pass(skb);
+    if (direction == DIR_EGRESS && (v6 ? !own_ipv6(ep, &p.f) : p.f.saddr != ep->ipv4))
         return drop(skb, ep, direction, &p.f, REASON_SPOOFED, 0, now);
     reason = fragment_check(&p);
     if (reason != REASON_FORWARDED)
         return drop(skb, ep, direction, &p.f, reason, 0, now);
     u32 peer = 0;
+    if (v6) {
+        reason = verdict6(ep, direction, &p.f, now, &peer);
+        if (reason != REASON_FORWARDED)
+            return drop(skb, ep, direction, &p.f, reason, peer, now);
+        return pass(skb);
+    }
     reason = verdict(skb, ep, direction, &p.f, now, &peer);
     if (reason != REASON_FORWARDED)
         return drop(skb, ep, direction, &p.f, reason, peer, now);

@@ -38,4 +38,12 @@ static __always_inline u32 ipcache_identity(u32 ip)
     return value ? value->identity : IDENTITY_WORLD;
 }
 
+static __always_inline u32 ipcache6_identity(u32 *ip)
+{
+    struct ipcache6_key key = {.prefixlen = 128};
+    __builtin_memcpy(key.ip, ip, 16);
+    struct ipcache_value *value = ipcache6.lookup(&key);
+    return value ? value->identity : IDENTITY_WORLD_IPV6;
+}
+
 #endif

@@ -70,8 +70,9 @@ def endpoint_of(spec: EndpointSpec) -> Endpoint:
     """The endpoint a scenario's spec stands for, as the agent would hand it over."""
     macs = dict(pod_mac=f"02:00:00:00:01:{spec.id:02x}",
                 host_mac=f"02:00:00:00:02:{spec.id:02x}") if spec.local_delivery else {}
+    ipv6 = ipaddress.IPv6Address(spec.ipv6) if spec.ipv6 else None
     return Endpoint(spec.id, spec.namespace, frozenset(), ipaddress.IPv4Address(spec.ip),
-                    spec.identity, ifindex=100 + spec.id, **macs)
+                    spec.identity, ifindex=100 + spec.id, ipv6=ipv6, **macs)
 
 
 class ScenarioDriver:
@@ -126,6 +127,8 @@ class ScenarioDriver:
                 if tally is not None:
                     tally[got[0]] = tally.get(got[0], 0) + 1
                     tally["delivered"] = tally.get("delivered", 0) + got[1]
+                    if probe.packet.family == 6:
+                        tally[f"{got[0]} ipv6"] = tally.get(f"{got[0]} ipv6", 0) + 1
                 if got != expected:
                     differences.append(f"phase {n} probe {i}: endpoint {probe.endpoint}"
                                        f" {probe.direction} {probe.packet}: datapath {got},"
@@ -252,6 +255,8 @@ class DatapathContract:
             cls.probes_run
         seen = cls.outcomes_seen
         assert set(cls.expected_outcomes) <= set(seen), seen
+        ipv6 = {f"{o} ipv6" for o in cls.expected_outcomes if o != model.UNSUPPORTED_L3}
+        assert ipv6 <= set(seen), f"IPv6 outcomes never seen: {ipv6 - set(seen)}"
         if cls.expects_local_delivery:
             assert seen.get("delivered", 0) > 0, seen
 

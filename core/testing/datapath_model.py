@@ -1,16 +1,20 @@
 """What a datapath must do with each packet, written as plainly as possible: the reference every
 datapath is tested against (docs/datapath.md, "What every datapath enforces").
 
-It is the resolver's decision plus the packet-level rules around it, in this order: a frame
-that is not IPv4 passes (ARP); a malformed IPv4 packet is dropped; a packet leaving a pod with
-a source that is not the pod's is dropped; fragments follow RFC 1858 and take their first
-fragment's ports; a reply of an allowed connection passes; every other packet gets the
-resolver's verdict for (endpoint, direction, peer identity, protocol, destination port), the
-peer identity being the longest ipcache prefix holding the peer's address (world if none).
+It is the resolver's decision plus the packet-level rules around it, in this order: ARP
+passes, any other frame that is neither IPv4 nor IPv6 is dropped; a malformed IP packet is
+dropped; the link's own ICMPv6 control messages (neighbour discovery, MLD) pass as ARP does; a
+packet leaving a pod with a source that is not the pod's (of its family) is dropped;
+fragments follow RFC 1858 and take their first fragment's ports; a reply of an allowed
+connection passes; every other packet gets the resolver's verdict for (endpoint, direction,
+peer identity, protocol, destination port), the peer identity being the longest ipcache
+prefix of the peer's family holding the peer's address (world of that family if none: 2 for
+IPv4, 10 for IPv6).
 An allowed packet makes its reverse a reply. As in Cilium, connection state only ever lets
 replies through: a packet of a known connection in its own direction is judged by policy as it
 is now. A packet leaving a pod for another pod of the node that takes local delivery is judged
-by that pod's ingress too, and delivered into it directly (:meth:`DatapathModel.delivery`).
+by that pod's ingress too, and delivered into it directly (:meth:`DatapathModel.delivery`;
+IPv4 only: IPv6 goes through the node's stack).
 """
 
 import ipaddress
@@ -18,7 +22,7 @@ from collections.abc import Callable
 
 import attrs
 
-from meshagent.model.identity import ReservedIdentity
+from meshagent.model.identity import world_identity
 from meshagent.policy.resolver import ALLOWED, DENIED_BY_DEFAULT, DENIED_BY_RULE, Verdict
 from meshagent.testing.packets import (
     ARP,
@@ -26,7 +30,7 @@ from meshagent.testing.packets import (
     FRAG_LATER,
     FRAG_NONE,
     MALFORMED,
-    NOT_IPV4,
+    NOT_IP,
     PARSED,
     TRANSPORT_HEADER,
     parse,
@@ -42,7 +46,7 @@ SPOOFED = "spoofed"
 FRAG_TINY = "frag-tiny"
 FRAG_UNKNOWN = "frag-unknown"
 MALFORMED_PACKET = "malformed"
-UNSUPPORTED_L3 = "unsupported-l3"  # neither IPv4 nor ARP: never passes unjudged
+UNSUPPORTED_L3 = "unsupported-l3"  # neither IPv4, IPv6 nor ARP: never passes unjudged
 
 _REASONS = {ALLOWED: FORWARDED, DENIED_BY_RULE: POLICY_DENY, DENIED_BY_DEFAULT: POLICY_DEFAULT}
 
@@ -52,6 +56,12 @@ class ModelEndpoint:
     id: int
     ip: str
     local_delivery: bool = True  # other local pods' packets are delivered into it directly
+    ipv6: str | None = None  # dual stack
+
+    def owns(self, address: str) -> bool:
+        """Whether ``address`` is one of the pod's own (what it may send from)."""
+        mine = self.ipv6 if ":" in address else self.ip
+        return mine is not None and ipaddress.ip_address(mine) == ipaddress.ip_address(address)
 
 
 #: decision(endpoint id, direction, identity, protocol, port) -> (Verdict, reason)
@@ -64,24 +74,25 @@ class DatapathModel:
     def __init__(self, decision: Decision):
         self.decision = decision
         self.endpoints: dict[int, ModelEndpoint] = {}
-        self.ipcache: dict[ipaddress.IPv4Network, int] = {}
+        self.ipcache: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, int] = {}
         self.replies: set[tuple] = set()
         self.fragments: dict[tuple, tuple[int, int]] = {}
 
     def identity_of(self, address: str) -> int:
-        ip = ipaddress.IPv4Address(address)
+        ip = ipaddress.ip_address(address)
         best = None
         for prefix in self.ipcache:
-            if ip in prefix and (best is None or prefix.prefixlen > best.prefixlen):
+            if prefix.version == ip.version and ip in prefix and \
+                    (best is None or prefix.prefixlen > best.prefixlen):
                 best = prefix
-        return self.ipcache[best] if best is not None else int(ReservedIdentity.WORLD)
+        return self.ipcache[best] if best is not None else int(world_identity(ip.version))
 
     def delivery(self, endpoint_id: int, direction: str, frame: bytes) -> tuple[str, bool]:
         """The outcome at this hook, and whether the packet goes straight into a local pod
         (judged by that pod's ingress policy on the way)."""
         outcome = self.outcome(endpoint_id, direction, frame)
         p = parse(frame)
-        if direction != EGRESS or outcome != FORWARDED or p.outcome != PARSED:
+        if direction != EGRESS or outcome != FORWARDED or p.outcome != PARSED or p.family != 4:
             return outcome, False
         target = next((e for e in self.endpoints.values() if e.ip == p.dst), None)
         if target is None or not target.local_delivery:
@@ -94,11 +105,13 @@ class DatapathModel:
         p = parse(frame)
         if p.outcome == ARP:
             return FORWARDED
-        if p.outcome == NOT_IPV4:
+        if p.outcome == NOT_IP:
             return UNSUPPORTED_L3
         if p.outcome == MALFORMED:
             return MALFORMED_PACKET
-        if direction == EGRESS and p.src != endpoint.ip:
+        if p.link_control(leaving=direction == EGRESS):
+            return FORWARDED
+        if direction == EGRESS and not endpoint.owns(p.src):
             return SPOOFED
         sport, dport = p.sport, p.dport
         need = TRANSPORT_HEADER.get(p.protocol, 0)

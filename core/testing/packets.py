@@ -1,9 +1,10 @@
 """Synthetic Ethernet frames for datapath tests, and the parse every datapath must agree with.
 
 :class:`Packet` describes a frame by its fields (so a failing case reads as what it is) and
-:meth:`Packet.frame` builds the bytes: IPv4 with options, TCP/UDP/SCTP/ICMP, first and later
-fragments, truncated and malformed headers, and a few non-IPv4 frames. :func:`parse` reads
-bytes back the way docs/datapath.md says a datapath reads them.
+:meth:`Packet.frame` builds the bytes: IPv4 with options or IPv6 with extension headers (the
+family follows the addresses), TCP/UDP/SCTP/ICMP/ICMPv6, first and later fragments, truncated
+and malformed headers, and frames of other ethertypes. :func:`parse` reads bytes back the way
+docs/datapath.md says a datapath reads them.
 """
 
 import ipaddress
@@ -12,7 +13,17 @@ import struct
 import attrs
 
 ETH_IPV4, ETH_ARP, ETH_IPV6 = 0x0800, 0x0806, 0x86DD
-TCP, UDP, SCTP, ICMP = 6, 17, 132, 1
+ETH_EXPERIMENTAL = 0x88B5  # IEEE's local experimental ethertype: neither IP nor ARP
+TCP, UDP, SCTP, ICMP, ICMPV6 = 6, 17, 132, 1, 58
+#: IPv6 extension headers a datapath walks to reach the transport header (RFC 8200 order
+#: aside), and how many it walks at most (Cilium's IPV6_MAX_HEADERS): more is malformed.
+HOP_BY_HOP, ROUTING, FRAGMENT, AUTH, DEST_OPTIONS = 0, 43, 44, 51, 60
+EXTENSION_HEADERS = (HOP_BY_HOP, ROUTING, FRAGMENT, AUTH, DEST_OPTIONS)
+IPV6_MAX_HEADERS = 4
+#: ICMPv6 neighbour discovery (hop limit 255) and MLD (hop limit 1): the link's own control
+#: messages, passed like ARP while they stay on the link.
+ND_TYPES = frozenset(range(133, 138))
+MLD_TYPES = frozenset({130, 131, 132, 143})
 #: The transport header a packet of these protocols must carry whole (a first fragment too):
 #: every byte up to and including TCP's flags, UDP's and SCTP's common header (RFC 1858).
 TRANSPORT_HEADER = {TCP: 20, UDP: 8, SCTP: 12}
@@ -34,9 +45,17 @@ class Packet:
     frag_offset: int = 0  # bytes, a multiple of 8; > 0: a later fragment (no transport header)
     transport_bytes: int | None = None  # of the transport header present; None: all of it
     ihl: int = 5
-    version: int = 4
-    length_excess: int = 0  # the IPv4 total length claims this many bytes more than there are
-    ethertype: int = ETH_IPV4
+    version: int | None = None  # the IP header's version field; None: the family's
+    length_excess: int = 0  # the IP length field claims this many bytes more than there are
+    ethertype: int | None = None  # None: the family's; another one: 40 zero bytes follow
+    ext_headers: tuple[int, ...] = ()  # IPv6: extension headers before the transport
+    hop_limit: int = 64  # IPv6
+    icmp_type: int | None = None  # ICMP(v6): None is an echo request
+    truncate: int = 0  # IPv6: bytes cut off the end before the payload length is written
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.src else 4
 
     def reply(self) -> "Packet":
         """The same flow, the other way."""
@@ -45,13 +64,17 @@ class Packet:
                             else self.tcp_flags)
 
     def frame(self) -> bytes:
-        eth = bytes.fromhex("020000000001020000000002") + struct.pack("!H", self.ethertype)
-        if self.ethertype == ETH_ARP:
+        own = ETH_IPV6 if self.family == 6 else ETH_IPV4
+        ethertype = own if self.ethertype is None else self.ethertype
+        eth = bytes.fromhex("020000000001020000000002") + struct.pack("!H", ethertype)
+        if ethertype == ETH_ARP and self.family == 4:
             return eth + struct.pack("!HHBBH", 1, ETH_IPV4, 6, 4, 1) + bytes(6) + \
                 ipaddress.IPv4Address(self.src).packed + bytes(6) + \
                 ipaddress.IPv4Address(self.dst).packed
-        if self.ethertype != ETH_IPV4:
+        if ethertype != own:
             return eth + bytes(40)
+        if self.family == 6:
+            return eth + self._ipv6()
         body = bytes(self.payload)
         if self.frag_offset == 0:
             transport = self._transport(len(body))
@@ -62,12 +85,45 @@ class Packet:
         options = b"\x01" * (self.ihl * 4 - 20) if self.ihl > 5 else b""
         total = 20 + len(options) + len(body) + self.length_excess
         flags = (MORE_FRAGMENTS if self.more_fragments else 0) | (self.frag_offset // 8)
-        header = struct.pack("!BBHHHBBH4s4s", (self.version << 4) | (self.ihl & 0xF), 0,
+        version = 4 if self.version is None else self.version
+        header = struct.pack("!BBHHHBBH4s4s", (version << 4) | (self.ihl & 0xF), 0,
                              total & 0xFFFF, self.ip_id, flags, 64, self.protocol, 0,
                              ipaddress.IPv4Address(self.src).packed,
                              ipaddress.IPv4Address(self.dst).packed) + options
         header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
         return eth + header + body
+
+    def _ipv6(self) -> bytes:
+        """The IPv6 header, its extension headers (a fragment header last, for a fragment)
+        and what follows them."""
+        chain = list(self.ext_headers)
+        fragment = self.more_fragments or self.frag_offset > 0
+        if fragment:
+            chain.append(FRAGMENT)
+        body = bytes(self.payload)
+        if self.frag_offset == 0:
+            transport = self._transport(len(body))
+            if self.transport_bytes is not None:
+                transport = transport[:self.transport_bytes]
+                body = b""
+            body = transport + body
+        headers = b""
+        for n, kind in enumerate(chain):
+            following = chain[n + 1] if n + 1 < len(chain) else self.protocol
+            if kind == FRAGMENT:
+                field = self.frag_offset & 0xFFF8 | (1 if self.more_fragments else 0)
+                headers += struct.pack("!BBHI", following, 0, field, self.ip_id)
+            elif kind == AUTH:  # length in 4-byte units, minus 2
+                headers += struct.pack("!BB", following, 2) + bytes(14)
+            else:  # length in 8-byte units, minus 1; PadN options
+                headers += struct.pack("!BB", following, 0) + b"\x01\x04" + bytes(4)
+        payload = (headers + body)[:max(0, len(headers) + len(body) - self.truncate)]
+        version = 6 if self.version is None else self.version
+        first = chain[0] if chain else self.protocol
+        return struct.pack("!IHBB16s16s", version << 28, (len(payload) + self.length_excess)
+                           & 0xFFFF, first, self.hop_limit,
+                           ipaddress.IPv6Address(self.src).packed,
+                           ipaddress.IPv6Address(self.dst).packed) + payload
 
     def _transport(self, payload: int) -> bytes:
         if self.protocol == TCP:
@@ -77,8 +133,10 @@ class Packet:
             return struct.pack("!HHHH", self.sport, self.dport, 8 + payload, 0)
         if self.protocol == SCTP:
             return struct.pack("!HHII", self.sport, self.dport, 1, 0)
-        if self.protocol == ICMP:
-            return struct.pack("!BBHHH", 8, 0, 0, self.sport, 1)
+        if self.protocol in (ICMP, ICMPV6):
+            echo = 8 if self.protocol == ICMP else 128
+            kind = echo if self.icmp_type is None else self.icmp_type
+            return struct.pack("!BBHHH", kind, 0, 0, self.sport, 1)
         return b""
 
 
@@ -91,7 +149,7 @@ def checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-ARP, NOT_IPV4, MALFORMED, PARSED = "arp", "not-ipv4", "malformed", "parsed"
+ARP, NOT_IP, MALFORMED, PARSED = "arp", "not-ip", "malformed", "parsed"
 FRAG_NONE, FRAG_FIRST, FRAG_LATER = "none", "first", "later"
 
 
@@ -99,7 +157,8 @@ FRAG_NONE, FRAG_FIRST, FRAG_LATER = "none", "first", "later"
 class Parsed:
     """What a datapath reads off a frame (docs/datapath.md, "Parsing")."""
 
-    outcome: str  # ARP, NOT_IPV4 (another ethertype), MALFORMED or PARSED
+    outcome: str  # ARP, NOT_IP (another ethertype), MALFORMED or PARSED
+    family: int = 4
     src: str = ""
     dst: str = ""
     protocol: int = 0
@@ -109,6 +168,22 @@ class Parsed:
     ip_id: int = 0
     frag_offset: int = 0
     transport_short: bool = False  # a first fragment without its whole transport header
+    hop_limit: int = 0  # IPv6
+    icmp_type: int | None = None  # ICMPv6, when the packet holds it
+
+    def link_control(self, leaving: bool) -> bool:
+        """An ICMPv6 message of the link itself: neighbour discovery with hop limit 255 or
+        MLD with hop limit 1 (never routed), whole, and when leaving the pod addressed within
+        the link (link-local, or link-scope multicast). It passes as ARP does."""
+        if self.family != 6 or self.protocol != ICMPV6 or self.icmp_type is None \
+                or self.fragment != FRAG_NONE:
+            return False
+        if not ((self.icmp_type in ND_TYPES and self.hop_limit == 255)
+                or (self.icmp_type in MLD_TYPES and self.hop_limit == 1)):
+            return False
+        dst = ipaddress.IPv6Address(self.dst)
+        return not leaving or dst.is_link_local or \
+            dst in ipaddress.IPv6Network("ff02::/16")
 
 
 def parse(frame: bytes) -> Parsed:
@@ -117,8 +192,10 @@ def parse(frame: bytes) -> Parsed:
     ethertype = struct.unpack_from("!H", frame, 12)[0]
     if ethertype == ETH_ARP:
         return Parsed(ARP)
+    if ethertype == ETH_IPV6:
+        return _parse_ipv6(frame[14:])
     if ethertype != ETH_IPV4:
-        return Parsed(NOT_IPV4)
+        return Parsed(NOT_IP)
     ip = frame[14:]
     if len(ip) < 20 or ip[0] >> 4 != 4 or ip[0] & 0xF < 5:
         return Parsed(MALFORMED)
@@ -140,4 +217,50 @@ def parse(frame: bytes) -> Parsed:
             return Parsed(PARSED, transport_short=True, **common)
         return Parsed(MALFORMED)
     sport, dport = struct.unpack_from("!HH", ip, hlen)
+    return Parsed(PARSED, sport=sport, dport=dport, **common)
+
+
+def _parse_ipv6(ip: bytes) -> Parsed:
+    """Up to IPV6_MAX_HEADERS extension headers are walked to the transport header; a
+    fragment header sets the fragment fields (its 32-bit identification is ``ip_id``)."""
+    if len(ip) < 40 or ip[0] >> 4 != 6:
+        return Parsed(MALFORMED)
+    payload = struct.unpack_from("!H", ip, 4)[0]
+    if payload > len(ip) - 40:
+        return Parsed(MALFORMED)
+    end, offset, following = 40 + payload, 40, ip[6]
+    fragment, ip_id, frag_offset = FRAG_NONE, 0, 0
+    for _ in range(IPV6_MAX_HEADERS):
+        if following not in EXTENSION_HEADERS:
+            break
+        if offset + 8 > end:
+            return Parsed(MALFORMED)
+        header = ip[offset:offset + 8]
+        if following == FRAGMENT:
+            field, ip_id = struct.unpack_from("!HI", header, 2)
+            frag_offset = field & 0xFFF8
+            fragment = FRAG_LATER if frag_offset else (FRAG_FIRST if field & 1 else FRAG_NONE)
+            offset += 8
+        elif following == AUTH:
+            offset += (header[1] + 2) * 4
+        else:
+            offset += (header[1] + 1) * 8
+        following = header[0]
+    if following in EXTENSION_HEADERS or offset > end:
+        return Parsed(MALFORMED)
+    common = dict(family=6, src=str(ipaddress.IPv6Address(ip[8:24])),
+                  dst=str(ipaddress.IPv6Address(ip[24:40])), protocol=following,
+                  fragment=fragment, ip_id=ip_id, frag_offset=frag_offset, hop_limit=ip[7])
+    if fragment == FRAG_LATER:
+        return Parsed(PARSED, **common)
+    if following == ICMPV6 and offset + 1 <= end:
+        common["icmp_type"] = ip[offset]
+    need = TRANSPORT_HEADER.get(following, 0)
+    if not need:
+        return Parsed(PARSED, **common)
+    if end - offset < need:
+        if fragment == FRAG_FIRST:
+            return Parsed(PARSED, transport_short=True, **common)
+        return Parsed(MALFORMED)
+    sport, dport = struct.unpack_from("!HH", ip, offset)
     return Parsed(PARSED, sport=sport, dport=dport, **common)

@@ -37,9 +37,18 @@ from meshagent.policy.resolver import (
 )
 from meshagent.testing.datapath_model import DatapathModel, ModelEndpoint
 from meshagent.testing.packets import (
+    AUTH,
+    DEST_OPTIONS,
     ETH_ARP,
+    ETH_EXPERIMENTAL,
+    ETH_IPV4,
     ETH_IPV6,
+    HOP_BY_HOP,
     ICMP,
+    ICMPV6,
+    MLD_TYPES,
+    ND_TYPES,
+    ROUTING,
     SCTP,
     TCP,
     TRANSPORT_HEADER,
@@ -48,6 +57,12 @@ from meshagent.testing.packets import (
 )
 
 LOCAL, REMOTE = "cluster1", "cluster2"
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _order(network: Network) -> tuple:
+    """Networks of both families in one order (they do not compare across families)."""
+    return (network.version, network)
 
 
 @attrs.frozen
@@ -67,6 +82,10 @@ class EndpointSpec:
     namespace: str
     identity: int  # one of the first phase's identities, of the local cluster
     local_delivery: bool = True  # its MACs are known: local pods' packets go straight in
+    ipv6: str | None = None  # dual stack
+
+    def address(self, family: int) -> str | None:
+        return self.ipv6 if family == 6 else self.ip
 
 
 @attrs.frozen
@@ -123,11 +142,11 @@ class ResolvedWorld:
         self.resolver = Resolver(LOCAL, default_local_cluster=scenario.default_local_cluster,
                                  on_change=lambda ep, c: self.changes.setdefault(ep, []).extend(c))
         self.identities: dict[int, Identity] = {}
-        self.cidr: dict[ipaddress.IPv4Network, Identity] = {}
-        self.ipcache: dict[ipaddress.IPv4Network, IPCacheEntry] = {}
+        self.cidr: dict[Network, Identity] = {}
+        self.ipcache: dict[Network, IPCacheEntry] = {}
         self.policies: dict[tuple, object] = {}
         self.model = DatapathModel(self.decision)
-        self.model.endpoints = {e.id: ModelEndpoint(e.id, e.ip, e.local_delivery)
+        self.model.endpoints = {e.id: ModelEndpoint(e.id, e.ip, e.local_delivery, e.ipv6)
                                 for e in scenario.endpoints}
 
     def decision(self, endpoint_id: int, direction: str, identity: int, protocol: int,
@@ -157,7 +176,7 @@ class ResolvedWorld:
             policies[policy.key] = policy
         cidrs = policy_cidrs(policies.values())
         taken = {i.id for i in self.cidr.values()}
-        for prefix in sorted(cidrs - set(self.cidr)):  # as the policy service: identities first
+        for prefix in sorted(cidrs - set(self.cidr), key=_order):  # as the policy service
             number = free_local_identity(taken)
             taken.add(number)
             self.cidr[prefix] = cidr_identity(number, prefix, LOCAL)
@@ -172,14 +191,14 @@ class ResolvedWorld:
         for key in set(self.policies) - set(policies):
             self.resolver.delete_policy(key)
         self.policies = policies
-        for prefix in sorted(set(self.cidr) - cidrs):
+        for prefix in sorted(set(self.cidr) - cidrs, key=_order):
             self.resolver.remove_identity(self.cidr.pop(prefix).id)
         for number in set(self.identities) - set(wanted):
             del self.identities[number]
             self.resolver.remove_identity(number)
         self.ipcache = {}
         for prefix, number in phase.ipcache:
-            network = ipaddress.IPv4Network(prefix)
+            network = ipaddress.ip_network(prefix)
             self.ipcache[network] = IPCacheEntry(network, number, LOCAL)
         for prefix, identity in self.cidr.items():
             self.ipcache[prefix] = IPCacheEntry(prefix, identity.id, LOCAL)
@@ -200,8 +219,13 @@ class ResolvedWorld:
 
 APPS = ("a", "b", "db")
 NAMESPACES = ("default", "other")
-CIDRS = ("10.2.0.0/16", "10.2.3.0/24", "10.1.0.0/16", "10.0.0.0/8", "192.0.2.0/24",
-         "198.51.100.0/24", "198.51.100.128/25", "203.0.113.7/32", "0.0.0.0/0")
+CIDRS4 = ("10.2.0.0/16", "10.2.3.0/24", "10.1.0.0/16", "10.0.0.0/8", "192.0.2.0/24",
+          "198.51.100.0/24", "198.51.100.128/25", "203.0.113.7/32", "0.0.0.0/0")
+CIDRS6 = ("fd00:2::/32", "fd00:2:3::/48", "fd00:1::/32", "fd00::/8", "2001:db8::/32",
+          "2001:db8:1::/48", "2001:db8:1:8000::/49", "2001:db8:1::7/128", "::/0")
+CIDRS = CIDRS4 + CIDRS6
+#: where a CIDRSet's cidr is drawn from: no host prefixes
+SET_CIDRS = tuple(c for c in CIDRS if not c.endswith(("/32", "/128")))
 ENTITIES = ("world", "cluster", "host", "remote-node", "all")
 PORTS = (1, 22, 53, 80, 443, 1023, 1024, 4095, 4096, 6379, 8080, 8191, 8192, 30000, 31000,
          32767, 32768, 65534, 65535)
@@ -293,10 +317,10 @@ def peer_rules(draw, direction: str) -> dict:
         item[f"{prefix}CIDR"] = draw(st.lists(st.sampled_from(CIDRS), min_size=1, max_size=2,
                                               unique=True))
     elif kind == "cidrset":
-        cidr = draw(st.sampled_from(CIDRS[:-2] + ("0.0.0.0/0",)))
-        network = ipaddress.IPv4Network(cidr)
-        inside = [c for c in CIDRS if ipaddress.IPv4Network(c).subnet_of(network)
-                  and c != cidr]
+        cidr = draw(st.sampled_from(SET_CIDRS))
+        network = ipaddress.ip_network(cidr)
+        inside = [c for c in CIDRS if ipaddress.ip_network(c).version == network.version
+                  and ipaddress.ip_network(c).subnet_of(network) and c != cidr]
         entry = {"cidr": cidr}
         if inside and draw(st.booleans()):
             entry["except"] = draw(st.lists(st.sampled_from(inside), min_size=1, max_size=2,
@@ -345,8 +369,9 @@ def scenarios(draw, probes_per_phase: int = 80, phases: int = 2) -> Scenario:
         spec = draw(st.sampled_from(local))
         namespace = dict(label.split(":", 1)[1].split("=", 1) for label in spec.labels)[
             NAMESPACE_LABEL]
+        ipv6 = f"fd00:1:1::{n + 1:x}" if draw(st.integers(0, 3)) > 0 else None
         endpoints.append(EndpointSpec(n + 1, f"10.1.1.{n + 1}", namespace, spec.id,
-                                      draw(st.integers(0, 3)) > 0))
+                                      draw(st.integers(0, 3)) > 0, ipv6))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = random.Random(seed)
     out, history = [], []
@@ -372,16 +397,19 @@ def world_ipcache(rng: random.Random, identities: Iterable[IdentitySpec],
     """Endpoints' own rows, pods of both clusters, reserved and unknown identities; a later
     phase moves or drops a few rows."""
     rows = {f"{e.ip}/32": e.identity for e in endpoints}
+    rows.update({f"{e.ipv6}/128": e.identity for e in endpoints if e.ipv6})
     for n, identity in enumerate(identities):
-        rows[f"10.1.2.{n + 1}/32" if identity.cluster == LOCAL else f"10.2.3.{n + 1}/32"] = \
-            identity.id
+        local = identity.cluster == LOCAL
+        rows[f"10.1.2.{n + 1}/32" if local else f"10.2.3.{n + 1}/32"] = identity.id
+        rows[f"fd00:1:2::{n + 1:x}/128" if local else f"fd00:2:3::{n + 1:x}/128"] = identity.id
         rows[f"10.2.{n + 5}.9/32"] = identity.id
-    rows["10.1.0.1/32"] = int(ReservedIdentity.HOST)
-    rows["10.2.0.1/32"] = int(ReservedIdentity.REMOTE_NODE)
-    rows["10.3.0.0/16"] = (102 << 16) + 999  # a range of a remote cluster, unknown identity
-    rows["192.0.2.200/32"] = 777  # an identity nobody knows
+    rows["10.1.0.1/32"] = rows["fd00:1::1/128"] = int(ReservedIdentity.HOST)
+    rows["10.2.0.1/32"] = rows["fd00:2::1/128"] = int(ReservedIdentity.REMOTE_NODE)
+    # a range of a remote cluster, unknown identity
+    rows["10.3.0.0/16"] = rows["fd00:3::/48"] = (102 << 16) + 999
+    rows["192.0.2.200/32"] = rows["2001:db8::c8/128"] = 777  # an identity nobody knows
     if phase_index:
-        movable = sorted(p for p in rows if not p.startswith("10.1.1."))
+        movable = sorted(p for p in rows if not p.startswith(("10.1.1.", "fd00:1:1:")))
         for prefix in rng.sample(movable, k=min(2, len(movable))):
             if rng.random() < 0.5:
                 del rows[prefix]
@@ -398,14 +426,14 @@ def _addresses(rng: random.Random, phase: Phase) -> list[str]:
     for text in phase.policies:
         out.update(c for c in CIDRS if c in text)
     for prefix in prefixes:
-        network = ipaddress.IPv4Network(prefix)
+        network = ipaddress.ip_network(prefix)
         out.add(str(network.network_address))
         out.add(str(network.broadcast_address))
         if network.num_addresses > 2:
             out.add(str(network.network_address + rng.randrange(1, network.num_addresses - 1)))
-    out.discard("0.0.0.0")
-    out.discard("255.255.255.255")
+    out.difference_update({"0.0.0.0", "255.255.255.255", "::"})
     out.add(f"198.18.{rng.randrange(256)}.{rng.randrange(1, 255)}")
+    out.add(f"2a00:{rng.randrange(1, 0xFFFF):x}::{rng.randrange(1, 0xFFFF):x}")
     return sorted(a for a in out if "/" not in a)
 
 
@@ -435,12 +463,15 @@ def make_probes(rng: random.Random, phase: Phase, endpoints: list[EndpointSpec],
     addresses, ports = _addresses(rng, phase), _ports(rng, phase)
     probes: list[Probe] = []
     firsts: list[Probe] = []
+    own = [a for e in endpoints for a in (e.ip, e.ipv6) if a]
     for _ in range(count):
         endpoint = rng.choice(endpoints)
         direction = rng.choice((INGRESS, EGRESS))
-        peer = rng.choice(addresses + [e.ip for e in endpoints])
-        protocol = rng.choice((TCP, TCP, UDP, UDP, SCTP, ICMP, 47))
-        src, dst = (peer, endpoint.ip) if direction == INGRESS else (endpoint.ip, peer)
+        peer = rng.choice(addresses + own)
+        family = 6 if ":" in peer else 4
+        protocol = rng.choice((TCP, TCP, UDP, UDP, SCTP, ICMPV6 if family == 6 else ICMP, 47))
+        mine = endpoint.address(family) or "fd00:1:1::ff"  # not its own: an IPv4-only pod
+        src, dst = (peer, mine) if direction == INGRESS else (mine, peer)
         packet = Packet(src, dst, protocol, rng.choice(ports + [rng.randrange(1024, 65536)]),
                         rng.choice(ports), ip_id=rng.randrange(65536), payload=rng.randrange(64))
         roll = rng.random()
@@ -468,23 +499,65 @@ def make_probes(rng: random.Random, phase: Phase, endpoints: list[EndpointSpec],
                 probe = Probe(endpoint.id, direction, attrs.evolve(
                     packet, frag_offset=rng.choice((8, 24, 1480)), payload=16))
         elif roll < 0.37:  # leaving the pod with someone else's address
-            others = [e.ip for e in endpoints if e.ip != endpoint.ip] + addresses
+            others = [a for a in own + addresses if (":" in a) == (family == 6) and a != mine]
             probe = Probe(endpoint.id, EGRESS, attrs.evolve(packet, src=rng.choice(others),
                                                             dst=peer))
-        elif roll < 0.43:  # broken or unusual headers
+        elif roll < 0.43 and family == 4:  # broken or unusual headers
             change = rng.choice(("ihl", "version", "length", "truncated", "options", "options"))
             broken = {"ihl": dict(ihl=rng.choice((0, 3, 4))), "version": dict(version=6),
                       "length": dict(length_excess=rng.randrange(1, 40)),
                       "truncated": dict(transport_bytes=rng.randrange(0, 8)),
                       "options": dict(ihl=rng.choice((6, 10, 15)))}[change]
             probe = Probe(endpoint.id, direction, attrs.evolve(packet, **broken))
-        elif roll < 0.45:  # not IPv4
+        elif roll < 0.43:  # IPv6: extension headers, broken or not
+            probe = Probe(endpoint.id, direction, attrs.evolve(packet, **ipv6_variant(rng)))
+        elif roll < 0.45 and family == 6:  # the link's ICMPv6 control messages, or look-alikes
+            probe = Probe(endpoint.id, direction, link_control_probe(rng, packet, direction))
+        elif roll < 0.47:  # neither IPv4 nor IPv6, or the wrong ethertype for the family
             probe = Probe(endpoint.id, direction, attrs.evolve(
-                packet, ethertype=rng.choice((ETH_ARP, ETH_IPV6))))
+                packet, ethertype=rng.choice((ETH_ARP, ETH_EXPERIMENTAL,
+                                              ETH_IPV4 if family == 6 else ETH_IPV6))))
         else:
             probe = Probe(endpoint.id, direction, packet)
         probes.append(probe)
     return probes
+
+
+def ipv6_variant(rng: random.Random) -> dict:
+    """Packet fields for an IPv6 packet with extension headers: a legal chain, one too long,
+    one cut short, or a broken IPv6 header."""
+    chain = tuple(rng.choice((HOP_BY_HOP, DEST_OPTIONS, ROUTING, AUTH))
+                  for _ in range(rng.randrange(1, 4)))
+    change = rng.choice(("chain", "chain", "chain", "too-many", "cut", "version", "length",
+                         "truncated"))
+    if change == "too-many":
+        return dict(ext_headers=chain + (DEST_OPTIONS,) * (5 - len(chain)))
+    if change == "cut":
+        return dict(ext_headers=chain, truncate=rng.randrange(1, 120))
+    if change == "version":
+        return dict(version=rng.choice((0, 4, 7)))
+    if change == "length":
+        return dict(ext_headers=chain, length_excess=rng.randrange(1, 40))
+    if change == "truncated":
+        return dict(transport_bytes=rng.randrange(0, 8))
+    return dict(ext_headers=chain)
+
+
+def link_control_probe(rng: random.Random, packet: Packet, direction: str) -> Packet:
+    """An ICMPv6 neighbour discovery or MLD message, to the link or not, with its hop limit
+    or not, whole or fragmented: what passes as the link's own and what is judged."""
+    kind = rng.choice(sorted(ND_TYPES | MLD_TYPES) + [128, 129, 1])
+    hop_limit = rng.choice((255, 1, 64, 254))
+    within = rng.choice(("fe80::1", "ff02::1", "ff02::1:ff00:1", "ff02::16", None))
+    fields = dict(protocol=ICMPV6, icmp_type=kind, hop_limit=hop_limit,
+                  ext_headers=(HOP_BY_HOP,) if kind in MLD_TYPES else ())
+    if within is not None:
+        fields["dst" if direction == EGRESS else "src"] = within
+    if direction == EGRESS and rng.random() < 0.4:  # from its link-local address, or none
+        fields["src"] = rng.choice(("fe80::2", "::"))
+    if rng.random() < 0.15:
+        fields["more_fragments"] = True
+    return attrs.evolve(packet, **fields)
 
 
 def minimize(scenario: Scenario, fails: Callable[[Scenario], bool],

@@ -66,8 +66,10 @@ def _bpf_args(parser: argparse.ArgumentParser) -> None:
 
 def _bpf(args: argparse.Namespace) -> int:
     if args.what == "ipcache":
-        rows = sorted(((f"{ip_text(k.ip)}/{k.prefixlen}", v.identity)
-                       for k, v in _pinned(args, "ipcache").items()), key=lambda r: r[0])
+        rows = [(f"{ip_text(k.ip)}/{k.prefixlen}", v.identity)
+                for name in ("ipcache", "ipcache6")
+                for k, v in sorted(_pinned(args, name).items(),
+                                   key=lambda kv: (bytes(kv[0].ip), kv[0].prefixlen))]
         return _emit(args, ("PREFIX", "IDENTITY"), [(p, str(i)) for p, i in rows],
                      [{"prefix": p, "identity": i} for p, i in rows])
     if args.what == "policy":
@@ -92,7 +94,7 @@ def _bpf(args: argparse.Namespace) -> int:
     if args.what == "ct":
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         rows = []
-        for name in ("ct_tcp", "ct_any"):
+        for name in ("ct_tcp", "ct_any", "ct6_tcp", "ct6_any"):
             for k, v in _pinned(args, name).items():
                 nat = ""
                 if v.flags & CT_NAT_DST:
@@ -102,8 +104,8 @@ def _bpf(args: argparse.Namespace) -> int:
                 rows.append({"endpoint": k.endpoint_id,
                              "direction": "ingress" if k.direction == DIR_INGRESS else "egress",
                              "protocol": PROTOCOL_NAMES.get(k.protocol, k.protocol),
-                             "source": f"{ip_text(k.saddr)}:{k.sport}",
-                             "destination": f"{ip_text(k.daddr)}:{k.dport}",
+                             "source": host_port(ip_text(k.saddr), k.sport),
+                             "destination": host_port(ip_text(k.daddr), k.dport),
                              "kind": "reply" if v.flags & CT_REPLY else "forward",
                              "nat": nat,
                              "idle_seconds": round((now - v.last_seen_ns) / 1e9, 1)})
@@ -119,6 +121,11 @@ def _bpf(args: argparse.Namespace) -> int:
                  [(r["reason"], str(r["packets"]), str(r["bytes"])) for r in rows], rows)
 
 
+def host_port(ip: str, port: int) -> str:
+    """``10.0.0.1:80``, ``[fd00::1]:80``."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
 def _monitor_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--type", choices=("drop",), default=None,
                         help="only events of this type (the datapath sends drops)")
@@ -131,7 +138,8 @@ def format_drop(event: dict) -> str:
     flags = f" {','.join(event['tcp_flags'])}" if event["tcp_flags"] else ""
     stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
     return (f"{stamp} drop ({event['reason']}) endpoint {event['endpoint']}"
-            f" {event['direction']}: {src['ip']}:{src['port']} -> {dst['ip']}:{dst['port']}"
+            f" {event['direction']}: {host_port(src['ip'], src['port'])} ->"
+            f" {host_port(dst['ip'], dst['port'])}"
             f" {event['protocol']}{flags}, identity {src['identity']} ({src['cluster']}) ->"
             f" {dst['identity']} ({dst['cluster']})")
 

@@ -27,6 +27,7 @@ from meshagent.plugins.ebpf import loader, migrate
 from meshagent.plugins.ebpf.maps import (
     DIR_EGRESS,
     DIR_INGRESS,
+    ENDPOINT_HAS_IPV6,
     ENDPOINT_LOCAL_DELIVERY,
     POLICY_PREFIX_STATIC,
     PROTOCOL_NAMES,
@@ -36,6 +37,7 @@ from meshagent.plugins.ebpf.maps import (
     VERDICT_DENY,
     DropEvent,
     EndpointInfo,
+    IPCache6Key,
     IPCacheKey,
     IPCacheValue,
     IPv4Bytes,
@@ -45,6 +47,7 @@ from meshagent.plugins.ebpf.maps import (
     LBServiceKey,
     PolicyKey,
     PolicyValue,
+    ip6_bytes,
     ip_bytes,
     ip_text,
     mac_bytes,
@@ -98,6 +101,8 @@ class EbpfSettings:
             "POLICY_MAX": self.policy_max,
             "CT_TCP_MAX": self.ct_tcp_max,
             "CT_ANY_MAX": self.ct_any_max,
+            "CT6_TCP_MAX": max(1024, self.ct_tcp_max // 4),
+            "CT6_ANY_MAX": max(1024, self.ct_any_max // 4),
             "LB_SERVICES_MAX": 65536,
             "CT_LIFETIME_TCP_NS": f"{int(self.ct_timeout_tcp * 1e9)}ULL",
             "CT_LIFETIME_ANY_NS": f"{int(self.ct_timeout_any * 1e9)}ULL",
@@ -249,11 +254,13 @@ class EbpfDatapath:
         return self.generation
 
     def _write_endpoint(self, endpoint: Endpoint) -> None:
-        known = bool(endpoint.pod_mac and endpoint.host_mac)
+        flags = ENDPOINT_LOCAL_DELIVERY if endpoint.pod_mac and endpoint.host_mac else 0
+        if endpoint.ipv6 is not None:
+            flags |= ENDPOINT_HAS_IPV6
         info = EndpointInfo(endpoint.id, endpoint.identity, ip_bytes(endpoint.ipv4),
                             self.generation, endpoint.ifindex, mac_bytes(endpoint.pod_mac),
-                            mac_bytes(endpoint.host_mac),
-                            ENDPOINT_LOCAL_DELIVERY if known else 0, self.born[endpoint.id])
+                            mac_bytes(endpoint.host_mac), flags, self.born[endpoint.id],
+                            ip6_bytes(endpoint.ipv6))
         self.maps["endpoints"].put(ct.c_uint32(endpoint.ifindex), info)
 
     async def endpoint_added(self, endpoint: Endpoint) -> None:
@@ -309,14 +316,13 @@ class EbpfDatapath:
     async def update_ipcache(self, changes) -> None:
         """Upserts before deletes: every address resolves to its old or new identity on the
         way, never to a shorter prefix's for a moment."""
-        table = self.maps["ipcache"]
-        changes = [(kind, entry) for kind, entry in changes if _in_map(entry)]
         for kind, entry in changes:
             if kind is not ChangeKind.DELETE:
-                table.put(_ipcache_key(entry), IPCacheValue(entry.identity, 0))
+                self.maps[_ipcache_map(entry)].put(_ipcache_key(entry),
+                                                   IPCacheValue(entry.identity, 0))
         for kind, entry in changes:
             if kind is ChangeKind.DELETE:
-                table.delete(_ipcache_key(entry))
+                self.maps[_ipcache_map(entry)].delete(_ipcache_key(entry))
         self._bump(list(self.endpoints))
 
     async def update_policy(self, endpoint_id: int, changes) -> None:
@@ -385,7 +391,6 @@ class EbpfDatapath:
         for endpoint_id, verdicts in policies.items():
             for key, verdict in verdicts.items():
                 self.groups.setdefault(group_of(endpoint_id, key), {})[key] = verdict
-        ipcache = [e for e in ipcache if _in_map(e)]
         self.installed = self._read_installed()
         old = {group: {block_key(b): v for b, v in entries.items()}
                for group, entries in self.installed.items()}
@@ -418,12 +423,14 @@ class EbpfDatapath:
     def _replace_ipcache(self, ipcache: list[IPCacheEntry]) -> None:
         """The ipcache exactly these rows: new ones first, then stale ones removed, so every
         address resolves to its old or its new identity on the way."""
-        wanted = {(e.prefix.prefixlen, e.prefix.network_address.packed): e for e in ipcache}
+        wanted = {(e.prefix.prefixlen, e.prefix.network_address.packed) for e in ipcache}
         for entry in ipcache:
-            self.maps["ipcache"].put(_ipcache_key(entry), IPCacheValue(entry.identity, 0))
-        for key, _ in list(self.maps["ipcache"].items()):
-            if (key.prefixlen, bytes(key.ip)) not in wanted:
-                self.maps["ipcache"].delete(key)
+            self.maps[_ipcache_map(entry)].put(_ipcache_key(entry),
+                                               IPCacheValue(entry.identity, 0))
+        for name in ("ipcache", "ipcache6"):
+            for key, _ in list(self.maps[name].items()):
+                if (key.prefixlen, bytes(key.ip)) not in wanted:
+                    self.maps[name].delete(key)
 
     def policy_entry_count(self) -> int:
         """Entries the policy map holds for the resolved verdicts (as written)."""
@@ -477,12 +484,14 @@ class EbpfDatapath:
             return {"identity": identity, "cluster": cluster}
         flags = [name for bit, name in TCP_FLAGS if raw.tcp_flags & bit] if raw.protocol == 6 \
             else []
+        v6 = raw.family == 6
         return {
             "type": "drop", "time": time.time(), "reason": REASONS.get(raw.reason, raw.reason),
             "endpoint": raw.endpoint_id,
             "direction": "ingress" if raw.direction == DIR_INGRESS else "egress",
-            "source": {"ip": ip_text(raw.saddr), "port": raw.sport, **who(raw.src_identity)},
-            "destination": {"ip": ip_text(raw.daddr), "port": raw.dport,
+            "source": {"ip": ip_text(raw.saddr6 if v6 else raw.saddr), "port": raw.sport,
+                       **who(raw.src_identity)},
+            "destination": {"ip": ip_text(raw.daddr6 if v6 else raw.daddr), "port": raw.dport,
                             **who(raw.dst_identity)},
             "protocol": PROTOCOL_NAMES.get(raw.protocol, str(raw.protocol)),
             "tcp_flags": flags,
@@ -503,11 +512,11 @@ class EbpfDatapath:
             return StatusSection("Datapath", Health.WARNING, "ebpf: loading programs")
         attached = {ep_id: self.attached.get(ep_id, []) for ep_id in self.endpoints}
         full = sum(1 for names in attached.values() if len(names) == 2)
-        sizes = {name: len(self.maps[name]) for name in ("ipcache", "ct_tcp", "ct_any",
-                                                         "lb_services")}
+        limits = {"ipcache": "IPCACHE_MAX", "ipcache6": "IPCACHE_MAX", "policy": "POLICY_MAX",
+                  "ct_tcp": "CT_TCP_MAX", "ct_any": "CT_ANY_MAX", "ct6_tcp": "CT6_TCP_MAX",
+                  "ct6_any": "CT6_ANY_MAX", "lb_services": "LB_SERVICES_MAX"}
+        sizes = {name: len(self.maps[name]) for name in limits if name != "policy"}
         sizes["policy"] = self.policy_entry_count()
-        limits = {"ipcache": "IPCACHE_MAX", "policy": "POLICY_MAX", "ct_tcp": "CT_TCP_MAX",
-                  "ct_any": "CT_ANY_MAX", "lb_services": "LB_SERVICES_MAX"}
         drops = {reason: n for reason, n in self.counters().items() if reason != "forwarded"}
         summary = (f"ebpf: programs attached on {full}/{len(self.endpoints)} endpoints,"
                    f" {'synced' if self.synced else 'waiting for the agent to sync'};"
@@ -577,10 +586,12 @@ class DatapathMetrics:
         return []
 
 
-def _in_map(entry: IPCacheEntry) -> bool:
-    """Only IPv4 rows have a place in the BPF ipcache: IPv6 frames are dropped, unparsed."""
-    return entry.prefix.version == 4
+def _ipcache_map(entry: IPCacheEntry) -> str:
+    """Each family's rows have an LPM trie of their own."""
+    return "ipcache6" if entry.prefix.version == 6 else "ipcache"
 
 
-def _ipcache_key(entry: IPCacheEntry) -> IPCacheKey:
+def _ipcache_key(entry: IPCacheEntry) -> IPCacheKey | IPCache6Key:
+    if entry.prefix.version == 6:
+        return IPCache6Key(entry.prefix.prefixlen, ip6_bytes(entry.prefix.network_address))
     return IPCacheKey(entry.prefix.prefixlen, ip_bytes(entry.prefix.network_address))

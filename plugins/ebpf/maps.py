@@ -15,6 +15,7 @@ from meshagent.errors import MeshagentError
 u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
 be16 = ct.c_uint16.__ctype_be__
 IPv4Bytes = u8 * 4
+IPv6Bytes = u8 * 16
 
 DIR_INGRESS, DIR_EGRESS = 0, 1
 VERDICT_ALLOW, VERDICT_DENY = 1, 2
@@ -29,27 +30,33 @@ REASONS = {
     REASON_FRAG_TINY: "tiny fragment (splits the transport header)",
     REASON_FRAG_UNKNOWN: "fragment without its first fragment",
     REASON_MALFORMED: "malformed packet",
-    REASON_UNSUPPORTED_L3: "unsupported L3 protocol (neither IPv4 nor ARP)",
+    REASON_UNSUPPORTED_L3: "unsupported L3 protocol (neither IPv4, IPv6 nor ARP)",
 }
-PROTOCOL_NAMES = {0: "any", 1: "icmp", 6: "tcp", 17: "udp", 132: "sctp"}
+PROTOCOL_NAMES = {0: "any", 1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
 POLICY_PREFIX_STATIC = 72  # endpoint_id, identity, direction: always matched whole
 CT_REPLY, CT_NAT_DST, CT_NAT_SRC = 1, 2, 4
-MAP_NAMES = ("endpoints", "local_ips", "ipcache", "policy", "ct_tcp", "ct_any", "ipfrag",
-             "metrics", "lb_services", "lb_backends", "generation")
+MAP_NAMES = ("endpoints", "local_ips", "ipcache", "ipcache6", "policy", "ct_tcp", "ct_any",
+             "ct6_tcp", "ct6_any", "ipfrag", "ipfrag6", "metrics", "lb_services", "lb_backends",
+             "generation")
 
 
 ENDPOINT_LOCAL_DELIVERY = 1
+ENDPOINT_HAS_IPV6 = 2
 MAC = u8 * 6
 
 
 class EndpointInfo(ct.Structure):
     _fields_ = [("endpoint_id", u32), ("identity", u32), ("ipv4", IPv4Bytes),
                 ("generation", u32), ("ifindex", u32), ("pod_mac", MAC), ("host_mac", MAC),
-                ("flags", u32), ("born", u32)]
+                ("flags", u32), ("born", u32), ("ipv6", IPv6Bytes)]
 
 
 class IPCacheKey(ct.Structure):
     _fields_ = [("prefixlen", u32), ("ip", IPv4Bytes)]
+
+
+class IPCache6Key(ct.Structure):
+    _fields_ = [("prefixlen", u32), ("ip", IPv6Bytes)]
 
 
 class IPCacheValue(ct.Structure):
@@ -72,6 +79,11 @@ class CTKey(ct.Structure):
                 ("protocol", u8), ("direction", u8), ("pad", u16), ("endpoint_id", u32)]
 
 
+class CT6Key(ct.Structure):
+    _fields_ = [("saddr", IPv6Bytes), ("daddr", IPv6Bytes), ("sport", u16), ("dport", u16),
+                ("protocol", u8), ("direction", u8), ("pad", u16), ("endpoint_id", u32)]
+
+
 class CTValue(ct.Structure):
     _fields_ = [("last_seen_ns", u64), ("generation", u32), ("nat_ip", IPv4Bytes),
                 ("nat_port", u16), ("flags", u8), ("pad", u8 * 5)]
@@ -80,6 +92,11 @@ class CTValue(ct.Structure):
 class IPFragKey(ct.Structure):
     _fields_ = [("saddr", IPv4Bytes), ("daddr", IPv4Bytes), ("id", be16), ("protocol", u8),
                 ("pad", u8)]
+
+
+class IPFrag6Key(ct.Structure):
+    _fields_ = [("saddr", IPv6Bytes), ("daddr", IPv6Bytes), ("id", u8 * 4), ("protocol", u8),
+                ("pad", u8 * 3)]
 
 
 class IPFragPorts(ct.Structure):
@@ -93,8 +110,8 @@ class MetricsValue(ct.Structure):
 class DropEvent(ct.Structure):
     _fields_ = [("time_ns", u64), ("reason", u32), ("endpoint_id", u32), ("saddr", IPv4Bytes),
                 ("daddr", IPv4Bytes), ("sport", u16), ("dport", u16), ("protocol", u8),
-                ("tcp_flags", u8), ("direction", u8), ("pad", u8), ("src_identity", u32),
-                ("dst_identity", u32)]
+                ("tcp_flags", u8), ("direction", u8), ("family", u8), ("src_identity", u32),
+                ("dst_identity", u32), ("saddr6", IPv6Bytes), ("daddr6", IPv6Bytes)]
 
 
 class LBServiceKey(ct.Structure):
@@ -117,10 +134,14 @@ TYPES = {
     "endpoints": (u32, EndpointInfo),
     "local_ips": (IPv4Bytes, u32),
     "ipcache": (IPCacheKey, IPCacheValue),
+    "ipcache6": (IPCache6Key, IPCacheValue),
     "policy": (PolicyKey, PolicyValue),
     "ct_tcp": (CTKey, CTValue),
     "ct_any": (CTKey, CTValue),
+    "ct6_tcp": (CT6Key, CTValue),
+    "ct6_any": (CT6Key, CTValue),
     "ipfrag": (IPFragKey, IPFragPorts),
+    "ipfrag6": (IPFrag6Key, IPFragPorts),
     "metrics": (u32, MetricsValue),
     "lb_services": (LBServiceKey, LBService),
     "lb_backends": (LBBackendKey, LBBackend),
@@ -131,9 +152,10 @@ TYPES = {
 #: Every struct shared with the programs, by its C name in bpf/lib/common.h (checked against
 #: what the compiler lays out by tests/test_datapath_layout.py).
 C_STRUCTS = {
-    "endpoint_info": EndpointInfo, "ipcache_key": IPCacheKey, "ipcache_value": IPCacheValue,
-    "policy_key": PolicyKey, "policy_value": PolicyValue, "ct_key": CTKey, "ct_value": CTValue,
-    "ipfrag_key": IPFragKey, "ipfrag_ports": IPFragPorts, "metrics_value": MetricsValue,
+    "endpoint_info": EndpointInfo, "ipcache_key": IPCacheKey, "ipcache6_key": IPCache6Key,
+    "ipcache_value": IPCacheValue, "policy_key": PolicyKey, "policy_value": PolicyValue,
+    "ct_key": CTKey, "ct6_key": CT6Key, "ct_value": CTValue, "ipfrag_key": IPFragKey,
+    "ipfrag6_key": IPFrag6Key, "ipfrag_ports": IPFragPorts, "metrics_value": MetricsValue,
     "drop_event": DropEvent, "lb_service_key": LBServiceKey, "lb_service": LBService,
     "lb_backend_key": LBBackendKey, "lb_backend": LBBackend,
 }
@@ -146,10 +168,14 @@ MAP_SPECS = {
     "endpoints": (MAP_HASH, "ENDPOINTS_MAX", 4096, 0),
     "local_ips": (MAP_HASH, "ENDPOINTS_MAX", 4096, 0),
     "ipcache": (MAP_LPM_TRIE, "IPCACHE_MAX", 512000, NO_PREALLOC),
+    "ipcache6": (MAP_LPM_TRIE, "IPCACHE_MAX", 512000, NO_PREALLOC),
     "policy": (MAP_LPM_TRIE, "POLICY_MAX", 262144, NO_PREALLOC),
     "ct_tcp": (MAP_LRU_HASH, "CT_TCP_MAX", 524288, 0),
     "ct_any": (MAP_LRU_HASH, "CT_ANY_MAX", 262144, 0),
+    "ct6_tcp": (MAP_LRU_HASH, "CT6_TCP_MAX", 131072, 0),
+    "ct6_any": (MAP_LRU_HASH, "CT6_ANY_MAX", 65536, 0),
     "ipfrag": (MAP_LRU_HASH, "IPFRAG_MAX", 8192, 0),
+    "ipfrag6": (MAP_LRU_HASH, "IPFRAG_MAX", 8192, 0),
     "metrics": (MAP_PERCPU_ARRAY, "REASON_MAX", 8, 0),
     "lb_services": (MAP_HASH, "LB_SERVICES_MAX", 65536, 0),
     "lb_backends": (MAP_HASH, "LB_BACKENDS_MAX", 65536, 0),
@@ -195,13 +221,18 @@ def ip_bytes(address: ipaddress.IPv4Address | str) -> IPv4Bytes:
     return IPv4Bytes(*ipaddress.IPv4Address(address).packed)
 
 
+def ip6_bytes(address: ipaddress.IPv6Address | str | None) -> IPv6Bytes:
+    """An IPv6 address as the struct field (all zero for none)."""
+    return IPv6Bytes(*ipaddress.IPv6Address(address).packed) if address else IPv6Bytes()
+
+
 def mac_bytes(text: str) -> "MAC":
     """``aa:bb:cc:dd:ee:ff`` as the struct field (all zero when unknown)."""
     return MAC(*bytes.fromhex(text.replace(":", ""))) if text else MAC()
 
 
-def ip_text(raw: IPv4Bytes) -> str:
-    return str(ipaddress.IPv4Address(bytes(raw)))
+def ip_text(raw: IPv4Bytes | IPv6Bytes) -> str:
+    return str(ipaddress.ip_address(bytes(raw)))
 
 
 def _lib():
