@@ -75,13 +75,7 @@ class Packet:
             return eth + bytes(40)
         if self.family == 6:
             return eth + self._ipv6()
-        body = bytes(self.payload)
-        if self.frag_offset == 0:
-            transport = self._transport(len(body))
-            if self.transport_bytes is not None:
-                transport = transport[:self.transport_bytes]
-                body = b""
-            body = transport + body
+        body = self._after_ip()
         options = b"\x01" * (self.ihl * 4 - 20) if self.ihl > 5 else b""
         total = 20 + len(options) + len(body) + self.length_excess
         flags = (MORE_FRAGMENTS if self.more_fragments else 0) | (self.frag_offset // 8)
@@ -100,13 +94,7 @@ class Packet:
         fragment = self.more_fragments or self.frag_offset > 0
         if fragment:
             chain.append(FRAGMENT)
-        body = bytes(self.payload)
-        if self.frag_offset == 0:
-            transport = self._transport(len(body))
-            if self.transport_bytes is not None:
-                transport = transport[:self.transport_bytes]
-                body = b""
-            body = transport + body
+        body = self._after_ip()
         headers = b""
         for n, kind in enumerate(chain):
             following = chain[n + 1] if n + 1 < len(chain) else self.protocol
@@ -124,6 +112,17 @@ class Packet:
                            & 0xFFFF, first, self.hop_limit,
                            ipaddress.IPv6Address(self.src).packed,
                            ipaddress.IPv6Address(self.dst).packed) + payload
+
+    def _after_ip(self) -> bytes:
+        """The transport header (cut to ``transport_bytes``) and payload; a later fragment's
+        payload only."""
+        body = bytes(self.payload)
+        if self.frag_offset:
+            return body
+        transport = self._transport(len(body))
+        if self.transport_bytes is not None:
+            return transport[:self.transport_bytes]
+        return transport + body
 
     def _transport(self, payload: int) -> bytes:
         if self.protocol == TCP:
@@ -209,14 +208,23 @@ def parse(frame: bytes) -> Parsed:
     fragment = FRAG_LATER if offset else (FRAG_FIRST if flags & MORE_FRAGMENTS else FRAG_NONE)
     common = dict(src=src, dst=dst, protocol=protocol, fragment=fragment, ip_id=ip_id,
                   frag_offset=offset)
-    need = TRANSPORT_HEADER.get(protocol, 0)
-    if fragment == FRAG_LATER or not need:
+    if fragment == FRAG_LATER:
         return Parsed(PARSED, **common)
-    if total - hlen < need:
-        if fragment == FRAG_FIRST:
+    return _with_ports(ip, hlen, total - hlen, common)
+
+
+def _with_ports(ip: bytes, offset: int, available: int, common: dict) -> Parsed:
+    """The parse of a packet whose transport header starts at ``offset`` with ``available``
+    bytes: its ports when its protocol has them; a short header is malformed, or marked so
+    in a first fragment."""
+    need = TRANSPORT_HEADER.get(common["protocol"], 0)
+    if not need:
+        return Parsed(PARSED, **common)
+    if available < need:
+        if common["fragment"] == FRAG_FIRST:
             return Parsed(PARSED, transport_short=True, **common)
         return Parsed(MALFORMED)
-    sport, dport = struct.unpack_from("!HH", ip, hlen)
+    sport, dport = struct.unpack_from("!HH", ip, offset)
     return Parsed(PARSED, sport=sport, dport=dport, **common)
 
 
@@ -255,12 +263,4 @@ def _parse_ipv6(ip: bytes) -> Parsed:
         return Parsed(PARSED, **common)
     if following == ICMPV6 and offset + 1 <= end:
         common["icmp_type"] = ip[offset]
-    need = TRANSPORT_HEADER.get(following, 0)
-    if not need:
-        return Parsed(PARSED, **common)
-    if end - offset < need:
-        if fragment == FRAG_FIRST:
-            return Parsed(PARSED, transport_short=True, **common)
-        return Parsed(MALFORMED)
-    sport, dport = struct.unpack_from("!HH", ip, offset)
-    return Parsed(PARSED, sport=sport, dport=dport, **common)
+    return _with_ports(ip, offset, end - offset, common)
