@@ -4,13 +4,10 @@ CNI result carries both. The pods reach each other over both families, without a
 and with the eBPF one, which tracks IPv6 connections and enforces policy on them as on IPv4."""
 
 import json
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
-from conftest import MESHAGENT
+from conftest import run_cli
 from test_endpoints import cni, lab, ping, single_node  # noqa: F401 (lab: a fixture)
 
 from meshagent_dev.netlab import can_run
@@ -69,40 +66,32 @@ def test_the_cni_result_carries_both_families(lab, short_tmp):  # noqa: F811
     assert code == 0
 
 
-def test_with_the_ebpf_datapath_both_families_are_tracked_and_enforced(lab, short_tmp):  # noqa: F811
-    bpffs = Path(tempfile.mkdtemp(prefix="ma-bpffs-", dir="/tmp"))
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
-
+def test_with_the_ebpf_datapath_both_families_are_tracked_and_enforced(lab, short_tmp,  # noqa: F811
+                                                                       bpffs):
     def bpf(*args: str):
-        out = subprocess.run([MESHAGENT, "bpf", *args, "--bpf-root", str(bpffs), "-o", "json"],
-                             capture_output=True, text=True)
-        return json.loads(out.stdout)
-    try:
-        node, agent = single_node(lab, short_tmp, *DUAL, "--plugins", "memory,ebpf",
-                                  "--ebpf-bpf-root", str(bpffs))
-        pod1, pod2 = lab.ns("pod1"), lab.ns("pod2")
-        agent.create(pod1, "app=employee")
-        agent.create(pod2, "app=protected-db")
-        assert ping(lab, pod1, "10.1.1.2")
-        assert ping6(lab, pod1, "fd00:1:1::2")  # neighbour discovery passes, ICMPv6 is judged
-        tracked = {(c["source"], c["destination"], c["kind"]) for c in bpf("ct", "list")}
-        assert ("[fd00:1:1::1]:0", "[fd00:1:1::2]:0", "forward") in {
-            (src.rsplit(":", 1)[0] + ":0", dst.rsplit(":", 1)[0] + ":0", kind)
-            for src, dst, kind in tracked}, tracked
-        ipcache = {row["prefix"]: row["identity"] for row in bpf("ipcache", "list")}
-        assert "fd00:1:1::2/128" in ipcache and "10.1.1.2/32" in ipcache, ipcache
-        policy = short_tmp / "db-only-redis.yaml"
-        policy.write_text(DB_ONLY_REDIS)
-        assert agent.cli("policy", "import", str(policy)).returncode == 0
-        time.sleep(0.5)
-        assert not ping6(lab, pod1, "fd00:1:1::2")
-        assert not ping(lab, pod1, "10.1.1.2")
-        dropped = {m["reason"]: m["packets"] for m in bpf("metrics")}
-        assert dropped.get("policy denied (by default)", 0) >= 2, dropped
-        agent.stop()
-    finally:
-        subprocess.run(["umount", "-l", str(bpffs)], check=False)
-        bpffs.rmdir()
+        return json.loads(run_cli("bpf", *args, "--bpf-root", str(bpffs), "-o", "json").stdout)
+    node, agent = single_node(lab, short_tmp, *DUAL, "--plugins", "memory,ebpf",
+                              "--ebpf-bpf-root", str(bpffs))
+    pod1, pod2 = lab.ns("pod1"), lab.ns("pod2")
+    agent.create(pod1, "app=employee")
+    agent.create(pod2, "app=protected-db")
+    assert ping(lab, pod1, "10.1.1.2")
+    assert ping6(lab, pod1, "fd00:1:1::2")  # neighbour discovery passes, ICMPv6 is judged
+    tracked = {(c["source"], c["destination"], c["kind"]) for c in bpf("ct", "list")}
+    assert ("[fd00:1:1::1]:0", "[fd00:1:1::2]:0", "forward") in {
+        (src.rsplit(":", 1)[0] + ":0", dst.rsplit(":", 1)[0] + ":0", kind)
+        for src, dst, kind in tracked}, tracked
+    ipcache = {row["prefix"]: row["identity"] for row in bpf("ipcache", "list")}
+    assert "fd00:1:1::2/128" in ipcache and "10.1.1.2/32" in ipcache, ipcache
+    policy = short_tmp / "db-only-redis.yaml"
+    policy.write_text(DB_ONLY_REDIS)
+    assert agent.cli("policy", "import", str(policy)).returncode == 0
+    time.sleep(0.5)
+    assert not ping6(lab, pod1, "fd00:1:1::2")
+    assert not ping(lab, pod1, "10.1.1.2")
+    dropped = {m["reason"]: m["packets"] for m in bpf("metrics")}
+    assert dropped.get("policy denied (by default)", 0) >= 2, dropped
+    agent.stop()
 
 
 DB_ONLY_REDIS = """

@@ -40,6 +40,15 @@ static __always_inline void ct_other_half(struct ct_key *key, struct ct_value *v
     ct_fill_key(other, key->endpoint_id, key->direction ^ 1, &back);
 }
 
+/* Whether an entry is past its idle lifetime, or older than the endpoint: an endpoint that
+ * had its id before owned it. */
+static __always_inline int ct_expired(struct ct_value *value, u8 protocol,
+                                      struct endpoint_info *ep, u64 now)
+{
+    u64 lifetime = protocol == IPPROTO_TCP ? CT_LIFETIME_TCP_NS : CT_LIFETIME_ANY_NS;
+    return now - value->last_seen_ns > lifetime || value->generation < ep->born;
+}
+
 /* The live entry for this packet's tuple, or 0. An entry older than the endpoint belongs to
  * an endpoint that had its id before: not this one's. Refreshes last-seen at most once a
  * second — both halves of the connection, so that they live and expire together (a write per
@@ -48,11 +57,10 @@ static __always_inline struct ct_value *ct_lookup(struct ct_key *key, struct end
                                                   u64 now)
 {
     int tcp = key->protocol == IPPROTO_TCP;
-    u64 lifetime = tcp ? CT_LIFETIME_TCP_NS : CT_LIFETIME_ANY_NS;
     struct ct_value *value = tcp ? ct_tcp.lookup(key) : ct_any.lookup(key);
     if (!value)
         return 0;
-    if (now - value->last_seen_ns > lifetime || value->generation < ep->born) {
+    if (ct_expired(value, key->protocol, ep, now)) {
         if (tcp)
             ct_tcp.delete(key);
         else
@@ -82,11 +90,9 @@ static __always_inline void ct_put(struct ct_key *key, struct ct_value *value)
 static __always_inline int ct_live_forward(struct ct_key *key, struct endpoint_info *ep,
                                            u64 now)
 {
-    int tcp = key->protocol == IPPROTO_TCP;
-    u64 lifetime = tcp ? CT_LIFETIME_TCP_NS : CT_LIFETIME_ANY_NS;
-    struct ct_value *value = tcp ? ct_tcp.lookup(key) : ct_any.lookup(key);
-    return value && !(value->flags & CT_REPLY) && now - value->last_seen_ns <= lifetime &&
-           value->generation >= ep->born;
+    struct ct_value *value = key->protocol == IPPROTO_TCP ? ct_tcp.lookup(key)
+                                                          : ct_any.lookup(key);
+    return value && !(value->flags & CT_REPLY) && !ct_expired(value, key->protocol, ep, now);
 }
 
 /* Track an allowed connection. ``orig`` is the packet as it reached the hook, ``f`` as it

@@ -1,9 +1,10 @@
 /* Connection tracking of IPv6 flows: conntrack.h's rules, with 128-bit addresses in maps of
- * their own (ct6_tcp, ct6_any). No service NAT: services are IPv4 only. */
+ * their own (ct6_tcp, ct6_any); the expiry rule is conntrack.h's. No service NAT: services
+ * are IPv4 only. */
 #ifndef MESHAGENT_CONNTRACK6_H
 #define MESHAGENT_CONNTRACK6_H
 
-#include "lib/maps.h"
+#include "lib/conntrack.h"
 
 static __always_inline void ct6_fill_key(struct ct6_key *key, u32 endpoint_id, u8 direction,
                                          struct flow *f, int reverse)
@@ -23,13 +24,6 @@ static __always_inline struct ct_value *ct6_get(struct ct6_key *key)
     return key->protocol == IPPROTO_TCP ? ct6_tcp.lookup(key) : ct6_any.lookup(key);
 }
 
-static __always_inline int ct6_expired(struct ct_value *value, u8 protocol,
-                                       struct endpoint_info *ep, u64 now)
-{
-    u64 lifetime = protocol == IPPROTO_TCP ? CT_LIFETIME_TCP_NS : CT_LIFETIME_ANY_NS;
-    return now - value->last_seen_ns > lifetime || value->generation < ep->born;
-}
-
 /* The live entry for this packet's tuple, or 0; refreshes both halves at most once a second. */
 static __always_inline struct ct_value *ct6_lookup(struct endpoint_info *ep, u8 direction,
                                                    struct flow *f, u64 now)
@@ -39,7 +33,7 @@ static __always_inline struct ct_value *ct6_lookup(struct endpoint_info *ep, u8 
     struct ct_value *value = ct6_get(&key);
     if (!value)
         return 0;
-    if (ct6_expired(value, f->protocol, ep, now)) {
+    if (ct_expired(value, f->protocol, ep, now)) {
         if (f->protocol == IPPROTO_TCP)
             ct6_tcp.delete(&key);
         else
@@ -76,7 +70,7 @@ static __always_inline void ct6_create(struct endpoint_info *ep, u8 direction, s
     ct6_put(&key, &value);
     ct6_fill_key(&key, ep->endpoint_id, direction, f, 1);
     struct ct_value *other = ct6_get(&key);
-    if (other && !(other->flags & CT_REPLY) && !ct6_expired(other, f->protocol, ep, now))
+    if (other && !(other->flags & CT_REPLY) && !ct_expired(other, f->protocol, ep, now))
         return;
     value.flags = CT_REPLY;
     ct6_put(&key, &value);

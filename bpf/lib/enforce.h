@@ -163,9 +163,9 @@ static __always_inline int enforce(struct __sk_buff *skb, u8 direction)
         return pass(skb);
     if (reason != REASON_FORWARDED)
         return drop(skb, ep, direction, &p.f, reason, 0, now);
-    int v6 = p.f.family == 6;
-    if (v6 && link_control(&p, direction))
+    if (link_control(&p, direction))
         return pass(skb);
+    int v6 = p.f.family == 6;
     if (direction == DIR_EGRESS && (v6 ? !own_ipv6(ep, &p.f) : p.f.saddr != ep->ipv4))
         return drop(skb, ep, direction, &p.f, REASON_SPOOFED, 0, now);
     reason = fragment_check(&p);

@@ -230,6 +230,26 @@ static __always_inline int link_control(struct packet *p, u8 direction)
     return (first & 0xFFC00000) == 0xFE800000 || (first & 0xFFFF0000) == 0xFF020000;
 }
 
+/* The ipfrag entry of the packet's datagram, in its family's map: recorded as ``ports`` when
+ * given, else looked up (0 if none). */
+static __always_inline struct ipfrag_ports *ipfrag_access(struct packet *p,
+                                                          struct ipfrag_ports *ports)
+{
+    if (p->f.family == 6) {
+        struct ipfrag6_key key = {.id = p->ip_id, .protocol = p->f.protocol};
+        __builtin_memcpy(key.saddr, p->f.saddr6, 16);
+        __builtin_memcpy(key.daddr, p->f.daddr6, 16);
+        if (ports)
+            ipfrag6.update(&key, ports);
+        return ports ? 0 : ipfrag6.lookup(&key);
+    }
+    struct ipfrag_key key = {.saddr = p->f.saddr, .daddr = p->f.daddr, .id = p->ip_id,
+                             .protocol = p->f.protocol};
+    if (ports)
+        ipfrag.update(&key, ports);
+    return ports ? 0 : ipfrag.lookup(&key);
+}
+
 /* The fragment rules, once the packet passed the source check: REASON_FORWARDED or a drop
  * reason; a later fragment gets its first fragment's ports. */
 static __always_inline int fragment_check(struct packet *p)
@@ -239,25 +259,16 @@ static __always_inline int fragment_check(struct packet *p)
     u32 need = l4_min_len(p->f.protocol);
     if (!need)
         return REASON_FORWARDED;  /* no ports: every fragment is judged as it is */
-    struct ipfrag_key key = {.saddr = p->f.saddr, .daddr = p->f.daddr, .id = p->ip_id,
-                             .protocol = p->f.protocol};
-    struct ipfrag6_key key6 = {.id = p->ip_id, .protocol = p->f.protocol};
-    __builtin_memcpy(key6.saddr, p->f.saddr6, 16);
-    __builtin_memcpy(key6.daddr, p->f.daddr6, 16);
-    int v6 = p->f.family == 6;
     if (p->frag == FRAG_FIRST) {
         if (p->l4_short)
             return REASON_FRAG_TINY;
         struct ipfrag_ports ports = {.sport = p->f.sport, .dport = p->f.dport};
-        if (v6)
-            ipfrag6.update(&key6, &ports);
-        else
-            ipfrag.update(&key, &ports);
+        ipfrag_access(p, &ports);
         return REASON_FORWARDED;
     }
     if (p->frag_offset < need)
         return REASON_FRAG_TINY;  /* would overwrite part of the transport header */
-    struct ipfrag_ports *ports = v6 ? ipfrag6.lookup(&key6) : ipfrag.lookup(&key);
+    struct ipfrag_ports *ports = ipfrag_access(p, 0);
     if (!ports)
         return REASON_FRAG_UNKNOWN;
     p->f.sport = ports->sport;

@@ -318,11 +318,12 @@ class EbpfDatapath:
         way, never to a shorter prefix's for a moment."""
         for kind, entry in changes:
             if kind is not ChangeKind.DELETE:
-                self.maps[_ipcache_map(entry)].put(_ipcache_key(entry),
-                                                   IPCacheValue(entry.identity, 0))
+                name, key = _ipcache_row(entry)
+                self.maps[name].put(key, IPCacheValue(entry.identity, 0))
         for kind, entry in changes:
             if kind is ChangeKind.DELETE:
-                self.maps[_ipcache_map(entry)].delete(_ipcache_key(entry))
+                name, key = _ipcache_row(entry)
+                self.maps[name].delete(key)
         self._bump(list(self.endpoints))
 
     async def update_policy(self, endpoint_id: int, changes) -> None:
@@ -425,8 +426,8 @@ class EbpfDatapath:
         address resolves to its old or its new identity on the way."""
         wanted = {(e.prefix.prefixlen, e.prefix.network_address.packed) for e in ipcache}
         for entry in ipcache:
-            self.maps[_ipcache_map(entry)].put(_ipcache_key(entry),
-                                               IPCacheValue(entry.identity, 0))
+            name, key = _ipcache_row(entry)
+            self.maps[name].put(key, IPCacheValue(entry.identity, 0))
         for name in ("ipcache", "ipcache6"):
             for key, _ in list(self.maps[name].items()):
                 if (key.prefixlen, bytes(key.ip)) not in wanted:
@@ -586,12 +587,9 @@ class DatapathMetrics:
         return []
 
 
-def _ipcache_map(entry: IPCacheEntry) -> str:
-    """Each family's rows have an LPM trie of their own."""
-    return "ipcache6" if entry.prefix.version == 6 else "ipcache"
-
-
-def _ipcache_key(entry: IPCacheEntry) -> IPCacheKey | IPCache6Key:
-    if entry.prefix.version == 6:
-        return IPCache6Key(entry.prefix.prefixlen, ip6_bytes(entry.prefix.network_address))
-    return IPCacheKey(entry.prefix.prefixlen, ip_bytes(entry.prefix.network_address))
+def _ipcache_row(entry: IPCacheEntry) -> tuple[str, IPCacheKey | IPCache6Key]:
+    """The map of the entry's family (each has an LPM trie of its own) and its key there."""
+    prefix = entry.prefix
+    if prefix.version == 6:
+        return "ipcache6", IPCache6Key(prefix.prefixlen, ip6_bytes(prefix.network_address))
+    return "ipcache", IPCacheKey(prefix.prefixlen, ip_bytes(prefix.network_address))
