@@ -78,8 +78,9 @@ def endpoint_of(spec: EndpointSpec) -> Endpoint:
 class ScenarioDriver:
     """Feeds scenarios to a judge's datapath through the datapath contract alone."""
 
-    def __init__(self, judge: DatapathJudge):
+    def __init__(self, judge: DatapathJudge, local_delivery: bool = True):
         self.judge = judge
+        self.local_delivery = local_delivery  # False: every packet takes the node's stack
         self.endpoints: dict[int, Endpoint] = {}
 
     def load(self, scenario: Scenario) -> None:
@@ -122,7 +123,9 @@ class ScenarioDriver:
             self.enter(world, phase, first=n == 0)
             for i, probe in enumerate(phase.probes):
                 frame = probe.packet.frame()
-                expected = world.model.delivery(probe.endpoint, probe.direction, frame)
+                expected = world.model.delivery(probe.endpoint, probe.direction, frame) \
+                    if self.local_delivery else \
+                    (world.model.outcome(probe.endpoint, probe.direction, frame), False)
                 got = self.judge.delivery(probe.endpoint, probe.direction, frame)
                 if tally is not None:
                     tally[got[0]] = tally.get(got[0], 0) + 1
@@ -232,7 +235,7 @@ class DatapathContract:
     @pytest.fixture
     def driver(self, judge: DatapathJudge) -> ScenarioDriver:
         assert isinstance(judge, DatapathJudge), "the judge fixture must meet DatapathJudge"
-        return ScenarioDriver(judge)
+        return ScenarioDriver(judge, self.expects_local_delivery)
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

@@ -1,0 +1,208 @@
+"""The nftables datapath (WORK IN PROGRESS, issue 19): keeps the ``netdev meshagent`` table equal
+to what the agent resolved. Every change is one nftables transaction (atomic: a packet sees the
+state before or after it, never a half-written one)."""
+
+import ipaddress
+import json
+import socket
+
+from meshagent.events import ChangeKind
+from meshagent.model.endpoint import Endpoint
+from meshagent.plugins.nftables import ruleset
+from meshagent.plugins.nftables.counters import read_counters
+from meshagent.plugins.nftables.intervals import (
+    DENY,
+    PORT_PROTOCOLS,
+    flatten_prefixes,
+    policy_segments,
+)
+
+DIRECTIONS = {"ingress": "in", "egress": "out"}
+
+
+class NftablesError(Exception):
+    pass
+
+
+class NftablesDatapath:
+    """Meets :class:`meshagent.datapath.Datapath`."""
+
+    def __init__(self, device_of=socket.if_indextoname):
+        import nftables  # Debian's python3-nftables (libnftables)
+        self.nft = nftables.Nftables()
+        self.nft.set_json_output(True)
+        self.device_of = device_of
+        self.endpoints: dict[int, Endpoint] = {}
+        self.groups: dict[tuple[int, str, int], dict] = {}  # (ep, dir, identity) -> keys
+        self.written: dict[tuple[int, str, int], list[str]] = {}  # -> elements written
+        self.ipcache: dict = {}  # prefix -> identity (IPv4)
+        self.ranges: list[tuple[int, int, int]] = []
+
+    def _run(self, text: str) -> str:
+        rc, out, err = self.nft.cmd(text)
+        if rc != 0:
+            raise NftablesError(f"nftables refused: {err.strip()}")
+        return out
+
+    async def start(self) -> None:
+        self._run(f"add table {ruleset.FAMILY} {ruleset.TABLE}")
+        self._run(f"delete table {ruleset.FAMILY} {ruleset.TABLE}")
+        self._run(ruleset.table_text())
+        for first in range(0, 65536, 4096):
+            self._run(ruleset.conversion_elements(first, first + 4095))
+
+    async def stop(self) -> None:
+        pass
+
+    async def endpoint_added(self, endpoint: Endpoint) -> None:
+        if endpoint.id in self.endpoints:  # TODO (issue 19): keep state across a restart
+            await self.endpoint_removed(self.endpoints[endpoint.id])
+        self.endpoints[endpoint.id] = endpoint
+        self._run(ruleset.endpoint_text(endpoint.id, self.device_of(endpoint.ifindex),
+                                        str(endpoint.ipv4)))
+
+    async def endpoint_removed(self, endpoint: Endpoint) -> None:
+        self.endpoints.pop(endpoint.id, None)
+        for group in [g for g in self.groups if g[0] == endpoint.id]:
+            self.groups.pop(group)
+            self.written.pop(group, None)
+        e, t = endpoint.id, f"{ruleset.FAMILY} {ruleset.TABLE}"
+        chains = [f"ep{e}{h}" for h in ("ingress", "egress")]
+        maps, sets = [], []
+        for d in DIRECTIONS.values():
+            chains += [f"{c}{e}{d}" for c in ("v4", "ported", "later", "judge", "judgenp",
+                                              "anyonly", "anyafter", "anyonlynp", "anyafternp",
+                                              "denied", "allowed", "allowednp")]
+            maps += [f"{m}{e}{d}" for m in ("spec", "any", "spnp", "anynp")]
+            sets += [f"{s}{e}{d}" for s in ("rep", "repnp")]
+        # rules and map elements refer to chains and sets: empty the chains first
+        commands = [f"flush chain {t} {c}" for c in chains]
+        commands += [f"delete map {t} {m}" for m in maps]
+        commands += [f"delete chain {t} {c}" for c in chains]
+        commands += [f"delete set {t} {s}" for s in sets]
+        self._run("\n".join(commands))
+
+    # -- ipcache ------------------------------------------------------------------------------
+
+    async def update_ipcache(self, changes) -> None:
+        for kind, entry in changes:
+            if entry.prefix.version != 4:
+                continue
+            if kind is ChangeKind.DELETE:
+                self.ipcache.pop(entry.prefix, None)
+            else:
+                self.ipcache[entry.prefix] = entry.identity
+        self._write_ipcache()
+
+    def _write_ipcache(self) -> None:
+        """The flattened ipcache, old ranges out and new ones in, in one transaction."""
+        new = flatten_prefixes(self.ipcache.items())
+        old = set(self.ranges) - set(new)
+        added = set(new) - set(self.ranges)
+        t = f"{ruleset.FAMILY} {ruleset.TABLE}"
+        commands = []
+        if old:
+            commands.append(f"delete element {t} ipcache4 {{ "
+                            + ", ".join(_ip_range(a, b) for a, b, _ in sorted(old)) + " }")
+        if added:
+            commands.append(f"add element {t} ipcache4 {{ "
+                            + ", ".join(f"{_ip_range(a, b)} : {i}" for a, b, i in sorted(added))
+                            + " }")
+        if commands:
+            self._run("\n".join(commands))
+        self.ranges = new
+
+    # -- policy -------------------------------------------------------------------------------
+
+    async def update_policy(self, endpoint_id: int, changes) -> None:
+        touched = set()
+        for change in changes:
+            group = (endpoint_id, DIRECTIONS[change.key.direction], change.key.identity)
+            keys = self.groups.setdefault(group, {})
+            if change.verdict is None:
+                keys.pop(change.key, None)
+            else:
+                keys[change.key] = change.verdict
+            touched.add(group)
+        self._write_groups(touched)
+
+    def _write_groups(self, groups) -> None:
+        commands = []
+        for group in sorted(groups):
+            endpoint_id, d, identity = group
+            wanted = self._elements(group) if group in self.groups else {}
+            for name, elements in self.written.get(group, {}).items():
+                if elements:
+                    commands.append(f"delete element {ruleset.FAMILY} {ruleset.TABLE} {name}"
+                                    f" {{ {', '.join(e.split(' : ')[0] for e in elements)} }}")
+            for name, elements in wanted.items():
+                if elements:
+                    commands.append(f"add element {ruleset.FAMILY} {ruleset.TABLE} {name}"
+                                    f" {{ {', '.join(elements)} }}")
+            self.written[group] = wanted
+            if not self.groups.get(group):
+                self.groups.pop(group, None)
+        if commands:
+            self._run("\n".join(commands))
+
+    def _elements(self, group) -> dict[str, list[str]]:
+        """The map elements of one group: the peer's identity, or any (identity 0)."""
+        endpoint_id, d, identity = group
+        keys = [(k.protocol, k.port, k.end_port, v.value)
+                for k, v in self.groups.get(group, {}).items()]
+        e = endpoint_id
+        ported, portless = (f"spec{e}{d}", f"spnp{e}{d}") if identity else \
+            (f"any{e}{d}", f"anynp{e}{d}")
+        prefix = f"{identity} . " if identity else ""
+        out: dict[str, list[str]] = {ported: [], portless: []}
+        for first, last, low, high, verdict in policy_segments(keys):
+            then = "anyafter" if identity else "allowed"
+            target = f"goto denied{e}{d}" if verdict == DENY else f"goto {then}{e}{d}"
+            target_np = f"goto denied{e}{d}" if verdict == DENY else f"goto {then}np{e}{d}"
+            ports = f"0:{low:x}-0:{high:x}"  # nft 1.0.6 cannot delete a single-value one
+            for protocol in PORT_PROTOCOLS:
+                if first <= protocol <= last:
+                    out[ported].append(f"{prefix}{protocol} . {ports} : {target}")
+            if low == 0:
+                for a, b in _without_port_protocols(first, last):
+                    out[portless].append(f"{prefix}{_range(a, b)} : {target_np}")
+        return out
+
+    async def reconcile(self, policies, ipcache) -> None:
+        groups = {}
+        for endpoint_id, verdicts in policies.items():
+            for key, verdict in verdicts.items():
+                group = (endpoint_id, DIRECTIONS[key.direction], key.identity)
+                groups.setdefault(group, {})[key] = verdict
+        stale = set(self.groups) | set(self.written)
+        self.groups = groups
+        self._write_groups(stale | set(groups))
+        self.ipcache = {e.prefix: e.identity for e in ipcache if e.prefix.version == 4}
+        self._write_ipcache()
+
+    async def update_services(self, services) -> None:
+        pass  # TODO (issue 19): refuse or balance
+
+    def counters(self) -> dict[str, int]:
+        return read_counters(ruleset.FAMILY, ruleset.TABLE)
+
+
+def _range(a: int, b: int) -> str:
+    """Always a range: nft 1.0.6 cannot delete a single-value element of an interval map."""
+    return f"{a}-{b}"
+
+
+def _without_port_protocols(first: int, last: int) -> list[tuple[int, int]]:
+    out, start = [], first
+    for protocol in PORT_PROTOCOLS:
+        if first <= protocol <= last:
+            if start < protocol:
+                out.append((start, protocol - 1))
+            start = protocol + 1
+    if start <= last:
+        out.append((start, last))
+    return out
+
+
+def _ip_range(a: int, b: int) -> str:
+    return f"{ipaddress.IPv4Address(a)}-{ipaddress.IPv4Address(b)}"

@@ -1,0 +1,105 @@
+"""What nftables interval maps can hold: disjoint ranges.
+
+An nftables interval map refuses overlapping elements, so the two longest-prefix structures of
+the eBPF datapath become partitions here:
+
+- the ipcache: prefixes, nested as CIDR identities and pod /32s are, become disjoint address
+  ranges, each with the identity of the longest prefix holding it (:func:`flatten_prefixes`);
+- one policy group's keys (protocol, port range, allow or deny; overlapping) become disjoint
+  (protocol range, port range) segments, each with the verdict of every key covering it, deny
+  beating allow (:func:`policy_segments`).
+"""
+
+import ipaddress
+from collections.abc import Iterable
+
+ANY_PROTOCOL = 0
+#: A key with ports but protocol ANY covers the protocols that carry ports (as Cilium).
+PORT_PROTOCOLS = (6, 17, 132)
+ALLOW, DENY = "allow", "deny"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: (first address, last address, identity), addresses as integers
+Range = tuple[int, int, int]
+#: (first protocol, last protocol, first port, last port, verdict)
+Segment = tuple[int, int, int, int, str]
+
+
+def flatten_prefixes(rows: Iterable[tuple[Network, int]]) -> list[Range]:
+    """Disjoint ranges giving every address the identity of its longest prefix; addresses no
+    prefix holds are left out. Adjacent ranges of one identity are merged. Prefixes of one
+    family only."""
+    prefixes = sorted(((int(n.network_address), n.prefixlen, int(n.broadcast_address), ident)
+                       for n, ident in rows))
+    bounds = sorted({p[0] for p in prefixes} | {p[2] + 1 for p in prefixes})
+    out: list[Range] = []
+    stack: list[tuple[int, int]] = []  # (last address, identity), most specific on top
+    position = 0
+    for n, point in enumerate(bounds):
+        while stack and stack[-1][0] < point:
+            stack.pop()
+        while position < len(prefixes) and prefixes[position][0] == point:
+            _, _, last, identity = prefixes[position]
+            stack.append((last, identity))
+            position += 1
+        if not stack or n + 1 == len(bounds):
+            continue
+        last = bounds[n + 1] - 1
+        identity = stack[-1][1]
+        if out and out[-1][1] + 1 == point and out[-1][2] == identity:
+            out[-1] = (out[-1][0], last, identity)
+        else:
+            out.append((point, last, identity))
+    return out
+
+
+def policy_segments(keys: Iterable[tuple[int, int, int, str]]) -> list[Segment]:
+    """One group's keys ``(protocol, port, end_port, verdict)`` — protocol 0: any, port 0:
+    any — as disjoint segments over (protocol 0-255, port 0-65535), each with the verdict of
+    every key covering it (deny beats allow); what no key covers is left out. A packet of a
+    protocol without ports is looked up with port 0."""
+    keys = list(keys)
+    named = {p for p, _, _, _ in keys if p != ANY_PROTOCOL}
+    if any(p == ANY_PROTOCOL and port for p, port, _, _ in keys):
+        named.update(PORT_PROTOCOLS)
+    rows: list[tuple[int, int]] = []  # protocol ranges: each named one alone, and the gaps
+    start = 0
+    for protocol in sorted(named):
+        if start < protocol:
+            rows.append((start, protocol - 1))
+        rows.append((protocol, protocol))
+        start = protocol + 1
+    if start <= 255:
+        rows.append((start, 255))
+    out: list[Segment] = []
+    for first, last in rows:
+        single = first if first == last and first in named else None
+        covering = []
+        for protocol, port, end, verdict in keys:
+            if protocol == ANY_PROTOCOL and not port:
+                covering.append((0, 65535, verdict))
+            elif protocol == ANY_PROTOCOL:
+                if single in PORT_PROTOCOLS:
+                    covering.append((port, max(end, port), verdict))
+            elif protocol == single:
+                covering.append((port, max(end, port), verdict) if port else (0, 65535, verdict))
+        for low, high, verdict in _port_segments(covering):
+            out.append((first, last, low, high, verdict))
+    return out
+
+
+def _port_segments(ranges: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Overlapping port ranges with verdicts as disjoint ones, deny beating allow, adjacent
+    ones of one verdict merged."""
+    bounds = sorted({r[0] for r in ranges} | {r[1] + 1 for r in ranges})
+    out: list[tuple[int, int, str]] = []
+    for low, following in zip(bounds, bounds[1:], strict=False):
+        verdicts = {v for first, last, v in ranges if first <= low <= last}
+        if not verdicts:
+            continue
+        verdict = DENY if DENY in verdicts else ALLOW
+        if out and out[-1][1] + 1 == low and out[-1][2] == verdict:
+            out[-1] = (out[-1][0], following - 1, verdict)
+        else:
+            out.append((low, following - 1, verdict))
+    return out
