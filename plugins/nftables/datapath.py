@@ -3,7 +3,6 @@ to what the agent resolved. Every change is one nftables transaction (atomic: a 
 state before or after it, never a half-written one)."""
 
 import ipaddress
-import json
 import socket
 
 from meshagent.events import ChangeKind
