@@ -58,7 +58,15 @@ class NftablesDatapath:
             await self.endpoint_removed(self.endpoints[endpoint.id])
         self.endpoints[endpoint.id] = endpoint
         self._run(ruleset.endpoint_text(endpoint.id, self.device_of(endpoint.ifindex),
-                                        str(endpoint.ipv4)))
+                                        str(endpoint.ipv4),
+                                        str(endpoint.ipv6) if endpoint.ipv6 else None))
+        for command in ruleset.fragment_rules(endpoint.id):
+            if isinstance(command, str):
+                self._run(command)
+            else:
+                rc, _, err = self.nft.json_cmd({"nftables": [command]})
+                if rc != 0:
+                    raise NftablesError(f"nftables refused: {err.strip()}")
 
     async def endpoint_removed(self, endpoint: Endpoint) -> None:
         self.endpoints.pop(endpoint.id, None)
@@ -69,11 +77,14 @@ class NftablesDatapath:
         chains = [f"ep{e}{h}" for h in ("ingress", "egress")]
         maps, sets = [], []
         for d in DIRECTIONS.values():
-            chains += [f"{c}{e}{d}" for c in ("v4", "ported", "later", "judge", "judgenp",
-                                              "anyonly", "anyafter", "anyonlynp", "anyafternp",
-                                              "denied", "allowed", "allowednp")]
-            maps += [f"{m}{e}{d}" for m in ("spec", "any", "spnp", "anynp")]
-            sets += [f"{s}{e}{d}" for s in ("rep", "repnp")]
+            chains += [f"v4{e}{d}", f"v6{e}{d}", f"denied{e}{d}"]
+            for sfx in ("", "6"):
+                fed = f"{sfx}{e}{d}"
+                chains += [f"{c}{fed}" for c in (
+                    "l4", "ported", "later", "judge", "judgenp", "anyonly", "anyafter",
+                    "anyonlynp", "anyafternp", "allowed", "allowedlater", "allowednp")]
+                maps += [f"{m}{fed}" for m in ("spec", "any", "spnp", "anynp")]
+                sets += [f"{s}{fed}" for s in ("rep", "repnp")]
         # rules and map elements refer to chains and sets: empty the chains first
         commands = [f"flush chain {t} {c}" for c in chains]
         commands += [f"delete map {t} {m}" for m in maps]
@@ -150,21 +161,24 @@ class NftablesDatapath:
         keys = [(k.protocol, k.port, k.end_port, v.value)
                 for k, v in self.groups.get(group, {}).items()]
         e = endpoint_id
-        ported, portless = (f"spec{e}{d}", f"spnp{e}{d}") if identity else \
-            (f"any{e}{d}", f"anynp{e}{d}")
+        ported, portless = ("spec", "spnp") if identity else ("any", "anynp")
         prefix = f"{identity} . " if identity else ""
-        out: dict[str, list[str]] = {ported: [], portless: []}
-        for first, last, low, high, verdict in policy_segments(keys):
-            then = "anyafter" if identity else "allowed"
-            target = f"goto denied{e}{d}" if verdict == DENY else f"goto {then}{e}{d}"
-            target_np = f"goto denied{e}{d}" if verdict == DENY else f"goto {then}np{e}{d}"
-            ports = f"0:{low:x}-0:{high:x}"  # nft 1.0.6 cannot delete a single-value one
-            for protocol in PORT_PROTOCOLS:
-                if first <= protocol <= last:
-                    out[ported].append(f"{prefix}{protocol} . {ports} : {target}")
-            if low == 0:
-                for a, b in _without_port_protocols(first, last):
-                    out[portless].append(f"{prefix}{_range(a, b)} : {target_np}")
+        out: dict[str, list[str]] = {}
+        then = "anyafter" if identity else "allowed"
+        for sfx in ("", "6"):  # each family's maps jump to its own chains
+            fed = f"{sfx}{e}{d}"
+            to_ported = out.setdefault(f"{ported}{fed}", [])
+            to_portless = out.setdefault(f"{portless}{fed}", [])
+            for first, last, low, high, verdict in policy_segments(keys):
+                target = f"goto denied{e}{d}" if verdict == DENY else f"goto {then}{fed}"
+                target_np = f"goto denied{e}{d}" if verdict == DENY else f"goto {then}np{fed}"
+                ports = f"0:{low:x}-0:{high:x}"  # nft 1.0.6 cannot delete a single-value one
+                for protocol in PORT_PROTOCOLS:
+                    if first <= protocol <= last:
+                        to_ported.append(f"{prefix}{protocol} . {ports} : {target}")
+                if low == 0:
+                    for a, b in _without_port_protocols(first, last):
+                        to_portless.append(f"{prefix}{_range(a, b)} : {target_np}")
         return out
 
     async def reconcile(self, policies, ipcache) -> None:

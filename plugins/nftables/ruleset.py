@@ -17,9 +17,11 @@ verdicts jump to small chains that combine them (deny beats allow). An allowed p
 reverse to the opposite direction's replies set (nftables' conntrack does not exist at netdev
 hooks).
 
-WORK IN PROGRESS (issue 19). IPv6 does not load yet: nft 1.0.6's text grammar refuses
-``frag id`` inside ``meta mark set <concatenation> map @m`` (it accepts it in a set lookup);
-the JSON API takes expression trees without that grammar, and the writes are to move to it.
+WORK IN PROGRESS (issue 19). IPv6 does not load yet. nft 1.0.6's text grammar refuses
+``frag id`` inside ``meta mark set <concatenation> map @m`` (those rules go through the JSON
+API, :func:`fragment_rules`), and its linearizer aborts the process (assertion ``dreg <
+ctx->reg_low``) on ``update @m { ip6 saddr . ip6 daddr . frag id . meta l4proto : meta mark }``
+— the IPv6 first-fragment record needs another shape (or a newer nftables).
 """
 
 TABLE = "meshagent"
@@ -84,18 +86,17 @@ def _family_text(e: int, direction: str, family: int) -> str:
     d = DIRS[direction]
     back = "out" if d == "in" else "in"
     peer = "saddr" if direction == "ingress" else "daddr"
-    ed, fed = f"{e}{d}", f"{sfx}{e}{d}"
+    fed = f"{sfx}{e}{d}"
     return f"""
+  map spec{fed} {{ typeof meta mark . meta l4proto . meta priority : verdict; flags interval; }}
+  map any{fed} {{ typeof meta l4proto . meta priority : verdict; flags interval; }}
+  map spnp{fed} {{ typeof meta mark . meta l4proto : verdict; flags interval; }}
+  map anynp{fed} {{ typeof meta l4proto : verdict; flags interval; }}
   set rep{fed} {{ typeof {ip} saddr . {ip} daddr . meta l4proto . meta mark . meta priority;
                  flags dynamic, timeout; timeout {TIMEOUT}; }}
   set repnp{fed} {{ typeof {ip} saddr . {ip} daddr . meta l4proto; flags dynamic, timeout;
                    timeout {TIMEOUT}; }}
-  chain allowedlater{fed} {{
-    meta mark set {key} map @fdm{sfx}
-    meta priority set {key} map @fsc{sfx}
-    update @rep{sfx}{e}{back} {{ {ip} daddr . {ip} saddr . meta l4proto . meta mark . meta priority }}
-    counter name r_forwarded accept
-  }}
+  chain allowedlater{fed} {{ }}
   chain allowed{fed} {{
     {later} goto allowedlater{fed}
     meta mark set th dport map @p2m
@@ -107,25 +108,25 @@ def _family_text(e: int, direction: str, family: int) -> str:
     update @repnp{sfx}{e}{back} {{ {ip} daddr . {ip} saddr . meta l4proto }}
     counter name r_forwarded accept
   }}
-  chain anyafter{fed} {{ meta l4proto . meta priority vmap @any{ed}; goto allowed{fed}; }}
+  chain anyafter{fed} {{ meta l4proto . meta priority vmap @any{fed}; goto allowed{fed}; }}
   chain anyonly{fed} {{
-    meta l4proto . meta priority vmap @any{ed}
+    meta l4proto . meta priority vmap @any{fed}
     counter name r_policy_default drop
   }}
-  chain anyafternp{fed} {{ meta l4proto vmap @anynp{ed}; goto allowednp{fed}; }}
-  chain anyonlynp{fed} {{ meta l4proto vmap @anynp{ed}; counter name r_policy_default drop; }}
+  chain anyafternp{fed} {{ meta l4proto vmap @anynp{fed}; goto allowednp{fed}; }}
+  chain anyonlynp{fed} {{ meta l4proto vmap @anynp{fed}; counter name r_policy_default drop; }}
   chain judge{fed} {{
     {ip} saddr . {ip} daddr . meta l4proto . meta mark . meta priority @rep{fed} counter name r_forwarded accept
     meta mark set {world}
     meta mark set {ip} {peer} map @{ipcache}
-    meta mark . meta l4proto . meta priority vmap @spec{sfx}{ed}
+    meta mark . meta l4proto . meta priority vmap @spec{fed}
     goto anyonly{fed}
   }}
   chain judgenp{fed} {{
     {ip} saddr . {ip} daddr . meta l4proto @repnp{fed} counter name r_forwarded accept
     meta mark set {world}
     meta mark set {ip} {peer} map @{ipcache}
-    meta mark . meta l4proto vmap @spnp{sfx}{ed}
+    meta mark . meta l4proto vmap @spnp{fed}
     goto anyonlynp{fed}
   }}
   chain ported{fed} {{
@@ -141,13 +142,7 @@ def _family_text(e: int, direction: str, family: int) -> str:
     meta priority set th dport map @p2c
     goto judge{fed}
   }}
-  chain later{fed} {{
-    meta l4proto tcp {units} < 3 counter name r_frag_tiny drop
-    meta l4proto sctp {units} < 2 counter name r_frag_tiny drop
-    meta mark set {key} map @fsm{sfx}
-    meta priority set {key} map @fdc{sfx} goto judge{fed}
-    counter name r_frag_unknown drop
-  }}
+  chain later{fed} {{ }}
   chain l4{fed} {{
     meta l4proto != {PORTED} goto judgenp{fed}
     {later} goto later{fed}
@@ -166,12 +161,6 @@ def endpoint_text(endpoint_id: int, device: str, ipv4: str, ipv6: str | None = N
     for direction, d in DIRS.items():
         ed = f"{e}{d}"
         parts.append(f"""
-  map spec{ed} {{ typeof meta mark . meta l4proto . meta priority : verdict; flags interval; }}
-  map spec6{ed} {{ typeof meta mark . meta l4proto . meta priority : verdict; flags interval; }}
-  map any{ed} {{ typeof meta l4proto . meta priority : verdict; flags interval; }}
-  map spnp{ed} {{ typeof meta mark . meta l4proto : verdict; flags interval; }}
-  map spnp6{ed} {{ typeof meta mark . meta l4proto : verdict; flags interval; }}
-  map anynp{ed} {{ typeof meta l4proto : verdict; flags interval; }}
   chain denied{ed} {{ counter name r_policy_deny drop; }}""")
         parts += [_family_text(e, direction, family) for family in (4, 6)]
     hooks = []
@@ -202,3 +191,48 @@ def endpoint_text(endpoint_id: int, device: str, ipv4: str, ipv6: str | None = N
     goto l46{ed}
   }}""")
     return f"table {FAMILY} {TABLE} {{" + "".join(parts) + "".join(hooks) + "\n}"
+
+
+def _key_json(family: int) -> dict:
+    ip = "ip" if family == 4 else "ip6"
+    third = {"payload": {"protocol": "ip", "field": "id"}} if family == 4 else \
+        {"exthdr": {"name": "frag", "field": "id"}}
+    return {"concat": [{"payload": {"protocol": ip, "field": "saddr"}},
+                       {"payload": {"protocol": ip, "field": "daddr"}}, third,
+                       {"meta": {"key": "l4proto"}}]}
+
+
+def _set_from_fragment(meta: str, family: int, name: str) -> dict:
+    return {"mangle": {"key": {"meta": {"key": meta}},
+                       "value": {"map": {"key": _key_json(family), "data": f"@{name}"}}}}
+
+
+def fragment_rules(endpoint_id: int) -> list:
+    """The rules that take a later fragment's ports from its first fragment, as libnftables
+    JSON commands ("text" for those its text grammar takes): the text grammar refuses the
+    IPv6 fragment header's ``frag id`` in a map-lookup assignment."""
+    out: list = []
+    for d in DIRS.values():
+        back = "out" if d == "in" else "in"
+        for family in (4, 6):
+            sfx, ip, _, _, _, units, _, _, _ = FAMILIES[family]
+            fed = f"{sfx}{endpoint_id}{d}"
+            t = f"add rule {FAMILY} {TABLE}"
+
+            def rule(chain: str, *expr) -> dict:
+                return {"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain,
+                                         "expr": list(expr)}}}
+            out += [
+                f"{t} later{fed} meta l4proto tcp {units} < 3 counter name r_frag_tiny drop",
+                f"{t} later{fed} meta l4proto sctp {units} < 2 counter name r_frag_tiny drop",
+                rule(f"later{fed}", _set_from_fragment("mark", family, f"fsm{sfx}")),
+                rule(f"later{fed}", _set_from_fragment("priority", family, f"fdc{sfx}"),
+                     {"goto": {"target": f"judge{fed}"}}),
+                f"{t} later{fed} counter name r_frag_unknown drop",
+                rule(f"allowedlater{fed}", _set_from_fragment("mark", family, f"fdm{sfx}")),
+                rule(f"allowedlater{fed}", _set_from_fragment("priority", family, f"fsc{sfx}")),
+                f"{t} allowedlater{fed} update @rep{sfx}{endpoint_id}{back} {{ {ip} daddr . {ip}"
+                f" saddr . meta l4proto . meta mark . meta priority }}",
+                f"{t} allowedlater{fed} counter name r_forwarded accept",
+            ]
+    return out
