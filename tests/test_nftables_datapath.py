@@ -10,8 +10,10 @@ import uuid
 
 import pytest
 
+from meshagent.plugins.nftables import ruleset
 from meshagent.testing import datapath_model as model
 from meshagent.testing.datapath_contract import DatapathContract
+from meshagent.testing.packets import KERNEL_WALK
 from meshagent_dev.netlab import can_run
 
 pytestmark = [pytest.mark.privileged, pytest.mark.skipif(not can_run(), reason="needs root")]
@@ -42,6 +44,7 @@ class NamespaceJudge:
                             "peer", "name", f"p{ifindex}"], check=True)
             for dev in (f"h{ifindex}", f"p{ifindex}"):
                 subprocess.run(["ip", "-n", self.name, "link", "set", dev, "up"], check=True)
+        self.sockets: dict[str, socket.socket] = {}
         self.home = os.open("/proc/self/ns/net", os.O_RDONLY)
         pynetns.setns(self.name)
         self.loop = asyncio.new_event_loop()
@@ -50,6 +53,8 @@ class NamespaceJudge:
 
     def close(self) -> None:
         from pyroute2 import netns as pynetns
+        for sock in self.sockets.values():
+            sock.close()
         self.loop.close()
         pynetns.setns(self.home)
         os.close(self.home)
@@ -59,19 +64,27 @@ class NamespaceJudge:
         return self.loop.run_until_complete(coroutine)
 
     def forget_connections(self) -> None:
-        for endpoint in list(self.datapath.endpoints.values()):  # fresh chains, maps and sets
+        """Fresh endpoint chains (and their reply sets), and no fragment records."""
+        import nftables
+        for endpoint in list(self.datapath.endpoints.values()):
             self.call(self.datapath.endpoint_removed(endpoint))
+        t = f"{ruleset.FAMILY} {ruleset.TABLE}"
+        rc, _, err = nftables.Nftables().cmd("\n".join(
+            f"flush map {t} {name}{sfx}" for name in ("fsm", "fdm", "fsc", "fdc")
+            for sfx in ("", "6")))
+        assert rc == 0, err
 
     def delivery(self, endpoint_id: int, direction: str, frame: bytes) -> tuple[str, bool]:
         ifindex = 100 + endpoint_id
         device = f"p{ifindex}" if direction == model.EGRESS else f"h{ifindex}"
         before = self.datapath.counters()
-        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
-            s.bind((device, 0))
-            try:
-                s.send(frame)
-            except OSError:  # ENOBUFS: the egress hook dropped it
-                pass
+        if device not in self.sockets:  # kept open: closing a packet socket waits for RCU
+            self.sockets[device] = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+            self.sockets[device].bind((device, 0))
+        try:
+            self.sockets[device].send(frame)
+        except OSError:  # ENOBUFS: the egress hook dropped it
+            pass
         deadline = time.monotonic() + 1.0
         while True:  # a frame sent into a veth is judged on the other end, a moment later
             after = self.datapath.counters()
@@ -91,3 +104,4 @@ def judge():
 
 class TestNftablesDatapathContract(DatapathContract):
     expects_local_delivery = False
+    ipv6_walk = KERNEL_WALK

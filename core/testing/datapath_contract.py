@@ -29,7 +29,7 @@ from meshagent.datapath import Datapath
 from meshagent.model.endpoint import Endpoint
 from meshagent.policy.resolver import EGRESS, INGRESS
 from meshagent.testing import datapath_model as model
-from meshagent.testing.packets import TCP, Packet
+from meshagent.testing.packets import CILIUM_WALK, TCP, Packet
 from meshagent.testing.policy_cases import CASES, EGRESS_CASES, IDS, cnp
 from meshagent.testing.scenarios import (
     EndpointSpec,
@@ -78,9 +78,11 @@ def endpoint_of(spec: EndpointSpec) -> Endpoint:
 class ScenarioDriver:
     """Feeds scenarios to a judge's datapath through the datapath contract alone."""
 
-    def __init__(self, judge: DatapathJudge, local_delivery: bool = True):
+    def __init__(self, judge: DatapathJudge, local_delivery: bool = True,
+                 walk: str = CILIUM_WALK):
         self.judge = judge
         self.local_delivery = local_delivery  # False: every packet takes the node's stack
+        self.walk = walk  # how the datapath walks IPv6 extension headers (packets.py)
         self.endpoints: dict[int, Endpoint] = {}
 
     def load(self, scenario: Scenario) -> None:
@@ -109,14 +111,14 @@ class ScenarioDriver:
 
     def start(self, scenario: Scenario) -> ResolvedWorld:
         """Load ``scenario`` and enter its first phase; the resolved world it is in."""
-        world = ResolvedWorld(scenario)
+        world = ResolvedWorld(scenario, self.walk)
         self.load(scenario)
         self.enter(world, scenario.phases[0], first=True)
         return world
 
     def run(self, scenario: Scenario, tally: dict | None = None) -> list[str]:
         """Every probe through the datapath and the model; the differences, described."""
-        world = ResolvedWorld(scenario)
+        world = ResolvedWorld(scenario, self.walk)
         self.load(scenario)
         differences = []
         for n, phase in enumerate(scenario.phases):
@@ -229,13 +231,14 @@ class DatapathContract:
     min_probes = 10_000
     expected_outcomes: tuple[str, ...] = OUTCOMES
     expects_local_delivery = True
+    ipv6_walk = CILIUM_WALK  # or KERNEL_WALK (meshagent.testing.packets)
     probes_run = 0
     outcomes_seen: dict[str, int] = {}
 
     @pytest.fixture
     def driver(self, judge: DatapathJudge) -> ScenarioDriver:
         assert isinstance(judge, DatapathJudge), "the judge fixture must meet DatapathJudge"
-        return ScenarioDriver(judge, self.expects_local_delivery)
+        return ScenarioDriver(judge, self.expects_local_delivery, self.ipv6_walk)
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

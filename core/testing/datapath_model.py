@@ -26,6 +26,7 @@ from meshagent.model.identity import world_identity
 from meshagent.policy.resolver import ALLOWED, DENIED_BY_DEFAULT, DENIED_BY_RULE, Verdict
 from meshagent.testing.packets import (
     ARP,
+    CILIUM_WALK,
     FRAG_FIRST,
     FRAG_LATER,
     FRAG_NONE,
@@ -71,8 +72,9 @@ Decision = Callable[[int, str, int, int, int], tuple[Verdict, str]]
 class DatapathModel:
     """Expected outcomes for a sequence of packets; keeps replies and fragment ports."""
 
-    def __init__(self, decision: Decision):
+    def __init__(self, decision: Decision, walk: str = CILIUM_WALK):
         self.decision = decision
+        self.walk = walk  # how the datapath under test walks IPv6 extension headers
         self.endpoints: dict[int, ModelEndpoint] = {}
         self.ipcache: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, int] = {}
         self.replies: set[tuple] = set()
@@ -91,7 +93,7 @@ class DatapathModel:
         """The outcome at this hook, and whether the packet goes straight into a local pod
         (judged by that pod's ingress policy on the way)."""
         outcome = self.outcome(endpoint_id, direction, frame)
-        p = parse(frame)
+        p = parse(frame, self.walk)
         if direction != EGRESS or outcome != FORWARDED or p.outcome != PARSED or p.family != 4:
             return outcome, False
         target = next((e for e in self.endpoints.values() if e.ip == p.dst), None)
@@ -102,7 +104,7 @@ class DatapathModel:
 
     def outcome(self, endpoint_id: int, direction: str, frame: bytes) -> str:
         endpoint = self.endpoints[endpoint_id]
-        p = parse(frame)
+        p = parse(frame, self.walk)
         if p.outcome == ARP:
             return FORWARDED
         if p.outcome == NOT_IP:

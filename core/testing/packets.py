@@ -185,14 +185,21 @@ class Parsed:
             dst in ipaddress.IPv6Network("ff02::/16")
 
 
-def parse(frame: bytes) -> Parsed:
+#: How a datapath walks IPv6 extension headers to the transport header: the one place two
+#: datapaths may read a packet differently, so each declares its walk and is tested against
+#: the model under it (docs/datapath.md, "Parsing"). "cilium": Cilium's ipv6_hdrlen(), the
+#: eBPF datapath; "kernel": the kernel's ipv6_find_hdr() as nf_tables calls it.
+CILIUM_WALK, KERNEL_WALK = "cilium", "kernel"
+
+
+def parse(frame: bytes, walk: str = CILIUM_WALK) -> Parsed:
     if len(frame) < 14:
         return Parsed(MALFORMED)
     ethertype = struct.unpack_from("!H", frame, 12)[0]
     if ethertype == ETH_ARP:
         return Parsed(ARP)
     if ethertype == ETH_IPV6:
-        return _parse_ipv6(frame[14:])
+        return _parse_ipv6(frame[14:], walk)
     if ethertype != ETH_IPV4:
         return Parsed(NOT_IP)
     ip = frame[14:]
@@ -228,34 +235,19 @@ def _with_ports(ip: bytes, offset: int, available: int, common: dict) -> Parsed:
     return Parsed(PARSED, sport=sport, dport=dport, **common)
 
 
-def _parse_ipv6(ip: bytes) -> Parsed:
-    """Up to IPV6_MAX_HEADERS extension headers are walked to the transport header; a
-    fragment header sets the fragment fields (its 32-bit identification is ``ip_id``)."""
+def _parse_ipv6(ip: bytes, walk: str) -> Parsed:
+    """Extension headers are walked to the transport header as ``walk`` says; a fragment
+    header sets the fragment fields (its 32-bit identification is ``ip_id``)."""
     if len(ip) < 40 or ip[0] >> 4 != 6:
         return Parsed(MALFORMED)
     payload = struct.unpack_from("!H", ip, 4)[0]
     if payload > len(ip) - 40:
         return Parsed(MALFORMED)
-    end, offset, following = 40 + payload, 40, ip[6]
-    fragment, ip_id, frag_offset = FRAG_NONE, 0, 0
-    for _ in range(IPV6_MAX_HEADERS):
-        if following not in EXTENSION_HEADERS:
-            break
-        if offset + 8 > end:
-            return Parsed(MALFORMED)
-        header = ip[offset:offset + 8]
-        if following == FRAGMENT:
-            field, ip_id = struct.unpack_from("!HI", header, 2)
-            frag_offset = field & 0xFFF8
-            fragment = FRAG_LATER if frag_offset else (FRAG_FIRST if field & 1 else FRAG_NONE)
-            offset += 8
-        elif following == AUTH:
-            offset += (header[1] + 2) * 4
-        else:
-            offset += (header[1] + 1) * 8
-        following = header[0]
-    if following in EXTENSION_HEADERS or offset > end:
+    end = 40 + payload
+    walked = (_walk_cilium if walk == CILIUM_WALK else _walk_kernel)(ip, end)
+    if walked is None:
         return Parsed(MALFORMED)
+    following, offset, fragment, ip_id, frag_offset = walked
     common = dict(family=6, src=str(ipaddress.IPv6Address(ip[8:24])),
                   dst=str(ipaddress.IPv6Address(ip[24:40])), protocol=following,
                   fragment=fragment, ip_id=ip_id, frag_offset=frag_offset, hop_limit=ip[7])
@@ -264,3 +256,65 @@ def _parse_ipv6(ip: bytes) -> Parsed:
     if following == ICMPV6 and offset + 1 <= end:
         common["icmp_type"] = ip[offset]
     return _with_ports(ip, offset, end - offset, common)
+
+
+def _fragment_fields(header: bytes) -> tuple[str, int, int]:
+    field, ip_id = struct.unpack_from("!HI", header, 2)
+    frag_offset = field & 0xFFF8
+    return (FRAG_LATER if frag_offset else (FRAG_FIRST if field & 1 else FRAG_NONE),
+            ip_id, frag_offset)
+
+
+def _walk_cilium(ip: bytes, end: int):
+    """Up to IPV6_MAX_HEADERS headers, each read whole (8 bytes at least), AH included; more
+    headers, or a chain cut short or running past the payload, is malformed (None).
+    ``(protocol, transport offset, fragment, identification, fragment offset)``."""
+    offset, following = 40, ip[6]
+    fragment, ip_id, frag_offset = FRAG_NONE, 0, 0
+    for _ in range(IPV6_MAX_HEADERS):
+        if following not in EXTENSION_HEADERS:
+            break
+        if offset + 8 > end:
+            return None
+        header = ip[offset:offset + 8]
+        if following == FRAGMENT:
+            fragment, ip_id, frag_offset = _fragment_fields(header)
+            offset += 8
+        elif following == AUTH:
+            offset += (header[1] + 2) * 4
+        else:
+            offset += (header[1] + 1) * 8
+        following = header[0]
+    if following in EXTENSION_HEADERS or offset > end:
+        return None
+    return following, offset, fragment, ip_id, frag_offset
+
+
+def _walk_kernel(ip: bytes, end: int):
+    """The kernel's ipv6_find_hdr(target -1, IP6_FH_F_AUTH) and what nf_tables reads of a
+    fragment header: every header, each needing its first two bytes (a fragment header all
+    eight); a later fragment ends the walk and must be followed by a protocol; a chain running
+    past the payload leaves no transport header. AH ends the walk: the nftables datapath
+    drops it as malformed rather than judge a packet by a header it cannot see past. The
+    first fragment header found sets the fragment fields."""
+    offset, following = 40, ip[6]
+    fragment, ip_id, frag_offset, seen = FRAG_NONE, 0, 0, False
+    while following in EXTENSION_HEADERS:
+        if following == AUTH:
+            return None
+        if offset + (8 if following == FRAGMENT else 2) > end:
+            return None
+        header = ip[offset:offset + 8]
+        if following == FRAGMENT:
+            fields = _fragment_fields(header)
+            if not seen:
+                fragment, ip_id, frag_offset, seen = *fields, True
+            if fields[0] == FRAG_LATER:
+                if header[0] in EXTENSION_HEADERS:
+                    return None
+                return header[0], offset + 8, fragment, ip_id, frag_offset
+            offset += 8
+        else:
+            offset += (header[1] + 1) * 8
+        following = header[0]
+    return following, min(offset, end), fragment, ip_id, frag_offset

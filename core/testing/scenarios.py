@@ -38,6 +38,7 @@ from meshagent.policy.resolver import (
 from meshagent.testing.datapath_model import DatapathModel, ModelEndpoint
 from meshagent.testing.packets import (
     AUTH,
+    CILIUM_WALK,
     DEST_OPTIONS,
     ETH_ARP,
     ETH_EXPERIMENTAL,
@@ -136,7 +137,7 @@ class Scenario:
 class ResolvedWorld:
     """The resolver's view of a scenario, phase by phase, and what a datapath is handed."""
 
-    def __init__(self, scenario: Scenario):
+    def __init__(self, scenario: Scenario, walk: str = CILIUM_WALK):
         self.scenario = scenario
         self.changes: dict[int, list[MapChange]] = {}
         self.resolver = Resolver(LOCAL, default_local_cluster=scenario.default_local_cluster,
@@ -145,7 +146,7 @@ class ResolvedWorld:
         self.cidr: dict[Network, Identity] = {}
         self.ipcache: dict[Network, IPCacheEntry] = {}
         self.policies: dict[tuple, object] = {}
-        self.model = DatapathModel(self.decision)
+        self.model = DatapathModel(self.decision, walk)
         self.model.endpoints = {e.id: ModelEndpoint(e.id, e.ip, e.local_delivery, e.ipv6)
                                 for e in scenario.endpoints}
 

@@ -8,13 +8,13 @@ import socket
 from meshagent.events import ChangeKind
 from meshagent.model.endpoint import Endpoint
 from meshagent.plugins.nftables import ruleset
-from meshagent.plugins.nftables.counters import read_counters
 from meshagent.plugins.nftables.intervals import (
     DENY,
     PORT_PROTOCOLS,
     flatten_prefixes,
     policy_segments,
 )
+from meshagent.plugins.nftables.netlink import add_rules, read_counters
 
 DIRECTIONS = {"ingress": "in", "egress": "out"}
 
@@ -34,8 +34,8 @@ class NftablesDatapath:
         self.endpoints: dict[int, Endpoint] = {}
         self.groups: dict[tuple[int, str, int], dict] = {}  # (ep, dir, identity) -> keys
         self.written: dict[tuple[int, str, int], list[str]] = {}  # -> elements written
-        self.ipcache: dict = {}  # prefix -> identity (IPv4)
-        self.ranges: list[tuple[int, int, int]] = []
+        self.ipcache: dict[int, dict] = {4: {}, 6: {}}  # family -> {prefix: identity}
+        self.ranges: dict[int, list[tuple[int, int, int]]] = {4: [], 6: []}  # as written
 
     def _run(self, text: str) -> str:
         rc, out, err = self.nft.cmd(text)
@@ -47,6 +47,12 @@ class NftablesDatapath:
         self._run(f"add table {ruleset.FAMILY} {ruleset.TABLE}")
         self._run(f"delete table {ruleset.FAMILY} {ruleset.TABLE}")
         self._run(ruleset.table_text())
+        self._run(ruleset.shared_chains_text())
+        for chain, rule in ruleset.shared_rules():
+            if isinstance(rule, str):
+                self._run(f"add rule {ruleset.FAMILY} {ruleset.TABLE} {chain} {rule}")
+            else:
+                add_rules(ruleset.FAMILY, ruleset.TABLE, [(chain, rule)])
         for first in range(0, 65536, 4096):
             self._run(ruleset.conversion_elements(first, first + 4095))
 
@@ -60,13 +66,6 @@ class NftablesDatapath:
         self._run(ruleset.endpoint_text(endpoint.id, self.device_of(endpoint.ifindex),
                                         str(endpoint.ipv4),
                                         str(endpoint.ipv6) if endpoint.ipv6 else None))
-        for command in ruleset.fragment_rules(endpoint.id):
-            if isinstance(command, str):
-                self._run(command)
-            else:
-                rc, _, err = self.nft.json_cmd({"nftables": [command]})
-                if rc != 0:
-                    raise NftablesError(f"nftables refused: {err.strip()}")
 
     async def endpoint_removed(self, endpoint: Endpoint) -> None:
         self.endpoints.pop(endpoint.id, None)
@@ -95,32 +94,36 @@ class NftablesDatapath:
     # -- ipcache ------------------------------------------------------------------------------
 
     async def update_ipcache(self, changes) -> None:
+        touched = set()
         for kind, entry in changes:
-            if entry.prefix.version != 4:
-                continue
+            rows = self.ipcache[entry.prefix.version]
             if kind is ChangeKind.DELETE:
-                self.ipcache.pop(entry.prefix, None)
+                rows.pop(entry.prefix, None)
             else:
-                self.ipcache[entry.prefix] = entry.identity
-        self._write_ipcache()
+                rows[entry.prefix] = entry.identity
+            touched.add(entry.prefix.version)
+        self._write_ipcache(touched)
 
-    def _write_ipcache(self) -> None:
-        """The flattened ipcache, old ranges out and new ones in, in one transaction."""
-        new = flatten_prefixes(self.ipcache.items())
-        old = set(self.ranges) - set(new)
-        added = set(new) - set(self.ranges)
+    def _write_ipcache(self, families) -> None:
+        """Each family's flattened ipcache, old ranges out and new ones in, in one
+        transaction."""
         t = f"{ruleset.FAMILY} {ruleset.TABLE}"
         commands = []
-        if old:
-            commands.append(f"delete element {t} ipcache4 {{ "
-                            + ", ".join(_ip_range(a, b) for a, b, _ in sorted(old)) + " }")
-        if added:
-            commands.append(f"add element {t} ipcache4 {{ "
-                            + ", ".join(f"{_ip_range(a, b)} : {i}" for a, b, i in sorted(added))
-                            + " }")
+        for family in sorted(families):
+            new = flatten_prefixes(self.ipcache[family].items())
+            old = set(self.ranges[family]) - set(new)
+            added = set(new) - set(self.ranges[family])
+            if old:
+                commands.append(f"delete element {t} ipcache{family} {{ "
+                                + ", ".join(_ip_range(family, a, b) for a, b, _ in sorted(old))
+                                + " }")
+            if added:
+                commands.append(f"add element {t} ipcache{family} {{ "
+                                + ", ".join(f"{_ip_range(family, a, b)} : {i}"
+                                            for a, b, i in sorted(added)) + " }")
+            self.ranges[family] = new
         if commands:
             self._run("\n".join(commands))
-        self.ranges = new
 
     # -- policy -------------------------------------------------------------------------------
 
@@ -190,8 +193,9 @@ class NftablesDatapath:
         stale = set(self.groups) | set(self.written)
         self.groups = groups
         self._write_groups(stale | set(groups))
-        self.ipcache = {e.prefix: e.identity for e in ipcache if e.prefix.version == 4}
-        self._write_ipcache()
+        self.ipcache = {family: {e.prefix: e.identity for e in ipcache
+                                 if e.prefix.version == family} for family in (4, 6)}
+        self._write_ipcache((4, 6))
 
     async def update_services(self, services) -> None:
         pass  # TODO (issue 19): refuse or balance
@@ -217,5 +221,6 @@ def _without_port_protocols(first: int, last: int) -> list[tuple[int, int]]:
     return out
 
 
-def _ip_range(a: int, b: int) -> str:
-    return f"{ipaddress.IPv4Address(a)}-{ipaddress.IPv4Address(b)}"
+def _ip_range(family: int, a: int, b: int) -> str:
+    address = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
+    return f"{address(a)}-{address(b)}"

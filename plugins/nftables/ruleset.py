@@ -17,11 +17,9 @@ verdicts jump to small chains that combine them (deny beats allow). An allowed p
 reverse to the opposite direction's replies set (nftables' conntrack does not exist at netdev
 hooks).
 
-WORK IN PROGRESS (issue 19). IPv6 does not load yet. nft 1.0.6's text grammar refuses
-``frag id`` inside ``meta mark set <concatenation> map @m`` (those rules go through the JSON
-API, :func:`fragment_rules`), and its linearizer aborts the process (assertion ``dreg <
-ctx->reg_low``) on ``update @m { ip6 saddr . ip6 daddr . frag id . meta l4proto : meta mark }``
-— the IPv6 first-fragment record needs another shape (or a newer nftables).
+A later fragment takes its first fragment's ports from the fragment maps through the shared
+chains ``fragports``/``fragreply``; the IPv6 lookups there are written in netlink
+(:mod:`meshagent.plugins.nftables.netlink`) because nft 1.0.6 cannot say them.
 """
 
 TABLE = "meshagent"
@@ -31,7 +29,10 @@ REASONS = ("forwarded", "policy_deny", "policy_default", "spoofed", "frag_tiny",
 DIRS = {"ingress": "in", "egress": "out"}  # the pod's policy direction
 TIMEOUT = "60s"
 FRAG_KEY = "ip saddr . ip daddr . ip id . meta l4proto"
-FRAG_KEY6 = "ip6 saddr . ip6 daddr . frag id . meta l4proto"
+# nft 1.0.6 aborts (assertion ``dreg < ctx->reg_low``) writing a map from a concatenation with
+# an element starting past its first 16 bytes; the IPv6 key therefore leads with the short
+# fields and loads both addresses as one 32-byte raw payload (saddr . daddr).
+FRAG_KEY6 = "meta l4proto . frag id . @nh,64,256"
 PORTED = "{ tcp, udp, sctp }"
 
 
@@ -70,9 +71,10 @@ FAMILIES = {
         "ip frag-off & 0x2000 != 0", "ip frag-off & 0x1fff", FRAG_KEY, "ipcache4", 2),
     6: ("6", "ip6", "frag frag-off != 0",
         "frag frag-off 0 frag more-fragments 1", "frag more-fragments 1",
-        "frag frag-off", "ip6 saddr . ip6 daddr . frag id . meta l4proto",
+        "frag frag-off", FRAG_KEY6,
         "ipcache6", 10),
 }
+UNFRAGMENTED = ("exthdr frag missing", "frag frag-off 0 frag more-fragments 0")
 LINK_CONTROL = ("icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit,"
                 " nd-neighbor-advert, nd-redirect } ip6 hoplimit 255",
                 "icmpv6 type { mld-listener-query, mld-listener-report, mld-listener-done,"
@@ -96,7 +98,12 @@ def _family_text(e: int, direction: str, family: int) -> str:
                  flags dynamic, timeout; timeout {TIMEOUT}; }}
   set repnp{fed} {{ typeof {ip} saddr . {ip} daddr . meta l4proto; flags dynamic, timeout;
                    timeout {TIMEOUT}; }}
-  chain allowedlater{fed} {{ }}
+  chain allowedlater{fed} {{
+    meta mark set {SENTINEL_MARK} meta priority set {SENTINEL_PRIORITY}
+    jump fragreply{sfx}
+    meta mark != {SENTINEL_MARK} meta priority != {SENTINEL_PRIORITY} update @rep{sfx}{e}{back} {{ {ip} daddr . {ip} saddr . meta l4proto . meta mark . meta priority }}
+    counter name r_forwarded accept
+  }}
   chain allowed{fed} {{
     {later} goto allowedlater{fed}
     meta mark set th dport map @p2m
@@ -130,19 +137,19 @@ def _family_text(e: int, direction: str, family: int) -> str:
     goto anyonlynp{fed}
   }}
   chain ported{fed} {{
-    {first} meta mark set th sport map @p2m
-    {first} update @fsm{sfx} {{ {key} : meta mark }}
-    {first} meta mark set th dport map @p2m
-    {first} update @fdm{sfx} {{ {key} : meta mark }}
-    {first} meta priority set th sport map @p2c
-    {first} update @fsc{sfx} {{ {key} : meta priority }}
-    {first} meta priority set th dport map @p2c
-    {first} update @fdc{sfx} {{ {key} : meta priority }}
+    {first} jump fragrecord{sfx}
     meta mark set th sport map @p2m
     meta priority set th dport map @p2c
     goto judge{fed}
   }}
-  chain later{fed} {{ }}
+  chain later{fed} {{
+    meta l4proto tcp {units} < 3 counter name r_frag_tiny drop
+    meta l4proto sctp {units} < 2 counter name r_frag_tiny drop
+    meta mark set {SENTINEL_MARK} meta priority set {SENTINEL_PRIORITY}
+    jump fragports{sfx}
+    meta mark != {SENTINEL_MARK} meta priority != {SENTINEL_PRIORITY} goto judge{fed}
+    counter name r_frag_unknown drop
+  }}
   chain l4{fed} {{
     meta l4proto != {PORTED} goto judgenp{fed}
     {later} goto later{fed}
@@ -171,8 +178,8 @@ def endpoint_text(endpoint_id: int, device: str, ipv4: str, ipv6: str | None = N
         spoof6 = ("ip6 saddr != " + ipv6 if ipv6 else "meta protocol ip6") + \
             " counter name r_spoofed drop" if leaving else ""
         within = " ip6 daddr { fe80::/10, ff02::/16 }" if leaving else ""
-        control = "\n".join(f"    exthdr frag missing {c}{within} counter name r_forwarded accept"
-                            for c in LINK_CONTROL)
+        control = "\n".join(f"    {whole} {c}{within} counter name r_forwarded accept"
+                            for c in LINK_CONTROL for whole in UNFRAGMENTED)
         hooks.append(f"""
   chain ep{e}{hook} {{ type filter hook {hook} device "{device}" priority 0; policy accept;
     meta protocol arp counter name r_forwarded accept
@@ -182,10 +189,14 @@ def endpoint_text(endpoint_id: int, device: str, ipv4: str, ipv6: str | None = N
     counter name r_unsupported_l3 drop
   }}
   chain v4{ed} {{
+    jump whole
     {spoof4}
     goto l4{ed}
   }}
   chain v6{ed} {{
+    meta l4proto ah counter name r_malformed drop
+    exthdr frag exists jump fragcut6
+    jump whole6
 {control}
     {spoof6}
     goto l46{ed}
@@ -193,46 +204,51 @@ def endpoint_text(endpoint_id: int, device: str, ipv4: str, ipv6: str | None = N
     return f"table {FAMILY} {TABLE} {{" + "".join(parts) + "".join(hooks) + "\n}"
 
 
-def _key_json(family: int) -> dict:
-    ip = "ip" if family == 4 else "ip6"
-    third = {"payload": {"protocol": "ip", "field": "id"}} if family == 4 else \
-        {"exthdr": {"name": "frag", "field": "id"}}
-    return {"concat": [{"payload": {"protocol": ip, "field": "saddr"}},
-                       {"payload": {"protocol": ip, "field": "daddr"}}, third,
-                       {"meta": {"key": "l4proto"}}]}
+SENTINEL_MARK, SENTINEL_PRIORITY = "0xffffffff", "ffff:ffff"  # no port becomes these
 
 
-def _set_from_fragment(meta: str, family: int, name: str) -> dict:
-    return {"mangle": {"key": {"meta": {"key": meta}},
-                       "value": {"map": {"key": _key_json(family), "data": f"@{name}"}}}}
+SHARED_CHAINS = ("fragrecord", "fragports", "fragreply")
+#: an IPv6 fragment header too short to hold its identification is malformed
+FRAGCUT6 = "  chain fragcut6 { frag id 0-4294967295 return; counter name r_malformed drop; }"
+#: a packet that is not a fragment must hold its whole transport header (before the source
+#: check, as every malformed packet)
+WHOLE = "\n".join(f"""  chain whole{sfx} {{
+    meta l4proto != {{ tcp, udp, sctp }} return
+{fragment}
+    meta l4proto tcp @th,152,8 & 0 == 0 return
+    meta l4proto udp @th,56,8 & 0 == 0 return
+    meta l4proto sctp @th,88,8 & 0 == 0 return
+    counter name r_malformed drop
+  }}""" for sfx, fragment in (
+    ("", "    ip frag-off & 0x3fff != 0 return"),
+    ("6", "    frag frag-off != 0 return\n    frag more-fragments 1 return")))
+RECORDS = (("sport", "mark", "fsm"), ("dport", "mark", "fdm"),  # port, where to, map
+           ("sport", "priority", "fsc"), ("dport", "priority", "fdc"))
+LOOKUPS = {"fragports": (("mark", "fsm"), ("priority", "fdc")),  # as the policy steps want
+           "fragreply": (("mark", "fdm"), ("priority", "fsc"))}  # the other way round
 
 
-def fragment_rules(endpoint_id: int) -> list:
-    """The rules that take a later fragment's ports from its first fragment, as libnftables
-    JSON commands ("text" for those its text grammar takes): the text grammar refuses the
-    IPv6 fragment header's ``frag id`` in a map-lookup assignment."""
-    out: list = []
-    for d in DIRS.values():
-        back = "out" if d == "in" else "in"
-        for family in (4, 6):
-            sfx, ip, _, _, _, units, _, _, _ = FAMILIES[family]
-            fed = f"{sfx}{endpoint_id}{d}"
-            t = f"add rule {FAMILY} {TABLE}"
+def shared_chains_text() -> str:
+    """The empty chains every endpoint jumps to for fragments: ``fragrecord`` writes a first
+    fragment's ports under its fragment key; ``fragports`` and ``fragreply`` read them back
+    for a later fragment, as the policy steps want them and the other way round."""
+    chains = "\n".join(f"  chain {c}{sfx} {{ }}" for c in SHARED_CHAINS for sfx in ("", "6"))
+    return f"table {FAMILY} {TABLE} {{\n{chains}\n{FRAGCUT6}\n{WHOLE}\n}}"
 
-            def rule(chain: str, *expr) -> dict:
-                return {"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain,
-                                         "expr": list(expr)}}}
-            out += [
-                f"{t} later{fed} meta l4proto tcp {units} < 3 counter name r_frag_tiny drop",
-                f"{t} later{fed} meta l4proto sctp {units} < 2 counter name r_frag_tiny drop",
-                rule(f"later{fed}", _set_from_fragment("mark", family, f"fsm{sfx}")),
-                rule(f"later{fed}", _set_from_fragment("priority", family, f"fdc{sfx}"),
-                     {"goto": {"target": f"judge{fed}"}}),
-                f"{t} later{fed} counter name r_frag_unknown drop",
-                rule(f"allowedlater{fed}", _set_from_fragment("mark", family, f"fdm{sfx}")),
-                rule(f"allowedlater{fed}", _set_from_fragment("priority", family, f"fsc{sfx}")),
-                f"{t} allowedlater{fed} update @rep{sfx}{endpoint_id}{back} {{ {ip} daddr . {ip}"
-                f" saddr . meta l4proto . meta mark . meta priority }}",
-                f"{t} allowedlater{fed} counter name r_forwarded accept",
-            ]
+
+def shared_rules() -> list[tuple[str, str | list[bytes]]]:
+    """The rules of :func:`shared_chains_text`, in order, each ``(chain, rule)``: a rule is
+    nft text, or netlink expressions where nft 1.0.6 cannot say (or miscompiles) the IPv6 one."""
+    from meshagent.plugins.nftables.netlink import fragment6_lookup, fragment6_update
+    out: list[tuple[str, str | list[bytes]]] = []
+    for port, meta, name in RECORDS:
+        conversion = "p2m" if meta == "mark" else "p2c"
+        for sfx in ("", "6"):
+            out.append((f"fragrecord{sfx}", f"meta {meta} set th {port} map @{conversion}"))
+        out.append(("fragrecord", f"update @{name} {{ {FRAG_KEY} : meta {meta} }}"))
+        out.append(("fragrecord6", fragment6_update(meta, f"{name}6")))
+    for chain, pairs in LOOKUPS.items():
+        for meta, name in pairs:
+            out.append((chain, f"meta {meta} set {FRAG_KEY} map @{name}"))
+            out.append((f"{chain}6", fragment6_lookup(meta, f"{name}6")))
     return out
