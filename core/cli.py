@@ -432,7 +432,54 @@ def _lab(args: argparse.Namespace) -> int:
     return _lab_module().run(args)
 
 
+def _monitor_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--type", choices=("drop",), default=None,
+                        help="only events of this type (datapaths send drops)")
+    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    parser.add_argument("--count", type=int, default=0, help="stop after N events")
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    """Stream the running datapath's events (whichever datapath it is)."""
+    import asyncio
+
+    import aiohttp
+
+    from meshagent.client import API_PREFIX
+    from meshagent.datapath.drops import format_drop
+
+    async def stream() -> int:
+        connector = aiohttp.UnixConnector(path=str(args.socket_path))
+        seen = 0
+        try:
+            async with aiohttp.ClientSession(connector=connector,
+                                             timeout=aiohttp.ClientTimeout(total=None)) as s:
+                async with s.get(f"http://meshagent{API_PREFIX}/monitor") as response:
+                    if response.status == 404:
+                        raise UsageError("the running agent has no datapath: nothing to"
+                                         " monitor")
+                    async for line in response.content:
+                        event = json.loads(line)
+                        if args.type and event.get("type") != args.type:
+                            continue
+                        print(json.dumps(event) if args.output == "json" else format_drop(event),
+                              flush=True)
+                        seen += 1
+                        if args.count and seen >= args.count:
+                            return 0
+        except (aiohttp.ClientConnectionError, FileNotFoundError) as exc:
+            raise AgentNotRunning(f"no agent is running: cannot connect to {args.socket_path}"
+                                  f" ({exc})") from None
+        return 0
+    try:
+        return asyncio.run(stream())
+    except KeyboardInterrupt:
+        return 0
+
+
 CORE_COMMANDS = (
+    Command("monitor", "stream datapath events (drops) from the running agent", _monitor_args,
+            _monitor),
     Command("status", "show the agent's health, section by section", _status_args, _status),
     Command("plugins", "list plugins: name, status, origin, slots filled, hooks",
             _plugins_args, _plugins),

@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import MESHAGENT, lab_up, redis_ping, run_cli, seed_scene
 
-from meshagent.plugins.ebpf.commands import format_drop
+from meshagent.datapath.drops import format_drop
 from meshagent_dev.netlab import can_run
 
 pytestmark = [pytest.mark.privileged,

@@ -10,18 +10,17 @@ import uuid
 
 import pytest
 
-from meshagent.plugins.nftables import ruleset
 from meshagent.testing import datapath_model as model
-from meshagent.testing.datapath_contract import DatapathContract
+from meshagent.testing.datapath_contract import DatapathContract, ScenarioDriver
 from meshagent.testing.packets import KERNEL_WALK
 from meshagent_dev.netlab import can_run
 
 pytestmark = [pytest.mark.privileged, pytest.mark.skipif(not can_run(), reason="needs root")]
 
-REASONS = {"r_forwarded": model.FORWARDED, "r_policy_deny": model.POLICY_DENY,
-           "r_policy_default": model.POLICY_DEFAULT, "r_spoofed": model.SPOOFED,
-           "r_frag_tiny": model.FRAG_TINY, "r_frag_unknown": model.FRAG_UNKNOWN,
-           "r_malformed": model.MALFORMED_PACKET, "r_unsupported_l3": model.UNSUPPORTED_L3}
+REASONS = {"forwarded": model.FORWARDED, "policy_deny": model.POLICY_DENY,
+           "policy_default": model.POLICY_DEFAULT, "spoofed": model.SPOOFED,
+           "frag_tiny": model.FRAG_TINY, "frag_unknown": model.FRAG_UNKNOWN,
+           "malformed": model.MALFORMED_PACKET, "unsupported_l3": model.UNSUPPORTED_L3}
 
 
 class NamespaceJudge:
@@ -68,7 +67,7 @@ class NamespaceJudge:
         import nftables
         for endpoint in list(self.datapath.endpoints.values()):
             self.call(self.datapath.endpoint_removed(endpoint))
-        t = f"{ruleset.FAMILY} {ruleset.TABLE}"
+        t = self.datapath.rules.ref
         rc, _, err = nftables.Nftables().cmd("\n".join(
             f"flush map {t} {name}{sfx}" for name in ("fsm", "fdm", "fsc", "fdc")
             for sfx in ("", "6")))
@@ -102,6 +101,103 @@ def judge():
     judge.close()
 
 
+@pytest.fixture
+def driver(judge):
+    return ScenarioDriver(judge, local_delivery=False, walk=KERNEL_WALK)
+
+
 class TestNftablesDatapathContract(DatapathContract):
     expects_local_delivery = False
     ipv6_walk = KERNEL_WALK
+
+
+def _names(table: str) -> set[str]:
+    """Every chain, map and set of the table."""
+    import json
+
+    import nftables
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    names = set()
+    for what in ("chains", "maps", "sets"):
+        rc, out, err = nft.cmd(f"list {what} netdev")
+        assert rc == 0, err
+        for item in json.loads(out)["nftables"]:
+            for kind in ("chain", "map", "set"):
+                if kind in item and item[kind]["table"] == table:
+                    names.add(item[kind]["name"])
+    return names
+
+
+def test_removing_an_endpoint_leaves_nothing_of_it(judge, driver):
+    import re
+
+    from test_datapath_differential import ALL_EGRESS, ECHO, named_scenario, tcp
+
+    from meshagent.plugins.nftables import ruleset
+    driver.start(named_scenario([ALL_EGRESS], [tcp(ECHO, 80)]))
+    before = _names(judge.datapath.rules.table)
+    mine = {n for n in before if re.search(r"_1(_|$)", n) and n != ruleset.LAYOUT}
+    assert {"ep_1_ingress", "ep_1_egress", "spec4_1_out", "rep6_1_in"} <= mine
+    endpoint = driver.endpoints[1]
+    judge.call(judge.datapath.endpoint_removed(endpoint))
+    assert _names(judge.datapath.rules.table) == before - mine
+    judge.call(judge.datapath.endpoint_added(endpoint))
+    assert _names(judge.datapath.rules.table) == before
+
+
+def test_a_restarted_agent_keeps_enforcing_and_keeps_replies(judge, driver):
+    """The table outlives the agent: a new one adopts it, changes nothing until its first
+    sync (the old verdicts and reply entries hold), then enforces the new state."""
+    from test_datapath_differential import ALL_EGRESS, ECHO, named_scenario, tcp
+
+    from meshagent.plugins.nftables.datapath import NftablesDatapath
+    deny = {**ALL_EGRESS, "egressDeny": [{"toPorts": [{"ports": [{"port": "6379",
+                                                                   "protocol": "TCP"}]}]}]}
+    scenario = named_scenario([deny], [tcp(ECHO, 80), tcp(ECHO, 6379)])
+    world = driver.start(scenario)
+    (d80, syn80), (d6379, syn6379) = [(p.direction, p.packet.frame())
+                                      for p in scenario.phases[0].probes]
+    reply = scenario.phases[0].probes[0].packet.reply()
+    verdict = lambda direction, frame: judge.delivery(1, direction, frame)[0]  # noqa: E731
+    assert verdict(d80, syn80) == model.FORWARDED
+    assert verdict(model.INGRESS, reply.frame()) == model.FORWARDED
+
+    judge.call(judge.datapath.stop())
+    judge.datapath = NftablesDatapath(device_of=lambda ifindex: f"h{ifindex}")
+    judge.call(judge.datapath.start())
+    assert judge.datapath.adopted
+    assert verdict(d6379, syn6379) == model.POLICY_DENY  # before any endpoint is restored
+    for endpoint in driver.endpoints.values():
+        judge.call(judge.datapath.endpoint_added(endpoint))
+    judge.call(judge.datapath.update_policy(1, []))  # changes before the sync wait for it
+    assert verdict(d80, syn80) == model.FORWARDED
+    assert verdict(d6379, syn6379) == model.POLICY_DENY
+    assert verdict(model.INGRESS, reply.frame()) == model.FORWARDED
+
+    nothing = {1: {}, **{e: world.verdicts().get(e, {}) for e in driver.endpoints if e != 1}}
+    judge.call(judge.datapath.reconcile(nothing, list(world.ipcache.values())))
+    assert verdict(d80, syn80) == model.POLICY_DEFAULT  # endpoint 1 now allows nothing
+    assert verdict(model.INGRESS, reply.frame()) == model.FORWARDED  # its reply entry kept
+
+
+def test_drops_are_noticed_with_reason_endpoint_and_addresses(judge, driver):
+    from test_datapath_differential import ALL_EGRESS, ECHO, named_scenario, tcp
+    deny = {**ALL_EGRESS, "egressDeny": [{"toPorts": [{"ports": [{"port": "6379",
+                                                                   "protocol": "TCP"}]}]}]}
+    scenario = named_scenario([deny], [tcp(ECHO, 6379)])
+    driver.start(scenario)
+    feed = judge.datapath.drops
+    seen = len(feed.recent)
+    probe = scenario.phases[0].probes[0]
+    assert judge.delivery(probe.endpoint, probe.direction, probe.packet.frame())[0] == \
+        model.POLICY_DENY
+    deadline = time.monotonic() + 2
+    while len(feed.recent) == seen and time.monotonic() < deadline:
+        judge.loop.run_until_complete(asyncio.sleep(0.01))  # the NFLOG reader runs here
+    notice = feed.recent[-1].to_json()
+    assert notice["reason"] == "policy denied (deny rule)"
+    assert (notice["endpoint"], notice["direction"]) == (probe.endpoint, "egress")
+    assert (notice["source"]["ip"], notice["destination"]["ip"]) == (probe.packet.src, ECHO)
+    assert notice["destination"]["port"] == 6379 and notice["tcp_flags"] == ["SYN"]
+    assert notice["source"]["identity"] == driver.endpoints[probe.endpoint].identity

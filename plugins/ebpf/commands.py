@@ -1,19 +1,15 @@
-"""``meshagent monitor`` (from the agent) and ``meshagent bpf ...`` (from the pinned maps).
+"""``meshagent bpf ...``: the pinned maps, read directly (``meshagent monitor`` is the core's).
 
 The ``bpf`` commands open the pinned maps directly, so they work while the agent is down.
 """
 
 import argparse
-import asyncio
 import json
 import os
 import time
 from pathlib import Path
 
-import aiohttp
-
-from meshagent.client import API_PREFIX
-from meshagent.errors import AgentNotRunning
+from meshagent.datapath.drops import host_port
 from meshagent.hooks.additions import Command, format_table
 from meshagent.plugins.ebpf.maps import (
     CT_NAT_DST,
@@ -121,59 +117,7 @@ def _bpf(args: argparse.Namespace) -> int:
                  [(r["reason"], str(r["packets"]), str(r["bytes"])) for r in rows], rows)
 
 
-def host_port(ip: str, port: int) -> str:
-    """``10.0.0.1:80``, ``[fd00::1]:80``."""
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
-def _monitor_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--type", choices=("drop",), default=None,
-                        help="only events of this type (the datapath sends drops)")
-    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
-    parser.add_argument("--count", type=int, default=0, help="stop after N events")
-
-
-def format_drop(event: dict) -> str:
-    src, dst = event["source"], event["destination"]
-    flags = f" {','.join(event['tcp_flags'])}" if event["tcp_flags"] else ""
-    stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
-    return (f"{stamp} drop ({event['reason']}) endpoint {event['endpoint']}"
-            f" {event['direction']}: {host_port(src['ip'], src['port'])} ->"
-            f" {host_port(dst['ip'], dst['port'])}"
-            f" {event['protocol']}{flags}, identity {src['identity']} ({src['cluster']}) ->"
-            f" {dst['identity']} ({dst['cluster']})")
-
-
-def _monitor(args: argparse.Namespace) -> int:
-    async def stream() -> int:
-        connector = aiohttp.UnixConnector(path=str(args.socket_path))
-        seen = 0
-        try:
-            async with aiohttp.ClientSession(connector=connector,
-                                             timeout=aiohttp.ClientTimeout(total=None)) as s:
-                async with s.get(f"http://meshagent{API_PREFIX}/monitor") as response:
-                    async for line in response.content:
-                        event = json.loads(line)
-                        if args.type and event.get("type") != args.type:
-                            continue
-                        print(json.dumps(event) if args.output == "json" else format_drop(event),
-                              flush=True)
-                        seen += 1
-                        if args.count and seen >= args.count:
-                            return 0
-        except (aiohttp.ClientConnectionError, FileNotFoundError) as exc:
-            raise AgentNotRunning(f"no agent is running: cannot connect to {args.socket_path}"
-                                  f" ({exc})") from None
-        return 0
-    try:
-        return asyncio.run(stream())
-    except KeyboardInterrupt:
-        return 0
-
-
 COMMANDS = (
-    Command("monitor", "stream datapath events (drops) from the running agent", _monitor_args,
-            _monitor),
     Command("bpf", "read the pinned BPF maps directly (works while the agent is down)",
             _bpf_args, _bpf),
 )

@@ -6,18 +6,16 @@ finds the maps and attached programs as they were, then reconciles them in one p
 """
 
 import asyncio
-import collections
 import ctypes as ct
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import attrs
-from aiohttp import web
 
 from meshagent import hookimpl
+from meshagent.datapath.drops import DropFeed, DropNotice, DropPeer
 from meshagent.events import ChangeKind
 from meshagent.hooks.additions import Route
 from meshagent.model.endpoint import Endpoint
@@ -67,7 +65,6 @@ from meshagent.runtime.status import Health, StatusSection
 log = logging.getLogger(__name__)
 
 PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
-RECENT_DROPS = 1000
 TCP_FLAGS = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"))
 DIRECTIONS = {"ingress": DIR_INGRESS, "egress": DIR_EGRESS}
 
@@ -161,8 +158,7 @@ class EbpfDatapath:
         self.synced = False
         self.started = False
         self.start_error = ""
-        self.recent_drops: collections.deque = collections.deque(maxlen=RECENT_DROPS)
-        self.subscribers: set[asyncio.Queue] = set()
+        self.drops = DropFeed()  # to meshagent monitor
         self._readers: list[tuple[int, int]] = []
         self._event_maps: list[int] = []
 
@@ -472,31 +468,23 @@ class EbpfDatapath:
 
     def _on_drop(self, cpu, data, size) -> None:
         raw = ct.cast(data, ct.POINTER(DropEvent)).contents
-        event = self.describe_drop(raw)
-        self.recent_drops.append(event)
-        for queue in list(self.subscribers):
-            if queue.qsize() < 10000:
-                queue.put_nowait(event)
+        self.drops.publish(self.describe_drop(raw))
 
-    def describe_drop(self, raw: DropEvent) -> dict:
-        def who(identity: int) -> dict:
+    def describe_drop(self, raw: DropEvent) -> DropNotice:
+        def who(ip: str, port: int, identity: int) -> DropPeer:
             known = self.identities(identity)
             cluster = known.cluster if known else ("reserved" if identity < 256 else "?")
-            return {"identity": identity, "cluster": cluster}
-        flags = [name for bit, name in TCP_FLAGS if raw.tcp_flags & bit] if raw.protocol == 6 \
-            else []
+            return DropPeer(ip, port, identity, cluster)
+        flags = tuple(name for bit, name in TCP_FLAGS if raw.tcp_flags & bit) \
+            if raw.protocol == 6 else ()
         v6 = raw.family == 6
-        return {
-            "type": "drop", "time": time.time(), "reason": REASONS.get(raw.reason, raw.reason),
-            "endpoint": raw.endpoint_id,
-            "direction": "ingress" if raw.direction == DIR_INGRESS else "egress",
-            "source": {"ip": ip_text(raw.saddr6 if v6 else raw.saddr), "port": raw.sport,
-                       **who(raw.src_identity)},
-            "destination": {"ip": ip_text(raw.daddr6 if v6 else raw.daddr), "port": raw.dport,
-                            **who(raw.dst_identity)},
-            "protocol": PROTOCOL_NAMES.get(raw.protocol, str(raw.protocol)),
-            "tcp_flags": flags,
-        }
+        return DropNotice(
+            reason=REASONS.get(raw.reason, str(raw.reason)), endpoint=raw.endpoint_id,
+            direction="ingress" if raw.direction == DIR_INGRESS else "egress",
+            source=who(ip_text(raw.saddr6 if v6 else raw.saddr), raw.sport, raw.src_identity),
+            destination=who(ip_text(raw.daddr6 if v6 else raw.daddr), raw.dport,
+                            raw.dst_identity),
+            protocol=PROTOCOL_NAMES.get(raw.protocol, str(raw.protocol)), tcp_flags=flags)
 
     # -- visibility -----------------------------------------------------------------------------
 
@@ -533,23 +521,7 @@ class EbpfDatapath:
 
     @hookimpl
     def meshagent_api_routes(self):
-        return [Route("GET", "/monitor", self._monitor)]
-
-    async def _monitor(self, request: web.Request) -> web.StreamResponse:
-        import json
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await response.prepare(request)
-        queue: asyncio.Queue = asyncio.Queue()
-        self.subscribers.add(queue)
-        try:
-            while True:
-                event = await queue.get()
-                await response.write((json.dumps(event) + "\n").encode())
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
-        finally:
-            self.subscribers.discard(queue)
-        return response
+        return [Route("GET", "/monitor", self.drops.stream)]
 
 
 def _policy_value(verdict: str) -> PolicyValue:

@@ -1,0 +1,44 @@
+"""The ``nftables`` plugin: enforce policy with one nftables ``netdev`` table (libnftables).
+
+For nodes where compiling BPF is not allowed or not possible: no kernel headers, no LLVM, no
+bpffs. Same contract and same tests as the ``ebpf`` datapath; global services are not
+load-balanced here (docs/nftables.md).
+"""
+
+import meshagent
+
+
+@meshagent.hookimpl
+def meshagent_addoption(parser):
+    group = parser.getgroup("nftables", "nftables datapath plugin")
+    group.addoption("nftables-table", type=str, default="meshagent",
+                    help="the netdev table this agent owns (nothing else is touched)")
+    group.addoption("nftables-log-group", type=int, default=7,
+                    help="NFLOG group the table logs drops to (meshagent monitor)")
+    group.addoption("nftables-flow-timeout", type=int, default=21600,
+                    help="seconds a flow's replies stay allowed after its last packet")
+
+
+def build_datapath(agent):
+    """The datapath with what it uses: its options, and identities to name drops by."""
+    from meshagent.plugins.nftables.datapath import (
+        NftablesDatapath,
+        NftablesMetrics,
+        NftablesSettings,
+    )
+    datapath = NftablesDatapath(NftablesSettings.from_config(agent.config),
+                                agent.tables.identities.get)
+    agent.plugins.register(datapath, name="nftables.datapath")  # its status and API routes
+    agent.metrics.register(NftablesMetrics(datapath))
+    return datapath
+
+
+@meshagent.hookimpl
+def meshagent_register_datapath(registry):
+    registry.register("nftables", build_datapath)
+
+
+@meshagent.hookimpl
+def meshagent_commands():
+    from meshagent.plugins.nftables.commands import COMMANDS
+    return list(COMMANDS)

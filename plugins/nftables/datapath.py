@@ -1,41 +1,89 @@
-"""The nftables datapath (WORK IN PROGRESS, issue 19): keeps the ``netdev meshagent`` table equal
-to what the agent resolved. Every change is one nftables transaction (atomic: a packet sees the
-state before or after it, never a half-written one)."""
+"""The nftables datapath: keeps one ``netdev`` table equal to what the agent resolved.
 
+Every change is one nftables transaction through libnftables (atomic: a packet sees the state
+before or after it, never a half-written one). A restarted agent finds its table (by its
+layout comment) and keeps it, reply sets and all, until the first sync; then it rewrites
+each map in one transaction and deletes what is stale.
+"""
+
+import asyncio
+import bisect
 import ipaddress
+import json
+import logging
+import re
 import socket
 
+import attrs
+
+from meshagent import hookimpl
+from meshagent.datapath.drops import DropFeed, DropNotice, DropPeer
 from meshagent.events import ChangeKind
+from meshagent.hooks.additions import Route
 from meshagent.model.endpoint import Endpoint
-from meshagent.plugins.nftables import ruleset
+from meshagent.plugins.nftables import netlink
 from meshagent.plugins.nftables.intervals import (
     DENY,
     PORT_PROTOCOLS,
     flatten_prefixes,
     policy_segments,
 )
-from meshagent.plugins.nftables.netlink import add_rules, read_counters
+from meshagent.plugins.nftables.ruleset import FAMILY, LAYOUT, REASONS, Ruleset, policy_map
+from meshagent.runtime.status import Health, StatusSection
+
+log = logging.getLogger(__name__)
 
 DIRECTIONS = {"ingress": "in", "egress": "out"}
+REASON_TEXT = {
+    "forwarded": "forwarded", "policy_deny": "policy denied (deny rule)",
+    "policy_default": "policy denied (by default)", "spoofed": "spoofed source address",
+    "frag_tiny": "tiny fragment (splits the transport header)",
+    "frag_unknown": "fragment without its first fragment", "malformed": "malformed packet",
+    "unsupported_l3": "unsupported L3 protocol (neither IPv4, IPv6 nor ARP)",
+}
+PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
+TCP_FLAGS = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"))
 
 
 class NftablesError(Exception):
     pass
 
 
+@attrs.frozen
+class NftablesSettings:
+    table: str = "meshagent"
+    log_group: int = 7
+    flow_timeout: int = 21600
+
+    @classmethod
+    def from_config(cls, config) -> "NftablesSettings":
+        return cls(config.get("nftables-table"), config.get("nftables-log-group"),
+                   config.get("nftables-flow-timeout"))
+
+
 class NftablesDatapath:
     """Meets :class:`meshagent.datapath.Datapath`."""
 
-    def __init__(self, device_of=socket.if_indextoname):
-        import nftables  # Debian's python3-nftables (libnftables)
-        self.nft = nftables.Nftables()
-        self.nft.set_json_output(True)
+    def __init__(self, settings: NftablesSettings = NftablesSettings(), identities=lambda _: None,
+                 device_of=socket.if_indextoname):
+        self.rules = Ruleset(settings.table, settings.log_group,
+                             flow_timeout=settings.flow_timeout)
+        self.identities = identities  # identity number -> Identity | None (drop notices)
         self.device_of = device_of
+        self.nft = None
         self.endpoints: dict[int, Endpoint] = {}
         self.groups: dict[tuple[int, str, int], dict] = {}  # (ep, dir, identity) -> keys
-        self.written: dict[tuple[int, str, int], list[str]] = {}  # -> elements written
+        self.written: dict[tuple[int, str, int], dict[str, set[str]]] = {}  # -> elements
         self.ipcache: dict[int, dict] = {4: {}, 6: {}}  # family -> {prefix: identity}
         self.ranges: dict[int, list[tuple[int, int, int]]] = {4: [], 6: []}  # as written
+        self.found: dict[int, str] = {}  # endpoint id -> device, of a table found at start
+        self.adopted = False  # the table was found: maps are rewritten whole at the first sync
+        self.synced = False
+        self.started = False
+        self.start_error = ""
+        self.services = 0  # merged services asked for (not balanced here)
+        self.drops = DropFeed()
+        self._log_socket: socket.socket | None = None
 
     def _run(self, text: str) -> str:
         rc, out, err = self.nft.cmd(text)
@@ -43,52 +91,106 @@ class NftablesDatapath:
             raise NftablesError(f"nftables refused: {err.strip()}")
         return out
 
+    def _json(self, text: str) -> list[dict]:
+        return json.loads(self._run(text) or '{"nftables": []}')["nftables"]
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
     async def start(self) -> None:
-        self._run(f"add table {ruleset.FAMILY} {ruleset.TABLE}")
-        self._run(f"delete table {ruleset.FAMILY} {ruleset.TABLE}")
-        self._run(ruleset.table_text())
-        self._run(ruleset.shared_chains_text())
-        for chain, rule in ruleset.shared_rules():
+        try:
+            import nftables  # Debian's python3-nftables (libnftables)
+            self.nft = nftables.Nftables()
+            self.nft.set_json_output(True)
+            if not self._adopt():
+                self._create()
+            self._open_log()
+            self.started = True
+        except (ImportError, NftablesError, OSError) as exc:
+            self.start_error = str(exc)
+            log.error("nftables datapath NOT enforcing: %s", exc)
+            raise
+
+    def _adopt(self) -> bool:
+        """Keep the table a previous agent left, if it has this layout."""
+        tables = [o["table"] for o in self._json(f"list tables {FAMILY}") if "table" in o]
+        mine = [t for t in tables if t["name"] == self.rules.table]
+        if not mine:
+            return False
+        chains = [item["chain"] for item in self._json(f"list chains {FAMILY}")
+                  if item.get("chain", {}).get("table") == self.rules.table]
+        if LAYOUT not in {chain["name"] for chain in chains}:
+            log.warning("nftables: table %s has another layout; replacing it", self.rules.ref)
+            self._run(f"delete table {self.rules.ref}")
+            return False
+        for chain in chains:
+            name = chain["name"]
+            if name.startswith("ep_") and name.endswith("_ingress"):
+                self.found[int(name.split("_")[1])] = self._device(name)
+        self.adopted = True
+        log.info("nftables: kept table %s with %d endpoints until the first sync",
+                 self.rules.ref, len(self.found))
+        return True
+
+    def _device(self, chain: str) -> str:
+        """The device a base chain hooks (nft 1.0.6's JSON listing leaves it out)."""
+        self.nft.set_json_output(False)
+        try:
+            text = self._run(f"list chain {self.rules.ref} {chain}")
+        finally:
+            self.nft.set_json_output(True)
+        found = re.search(r'device "([^"]+)"', text)
+        return found.group(1) if found else ""
+
+    def _create(self) -> None:
+        self._run(self.rules.table_text())
+        for first in range(0, 65536, 8192):
+            self._run(self.rules.conversion_elements(first, first + 8191))
+        for chain, rule in self.rules.shared_rules():
             if isinstance(rule, str):
-                self._run(f"add rule {ruleset.FAMILY} {ruleset.TABLE} {chain} {rule}")
+                self._run(f"add rule {self.rules.ref} {chain} {rule}")
             else:
-                add_rules(ruleset.FAMILY, ruleset.TABLE, [(chain, rule)])
-        for first in range(0, 65536, 4096):
-            self._run(ruleset.conversion_elements(first, first + 4095))
+                netlink.add_rules(FAMILY, self.rules.table, [(chain, rule)])
 
     async def stop(self) -> None:
-        pass
+        """Leave the table: a restarted agent keeps enforcing with it."""
+        if self._log_socket is not None:
+            asyncio.get_running_loop().remove_reader(self._log_socket.fileno())
+            self._log_socket.close()
+            self._log_socket = None
+
+    # -- endpoints ----------------------------------------------------------------------------
 
     async def endpoint_added(self, endpoint: Endpoint) -> None:
-        if endpoint.id in self.endpoints:  # TODO (issue 19): keep state across a restart
-            await self.endpoint_removed(self.endpoints[endpoint.id])
+        device = self.device_of(endpoint.ifindex)
+        ipv6 = str(endpoint.ipv6) if endpoint.ipv6 else None
+        rules = self.rules.endpoint(endpoint.id, device, str(endpoint.ipv4), ipv6)
+        found = self.found.pop(endpoint.id, None)
+        if found == device:  # restored: keep its reply sets and policy maps
+            self._run(rules.spoof_chains_text(str(endpoint.ipv4), ipv6))
+        else:
+            if endpoint.id in self.endpoints or found is not None:
+                self._delete(endpoint.id)
+            self._run(rules.text())
         self.endpoints[endpoint.id] = endpoint
-        self._run(ruleset.endpoint_text(endpoint.id, self.device_of(endpoint.ifindex),
-                                        str(endpoint.ipv4),
-                                        str(endpoint.ipv6) if endpoint.ipv6 else None))
 
     async def endpoint_removed(self, endpoint: Endpoint) -> None:
         self.endpoints.pop(endpoint.id, None)
         for group in [g for g in self.groups if g[0] == endpoint.id]:
             self.groups.pop(group)
-            self.written.pop(group, None)
-        e, t = endpoint.id, f"{ruleset.FAMILY} {ruleset.TABLE}"
-        chains = [f"ep{e}{h}" for h in ("ingress", "egress")]
-        maps, sets = [], []
-        for d in DIRECTIONS.values():
-            chains += [f"v4{e}{d}", f"v6{e}{d}", f"denied{e}{d}"]
-            for sfx in ("", "6"):
-                fed = f"{sfx}{e}{d}"
-                chains += [f"{c}{fed}" for c in (
-                    "l4", "ported", "later", "judge", "judgenp", "anyonly", "anyafter",
-                    "anyonlynp", "anyafternp", "allowed", "allowedlater", "allowednp")]
-                maps += [f"{m}{fed}" for m in ("spec", "any", "spnp", "anynp")]
-                sets += [f"{s}{fed}" for s in ("rep", "repnp")]
-        # rules and map elements refer to chains and sets: empty the chains first
-        commands = [f"flush chain {t} {c}" for c in chains]
-        commands += [f"delete map {t} {m}" for m in maps]
-        commands += [f"delete chain {t} {c}" for c in chains]
-        commands += [f"delete set {t} {s}" for s in sets]
+        for group in [g for g in self.written if g[0] == endpoint.id]:
+            self.written.pop(group)
+        self._delete(endpoint.id)
+
+    def _delete(self, endpoint_id: int) -> None:
+        """Remove one endpoint's objects: hooks first, then rules (they name maps and
+        chains), then the maps, chains and sets."""
+        rules = self.rules.endpoint(endpoint_id, "-", "0.0.0.0", None)
+        t = self.rules.ref
+        commands = [f"delete chain {t} {c}" for c in rules.base_chains]
+        commands += [f"flush chain {t} {c}" for c in rules.chains if c not in rules.base_chains]
+        commands += [f"delete map {t} {m}" for m in rules.maps]
+        commands += [f"delete chain {t} {c}" for c in rules.chains if c not in rules.base_chains]
+        commands += [f"delete set {t} {s}" for s in rules.sets]
         self._run("\n".join(commands))
 
     # -- ipcache ------------------------------------------------------------------------------
@@ -102,17 +204,20 @@ class NftablesDatapath:
             else:
                 rows[entry.prefix] = entry.identity
             touched.add(entry.prefix.version)
-        self._write_ipcache(touched)
+        if self.synced or not self.adopted:
+            self._write_ipcache(touched)
 
-    def _write_ipcache(self, families) -> None:
-        """Each family's flattened ipcache, old ranges out and new ones in, in one
-        transaction."""
-        t = f"{ruleset.FAMILY} {ruleset.TABLE}"
+    def _write_ipcache(self, families, whole: bool = False) -> None:
+        """Each family's flattened ipcache in one transaction: what changed, or (``whole``)
+        the map flushed and written again."""
+        t = self.rules.ref
         commands = []
         for family in sorted(families):
             new = flatten_prefixes(self.ipcache[family].items())
-            old = set(self.ranges[family]) - set(new)
-            added = set(new) - set(self.ranges[family])
+            old, added = set(self.ranges[family]) - set(new), set(new) - set(self.ranges[family])
+            if whole:
+                commands.append(f"flush map {t} ipcache{family}")
+                old, added = set(), set(new)
             if old:
                 commands.append(f"delete element {t} ipcache{family} {{ "
                                 + ", ".join(_ip_range(family, a, b) for a, b, _ in sorted(old))
@@ -124,6 +229,15 @@ class NftablesDatapath:
             self.ranges[family] = new
         if commands:
             self._run("\n".join(commands))
+
+    def identity_of(self, address: str) -> int:
+        """The identity the table gives ``address`` (for drop notices)."""
+        ip = ipaddress.ip_address(address)
+        ranges, value = self.ranges[ip.version], int(ip)
+        at = bisect.bisect_right(ranges, (value, float("inf"))) - 1
+        if at >= 0 and ranges[at][0] <= value <= ranges[at][1]:
+            return ranges[at][2]
+        return 2 if ip.version == 4 else 10
 
     # -- policy -------------------------------------------------------------------------------
 
@@ -137,28 +251,34 @@ class NftablesDatapath:
             else:
                 keys[change.key] = change.verdict
             touched.add(group)
-        self._write_groups(touched)
+        if self.synced or not self.adopted:
+            self._write_groups(touched)
 
-    def _write_groups(self, groups) -> None:
-        commands = []
+    def _write_groups(self, groups, flush: tuple[str, ...] = ()) -> None:
+        """What changed in these groups' map elements, in one transaction (after flushing
+        the maps in ``flush``)."""
+        t = self.rules.ref
+        commands = [f"flush map {t} {name}" for name in flush]
         for group in sorted(groups):
-            endpoint_id, d, identity = group
-            wanted = self._elements(group) if group in self.groups else {}
-            for name, elements in self.written.get(group, {}).items():
-                if elements:
-                    commands.append(f"delete element {ruleset.FAMILY} {ruleset.TABLE} {name}"
-                                    f" {{ {', '.join(e.split(' : ')[0] for e in elements)} }}")
-            for name, elements in wanted.items():
-                if elements:
-                    commands.append(f"add element {ruleset.FAMILY} {ruleset.TABLE} {name}"
-                                    f" {{ {', '.join(elements)} }}")
-            self.written[group] = wanted
-            if not self.groups.get(group):
+            wanted = self._elements(group) if self.groups.get(group) else {}
+            had = {} if flush else self.written.get(group, {})
+            for name in sorted(set(had) | set(wanted)):
+                gone = had.get(name, set()) - wanted.get(name, set())
+                new = wanted.get(name, set()) - had.get(name, set())
+                if gone:
+                    commands.append(f"delete element {t} {name}"
+                                    f" {{ {', '.join(e.split(' : ')[0] for e in sorted(gone))} }}")
+                if new:
+                    commands.append(f"add element {t} {name} {{ {', '.join(sorted(new))} }}")
+            if wanted:
+                self.written[group] = wanted
+            else:
+                self.written.pop(group, None)
                 self.groups.pop(group, None)
         if commands:
             self._run("\n".join(commands))
 
-    def _elements(self, group) -> dict[str, list[str]]:
+    def _elements(self, group) -> dict[str, set[str]]:
         """The map elements of one group: the peer's identity, or any (identity 0)."""
         endpoint_id, d, identity = group
         keys = [(k.protocol, k.port, k.end_port, v.value)
@@ -166,47 +286,197 @@ class NftablesDatapath:
         e = endpoint_id
         ported, portless = ("spec", "spnp") if identity else ("any", "anynp")
         prefix = f"{identity} . " if identity else ""
-        out: dict[str, list[str]] = {}
         then = "anyafter" if identity else "allowed"
-        for sfx in ("", "6"):  # each family's maps jump to its own chains
-            fed = f"{sfx}{e}{d}"
-            to_ported = out.setdefault(f"{ported}{fed}", [])
-            to_portless = out.setdefault(f"{portless}{fed}", [])
+        out: dict[str, set[str]] = {}
+        for family in (4, 6):  # each family's maps jump to its own chains
+            to_ported = out.setdefault(policy_map(ported, family, e, d), set())
+            to_portless = out.setdefault(policy_map(portless, family, e, d), set())
+            denied = f"goto denied_{e}_{d}"
             for first, last, low, high, verdict in policy_segments(keys):
-                target = f"goto denied{e}{d}" if verdict == DENY else f"goto {then}{fed}"
-                target_np = f"goto denied{e}{d}" if verdict == DENY else f"goto {then}np{fed}"
+                target = denied if verdict == DENY else f"goto {policy_map(then, family, e, d)}"
+                target_np = denied if verdict == DENY else \
+                    f"goto {policy_map(then + 'np', family, e, d)}"
                 ports = f"0:{low:x}-0:{high:x}"  # nft 1.0.6 cannot delete a single-value one
                 for protocol in PORT_PROTOCOLS:
                     if first <= protocol <= last:
-                        to_ported.append(f"{prefix}{protocol} . {ports} : {target}")
+                        to_ported.add(f"{prefix}{protocol} . {ports} : {target}")
                 if low == 0:
                     for a, b in _without_port_protocols(first, last):
-                        to_portless.append(f"{prefix}{_range(a, b)} : {target_np}")
-        return out
+                        to_portless.add(f"{prefix}{a}-{b} : {target_np}")
+        return {name: elements for name, elements in out.items() if elements}
 
     async def reconcile(self, policies, ipcache) -> None:
-        groups = {}
+        groups: dict = {}
         for endpoint_id, verdicts in policies.items():
             for key, verdict in verdicts.items():
                 group = (endpoint_id, DIRECTIONS[key.direction], key.identity)
                 groups.setdefault(group, {})[key] = verdict
-        stale = set(self.groups) | set(self.written)
+        stale = set(self.written)
         self.groups = groups
-        self._write_groups(stale | set(groups))
+        flush: tuple[str, ...] = ()
+        if self.adopted and not self.synced:  # what the last agent wrote is not known here
+            flush = tuple(policy_map(kind, family, ep, d) for ep in self.endpoints
+                          for d in DIRECTIONS.values() for family in (4, 6)
+                          for kind in ("spec", "any", "spnp", "anynp"))
+        self._write_groups(stale | set(groups), flush)
         self.ipcache = {family: {e.prefix: e.identity for e in ipcache
                                  if e.prefix.version == family} for family in (4, 6)}
-        self._write_ipcache((4, 6))
+        self._write_ipcache((4, 6), whole=self.adopted and not self.synced)
+        for endpoint_id in list(self.found):  # endpoints the last agent had and this one not
+            self._delete(endpoint_id)
+            self.found.pop(endpoint_id)
+        self.synced = True
+
+    # -- services -----------------------------------------------------------------------------
 
     async def update_services(self, services) -> None:
-        pass  # TODO (issue 19): refuse or balance
+        """Not balanced by this datapath (see docs/nftables.md): said in status and the log."""
+        count = sum(1 for _ in services)
+        if count and not self.services:
+            log.warning("nftables datapath: %d global services are NOT load-balanced here;"
+                        " use the ebpf datapath for services", count)
+        self.services = count
+
+    # -- drop notices -------------------------------------------------------------------------
+
+    def _open_log(self) -> None:
+        self._log_socket = netlink.open_nflog(self.rules.log_group)
+        self._log_socket.setblocking(False)
+        asyncio.get_running_loop().add_reader(self._log_socket.fileno(), self._read_log)
+
+    def _read_log(self) -> None:
+        try:
+            data = self._log_socket.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # ENOBUFS: the kernel dropped notices; the counters have them
+            log.debug("nflog: %s", exc)
+            return
+        for prefix, packet in netlink.nflog_packets(data):
+            notice = self.describe_drop(prefix, packet)
+            if notice is not None:
+                self.drops.publish(notice)
+
+    def describe_drop(self, prefix: str, packet: bytes) -> DropNotice | None:
+        """A notice from a logged packet (its network header on) and its prefix
+        ``ma:<endpoint>:<in|out>:<reason>``; None for what is not ours."""
+        parts = prefix.strip().split(":")
+        if len(parts) != 4 or parts[0] != "ma" or parts[3] not in REASON_TEXT:
+            return None
+        endpoint_id, d, reason = int(parts[1]), parts[2], parts[3]
+        header = _headers(packet)
+        if header is None:
+            src = dst = DropPeer("", 0, 0, "?")
+            protocol, flags = "?", ()
+        else:
+            (src_ip, sport), (dst_ip, dport), number, flag_bits = header
+            endpoint = self.endpoints.get(endpoint_id)
+            own = endpoint.identity if endpoint else 0
+            src_id = own if d == "out" else self.identity_of(src_ip)
+            dst_id = own if d == "in" else self.identity_of(dst_ip)
+            src, dst = self._peer(src_ip, sport, src_id), self._peer(dst_ip, dport, dst_id)
+            protocol = PROTOCOL_NAMES.get(number, str(number))
+            flags = tuple(n for bit, n in TCP_FLAGS if flag_bits & bit) if number == 6 else ()
+        return DropNotice(REASON_TEXT[reason], endpoint_id,
+                          "ingress" if d == "in" else "egress", src, dst, protocol, flags)
+
+    def _peer(self, ip: str, port: int, identity: int) -> DropPeer:
+        known = self.identities(identity)
+        cluster = known.cluster if known else ("reserved" if identity < 256 else "?")
+        return DropPeer(ip, port, identity, cluster)
+
+    # -- visibility ---------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
-        return read_counters(ruleset.FAMILY, ruleset.TABLE)
+        """Packets per reason (``forwarded`` too), from the table's named counters."""
+        raw = netlink.read_counters(FAMILY, self.rules.table)
+        return {reason: raw.get(f"r_{reason}", 0) for reason in REASONS}
+
+    @hookimpl
+    def meshagent_status(self, verbose):
+        if not self.started:
+            if self.start_error:
+                return StatusSection("Datapath", Health.FAILURE,
+                                     f"nftables: NOT enforcing: {self.start_error}")
+            return StatusSection("Datapath", Health.WARNING, "nftables: starting")
+        try:
+            counts = self.counters()
+        except OSError as exc:
+            return StatusSection("Datapath", Health.FAILURE,
+                                 f"nftables: table {self.rules.ref} unreadable: {exc}")
+        drops = {REASON_TEXT[r]: n for r, n in counts.items() if r != "forwarded" and n}
+        elements = sum(len(e) for group in self.written.values() for e in group.values())
+        summary = (f"nftables: table {self.rules.ref} on {len(self.endpoints)} endpoints,"
+                   f" {'synced' if self.synced else 'waiting for the agent to sync'};"
+                   " drops: " + (", ".join(f"{n} {r}" for r, n in drops.items()) or "none"))
+        details = [f"ipcache4: {len(self.ranges[4])} ranges",
+                   f"ipcache6: {len(self.ranges[6])} ranges",
+                   f"policy elements: {elements}", f"forwarded: {counts['forwarded']}"]
+        health = Health.OK
+        if self.services:
+            health = Health.WARNING
+            details.append(f"services: {self.services} NOT load-balanced (nftables datapath;"
+                           " use ebpf for global services)")
+        return StatusSection("Datapath", health, summary, details=details)
+
+    @hookimpl
+    def meshagent_api_routes(self):
+        return [Route("GET", "/monitor", self.drops.stream)]
 
 
-def _range(a: int, b: int) -> str:
-    """Always a range: nft 1.0.6 cannot delete a single-value element of an interval map."""
-    return f"{a}-{b}"
+class NftablesMetrics:
+    """Packets per verdict reason from the table's counters, when scraped."""
+
+    def __init__(self, datapath: NftablesDatapath):
+        self.datapath = datapath
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+        if not self.datapath.started:
+            return
+        drops = CounterMetricFamily("meshagent_drop_count", "packets dropped, by reason",
+                                    labels=["reason"])
+        forwarded = CounterMetricFamily("meshagent_forward_count", "packets forwarded")
+        for reason, packets in sorted(self.datapath.counters().items()):
+            if reason == "forwarded":
+                forwarded.add_metric([], packets)
+            else:
+                drops.add_metric([REASON_TEXT[reason]], packets)
+        yield from (drops, forwarded)
+
+    def describe(self):
+        return []
+
+
+def _headers(packet: bytes):
+    """``((src, sport), (dst, dport), protocol, tcp flags)`` of an IP packet, or None."""
+    if not packet:
+        return None
+    version = packet[0] >> 4
+    if version == 4 and len(packet) >= 20:
+        offset, protocol = (packet[0] & 0xF) * 4, packet[9]
+        src, dst = socket.inet_ntop(socket.AF_INET, packet[12:16]), \
+            socket.inet_ntop(socket.AF_INET, packet[16:20])
+        later = int.from_bytes(packet[6:8], "big") & 0x1FFF
+    elif version == 6 and len(packet) >= 40:
+        offset, protocol, later = 40, packet[6], 0
+        src, dst = socket.inet_ntop(socket.AF_INET6, packet[8:24]), \
+            socket.inet_ntop(socket.AF_INET6, packet[24:40])
+        while protocol in (0, 43, 60, 44) and offset + 8 <= len(packet):
+            if protocol == 44:
+                later = int.from_bytes(packet[offset + 2:offset + 4], "big") & 0xFFF8
+                protocol, offset = packet[offset], offset + 8
+            else:
+                protocol, offset = packet[offset], offset + (packet[offset + 1] + 1) * 8
+    else:
+        return None
+    sport = dport = flags = 0
+    if protocol in (6, 17, 132) and not later and offset + 4 <= len(packet):
+        sport = int.from_bytes(packet[offset:offset + 2], "big")
+        dport = int.from_bytes(packet[offset + 2:offset + 4], "big")
+        if protocol == 6 and offset + 14 <= len(packet):
+            flags = packet[offset + 13]
+    return (src, sport), (dst, dport), protocol, flags
 
 
 def _without_port_protocols(first: int, last: int) -> list[tuple[int, int]]:

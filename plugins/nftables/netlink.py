@@ -1,4 +1,4 @@
-"""The two things the datapath says to nf_tables in netlink itself, not through libnftables.
+"""What the datapath says to the kernel in netlink itself, not through libnftables.
 
 * Reading the table's named counters: libnftables lists an object only after fetching its
   whole table cache — every set element, 65,536 of them in each port conversion map — which
@@ -8,6 +8,7 @@
   fragment header's ``frag id`` inside a map lookup whose result is assigned, and for a map
   update with a key longer than 16 bytes it loads the value into a register inside the key
   (``--debug=netlink`` shows it), so the record is written under a corrupted key.
+* Drop notices: the packets the table logs to its NFLOG group (libnftables cannot read them).
 """
 
 import socket
@@ -160,3 +161,51 @@ def add_rules(family: str, table: str, rules: list[tuple[str, list[bytes]]]) -> 
                         raise OSError(-code, f"nf_tables refused a rule: errno {-code}")
                     acked += 1
                 offset += (length + 3) & ~3
+
+
+NFNL_SUBSYS_ULOG = 4
+NFULNL_MSG_PACKET, NFULNL_MSG_CONFIG = 0, 1
+NFULA_CFG_CMD, NFULA_CFG_MODE = 1, 2
+NFULNL_CFG_CMD_BIND = 1
+NFULNL_COPY_PACKET = 2
+NFULA_PACKET_HDR, NFULA_PAYLOAD, NFULA_PREFIX = 1, 9, 10
+NF_NETDEV_EGRESS = 1
+COPY_RANGE = 128  # enough for the IP and transport headers a notice names
+
+
+def open_nflog(group: int) -> socket.socket:
+    """A netlink socket bound to NFLOG ``group``, copying the first bytes of each packet."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        sock.bind((0, 0))
+        kind = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
+        for attr in (_attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND])),
+                     _attr(NFULA_CFG_MODE, struct.pack("!IBx", COPY_RANGE, NFULNL_COPY_PACKET))):
+            sock.send(_message(kind, NLM_F_ACK, 1, socket.AF_UNSPEC, attr, group))
+            data = sock.recv(4096)
+            if struct.unpack_from("H", data, 4)[0] == NLMSG_ERROR:
+                code = struct.unpack_from("i", data, 16)[0]
+                if code:
+                    raise OSError(-code, f"binding NFLOG group {group}: errno {-code}")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def nflog_packets(data: bytes):
+    """``(prefix, packet from its network header)`` of each logged packet in ``data``."""
+    offset = 0
+    while offset + 20 <= len(data):
+        length, kind, _, _, _ = struct.unpack_from("IHHII", data, offset)
+        if length < 16:
+            break
+        if kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
+            attrs = _attrs(data[offset + 20:offset + length])
+            prefix = attrs.get(NFULA_PREFIX, b"").rstrip(b"\0").decode(errors="replace")
+            packet = attrs.get(NFULA_PAYLOAD, b"")
+            header = attrs.get(NFULA_PACKET_HDR, b"")
+            if len(header) >= 3 and header[2] == NF_NETDEV_EGRESS:
+                packet = packet[14:]  # the egress hook logs from the Ethernet header
+            yield prefix, packet
+        offset += (length + 3) & ~3

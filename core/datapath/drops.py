@@ -1,0 +1,92 @@
+"""Drop notices: what a datapath tells ``meshagent monitor`` about a packet it dropped.
+
+Every datapath describes its drops with :class:`DropNotice` and hands them to a
+:class:`DropFeed`, which streams them at ``GET /monitor`` as JSON lines; so ``meshagent
+monitor`` reads the same events whichever datapath runs (Cilium's ``cilium monitor --type
+drop``). Light on purpose: the CLI imports :func:`format_drop`.
+"""
+
+import asyncio
+import collections
+import json
+import time
+
+import attrs
+
+RECENT = 256  # kept for status and tests
+QUEUE_LIMIT = 10_000  # a listener this far behind loses notices rather than grow the agent
+
+
+@attrs.frozen
+class DropPeer:
+    ip: str
+    port: int
+    identity: int
+    cluster: str  # the identity's cluster, "reserved" for reserved identities, "?" unknown
+
+
+@attrs.frozen
+class DropNotice:
+    reason: str
+    endpoint: int
+    direction: str  # "ingress": entering the pod; "egress": leaving it
+    source: DropPeer
+    destination: DropPeer
+    protocol: str  # "tcp", "udp", ... or the number
+    tcp_flags: tuple[str, ...] = ()
+    time: float = attrs.field(factory=time.time)
+
+    def to_json(self) -> dict:
+        return {"type": "drop", **attrs.asdict(self, value_serializer=_listed)}
+
+
+def _listed(_instance, _field, value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+class DropFeed:
+    """The drops of one datapath, to every ``meshagent monitor`` listening."""
+
+    def __init__(self):
+        self.recent: collections.deque[DropNotice] = collections.deque(maxlen=RECENT)
+        self.listeners: set[asyncio.Queue] = set()
+
+    def publish(self, notice: DropNotice) -> None:
+        self.recent.append(notice)
+        for queue in list(self.listeners):
+            if queue.qsize() < QUEUE_LIMIT:
+                queue.put_nowait(notice)
+
+    async def stream(self, request):
+        """``GET /monitor``: notices as JSON lines until the client goes away."""
+        from aiohttp import web
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        queue: asyncio.Queue = asyncio.Queue()
+        self.listeners.add(queue)
+        try:
+            while True:
+                notice = await queue.get()
+                await response.write((json.dumps(notice.to_json()) + "\n").encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.listeners.discard(queue)
+        return response
+
+
+def host_port(ip: str, port: int) -> str:
+    """``10.0.0.1:80``, ``[fd00::1]:80``."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def format_drop(event: dict) -> str:
+    """One line of ``meshagent monitor`` for a notice as streamed (JSON)."""
+    src, dst = event["source"], event["destination"]
+    flags = f" {','.join(event['tcp_flags'])}" if event["tcp_flags"] else ""
+    stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+    return (f"{stamp} drop ({event['reason']}) endpoint {event['endpoint']}"
+            f" {event['direction']}: {host_port(src['ip'], src['port'])} ->"
+            f" {host_port(dst['ip'], dst['port'])}"
+            f" {event['protocol']}{flags}, identity {src['identity']} ({src['cluster']}) ->"
+            f" {dst['identity']} ({dst['cluster']})")

@@ -1,0 +1,107 @@
+"""``meshagent nft ...``: the nftables datapath's table, read from the kernel directly (so it
+works while the agent is down), as ``meshagent bpf ...`` reads the eBPF maps."""
+
+import argparse
+import json
+import os
+
+from meshagent.errors import MeshagentError
+from meshagent.hooks.additions import Command, format_table
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--table", default=os.environ.get("MESHAGENT_NFTABLES_TABLE",
+                                                          "meshagent"),
+                        help="the agent's netdev table [env MESHAGENT_NFTABLES_TABLE]")
+    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
+
+
+def _args(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="what", required=True)
+    ipc = sub.add_parser("ipcache", help="address ranges -> identity (the flattened ipcache)")
+    ipc.add_argument("action", choices=("list",))
+    pol = sub.add_parser("policy", help="one endpoint's policy map elements")
+    pol.add_argument("action", choices=("get",))
+    pol.add_argument("endpoint", type=int)
+    sub.add_parser("counters", help="packets per verdict reason")
+    for p in sub.choices.values():
+        _common(p)
+
+
+def _nft(text: str) -> list[dict]:
+    try:
+        import nftables
+    except ImportError as exc:
+        raise MeshagentError(f"python3-nftables is not installed ({exc})") from None
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    rc, out, err = nft.cmd(text)
+    if rc != 0:
+        raise MeshagentError(f"nft {text!r}: {err.strip()}")
+    return json.loads(out or '{"nftables": []}')["nftables"]
+
+
+def _elements(table: str, name: str) -> list:
+    for item in _nft(f"list map netdev {table} {name}"):
+        if "map" in item:
+            return item["map"].get("elem", [])
+    return []
+
+
+def _text(value) -> str:
+    """An element's key or value as nft writes it (ranges, concatenations, verdicts)."""
+    if isinstance(value, dict):
+        if "range" in value:
+            return "-".join(_text(v) for v in value["range"])
+        if "concat" in value:
+            return " . ".join(_text(v) for v in value["concat"])
+        if "prefix" in value:
+            return f"{value['prefix']['addr']}/{value['prefix']['len']}"
+        if "goto" in value:
+            return f"goto {value['goto']['target']}"
+        if "elem" in value:
+            return _text(value["elem"]["val"])
+    return str(value)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.what == "counters":
+        from meshagent.plugins.nftables.datapath import REASON_TEXT
+        from meshagent.plugins.nftables.netlink import read_counters
+        try:
+            raw = read_counters("netdev", args.table)
+        except OSError as exc:
+            raise MeshagentError(f"table netdev {args.table}: {exc}") from None
+        rows = [{"reason": text, "packets": raw.get(f"r_{reason}", 0)}
+                for reason, text in REASON_TEXT.items()]
+        return _emit(args, ("REASON", "PACKETS"),
+                     [(r["reason"], str(r["packets"])) for r in rows], rows)
+    if args.what == "ipcache":
+        rows = [{"range": _text(key), "identity": value}
+                for family in (4, 6)
+                for key, value in _elements(args.table, f"ipcache{family}")]
+        return _emit(args, ("RANGE", "IDENTITY"),
+                     [(r["range"], str(r["identity"])) for r in rows], rows)
+    rows = []
+    for family in (4, 6):
+        for kind in ("spec", "any", "spnp", "anynp"):
+            for direction in ("in", "out"):
+                name = f"{kind}{family}_{args.endpoint}_{direction}"
+                for key, value in _elements(args.table, name):
+                    rows.append({"map": name, "key": _text(key), "verdict": _text(value)})
+    return _emit(args, ("MAP", "IDENTITY . PROTOCOL . PORTS", "VERDICT"),
+                 [(r["map"], r["key"], r["verdict"]) for r in rows], rows)
+
+
+def _emit(args, header, rows, as_json) -> int:
+    if args.output == "json":
+        print(json.dumps(as_json, indent=2))
+    else:
+        print(format_table([header] + rows))
+    return 0
+
+
+COMMANDS = (
+    Command("nft", "read the nftables datapath's table directly (works while the agent is"
+            " down)", _args, _run),
+)
