@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from meshagent_dev.lab import REDIS_SERVER, Lab
+from meshagent_dev.lab import DATAPATHS, REDIS_SERVER, Lab
 
 HERE = Path(__file__).resolve().parent
 POLICY = HERE.parent / "contrib" / "seed" / "l4-policy.yaml"  # the seed's, byte for byte
@@ -54,15 +54,20 @@ def check(lab: Lab, db_ip: str, expected: dict[str, str]) -> bool:
     return ok
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datapath", choices=DATAPATHS, default="ebpf",
+                        help="the agents' datapath plugin")
+    args = parser.parse_args(argv)
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="meshagent-demo-", dir="/tmp"))
     lab = Lab(workdir / "lab")
     ok = True
     try:
         step("build the lab: cluster1 (id 101) and cluster2 (id 102), dual stack, each with its"
-             " own etcd (TLS)")
-        lab.bring_up(nodes=1, dual_stack=True)
+             f" own etcd (TLS); the {args.datapath} datapath")
+        lab.bring_up(nodes=1, dual_stack=True, datapath=args.datapath)
         print(lab.describe())
         mesh = workdir / "lab" / "cluster1" / "clustermesh"
         step("cluster1's clustermesh directory, laid out as the seed's")
@@ -128,4 +133,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

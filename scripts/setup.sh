@@ -9,6 +9,7 @@ venv=${MESHAGENT_VENV:-$here/.venv}
 apt_packages=(
   etcd-server etcd-client          # kvstore for tests and the lab
   python3-bpfcc linux-headers-amd64  # bcc compiles the tc programs against these headers
+  nftables python3-nftables        # the nftables datapath (libnftables and its bindings)
   python3-venv python3-pip
   iproute2 iputils-ping iptables redis-server redis-tools iperf3 openssl make
 )

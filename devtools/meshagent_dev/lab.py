@@ -40,6 +40,9 @@ def _run(*cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess
     return subprocess.run(list(cmd), check=check, capture_output=True, text=True, **kwargs)
 
 
+DATAPATHS = ("ebpf", "nftables")
+
+
 class Lab:
     def __init__(self, directory: Path):
         self.dir = Path(directory)
@@ -92,7 +95,7 @@ class Lab:
     # -- up -------------------------------------------------------------------------------------
 
     def bring_up(self, nodes: int, agent_args: Sequence[str] = (),
-                 dual_stack: bool = False) -> None:
+                 dual_stack: bool = False, datapath: str = "ebpf") -> None:
         """Both clusters with ``nodes`` nodes each; ``agent_args`` go to every agent (more
         plugins, another policy resolver). ``dual_stack``: nodes and pods get IPv6 addresses
         too (underlay fd00:99::/64, pod CIDRs fd00:<cluster>:<node>::/64)."""
@@ -107,7 +110,7 @@ class Lab:
         from meshagent_dev.etcd import EtcdServer
         self.state = {"prefix": "mal" + secrets.token_hex(2), "nodes_per_cluster": nodes,
                       "clusters": {}, "nodes": {}, "pods": {}, "agent_args": list(agent_args),
-                      "dual_stack": dual_stack}
+                      "dual_stack": dual_stack, "datapath": datapath}
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.save()
         try:
@@ -174,13 +177,16 @@ class Lab:
         node = self.state["nodes"][name]
         cluster = node["cluster"]
         base = self.dir / cluster
-        return [str(Path(sys.executable).with_name("meshagent")), "--plugins", "etcd,ebpf",
+        datapath = self.state.get("datapath", "ebpf")
+        own = ["--ebpf-bpf-root", node["bpffs"]] if datapath == "ebpf" else []
+        return [str(Path(sys.executable).with_name("meshagent")), "--plugins",
+                f"etcd,{datapath}",
                 f"--cluster-id={CLUSTERS[cluster]}", f"--cluster-name={cluster}",
                 f"--clustermesh-config={base / 'clustermesh'}",
                 "--etcd-config", str(base / "etcd.yaml"), "--node-name", node["name"],
                 "--node-ip", _both(node["ip"], node.get("ip6"), ","),
                 "--pod-cidr", _both(node["pod_cidr"], node.get("pod_cidr6"), ","),
-                "--auto-direct-node-routes", "--ebpf-bpf-root", node["bpffs"],
+                "--auto-direct-node-routes", *own,
                 "--socket-path", node["socket"], "--state-dir", node["state_dir"],
                 *self.state.get("agent_args", ())]
 
@@ -339,6 +345,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--nodes", type=int, default=1, help="nodes per cluster")
     up.add_argument("--dual-stack", action="store_true",
                     help="IPv6 too: nodes and pods get an address of each family")
+    up.add_argument("--datapath", choices=DATAPATHS, default="ebpf",
+                    help="the agents' datapath plugin (docs/nftables.md)")
     sub.add_parser("down", help="stop everything and remove the namespaces")
     sub.add_parser("status", help="what is running")
     pod = sub.add_parser("pod", help="create a pod on a node")
@@ -378,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
     command = _exec_options(args) if args.action == "exec" else []
     lab = Lab(args.dir)
     if args.action == "up":
-        lab.bring_up(args.nodes, dual_stack=args.dual_stack)
+        lab.bring_up(args.nodes, dual_stack=args.dual_stack, datapath=args.datapath)
         print(lab.describe())
     elif args.action == "down":
         lab.tear_down()
