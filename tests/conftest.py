@@ -86,14 +86,15 @@ def bpffs(short_tmp):
 
 @contextlib.contextmanager
 def lab_up(tmp_path_factory, name: str, nodes: int, agent_args: Sequence[str] = (),
-           dual_stack: bool = False):
+           dual_stack: bool = False, datapath: str = "ebpf"):
     """The two-cluster lab with ``nodes`` nodes per cluster, torn down afterwards (also when
     setting it up failed)."""
     from meshagent_dev.lab import Lab
     directory = Path(tmp_path_factory.mktemp(name, numbered=True))
     lab = Lab(Path("/tmp") / f"ma-{name}-{directory.name}")
     try:
-        lab.bring_up(nodes=nodes, agent_args=agent_args, dual_stack=dual_stack)
+        lab.bring_up(nodes=nodes, agent_args=agent_args, dual_stack=dual_stack,
+                     datapath=datapath)
         yield lab
     finally:
         lab.tear_down(quiet=True)

@@ -4,9 +4,13 @@ works while the agent is down), as ``meshagent bpf ...`` reads the eBPF maps."""
 import argparse
 import json
 import os
+import re
 
 from meshagent.errors import MeshagentError
 from meshagent.hooks.additions import Command, format_table
+
+
+CLASSID = re.compile(r"^0:[0-9a-f]+$")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +65,8 @@ def _text(value) -> str:
             return f"goto {value['goto']['target']}"
         if "elem" in value:
             return _text(value["elem"]["val"])
+    if isinstance(value, str) and CLASSID.match(value):  # ports travel as classids
+        return str(int(value[2:], 16))
     return str(value)
 
 
