@@ -1,17 +1,19 @@
-"""Datapath overhead: three nodes side by side, measured in interleaved rounds of one run.
+"""Datapath overhead: four nodes side by side, measured in interleaved rounds of one run.
 
   (a) no programs (control plane only),
   (b) meshagent's eBPF datapath enforcing an allow policy, with 10,000 extra ipcache entries and
       1,000 extra policy entries loaded,
   (c) the same policy as iptables rules in the node (stateful: established first, then one
-      ACCEPT per allowed source — 1,000 decoys and the real one last — then DROP).
+      ACCEPT per allowed source — 1,000 decoys and the real one last — then DROP),
+  (d) meshagent's nftables datapath enforcing the same policy, with the same 10,000 extra
+      ipcache entries and 1,000 extra policy elements.
 
 Each node is its own network namespace with a client and a server pod, built once; every round
-measures the three one after the other in a shuffled order — iperf3 TCP throughput and
+measures the four one after the other in a shuffled order — iperf3 TCP throughput and
 redis-benchmark PING rate from client to server — and takes each node's ratio to (a) of that
 same round. The report gives the median of those per-round ratios (and of the raw figures), so
 that the machine drifting between rounds does not pass for a difference between setups.
-Goals: (b) ≥ 95% of (a), and (b) ≥ (c).
+Goals: (b) ≥ 95% of (a), and (b) ≥ (c); (d) is reported beside them.
 
     .venv/bin/python bench/datapath.py [--rounds 9] [--seconds 3] [--requests 50000] [--json F]
 
@@ -46,7 +48,7 @@ spec:
   - fromEndpoints: [{matchLabels: {app: client}}]
 """
 SETUPS = {"a_no_programs": ("memory", False), "b_meshagent_ebpf": ("memory,ebpf", False),
-          "c_iptables": ("memory", True)}
+          "c_iptables": ("memory", True), "d_meshagent_nftables": ("memory,nftables", False)}
 METRICS = ("iperf3_gbit_s", "redis_ping_rps")
 
 
@@ -87,17 +89,21 @@ def build(lab: NetLab, workdir: Path, key: str) -> tuple[str, str]:
                      log=workdir / f"{key}.log")
     wait_ready(sock, proc)
     server, client = lab.ns(f"server-{key[0]}"), lab.ns(f"client-{key[0]}")
-    server_ip = json.loads(cli(sock, "endpoint", "create", "--netns", server, "--namespace",
-                               "default", "--labels", "app=server", "-o", "json"))["ipv4"]
+    server_ep = json.loads(cli(sock, "endpoint", "create", "--netns", server, "--namespace",
+                               "default", "--labels", "app=server", "-o", "json"))
+    server_ip = server_ep["ipv4"]
     client_ip = json.loads(cli(sock, "endpoint", "create", "--netns", client, "--namespace",
                                "default", "--labels", "app=client", "-o", "json"))["ipv4"]
     lab.spawn(server, "iperf3", "-s", log=workdir / f"{key}-iperf.log")
     lab.spawn(server, *REDIS_SERVER, log=workdir / f"{key}-redis.log")
-    if "ebpf" in plugins:
+    if plugins != "memory":
         (workdir / "policy.yaml").write_text(POLICY)
         cli(sock, "policy", "import", str(workdir / "policy.yaml"))
         time.sleep(1)
+    if "ebpf" in plugins:
         load_extra_entries(bpffs / "meshagent")
+    if "nftables" in plugins:
+        load_extra_elements(lab, node, server_ep["id"])
     if iptables:
         load_iptables(lab, node, client_ip, server_ip)
     return client, server_ip
@@ -119,6 +125,16 @@ def load_extra_entries(pin_dir: Path) -> None:
                     IPCacheValue(70000 + i, 0))
     for i in range(1_000):
         policy.put(PolicyKey(96, 999, 70000 + i, 0, 6, 6379), PolicyValue(1))
+
+
+def load_extra_elements(lab: NetLab, node: str, server: int) -> None:
+    """The same 10,000 ipcache and 1,000 policy entries as (b), as table elements."""
+    t = "netdev meshagent"
+    ipcache = ", ".join(f"10.200.{i // 250}.{i % 250 + 1} : {70000 + i}" for i in range(10_000))
+    policy = ", ".join(f"{70000 + i} . 6 . 0:18eb-0:18eb : goto denied_{server}_in"
+                       for i in range(1_000))
+    lab.exec(node, "nft", "-f", "-", input=f"add element {t} ipcache4 {{ {ipcache} }}\n"
+             f"add element {t} spec4_{server}_in {{ {policy} }}\n")
 
 
 def load_iptables(lab: NetLab, node: str, client_ip: str, server_ip: str) -> None:
@@ -146,7 +162,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=50000)
     parser.add_argument("--rounds", type=int, default=9,
-                        help="rounds of a, b, c in a shuffled order; medians are reported")
+                        help="rounds of a, b, c, d in a shuffled order; medians are reported")
     parser.add_argument("--json")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="ma-bench-", dir="/tmp"))
@@ -181,7 +197,10 @@ def main() -> None:
              for key, runs in ratios.items()}
     b_over_c = {m: round(statistics.median(b[m] / c[m] for b, c in zip(
         ratios["b_meshagent_ebpf"], ratios["c_iptables"])), 3) for m in METRICS}
+    d_over_c = {m: round(statistics.median(d[m] / c[m] for d, c in zip(
+        ratios["d_meshagent_nftables"], ratios["c_iptables"])), 3) for m in METRICS}
     result = {"results": results, "ratio_to_a": ratio, "b_over_c": b_over_c,
+              "d_over_c": d_over_c,
               "rounds": args.rounds, "samples": samples,
               "goal_b_ge_95pct": all(v >= 0.95 for v in ratio["b_meshagent_ebpf"].values()),
               "goal_b_ge_c": all(v >= 1.0 for v in b_over_c.values())}
