@@ -137,7 +137,7 @@ def test_cli_against_a_real_agent_process(agent_process):
     plugins = json.loads(run_cli("plugins", "-o", "json", *sock).stdout)
     assert {p["name"]: p["status"] for p in plugins} == {
         "audit": "active", "consul": "blocked", "ebpf": "blocked", "etcd": "blocked",
-        "guardrails": "blocked", "k8s": "blocked", "memory": "active"}
+        "guardrails": "blocked", "k8s": "blocked", "memory": "active", "nftables": "blocked"}
     audit = run_cli("audit", "--limit", "3", *sock)
     assert audit.returncode == 0
     assert [json.loads(line)["kind"] for line in audit.stdout.splitlines()] == ["node"]

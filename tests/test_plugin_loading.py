@@ -127,4 +127,4 @@ def test_plugins_listing_for_an_allow_list():
     lines = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[2:]}
     assert lines == {"audit": "blocked", "consul": "blocked", "ebpf": "blocked",
                      "etcd": "blocked", "guardrails": "blocked", "k8s": "blocked",
-                     "memory": "active"}
+                     "memory": "active", "nftables": "blocked"}

@@ -242,7 +242,9 @@ class DatapathContract:
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                     HealthCheck.function_scoped_fixture])
+                                     HealthCheck.function_scoped_fixture,
+                                     # one run per datapath's subclass (database=None)
+                                     HealthCheck.differing_executors])
     @given(scenario=scenarios(probes_per_phase=PROBES_PER_PHASE))
     def test_verdicts_equal_the_resolvers_on_random_worlds(self, driver, scenario):
         cls = type(self)

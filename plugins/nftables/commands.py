@@ -9,7 +9,6 @@ import re
 from meshagent.errors import MeshagentError
 from meshagent.hooks.additions import Command, format_table
 
-
 CLASSID = re.compile(r"^0:[0-9a-f]+$")
 
 
