@@ -66,6 +66,8 @@ def _text(value) -> str:
             return _text(value["elem"]["val"])
     if isinstance(value, str) and CLASSID.match(value):  # ports travel as classids
         return str(int(value[2:], 16))
+    if value == "none":  # classid 0: port 0
+        return "0"
     return str(value)
 
 

@@ -1,7 +1,8 @@
 """The nftables datapath: keeps one ``netdev`` table equal to what the agent resolved.
 
-Every change is one nftables transaction through libnftables (atomic: a packet sees the state
-before or after it, never a half-written one). A restarted agent finds its table (by its
+Every change — ipcache ranges, policy elements — is one transaction of libnftables JSON
+commands (atomic: a packet sees the state before or after it, never a half-written one);
+chains, created once per endpoint, are nft text through the same library. A restarted agent finds its table (by its
 layout comment) and keeps it, reply sets and all, until the first sync; then it rewrites
 each map in one transaction and deletes what is stale.
 """
@@ -90,6 +91,21 @@ class NftablesDatapath:
         if rc != 0:
             raise NftablesError(f"nftables refused: {err.strip()}")
         return out
+
+    def _transaction(self, commands: list[dict]) -> None:
+        """libnftables JSON commands, applied as one transaction."""
+        if not commands:
+            return
+        rc, _, err = self.nft.json_cmd({"nftables": commands})
+        if rc != 0:
+            raise NftablesError(f"nftables refused: {err.strip()}")
+
+    def _elements_command(self, verb: str, name: str, elements) -> dict:
+        where = {"family": FAMILY, "table": self.rules.table, "name": name}
+        return {verb: {"element": {**where, "elem": list(elements)}}}
+
+    def _flush_command(self, name: str) -> dict:
+        return {"flush": {"map": {"family": FAMILY, "table": self.rules.table, "name": name}}}
 
     def _json(self, text: str) -> list[dict]:
         return json.loads(self._run(text) or '{"nftables": []}')["nftables"]
@@ -210,25 +226,22 @@ class NftablesDatapath:
     def _write_ipcache(self, families, whole: bool = False) -> None:
         """Each family's flattened ipcache in one transaction: what changed, or (``whole``)
         the map flushed and written again."""
-        t = self.rules.ref
         commands = []
         for family in sorted(families):
+            name = f"ipcache{family}"
             new = flatten_prefixes(self.ipcache[family].items())
             old, added = set(self.ranges[family]) - set(new), set(new) - set(self.ranges[family])
             if whole:
-                commands.append(f"flush map {t} ipcache{family}")
+                commands.append(self._flush_command(name))
                 old, added = set(), set(new)
             if old:
-                commands.append(f"delete element {t} ipcache{family} {{ "
-                                + ", ".join(_ip_range(family, a, b) for a, b, _ in sorted(old))
-                                + " }")
+                commands.append(self._elements_command(
+                    "delete", name, (_ip_range(family, a, b) for a, b, _ in sorted(old))))
             if added:
-                commands.append(f"add element {t} ipcache{family} {{ "
-                                + ", ".join(f"{_ip_range(family, a, b)} : {i}"
-                                            for a, b, i in sorted(added)) + " }")
+                commands.append(self._elements_command(
+                    "add", name, ([_ip_range(family, a, b), i] for a, b, i in sorted(added))))
             self.ranges[family] = new
-        if commands:
-            self._run("\n".join(commands))
+        self._transaction(commands)
 
     def identity_of(self, address: str) -> int:
         """The identity the table gives ``address`` (for drop notices)."""
@@ -257,8 +270,7 @@ class NftablesDatapath:
     def _write_groups(self, groups, flush: tuple[str, ...] = ()) -> None:
         """What changed in these groups' map elements, in one transaction (after flushing
         the maps in ``flush``)."""
-        t = self.rules.ref
-        commands = [f"flush map {t} {name}" for name in flush]
+        commands = [self._flush_command(name) for name in flush]
         for group in sorted(groups):
             wanted = self._elements(group) if self.groups.get(group) else {}
             had = {} if flush else self.written.get(group, {})
@@ -266,43 +278,43 @@ class NftablesDatapath:
                 gone = had.get(name, set()) - wanted.get(name, set())
                 new = wanted.get(name, set()) - had.get(name, set())
                 if gone:
-                    commands.append(f"delete element {t} {name}"
-                                    f" {{ {', '.join(e.split(' : ')[0] for e in sorted(gone))} }}")
+                    commands.append(self._elements_command(
+                        "delete", name, (_element_key(e) for e in sorted(gone))))
                 if new:
-                    commands.append(f"add element {t} {name} {{ {', '.join(sorted(new))} }}")
+                    commands.append(self._elements_command(
+                        "add", name, ([_element_key(e), {"goto": {"target": e[-1]}}]
+                                      for e in sorted(new))))
             if wanted:
                 self.written[group] = wanted
             else:
                 self.written.pop(group, None)
                 self.groups.pop(group, None)
-        if commands:
-            self._run("\n".join(commands))
+        self._transaction(commands)
 
-    def _elements(self, group) -> dict[str, set[str]]:
-        """The map elements of one group: the peer's identity, or any (identity 0)."""
+    def _elements(self, group) -> dict[str, set[tuple]]:
+        """The map elements of one group (the peer's identity, or any: identity 0), each
+        ``(identity or None, protocol or protocol range, port range or None, chain)``."""
         endpoint_id, d, identity = group
         keys = [(k.protocol, k.port, k.end_port, v.value)
                 for k, v in self.groups.get(group, {}).items()]
         e = endpoint_id
         ported, portless = ("spec", "spnp") if identity else ("any", "anynp")
-        prefix = f"{identity} . " if identity else ""
+        peer = identity or None
         then = "anyafter" if identity else "allowed"
-        out: dict[str, set[str]] = {}
+        out: dict[str, set[tuple]] = {}
         for family in (4, 6):  # each family's maps jump to its own chains
             to_ported = out.setdefault(policy_map(ported, family, e, d), set())
             to_portless = out.setdefault(policy_map(portless, family, e, d), set())
-            denied = f"goto denied_{e}_{d}"
+            denied = f"denied_{e}_{d}"
             for first, last, low, high, verdict in policy_segments(keys):
-                target = denied if verdict == DENY else f"goto {policy_map(then, family, e, d)}"
-                target_np = denied if verdict == DENY else \
-                    f"goto {policy_map(then + 'np', family, e, d)}"
-                ports = f"0:{low:x}-0:{high:x}"  # nft 1.0.6 cannot delete a single-value one
+                target = denied if verdict == DENY else policy_map(then, family, e, d)
+                target_np = denied if verdict == DENY else policy_map(then + "np", family, e, d)
                 for protocol in PORT_PROTOCOLS:
                     if first <= protocol <= last:
-                        to_ported.add(f"{prefix}{protocol} . {ports} : {target}")
+                        to_ported.add((peer, protocol, (low, high), target))
                 if low == 0:
                     for a, b in _without_port_protocols(first, last):
-                        to_portless.add(f"{prefix}{a}-{b} : {target_np}")
+                        to_portless.add((peer, (a, b), None, target_np))
         return {name: elements for name, elements in out.items() if elements}
 
     async def reconcile(self, policies, ipcache) -> None:
@@ -479,6 +491,17 @@ def _headers(packet: bytes):
     return (src, sport), (dst, dport), protocol, flags
 
 
+def _element_key(element: tuple):
+    """A policy element's key in libnftables JSON: identity . protocol . ports (ports travel
+    as classids; protocols and ports as ranges where they are ranges)."""
+    identity, protocol, ports, _ = element
+    parts: list = [] if identity is None else [identity]
+    parts.append({"range": list(protocol)} if isinstance(protocol, tuple) else protocol)
+    if ports is not None:
+        parts.append({"range": [f"0:{ports[0]:x}", f"0:{ports[1]:x}"]})
+    return {"concat": parts} if len(parts) > 1 else parts[0]
+
+
 def _without_port_protocols(first: int, last: int) -> list[tuple[int, int]]:
     out, start = [], first
     for protocol in PORT_PROTOCOLS:
@@ -491,6 +514,6 @@ def _without_port_protocols(first: int, last: int) -> list[tuple[int, int]]:
     return out
 
 
-def _ip_range(family: int, a: int, b: int) -> str:
+def _ip_range(family: int, a: int, b: int) -> dict:
     address = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
-    return f"{address(a)}-{address(b)}"
+    return {"range": [str(address(a)), str(address(b))]}
