@@ -203,11 +203,15 @@ def report(results: dict, args) -> str:
               f" {dp['d_over_c']['redis_ping_rps']:.0%} of iptables: every packet takes the"
               " node's routing between two veths (no redirect into the peer pod), and is judged"
               " twice, leaving one pod and entering the other, each time by a chain of about 15"
-              " rules: netdev hooks have no conntrack, so the parse checks, the source check, two"
-              " port conversions (nftables keeps values between rules only in mark and"
-              " priority) and the reply-set lookup run for every packet of an established flow"
-              " too. Throughput (large segments) suffers less than the request rate (one small"
-              " packet per request each way). See docs/nftables.md.", ""]
+              " rules: netdev hooks have no conntrack, so the parse checks, the source check and"
+              " two port conversions (nftables keeps values between rules only in mark and"
+              " priority) run for every packet, replies take one reply-set lookup, and every"
+              " packet in a flow's own direction is judged by policy again (the ipcache interval"
+              " lookup and the concatenated-interval verdict maps) and refreshes its reply entry."
+              " Throughput (large segments) suffers less than the request rate (one small packet"
+              " per request each way). A set of established flows, emptied whenever the"
+              " endpoint's policy or the ipcache changes, would spare that second judgement; it"
+              " is not built yet. See docs/nftables.md.", ""]
     return "\n".join(lines)
 
 
