@@ -14,6 +14,18 @@ import time
 import attrs
 
 RECENT = 256  # kept for status and tests
+#: What every datapath calls each verdict reason (docs/datapath.md): in drop notices, status,
+#: metrics and the inspection commands.
+REASON_TEXT = {
+    "forwarded": "forwarded",
+    "policy_deny": "policy denied (deny rule)",
+    "policy_default": "policy denied (by default)",
+    "spoofed": "spoofed source address",
+    "frag_tiny": "tiny fragment (splits the transport header)",
+    "frag_unknown": "fragment without its first fragment",
+    "malformed": "malformed packet",
+    "unsupported_l3": "unsupported L3 protocol (neither IPv4, IPv6 nor ARP)",
+}
 QUEUE_LIMIT = 10_000  # a listener this far behind loses notices rather than grow the agent
 
 
@@ -90,3 +102,28 @@ def format_drop(event: dict) -> str:
             f" {host_port(dst['ip'], dst['port'])}"
             f" {event['protocol']}{flags}, identity {src['identity']} ({src['cluster']}) ->"
             f" {dst['identity']} ({dst['cluster']})")
+
+
+def verdict_metrics(rows) -> list:
+    """Prometheus families from ``(reason text, packets, bytes or None)`` rows: Cilium's
+    ``drop_count_total``/``forward_count_total`` under meshagent's prefix (bytes when the
+    datapath counts them)."""
+    from prometheus_client.core import CounterMetricFamily
+    rows = list(rows)
+    drops = CounterMetricFamily("meshagent_drop_count", "packets dropped, by reason",
+                                labels=["reason"])
+    drop_bytes = CounterMetricFamily("meshagent_drop_bytes", "bytes dropped, by reason",
+                                     labels=["reason"])
+    forwarded = CounterMetricFamily("meshagent_forward_count", "packets forwarded")
+    forwarded_bytes = CounterMetricFamily("meshagent_forward_bytes", "bytes forwarded")
+    for reason, packets, size in rows:
+        if reason == REASON_TEXT["forwarded"]:
+            forwarded.add_metric([], packets)
+            if size is not None:
+                forwarded_bytes.add_metric([], size)
+        else:
+            drops.add_metric([reason], packets)
+            if size is not None:
+                drop_bytes.add_metric([reason], size)
+    with_bytes = any(size is not None for _, _, size in rows)
+    return [drops, forwarded] + ([drop_bytes, forwarded_bytes] if with_bytes else [])

@@ -46,3 +46,14 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
                      for row in rows)
+
+
+def print_rows(output: str, header: tuple[str, ...], rows: list[tuple[str, ...]],
+               as_json: object) -> int:
+    """A command's answer: ``as_json`` for ``-o json``, else the table; exit status 0."""
+    import json
+    if output == "json":
+        print(json.dumps(as_json, indent=2))
+    else:
+        print(format_table([header] + rows))
+    return 0

@@ -4,13 +4,12 @@ The ``bpf`` commands open the pinned maps directly, so they work while the agent
 """
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 from meshagent.datapath.drops import host_port
-from meshagent.hooks.additions import Command, format_table
+from meshagent.hooks.additions import Command, print_rows
 from meshagent.plugins.ebpf.maps import (
     CT_NAT_DST,
     CT_NAT_SRC,
@@ -38,14 +37,6 @@ def _pinned(args, name: str) -> PinnedMap:
     return PinnedMap(args.bpf_root / "meshagent", name)
 
 
-def _emit(args, header, rows, as_json) -> int:
-    if args.output == "json":
-        print(json.dumps(as_json, indent=2))
-    else:
-        print(format_table([header] + rows))
-    return 0
-
-
 def _bpf_args(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     ipc = sub.add_parser("ipcache", help="IP prefix -> identity (LPM)")
@@ -66,7 +57,7 @@ def _bpf(args: argparse.Namespace) -> int:
                 for name in ("ipcache", "ipcache6")
                 for k, v in sorted(_pinned(args, name).items(),
                                    key=lambda kv: (bytes(kv[0].ip), kv[0].prefixlen))]
-        return _emit(args, ("PREFIX", "IDENTITY"), [(p, str(i)) for p, i in rows],
+        return print_rows(args.output, ("PREFIX", "IDENTITY"), [(p, str(i)) for p, i in rows],
                      [{"prefix": p, "identity": i} for p, i in rows])
     if args.what == "policy":
         rows = []
@@ -84,7 +75,7 @@ def _bpf(args: argparse.Namespace) -> int:
                          "port": ports,
                          "verdict": "deny" if v.verdict == VERDICT_DENY else "allow"})
         rows.sort(key=lambda r: (r["direction"], str(r["identity"]), str(r["port"])))
-        return _emit(args, ("DIRECTION", "IDENTITY", "PROTO", "PORT", "VERDICT"),
+        return print_rows(args.output, ("DIRECTION", "IDENTITY", "PROTO", "PORT", "VERDICT"),
                      [tuple(str(r[c]) for c in ("direction", "identity", "protocol", "port",
                                                  "verdict")) for r in rows], rows)
     if args.what == "ct":
@@ -105,7 +96,7 @@ def _bpf(args: argparse.Namespace) -> int:
                              "kind": "reply" if v.flags & CT_REPLY else "forward",
                              "nat": nat,
                              "idle_seconds": round((now - v.last_seen_ns) / 1e9, 1)})
-        return _emit(args, ("ENDPOINT", "DIR", "PROTO", "SOURCE", "DESTINATION", "KIND", "NAT",
+        return print_rows(args.output, ("ENDPOINT", "DIR", "PROTO", "SOURCE", "DESTINATION", "KIND", "NAT",
                             "IDLE"),
                      [tuple(str(r[c]) for c in ("endpoint", "direction", "protocol", "source",
                                                  "destination", "kind", "nat", "idle_seconds"))
@@ -113,7 +104,7 @@ def _bpf(args: argparse.Namespace) -> int:
     metrics = read_metrics(_pinned(args, "metrics"))
     rows = [{"reason": REASONS.get(r, str(r)), "packets": p, "bytes": b}
             for r, (p, b) in sorted(metrics.items()) if r in REASONS]
-    return _emit(args, ("REASON", "PACKETS", "BYTES"),
+    return print_rows(args.output, ("REASON", "PACKETS", "BYTES"),
                  [(r["reason"], str(r["packets"]), str(r["bytes"])) for r in rows], rows)
 
 

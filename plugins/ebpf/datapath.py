@@ -15,7 +15,7 @@ from pathlib import Path
 import attrs
 
 from meshagent import hookimpl
-from meshagent.datapath.drops import DropFeed, DropNotice, DropPeer
+from meshagent.datapath.drops import DropFeed, DropNotice, DropPeer, verdict_metrics
 from meshagent.events import ChangeKind
 from meshagent.hooks.additions import Route
 from meshagent.model.endpoint import Endpoint
@@ -29,7 +29,6 @@ from meshagent.plugins.ebpf.maps import (
     ENDPOINT_LOCAL_DELIVERY,
     POLICY_PREFIX_STATIC,
     PROTOCOL_NAMES,
-    REASON_FORWARDED,
     REASONS,
     VERDICT_ALLOW,
     VERDICT_DENY,
@@ -536,24 +535,11 @@ class DatapathMetrics:
         self.datapath = datapath
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily
         if not self.datapath.started:
             return
-        drops = CounterMetricFamily("meshagent_drop_count", "packets dropped, by reason",
-                                    labels=["reason"])
-        drop_bytes = CounterMetricFamily("meshagent_drop_bytes", "bytes dropped, by reason",
-                                         labels=["reason"])
-        forwarded = CounterMetricFamily("meshagent_forward_count", "packets forwarded")
-        forwarded_bytes = CounterMetricFamily("meshagent_forward_bytes", "bytes forwarded")
-        for reason, (packets, size) in sorted(read_metrics(self.datapath.maps["metrics"])
-                                              .items()):
-            if reason == REASON_FORWARDED:
-                forwarded.add_metric([], packets)
-                forwarded_bytes.add_metric([], size)
-            elif reason in REASONS:
-                drops.add_metric([REASONS[reason]], packets)
-                drop_bytes.add_metric([REASONS[reason]], size)
-        yield from (drops, drop_bytes, forwarded, forwarded_bytes)
+        yield from verdict_metrics(
+            (REASONS[reason], packets, size) for reason, (packets, size)
+            in sorted(read_metrics(self.datapath.maps["metrics"]).items()) if reason in REASONS)
 
     def describe(self):
         return []

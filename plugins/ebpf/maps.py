@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from meshagent.datapath.drops import REASON_TEXT
 from meshagent.errors import MeshagentError
 
 u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
@@ -22,15 +23,15 @@ VERDICT_ALLOW, VERDICT_DENY = 1, 2
 REASON_FORWARDED, REASON_POLICY_DENY, REASON_POLICY_DEFAULT = 0, 1, 2
 REASON_SPOOFED, REASON_FRAG_TINY, REASON_FRAG_UNKNOWN, REASON_MALFORMED = 3, 4, 5, 6
 REASON_UNSUPPORTED_L3 = 7
-REASONS = {
-    REASON_FORWARDED: "forwarded",
-    REASON_POLICY_DENY: "policy denied (deny rule)",
-    REASON_POLICY_DEFAULT: "policy denied (by default)",
-    REASON_SPOOFED: "spoofed source address",
-    REASON_FRAG_TINY: "tiny fragment (splits the transport header)",
-    REASON_FRAG_UNKNOWN: "fragment without its first fragment",
-    REASON_MALFORMED: "malformed packet",
-    REASON_UNSUPPORTED_L3: "unsupported L3 protocol (neither IPv4, IPv6 nor ARP)",
+REASONS = {  # the programs' reason numbers, named as every datapath names them
+    REASON_FORWARDED: REASON_TEXT["forwarded"],
+    REASON_POLICY_DENY: REASON_TEXT["policy_deny"],
+    REASON_POLICY_DEFAULT: REASON_TEXT["policy_default"],
+    REASON_SPOOFED: REASON_TEXT["spoofed"],
+    REASON_FRAG_TINY: REASON_TEXT["frag_tiny"],
+    REASON_FRAG_UNKNOWN: REASON_TEXT["frag_unknown"],
+    REASON_MALFORMED: REASON_TEXT["malformed"],
+    REASON_UNSUPPORTED_L3: REASON_TEXT["unsupported_l3"],
 }
 PROTOCOL_NAMES = {0: "any", 1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
 POLICY_PREFIX_STATIC = 72  # endpoint_id, identity, direction: always matched whole

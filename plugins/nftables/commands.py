@@ -7,7 +7,7 @@ import os
 import re
 
 from meshagent.errors import MeshagentError
-from meshagent.hooks.additions import Command, format_table
+from meshagent.hooks.additions import Command, print_rows
 
 CLASSID = re.compile(r"^0:[0-9a-f]+$")
 
@@ -73,7 +73,7 @@ def _text(value) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     if args.what == "counters":
-        from meshagent.plugins.nftables.datapath import REASON_TEXT
+        from meshagent.datapath.drops import REASON_TEXT
         from meshagent.plugins.nftables.netlink import read_counters
         try:
             raw = read_counters("netdev", args.table)
@@ -81,13 +81,13 @@ def _run(args: argparse.Namespace) -> int:
             raise MeshagentError(f"table netdev {args.table}: {exc}") from None
         rows = [{"reason": text, "packets": raw.get(f"r_{reason}", 0)}
                 for reason, text in REASON_TEXT.items()]
-        return _emit(args, ("REASON", "PACKETS"),
+        return print_rows(args.output, ("REASON", "PACKETS"),
                      [(r["reason"], str(r["packets"])) for r in rows], rows)
     if args.what == "ipcache":
         rows = [{"range": _text(key), "identity": value}
                 for family in (4, 6)
                 for key, value in _elements(args.table, f"ipcache{family}")]
-        return _emit(args, ("RANGE", "IDENTITY"),
+        return print_rows(args.output, ("RANGE", "IDENTITY"),
                      [(r["range"], str(r["identity"])) for r in rows], rows)
     rows = []
     for family in (4, 6):
@@ -96,16 +96,8 @@ def _run(args: argparse.Namespace) -> int:
                 name = f"{kind}{family}_{args.endpoint}_{direction}"
                 for key, value in _elements(args.table, name):
                     rows.append({"map": name, "key": _text(key), "verdict": _text(value)})
-    return _emit(args, ("MAP", "IDENTITY . PROTOCOL . PORTS", "VERDICT"),
+    return print_rows(args.output, ("MAP", "IDENTITY . PROTOCOL . PORTS", "VERDICT"),
                  [(r["map"], r["key"], r["verdict"]) for r in rows], rows)
-
-
-def _emit(args, header, rows, as_json) -> int:
-    if args.output == "json":
-        print(json.dumps(as_json, indent=2))
-    else:
-        print(format_table([header] + rows))
-    return 0
 
 
 COMMANDS = (

@@ -18,7 +18,13 @@ import socket
 import attrs
 
 from meshagent import hookimpl
-from meshagent.datapath.drops import DropFeed, DropNotice, DropPeer
+from meshagent.datapath.drops import (
+    REASON_TEXT,
+    DropFeed,
+    DropNotice,
+    DropPeer,
+    verdict_metrics,
+)
 from meshagent.events import ChangeKind
 from meshagent.hooks.additions import Route
 from meshagent.model.endpoint import Endpoint
@@ -35,13 +41,6 @@ from meshagent.runtime.status import Health, StatusSection
 log = logging.getLogger(__name__)
 
 DIRECTIONS = {"ingress": "in", "egress": "out"}
-REASON_TEXT = {
-    "forwarded": "forwarded", "policy_deny": "policy denied (deny rule)",
-    "policy_default": "policy denied (by default)", "spoofed": "spoofed source address",
-    "frag_tiny": "tiny fragment (splits the transport header)",
-    "frag_unknown": "fragment without its first fragment", "malformed": "malformed packet",
-    "unsupported_l3": "unsupported L3 protocol (neither IPv4, IPv6 nor ARP)",
-}
 PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
 TCP_FLAGS = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"))
 
@@ -443,18 +442,10 @@ class NftablesMetrics:
         self.datapath = datapath
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily
         if not self.datapath.started:
             return
-        drops = CounterMetricFamily("meshagent_drop_count", "packets dropped, by reason",
-                                    labels=["reason"])
-        forwarded = CounterMetricFamily("meshagent_forward_count", "packets forwarded")
-        for reason, packets in sorted(self.datapath.counters().items()):
-            if reason == "forwarded":
-                forwarded.add_metric([], packets)
-            else:
-                drops.add_metric([REASON_TEXT[reason]], packets)
-        yield from (drops, forwarded)
+        yield from verdict_metrics((REASON_TEXT[reason], packets, None)
+                                   for reason, packets in sorted(self.datapath.counters().items()))
 
     def describe(self):
         return []
