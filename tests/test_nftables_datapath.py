@@ -201,3 +201,43 @@ def test_drops_are_noticed_with_reason_endpoint_and_addresses(judge, driver):
     assert (notice["source"]["ip"], notice["destination"]["ip"]) == (probe.packet.src, ECHO)
     assert notice["destination"]["port"] == 6379 and notice["tcp_flags"] == ["SYN"]
     assert notice["source"]["identity"] == driver.endpoints[probe.endpoint].identity
+
+
+def test_a_refused_write_is_healed_by_the_next_reconcile(judge, driver):
+    """Someone wrote into the agent's table; the agent's next write collides and is refused
+    (the feed then reconciles): the reconcile rewrites the maps whole, the intruder's range
+    goes and the agent's state is all there."""
+    import ipaddress
+
+    import nftables
+    from test_datapath_differential import ALL_EGRESS, ECHO, named_scenario, tcp
+
+    from meshagent.events import ChangeKind
+    from meshagent.model.ipcache import IPCacheEntry
+    from meshagent.plugins.nftables.datapath import NftablesError
+    world = driver.start(named_scenario([ALL_EGRESS], [tcp(ECHO, 80)]))
+    t = judge.datapath.rules.ref
+    nft = nftables.Nftables()
+    assert nft.cmd(f"add element {t} ipcache4 {{ 10.9.0.0-10.9.255.255 : 99 }}")[0] == 0
+    entry = IPCacheEntry(ipaddress.ip_network("10.9.1.1/32"), 4242, "cluster1")
+    with pytest.raises(NftablesError, match="refused"):
+        judge.call(judge.datapath.update_ipcache([(ChangeKind.UPSERT, entry)]))
+    rows = list(world.ipcache.values()) + [entry]
+    judge.call(judge.datapath.reconcile(world.verdicts(), rows))
+    listed = nft.cmd(f"list map {t} ipcache4")[1]
+    assert "10.9.0.0" not in listed and "10.9.1.1 : 0x00001092" in listed, listed
+
+
+def test_drop_notices_from_hostile_log_lines_are_refused_or_bounded(judge):
+    """The NFLOG group may carry another program's lines, or packets cut anywhere: a notice
+    is made only of what was read, never an exception in the agent's loop."""
+    from meshagent.testing.packets import Packet
+    describe = judge.datapath.describe_drop
+    for prefix in ("", "ma", "ma:1:in", "ma:x:in:malformed", "ma:1:up:malformed",
+                   "ma:1:in:nosuch", "xx:1:in:malformed"):
+        assert describe(prefix, b"\x45" * 40) is None, prefix
+    frame = Packet("10.1.1.9", "10.1.1.1", 6, 1234, 80).frame()[14:]
+    for cut in range(len(frame) + 1):
+        notice = describe("ma:1:in:policy_default", frame[:cut])
+        assert notice is not None and notice.reason == "policy denied (by default)"
+    assert describe("ma:1:in:policy_default", frame).source.port == 1234

@@ -78,6 +78,7 @@ class NftablesDatapath:
         self.ranges: dict[int, list[tuple[int, int, int]]] = {4: [], 6: []}  # as written
         self.found: dict[int, str] = {}  # endpoint id -> device, of a table found at start
         self.adopted = False  # the table was found: maps are rewritten whole at the first sync
+        self.dirty = False  # a write failed: maps are rewritten whole at the next reconcile
         self.synced = False
         self.started = False
         self.start_error = ""
@@ -96,7 +97,8 @@ class NftablesDatapath:
         if not commands:
             return
         rc, _, err = self.nft.json_cmd({"nftables": commands})
-        if rc != 0:
+        if rc != 0:  # what the maps hold is no longer known: the next reconcile rewrites them
+            self.dirty = True
             raise NftablesError(f"nftables refused: {err.strip()}")
 
     def _elements_command(self, verb: str, name: str, elements) -> dict:
@@ -225,7 +227,7 @@ class NftablesDatapath:
     def _write_ipcache(self, families, whole: bool = False) -> None:
         """Each family's flattened ipcache in one transaction: what changed, or (``whole``)
         the map flushed and written again."""
-        commands = []
+        commands, written = [], {}
         for family in sorted(families):
             name = f"ipcache{family}"
             new = flatten_prefixes(self.ipcache[family].items())
@@ -239,8 +241,9 @@ class NftablesDatapath:
             if added:
                 commands.append(self._elements_command(
                     "add", name, ([_ip_range(family, a, b), i] for a, b, i in sorted(added))))
-            self.ranges[family] = new
+            written[family] = new
         self._transaction(commands)
+        self.ranges.update(written)
 
     def identity_of(self, address: str) -> int:
         """The identity the table gives ``address`` (for drop notices)."""
@@ -270,6 +273,7 @@ class NftablesDatapath:
         """What changed in these groups' map elements, in one transaction (after flushing
         the maps in ``flush``)."""
         commands = [self._flush_command(name) for name in flush]
+        written: dict = {}
         for group in sorted(groups):
             wanted = self._elements(group) if self.groups.get(group) else {}
             had = {} if flush else self.written.get(group, {})
@@ -283,12 +287,14 @@ class NftablesDatapath:
                     commands.append(self._elements_command(
                         "add", name, ([_element_key(e), {"goto": {"target": e[-1]}}]
                                       for e in sorted(new))))
+            written[group] = wanted
+        self._transaction(commands)
+        for group, wanted in written.items():
             if wanted:
                 self.written[group] = wanted
             else:
                 self.written.pop(group, None)
                 self.groups.pop(group, None)
-        self._transaction(commands)
 
     def _elements(self, group) -> dict[str, set[tuple]]:
         """The map elements of one group (the peer's identity, or any: identity 0), each
@@ -325,14 +331,16 @@ class NftablesDatapath:
         stale = set(self.written)
         self.groups = groups
         flush: tuple[str, ...] = ()
-        if self.adopted and not self.synced:  # what the last agent wrote is not known here
+        whole = (self.adopted and not self.synced) or self.dirty
+        if whole:  # what the last agent (or a failed write) left is not known here
             flush = tuple(policy_map(kind, family, ep, d) for ep in self.endpoints
                           for d in DIRECTIONS.values() for family in (4, 6)
                           for kind in ("spec", "any", "spnp", "anynp"))
         self._write_groups(stale | set(groups), flush)
         self.ipcache = {family: {e.prefix: e.identity for e in ipcache
                                  if e.prefix.version == family} for family in (4, 6)}
-        self._write_ipcache((4, 6), whole=self.adopted and not self.synced)
+        self._write_ipcache((4, 6), whole=whole)
+        self.dirty = False
         for endpoint_id in list(self.found):  # endpoints the last agent had and this one not
             self._delete(endpoint_id)
             self.found.pop(endpoint_id)
@@ -372,8 +380,9 @@ class NftablesDatapath:
         """A notice from a logged packet (its network header on) and its prefix
         ``ma:<endpoint>:<in|out>:<reason>``; None for what is not ours."""
         parts = prefix.strip().split(":")
-        if len(parts) != 4 or parts[0] != "ma" or parts[3] not in REASON_TEXT:
-            return None
+        if len(parts) != 4 or parts[0] != "ma" or parts[3] not in REASON_TEXT or \
+                not parts[1].isdigit() or parts[2] not in ("in", "out"):
+            return None  # another program's log in our group
         endpoint_id, d, reason = int(parts[1]), parts[2], parts[3]
         header = _headers(packet)
         if header is None:
