@@ -13,6 +13,7 @@ import pytest
 from meshagent.testing import datapath_model as model
 from meshagent.testing.datapath_contract import DatapathContract, ScenarioDriver
 from meshagent.testing.packets import KERNEL_WALK
+from meshagent.testing.scenarios import ALL_EGRESS, ECHO, named_scenario, tcp
 from meshagent_dev.netlab import can_run
 
 pytestmark = [pytest.mark.privileged, pytest.mark.skipif(not can_run(), reason="needs root")]
@@ -132,8 +133,6 @@ def _names(table: str) -> set[str]:
 def test_removing_an_endpoint_leaves_nothing_of_it(judge, driver):
     import re
 
-    from test_datapath_differential import ALL_EGRESS, ECHO, named_scenario, tcp
-
     from meshagent.plugins.nftables import ruleset
     driver.start(named_scenario([ALL_EGRESS], [tcp(ECHO, 80)]))
     before = _names(judge.datapath.rules.table)
@@ -149,7 +148,6 @@ def test_removing_an_endpoint_leaves_nothing_of_it(judge, driver):
 def test_a_restarted_agent_keeps_enforcing_and_keeps_replies(judge, driver):
     """The table outlives the agent: a new one adopts it, changes nothing until its first
     sync (the old verdicts and reply entries hold), then enforces the new state."""
-    from test_datapath_differential import ALL_EGRESS, ECHO, named_scenario, tcp
 
     from meshagent.plugins.nftables.datapath import NftablesDatapath
     deny = {**ALL_EGRESS, "egressDeny": [{"toPorts": [{"ports": [{"port": "6379",
@@ -182,7 +180,6 @@ def test_a_restarted_agent_keeps_enforcing_and_keeps_replies(judge, driver):
 
 
 def test_drops_are_noticed_with_reason_endpoint_and_addresses(judge, driver):
-    from test_datapath_differential import ALL_EGRESS, ECHO, named_scenario, tcp
     deny = {**ALL_EGRESS, "egressDeny": [{"toPorts": [{"ports": [{"port": "6379",
                                                                    "protocol": "TCP"}]}]}]}
     scenario = named_scenario([deny], [tcp(ECHO, 6379)])
@@ -210,7 +207,6 @@ def test_a_refused_write_is_healed_by_the_next_reconcile(judge, driver):
     import ipaddress
 
     import nftables
-    from test_datapath_differential import ALL_EGRESS, ECHO, named_scenario, tcp
 
     from meshagent.events import ChangeKind
     from meshagent.model.ipcache import IPCacheEntry

@@ -26,6 +26,9 @@ REASON_TEXT = {
     "malformed": "malformed packet",
     "unsupported_l3": "unsupported L3 protocol (neither IPv4, IPv6 nor ARP)",
 }
+#: Protocol numbers as notices and inspection commands name them (others: the number).
+PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
+TCP_FLAGS = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"))
 QUEUE_LIMIT = 10_000  # a listener this far behind loses notices rather than grow the agent
 
 
@@ -36,9 +39,19 @@ class DropPeer:
     identity: int
     cluster: str  # the identity's cluster, "reserved" for reserved identities, "?" unknown
 
+    @classmethod
+    def named(cls, ip: str, port: int, identity: int, identities) -> "DropPeer":
+        """One end, its cluster named from ``identities`` (number -> Identity or None)."""
+        known = identities(identity)
+        cluster = known.cluster if known else ("reserved" if identity < 256 else "?")
+        return cls(ip, port, identity, cluster)
+
 
 @attrs.frozen
 class DropNotice:
+    """A dropped packet; ``protocol``/``tcp_flags`` as :func:`protocol_name`/:func:`flag_names`
+    give them."""
+
     reason: str
     endpoint: int
     direction: str  # "ingress": entering the pod; "egress": leaving it
@@ -50,6 +63,15 @@ class DropNotice:
 
     def to_json(self) -> dict:
         return {"type": "drop", **attrs.asdict(self, value_serializer=_listed)}
+
+
+def protocol_name(number: int) -> str:
+    return PROTOCOL_NAMES.get(number, str(number))
+
+
+def flag_names(protocol: int, bits: int) -> tuple[str, ...]:
+    """The TCP flags set in ``bits`` (none for another protocol)."""
+    return tuple(name for bit, name in TCP_FLAGS if bits & bit) if protocol == 6 else ()
 
 
 def _listed(_instance, _field, value):

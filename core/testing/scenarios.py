@@ -589,3 +589,45 @@ def minimize(scenario: Scenario, fails: Callable[[Scenario], bool],
                 scenario, changed = candidate, True
                 break
     return scenario
+
+
+# -- a small named world, for tests that name their packets -----------------------------------
+
+CLIENT, ECHO, ECHO2, REMOTE = "10.1.1.1", "10.1.1.2", "10.1.1.3", "10.2.1.5"
+CLIENT6, ECHO6, ECHO26, REMOTE6 = "fd00:1:1::1", "fd00:1:1::2", "fd00:1:1::3", "fd00:2:1::5"
+SIX = {CLIENT: CLIENT6, ECHO: ECHO6, ECHO2: ECHO26, REMOTE: REMOTE6}
+ALL_EGRESS = {"egress": [{"toEntities": ["all"]}]}
+
+
+def named_scenario(specs: list[dict], probes: list[tuple]) -> Scenario:
+    """client, echo and echo2 in cluster1 (endpoints 1-3), an employee of cluster2; policies
+    given as specs (the client's when they name no endpointSelector); probes as (direction,
+    packet) at the endpoint whose address the packet carries, or (direction, packet, endpoint)."""
+    apps = {"client": (CLIENT, 1), "echo": (ECHO, 2), "echo2": (ECHO2, 3)}
+    identities = [IdentitySpec((101 << 16) + 256 + n, labels_of(app, "default", "cluster1", None),
+                               "cluster1") for app, (_, n) in apps.items()]
+    identities.append(IdentitySpec((102 << 16) + 256, labels_of("employee", "default", "cluster2",
+                                                                None), "cluster2"))
+    endpoints = tuple(EndpointSpec(n, ip, "default", identities[n - 1].id, ipv6=SIX[ip])
+                      for ip, n in apps.values())
+    ipcache = tuple((f"{ip}/32", identities[n - 1].id) for ip, n in apps.values()) + (
+        (f"{REMOTE}/32", identities[-1].id),)
+    ipcache += tuple((f"{SIX[ip]}/128", identities[n - 1].id) for ip, n in apps.values()) + (
+        (f"{REMOTE6}/128", identities[-1].id),)
+    documents = []
+    for n, spec in enumerate(specs):
+        spec = {"endpointSelector": {"matchLabels": {"app": "client"}}, **spec}
+        documents.append(json.dumps({"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+                                     "metadata": {"name": f"p{n}"}, "spec": spec}))
+    endpoint_of = {ip: n for ip, n in apps.values()}
+    endpoint_of.update({SIX[ip]: n for ip, n in apps.values()})
+    phase_probes = []
+    for direction, packet, *at in probes:
+        local = packet.src if direction == EGRESS else packet.dst
+        phase_probes.append(Probe(at[0] if at else endpoint_of.get(local, 1), direction, packet))
+    return Scenario(endpoints, (Phase(tuple(identities), ipcache, tuple(documents),
+                                      tuple(phase_probes)),))
+
+
+def tcp(dst: str, port: int, src: str = CLIENT) -> tuple[str, Packet]:
+    return (EGRESS if src in (CLIENT, CLIENT6) else INGRESS, Packet(src, dst, TCP, 40000, port))

@@ -58,7 +58,7 @@ def _bpf(args: argparse.Namespace) -> int:
                 for k, v in sorted(_pinned(args, name).items(),
                                    key=lambda kv: (bytes(kv[0].ip), kv[0].prefixlen))]
         return print_rows(args.output, ("PREFIX", "IDENTITY"), [(p, str(i)) for p, i in rows],
-                     [{"prefix": p, "identity": i} for p, i in rows])
+                          [{"prefix": p, "identity": i} for p, i in rows])
     if args.what == "policy":
         rows = []
         for k, v in _pinned(args, "policy").items():
@@ -75,9 +75,9 @@ def _bpf(args: argparse.Namespace) -> int:
                          "port": ports,
                          "verdict": "deny" if v.verdict == VERDICT_DENY else "allow"})
         rows.sort(key=lambda r: (r["direction"], str(r["identity"]), str(r["port"])))
+        columns = ("direction", "identity", "protocol", "port", "verdict")
         return print_rows(args.output, ("DIRECTION", "IDENTITY", "PROTO", "PORT", "VERDICT"),
-                     [tuple(str(r[c]) for c in ("direction", "identity", "protocol", "port",
-                                                 "verdict")) for r in rows], rows)
+                          [tuple(str(r[c]) for c in columns) for r in rows], rows)
     if args.what == "ct":
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         rows = []
@@ -96,16 +96,16 @@ def _bpf(args: argparse.Namespace) -> int:
                              "kind": "reply" if v.flags & CT_REPLY else "forward",
                              "nat": nat,
                              "idle_seconds": round((now - v.last_seen_ns) / 1e9, 1)})
-        return print_rows(args.output, ("ENDPOINT", "DIR", "PROTO", "SOURCE", "DESTINATION", "KIND", "NAT",
-                            "IDLE"),
-                     [tuple(str(r[c]) for c in ("endpoint", "direction", "protocol", "source",
-                                                 "destination", "kind", "nat", "idle_seconds"))
-                      for r in rows], rows)
+        columns = ("endpoint", "direction", "protocol", "source", "destination", "kind", "nat",
+                   "idle_seconds")
+        return print_rows(args.output, ("ENDPOINT", "DIR", "PROTO", "SOURCE", "DESTINATION",
+                                        "KIND", "NAT", "IDLE"),
+                          [tuple(str(r[c]) for c in columns) for r in rows], rows)
     metrics = read_metrics(_pinned(args, "metrics"))
     rows = [{"reason": REASONS.get(r, str(r)), "packets": p, "bytes": b}
             for r, (p, b) in sorted(metrics.items()) if r in REASONS]
     return print_rows(args.output, ("REASON", "PACKETS", "BYTES"),
-                 [(r["reason"], str(r["packets"]), str(r["bytes"])) for r in rows], rows)
+                      [(r["reason"], str(r["packets"]), str(r["bytes"])) for r in rows], rows)
 
 
 COMMANDS = (

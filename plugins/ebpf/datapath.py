@@ -15,7 +15,14 @@ from pathlib import Path
 import attrs
 
 from meshagent import hookimpl
-from meshagent.datapath.drops import DropFeed, DropNotice, DropPeer, verdict_metrics
+from meshagent.datapath.drops import (
+    DropFeed,
+    DropNotice,
+    DropPeer,
+    flag_names,
+    protocol_name,
+    verdict_metrics,
+)
 from meshagent.events import ChangeKind
 from meshagent.hooks.additions import Route
 from meshagent.model.endpoint import Endpoint
@@ -28,7 +35,6 @@ from meshagent.plugins.ebpf.maps import (
     ENDPOINT_HAS_IPV6,
     ENDPOINT_LOCAL_DELIVERY,
     POLICY_PREFIX_STATIC,
-    PROTOCOL_NAMES,
     REASONS,
     VERDICT_ALLOW,
     VERDICT_DENY,
@@ -64,7 +70,6 @@ from meshagent.runtime.status import Health, StatusSection
 log = logging.getLogger(__name__)
 
 PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
-TCP_FLAGS = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"))
 DIRECTIONS = {"ingress": DIR_INGRESS, "egress": DIR_EGRESS}
 
 #: One longest-prefix group of the policy map: (endpoint id, direction, identity or 0).
@@ -470,20 +475,16 @@ class EbpfDatapath:
         self.drops.publish(self.describe_drop(raw))
 
     def describe_drop(self, raw: DropEvent) -> DropNotice:
-        def who(ip: str, port: int, identity: int) -> DropPeer:
-            known = self.identities(identity)
-            cluster = known.cluster if known else ("reserved" if identity < 256 else "?")
-            return DropPeer(ip, port, identity, cluster)
-        flags = tuple(name for bit, name in TCP_FLAGS if raw.tcp_flags & bit) \
-            if raw.protocol == 6 else ()
         v6 = raw.family == 6
         return DropNotice(
             reason=REASONS.get(raw.reason, str(raw.reason)), endpoint=raw.endpoint_id,
             direction="ingress" if raw.direction == DIR_INGRESS else "egress",
-            source=who(ip_text(raw.saddr6 if v6 else raw.saddr), raw.sport, raw.src_identity),
-            destination=who(ip_text(raw.daddr6 if v6 else raw.daddr), raw.dport,
-                            raw.dst_identity),
-            protocol=PROTOCOL_NAMES.get(raw.protocol, str(raw.protocol)), tcp_flags=flags)
+            source=DropPeer.named(ip_text(raw.saddr6 if v6 else raw.saddr), raw.sport,
+                                  raw.src_identity, self.identities),
+            destination=DropPeer.named(ip_text(raw.daddr6 if v6 else raw.daddr), raw.dport,
+                                       raw.dst_identity, self.identities),
+            protocol=protocol_name(raw.protocol), tcp_flags=flag_names(raw.protocol,
+                                                                       raw.tcp_flags))
 
     # -- visibility -----------------------------------------------------------------------------
 

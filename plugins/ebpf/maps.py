@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from meshagent.datapath.drops import PROTOCOL_NAMES as DROP_PROTOCOL_NAMES
 from meshagent.datapath.drops import REASON_TEXT
 from meshagent.errors import MeshagentError
 
@@ -33,7 +34,7 @@ REASONS = {  # the programs' reason numbers, named as every datapath names them
     REASON_MALFORMED: REASON_TEXT["malformed"],
     REASON_UNSUPPORTED_L3: REASON_TEXT["unsupported_l3"],
 }
-PROTOCOL_NAMES = {0: "any", 1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
+PROTOCOL_NAMES = {0: "any", **DROP_PROTOCOL_NAMES}  # policy keys name protocol 0 "any"
 POLICY_PREFIX_STATIC = 72  # endpoint_id, identity, direction: always matched whole
 CT_REPLY, CT_NAT_DST, CT_NAT_SRC = 1, 2, 4
 MAP_NAMES = ("endpoints", "local_ips", "ipcache", "ipcache6", "policy", "ct_tcp", "ct_any",

@@ -44,11 +44,11 @@ def _nft(text: str) -> list[dict]:
     return json.loads(out or '{"nftables": []}')["nftables"]
 
 
-def _elements(table: str, name: str) -> list:
-    for item in _nft(f"list map netdev {table} {name}"):
-        if "map" in item:
-            return item["map"].get("elem", [])
-    return []
+def _maps(table: str) -> dict[str, list]:
+    """Every map of the table with its elements, from one listing (libnftables reads the
+    whole table for any listing of it)."""
+    return {item["map"]["name"]: item["map"].get("elem", [])
+            for item in _nft(f"list table netdev {table}") if "map" in item}
 
 
 def _text(value) -> str:
@@ -82,22 +82,22 @@ def _run(args: argparse.Namespace) -> int:
         rows = [{"reason": text, "packets": raw.get(f"r_{reason}", 0)}
                 for reason, text in REASON_TEXT.items()]
         return print_rows(args.output, ("REASON", "PACKETS"),
-                     [(r["reason"], str(r["packets"])) for r in rows], rows)
+                          [(r["reason"], str(r["packets"])) for r in rows], rows)
+    maps = _maps(args.table)
     if args.what == "ipcache":
         rows = [{"range": _text(key), "identity": value}
-                for family in (4, 6)
-                for key, value in _elements(args.table, f"ipcache{family}")]
+                for family in (4, 6) for key, value in maps.get(f"ipcache{family}", [])]
         return print_rows(args.output, ("RANGE", "IDENTITY"),
-                     [(r["range"], str(r["identity"])) for r in rows], rows)
+                          [(r["range"], str(r["identity"])) for r in rows], rows)
     rows = []
     for family in (4, 6):
         for kind in ("spec", "any", "spnp", "anynp"):
             for direction in ("in", "out"):
                 name = f"{kind}{family}_{args.endpoint}_{direction}"
-                for key, value in _elements(args.table, name):
+                for key, value in maps.get(name, []):
                     rows.append({"map": name, "key": _text(key), "verdict": _text(value)})
     return print_rows(args.output, ("MAP", "IDENTITY . PROTOCOL . PORTS", "VERDICT"),
-                 [(r["map"], r["key"], r["verdict"]) for r in rows], rows)
+                      [(r["map"], r["key"], r["verdict"]) for r in rows], rows)
 
 
 COMMANDS = (

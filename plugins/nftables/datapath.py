@@ -2,9 +2,9 @@
 
 Every change — ipcache ranges, policy elements — is one transaction of libnftables JSON
 commands (atomic: a packet sees the state before or after it, never a half-written one);
-chains, created once per endpoint, are nft text through the same library. A restarted agent finds its table (by its
-layout comment) and keeps it, reply sets and all, until the first sync; then it rewrites
-each map in one transaction and deletes what is stale.
+chains, created once per endpoint, are nft text through the same library. A restarted agent
+finds its table (by its layout chain) and keeps it, reply sets and all, until the first sync;
+then it rewrites each map in one transaction and deletes what is stale.
 """
 
 import asyncio
@@ -23,11 +23,14 @@ from meshagent.datapath.drops import (
     DropFeed,
     DropNotice,
     DropPeer,
+    flag_names,
+    protocol_name,
     verdict_metrics,
 )
 from meshagent.events import ChangeKind
 from meshagent.hooks.additions import Route
 from meshagent.model.endpoint import Endpoint
+from meshagent.model.identity import world_identity
 from meshagent.plugins.nftables import netlink
 from meshagent.plugins.nftables.intervals import (
     DENY,
@@ -35,14 +38,18 @@ from meshagent.plugins.nftables.intervals import (
     flatten_prefixes,
     policy_segments,
 )
-from meshagent.plugins.nftables.ruleset import FAMILY, LAYOUT, REASONS, Ruleset, policy_map
+from meshagent.plugins.nftables.ruleset import (
+    DIRS,
+    FAMILY,
+    LAYOUT,
+    REASONS,
+    Ruleset,
+    policy_map,
+)
 from meshagent.runtime.status import Health, StatusSection
 
 log = logging.getLogger(__name__)
 
-DIRECTIONS = {"ingress": "in", "egress": "out"}
-PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
-TCP_FLAGS = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"))
 
 
 class NftablesError(Exception):
@@ -73,7 +80,7 @@ class NftablesDatapath:
         self.nft = None
         self.endpoints: dict[int, Endpoint] = {}
         self.groups: dict[tuple[int, str, int], dict] = {}  # (ep, dir, identity) -> keys
-        self.written: dict[tuple[int, str, int], dict[str, set[str]]] = {}  # -> elements
+        self.written: dict[tuple[int, str, int], dict[str, set[tuple]]] = {}  # -> elements
         self.ipcache: dict[int, dict] = {4: {}, 6: {}}  # family -> {prefix: identity}
         self.ranges: dict[int, list[tuple[int, int, int]]] = {4: [], 6: []}  # as written
         self.found: dict[int, str] = {}  # endpoint id -> device, of a table found at start
@@ -252,14 +259,14 @@ class NftablesDatapath:
         at = bisect.bisect_right(ranges, (value, float("inf"))) - 1
         if at >= 0 and ranges[at][0] <= value <= ranges[at][1]:
             return ranges[at][2]
-        return 2 if ip.version == 4 else 10
+        return int(world_identity(ip.version))
 
     # -- policy -------------------------------------------------------------------------------
 
     async def update_policy(self, endpoint_id: int, changes) -> None:
         touched = set()
         for change in changes:
-            group = (endpoint_id, DIRECTIONS[change.key.direction], change.key.identity)
+            group = (endpoint_id, DIRS[change.key.direction], change.key.identity)
             keys = self.groups.setdefault(group, {})
             if change.verdict is None:
                 keys.pop(change.key, None)
@@ -326,7 +333,7 @@ class NftablesDatapath:
         groups: dict = {}
         for endpoint_id, verdicts in policies.items():
             for key, verdict in verdicts.items():
-                group = (endpoint_id, DIRECTIONS[key.direction], key.identity)
+                group = (endpoint_id, DIRS[key.direction], key.identity)
                 groups.setdefault(group, {})[key] = verdict
         stale = set(self.written)
         self.groups = groups
@@ -334,7 +341,7 @@ class NftablesDatapath:
         whole = (self.adopted and not self.synced) or self.dirty
         if whole:  # what the last agent (or a failed write) left is not known here
             flush = tuple(policy_map(kind, family, ep, d) for ep in self.endpoints
-                          for d in DIRECTIONS.values() for family in (4, 6)
+                          for d in DIRS.values() for family in (4, 6)
                           for kind in ("spec", "any", "spnp", "anynp"))
         self._write_groups(stale | set(groups), flush)
         self.ipcache = {family: {e.prefix: e.identity for e in ipcache
@@ -394,16 +401,11 @@ class NftablesDatapath:
             own = endpoint.identity if endpoint else 0
             src_id = own if d == "out" else self.identity_of(src_ip)
             dst_id = own if d == "in" else self.identity_of(dst_ip)
-            src, dst = self._peer(src_ip, sport, src_id), self._peer(dst_ip, dport, dst_id)
-            protocol = PROTOCOL_NAMES.get(number, str(number))
-            flags = tuple(n for bit, n in TCP_FLAGS if flag_bits & bit) if number == 6 else ()
+            src = DropPeer.named(src_ip, sport, src_id, self.identities)
+            dst = DropPeer.named(dst_ip, dport, dst_id, self.identities)
+            protocol, flags = protocol_name(number), flag_names(number, flag_bits)
         return DropNotice(REASON_TEXT[reason], endpoint_id,
                           "ingress" if d == "in" else "egress", src, dst, protocol, flags)
-
-    def _peer(self, ip: str, port: int, identity: int) -> DropPeer:
-        known = self.identities(identity)
-        cluster = known.cluster if known else ("reserved" if identity < 256 else "?")
-        return DropPeer(ip, port, identity, cluster)
 
     # -- visibility ---------------------------------------------------------------------------
 

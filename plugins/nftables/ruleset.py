@@ -24,6 +24,8 @@ reason, logged to an NFLOG group with the prefix ``ma:<endpoint>:<in|out>:<reaso
 
 import attrs
 
+from meshagent.model.identity import world_identity
+
 FAMILY = "netdev"
 LAYOUT = "layout_1"  # an empty chain naming the table's layout: another layout is replaced
 REASONS = ("forwarded", "policy_deny", "policy_default", "spoofed", "frag_tiny",
@@ -52,10 +54,10 @@ FAMILIES = {
     # suffix, address, later fragment, first fragment, more fragments, fragment units,
     # ipcache map, world identity, "not a fragment" rules (return when it is one)
     4: ("", "ip", "ip frag-off & 0x1fff != 0", "ip frag-off & 0x3fff == 0x2000",
-        "ip frag-off & 0x2000 != 0", "ip frag-off & 0x1fff", "ipcache4", 2,
+        "ip frag-off & 0x2000 != 0", "ip frag-off & 0x1fff", "ipcache4", int(world_identity(4)),
         ("ip frag-off & 0x3fff != 0",)),
     6: ("6", "ip6", "frag frag-off != 0", "frag frag-off 0 frag more-fragments 1",
-        "frag more-fragments 1", "frag frag-off", "ipcache6", 10,
+        "frag more-fragments 1", "frag frag-off", "ipcache6", int(world_identity(6)),
         ("frag frag-off != 0", "frag more-fragments 1")),
 }
 
