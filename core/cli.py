@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,8 @@ from meshagent.runtime.status import Health, StatusReport, StatusSection, render
 
 if TYPE_CHECKING:
     from meshagent.daemon.agent import Agent
+    from meshagent.runtime.config import Config
+    from meshagent.runtime.options import Parser
 
 log = logging.getLogger("meshagent")
 
@@ -37,6 +39,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = os.environ if environ is None else environ
     try:
+        if argv and argv[0] == "kvstoremesh":  # a process of its own, and its status
+            from meshagent.kvstoremesh.command import main as kvstoremesh_main
+            return kvstoremesh_main(argv[1:], environ)
         if argv and not argv[0].startswith("-"):
             return run_command(argv, environ)
         return run_agent(argv, environ)
@@ -57,6 +62,16 @@ def build_agent(argv: Sequence[str], environ: Mapping[str, str],
     """Everything up to the first side effect: plugins, options, validation, provider choice."""
     # imported here: a client command must not pay for what only the agent uses
     from meshagent.daemon.agent import Agent
+    config, plugins = load_config(argv, environ, AGENT_HELP + _commands_epilog(),
+                                  extra_plugins=extra_plugins)
+    return Agent(config, plugins)
+
+
+def load_config(argv: Sequence[str], environ: Mapping[str, str], description: str,
+                extra_options: Callable[["Parser"], None] | None = None,
+                extra_plugins: Sequence[tuple[str, object]] = ()) -> tuple["Config", Any]:
+    """The plugins ``--plugins`` names, and every option (core, ``extra_options``, the
+    plugins'), parsed and validated: what the agent and ``meshagent kvstoremesh`` start from."""
     from meshagent.hooks.manager import PluginManager, discover
     from meshagent.runtime.config import Config, add_bootstrap_options, add_core_options
     from meshagent.runtime.options import Parser
@@ -69,12 +84,14 @@ def build_agent(argv: Sequence[str], environ: Mapping[str, str],
     plugins = PluginManager(selected, available)  # unknown names raise before any import
     for name, plugin in extra_plugins:
         plugins.register(plugin, name=name)
-    parser = Parser(description=AGENT_HELP + _commands_epilog())
+    parser = Parser(description=description)
     add_core_options(parser)
+    if extra_options is not None:
+        extra_options(parser)
     plugins.hooks.addoption(parser)
     config = Config.from_parsed(parser.parse(argv, environ))
     plugins.hooks.configure(config, plugins)
-    return Agent(config, plugins)
+    return config, plugins
 
 
 def run_agent(argv: Sequence[str], environ: Mapping[str, str]) -> int:
@@ -131,22 +148,27 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
 
 
-def _print_json(value: Any) -> None:
+def print_json(value: Any) -> None:
     print(json.dumps(to_jsonable(value), indent=2))
 
 
-def _status_args(parser: argparse.ArgumentParser) -> None:
+def status_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="show each section's details")
     _add_output(parser)
 
 
 def _status(args: argparse.Namespace) -> int:
-    body = AgentClient(args.socket_path).get("/status", params={"verbose": str(args.verbose)})
+    return print_status(AgentClient(args.socket_path), args.output, args.verbose)
+
+
+def print_status(client: AgentClient, output: str, verbose: bool) -> int:
+    """``meshagent status`` (and ``meshagent kvstoremesh status``): 0 when healthy."""
+    body = client.get("/status", params={"verbose": str(verbose)})
     report = status_report_from_json(body)
-    if args.output == "json":
-        _print_json(body)
+    if output == "json":
+        print_json(body)
     else:
-        print(render_text(report, args.verbose))
+        print(render_text(report, verbose))
     return 0 if report.healthy else 1
 
 
@@ -181,7 +203,7 @@ def _plugins(args: argparse.Namespace) -> int:
         except AgentNotRunning:
             rows = to_jsonable(PluginManager(None).infos())
     if args.output == "json":
-        _print_json(rows)
+        print_json(rows)
         return 0
     print(f"# {source}")
     table = [("NAME", "STATUS", "ORIGIN", "PROVIDES", "HOOKS")]
@@ -200,7 +222,7 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace) -> int:
     body = AgentClient(args.socket_path).get("/config")
     if args.output == "json":
-        _print_json(body)
+        print_json(body)
         return 0
     table = [("OPTION", "VALUE", "SOURCE")]
     for name, entry in body.items():
@@ -220,7 +242,7 @@ def _print_rows(args: argparse.Namespace, path: str, header: tuple[str, ...], ro
     """GET ``path`` and print it as JSON or as a table of ``row(item)``."""
     items = AgentClient(args.socket_path).get(path)
     if args.output == "json":
-        _print_json(items)
+        print_json(items)
     else:
         print(format_table([header] + [row(item) for item in items]))
     return 0
@@ -281,7 +303,7 @@ def _endpoint(args: argparse.Namespace) -> int:
     else:
         endpoint = client.call("DELETE", f"/endpoints/{args.id}")
     if args.output == "json":
-        _print_json(endpoint)
+        print_json(endpoint)
     else:
         print(format_table([ENDPOINT_HEADER, _endpoint_row(endpoint)]))
     return 0
@@ -347,7 +369,7 @@ def _policy(args: argparse.Namespace) -> int:
     if args.action == "get":
         body = client.get("/policy")
         if args.output == "json":
-            _print_json(body)
+            print_json(body)
         else:
             import yaml
             print(f"# revision {body['revision']}")
@@ -367,7 +389,7 @@ def _policy(args: argparse.Namespace) -> int:
         body["src_ip"] = args.src_ip
     result = client.call("POST", "/policy/trace", json=body)
     if args.output == "json":
-        _print_json(result)
+        print_json(result)
         return 0
     src = result["source"]
     print(f"source:      identity {src['identity']} from cluster {src['cluster']}:"
@@ -480,7 +502,7 @@ def _monitor(args: argparse.Namespace) -> int:
 CORE_COMMANDS = (
     Command("monitor", "stream datapath events (drops) from the running agent", _monitor_args,
             _monitor),
-    Command("status", "show the agent's health, section by section", _status_args, _status),
+    Command("status", "show the agent's health, section by section", status_args, _status),
     Command("plugins", "list plugins: name, status, origin, slots filled, hooks",
             _plugins_args, _plugins),
     Command("config", "show every option's value and where it came from", _config_args, _config),

@@ -3,8 +3,13 @@
 The directory holds one file per remote cluster, named after it (the seed's layout; the
 certificates beside it are ignored because a cluster name has no dot). The directory is
 watched with inotify: a new file connects, a changed one (or a changed CA, certificate or key
-it names) reconnects, a removed one disconnects and withdraws every entry of that cluster. Written against the kvstore slot only: a file may
-say ``kvstore: <backend>`` and defaults to the local cluster's backend.
+it names) reconnects, a removed one disconnects and withdraws every entry of that cluster.
+Written against the kvstore slot only: a file may say ``kvstore: <backend>`` and defaults to the
+local cluster's backend.
+
+What is done with a connected cluster is a :class:`Follower`'s job: the agent's fills its tables
+(:class:`~meshagent.clustermesh.sync.ClusterSync`), KVStoreMesh's copies the cluster into the
+local kvstore's cache. A cluster whose config says ``cached`` is read from that cache.
 """
 
 import asyncio
@@ -12,9 +17,10 @@ import hashlib
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import yaml
@@ -22,19 +28,23 @@ import yaml
 from meshagent import hookimpl
 from meshagent.clustermesh.noderoutes import NodeRoutes
 from meshagent.clustermesh.ownership import AddressOwnership
-from meshagent.clustermesh.sync import ClusterSync
 from meshagent.errors import MeshagentError
 from meshagent.kvstore import KVStore, KVStoreBackend, KVStoreUnavailable
 from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstore.liveness import KVStoreSilent, Liveness
-from meshagent.model.cluster import CLUSTER_NAME_PATTERN, ClusterInfo
-from meshagent.model.jsonfields import field, load_object
+from meshagent.model.cluster import (
+    CLUSTER_NAME_PATTERN,
+    ClusterConfig,
+    ClusterInfo,
+    cluster_config_from_json,
+)
 from meshagent.model.net import family_order
-from meshagent.model.table import Tables
 from meshagent.runtime.controller import Controller, ControllerHandle
 from meshagent.runtime.status import Health, StatusSection
 
 log = logging.getLogger(__name__)
+
+KIND_WORDS = ("nodes", "endpoints", "identities", "services")  # as cilium status says them
 
 BACKOFF_START = 0.5
 # Short, so that a remote is back within seconds of its return however long it was away: one
@@ -51,6 +61,44 @@ class ClusterConfigError(MeshagentError):
 
 class ClusterConfigMissing(ClusterConfigError):
     """No cluster config yet: its agents have not started. Waited for, not a failure."""
+
+
+class Follower(Protocol):
+    """What is done with one connected remote cluster, for as long as it stays connected."""
+
+    cluster_id: int
+    cached: bool  # reads the KVStoreMesh cache of the cluster, not its own state
+    last_event_at: float | None  # when the last change was applied
+    rejected: Counter[str]  # entries refused, per kind
+    last_reject: dict[str, str]  # per kind: the last refused key and why
+    held: dict[str, int]  # per kind: entries waiting for the right to be applied
+
+    @property
+    def synced(self) -> dict[str, bool]:
+        """Per kind (nodes, endpoints, identities, services): caught up with the cluster."""
+
+    def counts(self) -> dict[str, int]:
+        """Per kind: entries of the cluster held."""
+
+    async def run(self, store: KVStore, on_synced: Callable[[], None]) -> None:
+        """Follow the cluster until the store fails; ``on_synced`` once caught up."""
+
+    def switch_source(self, cached: bool) -> None:
+        """Follow the cluster's cache (or its own state) from the next run on."""
+
+    def relist(self) -> None:
+        """List everything again on the next run, keeping what is held until then."""
+
+    def withdraw(self) -> None:
+        """Remove everything of the cluster (it left the mesh)."""
+
+    def readmit(self) -> None:
+        """Granted pod CIDRs changed: check held entries again."""
+
+
+#: Makes the follower of a remote cluster: (name, its config) -> follower, or raises
+#: ClusterConfigError if that config cannot be followed.
+FollowerFactory = Callable[[str, ClusterConfig], Follower]
 
 
 @attrs.frozen
@@ -95,8 +143,9 @@ class RemoteCluster:
         self.name = remote.name
         self.file = remote
         self.store: KVStore | None = None
-        self.sync: ClusterSync | None = None
+        self.sync: Follower | None = None
         self.remote_id: int | None = None  # what its cluster config says
+        self.remote_config: ClusterConfig | None = None
         self.accepted_id: int | None = None  # set once that id passed the conflict checks
         self.config_retrieved = False
         self.ready = False
@@ -149,43 +198,50 @@ class RemoteCluster:
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _connect_and_sync(self) -> None:
-        backend = self.mesh.backend_for(self.file.path)
-        self.store = backend.client_from_file(self.file.path)
+        self.store = self.mesh.open_store(self.file)
         self.known_addresses = self.store.status().addresses
-        self.mesh.ownership.schedule()  # no pod CIDR may cover these servers
+        if self.mesh.ownership is not None:
+            self.mesh.ownership.schedule()  # no pod CIDR may cover these servers
         await self.store.connect()
         self.liveness.answered()
-        cluster_id = await self._read_cluster_config(self.store)
-        if self.sync is None or self.sync.cluster_id != cluster_id:
+        config = await self._read_cluster_config(self.store)
+        if self.mesh.cache_store is not None and not config.cached:
+            raise ClusterConfigError(
+                f"the local kvstore's {kvkeys.cluster_config_key(self.name)} is not a"
+                " KVStoreMesh cache (no 'cached' capability): is meshagent kvstoremesh running?")
+        if self.sync is not None and self.sync.cluster_id == config.id:
+            self.sync.switch_source(config.cached)
+        else:
+            follower = self.mesh.follower(self.name, config)
             if self.sync is not None:
                 self.sync.withdraw()
-            self.sync = ClusterSync(self.name, cluster_id, self.mesh.cluster, self.mesh.tables,
-                                    self.mesh.ownership)
+            self.sync = follower
         # A hung or partitioned server keeps the watches open and silent: the probe notices
         # and its raise ends the sync, so the connection is made again.
         async with asyncio.TaskGroup() as group:
             group.create_task(self.liveness.watch(self.store), name=f"liveness:{self.name}")
             await self.sync.run(self.store, self._synced)
 
-    async def _read_cluster_config(self, store: KVStore) -> int:
+    async def _read_cluster_config(self, store: KVStore) -> ClusterConfig:
         entry = await store.get(kvkeys.cluster_config_key(self.name))
         if entry is None:
             self.config_retrieved = False
             raise ClusterConfigMissing(
                 f"waiting for its cluster config at {kvkeys.cluster_config_key(self.name)}"
-                " (is an agent of that cluster running?)")
+                f" ({self.mesh.config_missing_hint})")
         try:
-            cluster_id = field(load_object(entry.value), "id", int)
+            config = cluster_config_from_json(entry.value)
         except ValueError as exc:
             raise ClusterConfigError(f"malformed cluster config: {exc}") from None
         self.config_retrieved = True
-        self.remote_id = cluster_id
-        problem = self._id_problem(cluster_id)
+        self.remote_id = config.id
+        self.remote_config = config
+        problem = self._id_problem(config.id)
         if problem:
             self.accepted_id = None
             raise ClusterConfigError(problem)
-        self.accepted_id = cluster_id
-        return cluster_id
+        self.accepted_id = config.id
+        return config
 
     def _id_problem(self, cluster_id: int) -> str:
         local = self.mesh.cluster
@@ -248,25 +304,36 @@ class RemoteCluster:
             return f"kvstore {where}: {self.liveness.describe()}"
         return self.last_error or "connecting"
 
+    def counts(self) -> dict[str, int]:
+        return self.sync.counts() if self.sync else dict.fromkeys(KIND_WORDS, 0)
+
+    @property
+    def source(self) -> str:
+        """Where the cluster is read from: ``cache`` (KVStoreMesh's copy) or ``direct``."""
+        return "cache" if self.sync is not None and self.sync.cached else "direct"
+
     def status_lines(self, now: float) -> list[str]:
-        tables = self.mesh.tables
         last = "never" if self.last_failure_at is None else f"{now - self.last_failure_at:.0f}s ago"
-        head = (f"{self.name}: {'ready' if self.ready else 'not ready'},"
-                f" {tables.nodes.count(self.name)} nodes,"
-                f" {tables.ipcache.count(self.name)} endpoints,"
-                f" {tables.identities.count(self.name)} identities,"
-                f" {tables.services.count(self.name)} services,"
-                f" {self.failures} failures (last: {last})")
+        counts = self.counts()
+        head = (f"{self.name}: {'ready' if self.ready else 'not ready'}, "
+                + ", ".join(f"{counts[k]} {k}" for k in KIND_WORDS)
+                + f", {self.failures} failures (last: {last})")
         lines = [head]
         store_status = self.store.status().summary if self.store else (
             f"not connected: {self.last_error}" if self.last_error else "not connected")
         lines.append(f"└  {store_status}")
+        if self.source == "cache":
+            lines.append("└  source: the KVStoreMesh cache (cilium/cache/) in that kvstore")
         cid = self.remote_id if self.remote_id is not None else "unknown"
-        lines.append(f"└  remote configuration: expected=true,"
-                     f" retrieved={str(self.config_retrieved).lower()}, cluster-id={cid}")
+        config = self.remote_config
+        lines.append(
+            f"└  remote configuration: expected=true,"
+            f" retrieved={str(self.config_retrieved).lower()}, cluster-id={cid},"
+            f" kvstoremesh={str(bool(config and config.cached)).lower()},"
+            f" sync-canaries={str(bool(config and config.synced_canaries)).lower()}")
         synced = self.sync.synced if self.sync else {}
         flags = ", ".join(f"{k}={str(synced.get(k, False)).lower()}"
-                          for k in ("nodes", "endpoints", "identities", "services"))
+                          for k in KIND_WORDS)
         lines.append(f"└  synchronization status: {flags}")
         if self.sync and self.sync.last_event_at:
             lines.append(f"└  sync lag: {now - self.sync.last_event_at:.1f}s (age of the last"
@@ -275,7 +342,7 @@ class RemoteCluster:
             counts = ", ".join(f"{n} {k}" for k, n in sorted(self.sync.held.items()))
             lines.append(f"└  held (outside the pod CIDRs granted to {self.name}): {counts}")
         refused = [f"{node}: {cidr}: {why}" for (cluster, node, cidr), why
-                   in sorted(self.mesh.ownership.refused.items(), key=lambda item: (
+                   in sorted(self._refused().items(), key=lambda item: (
                        item[0][1], family_order(item[0][2]))) if cluster == self.name]
         if refused:
             lines.append(f"└  pod CIDRs refused: {len(refused)}")
@@ -291,15 +358,17 @@ class RemoteCluster:
             lines.append(f"└  warning: {self.problem()}")
         return lines
 
+    def _refused(self) -> dict:
+        ownership = self.mesh.ownership
+        return ownership.refused if ownership is not None else {}
+
     def to_json(self, now: float) -> dict[str, Any]:
-        tables = self.mesh.tables
         return {
             "name": self.name, "ready": self.ready, "cluster_id": self.remote_id,
             "config_retrieved": self.config_retrieved, "config_file": str(self.file.path),
-            "nodes": tables.nodes.count(self.name),
-            "endpoints": tables.ipcache.count(self.name),
-            "identities": tables.identities.count(self.name),
-            "services": tables.services.count(self.name),
+            "source": self.source,
+            "kvstoremesh": bool(self.remote_config and self.remote_config.cached),
+            **self.counts(),
             "failures": self.failures, "last_failure_at": self.last_failure_at,
             "last_error": self.last_error,
             "no_answer_seconds": round(self.liveness.silence(), 1),
@@ -311,28 +380,43 @@ class RemoteCluster:
             "last_rejected": dict(self.sync.last_reject) if self.sync else {},
             "held": self.sync.held if self.sync else {},
             "refused_pod_cidrs": {f"{node}/{cidr}": why for (cluster, node, cidr), why
-                                  in self.mesh.ownership.refused.items()
-                                  if cluster == self.name},
+                                  in self._refused().items() if cluster == self.name},
         }
 
 
 class ClusterMesh:
     """Every remote cluster of ``--clustermesh-config``, kept in step with the directory."""
 
-    def __init__(self, *, cluster: ClusterInfo, tables: Tables, ownership: AddressOwnership,
-                 backend_named: Callable[[str | None], KVStoreBackend],
-                 global_services: Callable[[], int], node_routes: NodeRoutes | None,
-                 directory: Path, cache_ttl: float):
+    def __init__(self, *, cluster: ClusterInfo, follower: FollowerFactory,
+                 backend_named: Callable[[str | None], KVStoreBackend], directory: Path,
+                 cache_ttl: float, ownership: AddressOwnership | None = None,
+                 global_services: Callable[[], int] | None = None,
+                 node_routes: NodeRoutes | None = None,
+                 cache_store: Callable[[], KVStore] | None = None,
+                 section: str = "ClusterMesh",
+                 config_missing_hint: str = "is an agent of that cluster running?"):
         self.cluster = cluster
-        self.tables = tables
-        self.ownership = ownership
+        self.follower = follower
+        self.ownership = ownership  # None: nothing is admitted by pod CIDR (KVStoreMesh)
         self._backend_named = backend_named
         self._global_services = global_services
         self.node_routes = node_routes
         self.directory = directory
         self.cache_ttl = cache_ttl
+        # set: every remote is read from the local kvstore's KVStoreMesh cache, through a
+        # client of its own; the files only name the clusters
+        self.cache_store = cache_store
+        self.section = section
+        self.config_missing_hint = config_missing_hint
         self.remotes: dict[str, RemoteCluster] = {}
-        ownership.listeners.append(self._rights_changed)
+        if ownership is not None:
+            ownership.listeners.append(self._rights_changed)
+
+    def open_store(self, remote: RemoteFile) -> KVStore:
+        """A new client for a remote: the one its file describes, or the local cache's."""
+        if self.cache_store is not None:
+            return self.cache_store()
+        return self.backend_for(remote.path).client_from_file(remote.path)
 
     def _rights_changed(self) -> None:
         """Granted pod CIDRs changed: every remote's endpoints are checked against them again."""
@@ -357,6 +441,11 @@ class ClusterMesh:
 
     async def run(self, handle: ControllerHandle) -> None:
         """Controller: connect to what is there, then follow the directory's changes."""
+        await self.follow_directory(handle.ready)
+
+    async def follow_directory(self, on_started: Callable[[], None]) -> None:
+        """Connect to the clusters the directory names (then ``on_started``), and keep in
+        step with its changes, forever."""
         from asyncinotify import Inotify, Mask
 
         mask = (Mask.CREATE | Mask.DELETE | Mask.MODIFY | Mask.CLOSE_WRITE | Mask.MOVED_TO
@@ -365,7 +454,7 @@ class ClusterMesh:
             inotify.add_watch(self.directory, mask)
             watched = {self.directory.resolve()}
             await self.reconcile()
-            handle.ready()
+            on_started()
             events = aiter(inotify)
             while True:
                 # certificates may live in other directories: watch those too
@@ -423,8 +512,12 @@ class ClusterMesh:
         now = time.time()
         remotes = sorted(self.remotes.values(), key=lambda r: r.name)
         ready = sum(1 for r in remotes if r.ready)
-        services = self._global_services()
-        summary = f"{ready}/{len(remotes)} remote clusters ready, {services} global-services"
+        summary = f"{ready}/{len(remotes)} remote clusters ready"
+        if self._global_services is not None:
+            summary += f", {self._global_services()} global-services"
+        cached = sum(1 for r in remotes if r.source == "cache")
+        if cached:
+            summary += f", {cached} through the KVStoreMesh cache"
         not_ready = [r for r in remotes if not r.ready]
         if not_ready:
             summary += "; not ready: " + ", ".join(f"{r.name} ({r.problem()})"
@@ -442,5 +535,5 @@ class ClusterMesh:
             details += [f"   not routed {cidr}: {why}" for cidr, why in sorted(
                 routes.refused.items(), key=lambda item: family_order(item[0]))]
         health = Health.WARNING if not_ready or silent else Health.OK
-        return StatusSection("ClusterMesh", health, summary,
+        return StatusSection(self.section, health, summary,
                              details=details)

@@ -1,9 +1,12 @@
 """Keeping the agent's tables in step with one cluster's kvstore: list, then watch.
 
 A :class:`ClusterSync` runs one :class:`PrefixSync` per kind (nodes, identities, ipcache,
-services) against a cluster's store. Each entry is decoded and checked against the cluster it
-comes from; an entry that does not belong (a foreign cluster name, an identity outside the
-cluster's range, malformed JSON) is rejected and counted, and nothing else is lost. A dropped
+services) against a cluster's store: its ``cilium/state/`` prefixes, or the KVStoreMesh cache
+of it (``cilium/cache/``, see :mod:`meshagent.clustermesh.cache`) when its cluster config says
+``cached``. Each entry is decoded and checked against the cluster it comes from
+(:class:`EntryChecks`, which KVStoreMesh uses too); an entry that does not belong (a foreign
+cluster name, an identity outside the cluster's range, malformed JSON) is rejected and counted,
+and nothing else is lost. A dropped
 connection keeps the entries; the next run resumes from the last revision, or lists again when
 that history is compacted, deleting what did not come back.
 """
@@ -17,6 +20,7 @@ from typing import Any
 
 import attrs
 
+from meshagent.clustermesh.cache import CacheLayout
 from meshagent.clustermesh.ownership import AddressOwnership
 from meshagent.kvstore import KVStore
 from meshagent.kvstore import keys as kvkeys
@@ -45,7 +49,7 @@ class Kind:
     name: str  # nodes, identities, endpoints, services (the words of cilium status)
     prefix: str
     table: str
-    decode: Callable[["ClusterSync", str, bytes], tuple[Any, Any]]  # -> (table key, row)
+    decode: Callable[["EntryChecks", str, bytes], tuple[Any, Any]]  # -> (table key, row)
     max_value: int  # bytes: a larger value is rejected before it is decoded
     # a remote's row that decodes fine may still wait for the right to it: why, or ""
     admit: Callable[["ClusterSync", Any], str] | None = None
@@ -69,14 +73,28 @@ class PrefixSync:
         self.held: dict[str, tuple[Any, Any, str]] = {}  # kvstore key -> (table key, row, why)
         self.rows: dict[str, Any] = {}  # kvstore key -> the row we put there (to re-admit)
         self.synced = False
+        self.cache = CacheLayout(kind.prefix, sync.cluster)
+
+    @property
+    def prefix(self) -> str:
+        return self.cache.prefix if self.sync.cached else self.kind.prefix
 
     async def run(self, store: KVStore, on_synced: Callable[[], None]) -> None:
         def listed() -> None:
             self.synced = True
             on_synced()
-        await follow_prefix(store, self.kind.prefix, self._apply,
+        await follow_prefix(store, self.prefix, self._apply,
                             lambda: list(self.owned) + list(self.held),
                             listed, self.position, self._heard)
+
+    def rekey(self, cached: bool) -> None:
+        """The cluster is read from the other place now (direct <-> cache): the keys of what
+        it holds are renamed, so that the next listing keeps every row it lists again."""
+        rename = self.cache.to_cache if cached else self.cache.to_state
+        self.owned = {rename(key): value for key, value in self.owned.items()}
+        self.held = {rename(key): value for key, value in self.held.items()}
+        self.rows = {rename(key): value for key, value in self.rows.items()}
+        self.relist()
 
     def _heard(self) -> None:
         self.sync.last_event_at = time.time()
@@ -92,19 +110,16 @@ class PrefixSync:
             if table_key is not None:
                 self.table.delete(table_key, self.sync.cluster)
             return
-        try:
-            table_key, row = self.kind.decode(self.sync, check_key(key),
-                                              check_size(value, self.kind.max_value))
-        except ValueError as exc:
-            self.sync.reject(self.kind.name, key, str(exc))
-            return
-        except RecursionError:
-            self.sync.reject(self.kind.name, key, "nested too deeply")
-            return
-        except Exception as exc:  # a decoder bug must not stop the sync either
-            self.sync.reject(self.kind.name, key, f"{type(exc).__name__}: {exc}")
-            return
-        self._admit(key, table_key, row)
+        state_key = key
+        if self.sync.cached:
+            try:
+                state_key = self.cache.to_state(key)
+            except ValueError as exc:
+                self.sync.checks.reject(self.kind.name, key, str(exc))
+                return
+        decoded = self.sync.checks.decode(self.kind, state_key, value)
+        if decoded is not None:
+            self._admit(key, *decoded)
 
     def _admit(self, key: str, table_key: Any, row: Any) -> None:
         """Put the row in the table, or hold it while the cluster has no right to it."""
@@ -145,61 +160,32 @@ class PrefixSync:
         self.relist()
 
 
-class ClusterSync:
-    """All kinds of one cluster, checked against that cluster's name and id."""
+class EntryChecks:
+    """Whether an entry belongs to the cluster it comes from; counts and names what does not.
 
-    def __init__(self, cluster: str, cluster_id: int, local: ClusterInfo, tables: Tables,
-                 ownership: AddressOwnership | None = None):
+    The one judge of remote entries: agents apply what it accepts, KVStoreMesh copies only
+    that into the cache (and the agents reading the cache judge it again)."""
+
+    def __init__(self, cluster: str, cluster_id: int, local: ClusterInfo, remote: bool):
         self.cluster = cluster
         self.cluster_id = cluster_id
         self.local = local
-        self.tables = tables
-        self.ownership = ownership  # None: this cluster's own sync, trusted with addresses
+        self.remote = remote  # False: our own cluster, trusted with ranges of addresses
         self.rejected: Counter[str] = Counter()
         self.last_reject: dict[str, str] = {}
-        self.last_event_at: float | None = None
-        self.prefixes = [PrefixSync(self, kind) for kind in KINDS]
 
-    @property
-    def synced(self) -> dict[str, bool]:
-        return {p.kind.name: p.synced for p in self.prefixes}
-
-    async def run(self, store: KVStore, on_synced: Callable[[], None]) -> None:
-        """Sync every kind until the store fails; ``on_synced`` once all are listed."""
-        def one_synced() -> None:
-            if all(p.synced for p in self.prefixes):
-                on_synced()
+    def decode(self, kind: Kind, key: str, value: bytes) -> tuple[Any, Any] | None:
+        """(table key, row) of a state key and its value, or None once it is rejected.
+        Whatever the value holds, this returns."""
         try:
-            async with asyncio.TaskGroup() as tasks:
-                for prefix in self.prefixes:
-                    tasks.create_task(prefix.run(store, one_synced),
-                                      name=f"sync:{self.cluster}:{prefix.kind.name}")
-        except ExceptionGroup as group:  # all kinds share the store: the first error says it
-            raise group.exceptions[0] from None
-
-    def admission(self, kind: Kind, row: Any) -> str:
-        """Why a remote's row must wait ("" to admit it): only remote rows are checked."""
-        if kind.admit is None or self.ownership is None:
-            return ""
-        return kind.admit(self, row)
-
-    def readmit(self) -> None:
-        for prefix in self.prefixes:
-            prefix.readmit()
-
-    @property
-    def held(self) -> dict[str, int]:
-        return {p.kind.name: len(p.held) for p in self.prefixes if p.held}
-
-    def relist(self) -> None:
-        """List every kind again on the next run (a new connection); rows stay until then."""
-        for prefix in self.prefixes:
-            prefix.relist()
-
-    def withdraw(self) -> None:
-        """Remove every row this cluster contributed (its clustermesh file went away)."""
-        for prefix in self.prefixes:
-            prefix.withdraw()
+            return kind.decode(self, check_key(key), check_size(value, kind.max_value))
+        except ValueError as exc:
+            self.reject(kind.name, key, str(exc))
+        except RecursionError:
+            self.reject(kind.name, key, "nested too deeply")
+        except Exception as exc:  # a decoder bug must not stop the sync either
+            self.reject(kind.name, key, f"{type(exc).__name__}: {exc}")
+        return None
 
     def reject(self, kind: str, key: str, reason: str) -> None:
         self.rejected[kind] += 1
@@ -208,8 +194,6 @@ class ClusterSync:
             log.warning("cluster %s: rejected %s entry %s (further %s rejections are counted,"
                         " not logged)", self.cluster, kind, shown, kind)
         self.last_reject[kind] = shown
-
-    # -- checks ---------------------------------------------------------------------------------
 
     def check_cluster(self, what: str, name: str) -> None:
         if name != self.cluster:
@@ -226,30 +210,126 @@ class ClusterSync:
                            f" {allowed.start}..{allowed.stop - 1}")
 
 
-def _node(sync: ClusterSync, key: str, value: bytes):
+class ClusterSync:
+    """All kinds of one cluster, checked against that cluster's name and id."""
+
+    def __init__(self, cluster: str, cluster_id: int, local: ClusterInfo, tables: Tables,
+                 ownership: AddressOwnership | None = None, cached: bool = False):
+        self.cluster = cluster
+        self.cluster_id = cluster_id
+        self.local = local
+        self.tables = tables
+        self.ownership = ownership  # None: this cluster's own sync, trusted with addresses
+        self.cached = cached  # read from the local kvstore's KVStoreMesh cache of it
+        self.checks = EntryChecks(cluster, cluster_id, local, remote=ownership is not None)
+        self.canaries: set[str] = set()  # the cache's sync canaries seen (cached only)
+        self.last_event_at: float | None = None
+        self.prefixes = [PrefixSync(self, kind) for kind in KINDS]
+
+    @property
+    def rejected(self) -> Counter[str]:
+        return self.checks.rejected
+
+    @property
+    def last_reject(self) -> dict[str, str]:
+        return self.checks.last_reject
+
+    @property
+    def synced(self) -> dict[str, bool]:
+        """Per kind: listed, and, read from a cache, the cache said it holds a full copy."""
+        return {p.kind.name: p.synced and (not self.cached or p.cache.canary in self.canaries)
+                for p in self.prefixes}
+
+    async def run(self, store: KVStore, on_synced: Callable[[], None]) -> None:
+        """Sync every kind until the store fails; ``on_synced`` once all are listed (and, from
+        a cache, once KVStoreMesh's canaries say its copy is complete: an agent must not act
+        on half a cluster)."""
+        def one_synced() -> None:
+            if all(self.synced.values()):
+                on_synced()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for prefix in self.prefixes:
+                    tasks.create_task(prefix.run(store, one_synced),
+                                      name=f"sync:{self.cluster}:{prefix.kind.name}")
+                if self.cached:
+                    tasks.create_task(self._follow_canaries(store, one_synced),
+                                      name=f"sync:{self.cluster}:canaries")
+        except ExceptionGroup as group:  # all kinds share the store: the first error says it
+            raise group.exceptions[0] from None
+
+    async def _follow_canaries(self, store: KVStore, one_synced: Callable[[], None]) -> None:
+        wanted = {p.cache.canary for p in self.prefixes}
+
+        def seen(key: str, value: bytes | None) -> None:
+            if value is not None and key in wanted:
+                self.canaries.add(key)  # never unseen: a canary only says a copy was made
+                one_synced()
+        await follow_prefix(store, kvkeys.synced_key(self.cluster, ""), seen,
+                            lambda: (), lambda: None)
+
+    def switch_source(self, cached: bool) -> None:
+        """Read the cluster from the cache (or directly) from the next run on, keeping its
+        rows until the new place has listed them."""
+        if cached != self.cached:
+            for prefix in self.prefixes:
+                prefix.rekey(cached)
+            self.cached = cached
+            self.canaries.clear()
+
+    def admission(self, kind: Kind, row: Any) -> str:
+        """Why a remote's row must wait ("" to admit it): only remote rows are checked."""
+        if kind.admit is None or self.ownership is None:
+            return ""
+        return kind.admit(self, row)
+
+    def readmit(self) -> None:
+        for prefix in self.prefixes:
+            prefix.readmit()
+
+    def counts(self) -> dict[str, int]:
+        """Per kind: the cluster's rows in the agent's tables."""
+        return {p.kind.name: p.table.count(self.cluster) for p in self.prefixes}
+
+    @property
+    def held(self) -> dict[str, int]:
+        return {p.kind.name: len(p.held) for p in self.prefixes if p.held}
+
+    def relist(self) -> None:
+        """List every kind again on the next run (a new connection); rows stay until then."""
+        for prefix in self.prefixes:
+            prefix.relist()
+
+    def withdraw(self) -> None:
+        """Remove every row this cluster contributed (its clustermesh file went away)."""
+        for prefix in self.prefixes:
+            prefix.withdraw()
+
+
+def _node(checks: EntryChecks, key: str, value: bytes):
     cluster, name = kvkeys.split_key(key, kvkeys.NODES, 2)
-    sync.check_cluster("node key", cluster)
+    checks.check_cluster("node key", cluster)
     node = node_from_json(value)
-    sync.check_cluster("node", node.cluster)
+    checks.check_cluster("node", node.cluster)
     if node.name != name:
         raise Rejected(f"node named {node.name!r} under key of {name!r}")
-    if node.cluster_id not in (0, sync.cluster_id):
-        raise Rejected(f"node has cluster id {node.cluster_id}, not {sync.cluster_id}")
-    return (cluster, name), attrs.evolve(node, cluster_id=sync.cluster_id)
+    if node.cluster_id not in (0, checks.cluster_id):
+        raise Rejected(f"node has cluster id {node.cluster_id}, not {checks.cluster_id}")
+    return (cluster, name), attrs.evolve(node, cluster_id=checks.cluster_id)
 
 
-def _identity(sync: ClusterSync, key: str, value: bytes):
-    number = _identity_key(sync, key)
-    sync.check_identity(number)
+def _identity(checks: EntryChecks, key: str, value: bytes):
+    number = _identity_key(checks, key)
+    checks.check_identity(number)
     try:
         labels = parse_labels(value.decode())
     except UnicodeDecodeError:
         raise ValueError("labels are not UTF-8") from None
-    check_endpoint_labels(labels, sync.cluster)
-    return number, Identity(number, labels, sync.cluster)
+    check_endpoint_labels(labels, checks.cluster)
+    return number, Identity(number, labels, checks.cluster)
 
 
-def _identity_key(sync: ClusterSync, key: str) -> int:
+def _identity_key(checks: EntryChecks, key: str) -> int:
     """The number a key ends in, written the one way Cilium writes it (no sign, no leading
     zero, ASCII digits)."""
     (text,) = kvkeys.split_key(key, kvkeys.IDENTITIES, 1)
@@ -258,16 +338,16 @@ def _identity_key(sync: ClusterSync, key: str) -> int:
     return int(text)
 
 
-def _ipcache(sync: ClusterSync, key: str, value: bytes):
+def _ipcache(checks: EntryChecks, key: str, value: bytes):
     cluster, ip = _ipcache_key_parts(key)
-    sync.check_cluster("ipcache key", cluster)
-    entry = ipcache_from_json(value, sync.cluster)
+    checks.check_cluster("ipcache key", cluster)
+    entry = ipcache_from_json(value, checks.cluster)
     if entry.key_ip != ip and str(entry.prefix.network_address) != ip:
         raise Rejected(f"entry for {entry.prefix} under key of {ip}")
-    if sync.ownership is not None and entry.prefix.prefixlen != entry.prefix.max_prefixlen:
+    if checks.remote and entry.prefix.prefixlen != entry.prefix.max_prefixlen:
         raise Rejected(f"{entry.prefix} is not a single address: a remote cluster publishes its"
                        " endpoints, never ranges")
-    sync.check_identity(entry.identity)
+    checks.check_identity(entry.identity)
     return entry.prefix, entry
 
 
@@ -290,16 +370,16 @@ def _ipcache_key_parts(key: str) -> tuple[str, str]:
     return cluster, ip
 
 
-def _service(sync: ClusterSync, key: str, value: bytes):
+def _service(checks: EntryChecks, key: str, value: bytes):
     cluster, namespace, name = kvkeys.split_key(key, kvkeys.SERVICES, 3)
-    sync.check_cluster("service key", cluster)
+    checks.check_cluster("service key", cluster)
     service = service_from_json(value)
-    sync.check_cluster("service", service.cluster)
+    checks.check_cluster("service", service.cluster)
     if (service.namespace, service.name) != (namespace, name):
         raise Rejected(f"service {service.namespace}/{service.name} under key of"
                        f" {namespace}/{name}")
-    if service.cluster_id not in (0, sync.cluster_id):
-        raise Rejected(f"service has cluster id {service.cluster_id}, not {sync.cluster_id}")
+    if service.cluster_id not in (0, checks.cluster_id):
+        raise Rejected(f"service has cluster id {service.cluster_id}, not {checks.cluster_id}")
     return (cluster, namespace, name), service
 
 

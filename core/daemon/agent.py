@@ -42,6 +42,7 @@ from meshagent.identity import CollectsGarbage
 from meshagent.identity import allocator as identityalloc
 from meshagent.kvstore.local import LocalStore
 from meshagent.kvstore.publisher import Publisher
+from meshagent.model.cluster import ClusterConfig
 from meshagent.model.ipcache import IPCache
 from meshagent.model.node import Node
 from meshagent.model.table import Table, Tables
@@ -177,11 +178,17 @@ class Agent:
         self.plugins.register(self.services, name="core.services")
         cleanup.push_async_callback(self.publisher.close)  # revoke the lease before closing
         if mesh_dir := config.get("clustermesh-config"):
+            read_cache = config.get("clustermesh-read-cache")
             self.clustermesh = ClusterMesh(
-                cluster=self.cluster, tables=self.tables, ownership=self.ownership,
+                cluster=self.cluster, follower=self._follow_remote,
                 backend_named=self.kvstore_backend_named,
-                global_services=self.services.global_count, node_routes=self.node_routes,
-                directory=Path(mesh_dir), cache_ttl=config.get("clustermesh-cache-ttl"))
+                directory=Path(mesh_dir), cache_ttl=config.get("clustermesh-cache-ttl"),
+                ownership=self.ownership, global_services=self.services.global_count,
+                node_routes=self.node_routes,
+                cache_store=(lambda: self.kvstore_backend.local_client(config))
+                if read_cache else None,
+                config_missing_hint="is meshagent kvstoremesh running?" if read_cache
+                else "is an agent of that cluster running?")
             self.plugins.register(self.clustermesh, name="core.clustermesh")
             cleanup.push_async_callback(self.clustermesh.close)
         self.identity_allocator = build(IDENTITY_ALLOCATOR)
@@ -213,6 +220,11 @@ class Agent:
             remotes_ready=lambda: mesh is None or all(r.ready for r in mesh.remotes.values()),
             sync_timeout=self.config.get("datapath-sync-timeout"),
             started=self.datapath_started, synced=self.datapath_synced), name="core.datapath")
+
+    def _follow_remote(self, name: str, config: ClusterConfig) -> ClusterSync:
+        """A remote cluster's entries go to the tables, admitted by pod CIDR."""
+        return ClusterSync(name, config.id, self.cluster, self.tables, self.ownership,
+                           cached=config.cached)
 
     def _node_ip(self, version: int):
         """This node's address of that family (``--node-ip``), or None."""

@@ -8,14 +8,13 @@ is up, so peers know the cluster's id and that its listing is complete.
 
 import asyncio
 import ipaddress
-import json
 import logging
 import time
 
 from meshagent import hookimpl
 from meshagent.kvstore import KVStore, KVStoreError, Lease, LeaseExpired
 from meshagent.kvstore import keys as kvkeys
-from meshagent.model.cluster import ClusterInfo
+from meshagent.model.cluster import ClusterConfig, ClusterInfo
 from meshagent.model.ipcache import IPCacheEntry, ipcache_to_json
 from meshagent.model.node import Node, node_to_json
 from meshagent.runtime.controller import Controller, ControllerHandle
@@ -96,10 +95,9 @@ class Publisher:
         await self._ensure_lease(store)
         self.wanted[self._node_key()] = node_to_json(self.node)
         await self._reconcile(store)
-        await store.put(kvkeys.cluster_config_key(self.cluster.name), json.dumps(
-            {"id": self.cluster.id, "capabilities": {
-                "syncedCanaries": True,
-                "maxConnectedClusters": self.cluster.max_connected_clusters}}).encode())
+        await store.put(kvkeys.cluster_config_key(self.cluster.name), ClusterConfig(
+            self.cluster.id, synced_canaries=True,
+            max_connected_clusters=self.cluster.max_connected_clusters).to_json())
         for prefix in (kvkeys.NODES, kvkeys.IPCACHE, kvkeys.SERVICES):
             await store.put(kvkeys.synced_key(self.cluster.name, prefix),
                             str(int(time.time())).encode())

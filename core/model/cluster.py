@@ -3,11 +3,13 @@
 The rules are Cilium's, so a name or id accepted here is accepted by a Cilium mesh too.
 """
 
+import json
 import re
 
 import attrs
 
 from meshagent.errors import UsageError
+from meshagent.model.jsonfields import field, load_object
 
 CLUSTER_NAME_MAX_LENGTH = 32
 CLUSTER_NAME_PATTERN = re.compile(r"^([a-z0-9][-a-z0-9]*)?[a-z0-9]$")
@@ -86,3 +88,38 @@ class ClusterInfo:
     def cluster_of_identity(self, identity: int) -> int:
         """The cluster id encoded in a numeric identity."""
         return identity >> identity_shift(self.max_connected_clusters)
+
+
+@attrs.frozen
+class ClusterConfig:
+    """What a cluster says about itself at ``cilium/cluster-config/<name>`` (Cilium's
+    ``CiliumClusterConfig``). ``cached``: written by KVStoreMesh, the cluster's state is read
+    from the cache prefixes of the kvstore holding this config, not from ``cilium/state/``."""
+
+    id: int
+    synced_canaries: bool = False
+    cached: bool = False
+    max_connected_clusters: int = 0
+
+    def to_json(self) -> bytes:
+        """Cilium's JSON, fields left out when they are zero or false (``omitempty``)."""
+        capabilities = {name: value for name, value in (
+            ("syncedCanaries", self.synced_canaries), ("cached", self.cached),
+            ("maxConnectedClusters", self.max_connected_clusters)) if value}
+        body: dict = {"id": self.id}
+        if capabilities:
+            body["capabilities"] = capabilities
+        return json.dumps(body).encode()
+
+
+def cluster_config_from_json(data: bytes) -> ClusterConfig:
+    """Raises ValueError naming the field that is wrong."""
+    body = load_object(data)
+    capabilities = field(body, "capabilities", dict, required=False, default={})
+    return ClusterConfig(
+        id=field(body, "id", int),
+        synced_canaries=field(capabilities, "syncedCanaries", bool, required=False,
+                              default=False),
+        cached=field(capabilities, "cached", bool, required=False, default=False),
+        max_connected_clusters=field(capabilities, "maxConnectedClusters", int, required=False,
+                                     default=0))

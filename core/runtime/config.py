@@ -82,6 +82,11 @@ def add_core_options(parser: Parser) -> None:
     parser.addoption("clustermesh-cache-ttl", type=float, default=0.0,
                      help="drop a remote cluster's entries after it was unreachable this many"
                           " seconds (0: keep them until it is back)")
+    parser.addoption("clustermesh-read-cache", type=parse_bool, default=False,
+                     help="read every remote cluster from the KVStoreMesh cache in the local"
+                          " kvstore, never from its own (the files in --clustermesh-config"
+                          " then only name the clusters); a file pointing at a kvstore whose"
+                          " cluster config says 'cached' is read that way without it")
     parser.addoption("state-dir", type=Path, default=DEFAULT_RUN_DIR / "state",
                      help="where the agent keeps state across restarts")
     parser.addoption("socket-path", type=Path, default=DEFAULT_SOCKET,

@@ -1,0 +1,226 @@
+"""Copying one remote cluster into the local kvstore's cache (KVStoreMesh's follower).
+
+Each kind is listed and watched on the remote cluster; every entry is judged by the same
+:class:`~meshagent.clustermesh.sync.EntryChecks` an agent uses, and only what it accepts is
+written, unchanged, under the cache prefix (:mod:`meshagent.clustermesh.cache`). Writes are
+queued per key and flushed in batches: a burst of changes to one key is written once, and a
+100,000-entry listing is not 100,000 round trips in a row. A kind's sync canary is written once
+everything its listing produced is in the local kvstore, so an agent reading the cache never
+acts on half a cluster.
+
+A restarted writer loads what the cache holds first: the listing then deletes what went while
+it was away and rewrites nothing that did not change.
+"""
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from meshagent.clustermesh.cache import CacheLayout
+from meshagent.clustermesh.mesh import ClusterConfigError
+from meshagent.clustermesh.sync import KINDS, EntryChecks, Kind
+from meshagent.kvstore import KVStore
+from meshagent.kvstore import keys as kvkeys
+from meshagent.kvstore.follow import Position, follow_prefix
+from meshagent.model.cluster import ClusterConfig, ClusterInfo
+
+log = logging.getLogger(__name__)
+
+BATCH = 256  # writes in flight at once: enough to fill etcd's batches, few enough to be fair
+WITHDRAW_RETRY = 1.0
+
+
+class PrefixReflector:
+    """One kind of one remote cluster, copied into the local cache: list, then watch."""
+
+    def __init__(self, checks: EntryChecks, kind: Kind, local: KVStore):
+        self.checks, self.kind, self.local = checks, kind, local
+        self.cache = CacheLayout(kind.prefix, checks.cluster)
+        self.position = Position()
+        self.copied: dict[str, bytes] = {}  # state key -> value in (or on its way to) the cache
+        self.pending: dict[str, bytes | None] = {}  # cache key -> value to write (None: delete)
+        self.written = asyncio.Event()  # set whenever ``pending`` is empty and nothing in flight
+        self.written.set()
+        self._queued = asyncio.Event()
+        self.synced = False
+        self.writes = 0
+        self.last_event_at: float | None = None
+
+    async def load(self) -> None:
+        """What the cache already holds, as if this writer had copied it."""
+        listing = await self.local.list_prefix(self.cache.prefix)
+        for item in listing.items:
+            try:
+                self.copied[self.cache.to_state(item.key)] = item.value
+            except ValueError:
+                self._queue(item.key, None)  # not a key this kind has: not ours to keep
+
+    async def run(self, remote: KVStore, on_synced: Callable[[], None]) -> None:
+        """Copy until the remote (or the local) store fails."""
+        listed = asyncio.Event()
+
+        async def canary() -> None:
+            while True:
+                await listed.wait()
+                listed.clear()
+                await self.written.wait()  # all the listing produced is in the cache
+                await self.local.put(self.cache.canary, time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime()).encode())  # RFC 3339, as Cilium's
+                self.synced = True
+                on_synced()
+
+        async with asyncio.TaskGroup() as tasks:
+            helpers = [tasks.create_task(self._write(), name=f"cache-write:{self.kind.name}"),
+                       tasks.create_task(canary(), name=f"cache-canary:{self.kind.name}")]
+            try:
+                await follow_prefix(remote, self.kind.prefix, self._apply,
+                                    lambda: list(self.copied), listed.set, self.position)
+            finally:
+                for helper in helpers:
+                    helper.cancel()
+
+    def _apply(self, key: str, value: bytes | None) -> None:
+        self.last_event_at = time.time()
+        if value is None:
+            if self.copied.pop(key, None) is not None:
+                self._queue(self.cache.to_cache(key), None)
+            return
+        if self.checks.decode(self.kind, key, value) is None:
+            return  # rejected and counted; what the cache had for the key stays
+        if self.copied.get(key) != value:
+            self.copied[key] = value
+            self._queue(self.cache.to_cache(key), value)
+
+    def _queue(self, cache_key: str, value: bytes | None) -> None:
+        self.pending.pop(cache_key, None)  # a key changed again goes to the back of the line
+        self.pending[cache_key] = value
+        self.written.clear()
+        self._queued.set()
+
+    async def _write(self) -> None:
+        while True:
+            await self._queued.wait()
+            self._queued.clear()
+            while self.pending:
+                batch = [(key, self.pending.pop(key))
+                         for key in list(itertools.islice(self.pending, BATCH))]  # oldest first
+                try:
+                    await asyncio.gather(*(self._write_one(k, v) for k, v in batch))
+                except BaseException:
+                    for key, value in batch:  # to be written by the next run
+                        self.pending.setdefault(key, value)
+                    raise
+                self.writes += len(batch)
+            self.written.set()
+
+    async def _write_one(self, cache_key: str, value: bytes | None) -> None:
+        if value is None:
+            await self.local.delete(cache_key)
+        else:
+            await self.local.put(cache_key, value)
+
+    def relist(self) -> None:
+        self.position.revision = None
+
+
+class CacheWriter:
+    """KVStoreMesh's follower of one remote cluster: every kind, into the local cache, and
+    the cluster's config with the ``cached`` capability (what makes agents read the cache)."""
+
+    cached = False  # it reads the remote's own state, never a cache
+
+    def __init__(self, cluster: str, config: ClusterConfig, local_cluster: ClusterInfo,
+                 local: KVStore):
+        if config.cached:
+            raise ClusterConfigError("its cluster config says it is a KVStoreMesh cache:"
+                                     " KVStoreMesh reads clusters from their own kvstore")
+        self.cluster = cluster
+        self.cluster_id = config.id
+        self.config = ClusterConfig(config.id, synced_canaries=True, cached=True,
+                                    max_connected_clusters=config.max_connected_clusters
+                                    or local_cluster.max_connected_clusters)
+        self.local = local
+        self.checks = EntryChecks(cluster, config.id, local_cluster, remote=True)
+        self.reflectors = [PrefixReflector(self.checks, kind, local) for kind in KINDS]
+        self.held: dict[str, int] = {}  # nothing waits: pod CIDRs are the agents' to check
+        self._loaded = False
+        self._withdrawal: asyncio.Task | None = None
+
+    @property
+    def rejected(self) -> Counter[str]:
+        return self.checks.rejected
+
+    @property
+    def last_reject(self) -> dict[str, str]:
+        return self.checks.last_reject
+
+    @property
+    def synced(self) -> dict[str, bool]:
+        return {r.kind.name: r.synced for r in self.reflectors}
+
+    @property
+    def last_event_at(self) -> float | None:
+        return max((r.last_event_at for r in self.reflectors if r.last_event_at), default=None)
+
+    def counts(self) -> dict[str, int]:
+        return {r.kind.name: len(r.copied) for r in self.reflectors}
+
+    async def run(self, remote: KVStore, on_synced: Callable[[], None]) -> None:
+        if not self._loaded:
+            for reflector in self.reflectors:
+                await reflector.load()
+            self._loaded = True
+        key = kvkeys.cluster_config_key(self.cluster)
+        current = await self.local.get(key)
+        if current is None or current.value != self.config.to_json():
+            await self.local.put(key, self.config.to_json())
+
+        def one_synced() -> None:
+            if all(r.synced for r in self.reflectors):
+                on_synced()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for reflector in self.reflectors:
+                    tasks.create_task(reflector.run(remote, one_synced),
+                                      name=f"cache:{self.cluster}:{reflector.kind.name}")
+        except ExceptionGroup as group:
+            raise group.exceptions[0] from None
+
+    def switch_source(self, cached: bool) -> None:
+        if cached:
+            raise ClusterConfigError("its cluster config now says it is a KVStoreMesh cache:"
+                                     " KVStoreMesh reads clusters from their own kvstore")
+
+    def relist(self) -> None:
+        for reflector in self.reflectors:
+            reflector.relist()
+
+    def readmit(self) -> None:
+        """Nothing is held back by pod CIDR here."""
+
+    def withdraw(self) -> None:
+        """The cluster left the mesh: its config goes first (agents stop reading it), then
+        its cache and canaries. Retried in the background until the local kvstore takes it."""
+        if self._withdrawal is None or self._withdrawal.done():
+            self._withdrawal = asyncio.get_running_loop().create_task(
+                self._withdraw(), name=f"cache-withdraw:{self.cluster}")
+
+    async def _withdraw(self) -> None:
+        while True:
+            try:
+                await self.local.delete(kvkeys.cluster_config_key(self.cluster))
+                for reflector in self.reflectors:
+                    await self.local.delete_prefix(reflector.cache.base)
+                    await self.local.delete(reflector.cache.canary)
+                    reflector.copied.clear()
+                    reflector.pending.clear()
+                    reflector.synced = False
+                log.info("kvstoremesh: removed the cache of cluster %s", self.cluster)
+                return
+            except Exception as exc:
+                log.warning("kvstoremesh: cannot remove the cache of cluster %s yet: %s",
+                            self.cluster, exc)
+                await asyncio.sleep(WITHDRAW_RETRY)

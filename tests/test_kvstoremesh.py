@@ -1,0 +1,256 @@
+"""KVStoreMesh against real etcd servers: the cache process, agents reading through it, the
+cache's key layout and canaries, replicas, restarts and a cluster leaving the mesh.
+
+cluster1's KVStoreMesh copies cluster2 into etcd1; cluster1's agent reads cluster2 from etcd1.
+"""
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import MESHAGENT, clean_env, run_cli
+from test_clustermesh import C2_BASE, Mesh
+
+from meshagent.kvstore import keys as kvkeys
+from meshagent.kvstoremesh.command import build
+from meshagent.model.identity import format_labels
+from meshagent.model.ipcache import IPCacheEntry, ipcache_to_json
+from meshagent.testing import eventually
+
+LABELS = frozenset({"k8s:app=employee", "k8s:io.kubernetes.pod.namespace=istio-space",
+                    "k8s:io.cilium.k8s.policy.cluster=cluster2"})
+EMPLOYEE = C2_BASE + 300
+
+
+class KVMesh(Mesh):
+    """The two clusters, plus cluster1's KVStoreMesh (in-process or as a process)."""
+
+    def __init__(self, tmp, agent_factory):
+        super().__init__(tmp, agent_factory)
+        self.kv_dir = tmp / "kvmesh"
+        self.kv_dir.mkdir()
+        self.etcd[2].client_config(self.kv_dir / "cluster2")  # what KVStoreMesh dials
+        self.meshes, self.procs = [], []
+
+    def args(self, n: int = 0) -> list[str]:
+        return ["--plugins", "etcd", "--cluster-name", "cluster1", "--cluster-id", "101",
+                "--etcd-config", str(self.own_config[1]),
+                "--clustermesh-config", str(self.kv_dir),
+                "--kvstoremesh-socket-path", str(self.tmp / f"kvmesh{n}.sock")]
+
+    async def kvstoremesh(self, n: int = 0, *extra: str):
+        """An in-process replica, running until the test ends."""
+        mesh = build(self.args(n) + list(extra), {})
+        task = asyncio.create_task(mesh.run(), name=f"kvstoremesh{n}")
+        self.meshes.append((mesh, task))
+        return mesh, task
+
+    def process(self, n: int = 0) -> subprocess.Popen:
+        log = open(self.tmp / f"kvmesh{n}.log", "a")
+        proc = subprocess.Popen([MESHAGENT, "kvstoremesh", *self.args(n)], stdout=log,
+                                stderr=subprocess.STDOUT, env=clean_env())
+        self.procs.append(proc)
+        return proc
+
+    def via_cache(self) -> None:
+        """cluster1's agent reads cluster2 from its own etcd, as Cilium's agents do with
+        KVStoreMesh: the file for cluster2 points at etcd1."""
+        self.etcd[1].client_config(self.mesh_dir[1] / "cluster2")
+
+    async def cleanup(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for mesh, task in self.meshes:
+            mesh.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 10)
+        await super().cleanup()
+
+
+@pytest.fixture
+async def kvmesh(short_tmp, agent_factory):
+    m = KVMesh(short_tmp, agent_factory)
+    yield m
+    await m.cleanup()
+
+
+async def publish_employee(mesh: KVMesh, ip: str = "10.2.0.7", identity: int = EMPLOYEE):
+    writer = await mesh.writer(2)
+    await writer.put(kvkeys.identity_key(identity), format_labels(LABELS).encode())
+    await writer.put(kvkeys.ipcache_key("cluster2", ip), ipcache_to_json(IPCacheEntry(
+        ipaddress.ip_network(f"{ip}/32"), identity, "cluster2")))
+    return writer
+
+
+def remote(running, name="cluster2"):
+    return running.agent.clustermesh.remotes[name]
+
+
+async def test_an_agent_reads_a_remote_through_the_cache_and_never_dials_it(kvmesh):
+    await kvmesh.start(2)
+    writer = await publish_employee(kvmesh)
+    await kvmesh.kvstoremesh()
+    kvmesh.via_cache()
+    a1 = await kvmesh.start(1)
+    await eventually(lambda: remote(a1).ready, 10, "cluster2 ready through the cache")
+    r = remote(a1)
+    assert r.source == "cache"
+    assert kvmesh.etcd[1].url in r.store.status().summary  # the local etcd, never etcd2
+    assert kvmesh.etcd[2].url not in r.store.status().summary
+    assert a1.agent.tables.identities.get(EMPLOYEE).labels == LABELS
+    assert a1.agent.tables.ipcache.count("cluster2") == 1
+
+    # Cilium's layout, values unchanged, canaries and the cached cluster config
+    local = await kvmesh.writer(1)
+    cached = await local.get(f"cilium/cache/identities/v1/cluster2/id/{EMPLOYEE}")
+    assert cached.value == format_labels(LABELS).encode()
+    assert await local.get("cilium/cache/ip/v1/cluster2/10.2.0.7") is not None
+    assert await local.get("cilium/cache/nodes/v1/cluster2/node1") is not None
+    for kind in ("nodes", "identities", "ip", "services"):
+        assert await local.get(f"cilium/synced/cluster2/cilium/cache/{kind}/v1") is not None
+    config = json.loads((await local.get(kvkeys.cluster_config_key("cluster2"))).value)
+    assert config == {"id": 102, "capabilities": {"syncedCanaries": True, "cached": True,
+                                                  "maxConnectedClusters": 255}}
+
+    status = await a1.client.request("GET", "/status", params={"verbose": "true"})
+    section = next(s for s in status["sections"] if s["name"] == "ClusterMesh")
+    assert section["summary"].startswith("1/1 remote clusters ready")
+    assert "1 through the KVStoreMesh cache" in section["summary"]
+    details = "\n".join(section["details"])
+    assert "kvstoremesh=true, sync-canaries=true" in details
+    assert "└  source: the KVStoreMesh cache" in details
+
+    # changes flow through; a deletion is withdrawn
+    await writer.delete(kvkeys.ipcache_key("cluster2", "10.2.0.7"))
+    await eventually(lambda: a1.agent.tables.ipcache.count("cluster2") == 0, 5, "withdrawn")
+    await writer.close()
+    await local.close()
+
+
+async def test_kvstoremesh_status_and_what_it_refuses(kvmesh):
+    await kvmesh.start(2)
+    writer = await publish_employee(kvmesh)
+    outside = 103 << 16 | 300  # cluster3's range: an agent refuses it, so does the cache
+    await writer.put(kvkeys.identity_key(outside), format_labels(LABELS).encode())
+    proc = kvmesh.process()
+    sock = str(kvmesh.tmp / "kvmesh0.sock")
+
+    def ready() -> bool:
+        result = run_cli("kvstoremesh", "status", "--socket-path", sock)
+        return result.returncode == 0 and "1/1 remote clusters ready" in result.stdout
+    await eventually(lambda: ready(), 15, "kvstoremesh ready")
+    result = run_cli("kvstoremesh", "status", "--verbose", "--socket-path", sock)
+    assert "KVStoreMesh:" in result.stdout and "Leader:" in result.stdout, result.stdout
+    assert "cluster2: ready, 1 nodes, 1 endpoints, 1 identities, 0 services" in result.stdout
+    assert "rejected: 1 identities" in result.stdout
+    local = await kvmesh.writer(1)
+    assert await local.get(f"cilium/cache/identities/v1/cluster2/id/{outside}") is None
+    remotes = json.loads(run_cli("kvstoremesh", "remotes", "--socket-path", sock).stdout)
+    assert remotes["leader"] is True and remotes["remotes"][0]["name"] == "cluster2"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    # a clean stop leaves the cache for the agents
+    assert await local.get(f"cilium/cache/identities/v1/cluster2/id/{EMPLOYEE}") is not None
+    await writer.close()
+    await local.close()
+
+
+async def test_a_killed_cache_process_loses_nothing_and_catches_up(kvmesh):
+    await kvmesh.start(2)
+    writer = await publish_employee(kvmesh)
+    proc = kvmesh.process()
+    kvmesh.via_cache()
+    a1 = await kvmesh.start(1, wait_ready=False)
+    await eventually(lambda: remote(a1).ready, 15, "cluster2 ready through the cache")
+    lost = []
+    stop = asyncio.Event()
+
+    async def watch():  # the identity must never leave the agent's tables
+        while not stop.is_set():
+            if a1.agent.tables.identities.get(EMPLOYEE) is None:
+                lost.append(time.monotonic())
+            await asyncio.sleep(0.01)
+    watcher = asyncio.create_task(watch())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # while it is down: one entry goes, one comes
+    await writer.delete(kvkeys.ipcache_key("cluster2", "10.2.0.7"))
+    await writer.put(kvkeys.identity_key(EMPLOYEE + 1), format_labels(LABELS).encode())
+    await asyncio.sleep(1)
+    assert a1.agent.tables.ipcache.count("cluster2") == 1  # the cache stays as it was
+    kvmesh.process()
+    await eventually(lambda: a1.agent.tables.identities.get(EMPLOYEE + 1) is not None, 15,
+                     "the new identity, after the restart")
+    await eventually(lambda: a1.agent.tables.ipcache.count("cluster2") == 0, 5,
+                     "the entry deleted while it was down")
+    stop.set()
+    await watcher
+    assert not lost
+    assert remote(a1).ready
+    await writer.close()
+
+
+async def test_the_agent_option_reads_the_cache_and_waits_for_kvstoremesh(kvmesh):
+    await kvmesh.start(2)
+    writer = await publish_employee(kvmesh)
+    kvmesh.connect(1, 2)  # the file names etcd2; the option makes the agent ignore that
+    a1 = await kvmesh.start(1, "--clustermesh-read-cache", "true", wait_ready=False)
+    await eventually(lambda: "is meshagent kvstoremesh running?" in remote(a1).problem(), 10,
+                     "waiting for KVStoreMesh")
+    await kvmesh.kvstoremesh()
+    await eventually(lambda: remote(a1).ready, 15, "ready through the cache")
+    assert kvmesh.etcd[1].url in remote(a1).store.status().summary
+    assert a1.agent.tables.identities.get(EMPLOYEE) is not None
+    await writer.close()
+
+
+async def test_a_cluster_leaving_the_kvstoremesh_config_is_withdrawn(kvmesh):
+    await kvmesh.start(2)
+    writer = await publish_employee(kvmesh)
+    await kvmesh.kvstoremesh()
+    kvmesh.via_cache()
+    a1 = await kvmesh.start(1, wait_ready=False)
+    await eventually(lambda: remote(a1).ready, 15, "ready through the cache")
+    (kvmesh.kv_dir / "cluster2").unlink()
+    await eventually(lambda: a1.agent.tables.identities.get(EMPLOYEE) is None
+                     and a1.agent.tables.ipcache.count("cluster2") == 0, 15, "withdrawn")
+    local = await kvmesh.writer(1)
+    assert (await local.list_prefix("cilium/cache/")).items == []
+    assert await local.get(kvkeys.cluster_config_key("cluster2")) is None
+    await writer.close()
+    await local.close()
+
+
+async def test_replicas_elect_one_writer_and_a_standby_takes_over(kvmesh):
+    await kvmesh.start(2)
+    writer = await publish_employee(kvmesh)
+    first, _ = await kvmesh.kvstoremesh(0, "--kvstoremesh-leader-ttl", "2")
+    second, _ = await kvmesh.kvstoremesh(1, "--kvstoremesh-leader-ttl", "2")
+    await eventually(lambda: first.leader or second.leader, 10, "a leader")
+    await asyncio.sleep(1)
+    assert first.leader != second.leader  # exactly one
+    leader, standby = (first, second) if first.leader else (second, first)
+    assert standby.mesh.remotes == {}  # a standby holds no connection to the remote
+    assert "standby; leader: " in standby.status(False).sections[-1].summary or any(
+        "standby" in s.summary for s in standby.status(False).sections)
+    leader.stop()
+    await eventually(lambda: standby.leader, 10, "the standby takes over")
+    await writer.put(kvkeys.identity_key(EMPLOYEE + 2), format_labels(LABELS).encode())
+    local = await kvmesh.writer(1)
+
+    async def copied():
+        return await local.get(f"cilium/cache/identities/v1/cluster2/id/{EMPLOYEE + 2}")
+    for _ in range(100):
+        if await copied() is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert await copied() is not None
+    await writer.close()
+    await local.close()
