@@ -86,7 +86,7 @@ def bpffs(short_tmp):
 
 @contextlib.contextmanager
 def lab_up(tmp_path_factory, name: str, nodes: int, agent_args: Sequence[str] = (),
-           dual_stack: bool = False, datapath: str = "ebpf"):
+           dual_stack: bool = False, datapath: str = "ebpf", kvstoremesh: bool = False):
     """The two-cluster lab with ``nodes`` nodes per cluster, torn down afterwards (also when
     setting it up failed)."""
     from meshagent_dev.lab import Lab
@@ -94,7 +94,7 @@ def lab_up(tmp_path_factory, name: str, nodes: int, agent_args: Sequence[str] = 
     lab = Lab(Path("/tmp") / f"ma-{name}-{directory.name}")
     try:
         lab.bring_up(nodes=nodes, agent_args=agent_args, dual_stack=dual_stack,
-                     datapath=datapath)
+                     datapath=datapath, kvstoremesh=kvstoremesh)
         yield lab
     finally:
         lab.tear_down(quiet=True)
@@ -155,6 +155,15 @@ def redis_traffic(lab, tmp_path: Path, *pods: str):
     for pod, out in outs.items():
         ok, failed = map(int, out.read_text().split())
         counts[pod] = (ok, failed)
+
+
+def wait_until(predicate, timeout: float, what: str) -> float:
+    """Poll ``predicate`` (from a synchronous test) until it holds; the seconds it took."""
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return time.monotonic() - started
 
 
 def redis_ping(lab, pod: str, family: int = 4) -> str:

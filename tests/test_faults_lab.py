@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import lab_up, redis_traffic, run_cli, seed_scene
+from conftest import lab_up, redis_traffic, run_cli, seed_scene, wait_until
 
 from meshagent.client import AgentClient
 from meshagent.errors import MeshagentError
@@ -62,14 +62,6 @@ def wait_section(lab: Lab, name: str, health: str, timeout: float,
             found = None  # the agent is restarting
         assert time.monotonic() - started < timeout, f"{node} {name} not {health}: {found}"
         time.sleep(0.1)
-
-
-def wait_for(predicate, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return time.monotonic() - started
 
 
 @contextlib.contextmanager
@@ -167,7 +159,7 @@ def test_2_partition_is_reported_and_heals_in_seconds_however_long_it_was(lab, t
         with partitioned(lab, "etcd2", NODE1_IP):
             found, took = wait_section(lab, "ClusterMesh", "Warning", NOTICE_WITHIN)
             assert ETCD2 in found["summary"], found
-            wait_for(lambda: "not ready" in section(lab, "ClusterMesh")["summary"],
+            wait_until(lambda: "not ready" in section(lab, "ClusterMesh")["summary"],
                      NOTICE_WITHIN, "the silent remote given up")
             time.sleep(8)  # long enough for a reconnect backoff to have grown
         _, took = wait_section(lab, "ClusterMesh", "Ok", HEAL_WITHIN)
@@ -181,13 +173,13 @@ def test_2_partition_is_reported_and_heals_in_seconds_however_long_it_was(lab, t
 def test_3_a_pod_deleted_while_its_etcd_is_hung_is_gone_everywhere_soon_after(lab, tmp_path):
     pod = lab.pod_create("leaver", "cluster2-node1", "istio-space", "app=leaver")
     key = f"cilium/state/ip/v1/cluster2/{pod['ip']}"
-    wait_for(lambda: pod["ip"] in ip_list(lab, "cluster1-node1"), 10, "leaver known in cluster1")
+    wait_until(lambda: pod["ip"] in ip_list(lab, "cluster1-node1"), 10, "leaver known in cluster1")
     with stopped(lab, "etcd2"):
         result = run_cli("endpoint", "delete", str(pod["endpoint"]), "--socket-path",
                          sock(lab, "cluster2-node1"))
         assert result.returncode == 0, result.stderr
         time.sleep(6)  # the delete cannot reach etcd
-    took = wait_for(lambda: pod["ip"] not in ip_list(lab, "cluster1-node1"), HEAL_WITHIN,
+    took = wait_until(lambda: pod["ip"] not in ip_list(lab, "cluster1-node1"), HEAL_WITHIN,
                     "the deleted pod gone from cluster1")
     print(f"\ndelete made during the outage reached cluster1 {took:.1f}s after etcd answered")
     assert etcd_keys(lab, "cluster2", key) == []
@@ -205,7 +197,7 @@ def test_4_local_etcd_down_is_reported_and_heals_at_once(lab, tmp_path):
             time.sleep(8)
         _, took = wait_section(lab, "KVStore", "Ok", HEAL_WITHIN)
         wait_section(lab, "Controllers", "Ok", HEAL_WITHIN)
-        took = wait_for(lambda: late["ip"] in ip_list(lab, "cluster2-node1"), HEAL_WITHIN,
+        took = wait_until(lambda: late["ip"] in ip_list(lab, "cluster2-node1"), HEAL_WITHIN,
                         "the pod made during the outage known in cluster2")
         print(f"pod made during the outage reached cluster2 {took:.1f}s after etcd came back")
         wait_section(lab, "ClusterMesh", "Ok", HEAL_WITHIN, node="cluster2-node1")
@@ -222,15 +214,15 @@ def test_5_agent_killed_and_restarted_keeps_enforcing_and_leaks_nothing(lab, tmp
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)  # the lab (this process) started it
             lab.start_agent("cluster1-node1")
-            wait_for(lambda: _ready(lab), 30, "the restarted agent ready")
+            wait_until(lambda: _ready(lab), 30, "the restarted agent ready")
             new_lines = log.read_text(errors="replace")[log_start:]
             assert " failed (" not in new_lines, new_lines  # no controller had to retry
     wait_section(lab, "Controllers", "Ok", HEAL_WITHIN)
     result = run_cli("endpoint", "delete", str(temp["endpoint"]), "--socket-path", sock(lab))
     assert result.returncode == 0, result.stderr
-    wait_for(lambda: not [k for k in etcd_keys(lab, "cluster1", "cilium/state/identities/v1/value/")
+    wait_until(lambda: not [k for k in etcd_keys(lab, "cluster1", "cilium/state/identities/v1/value/")
                           if "app=temp" in k], HEAL_WITHIN, "temp's identity reference gone")
-    wait_for(lambda: etcd_keys(lab, "cluster1", f"cilium/state/ip/v1/cluster1/{temp['ip']}") == [],
+    wait_until(lambda: etcd_keys(lab, "cluster1", f"cilium/state/ip/v1/cluster1/{temp['ip']}") == [],
              HEAL_WITHIN, "temp's IP entry gone")
 
 

@@ -95,10 +95,14 @@ class Lab:
     # -- up -------------------------------------------------------------------------------------
 
     def bring_up(self, nodes: int, agent_args: Sequence[str] = (),
-                 dual_stack: bool = False, datapath: str = "ebpf") -> None:
+                 dual_stack: bool = False, datapath: str = "ebpf",
+                 kvstoremesh: bool = False) -> None:
         """Both clusters with ``nodes`` nodes each; ``agent_args`` go to every agent (more
         plugins, another policy resolver). ``dual_stack``: nodes and pods get IPv6 addresses
-        too (underlay fd00:99::/64, pod CIDRs fd00:<cluster>:<node>::/64)."""
+        too (underlay fd00:99::/64, pod CIDRs fd00:<cluster>:<node>::/64). ``kvstoremesh``:
+        each cluster runs ``meshagent kvstoremesh`` (in a namespace of its own), which alone
+        dials the other cluster's etcd; the agents' clustermesh files point at their own etcd,
+        where it caches the other cluster."""
         if self.up:
             print(f"lab already up in {self.dir} ({self.state['nodes_per_cluster']} node(s) per"
                   " cluster); 'meshagent lab down' first to rebuild")
@@ -110,7 +114,8 @@ class Lab:
         from meshagent_dev.etcd import EtcdServer
         self.state = {"prefix": "mal" + secrets.token_hex(2), "nodes_per_cluster": nodes,
                       "clusters": {}, "nodes": {}, "pods": {}, "agent_args": list(agent_args),
-                      "dual_stack": dual_stack, "datapath": datapath}
+                      "dual_stack": dual_stack, "datapath": datapath,
+                      "kvstoremesh": kvstoremesh}
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.save()
         try:
@@ -135,10 +140,21 @@ class Lab:
                 base = self.dir / cluster
                 mesh = base / "clustermesh"
                 mesh.mkdir(parents=True, exist_ok=True)
+                (base / "kvstoremesh").mkdir(exist_ok=True)
                 for other, other_server in etcd.items():
-                    if other != cluster:  # the seed's layout: cluster2, cluster2-etcd-client*.
+                    if other == cluster:
+                        continue
+                    if kvstoremesh:  # KVStoreMesh dials the other etcd; agents read ours
+                        other_server.client_config(base / "kvstoremesh" / other)
+                        server.client_config(mesh / other)
+                    else:  # the seed's layout: cluster2, cluster2-etcd-client*.
                         other_server.client_config(mesh / other)
                 server.client_config(base / "etcd.yaml", key="trusted-ca-file")
+            if kvstoremesh:
+                for cluster, cluster_id in CLUSTERS.items():
+                    n = cluster_id - 100
+                    self._attach(self._ns(f"kvm{n}"), f"10.99.{n}.240")
+                    self.start_kvstoremesh(cluster)
             for cluster, cluster_id in CLUSTERS.items():
                 for i in range(1, nodes + 1):
                     self._start_node(cluster, cluster_id, i)
@@ -189,6 +205,28 @@ class Lab:
                 "--auto-direct-node-routes", *own,
                 "--socket-path", node["socket"], "--state-dir", node["state_dir"],
                 *self.state.get("agent_args", ())]
+
+    def kvstoremesh_socket(self, cluster: str) -> str:
+        return str(self.dir / "run" / f"kvstoremesh-{cluster}.sock")
+
+    def start_kvstoremesh(self, cluster: str) -> None:
+        """``meshagent kvstoremesh`` of ``cluster``, in its own namespace."""
+        base = self.dir / cluster
+        (self.dir / "run").mkdir(exist_ok=True)
+        n = CLUSTERS[cluster] - 100
+        ns = f"{self.state['prefix']}-kvm{n}"
+        self._spawn(ns, f"kvstoremesh-{cluster}", [
+            str(Path(sys.executable).with_name("meshagent")), "kvstoremesh", "--plugins", "etcd",
+            f"--cluster-id={CLUSTERS[cluster]}", f"--cluster-name={cluster}",
+            f"--clustermesh-config={base / 'kvstoremesh'}",
+            "--etcd-config", str(base / "etcd.yaml"),
+            "--kvstoremesh-socket-path", self.kvstoremesh_socket(cluster)])
+
+    def stop_kvstoremesh(self, cluster: str, sig: int = signal.SIGTERM) -> None:
+        pid = self.state["pids"].pop(f"kvstoremesh-{cluster}", None)
+        self.save()
+        if pid:
+            _kill(pid, sig, wait=10)
 
     def start_agent(self, name: str) -> None:
         self._spawn(self.state["nodes"][name]["ns"], f"agent-{name}", self.agent_command(name))
@@ -286,6 +324,11 @@ class Lab:
         lines = [f"lab: {'up' if self.up else 'incomplete'} in {self.dir}"]
         for cluster, info in self.state.get("clusters", {}).items():
             lines.append(f"  {cluster} (id {info['id']}), etcd {info['etcd']}")
+            if self.state.get("kvstoremesh"):
+                pid = self.state.get("pids", {}).get(f"kvstoremesh-{cluster}")
+                alive = pid is not None and _alive(pid)
+                lines.append(f"    kvstoremesh {'running' if alive else 'NOT running'},"
+                             f" socket {self.kvstoremesh_socket(cluster)}")
         for name, node in self.state.get("nodes", {}).items():
             pid = self.state.get("pids", {}).get(f"agent-{name}")
             alive = pid is not None and _alive(pid)
@@ -347,6 +390,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="IPv6 too: nodes and pods get an address of each family")
     up.add_argument("--datapath", choices=DATAPATHS, default="ebpf",
                     help="the agents' datapath plugin (docs/nftables.md)")
+    up.add_argument("--kvstoremesh", action="store_true",
+                    help="run KVStoreMesh per cluster; agents read the other cluster from"
+                         " their own etcd (docs/kvstoremesh.md)")
     sub.add_parser("down", help="stop everything and remove the namespaces")
     sub.add_parser("status", help="what is running")
     pod = sub.add_parser("pod", help="create a pod on a node")
@@ -386,7 +432,8 @@ def run(args: argparse.Namespace) -> int:
     command = _exec_options(args) if args.action == "exec" else []
     lab = Lab(args.dir)
     if args.action == "up":
-        lab.bring_up(args.nodes, dual_stack=args.dual_stack, datapath=args.datapath)
+        lab.bring_up(args.nodes, dual_stack=args.dual_stack, datapath=args.datapath,
+                     kvstoremesh=args.kvstoremesh)
         print(lab.describe())
     elif args.action == "down":
         lab.tear_down()
