@@ -5,6 +5,8 @@ meshed by the seed's clustermesh directory layout), runs redis in protected-db, 
 redis-cli ping from the three clients over IPv4 and IPv6 before and after importing the seed's
 l4-policy.yaml unchanged, shows the stranger's dropped SYN, status and node list — and exits
 non-zero if any verdict differs from the seed's. Tears the lab down at the end (also on failure).
+``--kvstoremesh``: each cluster runs KVStoreMesh, and the demo shows the agents hold no
+connection to the other cluster's etcd.
 """
 
 import subprocess
@@ -54,11 +56,27 @@ def check(lab: Lab, db_ip: str, expected: dict[str, str]) -> bool:
     return ok
 
 
+def show_connections(lab: Lab) -> bool:
+    """The TCP connections of cluster1's agent: to its own etcd, none to cluster2's."""
+    step("cluster1-node1's TCP connections (ss -tn): its own etcd only, never cluster2's")
+    ns = lab.state["nodes"]["cluster1-node1"]["ns"]
+    out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Htn", "state", "established"],
+                         capture_output=True, text=True).stdout
+    print(out, end="")
+    peers = {line.split()[-1].replace("[::ffff:", "").replace("]", "")
+             for line in out.splitlines()}
+    own, other = (lab.state["clusters"][c]["etcd"].split("//")[1] for c in ("cluster1", "cluster2"))
+    return own in peers and other not in peers
+
+
 def main(argv: list[str]) -> int:
     import argparse
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datapath", choices=DATAPATHS, default="ebpf",
                         help="the agents' datapath plugin")
+    parser.add_argument("--kvstoremesh", action="store_true",
+                        help="each cluster runs KVStoreMesh; agents read the other cluster from"
+                             " their own etcd")
     args = parser.parse_args(argv)
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="meshagent-demo-", dir="/tmp"))
@@ -66,14 +84,20 @@ def main(argv: list[str]) -> int:
     ok = True
     try:
         step("build the lab: cluster1 (id 101) and cluster2 (id 102), dual stack, each with its"
-             f" own etcd (TLS); the {args.datapath} datapath")
-        lab.bring_up(nodes=1, dual_stack=True, datapath=args.datapath)
+             f" own etcd (TLS); the {args.datapath} datapath"
+             + ("; KVStoreMesh in each cluster" if args.kvstoremesh else ""))
+        lab.bring_up(nodes=1, dual_stack=True, datapath=args.datapath,
+                     kvstoremesh=args.kvstoremesh)
         print(lab.describe())
-        mesh = workdir / "lab" / "cluster1" / "clustermesh"
-        step("cluster1's clustermesh directory, laid out as the seed's")
+        mesh = workdir / "lab" / "cluster1" / (
+            "kvstoremesh" if args.kvstoremesh else "clustermesh")
+        step(f"cluster1's {'KVStoreMesh' if args.kvstoremesh else 'clustermesh'} directory,"
+             " laid out as the seed's")
         print("\n".join(sorted(p.name for p in mesh.iterdir())))
         print((mesh / "cluster2").read_text(), end="")
         s1 = lab.state["nodes"]["cluster1-node1"]["socket"]
+        if args.kvstoremesh:
+            ok &= show_connections(lab)
         print(f"agents run as: {' '.join(lab.agent_command('cluster1-node1')[:6])} ...")
 
         step("create the pods (the seed's protected-db, employee ×2, stranger)")
@@ -114,6 +138,11 @@ def main(argv: list[str]) -> int:
         step("meshagent status (cluster1)")
         status = show("status", "--socket-path", s1, names=names)
         ok &= "1/1 remote clusters ready" in status
+        if args.kvstoremesh:
+            step("meshagent kvstoremesh status (cluster1)")
+            socket = lab.kvstoremesh_socket("cluster1")
+            show("kvstoremesh", "status", "--socket-path", socket,
+                 names={socket: "<cluster1-kvstoremesh>"})
         step("meshagent node list (cluster1)")
         show("node", "list", "--socket-path", s1, names=names)
         step("why the stranger is refused: meshagent policy trace")

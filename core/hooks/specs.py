@@ -42,13 +42,14 @@ def meshagent_addoption(parser):
 def meshagent_register_kvstore(registry):
     """Offer kvstore backends (the required ``kvstore`` slot).
 
-    Fires once at agent start, after :func:`meshagent_configure`, and when ``meshagent
-    plugins`` inspects what each plugin offers.
+    Fires once at agent start, after :func:`meshagent_configure`, when ``meshagent
+    plugins`` inspects what each plugin offers, and at ``meshagent kvstoremesh`` start.
 
     :param registry: :class:`meshagent.hooks.slots.Registry`; call
         ``registry.register("etcd", factory)`` where ``factory(agent)`` (an
         :class:`meshagent.hooks.view.AgentView`) returns a
-        :class:`meshagent.kvstore.KVStoreBackend`.
+        :class:`meshagent.kvstore.KVStoreBackend`. ``meshagent kvstoremesh`` is no agent: it
+        calls ``factory(None)``, so a backend must not need the agent to be built.
     :returns: nothing.
     :raises: the registry raises :class:`~meshagent.errors.PluginError` on a name another
         plugin registered already; start-up stops with both plugins named.
