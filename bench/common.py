@@ -50,34 +50,37 @@ async def populate(store, items: list[tuple[str, str]], concurrency: int = 256) 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-def remote_cluster_items(ipcache: int, identities: int, nodes: int, services: int):
-    """cluster2's keys: node i owns 10.<200 + i // 256>.<i % 256>.0/24, and its pods (ipcache
-    entries, 100 a node at most) sit there, as a remote cluster's must."""
-    items = [(kvkeys.cluster_config_key("cluster2"), '{"id": 102}')]
+def remote_cluster_items(ipcache: int, identities: int, nodes: int, services: int,
+                         cluster: str = "cluster2", cluster_id: int = 102, net: int = 200):
+    """A cluster's keys (cluster2's unless told): node i owns 10.<net + i // 256>.<i % 256>.0/24,
+    and its pods (ipcache entries, 100 a node at most) sit there, as a remote cluster's must."""
+    items = [(kvkeys.cluster_config_key(cluster), json.dumps({"id": cluster_id}))]
     nodes = max(nodes, -(-ipcache // 100))
+    base = cluster_id << 16
 
     def pod_net(i: int) -> str:
-        return f"10.{200 + i // 256}.{i % 256}"
+        return f"10.{net + i // 256}.{i % 256}"
     for i in range(nodes):
-        items.append((kvkeys.node_key("cluster2", f"node{i}"), json.dumps(
-            {"Name": f"node{i}", "Cluster": "cluster2", "ClusterID": 102,
-             "IPAddresses": [{"Type": "InternalIP", "IP": f"10.98.{i // 250}.{i % 250 + 1}"}],
+        items.append((kvkeys.node_key(cluster, f"node{i}"), json.dumps(
+            {"Name": f"node{i}", "Cluster": cluster, "ClusterID": cluster_id,
+             "IPAddresses": [{"Type": "InternalIP",
+                              "IP": f"10.{net - 102}.{i // 250}.{i % 250 + 1}"}],
              "IPv4AllocCIDR": {"IP": f"{pod_net(i)}.0", "Mask": "////AA=="}},
             separators=(",", ":"))))
     for i in range(identities):
         labels = frozenset({f"k8s:app=app{i}", "k8s:io.kubernetes.pod.namespace=default",
-                            "k8s:io.cilium.k8s.policy.cluster=cluster2"})
-        items.append((kvkeys.identity_key(C2 + 256 + i), format_labels(labels)))
+                            f"k8s:io.cilium.k8s.policy.cluster={cluster}"})
+        items.append((kvkeys.identity_key(base + 256 + i), format_labels(labels)))
     for i in range(ipcache):
         ip = f"{pod_net(i // 100)}.{i % 100 + 1}"
-        items.append((kvkeys.ipcache_key("cluster2", ip), json.dumps(
-            {"IP": ip, "ID": C2 + 256 + (i % max(identities, 1)), "HostIP": "10.98.0.1"},
-            separators=(",", ":"))))
+        items.append((kvkeys.ipcache_key(cluster, ip), json.dumps(
+            {"IP": ip, "ID": base + 256 + (i % max(identities, 1)),
+             "HostIP": f"10.{net - 102}.0.1"}, separators=(",", ":"))))
     for i in range(services):
-        items.append((kvkeys.service_key("cluster2", "default", f"svc{i}"), json.dumps(
-            {"cluster": "cluster2", "namespace": "default", "name": f"svc{i}",
+        items.append((kvkeys.service_key(cluster, "default", f"svc{i}"), json.dumps(
+            {"cluster": cluster, "namespace": "default", "name": f"svc{i}",
              "frontends": {"10.97.0.1": {"p": {"Protocol": "TCP", "Port": 1000 + i}}},
-             "backends": {}, "includeExternal": True, "shared": True, "clusterID": 102},
+             "backends": {}, "includeExternal": True, "shared": True, "clusterID": cluster_id},
             separators=(",", ":"))))
     return items
 

@@ -105,7 +105,8 @@ async def test_an_agent_reads_a_remote_through_the_cache_and_never_dials_it(kvme
     assert kvmesh.etcd[1].url in r.store.status().summary  # the local etcd, never etcd2
     assert kvmesh.etcd[2].url not in r.store.status().summary
     assert a1.agent.tables.identities.get(EMPLOYEE).labels == LABELS
-    assert a1.agent.tables.ipcache.count("cluster2") == 1
+    # the endpoint waits for the grant of its node's pod CIDR, as from a direct remote
+    await eventually(lambda: a1.agent.tables.ipcache.count("cluster2") == 1, 5, "endpoint")
 
     # Cilium's layout, values unchanged, canaries and the cached cluster config
     local = await kvmesh.writer(1)
@@ -224,6 +225,17 @@ async def test_a_cluster_leaving_the_kvstoremesh_config_is_withdrawn(kvmesh):
     local = await kvmesh.writer(1)
     assert (await local.list_prefix("cilium/cache/")).items == []
     assert await local.get(kvkeys.cluster_config_key("cluster2")) is None
+    # back, and at once gone and back again: the new copy outlives the old one's withdrawal
+    kvmesh.etcd[2].client_config(kvmesh.kv_dir / "cluster2")
+    await asyncio.sleep(0.3)
+    (kvmesh.kv_dir / "cluster2").unlink()
+    await asyncio.sleep(0.3)
+    kvmesh.etcd[2].client_config(kvmesh.kv_dir / "cluster2")
+    await eventually(lambda: a1.agent.tables.identities.get(EMPLOYEE) is not None
+                     and remote(a1).ready, 15, "cached again")
+    await asyncio.sleep(1)
+    assert a1.agent.tables.identities.get(EMPLOYEE) is not None
+    assert await local.get(kvkeys.cluster_config_key("cluster2")) is not None
     await writer.close()
     await local.close()
 

@@ -292,7 +292,7 @@ class RemoteCluster:
 
     async def _close_store(self) -> None:
         store, self.store = self.store, None
-        if store is not None:
+        if store is not None and self.mesh.cache_store is None:  # never the shared one
             await store.close()
 
     # -- status ---------------------------------------------------------------------------------
@@ -392,7 +392,7 @@ class ClusterMesh:
                  cache_ttl: float, ownership: AddressOwnership | None = None,
                  global_services: Callable[[], int] | None = None,
                  node_routes: NodeRoutes | None = None,
-                 cache_store: Callable[[], KVStore] | None = None,
+                 cache_store: KVStore | None = None,
                  section: str = "ClusterMesh",
                  config_missing_hint: str = "is an agent of that cluster running?"):
         self.cluster = cluster
@@ -403,8 +403,9 @@ class ClusterMesh:
         self.node_routes = node_routes
         self.directory = directory
         self.cache_ttl = cache_ttl
-        # set: every remote is read from the local kvstore's KVStoreMesh cache, through a
-        # client of its own; the files only name the clusters
+        # set: every remote is read from the local kvstore's KVStoreMesh cache, through this
+        # client (the agent's own: no connection beyond the one every agent holds, and never
+        # closed here); the files only name the clusters
         self.cache_store = cache_store
         self.section = section
         self.config_missing_hint = config_missing_hint
@@ -415,7 +416,7 @@ class ClusterMesh:
     def open_store(self, remote: RemoteFile) -> KVStore:
         """A new client for a remote: the one its file describes, or the local cache's."""
         if self.cache_store is not None:
-            return self.cache_store()
+            return self.cache_store
         return self.backend_for(remote.path).client_from_file(remote.path)
 
     def _rights_changed(self) -> None:

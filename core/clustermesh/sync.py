@@ -253,20 +253,29 @@ class ClusterSync:
                     tasks.create_task(prefix.run(store, one_synced),
                                       name=f"sync:{self.cluster}:{prefix.kind.name}")
                 if self.cached:
-                    tasks.create_task(self._follow_canaries(store, one_synced),
+                    tasks.create_task(self._await_canaries(store, one_synced),
                                       name=f"sync:{self.cluster}:canaries")
         except ExceptionGroup as group:  # all kinds share the store: the first error says it
             raise group.exceptions[0] from None
 
-    async def _follow_canaries(self, store: KVStore, one_synced: Callable[[], None]) -> None:
+    async def _await_canaries(self, store: KVStore, one_synced: Callable[[], None]) -> None:
+        """Until the cache's canaries of every kind exist (once seen, a canary stays seen: it
+        only says a full copy was made once), then no watch is kept open for them."""
         wanted = {p.cache.canary for p in self.prefixes}
-
-        def seen(key: str, value: bytes | None) -> None:
-            if value is not None and key in wanted:
-                self.canaries.add(key)  # never unseen: a canary only says a copy was made
+        prefix = kvkeys.synced_key(self.cluster, "")
+        if wanted <= self.canaries:
+            return
+        listing = await store.list_prefix(prefix)
+        self.canaries |= wanted & {item.key for item in listing.items}
+        one_synced()
+        if wanted <= self.canaries:
+            return
+        async for event in store.watch(prefix, after_revision=listing.revision):
+            if event.value is not None and event.key in wanted:
+                self.canaries.add(event.key)
                 one_synced()
-        await follow_prefix(store, kvkeys.synced_key(self.cluster, ""), seen,
-                            lambda: (), lambda: None)
+                if wanted <= self.canaries:
+                    return
 
     def switch_source(self, cached: bool) -> None:
         """Read the cluster from the cache (or directly) from the next run on, keeping its

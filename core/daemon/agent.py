@@ -185,8 +185,7 @@ class Agent:
                 directory=Path(mesh_dir), cache_ttl=config.get("clustermesh-cache-ttl"),
                 ownership=self.ownership, global_services=self.services.global_count,
                 node_routes=self.node_routes,
-                cache_store=(lambda: self.kvstore_backend.local_client(config))
-                if read_cache else None,
+                cache_store=self.kvstore if read_cache else None,
                 config_missing_hint="is meshagent kvstoremesh running?" if read_cache
                 else "is an agent of that cluster running?")
             self.plugins.register(self.clustermesh, name="core.clustermesh")

@@ -61,6 +61,7 @@ class KVStoreMesh:
             cluster=self.cluster, follower=self._follow, backend_named=backend_named,
             directory=Path(config.get("clustermesh-config")), cache_ttl=0.0,
             section="KVStoreMesh")
+        self._writers: dict[str, CacheWriter] = {}  # the last writer made for each cluster
         self.leader = False
         self.leader_seen = ""  # who leads, as the key says
         self.started_at = time.time()
@@ -70,7 +71,9 @@ class KVStoreMesh:
         self._stop = asyncio.Event()
 
     def _follow(self, name: str, config: ClusterConfig) -> CacheWriter:
-        return CacheWriter(name, config, self.cluster, self.local)
+        writer = CacheWriter(name, config, self.cluster, self.local, self._writers.get(name))
+        self._writers[name] = writer
+        return writer
 
     def stop(self) -> None:
         self._stop.set()

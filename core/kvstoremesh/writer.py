@@ -133,7 +133,7 @@ class CacheWriter:
     cached = False  # it reads the remote's own state, never a cache
 
     def __init__(self, cluster: str, config: ClusterConfig, local_cluster: ClusterInfo,
-                 local: KVStore):
+                 local: KVStore, previous: "CacheWriter | None" = None):
         if config.cached:
             raise ClusterConfigError("its cluster config says it is a KVStoreMesh cache:"
                                      " KVStoreMesh reads clusters from their own kvstore")
@@ -148,6 +148,9 @@ class CacheWriter:
         self.held: dict[str, int] = {}  # nothing waits: pod CIDRs are the agents' to check
         self._loaded = False
         self._withdrawal: asyncio.Task | None = None
+        # the cluster's writer before this one (a new id, or a file removed and added back):
+        # its withdrawal must be over before this one writes, or it would delete the new copy
+        self._previous = previous
 
     @property
     def rejected(self) -> Counter[str]:
@@ -169,6 +172,9 @@ class CacheWriter:
         return {r.kind.name: len(r.copied) for r in self.reflectors}
 
     async def run(self, remote: KVStore, on_synced: Callable[[], None]) -> None:
+        if self._previous is not None:
+            await self._previous.withdrawn()
+            self._previous = None
         if not self._loaded:
             for reflector in self.reflectors:
                 await reflector.load()
@@ -207,6 +213,11 @@ class CacheWriter:
         if self._withdrawal is None or self._withdrawal.done():
             self._withdrawal = asyncio.get_running_loop().create_task(
                 self._withdraw(), name=f"cache-withdraw:{self.cluster}")
+
+    async def withdrawn(self) -> None:
+        """Returns once a withdrawal begun, if any, is over."""
+        if self._withdrawal is not None:
+            await asyncio.shield(self._withdrawal)
 
     async def _withdraw(self) -> None:
         while True:

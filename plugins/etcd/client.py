@@ -55,6 +55,10 @@ CHANNEL_OPTIONS = {
     # reconnect attempts are ours (failover, backoff); keep gRPC's short
     "grpc.initial_reconnect_backoff_ms": 200,
     "grpc.max_reconnect_backoff_ms": 2_000,
+    # one client, one connection: gRPC would otherwise share a connection between every
+    # client of one process dialing the same server, and closing or failing over one client
+    # would reach into the others
+    "grpc.use_local_subchannel_pool": 1,
 }
 _CONNECTION_ERRORS = (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError,
                       asyncio.TimeoutError)
