@@ -203,3 +203,18 @@ def test_random_keys_and_values_never_stop_the_sync(items):
     apply(sync, *good)
     assert tables.identities.get(C2 + 999) is not None
     assert set(sync.rejected) <= {"nodes", "identities", "endpoints", "services"}
+
+
+def test_a_cilium_clusters_ipcache_under_the_default_address_space_is_that_clusters():
+    """Cilium writes cilium/state/ip/v1/default/<ip>: read from cluster2, it is cluster2's and
+    is judged as cluster2's (its range, its pod CIDRs), never more."""
+    ownership = owner_setup()
+    sync, tables = new_sync(ownership)
+    ownership.node_changed(ChangeKind.UPSERT, node("n1", "cluster2", "10.99.2.1", "10.2.1.0/24"))
+    ownership.recompute()
+    pod = IPCacheEntry(net("10.2.1.5/32"), C2 + 300, "cluster2")
+    apply(sync, kvkeys.IPCACHE + "default/10.2.1.5", ipcache_to_json(pod))
+    apply(sync, kvkeys.IPCACHE + "default/10.2.1.6", ipcache_to_json(
+        IPCacheEntry(net("10.2.1.6/32"), (103 << 16) + 300, "cluster2")))  # cluster3's range
+    assert tables.ipcache.values() == [pod]
+    assert "outside cluster2's range" in sync.last_reject["endpoints"]

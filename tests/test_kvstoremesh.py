@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import time
+import urllib.request
 
 import pytest
 from conftest import MESHAGENT, clean_env, run_cli
@@ -21,6 +22,7 @@ from meshagent.kvstoremesh.command import build
 from meshagent.model.identity import format_labels
 from meshagent.model.ipcache import IPCacheEntry, ipcache_to_json
 from meshagent.testing import eventually
+from meshagent_dev.etcd import free_port
 
 LABELS = frozenset({"k8s:app=employee", "k8s:io.kubernetes.pod.namespace=istio-space",
                     "k8s:io.cilium.k8s.policy.cluster=cluster2"})
@@ -50,9 +52,9 @@ class KVMesh(Mesh):
         self.meshes.append((mesh, task))
         return mesh, task
 
-    def process(self, n: int = 0) -> subprocess.Popen:
+    def process(self, n: int = 0, *extra: str) -> subprocess.Popen:
         log = open(self.tmp / f"kvmesh{n}.log", "a")
-        proc = subprocess.Popen([MESHAGENT, "kvstoremesh", *self.args(n)], stdout=log,
+        proc = subprocess.Popen([MESHAGENT, "kvstoremesh", *self.args(n), *extra], stdout=log,
                                 stderr=subprocess.STDOUT, env=clean_env())
         self.procs.append(proc)
         return proc
@@ -140,7 +142,8 @@ async def test_kvstoremesh_status_and_what_it_refuses(kvmesh):
     writer = await publish_employee(kvmesh)
     outside = 103 << 16 | 300  # cluster3's range: an agent refuses it, so does the cache
     await writer.put(kvkeys.identity_key(outside), format_labels(LABELS).encode())
-    proc = kvmesh.process()
+    port = free_port()
+    proc = kvmesh.process(0, "--prometheus-serve-addr", f"127.0.0.1:{port}")
     sock = str(kvmesh.tmp / "kvmesh0.sock")
 
     def ready() -> bool:
@@ -155,6 +158,14 @@ async def test_kvstoremesh_status_and_what_it_refuses(kvmesh):
     assert await local.get(f"cilium/cache/identities/v1/cluster2/id/{outside}") is None
     remotes = json.loads(run_cli("kvstoremesh", "remotes", "--socket-path", sock).stdout)
     assert remotes["leader"] is True and remotes["remotes"][0]["name"] == "cluster2"
+    assert remotes["remotes"][0]["writes"] == 3  # node, identity, endpoint (canaries aside)
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "meshagent_kvstoremesh_leader 1.0" in metrics
+    assert 'meshagent_kvstoremesh_remote_cluster_ready{target_cluster="cluster2"} 1.0' in metrics
+    assert ('meshagent_kvstoremesh_cached_entries{kind="identities",target_cluster="cluster2"}'
+            ' 1.0') in metrics
+    assert ('meshagent_kvstoremesh_rejected_entries_total{kind="identities",'
+            'target_cluster="cluster2"} 1.0') in metrics
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0
     # a clean stop leaves the cache for the agents

@@ -38,6 +38,9 @@ def test_cache_keys_follow_cilium_layout_both_ways():
         "cilium/cache/identities/v1/cluster2/id/"
     assert CacheLayout(kvkeys.NODES, "cluster2").canary == \
         "cilium/synced/cluster2/cilium/cache/nodes/v1"
+    # Cilium's own agents write their ipcache under the address space "default"
+    assert CacheLayout(kvkeys.IPCACHE, "cluster2").to_cache("cilium/state/ip/v1/default/10.2.1.5") \
+        == "cilium/cache/ip/v1/cluster2/10.2.1.5"
     with pytest.raises(ValueError):  # another cluster's key is never copied as cluster2's
         CacheLayout(kvkeys.NODES, "cluster2").to_cache(kvkeys.node_key("cluster3", "n1"))
     with pytest.raises(ValueError):

@@ -61,6 +61,8 @@ class CacheLayout:
         if not _names_cluster(self.state_prefix):
             return self.base + tail
         own, _, rest = tail.partition("/")
+        if own == kvkeys.IPCACHE_ADDRESS_SPACE and self.state_prefix == kvkeys.IPCACHE:
+            own = self.cluster  # Cilium's ipcache keys name the address space instead
         if own != self.cluster or not rest:
             raise ValueError(f"key {state_key!r} does not name cluster {self.cluster!r}")
         return self.base + rest

@@ -349,7 +349,8 @@ def _identity_key(checks: EntryChecks, key: str) -> int:
 
 def _ipcache(checks: EntryChecks, key: str, value: bytes):
     cluster, ip = _ipcache_key_parts(key)
-    checks.check_cluster("ipcache key", cluster)
+    if cluster != kvkeys.IPCACHE_ADDRESS_SPACE:  # a Cilium cluster's own spelling
+        checks.check_cluster("ipcache key", cluster)
     entry = ipcache_from_json(value, checks.cluster)
     if entry.key_ip != ip and str(entry.prefix.network_address) != ip:
         raise Rejected(f"entry for {entry.prefix} under key of {ip}")

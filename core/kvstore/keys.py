@@ -8,6 +8,9 @@ NODES = "cilium/state/nodes/v1/"
 IDENTITIES = "cilium/state/identities/v1/id/"
 IDENTITY_VALUES = "cilium/state/identities/v1/value/"
 IPCACHE = "cilium/state/ip/v1/"
+# Cilium itself writes its ipcache under the address space "default" instead of the cluster
+# name (cilium/state/ip/v1/default/<ip>); read from a remote, those keys are that remote's
+IPCACHE_ADDRESS_SPACE = "default"
 SERVICES = "cilium/state/services/v1/"
 CLUSTER_CONFIG = "cilium/cluster-config/"
 SYNCED = "cilium/synced/"
