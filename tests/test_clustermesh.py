@@ -225,7 +225,8 @@ async def test_remote_outage_keeps_entries_then_resyncs(mesh):
     await w2.close()
     a1 = await mesh.start(1)
     await wait_for(lambda: remote(a1, "cluster2").ready, 10, "ready")
-    assert len(a1.agent.tables.ipcache) == 2
+    # endpoints wait for the grant of their node's pod CIDR (a debounced recompute)
+    await wait_for(lambda: len(a1.agent.tables.ipcache) == 2, 5, "endpoints admitted")
 
     mesh.etcd[2].stop()
     await wait_for(lambda: not remote(a1, "cluster2").ready, 30, "outage noticed")
@@ -270,9 +271,9 @@ async def test_foreign_and_malformed_entries_are_rejected_and_counted(mesh):
     await mesh.start(2)
     await wait_for(lambda: remote(a1, "cluster2").ready, 10, "ready")
     sync = remote(a1, "cluster2").sync
-    assert dict(sync.rejected) == {"identities": 4, "nodes": 2, "endpoints": 1, "services": 1}
-    assert "outside cluster2's range" in sync.last_reject["endpoints"]
-    assert "malformed JSON" in sync.last_reject["services"]
+    assert dict(sync.checks.rejected) == {"identities": 4, "nodes": 2, "endpoints": 1, "services": 1}
+    assert "outside cluster2's range" in sync.checks.last_reject["endpoints"]
+    assert "malformed JSON" in sync.checks.last_reject["services"]
     # nothing else from that remote is lost
     assert [i.id for i in a1.agent.tables.identities.values()] == [C2_BASE + 256]
     assert nodes(a1) == ["cluster1/node1", "cluster2/node1"]
@@ -280,7 +281,7 @@ async def test_foreign_and_malformed_entries_are_rejected_and_counted(mesh):
     assert "└  rejected: 1 endpoints, 4 identities, 2 nodes, 1 services" in details
     # a bad update later is rejected too, and the agent carries on
     await w2.put(kvkeys.identity_key(C2_BASE + 257), b"\xff\xfe")
-    await wait_for(lambda: sync.rejected["identities"] == 5, 5, "a later rejection")
+    await wait_for(lambda: sync.checks.rejected["identities"] == 5, 5, "a later rejection")
     assert remote(a1, "cluster2").ready
     await w2.close()
 

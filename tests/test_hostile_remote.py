@@ -148,8 +148,8 @@ GOOD_LABELS = frozenset({"k8s:app=employee", "k8s:io.kubernetes.pod.namespace=de
 def test_bad_entries_are_rejected_with_a_reason(key, value, reason):
     sync, tables = new_sync()
     apply(sync, key, value.encode() if isinstance(value, str) else value)
-    assert sum(sync.rejected.values()) == 1, sync.last_reject
-    assert reason in "".join(sync.last_reject.values())
+    assert sum(sync.checks.rejected.values()) == 1, sync.checks.last_reject
+    assert reason in "".join(sync.checks.last_reject.values())
     assert len(tables.identities) == len(tables.ipcache) == 0
 
 
@@ -202,7 +202,7 @@ def test_random_keys_and_values_never_stop_the_sync(items):
     good = (kvkeys.identity_key(C2 + 999), format_labels(GOOD_LABELS).encode())
     apply(sync, *good)
     assert tables.identities.get(C2 + 999) is not None
-    assert set(sync.rejected) <= {"nodes", "identities", "endpoints", "services"}
+    assert set(sync.checks.rejected) <= {"nodes", "identities", "endpoints", "services"}
 
 
 def test_a_cilium_clusters_ipcache_under_the_default_address_space_is_that_clusters():
@@ -217,4 +217,4 @@ def test_a_cilium_clusters_ipcache_under_the_default_address_space_is_that_clust
     apply(sync, kvkeys.IPCACHE + "default/10.2.1.6", ipcache_to_json(
         IPCacheEntry(net("10.2.1.6/32"), (103 << 16) + 300, "cluster2")))  # cluster3's range
     assert tables.ipcache.values() == [pod]
-    assert "outside cluster2's range" in sync.last_reject["endpoints"]
+    assert "outside cluster2's range" in sync.checks.last_reject["endpoints"]

@@ -79,7 +79,7 @@ async def test_the_writer_copies_what_agents_accept_and_deletes_what_went(memory
     assert len((await local.list_prefix(layout.prefix)).items) == 601
     assert (await local.get(layout.to_cache(good))).value == LABELS
     assert await local.get(f"cilium/cache/identities/v1/cluster2/id/{C2 - 5}") is None
-    assert writer.rejected["identities"] == 1
+    assert writer.checks.rejected["identities"] == 1
     assert writer.counts()["identities"] == 601
     await remote.delete(good)
     await eventually(lambda: writer.counts()["identities"] == 600, 5, "deleted")
@@ -136,7 +136,7 @@ async def test_an_agent_reading_the_cache_judges_it_as_it_judges_a_cluster(memor
     await asyncio.wait_for(ready.wait(), 5)
     assert [i.id for i in tables.identities.values()] == [C2 + 300]
     assert tables.nodes.count("cluster2") == 0
-    assert sync.rejected["identities"] == 2 and sync.rejected["nodes"] == 1
+    assert sync.checks.rejected["identities"] == 2 and sync.checks.rejected["nodes"] == 1
     task.cancel()
 
 

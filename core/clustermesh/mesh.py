@@ -17,7 +17,6 @@ import hashlib
 import logging
 import random
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +27,7 @@ import yaml
 from meshagent import hookimpl
 from meshagent.clustermesh.noderoutes import NodeRoutes
 from meshagent.clustermesh.ownership import AddressOwnership
+from meshagent.clustermesh.sync import EntryChecks
 from meshagent.errors import MeshagentError
 from meshagent.kvstore import KVStore, KVStoreBackend, KVStoreUnavailable
 from meshagent.kvstore import keys as kvkeys
@@ -69,8 +69,7 @@ class Follower(Protocol):
     cluster_id: int
     cached: bool  # reads the KVStoreMesh cache of the cluster, not its own state
     last_event_at: float | None  # when the last change was applied
-    rejected: Counter[str]  # entries refused, per kind
-    last_reject: dict[str, str]  # per kind: the last refused key and why
+    checks: EntryChecks  # what it refused, per kind, and why
     held: dict[str, int]  # per kind: entries waiting for the right to be applied
 
     @property
@@ -347,10 +346,10 @@ class RemoteCluster:
         if refused:
             lines.append(f"└  pod CIDRs refused: {len(refused)}")
             lines += [f"   {line}" for line in refused[:10]]
-        if self.sync and self.sync.rejected:
-            counts = ", ".join(f"{n} {k}" for k, n in sorted(self.sync.rejected.items()))
+        if self.sync and self.sync.checks.rejected:
+            counts = ", ".join(f"{n} {k}" for k, n in sorted(self.sync.checks.rejected.items()))
             lines.append(f"└  rejected: {counts}")
-            for kind, reason in sorted(self.sync.last_reject.items()):
+            for kind, reason in sorted(self.sync.checks.last_reject.items()):
                 lines.append(f"   last rejected {kind}: {reason}")
         if not self.ready:
             lines.append(f"└  error: {self.problem()}")
@@ -376,8 +375,8 @@ class RemoteCluster:
             "synced": self.sync.synced if self.sync else {},
             "sync_lag_seconds": (now - self.sync.last_event_at)
             if self.sync and self.sync.last_event_at else None,
-            "rejected": dict(self.sync.rejected) if self.sync else {},
-            "last_rejected": dict(self.sync.last_reject) if self.sync else {},
+            "rejected": dict(self.sync.checks.rejected) if self.sync else {},
+            "last_rejected": dict(self.sync.checks.last_reject) if self.sync else {},
             "held": self.sync.held if self.sync else {},
             "refused_pod_cidrs": {f"{node}/{cidr}": why for (cluster, node, cidr), why
                                   in self._refused().items() if cluster == self.name},

@@ -227,14 +227,6 @@ class ClusterSync:
         self.prefixes = [PrefixSync(self, kind) for kind in KINDS]
 
     @property
-    def rejected(self) -> Counter[str]:
-        return self.checks.rejected
-
-    @property
-    def last_reject(self) -> dict[str, str]:
-        return self.checks.last_reject
-
-    @property
     def synced(self) -> dict[str, bool]:
         """Per kind: listed, and, read from a cache, the cache said it holds a full copy."""
         return {p.kind.name: p.synced and (not self.cached or p.cache.canary in self.canaries)

@@ -235,7 +235,7 @@ class _Collector:
             for kind, count in remote.counts().items():
                 entries.add_metric([name, kind], count)
             if remote.sync is not None:
-                for kind, count in remote.sync.rejected.items():
+                for kind, count in remote.sync.checks.rejected.items():
                     rejected.add_metric([name, kind], count)
         yield from (ready, entries, failures, rejected)
 

@@ -16,7 +16,6 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 
 from meshagent.clustermesh.cache import CacheLayout
@@ -151,14 +150,6 @@ class CacheWriter:
         # the cluster's writer before this one (a new id, or a file removed and added back):
         # its withdrawal must be over before this one writes, or it would delete the new copy
         self._previous = previous
-
-    @property
-    def rejected(self) -> Counter[str]:
-        return self.checks.rejected
-
-    @property
-    def last_reject(self) -> dict[str, str]:
-        return self.checks.last_reject
 
     @property
     def synced(self) -> dict[str, bool]:
