@@ -1,19 +1,42 @@
-"""The default identity allocator: cluster-wide identities in the kvstore, Cilium's way.
+"""The default identity allocator: cluster-wide identities in the kvstore, in Cilium's layout.
 
 ``cilium/state/identities/v1/id/<id>`` holds a label set; each node using it keeps
-``cilium/state/identities/v1/value/<labels>/<node>`` on its lease. Creating an identity happens
-under a kvstore lock per label set, so agents allocating the same labels at the same time agree
-on one id; the id itself is claimed with create-if-absent, so two label sets never share one.
-Identities no node uses any more are garbage-collected after a grace period.
+``cilium/state/identities/v1/value/<labels>/<node>`` = id on its (the publisher's) lease.
+
+Allocation takes no lock. Every label set has one probe chain, the same on every agent: the id
+its label text hashes to, then the next ones (linear probing, wrapping in the cluster's range).
+An allocator walks the chain and takes the first id that holds the labels or is free, claiming a
+free one with create-if-absent. Why that is correct:
+
+- Two label sets never share an id: an id key is only ever written by create-if-absent.
+- Agents agree: while nothing is deleted, ids only go from free to taken, so every walk of one
+  chain stops at the same id (a walker that loses the create reads the winner's labels).
+- Only deletions could split them: a hole in front of a label set's id would make the next
+  walker create a second id for the same labels. So the collector never deletes an id lying in
+  front of another id in that id's chain (it is "pinned"), and it announces every deletion round
+  in a gate key (:data:`~meshagent.kvstore.keys.IDENTITY_GC`: ``running`` on the collector's
+  lease while it deletes, ``idle`` otherwise). An allocation reads the gate before its walk and
+  again after its value key is written, and starts over unless both reads saw the same ``idle``
+  (same mod_revision). A round that starts after the second read lists the store after the
+  allocation wrote it: it sees the value key (the id is used) and the id (what is in front of it
+  is pinned). A round that ended before the first read cannot touch what the walk reads. Until
+  an allocation returns, its value key may name an id a round deleted; the retry overwrites it.
+- The collector deletes an id only if no value key names it, it was seen unused (same
+  mod_revision) at the previous run and again after its round began, and it is not pinned.
+  Rounds exclude each other (the gate is set with compare-and-swap). A collector that dies
+  mid-round leaves the gate to its lease; a missing gate is not ``idle``, and the allocator that
+  writes ``idle`` again gives it a new mod_revision, so that round is never mistaken for none.
+  Like any lease-based lock, this assumes a collector does not stall past its lease's TTL.
 """
 
 import asyncio
+import hashlib
 import logging
-import random
+from collections.abc import Iterator
 
 from meshagent import hookimpl
 from meshagent.errors import MeshagentError
-from meshagent.kvstore import KVStore
+from meshagent.kvstore import KeyValue, KVStore
 from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstore.publisher import Publisher
 from meshagent.model.cluster import ClusterInfo
@@ -24,7 +47,8 @@ from meshagent.runtime.controller import ControllerHandle
 log = logging.getLogger(__name__)
 
 RESERVED_BY_LABEL = {r.label: r for r in ReservedIdentity}
-MAX_ATTEMPTS = 64
+IDLE = b"idle"
+MAX_GATE_WAIT = 0.5  # seconds between reads of a gate that is not idle
 
 
 class IdentityExhausted(MeshagentError):
@@ -40,6 +64,67 @@ def reserved_identity(labels: frozenset[str]) -> Identity | None:
     return None
 
 
+def chain_start(text: str, allowed: range) -> int:
+    """Where a label set's probe chain starts: a hash every agent (and version) computes alike."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % len(allowed)
+
+
+def chain(text: str, allowed: range) -> Iterator[int]:
+    """The ids a label set may get, in the order every agent tries them."""
+    start = chain_start(text, allowed)
+    for i in range(len(allowed)):
+        yield allowed[(start + i) % len(allowed)]
+
+
+class GCGate:
+    """The collector's gate key as this agent reads it; one read serves every allocation
+    waiting for one when it starts."""
+
+    def __init__(self, store: KVStore):
+        self.store = store
+        self.last: KeyValue | None = None  # the gate at the last read, if it was there
+        self._read_once = False
+        self._current: asyncio.Task | None = None
+        self._next: asyncio.Task | None = None
+        self._writing = asyncio.Lock()
+
+    async def read(self) -> KeyValue | None:
+        """The gate as read by a get that started after this call."""
+        if self._next is None:
+            self._next = asyncio.create_task(self._read_after(self._current))
+        return await asyncio.shield(self._next)
+
+    async def _read_after(self, previous: asyncio.Task | None) -> KeyValue | None:
+        if previous is not None:
+            await asyncio.wait([previous])  # one get at a time; callers meanwhile join ours
+        self._current, self._next = self._next, None
+        self.last = await self.store.get(kvkeys.IDENTITY_GC)
+        self._read_once = True
+        return self.last
+
+    async def idle(self) -> KeyValue:
+        """The gate, idle: waits out a deletion round, writes ``idle`` if the gate is missing."""
+        gate = self.last if self._read_once else await self.read()
+        delay = 0.01
+        while gate is None or gate.value != IDLE:
+            if gate is None:
+                async with self._writing:  # one create for all the callers that found none
+                    if self.last is None:
+                        await self.store.create(kvkeys.IDENTITY_GC, IDLE)
+                        await self.read()
+            else:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_GATE_WAIT)
+            gate = await self.read()
+        return gate
+
+    async def unchanged(self, before: KeyValue) -> bool:
+        """Whether the gate, read now, is still ``before``: no round began or ended since."""
+        gate = await self.read()
+        return gate is not None and gate.mod_revision == before.mod_revision
+
+
 class KVStoreIdentityAllocator:
     """Meets :class:`meshagent.identity.IdentityAllocator`; registered as ``kvstore``."""
 
@@ -51,10 +136,9 @@ class KVStoreIdentityAllocator:
         self.cluster = cluster
         self.node_name = node_name
         self.gc_interval = gc_interval
+        self.gate = GCGate(store)
         self.refs: dict[frozenset[str], list] = {}  # labels -> [identity, local users]
-        # labels -> the id this agent last used for them: found again even before the
-        # identity table heard of it (a release and a new allocate can beat the watch)
-        self._used: dict[str, int] = {}
+        self._allocating: dict[frozenset[str], list] = {}  # labels -> [asyncio.Lock, callers]
         self._unused_seen: dict[int, int] = {}  # id -> mod_revision when first seen unused
 
     def _value_key(self, labels_text: str) -> str:
@@ -66,55 +150,49 @@ class KVStoreIdentityAllocator:
         if labels in self.refs:
             self.refs[labels][1] += 1
             return self.refs[labels][0]
-        await self.publisher.published.wait()  # our value keys go on the agent's lease
-        store = self.store
-        text = format_labels(labels)
-        async with store.lock(kvkeys.IDENTITY_LOCKS + text):
-            if labels in self.refs:  # another local caller finished while we waited
+        # one walk per label set at a time here: local callers wait for the first one's result
+        entry = self._allocating.setdefault(labels, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                if labels not in self.refs:
+                    self.refs[labels] = [await self._allocate(labels), 0]
                 self.refs[labels][1] += 1
                 return self.refs[labels][0]
-            number = await self._existing(text, labels) or await self._create(text)
-            self._used[text] = number
-            key, value = self._value_key(text), str(number).encode()
-            await store.put(key, value, lease=self.publisher.lease)
-            self.publisher.adopt(key, value)
-        identity = Identity(number, labels, self.cluster.name)
-        self.refs[labels] = [identity, 1]
-        return identity
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._allocating[labels]
 
-    async def _existing(self, text: str, labels: frozenset[str]) -> int | None:
-        """An id some node already uses for these labels, or an unused one not yet collected."""
+    async def _allocate(self, labels: frozenset[str]) -> Identity:
+        await self.publisher.published.wait()  # our value keys go on the agent's lease
+        text = format_labels(labels)
+        key = self._value_key(text)
+        while True:
+            before = await self.gate.idle()
+            number = await self._walk(text)
+            value = str(number).encode()
+            await self.store.put(key, value, lease=self.publisher.lease)
+            self.publisher.adopt(key, value)
+            if await self.gate.unchanged(before):
+                return Identity(number, labels, self.cluster.name)
+            log.debug("a collection round overlapped allocating %s: again", text)
+
+    async def _walk(self, text: str) -> int:
+        """The first id of the chain that holds these labels or that we create for them."""
         store = self.store
-        for item in (await store.list_prefix(f"{kvkeys.IDENTITY_VALUES}{text}/")).items:
-            if item.value.isdigit():
-                number = int(item.value)
-                current = await store.get(kvkeys.identity_key(number))
-                if current is not None and current.value.decode() == text:
+        for number in chain(text, self.cluster.identity_range()):
+            key = kvkeys.identity_key(number)
+            current = await store.get(key)
+            if current is None:
+                if await store.create(key, text.encode()):
+                    log.debug("allocated identity %d for %s", number, text)
                     return number
-        candidates = [i.id for i in self.identities.values()
-                      if i.labels == labels and i.cluster == self.cluster.name]
-        if text in self._used:
-            candidates.append(self._used[text])
-        for number in candidates:
-            current = await store.get(kvkeys.identity_key(number))
+                current = await store.get(key)  # another agent's create won: for what labels?
             if current is not None and current.value.decode() == text:
                 return number
-        return None
-
-    async def _create(self, text: str) -> int:
-        store = self.store
         allowed = self.cluster.identity_range()
-        taken = {i.id for i in self.identities.values()}
-        for _ in range(MAX_ATTEMPTS):
-            number = random.randrange(allowed.start, allowed.stop)
-            if number in taken:
-                continue
-            if await store.create(kvkeys.identity_key(number), text.encode()):
-                log.debug("allocated identity %d for %s", number, text)
-                return number
-            taken.add(number)  # someone else's: try another
-        raise IdentityExhausted(f"no free identity found in {allowed.start}..{allowed.stop - 1}"
-                                f" after {MAX_ATTEMPTS} tries")
+        raise IdentityExhausted(f"no free identity in {allowed.start}..{allowed.stop - 1}")
 
     async def release(self, identity: Identity) -> bool:
         if identity.reserved or identity.labels not in self.refs:
@@ -144,32 +222,58 @@ class KVStoreIdentityAllocator:
 
     async def collect_garbage(self) -> list[int]:
         """Delete identities of this cluster that no node used at this run and the last one."""
-        store = self.store
-        used = set()
-        for item in (await store.list_prefix(kvkeys.IDENTITY_VALUES)).items:
-            if item.value.isdigit():
-                used.add(int(item.value))
-        allowed = self.cluster.identity_range()
-        unused_now = {}
-        for item in (await store.list_prefix(kvkeys.IDENTITIES)).items:
-            number = item.key.rsplit("/", 1)[-1]
-            if number.isdigit() and int(number) in allowed and int(number) not in used:
-                unused_now[int(number)] = item
+        await self.publisher.published.wait()  # a round's gate goes on the agent's lease
+        unused = await self._collectable()
+        due = {n: kv for n, kv in unused.items() if self._unused_seen.get(n) == kv.mod_revision}
         deleted = []
-        for number, item in unused_now.items():
-            if self._unused_seen.get(number) != item.mod_revision:
-                continue  # first time seen unused (or changed since): wait one more round
-            async with store.lock(kvkeys.IDENTITY_LOCKS + item.value.decode()):
-                still_unused = not (await store.list_prefix(
-                    f"{kvkeys.IDENTITY_VALUES}{item.value.decode()}/")).items
-                if still_unused and await store.delete_if(item.key,
-                                                          mod_revision=item.mod_revision):
-                    deleted.append(number)
-        self._unused_seen = {n: item.mod_revision for n, item in unused_now.items()
-                             if n not in deleted}
+        if due and (gate := await self._begin_round()) is not None:
+            try:
+                still = await self._collectable()  # listed after the round began
+                for number, item in due.items():
+                    if number in still and still[number].mod_revision == item.mod_revision \
+                            and await self.store.delete_if(item.key,
+                                                           mod_revision=item.mod_revision):
+                        deleted.append(number)
+            finally:
+                await self.store.update_if(kvkeys.IDENTITY_GC, IDLE,
+                                           mod_revision=gate.mod_revision)
+        self._unused_seen = {n: kv.mod_revision for n, kv in unused.items() if n not in deleted}
         if deleted:
             log.info("garbage-collected %d unused identities", len(deleted))
         return deleted
+
+    async def _collectable(self) -> dict[int, KeyValue]:
+        """This cluster's identities no value key names and no other identity pins."""
+        store = self.store
+        used = {int(item.value) for item in (await store.list_prefix(kvkeys.IDENTITY_VALUES)).items
+                if item.value.isdigit()}
+        allowed = self.cluster.identity_range()
+        ours = {}
+        for item in (await store.list_prefix(kvkeys.IDENTITIES)).items:
+            number = item.key.rsplit("/", 1)[-1]
+            if number.isdigit() and int(number) in allowed:
+                ours[int(number)] = item
+        pinned = set()
+        for number, item in ours.items():
+            start = chain_start(item.value.decode(errors="replace"), allowed)
+            pinned.update(allowed[(start + i) % len(allowed)]
+                          for i in range((allowed.index(number) - start) % len(allowed)))
+        return {n: item for n, item in ours.items() if n not in used and n not in pinned}
+
+    async def _begin_round(self) -> KeyValue | None:
+        """Set the gate to ``running`` on our lease; None if another collector's round runs."""
+        store = self.store
+        gate = await store.get(kvkeys.IDENTITY_GC)
+        running = f"running {self.node_name}".encode()
+        lease = self.publisher.lease
+        if gate is None:
+            began = await store.create(kvkeys.IDENTITY_GC, running, lease=lease)
+        elif gate.value == IDLE:
+            began = await store.update_if(kvkeys.IDENTITY_GC, running,
+                                          mod_revision=gate.mod_revision, lease=lease)
+        else:
+            return None
+        return await store.get(kvkeys.IDENTITY_GC) if began else None
 
     async def run_gc(self, handle: ControllerHandle) -> None:
         """Controller: collect every ``--identity-gc-interval`` seconds."""

@@ -15,10 +15,10 @@ SERVICES = "cilium/state/services/v1/"
 CLUSTER_CONFIG = "cilium/cluster-config/"
 SYNCED = "cilium/synced/"
 HEARTBEAT = "cilium/.heartbeat"
-IDENTITY_LOCKS = "cilium/state/identities/v1/locks/"  # one per label set being allocated
 # meshagent's own, shared by the agents of one cluster (Cilium keeps these in Kubernetes)
 POLICIES = "meshagent/policies/v1/"
 LOCAL_SERVICES = "meshagent/services/v1/"
+IDENTITY_GC = "meshagent/identities/v1/gc"  # "idle", or "running <node>" while one collects
 
 
 def node_key(cluster: str, node: str) -> str:
