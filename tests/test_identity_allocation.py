@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from meshagent.identity.allocator import reserved_identity
+from meshagent.identity.allocator import IDLE, chain_start, reserved_identity
 from meshagent.kvstore import keys as kvkeys
 from meshagent.model.identity import ReservedIdentity, format_labels
 from meshagent.testing.identity_contract import labels
@@ -105,6 +105,98 @@ async def test_unused_identity_is_reused_before_collection(etcd_agents):
     first = await alloc.allocate(labels(4))
     await alloc.release(first)
     assert (await alloc.allocate(labels(4))).id == first.id
+
+
+def colliding_label_sets() -> tuple[frozenset[str], frozenset[str]]:
+    """Two label sets whose probe chains start at the same id of cluster 101."""
+    allowed = range((101 << 16) + 256, (101 << 16) + 0x10000)
+    seen = {}
+    for i in range(5000):
+        start = chain_start(format_labels(labels(i, "pin")), allowed)
+        if start in seen:
+            return labels(seen[start], "pin"), labels(i, "pin")
+        seen[start] = i
+    raise AssertionError("no collision found")
+
+
+async def test_collection_keeps_an_id_that_another_label_sets_id_lies_behind(etcd_agents):
+    """L2's chain passes L1's id: were it deleted, L2 would get a second id."""
+    a1, a2 = await etcd_agents(2)
+    alloc1, alloc2 = a1.agent.identity_allocator, a2.agent.identity_allocator
+    first, second = colliding_label_sets()
+    one = await alloc1.allocate(first)
+    two = await alloc1.allocate(second)
+    assert two.id == one.id + 1 or (one.id, two.id) == ((101 << 16) + 0xFFFF, (101 << 16) + 256)
+    store = a1.agent.kvstore
+    await alloc1.release(one)
+    await gone(store, f"{kvkeys.IDENTITY_VALUES}{format_labels(first)}/node1")
+    for _ in range(3):
+        assert await alloc1.collect_garbage() == []  # unused, but pinned by the second
+    assert (await alloc2.allocate(second)).id == two.id
+    await alloc1.release(two)
+    await alloc2.release(two)
+    for key in (f"{kvkeys.IDENTITY_VALUES}{format_labels(second)}/node1",
+                f"{kvkeys.IDENTITY_VALUES}{format_labels(second)}/node2"):
+        await gone(store, key)
+    assert await alloc1.collect_garbage() == []  # both unused, seen once
+    assert await alloc1.collect_garbage() == [two.id]  # the first was pinned until now
+    assert await alloc1.collect_garbage() == []  # so its grace period starts now
+    assert await alloc1.collect_garbage() == [one.id]
+
+
+async def test_allocation_waits_while_a_collection_round_runs(etcd_agents):
+    (a1,) = await etcd_agents(1)
+    alloc, store = a1.agent.identity_allocator, a1.agent.kvstore
+    await store.put(kvkeys.IDENTITY_GC, b"running elsewhere")
+    alloc.gate.last = None  # as if this agent had never read the gate
+    allocating = asyncio.create_task(alloc.allocate(labels(8)))
+    await asyncio.sleep(0.5)
+    assert not allocating.done()
+    assert await store.get(kvkeys.identity_key(chain_of(labels(8)))) is None
+    await store.put(kvkeys.IDENTITY_GC, IDLE)
+    async with asyncio.timeout(5):
+        identity = await allocating
+    assert identity.id == chain_of(labels(8))
+
+
+def chain_of(label_set: frozenset[str]) -> int:
+    """The first id of a label set's chain in cluster 101."""
+    allowed = range((101 << 16) + 256, (101 << 16) + 0x10000)
+    return allowed[chain_start(format_labels(label_set), allowed)]
+
+
+async def test_a_round_that_overlaps_an_allocation_makes_it_start_over(etcd_agents):
+    """A round deletes the id between the walk and the second gate read: the allocation must
+    not return an id that is gone."""
+    (a1,) = await etcd_agents(1)
+    alloc, store = a1.agent.identity_allocator, a1.agent.kvstore
+    checked = alloc.gate.unchanged
+    rounds = []
+
+    async def round_first(before):
+        if not rounds:
+            rounds.append(before)
+            await store.put(kvkeys.IDENTITY_GC, b"running elsewhere")
+            await store.delete(kvkeys.identity_key(chain_of(labels(9))))
+            await store.put(kvkeys.IDENTITY_GC, IDLE)
+        return await checked(before)
+
+    alloc.gate.unchanged = round_first
+    identity = await alloc.allocate(labels(9))
+    assert len(rounds) == 1
+    current = await store.get(kvkeys.identity_key(identity.id))
+    assert current is not None and current.value.decode() == format_labels(labels(9))
+    value = await store.get(f"{kvkeys.IDENTITY_VALUES}{format_labels(labels(9))}/node1")
+    assert value.value == str(identity.id).encode()
+
+
+async def test_local_callers_of_one_label_set_share_one_allocation(etcd_agents):
+    (a1,) = await etcd_agents(1)
+    alloc = a1.agent.identity_allocator
+    one, two = await asyncio.gather(alloc.allocate(labels(10)), alloc.allocate(labels(10)))
+    assert one.id == two.id
+    assert await alloc.release(one) is False  # the other caller still uses it
+    assert await alloc.release(two) is True
 
 
 def test_reserved_labels_need_no_allocation():
