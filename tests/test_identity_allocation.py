@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from meshagent.identity.allocator import IDLE, chain_start, reserved_identity
+from meshagent.identity.allocator import IDLE, chain_start, pinned_ids, reserved_identity
 from meshagent.kvstore import keys as kvkeys
 from meshagent.model.identity import ReservedIdentity, format_labels
 from meshagent.testing.identity_contract import labels
@@ -197,6 +197,18 @@ async def test_local_callers_of_one_label_set_share_one_allocation(etcd_agents):
     assert one.id == two.id
     assert await alloc.release(one) is False  # the other caller still uses it
     assert await alloc.release(two) is True
+
+
+def test_an_id_pins_the_ids_in_front_of_it_in_its_chain_even_across_the_wrap():
+    allowed = range(1000, 1010)
+    texts = {}
+    for i in range(200):  # one label set hashing to each position
+        texts.setdefault(chain_start(f"k8s:app={i};", allowed), f"k8s:app={i};")
+    assert pinned_ids({1003: texts[3]}, allowed) == set()  # at its chain's start
+    assert pinned_ids({1005: texts[3]}, allowed) == {1003, 1004}
+    assert pinned_ids({1001: texts[8]}, allowed) == {1008, 1009, 1000}  # wrapped
+    assert pinned_ids({1005: texts[3], 1001: texts[8], 1009: texts[9]}, allowed) == \
+        {1003, 1004, 1008, 1009, 1000}
 
 
 def test_reserved_labels_need_no_allocation():

@@ -24,20 +24,23 @@ free one with create-if-absent. Why that is correct:
 - The collector deletes an id only if no value key names it, it was seen unused (same
   mod_revision) at the previous run and again after its round began, and it is not pinned.
   Rounds exclude each other (the gate is set with compare-and-swap). A collector that dies
-  mid-round leaves the gate to its lease; a missing gate is not ``idle``, and the allocator that
-  writes ``idle`` again gives it a new mod_revision, so that round is never mistaken for none.
-  Like any lease-based lock, this assumes a collector does not stall past its lease's TTL.
+  mid-round leaves the gate to the round's short lease; a missing gate is not ``idle``, and the
+  allocator that writes ``idle`` again gives it a new mod_revision, so that round is never
+  mistaken for none. Like any lease-based lock, this assumes a collector does not stall past
+  the lease's TTL between its last keepalive and a delete.
 """
 
 import asyncio
 import hashlib
+import itertools
 import logging
 from collections.abc import Iterator
 
 from meshagent import hookimpl
 from meshagent.errors import MeshagentError
-from meshagent.kvstore import KeyValue, KVStore
+from meshagent.kvstore import KeyValue, KVStore, Lease
 from meshagent.kvstore import keys as kvkeys
+from meshagent.kvstore.lock import keep_alive
 from meshagent.kvstore.publisher import Publisher
 from meshagent.model.cluster import ClusterInfo
 from meshagent.model.identity import Identity, ReservedIdentity, format_labels
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 RESERVED_BY_LABEL = {r.label: r for r in ReservedIdentity}
 IDLE = b"idle"
 MAX_GATE_WAIT = 0.5  # seconds between reads of a gate that is not idle
+ROUND_TTL = 15.0  # the lease of a deletion round's gate
 
 
 class IdentityExhausted(MeshagentError):
@@ -75,6 +79,22 @@ def chain(text: str, allowed: range) -> Iterator[int]:
     start = chain_start(text, allowed)
     for i in range(len(allowed)):
         yield allowed[(start + i) % len(allowed)]
+
+
+def pinned_ids(identities: dict[int, str], allowed: range) -> set[int]:
+    """The ids lying in front of another id (by number, its label text) in that id's chain."""
+    # count the chains covering each position: +1 where one starts, -1 where it reaches its
+    # id; a chain that wraps covers the range's end and then its start up to its id
+    size = len(allowed)
+    changes = [0] * (size + 1)
+    for number, text in identities.items():
+        start, end = chain_start(text, allowed), allowed.index(number)
+        changes[start] += 1
+        changes[end] -= 1
+        if start > end:
+            changes[size] -= 1
+            changes[0] += 1
+    return {allowed[i] for i, depth in enumerate(itertools.accumulate(changes[:size])) if depth}
 
 
 class GCGate:
@@ -222,21 +242,25 @@ class KVStoreIdentityAllocator:
 
     async def collect_garbage(self) -> list[int]:
         """Delete identities of this cluster that no node used at this run and the last one."""
-        await self.publisher.published.wait()  # a round's gate goes on the agent's lease
+        store = self.store
         unused = await self._collectable()
         due = {n: kv for n, kv in unused.items() if self._unused_seen.get(n) == kv.mod_revision}
         deleted = []
-        if due and (gate := await self._begin_round()) is not None:
+        if due and (began := await self._begin_round()) is not None:
+            gate, lease = began
+            keeper = asyncio.create_task(keep_alive(store, lease, ROUND_TTL), name="identity-gc")
             try:
                 still = await self._collectable()  # listed after the round began
                 for number, item in due.items():
+                    if keeper.done():
+                        break  # the round's lease, and the gate with it, is gone: stop
                     if number in still and still[number].mod_revision == item.mod_revision \
-                            and await self.store.delete_if(item.key,
-                                                           mod_revision=item.mod_revision):
+                            and await store.delete_if(item.key, mod_revision=item.mod_revision):
                         deleted.append(number)
             finally:
-                await self.store.update_if(kvkeys.IDENTITY_GC, IDLE,
-                                           mod_revision=gate.mod_revision)
+                keeper.cancel()
+                await store.update_if(kvkeys.IDENTITY_GC, IDLE, mod_revision=gate.mod_revision)
+                await store.revoke(lease)
         self._unused_seen = {n: kv.mod_revision for n, kv in unused.items() if n not in deleted}
         if deleted:
             log.info("garbage-collected %d unused identities", len(deleted))
@@ -253,27 +277,29 @@ class KVStoreIdentityAllocator:
             number = item.key.rsplit("/", 1)[-1]
             if number.isdigit() and int(number) in allowed:
                 ours[int(number)] = item
-        pinned = set()
-        for number, item in ours.items():
-            start = chain_start(item.value.decode(errors="replace"), allowed)
-            pinned.update(allowed[(start + i) % len(allowed)]
-                          for i in range((allowed.index(number) - start) % len(allowed)))
+        pinned = pinned_ids({n: item.value.decode(errors="replace") for n, item in ours.items()},
+                            allowed)
         return {n: item for n, item in ours.items() if n not in used and n not in pinned}
 
-    async def _begin_round(self) -> KeyValue | None:
-        """Set the gate to ``running`` on our lease; None if another collector's round runs."""
+    async def _begin_round(self) -> tuple[KeyValue, Lease] | None:
+        """Set the gate to ``running`` on a short lease of the round's own, so a collector that
+        dies mid-round holds allocations up for ROUND_TTL at most; None if another round runs."""
         store = self.store
         gate = await store.get(kvkeys.IDENTITY_GC)
+        if gate is not None and gate.value != IDLE:
+            return None
         running = f"running {self.node_name}".encode()
-        lease = self.publisher.lease
+        lease = await store.grant_lease(ROUND_TTL)
         if gate is None:
             began = await store.create(kvkeys.IDENTITY_GC, running, lease=lease)
-        elif gate.value == IDLE:
+        else:
             began = await store.update_if(kvkeys.IDENTITY_GC, running,
                                           mod_revision=gate.mod_revision, lease=lease)
-        else:
+        gate = await store.get(kvkeys.IDENTITY_GC) if began else None
+        if gate is None or gate.value != running:  # began, but the lease went already
+            await store.revoke(lease)
             return None
-        return await store.get(kvkeys.IDENTITY_GC) if began else None
+        return gate, lease
 
     async def run_gc(self, handle: ControllerHandle) -> None:
         """Controller: collect every ``--identity-gc-interval`` seconds."""

@@ -17,7 +17,7 @@ LOCK_TTL = 15.0
 async def kv_lock(store: KVStore, name: str, ttl: float = LOCK_TTL) -> AsyncIterator[None]:
     lease = await store.grant_lease(ttl)
     # kept alive from the start: waiting behind other holders may take longer than the TTL
-    keeper = asyncio.create_task(_keep_alive(store, lease, ttl), name=f"lock:{name}")
+    keeper = asyncio.create_task(keep_alive(store, lease, ttl), name=f"lock:{name}")
     try:
         while not await store.create(name, b"locked", lease=lease):
             # watch from a listing's revision: every backend can resume from that
@@ -34,7 +34,8 @@ async def kv_lock(store: KVStore, name: str, ttl: float = LOCK_TTL) -> AsyncIter
             await store.revoke(lease)  # deletes the lock key
 
 
-async def _keep_alive(store: KVStore, lease, ttl: float) -> None:
+async def keep_alive(store: KVStore, lease, ttl: float) -> None:
+    """Keep ``lease`` alive until cancelled; raises LeaseExpired once it is gone."""
     while True:
         await asyncio.sleep(ttl / 3)
         await store.keepalive(lease)
