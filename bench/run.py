@@ -170,7 +170,8 @@ def report(results: dict, args) -> str:
               f" {ids['p50_ms']} ms | {ids['p99_ms']} ms |"
               f" {ids['all_agents_agree_and_ids_distinct']} |", "",
               "The latencies are those of a burst: all allocations are issued at the same"
-              " moment, so most of them wait in line behind the per-label-set locks.", "",
+              " moment (each agent in its own process), so most of them wait for the CPU: the"
+              " agents and etcd share two cores, and each RPC costs both some.", "",
               *kvstoremesh_report(kvm),
               "## Policy resolution", "",
               f"`.venv/bin/python bench/policy.py --identities {pol['identities']} --policies"
