@@ -203,11 +203,15 @@ class KVStoreIdentityAllocator:
         store = self.store
         for number in chain(text, self.cluster.identity_range()):
             key = kvkeys.identity_key(number)
+            # an id the table (the store's watch) does not know is most likely free: claim it
+            # at once instead of reading it first
+            if self.identities.get(number) is None and await store.create(key, text.encode()):
+                log.debug("allocated identity %d for %s", number, text)
+                return number
             current = await store.get(key)
+            if current is None and await store.create(key, text.encode()):
+                return number  # the table was out of date: it was free
             if current is None:
-                if await store.create(key, text.encode()):
-                    log.debug("allocated identity %d for %s", number, text)
-                    return number
                 current = await store.get(key)  # another agent's create won: for what labels?
             if current is not None and current.value.decode() == text:
                 return number
