@@ -1,13 +1,15 @@
 """Identity allocation: agents of one cluster allocating the same label sets at once.
 
-    .venv/bin/python bench/identity.py [--labels 1000] [--agents 3] [--in-process] [--json FILE]
+    .venv/bin/python bench/identity.py [--labels 1000] [--agents 3] [--concurrency N]
+                                       [--in-process] [--json FILE]
 
-Every agent allocates every label set concurrently (the race the allocator must win). Each
+Every agent allocates every label set concurrently (the race the allocator must win): all at
+once, or ``--concurrency`` at a time per agent (latency without the queue a burst builds). Each
 agent is its own process by default, as real agents are on their own nodes; ``--in-process``
 runs them all on one event loop (one core), as this bench did before. Reports allocations and
 distinct new identities per second, latency p50/p99, that every agent got the same id for each
-label set and distinct ids for distinct sets, and that etcd holds exactly one id key per label
-set afterwards.
+label set and distinct ids for distinct sets, that etcd holds exactly one id key per label set
+afterwards, and the CPU seconds the agents and etcd spent.
 """
 
 import argparse
@@ -39,16 +41,19 @@ def make_agent(config: Path, workdir: Path, n: int):
                         "--state-dir", str(workdir / f"s{n}")], {})
 
 
-async def allocate_all(agent, sets) -> tuple[list[int], list[float], float, float, float]:
-    """Every label set at once: the ids, each call's latency, when it started and ended, and
-    the CPU seconds this process spent meanwhile."""
+async def allocate_all(agent, sets, concurrency: int) -> tuple[list[int], list[float], float,
+                                                               float, float]:
+    """Every label set, ``concurrency`` at a time (0: all at once): the ids, each call's
+    latency, when it started and ended, and the CPU seconds this process spent meanwhile."""
     latencies = []
+    slots = asyncio.Semaphore(concurrency or len(sets))
 
     async def timed(labels):
-        start = time.perf_counter()
-        identity = await agent.identity_allocator.allocate(labels)
-        latencies.append(time.perf_counter() - start)
-        return identity.id
+        async with slots:
+            start = time.perf_counter()
+            identity = await agent.identity_allocator.allocate(labels)
+            latencies.append(time.perf_counter() - start)
+            return identity.id
 
     started, cpu = time.time(), time.process_time()
     ids = await asyncio.gather(*(timed(s) for s in sets))
@@ -71,7 +76,8 @@ async def child(args) -> None:
     try:
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-        ids, latencies, started, ended, cpu = await allocate_all(agent, label_sets(args.labels))
+        ids, latencies, started, ended, cpu = await allocate_all(agent, label_sets(args.labels),
+                                                             args.concurrency)
         print(json.dumps({"ids": ids, "latencies": latencies, "started": started,
                           "ended": ended, "cpu": cpu}), flush=True)
     finally:
@@ -82,7 +88,7 @@ async def child(args) -> None:
 async def in_processes(args, config: Path, workdir: Path) -> list[dict]:
     procs = [await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--child", "--config", str(config), "--workdir", str(workdir),
-        "--node", str(n), "--labels", str(args.labels),
+        "--node", str(n), "--labels", str(args.labels), "--concurrency", str(args.concurrency),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE) for n in range(args.agents)]
     try:
         for proc in procs:
@@ -108,7 +114,8 @@ async def in_process(args, config: Path, workdir: Path) -> list[dict]:
         progress(f"{args.agents} agents in this process allocating {args.labels} label sets"
                  " each, concurrently")
         sets = label_sets(args.labels)
-        results = await asyncio.gather(*(allocate_all(a, sets) for a, _ in started))
+        results = await asyncio.gather(*(allocate_all(a, sets, args.concurrency)
+                                         for a, _ in started))
         # one process: its CPU time is counted once, on the first agent
         return [{"ids": i, "latencies": lat, "started": s, "ended": e, "cpu": c if n == 0 else 0}
                 for n, (i, lat, s, e, c) in enumerate(results)]
@@ -157,7 +164,8 @@ async def run(args) -> dict:
     one_key_each = all(per_label.get(t) == 1 for t in texts) and len(per_label) == args.labels
     ordered = sorted(lat for r in results for lat in r["latencies"])
     return {"machine": machine(), "agents": args.agents, "label_sets": args.labels,
-            "processes": not args.in_process, "allocations": len(ordered),
+            "processes": not args.in_process, "concurrency": args.concurrency or args.labels,
+            "allocations": len(ordered),
             "seconds": round(took, 2), "allocations_per_s": round(len(ordered) / took, 1),
             "new_identities_per_s": round(args.labels / took, 1),
             "p50_ms": percentile_ms(ordered, 0.50), "p99_ms": percentile_ms(ordered, 0.99),
@@ -172,6 +180,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--labels", type=int, default=1000)
     parser.add_argument("--agents", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=0,
+                        help="allocations in flight per agent (default: all at once, a burst)")
     parser.add_argument("--in-process", action="store_true",
                         help="all agents on this process's event loop")
     parser.add_argument("--json")
