@@ -99,6 +99,22 @@ async def test_release_on_last_user_then_garbage_collection(etcd_agents):
     assert await store.get(kvkeys.identity_key(first.id)) is None
 
 
+async def test_collection_waits_for_another_collectors_round(etcd_agents):
+    (a1,) = await etcd_agents(1)
+    alloc, store = a1.agent.identity_allocator, a1.agent.kvstore
+    identity = await alloc.allocate(labels(11))
+    await alloc.release(identity)
+    await gone(store, f"{kvkeys.IDENTITY_VALUES}{format_labels(labels(11))}/node1")
+    assert await alloc.collect_garbage() == []  # seen unused once
+    await store.put(kvkeys.IDENTITY_GC, b"running elsewhere")
+    assert await alloc.collect_garbage() == []  # due, but another round runs
+    assert await store.get(kvkeys.identity_key(identity.id)) is not None
+    await store.put(kvkeys.IDENTITY_GC, IDLE)
+    assert await alloc.collect_garbage() == [identity.id]
+    gate = await store.get(kvkeys.IDENTITY_GC)
+    assert gate.value == IDLE and gate.lease is None  # the round ended: idle, on no lease
+
+
 async def test_unused_identity_is_reused_before_collection(etcd_agents):
     (a1,) = await etcd_agents(1)
     alloc = a1.agent.identity_allocator

@@ -263,6 +263,7 @@ class KVStoreIdentityAllocator:
                         deleted.append(number)
             finally:
                 keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
                 await store.update_if(kvkeys.IDENTITY_GC, IDLE, mod_revision=gate.mod_revision)
                 await store.revoke(lease)
         self._unused_seen = {n: kv.mod_revision for n, kv in unused.items() if n not in deleted}
