@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -156,6 +157,7 @@ async def run(args) -> dict:
         per_label = await id_keys_per_label_set(server, workdir)
     finally:
         server.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
     took = max(r["ended"] for r in results) - min(r["started"] for r in results)
     by_agent = [r["ids"] for r in results]
     agreed = all(ids == by_agent[0] for ids in by_agent)
