@@ -56,10 +56,11 @@ async def worker(args) -> None:
     logging.disable(logging.WARNING)  # a restarted etcd makes every agent say so
     info = ClusterInfo(args.cluster, args.cluster_id)
     backend = EtcdBackend()
-    meshes, all_tables = [], []
+    meshes, all_tables, locals_ = [], [], []
     for _ in range(args.agents):
         local = backend.client_from_file(Path(args.etcd_config))
         await local.connect()
+        locals_.append(local)  # held open, as every agent holds its own cluster's
         tables = Tables(nodes=Table("node", lambda k, v: None),
                         identities=Table("identity", lambda k, v: None),
                         ipcache=IPCache(args.cluster, lambda k, v: None),

@@ -70,7 +70,7 @@ LAYERS = (
     ("components", ("kvstore.", "identity.", "datapath.", "policy.", "clustermesh", "endpoint",
                     "service")),
     ("plugin machinery", ("hooks", "plugin")),
-    ("agent", ("daemon", "cli")),
+    ("agent", ("daemon", "cli", "kvstoremesh")),  # the two processes' composition roots
 )
 
 
