@@ -10,7 +10,7 @@ which is how a reader lists then watches without a gap.
 """
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -118,6 +118,23 @@ class KVStore(Protocol):
 
     async def delete_prefix(self, prefix: str) -> int:
         """Delete every key under ``prefix``; returns how many."""
+
+    async def create_many(
+        self, items: Sequence[tuple[str, bytes]], *, lease: Lease | None = None
+    ) -> list[KeyValue | None]:
+        """:meth:`create` for each ``(key, value)``, each key on its own, in as few round trips
+        as the store allows (etcd: one transaction per chunk its ``--max-txn-ops`` admits).
+        Per item, in order: None if this call created the key, else the key as it was instead
+        (so a loser needs no :meth:`get` to learn the winner's value). The keys must be distinct (ValueError).
+        Each create is atomic; the batch is not promised to be (another client may see some of
+        its keys before the others)."""
+
+    async def put_many(
+        self, items: Sequence[tuple[str, bytes]], *, lease: Lease | None = None
+    ) -> int:
+        """:meth:`put` of every ``(key, value)``, in as few round trips as the store allows;
+        returns the highest revision written (0 for no items). Keys must be distinct
+        (ValueError). Not promised to be atomic as a whole."""
 
     def watch(self, prefix: str, *, after_revision: int) -> AsyncIterator[WatchEvent]:
         """Every change under ``prefix`` with a revision above ``after_revision``, in order.

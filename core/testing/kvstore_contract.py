@@ -147,6 +147,75 @@ class KVStoreContract:
             c.create(prefix + "race", str(i).encode()) for i, c in enumerate(clients * 4)))
         assert results.count(True) == 1
 
+    # -- batches --------------------------------------------------------------------------------
+
+    async def test_create_many_writes_only_the_absent_keys(self, kv, prefix):
+        await kv.put(prefix + "b", b"old-b")
+        await kv.put(prefix + "d", b"old-d")
+        before = {k: await kv.get(prefix + k) for k in "bd"}
+        results = await kv.create_many([(prefix + k, f"new-{k}".encode()) for k in "abcde"])
+        assert results == [None, before["b"], None, before["d"], None]
+        values = {k: (await kv.get(prefix + k)).value for k in "abcde"}
+        assert values == {"a": b"new-a", "b": b"old-b", "c": b"new-c", "d": b"old-d",
+                          "e": b"new-e"}
+        assert await kv.create_many([]) == []
+
+    async def test_create_many_beyond_one_round_trip(self, kv, prefix):
+        count = 300  # more than etcd's 128 ops in one txn
+        await kv.put_many([(f"{prefix}{i:04}", b"taken") for i in range(0, count, 7)])
+        results = await kv.create_many([(f"{prefix}{i:04}", b"mine") for i in range(count)])
+        assert [i for i, r in enumerate(results) if r is not None] == list(range(0, count, 7))
+        assert all(r.value == b"taken" and r.key == f"{prefix}{i:04}"
+                   for i, r in enumerate(results) if r is not None)
+        listing = await kv.list_prefix(prefix)
+        assert len(listing.items) == count
+        taken = len(range(0, count, 7))
+        assert sum(item.value == b"mine" for item in listing.items) == count - taken
+
+    async def test_create_many_concurrent_has_one_winner_per_key(self, new_client, prefix):
+        clients = [await new_client() for _ in range(3)]
+        keys = [f"{prefix}race{i}" for i in range(20)]
+        results = await asyncio.gather(*(
+            c.create_many([(k, str(n).encode()) for k in keys]) for n, c in enumerate(clients)))
+        for i, key in enumerate(keys):
+            created = [n for n, r in enumerate(results) if r[i] is None]
+            assert len(created) == 1
+            winner = str(created[0]).encode()
+            assert all(r[i].value == winner for r in results if r[i] is not None)
+            assert (await clients[0].get(key)).value == winner
+
+    async def test_create_many_and_put_many_take_distinct_keys(self, kv, prefix):
+        with pytest.raises(ValueError):
+            await kv.create_many([(prefix + "a", b"1"), (prefix + "a", b"2")])
+        with pytest.raises(ValueError):
+            await kv.put_many([(prefix + "a", b"1"), (prefix + "a", b"2")])
+        assert await kv.get(prefix + "a") is None
+
+    async def test_put_many(self, kv, prefix):
+        await kv.put(prefix + "0001", b"old")
+        revision = await kv.put_many([(f"{prefix}{i:04}", str(i).encode()) for i in range(200)])
+        listing = await kv.list_prefix(prefix)
+        assert [item.value for item in listing.items] == [str(i).encode() for i in range(200)]
+        assert revision == max(item.mod_revision for item in listing.items)
+        assert await kv.put_many([]) == 0
+
+    async def test_batches_on_a_lease(self, kv, prefix):
+        lease = await kv.grant_lease(self.lease_ttl)
+        await kv.put(prefix + "kept", b"no lease")
+        await kv.create_many([(prefix + "c1", b"x"), (prefix + "kept", b"y")], lease=lease)
+        await kv.put_many([(prefix + "p1", b"x"), (prefix + "p2", b"x")], lease=lease)
+        assert (await kv.get(prefix + "c1")).lease == lease.id
+        assert (await kv.get(prefix + "kept")).lease is None
+        await kv.revoke(lease)
+        assert await wait_until(lambda: _absent(kv, prefix + "p2"), 5.0)
+        remaining = [item.key for item in (await kv.list_prefix(prefix)).items]
+        assert remaining == [prefix + "kept"]
+        with pytest.raises(LeaseExpired):
+            await kv.create_many([(prefix + "late", b"x")], lease=lease)
+        with pytest.raises(LeaseExpired):
+            await kv.put_many([(prefix + "late", b"x")], lease=lease)
+        assert await kv.get(prefix + "late") is None
+
     # -- prefix list ----------------------------------------------------------------------------
 
     async def test_list_prefix(self, kv, prefix):

@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -33,6 +33,7 @@ from meshagent.kvstore import (
     RevisionCompacted,
     WatchEvent,
 )
+from meshagent.kvstore.batch import create_each, put_each
 from meshagent.kvstore.lock import kv_lock
 
 MIN_TTL = 10  # Consul refuses shorter session TTLs
@@ -131,6 +132,15 @@ class ConsulKVStore:
     async def update_if(self, key: str, value: bytes, *, mod_revision: int,
                         lease: Lease | None = None) -> bool:
         return await self._put(key, value, lease, cas=mod_revision)
+
+    async def create_many(self, items: Sequence[tuple[str, bytes]], *,
+                          lease: Lease | None = None) -> list[KeyValue | None]:
+        # Consul's /v1/txn is all-or-nothing: one failed cas would undo the other creates
+        return await create_each(self, items, lease=lease)
+
+    async def put_many(self, items: Sequence[tuple[str, bytes]], *,
+                       lease: Lease | None = None) -> int:
+        return await put_each(self, items, lease=lease)
 
     async def delete(self, key: str) -> bool:
         current = await self.get(key)

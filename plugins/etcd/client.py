@@ -10,7 +10,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's C core logs to stderr otherwise
@@ -33,6 +33,7 @@ from meshagent.kvstore import (  # noqa: E402
     RevisionCompacted,
     WatchEvent,
 )
+from meshagent.kvstore.batch import check_distinct  # noqa: E402
 from meshagent.kvstore.lock import kv_lock  # noqa: E402
 from meshagent.plugins.etcd.config import Endpoint, EtcdConfig  # noqa: E402
 
@@ -60,6 +61,9 @@ CHANNEL_OPTIONS = {
     # would reach into the others
     "grpc.use_local_subchannel_pool": 1,
 }
+# keys per Txn of create_many / put_many, for etcd's default --max-txn-ops of 128: it bounds a
+# Txn's ops, and a nested Txn's ops (here 1) by what its parent leaves (128 - 127 = 1)
+TXN_CHUNK = 127
 _CONNECTION_ERRORS = (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError,
                       asyncio.TimeoutError)
 
@@ -235,6 +239,43 @@ class EtcdKVStore:
         result = await self._call(lambda c: c.delete_prefix(prefix.encode()))
         return result.deleted
 
+    async def create_many(self, items: Sequence[tuple[str, bytes]], *,
+                          lease: Lease | None = None) -> list[KeyValue | None]:
+        """One Txn per chunk of keys, each key a nested Txn: create if absent, else read."""
+        check_distinct(items)
+        lease_id = _lease_id(lease)
+
+        async def chunk(part):
+            ops = [txn.Txn(compare=[txn.Create(key.encode()) == 0],
+                           success=[txn.Put(key.encode(), value, lease=lease_id)],
+                           failure=[txn.Get(key.encode())]) for key, value in part]
+
+            async def run(client):
+                response = await _batch_txn(client, ops)
+                return [None if r.response_txn.succeeded
+                        else _kv(r.response_txn.responses[0].response_range.kvs[0])
+                        for r in response.responses]
+            return await self._leased(run)
+        parts = await asyncio.gather(*(chunk(items[i:i + TXN_CHUNK])
+                                       for i in range(0, len(items), TXN_CHUNK)))
+        return [result for part in parts for result in part]
+
+    async def put_many(self, items: Sequence[tuple[str, bytes]], *,
+                       lease: Lease | None = None) -> int:
+        """One Txn of puts per chunk of keys."""
+        check_distinct(items)
+        lease_id = _lease_id(lease)
+
+        async def chunk(part):
+            ops = [txn.Put(key.encode(), value, lease=lease_id) for key, value in part]
+
+            async def run(client):
+                return (await _batch_txn(client, ops)).header.revision
+            return await self._leased(run)
+        revisions = await asyncio.gather(*(chunk(items[i:i + TXN_CHUNK])
+                                           for i in range(0, len(items), TXN_CHUNK)))
+        return max(revisions, default=0)
+
     async def _txn(self, key: str, compare: list, success: list) -> bool:
         async def run(client):
             succeeded, _ = await client.transaction(compare=compare, success=success, failure=[])
@@ -323,6 +364,17 @@ class EtcdKVStore:
         if client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), 2)
+
+
+async def _batch_txn(client: _Client, ops: list):
+    """A Txn that always runs ``ops``, answered raw: aetcd's ``transaction`` drops the header
+    (the revision) and converts every response, which a batch does not need."""
+    await client.connect()
+    request = rpc.TxnRequest(compare=[], success=client._ops_to_requests(ops), failure=[])
+    try:
+        return await client.kvstub.Txn(request, timeout=client._timeout, metadata=client.metadata)
+    except rpc.AioRpcError as exc:
+        etcd_errors._handle_exception(exc)  # raises aetcd's exception for it
 
 
 def decode_key(raw: bytes) -> str:

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from meshagent.kvstore import (
     EventType,
@@ -21,6 +21,7 @@ from meshagent.kvstore import (
     RevisionCompacted,
     WatchEvent,
 )
+from meshagent.kvstore.batch import check_distinct
 
 HISTORY_LIMIT = 100_000
 HUNG_POLL = 0.05  # how often a request to a hung store looks whether it answers again
@@ -178,6 +179,30 @@ class MemoryKVStore:
             return False
         store.write(key, value, lease)
         return True
+
+    async def create_many(self, items: Sequence[tuple[str, bytes]], *,
+                          lease: Lease | None = None) -> list[KeyValue | None]:
+        check_distinct(items)
+        store = await self._answer()
+        if lease is not None and lease.id not in store.leases:
+            raise LeaseExpired(f"lease {lease.id} is gone")
+        results: list[KeyValue | None] = []
+        for key, value in items:
+            results.append(store.data.get(key))
+            if results[-1] is None:
+                store.write(key, value, lease)
+        return results
+
+    async def put_many(self, items: Sequence[tuple[str, bytes]], *,
+                       lease: Lease | None = None) -> int:
+        check_distinct(items)
+        store = await self._answer()
+        if lease is not None and lease.id not in store.leases:
+            raise LeaseExpired(f"lease {lease.id} is gone")
+        revision = 0
+        for key, value in items:
+            revision = store.write(key, value, lease)
+        return revision
 
     async def update_if(self, key: str, value: bytes, *, mod_revision: int,
                         lease: Lease | None = None) -> bool:
