@@ -40,6 +40,7 @@ from meshagent import hookimpl
 from meshagent.errors import MeshagentError
 from meshagent.kvstore import KeyValue, KVStore, Lease
 from meshagent.kvstore import keys as kvkeys
+from meshagent.kvstore.batch import Coalescer
 from meshagent.kvstore.lock import keep_alive
 from meshagent.kvstore.publisher import Publisher
 from meshagent.model.cluster import ClusterInfo
@@ -133,6 +134,10 @@ class GCGate:
                     if self.last is None:
                         await self.store.create(kvkeys.IDENTITY_GC, IDLE)
                         await self.read()
+                # any read will do for the first one: the second one tells whether it changed
+                if self.last is not None:
+                    gate = self.last
+                    continue
             else:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_GATE_WAIT)
@@ -160,6 +165,9 @@ class KVStoreIdentityAllocator:
         self.refs: dict[frozenset[str], list] = {}  # labels -> [identity, local users]
         self._allocating: dict[frozenset[str], list] = {}  # labels -> [asyncio.Lock, callers]
         self._unused_seen: dict[int, int] = {}  # id -> mod_revision when first seen unused
+        # the requests of concurrent allocations, one batch per loop turn
+        self._creates = Coalescer(self._create_batch)
+        self._puts = Coalescer(self._put_batch)
 
     def _value_key(self, labels_text: str) -> str:
         return f"{kvkeys.IDENTITY_VALUES}{labels_text}/{self.node_name}"
@@ -192,7 +200,7 @@ class KVStoreIdentityAllocator:
             before = await self.gate.idle()
             number = await self._walk(text)
             value = str(number).encode()
-            await self.store.put(key, value, lease=self.publisher.lease)
+            await self._puts.submit((key, value))
             self.publisher.adopt(key, value)
             if await self.gate.unchanged(before):
                 return Identity(number, labels, self.cluster.name)
@@ -200,23 +208,39 @@ class KVStoreIdentityAllocator:
 
     async def _walk(self, text: str) -> int:
         """The first id of the chain that holds these labels or that we create for them."""
-        store = self.store
+        value = text.encode()
         for number in chain(text, self.cluster.identity_range()):
-            key = kvkeys.identity_key(number)
-            # an id the table (the store's watch) does not know is most likely free: claim it
-            # at once instead of reading it first
-            if self.identities.get(number) is None and await store.create(key, text.encode()):
+            # create-if-absent, or the id as it is: one nested op of a shared batch
+            current = await self._creates.submit((kvkeys.identity_key(number), value))
+            if current is None:
                 log.debug("allocated identity %d for %s", number, text)
                 return number
-            current = await store.get(key)
-            if current is None and await store.create(key, text.encode()):
-                return number  # the table was out of date: it was free
-            if current is None:
-                current = await store.get(key)  # another agent's create won: for what labels?
-            if current is not None and current.value.decode() == text:
+            if current.value == value:
                 return number
         allowed = self.cluster.identity_range()
         raise IdentityExhausted(f"no free identity in {allowed.start}..{allowed.stop - 1}")
+
+    async def _create_batch(self, items: list[tuple[str, bytes]]) -> list[KeyValue | None]:
+        """One create_many for the creates of every walk that reached this step together;
+        walks of different label sets probing one id go in a following one."""
+        results: list[KeyValue | None] = [None] * len(items)
+        todo = list(range(len(items)))
+        while todo:
+            batch, seen, later = [], set(), []
+            for i in todo:
+                (later if items[i][0] in seen else batch).append(i)
+                seen.add(items[i][0])
+            answers = await self.store.create_many([items[i] for i in batch])
+            for i, answer in zip(batch, answers, strict=True):
+                results[i] = answer
+            todo = later
+        return results
+
+    async def _put_batch(self, items: list[tuple[str, bytes]]) -> list[int]:
+        """One put_many for the value keys of every allocation that got here together (each
+        label set is walked once at a time here, so their keys are distinct)."""
+        revision = await self.store.put_many(items, lease=self.publisher.lease)
+        return [revision] * len(items)
 
     async def release(self, identity: Identity) -> bool:
         if identity.reserved or identity.labels not in self.refs:
