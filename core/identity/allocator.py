@@ -108,7 +108,7 @@ class GCGate:
         self._read_once = False
         self._current: asyncio.Task | None = None
         self._next: asyncio.Task | None = None
-        self._writing = asyncio.Lock()
+        self._writing: asyncio.Task | None = None
 
     async def read(self) -> KeyValue | None:
         """The gate as read by a get that started after this call."""
@@ -130,10 +130,10 @@ class GCGate:
         delay = 0.01
         while gate is None or gate.value != IDLE:
             if gate is None:
-                async with self._writing:  # one create for all the callers that found none
-                    if self.last is None:
-                        await self.store.create(kvkeys.IDENTITY_GC, IDLE)
-                        await self.read()
+                # one create for all the callers that found none, which all go on at once
+                if self._writing is None or self._writing.done():
+                    self._writing = asyncio.create_task(self._write_idle())
+                await asyncio.shield(self._writing)
                 # any read will do for the first one: the second one tells whether it changed
                 if self.last is not None:
                     gate = self.last
@@ -143,6 +143,11 @@ class GCGate:
                 delay = min(delay * 2, MAX_GATE_WAIT)
             gate = await self.read()
         return gate
+
+    async def _write_idle(self) -> None:
+        """Write the missing gate (if it is still missing) and read it."""
+        await self.store.create(kvkeys.IDENTITY_GC, IDLE)
+        await self.read()
 
     async def unchanged(self, before: KeyValue) -> bool:
         """Whether the gate, read now, is still ``before``: no round began or ended since."""
