@@ -28,6 +28,16 @@ free one with create-if-absent. Why that is correct:
   allocator that writes ``idle`` again gives it a new mod_revision, so that round is never
   mistaken for none. Like any lease-based lock, this assumes a collector does not stall past
   the lease's TTL between its last keepalive and a delete.
+
+Batching changes none of this. Each step of a walk is one create-if-absent of one id key; the
+steps (and value key puts) that this agent's walks reach in one loop turn go out together
+(:class:`~meshagent.kvstore.batch.Coalescer`), as ``create_many`` (etcd: one Txn of nested
+Txns, each "create if absent, else read") and ``put_many``. Every id key is still only written
+by a create-if-absent, each one decided on its own; a lost create returns the id as it was when
+the create failed, which is what the get after it used to read (now with no gap in between). An
+allocation reads the gate again only once ``put_many`` has returned, so after its value key is
+written. Walks of different label sets probing one id in the same turn go in successive batches
+(a batch takes each key once).
 """
 
 import asyncio
