@@ -3,8 +3,9 @@
 Each kind is listed and watched on the remote cluster; every entry is judged by the same
 :class:`~meshagent.clustermesh.sync.EntryChecks` an agent uses, and only what it accepts is
 written, unchanged, under the cache prefix (:mod:`meshagent.clustermesh.cache`). Writes are
-queued per key and flushed in batches: a burst of changes to one key is written once, and a
-100,000-entry listing is not 100,000 round trips in a row. A kind's sync canary is written once
+queued per key and flushed in batches (``put_many``: one etcd transaction per 127 keys): a
+burst of changes to one key is written once, and a 100,000-entry listing is not 100,000 round
+trips. A kind's sync canary is written once
 everything its listing produced is in the local kvstore, so an agent reading the cache never
 acts on half a cluster.
 
@@ -106,20 +107,16 @@ class PrefixReflector:
             while self.pending:
                 batch = [(key, self.pending.pop(key))
                          for key in list(itertools.islice(self.pending, BATCH))]  # oldest first
-                try:
-                    await asyncio.gather(*(self._write_one(k, v) for k, v in batch))
+                puts = [(key, value) for key, value in batch if value is not None]
+                try:  # the puts in one round trip (put_many), the deletes side by side
+                    await asyncio.gather(self.local.put_many(puts),
+                                         *(self.local.delete(k) for k, v in batch if v is None))
                 except BaseException:
                     for key, value in batch:  # to be written by the next run
                         self.pending.setdefault(key, value)
                     raise
                 self.writes += len(batch)
             self.written.set()
-
-    async def _write_one(self, cache_key: str, value: bytes | None) -> None:
-        if value is None:
-            await self.local.delete(cache_key)
-        else:
-            await self.local.put(cache_key, value)
 
     def relist(self) -> None:
         self.position.revision = None
