@@ -44,6 +44,7 @@ from meshagent.plugins.ebpf.maps import (
     IPCacheKey,
     IPCacheValue,
     IPv4Bytes,
+    IPv6Bytes,
     LBBackend,
     LBBackendKey,
     LBService,
@@ -423,15 +424,19 @@ class EbpfDatapath:
 
     def _replace_ipcache(self, ipcache: list[IPCacheEntry]) -> None:
         """The ipcache exactly these rows: new ones first, then stale ones removed, so every
-        address resolves to its old or its new identity on the way."""
-        wanted = {(e.prefix.prefixlen, e.prefix.network_address.packed) for e in ipcache}
+        address resolves to its old or its new identity on the way. Nothing of the size of
+        the ipcache is built but a set of the entries' own keys: it may hold 100,000s."""
+        wanted = set()
         for entry in ipcache:
             name, key = _ipcache_row(entry)
             self.maps[name].put(key, IPCacheValue(entry.identity, 0))
+            wanted.add(entry.key)
         for name in ("ipcache", "ipcache6"):
-            for key, _ in list(self.maps[name].items()):
-                if (key.prefixlen, bytes(key.ip)) not in wanted:
-                    self.maps[name].delete(key)
+            table = self.maps[name]
+            stale = [key for key in table.keys()
+                     if bytes((key.prefixlen,)) + bytes(key.ip) not in wanted]
+            for key in stale:
+                table.delete(key)
 
     def policy_entry_count(self) -> int:
         """Entries the policy map holds for the resolved verdicts (as written)."""
@@ -548,7 +553,6 @@ class DatapathMetrics:
 
 def _ipcache_row(entry: IPCacheEntry) -> tuple[str, IPCacheKey | IPCache6Key]:
     """The map of the entry's family (each has an LPM trie of its own) and its key there."""
-    prefix = entry.prefix
-    if prefix.version == 6:
-        return "ipcache6", IPCache6Key(prefix.prefixlen, ip6_bytes(prefix.network_address))
-    return "ipcache", IPCacheKey(prefix.prefixlen, ip_bytes(prefix.network_address))
+    if entry.version == 6:
+        return "ipcache6", IPCache6Key(entry.prefixlen, IPv6Bytes.from_buffer_copy(entry.packed))
+    return "ipcache", IPCacheKey(entry.prefixlen, IPv4Bytes.from_buffer_copy(entry.packed))
