@@ -34,7 +34,9 @@ from meshagent.plugins.ebpf.maps import (
     DIR_INGRESS,
     ENDPOINT_HAS_IPV6,
     ENDPOINT_LOCAL_DELIVERY,
+    LOST_CB_TYPE,
     POLICY_PREFIX_STATIC,
+    RAW_CB_TYPE,
     REASONS,
     VERDICT_ALLOW,
     VERDICT_DENY,
@@ -49,13 +51,16 @@ from meshagent.plugins.ebpf.maps import (
     LBBackendKey,
     LBService,
     LBServiceKey,
+    PerfBufferOpts,
     PolicyKey,
     PolicyValue,
+    bpf_lib,
     ip6_bytes,
     ip_bytes,
     ip_text,
     mac_bytes,
     open_maps,
+    possible_cpus,
     read_metrics,
 )
 from meshagent.plugins.ebpf.policymap import (
@@ -200,20 +205,17 @@ class EbpfDatapath:
 
     def _open_drop_events(self) -> None:
         """One perf reader per CPU on each program's pinned event array, read in the loop."""
-        from bcc.libbcc import bcc_perf_buffer_opts, lib
-        from bcc.table import _LOST_CB_TYPE, _RAW_CB_TYPE
-
-        from meshagent.plugins.ebpf.maps import possible_cpus
+        lib = bpf_lib()
         loop = asyncio.get_running_loop()
-        callback = _RAW_CB_TYPE(lambda _, data, size: self._on_drop(0, data, size))
-        lost = ct.cast(None, _LOST_CB_TYPE)
+        callback = RAW_CB_TYPE(lambda _, data, size: self._on_drop(0, data, size))
+        lost = ct.cast(None, LOST_CB_TYPE)
         self._callbacks = (callback, lost)  # ctypes callbacks must outlive the readers
         for name in loader.PROGRAMS:
             map_fd = lib.bpf_obj_get(str(self.pin_dir / f"events_{name}").encode())
             if map_fd < 0:
                 raise loader.DatapathError(f"cannot open the pinned event array of {name}")
             for cpu in range(possible_cpus()):
-                opts = bcc_perf_buffer_opts()
+                opts = PerfBufferOpts()
                 opts.pid, opts.cpu, opts.wakeup_events = -1, cpu, 1  # wake on every event
                 reader = lib.bpf_open_perf_buffer_opts(callback, lost, None, 16, ct.byref(opts))
                 if not reader:
@@ -230,7 +232,7 @@ class EbpfDatapath:
 
     async def stop(self) -> None:
         """Stop reading events; programs and pinned maps stay for the next agent."""
-        from bcc.libbcc import lib
+        lib = bpf_lib()
         loop = asyncio.get_running_loop()
         for fd, reader in self._readers:
             loop.remove_reader(fd)
