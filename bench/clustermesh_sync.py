@@ -65,7 +65,10 @@ def run_one(entries: int, workdir: Path, datapath: bool = True) -> dict:
             [MESHAGENT, "--plugins", "memory,etcd,ebpf" if datapath else "memory,etcd",
              "--kvstore", "memory",
              "--cluster-name", "cluster1", "--cluster-id", "101", "--clustermesh-config",
-             str(mesh), *(["--ebpf-bpf-root", str(bpffs.path)] if datapath else []),
+             str(mesh), *(["--ebpf-bpf-root", str(bpffs.path),
+                           # the default (512,000) holds 100,000s; a million needs more room
+                           "--ebpf-ipcache-max", str(max(512_000, 2 * entries))]
+                          if datapath else []),
              "--socket-path", str(sock),
              "--state-dir", str(workdir / f"state{tag}")],
             stdout=open(workdir / f"agent{tag}.log", "w"), stderr=subprocess.STDOUT)
