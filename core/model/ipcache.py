@@ -50,9 +50,10 @@ class IPCacheEntry:
     pod_name: str = ""
 
     def __init__(self, prefix: Network | bytes, identity: int, cluster: str,
-                 host_ip: Address | bytes | None = None, namespace: str = "",
+                 host_ip: Address | str | bytes | None = None, namespace: str = "",
                  pod_name: str = ""):
-        host = host_ip if isinstance(host_ip, bytes) else host_ip.packed if host_ip else b""
+        host = host_ip if isinstance(host_ip, bytes) else (
+            ipaddress.ip_address(host_ip).packed if host_ip else b"")
         self.__attrs_init__(prefix_key(prefix), identity, cluster, host, namespace, pod_name)
 
     @property
