@@ -511,7 +511,9 @@ class EbpfDatapath:
         limits = {"ipcache": "IPCACHE_MAX", "ipcache6": "IPCACHE_MAX", "policy": "POLICY_MAX",
                   "ct_tcp": "CT_TCP_MAX", "ct_any": "CT_ANY_MAX", "ct6_tcp": "CT6_TCP_MAX",
                   "ct6_any": "CT6_ANY_MAX", "lb_services": "LB_SERVICES_MAX"}
-        sizes = {name: len(self.maps[name]) for name in limits if name != "policy"}
+        # counting a map walks its keys (a million in the ipcache): only for details
+        sizes = ({name: len(self.maps[name]) for name in limits if name != "policy"}
+                 if verbose else {})
         sizes["policy"] = self.policy_entry_count()
         drops = {reason: n for reason, n in self.counters().items() if reason != "forwarded"}
         summary = (f"ebpf: programs attached on {full}/{len(self.endpoints)} endpoints,"
