@@ -38,13 +38,13 @@ async def main(entries: int) -> None:
                              "--clustermesh-config", str(mesh), "--socket-path",
                              str(workdir / "a.sock"), "--state-dir", str(workdir / "state")], {})
         task = asyncio.create_task(agent.run())
-        while not (agent.clustermesh.remotes.get("cluster2")
+        while not (agent.clustermesh is not None and agent.clustermesh.remotes.get("cluster2")
                    and agent.clustermesh.remotes["cluster2"].ready):
             await asyncio.sleep(0.05)
         snapshot = tracemalloc.take_snapshot()
         current, peak = tracemalloc.get_traced_memory()
         print(f"traced now {current / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB")
-        for stat in snapshot.statistics("lineno")[:12]:
+        for stat in snapshot.statistics("lineno")[:25]:
             print(f"{stat.size / 2**20:6.1f} MiB {stat.count:8d}  {stat.traceback[0]}")
         agent.stop()
         await task

@@ -344,24 +344,25 @@ def _ipcache(checks: EntryChecks, key: str, value: bytes):
     if cluster != kvkeys.IPCACHE_ADDRESS_SPACE:  # a Cilium cluster's own spelling
         checks.check_cluster("ipcache key", cluster)
     entry = ipcache_from_json(value, checks.cluster)
-    if entry.key_ip != ip and str(entry.prefix.network_address) != ip:
+    if entry.key_ip != ip and str(entry.address) != ip:
         raise Rejected(f"entry for {entry.prefix} under key of {ip}")
-    if checks.remote and entry.prefix.prefixlen != entry.prefix.max_prefixlen:
+    if checks.remote and not entry.is_host:
         raise Rejected(f"{entry.prefix} is not a single address: a remote cluster publishes its"
                        " endpoints, never ranges")
     checks.check_identity(entry.identity)
-    return entry.prefix, entry
+    return entry.key, entry  # packed: the table key is kept per kvstore key
 
 
 def _ipcache_admission(sync: ClusterSync, entry) -> str:
     """A remote's endpoint must be inside a pod CIDR granted to that cluster."""
-    owner = sync.ownership.owner(entry.prefix.network_address)
+    address = entry.address
+    owner = sync.ownership.owner(address)
     if owner == sync.cluster:
         return ""
     if owner is None:
-        return f"{entry.prefix.network_address} is in no pod CIDR granted to {sync.cluster}"
+        return f"{address} is in no pod CIDR granted to {sync.cluster}"
     whose = "this cluster" if owner == sync.local.name else f"cluster {owner}"
-    return f"{entry.prefix.network_address} belongs to {whose}'s pod CIDRs"
+    return f"{address} belongs to {whose}'s pod CIDRs"
 
 
 def _ipcache_key_parts(key: str) -> tuple[str, str]:

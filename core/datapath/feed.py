@@ -39,6 +39,7 @@ class DatapathFeed:
         self.started = started  # set here: the datapath may be called
         self.synced = synced  # set here: it got its first full state
         self._ipcache_changes: list[tuple[ChangeKind, IPCacheEntry]] = []
+        self._ipcache_taken = False  # the first full state is taken: keep the changes after it
         self._ipcache_wake = asyncio.Event()
         self._gone: set[int] = set()  # endpoints deleted since the policy batch was taken
 
@@ -57,7 +58,7 @@ class DatapathFeed:
 
     @hookimpl
     def meshagent_ipcache_changed(self, kind, entry):
-        if self.datapath is not None:
+        if self.datapath is not None and self._ipcache_taken:  # before: in the full state
             self._ipcache_changes.append((kind, entry))
             self._ipcache_wake.set()
 
@@ -85,6 +86,7 @@ class DatapathFeed:
             await asyncio.sleep(0.1)
         policies = resolver.snapshot() if resolver is not None else {}
         self._ipcache_changes.clear()
+        self._ipcache_taken = True
         await datapath.reconcile(policies, list(self.ipcache.values()))
         self.synced.set()
         async with asyncio.TaskGroup() as streams:

@@ -2,6 +2,7 @@
 builds on any store: a lock, list-then-watch, liveness, the publisher of this node's state."""
 
 from meshagent.kvstore.contract import (
+    PAGE_SIZE,
     EventType,
     KeyValue,
     KVStore,
@@ -14,8 +15,9 @@ from meshagent.kvstore.contract import (
     Listing,
     RevisionCompacted,
     WatchEvent,
+    pages_of,
 )
 
-__all__ = ["EventType", "KeyValue", "KVStore", "KVStoreBackend", "KVStoreError",
+__all__ = ["PAGE_SIZE", "EventType", "KeyValue", "KVStore", "KVStoreBackend", "KVStoreError",
            "KVStoreStatus", "KVStoreUnavailable", "Lease", "LeaseExpired", "Listing",
-           "RevisionCompacted", "WatchEvent"]
+           "RevisionCompacted", "WatchEvent", "pages_of"]

@@ -72,6 +72,17 @@ class Listing:
     revision: int  # watch(prefix, after_revision=revision) continues from here
 
 
+#: Keys per page of :meth:`KVStore.list_pages`: few round trips, a few MiB at a time.
+PAGE_SIZE = 10_000
+
+
+async def pages_of(listing: Listing, page_size: int) -> AsyncIterator[Listing]:
+    """A whole listing as :meth:`KVStore.list_pages` gives it, for stores that read a prefix
+    in one answer anyway."""
+    for start in range(0, max(len(listing.items), 1), page_size):
+        yield Listing(listing.items[start:start + page_size], listing.revision)
+
+
 @attrs.frozen
 class Lease:
     id: int
@@ -98,6 +109,12 @@ class KVStore(Protocol):
     async def get(self, key: str) -> KeyValue | None: ...
 
     async def list_prefix(self, prefix: str) -> Listing: ...
+
+    def list_pages(self, prefix: str, page_size: int = PAGE_SIZE) -> AsyncIterator[Listing]:
+        """The listing of ``prefix`` in pages of at most ``page_size`` keys, in key order,
+        every page at the first one's revision (at least one page, if empty): a large prefix
+        (a remote cluster's 100,000s of entries) is never held whole. Raises
+        :class:`RevisionCompacted` if that revision goes before the last page is read."""
 
     async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
         """Write unconditionally; returns the write's revision."""

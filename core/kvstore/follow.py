@@ -41,7 +41,11 @@ async def follow_prefix(store: KVStore, prefix: str,
 
     while True:
         if position.revision is None:
-            position.revision = await _list(store, prefix, apply, known_keys)
+            try:
+                position.revision = await _list(store, prefix, apply, known_keys)
+            except RevisionCompacted as exc:  # between two pages: what they gave stays
+                log.info("%s: %s while listing; listing again", prefix, exc)
+                continue
             if on_progress is not None:
                 on_progress()
         on_listed()
@@ -59,15 +63,19 @@ async def follow_prefix(store: KVStore, prefix: str,
 
 
 async def _list(store: KVStore, prefix: str, apply, known_keys) -> int:
-    """Apply a listing of ``prefix``; its revision. A function of its own so that the listing
-    (100,000 entries for a large remote cluster) is freed before the watch starts."""
-    listing = await store.list_prefix(prefix)
-    present = set()
-    for item in listing.items:
-        present.add(item.key)
-        if (pending := apply(item.key, item.value)) is not None:
-            await pending
-    for key in set(known_keys()) - present:  # gone while nobody was watching
+    """Apply a listing of ``prefix``, page by page; its revision. A remote cluster's may hold
+    100,000s of keys: one page is held at a time, and only the keys known before (none on a
+    first listing) are kept aside, to delete those the listing does not return."""
+    gone = set(known_keys())
+    revision = 0
+    async for page in store.list_pages(prefix):
+        revision = page.revision
+        for item in page.items:
+            gone.discard(item.key)
+            if (pending := apply(item.key, item.value)) is not None:
+                await pending
+        del page  # not held while the next one is read
+    for key in gone:  # gone while nobody was watching
         if (pending := apply(key, None)) is not None:
             await pending
-    return listing.revision
+    return revision

@@ -1,5 +1,6 @@
 """IP (or CIDR) to identity mappings, the facts the datapath judges remote traffic by."""
 
+import functools
 import ipaddress
 import json
 
@@ -16,32 +17,95 @@ from meshagent.model.jsonfields import (
 from meshagent.model.net import Address, Network
 
 
-@attrs.frozen
-class IPCacheEntry:
-    """Who owns an address: published under ``cilium/state/ip/v1/<cluster>/<ip>``."""
+def prefix_key(prefix: Network | bytes) -> bytes:
+    """A prefix packed: its length, then its address (5 bytes for IPv4, 17 for IPv6). The
+    ipcache holds prefixes this way: an ``ipaddress`` network costs some 400 bytes."""
+    if isinstance(prefix, bytes):
+        return prefix
+    return bytes((prefix.prefixlen,)) + prefix.network_address.packed
 
-    prefix: Network  # either family
+
+def host_key(address: Address) -> bytes:
+    """:func:`prefix_key` of the address alone (/32, /128)."""
+    return bytes((address.max_prefixlen,)) + address.packed
+
+
+def unpack_address(packed: bytes) -> Address:
+    return ipaddress.IPv4Address(packed) if len(packed) == 4 else ipaddress.IPv6Address(packed)
+
+
+@attrs.frozen(init=False, repr=False, weakref_slot=False)
+class IPCacheEntry:
+    """Who owns an address: published under ``cilium/state/ip/v1/<cluster>/<ip>``.
+
+    Held packed, as a remote cluster may publish a million: the prefix as :func:`prefix_key`
+    (also its key in the :class:`IPCache`), the host address as its bytes. ``prefix`` and
+    ``host_ip`` unpack them; JSON shows those, as before."""
+
+    key: bytes = attrs.field(metadata={"json": "prefix"})
     identity: int
     cluster: str
-    host_ip: Address | None = None
+    host: bytes = attrs.field(metadata={"json": "host_ip"})  # b"": none
     namespace: str = ""
     pod_name: str = ""
+
+    def __init__(self, prefix: Network | bytes, identity: int, cluster: str,
+                 host_ip: Address | str | bytes | None = None, namespace: str = "",
+                 pod_name: str = ""):
+        host = host_ip if isinstance(host_ip, bytes) else (
+            ipaddress.ip_address(host_ip).packed if host_ip else b"")
+        self.__attrs_init__(prefix_key(prefix), identity, cluster, host, namespace, pod_name)
+
+    @property
+    def prefixlen(self) -> int:
+        return self.key[0]
+
+    @property
+    def packed(self) -> bytes:
+        """The prefix's address as bytes (4 or 16)."""
+        return self.key[1:]
+
+    @property
+    def version(self) -> int:
+        return 4 if len(self.key) == 5 else 6
+
+    @property
+    def is_host(self) -> bool:
+        """A single address (/32, /128), as every endpoint's entry is."""
+        return self.key[0] == 8 * (len(self.key) - 1)
+
+    @property
+    def address(self) -> Address:
+        """The prefix's (network) address."""
+        return unpack_address(self.key[1:])
+
+    @property
+    def prefix(self) -> Network:
+        if len(self.key) == 5:
+            return ipaddress.IPv4Network((self.key[1:], self.key[0]))
+        return ipaddress.IPv6Network((self.key[1:], self.key[0]))
+
+    @property
+    def host_ip(self) -> Address | None:
+        return unpack_address(self.host) if self.host else None
 
     @property
     def key_ip(self) -> str:
         """The address as it appears in the key: bare for a host, ``a.b.c.d/len`` for a CIDR."""
-        if self.prefix.prefixlen == self.prefix.max_prefixlen:
-            return str(self.prefix.network_address)
-        return str(self.prefix)
+        return str(self.address) if self.is_host else str(self.prefix)
+
+    def __repr__(self) -> str:
+        return (f"IPCacheEntry({self.prefix}, {self.identity}, {self.cluster!r}, {self.host_ip},"
+                f" {self.namespace!r}, {self.pod_name!r})")
 
 
 def ipcache_to_json(entry: IPCacheEntry) -> bytes:
     """Cilium's identity.IPIdentityPair JSON."""
+    bits = 8 * len(entry.packed)
     doc = {
-        "IP": str(entry.prefix.network_address),
-        "Mask": None if entry.prefix.prefixlen == entry.prefix.max_prefixlen else
-        prefixlen_to_mask(entry.prefix.prefixlen, entry.prefix.max_prefixlen),
-        "HostIP": str(entry.host_ip) if entry.host_ip else "",
+        "IP": str(entry.address),
+        "Mask": None if entry.is_host else prefixlen_to_mask(entry.prefixlen, bits),
+        "HostIP": str(entry.host_ip) if entry.host else "",
         "ID": entry.identity,
         "Key": 0,
         "K8sNamespace": entry.namespace,
@@ -50,17 +114,25 @@ def ipcache_to_json(entry: IPCacheEntry) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
+@functools.lru_cache(maxsize=4096)
+def _packed_host(text: str) -> bytes:
+    """A host address as bytes, one object for all the entries of a node (100 or so)."""
+    return ip_address(text, "HostIP").packed
+
+
 def ipcache_from_json(data: bytes, cluster: str) -> IPCacheEntry:
     doc = load_object(data)
     ip = ip_address(field(doc, "IP", str), "IP")
     prefixlen = mask_to_prefixlen(doc.get("Mask"), "Mask", ip.max_prefixlen)
-    try:
-        prefix = ipaddress.ip_network(f"{ip}/{prefixlen}")
-    except ValueError as exc:
-        raise ValueError(f"field 'IP': {exc}") from None
+    if prefixlen != ip.max_prefixlen:  # a range: its address must be the network's
+        try:
+            ipaddress.ip_network(f"{ip}/{prefixlen}")
+        except ValueError as exc:
+            raise ValueError(f"field 'IP': {exc}") from None
     identity = field(doc, "ID", int)
     host = field(doc, "HostIP", str, required=False, default="")
-    return IPCacheEntry(prefix, identity, cluster, ip_address(host, "HostIP") if host else None,
+    return IPCacheEntry(bytes((prefixlen,)) + ip.packed, identity, cluster,
+                        _packed_host(host) if host else None,
                         field(doc, "K8sNamespace", str, required=False, default=""),
                         field(doc, "K8sPodName", str, required=False, default=""))
 
@@ -77,85 +149,93 @@ class IPCache:
     then the policies', then the remote cluster that claimed the prefix first (as Cilium's
     ipcache prefers local sources over ClusterMesh). Withdrawing a claim brings the next one
     into force, never removes another source's. Observers hear of the entry in force only.
+
+    Prefixes are given as networks or as :func:`prefix_key` (what the ClusterMesh sync has).
+    Each prefix keeps its claims in one flat tuple, ``(source, entry, source, entry, ...)`` in
+    that order of rank, the first in force: a remote cluster's 100,000s of single claims cost
+    one small tuple each, not a dict.
     """
 
     def __init__(self, local_cluster: str, notify):
         self.local_cluster = local_cluster
         self._notify = notify
-        self._claims: dict[Network, dict[str, tuple[int, IPCacheEntry]]] = {}
-        self._in_force: dict[Network, IPCacheEntry] = {}
+        self._claims: dict[bytes, tuple] = {}  # prefix_key -> (source, entry, ...) by rank
         self._counts: dict[str, int] = {}
-        self._order = 0
 
-    def _rank(self, source: str, order: int) -> tuple[int, int]:
-        return (0 if source == self.local_cluster else 1 if source == POLICY_SOURCE else 2,
-                order)
+    def _tier(self, source: str) -> int:
+        return 0 if source == self.local_cluster else 1 if source == POLICY_SOURCE else 2
 
-    def upsert(self, prefix: Network, entry: IPCacheEntry,
+    def upsert(self, prefix: Network | bytes, entry: IPCacheEntry,
                source: str | None = None) -> bool:
         """``source`` (default: the entry's cluster) claims ``prefix``; True if that changed
-        the entry in force."""
+        the entry in force. A new claim goes after those of its tier (claimed first, ranked
+        first); an update keeps its place in line."""
         source = source or entry.cluster
-        claims = self._claims.setdefault(prefix, {})
-        if source in claims:
-            order = claims[source][0]  # an update keeps its place in line
+        key = prefix_key(prefix)
+        claims = self._claims.get(key, ())
+        sources = claims[::2]
+        if source in sources:
+            at = 2 * sources.index(source)
+            rest = claims[at + 2:]
         else:
-            self._order += 1
-            order = self._order
+            tier = self._tier(source)
+            at = 2 * sum(1 for s in sources if self._tier(s) <= tier)
+            rest = claims[at:]
             self._counts[source] = self._counts.get(source, 0) + 1
-        claims[source] = (order, entry)
-        return self._refresh(prefix)
+        self._claims[key] = now = claims[:at] + (source, entry) + rest
+        return self._changed(claims[1] if claims else None, now[1])
 
-    def delete(self, prefix: Network, cluster: str | None = None
+    def delete(self, prefix: Network | bytes, cluster: str | None = None
                ) -> IPCacheEntry | None:
-        """Withdraw ``cluster``'s claim (every claim when None); the claim it had."""
-        claims = self._claims.get(prefix)
+        """Withdraw ``cluster``'s claim (every claim when None); the claim it had (when None,
+        the one in force)."""
+        key = prefix_key(prefix)
+        claims = self._claims.get(key)
         if not claims:
             return None
-        sources = list(claims) if cluster is None else [cluster]
-        gone = None
-        for source in sources:
-            claim = claims.pop(source, None)
-            if claim is not None:
-                gone = claim[1]
+        kept: tuple = ()
+        gone = claims[1] if cluster is None else None
+        for source, entry in zip(claims[::2], claims[1::2]):
+            if cluster is None or source == cluster:
+                gone = gone or entry
                 self._counts[source] -= 1
-        if not claims:
-            del self._claims[prefix]
-        self._refresh(prefix)
+            else:
+                kept += (source, entry)
+        if kept:
+            self._claims[key] = kept
+        else:
+            del self._claims[key]
+        self._changed(claims[1], kept[1] if kept else None)
         return gone
 
-    def _refresh(self, prefix: Network) -> bool:
-        claims = self._claims.get(prefix)
-        best = None
-        if claims:
-            source = min(claims, key=lambda s: self._rank(s, claims[s][0]))
-            best = claims[source][1]
-        if self._in_force.get(prefix) == best:
+    def _changed(self, before: IPCacheEntry | None, after: IPCacheEntry | None) -> bool:
+        """Tell observers when the entry in force changed."""
+        if before == after:
             return False
-        if best is None:
-            gone = self._in_force.pop(prefix)
-            self._notify(ChangeKind.DELETE, gone)
+        if after is None:
+            self._notify(ChangeKind.DELETE, before)
         else:
-            self._in_force[prefix] = best
-            self._notify(ChangeKind.UPSERT, best)
+            self._notify(ChangeKind.UPSERT, after)
         return True
 
-    def get(self, prefix: Network) -> IPCacheEntry | None:
-        return self._in_force.get(prefix)
+    def get(self, prefix: Network | bytes) -> IPCacheEntry | None:
+        claims = self._claims.get(prefix_key(prefix))
+        return claims[1] if claims else None
 
-    def claims(self, prefix: Network) -> dict[str, IPCacheEntry]:
+    def claims(self, prefix: Network | bytes) -> dict[str, IPCacheEntry]:
         """Every source's claim on ``prefix``, whether in force or not."""
-        return {s: e for s, (_, e) in self._claims.get(prefix, {}).items()}
+        claims = self._claims.get(prefix_key(prefix), ())
+        return dict(zip(claims[::2], claims[1::2]))
 
     def values(self) -> list[IPCacheEntry]:
-        return list(self._in_force.values())
+        return [claims[1] for claims in self._claims.values()]
 
     def count(self, cluster: str) -> int:
         """How many prefixes ``cluster`` claims (in force or not)."""
         return self._counts.get(cluster, 0)
 
     def __len__(self) -> int:
-        return len(self._in_force)
+        return len(self._claims)
 
     def __iter__(self):
-        return iter(list(self._in_force))
+        return iter([claims[1].prefix for claims in self._claims.values()])

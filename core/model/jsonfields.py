@@ -92,10 +92,12 @@ def _kind_name(kind) -> str:
 
 
 def to_jsonable(value: Any) -> Any:
-    """attrs objects, enums, paths, addresses and sets as plain JSON values."""
+    """attrs objects, enums, paths, addresses and sets as plain JSON values. A field held
+    packed names the attribute that unpacks it in its metadata (``json``): that is shown."""
     if attrs.has(type(value)):
-        return {f.name: to_jsonable(getattr(value, f.name))
-                for f in attrs.fields(type(value)) if not f.name.startswith("_")}
+        shown = [f.metadata.get("json", f.name) for f in attrs.fields(type(value))]
+        return {name: to_jsonable(getattr(value, name))
+                for name in shown if not name.startswith("_")}
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, (Path, ipaddress.IPv4Address, ipaddress.IPv4Network,

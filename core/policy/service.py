@@ -258,8 +258,9 @@ class PolicyService:
                 raise PolicyError(f"src_ip {ip!r} is not an IPv4 or IPv6 address") from None
             best = None
             for entry in self.tables.ipcache.values():
-                if address in entry.prefix and (  # never true across families
-                        best is None or entry.prefix.prefixlen > best.prefix.prefixlen):
+                if entry.version == address.version and (
+                        best is None or entry.prefixlen > best.prefixlen) and (
+                        address in entry.prefix):
                     best = entry
             # an address no entry covers is the world of its family
             number = best.identity if best else int(world_identity(address.version))

@@ -29,6 +29,7 @@ from meshagent.kvstore import KVStore
 from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstore.follow import follow_prefix
 from meshagent.model.cluster import ClusterInfo
+from meshagent.model.ipcache import host_key
 from meshagent.model.service import MergedService, Service, service_from_json, service_to_json
 from meshagent.model.table import Tables
 from meshagent.runtime.controller import Controller, ControllerHandle
@@ -116,7 +117,7 @@ class ServiceManager:
 
     @hookimpl
     def meshagent_ipcache_changed(self, kind, entry):
-        if entry.prefix.prefixlen == 32 and entry.prefix.network_address in self.backend_ips:
+        if entry.prefixlen == 32 and entry.address in self.backend_ips:
             self.remerge()  # backends follow their endpoints
 
     @hookimpl
@@ -262,9 +263,9 @@ class ServiceManager:
         self.backend_ips = {b.ip for service in ours.values() for b in service.backends}
         self.backend_ips |= {b.ip for other in others if other.global_ and other.shared
                              and (other.namespace, other.name) in ours for b in other.backends}
-        live = {entry.prefix.network_address for entry in self.tables.ipcache.values()
-                if entry.prefix.prefixlen == 32 and entry.prefix.network_address
-                in self.backend_ips}
+        # looked up per backend, not by walking the ipcache (100,000s of remote entries)
+        live = {ip for ip in self.backend_ips
+                if ip.version == 4 and self.tables.ipcache.get(host_key(ip)) is not None}
         merged = merge_services(ours, others, live, self.cluster.name)
         if merged != self.merged:
             self.merged = merged

@@ -228,6 +228,22 @@ class KVStoreContract:
         assert listing.revision >= max(item.mod_revision for item in listing.items)
         assert (await kv.list_prefix(prefix + "nothing/")).items == []
 
+    async def test_list_pages(self, kv, prefix):
+        for name in ("e", "b", "a", "sub/c", "d"):
+            await kv.put(prefix + name, name.encode())
+        await kv.put(prefix.rstrip("/") + "-sibling", b"not mine")
+        whole = await kv.list_prefix(prefix)
+        pages = []
+        async for page in kv.list_pages(prefix, page_size=2):
+            if not pages:  # later writes are not in the pages after the first
+                await kv.put(prefix + "c", b"late")
+            pages.append(page)
+        assert [[item.key for item in page.items] for page in pages] == [
+            [prefix + "a", prefix + "b"], [prefix + "d", prefix + "e"], [prefix + "sub/c"]]
+        assert {page.revision for page in pages} == {whole.revision}
+        empty = [page async for page in kv.list_pages(prefix + "nothing/")]
+        assert len(empty) == 1 and empty[0].items == []
+
     async def test_delete_prefix(self, kv, prefix):
         for name in ("a", "b", "c/d"):
             await kv.put(prefix + name, b"x")

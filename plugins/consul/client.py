@@ -22,6 +22,7 @@ import consul.aio
 from consul.exceptions import ConsulException
 
 from meshagent.kvstore import (
+    PAGE_SIZE,
     EventType,
     KeyValue,
     KVStoreError,
@@ -32,6 +33,7 @@ from meshagent.kvstore import (
     Listing,
     RevisionCompacted,
     WatchEvent,
+    pages_of,
 )
 from meshagent.kvstore.batch import create_each, put_each
 from meshagent.kvstore.lock import kv_lock
@@ -102,6 +104,10 @@ class ConsulKVStore:
         items = items or []
         self._remember(prefix, int(index), {i["Key"]: i["ModifyIndex"] for i in items})
         return Listing([self._kv(i) for i in items], int(index))
+
+    async def list_pages(self, prefix: str, page_size: int = PAGE_SIZE):
+        async for page in pages_of(await self.list_prefix(prefix), page_size):
+            yield page
 
     def _remember(self, prefix: str, revision: int, state: dict[str, int]) -> None:
         self._snapshots[(prefix, revision)] = dict(state)

@@ -34,7 +34,9 @@ from meshagent.plugins.ebpf.maps import (
     DIR_INGRESS,
     ENDPOINT_HAS_IPV6,
     ENDPOINT_LOCAL_DELIVERY,
+    LOST_CB_TYPE,
     POLICY_PREFIX_STATIC,
+    RAW_CB_TYPE,
     REASONS,
     VERDICT_ALLOW,
     VERDICT_DENY,
@@ -44,17 +46,21 @@ from meshagent.plugins.ebpf.maps import (
     IPCacheKey,
     IPCacheValue,
     IPv4Bytes,
+    IPv6Bytes,
     LBBackend,
     LBBackendKey,
     LBService,
     LBServiceKey,
+    PerfBufferOpts,
     PolicyKey,
     PolicyValue,
+    bpf_lib,
     ip6_bytes,
     ip_bytes,
     ip_text,
     mac_bytes,
     open_maps,
+    possible_cpus,
     read_metrics,
 )
 from meshagent.plugins.ebpf.policymap import (
@@ -199,20 +205,17 @@ class EbpfDatapath:
 
     def _open_drop_events(self) -> None:
         """One perf reader per CPU on each program's pinned event array, read in the loop."""
-        from bcc.libbcc import bcc_perf_buffer_opts, lib
-        from bcc.table import _LOST_CB_TYPE, _RAW_CB_TYPE
-
-        from meshagent.plugins.ebpf.maps import possible_cpus
+        lib = bpf_lib()
         loop = asyncio.get_running_loop()
-        callback = _RAW_CB_TYPE(lambda _, data, size: self._on_drop(0, data, size))
-        lost = ct.cast(None, _LOST_CB_TYPE)
+        callback = RAW_CB_TYPE(lambda _, data, size: self._on_drop(0, data, size))
+        lost = ct.cast(None, LOST_CB_TYPE)
         self._callbacks = (callback, lost)  # ctypes callbacks must outlive the readers
         for name in loader.PROGRAMS:
             map_fd = lib.bpf_obj_get(str(self.pin_dir / f"events_{name}").encode())
             if map_fd < 0:
                 raise loader.DatapathError(f"cannot open the pinned event array of {name}")
             for cpu in range(possible_cpus()):
-                opts = bcc_perf_buffer_opts()
+                opts = PerfBufferOpts()
                 opts.pid, opts.cpu, opts.wakeup_events = -1, cpu, 1  # wake on every event
                 reader = lib.bpf_open_perf_buffer_opts(callback, lost, None, 16, ct.byref(opts))
                 if not reader:
@@ -229,7 +232,7 @@ class EbpfDatapath:
 
     async def stop(self) -> None:
         """Stop reading events; programs and pinned maps stay for the next agent."""
-        from bcc.libbcc import lib
+        lib = bpf_lib()
         loop = asyncio.get_running_loop()
         for fd, reader in self._readers:
             loop.remove_reader(fd)
@@ -423,15 +426,19 @@ class EbpfDatapath:
 
     def _replace_ipcache(self, ipcache: list[IPCacheEntry]) -> None:
         """The ipcache exactly these rows: new ones first, then stale ones removed, so every
-        address resolves to its old or its new identity on the way."""
-        wanted = {(e.prefix.prefixlen, e.prefix.network_address.packed) for e in ipcache}
+        address resolves to its old or its new identity on the way. Nothing of the size of
+        the ipcache is built but a set of the entries' own keys: it may hold 100,000s."""
+        wanted = set()
         for entry in ipcache:
             name, key = _ipcache_row(entry)
             self.maps[name].put(key, IPCacheValue(entry.identity, 0))
+            wanted.add(entry.key)
         for name in ("ipcache", "ipcache6"):
-            for key, _ in list(self.maps[name].items()):
-                if (key.prefixlen, bytes(key.ip)) not in wanted:
-                    self.maps[name].delete(key)
+            table = self.maps[name]
+            stale = [key for key in table.keys()
+                     if bytes((key.prefixlen,)) + bytes(key.ip) not in wanted]
+            for key in stale:
+                table.delete(key)
 
     def policy_entry_count(self) -> int:
         """Entries the policy map holds for the resolved verdicts (as written)."""
@@ -504,7 +511,9 @@ class EbpfDatapath:
         limits = {"ipcache": "IPCACHE_MAX", "ipcache6": "IPCACHE_MAX", "policy": "POLICY_MAX",
                   "ct_tcp": "CT_TCP_MAX", "ct_any": "CT_ANY_MAX", "ct6_tcp": "CT6_TCP_MAX",
                   "ct6_any": "CT6_ANY_MAX", "lb_services": "LB_SERVICES_MAX"}
-        sizes = {name: len(self.maps[name]) for name in limits if name != "policy"}
+        # counting a map walks its keys (a million in the ipcache): only for details
+        sizes = ({name: len(self.maps[name]) for name in limits if name != "policy"}
+                 if verbose else {})
         sizes["policy"] = self.policy_entry_count()
         drops = {reason: n for reason, n in self.counters().items() if reason != "forwarded"}
         summary = (f"ebpf: programs attached on {full}/{len(self.endpoints)} endpoints,"
@@ -548,7 +557,6 @@ class DatapathMetrics:
 
 def _ipcache_row(entry: IPCacheEntry) -> tuple[str, IPCacheKey | IPCache6Key]:
     """The map of the entry's family (each has an LPM trie of its own) and its key there."""
-    prefix = entry.prefix
-    if prefix.version == 6:
-        return "ipcache6", IPCache6Key(prefix.prefixlen, ip6_bytes(prefix.network_address))
-    return "ipcache", IPCacheKey(prefix.prefixlen, ip_bytes(prefix.network_address))
+    if entry.version == 6:
+        return "ipcache6", IPCache6Key(entry.prefixlen, IPv6Bytes.from_buffer_copy(entry.packed))
+    return "ipcache", IPCacheKey(entry.prefixlen, IPv4Bytes.from_buffer_copy(entry.packed))

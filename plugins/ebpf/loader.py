@@ -125,7 +125,8 @@ class PinnedProgram:
     """A loaded program opened by its pin: what tc attaches."""
 
     def __init__(self, pin_dir: Path, name: str):
-        from bcc.libbcc import lib
+        from meshagent.plugins.ebpf.maps import bpf_lib
+        lib = bpf_lib()
         self.name = name
         self.fd = lib.bpf_obj_get(str(pin_dir / f"prog_{name}").encode())
         if self.fd < 0:

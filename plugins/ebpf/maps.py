@@ -1,10 +1,11 @@
 """Userspace views of the pinned BPF maps: C structs as ctypes, map access by pinned path.
 
-Access goes through libbcc's thin syscall wrappers on a pinned path, without compiling
+Access goes through bcc's thin syscall wrappers (libbcc_bpf) on a pinned path, without compiling
 anything, so ``meshagent bpf ...`` reads the maps while the agent is down.
 """
 
 import ctypes as ct
+import functools
 import ipaddress
 import os
 from collections.abc import Iterator
@@ -205,7 +206,7 @@ def expected_layout(name: str, defines: dict) -> Layout:
 
 def pinned_layout(path: Path) -> Layout | None:
     """The layout of the map pinned at ``path``, or None when there is none."""
-    lib = _lib()
+    lib = bpf_lib()
     fd = lib.bpf_obj_get(str(path).encode())
     if fd < 0:
         return None
@@ -237,14 +238,55 @@ def ip_text(raw: IPv4Bytes | IPv6Bytes) -> str:
     return str(ipaddress.ip_address(bytes(raw)))
 
 
-def _lib():
-    from bcc.libbcc import lib  # Debian's python3-bpfcc
+RAW_CB_TYPE = ct.CFUNCTYPE(None, ct.py_object, ct.c_void_p, ct.c_int)  # a perf event
+LOST_CB_TYPE = ct.CFUNCTYPE(None, ct.py_object, ct.c_ulonglong)
+
+
+class PerfBufferOpts(ct.Structure):
+    _fields_ = [("pid", ct.c_int), ("cpu", ct.c_int), ("wakeup_events", ct.c_int)]
+
+
+_SIGNATURES = {  # name: (result, arguments), as libbcc's Python binding declares them
+    "bpf_obj_get": (ct.c_int, [ct.c_char_p]),
+    "bpf_obj_pin": (ct.c_int, [ct.c_int, ct.c_char_p]),
+    "bpf_obj_get_info_by_fd": (ct.c_int, [ct.c_int, ct.c_void_p, ct.c_void_p]),
+    "bpf_lookup_elem": (ct.c_int, [ct.c_int, ct.c_void_p, ct.c_void_p]),
+    "bpf_update_elem": (ct.c_int, [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_ulonglong]),
+    "bpf_delete_elem": (ct.c_int, [ct.c_int, ct.c_void_p]),
+    "bpf_get_first_key": (ct.c_int, [ct.c_int, ct.c_void_p, ct.c_uint]),
+    "bpf_get_next_key": (ct.c_int, [ct.c_int, ct.c_void_p, ct.c_void_p]),
+    "bpf_open_perf_buffer_opts": (ct.c_void_p, [RAW_CB_TYPE, LOST_CB_TYPE, ct.py_object,
+                                                ct.c_int, ct.POINTER(PerfBufferOpts)]),
+    "perf_reader_fd": (ct.c_int, [ct.c_void_p]),
+    "perf_reader_event_read": (None, [ct.c_void_p]),
+    "perf_reader_free": (None, [ct.c_void_p]),
+}
+
+
+@functools.cache
+def bpf_lib():
+    """bcc's syscall wrappers without its compiler: libbcc_bpf (libbpf under it), not libbcc,
+    whose LLVM and clang cost the agent some 55 MiB of resident pages. Only the short-lived
+    compile child loads libbcc (Debian's python3-bpfcc)."""
+    try:
+        lib = ct.CDLL("libbcc_bpf.so.0", use_errno=True)
+    except OSError:
+        raise MeshagentError("libbcc_bpf.so.0 is not installed: apt-get install"
+                             " libbpfcc") from None
+    for name, (result, arguments) in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = result, arguments
     return lib
 
 
 def possible_cpus() -> int:
-    from bcc.utils import get_possible_cpus
-    return len(get_possible_cpus())
+    """As the kernel sizes per-CPU maps: /sys/devices/system/cpu/possible, e.g. ``0-3``."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    count = 0
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
 
 
 class PinnedMap:
@@ -256,7 +298,7 @@ class PinnedMap:
         self.path = Path(pin_dir) / name
         self.key_type, self.value_type = types or TYPES[name]
         self.percpu = name == "metrics"
-        lib = _lib()
+        lib = bpf_lib()
         self._lib = lib
         self.fd = lib.bpf_obj_get(str(self.path).encode())
         if self.fd < 0:

@@ -20,8 +20,10 @@ import grpc  # noqa: E402
 from aetcd import exceptions as etcd_errors  # noqa: E402
 from aetcd import rpc  # noqa: E402
 from aetcd import transactions as txn  # noqa: E402
+from aetcd.client import _handle_errors  # noqa: E402
 
 from meshagent.kvstore import (  # noqa: E402
+    PAGE_SIZE,
     EventType,
     KeyValue,
     KVStoreError,
@@ -92,6 +94,13 @@ class _Client(aetcd.Client):
         self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel), timeout=None,
                                               metadata=self.metadata)
         self._connected.set()
+
+    @_handle_errors  # gRPC errors as aetcd's, as its own calls raise them
+    async def range_page(self, start: bytes, end: bytes, limit: int, revision: int):
+        """One page of a range read at ``revision`` (0: the latest); aetcd's get_prefix has
+        neither a limit nor a revision."""
+        request = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision)
+        return await self.kvstub.Range(request, timeout=self._timeout, metadata=self.metadata)
 
 
 def describe_error(exc: BaseException, endpoint: "Endpoint | None" = None) -> str:
@@ -213,6 +222,28 @@ class EtcdKVStore:
     async def list_prefix(self, prefix: str) -> Listing:
         result = await self._call(lambda c: c.get_prefix(prefix.encode(), sort_target="key"))
         return Listing([_kv(kv) for kv in result], result.header.revision)
+
+    async def list_pages(self, prefix: str, page_size: int = PAGE_SIZE
+                         ) -> AsyncIterator[Listing]:
+        """Ranges of ``page_size`` keys, each from after the last key of the one before, all
+        at the revision of the first."""
+        start, end = prefix.encode(), aetcd.utils.prefix_range_end(prefix.encode())
+        revision = 0  # the first page reads the latest
+        while True:
+            try:
+                response = await self._call(
+                    lambda c, start=start, revision=revision: c.range_page(
+                        start, end, page_size, revision))
+            except etcd_errors.ClientError as exc:
+                if revision and "compacted" in str(exc):
+                    # the oldest revision kept is not said; it is past this one
+                    raise RevisionCompacted(revision, revision + 1) from None
+                raise
+            revision = revision or response.header.revision
+            yield Listing([_kv(kv) for kv in response.kvs], revision)
+            if not response.more or not response.kvs:
+                return
+            start = response.kvs[-1].key + b"\0"
 
     async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
         result = await self._leased(lambda c: c.put(key.encode(), value, lease=_lease_id(lease)))

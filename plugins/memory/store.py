@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
 from meshagent.kvstore import (
+    PAGE_SIZE,
     EventType,
     KeyValue,
     KVStoreStatus,
@@ -20,6 +21,7 @@ from meshagent.kvstore import (
     Listing,
     RevisionCompacted,
     WatchEvent,
+    pages_of,
 )
 from meshagent.kvstore.batch import check_distinct
 
@@ -169,6 +171,10 @@ class MemoryKVStore:
         store = await self._answer()
         items = [kv for key, kv in sorted(store.data.items()) if key.startswith(prefix)]
         return Listing(items, store.revision)
+
+    async def list_pages(self, prefix: str, page_size: int = PAGE_SIZE):
+        async for page in pages_of(await self.list_prefix(prefix), page_size):
+            yield page
 
     async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
         return (await self._answer()).write(key, value, lease)

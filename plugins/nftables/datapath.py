@@ -222,12 +222,12 @@ class NftablesDatapath:
     async def update_ipcache(self, changes) -> None:
         touched = set()
         for kind, entry in changes:
-            rows = self.ipcache[entry.prefix.version]
+            rows = self.ipcache[entry.version]
             if kind is ChangeKind.DELETE:
                 rows.pop(entry.prefix, None)
             else:
                 rows[entry.prefix] = entry.identity
-            touched.add(entry.prefix.version)
+            touched.add(entry.version)
         if self.synced or not self.adopted:
             self._write_ipcache(touched)
 
@@ -345,7 +345,7 @@ class NftablesDatapath:
                           for kind in ("spec", "any", "spnp", "anynp"))
         self._write_groups(stale | set(groups), flush)
         self.ipcache = {family: {e.prefix: e.identity for e in ipcache
-                                 if e.prefix.version == family} for family in (4, 6)}
+                                 if e.version == family} for family in (4, 6)}
         self._write_ipcache((4, 6), whole=whole)
         self.dirty = False
         for endpoint_id in list(self.found):  # endpoints the last agent had and this one not
