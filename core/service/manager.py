@@ -65,6 +65,7 @@ class ServiceManager:
         self.merged: dict[tuple[str, str], MergedService] = {}
         self.rejected: dict[str, str] = {}
         self._changed = asyncio.Event()
+        self._merge_soon: asyncio.Handle | None = None
         self.exports: dict[str, bytes] = {}  # ClusterService key -> value, for remote clusters
         self.backend_ips: set = set()  # every backend address a merge looks at
         self._written: dict[str, bytes] = {}  # what this agent exported
@@ -257,6 +258,18 @@ class ServiceManager:
         self.remerge()
 
     def remerge(self) -> None:
+        """Merge again, once at the end of this loop turn however many changes it brings: a
+        remote cluster's listing of 10,000 services is one merge, not 10,000 (each of them
+        over every service)."""
+        if self._merge_soon is not None:
+            return
+        try:
+            self._merge_soon = asyncio.get_running_loop().call_soon(self._merge)
+        except RuntimeError:  # no loop (a synchronous caller): merge now
+            self._merge()
+
+    def _merge(self) -> None:
+        self._merge_soon = None
         ours = {**self.sourced, **self.local}
         others = [s for s in self.tables.services.values()
                   if s.cluster != self.cluster.name]
