@@ -71,7 +71,7 @@ def plots(results: dict) -> list[str]:
               ("connections\nin all", [max(x["total"] for x in kvm[m]["connections_per_etcd"])
                                        for m in MODES]),
               ("watchers", [max(kvm[m]["watchers_per_etcd"]) for m in MODES]),
-              ("etcd CPU s\nuntil synced", [sum(kvm[m]["etcd_cpu_seconds_during_sync"])
+              ("CPU s of all etcds\nuntil synced", [sum(kvm[m]["etcd_cpu_seconds_during_sync"])
                                              for m in MODES]),
               ("s to all synced\nafter a restart",
                [kvm[m]["seconds_to_all_synced_after_restart"] for m in MODES])]
