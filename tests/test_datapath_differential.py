@@ -148,11 +148,7 @@ def driver(judge) -> ScenarioDriver:
 class TestEbpfDatapathContract(DatapathContract):
     """The datapath contract suite, on the eBPF datapath: random worlds and the policy table."""
 
-
-@pytest.mark.parametrize("path", sorted(CASES_DIR.glob("*.json")), ids=lambda p: p.stem)
-def test_kept_cases(driver, path):
-    differences = driver.run(Scenario.from_json(path.read_text()))
-    assert not differences, "\n".join(differences[:10])
+    kept_cases = CASES_DIR
 
 
 # -- the issue's reproductions, by name ---------------------------------------------------------

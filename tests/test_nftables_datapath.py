@@ -1,4 +1,4 @@
-"""WORK IN PROGRESS (issue 19): the nftables datapath against the datapath contract, packets
+"""The nftables datapath against the datapath contract, packets
 sent through veths in a private network namespace (BPF_PROG_TEST_RUN does not apply)."""
 
 import asyncio
@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -110,6 +111,7 @@ def driver(judge):
 class TestNftablesDatapathContract(DatapathContract):
     expects_local_delivery = False
     ipv6_walk = KERNEL_WALK
+    kept_cases = Path(__file__).parent / "datapath_cases"
 
 
 def _names(table: str) -> set[str]:

@@ -232,6 +232,9 @@ class DatapathContract:
     expected_outcomes: tuple[str, ...] = OUTCOMES
     expects_local_delivery = True
     ipv6_walk = CILIUM_WALK  # or KERNEL_WALK (meshagent.testing.packets)
+    # scenarios a random run once failed on (as ``fail_with`` saved them), replayed every
+    # run on every datapath: a bug one datapath had, another must not have either
+    kept_cases: Path | None = None
     probes_run = 0
     outcomes_seen: dict[str, int] = {}
 
@@ -267,6 +270,15 @@ class DatapathContract:
         assert ipv6 <= set(seen), f"IPv6 outcomes never seen: {ipv6 - set(seen)}"
         if cls.expects_local_delivery:
             assert seen.get("delivered", 0) > 0, seen
+
+    def test_kept_cases(self, driver):
+        if self.kept_cases is None:
+            pytest.skip("no kept cases given (kept_cases)")
+        paths = sorted(self.kept_cases.glob("*.json"))
+        assert paths, f"no case in {self.kept_cases}"
+        for path in paths:
+            differences = driver.run(Scenario.from_json(path.read_text()))
+            assert not differences, f"{path.name}:\n" + "\n".join(differences[:10])
 
     @pytest.mark.parametrize("text, peer, port, proto, direction, endpoint, flat, expected",
                              list(table_cases()))

@@ -34,6 +34,7 @@ NFT_META_PRIORITY, NFT_META_MARK, NFT_META_L4PROTO = 2, 3, 16
 NFT_PAYLOAD_NETWORK_HEADER = 1
 IPPROTO_FRAGMENT = 44
 NFT_DYNSET_OP_UPDATE = 1
+NFT_DYNSET_OP_DELETE = 2
 META_KEYS = {"mark": NFT_META_MARK, "priority": NFT_META_PRIORITY}
 
 
@@ -119,13 +120,13 @@ def fragment6_lookup(meta: str, map_name: str) -> list[bytes]:
     ]
 
 
-def fragment6_update(meta: str, map_name: str) -> list[bytes]:
-    """``update @<map_name> { <FRAG_KEY6> : meta <meta> }``, the value in a register past
-    the key's ten."""
+def fragment6_write(meta: str, map_name: str, op: int) -> list[bytes]:
+    """``update`` (or ``delete``) ``@<map_name> { <FRAG_KEY6> : meta <meta> }``, the value in a
+    register past the key's ten."""
     value = NFT_REG32_00 + 10
     return _fragment6_key() + [
         _expression("meta", (2, _u32(META_KEYS[meta])), (1, _u32(value))),
-        _expression("dynset", (1, map_name.encode() + b"\0"), (3, _u32(NFT_DYNSET_OP_UPDATE)),
+        _expression("dynset", (1, map_name.encode() + b"\0"), (3, _u32(op)),
                     (4, _u32(NFT_REG32_00)), (5, _u32(value))),
     ]
 

@@ -108,14 +108,24 @@ class Ruleset:
         expressions where nft 1.0.6 cannot say (or miscompiles) the IPv6 one. ``fragrecord``
         writes a first fragment's ports under its key; ``fragports``/``fragreply`` read them
         back for a later fragment."""
-        from meshagent.plugins.nftables.netlink import fragment6_lookup, fragment6_update
+        from meshagent.plugins.nftables.netlink import (
+            NFT_DYNSET_OP_DELETE,
+            NFT_DYNSET_OP_UPDATE,
+            fragment6_lookup,
+            fragment6_write,
+        )
         out: list[tuple[str, str | list[bytes]]] = []
         for port, meta, name in RECORDS:
             conversion = "p2m" if meta == "mark" else "p2c"
             for sfx in ("", "6"):
                 out.append((f"fragrecord{sfx}", f"meta {meta} set th {port} map @{conversion}"))
+            # 'update' refreshes an element that exists and keeps its data: delete it first, so
+            # the newest first fragment's ports win, as they do in Cilium's map (the kernel
+            # takes a delete on a map only with a value register, which it ignores)
+            out.append(("fragrecord", f"delete @{name} {{ {FRAG_KEY} : meta {meta} }}"))
             out.append(("fragrecord", f"update @{name} {{ {FRAG_KEY} : meta {meta} }}"))
-            out.append(("fragrecord6", fragment6_update(meta, f"{name}6")))
+            out.append(("fragrecord6", fragment6_write(meta, f"{name}6", NFT_DYNSET_OP_DELETE)))
+            out.append(("fragrecord6", fragment6_write(meta, f"{name}6", NFT_DYNSET_OP_UPDATE)))
         for chain, pairs in LOOKUPS.items():
             for meta, name in pairs:
                 out.append((chain, f"meta {meta} set {FRAG_KEY} map @{name}"))
