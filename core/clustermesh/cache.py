@@ -10,55 +10,35 @@ cluster inserted (``cilium/cache/identities/v1/C/id/N``). Each kind gets a sync 
 read ``C`` from the cache.
 """
 
-import attrs
-
 from meshagent.kvstore import keys as kvkeys
 
 STATE, CACHE = "cilium/state/", "cilium/cache/"
 
 
-def _kind_path(state_prefix: str) -> str:
-    """``<kind>/v1/`` of a state prefix such as ``cilium/state/identities/v1/id/``."""
-    kind, version = state_prefix[len(STATE):].split("/")[:2]
-    return f"{kind}/{version}/"
-
-
-def _names_cluster(state_prefix: str) -> bool:
-    """Whether the kind's keys name their cluster right after ``<kind>/v1/``."""
-    return state_prefix[len(STATE) + len(_kind_path(state_prefix)):] == ""
-
-
-@attrs.frozen
 class CacheLayout:
-    """The cache keys of one kind (given by its state prefix) of one remote cluster."""
+    """The cache keys of one kind (given by its state prefix) of one remote cluster. Its
+    prefixes are worked out once: an agent reading the cache maps every key it sees."""
 
-    state_prefix: str  # e.g. kvkeys.IDENTITIES
-    cluster: str
-
-    @property
-    def base(self) -> str:
-        """``cilium/cache/<kind>/v1/C/``: everything of this kind of this cluster."""
-        return f"{CACHE}{_kind_path(self.state_prefix)}{self.cluster}/"
-
-    @property
-    def prefix(self) -> str:
-        """What an agent watches: the state prefix's counterpart (``.../C/id/`` for
-        identities)."""
-        if _names_cluster(self.state_prefix):
-            return self.base
-        return self.base + self.state_prefix[len(STATE) + len(_kind_path(self.state_prefix)):]
-
-    @property
-    def canary(self) -> str:
-        return kvkeys.synced_key(self.cluster, f"{CACHE}{_kind_path(self.state_prefix)}")
+    def __init__(self, state_prefix: str, cluster: str):
+        self.state_prefix = state_prefix  # e.g. kvkeys.IDENTITIES
+        self.cluster = cluster
+        kind, version, *_ = state_prefix[len(STATE):].split("/")
+        self._state_base = f"{STATE}{kind}/{version}/"
+        # the part of the state prefix past <kind>/v1/: "" when keys name their cluster
+        # there (nodes, services, ipcache), "id/" for identities
+        self._after_version = state_prefix[len(self._state_base):]
+        #: ``cilium/cache/<kind>/v1/C/``: everything of this kind of this cluster
+        self.base = f"{CACHE}{kind}/{version}/{cluster}/"
+        #: what an agent watches: the state prefix's counterpart (``.../C/id/`` for identities)
+        self.prefix = self.base + self._after_version
+        self.canary = kvkeys.synced_key(cluster, f"{CACHE}{kind}/{version}/")
 
     def to_cache(self, state_key: str) -> str:
         """A state key of the cluster as its cache key; ValueError if it is not one."""
-        state_base = STATE + _kind_path(self.state_prefix)
         if not state_key.startswith(self.state_prefix):
             raise ValueError(f"key {state_key!r} is not under {self.state_prefix}")
-        tail = state_key[len(state_base):]
-        if not _names_cluster(self.state_prefix):
+        tail = state_key[len(self._state_base):]
+        if self._after_version:
             return self.base + tail
         own, _, rest = tail.partition("/")
         if own == kvkeys.IPCACHE_ADDRESS_SPACE and self.state_prefix == kvkeys.IPCACHE:
@@ -72,7 +52,6 @@ class CacheLayout:
         if not cache_key.startswith(self.base):
             raise ValueError(f"key {cache_key!r} is not under {self.base}")
         tail = cache_key[len(self.base):]
-        state_base = STATE + _kind_path(self.state_prefix)
-        if not _names_cluster(self.state_prefix):
-            return state_base + tail
-        return f"{state_base}{self.cluster}/{tail}"
+        if self._after_version:
+            return self._state_base + tail
+        return f"{self._state_base}{self.cluster}/{tail}"

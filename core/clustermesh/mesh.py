@@ -143,8 +143,7 @@ class RemoteCluster:
         self.file = remote
         self.store: KVStore | None = None
         self.sync: Follower | None = None
-        self.remote_id: int | None = None  # what its cluster config says
-        self.remote_config: ClusterConfig | None = None
+        self.remote_config: ClusterConfig | None = None  # what its cluster config says
         self.accepted_id: int | None = None  # set once that id passed the conflict checks
         self.config_retrieved = False
         self.ready = False
@@ -227,13 +226,12 @@ class RemoteCluster:
             self.config_retrieved = False
             raise ClusterConfigMissing(
                 f"waiting for its cluster config at {kvkeys.cluster_config_key(self.name)}"
-                f" ({self.mesh.config_missing_hint})")
+                f" ({self.mesh.config_missing_hint()})")
         try:
             config = cluster_config_from_json(entry.value)
         except ValueError as exc:
             raise ClusterConfigError(f"malformed cluster config: {exc}") from None
         self.config_retrieved = True
-        self.remote_id = config.id
         self.remote_config = config
         problem = self._id_problem(config.id)
         if problem:
@@ -302,6 +300,10 @@ class RemoteCluster:
             where = ", ".join(self.known_addresses) or f"of {self.file.path}"
             return f"kvstore {where}: {self.liveness.describe()}"
         return self.last_error or "connecting"
+
+    @property
+    def remote_id(self) -> int | None:
+        return self.remote_config.id if self.remote_config is not None else None
 
     def counts(self) -> dict[str, int]:
         return self.sync.counts() if self.sync else dict.fromkeys(KIND_WORDS, 0)
@@ -392,8 +394,7 @@ class ClusterMesh:
                  global_services: Callable[[], int] | None = None,
                  node_routes: NodeRoutes | None = None,
                  cache_store: KVStore | None = None,
-                 section: str = "ClusterMesh",
-                 config_missing_hint: str = "is an agent of that cluster running?"):
+                 section: str = "ClusterMesh"):
         self.cluster = cluster
         self.follower = follower
         self.ownership = ownership  # None: nothing is admitted by pod CIDR (KVStoreMesh)
@@ -407,10 +408,15 @@ class ClusterMesh:
         # closed here); the files only name the clusters
         self.cache_store = cache_store
         self.section = section
-        self.config_missing_hint = config_missing_hint
         self.remotes: dict[str, RemoteCluster] = {}
         if ownership is not None:
             ownership.listeners.append(self._rights_changed)
+
+    def config_missing_hint(self) -> str:
+        """Who should have written a remote's cluster config where it is read."""
+        if self.cache_store is not None:
+            return "is meshagent kvstoremesh running?"
+        return "is an agent of that cluster running?"
 
     def open_store(self, remote: RemoteFile) -> KVStore:
         """A new client for a remote: the one its file describes, or the local cache's."""

@@ -11,7 +11,6 @@ connection keeps the entries; the next run resumes from the last revision, or li
 that history is compacted, deleting what did not come back.
 """
 
-import asyncio
 import logging
 import time
 from collections import Counter
@@ -31,6 +30,7 @@ from meshagent.model.ipcache import ipcache_from_json
 from meshagent.model.node import node_from_json
 from meshagent.model.service import service_from_json
 from meshagent.model.table import Table, Tables
+from meshagent.runtime.tasks import run_together
 
 log = logging.getLogger(__name__)
 
@@ -239,16 +239,11 @@ class ClusterSync:
         def one_synced() -> None:
             if all(self.synced.values()):
                 on_synced()
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                for prefix in self.prefixes:
-                    tasks.create_task(prefix.run(store, one_synced),
-                                      name=f"sync:{self.cluster}:{prefix.kind.name}")
-                if self.cached:
-                    tasks.create_task(self._await_canaries(store, one_synced),
-                                      name=f"sync:{self.cluster}:canaries")
-        except ExceptionGroup as group:  # all kinds share the store: the first error says it
-            raise group.exceptions[0] from None
+        work = {f"sync:{self.cluster}:{p.kind.name}": p.run(store, one_synced)
+                for p in self.prefixes}
+        if self.cached:
+            work[f"sync:{self.cluster}:canaries"] = self._await_canaries(store, one_synced)
+        await run_together(work)
 
     async def _await_canaries(self, store: KVStore, one_synced: Callable[[], None]) -> None:
         """Until the cache's canaries of every kind exist (once seen, a canary stays seen: it

@@ -26,7 +26,6 @@ from meshagent.clustermesh.sync import ClusterSync
 from meshagent.daemon.api import APIServer, APIState, build_app
 from meshagent.datapath.feed import DatapathFeed
 from meshagent.endpoint.manager import EndpointManager
-from meshagent.errors import PluginError
 from meshagent.hooks.manager import PluginManager
 from meshagent.hooks.slots import (
     DATAPATH,
@@ -34,6 +33,7 @@ from meshagent.hooks.slots import (
     KVSTORE,
     POLICY_RESOLVER,
     SLOTS,
+    BuiltProviders,
     Provider,
     Registry,
     check_provider,
@@ -107,7 +107,8 @@ class Agent:
                                 ("core.node-routes", self.node_routes)):
             if component is not None:
                 plugins.register(component, name=name)
-        self._backends: dict[str, Any] = {}
+        kvstore = self.providers[KVSTORE.name]
+        self.kvstore_backends = BuiltProviders(self.registries[KVSTORE.name], kvstore.name, self)
         self.kvstore_backend: Any = None
         self.kvstore: Any = None
         self.identity_allocator: Any = None
@@ -160,9 +161,7 @@ class Agent:
             provider = self.providers[slot.name]
             return check_provider(slot, provider, provider.factory(self)) if provider else None
 
-        kvstore = self.providers[KVSTORE.name]
-        self.kvstore_backend = check_provider(KVSTORE, kvstore,
-                                              self.kvstore_backend_named(kvstore.name))
+        self.kvstore_backend = self.kvstore_backends.named(None)
         self.kvstore = self.kvstore_backend.local_client(self.config)
         cleanup.push_async_callback(self.kvstore.close)
         config = self.config
@@ -178,16 +177,13 @@ class Agent:
         self.plugins.register(self.services, name="core.services")
         cleanup.push_async_callback(self.publisher.close)  # revoke the lease before closing
         if mesh_dir := config.get("clustermesh-config"):
-            read_cache = config.get("clustermesh-read-cache")
             self.clustermesh = ClusterMesh(
                 cluster=self.cluster, follower=self._follow_remote,
-                backend_named=self.kvstore_backend_named,
+                backend_named=self.kvstore_backends.named,
                 directory=Path(mesh_dir), cache_ttl=config.get("clustermesh-cache-ttl"),
                 ownership=self.ownership, global_services=self.services.global_count,
                 node_routes=self.node_routes,
-                cache_store=self.kvstore if read_cache else None,
-                config_missing_hint="is meshagent kvstoremesh running?" if read_cache
-                else "is an agent of that cluster running?")
+                cache_store=self.kvstore if config.get("clustermesh-read-cache") else None)
             self.plugins.register(self.clustermesh, name="core.clustermesh")
             cleanup.push_async_callback(self.clustermesh.close)
         self.identity_allocator = build(IDENTITY_ALLOCATOR)
@@ -237,17 +233,6 @@ class Agent:
         if self.clustermesh is not None:
             out += [a for r in self.clustermesh.remotes.values() for a in r.known_addresses]
         return out
-
-    def kvstore_backend_named(self, name: str | None) -> Any:
-        """A kvstore backend by name (default: the local cluster's), built once."""
-        name = name or self.providers[KVSTORE.name].name
-        if name not in self._backends:
-            provider = self.registries[KVSTORE.name].providers.get(name)
-            if provider is None:
-                loaded = ", ".join(sorted(self.registries[KVSTORE.name].providers)) or "none"
-                raise PluginError(f"no loaded plugin offers kvstore {name!r} (loaded: {loaded})")
-            self._backends[name] = provider.factory(self)
-        return self._backends[name]
 
     async def _announce_ready(self) -> None:
         await self.controllers.wait_ready()

@@ -85,6 +85,29 @@ class Registry:
         return None
 
 
+class BuiltProviders:
+    """A slot's providers built on first use, once each, by name (None: ``default``): the
+    kvstore backends a clustermesh file may name (``kvstore: consul``)."""
+
+    def __init__(self, registry: Registry, default: str, context: Any):
+        self.registry = registry
+        self.default = default
+        self.context = context  # what the factories get: the agent's view, or None
+        self._built: dict[str, Any] = {}
+
+    def named(self, name: str | None) -> Any:
+        name = name or self.default
+        if name not in self._built:
+            provider = self.registry.providers.get(name)
+            if provider is None:
+                loaded = ", ".join(sorted(self.registry.providers)) or "none"
+                raise PluginError(f"no loaded plugin offers {self.registry.slot.name} {name!r}"
+                                  f" (loaded: {loaded})")
+            self._built[name] = check_provider(self.registry.slot, provider,
+                                               provider.factory(self.context))
+        return self._built[name]
+
+
 def _names(providers: dict[str, Provider]) -> str:
     return ", ".join(f"{n} (plugin {p.plugin})" for n, p in sorted(providers.items()))
 

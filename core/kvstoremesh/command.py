@@ -53,7 +53,7 @@ def _run(argv: Sequence[str], environ: Mapping[str, str]) -> int:
 def build(argv: Sequence[str], environ: Mapping[str, str]) -> "KVStoreMesh":
     """Everything up to the first side effect: plugins, options, the kvstore backends."""
     from meshagent.cli import load_config
-    from meshagent.hooks.slots import KVSTORE, check_provider
+    from meshagent.hooks.slots import KVSTORE, BuiltProviders
     from meshagent.kvstoremesh.process import KVStoreMesh
     config, plugins = load_config(argv, environ, HELP, extra_options=add_options)
     if not config.get("clustermesh-config"):
@@ -61,20 +61,9 @@ def build(argv: Sequence[str], environ: Mapping[str, str]) -> "KVStoreMesh":
                          " remote clusters to cache")
     registry = plugins.hooks.register_providers(KVSTORE)
     local = registry.select(config.get("kvstore"), lambda: plugins.offers(KVSTORE))
-    backends = {}
-
-    def backend_named(name: str | None):
-        """A kvstore backend by name (default: the local cluster's), built once."""
-        provider = registry.providers.get(name or local.name)
-        if provider is None:
-            raise UsageError(f"no loaded plugin offers kvstore {name!r}"
-                             f" (loaded: {', '.join(sorted(registry.providers))})")
-        if provider.name not in backends:
-            # kvstore backends need no agent: the process that is not one passes None
-            backends[provider.name] = check_provider(KVSTORE, provider, provider.factory(None))
-        return backends[provider.name]
-
-    return KVStoreMesh(config, backend_named, config.get("kvstoremesh-socket-path"),
+    # kvstore backends need no agent: the process that is not one gives their factories None
+    backends = BuiltProviders(registry, local.name, None)
+    return KVStoreMesh(config, backends.named, config.get("kvstoremesh-socket-path"),
                        config.get("kvstoremesh-leader-ttl"))
 
 

@@ -38,6 +38,7 @@ from meshagent.model.cluster import ClusterConfig
 from meshagent.runtime.config import Config
 from meshagent.runtime.metrics import MetricsServer
 from meshagent.runtime.status import Health, StatusReport, StatusSection, sort_sections
+from meshagent.runtime.tasks import run_together
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +112,11 @@ class KVStoreMesh:
                 await self._elect(lease)
                 self.leader, self.last_error = True, ""
                 log.info("kvstoremesh: leading cluster %s's cache", self.cluster.name)
-                async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(self._keep_lease(lease), name="kvstoremesh-lease")
-                    tasks.create_task(self.mesh.follow_directory(lambda: None), name="kvstoremesh-mesh")
+                await run_together({"kvstoremesh-lease": self._keep_lease(lease),
+                                    "kvstoremesh-mesh": self.mesh.follow_directory(lambda: None)})
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if isinstance(exc, ExceptionGroup):
-                    exc = exc.exceptions[0]
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("kvstoremesh: %s; %s", self.last_error,
                             "stepping down" if self.leader else "retrying")

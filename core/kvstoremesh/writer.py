@@ -26,6 +26,7 @@ from meshagent.kvstore import KVStore
 from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstore.follow import Position, follow_prefix
 from meshagent.model.cluster import ClusterConfig, ClusterInfo
+from meshagent.runtime.tasks import run_together
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,7 @@ class CacheWriter:
 
     def __init__(self, cluster: str, config: ClusterConfig, local_cluster: ClusterInfo,
                  local: KVStore, previous: "CacheWriter | None" = None):
-        if config.cached:
-            raise ClusterConfigError("its cluster config says it is a KVStoreMesh cache:"
-                                     " KVStoreMesh reads clusters from their own kvstore")
+        self.switch_source(config.cached)
         self.cluster = cluster
         self.cluster_id = config.id
         self.config = ClusterConfig(config.id, synced_canaries=True, cached=True,
@@ -175,17 +174,14 @@ class CacheWriter:
         def one_synced() -> None:
             if all(r.synced for r in self.reflectors):
                 on_synced()
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                for reflector in self.reflectors:
-                    tasks.create_task(reflector.run(remote, one_synced),
-                                      name=f"cache:{self.cluster}:{reflector.kind.name}")
-        except ExceptionGroup as group:
-            raise group.exceptions[0] from None
+        await run_together({f"cache:{self.cluster}:{r.kind.name}": r.run(remote, one_synced)
+                            for r in self.reflectors})
 
     def switch_source(self, cached: bool) -> None:
+        """Refuses a cluster whose config says it is a cache: KVStoreMesh copies clusters
+        from their own kvstore, never a copy of a copy."""
         if cached:
-            raise ClusterConfigError("its cluster config now says it is a KVStoreMesh cache:"
+            raise ClusterConfigError("its cluster config says it is a KVStoreMesh cache:"
                                      " KVStoreMesh reads clusters from their own kvstore")
 
     def relist(self) -> None:
