@@ -17,14 +17,13 @@ second, with every run's figure beside it: this shared machine moves by 1.5x bet
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import machine, percentile_ms, progress, report
+from common import cpu_seconds, machine, percentile_ms, progress, report
 
 from meshagent.cli import build_agent
 from meshagent.kvstore import keys as kvkeys
@@ -126,12 +125,6 @@ async def in_process(args, config: Path, workdir: Path) -> list[dict]:
         for agent, _ in started:
             agent.stop()
         await asyncio.gather(*(t for _, t in started), return_exceptions=True)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def id_keys_per_label_set(server: EtcdServer, workdir: Path) -> dict[str, int]:

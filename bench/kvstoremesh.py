@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import MESHAGENT, machine, populate, progress, remote_cluster_items, report
+from common import MESHAGENT, cpu_seconds, machine, populate, progress, remote_cluster_items, report
 
 from meshagent.kvstore import keys as kvkeys
 from meshagent.model.identity import format_labels
@@ -103,8 +102,7 @@ class Cluster:
         self.workdir = workdir
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.etcd.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.etcd.proc.pid)
 
     def watchers(self) -> int:
         text = urllib.request.urlopen(f"{self.etcd.url}/metrics", timeout=5).read().decode()

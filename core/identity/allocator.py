@@ -303,8 +303,11 @@ class KVStoreIdentityAllocator:
             finally:
                 keeper.cancel()
                 await asyncio.gather(keeper, return_exceptions=True)
-                await store.update_if(kvkeys.IDENTITY_GC, IDLE, mod_revision=gate.mod_revision)
-                await store.revoke(lease)
+                try:
+                    await store.update_if(kvkeys.IDENTITY_GC, IDLE,
+                                          mod_revision=gate.mod_revision)
+                finally:  # the round's lease goes even when the gate cannot be reopened
+                    await store.revoke(lease)
         self._unused_seen = {n: kv.mod_revision for n, kv in unused.items() if n not in deleted}
         if deleted:
             log.info("garbage-collected %d unused identities", len(deleted))

@@ -82,6 +82,8 @@ class Coalescer(Generic[T, R]):
     async def _run(self, batch: list[tuple[T, asyncio.Future]]) -> None:
         try:
             results = await self._send([item for item, _ in batch])
+            if len(results) != len(batch):  # a submitter must never wait forever
+                raise RuntimeError(f"a batch of {len(batch)} got {len(results)} results")
         except asyncio.CancelledError:
             for _, future in batch:
                 future.cancel()
@@ -91,6 +93,6 @@ class Coalescer(Generic[T, R]):
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, future), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)

@@ -34,7 +34,14 @@ def unpack_address(packed: bytes) -> Address:
     return ipaddress.IPv4Address(packed) if len(packed) == 4 else ipaddress.IPv6Address(packed)
 
 
-@attrs.frozen(init=False, repr=False, weakref_slot=False)
+def _pack_host(host_ip: Address | str | bytes | None) -> bytes:
+    """A host address as its bytes (b"": none), from an address, its text or its bytes."""
+    if isinstance(host_ip, bytes):
+        return host_ip
+    return ipaddress.ip_address(host_ip).packed if host_ip else b""
+
+
+@attrs.frozen(repr=False, weakref_slot=False)
 class IPCacheEntry:
     """Who owns an address: published under ``cilium/state/ip/v1/<cluster>/<ip>``.
 
@@ -42,19 +49,14 @@ class IPCacheEntry:
     (also its key in the :class:`IPCache`), the host address as its bytes. ``prefix`` and
     ``host_ip`` unpack them; JSON shows those, as before."""
 
-    key: bytes = attrs.field(metadata={"json": "prefix"})
+    # built as IPCacheEntry(prefix, identity, cluster, host_ip=...), as before the packing
+    key: bytes = attrs.field(alias="prefix", converter=prefix_key, metadata={"json": "prefix"})
     identity: int
     cluster: str
-    host: bytes = attrs.field(metadata={"json": "host_ip"})  # b"": none
+    host: bytes = attrs.field(alias="host_ip", converter=_pack_host, default=b"",
+                              metadata={"json": "host_ip"})  # b"": none
     namespace: str = ""
     pod_name: str = ""
-
-    def __init__(self, prefix: Network | bytes, identity: int, cluster: str,
-                 host_ip: Address | str | bytes | None = None, namespace: str = "",
-                 pod_name: str = ""):
-        host = host_ip if isinstance(host_ip, bytes) else (
-            ipaddress.ip_address(host_ip).packed if host_ip else b"")
-        self.__attrs_init__(prefix_key(prefix), identity, cluster, host, namespace, pod_name)
 
     @property
     def prefixlen(self) -> int:

@@ -67,7 +67,9 @@ class ServiceManager:
         self._changed = asyncio.Event()
         self._merge_soon: asyncio.Handle | None = None
         self.exports: dict[str, bytes] = {}  # ClusterService key -> value, for remote clusters
-        self.backend_ips: set = set()  # every backend address a merge looks at
+        # the ipcache keys of every backend address a merge looks at: an ipcache change is
+        # matched by its key, with no address object made for each of a million entries
+        self.backend_keys: set[bytes] = set()
         self._written: dict[str, bytes] = {}  # what this agent exported
         self._swept = False
         self.sources = 0  # service source plugins feeding this agent
@@ -118,7 +120,7 @@ class ServiceManager:
 
     @hookimpl
     def meshagent_ipcache_changed(self, kind, entry):
-        if entry.prefixlen == 32 and entry.address in self.backend_ips:
+        if entry.key in self.backend_keys:
             self.remerge()  # backends follow their endpoints
 
     @hookimpl
@@ -199,11 +201,7 @@ class ServiceManager:
             self._services_changed()
 
     def _services_changed(self) -> None:
-        exports = self._exports()
-        if exports != self.exports:
-            self.exports = exports
-            self._export_wake.set()
-        self.remerge()
+        self.remerge()  # which exports them again too
 
     # -- export to remote clusters --------------------------------------------------------------
 
@@ -270,14 +268,19 @@ class ServiceManager:
 
     def _merge(self) -> None:
         self._merge_soon = None
+        exports = self._exports()
+        if exports != self.exports:
+            self.exports = exports
+            self._export_wake.set()
         ours = {**self.sourced, **self.local}
         others = [s for s in self.tables.services.values()
                   if s.cluster != self.cluster.name]
-        self.backend_ips = {b.ip for service in ours.values() for b in service.backends}
-        self.backend_ips |= {b.ip for other in others if other.global_ and other.shared
-                             and (other.namespace, other.name) in ours for b in other.backends}
+        backend_ips = {b.ip for service in ours.values() for b in service.backends}
+        backend_ips |= {b.ip for other in others if other.global_ and other.shared
+                        and (other.namespace, other.name) in ours for b in other.backends}
+        self.backend_keys = {host_key(ip) for ip in backend_ips}
         # looked up per backend, not by walking the ipcache (100,000s of remote entries)
-        live = {ip for ip in self.backend_ips
+        live = {ip for ip in backend_ips
                 if ip.version == 4 and self.tables.ipcache.get(host_key(ip)) is not None}
         merged = merge_services(ours, others, live, self.cluster.name)
         if merged != self.merged:

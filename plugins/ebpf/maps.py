@@ -279,6 +279,7 @@ def bpf_lib():
     return lib
 
 
+@functools.cache  # fixed at boot
 def possible_cpus() -> int:
     """As the kernel sizes per-CPU maps: /sys/devices/system/cpu/possible, e.g. ``0-3``."""
     text = Path("/sys/devices/system/cpu/possible").read_text().strip()

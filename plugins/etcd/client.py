@@ -102,6 +102,13 @@ class _Client(aetcd.Client):
         request = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision)
         return await self.kvstub.Range(request, timeout=self._timeout, metadata=self.metadata)
 
+    @_handle_errors
+    async def batch_txn(self, ops: list):
+        """A Txn that always runs ``ops``, answered raw: aetcd's ``transaction`` drops the
+        header (the revision) and converts every response, which a batch does not need."""
+        request = rpc.TxnRequest(compare=[], success=self._ops_to_requests(ops), failure=[])
+        return await self.kvstub.Txn(request, timeout=self._timeout, metadata=self.metadata)
+
 
 def describe_error(exc: BaseException, endpoint: "Endpoint | None" = None) -> str:
     """A one-line reason, naming TLS verification when that is what failed, and a plaintext
@@ -282,7 +289,7 @@ class EtcdKVStore:
                            failure=[txn.Get(key.encode())]) for key, value in part]
 
             async def run(client):
-                response = await _batch_txn(client, ops)
+                response = await client.batch_txn(ops)
                 return [None if r.response_txn.succeeded
                         else _kv(r.response_txn.responses[0].response_range.kvs[0])
                         for r in response.responses]
@@ -301,7 +308,7 @@ class EtcdKVStore:
             ops = [txn.Put(key.encode(), value, lease=lease_id) for key, value in part]
 
             async def run(client):
-                return (await _batch_txn(client, ops)).header.revision
+                return (await client.batch_txn(ops)).header.revision
             return await self._leased(run)
         revisions = await asyncio.gather(*(chunk(items[i:i + TXN_CHUNK])
                                            for i in range(0, len(items), TXN_CHUNK)))
@@ -395,17 +402,6 @@ class EtcdKVStore:
         if client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), 2)
-
-
-async def _batch_txn(client: _Client, ops: list):
-    """A Txn that always runs ``ops``, answered raw: aetcd's ``transaction`` drops the header
-    (the revision) and converts every response, which a batch does not need."""
-    await client.connect()
-    request = rpc.TxnRequest(compare=[], success=client._ops_to_requests(ops), failure=[])
-    try:
-        return await client.kvstub.Txn(request, timeout=client._timeout, metadata=client.metadata)
-    except rpc.AioRpcError as exc:
-        etcd_errors._handle_exception(exc)  # raises aetcd's exception for it
 
 
 def decode_key(raw: bytes) -> str:
