@@ -1,5 +1,6 @@
 """Shared pieces of the benchmarks: a populated remote etcd, an agent process, measurements."""
 
+import contextlib
 import json
 import os
 import platform
@@ -92,6 +93,8 @@ class BpfFs:
 
     def close(self):
         subprocess.run(["umount", "-l", str(self.path)], check=False)
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
 
 
 def cpu_seconds(pid: int) -> float:

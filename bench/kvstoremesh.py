@@ -20,9 +20,9 @@ cluster runs that cluster's agents. Reported for each mode, measured in one run:
 
 import argparse
 import asyncio
-import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,6 +33,7 @@ from pathlib import Path
 from common import MESHAGENT, cpu_seconds, machine, populate, progress, remote_cluster_items, report
 
 from meshagent.kvstore import keys as kvkeys
+from meshagent.model.cluster import ClusterConfig
 from meshagent.model.identity import format_labels
 from meshagent_dev.etcd import EtcdServer
 
@@ -103,6 +104,12 @@ class Cluster:
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.etcd.proc.pid)
+
+    def store(self):
+        """A new client of this cluster's etcd (not connected yet)."""
+        from meshagent.plugins.etcd.client import EtcdKVStore
+        from meshagent.plugins.etcd.config import load_etcd_config
+        return EtcdKVStore(load_etcd_config(self.config))
 
     def watchers(self) -> int:
         text = urllib.request.urlopen(f"{self.etcd.url}/metrics", timeout=5).read().decode()
@@ -223,9 +230,7 @@ def run_mode(name: str, clusters: list[Cluster], args, workdir: Path) -> dict:
 
 
 async def put(cluster: Cluster, key: str, value: str) -> None:
-    from meshagent.plugins.etcd.client import EtcdKVStore
-    from meshagent.plugins.etcd.config import load_etcd_config
-    store = EtcdKVStore(load_etcd_config(cluster.config))
+    store = cluster.store()
     for _ in range(100):  # the restarted server may take a moment to serve
         try:
             await store.connect()
@@ -245,15 +250,12 @@ def run(args) -> dict:
         entries = args.entries
 
         async def fill(c: Cluster):
-            from meshagent.plugins.etcd.client import EtcdKVStore
-            from meshagent.plugins.etcd.config import load_etcd_config
-            store = EtcdKVStore(load_etcd_config(c.config))
+            store = c.store()
             items = remote_cluster_items(entries, max(entries // 10, 1), max(entries // 100, 1),
                                          max(entries // 100, 1), c.name, c.id, 100 + 10 * c.k)
             await populate(store, items)
-            await store.put(kvkeys.cluster_config_key(c.name),
-                            json.dumps({"id": c.id, "capabilities": {
-                                "syncedCanaries": True, "maxConnectedClusters": 255}}).encode())
+            await store.put(kvkeys.cluster_config_key(c.name), ClusterConfig(
+                c.id, synced_canaries=True, max_connected_clusters=255).to_json())
             await store.close()
             return len(items)
         keys = [asyncio.run(fill(c)) for c in clusters]
@@ -262,6 +264,7 @@ def run(args) -> dict:
     finally:
         for c in clusters:
             c.etcd.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
     d, c = results["direct"], results["cached"]
 
     def ratio(a: float, b: float) -> float:

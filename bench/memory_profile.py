@@ -8,6 +8,7 @@ datapath, so it shows the control plane's own objects).
 
 import argparse
 import asyncio
+import shutil
 import tempfile
 import tracemalloc
 from pathlib import Path
@@ -50,6 +51,7 @@ async def main(entries: int) -> None:
         await task
     finally:
         server.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

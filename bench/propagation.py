@@ -9,6 +9,7 @@ each entry was written into the BPF ipcache. Reports p50, p99, max and whether i
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import subprocess
 import sys
@@ -105,6 +106,7 @@ async def run(args) -> dict:
         EbpfDatapath.update_ipcache = real_update
         bpffs.close()
         server.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
     ordered = sorted(latencies)
     p99 = percentile_ms(ordered, 0.99)
     result = {"machine": machine(), "rate_per_s": args.rate, "seconds": args.seconds,

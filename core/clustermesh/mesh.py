@@ -502,8 +502,10 @@ class ClusterMesh:
             cluster.start()
 
     async def close(self) -> None:
-        """Agent shutdown: disconnect, withdraw nothing (as Cilium does)."""
-        for remote in list(self.remotes.values()):
+        """Agent shutdown: disconnect and forget every remote, withdraw nothing (as Cilium
+        does). Following the directory again connects afresh."""
+        remotes, self.remotes = list(self.remotes.values()), {}
+        for remote in remotes:
             await remote.stop(withdraw=False)
 
     @hookimpl

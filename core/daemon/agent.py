@@ -133,13 +133,10 @@ class Agent:
                 config=self.config, tables=self.tables, services=self.services,
                 endpoints=self.endpoints, clustermesh=self.clustermesh,
                 resolver=self.policy_resolver)
-            api = APIServer(build_app(state, self.hooks.api_routes(self)), self.config.socket_path)
-            await api.start()
-            cleanup.push_async_callback(api.stop)
+            await cleanup.enter_async_context(APIServer(
+                build_app(state, self.hooks.api_routes(self)), self.config.socket_path))
             if addr := self.config.get("prometheus-serve-addr"):
-                metrics_server = MetricsServer(self.metrics, addr)
-                await metrics_server.start()
-                cleanup.push_async_callback(metrics_server.stop)
+                await cleanup.enter_async_context(MetricsServer(self.metrics, addr))
 
             for plugin, controller in self.hooks.controllers(self):
                 self.controllers.start(controller, plugin)

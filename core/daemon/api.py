@@ -267,6 +267,13 @@ class APIServer:
             self._runner = None
         self.socket_path.unlink(missing_ok=True)
 
+    async def __aenter__(self) -> "APIServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
 
 async def remove_stale_socket(path: Path) -> None:
     """Remove a socket file nobody listens on; refuse to steal one an agent still serves."""

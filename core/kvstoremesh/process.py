@@ -82,13 +82,9 @@ class KVStoreMesh:
     async def run(self) -> None:
         async with contextlib.AsyncExitStack() as cleanup:
             cleanup.push_async_callback(self.local.close)
-            api = APIServer(self._app(), self.socket_path)
-            await api.start()
-            cleanup.push_async_callback(api.stop)
+            await cleanup.enter_async_context(APIServer(self._app(), self.socket_path))
             if addr := self.config.get("prometheus-serve-addr"):
-                metrics = MetricsServer(self.metrics, addr)
-                await metrics.start()
-                cleanup.push_async_callback(metrics.stop)
+                await cleanup.enter_async_context(MetricsServer(self.metrics, addr))
             work = asyncio.create_task(self._lead_when_elected(), name="kvstoremesh")
             log.info("kvstoremesh started: cluster %s (id %d), remotes from %s, as %s",
                      self.cluster.name, self.cluster.id, self.mesh.directory, self.identity)
@@ -124,7 +120,6 @@ class KVStoreMesh:
                 if self.leader:
                     self.leader = False
                     await self.mesh.close()  # stop writing; the cache stays for the agents
-                    self.mesh.remotes.clear()
                 if lease is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(self.local.revoke(lease), 2)
@@ -196,9 +191,9 @@ class KVStoreMesh:
         async def remotes(request: web.Request) -> web.Response:
             now = time.time()
             return json_response({"leader": self.leader, "remotes": [
-                r.to_json(now) | {"writes": sum(x.writes for x in r.sync.reflectors)
-                                  if isinstance(r.sync, CacheWriter) else 0}
-                for _, r in sorted(self.mesh.remotes.items())]})
+                r.to_json(now) | {"writes": self._writers[name].writes
+                                  if name in self._writers else 0}
+                for name, r in sorted(self.mesh.remotes.items())]})
         app.router.add_get(API_PREFIX + "/status", status)
         app.router.add_get(API_PREFIX + "/clustermesh", remotes)
         return app

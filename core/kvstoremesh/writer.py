@@ -122,6 +122,14 @@ class PrefixReflector:
     def relist(self) -> None:
         self.position.revision = None
 
+    async def remove(self) -> None:
+        """Delete this kind's cache and canary, and forget what was copied."""
+        await self.local.delete_prefix(self.cache.base)
+        await self.local.delete(self.cache.canary)
+        self.copied.clear()
+        self.pending.clear()
+        self.synced = False
+
 
 class CacheWriter:
     """KVStoreMesh's follower of one remote cluster: every kind, into the local cache, and
@@ -154,6 +162,11 @@ class CacheWriter:
     @property
     def last_event_at(self) -> float | None:
         return max((r.last_event_at for r in self.reflectors if r.last_event_at), default=None)
+
+    @property
+    def writes(self) -> int:
+        """Keys written to (or deleted from) the cache so far."""
+        return sum(r.writes for r in self.reflectors)
 
     def counts(self) -> dict[str, int]:
         return {r.kind.name: len(r.copied) for r in self.reflectors}
@@ -208,11 +221,7 @@ class CacheWriter:
             try:
                 await self.local.delete(kvkeys.cluster_config_key(self.cluster))
                 for reflector in self.reflectors:
-                    await self.local.delete_prefix(reflector.cache.base)
-                    await self.local.delete(reflector.cache.canary)
-                    reflector.copied.clear()
-                    reflector.pending.clear()
-                    reflector.synced = False
+                    await reflector.remove()
                 log.info("kvstoremesh: removed the cache of cluster %s", self.cluster)
                 return
             except Exception as exc:

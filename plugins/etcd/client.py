@@ -279,40 +279,41 @@ class EtcdKVStore:
 
     async def create_many(self, items: Sequence[tuple[str, bytes]], *,
                           lease: Lease | None = None) -> list[KeyValue | None]:
-        """One Txn per chunk of keys, each key a nested Txn: create if absent, else read."""
-        check_distinct(items)
-        lease_id = _lease_id(lease)
+        """Each key a nested Txn: create if absent, else read."""
+        def create(key: bytes, value: bytes, lease_id: int | None):
+            return txn.Txn(compare=[txn.Create(key) == 0],
+                           success=[txn.Put(key, value, lease=lease_id)],
+                           failure=[txn.Get(key)])
 
-        async def chunk(part):
-            ops = [txn.Txn(compare=[txn.Create(key.encode()) == 0],
-                           success=[txn.Put(key.encode(), value, lease=lease_id)],
-                           failure=[txn.Get(key.encode())]) for key, value in part]
-
-            async def run(client):
-                response = await client.batch_txn(ops)
-                return [None if r.response_txn.succeeded
-                        else _kv(r.response_txn.responses[0].response_range.kvs[0])
-                        for r in response.responses]
-            return await self._leased(run)
-        parts = await asyncio.gather(*(chunk(items[i:i + TXN_CHUNK])
-                                       for i in range(0, len(items), TXN_CHUNK)))
+        def answers(response) -> list[KeyValue | None]:
+            return [None if r.response_txn.succeeded
+                    else _kv(r.response_txn.responses[0].response_range.kvs[0])
+                    for r in response.responses]
+        parts = await self._in_txns(items, lease, create, answers)
         return [result for part in parts for result in part]
 
     async def put_many(self, items: Sequence[tuple[str, bytes]], *,
                        lease: Lease | None = None) -> int:
-        """One Txn of puts per chunk of keys."""
+        revisions = await self._in_txns(
+            items, lease, lambda key, value, lease_id: txn.Put(key, value, lease=lease_id),
+            lambda response: response.header.revision)
+        return max(revisions, default=0)
+
+    async def _in_txns(self, items: Sequence[tuple[str, bytes]], lease: Lease | None,
+                       op: Callable, answer: Callable[[object], T]) -> list[T]:
+        """``op(key, value, lease id)`` for every item, one Txn per chunk of TXN_CHUNK keys,
+        the chunks side by side; ``answer`` of each chunk's response, in order."""
         check_distinct(items)
         lease_id = _lease_id(lease)
 
         async def chunk(part):
-            ops = [txn.Put(key.encode(), value, lease=lease_id) for key, value in part]
+            ops = [op(key.encode(), value, lease_id) for key, value in part]
 
             async def run(client):
-                return (await client.batch_txn(ops)).header.revision
+                return answer(await client.batch_txn(ops))
             return await self._leased(run)
-        revisions = await asyncio.gather(*(chunk(items[i:i + TXN_CHUNK])
-                                           for i in range(0, len(items), TXN_CHUNK)))
-        return max(revisions, default=0)
+        return list(await asyncio.gather(*(chunk(items[i:i + TXN_CHUNK])
+                                           for i in range(0, len(items), TXN_CHUNK))))
 
     async def _txn(self, key: str, compare: list, success: list) -> bool:
         async def run(client):

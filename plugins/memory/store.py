@@ -78,9 +78,12 @@ class SharedStore:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def write(self, key: str, value: bytes, lease: Lease | None) -> int:
+    def check_lease(self, lease: Lease | None) -> None:
         if lease is not None and lease.id not in self.leases:
             raise LeaseExpired(f"lease {lease.id} is gone")
+
+    def write(self, key: str, value: bytes, lease: Lease | None) -> int:
+        self.check_lease(lease)
         self.revision += 1
         old = self.data.get(key)
         if old is not None and old.lease is not None:
@@ -129,8 +132,7 @@ class SharedStore:
             lease.ttl, self.end_lease, lease.id)
 
     def keepalive(self, lease: Lease) -> None:
-        if lease.id not in self.leases:
-            raise LeaseExpired(f"lease {lease.id} is gone")
+        self.check_lease(lease)
         self._arm(lease)
 
     def end_lease(self, lease_id: int) -> None:
@@ -190,8 +192,7 @@ class MemoryKVStore:
                           lease: Lease | None = None) -> list[KeyValue | None]:
         check_distinct(items)
         store = await self._answer()
-        if lease is not None and lease.id not in store.leases:
-            raise LeaseExpired(f"lease {lease.id} is gone")
+        store.check_lease(lease)  # before any write: the batch fails whole
         results: list[KeyValue | None] = []
         for key, value in items:
             results.append(store.data.get(key))
@@ -203,8 +204,7 @@ class MemoryKVStore:
                        lease: Lease | None = None) -> int:
         check_distinct(items)
         store = await self._answer()
-        if lease is not None and lease.id not in store.leases:
-            raise LeaseExpired(f"lease {lease.id} is gone")
+        store.check_lease(lease)  # before any write: the batch fails whole
         revision = 0
         for key, value in items:
             revision = store.write(key, value, lease)
