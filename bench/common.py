@@ -74,7 +74,7 @@ def remote_cluster_items(ipcache: int, identities: int, nodes: int, services: in
         items.append((kvkeys.identity_key(base + 256 + i), format_labels(labels)))
     for i in range(ipcache):
         ip = f"{pod_net(i // 100)}.{i % 100 + 1}"
-        items.append((kvkeys.ipcache_key(cluster, ip), json.dumps(
+        items.append((kvkeys.ipcache_key(ip), json.dumps(
             {"IP": ip, "ID": base + 256 + (i % max(identities, 1)),
              "HostIP": f"10.{net - 102}.0.1"}, separators=(",", ":"))))
     for i in range(services):
@@ -83,6 +83,9 @@ def remote_cluster_items(ipcache: int, identities: int, nodes: int, services: in
              "frontends": {"10.97.0.1": {"p": {"Protocol": "TCP", "Port": 1000 + i}}},
              "backends": {}, "includeExternal": True, "shared": True, "clusterID": cluster_id},
             separators=(",", ":"))))
+    # the sync canaries, last, as a writer puts them once its stores are written
+    items += [(kvkeys.synced_key(cluster, store), kvkeys.rfc3339_now().decode())
+              for store in kvkeys.STORES]
     return items
 
 

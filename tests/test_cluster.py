@@ -51,9 +51,11 @@ def test_max_connected_clusters_choices():
 def test_identity_range_follows_cluster_id():
     c = ClusterInfo("cluster1", 101)
     r = c.identity_range()
-    assert (r.start, r.stop - 1) == ((101 << 16) + 256, (101 << 16) | 0xFFFF)
+    # Cilium's MinimalAllocationIdentity: a cluster with an id owns its whole range
+    assert (r.start, r.stop - 1) == (101 << 16, (101 << 16) | 0xFFFF)
     assert c.cluster_of_identity(r.start) == 101
-    assert c.identity_range(102).start == (102 << 16) + 256
+    assert c.identity_range(102).start == 102 << 16
+    assert ClusterInfo("default", 0).identity_range().start == 256  # no id: past the reserved
     wide = ClusterInfo("cluster1", 300, 511)
-    assert wide.identity_range().start == (300 << 15) + 256
+    assert (wide.identity_range().start, wide.identity_range().stop) == (300 << 15, 301 << 15)
     assert wide.cluster_of_identity((300 << 15) + 999) == 300

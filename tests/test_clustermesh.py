@@ -133,7 +133,7 @@ async def test_remote_identities_and_ips_flow_as_events(mesh, hook_recorder):
     await w2.put(kvkeys.identity_key(C2_BASE + 256), format_labels(labels).encode())
     entry = IPCacheEntry(ipaddress.ip_network("10.2.0.5/32"), C2_BASE + 256, "cluster2",
                          ipaddress.ip_address("10.2.2.1"), "istio-space", "employee-0")
-    await w2.put(kvkeys.ipcache_key("cluster2", "10.2.0.5"), ipcache_to_json(entry))
+    await w2.put(kvkeys.ipcache_key("10.2.0.5"), ipcache_to_json(entry))
     await w2.put(kvkeys.node_key("cluster2", "node1"), node_to_json(POD_NODE))  # grants 10.2.0.x
     await w2.put(kvkeys.cluster_config_key("cluster2"), b'{"id": 102}')
     a1 = await mesh.start(1, extra_plugins=[("rec", hook_recorder)])
@@ -150,7 +150,7 @@ async def test_remote_identities_and_ips_flow_as_events(mesh, hook_recorder):
                                               "--socket-path", str(a1.socket_path))).stdout)
     assert [(i["id"], i["cluster"]) for i in ids] == [(C2_BASE + 256, "cluster2")]
     # a deletion on the remote is a delete event here
-    await w2.delete(kvkeys.ipcache_key("cluster2", "10.2.0.5"))
+    await w2.delete(kvkeys.ipcache_key("10.2.0.5"))
     await wait_for(lambda: len(hook_recorder.of("ipcache")) == 2, 5, "ipcache delete")
     assert hook_recorder.of("ipcache")[-1] == (ChangeKind.DELETE, entry)
     await w2.close()
@@ -218,7 +218,7 @@ async def test_remote_outage_keeps_entries_then_resyncs(mesh):
     await w2.put(kvkeys.cluster_config_key("cluster2"), b'{"id": 102}')
     for i, ip in enumerate(("10.2.0.7", "10.2.0.8")):
         entry = IPCacheEntry(ipaddress.ip_network(f"{ip}/32"), C2_BASE + 300 + i, "cluster2")
-        await w2.put(kvkeys.ipcache_key("cluster2", ip), ipcache_to_json(entry))
+        await w2.put(kvkeys.ipcache_key(ip), ipcache_to_json(entry))
     await w2.put(kvkeys.node_key("cluster2", "node9"),
                  node_to_json(Node("node9", "cluster2", 102)))
     await w2.put(kvkeys.node_key("cluster2", "node1"), node_to_json(POD_NODE))
@@ -238,7 +238,7 @@ async def test_remote_outage_keeps_entries_then_resyncs(mesh):
 
     mesh.etcd[2].start()
     w2 = await mesh.writer(2)
-    await w2.delete(kvkeys.ipcache_key("cluster2", "10.2.0.8"))  # deleted meanwhile
+    await w2.delete(kvkeys.ipcache_key("10.2.0.8"))  # deleted meanwhile
     await w2.delete(kvkeys.node_key("cluster2", "node9"))
     await w2.close()
     await wait_for(lambda: remote(a1, "cluster2").ready, 40, "resync")
@@ -260,7 +260,7 @@ async def test_foreign_and_malformed_entries_are_rejected_and_counted(mesh):
         kvkeys.identity_key(C2_BASE + 401): "",  # no labels
         kvkeys.node_key("cluster3", "n1"): node_to_json(Node("n1", "cluster3", 103)).decode(),
         kvkeys.node_key("cluster2", "n2"): node_to_json(Node("n2", "cluster3", 103)).decode(),
-        kvkeys.ipcache_key("cluster2", "10.2.1.9"): ipcache_to_json(IPCacheEntry(
+        kvkeys.ipcache_key("10.2.1.9"): ipcache_to_json(IPCacheEntry(
             ipaddress.ip_network("10.2.1.9/32"), (101 << 16) + 256, "cluster2")).decode(),
         kvkeys.service_key("cluster2", "default", "broken"): "{not json",
     }

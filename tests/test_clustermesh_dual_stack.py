@@ -93,7 +93,7 @@ async def test_a_remotes_ipv6_endpoints_sync_inside_its_ipv6_pod_cidr_only(agent
     inside = IPCacheEntry(net("fd00:2:1::5/128"), (102 << 16) + 300, "cluster2")
     outside = IPCacheEntry(net("fd00:1:1::5/128"), (102 << 16) + 301, "cluster2")
     for entry in (inside, outside):
-        store.write(kvkeys.ipcache_key("cluster2", entry.key_ip), ipcache_to_json(entry), None)
+        store.write(kvkeys.ipcache_key(entry.key_ip), ipcache_to_json(entry), None)
     await wait_for(lambda: a1.agent.tables.ipcache.get(inside.prefix) is not None, 5,
                    "the IPv6 endpoint inside cluster2's pod CIDR")
     assert a1.agent.tables.ipcache.get(outside.prefix) is None  # it is cluster1's range

@@ -86,7 +86,7 @@ def test_create_ping_delete_on_one_node(lab, short_tmp):
     ep2 = agent.create(pod2, "app=protected-db")
     assert (ep1["ipv4"], ep2["ipv4"]) == ("10.1.1.1", "10.1.1.2")
     assert ep1["identity"] != ep2["identity"]
-    assert (101 << 16) + 256 <= ep1["identity"] < (102 << 16)
+    assert 101 << 16 <= ep1["identity"] < (102 << 16)
     assert set(ep1["labels"]) == {"k8s:app=employee", "k8s:io.kubernetes.pod.namespace=default",
                                   "k8s:io.cilium.k8s.policy.cluster=cluster1"}
     listed = agent.endpoints()

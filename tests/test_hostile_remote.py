@@ -127,7 +127,7 @@ GOOD_LABELS = frozenset({"k8s:app=employee", "k8s:io.kubernetes.pod.namespace=de
 
 
 @pytest.mark.parametrize("key, value, reason", [
-    (kvkeys.identity_key(C2 + 100), format_labels(GOOD_LABELS), "outside cluster2's range"),
+    (kvkeys.identity_key(C2 - 100), format_labels(GOOD_LABELS), "outside cluster2's range"),
     (kvkeys.IDENTITIES + f"0{C2 + 300}", format_labels(GOOD_LABELS), "canonically"),
     (kvkeys.IDENTITIES + "+6684972", format_labels(GOOD_LABELS), "canonically"),
     (kvkeys.identity_key(C2 + 300), format_labels(GOOD_LABELS | {
@@ -137,9 +137,9 @@ GOOD_LABELS = frozenset({"k8s:app=employee", "k8s:io.kubernetes.pod.namespace=de
      "source 'a'"),
     (kvkeys.identity_key(C2 + 300), "k8s:" + "x" * 2_000_000 + "=1;", "larger than the limit"),
     (kvkeys.identity_key(5), "reserved:init;", "reserved identity"),
-    (kvkeys.ipcache_key("cluster2", "0.0.0.0/0"), json.dumps(
+    (kvkeys.ipcache_key("0.0.0.0/0"), json.dumps(
         {"IP": "0.0.0.0", "Mask": "AAAAAA==", "ID": C2 + 300}), "not a single address"),
-    (kvkeys.ipcache_key("cluster2", "10.2.0.1"), "[" * 3_000 + "]" * 3_000, "larger than"),
+    (kvkeys.ipcache_key("10.2.0.1"), "[" * 3_000 + "]" * 3_000, "larger than"),
     (kvkeys.service_key("cluster2", "d", "s"), "[" * 100_000 + "]" * 100_000, "nested too deep"),
     (kvkeys.service_key("cluster2", "d", "s"), '{"cluster": 1' + "0" * 5000 + "}",
      "malformed JSON"),
@@ -158,8 +158,8 @@ def test_a_remote_endpoint_waits_for_a_pod_cidr_granted_to_its_cluster():
     sync, tables = new_sync(ownership)
     ownership.listeners.append(sync.readmit)
     pod = IPCacheEntry(net("10.2.1.5/32"), C2 + 300, "cluster2")
-    apply(sync, kvkeys.ipcache_key("cluster2", "10.2.1.5"), ipcache_to_json(pod))
-    apply(sync, kvkeys.ipcache_key("cluster2", "10.1.1.3"), ipcache_to_json(
+    apply(sync, kvkeys.ipcache_key("10.2.1.5"), ipcache_to_json(pod))
+    apply(sync, kvkeys.ipcache_key("10.1.1.3"), ipcache_to_json(
         IPCacheEntry(net("10.1.1.3/32"), C2 + 300, "cluster2")))  # cluster1's stranger
     assert len(tables.ipcache) == 0 and sync.held == {"endpoints": 2}
     ownership.node_changed(ChangeKind.UPSERT, node("n1", "cluster2", "10.99.2.1", "10.2.1.0/24"))
@@ -174,7 +174,7 @@ KEYS = st.one_of(
     st.sampled_from([kvkeys.NODES, kvkeys.IDENTITIES, kvkeys.IPCACHE, kvkeys.SERVICES]).flatmap(
         lambda prefix: st.text(max_size=40).map(lambda rest: prefix + rest)),
     st.sampled_from([kvkeys.node_key("cluster2", "n1"), kvkeys.identity_key(C2 + 300),
-                     kvkeys.ipcache_key("cluster2", "10.2.1.5"),
+                     kvkeys.ipcache_key("10.2.1.5"),
                      kvkeys.service_key("cluster2", "default", "s")]))
 JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
                        lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),

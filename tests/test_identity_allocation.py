@@ -41,7 +41,7 @@ async def test_same_labels_concurrently_get_one_id(etcd_agents):
     ids = await asyncio.gather(*(alloc.allocate(labels(7)) for alloc in agents * 5))
     assert len({i.id for i in ids}) == 1
     (identity,) = {i.id for i in ids}
-    assert identity in range((101 << 16) + 256, (101 << 16) + 0x10000)
+    assert identity in range(101 << 16, (101 << 16) + 0x10000)
 
 
 async def test_1000_label_sets_by_3_agents_get_1000_distinct_ids(etcd_agents):
@@ -125,7 +125,7 @@ async def test_unused_identity_is_reused_before_collection(etcd_agents):
 
 def colliding_label_sets() -> tuple[frozenset[str], frozenset[str]]:
     """Two label sets whose probe chains start at the same id of cluster 101."""
-    allowed = range((101 << 16) + 256, (101 << 16) + 0x10000)
+    allowed = range(101 << 16, (101 << 16) + 0x10000)
     seen = {}
     for i in range(5000):
         start = chain_start(format_labels(labels(i, "pin")), allowed)
@@ -142,7 +142,7 @@ async def test_collection_keeps_an_id_that_another_label_sets_id_lies_behind(etc
     first, second = colliding_label_sets()
     one = await alloc1.allocate(first)
     two = await alloc1.allocate(second)
-    assert two.id == one.id + 1 or (one.id, two.id) == ((101 << 16) + 0xFFFF, (101 << 16) + 256)
+    assert two.id == one.id + 1 or (one.id, two.id) == ((101 << 16) + 0xFFFF, 101 << 16)
     store = a1.agent.kvstore
     await alloc1.release(one)
     await gone(store, f"{kvkeys.IDENTITY_VALUES}{format_labels(first)}/node1")
@@ -177,7 +177,7 @@ async def test_allocation_waits_while_a_collection_round_runs(etcd_agents):
 
 def chain_of(label_set: frozenset[str]) -> int:
     """The first id of a label set's chain in cluster 101."""
-    allowed = range((101 << 16) + 256, (101 << 16) + 0x10000)
+    allowed = range(101 << 16, (101 << 16) + 0x10000)
     return allowed[chain_start(format_labels(label_set), allowed)]
 
 

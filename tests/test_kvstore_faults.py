@@ -62,7 +62,7 @@ async def test_a_delete_made_while_the_store_is_down_lands_when_it_returns(agent
     identity = await agent.identity_allocator.allocate(DB)
     entry = IPCacheEntry(ipaddress.ip_network("10.1.0.7/32"), identity.id, "cluster1")
     agent.publisher.upsert_ipcache(entry)
-    ip_key = kvkeys.ipcache_key("cluster1", "10.1.0.7")
+    ip_key = kvkeys.ipcache_key("10.1.0.7")
     await eventually(lambda: ip_key in store.data, 5, "entry published")
     ours = [k for k in store.data if k.startswith(kvkeys.IDENTITY_VALUES)]
     assert len(ours) == 1 and ours[0].endswith("/node1")

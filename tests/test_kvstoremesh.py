@@ -86,7 +86,7 @@ async def kvmesh(short_tmp, agent_factory):
 async def publish_employee(mesh: KVMesh, ip: str = "10.2.0.7", identity: int = EMPLOYEE):
     writer = await mesh.writer(2)
     await writer.put(kvkeys.identity_key(identity), format_labels(LABELS).encode())
-    await writer.put(kvkeys.ipcache_key("cluster2", ip), ipcache_to_json(IPCacheEntry(
+    await writer.put(kvkeys.ipcache_key(ip), ipcache_to_json(IPCacheEntry(
         ipaddress.ip_network(f"{ip}/32"), identity, "cluster2")))
     return writer
 
@@ -131,7 +131,7 @@ async def test_an_agent_reads_a_remote_through_the_cache_and_never_dials_it(kvme
     assert "└  source: the KVStoreMesh cache" in details
 
     # changes flow through; a deletion is withdrawn
-    await writer.delete(kvkeys.ipcache_key("cluster2", "10.2.0.7"))
+    await writer.delete(kvkeys.ipcache_key("10.2.0.7"))
     await eventually(lambda: a1.agent.tables.ipcache.count("cluster2") == 0, 5, "withdrawn")
     await writer.close()
     await local.close()
@@ -193,7 +193,7 @@ async def test_a_killed_cache_process_loses_nothing_and_catches_up(kvmesh):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # while it is down: one entry goes, one comes
-    await writer.delete(kvkeys.ipcache_key("cluster2", "10.2.0.7"))
+    await writer.delete(kvkeys.ipcache_key("10.2.0.7"))
     await writer.put(kvkeys.identity_key(EMPLOYEE + 1), format_labels(LABELS).encode())
     await asyncio.sleep(1)
     assert a1.agent.tables.ipcache.count("cluster2") == 1  # the cache stays as it was

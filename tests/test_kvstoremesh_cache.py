@@ -25,7 +25,7 @@ def test_cache_keys_follow_cilium_layout_both_ways():
               "cilium/cache/nodes/v1/cluster2/n1"),
              (kvkeys.IDENTITIES, kvkeys.identity_key(C2 + 300),
               f"cilium/cache/identities/v1/cluster2/id/{C2 + 300}"),
-             (kvkeys.IPCACHE, kvkeys.ipcache_key("cluster2", "10.2.1.5"),
+             (kvkeys.IPCACHE, kvkeys.ipcache_key("10.2.1.5"),
               "cilium/cache/ip/v1/cluster2/10.2.1.5"),
              (kvkeys.SERVICES, kvkeys.service_key("cluster2", "default", "db"),
               "cilium/cache/services/v1/cluster2/default/db")]
@@ -38,9 +38,9 @@ def test_cache_keys_follow_cilium_layout_both_ways():
         "cilium/cache/identities/v1/cluster2/id/"
     assert CacheLayout(kvkeys.NODES, "cluster2").canary == \
         "cilium/synced/cluster2/cilium/cache/nodes/v1"
-    # Cilium's own agents write their ipcache under the address space "default"
-    assert CacheLayout(kvkeys.IPCACHE, "cluster2").to_cache("cilium/state/ip/v1/default/10.2.1.5") \
-        == "cilium/cache/ip/v1/cluster2/10.2.1.5"
+    # meshagent before 0.2 wrote its ipcache under the cluster's name: cached the same way
+    assert CacheLayout(kvkeys.IPCACHE, "cluster2").to_cache(
+        kvkeys.legacy_ipcache_key("cluster2", "10.2.1.5")) == "cilium/cache/ip/v1/cluster2/10.2.1.5"
     with pytest.raises(ValueError):  # another cluster's key is never copied as cluster2's
         CacheLayout(kvkeys.NODES, "cluster2").to_cache(kvkeys.node_key("cluster3", "n1"))
     with pytest.raises(ValueError):
@@ -116,8 +116,8 @@ def test_a_cache_of_a_cache_is_refused():
 
 async def test_an_agent_reading_the_cache_judges_it_as_it_judges_a_cluster(memory_kvstore):
     """A cache holding what KVStoreMesh would never write (a foreign cluster's node, an
-    identity outside the range, a key of no kind) widens nothing, and the agent is not ready
-    before the canaries say the copy is complete."""
+    identity outside the range, a key of no kind) widens nothing, and the agent neither lists
+    a kind nor is ready before its canary says the copy is complete (as Cilium's watchers)."""
     store = memory_kvstore
     sync, tables = new_sync()
     sync.switch_source(True)
@@ -128,9 +128,9 @@ async def test_an_agent_reading_the_cache_judges_it_as_it_judges_a_cluster(memor
     await store.put("cilium/cache/nodes/v1/cluster2/n9", b'{"name": "n9", "cluster": "cluster3"}')
     ready = asyncio.Event()
     task = asyncio.create_task(sync.run(store, ready.set))
-    await eventually(lambda: all(p.synced for p in sync.prefixes), 5, "listed")
-    await asyncio.sleep(0.1)
-    assert not ready.is_set()  # no canaries yet
+    await asyncio.sleep(0.3)
+    assert not ready.is_set() and not any(p.synced for p in sync.prefixes)  # no canaries yet
+    assert len(tables.identities) == 0
     for kind in KINDS:
         await store.put(CacheLayout(kind.prefix, "cluster2").canary, b"2026-11-30T10:00:00Z")
     await asyncio.wait_for(ready.wait(), 5)
@@ -160,6 +160,10 @@ async def test_switching_to_the_cache_keeps_every_row(memory_kvstore):
         return original(key, cluster)
     tables.identities.delete = spy
     task = asyncio.create_task(sync.run(store, lambda: None))
+    await asyncio.sleep(0.2)  # waiting for the cache's canaries: the rows stay meanwhile
+    assert deleted == [] and tables.identities.get(C2 + 300) is not None
+    for kind in KINDS:
+        await store.put(CacheLayout(kind.prefix, "cluster2").canary, b"2026-11-30T10:00:00Z")
     await eventually(lambda: all(p.synced for p in sync.prefixes), 5, "listed the cache")
     assert deleted == [] and tables.identities.get(C2 + 300) is not None
     task.cancel()

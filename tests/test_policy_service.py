@@ -142,7 +142,7 @@ async def test_cidr_rules_get_local_identities_and_ipcache_prefixes(agent_factor
     assert a1.agent.tables.identities.get(entry.identity).labels == frozenset(
         {"cidr:10.9.0.0/16", "reserved:world"})
     # CIDR identities are node-local: not published to the kvstore
-    assert await a1.agent.kvstore.get(kvkeys.ipcache_key("cluster1", "10.9.0.0/16")) is None
+    assert await a1.agent.kvstore.get(kvkeys.ipcache_key("10.9.0.0/16")) is None
 
 
 async def test_a_bad_stored_document_is_refused_and_the_last_good_stays(agent_factory,

@@ -60,10 +60,34 @@ def test_affinity_remote_prefers_remote_backends_while_any_is_alive():
         "10.1.0.5 (cluster1)"]
 
 
-def test_a_cluster_whose_ports_differ_is_reported_and_not_used():
-    m = merged(svc("cluster1", "10.1.0.5"), svc("cluster2", "10.2.0.5", port=6380))
+def test_remote_backends_serve_the_frontend_port_of_their_port_name():
+    """Cilium matches a remote backend to a frontend by port name (pkg/k8s/watchers/service.go,
+    genCartesianProduct); the remote's frontends and port numbers do not matter."""
+    ours = Service("default", "redis", "cluster1", (Frontend(IP("10.96.0.10"), 6379, name="redis"),
+                                                    Frontend(IP("10.96.0.10"), 9121, name="metrics")),
+                   (Backend(IP("10.1.0.5"), 6379, "cluster1", name="redis"),), True)
+    theirs = Service("default", "redis", "cluster2", (Frontend(IP("10.96.9.9"), 7000, name="x"),),
+                     (Backend(IP("10.2.0.5"), 6380, "cluster2", name="redis"),
+                      Backend(IP("10.2.0.5"), 9121, "cluster2", name="metrics")), True)
+    m = merged(ours, theirs)
+    by_port = {f.port: [f"{b.ip}:{b.port}" for b in chosen] for f, chosen in m.balanced()}
+    assert by_port == {6379: ["10.1.0.5:6379", "10.2.0.5:6380"], 9121: ["10.2.0.5:9121"]}
+    assert m.conflicts == ()
+
+
+def test_a_cluster_whose_port_names_differ_is_reported_and_not_used():
+    m = merged(svc("cluster1", "10.1.0.5"), Service(
+        "default", "redis", "cluster2", FRONT, (Backend(IP("10.2.0.5"), 6379, "cluster2",
+                                                        name="tcp-6379"),), True))
     assert backends(m) == ["10.1.0.5 (cluster1)"]
-    assert m.conflicts == ("cluster2: ports differ (6380/TCP vs 6379/TCP); its backends are not"
+    assert m.conflicts == ("cluster2: backend port names 'tcp-6379' match no port of this"
+                           " service ('')",)
+
+
+def test_a_remote_backend_with_one_of_our_backends_addresses_is_not_used():
+    m = merged(svc("cluster1", "10.1.0.5"), svc("cluster2", "10.1.0.5", "10.2.0.5"))
+    assert backends(m) == ["10.1.0.5 (cluster1)", "10.2.0.5 (cluster2)"]
+    assert m.conflicts == ("cluster2: backend addresses 10.1.0.5 are this cluster's own; not"
                            " used",)
 
 

@@ -17,22 +17,24 @@ from meshagent.testing import eventually
 
 def service_yaml(cluster_ip: str, backends: list[str], *, port: int = 6379,
                  annotations: dict | None = None, name: str = "protected-db",
-                 slice_: bool = False) -> str:
+                 slice_: bool = False, port_name: str | None = None) -> str:
     notes = annotations if annotations is not None else {"io.cilium/global-service": "true"}
     doc = {"apiVersion": "v1", "kind": "Service",
            "metadata": {"name": name, "namespace": "default", "annotations": notes},
            "spec": {"clusterIP": cluster_ip, "ports": [{"port": port, "protocol": "TCP"}]}}
+    named = {"name": port_name} if port_name is not None else {}
+    doc["spec"]["ports"][0].update(named)
     if slice_:
         endpoints = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                      "metadata": {"name": f"{name}-abc", "namespace": "default",
                                   "labels": {"kubernetes.io/service-name": name}},
                      "endpoints": [{"addresses": [ip]} for ip in backends],
-                     "ports": [{"port": 6379, "protocol": "TCP"}]}
+                     "ports": [{"port": 6379, "protocol": "TCP", **named}]}
     else:
         endpoints = {"apiVersion": "v1", "kind": "Endpoints",
                      "metadata": {"name": name, "namespace": "default"},
                      "subsets": [{"addresses": [{"ip": ip} for ip in backends],
-                                  "ports": [{"port": 6379, "protocol": "TCP"}]}]}
+                                  "ports": [{"port": 6379, "protocol": "TCP", **named}]}]}
     return json.dumps(doc) + "\n---\n" + json.dumps(endpoints)
 
 
@@ -126,16 +128,22 @@ async def test_a_backend_follows_its_endpoint(mesh, tmp_path):
     await eventually(lambda: ("10.2.1.8", "cluster2") not in merged(mesh[1]), 5, "backend gone")
 
 
-async def test_ports_differing_between_clusters_are_reported(mesh, tmp_path):
-    await apply(mesh[1], service_yaml("10.96.0.10", ["10.1.1.5"]), tmp_path)
-    await apply(mesh[2], service_yaml("10.97.0.10", ["10.2.1.7"], port=6380), tmp_path)
+async def test_port_names_differing_between_clusters_are_reported(mesh, tmp_path):
+    """Backends serve the frontend port of their port's name (Cilium's rule), whatever the
+    other cluster's frontend port numbers."""
+    await apply(mesh[1], service_yaml("10.96.0.10", ["10.1.1.5"], port_name="redis"), tmp_path)
+    await apply(mesh[2], service_yaml("10.97.0.10", ["10.2.1.7"], port=6380, port_name="redis"),
+                tmp_path)
+    await eventually(lambda: len(merged(mesh[1])) == 2, 5, "merge by port name")
+    await apply(mesh[2], service_yaml("10.97.0.10", ["10.2.1.7"], port_name="db"), tmp_path)
     await eventually(lambda: mesh[1].agent.services.merged[("default", "protected-db")]
                      .conflicts, 5, "conflict")
     assert merged(mesh[1]) == [("10.1.1.5", "cluster1")]
     status = await mesh[1].client.request("GET", "/status", params={"verbose": "1"})
     section = next(s for s in status["sections"] if s["name"] == "Services")
     assert section["health"] == "Warning"
-    assert any("cluster2: ports differ (6380/TCP vs 6379/TCP)" in d for d in section["details"])
+    assert any("cluster2: backend port names 'db' match no port of this service ('redis')" in d
+               for d in section["details"])
 
 
 async def test_backend_outside_every_pod_cidr_is_refused(mesh, tmp_path):
@@ -151,11 +159,9 @@ def test_parsing_endpointslices_and_bad_documents():
     assert [str(b.ip) for b in service.backends] == ["10.1.1.5", "10.1.1.6"]
     assert service.global_ and service.shared and service.affinity == "none"
     for text, message in [
-        (service_yaml("nope", []), "spec.clusterIP 'nope' is not an IPv4 address"),
-        (service_yaml("fd00::10", []), "spec.clusterIP 'fd00::10' is not an IPv4 address (IPv6"
-                                       " services are not supported yet"),
-        (service_yaml("10.96.0.1", ["fd00:1:1::5"]), "backend address 'fd00:1:1::5' is not"
-                                                    " IPv4 (IPv6 services are not supported"),
+        (service_yaml("nope", []), "spec.clusterIP 'nope' is not an IP address"),
+        (service_yaml("10.96.0.1", ["10.1.1.300"]), "backend address '10.1.1.300' is not an IP"
+                                                   " address"),
         (service_yaml("10.96.0.1", [], annotations={"service.cilium.io/affinity": "near"}),
          "affinity='near' must be local, remote or none"),
         (service_yaml("10.96.0.1", [], annotations={"service.cilium.io/shared": "maybe"}),

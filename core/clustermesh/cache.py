@@ -54,4 +54,6 @@ class CacheLayout:
         tail = cache_key[len(self.base):]
         if self._after_version:
             return self._state_base + tail
+        if self.state_prefix == kvkeys.IPCACHE:  # Cilium's address space, not the cluster
+            return kvkeys.ipcache_key(tail)
         return f"{self._state_base}{self.cluster}/{tail}"

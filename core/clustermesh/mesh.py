@@ -14,6 +14,7 @@ local kvstore's cache. A cluster whose config says ``cached`` is read from that 
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
 import random
 import time
@@ -38,7 +39,7 @@ from meshagent.model.cluster import (
     ClusterInfo,
     cluster_config_from_json,
 )
-from meshagent.model.net import family_order
+from meshagent.model.net import Network, family_order
 from meshagent.runtime.controller import Controller, ControllerHandle
 from meshagent.runtime.status import Health, StatusSection
 
@@ -98,6 +99,39 @@ class Follower(Protocol):
 #: Makes the follower of a remote cluster: (name, its config) -> follower, or raises
 #: ClusterConfigError if that config cannot be followed.
 FollowerFactory = Callable[[str, ClusterConfig], Follower]
+
+
+#: Keys of a clustermesh file for a cluster whose nodes announce no pod CIDR (Cilium with ENI,
+#: Azure or multi-pool IPAM): the CIDRs its endpoints live in, or trust with any address
+#: that is not this cluster's or granted to another
+POD_CIDRS = "pod-cidrs"
+TRUST_ENDPOINTS = "trust-endpoints"
+
+
+def read_address_options(path: Path) -> tuple[tuple[Network, ...], bool]:
+    """A clustermesh file's ``pod-cidrs`` and ``trust-endpoints``; ClusterConfigError names
+    what is wrong (the cluster is not connected until it is mended)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return (), False  # the backend's own parser says what is wrong
+    if not isinstance(data, dict):
+        return (), False
+    texts = data.get(POD_CIDRS) or []
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list):
+        raise ClusterConfigError(f"{path}: '{POD_CIDRS}' must be a list of CIDRs")
+    cidrs = []
+    for text in texts:
+        try:
+            cidrs.append(ipaddress.ip_network(str(text)))
+        except ValueError as exc:
+            raise ClusterConfigError(f"{path}: '{POD_CIDRS}': {exc}") from None
+    trusted = data.get(TRUST_ENDPOINTS, False)
+    if not isinstance(trusted, bool):
+        raise ClusterConfigError(f"{path}: '{TRUST_ENDPOINTS}' must be true or false")
+    return tuple(sorted(cidrs, key=family_order)), trusted
 
 
 @attrs.frozen
@@ -170,6 +204,8 @@ class RemoteCluster:
         if self._expiry is not None:
             self._expiry.cancel()
         self.accepted_id = None
+        if withdraw and self.mesh.ownership is not None:
+            self.mesh.ownership.configure(self.name, (), False)
         if withdraw and self.sync is not None:
             self.sync.withdraw()
             log.info("clustermesh: withdrew every entry of cluster %s", self.name)
@@ -196,6 +232,9 @@ class RemoteCluster:
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _connect_and_sync(self) -> None:
+        if self.mesh.ownership is not None:
+            cidrs, trusted = read_address_options(self.file.path)
+            self.mesh.ownership.configure(self.name, cidrs, trusted)
         self.store = self.mesh.open_store(self.file)
         self.known_addresses = self.store.status().addresses
         if self.mesh.ownership is not None:
@@ -233,17 +272,21 @@ class RemoteCluster:
             raise ClusterConfigError(f"malformed cluster config: {exc}") from None
         self.config_retrieved = True
         self.remote_config = config
-        problem = self._id_problem(config.id)
+        problem = self._id_problem(config)
         if problem:
             self.accepted_id = None
             raise ClusterConfigError(problem)
         self.accepted_id = config.id
         return config
 
-    def _id_problem(self, cluster_id: int) -> str:
-        local = self.mesh.cluster
+    def _id_problem(self, config: ClusterConfig) -> str:
+        local, cluster_id = self.mesh.cluster, config.id
         if not 1 <= cluster_id <= local.max_connected_clusters:
             return f"cluster id {cluster_id} is out of range 1..{local.max_connected_clusters}"
+        if local.max_connected_clusters == 511 and config.max_connected_clusters != 511:
+            # Cilium checks it only where the mesh is extended (ValidateRemoteConfig)
+            return (f"mismatched maxConnectedClusters: local={local.max_connected_clusters},"
+                    f" remote={config.max_connected_clusters}")
         if cluster_id == local.id:
             return (f"cluster id {cluster_id} conflicts with the local cluster {local.name!r}:"
                     " refusing to connect")
@@ -342,6 +385,10 @@ class RemoteCluster:
         if self.sync and self.sync.held:
             counts = ", ".join(f"{n} {k}" for k, n in sorted(self.sync.held.items()))
             lines.append(f"└  held (outside the pod CIDRs granted to {self.name}): {counts}")
+        if self.lacks_pod_cidrs():
+            lines.append(f"└  held: its nodes announce no pod CIDR (ENI, Azure or multi-pool"
+                         f" IPAM?): give them as '{POD_CIDRS}:' in {self.file.path}, or set"
+                         f" '{TRUST_ENDPOINTS}: true' there")
         refused = [f"{node}: {cidr}: {why}" for (cluster, node, cidr), why
                    in sorted(self._refused().items(), key=lambda item: (
                        item[0][1], family_order(item[0][2]))) if cluster == self.name]
@@ -358,6 +405,14 @@ class RemoteCluster:
         elif self.liveness.failing:
             lines.append(f"└  warning: {self.problem()}")
         return lines
+
+    def lacks_pod_cidrs(self) -> bool:
+        """Its endpoints are held because its nodes announce no pod CIDR and its file gives
+        none: what status says of a Cilium cluster with ENI, Azure or multi-pool IPAM."""
+        ownership = self.mesh.ownership
+        return (ownership is not None and self.sync is not None and bool(self.sync.held)
+                and ownership.announces_pod_cidrs(self.name) is False
+                and self.name not in ownership.configured and self.name not in ownership.trusted)
 
     def _refused(self) -> dict:
         ownership = self.mesh.ownership
@@ -380,6 +435,7 @@ class RemoteCluster:
             "rejected": dict(self.sync.checks.rejected) if self.sync else {},
             "last_rejected": dict(self.sync.checks.last_reject) if self.sync else {},
             "held": self.sync.held if self.sync else {},
+            "held_for_lack_of_pod_cidrs": self.lacks_pod_cidrs(),
             "refused_pod_cidrs": {f"{node}/{cidr}": why for (cluster, node, cidr), why
                                   in self._refused().items() if cluster == self.name},
         }
@@ -531,6 +587,10 @@ class ClusterMesh:
             summary += "; not ready: " + ", ".join(f"{r.name} ({r.problem()})"
                                                    for r in not_ready)
         # Still synced, but its last probes went unanswered: say so before it is given up.
+        lacking = [r.name for r in remotes if r.lacks_pod_cidrs()]
+        if lacking:
+            summary += ("; endpoints held, no pod CIDRs announced or configured: "
+                        + ", ".join(lacking))
         silent = [r for r in remotes if r.ready and r.liveness.failing]
         if silent:
             summary += "; not answering: " + ", ".join(f"{r.name} ({r.problem()})"

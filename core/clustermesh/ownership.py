@@ -29,6 +29,8 @@ from meshagent.model.node import Node
 log = logging.getLogger(__name__)
 
 RECOMPUTE_DELAY = 0.02  # seconds: a sync's burst of node changes is one recomputation
+#: The "node" of the pod CIDRs a clustermesh file grants (no address: not routed by us)
+FILE_GRANT = "(clustermesh file)"
 V6_OFFSET = 1 << 32  # IPv6 address n sits at V6_OFFSET + n on the line of addresses
 LINE_END = V6_OFFSET + (1 << 128)
 
@@ -63,6 +65,11 @@ class AddressOwnership:
         self.grants: list[Grant] = []
         self.refused: dict[tuple[str, str, Network], str] = {}
         self.listeners: list[Callable[[], None]] = []
+        # what clustermesh files say of clusters whose nodes announce no pod CIDR (ENI, Azure
+        # or multi-pool IPAM): CIDRs granted to them, and clusters trusted with any address
+        # nobody else holds
+        self.configured: dict[str, tuple[Network, ...]] = {}
+        self.trusted: set[str] = set()
         self._starts: list[int] = []  # sorted starts of the granted ranges, for owner()
         self._ranges: list[tuple[int, int, str]] = []
         self._pending: asyncio.TimerHandle | None = None
@@ -80,6 +87,28 @@ class AddressOwnership:
         else:
             self.nodes[key] = node
         self.schedule()
+
+    def configure(self, cluster: str, cidrs: Iterable[Network], trusted: bool) -> None:
+        """What ``cluster``'s clustermesh file grants it (nothing: forget it)."""
+        cidrs = tuple(cidrs)
+        if cidrs != self.configured.get(cluster, ()):
+            if cidrs:
+                self.configured[cluster] = cidrs
+            else:
+                self.configured.pop(cluster, None)
+            self.schedule()
+        if trusted != (cluster in self.trusted):
+            if trusted:
+                self.trusted.add(cluster)
+            else:
+                self.trusted.discard(cluster)
+            for listener in list(self.listeners):  # held entries may be admitted now
+                listener()
+
+    def announces_pod_cidrs(self, cluster: str) -> bool | None:
+        """Whether any node of ``cluster`` announces a pod CIDR (None: no node known)."""
+        nodes = [n for (c, _), n in self.nodes.items() if c == cluster]
+        return any(n.pod_cidrs for n in nodes) if nodes else None
 
     def schedule(self) -> None:
         """Recompute soon (once for a burst); right away when no loop runs."""
@@ -106,16 +135,18 @@ class AddressOwnership:
                                               for c in n.pod_cidrs]
         for cidr in local:  # trusted: ours
             _insert(ranges, cidr, self.local_cluster)
-        for node in self.nodes.values():
-            if node.cluster == self.local_cluster:
+        # what the operator wrote in clustermesh files, then what nodes announce
+        claims = [(Node(FILE_GRANT, cluster, 0), cidr)
+                  for cluster, cidrs in sorted(self.configured.items()) for cidr in cidrs]
+        claims += [(node, cidr) for node in self.nodes.values()
+                   if node.cluster != self.local_cluster for cidr in node.pod_cidrs]
+        for node, cidr in claims:
+            reason = self._problem(cidr, node, ranges, node_ips, protected)
+            if reason:
+                refused[(node.cluster, node.name, cidr)] = reason
                 continue
-            for cidr in node.pod_cidrs:
-                reason = self._problem(cidr, node, ranges, node_ips, protected)
-                if reason:
-                    refused[(node.cluster, node.name, cidr)] = reason
-                    continue
-                _insert(ranges, cidr, node.cluster)
-                grants.append(Grant(cidr, node.cluster, node.name, node.address(cidr.version)))
+            _insert(ranges, cidr, node.cluster)
+            grants.append(Grant(cidr, node.cluster, node.name, node.address(cidr.version)))
         for node in self.nodes.values():
             if node.cluster == self.local_cluster:
                 grants += [Grant(c, node.cluster, node.name, node.address(c.version))

@@ -11,6 +11,7 @@ connection keeps the entries; the next run resumes from the last revision, or li
 that history is compacted, deleting what did not come back.
 """
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from typing import Any
 import attrs
 
 from meshagent.clustermesh.cache import CacheLayout
+from meshagent.clustermesh.legacy import LegacyIPCache
 from meshagent.clustermesh.ownership import AddressOwnership
 from meshagent.kvstore import KVStore
 from meshagent.kvstore import keys as kvkeys
@@ -48,6 +50,7 @@ class Kind:
 
     name: str  # nodes, identities, endpoints, services (the words of cilium status)
     prefix: str
+    base: str  # the kind's store as Cilium names it (``cilium/state/identities/v1/``): canaries
     table: str
     decode: Callable[["EntryChecks", str, bytes], tuple[Any, Any]]  # -> (table key, row)
     max_value: int  # bytes: a larger value is rejected before it is decoded
@@ -62,7 +65,9 @@ def printable(key: str, limit: int = 160) -> str:
 
 
 class PrefixSync:
-    """One kind of one cluster: list, then watch; remembers the revision it reached."""
+    """One kind of one cluster: list, then watch; remembers the revision it reached. A cluster
+    that writes sync canaries is listed only once the kind's canary exists (as Cilium's
+    watchers wait): a partial listing is never applied as complete, nor used to delete."""
 
     def __init__(self, sync: "ClusterSync", kind: Kind):
         self.sync = sync
@@ -74,23 +79,40 @@ class PrefixSync:
         self.rows: dict[str, Any] = {}  # kvstore key -> the row we put there (to re-admit)
         self.synced = False
         self.cache = CacheLayout(kind.prefix, sync.cluster)
+        self.legacy = (LegacyIPCache(sync.cluster, self._apply, self._holds)
+                       if kind.prefix == kvkeys.IPCACHE else None)
 
     @property
     def prefix(self) -> str:
         return self.cache.prefix if self.sync.cached else self.kind.prefix
 
+    @property
+    def canary(self) -> str:
+        """The key whose existence says the cluster's copy of this kind is complete."""
+        if self.sync.cached:
+            return self.cache.canary
+        return kvkeys.synced_key(self.sync.cluster, self.kind.base)
+
+    def _holds(self, key: str) -> bool:
+        return key in self.owned or key in self.held
+
     async def run(self, store: KVStore, on_synced: Callable[[], None]) -> None:
         def listed() -> None:
             self.synced = True
             on_synced()
-        await follow_prefix(store, self.prefix, self._apply,
-                            lambda: list(self.owned) + list(self.held),
+        if self.position.revision is None:
+            await self.sync.canary_seen(self.canary)
+        legacy = None if self.sync.cached else self.legacy
+        await follow_prefix(store, self.prefix, legacy.apply if legacy else self._apply,
+                            lambda: [*self.owned, *self.held, *(legacy.keys() if legacy else ())],
                             listed, self.position, self._heard)
 
     def rekey(self, cached: bool) -> None:
         """The cluster is read from the other place now (direct <-> cache): the keys of what
         it holds are renamed, so that the next listing keeps every row it lists again."""
         rename = self.cache.to_cache if cached else self.cache.to_state
+        if self.legacy is not None:
+            self.legacy.clear()
         self.owned = {rename(key): value for key, value in self.owned.items()}
         self.held = {rename(key): value for key, value in self.held.items()}
         self.rows = {rename(key): value for key, value in self.rows.items()}
@@ -155,6 +177,8 @@ class PrefixSync:
         self.synced = False
 
     def withdraw(self) -> None:
+        if self.legacy is not None:
+            self.legacy.clear()
         for key in list(self.owned) + list(self.held):
             self._apply(key, None)
         self.relist()
@@ -210,11 +234,63 @@ class EntryChecks:
                            f" {allowed.start}..{allowed.stop - 1}")
 
 
+class SyncCanaries:
+    """The sync canaries of one cluster seen on the current connection (Cilium's
+    ``pkg/kvstore/store/watchstoremgr.go``: a kind's watcher starts once its canary
+    ``cilium/synced/<cluster>/<store>`` is there; its value does not matter, its deletion is
+    ignored)."""
+
+    def __init__(self, cluster: str):
+        self.prefix = kvkeys.synced_key(cluster, "")  # cilium/synced/<cluster>/
+        self.keys: set[str] = set()
+        self._added = asyncio.Condition()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys
+
+    def clear(self) -> None:
+        self.keys.clear()
+
+    async def seen(self, key: str) -> None:
+        """Returns once ``key`` was seen."""
+        async with self._added:
+            await self._added.wait_for(lambda: key in self.keys)
+
+    async def follow(self, store: KVStore, wanted: set[str], identities: str | None) -> None:
+        """Until every ``wanted`` canary was seen (then no watch is kept open for them).
+
+        meshagent before 0.2 wrote no identities canary, and its canaries hold seconds since
+        the epoch where Cilium (and 0.2) write RFC 3339: where such a canary is seen, the
+        ``identities`` canary counts as seen too (to be removed in 0.3)."""
+        async def add(key: str, value: bytes) -> bool:
+            found = {key} & wanted
+            if identities is not None and value.isdigit():
+                found.add(identities)
+            if not found <= self.keys:
+                async with self._added:
+                    self.keys |= found
+                    self._added.notify_all()
+            return wanted <= self.keys
+
+        if wanted <= self.keys:
+            return
+        listing = await store.list_prefix(self.prefix)
+        for item in listing.items:
+            if await add(item.key, item.value):
+                return
+        async for event in store.watch(self.prefix, after_revision=listing.revision):
+            if event.value is not None and await add(event.key, event.value):
+                return
+
+
 class ClusterSync:
-    """All kinds of one cluster, checked against that cluster's name and id."""
+    """All kinds of one cluster, checked against that cluster's name and id. ``canaries``:
+    the cluster writes sync canaries (its config says ``syncedCanaries``; a cache always
+    does), and each kind is listed only once its canary exists."""
 
     def __init__(self, cluster: str, cluster_id: int, local: ClusterInfo, tables: Tables,
-                 ownership: AddressOwnership | None = None, cached: bool = False):
+                 ownership: AddressOwnership | None = None, cached: bool = False,
+                 canaries: bool = False):
         self.cluster = cluster
         self.cluster_id = cluster_id
         self.local = local
@@ -222,47 +298,42 @@ class ClusterSync:
         self.ownership = ownership  # None: this cluster's own sync, trusted with addresses
         self.cached = cached  # read from the local kvstore's KVStoreMesh cache of it
         self.checks = EntryChecks(cluster, cluster_id, local, remote=ownership is not None)
-        self.canaries: set[str] = set()  # the cache's sync canaries seen (cached only)
+        self.uses_canaries = canaries
+        self.canaries = SyncCanaries(cluster)  # seen on this connection
         self.last_event_at: float | None = None
         self.prefixes = [PrefixSync(self, kind) for kind in KINDS]
 
     @property
+    def canaries_required(self) -> bool:
+        return self.uses_canaries or self.cached
+
+    @property
     def synced(self) -> dict[str, bool]:
-        """Per kind: listed, and, read from a cache, the cache said it holds a full copy."""
-        return {p.kind.name: p.synced and (not self.cached or p.cache.canary in self.canaries)
+        """Per kind: listed, after its sync canary where the cluster writes them."""
+        return {p.kind.name: p.synced and (not self.canaries_required
+                                           or p.canary in self.canaries)
                 for p in self.prefixes}
 
     async def run(self, store: KVStore, on_synced: Callable[[], None]) -> None:
-        """Sync every kind until the store fails; ``on_synced`` once all are listed (and, from
-        a cache, once KVStoreMesh's canaries say its copy is complete: an agent must not act
-        on half a cluster)."""
+        """Sync every kind until the store fails; ``on_synced`` once all are listed (after
+        their canaries, where the cluster writes them: an agent must not act on half a
+        cluster)."""
         def one_synced() -> None:
             if all(self.synced.values()):
                 on_synced()
         work = {f"sync:{self.cluster}:{p.kind.name}": p.run(store, one_synced)
                 for p in self.prefixes}
-        if self.cached:
-            work[f"sync:{self.cluster}:canaries"] = self._await_canaries(store, one_synced)
+        if self.canaries_required:
+            identities = next(p.canary for p in self.prefixes if p.kind.name == "identities")
+            work[f"sync:{self.cluster}:canaries"] = self.canaries.follow(
+                store, {p.canary for p in self.prefixes},
+                None if self.cached else identities)
         await run_together(work)
 
-    async def _await_canaries(self, store: KVStore, one_synced: Callable[[], None]) -> None:
-        """Until the cache's canaries of every kind exist (once seen, a canary stays seen: it
-        only says a full copy was made once), then no watch is kept open for them."""
-        wanted = {p.cache.canary for p in self.prefixes}
-        prefix = kvkeys.synced_key(self.cluster, "")
-        if wanted <= self.canaries:
-            return
-        listing = await store.list_prefix(prefix)
-        self.canaries |= wanted & {item.key for item in listing.items}
-        one_synced()
-        if wanted <= self.canaries:
-            return
-        async for event in store.watch(prefix, after_revision=listing.revision):
-            if event.value is not None and event.key in wanted:
-                self.canaries.add(event.key)
-                one_synced()
-                if wanted <= self.canaries:
-                    return
+    async def canary_seen(self, key: str) -> None:
+        """Returns once ``key`` (a kind's canary) was seen, at once where none is needed."""
+        if self.canaries_required:
+            await self.canaries.seen(key)
 
     def switch_source(self, cached: bool) -> None:
         """Read the cluster from the cache (or directly) from the next run on, keeping its
@@ -271,7 +342,6 @@ class ClusterSync:
             for prefix in self.prefixes:
                 prefix.rekey(cached)
             self.cached = cached
-            self.canaries.clear()
 
     def admission(self, kind: Kind, row: Any) -> str:
         """Why a remote's row must wait ("" to admit it): only remote rows are checked."""
@@ -292,7 +362,10 @@ class ClusterSync:
         return {p.kind.name: len(p.held) for p in self.prefixes if p.held}
 
     def relist(self) -> None:
-        """List every kind again on the next run (a new connection); rows stay until then."""
+        """List every kind again on the next run (a new connection), once its canary is
+        there again (a restarted writer's partial copy is not complete); rows stay until
+        then."""
+        self.canaries.clear()
         for prefix in self.prefixes:
             prefix.relist()
 
@@ -349,12 +422,15 @@ def _ipcache(checks: EntryChecks, key: str, value: bytes):
 
 
 def _ipcache_admission(sync: ClusterSync, entry) -> str:
-    """A remote's endpoint must be inside a pod CIDR granted to that cluster."""
+    """A remote's endpoint must be inside a pod CIDR granted to that cluster (or, where its
+    clustermesh file trusts it, in none granted to anyone else)."""
     address = entry.address
     owner = sync.ownership.owner(address)
     if owner == sync.cluster:
         return ""
     if owner is None:
+        if sync.cluster in sync.ownership.trusted:
+            return ""
         return f"{address} is in no pod CIDR granted to {sync.cluster}"
     whose = "this cluster" if owner == sync.local.name else f"cluster {owner}"
     return f"{address} belongs to {whose}'s pod CIDRs"
@@ -401,8 +477,10 @@ def check_size(value: bytes, limit: int) -> bytes:
 #: Value size limits (bytes): far above what an agent writes (a node ~300, an identity ~200,
 #: an ipcache entry ~150), low enough that a hostile cluster cannot make us hold much.
 KINDS = (
-    Kind("nodes", kvkeys.NODES, "nodes", _node, 64 * 1024),
-    Kind("identities", kvkeys.IDENTITIES, "identities", _identity, 16 * 1024),
-    Kind("endpoints", kvkeys.IPCACHE, "ipcache", _ipcache, 4 * 1024, _ipcache_admission),
-    Kind("services", kvkeys.SERVICES, "services", _service, 1024 * 1024),
+    Kind("nodes", kvkeys.NODES, kvkeys.NODES, "nodes", _node, 64 * 1024),
+    Kind("identities", kvkeys.IDENTITIES, kvkeys.IDENTITIES_BASE, "identities", _identity,
+         16 * 1024),
+    Kind("endpoints", kvkeys.IPCACHE, kvkeys.IPCACHE, "ipcache", _ipcache, 4 * 1024,
+         _ipcache_admission),
+    Kind("services", kvkeys.SERVICES, kvkeys.SERVICES, "services", _service, 1024 * 1024),
 )

@@ -216,7 +216,7 @@ class Agent:
     def _follow_remote(self, name: str, config: ClusterConfig) -> ClusterSync:
         """A remote cluster's entries go to the tables, admitted by pod CIDR."""
         return ClusterSync(name, config.id, self.cluster, self.tables, self.ownership,
-                           cached=config.cached)
+                           cached=config.cached, canaries=config.synced_canaries)
 
     def _node_ip(self, version: int):
         """This node's address of that family (``--node-ip``), or None."""

@@ -4,12 +4,15 @@ Keeping Cilium's layout lets a user inspect meshagent's kvstore with what they k
 ``cilium kvstore get --recursive cilium/state/``.
 """
 
+import time
+
 NODES = "cilium/state/nodes/v1/"
-IDENTITIES = "cilium/state/identities/v1/id/"
-IDENTITY_VALUES = "cilium/state/identities/v1/value/"
+IDENTITIES_BASE = "cilium/state/identities/v1/"  # Cilium's identity store (its canary)
+IDENTITIES = IDENTITIES_BASE + "id/"
+IDENTITY_VALUES = IDENTITIES_BASE + "value/"
 IPCACHE = "cilium/state/ip/v1/"
-# Cilium itself writes its ipcache under the address space "default" instead of the cluster
-# name (cilium/state/ip/v1/default/<ip>); read from a remote, those keys are that remote's
+# Cilium's ipcache lives under the address space "default" (pkg/ipcache, DefaultAddressSpace):
+# whose entries they are is given by whose kvstore holds them
 IPCACHE_ADDRESS_SPACE = "default"
 SERVICES = "cilium/state/services/v1/"
 CLUSTER_CONFIG = "cilium/cluster-config/"
@@ -29,7 +32,13 @@ def identity_key(identity: int) -> str:
     return f"{IDENTITIES}{identity}"
 
 
-def ipcache_key(cluster: str, ip: str) -> str:
+def ipcache_key(ip: str) -> str:
+    """``cilium/state/ip/v1/default/<ip>``: where Cilium and meshagent publish an address."""
+    return f"{IPCACHE}{IPCACHE_ADDRESS_SPACE}/{ip}"
+
+
+def legacy_ipcache_key(cluster: str, ip: str) -> str:
+    """Where meshagent before 0.2 published an address (read during an upgrade only)."""
     return f"{IPCACHE}{cluster}/{ip}"
 
 
@@ -41,9 +50,20 @@ def cluster_config_key(cluster: str) -> str:
     return f"{CLUSTER_CONFIG}{cluster}"
 
 
+#: The stores a cluster writes a sync canary for, once each is published (Cilium's four)
+STORES = (NODES, IDENTITIES_BASE, IPCACHE, SERVICES)
+
+
 def synced_key(cluster: str, prefix: str) -> str:
-    """The sync canary for one of ``cluster``'s prefixes (written once it is published)."""
+    """The sync canary for one of ``cluster``'s stores (written once it is published):
+    ``cilium/synced/<cluster>/cilium/state/<kind>/v1``."""
     return f"{SYNCED}{cluster}/{prefix.rstrip('/')}"
+
+
+def rfc3339_now() -> bytes:
+    """The value of heartbeats and sync canaries: the time as Go's ``time.RFC3339`` writes it
+    (Cilium's ``pkg/kvstore/heartbeat``, ``pkg/kvstore/store/syncstore.go``), in UTC."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()).encode()
 
 
 def policy_key(kind: str, namespace: str, name: str) -> str:

@@ -52,10 +52,10 @@ class Publisher:
     # -- what to publish (called by endpoints and the identity allocator as they change) ------
 
     def upsert_ipcache(self, entry: IPCacheEntry) -> None:
-        self.want(kvkeys.ipcache_key(self.cluster.name, entry.key_ip), ipcache_to_json(entry))
+        self.want(kvkeys.ipcache_key(entry.key_ip), ipcache_to_json(entry))
 
     def delete_ipcache(self, entry: IPCacheEntry) -> None:
-        self.unwant(kvkeys.ipcache_key(self.cluster.name, entry.key_ip))
+        self.unwant(kvkeys.ipcache_key(entry.key_ip))
 
     def want(self, key: str, value: bytes) -> None:
         """Keep ``key`` = ``value`` on the lease; written soon, and again whenever it is lost."""
@@ -98,9 +98,8 @@ class Publisher:
         await store.put(kvkeys.cluster_config_key(self.cluster.name), ClusterConfig(
             self.cluster.id, synced_canaries=True,
             max_connected_clusters=self.cluster.max_connected_clusters).to_json())
-        for prefix in (kvkeys.NODES, kvkeys.IPCACHE, kvkeys.SERVICES):
-            await store.put(kvkeys.synced_key(self.cluster.name, prefix),
-                            str(int(time.time())).encode())
+        for prefix in kvkeys.STORES:  # after the initial state, as Cilium's sync stores do
+            await store.put(kvkeys.synced_key(self.cluster.name, prefix), kvkeys.rfc3339_now())
         if not self.published.is_set():
             self.published.set()
             log.info("published node %s of cluster %s (id %d) to the kvstore",
@@ -111,7 +110,7 @@ class Publisher:
         while True:
             now = time.monotonic()
             if now >= next_heartbeat:
-                await store.put(kvkeys.HEARTBEAT, str(int(time.time())).encode())
+                await store.put(kvkeys.HEARTBEAT, kvkeys.rfc3339_now())
                 next_heartbeat = now + HEARTBEAT_INTERVAL
             if now >= next_keepalive:
                 await self._keepalive(store)
@@ -137,8 +136,8 @@ class Publisher:
         if key.startswith(kvkeys.IDENTITY_VALUES):
             return key.endswith("/" + self.node.name)
         try:
-            address = ipaddress.ip_address(key.removeprefix(
-                kvkeys.ipcache_key(self.cluster.name, "")))
+            address = ipaddress.ip_address(key.removeprefix(kvkeys.ipcache_key("")).removeprefix(
+                kvkeys.legacy_ipcache_key(self.cluster.name, "")))
         except ValueError:
             return False
         return any(address in cidr for cidr in self.node.pod_cidrs)
@@ -150,7 +149,9 @@ class Publisher:
         self._pending.clear()
         stale = self._written - self.wanted.keys()
         if sweep and not self._swept:
-            for prefix in (kvkeys.ipcache_key(self.cluster.name, ""), kvkeys.IDENTITY_VALUES):
+            # (and what meshagent before 0.2 published under the cluster's name)
+            for prefix in (kvkeys.ipcache_key(""), kvkeys.legacy_ipcache_key(self.cluster.name, ""),
+                           kvkeys.IDENTITY_VALUES):
                 stale.update(kv.key for kv in (await store.list_prefix(prefix)).items
                              if kv.lease != self.lease.id and self._named_ours(kv.key))
         for key in sorted(stale):

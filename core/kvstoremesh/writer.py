@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 from meshagent.clustermesh.cache import CacheLayout
 from meshagent.clustermesh.mesh import ClusterConfigError
-from meshagent.clustermesh.sync import KINDS, EntryChecks, Kind
+from meshagent.clustermesh.legacy import LegacyIPCache
+from meshagent.clustermesh.sync import KINDS, EntryChecks, Kind, SyncCanaries
 from meshagent.kvstore import KVStore
 from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstore.follow import Position, follow_prefix
@@ -37,9 +38,14 @@ WITHDRAW_RETRY = 1.0
 class PrefixReflector:
     """One kind of one remote cluster, copied into the local cache: list, then watch."""
 
-    def __init__(self, checks: EntryChecks, kind: Kind, local: KVStore):
+    def __init__(self, checks: EntryChecks, kind: Kind, local: KVStore,
+                 canaries: SyncCanaries | None):
         self.checks, self.kind, self.local = checks, kind, local
+        self.canaries = canaries  # the remote's, when it writes them
         self.cache = CacheLayout(kind.prefix, checks.cluster)
+        self.remote_canary = kvkeys.synced_key(checks.cluster, kind.base)
+        self.legacy = (LegacyIPCache(checks.cluster, self._apply, lambda key: key in self.copied)
+                       if kind.prefix == kvkeys.IPCACHE else None)
         self.position = Position()
         self.copied: dict[str, bytes] = {}  # state key -> value in (or on its way to) the cache
         self.pending: dict[str, bytes | None] = {}  # cache key -> value to write (None: delete)
@@ -68,17 +74,21 @@ class PrefixReflector:
                 await listed.wait()
                 listed.clear()
                 await self.written.wait()  # all the listing produced is in the cache
-                await self.local.put(self.cache.canary, time.strftime(
-                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime()).encode())  # RFC 3339, as Cilium's
+                await self.local.put(self.cache.canary, kvkeys.rfc3339_now())
                 self.synced = True
                 on_synced()
 
+        if self.canaries is not None and self.position.revision is None:
+            await self.canaries.seen(self.remote_canary)  # the remote's copy is complete
+        legacy = self.legacy
         async with asyncio.TaskGroup() as tasks:
             helpers = [tasks.create_task(self._write(), name=f"cache-write:{self.kind.name}"),
                        tasks.create_task(canary(), name=f"cache-canary:{self.kind.name}")]
             try:
-                await follow_prefix(remote, self.kind.prefix, self._apply,
-                                    lambda: list(self.copied), listed.set, self.position)
+                await follow_prefix(remote, self.kind.prefix,
+                                    legacy.apply if legacy else self._apply,
+                                    lambda: [*self.copied, *(legacy.keys() if legacy else ())],
+                                    listed.set, self.position)
             finally:
                 for helper in helpers:
                     helper.cancel()
@@ -127,6 +137,8 @@ class PrefixReflector:
         await self.local.delete_prefix(self.cache.base)
         await self.local.delete(self.cache.canary)
         self.copied.clear()
+        if self.legacy is not None:
+            self.legacy.clear()
         self.pending.clear()
         self.synced = False
 
@@ -147,7 +159,10 @@ class CacheWriter:
                                     or local_cluster.max_connected_clusters)
         self.local = local
         self.checks = EntryChecks(cluster, config.id, local_cluster, remote=True)
-        self.reflectors = [PrefixReflector(self.checks, kind, local) for kind in KINDS]
+        # a remote that writes sync canaries is copied kind by kind once each is there
+        self.canaries = SyncCanaries(cluster) if config.synced_canaries else None
+        self.reflectors = [PrefixReflector(self.checks, kind, local, self.canaries)
+                           for kind in KINDS]
         self.held: dict[str, int] = {}  # nothing waits: pod CIDRs are the agents' to check
         self._loaded = False
         self._withdrawal: asyncio.Task | None = None
@@ -187,8 +202,14 @@ class CacheWriter:
         def one_synced() -> None:
             if all(r.synced for r in self.reflectors):
                 on_synced()
-        await run_together({f"cache:{self.cluster}:{r.kind.name}": r.run(remote, one_synced)
-                            for r in self.reflectors})
+        work = {f"cache:{self.cluster}:{r.kind.name}": r.run(remote, one_synced)
+                for r in self.reflectors}
+        if self.canaries is not None:
+            identities = next(r.remote_canary for r in self.reflectors
+                              if r.kind.name == "identities")
+            work[f"cache:{self.cluster}:canaries"] = self.canaries.follow(
+                remote, {r.remote_canary for r in self.reflectors}, identities)
+        await run_together(work)
 
     def switch_source(self, cached: bool) -> None:
         """Refuses a cluster whose config says it is a cache: KVStoreMesh copies clusters
@@ -198,6 +219,8 @@ class CacheWriter:
                                      " KVStoreMesh reads clusters from their own kvstore")
 
     def relist(self) -> None:
+        if self.canaries is not None:
+            self.canaries.clear()
         for reflector in self.reflectors:
             reflector.relist()
 

@@ -9,14 +9,14 @@ import re
 import attrs
 
 from meshagent.errors import UsageError
-from meshagent.model.jsonfields import field, load_object
+from meshagent.model.jsonfields import GoNames, field, load_object
 
 CLUSTER_NAME_MAX_LENGTH = 32
 CLUSTER_NAME_PATTERN = re.compile(r"^([a-z0-9][-a-z0-9]*)?[a-z0-9]$")
 DEFAULT_CLUSTER_NAME = "default"
 MAX_CONNECTED_CLUSTERS_CHOICES = (255, 511)
 
-#: Identities below this number are reserved or unused in every cluster's range.
+#: Identities below this number are reserved: a cluster without an id allocates from here.
 MIN_LOCAL_IDENTITY = 256
 
 
@@ -79,11 +79,14 @@ class ClusterInfo:
         return self.id != 0
 
     def identity_range(self, cluster_id: int | None = None) -> range:
-        """Identities that cluster ``cluster_id`` (default: this one) may allocate."""
+        """Identities that cluster ``cluster_id`` (default: this one) may allocate, as Cilium
+        computes them (``pkg/identity/numericidentity.go``, ``MinimalAllocationIdentity``: "for
+        ClusterID > 0, the identity range just starts from cluster shift"): the whole of
+        ``id << shift .. (id + 1) << shift - 1``; from 256 for cluster id 0."""
         cid = self.id if cluster_id is None else cluster_id
         shift = identity_shift(self.max_connected_clusters)
         base = cid << shift
-        return range(base + MIN_LOCAL_IDENTITY, base + (1 << shift))
+        return range(base or MIN_LOCAL_IDENTITY, base + (1 << shift))
 
     def cluster_of_identity(self, identity: int) -> int:
         """The cluster id encoded in a numeric identity."""
@@ -112,10 +115,16 @@ class ClusterConfig:
         return json.dumps(body).encode()
 
 
+# Cilium's CiliumClusterConfig and its capabilities (pkg/clustermesh/types/types.go)
+CONFIG_FIELDS = GoNames("id", "capabilities")
+CAPABILITY_FIELDS = GoNames("syncedCanaries", "cached", "maxConnectedClusters")
+
+
 def cluster_config_from_json(data: bytes) -> ClusterConfig:
-    """Raises ValueError naming the field that is wrong."""
-    body = load_object(data)
-    capabilities = field(body, "capabilities", dict, required=False, default={})
+    """Decoded as a Cilium agent does; raises ValueError naming the field that is wrong."""
+    body = load_object(data, CONFIG_FIELDS)
+    capabilities = CAPABILITY_FIELDS.match(
+        field(body, "capabilities", dict, required=False, default={}))
     return ClusterConfig(
         id=field(body, "id", int),
         synced_canaries=field(capabilities, "syncedCanaries", bool, required=False,

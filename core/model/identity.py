@@ -43,6 +43,8 @@ def world_identity(version: int) -> ReservedIdentity:
 
 #: The label every endpoint carries with its cluster's name.
 CLUSTER_LABEL = "io.cilium.k8s.policy.cluster"
+#: The prefix of the labels that carry a pod's namespace's labels (``…labels.team=a``).
+NAMESPACE_LABELS = "io.cilium.k8s.namespace.labels."
 
 # Kubernetes label syntax: optional DNS-subdomain prefix, a name, and a value.
 _NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
@@ -97,7 +99,10 @@ def check_endpoint_labels(labels: frozenset[str], cluster: str) -> None:
         if source not in ENDPOINT_LABEL_SOURCES:
             raise ValueError(f"label {label[:80]!r}: source {source[:40]!r} is not one of"
                              f" {', '.join(sorted(ENDPOINT_LABEL_SOURCES))}")
-        if not LABEL_KEY.match(key) or not LABEL_VALUE.match(value):
+        # a namespace's labels come as one key each behind Cilium's prefix
+        # (pkg/k8s/apis/cilium.io/const.go, PodNamespaceMetaLabels): the rest is their key
+        plain = key.removeprefix(NAMESPACE_LABELS)
+        if not plain or not LABEL_KEY.match(plain) or not LABEL_VALUE.match(value):
             raise ValueError(f"label {label[:80]!r} is not a Kubernetes label (key=value)")
         if key == CLUSTER_LABEL:
             clusters.append(value)

@@ -8,6 +8,7 @@ import attrs
 
 from meshagent.events import ChangeKind
 from meshagent.model.jsonfields import (
+    GoNames,
     field,
     ip_address,
     load_object,
@@ -122,8 +123,13 @@ def _packed_host(text: str) -> bytes:
     return ip_address(text, "HostIP").packed
 
 
+# Cilium's identity.IPIdentityPair (pkg/identity/identity.go), as encoding/json reads it
+IPCACHE_FIELDS = GoNames("IP", "Mask", "HostIP", "ID", "Key", "Metadata", "K8sNamespace",
+                         "K8sPodName", "NamedPorts")
+
+
 def ipcache_from_json(data: bytes, cluster: str) -> IPCacheEntry:
-    doc = load_object(data)
+    doc = load_object(data, IPCACHE_FIELDS)
     ip = ip_address(field(doc, "IP", str), "IP")
     prefixlen = mask_to_prefixlen(doc.get("Mask"), "Mask", ip.max_prefixlen)
     if prefixlen != ip.max_prefixlen:  # a range: its address must be the network's
@@ -133,6 +139,8 @@ def ipcache_from_json(data: bytes, cluster: str) -> IPCacheEntry:
             raise ValueError(f"field 'IP': {exc}") from None
     identity = field(doc, "ID", int)
     host = field(doc, "HostIP", str, required=False, default="")
+    if identity < 0:
+        raise ValueError(f"field 'ID': {identity} is negative")
     return IPCacheEntry(bytes((prefixlen,)) + ip.packed, identity, cluster,
                         _packed_host(host) if host else None,
                         field(doc, "K8sNamespace", str, required=False, default=""),

@@ -2,7 +2,9 @@
 and our values (attrs classes, addresses, enums) written as plain JSON.
 
 Remote clusters send us JSON we did not write: every decoder goes through these so a bad entry
-is rejected with a reason instead of crashing a sync loop.
+is rejected with a reason instead of crashing a sync loop. Cilium reads the same values with
+Go's ``encoding/json``, so we read them its way (:func:`go_names`): a field name matches
+case-insensitively, unknown fields are ignored, an absent or null field is its zero value.
 """
 
 import base64
@@ -15,7 +17,8 @@ from typing import Any
 import attrs
 
 
-def load_object(data: bytes) -> dict[str, Any]:
+def load_object(data: bytes, names: "GoNames | None" = None) -> dict[str, Any]:
+    """The JSON object in ``data``; with ``names``, its keys matched to them as Go does."""
     try:
         value = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -24,7 +27,29 @@ def load_object(data: bytes) -> dict[str, Any]:
         raise ValueError("malformed JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise ValueError("malformed JSON: expected an object")
-    return value
+    return value if names is None else names.match(value)
+
+
+class GoNames:
+    """The JSON field names of one Go struct, and how Go's ``encoding/json`` matches an object's
+    keys to them: the exact name, else any name equal to it under case folding; a key that
+    matches none is ignored; of several keys for one field, the last one wins (each assignment
+    overwrites the one before)."""
+
+    def __init__(self, *names: str):
+        self.names = frozenset(names)
+        self._folded = {name.casefold(): name for name in names}
+
+    def match(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """``obj`` with its keys spelled as the struct's names (it as it is when they are)."""
+        if obj.keys() <= self.names:  # the fast path: every key spelled exactly
+            return obj
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            name = key if key in self.names else self._folded.get(key.casefold())
+            if name is not None:
+                out[name] = value
+        return out
 
 
 def field(obj: dict, name: str, kind: type | tuple[type, ...], *, required: bool = True,

@@ -6,6 +6,7 @@ import json
 import attrs
 
 from meshagent.model.jsonfields import (
+    GoNames,
     field,
     ip_address,
     ipv4,
@@ -14,7 +15,7 @@ from meshagent.model.jsonfields import (
     mask_to_prefixlen,
     prefixlen_to_mask,
 )
-from meshagent.model.net import Network
+from meshagent.model.net import Address, Network
 
 
 @attrs.frozen
@@ -52,28 +53,53 @@ def node_to_json(node: Node) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
+# Cilium's node.Node (pkg/node/types/node.go) and its Address, as encoding/json reads them
+NODE_FIELDS = GoNames("Name", "Cluster", "IPAddresses", "IPv4AllocCIDR", "IPv4SecondaryAllocCIDRs",
+                      "IPv6AllocCIDR", "IPv6SecondaryAllocCIDRs", "ClusterID")
+ADDRESS_FIELDS = GoNames("Type", "IP")
+CIDR_FIELDS = GoNames("IP", "Mask")
+
+
 def node_from_json(data: bytes) -> Node:
-    """Decode Cilium's node JSON; ValueError says what is wrong."""
-    doc = load_object(data)
+    """Decode Cilium's node JSON as a Cilium agent does; ValueError says what is wrong."""
+    doc = load_object(data, NODE_FIELDS)
     name = field(doc, "Name", str)
     cluster = field(doc, "Cluster", str)
     cluster_id = field(doc, "ClusterID", int, required=False, default=0)
-    addresses: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+    addresses = []
     for entry in field(doc, "IPAddresses", list, required=False, default=[]):
         if not isinstance(entry, dict):
             raise ValueError("field 'IPAddresses' must hold objects")
-        kind = entry.get("Type", entry.get("AddressType"))
-        ip = entry.get("IP")
-        if kind == "InternalIP" and isinstance(ip, str):
-            address = ip_address(ip, "IPAddresses.IP")
-            addresses.setdefault(address.version, address)  # the first of each family
+        entry = ADDRESS_FIELDS.match(entry)
+        ip = field(entry, "IP", str, required=False, default="")
+        if ip:
+            addresses.append((field(entry, "Type", str, required=False, default=""),
+                              ip_address(ip, "IPAddresses.IP")))
     cidrs: list[Network] = []
     for family, parse in (("IPv4", ipv4), ("IPv6", ipv6)):
         primary = field(doc, f"{family}AllocCIDR", dict, required=False)
         for cidr in ([primary] if primary else []) + list(
                 field(doc, f"{family}SecondaryAllocCIDRs", list, required=False, default=[])):
             cidrs.append(_cidr_from_json(cidr, f"{family}AllocCIDR", parse))
-    return Node(name, cluster, cluster_id, addresses.get(4), tuple(cidrs), addresses.get(6))
+    return Node(name, cluster, cluster_id, node_ip(addresses, 4), tuple(cidrs),
+                node_ip(addresses, 6))
+
+
+def node_ip(addresses: list[tuple[str, Address]], version: int) -> Address | None:
+    """The node's address of a family as Cilium picks it (``Node.GetNodeIP``): its first
+    InternalIP; else its last ExternalIP; else its first address of another type. Its
+    CiliumInternalIP (the router's address inside the pod CIDR) never."""
+    backup = None
+    for kind, address in addresses:
+        if address.version != version or kind == "CiliumInternalIP":
+            continue
+        if kind == "InternalIP":
+            return address
+        if kind == "ExternalIP":
+            backup = address
+        elif backup is None:
+            backup = address
+    return backup
 
 
 def _cidr_json(network: Network) -> dict:
@@ -84,6 +110,7 @@ def _cidr_json(network: Network) -> dict:
 def _cidr_from_json(doc: object, name: str, parse) -> Network:
     if not isinstance(doc, dict):
         raise ValueError(f"field {name!r} must be an object")
+    doc = CIDR_FIELDS.match(doc)
     ip = parse(doc.get("IP"), f"{name}.IP")
     prefixlen = mask_to_prefixlen(doc.get("Mask"), f"{name}.Mask", ip.max_prefixlen)
     try:

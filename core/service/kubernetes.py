@@ -40,7 +40,8 @@ def parse_services(text: str, cluster: str, source: str = "input") -> list[Servi
 
 def services_from_documents(docs: list, cluster: str, names: list[str]) -> list[Service]:
     """The parsed form of :func:`parse_services`; ``names`` says what to call each document in
-    an error. Only ready endpoints of IPv4 EndpointSlices are backends."""
+    an error. Only ready endpoints of IPv4 and IPv6 EndpointSlices are backends; every port
+    keeps its name (Cilium matches backends to a frontend port by it)."""
     services, backends = [], {}
     for doc, where in zip(docs, names):
         if not isinstance(doc, dict):
@@ -59,10 +60,10 @@ def services_from_documents(docs: list, cluster: str, names: list[str]) -> list[
                     for port in ports:
                         backends.setdefault((namespace, name), []).append(
                             (address.get("ip"), port.get("port"), port.get("protocol", "TCP"),
-                             where))
+                             port.get("name") or "", where))
         elif kind == "EndpointSlice":
             owner = (meta.get("labels") or {}).get("kubernetes.io/service-name", name)
-            if doc.get("addressType", "IPv4") != "IPv4":
+            if doc.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
                 continue
             for endpoint in doc.get("endpoints") or []:
                 if (endpoint.get("conditions") or {}).get("ready") is False:
@@ -70,7 +71,8 @@ def services_from_documents(docs: list, cluster: str, names: list[str]) -> list[
                 for address in endpoint.get("addresses") or []:
                     for port in doc.get("ports") or []:
                         backends.setdefault((namespace, owner), []).append(
-                            (address, port.get("port"), port.get("protocol", "TCP"), where))
+                            (address, port.get("port"), port.get("protocol", "TCP"),
+                             port.get("name") or "", where))
         else:
             raise ServiceError(f"{where}: kind {kind!r} is not Service, Endpoints or"
                                " EndpointSlice")
@@ -85,11 +87,13 @@ def _service(doc: dict, where: str, cluster: str, backends: dict) -> Service:
     if affinity not in ("local", "remote", "none"):
         raise ServiceError(f"{where}: annotation {AFFINITY}={affinity!r} must be local, remote"
                            " or none")
-    try:
-        cluster_ip = ipaddress.IPv4Address(spec.get("clusterIP"))
-    except (ipaddress.AddressValueError, ValueError):
-        raise ServiceError(f"{where}: spec.clusterIP {spec.get('clusterIP')!r} is not an IPv4"
-                           f" address{_ipv6_note(spec.get('clusterIP'))}") from None
+    cluster_ips = spec.get("clusterIPs") or [spec.get("clusterIP")]
+    addresses = []
+    for text in cluster_ips:
+        try:
+            addresses.append(ipaddress.ip_address(text))
+        except (ValueError, TypeError):
+            raise ServiceError(f"{where}: spec.clusterIP {text!r} is not an IP address") from None
     frontends = []
     for j, port in enumerate(spec.get("ports") or []):
         number, protocol = port.get("port"), port.get("protocol", "TCP")
@@ -98,30 +102,22 @@ def _service(doc: dict, where: str, cluster: str, backends: dict) -> Service:
         if protocol not in PROTOCOLS:
             raise ServiceError(f"{where}: spec.ports[{j}].protocol must be one of"
                                f" {', '.join(PROTOCOLS)}")
-        frontends.append(Frontend(cluster_ip, number, protocol))
+        name = port.get("name") or ""
+        if not isinstance(name, str):
+            raise ServiceError(f"{where}: spec.ports[{j}].name must be a string")
+        frontends += [Frontend(address, number, protocol, name) for address in addresses]
     if not frontends:
         raise ServiceError(f"{where}: spec.ports needs at least one port")
     found = []
-    for ip, port, protocol, source in backends.get((namespace, meta["name"]), []):
+    for ip, port, protocol, name, source in backends.get((namespace, meta["name"]), []):
         try:
-            address = ipaddress.IPv4Address(ip)
-        except (ipaddress.AddressValueError, ValueError):
-            raise ServiceError(f"{source}: backend address {ip!r} is not IPv4"
-                               f"{_ipv6_note(ip)}") from None
+            address = ipaddress.ip_address(ip)
+        except (ValueError, TypeError):
+            raise ServiceError(f"{source}: backend address {ip!r} is not an IP address") from None
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ServiceError(f"{source}: backend port {port!r} must be 1..65535")
-        found.append(Backend(address, port, cluster, protocol))
+        found.append(Backend(address, port, cluster, protocol, str(name)))
     return Service(namespace, meta["name"], cluster, tuple(frontends), tuple(sorted(
-        set(found), key=lambda b: (b.ip, b.port))),
+        set(found), key=lambda b: (b.ip.version, b.ip, b.port, b.name))),
         global_=_bool_annotation(annotations, GLOBAL, False, where),
         shared=_bool_annotation(annotations, SHARED, True, where), affinity=affinity)
-
-
-def _ipv6_note(text: object) -> str:
-    """Say so when the address is IPv6: services are IPv4-only for now (docs/dual-stack.md)."""
-    try:
-        if ipaddress.ip_address(str(text)).version == 6:
-            return " (IPv6 services are not supported yet: IPv4 ClusterIPs and backends only)"
-    except ValueError:
-        pass
-    return ""

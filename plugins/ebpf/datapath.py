@@ -452,8 +452,7 @@ class EbpfDatapath:
         service without its backends)."""
         wanted: dict[tuple, list] = {}
         for merged in services:
-            for frontend in merged.service.frontends:
-                backends = [b for b in merged.backends if b.protocol == frontend.protocol]
+            for frontend, backends in merged.balanced():
                 key = (frontend.ip.packed, frontend.port, PROTOCOL_NUMBERS[frontend.protocol])
                 wanted[key] = backends
         for key in wanted:
