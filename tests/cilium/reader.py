@@ -404,6 +404,7 @@ def parse_labels(value: bytes) -> list[tuple[str, str, str]]:
 class CiliumView:
     """What a Cilium agent imports from one remote cluster."""
     cluster: str
+    local_cluster_id: int = 0
     config: dict | None = None
     nodes: dict[str, dict] = field(default_factory=dict)  # node name -> decoded Node
     identities: dict[int, frozenset[str]] = field(default_factory=dict)
@@ -444,7 +445,7 @@ async def read_cluster(client, cluster: str, *, local_cluster_id: int = 0,
     """What a Cilium 1.17 agent (of a cluster with id ``local_cluster_id``) imports from
     ``cluster`` reading ``client``'s etcd, plus every problem it meets (an entry it refuses, a
     kind it never watches)."""
-    view = CiliumView(cluster)
+    view = CiliumView(cluster, local_cluster_id)
     # pkg/clustermesh/common/remote_cluster.go: the cluster config is read (and validated)
     # before anything else is watched; pkg/clustermesh/clustercfg/clustercfg.go Get
     raw = await _get(client, W.cluster_config_key(cluster))
@@ -511,7 +512,9 @@ def _service(view, cluster, cluster_id, max_clusters, name, value):
     for fname in ("cluster", "namespace", "name"):
         if svc[fname] == "":
             raise GoJSONError(f"{fname} is unset")
-    if svc["clusterID"] != 0 and (problem := validate_cluster_id(svc["clusterID"], max_clusters)):
+    # (the id is checked unless it is the reader's own, "to allow it to be zero")
+    if svc["clusterID"] != view.local_cluster_id and (
+            problem := validate_cluster_id(svc["clusterID"], max_clusters)):
         raise GoJSONError(problem)
     for where in ("frontends", "backends"):
         for address in svc[where] or {}:
