@@ -1,7 +1,7 @@
 """Cilium conformance, against real etcd servers (issue 29, item 4).
 
 Both directions are judged by Cilium's side, built from Cilium's source (tests/cilium/):
-- Cilium -> meshagent: ``cilium.writer`` puts cluster2 (id 102) into etcd exactly as Cilium
+- Cilium -> meshagent: ``meshagent_dev.cilium`` puts cluster2 (id 102) into etcd exactly as Cilium
   1.17 writes it; a meshagent agent of cluster1 (id 101) must import what a Cilium agent would.
 - meshagent -> Cilium: ``cilium.reader`` decodes what meshagent writes with Go encoding/json's
   rules, Cilium's structs and validators, and reads only what Cilium reads, in its order.
@@ -18,7 +18,7 @@ import time
 import pytest
 import yaml
 from cilium import reader as R
-from cilium import writer as W
+from meshagent_dev import cilium as W
 from conftest import run_cli
 
 from meshagent.model.ipcache import IPCacheEntry

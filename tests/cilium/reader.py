@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import writer as W
+from meshagent_dev import cilium as W
 
 # -- Go encoding/json, just enough for Cilium's structs ---------------------------------------------
 

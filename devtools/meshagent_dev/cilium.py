@@ -1,4 +1,5 @@
-"""A remote cluster written into etcd exactly as Cilium 1.17 writes it: cluster2, id 102.
+"""A remote cluster written into etcd exactly as Cilium 1.17 writes it: cluster2, id 102 (the
+conformance tests and the lab's Cilium-shaped peer, `meshagent lab up --cilium-peer`, use it).
 
 The golden values below are byte-for-byte what Cilium's writers put in etcd (their Go structs
 through ``encoding/json``); the file of github.com/cilium/cilium each follows is named beside
