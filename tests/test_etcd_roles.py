@@ -7,6 +7,7 @@ every role grants in etcd exactly what :mod:`meshagent_dev.etcd_roles` says it g
 
 import asyncio
 import contextlib
+import re
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from meshagent.plugins.etcd.config import load_etcd_config
 from meshagent.testing import eventually
 from meshagent.testing.identity_contract import labels
 from meshagent_dev.etcd import EtcdServer
-from meshagent_dev.etcd_roles import roles
+from meshagent_dev.etcd_roles import ROOT, etcdctl_commands, roles
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 SEED_POLICY = ROOT_DIR / "contrib" / "seed" / "l4-policy.yaml"
@@ -153,6 +154,7 @@ async def test_etcd_3_4_checks_neither_lease_grants_nor_keepalives(etcd1, tmp_pa
                 client(etcd1, tmp_path / "remote", "remote") as remote):
         lease = await agent.grant_lease(30)
         await agent.put("cilium/state/nodes/v1/cluster1/kept", b"{}", lease=lease)
+        assert (await remote.get("cilium/state/nodes/v1/cluster1/kept")).lease == lease.id
         await remote.keepalive(lease)
         await remote.revoke(await remote.grant_lease(30))  # a lease with no keys: its own
         await agent.revoke(lease)
@@ -236,3 +238,14 @@ async def test_agents_and_kvstoremesh_work_as_their_own_users(tmp_path, short_tm
         for server in etcd.values():
             server.cleanup()
 
+
+def test_docs_give_the_etcdctl_commands_the_tests_run():
+    """docs/clustermesh.md shows the commands that set up cluster1's etcd: the same as
+    :func:`etcdctl_commands` runs here, so the docs cannot drift from what is tested."""
+    doc = (ROOT_DIR / "docs" / "clustermesh.md").read_text()
+    block = re.search(r"```sh\n# cluster1's etcd: users and roles\n(.*?)```", doc, re.S)
+    assert block, "docs/clustermesh.md lost its etcdctl block"
+    shown = [line.removeprefix("etcdctl ").split() for line in block.group(1).splitlines()
+             if line.startswith("etcdctl ")]
+    assert shown == etcdctl_commands("cluster1")
+    assert shown[0][:3] == ["user", "add", ROOT]
