@@ -26,15 +26,18 @@ from meshagent_dev.etcd_roles import ROOT, etcdctl_commands, roles
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 SEED_POLICY = ROOT_DIR / "contrib" / "seed" / "l4-policy.yaml"
-# one key of every kind an etcd of cluster1 holds, and the keys next to the granted ones
-PROBES = [
-    "cilium/.heartbeat",
-    "cilium/.heartbeatX",  # Cilium grants the heartbeat as a prefix; here it is one key
+STATE = [  # cluster1's state, as its agents publish it (and Cilium's, under "default")
     "cilium/state/ip/v1/cluster1/10.1.1.77",
     "cilium/state/ip/v1/default/10.1.1.78",
     "cilium/state/nodes/v1/cluster1/node1",
     "cilium/state/identities/v1/id/6619392",
     "cilium/state/services/v1/cluster1/default/db",
+]
+# one key of every kind an etcd of cluster1 holds, and the keys next to the granted ones
+PROBES = [
+    "cilium/.heartbeat",
+    "cilium/.heartbeatX",  # Cilium grants the heartbeat as a prefix; here it is one key
+    *STATE,
     "cilium/cluster-config/cluster1",
     "cilium/cluster-config/cluster10",
     "cilium/cluster-config/cluster2",
@@ -53,11 +56,7 @@ PROBES = [
 # out here rather than taken from the module under test
 REMOTE_READS = {
     "cilium/.heartbeat",
-    "cilium/state/ip/v1/cluster1/10.1.1.77",
-    "cilium/state/ip/v1/default/10.1.1.78",
-    "cilium/state/nodes/v1/cluster1/node1",
-    "cilium/state/identities/v1/id/6619392",
-    "cilium/state/services/v1/cluster1/default/db",
+    *STATE,
     "cilium/cluster-config/cluster1",
     "cilium/synced/cluster1/cilium/state/nodes/v1",
 }
@@ -105,8 +104,7 @@ async def test_a_remote_reads_four_ranges_and_writes_nothing(etcd1, tmp_path):
         assert await denied(remote.create("cilium/state/ip/v1/cluster1/10.1.1.99", b"{}"))
         # what an agent of another cluster lists and watches
         listing = await remote.list_prefix("cilium/state/ip/v1/")
-        assert [i.key for i in listing.items] == ["cilium/state/ip/v1/cluster1/10.1.1.77",
-                                                  "cilium/state/ip/v1/default/10.1.1.78"]
+        assert [i.key for i in listing.items] == STATE[:2]
         assert len((await remote.list_prefix("cilium/synced/cluster1/")).items) == 1
         for prefix in ("cilium/", "cilium/cache/", "cilium/synced/", "cilium/cluster-config/",
                        "meshagent/"):
