@@ -22,6 +22,9 @@ HEARTBEAT = "cilium/.heartbeat"
 POLICIES = "meshagent/policies/v1/"
 LOCAL_SERVICES = "meshagent/services/v1/"
 IDENTITY_GC = "meshagent/identities/v1/gc"  # "idle", or "running <node>" while one collects
+KVSTOREMESH = "meshagent/kvstoremesh/"  # KVStoreMesh's own
+# KVStoreMesh's replicas elect their leader with this key, on the leader's lease
+KVSTOREMESH_LEADER = f"{KVSTOREMESH}leader"
 
 
 def node_key(cluster: str, node: str) -> str:

@@ -33,6 +33,7 @@ from meshagent.clustermesh.mesh import ClusterMesh
 from meshagent.daemon.api import APIServer
 from meshagent.hooks.additions import json_response
 from meshagent.kvstore import EventType, KVStore, KVStoreBackend, Lease, LeaseExpired
+from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstoremesh.writer import CacheWriter
 from meshagent.model.cluster import ClusterConfig
 from meshagent.runtime.config import Config
@@ -42,7 +43,7 @@ from meshagent.runtime.tasks import run_together
 
 log = logging.getLogger(__name__)
 
-LEADER_KEY = "meshagent/kvstoremesh/leader"
+LEADER_KEY = kvkeys.KVSTOREMESH_LEADER
 LEADER_RETRY = 1.0
 
 

@@ -1,7 +1,9 @@
 """Real etcd servers for tests: a free port each, plain or TLS with client certificates.
 
 Uses Debian's ``etcd`` binary (etcd-server 3.4). Certificates come from ``trustme``: one CA per
-server, a server certificate for 127.0.0.1, and client certificates signed by that CA.
+server, a server certificate for 127.0.0.1, and client certificates signed by that CA. With
+``auth``, etcd also checks who may do what: the users and roles of
+:mod:`meshagent_dev.etcd_roles`, each client known by its certificate's CN.
 """
 
 import os
@@ -15,6 +17,7 @@ from pathlib import Path
 import yaml
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
 
 
 def free_port() -> int:
@@ -27,9 +30,15 @@ class EtcdServer:
     """One single-member etcd; ``stop()`` and ``start()`` again keep its data and port."""
 
     def __init__(self, name: str = "etcd", *, tls: bool = False, workdir: Path | None = None,
-                 netns: str | None = None, host: str = "127.0.0.1"):
+                 netns: str | None = None, host: str = "127.0.0.1", auth: str | None = None):
+        """``auth``: the name of the cluster this etcd serves; its first start then creates
+        that cluster's users and roles (:func:`meshagent_dev.etcd_roles.roles`) and enables
+        authentication, and every client file must name its user. Needs ``tls``."""
+        if auth is not None and not tls:
+            raise ValueError("etcd auth by certificate CN needs tls=True")
         self.name = name
         self.tls = tls
+        self.auth = auth
         self.netns = netns  # run inside this network namespace, listening on ``host``
         self.host = host
         self.dir = Path(workdir or tempfile.mkdtemp(prefix=f"ma-{name}-", dir="/tmp"))
@@ -66,13 +75,41 @@ class EtcdServer:
                      "--trusted-ca-file", str(self.dir / "ca.crt"), "--client-cert-auth"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+        while not self._listening():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd {self.name} exited: {self.log_tail()}")
-            if self._listening():
-                return self
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"etcd {self.name} did not listen: {self.log_tail()}")
             time.sleep(0.05)
-        raise RuntimeError(f"etcd {self.name} did not listen: {self.log_tail()}")
+        if self.auth is not None and not (self.dir / AUTH_DONE).exists():
+            self._set_up_auth()
+        return self
+
+    def _set_up_auth(self) -> None:
+        """Users, roles and ``auth enable``, once per data directory (they live in it)."""
+        from meshagent_dev.etcd_roles import etcdctl_commands
+        for command in etcdctl_commands(self.auth):
+            self.etcdctl(*command)
+        (self.dir / AUTH_DONE).touch()
+
+    def etcdctl(self, *args: str, user: str = "root") -> subprocess.CompletedProcess:
+        """Run ``etcdctl`` against this server (in its namespace), as ``user`` when it has
+        TLS; raises with etcdctl's error if it fails."""
+        command = etcdctl_command(self._user_file(user))
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        result = subprocess.run([*prefix, *command, *args], capture_output=True, text=True,
+                                timeout=30, env={**os.environ, "ETCDCTL_API": "3"})
+        if result.returncode != 0:
+            raise RuntimeError(f"etcdctl {' '.join(args)} as {user}: {result.stderr.strip()}")
+        return result
+
+    def _user_file(self, user: str) -> Path:
+        """Where this server keeps its own client file for ``user``, made on first use."""
+        path = self.dir / "users" / user
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            self.client_config(path, user=user)
+        return path
 
     def _listening(self) -> bool:
         if self.netns is None:
@@ -103,12 +140,16 @@ class EtcdServer:
         except OSError:
             return "(no log)"
 
-    def client_config(self, path: Path, *, ca=None, key: str = "ca-file") -> Path:
-        """Write a clustermesh-style file for this server (client cert signed by ``ca``)."""
+    def client_config(self, path: Path, *, ca=None, key: str = "ca-file",
+                      user: str | None = None) -> Path:
+        """Write a clustermesh-style file for this server (client cert signed by ``ca``), for
+        the etcd ``user`` (its certificate's CN) when the server runs with auth."""
+        if self.auth is not None and user is None:
+            raise ValueError(f"etcd {self.name} runs with auth: name the user of {path}")
         data: dict = {"endpoints": [self.url]}
         if self.tls:
             ca = ca or self.ca
-            client = ca.issue_cert("meshagent-client")
+            client = ca.issue_cert("meshagent-client", common_name=user)
             stem = path.with_name(path.name + "-etcd-client")
             client.cert_chain_pems[0].write_to_path(f"{stem}.crt")
             write_key(client.private_key_pem, Path(f"{stem}.key"))
@@ -117,6 +158,21 @@ class EtcdServer:
                          "key-file": f"{stem}.key"})
         path.write_text(yaml.safe_dump(data))
         return path
+
+
+AUTH_DONE = "auth-enabled"  # in the server's directory, once its users exist
+
+
+def etcdctl_command(config: Path) -> list[str]:
+    """``etcdctl`` with the endpoints and certificates of a clustermesh-style file."""
+    data = yaml.safe_load(Path(config).read_text())
+    command = [ETCDCTL, "--endpoints", ",".join(data["endpoints"])]
+    ca = data.get("trusted-ca-file") or data.get("ca-file")
+    for flag, value in (("--cacert", ca), ("--cert", data.get("cert-file")),
+                        ("--key", data.get("key-file"))):
+        if value:
+            command += [flag, value]
+    return command
 
 
 def write_key(pem, path: Path) -> None:

@@ -1,9 +1,10 @@
 """``meshagent lab``: the seed's two clusters on one Linux machine, entirely in namespaces.
 
 Two clusters — cluster1 (id 101) and cluster2 (id 102) — each with its own etcd over TLS with
-client certificates and N nodes; every node and etcd is a network namespace joined to one
-underlay bridge (direct routing, as in the seed); pods are namespaces wired by the node's agent.
-Each node runs ``meshagent --plugins etcd,ebpf --cluster-id=… --cluster-name=…
+client certificates (etcd auth on: each certificate's CN is an etcd user, and what the other
+cluster is given is the read-only ``remote``) and N nodes; every node and etcd is a network
+namespace joined to one underlay bridge (direct routing, as in the seed); pods are namespaces
+wired by the node's agent. Each node runs ``meshagent --plugins etcd,ebpf --cluster-id=… --cluster-name=…
 --clustermesh-config=…`` inside its namespace. Nothing is linked to the root namespace, so no
 traffic leaves. The lab's state is a JSON file in its directory, so ``up``, ``pod``, ``exec``,
 ``status`` and ``down`` can run as separate commands; ``down`` also cleans up after a failure.
@@ -30,6 +31,7 @@ REDIS_SERVER = ("redis-server", "--port", "6379", "--save", "", "--appendonly", 
                 "--protected-mode", "no")
 UNDERLAY_CIDR = 16  # 10.99.0.0/16: every node and etcd on one L2 segment
 UNDERLAY_CIDR6 = 64  # fd00:99::/64 beside it, in a dual-stack lab
+KVSTOREMESH_ETCD = "kvstoremesh-etcd.yaml"  # KVStoreMesh's own etcd config, beside etcd.yaml
 
 
 class LabError(MeshagentError):
@@ -130,7 +132,7 @@ class Lab:
                 address = f"10.99.{n}.250"
                 self._attach(ns, address)
                 server = EtcdServer(f"etcd{n}", tls=True, workdir=self.dir / cluster / "etcd",
-                                    netns=ns, host=address)
+                                    netns=ns, host=address, auth=cluster)
                 server.start()
                 self.state.setdefault("pids", {})[f"etcd{n}"] = server.proc.pid
                 etcd[cluster] = server
@@ -141,15 +143,20 @@ class Lab:
                 mesh = base / "clustermesh"
                 mesh.mkdir(parents=True, exist_ok=True)
                 (base / "kvstoremesh").mkdir(exist_ok=True)
+                # who is who in etcd: docs/clustermesh.md, meshagent_dev.etcd_roles. What
+                # dials the other cluster is that cluster's read-only "remote"
                 for other, other_server in etcd.items():
                     if other == cluster:
                         continue
                     if kvstoremesh:  # KVStoreMesh dials the other etcd; agents read ours
-                        other_server.client_config(base / "kvstoremesh" / other)
-                        server.client_config(mesh / other)
+                        other_server.client_config(base / "kvstoremesh" / other, user="remote")
+                        server.client_config(mesh / other, user="local")
                     else:  # the seed's layout: cluster2, cluster2-etcd-client*.
-                        other_server.client_config(mesh / other)
-                server.client_config(base / "etcd.yaml", key="trusted-ca-file")
+                        other_server.client_config(mesh / other, user="remote")
+                server.client_config(base / "etcd.yaml", key="trusted-ca-file", user="agent")
+                if kvstoremesh:
+                    server.client_config(base / KVSTOREMESH_ETCD, key="trusted-ca-file",
+                                         user="kvstoremesh")
             if kvstoremesh:
                 for cluster, cluster_id in CLUSTERS.items():
                     n = cluster_id - 100
@@ -219,7 +226,7 @@ class Lab:
             str(Path(sys.executable).with_name("meshagent")), "kvstoremesh", "--plugins", "etcd",
             f"--cluster-id={CLUSTERS[cluster]}", f"--cluster-name={cluster}",
             f"--clustermesh-config={base / 'kvstoremesh'}",
-            "--etcd-config", str(base / "etcd.yaml"),
+            "--etcd-config", str(base / KVSTOREMESH_ETCD),
             "--kvstoremesh-socket-path", self.kvstoremesh_socket(cluster)])
 
     def stop_kvstoremesh(self, cluster: str, sig: int = signal.SIGTERM) -> None:
