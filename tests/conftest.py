@@ -86,7 +86,8 @@ def bpffs(short_tmp):
 
 @contextlib.contextmanager
 def lab_up(tmp_path_factory, name: str, nodes: int, agent_args: Sequence[str] = (),
-           dual_stack: bool = False, datapath: str = "ebpf", kvstoremesh: bool = False):
+           dual_stack: bool = False, datapath: str = "ebpf", kvstoremesh: bool = False,
+           cilium_peer: bool = False):
     """The two-cluster lab with ``nodes`` nodes per cluster, torn down afterwards (also when
     setting it up failed)."""
     from meshagent_dev.lab import Lab
@@ -94,7 +95,7 @@ def lab_up(tmp_path_factory, name: str, nodes: int, agent_args: Sequence[str] = 
     lab = Lab(Path("/tmp") / f"ma-{name}-{directory.name}")
     try:
         lab.bring_up(nodes=nodes, agent_args=agent_args, dual_stack=dual_stack,
-                     datapath=datapath, kvstoremesh=kvstoremesh)
+                     datapath=datapath, kvstoremesh=kvstoremesh, cilium_peer=cilium_peer)
         yield lab
     finally:
         lab.tear_down(quiet=True)

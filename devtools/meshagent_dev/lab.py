@@ -11,6 +11,7 @@ traffic leaves. The lab's state is a JSON file in its directory, so ``up``, ``po
 """
 
 import argparse
+import ipaddress
 import json
 import os
 import secrets
@@ -31,7 +32,8 @@ REDIS_SERVER = ("redis-server", "--port", "6379", "--save", "", "--appendonly", 
                 "--protected-mode", "no")
 UNDERLAY_CIDR = 16  # 10.99.0.0/16: every node and etcd on one L2 segment
 UNDERLAY_CIDR6 = 64  # fd00:99::/64 beside it, in a dual-stack lab
-KVSTOREMESH_ETCD = "kvstoremesh-etcd.yaml"  # KVStoreMesh's own etcd config, beside etcd.yaml
+KVSTOREMESH_ETCD = "kvstoremesh-etcd.yaml"
+CILIUM_CLUSTER = "cluster2"  # the cluster --cilium-peer makes a Cilium one  # KVStoreMesh's own etcd config, beside etcd.yaml
 
 
 class LabError(MeshagentError):
@@ -98,13 +100,19 @@ class Lab:
 
     def bring_up(self, nodes: int, agent_args: Sequence[str] = (),
                  dual_stack: bool = False, datapath: str = "ebpf",
-                 kvstoremesh: bool = False) -> None:
+                 kvstoremesh: bool = False, cilium_peer: bool = False) -> None:
         """Both clusters with ``nodes`` nodes each; ``agent_args`` go to every agent (more
         plugins, another policy resolver). ``dual_stack``: nodes and pods get IPv6 addresses
         too (underlay fd00:99::/64, pod CIDRs fd00:<cluster>:<node>::/64). ``kvstoremesh``:
         each cluster runs ``meshagent kvstoremesh`` (in a namespace of its own), which alone
         dials the other cluster's etcd; the agents' clustermesh files point at their own etcd,
-        where it caches the other cluster."""
+        where it caches the other cluster. ``cilium_peer``: cluster2 is a Cilium cluster as
+        its etcd shows it — written by :mod:`meshagent_dev.cilium` exactly as Cilium 1.17
+        writes it, no meshagent agent in it — with its node ``worker1`` and its pod
+        ``employee-c2`` (Cilium's ``employee-0``, 10.2.1.5, identity 6685228) as real
+        namespaces (docs/cilium.md)."""
+        if cilium_peer and (kvstoremesh or dual_stack or nodes != 1):
+            raise LabError("--cilium-peer goes with one node per cluster, IPv4, no KVStoreMesh")
         if self.up:
             print(f"lab already up in {self.dir} ({self.state['nodes_per_cluster']} node(s) per"
                   " cluster); 'meshagent lab down' first to rebuild")
@@ -117,7 +125,7 @@ class Lab:
         self.state = {"prefix": "mal" + secrets.token_hex(2), "nodes_per_cluster": nodes,
                       "clusters": {}, "nodes": {}, "pods": {}, "agent_args": list(agent_args),
                       "dual_stack": dual_stack, "datapath": datapath,
-                      "kvstoremesh": kvstoremesh}
+                      "kvstoremesh": kvstoremesh, "cilium_peer": cilium_peer}
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.save()
         try:
@@ -163,6 +171,9 @@ class Lab:
                     self._attach(self._ns(f"kvm{n}"), f"10.99.{n}.240")
                     self.start_kvstoremesh(cluster)
             for cluster, cluster_id in CLUSTERS.items():
+                if cilium_peer and cluster == CILIUM_CLUSTER:
+                    self._start_cilium_cluster(etcd[cluster])
+                    continue
                 for i in range(1, nodes + 1):
                     self._start_node(cluster, cluster_id, i)
             self._wait_ready()
@@ -195,6 +206,40 @@ class Lab:
         self.state["nodes"][name] = node
         self.save()
         self.start_agent(name)
+
+    def _start_cilium_cluster(self, server) -> None:
+        """cluster2 as a Cilium cluster: its etcd holds what Cilium's agents and
+        clustermesh-apiserver write (the golden values of meshagent_dev.cilium); its node
+        worker1 routes cluster1's pod CIDRs over the underlay, and its pod employee-c2 sits
+        behind it at the address and with the identity its ipcache entry gives."""
+        from meshagent_dev import cilium
+        for key, value in cilium.golden().items():
+            server.etcdctl("put", key, value.decode())
+        node_ns = self._ns("c2w1")
+        self._attach(node_ns, cilium.NODE_IPV4)
+        _run("ip", "netns", "exec", node_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        for i in range(1, self.state["nodes_per_cluster"] + 1):  # cluster1's nodes
+            _run("ip", "netns", "exec", node_ns, "ip", "route", "add", f"10.1.{i}.0/24", "via",
+                 f"10.99.1.{i}")
+        pod_ns = self._ns("pod-employee-c2")
+        host_side = f"{self.state['prefix'][:7]}lxc"
+        _run("ip", "link", "add", host_side, "netns", node_ns, "type", "veth", "peer", "name",
+             "eth0", "netns", pod_ns)
+        router = str(ipaddress.ip_network(cilium.NODE_POD_CIDRS[0])[1])  # as cilium_host
+        _run("ip", "netns", "exec", node_ns, "ip", "addr", "add", f"{router}/24", "dev",
+             host_side)
+        _run("ip", "netns", "exec", node_ns, "ip", "link", "set", host_side, "up")
+        _run("ip", "netns", "exec", pod_ns, "ip", "addr", "add", f"{cilium.ENDPOINT_IP}/24",
+             "dev", "eth0")
+        _run("ip", "netns", "exec", pod_ns, "ip", "link", "set", "eth0", "up")
+        _run("ip", "netns", "exec", pod_ns, "ip", "route", "add", "default", "via", router)
+        self.state["cilium_nodes"] = {f"{CILIUM_CLUSTER}-{cilium.NODE_NAME}": {
+            "cluster": CILIUM_CLUSTER, "ns": node_ns, "ip": cilium.NODE_IPV4}}
+        self.state["pods"]["employee-c2"] = {
+            "ns": pod_ns, "node": f"{CILIUM_CLUSTER}-{cilium.NODE_NAME}",
+            "ip": cilium.ENDPOINT_IP, "ip6": None, "endpoint": None,
+            "identity": cilium.IDENTITY_ID, "cilium": True}
+        self.save()
 
     def agent_command(self, name: str) -> list[str]:
         node = self.state["nodes"][name]
@@ -400,6 +445,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--kvstoremesh", action="store_true",
                     help="run KVStoreMesh per cluster; agents read the other cluster from"
                          " their own etcd (docs/kvstoremesh.md)")
+    up.add_argument("--cilium-peer", action="store_true",
+                    help="cluster2 is a Cilium cluster: its etcd written as Cilium 1.17 writes"
+                         " it, its pod employee-c2 a namespace (docs/cilium.md)")
     sub.add_parser("down", help="stop everything and remove the namespaces")
     sub.add_parser("status", help="what is running")
     pod = sub.add_parser("pod", help="create a pod on a node")
@@ -440,7 +488,7 @@ def run(args: argparse.Namespace) -> int:
     lab = Lab(args.dir)
     if args.action == "up":
         lab.bring_up(args.nodes, dual_stack=args.dual_stack, datapath=args.datapath,
-                     kvstoremesh=args.kvstoremesh)
+                     kvstoremesh=args.kvstoremesh, cilium_peer=args.cilium_peer)
         print(lab.describe())
     elif args.action == "down":
         lab.tear_down()
