@@ -10,8 +10,8 @@ setup:  ## install system packages, kernel headers for bcc, bpffs, the venv (ide
 test: setup  ## the whole test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: setup  ## the demo of what meshagent does today (DATAPATH=nftables: on the nftables datapath; KVSTOREMESH=1: through KVStoreMesh)
-	$(PY) scripts/demo.py --datapath $(or $(DATAPATH),ebpf) $(if $(KVSTOREMESH),--kvstoremesh)
+demo: setup  ## the demo of what meshagent does today (DATAPATH=nftables: on the nftables datapath; KVSTOREMESH=1: through KVStoreMesh; CILIUM_PEER=1: cluster2 a Cilium cluster)
+	$(PY) scripts/demo.py --datapath $(or $(DATAPATH),ebpf) $(if $(KVSTOREMESH),--kvstoremesh) $(if $(CILIUM_PEER),--cilium-peer)
 
 bench: setup  ## all benchmarks; writes bench/results/*.json and docs/performance.md (--quick: short)
 	$(PY) bench/run.py $(BENCH_ARGS)

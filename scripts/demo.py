@@ -77,17 +77,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kvstoremesh", action="store_true",
                         help="each cluster runs KVStoreMesh; agents read the other cluster from"
                              " their own etcd")
+    parser.add_argument("--cilium-peer", action="store_true",
+                        help="cluster2 is a Cilium cluster as its etcd shows it (IPv4;"
+                             " docs/cilium.md)")
     args = parser.parse_args(argv)
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="meshagent-demo-", dir="/tmp"))
     lab = Lab(workdir / "lab")
     ok = True
     try:
-        step("build the lab: cluster1 (id 101) and cluster2 (id 102), dual stack, each with its"
-             f" own etcd (TLS); the {args.datapath} datapath"
-             + ("; KVStoreMesh in each cluster" if args.kvstoremesh else ""))
-        lab.bring_up(nodes=1, dual_stack=True, datapath=args.datapath,
-                     kvstoremesh=args.kvstoremesh)
+        peer = args.cilium_peer
+        step("build the lab: cluster1 (id 101) and cluster2 (id 102), "
+             + ("cluster2 a Cilium 1.17 cluster as its etcd shows it, IPv4" if peer
+                else "dual stack") + f", each with its own etcd (TLS, auth); the {args.datapath}"
+             " datapath" + ("; KVStoreMesh in each cluster" if args.kvstoremesh else ""))
+        lab.bring_up(nodes=1, dual_stack=not peer, datapath=args.datapath,
+                     kvstoremesh=args.kvstoremesh, cilium_peer=peer)
         print(lab.describe())
         mesh = workdir / "lab" / "cluster1" / (
             "kvstoremesh" if args.kvstoremesh else "clustermesh")
@@ -104,13 +109,16 @@ def main(argv: list[str]) -> int:
         db = lab.pod_create("protected-db", "cluster1-node1", "default", "app=protected-db")
         lab.pod_create("employee-c1", "cluster1-node1", "default", "app=employee")
         lab.pod_create("stranger", "cluster1-node1", "default", "app=stranger")
-        lab.pod_create("employee-c2", "cluster2-node1", "istio-space", "app=employee")
+        if not peer:  # the Cilium cluster's employee-0 is there already
+            lab.pod_create("employee-c2", "cluster2-node1", "istio-space", "app=employee")
         print(lab.describe().split("\n", 1)[1])
+        families = ("ip",) if peer else ("ip", "ip6")
         lab.pod_spawn("protected-db", "redis", list(REDIS_SERVER))
         time.sleep(0.5)
 
-        step("4.2 connectivity test, no policy yet: PONG ×3, over IPv4 and IPv6")
-        for address in (db["ip"], db["ip6"]):
+        step("4.2 connectivity test, no policy yet: PONG ×3"
+             + ("" if peer else ", over IPv4 and IPv6"))
+        for address in (db[f] for f in families):
             ok &= check(lab, address, {pod: "PONG" for _, pod, _ in CLIENTS})
 
         step("4.3 apply the seed's l4-policy.yaml (unchanged) in cluster1")
@@ -121,8 +129,9 @@ def main(argv: list[str]) -> int:
                                     "--socket-path", s1], stdout=subprocess.PIPE, text=True)
         time.sleep(1)
 
-        step("4.4 test and observe: PONG / timeout / PONG, over IPv4 and IPv6")
-        for address in (db["ip"], db["ip6"]):
+        step("4.4 test and observe: PONG / timeout / PONG"
+             + ("" if peer else ", over IPv4 and IPv6"))
+        for address in (db[f] for f in families):
             ok &= check(lab, address, {pod: verdict for _, pod, verdict in CLIENTS})
 
         step("the stranger's SYN, dropped on protected-db's node (meshagent monitor --type drop)")

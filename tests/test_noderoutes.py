@@ -89,3 +89,19 @@ async def test_a_restarted_agent_removes_routes_nothing_grants(monkeypatch):
     table.ours[net("10.7.0.0/16")] = ip("10.99.7.1")  # left by an earlier run, granted no more
     await routes.reconcile()
     assert table.ours == {}
+
+
+async def test_a_node_out_of_reach_is_not_routed_and_says_why():
+    """A dual-stack remote node seen from a node without IPv6: its IPv6 pod CIDR has no
+    neighbour to go to (the lab's Cilium peer found this)."""
+    ownership, table, routes = setup()
+    ownership.node_changed(ChangeKind.UPSERT, Node(
+        "worker1", "cluster2", 102, ip("10.99.2.1"),
+        (net("10.2.1.0/24"), ipaddress.IPv6Network("fd00:2:1::/64")),
+        ipaddress.IPv6Address("fd00:99::2:1")))
+    ownership.recompute()
+    await routes.reconcile()
+    assert table.ours == {net("10.2.1.0/24"): ip("10.99.2.1")}
+    assert routes.refused == {ipaddress.IPv6Network("fd00:2:1::/64"): (
+        "node cluster2/worker1's address fd00:99::2:1 is on no network this node is directly"
+        " connected to")}

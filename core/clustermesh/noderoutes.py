@@ -74,6 +74,12 @@ class NodeRoutes:
                 refused[network] = (f"node {grant.cluster}/{grant.node}'s pod CIDR {network}"
                                     f" overlaps this node's directly connected network {clash}")
                 continue
+            if not any(grant.via in c for c in connected if c.version == grant.via.version):
+                # direct routing needs the node next to us: e.g. a dual-stack remote node
+                # seen from a node without IPv6
+                refused[network] = (f"node {grant.cluster}/{grant.node}'s address {grant.via} is"
+                                    " on no network this node is directly connected to")
+                continue
             wanted[network] = grant
         for network, reason in refused.items():
             if self.refused.get(network) != reason:
