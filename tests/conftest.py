@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,8 +92,8 @@ def lab_up(tmp_path_factory, name: str, nodes: int, agent_args: Sequence[str] = 
     """The two-cluster lab with ``nodes`` nodes per cluster, torn down afterwards (also when
     setting it up failed)."""
     from meshagent_dev.lab import Lab
-    directory = Path(tmp_path_factory.mktemp(name, numbered=True))
-    lab = Lab(Path("/tmp") / f"ma-{name}-{directory.name}")
+    # short (sockets live there) and unique across concurrent runs on one machine
+    lab = Lab(Path(tempfile.mkdtemp(prefix=f"ma-{name}-", dir="/tmp")))
     try:
         lab.bring_up(nodes=nodes, agent_args=agent_args, dual_stack=dual_stack,
                      datapath=datapath, kvstoremesh=kvstoremesh, cilium_peer=cilium_peer)
