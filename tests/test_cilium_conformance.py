@@ -376,6 +376,10 @@ async def test_a_remote_without_pod_cidrs_waits_for_the_clustermesh_file(world):
     assert "10.2.1.5/32" not in await ipcache(a1), (
         "an endpoint of a node announcing no pod CIDR was admitted before the clustermesh file"
         " gave its CIDRs")
+    status = await a1.client.request("GET", "/status", params={"verbose": "1"})
+    mesh = next(s for s in status["sections"] if s["name"] == "ClusterMesh")
+    assert "endpoints held, no pod CIDRs announced or configured: cluster2" in mesh["summary"]
+    assert any(f"'{POD_CIDRS_KEY}:'" in line for line in mesh["details"]), mesh["details"]
     world.connect(**{POD_CIDRS_KEY: ["10.2.0.0/16"]})
     try:
         await until(lambda: ipcache(a1), lambda e: "10.2.1.5/32" in e, 10,
