@@ -84,7 +84,8 @@ def main(argv: list[str]) -> int:
     ok = True
     try:
         step("build the lab: cluster1 (id 101) and cluster2 (id 102), dual stack, each with its"
-             f" own etcd (TLS); the {args.datapath} datapath"
+             " own etcd (TLS, auth on: the other cluster reads it as the read-only user"
+             f" 'remote'); the {args.datapath} datapath"
              + ("; KVStoreMesh in each cluster" if args.kvstoremesh else ""))
         lab.bring_up(nodes=1, dual_stack=True, datapath=args.datapath,
                      kvstoremesh=args.kvstoremesh)
