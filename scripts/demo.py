@@ -89,8 +89,9 @@ def main(argv: list[str]) -> int:
         peer = args.cilium_peer
         step("build the lab: cluster1 (id 101) and cluster2 (id 102), "
              + ("cluster2 a Cilium 1.17 cluster as its etcd shows it, IPv4" if peer
-                else "dual stack") + f", each with its own etcd (TLS, auth); the {args.datapath}"
-             " datapath" + ("; KVStoreMesh in each cluster" if args.kvstoremesh else ""))
+                else "dual stack") + ", each with its own etcd (TLS, auth on: the other cluster"
+             f" reads it as the read-only user 'remote'); the {args.datapath} datapath"
+             + ("; KVStoreMesh in each cluster" if args.kvstoremesh else ""))
         lab.bring_up(nodes=1, dual_stack=not peer, datapath=args.datapath,
                      kvstoremesh=args.kvstoremesh, cilium_peer=peer)
         print(lab.describe())
