@@ -79,7 +79,7 @@ def test_3_cluster2_reads_what_a_remote_needs_and_not_the_cache(lab):
     stranger = lab.state["pods"]["stranger"]["ip"]
     state = as_cluster2(lab, "get", "--prefix", "--keys-only", "cilium/state/")
     assert state.returncode == 0, state.stderr
-    assert f"cilium/state/ip/v1/cluster1/{stranger}" in state.stdout.split()
+    assert f"cilium/state/ip/v1/default/{stranger}" in state.stdout.split()
     config = as_cluster2(lab, "get", "--print-value-only", "cilium/cluster-config/cluster1")
     assert config.returncode == 0 and json.loads(config.stdout)["id"] == 101
     for prefix in ("cilium/cache/", "cilium/cluster-config/", "meshagent/", ""):
