@@ -46,18 +46,22 @@ from meshagent.policy import (
     MapChange,
     MapKey,
     MapState,
+    PolicyKey,
+    PolicyRepository,
     PolicyResolver,
+    PolicyUpdate,
     Verdict,
 )
+from meshagent.policy.api import Policy, PolicyError
 from meshagent.runtime.controller import Controller, ControllerHandle
 from meshagent.runtime.options import parse_bool, parse_list
 from meshagent.runtime.status import Health, StatusSection
 
 
 def build_default_resolver(agent: AgentView) -> PolicyResolver:
-    """The default policy resolver (policies in the cluster's kvstore), for a resolver that
-    composes it, as contrib's meshagent-guardrails does. Imported on use: it is a component."""
-    from meshagent.policy.service import build_default
+    """The default policy resolver, for a resolver that composes it, as contrib's
+    meshagent-guardrails does. Imported on use: it is a component."""
+    from meshagent.policy.default import build_default
     return build_default(agent)
 
 
@@ -70,7 +74,8 @@ __all__ = [
     # slot contracts
     "KVStore", "KVStoreBackend", "KVStoreStatus", "KVStoreError", "KVStoreUnavailable",
     "RevisionCompacted", "LeaseExpired", "EventType", "KeyValue", "Listing", "WatchEvent",
-    "Lease", "kv_lock", "IdentityAllocator", "CollectsGarbage", "PolicyResolver", "build_default_resolver", "MapKey",
+    "Lease", "kv_lock", "IdentityAllocator", "CollectsGarbage", "PolicyResolver", "PolicyRepository", "PolicyUpdate", "PolicyKey", "Policy",
+    "PolicyError", "build_default_resolver", "MapKey",
     "MapState", "MapChange", "Verdict", "EndpointChanges", "ChangeQueue", "Datapath",
     "DropFeed", "DropNotice", "DropPeer",
     # values

@@ -12,6 +12,7 @@ import pytest
 from kube import KubeCluster
 
 from meshagent.errors import UsageError
+from meshagent.events import ChangeKind
 from meshagent.plugins.k8s.client import (
     CCNPS,
     CNPS,
@@ -70,7 +71,7 @@ def pod(namespace: str, name: str, labels: dict, node: str = "node1", account: s
 
 def policy_names(running) -> set[str]:
     """This run's policies (a real cluster may hold others)."""
-    return {p.display for p in running.agent.policy_resolver.policies()
+    return {p.display for p in running.agent.policy_repository.policies()
             if p.name.startswith("ma") or (p.namespace or "").startswith("ma")}
 
 
@@ -90,7 +91,7 @@ async def test_policies_follow_cnps_and_ccnps(kube, k8s_agent):
                      in policy_names(running), what="the CCNP")
     await kube.apply(CNPS, cnp(ns, "db", "protected-db", "admin", port=6380))
     await eventually(lambda: any(
-        r.ingress[0].ports[0].port == 6380 for p in running.agent.policy_resolver.policies()
+        r.ingress[0].ports[0].port == 6380 for p in running.agent.policy_repository.policies()
         if p.name == "db" for r in p.rules), what="the updated CNP")
 
     await kube.delete(CNPS, ns, "db")
@@ -113,7 +114,7 @@ async def test_a_malformed_cnp_is_refused_by_name_and_the_last_good_one_stays(ku
     assert any(f"refused CiliumNetworkPolicy {ns}/db" in d and "70000" in d
                for d in status.details), status.details
     # the good version is still enforced
-    (policy,) = running.agent.policy_resolver.policies()
+    (policy,) = running.agent.policy_repository.policies()
     assert policy.rules[0].ingress[0].ports[0].port == 6379
     # a new policy with an L7 rule is refused too, and names itself
     l7 = cnp(ns, "l7", "x", "y")
@@ -124,7 +125,7 @@ async def test_a_malformed_cnp_is_refused_by_name_and_the_last_good_one_stays(ku
     assert policy_names(running) == {f"CiliumNetworkPolicy {ns}/db"}
     # fixed: accepted, the refusal goes
     await kube.apply(CNPS, cnp(ns, "db", "protected-db", "employee", port=7000))
-    await eventually(lambda: running.agent.policy_resolver.policies()[0].rules[0].ingress[0]
+    await eventually(lambda: running.agent.policy_repository.policies()[0].rules[0].ingress[0]
                      .ports[0].port == 7000, what="the fixed policy")
     await kube.delete(CNPS, ns, "l7")
     await eventually(lambda: section(running).health is Health.OK, what="no refusals left")
@@ -426,3 +427,23 @@ async def test_standin_watch_sends_errors_and_bookmarks_as_a_server_does(kube):
 
 def _source(running):
     return running.agent.plugins.pm.get_plugin("k8s.source")
+
+
+async def test_a_resolver_that_does_not_wrap_the_default_receives_kubernetes_policies(
+        kube, agent_factory):
+    """Sources feed the core's repository, which hands every rule to the loaded resolver."""
+    import standalone_resolver
+    ns = await kube.namespace("default")
+    await kube.apply(CNPS, cnp(ns, "db", "protected-db", "employee"))
+    running = await agent_factory(
+        ["--plugins", "memory,k8s", "--k8s-kubeconfig", str(kube.kubeconfig), "--k8s-pod-wait",
+         "0.5", "--policy-resolver", "standalone", *CLUSTER],
+        extra_plugins=[("standalone", standalone_resolver)])
+    resolver = running.agent.policy_resolver
+    assert isinstance(resolver, standalone_resolver.StandaloneResolver)
+    assert [(u.kind, u.policy.display) for u in resolver.received] == [
+        (ChangeKind.UPSERT, f"CiliumNetworkPolicy {ns}/db")]
+    await kube.delete(CNPS, ns, "db")
+    await eventually(lambda: len(resolver.received) == 2, what="the deletion handed over")
+    assert resolver.received[1].kind is ChangeKind.DELETE
+    assert resolver.revision == running.agent.policy_repository.revision == 2

@@ -16,7 +16,7 @@ from meshagent.model.endpoint import Endpoint
 from meshagent.model.identity import Identity
 from meshagent.model.ipcache import IPCacheEntry
 from meshagent.policy.api import parse_policies
-from meshagent.policy.service import PolicyUpdate
+from meshagent.policy import PolicyUpdate
 from meshagent.testing import eventually
 from meshagent.testing.resolver_contract import RecordingDatapath
 
@@ -72,7 +72,7 @@ async def test_import_get_delete_and_revision(agent_factory, seed_file, tmp_path
 
     deleted = await cli(a1, "policy", "delete", "clustermesh-ingress-l4-policy")
     assert deleted.returncode == 0, deleted.stderr
-    await eventually(lambda: a1.agent.policy_resolver.policies() == [])
+    await eventually(lambda: a1.agent.policy_repository.policies() == [])
     again = await cli(a1, "policy", "delete", "clustermesh-ingress-l4-policy")
     assert again.returncode == 1 and "404" in again.stderr
 
@@ -83,8 +83,8 @@ async def test_every_agent_of_the_cluster_enforces_the_same_set(agent_factory, s
     other = await agent_factory(["--plugins", "memory", "--cluster-name", "cluster2",
                                  "--cluster-id", "102", "--memory-store", "cluster2"])
     assert (await cli(a1, "policy", "import", str(seed_file))).returncode == 0
-    await eventually(lambda: len(a2.agent.policy_resolver.policies()) == 1)
-    assert other.agent.policy_resolver.policies() == []  # not shared with other clusters
+    await eventually(lambda: len(a2.agent.policy_repository.policies()) == 1)
+    assert other.agent.policy_repository.policies() == []  # not shared with other clusters
 
 
 async def test_verdicts_reach_the_datapath_and_trace_explains(agent_factory, seed_file):
@@ -152,8 +152,8 @@ async def test_a_bad_stored_document_is_refused_and_the_last_good_stays(agent_fa
     await eventually(lambda: a1.agent.policy_resolver.revision == 1)
     key = kvkeys.policy_key("CiliumNetworkPolicy", "default", "clustermesh-ingress-l4-policy")
     await a1.agent.kvstore.put(key, b'{"kind": "CiliumNetworkPolicy", "spec": 3}')
-    await eventually(lambda: key in a1.agent.policy_resolver.rejected)
-    assert len(a1.agent.policy_resolver.policies()) == 1
+    await eventually(lambda: key in a1.agent.policy_repository.rejected)
+    assert len(a1.agent.policy_repository.policies()) == 1
     status = await a1.client.request("GET", "/status", params={"verbose": "1"})
     section = next(s for s in status["sections"] if s["name"] == "Policy")
     assert section["health"] == "Warning" and any("refused" in d for d in section["details"])
@@ -178,6 +178,6 @@ async def test_policy_source_hook_feeds_the_resolver(agent_factory):
     a1 = await agent_factory(ARGS, extra_plugins=[("crd", source)])
     (policy,) = parse_policies(SEED)
     await source.feed.put(PolicyUpdate(ChangeKind.UPSERT, policy))
-    await eventually(lambda: a1.agent.policy_resolver.policies() == [policy])
+    await eventually(lambda: a1.agent.policy_repository.policies() == [policy])
     await source.feed.put(PolicyUpdate(ChangeKind.DELETE, key=policy.key))
-    await eventually(lambda: a1.agent.policy_resolver.policies() == [])
+    await eventually(lambda: a1.agent.policy_repository.policies() == [])

@@ -46,7 +46,8 @@ from meshagent.model.cluster import ClusterConfig
 from meshagent.model.ipcache import IPCache
 from meshagent.model.node import Node
 from meshagent.model.table import Table, Tables
-from meshagent.policy import service as policy_service
+from meshagent.policy import default as policy_default
+from meshagent.policy.repository import LegacyResolverShim, Repository, adapt_resolver
 from meshagent.runtime.config import Config
 from meshagent.runtime.controller import Controller, ControllerManager
 from meshagent.runtime.metrics import MetricsServer
@@ -75,7 +76,7 @@ class Agent:
         self._stop = asyncio.Event()
         plugins.register(_AgentHooks(self), name="core")
         plugins.register(identityalloc, name="core.identity")  # the default providers
-        plugins.register(policy_service, name="core.policy")
+        plugins.register(policy_default, name="core.policy")
         # Provider choice happens here, before any side effect, so a bad choice exits 2 cleanly.
         self.registries: dict[str, Registry] = {
             slot.name: self.hooks.register_providers(slot) for slot in SLOTS}
@@ -113,6 +114,7 @@ class Agent:
         self.kvstore: Any = None
         self.identity_allocator: Any = None
         self.policy_resolver: Any = None
+        self.policy_repository: Any = None  # the core's Repository, or a 0.1 resolver's shim
         self.datapath: Any = None
 
     def stop(self) -> None:
@@ -132,7 +134,7 @@ class Agent:
                 is_ready=lambda: self.ready, status=self.status, plugin_infos=self.plugins.infos,
                 config=self.config, tables=self.tables, services=self.services,
                 endpoints=self.endpoints, clustermesh=self.clustermesh,
-                resolver=self.policy_resolver)
+                resolver=self.policy_resolver, repository=self.policy_repository)
             await cleanup.enter_async_context(APIServer(
                 build_app(state, self.hooks.api_routes(self)), self.config.socket_path))
             if addr := self.config.get("prometheus-serve-addr"):
@@ -186,9 +188,16 @@ class Agent:
         self.identity_allocator = build(IDENTITY_ALLOCATOR)
         if self.identity_allocator is not None:
             cleanup.push_async_callback(self.identity_allocator.close)
-        self.policy_resolver = build(POLICY_RESOLVER)
+        self.policy_resolver = self._build_policy_resolver()
         if self.policy_resolver is not None:
             cleanup.push_async_callback(self.policy_resolver.close)
+            if isinstance(self.policy_resolver, LegacyResolverShim):
+                self.policy_repository = self.policy_resolver  # it holds the rules itself
+            else:
+                self.policy_repository = Repository(
+                    self.kvstore, self.policy_resolver, lambda: self.hooks.policy_sources(self))
+                self.plugins.register(self.policy_repository, name="core.policy-repository")
+                cleanup.push_async_callback(self.policy_repository.close)
         self.datapath = build(DATAPATH)
         if self.datapath is not None:
             cleanup.push_async_callback(self.datapath.stop)
@@ -212,6 +221,15 @@ class Agent:
             remotes_ready=lambda: mesh is None or all(r.ready for r in mesh.remotes.values()),
             sync_timeout=self.config.get("datapath-sync-timeout"),
             started=self.datapath_started, synced=self.datapath_synced), name="core.datapath")
+
+    def _build_policy_resolver(self):
+        """The slot's resolver; one written for 0.1's contract through its shim."""
+        provider = self.providers[POLICY_RESOLVER.name]
+        if provider is None:
+            return None
+        built = provider.factory(self)
+        return adapt_resolver(built, provider.name) or check_provider(
+            POLICY_RESOLVER, provider, built)
 
     def _follow_remote(self, name: str, config: ClusterConfig) -> ClusterSync:
         """A remote cluster's entries go to the tables, admitted by pod CIDR."""

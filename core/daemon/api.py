@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # types only: the API serves the components, it does not buil
     from meshagent.clustermesh.mesh import ClusterMesh
     from meshagent.endpoint.manager import EndpointManager
     from meshagent.model.table import Tables
-    from meshagent.policy import PolicyResolver
+    from meshagent.policy import PolicyRepository, PolicyResolver
     from meshagent.runtime.config import Config
     from meshagent.runtime.status import StatusReport
     from meshagent.service.manager import ServiceManager
@@ -73,6 +73,7 @@ class APIState:
     endpoints: "EndpointManager"
     clustermesh: "ClusterMesh | None"
     resolver: "PolicyResolver | None"
+    repository: "PolicyRepository | None"
 
 
 def build_app(api: APIState, extra_routes: list[tuple[str, Route]]) -> web.Application:
@@ -118,27 +119,35 @@ def _resolver(api: APIState) -> "PolicyResolver":
     return api.resolver
 
 
+def _repository(api: APIState) -> "PolicyRepository":
+    _resolver(api)
+    return api.repository
+
+
 async def _policy_get(api: APIState, request: web.Request) -> web.Response:
-    resolver = _resolver(api)
-    return json_response({"revision": resolver.revision,
-                          "policies": [p.document for p in resolver.policies()]})
+    repository = _repository(api)
+    return json_response({"revision": repository.revision,
+                          "policies": [p.document for p in repository.policies()]})
 
 
 async def _policy_import(api: APIState, request: web.Request) -> web.Response:
-    resolver = _resolver(api)
+    repository = _repository(api)
     body = await request.json()
-    policies = await resolver.import_policies(body.get("text", ""), body.get("source", "request"))
-    await resolver.store(policies)
-    return json_response({"imported": [p.display for p in policies]}, status=201)
+    policies = await repository.import_policies(body.get("text", ""),
+                                                body.get("source", "request"))
+    revision = await repository.store(policies)
+    return json_response({"imported": [p.display for p in policies], "revision": revision},
+                         status=201)
 
 
 async def _policy_delete(api: APIState, request: web.Request) -> web.Response:
     info = request.match_info
     namespace = None if info["namespace"] == "-" else info["namespace"]
-    if not await _resolver(api).delete(info["kind"], namespace, info["name"]):
+    revision = await _repository(api).delete(info["kind"], namespace, info["name"])
+    if revision is None:
         raise web.HTTPNotFound(reason=f"no policy {info['kind']} {info['namespace']}/"
                                       f"{info['name']}")
-    return json_response({"deleted": info["name"]})
+    return json_response({"deleted": info["name"], "revision": revision})
 
 
 TRACE_FIELDS = {"dst_endpoint", "port", "protocol", "src_identity", "src_labels", "src_ip"}

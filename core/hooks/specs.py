@@ -136,10 +136,12 @@ def meshagent_controllers(agent):
 def meshagent_policy_source(agent):
     """Feed policies from elsewhere than the cluster's kvstore (e.g. Kubernetes CRDs).
 
-    Fires once at agent start, when the default policy resolver starts its controllers.
+    Fires once at agent start, when the core's policy repository starts its controllers;
+    what the sources yield goes to the repository and from there to whichever resolver is
+    loaded.
 
     :param agent: the :class:`meshagent.hooks.view.AgentView`.
-    :returns: an async iterable of :class:`meshagent.policy.service.PolicyUpdate` (an
+    :returns: an async iterable of :class:`meshagent.plugin.PolicyUpdate` (an
         ``UPSERT`` with a parsed :class:`meshagent.policy.api.Policy`, or a ``DELETE`` with its
         key), consumed for the agent's lifetime by a controller of its own; or None.
     :raises: the iterable may raise: the error is shown in status and its controller restarts

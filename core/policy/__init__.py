@@ -1,9 +1,10 @@
 """Policy: CiliumNetworkPolicy in, per-endpoint verdicts out.
 
-``contract`` is the slot's contract and the map state it hands the datapath; ``api``
-validates documents into attrs classes, ``selector`` matches peers to identities,
-``resolver`` computes each endpoint's map state incrementally, ``service`` is the default
-provider (policies stored in the cluster's kvstore).
+``contract`` holds the repository's and the resolver slot's contracts and the map state
+handed to the datapath; ``api`` validates documents into attrs classes, ``selector`` matches
+peers to identities, ``resolver`` computes each endpoint's map state incrementally,
+``repository`` is the core's repository (rules from the kvstore and every source, with
+revisions), ``default`` the default resolver.
 """
 
 from meshagent.policy.contract import (
@@ -12,9 +13,12 @@ from meshagent.policy.contract import (
     MapChange,
     MapKey,
     MapState,
+    PolicyKey,
+    PolicyRepository,
     PolicyResolver,
+    PolicyUpdate,
     Verdict,
 )
 
-__all__ = ["ChangeQueue", "EndpointChanges", "MapChange", "MapKey", "MapState",
-           "PolicyResolver", "Verdict"]
+__all__ = ["ChangeQueue", "EndpointChanges", "MapChange", "MapKey", "MapState", "PolicyKey",
+           "PolicyRepository", "PolicyResolver", "PolicyUpdate", "Verdict"]

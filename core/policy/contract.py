@@ -1,10 +1,21 @@
-"""The policy-resolver slot's contract, and what it hands the datapath.
+"""The policy contracts: the repository of rules, the resolver slot, and what they hand on.
 
-A resolver holds the cluster's policies and turns them into per-endpoint map state:
-``{MapKey: Verdict}`` for each local endpoint. The core feeds any resolver's output to the
-datapath slot through :meth:`PolicyResolver.snapshot` (the whole state, for a reconcile) and
-:meth:`PolicyResolver.changes` (what changed since), so a third-party resolver drives the
-eBPF datapath exactly as the default one does.
+Two parts, as in Cilium (``pkg/policy/repository.go`` keeps the rules and their revisions;
+the distillery computes per-endpoint state):
+
+- the **repository** (:class:`PolicyRepository`; the core's is
+  :class:`meshagent.policy.repository.Repository`) holds the cluster's rules from every source
+  — the API, the cluster's kvstore, source plugins such as Kubernetes — and numbers every
+  change with a revision;
+- the **resolver** (:class:`PolicyResolver`, slot ``policy-resolver``) is handed each change
+  of the rules in order (:meth:`PolicyResolver.apply`), learns identities and endpoints from
+  the agent's events, and turns it all into per-endpoint map state: ``{MapKey: Verdict}`` for
+  each local endpoint. The core feeds any resolver's output to the datapath slot through
+  :meth:`PolicyResolver.snapshot` (the whole state, for a reconcile) and
+  :meth:`PolicyResolver.changes` (what changed since).
+
+So a third-party resolver receives every rule of every source, whether or not it wraps the
+default one, and drives the datapath exactly as the default one does.
 """
 
 import asyncio
@@ -45,6 +56,23 @@ MapState = dict[MapKey, Verdict]  # one endpoint's
 EndpointChanges = dict[int, list[MapChange]]  # endpoint id -> its changes, in order
 
 
+PolicyKey = tuple[str, str, str]  # kind, namespace ("" for a clusterwide one), name
+
+
+@attrs.frozen
+class PolicyUpdate:
+    """One change of the rules: an imported policy (``UPSERT``), or the key of a deleted one
+    (``DELETE``). What a policy source yields, and what the repository hands a resolver."""
+
+    kind: ChangeKind
+    policy: Policy | None = None
+    key: PolicyKey | None = None
+
+    @property
+    def policy_key(self) -> PolicyKey:
+        return self.policy.key if self.policy is not None else self.key
+
+
 class ChangeQueue:
     """Map changes waiting to be taken, per endpoint and in order: what a resolver needs to
     serve :meth:`PolicyResolver.changes` (and to drop on :meth:`PolicyResolver.snapshot`)."""
@@ -52,6 +80,12 @@ class ChangeQueue:
     def __init__(self) -> None:
         self._pending: EndpointChanges = {}
         self._wake = asyncio.Event()
+        self._touched = False
+
+    def touch(self) -> None:
+        """Wake a taker with nothing pending: the revision grew without changing map state."""
+        self._touched = True
+        self._wake.set()
 
     def add(self, endpoint_id: int, changes: list[MapChange]) -> None:
         if changes:
@@ -66,54 +100,103 @@ class ChangeQueue:
         self._pending = {}
 
     async def take(self) -> EndpointChanges:
-        """Wait until something is pending, then hand all of it over."""
-        while not self._pending:
+        """Wait until something is pending (or :meth:`touch`), then hand all of it over."""
+        while not self._pending and not self._touched:
             self._wake.clear()
             await self._wake.wait()
-        taken, self._pending = self._pending, {}
+        taken, self._pending, self._touched = self._pending, {}, False
         return taken
 
 
 @runtime_checkable
-class PolicyResolver(Protocol):
-    """Holds the cluster's policies and resolves them per endpoint (slot ``policy-resolver``).
-
-    It learns identities and endpoints from the agent's events (``meshagent_identity_changed``,
-    ``meshagent_endpoint_changed``).
-    """
+class PolicyRepository(Protocol):
+    """The cluster's policies from every source, numbered by revision (what the ``policy``
+    commands and routes use). The core has one: plugins feed it through
+    ``meshagent_policy_source``; it hands every change to the loaded resolver."""
 
     async def import_policies(self, text: str, source: str) -> list[Policy]:
         """Validate YAML/JSON documents into policies; raises
         :class:`meshagent.policy.api.PolicyError` naming document, field path and problem, or
         the input limit it exceeds (docs/policy.md)."""
 
-    async def store(self, policies: list[Policy]) -> None:
-        """Make the policies the cluster's (every agent of it enforces them)."""
+    async def store(self, policies: list[Policy]) -> int:
+        """Make the policies the cluster's (every agent of it enforces them); returns once
+        this node's repository applied them, with its revision then."""
 
-    async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
-        """Remove one policy from the cluster; False if there was none."""
+    async def delete(self, kind: str, namespace: str | None, name: str) -> int | None:
+        """Remove one policy from the cluster; returns once this node's repository applied
+        it, with its revision then; None if there was no such policy."""
 
     def policies(self) -> list[Policy]:
         """The policies in force (served by ``meshagent policy get``)."""
 
     @property
     def revision(self) -> int:
-        """Grows with every change of the policies in force."""
+        """Grows by one with every change of the policies in force."""
+
+
+@runtime_checkable
+class PolicyResolver(Protocol):
+    """Rules and identities in, per-endpoint map state out (slot ``policy-resolver``).
+
+    It is handed every change of the rules by the repository (:meth:`apply`) and learns
+    identities and endpoints from the agent's events (``meshagent_identity_changed``,
+    ``meshagent_endpoint_changed``).
+    """
+
+    async def apply(self, update: PolicyUpdate, revision: int) -> None:
+        """Take one change of the rules, in the repository's order; ``revision`` is the
+        repository's revision with it. When this returns, every map change it causes is
+        queued for :meth:`changes` and :attr:`revision` is ``revision``. Called for one
+        change at a time: a call never overlaps another."""
+
+    @property
+    def revision(self) -> int:
+        """The repository revision whose map changes are all queued (0: none yet)."""
+
+    def enforcing(self) -> tuple[int, int]:
+        """(local endpoints with policy enforced in some direction, local endpoints)."""
 
     def trace(self, dst_endpoint: int, port: int, protocol: str = "TCP", **source) -> dict:
         """Explain the verdict for a source (``src_identity``, ``src_labels`` or ``src_ip``)
         reaching a local endpoint: ``source``, ``destination``, ``port``, ``protocol``,
         ``verdict`` ("allow"/"deny"), ``reason`` and what matched (``meshagent policy trace``
-        prints it). The core's ``/v1/policy`` routes call the slot's resolver through these
-        methods only, so the ``policy`` commands work with any resolver."""
+        prints it)."""
 
     def snapshot(self) -> dict[int, MapState]:
         """Every local endpoint's map state now. :meth:`changes` continues from here: what
         changed before this call is in it, what changes after is not."""
 
     async def changes(self) -> EndpointChanges:
-        """Wait until map state changed since the last call (or :meth:`snapshot`), then hand
-        those changes over, in order per endpoint. Taken changes are not handed again."""
+        """Wait until map state changed since the last call (or :meth:`snapshot`), or
+        :attr:`revision` grew, then hand those changes over (possibly none), in order per
+        endpoint. Taken changes are not handed again."""
 
     async def close(self) -> None:
-        """Stop what it runs besides the agent (its parser process)."""
+        """Stop what it runs besides the agent."""
+
+
+@runtime_checkable
+class LegacyPolicyResolver(Protocol):
+    """A resolver written for meshagent 0.1's slot, which held the rules itself: still loaded
+    for one release, through :class:`meshagent.policy.repository.LegacyResolverShim`, with a
+    deprecation warning. Removed in 0.3."""
+
+    async def import_policies(self, text: str, source: str) -> list[Policy]: ...
+
+    async def store(self, policies: list[Policy]) -> None: ...
+
+    async def delete(self, kind: str, namespace: str | None, name: str) -> bool: ...
+
+    def policies(self) -> list[Policy]: ...
+
+    @property
+    def revision(self) -> int: ...
+
+    def trace(self, dst_endpoint: int, port: int, protocol: str = "TCP", **source) -> dict: ...
+
+    def snapshot(self) -> dict[int, MapState]: ...
+
+    async def changes(self) -> EndpointChanges: ...
+
+    async def close(self) -> None: ...

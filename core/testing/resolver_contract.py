@@ -7,10 +7,13 @@ resolver::
 
     class TestMyResolver(PolicyResolverContract):
         agent_args = ("--plugins", "memory,mine", "--policy-resolver", "mine")
+        # or, for a plugin that is not installed: its module, registered by name
+        extra_plugins = (("mine", my_plugin_module),)
 
 Every case of :mod:`meshagent.testing.policy_cases` then runs against a real agent (memory
 kvstore) through the contract only: identities arrive as table events, endpoints as
-``meshagent_endpoint_changed``, policies through ``import_policies`` and ``store``. The agent's
+``meshagent_endpoint_changed``, policies through the core's repository (``import_policies``
+and ``store``), which hands them to the resolver (``apply``), as every source's do. The agent's
 datapath is a recorder fed by the core exactly as the eBPF datapath is (``snapshot()`` into
 ``reconcile``, then ``changes()`` into ``update_policy``), and the verdict is read from what it
 recorded the way the kernel reads its map (exact identity or any; deny wins). So every case also
@@ -86,9 +89,11 @@ class RecordingDatapath:
 class ResolverHarness:
     """One agent per ``--policy-default-local-cluster`` value, fed the table's identities."""
 
-    def __init__(self, agent_factory, agent_args: Sequence[str]):
+    def __init__(self, agent_factory, agent_args: Sequence[str],
+                 extra_plugins: Sequence[tuple[str, object]] = ()):
         self.agent_factory = agent_factory
         self.agent_args = list(agent_args)
+        self.extra_plugins = list(extra_plugins)
         self.agents: dict[bool, object] = {}
         self.datapaths: dict[bool, RecordingDatapath] = {}
         self.ids: dict[str, int] = {}
@@ -101,7 +106,7 @@ class ResolverHarness:
                 *self.agent_args, "--cluster-name", "cluster1", "--cluster-id", "101",
                 "--node-name", "node1", "--memory-store", f"contract-{uuid.uuid4().hex[:8]}",
                 f"--policy-default-local-cluster={str(default_local_cluster).lower()}"],
-                extra_plugins=[("contract-datapath", datapath)])
+                extra_plugins=[("contract-datapath", datapath), *self.extra_plugins])
             await _until(running.agent.datapath_synced.is_set, "the datapath's first sync")
             for index, (name, identity) in enumerate(sorted(IDS.items())):
                 if identity.id < 256:
@@ -119,13 +124,13 @@ class ResolverHarness:
 
     async def enforce(self, text: str, default_local_cluster: bool = True) -> None:
         """Make ``text`` the only policies in force."""
-        resolver = await self.resolver(default_local_cluster)
-        for policy in resolver.policies():
-            await resolver.delete(policy.kind, policy.namespace, policy.name)
-        wanted = await resolver.import_policies(text, "contract") if text else []
-        await resolver.store(wanted)
+        repository = (await self.agent(default_local_cluster)).agent.policy_repository
+        for policy in repository.policies():
+            await repository.delete(policy.kind, policy.namespace, policy.name)
+        wanted = await repository.import_policies(text, "contract") if text else []
+        await repository.store(wanted)
         keys = {p.key for p in wanted}
-        await _until(lambda: {p.key for p in resolver.policies()} == keys,
+        await _until(lambda: {p.key for p in repository.policies()} == keys,
                      f"policies in force: {sorted(keys)}")
 
     async def endpoint_state(self, labels: frozenset[str], namespace: str,
@@ -181,10 +186,12 @@ class PolicyResolverContract:
     """Every case of the policy-semantics table, through a resolver's contract."""
 
     agent_args: Sequence[str] = ("--plugins", "memory")
+    #: plugin objects registered beside the datapath recorder: (name, module or object)
+    extra_plugins: Sequence[tuple[str, object]] = ()
 
     @pytest.fixture
     async def harness(self, agent_factory):
-        return ResolverHarness(agent_factory, self.agent_args)
+        return ResolverHarness(agent_factory, self.agent_args, self.extra_plugins)
 
     @pytest.mark.parametrize("name, text, peer, port, proto, expected", CASES,
                              ids=[c[0] for c in CASES])

@@ -17,6 +17,7 @@ from meshagent import hookimpl
 from meshagent.errors import UsageError
 from meshagent.events import ChangeKind
 from meshagent.model.service import ServiceUpdate
+from meshagent.plugin import PolicyUpdate
 from meshagent.plugins.k8s import translate
 from meshagent.plugins.k8s.client import (
     CCNPS,
@@ -32,7 +33,6 @@ from meshagent.plugins.k8s.client import (
 )
 from meshagent.plugins.k8s.reflector import Change, Reflector
 from meshagent.policy.api import PolicyError
-from meshagent.policy.service import PolicyUpdate
 from meshagent.runtime.controller import Controller, ControllerHandle
 from meshagent.runtime.status import Health, StatusSection
 from meshagent.service.kubernetes import ServiceError

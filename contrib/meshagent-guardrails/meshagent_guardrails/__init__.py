@@ -34,6 +34,7 @@ from meshagent.plugin import (
     MapKey,
     MapState,
     PolicyResolver,
+    PolicyUpdate,
     StatusSection,
     UsageError,
     Verdict,
@@ -94,7 +95,8 @@ def load_deny_file(path: Path | None) -> list[DenyRule]:
 
 
 class Guardrails:
-    """Meets :class:`meshagent.policy.PolicyResolver` by wrapping another resolver."""
+    """Meets :class:`meshagent.plugin.PolicyResolver` by wrapping another resolver: the rules
+    the repository hands it go to the inner one."""
 
     def __init__(self, inner: PolicyResolver, rules: list[DenyRule]):
         self.inner = inner
@@ -107,21 +109,16 @@ class Guardrails:
 
     # -- what the inner resolver decides, delegated -----------------------------------------------
 
-    async def import_policies(self, text: str, source: str) -> list:
-        return await self.inner.import_policies(text, source)
-
-    async def store(self, policies: list) -> None:
-        await self.inner.store(policies)
-
-    async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
-        return await self.inner.delete(kind, namespace, name)
-
-    def policies(self) -> list:
-        return self.inner.policies()
+    async def apply(self, update: PolicyUpdate, revision: int) -> None:
+        await self.inner.apply(update, revision)
+        self.pending.touch()  # the revision grew: so does ours
 
     @property
     def revision(self) -> int:
         return self.inner.revision
+
+    def enforcing(self) -> tuple[int, int]:
+        return self.inner.enforcing()
 
     def trace(self, dst_endpoint: int, port: int, protocol: str = "TCP", **source) -> dict:
         result = self.inner.trace(dst_endpoint, port, protocol, **source)
