@@ -227,6 +227,27 @@ CASES = [
     ("clusterwide peer selector spans namespaces",
      ccnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {app: employee}}]\n"),
      "employee-other-ns", 1, TCP, "allow"),
+    # Cilium's getEndpointSelector (pkg/k8s/apis/cilium.io/utils/utils.go) makes a clusterwide
+    # policy's peer selector that names no namespace require the namespace label (Exists): it
+    # selects cluster endpoints only, never world, even when empty or only NotIn.
+    ("FLAT: clusterwide empty peer selector is not the world",
+     "FLAT:" + ccnp(DB_SEL + "ingress:\n- fromEndpoints: [{}]\n"), "world", 1, TCP, "deny"),
+    ("FLAT: clusterwide NotIn peer selector is not the world",
+     "FLAT:" + ccnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchExpressions: [{key: app, "
+                             "operator: NotIn, values: [stranger]}]}]\n"), "world", 1, TCP,
+     "deny"),
+    ("FLAT: clusterwide empty peer selector spans clusters",
+     "FLAT:" + ccnp(DB_SEL + "ingress:\n- fromEndpoints: [{}]\n"), "employee-c2", 1, TCP,
+     "allow"),
+    ("clusterwide empty peer selector: local cluster only (default)",
+     ccnp(DB_SEL + "ingress:\n- fromEndpoints: [{}]\n"), "employee-c2", 1, TCP, "deny"),
+    # ... and leaves a selector on a reserved label as written: no namespace, no cluster
+    ("peer selector on a reserved label gets no namespace and no cluster",
+     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {'reserved:host': ''}}]\n"),
+     "host", 1, TCP, "allow"),
+    ("clusterwide peer selector on a reserved label: no namespace Exists, no cluster",
+     ccnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {'reserved:world': ''}}]\n"),
+     "world", 1, TCP, "allow"),
     ("several specs in one policy",
      "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: multi}\nspecs:\n"
      "- endpointSelector: {matchLabels: {app: protected-db}}\n  ingress:\n"
