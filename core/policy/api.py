@@ -89,6 +89,12 @@ class EndpointSelector:
         sources = _K8S_OR_ANY if source == "k8s" else (source,)
         return any(r.bare_key == bare_key and r.source in sources for r in self.requirements)
 
+    def has_key_prefix(self, prefix: str) -> bool:
+        """Whether a requirement is on a ``k8s:`` or source-less key starting with ``prefix``:
+        Cilium's ``HasKeyPrefix`` on ``k8s.<prefix>`` and ``any.<prefix>``."""
+        return any(r.bare_key.startswith(prefix) and r.source in _K8S_OR_ANY
+                   for r in self.requirements)
+
     def has_source(self, source: str) -> bool:
         """Whether a requirement is on a label of ``source``: Cilium's ``HasKeyPrefix`` on
         ``<source>.``."""

@@ -14,7 +14,7 @@ import attrs
 
 from meshagent.events import ChangeKind
 from meshagent.model.endpoint import NAMESPACE_LABEL
-from meshagent.model.identity import CLUSTER_LABEL, Identity, ReservedIdentity
+from meshagent.model.identity import CLUSTER_LABEL, NAMESPACE_LABELS, Identity, ReservedIdentity
 from meshagent.policy.api import (
     PROTOCOLS,
     EndpointSelector,
@@ -345,7 +345,10 @@ def peer_selector(selector: EndpointSelector, namespace: str | None,
             if not subject.has_key("init", source="reserved"):
                 selector = selector.with_requirement(Requirement(
                     f"k8s:{NAMESPACE_LABEL}", "Exists"))
-        else:  # namespaced: the policy's namespace
+        elif not selector.has_key_prefix(NAMESPACE_LABELS):
+            # namespaced: the policy's namespace, unless it selects on namespace labels
+            # (io.cilium.k8s.namespace.labels.*, as k8s: or without a source, any operator),
+            # which reach other namespaces
             selector = selector.with_requirement(Requirement(
                 f"k8s:{NAMESPACE_LABEL}", "In", frozenset({namespace})))
     # then, for every kind of policy, the local cluster unless the selector names a cluster
