@@ -17,6 +17,7 @@ from meshagent.testing.policy_cases import (  # noqa: F401 (re-exported for othe
     CASES,
     DB_SEL,
     EGRESS_CASES,
+    FROM_ALL_ENDPOINTS,
     IDS,
     SEED,
     TCP,
@@ -86,7 +87,7 @@ def test_clusterwide_rule_for_init_endpoints_does_not_require_a_namespace():
     assert verdict(text, "world", endpoint=init, default_local_cluster=False) == "allow"
     assert verdict(text, "world", endpoint=init) == "deny"
     assert verdict(text, "employee", endpoint=init) == "allow"
-    pods = ccnp(DB_SEL + "ingress:\n- fromEndpoints: [{}]\n")  # the same, for pods
+    pods = ccnp(FROM_ALL_ENDPOINTS)  # the same, for pods
     assert verdict(pods, "world", default_local_cluster=False) == "deny"
 
 

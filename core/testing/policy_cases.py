@@ -84,6 +84,11 @@ def ccnp(spec: str, name: str = "cw") -> str:
 
 
 DB_SEL = "endpointSelector:\n  matchLabels:\n    app: protected-db\n"
+#: ingress from every endpoint (as a clusterwide policy reads it), and from pods whose
+#: namespace has the label team=a
+FROM_ALL_ENDPOINTS = DB_SEL + "ingress:\n- fromEndpoints: [{}]\n"
+FROM_TEAM_A = DB_SEL + ("ingress:\n- fromEndpoints: [{matchLabels: "
+                        "{io.cilium.k8s.namespace.labels.team: a}}]\n")
 
 
 CASES = [
@@ -238,16 +243,15 @@ CASES = [
     # policy's peer selector that names no namespace require the namespace label (Exists): it
     # selects cluster endpoints only, never world, even when empty or only NotIn.
     ("FLAT: clusterwide empty peer selector is not the world",
-     "FLAT:" + ccnp(DB_SEL + "ingress:\n- fromEndpoints: [{}]\n"), "world", 1, TCP, "deny"),
+     "FLAT:" + ccnp(FROM_ALL_ENDPOINTS), "world", 1, TCP, "deny"),
     ("FLAT: clusterwide NotIn peer selector is not the world",
      "FLAT:" + ccnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchExpressions: [{key: app, "
                              "operator: NotIn, values: [stranger]}]}]\n"), "world", 1, TCP,
      "deny"),
     ("FLAT: clusterwide empty peer selector spans clusters",
-     "FLAT:" + ccnp(DB_SEL + "ingress:\n- fromEndpoints: [{}]\n"), "employee-c2", 1, TCP,
-     "allow"),
+     "FLAT:" + ccnp(FROM_ALL_ENDPOINTS), "employee-c2", 1, TCP, "allow"),
     ("clusterwide empty peer selector: local cluster only (default)",
-     ccnp(DB_SEL + "ingress:\n- fromEndpoints: [{}]\n"), "employee-c2", 1, TCP, "deny"),
+     ccnp(FROM_ALL_ENDPOINTS), "employee-c2", 1, TCP, "deny"),
     # ... and leaves a selector on a reserved label as written: no namespace, no cluster
     ("peer selector on a reserved label gets no namespace and no cluster",
      cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {'reserved:host': ''}}]\n"),
@@ -258,21 +262,15 @@ CASES = [
     # ... and does not hold a namespaced policy's peer selector to the policy's namespace when
     # it selects on namespace labels (io.cilium.k8s.namespace.labels.*); the local cluster
     # still applies under --policy-default-local-cluster
-    ("peer on namespace labels leaves the policy's namespace",
-     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: "
-                  "{io.cilium.k8s.namespace.labels.team: a}}]\n"), "employee-team-a", 1, TCP,
-     "allow"),
+    ("peer on namespace labels leaves the policy's namespace", cnp(FROM_TEAM_A),
+     "employee-team-a", 1, TCP, "allow"),
     ("peer on namespace labels (k8s:, matchExpressions) leaves the policy's namespace",
      cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchExpressions: [{key: "
                   "'k8s:io.cilium.k8s.namespace.labels.team', operator: Exists}]}]\n"),
      "employee-team-a", 1, TCP, "allow"),
-    ("peer on namespace labels: local cluster only (default)",
-     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: "
-                  "{io.cilium.k8s.namespace.labels.team: a}}]\n"), "employee-c2-team-a", 1,
-     TCP, "deny"),
-    ("FLAT: peer on namespace labels: every cluster",
-     "FLAT:" + cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: "
-                            "{io.cilium.k8s.namespace.labels.team: a}}]\n"),
+    ("peer on namespace labels: local cluster only (default)", cnp(FROM_TEAM_A),
+     "employee-c2-team-a", 1, TCP, "deny"),
+    ("FLAT: peer on namespace labels: every cluster", "FLAT:" + cnp(FROM_TEAM_A),
      "employee-c2-team-a", 1, TCP, "allow"),
     ("several specs in one policy",
      "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: multi}\nspecs:\n"
