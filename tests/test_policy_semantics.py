@@ -15,7 +15,9 @@ from meshagent.policy.resolver import (
 )
 from meshagent.testing.policy_cases import (  # noqa: F401 (re-exported for other tests)
     CASES,
+    DB_SEL,
     EGRESS_CASES,
+    FROM_ALL_ENDPOINTS,
     IDS,
     SEED,
     TCP,
@@ -72,6 +74,30 @@ def test_clusterwide_policy_selects_endpoints_of_any_namespace():
     namespaced = cnp("endpointSelector: {matchLabels: {app: protected-db}}\ningress:\n- {}\n")
     assert verdict(namespaced, "stranger", endpoint=L("protected-db", "other"),
                    namespace="other") == "allow"
+
+
+def test_clusterwide_rule_for_init_endpoints_does_not_require_a_namespace():
+    """Initializing endpoints have no labels but reserved:init, so a clusterwide rule selecting
+    them gets no namespace Exists in its peer selectors (Cilium's getEndpointSelector,
+    matchesPodInit): ``{}`` is every peer, world too; the local-cluster default still
+    applies."""
+    init = frozenset({"reserved:init"})
+    text = ccnp("endpointSelector: {matchLabels: {'reserved:init': ''}}\n"
+                "ingress:\n- fromEndpoints: [{}]\n")
+    assert verdict(text, "world", endpoint=init, default_local_cluster=False) == "allow"
+    assert verdict(text, "world", endpoint=init) == "deny"
+    assert verdict(text, "employee", endpoint=init) == "allow"
+    pods = ccnp(FROM_ALL_ENDPOINTS)  # the same, for pods
+    assert verdict(pods, "world", default_local_cluster=False) == "deny"
+
+
+@pytest.mark.parametrize("key", ["reserved:host", "$host", "reserved.host"])
+def test_reserved_key_forms_select_reserved_labels_as_written(key):
+    """Cilium reads ``$host`` and ``reserved.host`` as ``reserved:host`` (pkg/labels
+    ParseSource) and leaves a selector on a reserved label without namespace or cluster."""
+    text = cnp(DB_SEL + f"ingress:\n- fromEndpoints: [{{matchLabels: {{'{key}': ''}}}}]\n")
+    assert verdict(text, "host") == "allow"
+    assert verdict(text, "employee") == "deny"
 
 
 def test_more_than_40_cases():

@@ -40,6 +40,21 @@ class PolicyError(UsageError):
     """A policy document is invalid or uses something meshagent does not enforce."""
 
 
+def split_key(key: str) -> tuple[str | None, str]:
+    """A selector key's label source (None: any) and bare key, as Cilium reads them
+    (pkg/labels ParseSource with ':', via GetExtendedKeyFrom): ``k8s:app`` is k8s's ``app``;
+    ``app`` and ``any:app`` are any source's; ``$host`` and ``reserved.host`` (no ``:``) are
+    ``reserved:host``."""
+    if key.startswith("$"):
+        return "reserved", key[1:]
+    source, sep, rest = key.partition(":")
+    if not sep:
+        if key.startswith("reserved."):
+            return "reserved", key.removeprefix("reserved.")
+        return None, key
+    return (source if source and source != "any" else None), rest
+
+
 @attrs.frozen(cache_hash=True)
 class Requirement:
     key: str  # as written, maybe with a source prefix (k8s:app)
@@ -48,12 +63,16 @@ class Requirement:
 
     @property
     def source(self) -> str | None:
-        source, sep, _ = self.key.partition(":")
-        return source if sep and source != "any" else None
+        return split_key(self.key)[0]
 
     @property
     def bare_key(self) -> str:
-        return self.key.partition(":")[2] if ":" in self.key else self.key
+        return split_key(self.key)[1]
+
+
+#: The sources under which Cilium's policy parser looks for the labels it adds when a selector
+#: lacks them (namespace, namespace labels, cluster): ``k8s:`` or none (any).
+_K8S_OR_ANY = (None, "k8s")
 
 
 @attrs.frozen(cache_hash=True)
@@ -62,6 +81,24 @@ class EndpointSelector:
 
     def names(self, bare_key: str) -> bool:
         return any(r.bare_key == bare_key for r in self.requirements)
+
+    def has_key(self, bare_key: str, source: str | None = "k8s") -> bool:
+        """Whether a requirement (any operator) is on ``bare_key`` of ``source``; for ``k8s``
+        also when written without a source. Cilium's ``HasKey`` on ``k8s.<key>`` and
+        ``any.<key>`` (``reserved.<key>`` for ``source="reserved"``)."""
+        sources = _K8S_OR_ANY if source == "k8s" else (source,)
+        return any(r.bare_key == bare_key and r.source in sources for r in self.requirements)
+
+    def has_key_prefix(self, prefix: str) -> bool:
+        """Whether a requirement is on a ``k8s:`` or source-less key starting with ``prefix``:
+        Cilium's ``HasKeyPrefix`` on ``k8s.<prefix>`` and ``any.<prefix>``."""
+        return any(r.bare_key.startswith(prefix) and r.source in _K8S_OR_ANY
+                   for r in self.requirements)
+
+    def has_source(self, source: str) -> bool:
+        """Whether a requirement is on a label of ``source``: Cilium's ``HasKeyPrefix`` on
+        ``<source>.``."""
+        return any(r.source == source for r in self.requirements)
 
     def with_requirement(self, requirement: Requirement) -> "EndpointSelector":
         return EndpointSelector(tuple(sorted(self.requirements + (requirement,),

@@ -14,8 +14,16 @@ import attrs
 
 from meshagent.events import ChangeKind
 from meshagent.model.endpoint import NAMESPACE_LABEL
-from meshagent.model.identity import CLUSTER_LABEL, Identity, ReservedIdentity
-from meshagent.policy.api import PROTOCOLS, PeerRule, Policy, PortProtocol, Requirement, Rule
+from meshagent.model.identity import CLUSTER_LABEL, NAMESPACE_LABELS, Identity, ReservedIdentity
+from meshagent.policy.api import (
+    PROTOCOLS,
+    EndpointSelector,
+    PeerRule,
+    Policy,
+    PortProtocol,
+    Requirement,
+    Rule,
+)
 from meshagent.policy.contract import MapChange, MapKey, Verdict
 from meshagent.policy.selector import (
     CIDRPeer,
@@ -295,24 +303,60 @@ class Resolver:
             for j, item in enumerate(getattr(rule, _FIELDS[section])):
                 yield [Contribution(direction, verdict, peer, item.ports or (ANY_PORT,),
                                     f"{where} {section}[{j}]")
-                       for peer in self._peers(item, policy)]
+                       for peer in self._peers(item, policy, rule)]
 
-    def _peers(self, item: PeerRule, policy: Policy) -> list[Peer | None]:
+    def _peers(self, item: PeerRule, policy: Policy, rule: Rule) -> list[Peer | None]:
         if not item.names_peers:
             return [None] if item.ports else []  # ports alone: from/to any peer
         peers: list[Peer | None] = []
+        cluster = self.local_cluster if self.default_local_cluster else None
         for selector in item.endpoints or ():
-            if policy.namespace is not None and not selector.names(NAMESPACE_LABEL):
-                selector = selector.with_requirement(Requirement(
-                    f"k8s:{NAMESPACE_LABEL}", "In", frozenset({policy.namespace})))
-            if self.default_local_cluster and not selector.names(CLUSTER_LABEL):
-                selector = selector.with_requirement(Requirement(
-                    f"k8s:{CLUSTER_LABEL}", "In", frozenset({self.local_cluster})))
-            peers.append(SelectorPeer(selector))
+            peers.append(SelectorPeer(peer_selector(selector, policy.namespace,
+                                                    rule.endpoint_selector, cluster)))
         for entity in item.entities or ():
             peers.append(None if entity == "all" else EntityPeer(entity, self.local_cluster))
         peers.extend(CIDRPeer(cidr) for cidr in item.cidrs or ())
         return peers
+
+
+def peer_selector(selector: EndpointSelector, namespace: str | None,
+                  subject: EndpointSelector, cluster: str | None) -> EndpointSelector:
+    """What a ``fromEndpoints``/``toEndpoints`` selector of a rule selecting ``subject``, in a
+    policy of ``namespace`` (None: clusterwide), selects; ``cluster`` is the local cluster
+    under ``--policy-default-local-cluster``, else None.
+
+    Cilium's rules, followed step by step: getEndpointSelector in
+    pkg/k8s/apis/cilium.io/utils/utils.go (called by parseToCiliumIngressCommonRule and
+    parseToCiliumEgressCommonRule from ParseToCiliumRule; a CiliumClusterwideNetworkPolicy is
+    parsed with namespace "" by ParseRules in pkg/k8s/apis/cilium.io/v2/ccnp_types.go; the
+    cluster name is "" unless policy-default-local-cluster, LocalClusterNameForPolicies in
+    pkg/clustermesh/types/option.go).
+    """
+    # a selector on a reserved label (reserved:host, any operator) stays as written: no
+    # namespace, no cluster (es.HasKeyPrefix(LabelSourceReservedKeyPrefix): return es)
+    if selector.has_source("reserved"):
+        return selector
+    # one that names the namespace (k8s: or no source, any operator) keeps it as written
+    if not selector.has_key(NAMESPACE_LABEL):
+        if namespace is None:
+            # clusterwide: the namespace label must exist, so that even {} or a NotIn selects
+            # cluster endpoints only, never world or host; except in a rule selecting init
+            # endpoints (matchesPodInit: its endpointSelector has the key reserved:init)
+            if not subject.has_key("init", source="reserved"):
+                selector = selector.with_requirement(Requirement(
+                    f"k8s:{NAMESPACE_LABEL}", "Exists"))
+        elif not selector.has_key_prefix(NAMESPACE_LABELS):
+            # namespaced: the policy's namespace, unless it selects on namespace labels
+            # (io.cilium.k8s.namespace.labels.*, as k8s: or without a source, any operator),
+            # which reach other namespaces
+            selector = selector.with_requirement(Requirement(
+                f"k8s:{NAMESPACE_LABEL}", "In", frozenset({namespace})))
+    # then, for every kind of policy, the local cluster unless the selector names a cluster
+    # (addClusterFilterByDefault)
+    if cluster is not None and not selector.has_key(CLUSTER_LABEL):
+        selector = selector.with_requirement(Requirement(
+            f"k8s:{CLUSTER_LABEL}", "In", frozenset({cluster})))
+    return selector
 
 
 _FIELDS = {"ingress": "ingress", "ingressDeny": "ingress_deny", "egress": "egress",

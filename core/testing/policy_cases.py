@@ -20,6 +20,8 @@ def L(app: str, ns: str = "default", cluster: str = "cluster1", **extra: str) ->
     return frozenset(labels)
 
 
+NS_TEAM_A = frozenset({"k8s:io.cilium.k8s.namespace.labels.team=a"})
+
 IDS = {
     "db": Identity(C1 + 300, L("protected-db"), "cluster1"),
     "employee": Identity(C1 + 301, L("employee"), "cluster1"),
@@ -29,6 +31,11 @@ IDS = {
     "employee-other-ns": Identity(C1 + 303, L("employee", "other"), "cluster1"),
     "frontend": Identity(C1 + 304, L("frontend", tier="web"), "cluster1"),
     "backend": Identity(C1 + 305, L("backend", tier="api"), "cluster1"),
+    # pods of namespace "other", whose Namespace object carries the label team=a: Cilium
+    # gives every pod its namespace's labels as k8s:io.cilium.k8s.namespace.labels.<key>
+    "employee-team-a": Identity(C1 + 306, L("employee", "other") | NS_TEAM_A, "cluster1"),
+    "employee-c2-team-a": Identity(C2 + 302, L("employee", "other", "cluster2") | NS_TEAM_A,
+                                   "cluster2"),
     "world": Identity(2, frozenset({"reserved:world"})),
     "host": Identity(1, frozenset({"reserved:host"})),
     "remote-node": Identity(6, frozenset({"reserved:remote-node"})),
@@ -77,6 +84,11 @@ def ccnp(spec: str, name: str = "cw") -> str:
 
 
 DB_SEL = "endpointSelector:\n  matchLabels:\n    app: protected-db\n"
+#: ingress from every endpoint (as a clusterwide policy reads it), and from pods whose
+#: namespace has the label team=a
+FROM_ALL_ENDPOINTS = DB_SEL + "ingress:\n- fromEndpoints: [{}]\n"
+FROM_TEAM_A = DB_SEL + ("ingress:\n- fromEndpoints: [{matchLabels: "
+                        "{io.cilium.k8s.namespace.labels.team: a}}]\n")
 
 
 CASES = [
@@ -227,6 +239,39 @@ CASES = [
     ("clusterwide peer selector spans namespaces",
      ccnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {app: employee}}]\n"),
      "employee-other-ns", 1, TCP, "allow"),
+    # Cilium's getEndpointSelector (pkg/k8s/apis/cilium.io/utils/utils.go) makes a clusterwide
+    # policy's peer selector that names no namespace require the namespace label (Exists): it
+    # selects cluster endpoints only, never world, even when empty or only NotIn.
+    ("FLAT: clusterwide empty peer selector is not the world",
+     "FLAT:" + ccnp(FROM_ALL_ENDPOINTS), "world", 1, TCP, "deny"),
+    ("FLAT: clusterwide NotIn peer selector is not the world",
+     "FLAT:" + ccnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchExpressions: [{key: app, "
+                             "operator: NotIn, values: [stranger]}]}]\n"), "world", 1, TCP,
+     "deny"),
+    ("FLAT: clusterwide empty peer selector spans clusters",
+     "FLAT:" + ccnp(FROM_ALL_ENDPOINTS), "employee-c2", 1, TCP, "allow"),
+    ("clusterwide empty peer selector: local cluster only (default)",
+     ccnp(FROM_ALL_ENDPOINTS), "employee-c2", 1, TCP, "deny"),
+    # ... and leaves a selector on a reserved label as written: no namespace, no cluster
+    ("peer selector on a reserved label gets no namespace and no cluster",
+     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {'reserved:host': ''}}]\n"),
+     "host", 1, TCP, "allow"),
+    ("clusterwide peer selector on a reserved label: no namespace Exists, no cluster",
+     ccnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {'reserved:world': ''}}]\n"),
+     "world", 1, TCP, "allow"),
+    # ... and does not hold a namespaced policy's peer selector to the policy's namespace when
+    # it selects on namespace labels (io.cilium.k8s.namespace.labels.*); the local cluster
+    # still applies under --policy-default-local-cluster
+    ("peer on namespace labels leaves the policy's namespace", cnp(FROM_TEAM_A),
+     "employee-team-a", 1, TCP, "allow"),
+    ("peer on namespace labels (k8s:, matchExpressions) leaves the policy's namespace",
+     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchExpressions: [{key: "
+                  "'k8s:io.cilium.k8s.namespace.labels.team', operator: Exists}]}]\n"),
+     "employee-team-a", 1, TCP, "allow"),
+    ("peer on namespace labels: local cluster only (default)", cnp(FROM_TEAM_A),
+     "employee-c2-team-a", 1, TCP, "deny"),
+    ("FLAT: peer on namespace labels: every cluster", "FLAT:" + cnp(FROM_TEAM_A),
+     "employee-c2-team-a", 1, TCP, "allow"),
     ("several specs in one policy",
      "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: multi}\nspecs:\n"
      "- endpointSelector: {matchLabels: {app: protected-db}}\n  ingress:\n"
