@@ -317,8 +317,46 @@ async def test_endpoint_labels_are_the_union_of_what_plugins_know(agent_factory)
 
 
 # ------------------------------------------------------------------------------------------
-# every hook goes through pluggy's caller: wrappers, ordering, monitoring
+# every hook goes through pluggy's caller: wrappers, ordering, monitoring, check_pending
 # ------------------------------------------------------------------------------------------
+
+
+class Misspelled:
+    @meshagent.hookimpl
+    def meshagent_ipcache_change(self, kind, entry):  # sic: the hook is meshagent_ipcache_changed
+        raise AssertionError("never called")
+
+
+async def test_a_misspelled_hook_stops_start_up_naming_plugin_and_hook(agent_factory, short_tmp):
+    with pytest.raises(PluginError, match=r"plugin 'typo' implements unknown hook"
+                       r" meshagent_ipcache_change: .*did you mean meshagent_ipcache_changed\?"):
+        await agent_factory(extra_plugins=[("typo", Misspelled())])
+    assert not (short_tmp / "state0").exists()  # refused before any side effect
+
+
+async def test_a_misspelled_hook_registered_by_a_provider_stops_start_up(agent_factory):
+    """An object a provider's factory registers is checked too, before the API opens."""
+    class Offers:
+        @meshagent.hookimpl
+        def meshagent_register_datapath(self, registry):
+            def build(agent):
+                agent.plugins.register(Misspelled(), name="typodp.state")
+                return RecordingDatapath()
+            registry.register("typodp", build)
+
+    with pytest.raises(PluginError, match=r"plugin 'typodp.state' implements unknown hook"
+                                          r" meshagent_ipcache_change"):
+        await agent_factory(extra_plugins=[("typodp", Offers())])
+
+
+async def test_an_optionalhook_of_no_spec_is_allowed(agent_factory):
+    class Optional:
+        @meshagent.hookimpl(optionalhook=True)
+        def meshagent_some_future_hook(self):
+            pass
+
+    running = await agent_factory(extra_plugins=[("optional", Optional())])
+    assert running.agent.ready
 
 
 class WrapsStatus:

@@ -5,6 +5,7 @@ agent's ``--plugins`` is an allow-list: every other plugin is blocked before it 
 Each agent (and each CLI invocation) gets its own plugin manager; nothing loads at import time.
 """
 
+import difflib
 import importlib.metadata
 import logging
 from collections.abc import Iterable, Sequence
@@ -54,6 +55,7 @@ class PluginInfo:
     status: str  # active | available | blocked
     hooks: tuple[str, ...]
     provides: dict[str, list[str]]  # slot -> provider names
+    unknown_hooks: tuple[str, ...] = ()  # implemented, but no spec: an agent refuses to start
 
 
 def discover() -> dict[str, PluginSource]:
@@ -129,6 +131,33 @@ class PluginManager:
         inspector = self if self.inspecting else PluginManager(None, self.available)
         return inspector.hooks.offers(slot)
 
+    def unknown_hooks(self, plugin: object) -> list[str]:
+        """The hooks ``plugin`` implements that no spec defines (``optionalhook`` excepted):
+        pluggy would never call them."""
+        return sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or ()
+                      if not caller.has_spec() and any(
+                          impl.plugin is plugin and not impl.optionalhook
+                          for impl in caller.get_hookimpls()))
+
+    def check_pending(self) -> None:
+        """pluggy's ``check_pending``, as a start-up refusal: a plugin implementing a hook no
+        spec defines (a misspelling such as ``meshagent_ipcache_change``) would silently do
+        nothing, so it is a PluginError (exit 2) naming the plugin as registered and the hook.
+        Run once every plugin and core component has registered."""
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            name = self.pm.get_name(exc.plugin)
+            hooks = self.unknown_hooks(exc.plugin)
+            known = [n for n in dir(hookspecs) if n.startswith(f"{PROJECT}_")]
+            guesses = [g for hook in hooks for g in difflib.get_close_matches(hook, known, n=1)]
+            raise PluginError(
+                f"plugin {name!r} implements unknown hook{'s' if len(hooks) > 1 else ''}"
+                f" {', '.join(hooks)}: no {PROJECT} hook has that name"
+                + (f" (did you mean {', '.join(guesses)}?)" if guesses else "")
+                + "; see docs/plugin-hooks.md, or mark it @hookimpl(optionalhook=True)"
+            ) from exc
+
     def infos(self) -> list[PluginInfo]:
         status_of_loaded = "available" if self.inspecting else "active"
         rows = []
@@ -144,6 +173,7 @@ class PluginManager:
                 version=source.version,
                 status=status_of_loaded if plugin is not None else "blocked",
                 hooks=hooks, provides=slots_by_plugin.get(name, {}),
+                unknown_hooks=tuple(self.unknown_hooks(plugin)) if plugin else (),
             ))
         return rows
 
