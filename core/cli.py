@@ -212,6 +212,10 @@ def _plugins(args: argparse.Namespace) -> int:
         hooks = ",".join(h.removeprefix("meshagent_") for h in row["hooks"])
         table.append((row["name"], row["status"], row["origin"], provides or "-", hooks or "-"))
     print(format_table(table))
+    for row in rows:
+        if row.get("unknown_hooks"):
+            print(f"# plugin {row['name']!r} implements unknown hooks"
+                  f" {', '.join(row['unknown_hooks'])}: an agent refuses to start with it")
     return 0
 
 

@@ -15,6 +15,7 @@ from meshagent.datapath.drops import DropFeed, DropNotice, DropPeer
 from meshagent.errors import MeshagentError, PluginError, UsageError
 from meshagent.events import ChangeKind, PolicyChange
 from meshagent.hooks.additions import Command, Route, format_table, json_response
+from meshagent.hooks.answers import Answer
 from meshagent.hooks.slots import Registry
 from meshagent.hooks.view import AgentView
 from meshagent.identity import CollectsGarbage, IdentityAllocator
@@ -67,7 +68,7 @@ def build_default_resolver(agent: AgentView) -> PolicyResolver:
 
 __all__ = [
     # hooks and the agent
-    "PROJECT", "hookimpl", "AgentView", "Registry", "Controller", "ControllerHandle",
+    "PROJECT", "hookimpl", "Answer", "AgentView", "Registry", "Controller", "ControllerHandle",
     "StatusSection", "Health", "Route", "json_response", "to_jsonable", "Command",
     "format_table", "parse_bool", "parse_list", "ChangeKind", "PolicyChange",
     "MeshagentError", "UsageError", "PluginError",

@@ -16,8 +16,12 @@ Generated from `core/hooks/specs.py` by `scripts/hookdocs.py`; do not edit by ha
 
 Implement a hook with `@meshagent.hookimpl` on a function (or method) of the same name in your
 plugin. An implementation may take any subset of the arguments. All hooks are synchronous;
-long-running work goes into a `Controller` returned from `meshagent_controllers`. See
-[writing-plugins.md](writing-plugins.md) for a walk-through.
+long-running work goes into a `Controller` returned from `meshagent_controllers`. Hooks are
+called through pluggy's caller: `tryfirst`/`trylast` and `wrapper=True` implementations work (a
+wrapper sees one `Answer(plugin, value, error)` per implementation), and an implementation of
+a hook not listed here stops start-up unless marked `optionalhook=True`. See
+[writing-plugins.md](writing-plugins.md) for a walk-through and "Hook order, wrappers and
+unknown hooks" there.
 """
 
 

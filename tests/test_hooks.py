@@ -15,6 +15,7 @@ from meshagent.model.identity import Identity
 from meshagent.model.ipcache import IPCacheEntry
 from meshagent.model.node import Node
 from meshagent.model.service import Service
+from meshagent.plugin import Answer
 from meshagent.runtime.status import Health, StatusSection
 from meshagent.testing.resolver_contract import RecordingDatapath
 
@@ -313,3 +314,163 @@ async def test_endpoint_labels_are_the_union_of_what_plugins_know(agent_factory)
         "k8s:team=blue"}
     with pytest.raises(UsageError, match="pod default/broken: unreadable"):
         await hooks.endpoint_labels(agent=agent, namespace="default", pod_name="broken")
+
+
+# ------------------------------------------------------------------------------------------
+# every hook goes through pluggy's caller: wrappers, ordering, monitoring, check_pending
+# ------------------------------------------------------------------------------------------
+
+
+class Misspelled:
+    @meshagent.hookimpl
+    def meshagent_ipcache_change(self, kind, entry):  # sic: the hook is meshagent_ipcache_changed
+        raise AssertionError("never called")
+
+
+async def test_a_misspelled_hook_stops_start_up_naming_plugin_and_hook(agent_factory, short_tmp):
+    with pytest.raises(PluginError, match=r"plugin 'typo' implements unknown hook"
+                       r" meshagent_ipcache_change: .*did you mean meshagent_ipcache_changed\?"):
+        await agent_factory(extra_plugins=[("typo", Misspelled())])
+    assert not (short_tmp / "state0").exists()  # refused before any side effect
+
+
+async def test_a_misspelled_hook_registered_by_a_provider_stops_start_up(agent_factory):
+    """An object a provider's factory registers is checked too, before the API opens."""
+    class Offers:
+        @meshagent.hookimpl
+        def meshagent_register_datapath(self, registry):
+            def build(agent):
+                agent.plugins.register(Misspelled(), name="typodp.state")
+                return RecordingDatapath()
+            registry.register("typodp", build)
+
+    with pytest.raises(PluginError, match=r"plugin 'typodp.state' implements unknown hook"
+                                          r" meshagent_ipcache_change"):
+        await agent_factory(extra_plugins=[("typodp", Offers())])
+
+
+async def test_an_optionalhook_of_no_spec_is_allowed(agent_factory):
+    class Optional:
+        @meshagent.hookimpl(optionalhook=True)
+        def meshagent_some_future_hook(self):
+            pass
+
+    running = await agent_factory(extra_plugins=[("optional", Optional())])
+    assert running.agent.ready
+
+
+class WrapsStatus:
+    """A new-style wrapper: sees each plugin's answer, drops one, adds its own."""
+
+    def __init__(self):
+        self.seen = []
+
+    @meshagent.hookimpl(wrapper=True)
+    def meshagent_status(self, verbose):
+        answers = yield
+        self.seen.append((verbose, sorted(a.plugin for a in answers)))
+        return [a for a in answers if a.plugin != "widgets"] + [
+            Answer("wrapper", StatusSection("Wrapped", Health.OK, f"{len(answers)} answers"))]
+
+
+async def test_a_wrapper_sees_and_changes_a_collected_hook(agent_factory):
+    wrapper = WrapsStatus()
+    running = await agent_factory(extra_plugins=[("widgets", StatusPlugin()),
+                                                 ("wrapper", wrapper)])
+    status = await running.client.request("GET", "/status", params={"verbose": "true"})
+    by_name = {s["name"]: s for s in status["sections"]}
+    assert "Widgets" not in by_name and "Gadgets" not in by_name
+    assert by_name["Wrapped"]["plugin"] == "wrapper"
+    verbose, plugins = wrapper.seen[-1]
+    assert verbose is True and "widgets" in plugins and "core" in plugins
+    assert by_name["Wrapped"]["summary"] == f"{len(plugins)} answers"
+
+
+async def test_a_wrapper_must_leave_answers(agent_factory):
+    class Stray:
+        @meshagent.hookimpl(wrapper=True)
+        def meshagent_status(self):
+            answers = yield
+            return answers + [StatusSection("Raw", Health.OK, "no plugin named")]
+
+    running = await agent_factory(extra_plugins=[("stray", Stray())])
+    with pytest.raises(PluginError, match=r"meshagent_status: a wrapper \(plugin stray\) left"
+                                          r" StatusSection\(name='Raw'"):
+        running.agent.hooks.status(running.agent, False)
+
+
+class WrapsNodes:
+    """An old-style hookwrapper around an observer: advanced before and after the call."""
+
+    def __init__(self):
+        self.calls = []
+
+    @meshagent.hookimpl(hookwrapper=True)
+    def meshagent_node_changed(self, node):
+        self.calls.append(("before", node.name))
+        outcome = yield
+        self.calls.append(("after", [(a.plugin, type(a.error).__name__)
+                                     for a in outcome.get_result()]))
+
+
+async def test_a_raising_observer_is_recorded_against_its_plugin(agent_factory, hook_recorder,
+                                                                 caplog):
+    wrapper = WrapsNodes()
+    running = await agent_factory(extra_plugins=[("recorder", hook_recorder),
+                                                 ("raising", RaisingObserver()),
+                                                 ("wrapper", wrapper)])
+    hook_recorder.calls.clear()
+    wrapper.calls.clear()
+    caplog.clear()
+    errors_before = running.agent.hooks.errors
+    node = Node("n", "c", 0)
+    with caplog.at_level("ERROR", logger="meshagent.hooks.manager"):
+        running.agent.hooks.node_changed(kind=ChangeKind.UPSERT, node=node)
+    assert hook_recorder.of("node") == [(ChangeKind.UPSERT, node)]  # called after the raise
+    assert running.agent.hooks.errors == errors_before + 1
+    failed = [r for r in caplog.records if "failed in meshagent_node_changed" in r.getMessage()]
+    assert [r.getMessage() for r in failed] == [
+        "plugin raising failed in meshagent_node_changed"]
+    assert "observer bug" in str(failed[0].exc_info[1])
+    assert wrapper.calls == [("before", "n"), ("after", [("raising", "RuntimeError")])]
+
+
+async def test_tryfirst_and_trylast_order_the_calls(agent_factory):
+    order = []
+
+    class First:
+        @meshagent.hookimpl(tryfirst=True)
+        def meshagent_node_changed(self):
+            order.append("first")
+
+    class Plain:
+        @meshagent.hookimpl
+        def meshagent_node_changed(self):
+            order.append("plain")
+
+    class Last:
+        @meshagent.hookimpl(trylast=True)
+        def meshagent_node_changed(self):
+            order.append("last")
+
+    # pluggy calls the last registered first: without the marks this would be plain, last, first
+    running = await agent_factory(extra_plugins=[("first", First()), ("last", Last()),
+                                                 ("plain", Plain())])
+    order.clear()
+    running.agent.hooks.node_changed(kind=ChangeKind.UPSERT, node=Node("n", "c", 0))
+    assert order == ["first", "plain", "last"]
+
+
+async def test_hook_calls_are_seen_by_pluggys_monitoring(agent_factory, hook_recorder):
+    running = await agent_factory(extra_plugins=[("recorder", hook_recorder)])
+    seen = []
+    undo = running.agent.plugins.pm.add_hookcall_monitoring(
+        lambda name, impls, kwargs: seen.append((name, [i.plugin_name for i in impls])),
+        lambda outcome, name, impls, kwargs: None)
+    try:
+        running.agent.hooks.identity_changed(
+            kind=ChangeKind.UPSERT, identity=Identity(6619392, frozenset({"k8s:app=x"})))
+    finally:
+        undo()
+    calls = [plugins for name, plugins in seen if name == "meshagent_identity_changed"]
+    assert len(calls) == 1 and "recorder" in calls[0]

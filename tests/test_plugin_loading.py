@@ -128,3 +128,38 @@ def test_plugins_listing_for_an_allow_list():
     assert lines == {"audit": "blocked", "consul": "blocked", "ebpf": "blocked",
                      "etcd": "blocked", "guardrails": "blocked", "k8s": "blocked",
                      "memory": "active", "nftables": "blocked"}
+
+
+MISSPELLED = """\
+import meshagent
+
+@meshagent.hookimpl
+def meshagent_ipcache_change(kind, entry):  # sic: meshagent_ipcache_changed
+    pass
+"""
+
+
+def test_an_installed_plugin_with_a_misspelled_hook_is_refused(tmp_path, short_tmp):
+    _fake_distribution(tmp_path, "typo-plugin", "typo", "typo_plugin", MISSPELLED)
+    env = clean_env(PYTHONPATH=str(tmp_path))
+    result = run_cli("--plugins", "memory,typo", "--state-dir", str(short_tmp / "state"),
+                     "--socket-path", str(short_tmp / "s.sock"), env=env)
+    assert result.returncode == 2
+    assert ("plugin 'typo' implements unknown hook meshagent_ipcache_change: no meshagent hook"
+            " has that name (did you mean meshagent_ipcache_changed?)") in result.stderr
+    assert not (short_tmp / "state").exists()  # no side effect
+    kvstoremesh = run_cli("kvstoremesh", "--plugins", "memory,typo", "--cluster-name", "c1",
+                          "--cluster-id", "1", "--clustermesh-config", str(short_tmp),
+                          "--kvstoremesh-socket-path", str(short_tmp / "kvm.sock"), env=env)
+    assert kvstoremesh.returncode == 2
+    assert "plugin 'typo' implements unknown hook meshagent_ipcache_change" in kvstoremesh.stderr
+    # the listing shows it without an agent, and says what an agent would do
+    listing = run_cli("plugins", "--plugins", "memory,typo", env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert ("# plugin 'typo' implements unknown hooks meshagent_ipcache_change: an agent"
+            " refuses to start with it") in listing.stdout
+    rows = {r["name"]: r for r in json.loads(run_cli("plugins", "-o", "json", "--socket-path",
+                                                     str(short_tmp / "none.sock"),
+                                                     env=env).stdout)}
+    assert rows["typo"]["unknown_hooks"] == ["meshagent_ipcache_change"]
+    assert rows["memory"]["unknown_hooks"] == []

@@ -77,6 +77,7 @@ class Agent:
         plugins.register(_AgentHooks(self), name="core")
         plugins.register(identityalloc, name="core.identity")  # the default providers
         plugins.register(policy_default, name="core.policy")
+        plugins.check_pending()  # a misspelled hook exits 2 here, before any side effect
         # Provider choice happens here, before any side effect, so a bad choice exits 2 cleanly.
         self.registries: dict[str, Registry] = {
             slot.name: self.hooks.register_providers(slot) for slot in SLOTS}
@@ -129,6 +130,7 @@ class Agent:
             cleanup.callback(self.hooks.unconfigure, self.config)
             self.hooks.register_metrics(self.metrics)
             await self._build_providers(cleanup)
+            self.plugins.check_pending()  # again: providers and components registered objects
 
             state = APIState(
                 is_ready=lambda: self.ready, status=self.status, plugin_infos=self.plugins.infos,

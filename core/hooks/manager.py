@@ -5,9 +5,10 @@ agent's ``--plugins`` is an allow-list: every other plugin is blocked before it 
 Each agent (and each CLI invocation) gets its own plugin manager; nothing loads at import time.
 """
 
+import difflib
 import importlib.metadata
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -17,7 +18,8 @@ from meshagent import PROJECT
 from meshagent.errors import PluginError
 from meshagent.events import ChangeKind
 from meshagent.hooks import specs as hookspecs
-from meshagent.hooks.slots import SLOTS, Registry, Slot
+from meshagent.hooks.answers import Answer, answering
+from meshagent.hooks.slots import SLOTS, Offers, Registry, Slot
 
 ENTRY_POINT_GROUP = "meshagent.plugins"
 
@@ -53,6 +55,7 @@ class PluginInfo:
     status: str  # active | available | blocked
     hooks: tuple[str, ...]
     provides: dict[str, list[str]]  # slot -> provider names
+    unknown_hooks: tuple[str, ...] = ()  # implemented, but no spec: an agent refuses to start
 
 
 def discover() -> dict[str, PluginSource]:
@@ -83,7 +86,7 @@ class PluginManager:
     def __init__(self, selected: Sequence[str] | None = None,
                  available: dict[str, PluginSource] | None = None):
         self.available = discover() if available is None else available
-        self.pm = pluggy.PluginManager(PROJECT)
+        self.pm = _Pluggy(PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.selected = tuple(self.available) if selected is None else tuple(selected)
         self.inspecting = selected is None
@@ -126,20 +129,42 @@ class PluginManager:
         message or a listing, never by a running agent.
         """
         inspector = self if self.inspecting else PluginManager(None, self.available)
-        return {
-            plugin: sorted(registry.providers)
-            for plugin, registry in inspector.hooks.registries_by_plugin(slot).items()
-            if registry.providers
-        }
+        return inspector.hooks.offers(slot)
+
+    def unknown_hooks(self, plugin: object) -> list[str]:
+        """The hooks ``plugin`` implements that no spec defines (``optionalhook`` excepted):
+        pluggy would never call them."""
+        return sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or ()
+                      if not caller.has_spec() and any(
+                          impl.plugin is plugin and not impl.optionalhook
+                          for impl in caller.get_hookimpls()))
+
+    def check_pending(self) -> None:
+        """pluggy's ``check_pending``, as a start-up refusal: a plugin implementing a hook no
+        spec defines (a misspelling such as ``meshagent_ipcache_change``) would silently do
+        nothing, so it is a PluginError (exit 2) naming the plugin as registered and the hook.
+        Run once every plugin and core component has registered."""
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            name = self.pm.get_name(exc.plugin)
+            hooks = self.unknown_hooks(exc.plugin)
+            known = [n for n in dir(hookspecs) if n.startswith(f"{PROJECT}_")]
+            guesses = [g for hook in hooks for g in difflib.get_close_matches(hook, known, n=1)]
+            raise PluginError(
+                f"plugin {name!r} implements unknown hook{'s' if len(hooks) > 1 else ''}"
+                f" {', '.join(hooks)}: no {PROJECT} hook has that name"
+                + (f" (did you mean {', '.join(guesses)}?)" if guesses else "")
+                + "; see docs/plugin-hooks.md, or mark it @hookimpl(optionalhook=True)"
+            ) from exc
 
     def infos(self) -> list[PluginInfo]:
         status_of_loaded = "available" if self.inspecting else "active"
         rows = []
         slots_by_plugin: dict[str, dict[str, list[str]]] = {}
         for slot in SLOTS:
-            for plugin, registry in self.hooks.registries_by_plugin(slot).items():
-                if registry.providers:
-                    slots_by_plugin.setdefault(plugin, {})[slot.name] = sorted(registry.providers)
+            for plugin, names in self.hooks.offers(slot).items():
+                slots_by_plugin.setdefault(plugin, {})[slot.name] = names
         for name, source in sorted(self.available.items()):
             plugin = self.pm.get_plugin(name)
             hooks = tuple(sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])) if plugin else ()
@@ -148,8 +173,30 @@ class PluginManager:
                 version=source.version,
                 status=status_of_loaded if plugin is not None else "blocked",
                 hooks=hooks, provides=slots_by_plugin.get(name, {}),
+                unknown_hooks=tuple(self.unknown_hooks(plugin)) if plugin else (),
             ))
         return rows
+
+
+class _Pluggy(pluggy.PluginManager):
+    """pluggy's plugin manager, except that each plain implementation of a non-historic hook
+    is called through :func:`meshagent.hooks.answers.answering` (see that module): pluggy
+    still orders and calls every implementation and wrapper, and each implementation answers
+    for its plugin without stopping the others. ``register`` is the one way in, for the
+    entry points, the core's components and the objects plugins register alike."""
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        registered = super().register(plugin, name)
+        if registered is None:  # blocked
+            return None
+        for caller in self.get_hookcallers(plugin) or ():
+            if caller.is_historic():
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
+                    # what pluggy calls for this implementation from now on
+                    impl.function = answering(registered, impl.function)  # type: ignore[misc]
+        return registered
 
 
 def _normalize(dist: str) -> str:
@@ -157,7 +204,14 @@ def _normalize(dist: str) -> str:
 
 
 class Hooks:
-    """The typed facade the agent calls hooks through, always with keyword arguments."""
+    """The typed facade the agent calls hooks through, always with keyword arguments.
+
+    Every call goes through pluggy's caller (``pm.hook.<name>(...)``); what comes back is one
+    :class:`~meshagent.hooks.answers.Answer` per implementation that answered (see
+    :mod:`meshagent.hooks.answers`), and each method here says what an error means for its
+    hook: logged and counted for an observer, a ``Failure`` section for status, raised again
+    (stopping start-up) for the rest.
+    """
 
     def __init__(self, pm: pluggy.PluginManager):
         self.pm = pm
@@ -168,31 +222,24 @@ class Hooks:
     def addoption(self, parser: Any) -> None:
         self.pm.hook.meshagent_addoption.call_historic(kwargs=dict(parser=parser))
 
-    def registries_by_plugin(self, slot: Slot) -> dict[str, Registry]:
-        """Call one slot's register hook plugin by plugin, each into a registry of its own."""
-        out = {}
-        for impl in self._impls(slot.hook):
-            registry = Registry(slot)
-            registry.current_plugin = impl.plugin_name
-            impl.function(**self._args(impl, registry=registry))
-            out[impl.plugin_name] = registry
-        return out
-
     def register_providers(self, slot: Slot) -> Registry:
         """One registry with every plugin's providers; a duplicate name raises PluginError."""
-        merged = Registry(slot)
-        for plugin, registry in self.registries_by_plugin(slot).items():
-            merged.current_plugin = plugin
-            for provider in registry.providers.values():
-                merged.register(provider.name, provider.factory)
-        return merged
+        registry = Registry(slot)
+        self._results(slot.hook, registry=registry)
+        return registry
+
+    def offers(self, slot: Slot) -> dict[str, list[str]]:
+        """The provider names each plugin offers for ``slot`` (two may offer one name)."""
+        offers = Offers(slot)
+        self._results(slot.hook, registry=offers)
+        return {plugin: sorted(names) for plugin, names in offers.by_plugin.items()}
 
     def register_metrics(self, registry: Any) -> None:
-        for impl in self._impls("meshagent_register_metrics"):
-            try:
-                impl.function(**self._args(impl, registry=registry))
-            except ValueError as exc:
-                raise PluginError(f"plugin {impl.plugin_name!r} metrics: {exc}") from exc
+        for answer in self._call("meshagent_register_metrics", registry=registry):
+            if isinstance(answer.error, ValueError):
+                raise PluginError(f"plugin {answer.plugin!r} metrics: {answer.error}") \
+                    from answer.error
+            answer.result()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -205,7 +252,7 @@ class Hooks:
 
     def controllers(self, agent: Any) -> list[tuple[str, Any]]:
         """``(plugin name, controller)`` for every controller the plugins return."""
-        return list(self._collect("meshagent_controllers", agent=agent))
+        return self._results("meshagent_controllers", agent=agent)
 
     # -- events --------------------------------------------------------------------------------
 
@@ -232,59 +279,63 @@ class Hooks:
     def status(self, agent: Any, verbose: bool) -> list[tuple[str, Any]]:
         """``(plugin name, section or exception)`` from every plugin's status hook."""
         out = []
-        for impl in self._impls("meshagent_status"):
-            try:
-                result = impl.function(**self._args(impl, agent=agent, verbose=verbose))
-            except Exception as exc:  # one plugin's bug must not hide everyone's status
-                log.exception("status hook of plugin %s failed", impl.plugin_name)
-                out.append((impl.plugin_name, exc))
-                continue
-            out.extend((impl.plugin_name, s) for s in _as_list(result))
+        for answer in self._call("meshagent_status", agent=agent, verbose=verbose):
+            if answer.error is not None:  # one plugin's bug must not hide everyone's status
+                log.error("status hook of plugin %s failed", answer.plugin,
+                          exc_info=answer.error)
+                out.append((answer.plugin, answer.error))
+            else:
+                out.extend((answer.plugin, s) for s in _as_list(answer.value))
         return out
 
     def service_sources(self, agent: Any) -> list[tuple[str, Any]]:
-        return list(self._collect("meshagent_service_source", agent=agent))
+        return self._results("meshagent_service_source", agent=agent)
 
     def policy_sources(self, agent: Any) -> list[tuple[str, Any]]:
-        return list(self._collect("meshagent_policy_source", agent=agent))
+        return self._results("meshagent_policy_source", agent=agent)
 
     async def endpoint_labels(self, agent: Any, namespace: str, pod_name: str) -> frozenset[str]:
         """The union of what every plugin knows of the pod's labels."""
         labels: set[str] = set()
-        for _, awaitable in list(self._collect("meshagent_endpoint_labels", agent=agent,
-                                               namespace=namespace, pod_name=pod_name)):
+        for _, awaitable in self._results("meshagent_endpoint_labels", agent=agent,
+                                          namespace=namespace, pod_name=pod_name):
             labels.update(await awaitable)
         return frozenset(labels)
 
     def api_routes(self, agent: Any) -> list[tuple[str, Any]]:
-        return list(self._collect("meshagent_api_routes", agent=agent))
+        return self._results("meshagent_api_routes", agent=agent)
 
     def commands(self) -> list[tuple[str, Any]]:
-        return list(self._collect("meshagent_commands"))
+        return self._results("meshagent_commands")
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _impls(self, hook_name: str) -> list[pluggy.HookImpl]:
-        # pluggy calls the last registered first; keep that order for our per-plugin calls
-        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+    def _call(self, hook_name: str, **kwargs: Any) -> list[Answer]:
+        """Call the hook through pluggy: the answers in pluggy's call order (the last
+        registered first, ``tryfirst`` before, ``trylast`` after), as wrappers left them."""
+        answers = getattr(self.pm.hook, hook_name)(**kwargs)
+        strays = [a for a in answers if not isinstance(a, Answer)]
+        if strays:
+            wrappers = sorted({impl.plugin_name for impl in getattr(self.pm.hook, hook_name)
+                               .get_hookimpls() if impl.wrapper or impl.hookwrapper})
+            raise PluginError(
+                f"{hook_name}: a wrapper (plugin {', '.join(wrappers) or '?'}) left"
+                f" {strays[0]!r} in the result, not a meshagent.plugin.Answer")
+        return answers
 
-    @staticmethod
-    def _args(impl: pluggy.HookImpl, **kwargs: Any) -> dict[str, Any]:
-        return {name: kwargs[name] for name in impl.argnames}
-
-    def _collect(self, hook_name: str, **kwargs: Any) -> Iterator[tuple[str, Any]]:
-        for impl in self._impls(hook_name):
-            for item in _as_list(impl.function(**self._args(impl, **kwargs))):
-                yield impl.plugin_name, item
+    def _results(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """``(plugin name, item)`` for every item of every answer (a list answer counts item by
+        item); the first implementation's error is raised again."""
+        return [(answer.plugin, item) for answer in self._call(hook_name, **kwargs)
+                for item in _as_list(answer.result())]
 
     def _notify(self, hook_name: str, **kwargs: Any) -> None:
         """Call every observer; one that raises is logged and counted, the rest still run."""
-        for impl in self._impls(hook_name):
-            try:
-                impl.function(**self._args(impl, **kwargs))
-            except Exception:
+        for answer in self._call(hook_name, **kwargs):
+            if answer.error is not None:
                 self.errors += 1
-                log.exception("plugin %s failed in %s", impl.plugin_name, hook_name)
+                log.error("plugin %s failed in %s", answer.plugin, hook_name,
+                          exc_info=answer.error)
 
 
 def _as_list(result: Any) -> Iterable[Any]:

@@ -13,6 +13,7 @@ import attrs
 
 from meshagent.datapath import Datapath
 from meshagent.errors import PluginError
+from meshagent.hooks.answers import current_plugin
 from meshagent.identity import IdentityAllocator
 from meshagent.kvstore import KVStoreBackend
 from meshagent.policy import PolicyResolver
@@ -44,21 +45,27 @@ class Provider:
 
 
 class Registry:
-    """The providers offered for one slot, with the plugin that offered each."""
+    """The providers offered for one slot, with the plugin that offered each.
+
+    The slot's register hook is called once, through pluggy, with one registry for every
+    plugin; ``register`` files each offer under the plugin whose implementation is running
+    (:func:`meshagent.hooks.answers.current_plugin`). A name offered twice is an error naming
+    both plugins.
+    """
 
     def __init__(self, slot: Slot):
         self.slot = slot
         self.providers: dict[str, Provider] = {}
-        self.current_plugin = "?"  # set by the plugin manager while it calls each plugin
 
     def register(self, name: str, factory: Callable[[Any], Any]) -> None:
+        plugin = current_plugin()
         if name in self.providers:
-            a, b = sorted((self.providers[name].plugin, self.current_plugin))
+            a, b = sorted((self.providers[name].plugin, plugin))
             raise PluginError(
                 f"{self.slot.name} provider {name!r} is registered by both plugin {a!r}"
                 f" and plugin {b!r}"
             )
-        self.providers[name] = Provider(name, factory, self.current_plugin)
+        self.providers[name] = Provider(name, factory, plugin)
 
     def select(self, wanted: str, could_fill: Callable[[], dict[str, list[str]]]) -> Provider | None:
         """The provider to use, or None for an optional slot nobody fills.
@@ -83,6 +90,19 @@ class Registry:
         if self.slot.required:
             raise PluginError(f"slot {self.slot.name!r} is empty; {_hint(could_fill())}")
         return None
+
+
+class Offers(Registry):
+    """A registry that only records which plugin offers which provider names: what
+    ``meshagent plugins`` lists and an error's hint, where two installed plugins may offer
+    one name without that being an error."""
+
+    def __init__(self, slot: Slot):
+        super().__init__(slot)
+        self.by_plugin: dict[str, list[str]] = {}
+
+    def register(self, name: str, factory: Callable[[Any], Any]) -> None:
+        self.by_plugin.setdefault(current_plugin(), []).append(name)
 
 
 class BuiltProviders:

@@ -2,7 +2,10 @@
 
 Implement a hook with ``@meshagent.hookimpl`` on a function of the same name in your plugin
 module (or object); an implementation may accept any subset of the arguments. The agent calls
-hooks only through :class:`meshagent.hooks.manager.Hooks`, never through ``pm.hook`` directly.
+hooks through :class:`meshagent.hooks.manager.Hooks`, which calls pluggy's hook caller, so
+``tryfirst``/``trylast`` and wrappers work; a wrapper sees one
+:class:`meshagent.hooks.answers.Answer` per implementation. A ``@hookimpl`` whose name is not
+one of these stops start-up (``check_pending``) unless it is ``optionalhook=True``.
 
 All hooks are synchronous: pluggy never awaits. Work that needs the event loop goes into a
 :class:`~meshagent.runtime.controller.Controller` returned from :func:`meshagent_controllers`.

@@ -59,6 +59,8 @@ def build(argv: Sequence[str], environ: Mapping[str, str]) -> "KVStoreMesh":
     if not config.get("clustermesh-config"):
         raise UsageError("meshagent kvstoremesh needs --clustermesh-config: the directory of"
                          " remote clusters to cache")
+    # every plugin is registered (backend factories get no agent to register more through)
+    plugins.check_pending()
     registry = plugins.hooks.register_providers(KVSTORE)
     local = registry.select(config.get("kvstore"), lambda: plugins.offers(KVSTORE))
     # kvstore backends need no agent: the process that is not one gives their factories None
