@@ -313,14 +313,15 @@ def _endpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-ENDPOINT_HEADER = ("ENDPOINT", "IPV4", "IPV6", "IDENTITY", "INTERFACE", "NAMESPACE", "LABELS")
+ENDPOINT_HEADER = ("ENDPOINT", "IPV4", "IPV6", "IDENTITY", "POLICY REV", "INTERFACE",
+                   "NAMESPACE", "LABELS")
 
 
 def _endpoint_row(e: dict) -> tuple[str, ...]:
     user = [label for label in e["labels"] if "io.kubernetes.pod.namespace" not in label
             and "io.cilium.k8s.policy.cluster" not in label]
-    return (str(e["id"]), e["ipv4"], e.get("ipv6") or "-", str(e["identity"]), e["ifname"],
-            e["namespace"], " ".join(user))
+    return (str(e["id"]), e["ipv4"], e.get("ipv6") or "-", str(e["identity"]),
+            str(e.get("policy_revision", "-")), e["ifname"], e["namespace"], " ".join(user))
 
 
 def _post_files(client: AgentClient, path: str, files: list[Path], field: str,
@@ -339,8 +340,16 @@ def _post_files(client: AgentClient, path: str, files: list[Path], field: str,
 
 def _policy_args(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True)
-    imp = actions.add_parser("import", help="validate and import policy files (YAML or JSON)")
+    imp = actions.add_parser("import", help="validate and import policy files (YAML or JSON);"
+                             " prints the policy revision it made")
     imp.add_argument("files", nargs="+", type=Path)
+    imp.add_argument("--wait", action="store_true",
+                     help="return once every local endpoint enforces it (policy wait)")
+    wait = actions.add_parser("wait", help="wait until every local endpoint enforces a policy"
+                              " revision (as printed by import)")
+    wait.add_argument("revision", type=int)
+    for sub in (imp, wait):
+        sub.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
     delete = actions.add_parser("delete", help="delete a policy by name")
     delete.add_argument("name")
     delete.add_argument("--namespace", default="default")
@@ -360,10 +369,32 @@ def _policy_args(parser: argparse.ArgumentParser) -> None:
         _add_socket_path(sub)
 
 
+def _policy_wait(client: AgentClient, revision: int, timeout: float) -> int:
+    """Until every local endpoint enforces ``revision``; exit 1 naming those behind."""
+    client.call("GET", "/policy/wait", params={"revision": revision, "timeout": timeout},
+                timeout=timeout + 10)
+    print(f"revision {revision} enforced on every local endpoint")
+    return 0
+
+
 def _policy(args: argparse.Namespace) -> int:
     client = AgentClient(args.socket_path)
     if args.action == "import":
-        return _post_files(client, "/policy", args.files, "imported", "imported")
+        revision = 0
+        for file in args.files:
+            try:
+                text = file.read_text()
+            except OSError as exc:
+                raise UsageError(f"cannot read {file}: {exc.strerror}") from None
+            done = client.call("POST", "/policy", json={"text": text, "source": str(file)},
+                               ok=(201,))
+            for name in done["imported"]:
+                print(f"imported {name}")
+            revision = max(revision, done["revision"])
+        print(f"revision {revision}")
+        return _policy_wait(client, revision, args.timeout) if args.wait else 0
+    if args.action == "wait":
+        return _policy_wait(client, args.revision, args.timeout)
     if args.action == "delete":
         kind = "CiliumClusterwideNetworkPolicy" if args.clusterwide else "CiliumNetworkPolicy"
         namespace = "-" if args.clusterwide else args.namespace

@@ -72,8 +72,9 @@ class AgentClient:
         self.socket_path = Path(socket_path)
 
     def call(self, method: str, path: str, *, params: dict | None = None, json: Any = None,
-             ok: tuple[int, ...] = (200,)) -> Any:
-        """The decoded JSON answer; raises AgentNotRunning or MeshagentError with the reason."""
+             ok: tuple[int, ...] = (200,), timeout: float = TIMEOUT) -> Any:
+        """The decoded JSON answer; raises AgentNotRunning or MeshagentError with the reason.
+        ``timeout``: how long the answer may take (longer for a request that waits)."""
         url = API_PREFIX + path
         if params:
             url += ("&" if "?" in url else "?") + urllib.parse.urlencode(params)
@@ -83,7 +84,7 @@ class AgentClient:
             try:
                 sock.settimeout(CONNECT_TIMEOUT)
                 sock.connect(str(self.socket_path))
-                sock.settimeout(TIMEOUT)
+                sock.settimeout(timeout)
             except PermissionError:
                 raise MeshagentError(
                     f"permission denied on {self.socket_path}: the agent's socket is for root"

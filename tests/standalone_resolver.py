@@ -63,6 +63,7 @@ class StandaloneResolver:
         if kind is ChangeKind.UPSERT:
             self.engine.set_endpoint(PolicyEndpoint(endpoint.id, endpoint.namespace,
                                                     endpoint.labels))
+            self.pending.touch()
         else:
             self.engine.remove_endpoint(endpoint.id)
             self.pending.drop(endpoint.id)

@@ -4,6 +4,7 @@ One lab for the module (building it takes seconds); the tests run in order and t
 removes cluster2 from cluster1's clustermesh directory.
 """
 
+import json
 import time
 from pathlib import Path
 
@@ -40,10 +41,15 @@ def socket_of(lab: Lab, node: str) -> str:
 
 def test_1_seed_scenario_before_and_after_the_policy(lab):
     assert [ping(lab, p) for p in ("employee-c1", "stranger", "employee-c2")] == ["PONG"] * 3
-    result = run_cli("policy", "import", str(POLICY), "--socket-path",
+    # --wait: returns once the policy is in the BPF maps of the node's endpoints (no sleep)
+    result = run_cli("policy", "import", str(POLICY), "--wait", "--socket-path",
                      socket_of(lab, "cluster1-node1"))
     assert result.returncode == 0, result.stderr
-    time.sleep(1)
+    assert "revision 1 enforced on every local endpoint" in result.stdout, result.stdout
+    assert ping(lab, "stranger") == "timeout"
+    endpoints = run_cli("endpoint", "list", "-o", "json", "--socket-path",
+                        socket_of(lab, "cluster1-node1"))
+    assert {e["policy_revision"] for e in json.loads(endpoints.stdout)} == {1}
     assert [ping(lab, p) for p in ("employee-c1", "stranger", "employee-c2")] == \
         ["PONG", "timeout", "PONG"]
     for node in ("cluster1-node1", "cluster1-node2", "cluster2-node1", "cluster2-node2"):

@@ -85,3 +85,42 @@ async def test_an_import_returns_the_revision_it_made_once_applied_here(agent_fa
                                    "clustermesh-ingress-l4-policy") == 3
     assert repository.policies() == []
     assert await repository.delete("CiliumNetworkPolicy", "default", "nope") is None
+
+
+async def test_policy_wait_returns_once_every_endpoint_enforces_the_revision(agent_factory,
+                                                                              tmp_path):
+    """Endpoints record the revision their datapath state reflects; ``policy import --wait``
+    and ``policy wait REV`` return once every local endpoint has reached it."""
+    import ipaddress
+
+    from meshagent.events import ChangeKind
+    from meshagent.model.endpoint import Endpoint
+    from meshagent.testing.resolver_contract import RecordingDatapath
+    from test_policy_semantics import IDS
+    datapath = RecordingDatapath()
+    running = await agent_factory(ARGS, extra_plugins=[("recording", datapath)])
+    for identity in IDS.values():
+        if 256 <= identity.id < (1 << 24):
+            running.agent.tables.identities.upsert(identity.id, identity)
+    socket = str(running.socket_path)
+    db = Endpoint(7, "default", IDS["db"].labels, ipaddress.ip_address("10.1.1.7"), IDS["db"].id)
+    running.agent.hooks.endpoint_changed(kind=ChangeKind.UPSERT, endpoint=db)
+    seed = tmp_path / "seed.yaml"
+    seed.write_text(SEED)
+    result = await asyncio.to_thread(run_cli, "policy", "import", str(seed), "--wait",
+                                     "--socket-path", socket)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == [
+        "revision 1", "revision 1 enforced on every local endpoint"]
+    assert running.agent.policy_progress.revisions == {7: 1}
+    # already in the datapath when --wait returned: the seed's two employees, port 6379 only
+    ingress = {k for k in datapath.state[7] if k.direction == "ingress"}
+    assert {k.identity for k in ingress} == {IDS["employee"].id, IDS["employee-c2"].id}
+    waited = await asyncio.to_thread(run_cli, "policy", "wait", "1", "--socket-path", socket)
+    assert waited.returncode == 0, waited.stderr
+    late = await asyncio.to_thread(run_cli, "policy", "wait", "5", "--timeout", "0.5",
+                                   "--socket-path", socket)
+    assert late.returncode == 1
+    assert "policy revision 5 not enforced within 0.5s on 1 endpoint(s): 7 (at 1)" in late.stderr
+    listed = await asyncio.to_thread(run_cli, "endpoint", "list", "--socket-path", socket)
+    assert "POLICY REV" in listed.stdout

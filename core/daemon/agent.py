@@ -25,6 +25,7 @@ from meshagent.clustermesh.ownership import AddressOwnership
 from meshagent.clustermesh.sync import ClusterSync
 from meshagent.daemon.api import APIServer, APIState, build_app
 from meshagent.datapath.feed import DatapathFeed
+from meshagent.datapath.progress import PolicyProgress
 from meshagent.endpoint.manager import EndpointManager
 from meshagent.hooks.manager import PluginManager
 from meshagent.hooks.slots import (
@@ -116,6 +117,7 @@ class Agent:
         self.identity_allocator: Any = None
         self.policy_resolver: Any = None
         self.policy_repository: Any = None  # the core's Repository, or a 0.1 resolver's shim
+        self.policy_progress = PolicyProgress()  # the revision each endpoint enforces
         self.datapath: Any = None
 
     def stop(self) -> None:
@@ -136,7 +138,8 @@ class Agent:
                 is_ready=lambda: self.ready, status=self.status, plugin_infos=self.plugins.infos,
                 config=self.config, tables=self.tables, services=self.services,
                 endpoints=self.endpoints, clustermesh=self.clustermesh,
-                resolver=self.policy_resolver, repository=self.policy_repository)
+                resolver=self.policy_resolver, repository=self.policy_repository,
+                policy_progress=self.policy_progress)
             await cleanup.enter_async_context(APIServer(
                 build_app(state, self.hooks.api_routes(self)), self.config.socket_path))
             if addr := self.config.get("prometheus-serve-addr"):
@@ -222,7 +225,8 @@ class Agent:
             agent_ready=self.ready_event,
             remotes_ready=lambda: mesh is None or all(r.ready for r in mesh.remotes.values()),
             sync_timeout=self.config.get("datapath-sync-timeout"),
-            started=self.datapath_started, synced=self.datapath_synced), name="core.datapath")
+            started=self.datapath_started, synced=self.datapath_synced,
+            progress=self.policy_progress), name="core.datapath")
 
     def _build_policy_resolver(self):
         """The slot's resolver; one written for 0.1's contract through its shim."""

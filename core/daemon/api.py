@@ -20,12 +20,14 @@ from meshagent.client import API_PREFIX
 from meshagent.errors import MeshagentError, PluginError
 from meshagent.hooks.additions import Route, json_response
 from meshagent.kvstore import KVStoreError, KVStoreUnavailable
+from meshagent.model.jsonfields import to_jsonable
 from meshagent.model.net import family_order
 
 if TYPE_CHECKING:  # types only: the API serves the components, it does not build them
     from meshagent.clustermesh.mesh import ClusterMesh
     from meshagent.endpoint.manager import EndpointManager
     from meshagent.model.table import Tables
+    from meshagent.datapath.progress import PolicyProgress
     from meshagent.policy import PolicyRepository, PolicyResolver
     from meshagent.runtime.config import Config
     from meshagent.runtime.status import StatusReport
@@ -74,6 +76,7 @@ class APIState:
     clustermesh: "ClusterMesh | None"
     resolver: "PolicyResolver | None"
     repository: "PolicyRepository | None"
+    policy_progress: "PolicyProgress"
 
 
 def build_app(api: APIState, extra_routes: list[tuple[str, Route]]) -> web.Application:
@@ -101,6 +104,7 @@ def build_app(api: APIState, extra_routes: list[tuple[str, Route]]) -> web.Appli
         Route("DELETE", "/policy/{kind}/{namespace}/{name}",
               functools.partial(_policy_delete, api)),
         Route("POST", "/policy/trace", functools.partial(_policy_trace, api)),
+        Route("GET", "/policy/wait", functools.partial(_policy_wait, api)),
     ]
     owners: dict[tuple[str, str], str] = {}
     for owner, route in [("core", r) for r in core] + extra_routes:
@@ -148,6 +152,27 @@ async def _policy_delete(api: APIState, request: web.Request) -> web.Response:
         raise web.HTTPNotFound(reason=f"no policy {info['kind']} {info['namespace']}/"
                                       f"{info['name']}")
     return json_response({"deleted": info["name"], "revision": revision})
+
+
+MAX_WAIT = 600.0
+
+
+async def _policy_wait(api: APIState, request: web.Request) -> web.Response:
+    """Until every local endpoint's datapath state reflects the revision (``cilium policy
+    wait``); 408 naming the endpoints behind after the timeout."""
+    from meshagent.datapath.progress import PolicyWaitTimeout
+    _resolver(api)
+    try:
+        revision = int(request.query["revision"])
+        timeout = min(float(request.query.get("timeout", "60")), MAX_WAIT)
+    except (KeyError, ValueError):
+        raise web.HTTPBadRequest(reason="expected ?revision=N[&timeout=SECONDS]") from None
+    try:
+        await api.policy_progress.wait(revision, timeout)
+    except PolicyWaitTimeout as exc:
+        return json_response({"error": str(exc)}, status=408)
+    return json_response({"revision": revision,
+                          "endpoints": len(api.policy_progress.revisions)})
 
 
 TRACE_FIELDS = {"dst_endpoint", "port", "protocol", "src_identity", "src_labels", "src_ip"}
@@ -225,7 +250,9 @@ async def _endpoints(api: APIState, request: web.Request) -> web.Response:
     found = sorted(api.endpoints.endpoints.values(), key=lambda e: e.id)
     if container is not None:
         found = [e for e in found if e.container_id == container]
-    return json_response(found)
+    revisions = api.policy_progress.revisions
+    return json_response([{**to_jsonable(e), "policy_revision": revisions.get(e.id, 0)}
+                          for e in found])
 
 
 async def _endpoint_create(api: APIState, request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from meshagent import hookimpl
 from meshagent.datapath import Datapath
+from meshagent.datapath.progress import PolicyProgress
 from meshagent.events import ChangeKind
 from meshagent.model.ipcache import IPCache, IPCacheEntry
 from meshagent.policy import PolicyResolver
@@ -28,7 +29,8 @@ class DatapathFeed:
                  ipcache: IPCache,
                  feed_services: Callable[[ControllerHandle, Datapath, asyncio.Event], object], *,
                  agent_ready: asyncio.Event, remotes_ready: Callable[[], bool],
-                 sync_timeout: float, started: asyncio.Event, synced: asyncio.Event):
+                 sync_timeout: float, started: asyncio.Event, synced: asyncio.Event,
+                 progress: PolicyProgress):
         self.datapath = datapath
         self.resolver = resolver
         self.ipcache = ipcache
@@ -42,6 +44,8 @@ class DatapathFeed:
         self._ipcache_taken = False  # the first full state is taken: keep the changes after it
         self._ipcache_wake = asyncio.Event()
         self._gone: set[int] = set()  # endpoints deleted since the policy batch was taken
+        self._endpoints: set[int] = set()  # local endpoints announced so far
+        self.progress = progress  # the policy revision each endpoint's state reflects
 
     @hookimpl
     def meshagent_controllers(self):
@@ -66,6 +70,11 @@ class DatapathFeed:
     def meshagent_endpoint_changed(self, kind, endpoint):
         if kind is ChangeKind.DELETE:
             self._gone.add(endpoint.id)
+            self._endpoints.discard(endpoint.id)
+            self.progress.forget(endpoint.id)
+        else:
+            self._endpoints.add(endpoint.id)
+            self.progress.announced(endpoint.id)
 
     async def _start(self, datapath: Datapath, handle: ControllerHandle) -> None:
         await datapath.start()
@@ -85,9 +94,11 @@ class DatapathFeed:
         while time.monotonic() < deadline and not self.remotes_ready():
             await asyncio.sleep(0.1)
         policies = resolver.snapshot() if resolver is not None else {}
+        revision = resolver.revision if resolver is not None else 0
         self._ipcache_changes.clear()
         self._ipcache_taken = True
         await datapath.reconcile(policies, list(self.ipcache.values()))
+        self.progress.realized(policies, revision)
         self.synced.set()
         async with asyncio.TaskGroup() as streams:
             streams.create_task(self._stream_ipcache(datapath))
@@ -105,15 +116,20 @@ class DatapathFeed:
     async def _stream_policy(self, datapath: Datapath, resolver: PolicyResolver) -> None:
         while True:
             batch = await resolver.changes()
+            # every change of this revision is in the batch (the resolver's contract), and
+            # every endpoint announced so far is known to the resolver
+            revision, endpoints = resolver.revision, set(self._endpoints)
             self._gone.clear()
             for endpoint_id, changes in batch.items():
                 # an endpoint deleted meanwhile must not get entries back (nor its successor
                 # under the same id the old one's)
                 if endpoint_id not in self._gone:
                     await datapath.update_policy(endpoint_id, changes)
+            self.progress.realized(endpoints - self._gone, revision)
 
-    @staticmethod
-    async def _discard_changes(resolver: PolicyResolver, handle: ControllerHandle) -> None:
+    async def _discard_changes(self, resolver: PolicyResolver, handle: ControllerHandle) -> None:
+        """Nobody enforces: take the resolver's changes; the revisions count as reached."""
         handle.ready()
         while True:
             await resolver.changes()
+            self.progress.realized(set(self._endpoints), resolver.revision)

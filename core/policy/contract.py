@@ -169,8 +169,10 @@ class PolicyResolver(Protocol):
 
     async def changes(self) -> EndpointChanges:
         """Wait until map state changed since the last call (or :meth:`snapshot`), or
-        :attr:`revision` grew, then hand those changes over (possibly none), in order per
-        endpoint. Taken changes are not handed again."""
+        :attr:`revision` grew, or an endpoint was added (its state may be empty), then hand
+        those changes over (possibly none), in order per endpoint. Taken changes are not
+        handed again. When it returns, every endpoint announced before holds the state of
+        :attr:`revision` once the changes are applied (what ``policy wait`` relies on)."""
 
     async def close(self) -> None:
         """Stop what it runs besides the agent."""

@@ -118,6 +118,7 @@ class DefaultResolver:
         if kind is ChangeKind.UPSERT:
             self.resolver.set_endpoint(PolicyEndpoint(endpoint.id, endpoint.namespace,
                                                       endpoint.labels))
+            self.pending.touch()  # its state may be empty: the feed learns of it anyway
         else:
             self.resolver.remove_endpoint(endpoint.id)
             self.pending.drop(endpoint.id)

@@ -218,6 +218,7 @@ class Guardrails:
         elif endpoint.id not in self.endpoints:
             self.endpoints.add(endpoint.id)
             self._refresh(endpoint.id, [k for i in self.denied for k in self._deny_keys(i)])
+            self.pending.touch()  # (the contract: an added endpoint wakes changes())
 
     @meshagent.hookimpl
     def meshagent_status(self, verbose):
