@@ -10,20 +10,19 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from meshagent.client import DEFAULT_SOCKET, AgentClient
 from meshagent.errors import AgentNotRunning, MeshagentError, UsageError
 from meshagent.hooks.additions import Command, format_table
+from meshagent.hooks.startup import load_config
 from meshagent.model.jsonfields import to_jsonable
-from meshagent.runtime.status import Health, StatusReport, StatusSection, render_text
+from meshagent.runtime.clioutput import add_output, print_json, print_status, status_args
 
 if TYPE_CHECKING:
     from meshagent.daemon.agent import Agent
-    from meshagent.runtime.config import Config
-    from meshagent.runtime.options import Parser
 
 log = logging.getLogger("meshagent")
 
@@ -65,33 +64,6 @@ def build_agent(argv: Sequence[str], environ: Mapping[str, str],
     config, plugins = load_config(argv, environ, AGENT_HELP + _commands_epilog(),
                                   extra_plugins=extra_plugins)
     return Agent(config, plugins)
-
-
-def load_config(argv: Sequence[str], environ: Mapping[str, str], description: str,
-                extra_options: Callable[["Parser"], None] | None = None,
-                extra_plugins: Sequence[tuple[str, object]] = ()) -> tuple["Config", Any]:
-    """The plugins ``--plugins`` names, and every option (core, ``extra_options``, the
-    plugins'), parsed and validated: what the agent and ``meshagent kvstoremesh`` start from."""
-    from meshagent.hooks.manager import PluginManager, discover
-    from meshagent.runtime.config import Config, add_bootstrap_options, add_core_options
-    from meshagent.runtime.options import Parser
-    bootstrap = Parser()
-    add_bootstrap_options(bootstrap)
-    selected = bootstrap.parse(argv, environ, partial=True).values["plugins"]
-    available = discover()
-    if "-h" in argv or "--help" in argv:  # help should work even with a wrong --plugins
-        selected = [name for name in selected if name in available]
-    plugins = PluginManager(selected, available)  # unknown names raise before any import
-    for name, plugin in extra_plugins:
-        plugins.register(plugin, name=name)
-    parser = Parser(description=description)
-    add_core_options(parser)
-    if extra_options is not None:
-        extra_options(parser)
-    plugins.hooks.addoption(parser)
-    config = Config.from_parsed(parser.parse(argv, environ))
-    plugins.hooks.configure(config, plugins)
-    return config, plugins
 
 
 def run_agent(argv: Sequence[str], environ: Mapping[str, str]) -> int:
@@ -144,50 +116,15 @@ def _add_socket_path(parser: argparse.ArgumentParser) -> None:
                         help="agent API socket [env MESHAGENT_SOCKET_PATH]")
 
 
-def _add_output(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
-
-
-def print_json(value: Any) -> None:
-    print(json.dumps(to_jsonable(value), indent=2))
-
-
-def status_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--verbose", action="store_true", help="show each section's details")
-    _add_output(parser)
-
-
 def _status(args: argparse.Namespace) -> int:
     return print_status(AgentClient(args.socket_path), args.output, args.verbose)
-
-
-def print_status(client: AgentClient, output: str, verbose: bool) -> int:
-    """``meshagent status`` (and ``meshagent kvstoremesh status``): 0 when healthy."""
-    body = client.get("/status", params={"verbose": str(verbose)})
-    report = status_report_from_json(body)
-    if output == "json":
-        print_json(body)
-    else:
-        print(render_text(report, verbose))
-    return 0 if report.healthy else 1
-
-
-def status_report_from_json(body: dict) -> StatusReport:
-    sections = tuple(
-        StatusSection(s["name"], Health(s["health"]), s["summary"], s.get("details", ()),
-                      s.get("plugin", ""))
-        for s in body["sections"]
-    )
-    fields = {k: body[k] for k in ("version", "cluster_name", "cluster_id", "node_name",
-                                   "uptime_seconds", "ready")}
-    return StatusReport(sections=sections, **fields)
 
 
 def _plugins_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugins", default=None,
                         help="show what this allow-list would load and block, instead of"
                              " asking the running agent")
-    _add_output(parser)
+    add_output(parser)
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -220,7 +157,7 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    _add_output(parser)
+    add_output(parser)
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -239,7 +176,7 @@ def _config(args: argparse.Namespace) -> int:
 
 def _list_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("list",))
-    _add_output(parser)
+    add_output(parser)
 
 
 def _print_rows(args: argparse.Namespace, path: str, header: tuple[str, ...], row) -> int:
@@ -289,7 +226,7 @@ def _endpoint_args(parser: argparse.ArgumentParser) -> None:
         sub = actions.add_parser(name, help=f"{name} one endpoint")
         sub.add_argument("id", type=int)
     for sub in actions.choices.values():
-        _add_output(sub)
+        add_output(sub)
         _add_socket_path(sub)
 
 
@@ -446,7 +383,7 @@ def _service_args(parser: argparse.ArgumentParser) -> None:
     delete.add_argument("name")
     delete.add_argument("--namespace", default="default")
     listing = actions.add_parser("list", help="services with their frontends and backends")
-    _add_output(listing)
+    add_output(listing)
     for sub in actions.choices.values():
         _add_socket_path(sub)
 

@@ -265,7 +265,7 @@ async def test_a_failing_status_hook_becomes_a_failure_section(agent_factory):
     broken = next(s for s in status["sections"] if s["name"] == "brokenstatus")
     assert broken["health"] == "Failure" and "KeyError" in broken["summary"]
     # the CLI reports an unhealthy agent with exit code 1
-    from meshagent.cli import status_report_from_json
+    from meshagent.runtime.clioutput import status_report_from_json
     assert status_report_from_json(status).healthy is False
 
 

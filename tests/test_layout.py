@@ -67,8 +67,10 @@ LAYERS = (
     ("foundation", ("", "errors", "events", "client", "model", "runtime", "kvstore.keys")),
     ("contracts", ("kvstore", "kvstore.contract", "identity", "identity.contract", "datapath",
                    "datapath.contract", "policy", "policy.contract", "policy.api")),
-    ("components", ("kvstore.", "identity.", "datapath.", "policy.", "clustermesh", "endpoint",
-                    "service")),
+    # what components build on: following, batching, locking, probing a kvstore
+    ("kvstore helpers", ("kvstore.",)),
+    ("components", ("kvstore.local", "kvstore.publisher", "identity.", "datapath.", "policy.",
+                    "clustermesh", "endpoint", "service")),
     ("plugin machinery", ("hooks", "plugin")),
     ("agent", ("daemon", "cli", "kvstoremesh")),  # the two processes' composition roots
 )
@@ -119,6 +121,84 @@ def test_dependencies_point_one_way():
             if _layer(imported) > _layer(name):
                 wrong.append(f"meshagent.{name} ({LAYERS[_layer(name)][0]}) imports"
                              f" meshagent.{imported} ({LAYERS[_layer(imported)][0]})")
+    assert wrong == []
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of ``graph`` (its strongly connected parts of more than one)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in sorted(graph.get(node, ())):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            part = []
+            while (top := stack.pop()) != node:
+                part.append(top)
+            if part:
+                found.append(sorted([node, *part]))
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def _all_modules() -> dict[str, Path]:
+    """Every module of the meshagent namespace in the tree (core, built-in plugins)."""
+    modules = {f"meshagent.{name}".rstrip("."): path for name, path in _core_modules().items()}
+    for path in (ROOT / "plugins").rglob("*.py"):
+        parts = path.relative_to(ROOT / "plugins").with_suffix("").parts
+        modules[".".join(("meshagent.plugins", *parts)).removesuffix(".__init__")] = path
+    return modules
+
+
+def _module_imports(path: Path, modules: set[str]) -> set[str]:
+    """The modules of ``modules`` that ``path`` imports: ``from package import submodule``
+    names the submodule, not the package."""
+    import ast
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in modules else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found & modules
+
+
+def test_no_import_cycles():
+    """No module imports, however indirectly, one that imports it back (lazy imports in
+    functions included): every dependency has a direction."""
+    modules = _all_modules()
+    graph = {name: _module_imports(path, set(modules)) for name, path in modules.items()}
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_process_roots_share_code_only_through_modules_below_them():
+    """The agent (daemon, cli) and KVStoreMesh (kvstoremesh) never import each other."""
+    wrong = []
+    for name, path in _core_modules().items():
+        root = name.split(".")[0]
+        for imported in _meshagent_imports(path):
+            other = imported.split(".")[0]
+            if root in ("daemon", "cli") and other == "kvstoremesh" and name != "cli":
+                wrong.append(f"{name} imports {imported}")
+            if root == "kvstoremesh" and other in ("daemon", "cli"):
+                wrong.append(f"{name} imports {imported}")
     assert wrong == []
 
 

@@ -23,7 +23,8 @@ from meshagent.clustermesh.mesh import ClusterMesh
 from meshagent.clustermesh.noderoutes import NodeRoutes
 from meshagent.clustermesh.ownership import AddressOwnership
 from meshagent.clustermesh.sync import ClusterSync
-from meshagent.daemon.api import APIServer, APIState, build_app
+from meshagent.daemon.api import APIState, build_app
+from meshagent.runtime.apiserver import APIServer
 from meshagent.datapath.feed import DatapathFeed
 from meshagent.datapath.progress import PolicyProgress
 from meshagent.endpoint.manager import EndpointManager
@@ -174,7 +175,7 @@ class Agent:
         self.publisher = Publisher(self.kvstore, self.cluster, node,
                                    config.get("kvstore-lease-ttl"))
         self.plugins.register(self.publisher, name="core.publisher")
-        self.plugins.register(LocalStore(self.kvstore, self.controllers, self.local_sync,
+        self.plugins.register(LocalStore(self.kvstore, self.controllers, self.local_sync.run,
                                          self.publisher.published), name="core.kvstore")
         self.services = ServiceManager(self.kvstore, self.cluster, config.get("pod-cidr"),
                                        self.tables, self.ready_event)

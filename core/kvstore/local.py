@@ -8,9 +8,9 @@ controller waiting in its backoff the moment it answers again, and lists our own
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from meshagent import hookimpl
-from meshagent.clustermesh.sync import ClusterSync
 from meshagent.kvstore import KVStore
 from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstore.liveness import PROBE_INTERVAL, PROBE_INTERVAL_FAILING, Liveness
@@ -21,11 +21,12 @@ log = logging.getLogger(__name__)
 
 
 class LocalStore:
-    def __init__(self, store: KVStore, controllers: ControllerManager, local_sync: ClusterSync,
+    def __init__(self, store: KVStore, controllers: ControllerManager,
+                 sync_local: Callable[[KVStore, Callable[[], None]], Awaitable[None]],
                  published: asyncio.Event):
         self.store = store
         self.controllers = controllers
-        self.local_sync = local_sync
+        self.sync_local = sync_local  # follows our own cluster in the store; calls back once listed
         self.published = published  # the publisher's: our initial state is in the store
         self.liveness = Liveness(kvkeys.HEARTBEAT)
 
@@ -55,7 +56,7 @@ class LocalStore:
     async def _sync_local_cluster(self, handle: ControllerHandle) -> None:
         """Our own cluster's nodes, identities, endpoints and services, from the local store."""
         await self.published.wait()
-        await self.local_sync.run(self.store, handle.ready)
+        await self.sync_local(self.store, handle.ready)
 
     @hookimpl
     def meshagent_status(self):

@@ -52,7 +52,7 @@ def _run(argv: Sequence[str], environ: Mapping[str, str]) -> int:
 
 def build(argv: Sequence[str], environ: Mapping[str, str]) -> "KVStoreMesh":
     """Everything up to the first side effect: plugins, options, the kvstore backends."""
-    from meshagent.cli import load_config
+    from meshagent.hooks.startup import load_config
     from meshagent.hooks.slots import KVSTORE, BuiltProviders
     from meshagent.kvstoremesh.process import KVStoreMesh
     config, plugins = load_config(argv, environ, HELP, extra_options=add_options)
@@ -70,7 +70,7 @@ def build(argv: Sequence[str], environ: Mapping[str, str]) -> "KVStoreMesh":
 
 
 def _client(argv: Sequence[str], environ: Mapping[str, str]) -> int:
-    from meshagent.cli import print_json, print_status, status_args
+    from meshagent.runtime.clioutput import print_json, print_status, status_args
     parser = argparse.ArgumentParser(prog=f"meshagent kvstoremesh {argv[0]}")
     parser.add_argument("--socket-path", type=Path, default=Path(environ.get(
         "MESHAGENT_KVSTOREMESH_SOCKET_PATH", DEFAULT_SOCKET)),

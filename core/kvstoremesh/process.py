@@ -30,13 +30,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from meshagent import __version__
 from meshagent.client import API_PREFIX
 from meshagent.clustermesh.mesh import ClusterMesh
-from meshagent.daemon.api import APIServer
 from meshagent.hooks.additions import json_response
 from meshagent.kvstore import EventType, KVStore, KVStoreBackend, Lease, LeaseExpired
 from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstoremesh.writer import CacheWriter
 from meshagent.model.cluster import ClusterConfig
 from meshagent.runtime.config import Config
+from meshagent.runtime.apiserver import APIServer
 from meshagent.runtime.metrics import MetricsServer
 from meshagent.runtime.status import Health, StatusReport, StatusSection, sort_sections
 from meshagent.runtime.tasks import run_together
