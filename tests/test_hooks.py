@@ -47,6 +47,7 @@ class Lifecycle:
     @meshagent.hookimpl
     def meshagent_controllers(self, agent):
         self.calls.append("controllers")
+        self.agent = agent
 
     @meshagent.hookimpl
     def meshagent_unconfigure(self, config):
@@ -60,9 +61,11 @@ async def test_lifecycle_order(agent_factory):
     # addoption is historic: a plugin registered after the parser exists still adds options
     assert plugin.calls == ["addoption", ("configure", "hello"), "register_metrics",
                             "api_routes", "controllers"]
-    # what plugins are handed is the agent as the public protocol describes it
+    # what plugins are handed is a view of the agent as the public protocol describes it,
+    # never the agent itself
     from meshagent.plugin import AgentView
-    assert isinstance(running.agent, AgentView) and running.agent.endpoints is not None
+    assert isinstance(plugin.agent, AgentView) and plugin.agent.endpoints is not None
+    assert plugin.agent is not running.agent and not hasattr(plugin.agent, "datapath")
     await running.stop()
     assert plugin.calls[-1] == "unconfigure"
 

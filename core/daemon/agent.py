@@ -76,6 +76,7 @@ class Agent:
         self.datapath_synced = asyncio.Event()  # the datapath got its first full state
         self.stopping = False
         self._stop = asyncio.Event()
+        self.view = PluginView(self)  # what plugins get; never the agent itself
         plugins.register(_AgentHooks(self), name="core")
         plugins.register(identityalloc, name="core.identity")  # the default providers
         plugins.register(policy_default, name="core.policy")
@@ -112,7 +113,8 @@ class Agent:
             if component is not None:
                 plugins.register(component, name=name)
         kvstore = self.providers[KVSTORE.name]
-        self.kvstore_backends = BuiltProviders(self.registries[KVSTORE.name], kvstore.name, self)
+        self.kvstore_backends = BuiltProviders(self.registries[KVSTORE.name], kvstore.name,
+                                               self.view)
         self.kvstore_backend: Any = None
         self.kvstore: Any = None
         self.identity_allocator: Any = None
@@ -142,11 +144,11 @@ class Agent:
                 resolver=self.policy_resolver, repository=self.policy_repository,
                 policy_progress=self.policy_progress)
             await cleanup.enter_async_context(APIServer(
-                build_app(state, self.hooks.api_routes(self)), self.config.socket_path))
+                build_app(state, self.hooks.api_routes(self.view)), self.config.socket_path))
             if addr := self.config.get("prometheus-serve-addr"):
                 await cleanup.enter_async_context(MetricsServer(self.metrics, addr))
 
-            for plugin, controller in self.hooks.controllers(self):
+            for plugin, controller in self.hooks.controllers(self.view):
                 self.controllers.start(controller, plugin)
             announce = asyncio.create_task(self._announce_ready(), name="announce-ready")
             log.info("agent started: cluster %s (id %d), node %s, plugins %s",
@@ -164,7 +166,7 @@ class Agent:
         """Instantiate the chosen providers; each is closed in reverse order at exit."""
         def build(slot):
             provider = self.providers[slot.name]
-            return check_provider(slot, provider, provider.factory(self)) if provider else None
+            return check_provider(slot, provider, provider.factory(self.view)) if provider else None
 
         self.kvstore_backend = self.kvstore_backends.named(None)
         self.kvstore = self.kvstore_backend.local_client(self.config)
@@ -178,7 +180,8 @@ class Agent:
         self.plugins.register(LocalStore(self.kvstore, self.controllers, self.local_sync.run,
                                          self.publisher.published), name="core.kvstore")
         self.services = ServiceManager(self.kvstore, self.cluster, config.get("pod-cidr"),
-                                       self.tables, self.ready_event)
+                                       self.tables, self.ready_event,
+                                       lambda: self.hooks.service_sources(self.view))
         self.plugins.register(self.services, name="core.services")
         cleanup.push_async_callback(self.publisher.close)  # revoke the lease before closing
         if mesh_dir := config.get("clustermesh-config"):
@@ -201,7 +204,8 @@ class Agent:
                 self.policy_repository = self.policy_resolver  # it holds the rules itself
             else:
                 self.policy_repository = Repository(
-                    self.kvstore, self.policy_resolver, lambda: self.hooks.policy_sources(self))
+                    self.kvstore, self.policy_resolver,
+                    lambda: self.hooks.policy_sources(self.view))
                 self.plugins.register(self.policy_repository, name="core.policy-repository")
                 cleanup.push_async_callback(self.policy_repository.close)
         self.datapath = build(DATAPATH)
@@ -216,7 +220,7 @@ class Agent:
             allocator=self.identity_allocator, publisher=self.publisher, datapath=self.datapath,
             datapath_started=self.datapath_started,
             plugin_labels=lambda namespace, pod: hooks.endpoint_labels(
-                agent=self, namespace=namespace, pod_name=pod),
+                agent=self.view, namespace=namespace, pod_name=pod),
             changed=lambda kind, endpoint: hooks.endpoint_changed(kind=kind, endpoint=endpoint))
         self.plugins.register(self.endpoints, name="core.endpoints")
         mesh = self.clustermesh
@@ -234,7 +238,7 @@ class Agent:
         provider = self.providers[POLICY_RESOLVER.name]
         if provider is None:
             return None
-        built = provider.factory(self)
+        built = provider.factory(self.view)
         return adapt_resolver(built, provider.name) or check_provider(
             POLICY_RESOLVER, provider, built)
 
@@ -264,7 +268,7 @@ class Agent:
 
     def status(self, verbose: bool = False) -> StatusReport:
         sections = []
-        for plugin, item in self.hooks.status(self, verbose):
+        for plugin, item in self.hooks.status(self.view, verbose):
             if isinstance(item, StatusSection):
                 sections.append(attrs.evolve(item, plugin=item.plugin or plugin,
                                              details=item.details if verbose else ()))
@@ -316,6 +320,25 @@ async def serve(agent: Agent) -> None:
         loop.remove_signal_handler(signal.SIGINT)
 
 
+class PluginView:
+    """What plugins get of the agent (:class:`meshagent.hooks.view.AgentView`): the parts they
+    may use and nothing else. Provider factories and every hook that takes ``agent`` get
+    this, never the agent."""
+
+    def __init__(self, agent: Agent):
+        self._agent = agent
+
+    config = property(lambda self: self._agent.config)
+    cluster = property(lambda self: self._agent.cluster)
+    plugins = property(lambda self: self._agent.plugins)
+    hooks = property(lambda self: self._agent.hooks)
+    metrics = property(lambda self: self._agent.metrics)
+    tables = property(lambda self: self._agent.tables)
+    kvstore = property(lambda self: self._agent.kvstore)
+    node_keys = property(lambda self: self._agent.publisher)
+    endpoints = property(lambda self: self._agent.endpoints)
+
+
 class _AgentHooks:
     """Registered as plugin ``core``: what the agent reports about itself (its controllers,
     plugins and empty slots) and the slot-level wiring no single component owns."""
@@ -324,13 +347,15 @@ class _AgentHooks:
         self.agent = agent
 
     @hookimpl
-    def meshagent_controllers(self, agent: Agent):
+    def meshagent_controllers(self):
+        agent = self.agent
         if isinstance(agent.identity_allocator, CollectsGarbage):
             return [Controller("identity-gc", agent.identity_allocator.run_gc)]
         return []
 
     @hookimpl
-    def meshagent_status(self, agent: Agent, verbose: bool):
+    def meshagent_status(self, verbose: bool):
+        agent = self.agent
         sections = []
         if agent.clustermesh is None:
             sections.append(StatusSection("ClusterMesh", Health.DISABLED,

@@ -48,11 +48,10 @@ from collections.abc import Iterator
 
 from meshagent import hookimpl
 from meshagent.errors import MeshagentError
-from meshagent.kvstore import KeyValue, KVStore, Lease
+from meshagent.kvstore import KeyValue, KVStore, Lease, NodeKeys
 from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstore.batch import Coalescer
 from meshagent.kvstore.lock import keep_alive
-from meshagent.kvstore.publisher import Publisher
 from meshagent.model.cluster import ClusterInfo
 from meshagent.model.identity import Identity, ReservedIdentity, format_labels
 from meshagent.model.table import Table
@@ -168,7 +167,7 @@ class GCGate:
 class KVStoreIdentityAllocator:
     """Meets :class:`meshagent.identity.IdentityAllocator`; registered as ``kvstore``."""
 
-    def __init__(self, store: KVStore, publisher: Publisher, identities: Table,
+    def __init__(self, store: KVStore, publisher: NodeKeys, identities: Table,
                  cluster: ClusterInfo, node_name: str, gc_interval: float):
         self.store = store
         self.publisher = publisher  # our references go on its lease, and away through it
@@ -208,7 +207,7 @@ class KVStoreIdentityAllocator:
                 del self._allocating[labels]
 
     async def _allocate(self, labels: frozenset[str]) -> Identity:
-        await self.publisher.published.wait()  # our value keys go on the agent's lease
+        await self.publisher.wait_published()  # our value keys go on the agent's lease
         text = format_labels(labels)
         key = self._value_key(text)
         while True:
@@ -361,5 +360,5 @@ class KVStoreIdentityAllocator:
 def meshagent_register_identity_allocator(registry):
     """This module is registered as plugin ``core.identity``: the default allocator."""
     registry.register("kvstore", lambda agent: KVStoreIdentityAllocator(
-        agent.kvstore, agent.publisher, agent.tables.identities, agent.cluster,
+        agent.kvstore, agent.node_keys, agent.tables.identities, agent.cluster,
         agent.config.node_name, agent.config.get("identity-gc-interval")))

@@ -13,11 +13,12 @@ from meshagent.kvstore.contract import (
     Lease,
     LeaseExpired,
     Listing,
+    NodeKeys,
     RevisionCompacted,
     WatchEvent,
     pages_of,
 )
 
 __all__ = ["PAGE_SIZE", "EventType", "KeyValue", "KVStore", "KVStoreBackend", "KVStoreError",
-           "KVStoreStatus", "KVStoreUnavailable", "Lease", "LeaseExpired", "Listing",
+           "KVStoreStatus", "KVStoreUnavailable", "Lease", "LeaseExpired", "Listing", "NodeKeys",
            "RevisionCompacted", "WatchEvent", "pages_of"]

@@ -194,3 +194,22 @@ class KVStoreBackend(Protocol):
         """The other files such a YAML file names (CA, certificate, key): a change to any of
         them reconnects that remote, as a change to the file itself does. Empty if the file
         cannot be read; :meth:`client_from_file` reports why."""
+
+
+@runtime_checkable
+class NodeKeys(Protocol):
+    """The keys this node keeps on its lease in the local store (the agent's publisher): what
+    an identity allocator puts its per-node references on, so they vanish with the node."""
+
+    @property
+    def lease(self) -> Lease | None:
+        """The node's lease (None until :attr:`published`)."""
+
+    async def wait_published(self) -> None:
+        """Returns once the node's initial state, and its lease, are in the store."""
+
+    def adopt(self, key: str, value: bytes) -> None:
+        """A key its owner just put on the node's lease: kept there from now on."""
+
+    def unwant(self, key: str) -> None:
+        """Delete ``key``: now if the store answers, else as soon as it does again."""

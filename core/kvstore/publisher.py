@@ -77,6 +77,9 @@ class Publisher:
             self._wake.set()  # a delete of it may land after the owner's put: put it again
             self._pending.add(key)
 
+    async def wait_published(self) -> None:
+        await self.published.wait()
+
     def endpoints_restored(self) -> None:
         """Every endpoint of an earlier run is back in ``wanted``: what that run left on the
         store and nobody wants any more can go."""

@@ -18,7 +18,7 @@ same namespace/name from every remote cluster, by the annotations:
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 
@@ -54,12 +54,15 @@ def _model_from_json(data: bytes, cluster: str) -> Service:
 
 class ServiceManager:
     def __init__(self, store: KVStore, cluster: ClusterInfo, pod_cidrs: Sequence,
-                 tables: Tables, agent_ready: asyncio.Event):
+                 tables: Tables, agent_ready: asyncio.Event,
+                 source_plugins: Callable[[], list[tuple[str, object]]] = list):
         self.store = store
         self.cluster = cluster
         self.pod_cidrs = tuple(pod_cidrs)  # this node's (--pod-cidr)
         self.tables = tables
         self.agent_ready = agent_ready
+        # (plugin, async iterable of ServiceUpdate) of the service source plugins
+        self.source_plugins = source_plugins
         self.local: dict[tuple[str, str], Service] = {}  # stored in the cluster's kvstore
         self.sourced: dict[tuple[str, str], Service] = {}  # from source plugins
         self.merged: dict[tuple[str, str], MergedService] = {}
@@ -105,10 +108,10 @@ class ServiceManager:
     # -- hooks (registered as plugin ``core.services``) ------------------------------------------
 
     @hookimpl
-    def meshagent_controllers(self, agent):
+    def meshagent_controllers(self):
         controllers = [Controller("service-sync", self.sync),
                        Controller("service-export", self.export)]
-        for plugin, source in agent.hooks.service_sources(agent):
+        for plugin, source in self.source_plugins():
             controllers.append(Controller(
                 f"service-source-{plugin}",
                 lambda h, s=source, p=plugin: self.run_source(s, h, p)))
