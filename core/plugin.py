@@ -11,15 +11,26 @@ docs/writing-plugins.md walks through a plugin end to end.
 
 from meshagent import PROJECT, hookimpl
 from meshagent.datapath import Datapath
-from meshagent.datapath.drops import DropFeed, DropNotice, DropPeer
+from meshagent.datapath.drops import (
+    PROTOCOL_NAMES,
+    REASON_TEXT,
+    DropFeed,
+    DropNotice,
+    DropPeer,
+    flag_names,
+    host_port,
+    protocol_name,
+    verdict_metrics,
+)
 from meshagent.errors import MeshagentError, PluginError, UsageError
 from meshagent.events import ChangeKind, PolicyChange
-from meshagent.hooks.additions import Command, Route, format_table, json_response
+from meshagent.hooks.additions import Command, Route, format_table, json_response, print_rows
 from meshagent.hooks.answers import Answer
 from meshagent.hooks.slots import Registry
 from meshagent.hooks.view import AgentView
 from meshagent.identity import CollectsGarbage, IdentityAllocator
 from meshagent.kvstore import (
+    PAGE_SIZE,
     EventType,
     KeyValue,
     KVStore,
@@ -32,11 +43,13 @@ from meshagent.kvstore import (
     Listing,
     RevisionCompacted,
     WatchEvent,
+    pages_of,
 )
+from meshagent.kvstore.batch import check_distinct, create_each, put_each
 from meshagent.kvstore.lock import kv_lock
 from meshagent.model.cluster import ClusterInfo
 from meshagent.model.endpoint import Endpoint
-from meshagent.model.identity import Identity, ReservedIdentity
+from meshagent.model.identity import Identity, ReservedIdentity, world_identity
 from meshagent.model.ipcache import IPCacheEntry
 from meshagent.model.jsonfields import to_jsonable
 from meshagent.model.node import Node
@@ -53,10 +66,12 @@ from meshagent.policy import (
     PolicyUpdate,
     Verdict,
 )
-from meshagent.policy.api import Policy, PolicyError
+from meshagent.policy.api import Policy, PolicyError, parse_document
+from meshagent.runtime.config import Config
 from meshagent.runtime.controller import Controller, ControllerHandle
 from meshagent.runtime.options import parse_bool, parse_list
 from meshagent.runtime.status import Health, StatusSection
+from meshagent.service.kubernetes import ServiceError, services_from_documents
 
 
 def build_default_resolver(agent: AgentView) -> PolicyResolver:
@@ -70,16 +85,20 @@ __all__ = [
     # hooks and the agent
     "PROJECT", "hookimpl", "Answer", "AgentView", "Registry", "Controller", "ControllerHandle",
     "StatusSection", "Health", "Route", "json_response", "to_jsonable", "Command",
-    "format_table", "parse_bool", "parse_list", "ChangeKind", "PolicyChange",
-    "MeshagentError", "UsageError", "PluginError",
-    # slot contracts
+    "format_table", "print_rows", "parse_bool", "parse_list", "ChangeKind", "PolicyChange",
+    "MeshagentError", "UsageError", "PluginError", "Config",
+    # slot contracts, and helpers for their providers
     "KVStore", "KVStoreBackend", "KVStoreStatus", "KVStoreError", "KVStoreUnavailable",
     "RevisionCompacted", "LeaseExpired", "EventType", "KeyValue", "Listing", "WatchEvent",
-    "Lease", "kv_lock", "IdentityAllocator", "CollectsGarbage", "PolicyResolver", "PolicyRepository", "PolicyUpdate", "PolicyKey", "Policy",
-    "PolicyError", "build_default_resolver", "MapKey",
-    "MapState", "MapChange", "Verdict", "EndpointChanges", "ChangeQueue", "Datapath",
-    "DropFeed", "DropNotice", "DropPeer",
+    "Lease", "kv_lock", "PAGE_SIZE", "pages_of", "check_distinct", "create_each", "put_each",
+    "IdentityAllocator", "CollectsGarbage",
+    "PolicyResolver", "PolicyRepository", "PolicyUpdate", "PolicyKey", "Policy", "PolicyError",
+    "parse_document", "build_default_resolver", "MapKey", "MapState", "MapChange", "Verdict",
+    "EndpointChanges", "ChangeQueue",
+    "Datapath", "DropFeed", "DropNotice", "DropPeer", "PROTOCOL_NAMES", "REASON_TEXT",
+    "flag_names", "host_port", "protocol_name", "verdict_metrics",
     # values
-    "ClusterInfo", "Node", "Identity", "ReservedIdentity", "Endpoint", "IPCacheEntry",
-    "Service", "Frontend", "Backend", "MergedService", "ServiceUpdate",
+    "ClusterInfo", "Node", "Identity", "ReservedIdentity", "world_identity", "Endpoint",
+    "IPCacheEntry", "Service", "Frontend", "Backend", "MergedService", "ServiceUpdate",
+    "ServiceError", "services_from_documents",
 ]

@@ -214,6 +214,17 @@ def test_plugins_and_contrib_do_not_import_the_agent():
     assert importers == []
 
 
+def test_built_in_plugins_use_only_the_public_module():
+    """Built-in plugins are written as any third-party one is: from ``meshagent.plugin`` (and
+    ``meshagent.client`` for a command), besides their own modules."""
+    wrong = []
+    for path in sorted((ROOT / "plugins").rglob("*.py")):
+        own = {i for i in _meshagent_imports(path) if i.startswith("plugins.")}
+        if extra := _meshagent_imports(path) - own - {"plugin", "client"}:
+            wrong.append(f"{path.relative_to(ROOT)}: {', '.join(sorted(extra))}")
+    assert wrong == []
+
+
 def test_contrib_plugins_use_only_the_public_module():
     """contrib/ shows a plugin author the way: everything from ``meshagent.plugin`` (and
     ``meshagent.client`` for a command that talks to the agent)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 import meshagent
-from meshagent.errors import UsageError
+from meshagent.plugin import UsageError
 
 
 class ConsulBackend:

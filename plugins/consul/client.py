@@ -21,22 +21,23 @@ import aiohttp
 import consul.aio
 from consul.exceptions import ConsulException
 
-from meshagent.kvstore import (
-    PAGE_SIZE,
+from meshagent.plugin import (
     EventType,
-    KeyValue,
     KVStoreError,
     KVStoreStatus,
     KVStoreUnavailable,
+    KeyValue,
     Lease,
     LeaseExpired,
     Listing,
+    PAGE_SIZE,
     RevisionCompacted,
     WatchEvent,
+    create_each,
+    kv_lock,
     pages_of,
+    put_each,
 )
-from meshagent.kvstore.batch import create_each, put_each
-from meshagent.kvstore.lock import kv_lock
 
 MIN_TTL = 10  # Consul refuses shorter session TTLs
 REQUEST_TIMEOUT = 5.0

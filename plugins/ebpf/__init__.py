@@ -6,7 +6,7 @@ agent finds them — and the attached programs — as it left them.
 """
 
 import meshagent
-from meshagent.runtime.options import parse_bool  # noqa: F401 (re-exported for option types)
+from meshagent.plugin import parse_bool  # noqa: F401 (re-exported for option types)
 
 
 @meshagent.hookimpl

@@ -8,8 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from meshagent.datapath.drops import host_port
-from meshagent.hooks.additions import Command, print_rows
+from meshagent.plugin import Command, host_port, print_rows
 from meshagent.plugins.ebpf.maps import (
     CT_NAT_DST,
     CT_NAT_SRC,

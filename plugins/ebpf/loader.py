@@ -14,7 +14,7 @@ from typing import Protocol
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from meshagent.errors import MeshagentError
+from meshagent.plugin import MeshagentError
 
 PROGRAMS = ("from_container", "to_container")  # tc ingress, tc egress of the host veth
 PARENTS = {"from_container": "ffff:fff2", "to_container": "ffff:fff3"}

@@ -11,9 +11,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from meshagent.datapath.drops import PROTOCOL_NAMES as DROP_PROTOCOL_NAMES
-from meshagent.datapath.drops import REASON_TEXT
-from meshagent.errors import MeshagentError
+from meshagent.plugin import MeshagentError, PROTOCOL_NAMES as DROP_PROTOCOL_NAMES, REASON_TEXT
 
 u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
 be16 = ct.c_uint16.__ctype_be__

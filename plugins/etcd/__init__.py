@@ -7,7 +7,7 @@
 from pathlib import Path
 
 import meshagent
-from meshagent.errors import UsageError
+from meshagent.plugin import UsageError
 from meshagent.plugins.etcd.client import EtcdKVStore
 from meshagent.plugins.etcd.config import load_etcd_config
 

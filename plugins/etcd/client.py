@@ -22,21 +22,21 @@ from aetcd import rpc  # noqa: E402
 from aetcd import transactions as txn  # noqa: E402
 from aetcd.client import _handle_errors  # noqa: E402
 
-from meshagent.kvstore import (  # noqa: E402
-    PAGE_SIZE,
+from meshagent.plugin import (  # noqa: E402
     EventType,
-    KeyValue,
     KVStoreError,
     KVStoreStatus,
     KVStoreUnavailable,
+    KeyValue,
     Lease,
     LeaseExpired,
     Listing,
+    PAGE_SIZE,
     RevisionCompacted,
     WatchEvent,
+    check_distinct,
+    kv_lock,
 )
-from meshagent.kvstore.batch import check_distinct  # noqa: E402
-from meshagent.kvstore.lock import kv_lock  # noqa: E402
 from meshagent.plugins.etcd.config import Endpoint, EtcdConfig  # noqa: E402
 
 log = logging.getLogger(__name__)

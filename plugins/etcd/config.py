@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
-from meshagent.errors import UsageError
+from meshagent.plugin import UsageError
 
 
 @attrs.frozen

@@ -12,7 +12,7 @@ ClusterMesh state, as in Cilium. See ``source.py``.
 from pathlib import Path
 
 import meshagent
-from meshagent.errors import UsageError
+from meshagent.plugin import UsageError
 
 
 @meshagent.hookimpl

@@ -18,7 +18,7 @@ import attrs
 from kubernetes_asyncio.client import ApiClient, Configuration
 from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
 
-from meshagent.errors import UsageError
+from meshagent.plugin import UsageError
 
 # What can go wrong talking to the API server that a retry may cure.
 TRANSIENT = (aiohttp.ClientError, asyncio.TimeoutError, OSError)

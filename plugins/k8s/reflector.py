@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import attrs
 
-from meshagent.events import ChangeKind
+from meshagent.plugin import ChangeKind
 from meshagent.plugins.k8s.client import TRANSIENT, KubeAPI, KubeError, Resource
 
 log = logging.getLogger(__name__)

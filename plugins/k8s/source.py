@@ -14,10 +14,18 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from meshagent import hookimpl
-from meshagent.errors import UsageError
-from meshagent.events import ChangeKind
-from meshagent.model.service import ServiceUpdate
-from meshagent.plugin import PolicyUpdate
+from meshagent.plugin import (
+    ChangeKind,
+    Controller,
+    ControllerHandle,
+    Health,
+    PolicyError,
+    PolicyUpdate,
+    ServiceError,
+    ServiceUpdate,
+    StatusSection,
+    UsageError,
+)
 from meshagent.plugins.k8s import translate
 from meshagent.plugins.k8s.client import (
     CCNPS,
@@ -32,14 +40,9 @@ from meshagent.plugins.k8s.client import (
     Resource,
 )
 from meshagent.plugins.k8s.reflector import Change, Reflector
-from meshagent.policy.api import PolicyError
-from meshagent.runtime.controller import Controller, ControllerHandle
-from meshagent.runtime.status import Health, StatusSection
-from meshagent.service.kubernetes import ServiceError
 
 if TYPE_CHECKING:
-    from meshagent.hooks.view import AgentView
-    from meshagent.runtime.config import Config
+    from meshagent.plugin import AgentView, Config
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +284,7 @@ class KubernetesSource:
         self.service_updates.put_nowait(ServiceUpdate(ChangeKind.UPSERT, service))
 
     def _withdraw_service(self, key: tuple[str, str]) -> None:
-        from meshagent.model.service import Service
+        from meshagent.plugin import Service
         if key in self.services:
             self.services.discard(key)
             self.service_updates.put_nowait(ServiceUpdate(ChangeKind.DELETE, Service(

@@ -8,10 +8,8 @@ import re
 
 import attrs
 
-from meshagent.model.service import Service
+from meshagent.plugin import Policy, PolicyError, Service, parse_document, services_from_documents
 from meshagent.plugins.k8s.client import Resource
-from meshagent.policy.api import Policy, PolicyError, parse_document
-from meshagent.service.kubernetes import services_from_documents
 
 # Cilium's default identity-relevant label filter: a key that *starts* with one of these
 # patterns says nothing about what a workload is (hashes, generations, indexes, the

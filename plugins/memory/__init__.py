@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 import meshagent
-from meshagent.errors import UsageError
+from meshagent.plugin import UsageError
 from meshagent.plugins.memory.store import MemoryKVStore, shared_store
 
 

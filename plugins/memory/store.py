@@ -10,20 +10,20 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
-from meshagent.kvstore import (
-    PAGE_SIZE,
+from meshagent.plugin import (
     EventType,
-    KeyValue,
     KVStoreStatus,
     KVStoreUnavailable,
+    KeyValue,
     Lease,
     LeaseExpired,
     Listing,
+    PAGE_SIZE,
     RevisionCompacted,
     WatchEvent,
+    check_distinct,
     pages_of,
 )
-from meshagent.kvstore.batch import check_distinct
 
 HISTORY_LIMIT = 100_000
 HUNG_POLL = 0.05  # how often a request to a hung store looks whether it answers again

@@ -6,8 +6,7 @@ import json
 import os
 import re
 
-from meshagent.errors import MeshagentError
-from meshagent.hooks.additions import Command, print_rows
+from meshagent.plugin import Command, MeshagentError, print_rows
 
 CLASSID = re.compile(r"^0:[0-9a-f]+$")
 
@@ -73,7 +72,7 @@ def _text(value) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     if args.what == "counters":
-        from meshagent.datapath.drops import REASON_TEXT
+        from meshagent.plugin import REASON_TEXT
         from meshagent.plugins.nftables.netlink import read_counters
         try:
             raw = read_counters("netdev", args.table)

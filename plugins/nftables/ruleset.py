@@ -24,7 +24,7 @@ reason, logged to an NFLOG group with the prefix ``ma:<endpoint>:<in|out>:<reaso
 
 import attrs
 
-from meshagent.model.identity import world_identity
+from meshagent.plugin import world_identity
 
 FAMILY = "netdev"
 LAYOUT = "layout_1"  # an empty chain naming the table's layout: another layout is replaced
