@@ -9,7 +9,8 @@ import pytest
 
 from meshagent.model.identity import Identity
 from meshagent.policy.api import PolicyError, parse_policies
-from meshagent.policy.cidr import cidr_identity, policy_cidrs
+from meshagent.identity.cidr import cidr_identity
+from meshagent.policy.cidr import policy_cidrs
 from meshagent.policy.resolver import EGRESS, INGRESS, PolicyEndpoint, Resolver, decide
 from meshagent.testing.policy_cases import IDS, TCP, cnp
 

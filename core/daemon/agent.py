@@ -205,7 +205,7 @@ class Agent:
             else:
                 self.policy_repository = Repository(
                     self.kvstore, self.policy_resolver,
-                    lambda: self.hooks.policy_sources(self.view))
+                    lambda: self.hooks.policy_sources(self.view), self.tables, self.cluster.name)
                 self.plugins.register(self.policy_repository, name="core.policy-repository")
                 cleanup.push_async_callback(self.policy_repository.close)
         self.datapath = build(DATAPATH)

@@ -1,19 +1,11 @@
-"""CIDR identities: every prefix a rule names becomes a node-local identity and an ipcache row.
-
-That is how the datapath tells a CIDR's addresses apart from the rest of the world (and an
-``except`` apart from its CIDR): by the longest ipcache prefix an address falls in. As in
-Cilium, these identities are local to the node (``LOCAL_IDENTITY_FLAG``) and labelled
-``cidr:<prefix>`` and ``reserved:world`` (``reserved:world-ipv6`` for an IPv6 prefix, as in
-Cilium's dual-stack clusters).
-"""
+"""The prefixes rules name, each of which gets a node-local CIDR identity
+(:mod:`meshagent.identity.cidr`)."""
 
 import ipaddress
 from collections.abc import Iterable
 
-from meshagent.model.identity import Identity, world_identity
 from meshagent.policy.api import Network, Policy
 
-LOCAL_IDENTITY_FLAG = 1 << 24
 WORLD_PREFIXES = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 
@@ -29,14 +21,3 @@ def policy_cidrs(policies: Iterable[Policy]) -> set[Network]:
                     wanted.update(cidr.excepts)
     wanted.difference_update(WORLD_PREFIXES)
     return wanted
-
-
-def cidr_identity(number: int, prefix: Network, cluster: str) -> Identity:
-    return Identity(number, frozenset({f"cidr:{prefix}", world_identity(prefix.version).label}),
-                    cluster)
-
-
-def free_local_identity(taken: set[int]) -> int:
-    """The lowest node-local identity number not in ``taken``."""
-    return next(n for n in range(LOCAL_IDENTITY_FLAG | 1, LOCAL_IDENTITY_FLAG << 1)
-                if n not in taken)

@@ -15,11 +15,8 @@ from collections.abc import Callable
 from meshagent import hookimpl
 from meshagent.events import ChangeKind, PolicyChange
 from meshagent.model.identity import Identity, world_identity
-from meshagent.model.ipcache import POLICY_SOURCE, IPCacheEntry
-from meshagent.model.net import Network, family_order
 from meshagent.model.table import Tables
-from meshagent.policy.api import Policy, PolicyError
-from meshagent.policy.cidr import cidr_identity, free_local_identity, policy_cidrs
+from meshagent.policy.api import PolicyError
 from meshagent.policy.contract import (
     ChangeQueue,
     EndpointChanges,
@@ -43,7 +40,6 @@ class DefaultResolver:
         self.resolver = Resolver(cluster, default_local_cluster=default_local_cluster,
                                  on_change=self._changed)
         self.pending = ChangeQueue()
-        self.cidr_identities: dict[Network, Identity] = {}
         self.revision = 0  # the repository's, once a change's map changes are all queued
 
     # -- the PolicyResolver contract ------------------------------------------------------------
@@ -63,7 +59,6 @@ class DefaultResolver:
             policy = update.policy
             for _ in self.resolver.prepare(policy):
                 await asyncio.sleep(0)
-            self._refresh_cidr_identities(extra=policy)
             self.resolver.stage_policy(policy)
             await self._catch_up()
             self.policy_changed(kind=ChangeKind.UPSERT, policy=PolicyChange(
@@ -72,7 +67,6 @@ class DefaultResolver:
             old = self.resolver.policies.get(update.key)
             self.resolver.stage_delete(update.key)
             await self._catch_up()
-            self._refresh_cidr_identities()
             if old is not None:
                 self.policy_changed(kind=ChangeKind.DELETE, policy=PolicyChange(
                     old.name, old.namespace, revision))
@@ -87,24 +81,6 @@ class DefaultResolver:
             await asyncio.sleep(0)
         for _ in self.resolver.forget_unused():
             await asyncio.sleep(0)
-
-    def _refresh_cidr_identities(self, extra: Policy | None = None) -> None:
-        """Every CIDR (and except) in the policies gets a node-local identity and an ipcache
-        prefix, so the datapath can tell those destinations apart from the rest of the world."""
-        wanted = policy_cidrs(list(self.resolver.policies.values()) + ([extra] if extra else []))
-        tables, cluster = self.tables, self.cluster
-        for prefix in sorted(set(self.cidr_identities) - wanted, key=family_order):
-            identity = self.cidr_identities.pop(prefix)
-            tables.ipcache.delete(prefix, POLICY_SOURCE)
-            tables.identities.delete(identity.id)
-        taken = {i.id for i in self.cidr_identities.values()}
-        for prefix in sorted(wanted - set(self.cidr_identities), key=family_order):
-            number = free_local_identity(taken)
-            taken.add(number)
-            identity = cidr_identity(number, prefix, cluster)
-            self.cidr_identities[prefix] = identity
-            tables.identities.upsert(number, identity)
-            tables.ipcache.upsert(prefix, IPCacheEntry(prefix, number, cluster), POLICY_SOURCE)
 
     @hookimpl
     def meshagent_identity_changed(self, kind, identity):

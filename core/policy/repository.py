@@ -18,9 +18,11 @@ from collections.abc import Callable
 
 from meshagent import hookimpl
 from meshagent.events import ChangeKind
+from meshagent.identity.cidr import CIDRIdentities
 from meshagent.kvstore import KVStore
 from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstore.follow import follow_prefix
+from meshagent.model.table import Tables
 from meshagent.policy.api import Policy, PolicyError
 from meshagent.policy.contract import (
     LegacyPolicyResolver,
@@ -28,6 +30,7 @@ from meshagent.policy.contract import (
     PolicyResolver,
     PolicyUpdate,
 )
+from meshagent.policy.cidr import policy_cidrs
 from meshagent.policy.worker import PolicyParser
 from meshagent.runtime.controller import Controller, ControllerHandle
 from meshagent.runtime.status import Health, StatusSection
@@ -47,9 +50,11 @@ class Repository:
     ``core.policy-repository`` (its controllers follow the kvstore and every source)."""
 
     def __init__(self, store: KVStore, resolver: PolicyResolver,
-                 sources: Callable[[], list[tuple[str, object]]]):
+                 sources: Callable[[], list[tuple[str, object]]], tables: Tables, cluster: str):
         self.kvstore = store
         self.resolver = resolver
+        self.tables = tables  # CIDR identities of the rules go in, for any resolver
+        self.cidr_identities = CIDRIdentities(cluster)
         self.sources = sources  # (plugin, async iterable of PolicyUpdate) of source plugins
         self.parser = PolicyParser()
         self.rules: dict[PolicyKey, Policy] = {}
@@ -135,13 +140,25 @@ class Repository:
             key = update.policy_key
             if update.kind is ChangeKind.DELETE and key not in self.rules:
                 return self.revision
+            old = self.rules.get(key)
             if update.kind is ChangeKind.UPSERT:
                 self.rules[key] = update.policy
             else:
                 del self.rules[key]
+            # the new rules' CIDRs exist before they are resolved; the old version's stay
+            # until it is out of force
+            self._cidr_identities([old] if old is not None else [])
             self.revision += 1
             await self.resolver.apply(update, self.revision)
+            self._cidr_identities([])
             return self.revision
+
+    def _cidr_identities(self, also: list[Policy]) -> None:
+        """Every CIDR (and except) of the rules (and of ``also``) gets a node-local identity
+        and an ipcache prefix, so the datapath can tell those destinations apart from the rest
+        of the world; any resolver sees them as identity events."""
+        self.cidr_identities.apply_to(self.tables,
+                                      policy_cidrs([*self.rules.values(), *also]))
 
     async def _sync_kvstore(self, handle: ControllerHandle) -> None:
         """List then watch the cluster's policies; a bad document is refused, not fatal."""

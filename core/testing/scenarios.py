@@ -24,7 +24,8 @@ from meshagent.model.endpoint import NAMESPACE_LABEL
 from meshagent.model.identity import CLUSTER_LABEL, Identity, ReservedIdentity
 from meshagent.model.ipcache import IPCacheEntry
 from meshagent.policy.api import parse_document
-from meshagent.policy.cidr import cidr_identity, free_local_identity, policy_cidrs
+from meshagent.identity.cidr import CIDRIdentities
+from meshagent.policy.cidr import policy_cidrs
 from meshagent.policy.resolver import (
     EGRESS,
     INGRESS,
@@ -143,7 +144,7 @@ class ResolvedWorld:
         self.resolver = Resolver(LOCAL, default_local_cluster=scenario.default_local_cluster,
                                  on_change=lambda ep, c: self.changes.setdefault(ep, []).extend(c))
         self.identities: dict[int, Identity] = {}
-        self.cidr: dict[Network, Identity] = {}
+        self.cidr = CIDRIdentities(LOCAL)  # numbered as the agent's repository does
         self.ipcache: dict[Network, IPCacheEntry] = {}
         self.policies: dict[tuple, object] = {}
         self.model = DatapathModel(self.decision, walk)
@@ -175,13 +176,12 @@ class ResolvedWorld:
         for text in phase.policies:
             policy = parse_document(json.loads(text), "scenario")
             policies[policy.key] = policy
+        # the new rules' CIDRs before they are resolved, the old ones' gone after (as the
+        # agent's repository does)
         cidrs = policy_cidrs(policies.values())
-        taken = {i.id for i in self.cidr.values()}
-        for prefix in sorted(cidrs - set(self.cidr), key=_order):  # as the policy service
-            number = free_local_identity(taken)
-            taken.add(number)
-            self.cidr[prefix] = cidr_identity(number, prefix, LOCAL)
-            self.resolver.add_identity(self.cidr[prefix])
+        added, _ = self.cidr.want(cidrs | set(self.cidr.identities))
+        for _, identity in added:
+            self.resolver.add_identity(identity)
         if not self.resolver.endpoints:
             for e in self.scenario.endpoints:
                 labels = self.identities[e.identity].labels
@@ -192,8 +192,8 @@ class ResolvedWorld:
         for key in set(self.policies) - set(policies):
             self.resolver.delete_policy(key)
         self.policies = policies
-        for prefix in sorted(set(self.cidr) - cidrs, key=_order):
-            self.resolver.remove_identity(self.cidr.pop(prefix).id)
+        for _, identity in self.cidr.want(cidrs)[1]:
+            self.resolver.remove_identity(identity.id)
         for number in set(self.identities) - set(wanted):
             del self.identities[number]
             self.resolver.remove_identity(number)
@@ -201,7 +201,7 @@ class ResolvedWorld:
         for prefix, number in phase.ipcache:
             network = ipaddress.ip_network(prefix)
             self.ipcache[network] = IPCacheEntry(network, number, LOCAL)
-        for prefix, identity in self.cidr.items():
+        for prefix, identity in self.cidr.identities.items():
             self.ipcache[prefix] = IPCacheEntry(prefix, identity.id, LOCAL)
         self.model.ipcache = {p: e.identity for p, e in self.ipcache.items()}
         changes = [(ChangeKind.DELETE, e) for p, e in before.items() if p not in self.ipcache]
