@@ -10,7 +10,7 @@ docs/writing-plugins.md walks through a plugin end to end.
 """
 
 from meshagent import PROJECT, hookimpl
-from meshagent.datapath import Datapath
+from meshagent.datapath import Datapath, DatapathBatch
 from meshagent.datapath.drops import DropFeed, DropNotice, DropPeer
 from meshagent.errors import MeshagentError, PluginError, UsageError
 from meshagent.events import ChangeKind, PolicyChange
@@ -72,6 +72,7 @@ __all__ = [
     "RevisionCompacted", "LeaseExpired", "EventType", "KeyValue", "Listing", "WatchEvent",
     "Lease", "kv_lock", "IdentityAllocator", "CollectsGarbage", "PolicyResolver", "build_default_resolver", "MapKey",
     "MapState", "MapChange", "Verdict", "EndpointChanges", "ChangeQueue", "Datapath",
+    "DatapathBatch",
     "DropFeed", "DropNotice", "DropPeer",
     # values
     "ClusterInfo", "Node", "Identity", "ReservedIdentity", "Endpoint", "IPCacheEntry",

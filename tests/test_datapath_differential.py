@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from meshagent.datapath.feed import BatchFeed
 from meshagent.policy.resolver import EGRESS, INGRESS
 from meshagent.testing import datapath_model as model
 from meshagent.testing.datapath_contract import DatapathContract, ScenarioDriver
@@ -60,6 +61,7 @@ class KernelJudge:
         settings = EbpfSettings(bpffs, ipcache_max=65536, policy_max=65536, ct_tcp_max=65536,
                                 ct_any_max=65536)
         self.datapath = EbpfDatapath(settings, attacher=NoAttacher())
+        self.feed = BatchFeed(self.datapath)
         self.loop.run_until_complete(self.datapath.start())
         self.runner = ProgramRunner(self.datapath.pin_dir)
 
@@ -243,8 +245,8 @@ def test_a_new_endpoint_with_a_reused_id_inherits_no_connection(judge, driver):
     reply = opened.reply().frame()
     assert judge.outcome(1, INGRESS, reply) == model.FORWARDED  # a reply of its connection
     old = judge.datapath.endpoints[1]
-    judge.call(judge.datapath.endpoint_removed(old))
-    judge.call(judge.datapath.endpoint_added(old))  # a new pod: same id, same address
+    # a new pod: same id, same address (the feed hands the removal over first)
+    driver.replay([lambda feed: feed.endpoint_removed(old), lambda feed: feed.endpoint_added(old)])
     assert judge.outcome(1, INGRESS, reply) == model.POLICY_DEFAULT
 
 
@@ -269,7 +271,7 @@ def test_service_connections_are_judged_against_the_backend_and_keep_it(judge, d
     client_egress = {"egress": [{"toEndpoints": [{"matchLabels": {"app": "echo"}}]}]}
     scenario = named_scenario([echo_closed, client_egress], [])
     driver.start(scenario)
-    judge.call(judge.datapath.update_services([service(ECHO, 8080)]))
+    driver.replay([lambda feed: feed.services_changed([service(ECHO, 8080)])])
     first = Packet(CLIENT, vip, TCP, 40000, 80)
     name, redirected = judge.delivery(1, EGRESS, first.frame())
     assert (name, redirected) == (model.FORWARDED, True)  # to echo:8080, straight in
@@ -282,7 +284,7 @@ def test_service_connections_are_judged_against_the_backend_and_keep_it(judge, d
     assert reply.frame[34:36] == (80).to_bytes(2, "big")
     assert checksum(reply.frame[14:34]) == 0 and reply.frame[22] == 63  # routed, and right
     # a backend port echo's ingress does not allow: judged against the backend, dropped there
-    judge.call(judge.datapath.update_services([service(ECHO, 9090)]))
+    driver.replay([lambda feed: feed.services_changed([service(ECHO, 9090)])])
     denied = Packet(CLIENT, vip, TCP, 40001, 80)
     assert judge.delivery(1, EGRESS, denied.frame()) == (model.POLICY_DEFAULT, False)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from meshagent.datapath.feed import BatchFeed
 from meshagent.testing import datapath_model as model
 from meshagent.testing.datapath_contract import DatapathContract, ScenarioDriver
 from meshagent.testing.packets import KERNEL_WALK
@@ -50,6 +51,7 @@ class NamespaceJudge:
         pynetns.setns(self.name)
         self.loop = asyncio.new_event_loop()
         self.datapath = NftablesDatapath(device_of=lambda ifindex: f"h{ifindex}")
+        self.feed = BatchFeed(self.datapath)
         self.call(self.datapath.start())
 
     def close(self) -> None:
@@ -65,10 +67,9 @@ class NamespaceJudge:
         return self.loop.run_until_complete(coroutine)
 
     def forget_connections(self) -> None:
-        """Fresh endpoint chains (and their reply sets), and no fragment records."""
+        """No fragment records (the reply sets went with the endpoints' chains: the driver
+        removed every endpoint first)."""
         import nftables
-        for endpoint in list(self.datapath.endpoints.values()):
-            self.call(self.datapath.endpoint_removed(endpoint))
         t = self.datapath.rules.ref
         rc, _, err = nftables.Nftables().cmd("\n".join(
             f"flush map {t} {name}{sfx}" for name in ("fsm", "fdm", "fsc", "fdc")
@@ -141,17 +142,18 @@ def test_removing_an_endpoint_leaves_nothing_of_it(judge, driver):
     mine = {n for n in before if re.search(r"_1(_|$)", n) and n != ruleset.LAYOUT}
     assert {"ep_1_ingress", "ep_1_egress", "spec4_1_out", "rep6_1_in"} <= mine
     endpoint = driver.endpoints[1]
-    judge.call(judge.datapath.endpoint_removed(endpoint))
+    driver.replay([lambda feed: feed.endpoint_removed(endpoint)])
     assert _names(judge.datapath.rules.table) == before - mine
-    judge.call(judge.datapath.endpoint_added(endpoint))
+    driver.replay([lambda feed: feed.endpoint_added(endpoint)])
     assert _names(judge.datapath.rules.table) == before
 
 
 def test_a_restarted_agent_keeps_enforcing_and_keeps_replies(judge, driver):
     """The table outlives the agent: a new one adopts it, changes nothing until its first
     sync (the old verdicts and reply entries hold), then enforces the new state."""
-
+    from meshagent.events import ChangeKind
     from meshagent.plugins.nftables.datapath import NftablesDatapath
+    from meshagent.policy.contract import MapChange, MapKey, Verdict
     deny = {**ALL_EGRESS, "egressDeny": [{"toPorts": [{"ports": [{"port": "6379",
                                                                    "protocol": "TCP"}]}]}]}
     scenario = named_scenario([deny], [tcp(ECHO, 80), tcp(ECHO, 6379)])
@@ -165,18 +167,20 @@ def test_a_restarted_agent_keeps_enforcing_and_keeps_replies(judge, driver):
 
     judge.call(judge.datapath.stop())
     judge.datapath = NftablesDatapath(device_of=lambda ifindex: f"h{ifindex}")
+    judge.feed = BatchFeed(judge.datapath)
     judge.call(judge.datapath.start())
     assert judge.datapath.adopted
     assert verdict(d6379, syn6379) == model.POLICY_DENY  # before any endpoint is restored
-    for endpoint in driver.endpoints.values():
-        judge.call(judge.datapath.endpoint_added(endpoint))
-    judge.call(judge.datapath.update_policy(1, []))  # changes before the sync wait for it
+    driver.replay([lambda feed, e=e: feed.endpoint_added(e) for e in driver.endpoints.values()])
+    deny80 = MapChange(ChangeKind.UPSERT, MapKey(model.EGRESS, 0, 6, 80, 80), Verdict.DENY)
+    driver.replay([lambda feed: feed.policy_changed({1: [deny80]})])  # waits for the sync
     assert verdict(d80, syn80) == model.FORWARDED
     assert verdict(d6379, syn6379) == model.POLICY_DENY
     assert verdict(model.INGRESS, reply.frame()) == model.FORWARDED
 
     nothing = {1: {}, **{e: world.verdicts().get(e, {}) for e in driver.endpoints if e != 1}}
-    judge.call(judge.datapath.reconcile(nothing, list(world.ipcache.values())))
+    judge.call(judge.feed.reconcile(nothing, list(world.ipcache.values()), ()))
+    driver.replay([])
     assert verdict(d80, syn80) == model.POLICY_DEFAULT  # endpoint 1 now allows nothing
     assert verdict(model.INGRESS, reply.frame()) == model.FORWARDED  # its reply entry kept
 
@@ -219,9 +223,9 @@ def test_a_refused_write_is_healed_by_the_next_reconcile(judge, driver):
     assert nft.cmd(f"add element {t} ipcache4 {{ 10.9.0.0-10.9.255.255 : 99 }}")[0] == 0
     entry = IPCacheEntry(ipaddress.ip_network("10.9.1.1/32"), 4242, "cluster1")
     with pytest.raises(NftablesError, match="refused"):
-        judge.call(judge.datapath.update_ipcache([(ChangeKind.UPSERT, entry)]))
+        driver.replay([lambda feed: feed.ipcache_changed(ChangeKind.UPSERT, entry)])
     rows = list(world.ipcache.values()) + [entry]
-    judge.call(judge.datapath.reconcile(world.verdicts(), rows))
+    judge.call(judge.feed.reconcile(world.verdicts(), rows, ()))
     listed = nft.cmd(f"list map {t} ipcache4")[1]
     assert "10.9.0.0" not in listed and "10.9.1.1 : 0x00001092" in listed, listed
 
