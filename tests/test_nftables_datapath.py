@@ -148,6 +148,21 @@ def test_removing_an_endpoint_leaves_nothing_of_it(judge, driver):
     assert _names(judge.datapath.rules.table) == before
 
 
+def test_an_endpoint_changed_in_place_keeps_its_policy(judge, driver):
+    """An endpoint handed over again under its id on its device (a relabel: a new identity)
+    keeps its chains and policy maps; its policy entries are still in force."""
+    import attrs
+    deny = {**ALL_EGRESS, "egressDeny": [{"toPorts": [{"ports": [{"port": "6379",
+                                                                   "protocol": "TCP"}]}]}]}
+    scenario = named_scenario([deny], [tcp(ECHO, 80), tcp(ECHO, 6379)])
+    driver.start(scenario)
+    relabelled = attrs.evolve(driver.endpoints[1], identity=driver.endpoints[1].identity + 7)
+    driver.replay([lambda feed: feed.endpoint_added(relabelled)])
+    got = [judge.delivery(p.endpoint, p.direction, p.packet.frame())[0]
+           for p in scenario.phases[0].probes]
+    assert got == [model.FORWARDED, model.POLICY_DENY]
+
+
 def test_a_restarted_agent_keeps_enforcing_and_keeps_replies(judge, driver):
     """The table outlives the agent: a new one adopts it, changes nothing until its first
     sync (the old verdicts and reply entries hold), then enforces the new state."""
@@ -183,6 +198,31 @@ def test_a_restarted_agent_keeps_enforcing_and_keeps_replies(judge, driver):
     driver.replay([])
     assert verdict(d80, syn80) == model.POLICY_DEFAULT  # endpoint 1 now allows nothing
     assert verdict(model.INGRESS, reply.frame()) == model.FORWARDED  # its reply entry kept
+
+
+def test_a_batchs_ipcache_and_policy_changes_are_one_transaction(judge, driver):
+    """The contract's middle step (policy and ipcache, no packet both states deny passing)
+    is met by atomicity here: both in one libnftables transaction."""
+    import ipaddress
+
+    from meshagent.events import ChangeKind
+    from meshagent.model.ipcache import IPCacheEntry
+    from meshagent.policy.contract import MapChange, MapKey, Verdict
+    driver.start(named_scenario([ALL_EGRESS], [tcp(ECHO, 80)]))
+    entry = IPCacheEntry(ipaddress.ip_network("10.2.0.5/32"), 4242, "cluster1")
+    deny = MapChange(ChangeKind.UPSERT, MapKey(model.EGRESS, 4242, 6, 80, 80), Verdict.DENY)
+    nft, sent = judge.datapath.nft, []
+    real = nft.json_cmd
+    nft.json_cmd = lambda doc: (sent.append(doc), real(doc))[1]
+    try:
+        driver.replay([lambda feed: feed.ipcache_changed(ChangeKind.UPSERT, entry),
+                       lambda feed: feed.policy_changed({1: [deny]})])
+    finally:
+        del nft.json_cmd
+    assert len(sent) == 1
+    maps = {command[verb]["element"]["name"] for command in sent[0]["nftables"]
+            for verb in command}
+    assert "ipcache4" in maps and any(name.startswith("spec4_1") for name in maps), maps
 
 
 def test_drops_are_noticed_with_reason_endpoint_and_addresses(judge, driver):
