@@ -272,13 +272,23 @@ class Handle:
         pass
 
 
+class Component:
+    """The feed as the agent registers it, over a recorder, a resolver and an ipcache."""
+
+    def __init__(self):
+        self.recorder, self.resolver = Recorder(), Resolver()
+        self.table = IPCache("cluster1",
+                             lambda kind, e: self.feed.meshagent_ipcache_changed(kind, e))
+        self.ready, self.started, self.synced = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self.feed = DatapathFeed(self.recorder, self.resolver, self.table,
+                                 agent_ready=self.ready, remotes_ready=lambda: True,
+                                 sync_timeout=0, started=self.started, synced=self.synced)
+
+
 async def test_until_the_sync_only_endpoints_pass_then_the_full_state_then_batches():
-    recorder, resolver = Recorder(), Resolver()
-    feed: DatapathFeed
-    table = IPCache("cluster1", lambda kind, e: feed.meshagent_ipcache_changed(kind, e))
-    ready, started, synced = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    feed = DatapathFeed(recorder, resolver, table, agent_ready=ready, remotes_ready=lambda: True,
-                        sync_timeout=0, started=started, synced=synced)
+    c = Component()
+    feed, recorder, resolver, table = c.feed, c.recorder, c.resolver, c.table
+    ready, started, synced = c.ready, c.started, c.synced
     service = MergedService(Service("default", "a", "cluster1"), (), 0)
     sync = asyncio.create_task(feed._sync(resolver, Handle()))
     started.set()
@@ -305,12 +315,9 @@ async def test_until_the_sync_only_endpoints_pass_then_the_full_state_then_batch
 
 
 async def test_a_refused_batch_starts_the_feed_again_from_a_fresh_reconcile():
-    recorder, resolver = Recorder(), Resolver()
-    feed: DatapathFeed
-    table = IPCache("cluster1", lambda kind, e: feed.meshagent_ipcache_changed(kind, e))
-    ready, started, synced = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    feed = DatapathFeed(recorder, resolver, table, agent_ready=ready, remotes_ready=lambda: True,
-                        sync_timeout=0, started=started, synced=synced)
+    c = Component()
+    feed, recorder, resolver, table = c.feed, c.recorder, c.resolver, c.table
+    ready, started, synced = c.ready, c.started, c.synced
     ready.set()
     started.set()
     sync = asyncio.create_task(feed._sync(resolver, Handle()))
