@@ -59,16 +59,16 @@ async def run(args) -> dict:
     server = EtcdServer("prop", workdir=workdir / "etcd").start()
     bpffs = BpfFs()
     latencies: list[float] = []
-    real_update = EbpfDatapath.update_ipcache
+    real_apply = EbpfDatapath.apply
 
-    async def timed_update(self, changes):
-        await real_update(self, changes)
+    async def timed_apply(self, batch):
+        await real_apply(self, batch)
         now = time.time()
-        for _kind, entry in changes:
+        for entry in batch.ipcache_upserts:
             if entry.pod_name:
                 latencies.append(now - float(entry.pod_name))
 
-    EbpfDatapath.update_ipcache = timed_update
+    EbpfDatapath.apply = timed_apply
     try:
         config = server.client_config(workdir / "remote.yaml")
         mesh = workdir / "mesh"
@@ -103,7 +103,7 @@ async def run(args) -> dict:
         agent.stop()
         await task
     finally:
-        EbpfDatapath.update_ipcache = real_update
+        EbpfDatapath.apply = real_apply
         bpffs.close()
         server.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)

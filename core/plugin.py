@@ -10,7 +10,7 @@ docs/writing-plugins.md walks through a plugin end to end.
 """
 
 from meshagent import PROJECT, hookimpl
-from meshagent.datapath import Datapath
+from meshagent.datapath import Datapath, DatapathBatch
 from meshagent.datapath.drops import (
     PROTOCOL_NAMES,
     REASON_TEXT,
@@ -95,8 +95,8 @@ __all__ = [
     "PolicyResolver", "PolicyRepository", "PolicyUpdate", "PolicyKey", "Policy", "PolicyError",
     "parse_document", "build_default_resolver", "MapKey", "MapState", "MapChange", "Verdict",
     "EndpointChanges", "ChangeQueue",
-    "Datapath", "DropFeed", "DropNotice", "DropPeer", "PROTOCOL_NAMES", "REASON_TEXT",
-    "flag_names", "host_port", "protocol_name", "verdict_metrics",
+    "Datapath", "DatapathBatch", "DropFeed", "DropNotice", "DropPeer", "PROTOCOL_NAMES",
+    "REASON_TEXT", "flag_names", "host_port", "protocol_name", "verdict_metrics",
     # values
     "ClusterInfo", "Node", "Identity", "ReservedIdentity", "world_identity", "Endpoint",
     "IPCacheEntry", "Service", "Frontend", "Backend", "MergedService", "ServiceUpdate",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from meshagent.datapath import DatapathBatch
 from meshagent.model.endpoint import Endpoint
 from meshagent.model.ipcache import IPCacheEntry
 from meshagent.policy.api import parse_policies
@@ -115,9 +116,9 @@ def test_an_upgrade_across_a_layout_change_keeps_connections(pin_dir):
                             "k8s:io.cilium.k8s.policy.cluster=cluster1"})
         for n, address in ((1, CLIENT), (2, BACKEND)):
             resolver.set_endpoint(PolicyEndpoint(n, "default", labels | {f"k8s:app=a{n}"}))
-            loop.run_until_complete(datapath.endpoint_added(Endpoint(
+            loop.run_until_complete(datapath.apply(DatapathBatch(added=(Endpoint(
                 n, "default", labels, ipaddress.IPv4Address(address), 70000 + n,
-                ifindex=100 + n)))
+                ifindex=100 + n),))))
         assert datapath.deferred == {1, 2}  # the old programs go on until the first sync
         ipcache = [IPCacheEntry(ipaddress.IPv4Network(f"{a}/32"), 70000 + n, "cluster1")
                    for n, a in ((1, CLIENT), (2, BACKEND))]

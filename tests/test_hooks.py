@@ -165,9 +165,8 @@ async def test_a_provider_that_does_not_meet_its_slot_is_refused_naming_its_plug
             registry.register("half", lambda agent: Half())
 
     with pytest.raises(PluginError, match=r"datapath provider 'half' of plugin 'halfdp' does"
-                       r" not meet meshagent\.plugin\.Datapath: missing endpoint_added,"
-                       r" endpoint_removed, reconcile, stop, update_ipcache, update_policy,"
-                       r" update_services"):
+                       r" not meet meshagent\.plugin\.Datapath: missing apply, reconcile,"
+                       r" stop"):
         await agent_factory(extra_plugins=[("halfdp", Offers())])
 
 

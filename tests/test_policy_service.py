@@ -18,7 +18,7 @@ from meshagent.model.ipcache import IPCacheEntry
 from meshagent.policy.api import parse_policies
 from meshagent.policy import PolicyUpdate
 from meshagent.testing import eventually
-from meshagent.testing.resolver_contract import RecordingDatapath
+from meshagent.testing.resolver_contract import RecordingDatapath, add_endpoint
 
 ARGS = ["--plugins", "memory", "--cluster-name", "cluster1", "--cluster-id", "101",
         "--memory-store", "cluster1"]
@@ -92,7 +92,7 @@ async def test_verdicts_reach_the_datapath_and_trace_explains(agent_factory, see
     a1 = await agent_factory(ARGS, extra_plugins=[("recording", datapath)])
     add_identities(a1.agent)
     db = Endpoint(7, "default", IDS["db"].labels, ipaddress.ip_address("10.1.1.7"), IDS["db"].id)
-    a1.agent.hooks.endpoint_changed(kind=ChangeKind.UPSERT, endpoint=db)
+    await add_endpoint(a1.agent, db)
     await eventually(lambda: 7 in datapath.state)
     assert set(verdicts(datapath, 7).values()) == {"allow"}  # no policy yet: allow all
     assert (await cli(a1, "policy", "import", str(seed_file))).returncode == 0

@@ -103,6 +103,7 @@ class Agent:
         self.local_sync = ClusterSync(self.cluster.name, self.cluster.id, self.cluster, self.tables)
         self.publisher: Publisher | None = None  # built with the store
         self.endpoints: EndpointManager | None = None  # built with the providers
+        self.datapath_feed: DatapathFeed | None = None  # the datapath's one door, likewise
         self.services: ServiceManager | None = None  # built with the store
         self.node_routes = NodeRoutes(self.ownership, config.node_name, config.get(
             "node-route-delete-grace")) if config.get("auto-direct-node-routes") else None
@@ -179,9 +180,10 @@ class Agent:
         self.plugins.register(self.publisher, name="core.publisher")
         self.plugins.register(LocalStore(self.kvstore, self.controllers, self.local_sync.run,
                                          self.publisher.published), name="core.kvstore")
-        self.services = ServiceManager(self.kvstore, self.cluster, config.get("pod-cidr"),
-                                       self.tables, self.ready_event,
-                                       lambda: self.hooks.service_sources(self.view))
+        self.services = ServiceManager(
+            self.kvstore, self.cluster, config.get("pod-cidr"), self.tables, self.ready_event,
+            merged_changed=lambda merged: self.datapath_feed.services_changed(merged),
+            source_plugins=lambda: self.hooks.service_sources(self.view))
         self.plugins.register(self.services, name="core.services")
         cleanup.push_async_callback(self.publisher.close)  # revoke the lease before closing
         if mesh_dir := config.get("clustermesh-config"):
@@ -213,25 +215,25 @@ class Agent:
             cleanup.push_async_callback(self.datapath.stop)
         else:
             self.datapath_started.set()  # nothing to wait for
-        hooks = self.hooks
-        self.endpoints = EndpointManager(
-            cluster_name=self.cluster.name, node_ip=node.ipv4, pod_cidrs=node.pod_cidrs,
-            directory=config.state_dir / "endpoints",
-            allocator=self.identity_allocator, publisher=self.publisher, datapath=self.datapath,
-            datapath_started=self.datapath_started,
-            plugin_labels=lambda namespace, pod: hooks.endpoint_labels(
-                agent=self.view, namespace=namespace, pod_name=pod),
-            changed=lambda kind, endpoint: hooks.endpoint_changed(kind=kind, endpoint=endpoint))
-        self.plugins.register(self.endpoints, name="core.endpoints")
         mesh = self.clustermesh
-        self.plugins.register(DatapathFeed(
+        self.datapath_feed = DatapathFeed(
             self.datapath, self.policy_resolver, self.tables.ipcache,
-            self.services.feed_datapath,
             agent_ready=self.ready_event,
             remotes_ready=lambda: mesh is None or all(r.ready for r in mesh.remotes.values()),
             sync_timeout=self.config.get("datapath-sync-timeout"),
             started=self.datapath_started, synced=self.datapath_synced,
-            progress=self.policy_progress), name="core.datapath")
+            progress=self.policy_progress)
+        hooks = self.hooks
+        self.endpoints = EndpointManager(
+            cluster_name=self.cluster.name, node_ip=node.ipv4, pod_cidrs=node.pod_cidrs,
+            directory=config.state_dir / "endpoints",
+            allocator=self.identity_allocator, publisher=self.publisher,
+            datapath=self.datapath_feed, datapath_started=self.datapath_started,
+            plugin_labels=lambda namespace, pod: hooks.endpoint_labels(
+                agent=self.view, namespace=namespace, pod_name=pod),
+            changed=lambda kind, endpoint: hooks.endpoint_changed(kind=kind, endpoint=endpoint))
+        self.plugins.register(self.endpoints, name="core.endpoints")
+        self.plugins.register(self.datapath_feed, name="core.datapath")
 
     def _build_policy_resolver(self):
         """The slot's resolver; one written for 0.1's contract through its shim."""

@@ -1,6 +1,7 @@
-"""The datapath slot: its contract (re-exported here) and the feed that drives any datapath
-from the policy resolver's contract, the ipcache and the services."""
+"""The datapath slot: its contract (re-exported here) and the feed, the datapath's one door:
+it folds endpoints, ipcache changes, the policy resolver's map changes and services into
+batches of net changes."""
 
-from meshagent.datapath.contract import Datapath
+from meshagent.datapath.contract import Datapath, DatapathBatch
 
-__all__ = ["Datapath"]
+__all__ = ["Datapath", "DatapathBatch"]

@@ -1,16 +1,70 @@
 """The datapath slot's contract: what enforces policy in the kernel (or elsewhere).
 
 The slot may stay empty: the agent then runs its control plane only and says so in status.
+
+**One door.** The core's datapath feed (:mod:`meshagent.datapath.feed`) is a datapath's only
+caller, and it makes one call at a time. Endpoints (from the endpoint manager), IP→identity
+changes (the agent's ipcache), policy map changes (any resolver's ``changes()``) and merged
+services all reach the datapath as :class:`DatapathBatch`es, folded by the feed into net
+changes: a datapath never sees two changes of one key in a batch, and never has to reason
+about several callers' orderings.
 """
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
-from meshagent.events import ChangeKind
+import attrs
+
 from meshagent.model.endpoint import Endpoint
 from meshagent.model.ipcache import IPCacheEntry
 from meshagent.model.service import MergedService
 from meshagent.policy.contract import MapChange, MapState
+
+
+@attrs.frozen
+class DatapathBatch:
+    """Net changes for the datapath to apply together; each key appears at most once.
+
+    The keys: an endpoint id (in ``added`` or ``removed``, never both), an ipcache prefix (in
+    ``ipcache_upserts`` or ``ipcache_deletes``, once), an (endpoint id, map key) pair in
+    ``policy``. A datapath applies a batch in the order of the fields:
+
+    1. ``added`` — endpoints new to the datapath, restored after a restart, or changed (the
+       same endpoint with, say, a new identity after a relabel: its policy entries stay). An
+       endpoint is added before any policy entry of its is written, in this batch or later.
+    2. ``policy`` and the ipcache (``ipcache_upserts``, then ``ipcache_deletes``), such that no
+       packet passes that the state before the batch and the state after it both deny: the
+       policy entries of the touched (endpoint, direction, identity) groups are first
+       tightened to what both states allow, then the ipcache changes, then the policy is the
+       new one. (Loosening first, or the ipcache before any policy change, would let a packet
+       from an address that moves to another identity meet the other state's verdict for its
+       old one.) Upserts before deletes: as each prefix is in the batch once, every address
+       resolves to its old or its new identity on the way, never to a shorter prefix's. A
+       datapath that applies all of it in one atomic step meets this as it is (nftables).
+    3. ``services`` — the whole current set of merged services, when it changed (None:
+       unchanged); the first batch after a :meth:`Datapath.reconcile` always has it.
+    4. ``removed`` — endpoints gone, with every policy entry of theirs; last, so nothing is
+       written for an endpoint after it went.
+
+    ``policy`` holds entries only of endpoints the datapath holds once ``added`` is applied
+    and that are not in ``removed``. A delete names a key the datapath held before the
+    batch, except an ipcache delete: a prefix upserted and deleted within one raw stream is
+    deleted (it may have been there before the stream), and deleting a prefix the datapath
+    does not hold changes nothing. Before the first :meth:`Datapath.reconcile` a batch holds
+    endpoints only.
+    """
+
+    added: tuple[Endpoint, ...] = ()
+    policy: Mapping[int, tuple[MapChange, ...]] = attrs.field(factory=dict)
+    ipcache_upserts: tuple[IPCacheEntry, ...] = ()
+    ipcache_deletes: tuple[IPCacheEntry, ...] = ()
+    services: tuple[MergedService, ...] | None = None
+    removed: tuple[Endpoint, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.policy or self.ipcache_upserts or self.ipcache_deletes
+                    or self.services is not None or self.removed)
 
 
 @runtime_checkable
@@ -18,30 +72,21 @@ class Datapath(Protocol):
     async def start(self) -> None:
         """Take over existing state (pinned maps, attached programs) without changing it."""
 
-    async def endpoint_added(self, endpoint: Endpoint) -> None:
-        """Start enforcing for a new (or restored) endpoint."""
+    async def apply(self, batch: DatapathBatch) -> None:
+        """Apply one batch of net changes, in the order :class:`DatapathBatch` states.
 
-    async def endpoint_removed(self, endpoint: Endpoint) -> None:
-        """Stop enforcing for an endpoint and free what it used."""
-
-    async def update_ipcache(self, changes: Iterable[tuple[ChangeKind, IPCacheEntry]]) -> None:
-        """Apply IP to identity changes incrementally."""
-
-    async def update_policy(self, endpoint_id: int, changes: Sequence[MapChange]) -> None:
-        """Apply one endpoint's policy map changes incrementally, in order (from any
-        resolver, through :meth:`meshagent.policy.PolicyResolver.changes`)."""
-
-    async def update_services(self, services: Iterable[MergedService]) -> None:
-        """Load-balance connections to each service frontend over its merged backends; the
-        whole current set every time."""
+        Raises when the datapath could not apply it: the feed then fails the endpoint
+        additions and removals of the batch (their callers undo or report) and starts again
+        from a fresh :meth:`reconcile`."""
 
     async def reconcile(self, policies: Mapping[int, MapState],
                         ipcache: Sequence[IPCacheEntry]) -> None:
         """Once the agent has synced: make the maps exactly this, dropping what is stale.
 
-        Until then the datapath changes nothing, so a restart neither drops allowed traffic
-        nor lets denied traffic pass. ``policies`` maps endpoint id to its map state
-        (:meth:`meshagent.policy.PolicyResolver.snapshot`).
+        Until then the datapath changes nothing but its endpoints, so a restart neither drops
+        allowed traffic nor lets denied traffic pass. ``policies`` maps endpoint id to its map
+        state (:meth:`meshagent.policy.PolicyResolver.snapshot`), for endpoints the datapath
+        holds. The services follow in the next batch.
         """
 
     async def stop(self) -> None:

@@ -13,11 +13,11 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 import attrs
 
 from meshagent import hookimpl
-from meshagent.datapath import Datapath
 from meshagent.endpoint import podnet
 from meshagent.endpoint.ipam import HostScopeIPAM
 from meshagent.errors import MeshagentError, UsageError
@@ -56,6 +56,16 @@ LabelSource = Callable[[str, str], Awaitable[frozenset[str]]]
 EndpointListener = Callable[[ChangeKind, Endpoint], None]
 
 
+class DatapathDoor(Protocol):
+    """How endpoints reach the datapath: through its feed (:mod:`meshagent.datapath.feed`),
+    its only caller. Each returns an awaitable done once the datapath applied the change (at
+    once when no datapath is loaded), failing with what the datapath raised."""
+
+    def endpoint_added(self, endpoint: Endpoint) -> Awaitable[None]: ...
+
+    def endpoint_removed(self, endpoint: Endpoint) -> Awaitable[None]: ...
+
+
 def host_interface_name(request: EndpointRequest) -> str:
     """The node-side veth of a pod: ``lxc`` and a hash of its container (or netns and
     interface), so that a retried CNI ADD finds the same name."""
@@ -64,12 +74,13 @@ def host_interface_name(request: EndpointRequest) -> str:
 
 
 class EndpointManager:
-    """The endpoints of this node, saved under ``directory`` and handed to the datapath."""
+    """The endpoints of this node, saved under ``directory`` and handed to the datapath
+    (through its feed: ``datapath``)."""
 
     def __init__(self, *, cluster_name: str, node_ip: ipaddress.IPv4Address | None,
                  pod_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
                  directory: Path, allocator: IdentityAllocator, publisher: Publisher,
-                 datapath: Datapath | None, datapath_started: asyncio.Event,
+                 datapath: DatapathDoor, datapath_started: asyncio.Event,
                  plugin_labels: LabelSource, changed: EndpointListener):
         self.cluster_name = cluster_name
         self.node_ip = node_ip
@@ -137,14 +148,16 @@ class EndpointManager:
         return endpoint
 
     async def _activate(self, endpoint: Endpoint, undo: list) -> None:
-        """Publish, hand to the datapath, announce: shared by create and restore."""
+        """Publish, hand to the datapath and wait until it enforces for the endpoint (the
+        CNI ADD is answered after that), announce: shared by create and restore."""
         self.endpoints[endpoint.id] = endpoint
         undo.append(lambda: _sync(self.endpoints.pop, endpoint.id, None))
         for entry in self._ipcache_entries(endpoint):
             self.publisher.upsert_ipcache(entry)
             undo.append(lambda entry=entry: _sync(self.publisher.delete_ipcache, entry))
-        if self.datapath is not None:
+        try:
             await self.datapath.endpoint_added(endpoint)
+        finally:  # a refused endpoint may be half there: its removal undoes that part too
             undo.append(lambda: self.datapath.endpoint_removed(endpoint))
         self._changed(ChangeKind.UPSERT, endpoint)
 
@@ -209,8 +222,7 @@ class EndpointManager:
             # the veth (and the programs on it) go first: until then the datapath keeps
             # enforcing for the pod, never lets its traffic pass unjudged
             await asyncio.to_thread(podnet.remove_pod_interface, endpoint.ifname)
-            if self.datapath is not None:
-                await self.datapath.endpoint_removed(endpoint)
+            await self.datapath.endpoint_removed(endpoint)
             for entry in self._ipcache_entries(endpoint):
                 self.publisher.delete_ipcache(entry)
             for address in endpoint.addresses:

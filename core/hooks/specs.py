@@ -82,7 +82,10 @@ def meshagent_register_datapath(registry):
     """Offer datapaths (the optional ``datapath`` slot: empty means control plane only).
 
     Same timing and contract as :func:`meshagent_register_kvstore`; ``factory(agent)`` returns
-    a :class:`meshagent.datapath.Datapath`.
+    a :class:`meshagent.datapath.Datapath`. The core's datapath feed is its only caller, one
+    call at a time: ``start``, endpoints-only batches until the agent has synced, one
+    ``reconcile`` with the full state, then :class:`meshagent.datapath.DatapathBatch`es of net
+    changes (each key once), applied in the order that class states.
     """
 
 

@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 import attrs
 
 from meshagent import hookimpl
-from meshagent.datapath import Datapath
 from meshagent.events import ChangeKind
 from meshagent.kvstore import KVStore
 from meshagent.kvstore import keys as kvkeys
@@ -55,6 +54,7 @@ def _model_from_json(data: bytes, cluster: str) -> Service:
 class ServiceManager:
     def __init__(self, store: KVStore, cluster: ClusterInfo, pod_cidrs: Sequence,
                  tables: Tables, agent_ready: asyncio.Event,
+                 merged_changed: Callable[[list[MergedService]], None],
                  source_plugins: Callable[[], list[tuple[str, object]]] = list):
         self.store = store
         self.cluster = cluster
@@ -67,7 +67,7 @@ class ServiceManager:
         self.sourced: dict[tuple[str, str], Service] = {}  # from source plugins
         self.merged: dict[tuple[str, str], MergedService] = {}
         self.rejected: dict[str, str] = {}
-        self._changed = asyncio.Event()
+        self._merged_changed = merged_changed  # the whole merged set, to the datapath feed
         self._merge_soon: asyncio.Handle | None = None
         self.exports: dict[str, bytes] = {}  # ClusterService key -> value, for remote clusters
         # the ipcache keys of every backend address a merge looks at: an ipcache change is
@@ -288,19 +288,7 @@ class ServiceManager:
         merged = merge_services(ours, others, live, self.cluster.name)
         if merged != self.merged:
             self.merged = merged
-            self._changed.set()
-
-    async def feed_datapath(self, handle: ControllerHandle, datapath: Datapath,
-                            synced: asyncio.Event) -> None:
-        """Controller: hand the merged services to the datapath whenever they change (after
-        the datapath's first sync, so a restart changes nothing before then)."""
-        handle.ready()
-        await synced.wait()
-        self._changed.set()
-        while True:
-            await self._changed.wait()
-            self._changed.clear()
-            await datapath.update_services(list(self.merged.values()))
+            self._merged_changed(list(merged.values()))
 
     def global_count(self) -> int:
         return sum(1 for m in self.merged.values() if m.service.global_)

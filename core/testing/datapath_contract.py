@@ -2,22 +2,27 @@
 
 Random worlds (policies, identities, ipcache rows, endpoints, packets from
 :mod:`meshagent.testing.scenarios`) are resolved by the real default resolver; the datapath
-under test is fed through its contract only (``endpoint_added``, ``reconcile`` for a world's
-first phase, ``update_policy`` and ``update_ipcache`` after that), and every packet's outcome
-must equal the reference model's (:mod:`meshagent.testing.datapath_model`: the resolver's
-decision plus the packet rules). The policy-semantics table runs through it too.
+under test is fed through its contract only, by the core's feed as in the agent
+(:class:`~meshagent.datapath.feed.BatchFeed`: a ``reconcile`` for a world's first phase,
+batches after that), and every packet's outcome must equal the reference model's
+(:mod:`meshagent.testing.datapath_model`: the resolver's decision plus the packet rules). The
+changes of a later phase go into the feed as raw streams with repeated keys (:func:`raw_stream`:
+deleted then re-added, added then deleted, ownership hand-overs, an endpoint removed while its
+policy changes are pending, then added again), which the feed folds into net changes. The
+policy-semantics table runs through it too.
 
 A datapath plugin's tests subclass :class:`DatapathContract` and provide a ``judge`` fixture
-(class or module scope) returning a :class:`DatapathJudge`: its started datapath and a way
-to run one frame through it. The eBPF plugin's judge runs its tc programs with
-``BPF_PROG_TEST_RUN``.
+(class or module scope) returning a :class:`DatapathJudge`: its started datapath, the feed
+that is its only caller, and a way to run one frame through it. The eBPF plugin's judge runs
+its tc programs with ``BPF_PROG_TEST_RUN``.
 """
 
+import asyncio
 import ipaddress
 import json
 import os
 import tempfile
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -26,7 +31,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 
 from meshagent.datapath import Datapath
+from meshagent.datapath.feed import BatchFeed
+from meshagent.events import ChangeKind
 from meshagent.model.endpoint import Endpoint
+from meshagent.model.ipcache import IPCacheEntry
+from meshagent.policy.contract import MapChange, MapKey, Verdict
 from meshagent.policy.resolver import EGRESS, INGRESS
 from meshagent.testing import datapath_model as model
 from meshagent.testing.packets import CILIUM_WALK, TCP, Packet
@@ -50,9 +59,10 @@ OUTCOMES = (model.FORWARDED, model.POLICY_DENY, model.POLICY_DEFAULT, model.SPOO
 
 @runtime_checkable
 class DatapathJudge(Protocol):
-    """A started datapath, and how to ask it what happens to one frame."""
+    """A started datapath, its feed, and how to ask it what happens to one frame."""
 
     datapath: Datapath
+    feed: BatchFeed  # ``BatchFeed(datapath)``: the suite calls the datapath through it only
 
     def call(self, coroutine: Awaitable[T]) -> T:
         """Run one of the datapath's coroutines to its end (on the judge's event loop)."""
@@ -75,8 +85,84 @@ def endpoint_of(spec: EndpointSpec) -> Endpoint:
                     spec.identity, ifindex=100 + spec.id, ipv6=ipv6, **macs)
 
 
+#: What a raw stream is made of: one call into the feed (an endpoint's returns its future).
+Step = Callable[[BatchFeed], "asyncio.Future | None"]
+GHOST_PREFIX = ipaddress.ip_network("198.18.255.254/32")  # in no scenario: added, then deleted
+GHOST_KEY = MapKey(INGRESS, 4242, 6, 4242, 4242)  # likewise for a policy key
+GHOST_ID = 9  # an endpoint id no scenario has: added, given entries, and removed
+
+
+def raw_stream(world: ResolvedWorld, ipcache_before: dict, ipcache_changes: list,
+               policy_changes: dict[int, list[MapChange]], verdicts_before: dict[int, dict],
+               endpoints: dict[int, Endpoint]) -> list[Step]:
+    """Raw changes with repeated keys that come to the net changes a phase brings.
+
+    ipcache: a changed prefix is deleted, then upserted with its new entry (an address
+    reused: the batch that lost it); a new one first goes to another identity (an ownership
+    hand-over); a deleted one is handed over, then deleted; every unchanged one is deleted
+    and added back; a prefix of no scenario is added, then deleted. Policy: each change is
+    preceded by an upsert of its key with the other verdict; every unchanged key is deleted
+    and put back; a key of no policy is put, then deleted. Endpoints: one that never was is
+    added, gets entries and goes; with two endpoints or more, the last is removed while its
+    changes are pending, then added again (a new pod under its id, with its whole map state:
+    the model forgets its connections, as the datapath must).
+    """
+    steps: list[Step] = []
+
+    def ipcache(kind: ChangeKind, entry: IPCacheEntry) -> Step:
+        return lambda feed: feed.ipcache_changed(kind, entry)
+
+    def other(entry: IPCacheEntry) -> IPCacheEntry:
+        return IPCacheEntry(entry.prefix, entry.identity + 1, entry.cluster)
+
+    for kind, entry in ipcache_changes:
+        old = ipcache_before.get(entry.prefix)
+        if kind is ChangeKind.DELETE:
+            steps += [ipcache(ChangeKind.UPSERT, other(entry)), ipcache(kind, entry)]
+        elif old is not None:
+            steps += [ipcache(ChangeKind.DELETE, old), ipcache(kind, entry)]
+        else:
+            steps += [ipcache(ChangeKind.UPSERT, other(entry)), ipcache(kind, entry)]
+    for prefix, entry in world.ipcache.items():
+        if ipcache_before.get(prefix) == entry:
+            steps += [ipcache(ChangeKind.DELETE, entry), ipcache(ChangeKind.UPSERT, entry)]
+    ghost = IPCacheEntry(GHOST_PREFIX, 4242, "cluster1")
+    steps += [ipcache(ChangeKind.UPSERT, ghost), ipcache(ChangeKind.DELETE, ghost)]
+
+    flip = {Verdict.ALLOW: Verdict.DENY, Verdict.DENY: Verdict.ALLOW, None: Verdict.ALLOW}
+    for endpoint_id in sorted(endpoints):
+        changes = policy_changes.get(endpoint_id, [])
+        raw = []
+        for change in changes:
+            raw += [MapChange(ChangeKind.UPSERT, change.key, flip[change.verdict]), change]
+        touched = {change.key for change in changes}
+        for key, verdict in verdicts_before.get(endpoint_id, {}).items():
+            if key not in touched:
+                raw += [MapChange(ChangeKind.DELETE, key, None),
+                        MapChange(ChangeKind.UPSERT, key, verdict)]
+        raw += [MapChange(ChangeKind.UPSERT, GHOST_KEY, Verdict.ALLOW),
+                MapChange(ChangeKind.DELETE, GHOST_KEY, None)]
+        steps.append(lambda feed, e=endpoint_id, raw=raw: feed.policy_changed({e: raw}))
+
+    never = Endpoint(GHOST_ID, "default", frozenset(), ipaddress.IPv4Address("10.9.9.9"), 4242,
+                     ifindex=100 + GHOST_ID)
+    steps += [lambda feed: feed.endpoint_added(never),
+              lambda feed: feed.policy_changed({GHOST_ID: [
+                  MapChange(ChangeKind.UPSERT, GHOST_KEY, Verdict.ALLOW)]}),
+              lambda feed: feed.endpoint_removed(never)]
+    if len(endpoints) >= 2:
+        last = endpoints[max(endpoints)]
+        state = [MapChange(ChangeKind.UPSERT, key, verdict)
+                 for key, verdict in world.resolver.verdicts(last.id).items()]
+        steps += [lambda feed: feed.endpoint_removed(last),
+                  lambda feed: feed.endpoint_added(last),
+                  lambda feed: feed.policy_changed({last.id: state})]
+        world.model.replies = {r for r in world.model.replies if r[0] != last.id}
+    return steps
+
+
 class ScenarioDriver:
-    """Feeds scenarios to a judge's datapath through the datapath contract alone."""
+    """Feeds scenarios to a judge's datapath through its feed alone, as the agent does."""
 
     def __init__(self, judge: DatapathJudge, local_delivery: bool = True,
                  walk: str = CILIUM_WALK):
@@ -85,29 +171,39 @@ class ScenarioDriver:
         self.walk = walk  # how the datapath walks IPv6 extension headers (packets.py)
         self.endpoints: dict[int, Endpoint] = {}
 
+    @property
+    def feed(self) -> BatchFeed:
+        return self.judge.feed
+
+    def replay(self, steps: list[Step]) -> None:
+        """Raw changes into the feed, then every batch they make into the datapath; raises
+        what the datapath raised."""
+        async def run():
+            waiters = [future for step in steps if (future := step(self.feed)) is not None]
+            await self.feed.flush()
+            await asyncio.gather(*waiters)
+        self.judge.call(run())
+
     def load(self, scenario: Scenario) -> None:
-        """Forget the previous scenario (its endpoints, its connections); add this one's."""
-        for endpoint in list(self.endpoints.values()):
-            self.judge.call(self.judge.datapath.endpoint_removed(endpoint))
-        self.endpoints.clear()
+        """Forget what the datapath holds (endpoints, connections); add this one's."""
+        self.replay([lambda feed, e=e: feed.endpoint_removed(e)
+                     for e in self.feed.endpoints.values()])
         self.judge.forget_connections()
-        for spec in scenario.endpoints:
-            endpoint = endpoint_of(spec)
-            self.judge.call(self.judge.datapath.endpoint_added(endpoint))
-            self.endpoints[endpoint.id] = endpoint
+        self.endpoints = {spec.id: endpoint_of(spec) for spec in scenario.endpoints}
+        self.replay([lambda feed, e=e: feed.endpoint_added(e) for e in self.endpoints.values()])
 
     def enter(self, world: ResolvedWorld, phase: Phase, first: bool) -> None:
-        """The world moves to ``phase``: a reconcile the first time, then only the changes."""
-        datapath = self.judge.datapath
+        """The world moves to ``phase``: a reconcile the first time, then raw changes."""
+        ipcache_before, verdicts_before = dict(world.ipcache), world.verdicts()
         ipcache_changes = world.enter(phase)
         changes = world.take_changes()
         if first:
-            self.judge.call(datapath.reconcile(world.verdicts(), list(world.ipcache.values())))
+            self.judge.call(self.feed.reconcile(world.verdicts(), list(world.ipcache.values()),
+                                                ()))
+            self.replay([])
             return
-        for endpoint_id, endpoint_changes in sorted(changes.items()):
-            self.judge.call(datapath.update_policy(endpoint_id, endpoint_changes))
-        if ipcache_changes:
-            self.judge.call(datapath.update_ipcache(ipcache_changes))
+        self.replay(raw_stream(world, ipcache_before, ipcache_changes, changes,
+                               verdicts_before, self.endpoints))
 
     def start(self, scenario: Scenario) -> ResolvedWorld:
         """Load ``scenario`` and enter its first phase; the resolved world it is in."""

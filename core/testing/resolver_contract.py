@@ -12,12 +12,13 @@ resolver::
 
 Every case of :mod:`meshagent.testing.policy_cases` then runs against a real agent (memory
 kvstore) through the contract only: identities arrive as table events, endpoints as
-``meshagent_endpoint_changed``, policies through the core's repository (``import_policies``
-and ``store``), which hands them to the resolver (``apply``), as every source's do. The agent's
-datapath is a recorder fed by the core exactly as the eBPF datapath is (``snapshot()`` into
-``reconcile``, then ``changes()`` into ``update_policy``), and the verdict is read from what it
-recorded the way the kernel reads its map (exact identity or any; deny wins). So every case also
-checks that the change stream continues the snapshot: nothing lost, nothing applied twice.
+``meshagent_endpoint_changed`` (after the core's datapath feed took them, as the endpoint
+manager does), policies through the core's repository (``import_policies`` and ``store``),
+which hands them to the resolver (``apply``), as every source's do. The agent's datapath is a
+recorder fed by the core exactly as the eBPF datapath is (``snapshot()`` into ``reconcile``,
+then ``changes()`` folded into batches), and the verdict is read from what it recorded the way
+the kernel reads its map (exact identity or any; deny wins). So every case also checks that
+the change stream continues the snapshot: nothing lost, nothing applied twice.
 Load no other datapath plugin in ``agent_args``.
 """
 
@@ -48,6 +49,7 @@ class RecordingDatapath:
 
     def __init__(self):
         self.state: dict[int, MapState] = {}
+        self.endpoints: set[int] = set()  # the ids it holds
         self.problems: list[str] = []
 
     @hookimpl
@@ -60,30 +62,29 @@ class RecordingDatapath:
     async def stop(self) -> None:
         pass
 
-    async def endpoint_added(self, endpoint) -> None:
-        pass
-
-    async def endpoint_removed(self, endpoint) -> None:
-        pass
-
-    async def update_ipcache(self, changes) -> None:
-        pass
-
-    async def update_services(self, services) -> None:
-        pass
+    async def apply(self, batch) -> None:
+        self.endpoints |= {endpoint.id for endpoint in batch.added}
+        for endpoint_id, changes in batch.policy.items():
+            if endpoint_id not in self.endpoints:
+                self.problems.append(f"entries for endpoint {endpoint_id}, which the datapath"
+                                     " does not hold")
+            state = self.state.setdefault(endpoint_id, {})
+            for change in changes:
+                if change.kind is ChangeKind.DELETE:
+                    if state.pop(change.key, None) is None:
+                        self.problems.append(f"endpoint {endpoint_id}: delete of {change.key},"
+                                             " which it does not hold")
+                else:
+                    state[change.key] = change.verdict
+        for endpoint in batch.removed:
+            self.endpoints.discard(endpoint.id)
+            self.state.pop(endpoint.id, None)
 
     async def reconcile(self, policies, ipcache) -> None:
+        if set(policies) - self.endpoints:
+            self.problems.append(f"reconciled entries of endpoints it does not hold:"
+                                 f" {sorted(set(policies) - self.endpoints)}")
         self.state = {ep: dict(state) for ep, state in policies.items()}
-
-    async def update_policy(self, endpoint_id: int, changes) -> None:
-        state = self.state.setdefault(endpoint_id, {})
-        for change in changes:
-            if change.kind is ChangeKind.DELETE:
-                if state.pop(change.key, None) is None:
-                    self.problems.append(f"endpoint {endpoint_id}: delete of {change.key},"
-                                         " which was never put (or deleted twice)")
-            else:
-                state[change.key] = change.verdict
 
 
 class ResolverHarness:
@@ -141,14 +142,14 @@ class ResolverHarness:
         endpoint_id = next(self._endpoint_ids)
         endpoint = Endpoint(endpoint_id, namespace, labels,
                             ipaddress.IPv4Address("10.1.0.0") + endpoint_id, 0)
-        running.agent.hooks.endpoint_changed(kind=ChangeKind.UPSERT, endpoint=endpoint)
+        await add_endpoint(running.agent, endpoint)
         state = await _settled(datapath, endpoint_id)
         assert not datapath.problems, datapath.problems
         return endpoint_id, state
 
     async def remove_endpoint(self, endpoint_id: int, default_local_cluster: bool = True):
         running = await self.agent(default_local_cluster)
-        running.agent.hooks.endpoint_changed(kind=ChangeKind.DELETE, endpoint=Endpoint(
+        await remove_endpoint(running.agent, Endpoint(
             endpoint_id, "default", frozenset(), ipaddress.IPv4Address("10.1.0.0"), 0))
 
     async def verdict(self, text: str, peer: str, port: int, proto: int, *,
@@ -159,6 +160,18 @@ class ResolverHarness:
                                                        default_local_cluster)
         await self.remove_endpoint(endpoint_id, default_local_cluster)
         return decide(state, direction, self.ids[peer], proto, port).value
+
+
+async def add_endpoint(agent, endpoint: Endpoint) -> None:
+    """What the endpoint manager does with a new endpoint, minus the pod's network: the
+    datapath feed takes it (the datapath holds it), then every plugin hears of it."""
+    await agent.datapath_feed.endpoint_added(endpoint)
+    agent.hooks.endpoint_changed(kind=ChangeKind.UPSERT, endpoint=endpoint)
+
+
+async def remove_endpoint(agent, endpoint: Endpoint) -> None:
+    await agent.datapath_feed.endpoint_removed(endpoint)
+    agent.hooks.endpoint_changed(kind=ChangeKind.DELETE, endpoint=endpoint)
 
 
 async def _until(predicate, what: str) -> None:

@@ -1,8 +1,10 @@
 """The eBPF datapath: keeps the pinned maps equal to what the agent resolved.
 
-Changes are applied one key at a time (no flush-and-refill). Until the agent has synced
-(policies, identities, endpoints, remote clusters) nothing is changed: a restarted agent first
-finds the maps and attached programs as they were, then reconciles them in one pass.
+Batches of net changes (from the core's feed, its one caller) are applied one key at a time
+(no flush-and-refill), in the order the datapath contract states. Until the agent has synced
+(policies, identities, endpoints, remote clusters) nothing but endpoints is changed: a
+restarted agent first finds the maps and attached programs as they were, then reconciles them
+in one pass.
 """
 
 import asyncio
@@ -15,6 +17,7 @@ from pathlib import Path
 import attrs
 
 from meshagent import hookimpl
+from meshagent.datapath import DatapathBatch
 from meshagent.datapath.drops import (
     DropFeed,
     DropNotice,
@@ -23,7 +26,6 @@ from meshagent.datapath.drops import (
     protocol_name,
     verdict_metrics,
 )
-from meshagent.events import ChangeKind
 from meshagent.hooks.additions import Route
 from meshagent.model.endpoint import Endpoint
 from meshagent.model.identity import Identity
@@ -266,7 +268,36 @@ class EbpfDatapath:
                             ip6_bytes(endpoint.ipv6))
         self.maps["endpoints"].put(ct.c_uint32(endpoint.ifindex), info)
 
-    async def endpoint_added(self, endpoint: Endpoint) -> None:
+    # -- batches ----------------------------------------------------------------------------------
+
+    async def apply(self, batch: DatapathBatch) -> None:
+        """Apply a batch in the contract's order: endpoints added; the touched policy groups
+        tightened to what the old and new state both allow, the ipcache changed (upserts,
+        then deletes), the new policy; the services; endpoints removed. One generation bump
+        at the end: tracked connections of the endpoints whose verdicts may have changed (all
+        of them when the ipcache changed) are judged again on their next packet."""
+        for endpoint in batch.added:
+            await self._add_endpoint(endpoint)
+        before: dict[GroupKey, Keys] = {}
+        after: dict[GroupKey, Keys] = {}
+        for endpoint_id, changes in batch.policy.items():
+            old, new = self._change_groups(endpoint_id, changes)
+            before.update(old)
+            after.update(new)
+        ipcache = bool(batch.ipcache_upserts or batch.ipcache_deletes)
+        if before or ipcache:
+            self._step_groups(before, after, between=lambda: self._write_ipcache(
+                batch.ipcache_upserts, batch.ipcache_deletes))
+            self._bump(list(self.endpoints) if ipcache else list(batch.policy))
+        if batch.services is not None:
+            self._update_services(batch.services)
+        for endpoint in batch.removed:
+            self._remove_endpoint(endpoint)
+
+    async def _add_endpoint(self, endpoint: Endpoint) -> None:
+        held = self.endpoints.get(endpoint.id)
+        if held is not None and (held.ifindex, held.ipv4) != (endpoint.ifindex, endpoint.ipv4):
+            self._drop_endpoint_rows(held)  # changed where it lives: its old rows go
         restoring = not self.synced and self.replaced_maps and await asyncio.to_thread(
             self.attacher.attached, endpoint.ifindex)
         pinned = self.pinned_endpoints.pop(endpoint.ifindex, None)
@@ -291,11 +322,14 @@ class EbpfDatapath:
         self.attached[endpoint.id] = await asyncio.to_thread(self.attacher.attached,
                                                              endpoint.ifindex)
 
-    async def endpoint_removed(self, endpoint: Endpoint) -> None:
+    def _drop_endpoint_rows(self, endpoint: Endpoint) -> None:
         local = self.maps["local_ips"].get(ip_bytes(endpoint.ipv4))
         if local is not None and local.value == endpoint.ifindex:
             self.maps["local_ips"].delete(ip_bytes(endpoint.ipv4))
         self.maps["endpoints"].delete(ct.c_uint32(endpoint.ifindex))
+
+    def _remove_endpoint(self, endpoint: Endpoint) -> None:
+        self._drop_endpoint_rows(endpoint)
         self.endpoints.pop(endpoint.id, None)
         self.born.pop(endpoint.id, None)
         self.attached.pop(endpoint.id, None)
@@ -316,20 +350,21 @@ class EbpfDatapath:
 
     # -- ipcache and policy -----------------------------------------------------------------------
 
-    async def update_ipcache(self, changes) -> None:
-        """Upserts before deletes: every address resolves to its old or new identity on the
-        way, never to a shorter prefix's for a moment."""
-        for kind, entry in changes:
-            if kind is not ChangeKind.DELETE:
-                name, key = _ipcache_row(entry)
-                self.maps[name].put(key, IPCacheValue(entry.identity, 0))
-        for kind, entry in changes:
-            if kind is ChangeKind.DELETE:
-                name, key = _ipcache_row(entry)
-                self.maps[name].delete(key)
-        self._bump(list(self.endpoints))
+    def _write_ipcache(self, upserts: Iterable[IPCacheEntry],
+                       deletes: Iterable[IPCacheEntry]) -> None:
+        """Upserts before deletes: as a batch holds each prefix once, every address resolves
+        to its old or its new identity on the way, never to a shorter prefix's for a moment."""
+        for entry in upserts:
+            name, key = _ipcache_row(entry)
+            self.maps[name].put(key, IPCacheValue(entry.identity, 0))
+        for entry in deletes:
+            name, key = _ipcache_row(entry)
+            self.maps[name].delete(key)
 
-    async def update_policy(self, endpoint_id: int, changes) -> None:
+    def _change_groups(self, endpoint_id: int, changes) -> tuple[dict[GroupKey, Keys],
+                                                                  dict[GroupKey, Keys]]:
+        """Take one endpoint's map changes into ``groups``; the touched groups' keys before
+        and after."""
         before: dict[GroupKey, dict] = {}
         for change in changes:
             group = group_of(endpoint_id, change.key)
@@ -342,9 +377,8 @@ class EbpfDatapath:
         after = {group: self.groups.get(group, {}) for group in before}
         for group in [g for g, keys in after.items() if not keys]:
             self.groups.pop(group, None)
-        self._step_groups({g: _as_keys(keys) for g, keys in before.items()},
-                          {g: _as_keys(keys) for g, keys in after.items()})
-        self._bump([endpoint_id])
+        return ({g: _as_keys(keys) for g, keys in before.items()},
+                {g: _as_keys(keys) for g, keys in after.items()})
 
     def _step_groups(self, old: dict[GroupKey, Keys], new: dict[GroupKey, Keys],
                      between=None) -> None:
@@ -446,7 +480,7 @@ class EbpfDatapath:
 
     # -- services -------------------------------------------------------------------------------
 
-    async def update_services(self, services) -> None:
+    def _update_services(self, services) -> None:
         """Make the load-balancer maps match the merged services: backends first, then the
         service entries that point at them, then what is stale (new connections never meet a
         service without its backends)."""

@@ -1,6 +1,6 @@
 """The nftables datapath: keeps one ``netdev`` table equal to what the agent resolved.
 
-Every change — ipcache ranges, policy elements — is one transaction of libnftables JSON
+Every batch's ipcache ranges and policy elements are one transaction of libnftables JSON
 commands (atomic: a packet sees the state before or after it, never a half-written one);
 chains, created once per endpoint, are nft text through the same library. A restarted agent
 finds its table (by its layout chain) and keeps it, reply sets and all, until the first sync;
@@ -18,6 +18,7 @@ import socket
 import attrs
 
 from meshagent import hookimpl
+from meshagent.datapath import DatapathBatch
 from meshagent.datapath.drops import (
     REASON_TEXT,
     DropFeed,
@@ -27,7 +28,6 @@ from meshagent.datapath.drops import (
     protocol_name,
     verdict_metrics,
 )
-from meshagent.events import ChangeKind
 from meshagent.hooks.additions import Route
 from meshagent.model.endpoint import Endpoint
 from meshagent.model.identity import world_identity
@@ -182,22 +182,55 @@ class NftablesDatapath:
             self._log_socket.close()
             self._log_socket = None
 
+    # -- batches ------------------------------------------------------------------------------
+
+    async def apply(self, batch: DatapathBatch) -> None:
+        """The contract's order: endpoints added (their chains and maps made); the policy
+        elements and the ipcache ranges together in one transaction, so a packet meets the
+        state before the batch or after it, nothing between; the services (counted, not
+        balanced); endpoints removed. Until the first sync, an adopted table is left as the
+        last agent wrote it: changes are kept and written by the reconcile."""
+        touched = set()
+        for endpoint in batch.added:
+            touched |= self._add_endpoint(endpoint)
+        for endpoint_id, changes in batch.policy.items():
+            touched |= self._change_groups(endpoint_id, changes)
+        families = self._change_ipcache(batch.ipcache_upserts, batch.ipcache_deletes)
+        if (touched or families) and (self.synced or not self.adopted):
+            groups, written = self._group_commands(touched)
+            ranges, drawn = self._ipcache_commands(families)
+            self._transaction(groups + ranges)
+            self._committed(written, drawn)
+        if batch.services is not None:
+            self._count_services(batch.services)
+        for endpoint in batch.removed:
+            self._remove_endpoint(endpoint)
+
     # -- endpoints ----------------------------------------------------------------------------
 
-    async def endpoint_added(self, endpoint: Endpoint) -> None:
+    def _add_endpoint(self, endpoint: Endpoint) -> set:
+        """Make (or keep) an endpoint's chains, maps and sets; the policy groups to write
+        again (a changed endpoint on another device got fresh, empty maps)."""
         device = self.device_of(endpoint.ifindex)
         ipv6 = str(endpoint.ipv6) if endpoint.ipv6 else None
         rules = self.rules.endpoint(endpoint.id, device, str(endpoint.ipv4), ipv6)
+        held = self.endpoints.get(endpoint.id)
         found = self.found.pop(endpoint.id, None)
-        if found == device:  # restored: keep its reply sets and policy maps
+        again: set = set()
+        if found == device or (held is not None and self.device_of(held.ifindex) == device):
+            # restored, or changed in place: keep its reply sets and policy maps
             self._run(rules.spoof_chains_text(str(endpoint.ipv4), ipv6))
         else:
-            if endpoint.id in self.endpoints or found is not None:
+            if held is not None or found is not None:
                 self._delete(endpoint.id)
+                again = {g for g in self.groups if g[0] == endpoint.id}
+                for group in again:
+                    self.written.pop(group, None)
             self._run(rules.text())
         self.endpoints[endpoint.id] = endpoint
+        return again
 
-    async def endpoint_removed(self, endpoint: Endpoint) -> None:
+    def _remove_endpoint(self, endpoint: Endpoint) -> None:
         self.endpoints.pop(endpoint.id, None)
         for group in [g for g in self.groups if g[0] == endpoint.id]:
             self.groups.pop(group)
@@ -219,21 +252,17 @@ class NftablesDatapath:
 
     # -- ipcache ------------------------------------------------------------------------------
 
-    async def update_ipcache(self, changes) -> None:
-        touched = set()
-        for kind, entry in changes:
-            rows = self.ipcache[entry.version]
-            if kind is ChangeKind.DELETE:
-                rows.pop(entry.prefix, None)
-            else:
-                rows[entry.prefix] = entry.identity
-            touched.add(entry.version)
-        if self.synced or not self.adopted:
-            self._write_ipcache(touched)
+    def _change_ipcache(self, upserts, deletes) -> set[int]:
+        """Take the changes into ``ipcache``; the families they touch."""
+        for entry in deletes:
+            self.ipcache[entry.version].pop(entry.prefix, None)
+        for entry in upserts:
+            self.ipcache[entry.version][entry.prefix] = entry.identity
+        return {entry.version for entry in (*upserts, *deletes)}
 
-    def _write_ipcache(self, families, whole: bool = False) -> None:
-        """Each family's flattened ipcache in one transaction: what changed, or (``whole``)
-        the map flushed and written again."""
+    def _ipcache_commands(self, families, whole: bool = False) -> tuple[list[dict], dict]:
+        """Commands that make each family's map hold its flattened ipcache: what changed, or
+        (``whole``) the map flushed and written again; and the ranges written."""
         commands, written = [], {}
         for family in sorted(families):
             name = f"ipcache{family}"
@@ -249,8 +278,7 @@ class NftablesDatapath:
                 commands.append(self._elements_command(
                     "add", name, ([_ip_range(family, a, b), i] for a, b, i in sorted(added))))
             written[family] = new
-        self._transaction(commands)
-        self.ranges.update(written)
+        return commands, written
 
     def identity_of(self, address: str) -> int:
         """The identity the table gives ``address`` (for drop notices)."""
@@ -263,7 +291,8 @@ class NftablesDatapath:
 
     # -- policy -------------------------------------------------------------------------------
 
-    async def update_policy(self, endpoint_id: int, changes) -> None:
+    def _change_groups(self, endpoint_id: int, changes) -> set:
+        """Take one endpoint's map changes into ``groups``; the groups they touch."""
         touched = set()
         for change in changes:
             group = (endpoint_id, DIRS[change.key.direction], change.key.identity)
@@ -273,12 +302,11 @@ class NftablesDatapath:
             else:
                 keys[change.key] = change.verdict
             touched.add(group)
-        if self.synced or not self.adopted:
-            self._write_groups(touched)
+        return touched
 
-    def _write_groups(self, groups, flush: tuple[str, ...] = ()) -> None:
-        """What changed in these groups' map elements, in one transaction (after flushing
-        the maps in ``flush``)."""
+    def _group_commands(self, groups, flush: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
+        """Commands for what changed in these groups' map elements (after flushing the maps
+        in ``flush``), and the elements written."""
         commands = [self._flush_command(name) for name in flush]
         written: dict = {}
         for group in sorted(groups):
@@ -295,13 +323,17 @@ class NftablesDatapath:
                         "add", name, ([_element_key(e), {"goto": {"target": e[-1]}}]
                                       for e in sorted(new))))
             written[group] = wanted
-        self._transaction(commands)
+        return commands, written
+
+    def _committed(self, written: dict, ranges: dict) -> None:
+        """What a transaction made of ``_group_commands`` and ``_ipcache_commands`` wrote."""
         for group, wanted in written.items():
             if wanted:
                 self.written[group] = wanted
             else:
                 self.written.pop(group, None)
                 self.groups.pop(group, None)
+        self.ranges.update(ranges)
 
     def _elements(self, group) -> dict[str, set[tuple]]:
         """The map elements of one group (the peer's identity, or any: identity 0), each
@@ -343,10 +375,12 @@ class NftablesDatapath:
             flush = tuple(policy_map(kind, family, ep, d) for ep in self.endpoints
                           for d in DIRS.values() for family in (4, 6)
                           for kind in ("spec", "any", "spnp", "anynp"))
-        self._write_groups(stale | set(groups), flush)
+        commands, written = self._group_commands(stale | set(groups), flush)
         self.ipcache = {family: {e.prefix: e.identity for e in ipcache
                                  if e.version == family} for family in (4, 6)}
-        self._write_ipcache((4, 6), whole=whole)
+        ranges, drawn = self._ipcache_commands((4, 6), whole=whole)
+        self._transaction(commands + ranges)  # one: the whole state in force at once
+        self._committed(written, drawn)
         self.dirty = False
         for endpoint_id in list(self.found):  # endpoints the last agent had and this one not
             self._delete(endpoint_id)
@@ -355,7 +389,7 @@ class NftablesDatapath:
 
     # -- services -----------------------------------------------------------------------------
 
-    async def update_services(self, services) -> None:
+    def _count_services(self, services) -> None:
         """Not balanced by this datapath (see docs/nftables.md): said in status and the log."""
         count = sum(1 for _ in services)
         if count and not self.services:
