@@ -93,9 +93,8 @@ async def test_policy_wait_returns_once_every_endpoint_enforces_the_revision(age
     and ``policy wait REV`` return once every local endpoint has reached it."""
     import ipaddress
 
-    from meshagent.events import ChangeKind
     from meshagent.model.endpoint import Endpoint
-    from meshagent.testing.resolver_contract import RecordingDatapath
+    from meshagent.testing.resolver_contract import RecordingDatapath, add_endpoint
     from test_policy_semantics import IDS
     datapath = RecordingDatapath()
     running = await agent_factory(ARGS, extra_plugins=[("recording", datapath)])
@@ -104,7 +103,7 @@ async def test_policy_wait_returns_once_every_endpoint_enforces_the_revision(age
             running.agent.tables.identities.upsert(identity.id, identity)
     socket = str(running.socket_path)
     db = Endpoint(7, "default", IDS["db"].labels, ipaddress.ip_address("10.1.1.7"), IDS["db"].id)
-    running.agent.hooks.endpoint_changed(kind=ChangeKind.UPSERT, endpoint=db)
+    await add_endpoint(running.agent, db)  # as the endpoint manager does
     seed = tmp_path / "seed.yaml"
     seed.write_text(SEED)
     result = await asyncio.to_thread(run_cli, "policy", "import", str(seed), "--wait",

@@ -17,19 +17,21 @@ from pathlib import Path
 import attrs
 
 from meshagent import hookimpl
-from meshagent.datapath import DatapathBatch
-from meshagent.datapath.drops import (
+from meshagent.plugin import (
+    DatapathBatch,
     DropFeed,
     DropNotice,
     DropPeer,
+    Endpoint,
+    Health,
+    IPCacheEntry,
+    Identity,
+    Route,
+    StatusSection,
     flag_names,
     protocol_name,
     verdict_metrics,
 )
-from meshagent.hooks.additions import Route
-from meshagent.model.endpoint import Endpoint
-from meshagent.model.identity import Identity
-from meshagent.model.ipcache import IPCacheEntry
 from meshagent.plugins.ebpf import loader, migrate
 from meshagent.plugins.ebpf.maps import (
     DIR_EGRESS,
@@ -73,7 +75,6 @@ from meshagent.plugins.ebpf.policymap import (
     ordered_writes,
     safe_stages,
 )
-from meshagent.runtime.status import Health, StatusSection
 
 log = logging.getLogger(__name__)
 

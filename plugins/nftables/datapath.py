@@ -18,19 +18,21 @@ import socket
 import attrs
 
 from meshagent import hookimpl
-from meshagent.datapath import DatapathBatch
-from meshagent.datapath.drops import (
-    REASON_TEXT,
+from meshagent.plugin import (
+    DatapathBatch,
     DropFeed,
     DropNotice,
     DropPeer,
+    Endpoint,
+    Health,
+    REASON_TEXT,
+    Route,
+    StatusSection,
     flag_names,
     protocol_name,
     verdict_metrics,
+    world_identity,
 )
-from meshagent.hooks.additions import Route
-from meshagent.model.endpoint import Endpoint
-from meshagent.model.identity import world_identity
 from meshagent.plugins.nftables import netlink
 from meshagent.plugins.nftables.intervals import (
     DENY,
@@ -46,7 +48,6 @@ from meshagent.plugins.nftables.ruleset import (
     Ruleset,
     policy_map,
 )
-from meshagent.runtime.status import Health, StatusSection
 
 log = logging.getLogger(__name__)
 
