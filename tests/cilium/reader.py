@@ -18,6 +18,7 @@ Go ``encoding/json`` rules applied (src/encoding/json/decode.go):
   (no zone, no leading zeros); ``net.IPMask`` is a ``[]byte``: standard base64.
 """
 
+import abc
 import base64
 import binascii
 import ipaddress
@@ -56,11 +57,14 @@ def _loads(data: bytes) -> Any:
         raise GoJSONError(f"syntax error: {exc}") from None
 
 
-class GoType:
+class GoType(abc.ABC):
+    """A Go type as encoding/json fills it: its zero value, and how a JSON value decodes."""
+
     zero: Any = None
 
+    @abc.abstractmethod
     def decode(self, value: Any, where: str) -> Any:
-        raise NotImplementedError
+        """The Go value of ``value`` (GoJSONError as Go's Unmarshal would fail)."""
 
 
 class _String(GoType):
