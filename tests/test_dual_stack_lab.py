@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import MESHAGENT, lab_up, redis_ping, run_cli, seed_scene
+from conftest import MESHAGENT, lab_up, redis_ping, run_cli, seed_scene, wait_until
 
 from meshagent.datapath.drops import format_drop
 from meshagent_dev.netlab import can_run
@@ -44,10 +44,13 @@ def test_node_list_shows_ipv6_addresses_and_cidrs_of_both_clusters(lab):
     row = next(line for line in table if line.startswith("cluster2/node1")).split()
     assert row == ["cluster2/node1", "10.99.2.1", "10.2.1.0/24", "fd00:99::2:1",
                    "fd00:2:1::/64"]
-    routes = subprocess.run(["ip", "netns", "exec", lab.state["nodes"]["cluster1-node1"]["ns"],
-                             "ip", "-6", "route", "show", "proto", "77"],
-                            capture_output=True, text=True).stdout
-    assert "fd00:2:1::/64 via fd00:99::2:1" in routes, routes
+    def routes() -> str:
+        return subprocess.run(["ip", "netns", "exec", lab.state["nodes"]["cluster1-node1"]["ns"],
+                               "ip", "-6", "route", "show", "proto", "77"],
+                              capture_output=True, text=True).stdout
+    # installed by the node-routes controller within moments of the node's arrival (the lab
+    # is ready once the remote is synced, which may be a moment before)
+    wait_until(lambda: "fd00:2:1::/64 via fd00:99::2:1" in routes(), 5, "the IPv6 node route")
 
 
 def test_pods_have_both_families_and_the_seed_holds_over_both(lab):

@@ -172,8 +172,9 @@ def test_2_partition_is_reported_and_heals_in_seconds_however_long_it_was(lab, t
 
 def test_3_a_pod_deleted_while_its_etcd_is_hung_is_gone_everywhere_soon_after(lab, tmp_path):
     pod = lab.pod_create("leaver", "cluster2-node1", "istio-space", "app=leaver")
-    key = f"cilium/state/ip/v1/cluster2/{pod['ip']}"
+    key = f"cilium/state/ip/v1/default/{pod['ip']}"
     wait_until(lambda: pod["ip"] in ip_list(lab, "cluster1-node1"), 10, "leaver known in cluster1")
+    assert etcd_keys(lab, "cluster2", key) == [key]  # published where Cilium publishes it
     with stopped(lab, "etcd2"):
         result = run_cli("endpoint", "delete", str(pod["endpoint"]), "--socket-path",
                          sock(lab, "cluster2-node1"))
@@ -218,11 +219,13 @@ def test_5_agent_killed_and_restarted_keeps_enforcing_and_leaks_nothing(lab, tmp
             new_lines = log.read_text(errors="replace")[log_start:]
             assert " failed (" not in new_lines, new_lines  # no controller had to retry
     wait_section(lab, "Controllers", "Ok", HEAL_WITHIN)
+    temp_key = f"cilium/state/ip/v1/default/{temp['ip']}"
+    assert etcd_keys(lab, "cluster1", temp_key) == [temp_key]
     result = run_cli("endpoint", "delete", str(temp["endpoint"]), "--socket-path", sock(lab))
     assert result.returncode == 0, result.stderr
     wait_until(lambda: not [k for k in etcd_keys(lab, "cluster1", "cilium/state/identities/v1/value/")
                           if "app=temp" in k], HEAL_WITHIN, "temp's identity reference gone")
-    wait_until(lambda: etcd_keys(lab, "cluster1", f"cilium/state/ip/v1/cluster1/{temp['ip']}") == [],
+    wait_until(lambda: etcd_keys(lab, "cluster1", temp_key) == [],
              HEAL_WITHIN, "temp's IP entry gone")
 
 

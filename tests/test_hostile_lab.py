@@ -85,7 +85,7 @@ def test_1_the_seed_holds(lab):
 def test_2_hijacking_a_local_address_changes_nothing_and_withdrawing_it_removes_nothing(lab):
     stranger = lab.state["pods"]["stranger"]
     employee = lab.state["pods"]["employee-c2"]
-    key = f"cilium/state/ip/v1/cluster2/{stranger['ip']}"
+    key = f"cilium/state/ip/v1/default/{stranger['ip']}"
     before = remote(lab)["held"].get("endpoints", 0)
     attack(lab, [put(key, json.dumps({"IP": stranger["ip"], "ID": employee["identity"],
                                       "HostIP": "10.99.2.1"}))])
