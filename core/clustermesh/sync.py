@@ -50,12 +50,21 @@ class Kind:
 
     name: str  # nodes, identities, endpoints, services (the words of cilium status)
     prefix: str
-    base: str  # the kind's store as Cilium names it (``cilium/state/identities/v1/``): canaries
     table: str
     decode: Callable[["EntryChecks", str, bytes], tuple[Any, Any]]  # -> (table key, row)
     max_value: int  # bytes: a larger value is rejected before it is decoded
     # a remote's row that decodes fine may still wait for the right to it: why, or ""
     admit: Callable[["ClusterSync", Any], str] | None = None
+
+    @property
+    def canary(self) -> str:
+        """Where its store's sync canary sits, relative to the cluster's
+        (``cilium/state/identities/v1``: the store, not the watched ``…/id/``)."""
+        return "/".join(self.prefix.split("/")[:4])
+
+    @property
+    def is_identities(self) -> bool:
+        return self.prefix == kvkeys.IDENTITIES
 
 
 def printable(key: str, limit: int = 160) -> str:
@@ -91,7 +100,7 @@ class PrefixSync:
         """The key whose existence says the cluster's copy of this kind is complete."""
         if self.sync.cached:
             return self.cache.canary
-        return kvkeys.synced_key(self.sync.cluster, self.kind.base)
+        return kvkeys.synced_key(self.sync.cluster, self.kind.canary)
 
     def _holds(self, key: str) -> bool:
         return key in self.owned or key in self.held
@@ -256,12 +265,18 @@ class SyncCanaries:
         async with self._added:
             await self._added.wait_for(lambda: key in self.keys)
 
-    async def follow(self, store: KVStore, wanted: set[str], identities: str | None) -> None:
-        """Until every ``wanted`` canary was seen (then no watch is kept open for them).
+    async def follow(self, store: KVStore, canaries: dict[Kind, str], older: bool) -> None:
+        """Until the canary of every kind (``canaries``) was seen (then no watch is kept open
+        for them).
 
         meshagent before 0.2 wrote no identities canary, and its canaries hold seconds since
-        the epoch where Cilium (and 0.2) write RFC 3339: where such a canary is seen, the
-        ``identities`` canary counts as seen too (to be removed in 0.3)."""
+        the epoch where Cilium (and 0.2) write RFC 3339: with ``older`` (a cluster's own
+        state, not a cache), where such a canary is seen the identities canary counts as seen
+        too (to be removed in 0.3)."""
+        wanted = set(canaries.values())
+        identities = next((key for kind, key in canaries.items() if kind.is_identities), None) \
+            if older else None
+
         async def add(key: str, value: bytes) -> bool:
             found = {key} & wanted
             if identities is not None and value.isdigit():
@@ -324,10 +339,8 @@ class ClusterSync:
         work = {f"sync:{self.cluster}:{p.kind.name}": p.run(store, one_synced)
                 for p in self.prefixes}
         if self.canaries_required:
-            identities = next(p.canary for p in self.prefixes if p.kind.name == "identities")
             work[f"sync:{self.cluster}:canaries"] = self.canaries.follow(
-                store, {p.canary for p in self.prefixes},
-                None if self.cached else identities)
+                store, {p.kind: p.canary for p in self.prefixes}, older=not self.cached)
         await run_together(work)
 
     async def canary_seen(self, key: str) -> None:
@@ -477,10 +490,8 @@ def check_size(value: bytes, limit: int) -> bytes:
 #: Value size limits (bytes): far above what an agent writes (a node ~300, an identity ~200,
 #: an ipcache entry ~150), low enough that a hostile cluster cannot make us hold much.
 KINDS = (
-    Kind("nodes", kvkeys.NODES, kvkeys.NODES, "nodes", _node, 64 * 1024),
-    Kind("identities", kvkeys.IDENTITIES, kvkeys.IDENTITIES_BASE, "identities", _identity,
-         16 * 1024),
-    Kind("endpoints", kvkeys.IPCACHE, kvkeys.IPCACHE, "ipcache", _ipcache, 4 * 1024,
-         _ipcache_admission),
-    Kind("services", kvkeys.SERVICES, kvkeys.SERVICES, "services", _service, 1024 * 1024),
+    Kind("nodes", kvkeys.NODES, "nodes", _node, 64 * 1024),
+    Kind("identities", kvkeys.IDENTITIES, "identities", _identity, 16 * 1024),
+    Kind("endpoints", kvkeys.IPCACHE, "ipcache", _ipcache, 4 * 1024, _ipcache_admission),
+    Kind("services", kvkeys.SERVICES, "services", _service, 1024 * 1024),
 )

@@ -43,7 +43,7 @@ class PrefixReflector:
         self.checks, self.kind, self.local = checks, kind, local
         self.canaries = canaries  # the remote's, when it writes them
         self.cache = CacheLayout(kind.prefix, checks.cluster)
-        self.remote_canary = kvkeys.synced_key(checks.cluster, kind.base)
+        self.remote_canary = kvkeys.synced_key(checks.cluster, kind.canary)
         self.legacy = (LegacyIPCache(checks.cluster, self._apply, lambda key: key in self.copied)
                        if kind.prefix == kvkeys.IPCACHE else None)
         self.position = Position()
@@ -205,10 +205,8 @@ class CacheWriter:
         work = {f"cache:{self.cluster}:{r.kind.name}": r.run(remote, one_synced)
                 for r in self.reflectors}
         if self.canaries is not None:
-            identities = next(r.remote_canary for r in self.reflectors
-                              if r.kind.name == "identities")
             work[f"cache:{self.cluster}:canaries"] = self.canaries.follow(
-                remote, {r.remote_canary for r in self.reflectors}, identities)
+                remote, {r.kind: r.remote_canary for r in self.reflectors}, older=True)
         await run_together(work)
 
     def switch_source(self, cached: bool) -> None:
