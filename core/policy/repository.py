@@ -76,7 +76,7 @@ class Repository:
         waits = []
         for policy in policies:
             key, value = policy_key(policy), policy.document_json.encode()
-            waits.append(self._await(key, value))
+            waits.append((key, self._await(key, value)))
             await self.kvstore.put(key, value)
         await self._applied(waits)
         return self.revision
@@ -87,7 +87,7 @@ class Repository:
         if not await self.kvstore.delete(key):
             self._forget(key, wait)
             return None
-        await self._applied([wait])
+        await self._applied([(key, wait)])
         return self.revision
 
     def policies(self) -> list[Policy]:
@@ -123,11 +123,13 @@ class Repository:
         if kept:
             self._awaited[key] = kept
 
-    async def _applied(self, waits: list[asyncio.Future]) -> None:
+    async def _applied(self, waits: list[tuple[str, asyncio.Future]]) -> None:
         try:
             async with asyncio.timeout(APPLY_TIMEOUT):
-                await asyncio.gather(*waits)
+                await asyncio.gather(*(future for _, future in waits))
         except TimeoutError:
+            for key, future in waits:  # nobody waits for them any more
+                self._forget(key, future)
             raise PolicyError(f"stored, but not applied on this node within {APPLY_TIMEOUT:.0f}s"
                               " (is the kvstore answering? see meshagent status)") from None
 
