@@ -14,13 +14,26 @@ from meshagent.datapath import Datapath, DatapathBatch
 from meshagent.datapath.drops import (
     PROTOCOL_NAMES,
     REASON_TEXT,
-    DropFeed,
-    DropNotice,
-    DropPeer,
     flag_names,
     host_port,
     protocol_name,
     verdict_metrics,
+)
+from meshagent.datapath.events import (
+    AUDIT,
+    DROP,
+    DROPPED,
+    FORWARDED,
+    MATCH_ALL,
+    MATCH_L3_L4,
+    MATCH_L3_ONLY,
+    MATCH_L4_ONLY,
+    MATCH_NONE,
+    POLICY_VERDICT,
+    TRACE,
+    FlowEvent,
+    FlowEvents,
+    FlowEventSink,
 )
 from meshagent.errors import MeshagentError, PluginError, UsageError
 from meshagent.events import ChangeKind, PolicyChange
@@ -95,8 +108,9 @@ __all__ = [
     "PolicyResolver", "PolicyRepository", "PolicyUpdate", "PolicyKey", "Policy", "PolicyError",
     "parse_document", "build_default_resolver", "MapKey", "MapState", "MapChange", "Verdict",
     "EndpointChanges", "ChangeQueue",
-    "Datapath", "DatapathBatch", "DropFeed", "DropNotice", "DropPeer", "PROTOCOL_NAMES",
-    "REASON_TEXT", "flag_names", "host_port", "protocol_name", "verdict_metrics",
+    "Datapath", "DatapathBatch", "FlowEvent", "FlowEventSink", "FlowEvents", "DROP",
+    "POLICY_VERDICT", "TRACE", "FORWARDED", "DROPPED", "AUDIT", "MATCH_NONE", "MATCH_L3_ONLY",
+    "MATCH_L3_L4", "MATCH_L4_ONLY", "MATCH_ALL", "PROTOCOL_NAMES", "REASON_TEXT", "flag_names", "host_port", "protocol_name", "verdict_metrics",
     # values
     "ClusterInfo", "Node", "Identity", "ReservedIdentity", "world_identity", "Endpoint",
     "IPCacheEntry", "Service", "Frontend", "Backend", "MergedService", "ServiceUpdate",

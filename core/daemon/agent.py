@@ -25,6 +25,8 @@ from meshagent.clustermesh.ownership import AddressOwnership
 from meshagent.clustermesh.sync import ClusterSync
 from meshagent.daemon.api import APIState, build_app
 from meshagent.runtime.apiserver import APIServer
+from meshagent.datapath.drops import DropFeed
+from meshagent.datapath.events import FlowEvents
 from meshagent.datapath.feed import DatapathFeed
 from meshagent.datapath.progress import PolicyProgress
 from meshagent.endpoint.manager import EndpointManager
@@ -98,6 +100,9 @@ class Agent:
                             lambda kind, v: hooks.ipcache_changed(kind=kind, entry=v)),
             services=Table("service", lambda kind, v: hooks.service_changed(kind=kind, service=v)),
         )
+        self.flow_events = FlowEvents()  # what the datapath reports; observers subscribe
+        self.drops = DropFeed(self.tables.identities.get)  # meshagent monitor
+        self.flow_events.subscribe(self.drops.on_event)
         self.ownership = AddressOwnership(self.cluster.name, config.get("pod-cidr"),
                                           self.kvstore_addresses)
         self.local_sync = ClusterSync(self.cluster.name, self.cluster.id, self.cluster, self.tables)
@@ -143,7 +148,7 @@ class Agent:
                 config=self.config, tables=self.tables, services=self.services,
                 endpoints=self.endpoints, clustermesh=self.clustermesh,
                 resolver=self.policy_resolver, repository=self.policy_repository,
-                policy_progress=self.policy_progress)
+                policy_progress=self.policy_progress, drops=self.drops)
             await cleanup.enter_async_context(APIServer(
                 build_app(state, self.hooks.api_routes(self.view)), self.config.socket_path))
             if addr := self.config.get("prometheus-serve-addr"):
@@ -339,6 +344,7 @@ class PluginView:
     kvstore = property(lambda self: self._agent.kvstore)
     node_keys = property(lambda self: self._agent.publisher)
     endpoints = property(lambda self: self._agent.endpoints)
+    flow_events = property(lambda self: self._agent.flow_events)
 
 
 class _AgentHooks:

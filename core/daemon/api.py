@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # types only: the API serves the components, it does not buil
     from meshagent.clustermesh.mesh import ClusterMesh
     from meshagent.endpoint.manager import EndpointManager
     from meshagent.model.table import Tables
+    from meshagent.datapath.drops import DropFeed
     from meshagent.datapath.progress import PolicyProgress
     from meshagent.policy import PolicyRepository, PolicyResolver
     from meshagent.runtime.config import Config
@@ -73,6 +74,7 @@ class APIState:
     resolver: "PolicyResolver | None"
     repository: "PolicyRepository | None"
     policy_progress: "PolicyProgress"
+    drops: "DropFeed"
 
 
 def build_app(api: APIState, extra_routes: list[tuple[str, Route]]) -> web.Application:
@@ -80,6 +82,7 @@ def build_app(api: APIState, extra_routes: list[tuple[str, Route]]) -> web.Appli
     app = web.Application(middlewares=[_errors_as_json], client_max_size=MAX_REQUEST_BYTES)
     core = [
         Route("GET", "/healthz", functools.partial(_healthz, api)),
+        Route("GET", "/monitor", api.drops.stream),
         Route("GET", "/status", functools.partial(_status, api)),
         Route("GET", "/plugins", functools.partial(_plugins, api)),
         Route("GET", "/config", functools.partial(_config, api)),

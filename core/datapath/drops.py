@@ -1,9 +1,10 @@
-"""Drop notices: what a datapath tells ``meshagent monitor`` about a packet it dropped.
+"""Drop notices: what ``meshagent monitor`` shows of a packet a datapath dropped.
 
-Every datapath describes its drops with :class:`DropNotice` and hands them to a
-:class:`DropFeed`, which streams them at ``GET /monitor`` as JSON lines; so ``meshagent
-monitor`` reads the same events whichever datapath runs (Cilium's ``cilium monitor --type
-drop``). Light on purpose: the CLI imports :func:`format_drop`.
+Every datapath reports its drops as flow events (:mod:`meshagent.datapath.events`); the
+agent's :class:`DropFeed` turns those into :class:`DropNotice`s and streams them at ``GET
+/monitor`` as JSON lines, so ``meshagent monitor`` reads the same events whichever datapath
+runs (Cilium's ``cilium monitor --type drop``). Light on purpose: the CLI imports
+:func:`format_drop`.
 """
 
 import asyncio
@@ -79,11 +80,26 @@ def _listed(_instance, _field, value):
 
 
 class DropFeed:
-    """The drops of one datapath, to every ``meshagent monitor`` listening."""
+    """The drops among the datapath's flow events, to every ``meshagent monitor`` listening;
+    ``identities`` (number -> Identity or None) names the peers' clusters."""
 
-    def __init__(self):
+    def __init__(self, identities=lambda _: None):
+        self.identities = identities
         self.recent: collections.deque[DropNotice] = collections.deque(maxlen=RECENT)
         self.listeners: set[asyncio.Queue] = set()
+
+    def on_event(self, event) -> None:
+        """A flow event (:class:`meshagent.datapath.events.FlowEvent`): published if a drop."""
+        if event.verdict != "dropped":
+            return
+        named = self.identities
+        self.publish(DropNotice(
+            REASON_TEXT.get(event.reason, event.reason), event.endpoint, event.direction,
+            DropPeer.named(event.source_ip, event.source_port, event.source_identity, named),
+            DropPeer.named(event.destination_ip, event.destination_port,
+                           event.destination_identity, named),
+            protocol_name(event.protocol) if event.protocol or event.source_ip else "?",
+            flag_names(event.protocol, event.tcp_flags), event.time_ns / 1e9))
 
     def publish(self, notice: DropNotice) -> None:
         self.recent.append(notice)

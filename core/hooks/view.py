@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from meshagent.datapath.events import FlowEventSink
     from meshagent.kvstore import KVStore, NodeKeys
     from meshagent.model.cluster import ClusterInfo
     from meshagent.model.endpoint import Endpoint
@@ -61,3 +62,4 @@ class AgentView(Protocol):
     kvstore: "KVStore"  # the local cluster's store
     node_keys: "NodeKeys"  # this node's keys on its lease (identity references go there)
     endpoints: "LocalEndpoints | None"
+    flow_events: "FlowEventSink"  # where a datapath reports its flow events

@@ -28,6 +28,9 @@ class Endpoint:
     pod_mac: str = ""
     plugin_labels: frozenset[str] = frozenset()  # the part of ``labels`` plugins supplied
     ipv6: ipaddress.IPv6Address | None = None  # with an IPv6 --pod-cidr (dual stack)
+    #: in policy audit mode (the endpoint's own setting, else --policy-audit-mode): what the
+    #: policy would drop passes, reported with verdict AUDIT
+    policy_audit: bool = False
 
     @property
     def addresses(self) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:

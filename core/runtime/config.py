@@ -73,6 +73,13 @@ def add_core_options(parser: Parser) -> None:
     parser.addoption("policy-default-local-cluster", type=parse_bool, default=True,
                      help="a peer selector without io.cilium.k8s.policy.cluster matches only"
                           " the local cluster (false: every cluster)")
+    parser.addoption("policy-audit-mode", type=parse_bool, default=False,
+                     help="every endpoint in policy audit mode unless it says otherwise"
+                          " (meshagent endpoint config ID PolicyAuditMode=...): traffic the"
+                          " policy would drop passes and is reported with verdict AUDIT")
+    parser.addoption("enable-hubble", type=parse_bool, default=True,
+                     help="the datapath reports flow events (new connections, TCP SYN/FIN/RST,"
+                          " drops) for meshagent observe and the Hubble API; false: drops only")
     parser.addoption("datapath-sync-timeout", type=float, default=30.0,
                      help="seconds to wait for remote clusters before the first datapath"
                           " update after start (the datapath changes nothing before it)")

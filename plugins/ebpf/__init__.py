@@ -28,9 +28,9 @@ def meshagent_addoption(parser):
 
 
 def build_datapath(agent):
-    """The datapath with what it uses: its options, and identities to name drop events by."""
+    """The datapath with what it uses: its options, and where its flow events go."""
     from meshagent.plugins.ebpf.datapath import DatapathMetrics, EbpfDatapath, EbpfSettings
-    datapath = EbpfDatapath(EbpfSettings.from_config(agent.config), agent.tables.identities.get)
+    datapath = EbpfDatapath(EbpfSettings.from_config(agent.config), agent.flow_events)
     agent.plugins.register(datapath, name="ebpf.datapath")  # its status and API routes
     agent.metrics.register(DatapathMetrics(datapath))
     return datapath

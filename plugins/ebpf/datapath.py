@@ -11,7 +11,7 @@ import asyncio
 import ctypes as ct
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import attrs
@@ -19,17 +19,15 @@ import attrs
 from meshagent import hookimpl
 from meshagent.plugin import (
     DatapathBatch,
-    DropFeed,
-    DropNotice,
-    DropPeer,
+    DROP,
+    DROPPED,
     Endpoint,
+    FlowEvent,
+    FlowEventSink,
+    FlowEvents,
     Health,
     IPCacheEntry,
-    Identity,
-    Route,
     StatusSection,
-    flag_names,
-    protocol_name,
     verdict_metrics,
 )
 from meshagent.plugins.ebpf import loader, migrate
@@ -41,6 +39,7 @@ from meshagent.plugins.ebpf.maps import (
     LOST_CB_TYPE,
     POLICY_PREFIX_STATIC,
     RAW_CB_TYPE,
+    REASON_KEYS,
     REASONS,
     VERDICT_ALLOW,
     VERDICT_DENY,
@@ -58,6 +57,7 @@ from meshagent.plugins.ebpf.maps import (
     PerfBufferOpts,
     PolicyKey,
     PolicyValue,
+    boot_offset_ns,
     bpf_lib,
     ip6_bytes,
     ip_bytes,
@@ -143,15 +143,15 @@ def _as_keys(keys: dict) -> Keys:
 class EbpfDatapath:
     """Meets :class:`meshagent.datapath.Datapath`; registered as ``ebpf``.
 
-    ``identities`` names the peers of drop events; ``attacher`` puts the programs on a veth
-    (tests that run the programs on synthetic packets pass one that attaches nothing).
+    ``events`` gets its flow events (``meshagent.datapath.events``); ``attacher`` puts the
+    programs on a veth (tests that run the programs on synthetic packets pass one that
+    attaches nothing).
     """
 
-    def __init__(self, settings: EbpfSettings,
-                 identities: Callable[[int], Identity | None] = lambda _: None,
+    def __init__(self, settings: EbpfSettings, events: FlowEventSink | None = None,
                  attacher: "loader.Attacher | None" = None):
         self.settings = settings
-        self.identities = identities
+        self.events = events if events is not None else FlowEvents()
         self.attacher = attacher or loader.TcAttacher()
         self.pin_dir = settings.bpf_root / "meshagent"
         self.defines = settings.defines()
@@ -171,7 +171,6 @@ class EbpfDatapath:
         self.synced = False
         self.started = False
         self.start_error = ""
-        self.drops = DropFeed()  # to meshagent monitor
         self._readers: list[tuple[int, int]] = []
         self._event_maps: list[int] = []
 
@@ -509,23 +508,22 @@ class EbpfDatapath:
                 backends_map.delete(key)
         self.service_ids = {k: v for k, v in self.service_ids.items() if k in wanted}
 
-    # -- drop events ----------------------------------------------------------------------------
+    # -- flow events ----------------------------------------------------------------------------
 
     def _on_drop(self, cpu, data, size) -> None:
         raw = ct.cast(data, ct.POINTER(DropEvent)).contents
-        self.drops.publish(self.describe_drop(raw))
+        self.events.publish(self.describe_drop(raw))
 
-    def describe_drop(self, raw: DropEvent) -> DropNotice:
+    def describe_drop(self, raw: DropEvent) -> FlowEvent:
         v6 = raw.family == 6
-        return DropNotice(
-            reason=REASONS.get(raw.reason, str(raw.reason)), endpoint=raw.endpoint_id,
+        return FlowEvent(
+            time_ns=raw.time_ns + boot_offset_ns(), kind=DROP, verdict=DROPPED,
+            reason=REASON_KEYS.get(raw.reason, str(raw.reason)), endpoint=raw.endpoint_id,
             direction="ingress" if raw.direction == DIR_INGRESS else "egress",
-            source=DropPeer.named(ip_text(raw.saddr6 if v6 else raw.saddr), raw.sport,
-                                  raw.src_identity, self.identities),
-            destination=DropPeer.named(ip_text(raw.daddr6 if v6 else raw.daddr), raw.dport,
-                                       raw.dst_identity, self.identities),
-            protocol=protocol_name(raw.protocol), tcp_flags=flag_names(raw.protocol,
-                                                                       raw.tcp_flags))
+            source_ip=ip_text(raw.saddr6 if v6 else raw.saddr), source_port=raw.sport,
+            destination_ip=ip_text(raw.daddr6 if v6 else raw.daddr),
+            destination_port=raw.dport, protocol=raw.protocol, tcp_flags=raw.tcp_flags,
+            source_identity=raw.src_identity, destination_identity=raw.dst_identity)
 
     # -- visibility -----------------------------------------------------------------------------
 
@@ -561,10 +559,6 @@ class EbpfDatapath:
                     " first sync" for ep_id in sorted(self.deferred)]
         health = Health.OK if full == len(self.endpoints) else Health.WARNING
         return StatusSection("Datapath", health, summary, details=details)
-
-    @hookimpl
-    def meshagent_api_routes(self):
-        return [Route("GET", "/monitor", self.drops.stream)]
 
 
 def _policy_value(verdict: str) -> PolicyValue:

@@ -8,6 +8,7 @@ import ctypes as ct
 import functools
 import ipaddress
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,9 @@ REASONS = {  # the programs' reason numbers, named as every datapath names them
     REASON_MALFORMED: REASON_TEXT["malformed"],
     REASON_UNSUPPORTED_L3: REASON_TEXT["unsupported_l3"],
 }
+#: the programs' reason numbers as flow events name them (keys of REASON_TEXT)
+REASON_KEYS = {number: key for key, text in REASON_TEXT.items() for number, named
+               in REASONS.items() if named == text}
 PROTOCOL_NAMES = {0: "any", **DROP_PROTOCOL_NAMES}  # policy keys name protocol 0 "any"
 POLICY_PREFIX_STATIC = 72  # endpoint_id, identity, direction: always matched whole
 CT_REPLY, CT_NAT_DST, CT_NAT_SRC = 1, 2, 4
@@ -230,6 +234,12 @@ def ip6_bytes(address: ipaddress.IPv6Address | str | None) -> IPv6Bytes:
 def mac_bytes(text: str) -> "MAC":
     """``aa:bb:cc:dd:ee:ff`` as the struct field (all zero when unknown)."""
     return MAC(*bytes.fromhex(text.replace(":", ""))) if text else MAC()
+
+
+def boot_offset_ns() -> int:
+    """What turns the programs' clock (``bpf_ktime_get_ns``: CLOCK_MONOTONIC) into the wall
+    clock; read each time, so a clock step is followed."""
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
 def ip_text(raw: IPv4Bytes | IPv6Bytes) -> str:

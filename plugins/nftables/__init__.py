@@ -20,14 +20,13 @@ def meshagent_addoption(parser):
 
 
 def build_datapath(agent):
-    """The datapath with what it uses: its options, and identities to name drops by."""
+    """The datapath with what it uses: its options, and where its flow events go."""
     from meshagent.plugins.nftables.datapath import (
         NftablesDatapath,
         NftablesMetrics,
         NftablesSettings,
     )
-    datapath = NftablesDatapath(NftablesSettings.from_config(agent.config),
-                                agent.tables.identities.get)
+    datapath = NftablesDatapath(NftablesSettings.from_config(agent.config), agent.flow_events)
     agent.plugins.register(datapath, name="nftables.datapath")  # its status and API routes
     agent.metrics.register(NftablesMetrics(datapath))
     return datapath

@@ -14,22 +14,22 @@ import json
 import logging
 import re
 import socket
+import time
 
 import attrs
 
 from meshagent import hookimpl
 from meshagent.plugin import (
+    DROP,
+    DROPPED,
     DatapathBatch,
-    DropFeed,
-    DropNotice,
-    DropPeer,
     Endpoint,
+    FlowEvent,
+    FlowEvents,
+    FlowEventSink,
     Health,
     REASON_TEXT,
-    Route,
     StatusSection,
-    flag_names,
-    protocol_name,
     verdict_metrics,
     world_identity,
 )
@@ -72,11 +72,11 @@ class NftablesSettings:
 class NftablesDatapath:
     """Meets :class:`meshagent.datapath.Datapath`."""
 
-    def __init__(self, settings: NftablesSettings = NftablesSettings(), identities=lambda _: None,
-                 device_of=socket.if_indextoname):
+    def __init__(self, settings: NftablesSettings = NftablesSettings(),
+                 events: FlowEventSink | None = None, device_of=socket.if_indextoname):
         self.rules = Ruleset(settings.table, settings.log_group,
                              flow_timeout=settings.flow_timeout)
-        self.identities = identities  # identity number -> Identity | None (drop notices)
+        self.events = events if events is not None else FlowEvents()  # flow events go here
         self.device_of = device_of
         self.nft = None
         self.endpoints: dict[int, Endpoint] = {}
@@ -91,7 +91,6 @@ class NftablesDatapath:
         self.started = False
         self.start_error = ""
         self.services = 0  # merged services asked for (not balanced here)
-        self.drops = DropFeed()
         self._log_socket: socket.socket | None = None
 
     def _run(self, text: str) -> str:
@@ -414,12 +413,12 @@ class NftablesDatapath:
             log.debug("nflog: %s", exc)
             return
         for prefix, packet in netlink.nflog_packets(data):
-            notice = self.describe_drop(prefix, packet)
-            if notice is not None:
-                self.drops.publish(notice)
+            event = self.describe_drop(prefix, packet)
+            if event is not None:
+                self.events.publish(event)
 
-    def describe_drop(self, prefix: str, packet: bytes) -> DropNotice | None:
-        """A notice from a logged packet (its network header on) and its prefix
+    def describe_drop(self, prefix: str, packet: bytes) -> FlowEvent | None:
+        """An event from a logged packet (its network header on) and its prefix
         ``ma:<endpoint>:<in|out>:<reason>``; None for what is not ours."""
         parts = prefix.strip().split(":")
         if len(parts) != 4 or parts[0] != "ma" or parts[3] not in REASON_TEXT or \
@@ -427,20 +426,17 @@ class NftablesDatapath:
             return None  # another program's log in our group
         endpoint_id, d, reason = int(parts[1]), parts[2], parts[3]
         header = _headers(packet)
-        if header is None:
-            src = dst = DropPeer("", 0, 0, "?")
-            protocol, flags = "?", ()
-        else:
+        src_ip = dst_ip = ""
+        sport = dport = number = flag_bits = src_id = dst_id = 0
+        if header is not None:
             (src_ip, sport), (dst_ip, dport), number, flag_bits = header
             endpoint = self.endpoints.get(endpoint_id)
             own = endpoint.identity if endpoint else 0
             src_id = own if d == "out" else self.identity_of(src_ip)
             dst_id = own if d == "in" else self.identity_of(dst_ip)
-            src = DropPeer.named(src_ip, sport, src_id, self.identities)
-            dst = DropPeer.named(dst_ip, dport, dst_id, self.identities)
-            protocol, flags = protocol_name(number), flag_names(number, flag_bits)
-        return DropNotice(REASON_TEXT[reason], endpoint_id,
-                          "ingress" if d == "in" else "egress", src, dst, protocol, flags)
+        return FlowEvent(time.time_ns(), DROP, DROPPED, reason, endpoint_id,
+                         "ingress" if d == "in" else "egress", src_ip, sport, dst_ip, dport,
+                         number, flag_bits, src_id, dst_id)
 
     # -- visibility ---------------------------------------------------------------------------
 
@@ -476,9 +472,6 @@ class NftablesDatapath:
                            " use ebpf for global services)")
         return StatusSection("Datapath", health, summary, details=details)
 
-    @hookimpl
-    def meshagent_api_routes(self):
-        return [Route("GET", "/monitor", self.drops.stream)]
 
 
 class NftablesMetrics:
