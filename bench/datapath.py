@@ -9,11 +9,12 @@
       ipcache entries and 1,000 extra policy elements, reporting flows,
   (e) (b) without flows (``--enable-hubble=false``: the datapath reports drops only).
 
-Each node is its own network namespace with a client and a server pod, built once; every round
-measures the five one after the other in a shuffled order — iperf3 TCP throughput, the
-redis-benchmark PING rate over kept-alive connections, and the new-connection rate
-(redis-benchmark ``-k 0``: every PING on a new connection: connect, PING, PONG, close by the
-client) — and takes each node's ratio to (a) of that same round. The report gives the median of
+Each node is its own network namespace with a client and a server pod, built once. Every round
+takes three measurements — iperf3 TCP throughput, the redis-benchmark PING rate over kept-alive
+connections, and the new-connection rate (redis-benchmark ``-k 0``: every PING on a new
+connection: connect, PING, PONG, close by the client) — each of the five nodes one after the
+other, in a new shuffled order for each measurement, and takes each node's ratio to (a) of that
+same round. The report gives the median of
 those per-round ratios (and of the raw figures), so that the machine drifting between rounds
 does not pass for a difference between setups. Goals: (b) ≥ 95% of (a) in throughput and request
 rate, (b) ≥ (c) in both, and (b) ≥ 90% of (a) in new connections per second.
@@ -23,7 +24,7 @@ the node), and the flows its observer processed and lost, from its Prometheus me
 (``hubble_flows_processed_total``, ``hubble_lost_events_total``; absent from a build without
 them, reported as null).
 
-    .venv/bin/python bench/datapath.py [--rounds 9] [--seconds 3] [--requests 50000]
+    .venv/bin/python bench/datapath.py [--rounds 9] [--seconds 2] [--requests 50000]
         [--connections 20000] [--json F]
 
 Needs root. Builds its namespaces with a per-run prefix and removes them (and its bpffs) after.
@@ -188,21 +189,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(lab: NetLab, node: Node, seconds: int, requests: int, connections: int) -> dict:
-    client, server_ip = node.client, node.server_ip
-    iperf = lab.exec(client, "iperf3", "-c", server_ip, "-t", str(seconds), "-J", timeout=120)
+def throughput(lab: NetLab, node: Node, args) -> dict:
+    iperf = lab.exec(node.client, "iperf3", "-c", node.server_ip, "-t", str(args.seconds), "-J",
+                     timeout=120)
     gbits = json.loads(iperf.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
-    redis = lab.exec(client, "redis-benchmark", "-h", server_ip, "-t", "ping", "-n",
-                     str(requests), "-q", "-c", "20", timeout=120)
+    return {"iperf3_gbit_s": round(gbits, 2)}
+
+
+def request_rate(lab: NetLab, node: Node, args) -> dict:
+    redis = lab.exec(node.client, "redis-benchmark", "-h", node.server_ip, "-t", "ping", "-n",
+                     str(args.requests), "-q", "-c", "20", timeout=120)
     rates = [float(x) for x in re.findall(r"([\d.]+) requests per second", redis.stdout)]
+    return {"redis_ping_rps": round(max(rates), 0)}
+
+
+def connection_rate(lab: NetLab, node: Node, args) -> dict:
+    """New connections per second, each a PING on a connection of its own; and the agent's CPU
+    time meanwhile, per 1,000 connections."""
     cpu = cpu_seconds(node.agent_pid)
-    conns = lab.exec(client, "redis-benchmark", "-h", server_ip, "-t", "ping_inline", "-n",
-                     str(connections), "-q", "-c", "20", "-k", "0", timeout=120)
+    conns = lab.exec(node.client, "redis-benchmark", "-h", node.server_ip, "-t", "ping_inline",
+                     "-n", str(args.connections), "-q", "-c", "20", "-k", "0", timeout=120)
     agent_cpu = cpu_seconds(node.agent_pid) - cpu
-    conn_rate = float(re.findall(r"([\d.]+) requests per second", conns.stdout)[-1])
-    return {"iperf3_gbit_s": round(gbits, 2), "redis_ping_rps": round(max(rates), 0),
-            "new_conn_per_s": round(conn_rate, 0),
-            "agent_cpu_ms_per_1000_conn": round(agent_cpu * 1000 / connections * 1000, 1)}
+    rate = float(re.findall(r"([\d.]+) requests per second", conns.stdout)[-1])
+    return {"new_conn_per_s": round(rate, 0),
+            "agent_cpu_ms_per_1000_conn": round(agent_cpu * 1e6 / args.connections, 1)}
 
 
 def flow_counters(lab: NetLab, node: Node) -> dict:
@@ -228,7 +238,7 @@ def paired(ratios: dict, top: str, bottom: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=2, help="iperf3 seconds per node and round")
     parser.add_argument("--requests", type=int, default=50000)
     parser.add_argument("--connections", type=int, default=20000,
                         help="new connections per node and round")
@@ -249,10 +259,14 @@ def main() -> None:
         samples: dict[str, list[dict]] = {key: [] for key in SETUPS}
         ratios: dict[str, list[dict]] = {key: [] for key in SETUPS}
         for round_ in range(args.rounds):
-            order = list(SETUPS)
-            rng.shuffle(order)
-            got = {key: measure(lab, nodes[key], args.seconds, args.requests, args.connections)
-                   for key in order}
+            # one measurement after another, every setup in a new order for each: the five
+            # figures a ratio is taken between are measured within seconds of each other
+            got: dict[str, dict] = {key: {} for key in SETUPS}
+            for measure in (throughput, request_rate, connection_rate):
+                order = list(SETUPS)
+                rng.shuffle(order)
+                for key in order:
+                    got[key] |= measure(lab, nodes[key], args)
             for key in SETUPS:
                 samples[key].append(got[key])
                 ratios[key].append({m: got[key][m] / got["a_no_programs"][m] for m in METRICS})

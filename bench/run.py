@@ -269,8 +269,8 @@ def datapath_report(dp: dict) -> list[str]:
              " (`--enable-hubble=true`, the default), (e) the same without flows"
              " (`--enable-hubble=false`: drops only), (c) the same policy as stateful iptables"
              " (1,001 rules), (d) meshagent's nftables datapath with the same policy and the same"
-             " extra entries, reporting flows. Every round measures the five in a shuffled order:"
-             " iperf3 throughput, redis PINGs over 20 kept-alive connections"
+             " extra entries, reporting flows. Every round takes three measurements, of the five"
+             " nodes one after the other in a new shuffled order for each: iperf3 throughput, redis PINGs over 20 kept-alive connections"
              " (`redis-benchmark -t ping -c 20`), and new connections per second"
              " (`redis-benchmark -t ping_inline -c 20 -k 0`: each PING on a connection of its"
              " own — connect, PING, PONG, close by the client; the client pod reuses its"
@@ -435,7 +435,7 @@ def main() -> None:
                          "--runs", "3" if q else "5"),
         "policy": step("policy", "policy.py", *(["--identities", "2000", "--policies", "200"]
                                                 if q else [])),
-        "datapath": step("datapath", "datapath.py", "--seconds", "2" if q else "3",
+        "datapath": step("datapath", "datapath.py", "--seconds", "1" if q else "2",
                          "--rounds", "3" if q else "9",
                          *(["--requests", "20000", "--connections", "10000"] if q else [])),
         "kvstoremesh": step("kvstoremesh", "kvstoremesh.py",
