@@ -308,7 +308,9 @@ def datapath_report(dp: dict) -> list[str]:
     lines += ["", "![datapath](perf-datapath.png)", "", shown, "",
               "Reading: single measurements on this 2-core machine wander by 10–20% (other"
               " work shares it; the client, the server and the agent share its two cores), hence"
-              " the interleaved rounds and paired ratios. Why (b) keeps up with no programs at all,"
+              " the interleaved rounds and paired ratios; the machine's load average was"
+              f" {dp['load_average_before_after'][0]} before this run and"
+              f" {dp['load_average_before_after'][1]} after it. Why (b) keeps up with no programs at all,"
               " or beats it: a packet between two pods of a node is judged by both pods' policies"
               " in one program run and redirected straight into the destination pod"
               " (bpf_redirect_peer), skipping the node's routing and the second veth, as Cilium"
