@@ -294,7 +294,11 @@ def main() -> None:
     b = ratio["b_meshagent_ebpf"]
     result = {"results": results, "ratio_to_a": ratio, "ratio_to_a_min_max": spread,
               "b_over_c": b_over_c, "d_over_c": d_over_c, "b_over_e": b_over_e,
-              "agent_cpu_ms_per_1000_conn": agent_cpu, "flows": flows,
+              "agent_cpu_ms_per_1000_conn": agent_cpu,
+              # one clock tick of CPU time over one node's connections of a round
+              "agent_cpu_resolution_ms_per_1000_conn":
+                  round(1e6 / os.sysconf("SC_CLK_TCK") / args.connections, 2),
+              "flows": flows,
               "rounds": args.rounds, "seconds": args.seconds, "requests": args.requests,
               "connections": args.connections,
               "wall_seconds": round(time.monotonic() - started), "samples": samples,
