@@ -292,12 +292,12 @@ def datapath_report(dp: dict) -> list[str]:
     flows = {key: dp["flows"][key] for key in ("b_meshagent_ebpf", "d_meshagent_nftables")}
     b_over_e = dp["b_over_e"]
     if flows_shown(dp):
-        counted = [f"{f['hubble_flows_processed_total']:,} flows in ({key[0]}),"
+        counted = [f"({key[0]}) {f['hubble_flows_processed_total'] or 0:,} flows,"
                    f" {f['hubble_lost_events_total'] or 0:,} events lost"
-                   for key, f in flows.items() if f["hubble_flows_processed_total"]]
-        shown = (f"Flows: the agents' observers processed {'; '.join(counted)}, over the run."
-                 f" What reporting them costs: (b) over (e),"
-                 f" {b_over_e['new_conn_per_s']:.0%} of the connection rate,"
+                   for key, f in dp["flows"].items() if key[0] in "bde"]
+        shown = (f"Flows processed by the agents' observers over the run: {'; '.join(counted)}"
+                 " ((e) reports drops only). What reporting them"
+                 f" costs: (b) over (e), {b_over_e['new_conn_per_s']:.0%} of the connection rate,"
                  f" {b_over_e['redis_ping_rps']:.0%} of the PING rate and"
                  f" {b_over_e['iperf3_gbit_s']:.0%} of the throughput, and the agent CPU column.")
     else:
