@@ -68,6 +68,7 @@ from meshagent.model.jsonfields import to_jsonable
 from meshagent.model.node import Node
 from meshagent.model.service import Backend, Frontend, MergedService, Service, ServiceUpdate
 from meshagent.policy import (
+    AttributesVerdicts,
     ChangeQueue,
     EndpointChanges,
     MapChange,
@@ -105,7 +106,7 @@ __all__ = [
     "RevisionCompacted", "LeaseExpired", "EventType", "KeyValue", "Listing", "WatchEvent",
     "Lease", "kv_lock", "PAGE_SIZE", "pages_of", "check_distinct", "create_each", "put_each",
     "IdentityAllocator", "CollectsGarbage",
-    "PolicyResolver", "PolicyRepository", "PolicyUpdate", "PolicyKey", "Policy", "PolicyError",
+    "PolicyResolver", "AttributesVerdicts", "PolicyRepository", "PolicyUpdate", "PolicyKey", "Policy", "PolicyError",
     "parse_document", "build_default_resolver", "MapKey", "MapState", "MapChange", "Verdict",
     "EndpointChanges", "ChangeQueue",
     "Datapath", "DatapathBatch", "FlowEvent", "FlowEventSink", "FlowEvents", "DROP",

@@ -8,6 +8,7 @@ revisions), ``default`` the default resolver.
 """
 
 from meshagent.policy.contract import (
+    AttributesVerdicts,
     ChangeQueue,
     EndpointChanges,
     MapChange,
@@ -20,5 +21,5 @@ from meshagent.policy.contract import (
     Verdict,
 )
 
-__all__ = ["ChangeQueue", "EndpointChanges", "MapChange", "MapKey", "MapState", "PolicyKey",
+__all__ = ["AttributesVerdicts", "ChangeQueue", "EndpointChanges", "MapChange", "MapKey", "MapState", "PolicyKey",
            "PolicyRepository", "PolicyResolver", "PolicyUpdate", "Verdict"]
