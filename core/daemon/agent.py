@@ -50,7 +50,12 @@ from meshagent.model.cluster import ClusterConfig
 from meshagent.model.ipcache import IPCache
 from meshagent.model.node import Node
 from meshagent.model.table import Table, Tables
+from meshagent.observe.flows import FlowMaker
+from meshagent.observe.metrics import HubbleCollector
+from meshagent.observe.names import Names
+from meshagent.observe.observer import Observer
 from meshagent.policy import default as policy_default
+from meshagent.policy.contract import AttributesVerdicts, Verdict
 from meshagent.policy.repository import LegacyResolverShim, Repository, adapt_resolver
 from meshagent.runtime.config import Config
 from meshagent.runtime.controller import Controller, ControllerManager
@@ -127,6 +132,7 @@ class Agent:
         self.policy_resolver: Any = None
         self.policy_repository: Any = None  # the core's Repository, or a 0.1 resolver's shim
         self.policy_progress = PolicyProgress()  # the revision each endpoint enforces
+        self.observer: Observer | None = None  # flows for observe and Hubble: with the resolver
         self.datapath: Any = None
 
     def stop(self) -> None:
@@ -215,6 +221,7 @@ class Agent:
                     lambda: self.hooks.policy_sources(self.view), self.tables, self.cluster.name)
                 self.plugins.register(self.policy_repository, name="core.policy-repository")
                 cleanup.push_async_callback(self.policy_repository.close)
+        self.observer = self._build_observer()
         self.datapath = build(DATAPATH)
         if self.datapath is not None:
             cleanup.push_async_callback(self.datapath.stop)
@@ -248,6 +255,27 @@ class Agent:
         built = provider.factory(self.view)
         return adapt_resolver(built, provider.name) or check_provider(
             POLICY_RESOLVER, provider, built)
+
+    def _build_observer(self) -> Observer:
+        """Every flow event as Hubble flows: ends named from the tables and the local
+        endpoints, policies named by the resolver when it can
+        (:class:`meshagent.policy.contract.AttributesVerdicts`)."""
+        resolver = self.policy_resolver
+        attribute = None
+        if isinstance(resolver, AttributesVerdicts):
+            def attribute(endpoint, direction, identity, protocol, port, allowed, match):
+                return resolver.deciding_policies(
+                    endpoint, direction, identity, protocol, port,
+                    Verdict.ALLOW if allowed else Verdict.DENY, match)
+        names = Names(self.cluster.name, self.tables.identities.get, self.tables.ipcache.get)
+        self.plugins.register(names, name="core.observe")  # follows the local endpoints
+        maker = FlowMaker(f"{self.cluster.name}/{self.config.node_name}", names, attribute,
+                          (lambda: resolver.revision) if resolver is not None else lambda: 0)
+        observer = Observer(maker, self.config.get("hubble-event-buffer-capacity"))
+        self.flow_events.subscribe(observer.on_event)
+        self.metrics.register(HubbleCollector(observer.metrics,
+                                              lambda: self.flow_events.lost_total))
+        return observer
 
     def _follow_remote(self, name: str, config: ClusterConfig) -> ClusterSync:
         """A remote cluster's entries go to the tables, admitted by pod CIDR."""

@@ -1,0 +1,74 @@
+"""Naming a flow's ends: the ``flow.Endpoint`` Hubble shows for an address and an identity.
+
+As Cilium's ``pkg/hubble/parser/common/endpoint.go`` (ResolveEndpoint) does it: an address of a
+local endpoint is named from the endpoint (its id, namespace, pod name, labels); any other
+from the ipcache (a pod of another node or cluster carries its namespace and pod name there,
+as Cilium's IPIdentityPair ``K8sNamespace``/``K8sPodName``) and the identity's labels. The
+identity is the datapath's, which judged the packet, not what the tables say now. Labels are
+sorted, ``source:key=value``; ``cluster_name`` is the identity's cluster label (a reserved
+identity has none).
+"""
+
+import ipaddress
+from collections.abc import Callable
+
+from meshagent import hookimpl
+from meshagent.events import ChangeKind
+from meshagent.model.endpoint import Endpoint
+from meshagent.model.identity import CLUSTER_LABEL, Identity, ReservedIdentity, label_value
+from meshagent.model.ipcache import IPCacheEntry, host_key
+from meshagent.observe.api.flow import flow_pb2
+
+
+class Names:
+    """Names ends from the local endpoints (kept current by the endpoint events: registered
+    as plugin ``core.observe``), the identities (``identity``: number -> Identity or None) and the ipcache (``ipcache``: host
+    key -> the entry in force or None)."""
+
+    def __init__(self, cluster: str, identity: Callable[[int], Identity | None],
+                 ipcache: Callable[[bytes], IPCacheEntry | None]):
+        self.cluster = cluster
+        self._identity = identity
+        self._ipcache = ipcache
+        self._local: dict[str, Endpoint] = {}  # address text -> endpoint
+
+    @hookimpl
+    def meshagent_endpoint_changed(self, kind: ChangeKind, endpoint: Endpoint) -> None:
+        for address in endpoint.addresses:
+            if kind is ChangeKind.UPSERT:
+                self._local[str(address)] = endpoint
+            elif self._local.get(str(address), endpoint).id == endpoint.id:
+                self._local.pop(str(address), None)
+
+    def local(self, ip: str) -> Endpoint | None:
+        return self._local.get(ip)
+
+    def endpoint(self, ip: str, identity: int) -> flow_pb2.Endpoint:
+        local = self._local.get(ip)
+        if local is not None:
+            number = identity or local.identity
+            return flow_pb2.Endpoint(
+                ID=local.id, identity=number, cluster_name=self.cluster,
+                namespace=local.namespace, pod_name=local.pod_name,
+                labels=sorted(self._labels(number) or local.labels))
+        entry = self._entry(ip)
+        labels = self._labels(identity)
+        return flow_pb2.Endpoint(
+            identity=identity, cluster_name=label_value(labels, CLUSTER_LABEL) or "",
+            namespace=entry.namespace if entry else "",
+            pod_name=entry.pod_name if entry else "", labels=sorted(labels))
+
+    def _labels(self, identity: int) -> frozenset[str]:
+        known = self._identity(identity)
+        if known is not None:
+            return known.labels
+        try:
+            return frozenset({ReservedIdentity(identity).label})
+        except ValueError:
+            return frozenset()
+
+    def _entry(self, ip: str) -> IPCacheEntry | None:
+        try:
+            return self._ipcache(host_key(ipaddress.ip_address(ip)))
+        except ValueError:
+            return None

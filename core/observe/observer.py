@@ -1,0 +1,225 @@
+"""The agent's observer: every flow event as Hubble flows, the recent ones in a ring buffer,
+and the ``GetFlows``/``ServerStatus`` answers of Hubble's Observer service.
+
+``GetFlows`` reads as Hubble's ``pkg/hubble/observer/local_observer.go`` does: with ``first``,
+from the oldest flow; with ``follow`` and neither ``number`` nor ``since``, only new flows;
+otherwise back from the newest until ``number`` flows match (or, with ``since``, to the first
+flow before it), then forward: at most ``number`` flows unless following, skipping flows
+before ``since``, ending at the first after ``until``. Each follower has a queue of
+:data:`FOLLOW_QUEUE` flows; what it misses while its queue is full is counted and told to it
+as a ``LostEvent`` (source ``HUBBLE_RING_BUFFER``) where they were lost, as Hubble tells a
+reader that fell behind its ring.
+"""
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from meshagent import __version__
+from meshagent.datapath.events import FlowEvent
+from meshagent.observe.api.flow import flow_pb2
+from meshagent.observe.api.observer import observer_pb2
+from meshagent.observe.filters import Predicate, flows_filter
+from meshagent.observe.flows import FlowMaker
+from meshagent.observe.metrics import FlowMetrics
+from meshagent.runtime.config import parse_event_buffer_capacity
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CAPACITY = 4095  # Cilium's hubble-event-buffer-capacity
+FOLLOW_QUEUE = 4096  # flows a follower may be behind before it loses some
+
+
+class _Follower:
+    """A GetFlows stream with follow: the flows it has yet to send, at most
+    :data:`FOLLOW_QUEUE`; a count in their midst marks where it lost that many."""
+
+    def __init__(self, passes: Predicate):
+        self.passes = passes
+        self.items: collections.deque[flow_pb2.Flow | int] = collections.deque()
+        self.queued = 0  # flows in items
+        self.missed = 0  # lost since the last flow queued
+        self.lost_total = 0
+        self._ready = asyncio.Event()
+
+    def offer(self, flow: flow_pb2.Flow) -> None:
+        if not self.passes(flow):
+            return
+        if self.queued >= FOLLOW_QUEUE:
+            self.missed += 1
+            self.lost_total += 1
+            return
+        if self.missed:
+            self.items.append(self.missed)
+            self.missed = 0
+        self.items.append(flow)
+        self.queued += 1
+        self._ready.set()
+
+    async def next(self) -> flow_pb2.Flow | int:
+        """The next flow, or how many were lost at this point."""
+        while not self.items:
+            if self.missed:
+                missed, self.missed = self.missed, 0
+                return missed
+            self._ready.clear()
+            await self._ready.wait()
+        item = self.items.popleft()
+        if not isinstance(item, int):
+            self.queued -= 1
+        return item
+
+
+class Observer:
+    """Subscribe :meth:`on_event` to the agent's flow events; ``maker`` turns each into
+    flows, which are kept (the last ``capacity``), counted (``metrics``) and streamed."""
+
+    def __init__(self, maker: FlowMaker, capacity: int = DEFAULT_CAPACITY,
+                 clock: Callable[[], float] = time.time):
+        self.maker = maker
+        self.capacity = parse_event_buffer_capacity(capacity)
+        self.ring: collections.deque[flow_pb2.Flow] = collections.deque(maxlen=self.capacity)
+        self.seen_flows = 0
+        self.metrics = FlowMetrics()
+        self.followers: set[_Follower] = set()
+        self.follow_lost = 0  # flows followers missed, all of them together
+        self._clock = clock
+        self.started = clock()
+
+    def on_event(self, event: FlowEvent) -> None:
+        for flow in self.maker.flows(event):
+            self.add(flow)
+
+    def add(self, flow: flow_pb2.Flow) -> None:
+        self.ring.append(flow)
+        self.seen_flows += 1
+        self.metrics.count(flow)
+        for follower in self.followers:
+            follower.offer(flow)
+
+    # -- the Observer service -----------------------------------------------------------------
+
+    def server_status(self) -> observer_pb2.ServerStatusResponse:
+        now = self._clock()
+        return observer_pb2.ServerStatusResponse(
+            num_flows=len(self.ring), max_flows=self.capacity, seen_flows=self.seen_flows,
+            uptime_ns=int((now - self.started) * 1e9), version=__version__,
+            flows_rate=self._rate(now))
+
+    def _rate(self, now: float) -> float:
+        """Flows per second over the last minute (over what the ring holds, if less)."""
+        since = now - 60.0
+        count = 0
+        oldest = None
+        for flow in reversed(self.ring):
+            stamp = flow.time.seconds + flow.time.nanos / 1e9
+            if stamp < since:
+                oldest = None
+                break
+            count += 1
+            oldest = stamp
+        if count and oldest is not None and len(self.ring) == self.capacity:
+            since = oldest  # the ring does not reach back a minute
+        return count / (now - since) if now > since else 0.0
+
+    async def get_flows(self, request: observer_pb2.GetFlowsRequest
+                        ) -> AsyncIterator[observer_pb2.GetFlowsResponse]:
+        """The flows the request asks for, oldest first; with follow, then each new one as
+        it comes. Raises ValueError for a request it cannot serve (an unsupported filter
+        field, bad times): the server answers INVALID_ARGUMENT with that text."""
+        if request.first and request.follow:
+            raise ValueError("first cannot be specified with follow")
+        if request.HasField("field_mask") and request.field_mask.paths:
+            raise ValueError("field_mask is not supported")
+        since = _time_ns(request, "since")
+        until = _time_ns(request, "until")
+        passes = flows_filter(request.whitelist, request.blacklist)
+        follower = None
+        if request.follow:  # before reading the ring: nothing falls between the two
+            follower = _Follower(passes)
+            self.followers.add(follower)
+        try:
+            stored = self._stored(request, passes, since)
+            sent = 0
+            for flow in stored:
+                if not request.follow and request.number and sent >= request.number:
+                    return
+                stamp = _ns(flow.time)
+                if until is not None and stamp > until:
+                    return
+                if since is not None and stamp < since:
+                    continue
+                sent += 1
+                yield response(flow)
+            if follower is None:
+                return
+            while True:
+                flow = await follower.next()
+                if isinstance(flow, int):
+                    yield self._lost(flow)
+                    continue
+                if until is not None and _ns(flow.time) > until:
+                    return
+                if since is not None and _ns(flow.time) < since:
+                    continue
+                yield response(flow)
+        finally:
+            if follower is not None:
+                self.followers.discard(follower)
+
+    def _stored(self, request: observer_pb2.GetFlowsRequest, passes: Predicate,
+                since: int | None) -> list[flow_pb2.Flow]:
+        """The stored flows to read forward from, as Hubble's newRingReader picks its start;
+        the ones that fail the filters already left out."""
+        flows = list(self.ring)
+        if request.first and since is None:
+            return [f for f in flows if passes(f)]
+        if request.follow and not request.number and since is None:
+            return []
+        picked = []
+        for flow in reversed(flows):
+            if not passes(flow):
+                continue
+            if since is not None and _ns(flow.time) < since:
+                break
+            picked.append(flow)
+            if since is None and request.number and len(picked) == request.number:
+                break
+        picked.reverse()
+        return picked
+
+    def _lost(self, missed: int) -> observer_pb2.GetFlowsResponse:
+        self.follow_lost += missed
+        lost = flow_pb2.LostEvent(source=flow_pb2.HUBBLE_RING_BUFFER, num_events_lost=missed)
+        return observer_pb2.GetFlowsResponse(
+            lost_events=lost, node_name=self.maker.node_name,
+            time=_timestamp(int(self._clock() * 1e9)))
+
+
+def response(flow: flow_pb2.Flow) -> observer_pb2.GetFlowsResponse:
+    """The GetFlowsResponse envelope of a flow: the flow, its node and its time."""
+    return observer_pb2.GetFlowsResponse(flow=flow, node_name=flow.node_name, time=flow.time)
+
+
+def _ns(stamp: Timestamp) -> int:
+    return stamp.seconds * 1_000_000_000 + stamp.nanos
+
+
+def _timestamp(time_ns: int) -> Timestamp:
+    return Timestamp(seconds=time_ns // 1_000_000_000, nanos=time_ns % 1_000_000_000)
+
+
+def _time_ns(request: observer_pb2.GetFlowsRequest, name: str) -> int | None:
+    """The request's ``since``/``until`` in nanoseconds, checked as Go's CheckValid does."""
+    if not request.HasField(name):
+        return None
+    stamp = getattr(request, name)
+    if not 0 <= stamp.nanos < 1_000_000_000:
+        raise ValueError(f"{name}: nanos {stamp.nanos} out of range")
+    if not -62135596800 <= stamp.seconds <= 253402300799:  # years 1 to 9999
+        raise ValueError(f"{name}: seconds {stamp.seconds} out of range")
+    return _ns(stamp)
