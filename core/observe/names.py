@@ -20,6 +20,10 @@ from meshagent.model.ipcache import IPCacheEntry, host_key
 from meshagent.observe.api.flow import flow_pb2
 
 
+_RESERVED = frozenset(int(r) for r in ReservedIdentity)
+_NAMED_MAX = 65536  # identities whose labels are kept at hand
+
+
 class Names:
     """Names ends from the local endpoints (kept current by the endpoint events: registered
     as plugin ``core.observe``), the identities (``identity``: number -> Identity or None) and the ipcache (``ipcache``: host
@@ -31,6 +35,7 @@ class Names:
         self._identity = identity
         self._ipcache = ipcache
         self._local: dict[str, Endpoint] = {}  # address text -> endpoint
+        self._named: dict[int, tuple[list[str], str]] = {}  # identity -> labels, cluster
 
     @hookimpl
     def meshagent_endpoint_changed(self, kind: ChangeKind, endpoint: Endpoint) -> None:
@@ -40,6 +45,10 @@ class Names:
             elif self._local.get(str(address), endpoint).id == endpoint.id:
                 self._local.pop(str(address), None)
 
+    @hookimpl
+    def meshagent_identity_changed(self, kind: ChangeKind, identity: Identity) -> None:
+        self._named.pop(identity.id, None)  # its labels are looked up again
+
     def local(self, ip: str) -> Endpoint | None:
         return self._local.get(ip)
 
@@ -47,25 +56,32 @@ class Names:
         local = self._local.get(ip)
         if local is not None:
             number = identity or local.identity
+            labels = self._labels(number)[0] or sorted(local.labels)
             return flow_pb2.Endpoint(
                 ID=local.id, identity=number, cluster_name=self.cluster,
-                namespace=local.namespace, pod_name=local.pod_name,
-                labels=sorted(self._labels(number) or local.labels))
+                namespace=local.namespace, pod_name=local.pod_name, labels=labels)
         entry = self._entry(ip)
-        labels = self._labels(identity)
+        labels, cluster = self._labels(identity)
         return flow_pb2.Endpoint(
-            identity=identity, cluster_name=label_value(labels, CLUSTER_LABEL) or "",
-            namespace=entry.namespace if entry else "",
-            pod_name=entry.pod_name if entry else "", labels=sorted(labels))
+            identity=identity, cluster_name=cluster, labels=labels,
+            namespace=entry.namespace if entry else "", pod_name=entry.pod_name if entry else "")
 
-    def _labels(self, identity: int) -> frozenset[str]:
-        known = self._identity(identity)
-        if known is not None:
-            return known.labels
-        try:
-            return frozenset({ReservedIdentity(identity).label})
-        except ValueError:
-            return frozenset()
+    def _labels(self, identity: int) -> tuple[list[str], str]:
+        """The identity's labels, sorted, and its cluster (a label of its own)."""
+        named = self._named.get(identity)
+        if named is None:
+            known = self._identity(identity)
+            if known is not None:
+                labels = known.labels
+            elif identity in _RESERVED:
+                labels = frozenset({ReservedIdentity(identity).label})
+            else:
+                return [], ""  # not known yet: asked again next time
+            if len(self._named) >= _NAMED_MAX:
+                self._named.clear()
+            named = self._named[identity] = (sorted(labels),
+                                             label_value(labels, CLUSTER_LABEL) or "")
+        return named
 
     def _entry(self, ip: str) -> IPCacheEntry | None:
         try:
