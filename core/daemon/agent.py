@@ -108,6 +108,15 @@ class Agent:
         self.flow_events = FlowEvents()  # what the datapath reports; observers subscribe
         self.drops = DropFeed(self.tables.identities.get)  # meshagent monitor
         self.flow_events.subscribe(self.drops.on_event)
+        # every flow event as Hubble flows (meshagent observe, the Hubble API, hubble_* metrics)
+        self.flow_names = Names(self.cluster.name, self.tables.identities.get,
+                                self.tables.ipcache.get)
+        self.observer = Observer(
+            FlowMaker(f"{self.cluster.name}/{config.node_name}", self.flow_names,
+                      self._deciding_policies,
+                      lambda: self.policy_resolver.revision if self.policy_resolver else 0),
+            config.get("hubble-event-buffer-capacity"))
+        self.flow_events.subscribe(self.observer.on_event)
         self.ownership = AddressOwnership(self.cluster.name, config.get("pod-cidr"),
                                           self.kvstore_addresses)
         self.local_sync = ClusterSync(self.cluster.name, self.cluster.id, self.cluster, self.tables)
@@ -120,7 +129,8 @@ class Agent:
         self.clustermesh: ClusterMesh | None = None  # built with the store
         # each component brings its own controllers, event handlers and status section
         for name, component in (("core.ownership", self.ownership),
-                                ("core.node-routes", self.node_routes)):
+                                ("core.node-routes", self.node_routes),
+                                ("core.observe", self.flow_names)):
             if component is not None:
                 plugins.register(component, name=name)
         kvstore = self.providers[KVSTORE.name]
@@ -132,7 +142,6 @@ class Agent:
         self.policy_resolver: Any = None
         self.policy_repository: Any = None  # the core's Repository, or a 0.1 resolver's shim
         self.policy_progress = PolicyProgress()  # the revision each endpoint enforces
-        self.observer: Observer | None = None  # flows for observe and Hubble: with the resolver
         self.datapath: Any = None
 
     def stop(self) -> None:
@@ -221,7 +230,6 @@ class Agent:
                     lambda: self.hooks.policy_sources(self.view), self.tables, self.cluster.name)
                 self.plugins.register(self.policy_repository, name="core.policy-repository")
                 cleanup.push_async_callback(self.policy_repository.close)
-        self.observer = self._build_observer()
         self.datapath = build(DATAPATH)
         if self.datapath is not None:
             cleanup.push_async_callback(self.datapath.stop)
@@ -256,26 +264,15 @@ class Agent:
         return adapt_resolver(built, provider.name) or check_provider(
             POLICY_RESOLVER, provider, built)
 
-    def _build_observer(self) -> Observer:
-        """Every flow event as Hubble flows: ends named from the tables and the local
-        endpoints, policies named by the resolver when it can
-        (:class:`meshagent.policy.contract.AttributesVerdicts`)."""
+    def _deciding_policies(self, endpoint: int, direction: str, identity: int, protocol: int,
+                           port: int, allowed: bool, match: int) -> tuple:
+        """The policies behind a verdict, if the loaded resolver can name them
+        (:class:`meshagent.policy.contract.AttributesVerdicts`); none otherwise."""
         resolver = self.policy_resolver
-        attribute = None
-        if isinstance(resolver, AttributesVerdicts):
-            def attribute(endpoint, direction, identity, protocol, port, allowed, match):
-                return resolver.deciding_policies(
-                    endpoint, direction, identity, protocol, port,
-                    Verdict.ALLOW if allowed else Verdict.DENY, match)
-        names = Names(self.cluster.name, self.tables.identities.get, self.tables.ipcache.get)
-        self.plugins.register(names, name="core.observe")  # follows the local endpoints
-        maker = FlowMaker(f"{self.cluster.name}/{self.config.node_name}", names, attribute,
-                          (lambda: resolver.revision) if resolver is not None else lambda: 0)
-        observer = Observer(maker, self.config.get("hubble-event-buffer-capacity"))
-        self.flow_events.subscribe(observer.on_event)
-        self.metrics.register(HubbleCollector(observer.metrics,
-                                              lambda: self.flow_events.lost_total))
-        return observer
+        if not isinstance(resolver, AttributesVerdicts):
+            return ()
+        return resolver.deciding_policies(endpoint, direction, identity, protocol, port,
+                                          Verdict.ALLOW if allowed else Verdict.DENY, match)
 
     def _follow_remote(self, name: str, config: ClusterConfig) -> ClusterSync:
         """A remote cluster's entries go to the tables, admitted by pod CIDR."""
@@ -432,6 +429,8 @@ class _AgentHooks:
     @hookimpl
     def meshagent_register_metrics(self, registry):
         registry.register(_AgentCollector(self.agent))
+        registry.register(HubbleCollector(self.agent.observer.metrics,
+                                          lambda: self.agent.flow_events.lost_total))
 
 
 class _AgentCollector:
