@@ -26,8 +26,8 @@ _NAMED_MAX = 65536  # identities whose labels are kept at hand
 
 class Names:
     """Names ends from the local endpoints (kept current by the endpoint events: registered
-    as plugin ``core.observe``), the identities (``identity``: number -> Identity or None) and the ipcache (``ipcache``: host
-    key -> the entry in force or None)."""
+    as plugin ``core.observe``), the identities (``identity``: number -> Identity or None)
+    and the ipcache (``ipcache``: host key -> the entry in force or None)."""
 
     def __init__(self, cluster: str, identity: Callable[[int], Identity | None],
                  ipcache: Callable[[bytes], IPCacheEntry | None]):

@@ -21,5 +21,6 @@ from meshagent.policy.contract import (
     Verdict,
 )
 
-__all__ = ["AttributesVerdicts", "ChangeQueue", "EndpointChanges", "MapChange", "MapKey", "MapState", "PolicyKey",
+__all__ = ["AttributesVerdicts", "ChangeQueue", "EndpointChanges", "MapChange", "MapKey",
+           "MapState", "PolicyKey",
            "PolicyRepository", "PolicyResolver", "PolicyUpdate", "Verdict"]
