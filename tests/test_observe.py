@@ -257,6 +257,13 @@ def test_an_identity_is_named_anew_after_it_changed():
     assert names.endpoint(REMOTE_POD, 99999).labels == []  # unknown: no labels
 
 
+def test_an_end_the_datapath_gave_no_identity_takes_the_ipcaches():
+    names, _ = world()
+    remote = names.endpoint(REMOTE_POD, 0)
+    assert (remote.identity, remote.cluster_name) == (EMPLOYEE_C2.id, "cluster2")
+    assert names.endpoint(DB_V4, 0).identity == DB.id  # a local one: the endpoint's
+
+
 def test_a_deleted_endpoint_is_no_longer_named_as_local():
     names, _ = world()
     names.meshagent_endpoint_changed(kind=ChangeKind.DELETE, endpoint=ENDPOINT)

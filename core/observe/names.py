@@ -61,6 +61,8 @@ class Names:
                 ID=local.id, identity=number, cluster_name=self.cluster,
                 namespace=local.namespace, pod_name=local.pod_name, labels=labels)
         entry = self._entry(ip)
+        if not identity and entry is not None:  # the datapath did not say: the ipcache's
+            identity = entry.identity
         labels, cluster = self._labels(identity)
         return flow_pb2.Endpoint(
             identity=identity, cluster_name=cluster, labels=labels,
