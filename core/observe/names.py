@@ -4,7 +4,8 @@ As Cilium's ``pkg/hubble/parser/common/endpoint.go`` (ResolveEndpoint) does it: 
 local endpoint is named from the endpoint (its id, namespace, pod name, labels); any other
 from the ipcache (a pod of another node or cluster carries its namespace and pod name there,
 as Cilium's IPIdentityPair ``K8sNamespace``/``K8sPodName``) and the identity's labels. The
-identity is the datapath's, which judged the packet, not what the tables say now. Labels are
+identity is the datapath's, which judged the packet, not what the tables say now (when it
+gave none: the endpoint's or the ipcache's). Labels are
 sorted, ``source:key=value``; ``cluster_name`` is the identity's cluster label (a reserved
 identity has none).
 """

@@ -43,7 +43,6 @@ class _Follower:
         self.items: collections.deque[flow_pb2.Flow | int] = collections.deque()
         self.queued = 0  # flows in items
         self.missed = 0  # lost since the last flow queued
-        self.lost_total = 0
         self._ready = asyncio.Event()
 
     def offer(self, flow: flow_pb2.Flow) -> None:
@@ -51,7 +50,6 @@ class _Follower:
             return
         if self.queued >= FOLLOW_QUEUE:
             self.missed += 1
-            self.lost_total += 1
             return
         if self.missed:
             self.items.append(self.missed)
