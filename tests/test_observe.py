@@ -381,6 +381,32 @@ async def test_a_slow_follower_loses_flows_and_is_told_how_many_and_where():
     await stream.aclose()
 
 
+async def test_events_the_datapath_lost_are_shown_where_they_were_lost():
+    lost = [5]
+    obs = Observer(maker(), lost=lambda: lost[0])  # 5 lost before the observer started
+    stream = obs.get_flows(observer_pb2.GetFlowsRequest(follow=True))
+    pending = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0)
+    first, second = traces(2)
+    obs.on_event(first)
+    lost[0] += 3
+    obs.on_event(second)
+    assert (await pending).flow.l4.TCP.destination_port == 1000
+    notice = await stream.__anext__()
+    assert notice.lost_events.source == flow_pb2.PERF_EVENT_RING_BUFFER
+    assert notice.lost_events.num_events_lost == 3
+    assert (await stream.__anext__()).flow.l4.TCP.destination_port == 1001
+    await stream.aclose()
+    # stored: sent whatever the filters, never counted as one of the flows asked for
+    only_second = [flow_pb2.FlowFilter(destination_port=["1001"])]
+    answers = [r async for r in obs.get_flows(observer_pb2.GetFlowsRequest(
+        number=2, whitelist=only_second))]
+    assert [r.WhichOneof("response_types") for r in answers] == ["lost_events", "flow"]
+    newest = [r async for r in obs.get_flows(observer_pb2.GetFlowsRequest(number=1))]
+    assert [r.WhichOneof("response_types") for r in newest] == ["flow"]  # notice is older
+    assert obs.server_status().num_flows == obs.server_status().seen_flows == 2
+
+
 async def test_requests_it_cannot_serve_raise_value_error():
     obs = observer()
     bad = [

@@ -115,7 +115,8 @@ class Agent:
             FlowMaker(f"{self.cluster.name}/{config.node_name}", self.flow_names,
                       self._deciding_policies,
                       lambda: self.policy_resolver.revision if self.policy_resolver else 0),
-            config.get("hubble-event-buffer-capacity"))
+            config.get("hubble-event-buffer-capacity"),
+            lost=lambda: self.flow_events.lost_total)
         self.flow_events.subscribe(self.observer.on_event)
         self.ownership = AddressOwnership(self.cluster.name, config.get("pod-cidr"),
                                           self.kvstore_addresses)

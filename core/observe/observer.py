@@ -9,6 +9,11 @@ before ``since``, ending at the first after ``until``. Each follower has a queue
 :data:`FOLLOW_QUEUE` flows; what it misses while its queue is full is counted and told to it
 as a ``LostEvent`` (source ``HUBBLE_RING_BUFFER``) where they were lost, as Hubble tells a
 reader that fell behind its ring.
+
+Events the datapath could not hand over (its buffer was full) are kept in the ring too, as a
+``LostEvent`` of source ``PERF_EVENT_RING_BUFFER`` before the next flow (``hubble observe``
+prints them as "EVENTS LOST"): like Hubble, GetFlows sends them whatever the filters and times,
+and never counts them as flows.
 """
 
 import asyncio
@@ -45,8 +50,9 @@ class _Follower:
         self.missed = 0  # lost since the last flow queued
         self._ready = asyncio.Event()
 
-    def offer(self, flow: flow_pb2.Flow) -> None:
-        if not self.passes(flow):
+    def offer(self, flow: flow_pb2.Flow | observer_pb2.GetFlowsResponse) -> None:
+        """A flow (sent if it passes the filters), or a notice of lost events (always)."""
+        if isinstance(flow, flow_pb2.Flow) and not self.passes(flow):
             return
         if self.queued >= FOLLOW_QUEUE:
             self.missed += 1
@@ -58,8 +64,8 @@ class _Follower:
         self.queued += 1
         self._ready.set()
 
-    async def next(self) -> flow_pb2.Flow | int:
-        """The next flow, or how many were lost at this point."""
+    async def next(self) -> flow_pb2.Flow | observer_pb2.GetFlowsResponse | int:
+        """The next flow or notice, or how many this follower lost at this point."""
         while not self.items:
             if self.missed:
                 missed, self.missed = self.missed, 0
@@ -77,11 +83,15 @@ class Observer:
     flows, which are kept (the last ``capacity``), counted (``metrics``) and streamed."""
 
     def __init__(self, maker: FlowMaker, capacity: int = DEFAULT_CAPACITY,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, lost: Callable[[], int] = lambda: 0):
         self.maker = maker
         self.capacity = parse_event_buffer_capacity(capacity)
-        self.ring: collections.deque[flow_pb2.Flow] = collections.deque(maxlen=self.capacity)
+        # flows, and notices of events the datapath lost (GetFlowsResponse)
+        self.ring: collections.deque[flow_pb2.Flow | observer_pb2.GetFlowsResponse] = \
+            collections.deque(maxlen=self.capacity)
         self.seen_flows = 0
+        self._lost_total = lost  # how many events the datapath lost so far
+        self._lost_seen = lost()
         self.metrics = FlowMetrics()
         self.followers: set[_Follower] = set()
         self.follow_lost = 0  # flows followers missed, all of them together
@@ -89,6 +99,10 @@ class Observer:
         self.started = clock()
 
     def on_event(self, event: FlowEvent) -> None:
+        lost = self._lost_total()
+        if lost > self._lost_seen:
+            self._add_lost(lost - self._lost_seen)
+            self._lost_seen = lost
         for flow in self.maker.flows(event):
             self.add(flow)
 
@@ -99,12 +113,18 @@ class Observer:
         for follower in self.followers:
             follower.offer(flow)
 
+    def _add_lost(self, count: int) -> None:
+        notice = self._notice(flow_pb2.PERF_EVENT_RING_BUFFER, count)
+        self.ring.append(notice)
+        for follower in self.followers:
+            follower.offer(notice)
+
     # -- the Observer service -----------------------------------------------------------------
 
     def server_status(self) -> observer_pb2.ServerStatusResponse:
         now = self._clock()
         return observer_pb2.ServerStatusResponse(
-            num_flows=len(self.ring), max_flows=self.capacity, seen_flows=self.seen_flows,
+            num_flows=sum(1 for f in self.ring if isinstance(f, flow_pb2.Flow)), max_flows=self.capacity, seen_flows=self.seen_flows,
             uptime_ns=int((now - self.started) * 1e9), version=__version__,
             flows_rate=self._rate(now))
 
@@ -114,6 +134,8 @@ class Observer:
         count = 0
         oldest = None
         for flow in reversed(self.ring):
+            if not isinstance(flow, flow_pb2.Flow):
+                continue
             stamp = flow.time.seconds + flow.time.nanos / 1e9
             if stamp < since:
                 oldest = None
@@ -146,6 +168,9 @@ class Observer:
             for flow in stored:
                 if not request.follow and request.number and sent >= request.number:
                     return
+                if not isinstance(flow, flow_pb2.Flow):
+                    yield flow  # a notice of lost events
+                    continue
                 stamp = _ns(flow.time)
                 if until is not None and stamp > until:
                     return
@@ -158,7 +183,11 @@ class Observer:
             while True:
                 flow = await follower.next()
                 if isinstance(flow, int):
-                    yield self._lost(flow)
+                    self.follow_lost += flow
+                    yield self._notice(flow_pb2.HUBBLE_RING_BUFFER, flow)
+                    continue
+                if not isinstance(flow, flow_pb2.Flow):
+                    yield flow
                     continue
                 if until is not None and _ns(flow.time) > until:
                     return
@@ -173,29 +202,33 @@ class Observer:
                 since: int | None) -> list[flow_pb2.Flow]:
         """The stored flows to read forward from, as Hubble's newRingReader picks its start;
         the ones that fail the filters already left out."""
-        flows = list(self.ring)
+        items = list(self.ring)
         if request.first and since is None:
-            return [f for f in flows if passes(f)]
+            return [f for f in items if not isinstance(f, flow_pb2.Flow) or passes(f)]
         if request.follow and not request.number and since is None:
             return []
         picked = []
-        for flow in reversed(flows):
-            if not passes(flow):
+        count = 0
+        for item in reversed(items):
+            if not isinstance(item, flow_pb2.Flow):
+                picked.append(item)  # a notice: not a flow, never counted
                 continue
-            if since is not None and _ns(flow.time) < since:
+            if not passes(item):
+                continue
+            if since is not None and _ns(item.time) < since:
                 break
-            picked.append(flow)
-            if since is None and request.number and len(picked) == request.number:
+            picked.append(item)
+            count += 1
+            if since is None and request.number and count == request.number:
                 break
         picked.reverse()
         return picked
 
-    def _lost(self, missed: int) -> observer_pb2.GetFlowsResponse:
-        self.follow_lost += missed
-        lost = flow_pb2.LostEvent(source=flow_pb2.HUBBLE_RING_BUFFER, num_events_lost=missed)
+    def _notice(self, source: int, count: int) -> observer_pb2.GetFlowsResponse:
+        """``count`` events lost at ``source``, now."""
         return observer_pb2.GetFlowsResponse(
-            lost_events=lost, node_name=self.maker.node_name,
-            time=_timestamp(int(self._clock() * 1e9)))
+            lost_events=flow_pb2.LostEvent(source=source, num_events_lost=count),
+            node_name=self.maker.node_name, time=_timestamp(int(self._clock() * 1e9)))
 
 
 def response(flow: flow_pb2.Flow) -> observer_pb2.GetFlowsResponse:
