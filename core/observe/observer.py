@@ -18,7 +18,6 @@ and never counts them as flows.
 
 import asyncio
 import collections
-import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -29,11 +28,9 @@ from meshagent.datapath.events import FlowEvent
 from meshagent.observe.api.flow import flow_pb2
 from meshagent.observe.api.observer import observer_pb2
 from meshagent.observe.filters import Predicate, flows_filter
-from meshagent.observe.flows import FlowMaker
+from meshagent.observe.flows import FlowMaker, timestamp
 from meshagent.observe.metrics import FlowMetrics
 from meshagent.runtime.config import parse_event_buffer_capacity
-
-log = logging.getLogger(__name__)
 
 DEFAULT_CAPACITY = 4095  # Cilium's hubble-event-buffer-capacity
 FOLLOW_QUEUE = 4096  # flows a follower may be behind before it loses some
@@ -228,7 +225,7 @@ class Observer:
         """``count`` events lost at ``source``, now."""
         return observer_pb2.GetFlowsResponse(
             lost_events=flow_pb2.LostEvent(source=source, num_events_lost=count),
-            node_name=self.maker.node_name, time=_timestamp(int(self._clock() * 1e9)))
+            node_name=self.maker.node_name, time=timestamp(int(self._clock() * 1e9)))
 
 
 def response(flow: flow_pb2.Flow) -> observer_pb2.GetFlowsResponse:
@@ -238,10 +235,6 @@ def response(flow: flow_pb2.Flow) -> observer_pb2.GetFlowsResponse:
 
 def _ns(stamp: Timestamp) -> int:
     return stamp.seconds * 1_000_000_000 + stamp.nanos
-
-
-def _timestamp(time_ns: int) -> Timestamp:
-    return Timestamp(seconds=time_ns // 1_000_000_000, nanos=time_ns % 1_000_000_000)
 
 
 def _time_ns(request: observer_pb2.GetFlowsRequest, name: str) -> int | None:
