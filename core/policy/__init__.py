@@ -17,8 +17,9 @@ from meshagent.policy.contract import (
     PolicyRepository,
     PolicyResolver,
     PolicyUpdate,
+    ReportsEnforcement,
     Verdict,
 )
 
 __all__ = ["ChangeQueue", "EndpointChanges", "MapChange", "MapKey", "MapState", "PolicyKey",
-           "PolicyRepository", "PolicyResolver", "PolicyUpdate", "Verdict"]
+           "PolicyRepository", "PolicyResolver", "PolicyUpdate", "ReportsEnforcement", "Verdict"]
