@@ -6,6 +6,7 @@ import ipaddress
 import json
 
 import pytest
+from conftest import run_cli
 
 from meshagent.cli import POLICY_COLUMNS
 from meshagent.endpoint.options import parse_options, policy_enabled
@@ -78,3 +79,12 @@ def test_a_file_saved_before_audit_mode_existed_follows_the_agent():
     del doc["policy_audit"], doc["policy_audit_mode"]
     restored = endpoint_from_json(json.dumps(doc))
     assert (restored.policy_audit, restored.policy_audit_mode) == (False, None)
+
+
+def test_list_options_as_cilium():
+    """``cilium endpoint config --list-options`` prints ``%-24s %s``: name, description."""
+    result = run_cli("endpoint", "config", "--list-options")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "PolicyAuditMode          Enable audit mode for policies\n"
+    missing = run_cli("endpoint", "config")
+    assert missing.returncode == 2 and "give an endpoint ID" in missing.stderr
