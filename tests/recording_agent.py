@@ -4,12 +4,14 @@ would run ``meshagent`` (in a node's namespace), to see what reaches the datapat
     python recording_agent.py FILE AGENT-OPTIONS...
 
 FILE gets one JSON line per endpoint of each batch: ``{"added": id, "policy_audit": bool}``
-or ``{"removed": id}``.
+or ``{"removed": id}``. While FILE.refuse holds a number N > 0, the next N batches that add an
+endpoint are refused (and not written down).
 """
 
 import json
 import os
 import sys
+from pathlib import Path
 
 from meshagent import hookimpl
 from meshagent.cli import build_agent
@@ -22,6 +24,7 @@ class EndpointRecorder:
 
     def __init__(self, path: str):
         self.path = path
+        self.refuse = Path(path + ".refuse")
 
     @hookimpl
     def meshagent_register_datapath(self, registry):
@@ -37,6 +40,10 @@ class EndpointRecorder:
         pass
 
     async def apply(self, batch) -> None:
+        refusals = int(self.refuse.read_text()) if self.refuse.exists() else 0
+        if refusals > 0 and batch.added:
+            self.refuse.write_text(str(refusals - 1))
+            raise RuntimeError("the recorder refused the batch")
         with open(self.path, "a") as out:
             for endpoint in batch.removed:
                 out.write(json.dumps({"removed": endpoint.id}) + "\n")

@@ -123,6 +123,13 @@ def test_set_clear_and_see_audit_mode_per_endpoint(lab, short_tmp):  # noqa: F81
     assert (to_enforced["verdict"], to_enforced["policy_audit"], to_enforced["flow_verdict"]) == (
         "deny", False, "DROPPED")
     assert "audit:" not in agent.cli(*trace, "--dst-endpoint", str(enforced)).stdout
+    web = "app=web,io.kubernetes.pod.namespace=default,io.cilium.k8s.policy.cluster=cluster1"
+    allowed = agent.cli("policy", "trace", "--src-labels", web, "--dport", "6379",
+                        "--dst-endpoint", str(audited))
+    assert allowed.returncode == 0
+    assert allowed.stdout.splitlines()[-1] == (
+        f"audit:       endpoint {audited} is in policy audit mode: traffic the policy denies"
+        " would pass, reported with verdict AUDIT")
 
     # bad input: named, and nothing changed (nor handed to the datapath)
     before = len(agent.handed())
@@ -141,6 +148,14 @@ def test_set_clear_and_see_audit_mode_per_endpoint(lab, short_tmp):  # noqa: F81
         AgentClient(agent.socket).call("PATCH", f"/endpoints/{audited}/config", json={})
     assert agent.config(audited).stdout == "PolicyAuditMode          Enabled\n"
     assert len(agent.handed()) == before
+
+    # a change the datapath refuses: the endpoint is handed back as it was, and stays so
+    Path(f"{agent.record}.refuse").write_text("1")
+    refused = agent.config(audited, "PolicyAuditMode=Disabled")
+    assert refused.returncode == 1 and "the recorder refused the batch" in refused.stderr
+    assert agent.handed()[-1] == {"added": audited, "policy_audit": True}
+    assert agent.config(audited).stdout == "PolicyAuditMode          Enabled\n"
+    assert agent.by_id()[audited]["policy_audit"] is True
 
     # Disabled and Default, in Cilium's other spellings too
     assert agent.config(audited, "policyauditmode=false").returncode == 0

@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import run_cli
 
-from meshagent.cli import POLICY_COLUMNS
+from meshagent.cli import POLICY_COLUMNS, _endpoint_row
 from meshagent.endpoint.options import parse_options, policy_enabled
 from meshagent.errors import UsageError
 from meshagent.model.endpoint import Endpoint, endpoint_from_json, endpoint_to_json
@@ -59,6 +59,14 @@ CASES = [
 def test_policy_enabled_and_its_columns_as_cilium(ingress, egress, audit, enabled, columns):
     assert policy_enabled(ingress, egress, audit) == enabled
     assert POLICY_COLUMNS[enabled] == columns
+
+
+def test_a_resolver_that_does_not_say_leaves_the_columns_unknown():
+    """policy_enabled is null when the resolver lacks ReportsEnforcement: Cilium's
+    UnknownState."""
+    row = _endpoint_row({"id": 1, "labels": [], "ipv4": "10.1.1.1", "identity": 70000,
+                         "ifname": "lxc1", "namespace": "default", "policy_enabled": None})
+    assert row[1:3] == ("Unknown", "Unknown")
 
 
 def endpoint(**fields) -> Endpoint:
