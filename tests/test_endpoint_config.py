@@ -130,6 +130,9 @@ def test_set_clear_and_see_audit_mode_per_endpoint(lab, short_tmp):  # noqa: F81
     assert allowed.stdout.splitlines()[-1] == (
         f"audit:       endpoint {audited} is in policy audit mode: traffic the policy denies"
         " would pass, reported with verdict AUDIT")
+    assert json.loads(agent.cli("policy", "trace", "--src-labels", web, "--dport", "6379",
+                                "--dst-endpoint", str(audited), "-o", "json").stdout)[
+        "flow_verdict"] == "FORWARDED"
 
     # bad input: named, and nothing changed (nor handed to the datapath)
     before = len(agent.handed())

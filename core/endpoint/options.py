@@ -1,8 +1,8 @@
 """Endpoint options (``meshagent endpoint config``), named, valued and printed as Cilium's.
 
-Cilium's mutable endpoint options (``pkg/option/runtime_options.go``) are looked up without
-regard to case, take a boolean in any spelling ``option.NormalizeBool`` accepts and print as
-``Enabled``/``Disabled``. Of them meshagent has ``PolicyAuditMode``. Unlike Cilium, which
+Cilium's mutable endpoint options (``pkg/option/runtime_options.go``; ``option.go`` parses
+them) are looked up without regard to case, take a boolean in any spelling
+``option.NormalizeBool`` accepts and print as ``Enabled``/``Disabled``. Of them meshagent has ``PolicyAuditMode``. Unlike Cilium, which
 resets it to the daemon's ``--policy-audit-mode`` on restart, meshagent keeps an endpoint's own
 setting with the endpoint; ``Default`` clears it, so the endpoint follows the agent's option
 again.
