@@ -78,6 +78,7 @@ from meshagent.policy import (
     PolicyRepository,
     PolicyResolver,
     PolicyUpdate,
+    ReportsEnforcement,
     Verdict,
 )
 from meshagent.policy.api import Policy, PolicyError, parse_document
@@ -106,9 +107,9 @@ __all__ = [
     "RevisionCompacted", "LeaseExpired", "EventType", "KeyValue", "Listing", "WatchEvent",
     "Lease", "kv_lock", "PAGE_SIZE", "pages_of", "check_distinct", "create_each", "put_each",
     "IdentityAllocator", "CollectsGarbage",
-    "PolicyResolver", "AttributesVerdicts", "PolicyRepository", "PolicyUpdate", "PolicyKey", "Policy", "PolicyError",
+    "PolicyResolver", "PolicyRepository", "PolicyUpdate", "PolicyKey", "Policy", "PolicyError",
     "parse_document", "build_default_resolver", "MapKey", "MapState", "MapChange", "Verdict",
-    "EndpointChanges", "ChangeQueue",
+    "EndpointChanges", "ChangeQueue", "ReportsEnforcement", "AttributesVerdicts",
     "Datapath", "DatapathBatch", "FlowEvent", "FlowEventSink", "FlowEvents", "DROP",
     "POLICY_VERDICT", "TRACE", "FORWARDED", "DROPPED", "AUDIT", "MATCH_NONE", "MATCH_L3_ONLY",
     "MATCH_L3_L4", "MATCH_L4_ONLY", "MATCH_ALL", "PROTOCOL_NAMES", "REASON_TEXT", "flag_names", "host_port", "protocol_name", "verdict_metrics",

@@ -252,7 +252,8 @@ class Agent:
             datapath=self.datapath_feed, datapath_started=self.datapath_started,
             plugin_labels=lambda namespace, pod: hooks.endpoint_labels(
                 agent=self.view, namespace=namespace, pod_name=pod),
-            changed=lambda kind, endpoint: hooks.endpoint_changed(kind=kind, endpoint=endpoint))
+            changed=lambda kind, endpoint: hooks.endpoint_changed(kind=kind, endpoint=endpoint),
+            policy_audit_mode=config.get("policy-audit-mode"))
         self.plugins.register(self.endpoints, name="core.endpoints")
         self.plugins.register(self.datapath_feed, name="core.datapath")
 

@@ -18,9 +18,10 @@ from meshagent.policy.contract import (
     PolicyRepository,
     PolicyResolver,
     PolicyUpdate,
+    ReportsEnforcement,
     Verdict,
 )
 
 __all__ = ["AttributesVerdicts", "ChangeQueue", "EndpointChanges", "MapChange", "MapKey",
-           "MapState", "PolicyKey",
-           "PolicyRepository", "PolicyResolver", "PolicyUpdate", "Verdict"]
+           "MapState", "PolicyKey", "PolicyRepository", "PolicyResolver", "PolicyUpdate",
+           "ReportsEnforcement", "Verdict"]

@@ -195,6 +195,17 @@ class AttributesVerdicts(Protocol):
 
 
 @runtime_checkable
+class ReportsEnforcement(Protocol):
+    """Optional for a resolver: the directions its policy is enforced in for an endpoint
+    (the POLICY ENFORCEMENT columns of ``meshagent endpoint list``, which say ``Unknown``
+    for a resolver without it)."""
+
+    def enforced(self, endpoint_id: int) -> tuple[bool, bool] | None:
+        """(ingress enforced, egress enforced) for a local endpoint; None for one it does not
+        know (yet)."""
+
+
+@runtime_checkable
 class LegacyPolicyResolver(Protocol):
     """A resolver written for meshagent 0.1's slot, which held the rules itself: still loaded
     for one release, through :class:`meshagent.policy.repository.LegacyResolverShim`, with a

@@ -86,6 +86,11 @@ class DefaultResolver:
         return (sum(1 for s in r.endpoints.values() if s.enforced[INGRESS] or s.enforced[EGRESS]),
                 len(r.endpoints))
 
+    def enforced(self, endpoint_id: int) -> tuple[bool, bool] | None:
+        """:class:`meshagent.policy.ReportsEnforcement`: the endpoint's enforced directions."""
+        state = self.resolver.endpoints.get(endpoint_id)
+        return None if state is None else (state.enforced[INGRESS], state.enforced[EGRESS])
+
     async def _catch_up(self) -> None:
         while self.resolver.recompute_pending(1):
             await asyncio.sleep(0)
