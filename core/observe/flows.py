@@ -193,7 +193,8 @@ def _layer4(flow: flow_pb2.Flow, event: ev.FlowEvent) -> None:
         flow.l4.SCTP.destination_port = event.destination_port
         flow.l4.SCTP.SetInParent()
     elif event.protocol in (ICMP, ICMPV6):
-        # the datapath reads an ICMP header's first two bytes (type, code) as its source port
+        # FlowEvent has no ICMP fields: type and code are read from source_port as the ICMP
+        # header's first two bytes (type << 8 | code); a datapath that leaves it 0 shows type 0
         icmp = flow.l4.ICMPv4 if event.protocol == ICMP else flow.l4.ICMPv6
         icmp.type, icmp.code = event.source_port >> 8, event.source_port & 0xFF
         icmp.SetInParent()
