@@ -55,12 +55,16 @@ class KernelJudge:
     bpffs: a :class:`~meshagent.testing.datapath_contract.DatapathJudge`."""
 
     def __init__(self, bpffs: Path):
+        from meshagent.datapath.events import FlowEvents
         from meshagent.plugins.ebpf.datapath import EbpfDatapath, EbpfSettings
         from meshagent.plugins.ebpf.testrun import NoAttacher, ProgramRunner
         self.loop = asyncio.new_event_loop()
         settings = EbpfSettings(bpffs, ipcache_max=65536, policy_max=65536, ct_tcp_max=65536,
                                 ct_any_max=65536)
-        self.datapath = EbpfDatapath(settings, attacher=NoAttacher())
+        sink = FlowEvents()
+        self.reported: list = []
+        sink.subscribe(self.reported.append)
+        self.datapath = EbpfDatapath(settings, sink, attacher=NoAttacher())
         self.feed = BatchFeed(self.datapath)
         self.loop.run_until_complete(self.datapath.start())
         self.runner = ProgramRunner(self.datapath.pin_dir)
@@ -102,6 +106,12 @@ class KernelJudge:
 
     def outcome(self, endpoint_id: int, direction: str, frame: bytes) -> str:
         return self.delivery(endpoint_id, direction, frame)[0]
+
+    def events(self) -> list:
+        """What the programs reported since the last call: read out of the perf buffers."""
+        self.datapath.read_events()
+        out, self.reported[:] = list(self.reported), []
+        return out
 
 
 def redirect_problems(datapath, sent: bytes, delivered: bytes) -> str:
