@@ -150,3 +150,26 @@ def test_without_flow_events_the_programs_report_drops_only():
         assert quiet.outcome(2, EGRESS, from_echo.frame()) == "forwarded"  # audited
         assert quiet.outcome(2, INGRESS, from_echo.reply().frame()) == "forwarded"
         assert quiet.events() == []
+
+
+def test_policy_entries_written_before_match_types_get_theirs_at_the_first_sync(judge, driver):
+    """An earlier agent's policy map has no match types (the byte was padding): the
+    reconcile of the first sync writes them, verdicts unchanged."""
+    from meshagent.plugins.ebpf.datapath import match_of
+    from meshagent.plugins.ebpf.maps import POLICY_PREFIX_STATIC
+    from meshagent.plugins.ebpf.policymap import Block
+    scenario = named_scenario([ALL_EGRESS], [])
+    driver.start(scenario)
+    table = judge.datapath.maps["policy"]
+    written = {bytes(key): value.verdict for key, value in table.items()}
+    assert written
+    for key, value in table.items():
+        value.match = 0
+        table.put(key, value)
+    driver.start(scenario)  # a reconcile, as after a restart
+    for key, value in table.items():
+        group = (key.endpoint_id, key.direction, key.identity)
+        block = Block(key.prefixlen - POLICY_PREFIX_STATIC, key.protocol, key.port)
+        assert value.match == match_of(group, block) != 0
+        assert value.verdict == written.pop(bytes(key))
+    assert not written

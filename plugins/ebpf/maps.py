@@ -40,6 +40,7 @@ REASON_KEYS = {number: key for key, text in REASON_TEXT.items() for number, name
 PROTOCOL_NAMES = {0: "any", **DROP_PROTOCOL_NAMES}  # policy keys name protocol 0 "any"
 POLICY_PREFIX_STATIC = 72  # endpoint_id, identity, direction: always matched whole
 CT_REPLY, CT_NAT_DST, CT_NAT_SRC = 1, 2, 4
+CT_SEEN = 0x80  # ct_value.seen: a packet of this direction was reported
 MAP_NAMES = ("endpoints", "local_ips", "ipcache", "ipcache6", "policy", "ct_tcp", "ct_any",
              "ct6_tcp", "ct6_any", "ipfrag", "ipfrag6", "metrics", "lb_services", "lb_backends",
              "generation")
