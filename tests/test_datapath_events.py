@@ -173,3 +173,15 @@ def test_policy_entries_written_before_match_types_get_theirs_at_the_first_sync(
         assert value.match == match_of(group, block) != 0
         assert value.verdict == written.pop(bytes(key))
     assert not written
+
+
+def test_a_burst_of_new_connections_fits_the_default_buffer(judge, driver):
+    """1,000 new connections between two pods of the node (two policy verdicts each) with
+    the agent reading nothing meanwhile: the default buffer (64 pages) loses none."""
+    driver.start(named_scenario([ALL_EGRESS], []))
+    judge.events()
+    lost = judge.sink.lost_total
+    for n in range(1000):
+        judge.run(1, EGRESS, Packet(CLIENT, ECHO, TCP, 10000 + n, 8080).frame())
+    assert len(judge.events()) == 2000
+    assert judge.sink.lost_total == lost
