@@ -185,3 +185,19 @@ def test_a_burst_of_new_connections_fits_the_default_buffer(judge, driver):
         judge.run(1, EGRESS, Packet(CLIENT, ECHO, TCP, 10000 + n, 8080).frame())
     assert len(judge.events()) == 2000
     assert judge.sink.lost_total == lost
+
+
+def test_icmp_events_carry_type_and_code_where_the_observer_reads_them(judge, driver):
+    """ICMP has no ports: an event's source port is the ICMP header's type and code
+    (``type << 8 | code``), as meshagent.observe reads it; the destination port stays 0."""
+    from meshagent.testing.packets import ICMP, ICMPV6
+    from meshagent.testing.scenarios import CLIENT6
+    driver.start(named_scenario([ALL_EGRESS], []))
+    judge.events()
+    judge.delivery(1, EGRESS, Packet(CLIENT, WORLD, ICMP).frame())  # an echo request
+    judge.delivery(1, EGRESS, Packet(CLIENT6, "2a00:1::1", ICMPV6, icmp_type=129).frame())
+    unreachable = bytearray(Packet(CLIENT, "198.18.0.2", ICMP, icmp_type=3).frame())
+    unreachable[14 + 20 + 1] = 1  # code 1, host unreachable (tc checks no ICMP checksum)
+    judge.delivery(1, EGRESS, bytes(unreachable))
+    assert [(e.protocol, e.source_port, e.destination_port) for e in judge.events()] == \
+        [(ICMP, 8 << 8, 0), (ICMPV6, 129 << 8, 0), (ICMP, 3 << 8 | 1, 0)]

@@ -273,9 +273,10 @@ struct flow {
     u8 has_l4;      /* the transport header is in this packet (not a later fragment) */
     u8 family;      /* 4 or 6 */
     u8 hop_limit;   /* IPv6 */
-    u8 icmp_type;   /* ICMPv6, when has_icmp */
+    u8 icmp_type;   /* ICMP or ICMPv6, when has_icmp */
     u8 has_icmp;
-    u8 pad[3];
+    u8 icmp_code;   /* when the packet holds it too (flow events report it) */
+    u8 pad[2];
     u32 saddr6[4];  /* IPv6 */
     u32 daddr6[4];
 };

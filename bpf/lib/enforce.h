@@ -66,6 +66,8 @@ static __always_inline void report(struct __sk_buff *skb, struct endpoint_info *
                                .match = j->match};
     __builtin_memcpy(event.saddr6, f->saddr6, 16);
     __builtin_memcpy(event.daddr6, f->daddr6, 16);
+    if (f->has_icmp)  /* ICMP has no ports: its type and code, as the observer reads them */
+        event.sport = ((u16)f->icmp_type << 8) | f->icmp_code;
     event.src_identity = direction == DIR_INGRESS ? j->peer : ep->identity;
     event.dst_identity = direction == DIR_INGRESS ? ep->identity : j->peer;
     /* never waits: with the buffer full the event is lost, and userspace counts it */
