@@ -50,6 +50,9 @@ from meshagent.model.cluster import ClusterConfig
 from meshagent.model.ipcache import IPCache
 from meshagent.model.node import Node
 from meshagent.model.table import Table, Tables
+from meshagent.observe.api.observer import observer_pb2
+from meshagent.observe.peers import Peers
+from meshagent.observe.server import HubbleOptions, HubbleServer
 from meshagent.policy import default as policy_default
 from meshagent.policy.repository import LegacyResolverShim, Repository, adapt_resolver
 from meshagent.runtime.config import Config
@@ -103,6 +106,10 @@ class Agent:
         self.flow_events = FlowEvents()  # what the datapath reports; observers subscribe
         self.drops = DropFeed(self.tables.identities.get)  # meshagent monitor
         self.flow_events.subscribe(self.drops.on_event)
+        self.hubble_options = HubbleOptions.from_config(config)
+        # Hubble's Peer service follows the node table (--enable-hubble=false: no Hubble API)
+        self.hubble_peers = Peers(self.tables.nodes, tls=self.hubble_options.tls) \
+            if config.get("enable-hubble") else None
         self.ownership = AddressOwnership(self.cluster.name, config.get("pod-cidr"),
                                           self.kvstore_addresses)
         self.local_sync = ClusterSync(self.cluster.name, self.cluster.id, self.cluster, self.tables)
@@ -115,7 +122,8 @@ class Agent:
         self.clustermesh: ClusterMesh | None = None  # built with the store
         # each component brings its own controllers, event handlers and status section
         for name, component in (("core.ownership", self.ownership),
-                                ("core.node-routes", self.node_routes)):
+                                ("core.node-routes", self.node_routes),
+                                ("core.hubble-peers", self.hubble_peers)):
             if component is not None:
                 plugins.register(component, name=name)
         kvstore = self.providers[KVSTORE.name]
@@ -153,6 +161,10 @@ class Agent:
                 build_app(state, self.hooks.api_routes(self.view)), self.config.socket_path))
             if addr := self.config.get("prometheus-serve-addr"):
                 await cleanup.enter_async_context(MetricsServer(self.metrics, addr))
+            if self.hubble_peers is not None:
+                await cleanup.enter_async_context(HubbleServer(
+                    _NoFlows(self.started_at), self.hubble_peers, self.hubble_options,
+                    self.config.node_name, self.cluster.name, __version__))
 
             for plugin, controller in self.hooks.controllers(self.view):
                 self.controllers.start(controller, plugin)
@@ -287,6 +299,24 @@ class Agent:
             node_name=self.config.node_name, uptime_seconds=time.time() - self.started_at,
             ready=self.ready, sections=tuple(sort_sections(sections)),
         )
+
+
+class _NoFlows:
+    """A FlowSource with no flows: a placeholder until the flow observer
+    (meshagent.observe.observer) is wired here in its place."""
+
+    def __init__(self, started_at: float):
+        self._started_at = started_at
+
+    async def get_flows(self, request):
+        if request.follow:
+            await asyncio.Event().wait()  # no flow ever comes; ends when the client goes
+        return
+        yield
+
+    def server_status(self):
+        return observer_pb2.ServerStatusResponse(
+            uptime_ns=int((time.time() - self._started_at) * 1e9), version=__version__)
 
 
 def run_forever(agent: Agent) -> None:
