@@ -18,6 +18,7 @@ from meshagent.observe.api.peer import peer_pb2, peer_pb2_grpc
 from meshagent.observe.api.relay import relay_pb2
 from meshagent.observe.peers import Peers, tls_server_name
 from meshagent.observe.server import HubbleOptions, HubbleServer, parse_listen_address
+from meshagent.runtime.status import Health
 
 CALL_TIMEOUT = 5
 
@@ -104,6 +105,10 @@ async def hubble(short_tmp):
             setup.channel = channel
             yield setup
     assert not (short_tmp / "h.sock").exists()
+
+
+async def test_the_socket_is_for_root_and_its_group(hubble, short_tmp):
+    assert (short_tmp / "h.sock").stat().st_mode & 0o777 == 0o660
 
 
 async def test_get_flows_streams_what_the_source_gives(hubble):
@@ -316,6 +321,9 @@ async def test_the_agent_serves_hubble_beside_its_api_socket(agent_factory, shor
                                    "--node-name", "n1", "--node-ip", "10.9.0.1"])
     path = short_tmp / "agent0-hubble.sock"
     assert running.agent.config.get("hubble-socket-path") == path
+    hubble = [s for s in running.agent.status().sections if s.name == "Hubble"]
+    assert [(s.health, s.summary) for s in hubble] == [
+        (Health.OK, f"Current/Max Flows: 0/0, seen 0; serving unix:{path}")]
     async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
         status = await _status(channel)
         assert status.num_connected_nodes.value == 1 and status.uptime_ns > 0
@@ -331,13 +339,23 @@ async def test_the_agent_serves_hubble_beside_its_api_socket(agent_factory, shor
         assert (first.name, first.address, first.type) == ("c1/n1", "10.9.0.1",
                                                            peer_pb2.PEER_ADDED)
         notify.cancel()
-    await running.stop()
+        # streams still open at shutdown (a follow, a Notify) do not hold the agent up
+        follow = observer_pb2_grpc.ObserverStub(channel).GetFlows(
+            observer_pb2.GetFlowsRequest(follow=True))
+        notify = peer_pb2_grpc.PeerStub(channel).Notify(peer_pb2.NotifyRequest())
+        await notify.read()
+        await running.stop()
+        for call in (follow, notify):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call.read()
     assert not path.exists()
 
 
 async def test_enable_hubble_false_serves_nothing(agent_factory, short_tmp):
-    await agent_factory(["--plugins", "memory", "--enable-hubble=false"])
+    running = await agent_factory(["--plugins", "memory", "--enable-hubble=false"])
     assert not (short_tmp / "agent0-hubble.sock").exists()
+    hubble = [s for s in running.agent.status().sections if s.name == "Hubble"]
+    assert [(s.health, s.summary) for s in hubble] == [(Health.DISABLED, "--enable-hubble=false")]
 
 
 def test_tcp_needs_certificates_or_disable_tls():
@@ -346,7 +364,7 @@ def test_tcp_needs_certificates_or_disable_tls():
         build_agent(["--plugins", "memory", "--hubble-listen-address", ":4244"], {})
     agent = build_agent(["--plugins", "memory", "--hubble-listen-address", ":4244",
                          "--hubble-disable-tls"], {})
-    assert agent.hubble_options.listen_address == ":4244" and not agent.hubble_options.tls
+    assert agent.hubble.options.listen_address == ":4244" and not agent.hubble.options.tls
 
 
 def test_the_default_agent_uses_the_run_dirs_hubble_socket():

@@ -106,10 +106,14 @@ class Agent:
         self.flow_events = FlowEvents()  # what the datapath reports; observers subscribe
         self.drops = DropFeed(self.tables.identities.get)  # meshagent monitor
         self.flow_events.subscribe(self.drops.on_event)
-        self.hubble_options = HubbleOptions.from_config(config)
-        # Hubble's Peer service follows the node table (--enable-hubble=false: no Hubble API)
-        self.hubble_peers = Peers(self.tables.nodes, tls=self.hubble_options.tls) \
-            if config.get("enable-hubble") else None
+        # Hubble's API (--enable-hubble=false: none); its Peer service follows the node table
+        self.hubble_peers: Peers | None = None
+        self.hubble: HubbleServer | None = None
+        if config.get("enable-hubble"):
+            options = HubbleOptions.from_config(config)
+            self.hubble_peers = Peers(self.tables.nodes, tls=options.tls)
+            self.hubble = HubbleServer(_NoFlows(self.started_at), self.hubble_peers, options,
+                                       config.node_name, self.cluster.name, __version__)
         self.ownership = AddressOwnership(self.cluster.name, config.get("pod-cidr"),
                                           self.kvstore_addresses)
         self.local_sync = ClusterSync(self.cluster.name, self.cluster.id, self.cluster, self.tables)
@@ -123,7 +127,8 @@ class Agent:
         # each component brings its own controllers, event handlers and status section
         for name, component in (("core.ownership", self.ownership),
                                 ("core.node-routes", self.node_routes),
-                                ("core.hubble-peers", self.hubble_peers)):
+                                ("core.hubble-peers", self.hubble_peers),
+                                ("core.hubble", self.hubble)):
             if component is not None:
                 plugins.register(component, name=name)
         kvstore = self.providers[KVSTORE.name]
@@ -161,10 +166,8 @@ class Agent:
                 build_app(state, self.hooks.api_routes(self.view)), self.config.socket_path))
             if addr := self.config.get("prometheus-serve-addr"):
                 await cleanup.enter_async_context(MetricsServer(self.metrics, addr))
-            if self.hubble_peers is not None:
-                await cleanup.enter_async_context(HubbleServer(
-                    _NoFlows(self.started_at), self.hubble_peers, self.hubble_options,
-                    self.config.node_name, self.cluster.name, __version__))
+            if self.hubble is not None:
+                await cleanup.enter_async_context(self.hubble)
 
             for plugin, controller in self.hooks.controllers(self.view):
                 self.controllers.start(controller, plugin)
@@ -405,6 +408,8 @@ class _AgentHooks:
         if agent.policy_resolver is None:
             sections.append(StatusSection(
                 "Policy", Health.DISABLED, "no policy resolver loaded"))
+        if agent.hubble is None:
+            sections.append(StatusSection("Hubble", Health.DISABLED, "--enable-hubble=false"))
         sections.append(self._controllers_section(agent))
         sections.append(StatusSection(
             "Plugins", Health.OK, ", ".join(agent.config.plugins),

@@ -77,8 +77,9 @@ class Peers:
 
     async def notify(self):
         """Every known node as PEER_ADDED, then the changes, until the caller stops."""
-        queue: asyncio.Queue = asyncio.Queue(self._max_buffer)
-        for node in self.nodes():  # no await between the snapshot and subscribing
+        nodes = self.nodes()  # no await between this snapshot and subscribing
+        queue: asyncio.Queue = asyncio.Queue(self._max_buffer + len(nodes))
+        for node in nodes:
             queue.put_nowait(self.notification(node, peer_pb2.PEER_ADDED))
         self._streams.append(queue)
         try:
@@ -107,7 +108,7 @@ class Peers:
         for queue in self._streams:
             if queue.full():
                 continue  # already ended below
-            if queue.qsize() == self._max_buffer - 1:
+            if queue.qsize() == queue.maxsize - 1:
                 log.warning("a Hubble peer client fell %d notifications behind: ending its"
                             " stream", self._max_buffer)
                 queue.put_nowait(SlowConsumer("server stream send was blocked for too long"))

@@ -14,6 +14,7 @@ from pathlib import Path
 import attrs
 import grpc
 
+from meshagent import hookimpl
 from meshagent.errors import MeshagentError
 from meshagent.model.node import Node
 from meshagent.observe.api.observer import observer_pb2, observer_pb2_grpc
@@ -29,6 +30,7 @@ from meshagent.observe.peers import (
     tls_server_name,
 )
 from meshagent.runtime.apiserver import SOCKET_MODE, remove_stale_socket
+from meshagent.runtime.status import Health, StatusSection
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def parse_listen_address(text: str) -> tuple[str, int]:
 
 class HubbleServer:
     """The gRPC server; an async context: entering serves, leaving stops and removes the
-    socket."""
+    socket. Registered as plugin ``core.hubble`` for its ``meshagent status`` line."""
 
     def __init__(self, source: FlowSource, peers: Peers, options: HubbleOptions,
                  node_name: str, cluster: str, version: str):
@@ -127,6 +129,18 @@ class HubbleServer:
 
     async def __aexit__(self, *exc_info) -> None:
         await self.stop()
+
+    @hookimpl
+    def meshagent_status(self, verbose: bool):
+        if self._server is None:
+            return StatusSection("Hubble", Health.WARNING, "not serving (yet)")
+        status = self._source.server_status()
+        where = f"unix:{self.options.socket_path}"
+        if self.options.listen_address:
+            where += f", {self.options.listen_address} ({self._tls_kind()})"
+        return StatusSection("Hubble", Health.OK,
+                             f"Current/Max Flows: {status.num_flows}/{status.max_flows},"
+                             f" seen {status.seen_flows}; serving {where}")
 
     def _credentials(self) -> grpc.ServerCredentials:
         options = self.options
