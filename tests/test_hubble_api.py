@@ -10,7 +10,8 @@ import pytest
 import trustme
 
 from meshagent.errors import UsageError
-from meshagent.model.node import Node
+from meshagent.kvstore import keys as kvkeys
+from meshagent.model.node import Node, node_to_json
 from meshagent.model.table import Table
 from meshagent.observe.api.flow import flow_pb2
 from meshagent.observe.api.observer import observer_pb2, observer_pb2_grpc
@@ -18,7 +19,9 @@ from meshagent.observe.api.peer import peer_pb2, peer_pb2_grpc
 from meshagent.observe.api.relay import relay_pb2
 from meshagent.observe.peers import Peers, tls_server_name
 from meshagent.observe.server import HubbleOptions, HubbleServer, parse_listen_address
+from meshagent.plugins.memory.store import shared_store
 from meshagent.runtime.status import Health
+from meshagent.testing import eventually
 
 CALL_TIMEOUT = 5
 
@@ -371,3 +374,42 @@ def test_the_default_agent_uses_the_run_dirs_hubble_socket():
     from meshagent.client import DEFAULT_SOCKET
     from meshagent.runtime.config import default_hubble_socket
     assert str(default_hubble_socket(DEFAULT_SOCKET)) == "/var/run/meshagent/hubble.sock"
+
+
+async def test_nodes_of_a_connected_cluster_are_peers(agent_factory, short_tmp):
+    """Through the agent: the remote cluster's nodes come from the mesh into the node table,
+    and from there into GetNodes and Notify."""
+    store2 = f"hubble-{short_tmp.name}-2"
+    mesh = short_tmp / "mesh"
+    mesh.mkdir()
+    (mesh / "cluster2").write_text(f"kvstore: memory\nmemory-store: {store2}\n")
+    await agent_factory(["--plugins", "memory", "--memory-store", store2,
+                         "--cluster-name", "cluster2", "--cluster-id", "102",
+                         "--node-name", "node1", "--node-ip", "10.2.0.1"])
+    a1 = await agent_factory(["--plugins", "memory", "--memory-store", f"{store2}-1",
+                              "--cluster-name", "cluster1", "--cluster-id", "101",
+                              "--node-name", "node1", "--node-ip", "10.1.0.1",
+                              "--clustermesh-config", str(mesh)])
+    remote = a1.agent.clustermesh.remotes["cluster2"]
+    await eventually(lambda: remote.ready, 5, "cluster2 ready")
+    async with grpc.aio.insecure_channel(f"unix:{short_tmp / 'agent1-hubble.sock'}") as channel:
+        observer = observer_pb2_grpc.ObserverStub(channel)
+        nodes = (await observer.GetNodes(observer_pb2.GetNodesRequest(),
+                                         timeout=CALL_TIMEOUT)).nodes
+        assert [(n.name, n.address, n.state) for n in nodes] == [
+            ("cluster1/node1", "10.1.0.1:4244", relay_pb2.NODE_CONNECTED),
+            ("cluster2/node1", "10.2.0.1:4244", relay_pb2.UNKNOWN_NODE_STATE)]
+        notify = peer_pb2_grpc.PeerStub(channel).Notify(peer_pb2.NotifyRequest(),
+                                                        timeout=CALL_TIMEOUT)
+        assert [(await notify.read()).name for _ in range(2)] == ["cluster1/node1",
+                                                                  "cluster2/node1"]
+        store = shared_store(store2)
+        store.write(kvkeys.node_key("cluster2", "node2"), node_to_json(
+            Node("node2", "cluster2", 102, ipaddress.ip_address("10.2.0.2"))), None)
+        added = await notify.read()
+        assert (added.name, added.address, added.type) == ("cluster2/node2", "10.2.0.2",
+                                                           peer_pb2.PEER_ADDED)
+        store.remove(kvkeys.node_key("cluster2", "node2"))
+        deleted = await notify.read()
+        assert (deleted.name, deleted.type) == ("cluster2/node2", peer_pb2.PEER_DELETED)
+        notify.cancel()
