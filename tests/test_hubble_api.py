@@ -8,6 +8,7 @@ import logging
 import grpc
 import pytest
 import trustme
+from google.protobuf.internal import encoder
 
 from meshagent.errors import UsageError
 from meshagent.kvstore import keys as kvkeys
@@ -141,6 +142,21 @@ async def test_a_request_the_source_refuses_is_invalid_argument(hubble):
         [r async for r in hubble.observer.GetFlows(request, timeout=CALL_TIMEOUT)]
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details() == "unsupported filter field: source_fqdn"
+
+
+async def test_a_filter_field_we_do_not_know_is_invalid_argument(hubble):
+    """A newer client's filter field (here 60 of FlowFilter) must not be silently ignored."""
+    raw = flow_pb2.FlowFilter(verdict=[flow_pb2.DROPPED]).SerializeToString() + \
+        encoder.TagBytes(60, 0) + b"\x01"
+    request = observer_pb2.GetFlowsRequest(follow=True).SerializeToString() + \
+        encoder.TagBytes(6, 2) + bytes([len(raw)]) + raw  # whitelist = [that filter]
+    call = hubble.channel.unary_stream("/observer.Observer/GetFlows",
+                                       request_serializer=lambda b: b,
+                                       response_deserializer=observer_pb2.GetFlowsResponse.FromString)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        [r async for r in call(request, timeout=CALL_TIMEOUT)]
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details() == "fields this server does not know: FlowFilter.60"
 
 
 async def test_server_status_counts(hubble):

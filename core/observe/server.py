@@ -13,6 +13,8 @@ from pathlib import Path
 
 import attrs
 import grpc
+from google.protobuf import unknown_fields
+from google.protobuf.message import Message
 
 from meshagent import hookimpl
 from meshagent.errors import MeshagentError
@@ -193,6 +195,9 @@ class _Observer(observer_pb2_grpc.ObserverServicer):
         self._nodes = nodes
 
     async def GetFlows(self, request, context):
+        if unknown := _unknown_fields(request):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"fields this server does not know: {', '.join(unknown)}")
         try:
             async for response in self._source.get_flows(request):
                 yield response
@@ -208,6 +213,19 @@ class _Observer(observer_pb2_grpc.ObserverServicer):
 
     async def GetNodes(self, request, context):
         return observer_pb2.GetNodesResponse(nodes=self._nodes())
+
+
+def _unknown_fields(message: Message) -> list[str]:
+    """Fields a newer client set that our definitions lack ("FlowFilter.39"): a filter we
+    cannot read must not be ignored, or the answer would hold flows it excludes."""
+    found = [f"{message.DESCRIPTOR.name}.{field.field_number}"
+             for field in unknown_fields.UnknownFieldSet(message)]
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        for sub in (value if field.is_repeated else [value]):
+            found += _unknown_fields(sub)
+    return found
 
 
 class _Peer(peer_pb2_grpc.PeerServicer):
