@@ -10,7 +10,7 @@ import pytest
 import trustme
 from google.protobuf.internal import encoder
 
-from meshagent.errors import UsageError
+from meshagent.errors import MeshagentError, UsageError
 from meshagent.kvstore import keys as kvkeys
 from meshagent.model.node import Node, node_to_json
 from meshagent.model.table import Table
@@ -19,8 +19,9 @@ from meshagent.observe.api.observer import observer_pb2, observer_pb2_grpc
 from meshagent.observe.api.peer import peer_pb2, peer_pb2_grpc
 from meshagent.observe.api.relay import relay_pb2
 from meshagent.observe.peers import Peers, tls_server_name
-from meshagent.observe.server import HubbleOptions, HubbleServer, parse_listen_address
+from meshagent.observe.server import HubbleOptions, HubbleServer
 from meshagent.plugins.memory.store import shared_store
+from meshagent.runtime.config import parse_listen_address
 from meshagent.runtime.status import Health
 from meshagent.testing import eventually
 
@@ -324,6 +325,19 @@ async def test_tcp_with_mutual_tls(short_tmp, certs):
             assert (await _status(channel)).num_flows == 3
 
 
+async def test_a_port_in_use_is_an_error_that_says_so(short_tmp):
+    """gRPC would share the port (SO_REUSEPORT) and split the clients between two agents."""
+    (short_tmp / "a").mkdir()
+    (short_tmp / "b").mkdir()
+    first = Setup(short_tmp / "a", listen_address="127.0.0.1:0", disable_tls=True)
+    async with first.server:
+        second = Setup(short_tmp / "b", listen_address=f"127.0.0.1:{first.server.tcp_port}",
+                       disable_tls=True)
+        with pytest.raises(MeshagentError, match="cannot listen on 127.0.0.1:"):
+            await second.server.start()
+        assert not (short_tmp / "b" / "h.sock").exists()
+
+
 async def test_tcp_without_tls_warns(short_tmp, caplog):
     setup = Setup(short_tmp, listen_address="127.0.0.1:0", disable_tls=True)
     with caplog.at_level(logging.WARNING, logger="meshagent.observe.server"):
@@ -381,6 +395,9 @@ def test_tcp_needs_certificates_or_disable_tls():
     from meshagent.cli import build_agent
     with pytest.raises(UsageError, match="--hubble-tls-cert-file"):
         build_agent(["--plugins", "memory", "--hubble-listen-address", ":4244"], {})
+    with pytest.raises(UsageError, match="HOST must be an IP address"):
+        build_agent(["--plugins", "memory", "--hubble-listen-address", "example.com:4244",
+                     "--hubble-disable-tls"], {})
     agent = build_agent(["--plugins", "memory", "--hubble-listen-address", ":4244",
                          "--hubble-disable-tls"], {})
     assert agent.hubble.options.listen_address == ":4244" and not agent.hubble.options.tls

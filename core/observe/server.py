@@ -6,7 +6,6 @@ Methods of Cilium's Observer service that meshagent does not define (GetAgentEve
 GetDebugEvents, GetNamespaces) answer UNIMPLEMENTED, as gRPC answers any unknown method.
 """
 
-import ipaddress
 import logging
 import os
 from pathlib import Path
@@ -32,6 +31,7 @@ from meshagent.observe.peers import (
     tls_server_name,
 )
 from meshagent.runtime.apiserver import SOCKET_MODE, remove_stale_socket
+from meshagent.runtime.config import parse_listen_address
 from meshagent.runtime.status import Health, StatusSection
 
 log = logging.getLogger(__name__)
@@ -64,20 +64,6 @@ class HubbleOptions:
                    disable_tls=config.get("hubble-disable-tls"))
 
 
-def parse_listen_address(text: str) -> tuple[str, int]:
-    """``:4244`` (every address), ``10.0.0.1:4244`` or ``[fd00::1]:4244`` -> (host, port),
-    host in gRPC's form; ValueError says what is wrong."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not [HOST]:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host:
-        ipaddress.ip_address(host)  # a name would bind wherever it resolves: refuse it
-        return (f"[{host}]" if ":" in host else host), int(port)
-    return "[::]", int(port)
-
-
 class HubbleServer:
     """The gRPC server; an async context: entering serves, leaving stops and removes the
     socket. Registered as plugin ``core.hubble`` for its ``meshagent status`` line."""
@@ -93,31 +79,47 @@ class HubbleServer:
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
+        # no SO_REUSEPORT (gRPC's default): a second agent must not share this node's port
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        try:
+            await self._start(server)
+        except BaseException:
+            await server.stop(None)
+            raise
+        self._server = server
+        os.chmod(self.options.socket_path, SOCKET_MODE)
+
+    async def _start(self, server: grpc.aio.Server) -> None:
         options = self.options
-        server = grpc.aio.server()
         observer_pb2_grpc.add_ObserverServicer_to_server(_Observer(self._source, self.nodes),
                                                          server)
         peer_pb2_grpc.add_PeerServicer_to_server(_Peer(self._peers), server)
         await remove_stale_socket(options.socket_path)
         options.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        server.add_insecure_port(f"unix:{options.socket_path}")
-        if options.listen_address:
-            host, port = parse_listen_address(options.listen_address)
-            if options.tls:
-                self.tcp_port = server.add_secure_port(f"{host}:{port}", self._credentials())
-            else:
-                log.warning("Hubble API on %s WITHOUT TLS (--hubble-disable-tls): anyone who"
-                            " reaches it reads every flow", options.listen_address)
-                self.tcp_port = server.add_insecure_port(f"{host}:{port}")
-            if not self.tcp_port:
-                raise MeshagentError(f"cannot listen on --hubble-listen-address"
-                                     f" {options.listen_address}")
-        await server.start()
-        self._server = server
-        os.chmod(options.socket_path, SOCKET_MODE)
+        server.add_insecure_port(f"unix:{options.socket_path}")  # binds: the file exists now
+        try:
+            if options.listen_address:
+                self.tcp_port = self._add_tcp_port(server)
+            await server.start()
+        except BaseException:
+            options.socket_path.unlink(missing_ok=True)
+            raise
         log.info("Hubble API on %s%s", options.socket_path,
                  f" and {options.listen_address} ({self._tls_kind()})"
                  if options.listen_address else "")
+
+    def _add_tcp_port(self, server: grpc.aio.Server) -> int:
+        options = self.options
+        host, port = parse_listen_address(options.listen_address)
+        try:
+            if options.tls:
+                return server.add_secure_port(f"{host}:{port}", self._credentials())
+            log.warning("Hubble API on %s WITHOUT TLS (--hubble-disable-tls): anyone who"
+                        " reaches it reads every flow", options.listen_address)
+            return server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+            raise MeshagentError(f"Hubble API: cannot listen on {options.listen_address}:"
+                                 f" {exc}") from None
 
     async def stop(self) -> None:
         if self._server is not None:

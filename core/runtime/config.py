@@ -32,6 +32,23 @@ def parse_node_ips(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Add
     return tuple(sorted(addresses, key=lambda a: a.version))
 
 
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """``:4244`` (every address), ``10.0.0.1:4244`` or ``[fd00::1]:4244`` -> (host, port),
+    host as gRPC takes it; ValueError says what is wrong."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not [HOST]:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        return "[::]", int(port)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: HOST must be an IP address") from None
+    return (f"[{host}]" if ":" in host else host), int(port)
+
+
 def add_bootstrap_options(parser: Parser) -> None:
     """Options read before any plugin loads: which plugins, and where the config dir is."""
     parser.addoption(
@@ -165,6 +182,11 @@ class Config:
                                  f"{cluster.max_connected_clusters}) unique in the mesh")
         if not values["hubble-socket-path"]:
             values["hubble-socket-path"] = default_hubble_socket(Path(values["socket-path"]))
+        if listen := values["hubble-listen-address"]:
+            try:
+                parse_listen_address(listen)
+            except ValueError as exc:
+                raise UsageError(f"invalid --hubble-listen-address: {exc}") from None
         if values["hubble-listen-address"] and not values["hubble-disable-tls"] and not (
                 values["hubble-tls-cert-file"] and values["hubble-tls-key-file"]):
             raise UsageError("--hubble-listen-address needs --hubble-tls-cert-file and"
