@@ -3,6 +3,7 @@
 
 import asyncio
 import ipaddress
+import json
 import logging
 
 import grpc
@@ -10,10 +11,12 @@ import pytest
 import trustme
 from google.protobuf.internal import encoder
 
+from meshagent.datapath.events import DROP, DROPPED, FORWARDED, POLICY_VERDICT, FlowEvent
 from meshagent.errors import MeshagentError, UsageError
 from meshagent.kvstore import keys as kvkeys
 from meshagent.model.node import Node, node_to_json
 from meshagent.model.table import Table
+from meshagent.observe import jsonformat
 from meshagent.observe.api.flow import flow_pb2
 from meshagent.observe.api.observer import observer_pb2, observer_pb2_grpc
 from meshagent.observe.api.peer import peer_pb2, peer_pb2_grpc
@@ -356,13 +359,13 @@ async def test_the_agent_serves_hubble_beside_its_api_socket(agent_factory, shor
     assert running.agent.config.get("hubble-socket-path") == path
     hubble = [s for s in running.agent.status().sections if s.name == "Hubble"]
     assert [(s.health, s.summary) for s in hubble] == [
-        (Health.OK, f"Current/Max Flows: 0/0, seen 0; serving unix:{path}")]
+        (Health.OK, f"Current/Max Flows: 0/4095, seen 0; serving unix:{path}")]
     async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
         status = await _status(channel)
         assert status.num_connected_nodes.value == 1 and status.uptime_ns > 0
         call = observer_pb2_grpc.ObserverStub(channel).GetFlows(
             observer_pb2.GetFlowsRequest(), timeout=CALL_TIMEOUT)
-        assert [r async for r in call] == []  # no flow observer wired yet
+        assert [r async for r in call] == []  # no datapath: no flow events
         nodes = await observer_pb2_grpc.ObserverStub(channel).GetNodes(
             observer_pb2.GetNodesRequest(), timeout=CALL_TIMEOUT)
         assert [(n.name, n.state) for n in nodes.nodes] == [("c1/n1", relay_pb2.NODE_CONNECTED)]
@@ -446,3 +449,31 @@ async def test_nodes_of_a_connected_cluster_are_peers(agent_factory, short_tmp):
         deleted = await notify.read()
         assert (deleted.name, deleted.type) == ("cluster2/node2", peer_pb2.PEER_DELETED)
         notify.cancel()
+
+
+async def test_a_flow_event_reaches_a_hubble_client(agent_factory, short_tmp):
+    """The whole path in one agent: datapath event -> observer -> GetFlows -> jsonpb line."""
+    running = await agent_factory(["--plugins", "memory", "--cluster-name", "c1",
+                                   "--node-name", "n1"])
+    async with grpc.aio.insecure_channel(f"unix:{short_tmp / 'agent0-hubble.sock'}") as channel:
+        follow = observer_pb2_grpc.ObserverStub(channel).GetFlows(
+            observer_pb2.GetFlowsRequest(follow=True, whitelist=[flow_pb2.FlowFilter(
+                verdict=[flow_pb2.DROPPED])]), timeout=CALL_TIMEOUT)
+        async with asyncio.timeout(CALL_TIMEOUT):  # the follower is registered
+            while not running.agent.observer.followers:
+                await asyncio.sleep(0.01)
+        for verdict, reason in ((FORWARDED, "forwarded"), (DROPPED, "policy_default")):
+            running.agent.flow_events.publish(FlowEvent(
+                1_700_000_000_123_456_789, DROP if verdict == DROPPED else POLICY_VERDICT,
+                verdict, reason, 7, "ingress", "10.1.0.20", 40000, "10.1.0.9", 80, 6, 0x02,
+                2, 2))
+        response = await follow.read()
+        follow.cancel()
+    doc = json.loads(jsonformat.response_json(response))
+    assert list(doc) == ["flow", "node_name", "time"]
+    assert (doc["node_name"], doc["time"]) == ("c1/n1", "2023-11-14T22:13:20.123456789Z")
+    flow = doc["flow"]
+    assert list(flow)[:3] == ["time", "uuid", "verdict"]  # declaration order
+    assert (flow["verdict"], flow["drop_reason_desc"]) == ("DROPPED", "POLICY_DENIED")
+    assert flow["l4"] == {"TCP": {"source_port": 40000, "destination_port": 80,
+                                  "flags": {"SYN": True}}}

@@ -49,6 +49,16 @@ def parse_listen_address(text: str) -> tuple[str, int]:
     return (f"[{host}]" if ":" in host else host), int(port)
 
 
+def parse_event_buffer_capacity(text: str | int) -> int:
+    """Cilium's rule for ``hubble-event-buffer-capacity``: one less than a power of two, at
+    most 65535 (1, 3, 7, ..., 4095, ..., 65535)."""
+    number = int(text)
+    if number < 1 or number > 65535 or number & (number + 1):
+        raise ValueError(f"{number} is not one less than a power of two between 1 and 65535"
+                         " (e.g. 4095)")
+    return number
+
+
 def add_bootstrap_options(parser: Parser) -> None:
     """Options read before any plugin loads: which plugins, and where the config dir is."""
     parser.addoption(
@@ -115,6 +125,10 @@ def add_core_options(parser: Parser) -> None:
     parser.addoption("hubble-disable-tls", type=parse_bool, default=False,
                      help="serve --hubble-listen-address without TLS (anyone who reaches it"
                           " reads every flow)")
+    parser.addoption("hubble-event-buffer-capacity", type=parse_event_buffer_capacity,
+                     default=4095,
+                     help="flows the agent keeps for meshagent observe and the Hubble API (the"
+                          " oldest go first); one less than a power of two, at most 65535")
     parser.addoption("datapath-sync-timeout", type=float, default=30.0,
                      help="seconds to wait for remote clusters before the first datapath"
                           " update after start (the datapath changes nothing before it)")
