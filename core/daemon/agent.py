@@ -54,6 +54,8 @@ from meshagent.observe.flows import FlowMaker
 from meshagent.observe.metrics import HubbleCollector
 from meshagent.observe.names import Names
 from meshagent.observe.observer import Observer
+from meshagent.observe.peers import Peers
+from meshagent.observe.server import HubbleOptions, HubbleServer
 from meshagent.policy import default as policy_default
 from meshagent.policy.contract import AttributesVerdicts, Verdict
 from meshagent.policy.repository import LegacyResolverShim, Repository, adapt_resolver
@@ -118,6 +120,14 @@ class Agent:
             config.get("hubble-event-buffer-capacity"),
             lost=lambda: self.flow_events.lost_total)
         self.flow_events.subscribe(self.observer.on_event)
+        # Hubble's API (--enable-hubble=false: none); its Peer service follows the node table
+        self.hubble_peers: Peers | None = None
+        self.hubble: HubbleServer | None = None
+        if config.get("enable-hubble"):
+            options = HubbleOptions.from_config(config)
+            self.hubble_peers = Peers(self.tables.nodes, tls=options.tls)
+            self.hubble = HubbleServer(self.observer, self.hubble_peers, options,
+                                       config.node_name, self.cluster.name, __version__)
         self.ownership = AddressOwnership(self.cluster.name, config.get("pod-cidr"),
                                           self.kvstore_addresses)
         self.local_sync = ClusterSync(self.cluster.name, self.cluster.id, self.cluster, self.tables)
@@ -131,7 +141,9 @@ class Agent:
         # each component brings its own controllers, event handlers and status section
         for name, component in (("core.ownership", self.ownership),
                                 ("core.node-routes", self.node_routes),
-                                ("core.observe", self.flow_names)):
+                                ("core.observe", self.flow_names),
+                                ("core.hubble-peers", self.hubble_peers),
+                                ("core.hubble", self.hubble)):
             if component is not None:
                 plugins.register(component, name=name)
         kvstore = self.providers[KVSTORE.name]
@@ -169,6 +181,8 @@ class Agent:
                 build_app(state, self.hooks.api_routes(self.view)), self.config.socket_path))
             if addr := self.config.get("prometheus-serve-addr"):
                 await cleanup.enter_async_context(MetricsServer(self.metrics, addr))
+            if self.hubble is not None:
+                await cleanup.enter_async_context(self.hubble)
 
             for plugin, controller in self.hooks.controllers(self.view):
                 self.controllers.start(controller, plugin)
@@ -402,6 +416,8 @@ class _AgentHooks:
         if agent.policy_resolver is None:
             sections.append(StatusSection(
                 "Policy", Health.DISABLED, "no policy resolver loaded"))
+        if agent.hubble is None:
+            sections.append(StatusSection("Hubble", Health.DISABLED, "--enable-hubble=false"))
         sections.append(self._controllers_section(agent))
         sections.append(StatusSection(
             "Plugins", Health.OK, ", ".join(agent.config.plugins),
