@@ -13,6 +13,7 @@ connected cluster (:mod:`meshagent.observe.mesh`).
 import argparse
 import asyncio
 import datetime
+import os
 import re
 import sys
 
@@ -312,6 +313,9 @@ def agent_node_name(socket_path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # gRPC's C core logs every failed TLS handshake on stderr; this command reports the nodes
+    # it cannot reach itself, as Hubble's node status events
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from meshagent.observe.printer import Printer
     flags = args.flow_flags or flowflags.FlowFilterFlags()
     flags.check_done()
@@ -341,7 +345,7 @@ async def _observe(args: argparse.Namespace, request, printer) -> None:
 
     from meshagent.observe.api.observer import observer_pb2_grpc
     server = args.server
-    tls = args.tls or server.startswith(TLS_PREFIX) or bool(args.tls_client_cert_file)
+    tls = args.tls or server.startswith(TLS_PREFIX)
     target = server.removeprefix(TLS_PREFIX) if server else agent_hubble_target(
         args.socket_path)
     if args.mesh:
@@ -357,6 +361,7 @@ async def _observe(args: argparse.Namespace, request, printer) -> None:
                     dial_timeout=args.timeout, request_timeout=args.request_timeout):
                 printer.write(response)
         return
+    tls = tls or bool(args.tls_client_cert_file)  # a client certificate implies TLS
     channel = open_channel(target, credentials(args) if tls else None, args.tls_server_name)
     async with channel:
         await wait_ready(channel, target, args.timeout)

@@ -189,8 +189,9 @@ def flow_type(flow) -> str:
         return f"policy-verdict:{match} {direction}"
     if etype == MESSAGE_TYPE_CAPTURE:
         return flow_pb2.DebugCapturePoint.Name(flow.debug_capture_point)
-    if etype == MESSAGE_TYPE_TRACE_SOCK:
-        point = flow_pb2.SocketTranslationPoint.Name(flow.sock_xlate_point)
+    if etype == MESSAGE_TYPE_TRACE_SOCK:  # the translation point is the event's subtype
+        point = flow_pb2.SocketTranslationPoint.Name(subtype) \
+            if subtype in flow_pb2.SocketTranslationPoint.values() else str(subtype)
         return {"SOCK_XLATE_POINT_POST_DIRECTION_FWD": "post-xlate-fwd",
                 "SOCK_XLATE_POINT_POST_DIRECTION_REV": "post-xlate-rev",
                 "SOCK_XLATE_POINT_PRE_DIRECTION_FWD": "pre-xlate-fwd",
@@ -395,12 +396,13 @@ class Printer:
             return
         when = format_time(response.time if response.HasField("time") else None,
                            self.time_format)
-        source = observer_pb2.LostEventSource.Name(lost.source)
+        source = flow_pb2.LostEventSource.Name(lost.source)
         cpu = lost.cpu.value if lost.HasField("cpu") else 0
         span = ""
-        if lost.HasField("first") or lost.HasField("last"):
-            span = (f" (first: {format_time(lost.first if lost.HasField('first') else None, self.time_format)},"
-                    f" last: {format_time(lost.last if lost.HasField('last') else None, self.time_format)})")
+        if _has(lost, "first") or _has(lost, "last"):  # newer Cilium: when they were lost
+            first = format_time(lost.first if _has(lost, "first") else None, self.time_format)
+            last = format_time(lost.last if _has(lost, "last") else None, self.time_format)
+            span = f" (first: {first}, last: {last})"
         if self.output == "table":
             if self.line == 0:
                 self.rows.append(["TIMESTAMP", *(["NODE"] if self.node_name else []), "SOURCE",
