@@ -124,12 +124,13 @@ def test_keys_follow_declaration_order_not_field_numbers():
 
 
 def test_go_encoder_details():
-    flow = flow_pb2.Flow(socket_cookie=5, source=flow_pb2.Endpoint(labels=["k8s:a=<b>&c", "é"]),
+    flow = flow_pb2.Flow(socket_cookie=5, source=flow_pb2.Endpoint(labels=["k8s:a=<b>&c",
+                                                                          "é\u2028"]),
                          auth_type=flow_pb2.SPIRE, is_reply={"value": False})
     # auth_type (35) is declared before ethernet (4); 64-bit as a string; a set BoolValue
     # false is printed; HTML characters escaped as Go does, non-ASCII left as is.
     assert jsonformat.flow_json(flow) == (
-        '{"auth_type":"SPIRE","source":{"labels":["k8s:a=\\u003cb\\u003e\\u0026c","é"]},'
+        '{"auth_type":"SPIRE","source":{"labels":["k8s:a=\\u003cb\\u003e\\u0026c","é\\u2028"]},'
         '"is_reply":false,"socket_cookie":"5"}')
 
 

@@ -50,6 +50,9 @@ from meshagent.model.cluster import ClusterConfig
 from meshagent.model.ipcache import IPCache
 from meshagent.model.node import Node
 from meshagent.model.table import Table, Tables
+from meshagent.observe.api.observer import observer_pb2
+from meshagent.observe.peers import Peers
+from meshagent.observe.server import HubbleOptions, HubbleServer
 from meshagent.policy import default as policy_default
 from meshagent.policy.repository import LegacyResolverShim, Repository, adapt_resolver
 from meshagent.runtime.config import Config
@@ -103,6 +106,14 @@ class Agent:
         self.flow_events = FlowEvents()  # what the datapath reports; observers subscribe
         self.drops = DropFeed(self.tables.identities.get)  # meshagent monitor
         self.flow_events.subscribe(self.drops.on_event)
+        # Hubble's API (--enable-hubble=false: none); its Peer service follows the node table
+        self.hubble_peers: Peers | None = None
+        self.hubble: HubbleServer | None = None
+        if config.get("enable-hubble"):
+            options = HubbleOptions.from_config(config)
+            self.hubble_peers = Peers(self.tables.nodes, tls=options.tls)
+            self.hubble = HubbleServer(_NoFlows(self.started_at), self.hubble_peers, options,
+                                       config.node_name, self.cluster.name, __version__)
         self.ownership = AddressOwnership(self.cluster.name, config.get("pod-cidr"),
                                           self.kvstore_addresses)
         self.local_sync = ClusterSync(self.cluster.name, self.cluster.id, self.cluster, self.tables)
@@ -115,7 +126,9 @@ class Agent:
         self.clustermesh: ClusterMesh | None = None  # built with the store
         # each component brings its own controllers, event handlers and status section
         for name, component in (("core.ownership", self.ownership),
-                                ("core.node-routes", self.node_routes)):
+                                ("core.node-routes", self.node_routes),
+                                ("core.hubble-peers", self.hubble_peers),
+                                ("core.hubble", self.hubble)):
             if component is not None:
                 plugins.register(component, name=name)
         kvstore = self.providers[KVSTORE.name]
@@ -153,6 +166,8 @@ class Agent:
                 build_app(state, self.hooks.api_routes(self.view)), self.config.socket_path))
             if addr := self.config.get("prometheus-serve-addr"):
                 await cleanup.enter_async_context(MetricsServer(self.metrics, addr))
+            if self.hubble is not None:
+                await cleanup.enter_async_context(self.hubble)
 
             for plugin, controller in self.hooks.controllers(self.view):
                 self.controllers.start(controller, plugin)
@@ -289,6 +304,24 @@ class Agent:
         )
 
 
+class _NoFlows:
+    """A FlowSource with no flows: a placeholder until the flow observer
+    (meshagent.observe.observer) is wired here in its place."""
+
+    def __init__(self, started_at: float):
+        self._started_at = started_at
+
+    async def get_flows(self, request):
+        if request.follow:
+            await asyncio.Event().wait()  # no flow ever comes; ends when the client goes
+        return
+        yield
+
+    def server_status(self):
+        return observer_pb2.ServerStatusResponse(
+            uptime_ns=int((time.time() - self._started_at) * 1e9), version=__version__)
+
+
 def run_forever(agent: Agent) -> None:
     """``asyncio.run(serve(agent))``, except that leftover tasks get a bounded time to finish.
 
@@ -375,6 +408,8 @@ class _AgentHooks:
         if agent.policy_resolver is None:
             sections.append(StatusSection(
                 "Policy", Health.DISABLED, "no policy resolver loaded"))
+        if agent.hubble is None:
+            sections.append(StatusSection("Hubble", Health.DISABLED, "--enable-hubble=false"))
         sections.append(self._controllers_section(agent))
         sections.append(StatusSection(
             "Plugins", Health.OK, ", ".join(agent.config.plugins),

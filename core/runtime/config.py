@@ -15,6 +15,7 @@ from meshagent.runtime.options import CONFIG_DIR, ParsedOptions, Parser, parse_b
 
 DEFAULT_PLUGINS = ("etcd", "ebpf")
 DEFAULT_RUN_DIR = DEFAULT_SOCKET.parent  # /var/run/meshagent
+DEFAULT_HUBBLE_SOCKET = DEFAULT_RUN_DIR / "hubble.sock"  # Cilium: /var/run/cilium/hubble.sock
 
 
 def parse_cidrs(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -80,6 +81,23 @@ def add_core_options(parser: Parser) -> None:
     parser.addoption("enable-hubble", type=parse_bool, default=True,
                      help="the datapath reports flow events (new connections, TCP SYN/FIN/RST,"
                           " drops) for meshagent observe and the Hubble API; false: drops only")
+    parser.addoption("hubble-socket-path", type=str, default="",
+                     help="unix socket of the Hubble API (Observer and Peer gRPC services);"
+                          f" default {DEFAULT_HUBBLE_SOCKET}, or <name>-hubble.sock beside a"
+                          " --socket-path of another name (one per agent)")
+    parser.addoption("hubble-listen-address", type=str, default="",
+                     help="also serve the Hubble API on TCP at [HOST]:PORT, e.g. :4244 (every"
+                          " address); with TLS unless --hubble-disable-tls; off when empty")
+    parser.addoption("hubble-tls-cert-file", type=str, default="",
+                     help="the Hubble server's certificate (PEM), for --hubble-listen-address")
+    parser.addoption("hubble-tls-key-file", type=str, default="",
+                     help="the Hubble server's private key (PEM), for --hubble-listen-address")
+    parser.addoption("hubble-tls-client-ca-files", type=parse_list, default=(),
+                     help="CA certificates (PEM files, comma-separated) that sign Hubble"
+                          " clients' certificates: given, a client must show one (mutual TLS)")
+    parser.addoption("hubble-disable-tls", type=parse_bool, default=False,
+                     help="serve --hubble-listen-address without TLS (anyone who reaches it"
+                          " reads every flow)")
     parser.addoption("datapath-sync-timeout", type=float, default=30.0,
                      help="seconds to wait for remote clusters before the first datapath"
                           " update after start (the datapath changes nothing before it)")
@@ -111,6 +129,14 @@ def add_core_options(parser: Parser) -> None:
                          help=f"{slot} provider to use (default: the only one the plugins offer)")
 
 
+def default_hubble_socket(socket_path: Path) -> Path:
+    """The default agent's Hubble socket is Cilium's name in our run dir; an agent given its
+    own API socket (tests, the lab: several agents in one directory) gets one beside it."""
+    if socket_path == DEFAULT_SOCKET:
+        return DEFAULT_HUBBLE_SOCKET
+    return socket_path.with_name(f"{socket_path.stem}-hubble.sock")
+
+
 @attrs.frozen
 class Config:
     """Every option's value and where it came from; built once, read by everyone."""
@@ -137,6 +163,12 @@ class Config:
             if cluster.id == 0:
                 raise UsageError("--clustermesh-config needs a --cluster-id (1.."
                                  f"{cluster.max_connected_clusters}) unique in the mesh")
+        if not values["hubble-socket-path"]:
+            values["hubble-socket-path"] = default_hubble_socket(Path(values["socket-path"]))
+        if values["hubble-listen-address"] and not values["hubble-disable-tls"] and not (
+                values["hubble-tls-cert-file"] and values["hubble-tls-key-file"]):
+            raise UsageError("--hubble-listen-address needs --hubble-tls-cert-file and"
+                             " --hubble-tls-key-file (or --hubble-disable-tls)")
         if values["kvstore-lease-ttl"] < 1:
             raise UsageError(f"invalid --kvstore-lease-ttl={values['kvstore-lease-ttl']}:"
                              " must be at least 1 second")
