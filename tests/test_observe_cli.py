@@ -930,3 +930,37 @@ def test_mesh_follow_lets_flows_out_as_they_come(servers, short_tmp, hubble_ca):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# -- the agent's own Hubble socket ------------------------------------------------------------
+
+
+def test_observe_reads_the_hubble_socket_the_agent_names(agent_process):
+    """Without --server: the agent at --socket-path says where its Hubble API is
+    (hubble-socket-path, GET /v1/config), and observe reads it there."""
+    agent = agent_process("--plugins", "memory", "--cluster-name", "cluster1",
+                          "--cluster-id", "1")
+    wait_for_hubble(agent.socket)
+    result = observe("--socket-path", str(agent.socket), "-o", "json")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""  # the memory plugin has no datapath: no flow
+    result = observe("--socket-path", str(agent.socket), "--mesh", "--timeout", "1s")
+    assert result.returncode == 0, result.stderr  # its node serves no TCP: unavailable
+    assert "1 nodes are unavailable: cluster1/" in result.stderr
+
+
+def wait_for_hubble(agent_socket, timeout: float = 10) -> None:
+    hubble = agent_socket.with_name(f"{agent_socket.stem}-hubble.sock")
+    deadline = time.monotonic() + timeout
+    while not hubble.exists():
+        assert time.monotonic() < deadline, "the agent never opened its Hubble socket"
+        time.sleep(0.05)
+
+
+def test_an_agent_without_hubble_says_so(agent_process):
+    agent = agent_process("--plugins", "memory", "--enable-hubble=false")
+    result = observe("--socket-path", str(agent.socket))
+    assert result.returncode == 1
+    assert "--enable-hubble=false" in result.stderr
+    result = observe("--socket-path", str(agent.socket.with_name("nobody.sock")))
+    assert result.returncode == 1 and "no agent is running" in result.stderr
