@@ -333,10 +333,11 @@ def run(args: argparse.Namespace) -> int:
                       debug=args.debug)
     try:
         asyncio.run(_observe(args, request, printer))
-    except KeyboardInterrupt:
-        pass
-    finally:
         printer.close()
+    except KeyboardInterrupt:
+        printer.close()  # Ctrl-C ends a --follow: what was read is printed, exit 0 as Hubble
+    except BrokenPipeError:  # | head: the reader has what it wanted; nothing to flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

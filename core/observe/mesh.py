@@ -20,7 +20,8 @@ the certificates an operator would give a relay), following Relay's behaviour
   through a window (when the streams pause, what is older than one second is let out; more
   than 100 waiting push the oldest out), so late flows of one node still come out in order
   with the others';
-* with ``--follow``, nodes the Peer service adds later are read too.
+* with ``--follow``, nodes the Peer service adds later are read too; the stream ends when no
+  node is being read any more (as Relay's).
 
 Not done as Relay does: errors with the same message are not merged into one event.
 """
@@ -241,6 +242,10 @@ async def _sorted_window(merge: _Merge) -> AsyncIterator:
         try:
             item = await asyncio.wait_for(merge.queue.get(), QUIET)
         except asyncio.TimeoutError:
+            if not merge.tasks and merge.queue.empty():  # every stream ended, as Relay's
+                while heap:
+                    yield heapq.heappop(heap)[2]
+                return
             horizon = time.time_ns() - int(SORT_WINDOW * 1e9)
             while heap and heap[0][0] <= horizon:
                 yield heapq.heappop(heap)[2]
