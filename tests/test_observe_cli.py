@@ -491,6 +491,21 @@ def test_tcp_flags():
     assert filters("--tcp-flags", "syn,ack")[0] == [{"tcp_flags": [{"SYN": True, "ACK": True}]}]
 
 
+def test_plain_flags():
+    """flows_filter.go: the flags that fill one field of every filter."""
+    assert filters("-4")[0] == [{"ip_version": ["IPv4"]}]
+    assert filters("--ipv6", "--ip-version", "v4", "--ip-version", "none")[0] == [
+        {"ip_version": ["IPv6", "IPv4", "IP_NOT_USED"]}]
+    assert filters("--protocol", "tcp", "--protocol", "udp", "--node-name", "cluster1/*",
+                   "--drop-reason-desc", "POLICY_DENIED")[0] == [
+        {"drop_reason_desc": ["POLICY_DENIED"], "protocol": ["tcp", "udp"],
+         "node_name": ["cluster1/*"]}]
+    with pytest.raises(UsageError, match="invalid --verdict value: forwarded"):
+        parse("--verdict", "forwarded")
+    with pytest.raises(UsageError, match="invalid --drop-reason-desc value: nope"):
+        parse("--drop-reason-desc", "nope")
+
+
 def test_uuid_and_traffic_direction():
     """TestUuid, TestTrafficDirection."""
     assert filters("--uuid", "b9fab269-04ae-495c-9d12-b6c36d41de0d")[0] == [
