@@ -59,14 +59,13 @@ def test_the_mesh_shows_the_employee_at_both_ends_and_the_strangers_drop(lab):
         result = observe(lab, "--to-pod", "default/protected-db", "-o", "json")
         assert result.returncode == 0, result.stderr
         responses = parsed(result.stdout)
-        flows = [r.flow for r in responses]
+        flows = [r.flow for r in responses if r.HasField("flow")]
         forwarded = [f for f in flows if employee_to_db(f) and f.verdict == 1]  # FORWARDED
         ends = {f.node_name.split("/")[0] for f in forwarded}
         dropped = [f for f in flows if f.source.pod_name == "stranger" and f.verdict == 2]
         if ends == {"cluster1", "cluster2"} and dropped or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert all(r.WhichOneof("response_types") == "flow" for r in responses)
     assert ends == {"cluster1", "cluster2"}, f"employee-c2's flows: {forwarded}\n{result.stdout}"
     assert {f.node_name for f in forwarded} == {"cluster1/node1", "cluster2/node1"}
     assert dropped, result.stdout
@@ -75,7 +74,7 @@ def test_the_mesh_shows_the_employee_at_both_ends_and_the_strangers_drop(lab):
         assert flow.destination.cluster_name == flow.source.cluster_name == "cluster1"
         assert flow.node_name == "cluster1/node1"
         assert flow.l4.TCP.destination_port == 6379 and flow.l4.TCP.flags.SYN
-    lines = [json.loads(line)["flow"] for line in result.stdout.splitlines()]
+    lines = [json.loads(line).get("flow", {}) for line in result.stdout.splitlines()]
     assert any(line.get("drop_reason_desc") == "POLICY_DENIED"
                and line["source"]["pod_name"] == "stranger" for line in lines)
     # the merged stream is in time order, and every node was reached
@@ -116,7 +115,8 @@ def test_a_node_that_does_not_answer_is_named_and_holds_nobody_back(lab):
         (status,) = parsed(result.stderr)
         assert status.node_status.state_change == 2  # NODE_UNAVAILABLE
         assert list(status.node_status.node_names) == ["cluster2/node1"]
-        assert {r.flow.node_name for r in parsed(result.stdout)} == {"cluster1/node1"}
+        assert {r.flow.node_name for r in parsed(result.stdout) if r.HasField("flow")} \
+            == {"cluster1/node1"}
         assert took < 10
         compact = observe(lab, "--timeout", "2s")
         assert "1 nodes are unavailable: cluster2/node1" in compact.stderr
