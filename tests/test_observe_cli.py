@@ -740,11 +740,16 @@ class FakeObserver(observer_pb2_grpc.ObserverServicer):
 
 
 class FakePeers(peer_pb2_grpc.PeerServicer):
-    def __init__(self, notifications):
+    """Names the nodes; ``later`` ones a second after the first (a node that joins)."""
+
+    def __init__(self, notifications, later=()):
         self.notifications = notifications
+        self.later = later
 
     def Notify(self, request, context):
         yield from self.notifications
+        time.sleep(1)
+        yield from self.later
         while context.is_active():
             time.sleep(0.05)
 
@@ -929,22 +934,35 @@ def test_mesh_refuses_a_node_with_a_certificate_for_another_name(servers, short_
     assert impostor.requests == []
 
 
-def test_mesh_follow_lets_flows_out_as_they_come(servers, short_tmp, hubble_ca):
+def test_mesh_follow_lets_flows_out_as_they_come_and_reads_nodes_that_join(
+        servers, short_tmp, hubble_ca):
     a = FakeObserver([flow_at(100, "cluster1/node1")])
-    address = servers(observer=a, tls=server_tls(hubble_ca, "node1", "cluster1"))
-    local = servers(peers=FakePeers([notification("cluster1/node1", address)]),
+    b = FakeObserver([flow_at(200, "cluster2/node1")])
+    address_a = servers(observer=a, tls=server_tls(hubble_ca, "node1", "cluster1"))
+    address_b = servers(observer=b, tls=server_tls(hubble_ca, "node1", "cluster2"))
+    local = servers(peers=FakePeers([notification("cluster1/node1", address_a)],
+                                    later=[notification("cluster2/node1", address_b)]),
                     unix=short_tmp / "peer.sock")
     proc = subprocess.Popen([MESHAGENT, "observe", "--mesh", "--server", local,
                              *tls_args(short_tmp), "--follow", "-o", "json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=clean_env())
     try:
-        line = proc.stdout.readline()
-        assert json.loads(line)["flow"]["node_name"] == "cluster1/node1"
-        assert a.requests[0].follow
+        nodes = [json.loads(proc.stdout.readline())["flow"]["node_name"] for _ in range(2)]
+        assert nodes == ["cluster1/node1", "cluster2/node1"]
+        assert a.requests[0].follow and b.requests[0].follow
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_mesh_needs_a_peer_service(servers, short_tmp):
+    """A server without peer.Peer (a plain Hubble server, not an agent or relay)."""
+    local = servers(observer=FakeObserver([]), unix=short_tmp / "observer.sock")
+    result = observe("--mesh", "--server", local)
+    assert result.returncode == 1
+    assert "cannot list the nodes (peer.Peer/Notify): rpc error: code = Unimplemented" \
+        in result.stderr
 
 
 # -- the agent's own Hubble socket ------------------------------------------------------------

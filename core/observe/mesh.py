@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator
 
 import attrs
 
+from meshagent.errors import MeshagentError
 from meshagent.observe.api.observer import observer_pb2, observer_pb2_grpc
 from meshagent.observe.api.peer import peer_pb2, peer_pb2_grpc
 from meshagent.observe.api.relay import relay_pb2
@@ -73,42 +74,59 @@ def peer_from(notification) -> Peer:
 
 
 class PeerList:
-    """The nodes the Peer service knows, kept current from its Notify stream."""
+    """The nodes the Peer service knows, kept current by reading its Notify stream in a task
+    of its own (from :meth:`start` to :meth:`close`)."""
 
     def __init__(self, channel):
         self.peers: dict[str, Peer] = {}
         self.changed = asyncio.Event()
         self._call = peer_pb2_grpc.PeerStub(channel).Notify(peer_pb2.NotifyRequest())
+        self._reader: asyncio.Task | None = None
 
-    def _apply(self, notification) -> None:
-        kinds = peer_pb2.ChangeNotificationType
-        if notification.type == kinds.Value("PEER_DELETED"):
-            self.peers.pop(notification.name, None)
-        elif notification.type in (kinds.Value("PEER_ADDED"), kinds.Value("PEER_UPDATED")):
-            self.peers[notification.name] = peer_from(notification)
-        self.changed.set()
+    def start(self) -> None:
+        self._reader = asyncio.create_task(self._read(), name="observe peers")
+
+    @property
+    def following(self) -> bool:
+        return self._reader is not None and not self._reader.done()
+
+    async def _read(self) -> None:
+        try:
+            async for notification in self._call:
+                kinds = peer_pb2.ChangeNotificationType
+                if notification.type == kinds.Value("PEER_DELETED"):
+                    self.peers.pop(notification.name, None)
+                elif notification.type in (kinds.Value("PEER_ADDED"),
+                                           kinds.Value("PEER_UPDATED")):
+                    self.peers[notification.name] = peer_from(notification)
+                self.changed.set()
+        finally:
+            self.changed.set()  # whoever waits for news learns the stream ended
 
     async def initial(self) -> dict[str, Peer]:
-        """Every node the service names now: its first burst of notifications."""
+        """Every node the service names now: its first burst of notifications (complete once
+        it pauses PEER_QUIET, or after PEER_WAIT). Raises MeshagentError when the service
+        fails before naming any node."""
         deadline = time.monotonic() + PEER_WAIT
-        iterator = self._call.__aiter__()
-        while (left := deadline - time.monotonic()) > 0:
-            wait = min(left, PEER_QUIET) if self.peers else left
+        while self.following and (left := deadline - time.monotonic()) > 0:
+            self.changed.clear()
             try:
-                notification = await asyncio.wait_for(iterator.__anext__(), wait)
-            except (asyncio.TimeoutError, StopAsyncIteration):
+                await asyncio.wait_for(self.changed.wait(),
+                                       min(left, PEER_QUIET) if self.peers else left)
+            except asyncio.TimeoutError:
                 break
-            self._apply(notification)
-        self._iterator = iterator
+        if not self.peers and self._reader.done() and self._reader.exception() is not None:
+            import grpc
+            exc = self._reader.exception()
+            text = rpc_error_text(exc) if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            raise MeshagentError(f"cannot list the nodes (peer.Peer/Notify): {text}")
         return dict(self.peers)
 
-    async def follow(self) -> None:
-        """Keep applying notifications (until cancelled or the stream ends)."""
-        async for notification in self._iterator:
-            self._apply(notification)
-
-    def cancel(self) -> None:
+    async def close(self) -> None:
         self._call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
 
 
 def _status(state: str, names: list[str], node_name: str, message: str = ""):
@@ -193,6 +211,7 @@ async def observe_mesh(local_channel, request, creds, *, node_name: str, dial_ti
     merge = _Merge(request, creds, node_name, dial_timeout, request_timeout)
     watcher = None
     try:
+        peers.start()
         known = await peers.initial()
         dialled = await asyncio.gather(*(merge.dial(p) for p in known.values()))
         connected = [p.name for p, ch in zip(known.values(), dialled) if ch is not None]
@@ -215,7 +234,7 @@ async def observe_mesh(local_channel, request, creds, *, node_name: str, dial_ti
         if watcher is not None:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
-        peers.cancel()
+        await peers.close()
         await merge.close()
 
 
@@ -258,22 +277,15 @@ async def _sorted_window(merge: _Merge) -> AsyncIterator:
 
 async def _join_new_peers(peers: PeerList, merge: _Merge, seen: set[str]) -> None:
     """Follow mode: read the nodes the Peer service names later too."""
-    follow = asyncio.create_task(peers.follow())
-    try:
-        while not follow.done():
-            peers.changed.clear()
-            for name, peer in list(peers.peers.items()):
-                if name in seen:
-                    continue
-                seen.add(name)
-                channel = await merge.dial(peer)
-                if channel is None:
-                    await merge.queue.put(_status("NODE_UNAVAILABLE", [name], merge.node_name))
-                else:
-                    merge.read(peer, channel)
-            changed = asyncio.create_task(peers.changed.wait())
-            await asyncio.wait({changed, follow}, return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
-    finally:
-        follow.cancel()
-        await asyncio.gather(follow, return_exceptions=True)
+    while peers.following:
+        peers.changed.clear()
+        for name, peer in list(peers.peers.items()):
+            if name in seen:
+                continue
+            seen.add(name)
+            channel = await merge.dial(peer)
+            if channel is None:
+                await merge.queue.put(_status("NODE_UNAVAILABLE", [name], merge.node_name))
+            else:
+                merge.read(peer, channel)
+        await peers.changed.wait()
