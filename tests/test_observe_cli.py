@@ -997,3 +997,13 @@ def test_an_agent_without_hubble_says_so(agent_process):
     assert "--enable-hubble=false" in result.stderr
     result = observe("--socket-path", str(agent.socket.with_name("nobody.sock")))
     assert result.returncode == 1 and "no agent is running" in result.stderr
+
+
+@pytest.mark.parametrize("address,target", [
+    ("10.99.1.1", "10.99.1.1:4244"), ("10.99.1.1:4000", "10.99.1.1:4000"),
+    ("fd00::1", "[fd00::1]:4244"), ("[fd00::1]:4000", "[fd00::1]:4000"),
+    ("[fd00::1]", "[fd00::1]:4244")])
+def test_peer_addresses(address, target):
+    """Cilium's peer service sends a node's IP without a port: Relay dials Hubble's 4244."""
+    from meshagent.observe.mesh import peer_address
+    assert peer_address(address) == target

@@ -448,6 +448,10 @@ class Lab:
             ips = _both(pod["ip"], pod.get("ip6"))
             lines.append(f"  pod {name} on {pod['node']}: {ips} (identity"
                          f" {pod['identity']})")
+        if self.state.get("nodes"):
+            lines.append(f"  flows: meshagent lab observe -- [observe flags] (observe --mesh from"
+                         f" cluster1-node1; Hubble on every node IP:{HUBBLE_PORT}, mutual TLS,"
+                         f" certificates in {self.hubble_dir})")
         return "\n".join(lines)
 
 
