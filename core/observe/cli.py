@@ -332,10 +332,12 @@ def run(args: argparse.Namespace) -> int:
                       ip_translation=args.ip_translation and not args.numeric,
                       debug=args.debug)
     try:
-        asyncio.run(_observe(args, request, printer))
-        printer.close()
-    except KeyboardInterrupt:
-        printer.close()  # Ctrl-C ends a --follow: what was read is printed, exit 0 as Hubble
+        try:
+            asyncio.run(_observe(args, request, printer))
+        except KeyboardInterrupt:
+            pass  # Ctrl-C ends a --follow: exit 0, as Hubble
+        finally:
+            printer.close()  # a table is printed at the end, after an error too
     except BrokenPipeError:  # | head: the reader has what it wanted; nothing to flush at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
