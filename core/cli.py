@@ -536,7 +536,19 @@ def _monitor(args: argparse.Namespace) -> int:
         return 0
 
 
+def _observe_args(parser: argparse.ArgumentParser) -> None:
+    from meshagent.observe.cli import add_arguments
+    add_arguments(parser)
+
+
+def _observe(args: argparse.Namespace) -> int:
+    from meshagent.observe.cli import run
+    return run(args)
+
+
 CORE_COMMANDS = (
+    Command("observe", "observe flows as hubble observe does (Hubble's API: this agent, a"
+            " server, or --mesh for every node of every cluster)", _observe_args, _observe),
     Command("monitor", "stream datapath events (drops) from the running agent", _monitor_args,
             _monitor),
     Command("status", "show the agent's health, section by section", status_args, _status),
