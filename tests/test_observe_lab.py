@@ -122,3 +122,46 @@ def test_a_node_that_does_not_answer_is_named_and_holds_nobody_back(lab):
         assert "1 nodes are unavailable: cluster2/node1" in compact.stderr
     finally:
         subprocess.run(["ip", "netns", "exec", ns, "iptables", "-D", *rule], check=True)
+
+
+def test_audit_mode_lets_the_stranger_in_and_says_so_until_it_is_turned_off(lab):
+    """protected-db under the seed's default-deny policy, in audit mode: the stranger gets
+    PONG and its flow says AUDIT (at the node that judged it); audit mode off, it times out
+    again. The module's other tests see the stranger dropped, so this one runs last."""
+    db = lab.state["pods"]["protected-db"]
+    socket = lab.state["nodes"][db["node"]]["socket"]
+
+    def audit(value: str) -> None:
+        result = subprocess.run([MESHAGENT, "endpoint", "config", str(db["endpoint"]),
+                                 f"PolicyAuditMode={value}", "--socket-path", socket],
+                                capture_output=True, text=True, timeout=30, env=clean_env())
+        assert result.returncode == 0, result.stderr
+
+    audit("Enabled")
+    try:
+        listed = subprocess.run([MESHAGENT, "endpoint", "list", "--socket-path", socket],
+                                capture_output=True, text=True, timeout=30, env=clean_env())
+        assert "(Audit)" in listed.stdout, listed.stdout
+        assert redis_ping(lab, "stranger") == "PONG"
+        assert redis_ping(lab, "employee-c2") == "PONG"
+        deadline = time.monotonic() + 20
+        while True:
+            result = observe(lab, "--from-pod", "default/stranger", "--verdict", "AUDIT",
+                             "-o", "json")
+            assert result.returncode == 0, result.stderr
+            audited = [r.flow for r in parsed(result.stdout) if r.HasField("flow")]
+            if audited or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert audited, result.stdout
+        for flow in audited:
+            assert (flow.destination.pod_name, flow.node_name) == ("protected-db",
+                                                                   "cluster1/node1")
+            assert flow.traffic_direction == 1  # INGRESS: protected-db's policy audited it
+        lines = [json.loads(line)["flow"] for line in result.stdout.splitlines()
+                 if '"flow"' in line]
+        assert {line["verdict"] for line in lines} == {"AUDIT"}
+    finally:
+        audit("Disabled")
+    assert redis_ping(lab, "stranger") == "timeout"
+    assert redis_ping(lab, "employee-c2") == "PONG"
