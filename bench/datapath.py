@@ -60,6 +60,7 @@ spec:
   - fromEndpoints: [{matchLabels: {app: client}}]
 """
 METRICS_PORT = 9962  # in each node's own namespace
+CONNECTION_PORT = 7000  # round r's new connections go to CONNECTION_PORT + r
 
 
 @attrs.frozen
@@ -105,7 +106,7 @@ def wait_ready(sock: Path, proc) -> None:
     raise SystemExit("agent not ready")
 
 
-def build(lab: NetLab, workdir: Path, key: str) -> Node:
+def build(lab: NetLab, workdir: Path, key: str, rounds: int) -> Node:
     """One node with its agent, a client and a server pod."""
     setup = SETUPS[key]
     node = lab.ns(f"node-{key[0]}")
@@ -129,11 +130,16 @@ def build(lab: NetLab, workdir: Path, key: str) -> Node:
     server_ip = server_ep["ipv4"]
     client_ip = json.loads(cli(sock, "endpoint", "create", "--netns", client, "--namespace",
                                "default", "--labels", "app=client", "-o", "json"))["ipv4"]
-    # A client opening connections by the ten thousand leaves as many ports in TIME_WAIT for a
-    # minute: let it reuse them (what redis-benchmark -k 0 itself asks for).
-    lab.exec(client, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
+    # Every new connection must be new to the datapath too, never a reused address and port
+    # pair that conntrack still holds: each round opens its connections to a server port of
+    # its own, from ports never reused within it (TIME_WAIT is kept; the range holds them).
+    lab.exec(client, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535")
     lab.spawn(server, "iperf3", "-s", log=workdir / f"{key}-iperf.log")
     lab.spawn(server, *REDIS_SERVER, log=workdir / f"{key}-redis.log")
+    for round_ in range(rounds):
+        lab.spawn(server, "redis-server", "--port", str(CONNECTION_PORT + round_), "--save", "",
+                  "--appendonly", "no", "--protected-mode", "no",
+                  log=workdir / f"{key}-redis-{round_}.log")
     if setup.plugins != "memory":
         (workdir / "policy.yaml").write_text(POLICY)
         cli(sock, "policy", "import", str(workdir / "policy.yaml"))
@@ -189,26 +195,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def throughput(lab: NetLab, node: Node, args) -> dict:
+def throughput(lab: NetLab, node: Node, args, round_: int) -> dict:
     iperf = lab.exec(node.client, "iperf3", "-c", node.server_ip, "-t", str(args.seconds), "-J",
                      timeout=120)
     gbits = json.loads(iperf.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
     return {"iperf3_gbit_s": round(gbits, 2)}
 
 
-def request_rate(lab: NetLab, node: Node, args) -> dict:
+def request_rate(lab: NetLab, node: Node, args, round_: int) -> dict:
     redis = lab.exec(node.client, "redis-benchmark", "-h", node.server_ip, "-t", "ping", "-n",
                      str(args.requests), "-q", "-c", "20", timeout=120)
     rates = [float(x) for x in re.findall(r"([\d.]+) requests per second", redis.stdout)]
     return {"redis_ping_rps": round(max(rates), 0)}
 
 
-def connection_rate(lab: NetLab, node: Node, args) -> dict:
+def connection_rate(lab: NetLab, node: Node, args, round_: int) -> dict:
     """New connections per second, each a PING on a connection of its own; and the agent's CPU
     time meanwhile, per 1,000 connections."""
     cpu = cpu_seconds(node.agent_pid)
-    conns = lab.exec(node.client, "redis-benchmark", "-h", node.server_ip, "-t", "ping_inline",
-                     "-n", str(args.connections), "-q", "-c", "20", "-k", "0", timeout=120)
+    conns = lab.exec(node.client, "redis-benchmark", "-h", node.server_ip, "-p",
+                     str(CONNECTION_PORT + round_), "-t", "ping_inline", "-n",
+                     str(args.connections), "-q", "-c", "20", "-k", "0", timeout=120)
     agent_cpu = cpu_seconds(node.agent_pid) - cpu
     rate = float(re.findall(r"([\d.]+) requests per second", conns.stdout)[-1])
     return {"new_conn_per_s": round(rate, 0),
@@ -253,7 +260,7 @@ def main() -> None:
     lab = NetLab()
     started, load_before = time.monotonic(), os.getloadavg()[0]
     try:
-        nodes = {key: build(lab, workdir, key) for key in SETUPS}
+        nodes = {key: build(lab, workdir, key, args.rounds) for key in SETUPS}
         time.sleep(1)
         rng = random.Random(1)
         samples: dict[str, list[dict]] = {key: [] for key in SETUPS}
@@ -266,7 +273,7 @@ def main() -> None:
                 order = list(SETUPS)
                 rng.shuffle(order)
                 for key in order:
-                    got[key] |= measure(lab, nodes[key], args)
+                    got[key] |= measure(lab, nodes[key], args, round_)
             for key in SETUPS:
                 samples[key].append(got[key])
                 ratios[key].append({m: got[key][m] / got["a_no_programs"][m] for m in METRICS})
