@@ -214,7 +214,7 @@ def million_report(run: dict | None) -> list[str]:
 
 DATAPATH_SETUPS = (("a_no_programs", "(a) no programs"), ("b_meshagent_ebpf", "(b) eBPF, flows"),
                    ("e_meshagent_ebpf_no_flows", "(e) eBPF, no flows"),
-                   ("c_iptables", "(c) iptables"), ("d_meshagent_nftables", "(d) nftables, flows"))
+                   ("c_iptables", "(c) iptables"), ("d_meshagent_nftables", "(d) nftables"))
 
 
 def plot_datapath(dp: dict) -> None:
@@ -270,12 +270,19 @@ def datapath_report(dp: dict) -> list[str]:
              " (`--enable-hubble=true`, the default), (e) the same without flows"
              " (`--enable-hubble=false`: drops only), (c) the same policy as stateful iptables"
              " (1,001 rules), (d) meshagent's nftables datapath with the same policy and the same"
-             " extra entries, reporting flows. Every round takes three measurements, of the five"
-             " nodes one after the other in a new shuffled order for each: iperf3 throughput, redis PINGs over 20 kept-alive connections"
+             " extra entries (`--enable-hubble=true`: flows where the datapath reports them)."
+             " Every round takes three measurements, of the five"
+             " nodes one after the other in a new shuffled order for each: iperf3 throughput,"
+             " redis PINGs over 20 kept-alive connections"
              " (`redis-benchmark -t ping -c 20`), and new connections per second"
              " (`redis-benchmark -t ping_inline -c 20 -k 0`: each PING on a connection of its"
-             " own — connect, PING, PONG, close by the client; the client pod reuses its"
-             " TIME_WAIT ports, `net.ipv4.tcp_tw_reuse=1`). The ratios are medians of each"
+             " own — connect, PING, PONG, close by the client). Each round's connections go to a"
+             " redis of their own on a port of its own, from client ports 1024–65535 with no"
+             " TIME_WAIT reuse, so that none reuses an address and port pair a datapath's"
+             " conntrack still holds: the eBPF datapath keeps a closed TCP connection's entries"
+             " for its idle timeout (6 h), and takes such a connection for the old one, judged"
+             " and reported already (with `net.ipv4.tcp_tw_reuse=1`, its flows stopped after"
+             " the first two rounds). The ratios are medians of each"
              " round's own ratios to (a); the range beside the connection ratio is the lowest"
              " and highest round's. The agent's CPU time is read from /proc around each"
              " connection measurement, to one clock tick"
@@ -295,9 +302,15 @@ def datapath_report(dp: dict) -> list[str]:
         counted = [f"({key[0]}) {f['hubble_flows_processed_total'] or 0:,} flows,"
                    f" {f['hubble_lost_events_total'] or 0:,} events lost"
                    for key, f in dp["flows"].items() if key[0] in "bde"]
+        b = dp["flows"]["b_meshagent_ebpf"]
+        events = b["hubble_flows_processed_total"] + (b["hubble_lost_events_total"] or 0)
         shown = (f"Flows processed by the agents' observers over the run: {'; '.join(counted)}"
-                 " ((e) reports drops only). What reporting them"
-                 f" costs: (b) over (e), {b_over_e['new_conn_per_s']:.0%} of the connection rate,"
+                 " ((e) reports drops only). In (b), that is"
+                 f" {events / (dp['rounds'] * dp['connections']):.1f} events per new connection"
+                 " (all of the run's, iperf3's and the PINGs' included, over its new"
+                 f" connections), {(b['hubble_lost_events_total'] or 0) / events:.0%} of them"
+                 " lost. What reporting them costs: (b) over (e),"
+                 f" {b_over_e['new_conn_per_s']:.0%} of the connection rate,"
                  f" {b_over_e['redis_ping_rps']:.0%} of the PING rate and"
                  f" {b_over_e['iperf3_gbit_s']:.0%} of the throughput, and the agent CPU column.")
     else:
@@ -319,19 +332,20 @@ def datapath_report(dp: dict) -> list[str]:
               f" {dp['load_average_before_after'][1]} after it; one round's connection ratio of"
               f" (e) to (a) ranged from {spread['e_meshagent_ebpf_no_flows']['new_conn_per_s'][0]}"
               f" to {spread['e_meshagent_ebpf_no_flows']['new_conn_per_s'][1]}), hence the"
-              " interleaved rounds and the medians of paired ratios. Why (b) keeps up with no programs at all,"
-              " or beats it: a packet between two pods of a node is judged by both pods' policies"
-              " in one program run and redirected straight into the destination pod"
-              " (bpf_redirect_peer), skipping the node's routing and the second veth, as Cilium"
-              " does; iptables adds netfilter conntrack to the full path. What bounds (b): about"
-              " 0.8 µs of program per packet (measured with kernel.bpf_stats_enabled) — an"
-              " endpoint lookup, the local-destination lookup and two conntrack lookups (source"
-              " egress, destination ingress) — against roughly 20 µs of kernel and application"
-              " work per request. On the way: a parse that pulled the payload of every"
-              " socket-sent packet into the linear head cost 0.6 µs per packet (now only the"
-              " header bytes read are pulled, and only when missing); packets of known"
-              " connections take one conntrack lookup per endpoint (the service frontend is"
-              " looked up only for new connections, and the NAT lives in the conntrack entry).",
+              " interleaved rounds and the medians of paired ratios. Why the eBPF datapath's"
+              " programs keep up with no programs at all, or beat them: a packet between two"
+              " pods of a node is judged by both pods' policies in one program run and"
+              " redirected straight into the destination pod (bpf_redirect_peer), skipping the"
+              " node's routing and the second veth, as Cilium does; iptables adds netfilter"
+              " conntrack to the full path. What bounds the programs: about 0.8 µs per packet"
+              " (measured with kernel.bpf_stats_enabled) — an endpoint lookup, the"
+              " local-destination lookup and two conntrack lookups (source egress, destination"
+              " ingress) — against roughly 20 µs of kernel and application work per request. On"
+              " the way: a parse that pulled the payload of every socket-sent packet into the"
+              " linear head cost 0.6 µs per packet (now only the header bytes read are pulled,"
+              " and only when missing); packets of known connections take one conntrack lookup"
+              " per endpoint (the service frontend is looked up only for new connections, and"
+              " the NAT lives in the conntrack entry).",
               "",
               "New connections: each is some eight packets (the handshake, PING, PONG, the two"
               " FINs and the last ACK) and, in each pod, a socket set up and torn down, so the"
