@@ -310,6 +310,7 @@ def main() -> None:
               "connections": args.connections,
               "wall_seconds": round(time.monotonic() - started), "samples": samples,
               "load_average_before_after": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+              "cores": os.cpu_count(),
               "goal_b_ge_95pct": b["iperf3_gbit_s"] >= 0.95 and b["redis_ping_rps"] >= 0.95,
               "goal_b_ge_c": b_over_c["iperf3_gbit_s"] >= 1 and b_over_c["redis_ping_rps"] >= 1,
               "goal_b_conn_ge_90pct": b["new_conn_per_s"] >= 0.90}

@@ -259,6 +259,26 @@ def datapath_summary(dp: dict, yes) -> list[str]:
             f" | {conn} |"]
 
 
+def flows_cost(dp: dict, per_connection: float, lost: float) -> str:
+    """What bounds (b) with flows: its agent's CPU per event against a connection's cost."""
+    cpu_us = dp["agent_cpu_ms_per_1000_conn"]["b_meshagent_ebpf"]  # ms per 1,000 = µs per one
+    budget_us = dp["cores"] * 1e6 / dp["results"]["a_no_programs"]["new_conn_per_s"]
+    return ("What bounds (b) with flows is its agent: it spent"
+            f" {cpu_us:.0f} µs of CPU per new connection, about {cpu_us / per_connection:.0f} µs"
+            f" per event, where (a) makes a whole connection in {budget_us:.0f} µs of the"
+            f" machine's {dp['cores']} cores; its loop runs flat out, and the perf buffers"
+            f" overflow ({lost:.0%} of the events lost). A profile of the agent under this load"
+            " (py-spy, 2026-12-07) finds four fifths of its busy time in the perf reader's"
+            " callback, called once per event (the readers wake on every event): the record"
+            " decoded (its addresses through `ipaddress`), a FlowEvent published, and the"
+            " observer building a Hubble Flow message from it at once (a uuid4, both endpoints'"
+            " names and labels, the summary text, the metrics) — that Flow is half of the time."
+            f" For (b) to stay at 90% of (a), flows may cost about {budget_us / 10:.0f} µs a"
+            f" connection, {budget_us / 10 / per_connection:.1f} µs an event: fewer events must"
+            " reach Python per connection, or each must cost far less there (records read in"
+            " batches, Flows built when they are read rather than when they are stored).")
+
+
 def datapath_report(dp: dict) -> list[str]:
     ratio, spread = dp["ratio_to_a"], dp["ratio_to_a_min_max"]
     lines = ["## Datapath overhead", "",
@@ -313,6 +333,8 @@ def datapath_report(dp: dict) -> list[str]:
                  f" {b_over_e['new_conn_per_s']:.0%} of the connection rate,"
                  f" {b_over_e['redis_ping_rps']:.0%} of the PING rate and"
                  f" {b_over_e['iperf3_gbit_s']:.0%} of the throughput, and the agent CPU column.")
+        shown += "\n\n" + flows_cost(dp, events / (dp["rounds"] * dp["connections"]),
+                                     (b["hubble_lost_events_total"] or 0) / events)
     else:
         silent = " and ".join(f"({key[0]})" for key, f in flows.items()
                               if not f["hubble_flows_processed_total"])
