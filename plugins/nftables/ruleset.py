@@ -234,7 +234,8 @@ class EndpointRules:
             return (f'    limit name "ev_{e}_{d}" counter name {UNLOGGED} goto okd_{e}_{d}\n'
                     f"    {self._log(d, 'audit', reason, match)}\n"
                     f"    goto okd_{e}_{d}")
-        return (f"    limit rate over {rs.log_rate}/second counter name r_{reason} drop\n"
+        return (f"    limit rate over {rs.log_rate}/second counter name r_{reason}"
+                f" counter name {UNLOGGED} drop\n"
                 f"    counter name r_{reason} {self._log(d, 'drop', reason, match)} drop")
 
     def _events(self, d: str) -> None:
