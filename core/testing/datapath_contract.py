@@ -5,7 +5,8 @@ Random worlds (policies, identities, ipcache rows, endpoints, packets from
 under test is fed through its contract only, by the core's feed as in the agent
 (:class:`~meshagent.datapath.feed.BatchFeed`: a ``reconcile`` for a world's first phase,
 batches after that), and every packet's outcome must equal the reference model's
-(:mod:`meshagent.testing.datapath_model`: the resolver's decision plus the packet rules). The
+(:mod:`meshagent.testing.datapath_model`: the resolver's decision plus the packet rules), and
+the flow events it reported for the packet must be one of the lists the model predicts. The
 changes of a later phase go into the feed as raw streams with repeated keys (:func:`raw_stream`:
 deleted then re-added, added then deleted, ownership hand-overs, an endpoint removed while its
 policy changes are pending, then added again), which the feed folds into net changes. The
@@ -13,7 +14,7 @@ policy-semantics table runs through it too.
 
 A datapath plugin's tests subclass :class:`DatapathContract` and provide a ``judge`` fixture
 (class or module scope) returning a :class:`DatapathJudge`: its started datapath, the feed
-that is its only caller, and a way to run one frame through it. The eBPF plugin's judge runs
+that is its only caller, a way to run one frame through it, and the events it reported. The eBPF plugin's judge runs
 its tc programs with ``BPF_PROG_TEST_RUN``.
 """
 
@@ -26,11 +27,21 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+import attrs
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 
 from meshagent.datapath import Datapath
+from meshagent.datapath.events import (
+    AUDIT,
+    DROP,
+    DROPPED,
+    FORWARDED,
+    POLICY_VERDICT,
+    TRACE,
+    FlowEvent,
+)
 from meshagent.datapath.feed import BatchFeed
 from meshagent.events import ChangeKind
 from meshagent.model.endpoint import Endpoint
@@ -41,6 +52,8 @@ from meshagent.testing import datapath_model as model
 from meshagent.testing.packets import CILIUM_WALK, TCP, Packet
 from meshagent.testing.policy_cases import CASES, EGRESS_CASES, IDS, cnp
 from meshagent.testing.scenarios import (
+    CLIENT,
+    ECHO,
     EndpointSpec,
     IdentitySpec,
     Phase,
@@ -48,10 +61,14 @@ from meshagent.testing.scenarios import (
     ResolvedWorld,
     Scenario,
     minimize,
+    named_scenario,
     scenarios,
 )
 
 T = TypeVar("T")
+#: every kind and verdict of flow event the random run must have seen reported
+EVENT_KINDS = ("event drop dropped", "event policy-verdict forwarded",
+               "event policy-verdict audit", "event trace forwarded")
 #: every outcome a judge may report (the model's names)
 OUTCOMES = (model.FORWARDED, model.POLICY_DENY, model.POLICY_DEFAULT, model.SPOOFED,
             model.FRAG_TINY, model.FRAG_UNKNOWN, model.MALFORMED_PACKET, model.UNSUPPORTED_L3)
@@ -75,6 +92,10 @@ class DatapathJudge(Protocol):
         :data:`OUTCOMES` (or a description of what is wrong), and whether it delivered the
         frame straight into a local pod (a datapath that never does says False)."""
 
+    def events(self) -> list[FlowEvent]:
+        """The flow events the datapath reported since the last call, in order: all of those
+        of the frames run so far (the judge waits for them, or reads them out)."""
+
 
 def endpoint_of(spec: EndpointSpec) -> Endpoint:
     """The endpoint a scenario's spec stands for, as the agent would hand it over."""
@@ -82,7 +103,8 @@ def endpoint_of(spec: EndpointSpec) -> Endpoint:
                 host_mac=f"02:00:00:00:02:{spec.id:02x}") if spec.local_delivery else {}
     ipv6 = ipaddress.IPv6Address(spec.ipv6) if spec.ipv6 else None
     return Endpoint(spec.id, spec.namespace, frozenset(), ipaddress.IPv4Address(spec.ip),
-                    spec.identity, ifindex=100 + spec.id, ipv6=ipv6, **macs)
+                    spec.identity, ifindex=100 + spec.id, ipv6=ipv6,
+                    policy_audit=spec.policy_audit, **macs)
 
 
 #: What a raw stream is made of: one call into the feed (an endpoint's returns its future).
@@ -157,7 +179,7 @@ def raw_stream(world: ResolvedWorld, ipcache_before: dict, ipcache_changes: list
         steps += [lambda feed: feed.endpoint_removed(last),
                   lambda feed: feed.endpoint_added(last),
                   lambda feed: feed.policy_changed({last.id: state})]
-        world.model.replies = {r for r in world.model.replies if r[0] != last.id}
+        world.model.forget_endpoint(last.id)
     return steps
 
 
@@ -189,6 +211,7 @@ class ScenarioDriver:
         self.replay([lambda feed, e=e: feed.endpoint_removed(e)
                      for e in self.feed.endpoints.values()])
         self.judge.forget_connections()
+        self.judge.events()
         self.endpoints = {spec.id: endpoint_of(spec) for spec in scenario.endpoints}
         self.replay([lambda feed, e=e: feed.endpoint_added(e) for e in self.endpoints.values()])
 
@@ -213,27 +236,38 @@ class ScenarioDriver:
         return world
 
     def run(self, scenario: Scenario, tally: dict | None = None) -> list[str]:
-        """Every probe through the datapath and the model; the differences, described."""
+        """Every probe through the datapath and the model; the differences (outcomes, then
+        events), described."""
         world = ResolvedWorld(scenario, self.walk)
         self.load(scenario)
         differences = []
         for n, phase in enumerate(scenario.phases):
             self.enter(world, phase, first=n == 0)
+            self.judge.events()
             for i, probe in enumerate(phase.probes):
                 frame = probe.packet.frame()
-                expected = world.model.delivery(probe.endpoint, probe.direction, frame) \
-                    if self.local_delivery else \
-                    (world.model.outcome(probe.endpoint, probe.direction, frame), False)
+                expected = world.model.predict(probe.endpoint, probe.direction, frame,
+                                               self.local_delivery)
                 got = self.judge.delivery(probe.endpoint, probe.direction, frame)
+                reported = tuple(model.ExpectedEvent.of(e) for e in self.judge.events())
                 if tally is not None:
                     tally[got[0]] = tally.get(got[0], 0) + 1
                     tally["delivered"] = tally.get("delivered", 0) + got[1]
                     if probe.packet.family == 6:
                         tally[f"{got[0]} ipv6"] = tally.get(f"{got[0]} ipv6", 0) + 1
-                if got != expected:
-                    differences.append(f"phase {n} probe {i}: endpoint {probe.endpoint}"
-                                       f" {probe.direction} {probe.packet}: datapath {got},"
-                                       f" resolver/model {expected}")
+                    for event in reported:
+                        kind = f"event {event.kind} {event.verdict}"
+                        tally[kind] = tally.get(kind, 0) + 1
+                where = f"phase {n} probe {i}: endpoint {probe.endpoint} {probe.direction}" \
+                        f" {probe.packet}"
+                if got != (expected.outcome, expected.delivered):
+                    differences.append(f"{where}: datapath {got}, resolver/model"
+                                       f" {(expected.outcome, expected.delivered)}")
+                elif reported not in expected.events:
+                    differences.append(
+                        f"{where}: events reported [{', '.join(map(str, reported))}], model"
+                        f" expects " + " or ".join(f"[{', '.join(map(str, events))}]"
+                                                   for events in expected.events))
         return differences
 
     def fail_with(self, scenario: Scenario, differences: list[str]) -> None:
@@ -326,6 +360,7 @@ class DatapathContract:
 
     min_probes = 10_000
     expected_outcomes: tuple[str, ...] = OUTCOMES
+    expected_events: tuple[str, ...] = EVENT_KINDS
     expects_local_delivery = True
     ipv6_walk = CILIUM_WALK  # or KERNEL_WALK (meshagent.testing.packets)
     # scenarios a random run once failed on (as ``fail_with`` saved them), replayed every
@@ -366,6 +401,8 @@ class DatapathContract:
         assert ipv6 <= set(seen), f"IPv6 outcomes never seen: {ipv6 - set(seen)}"
         if cls.expects_local_delivery:
             assert seen.get("delivered", 0) > 0, seen
+        assert set(cls.expected_events) <= set(seen), \
+            f"events never reported: {set(cls.expected_events) - set(seen)}"
 
     def test_kept_cases(self, driver):
         if self.kept_cases is None:
@@ -375,6 +412,38 @@ class DatapathContract:
         for path in paths:
             differences = driver.run(Scenario.from_json(path.read_text()))
             assert not differences, f"{path.name}:\n" + "\n".join(differences[:10])
+
+    def test_audit_mode_passes_what_policy_drops_until_it_is_turned_off(self, driver):
+        """An endpoint in audit mode: what its policy would drop passes, reported as an audit
+        with the reason it would have been dropped, and is tracked (its reply passes). Turned
+        off (the endpoint handed over again), the audited connection is judged again: cut.
+        Drops that are not policy's are never audited."""
+        judge = driver.judge
+        closed = {"ingress": [{}], "egress": [{}], "egressDeny": [{"toPorts": [{"ports": [
+            {"port": "443", "protocol": "TCP"}]}]}]}
+        scenario = named_scenario([closed], [])
+        client = attrs.evolve(scenario.endpoints[0], policy_audit=True)
+        driver.start(attrs.evolve(scenario, endpoints=(client, *scenario.endpoints[1:])))
+        judge.events()
+
+        def reported() -> list[tuple]:
+            return [(e.kind, e.verdict, e.reason, e.is_reply) for e in judge.events()]
+        syn = Packet(CLIENT, "198.18.0.1", TCP, 40000, 80)  # world: no local delivery
+        assert judge.delivery(1, EGRESS, syn.frame()) == (model.FORWARDED, False)
+        assert reported() == [(POLICY_VERDICT, AUDIT, "policy_default", False)]
+        assert judge.delivery(1, INGRESS, syn.reply().frame())[0] == model.FORWARDED
+        assert reported() == [(TRACE, FORWARDED, "forwarded", True)]
+        https = Packet(CLIENT, "198.18.0.1", TCP, 40001, 443)
+        assert judge.delivery(1, EGRESS, https.frame())[0] == model.FORWARDED
+        assert reported() == [(POLICY_VERDICT, AUDIT, "policy_deny", False)]
+        spoofed = Packet(ECHO, "198.18.0.1", TCP, 40002, 80)
+        assert judge.delivery(1, EGRESS, spoofed.frame())[0] == model.SPOOFED
+        assert reported() == [(DROP, DROPPED, "spoofed", False)]
+        driver.replay([lambda feed: feed.endpoint_added(
+            attrs.evolve(driver.endpoints[1], policy_audit=False))])
+        ack = attrs.evolve(syn, tcp_flags=0x10)
+        assert judge.delivery(1, EGRESS, ack.frame())[0] == model.POLICY_DEFAULT
+        assert reported() == [(DROP, DROPPED, "policy_default", False)]
 
     @pytest.mark.parametrize("text, peer, port, proto, direction, endpoint, flat, expected",
                              list(table_cases()))

@@ -15,15 +15,48 @@ replies through: a packet of a known connection in its own direction is judged b
 is now. A packet leaving a pod for another pod of the node that takes local delivery is judged
 by that pod's ingress too, and delivered into it directly (:meth:`DatapathModel.delivery`;
 IPv4 only: IPv6 goes through the node's stack).
+
+The model also predicts the flow events a datapath reports for each packet
+(:meth:`DatapathModel.predict`), by the rules of :mod:`meshagent.datapath.events`: a drop
+(with the deciding entry's match type when a deny rule dropped it); a policy verdict for a
+packet judged by policy that passes (``audit`` when the endpoint is in audit mode and the
+policy would have dropped it: it then passes and is tracked as if allowed); a trace for the
+first packet of a reply direction and for a TCP packet whose SYN, FIN or RST is new for its
+connection and direction; nothing else. A connection last judged in an earlier phase may or
+may not be judged again (a datapath judges again only when the endpoint's policy or the
+ipcache changed): either is accepted.
 """
 
 import ipaddress
 from collections.abc import Callable
 
+import itertools
+
 import attrs
 
+from meshagent.datapath.events import (
+    AUDIT,
+    DROP,
+    DROPPED,
+    MATCH_ALL,
+    MATCH_L3_L4,
+    MATCH_L3_ONLY,
+    MATCH_L4_ONLY,
+    MATCH_NONE,
+    POLICY_VERDICT,
+    TRACE,
+    FlowEvent,
+)
+from meshagent.datapath.events import FORWARDED as EVENT_FORWARDED
 from meshagent.model.identity import world_identity
-from meshagent.policy.resolver import ALLOWED, DENIED_BY_DEFAULT, DENIED_BY_RULE, Verdict
+from meshagent.policy.contract import MapKey
+from meshagent.policy.resolver import (
+    ALLOWED,
+    DENIED_BY_DEFAULT,
+    DENIED_BY_RULE,
+    Verdict,
+    key_matches,
+)
 from meshagent.testing.packets import (
     ARP,
     CILIUM_WALK,
@@ -58,6 +91,7 @@ class ModelEndpoint:
     ip: str
     local_delivery: bool = True  # other local pods' packets are delivered into it directly
     ipv6: str | None = None  # dual stack
+    policy_audit: bool = False  # what policy would drop passes, reported as an audit
 
     def owns(self, address: str) -> bool:
         """Whether ``address`` is one of the pod's own (what it may send from)."""
@@ -65,12 +99,79 @@ class ModelEndpoint:
         return mine is not None and ipaddress.ip_address(mine) == ipaddress.ip_address(address)
 
 
-#: decision(endpoint id, direction, identity, protocol, port) -> (Verdict, reason)
-Decision = Callable[[int, str, int, int, int], tuple[Verdict, str]]
+#: decision(endpoint id, direction, identity, protocol, port) -> (Verdict, reason, match)
+Decision = Callable[[int, str, int, int, int], tuple[Verdict, str, int]]
+
+#: The TCP flags whose first appearance in a direction of a connection is reported.
+TRACED_FLAGS = 0x07  # FIN, SYN, RST
+SEEN = 0x100  # (in the model's seen flags) a packet of this direction went by
+
+
+def match_type(verdicts: dict[MapKey, Verdict], direction: str, identity: int, protocol: int,
+               port: int, verdict: Verdict) -> int:
+    """Which kind of entry gave ``verdict`` (the resolver's for this packet), numbered as
+    Cilium's PolicyMatchType, for a datapath that looks the peer's identity up before any
+    identity and takes, within one identity, a deny before an allow and an entry for any
+    protocol and port (an L3 entry) before one that names a protocol (an L4 entry).
+    MATCH_NONE when nothing matched (a default drop)."""
+    def deciding(peer: int) -> list[MapKey]:
+        return [k for k, v in verdicts.items() if k.identity == peer and v is verdict
+                and key_matches(k, direction, identity, protocol, port)]
+
+    def wide(keys: list[MapKey]) -> bool:
+        return any(k.protocol == 0 and k.port == 0 for k in keys)
+    if identity and (keys := deciding(identity)):
+        return MATCH_L3_ONLY if wide(keys) else MATCH_L3_L4
+    if keys := deciding(0):
+        return MATCH_ALL if wide(keys) else MATCH_L4_ONLY
+    return MATCH_NONE
+
+
+@attrs.frozen
+class ExpectedEvent:
+    """What of a flow event the model predicts (addresses and identities are the packet's)."""
+
+    kind: str
+    verdict: str
+    reason: str  # a key of meshagent.datapath.drops.REASON_TEXT
+    endpoint: int
+    direction: str
+    is_reply: bool = False
+    match: int = MATCH_NONE
+
+    @classmethod
+    def of(cls, event: FlowEvent) -> "ExpectedEvent":
+        return cls(event.kind, event.verdict, event.reason, event.endpoint, event.direction,
+                   event.is_reply, event.match)
+
+    def __str__(self) -> str:
+        reply = " reply" if self.is_reply else ""
+        return (f"{self.kind}/{self.verdict}/{self.reason} ep{self.endpoint} {self.direction}"
+                f"{reply} match={self.match}")
+
+
+Events = tuple[ExpectedEvent, ...]
+
+
+@attrs.frozen
+class Prediction:
+    """One packet at one hook: the outcome, whether it goes straight into a local pod, and
+    the event lists a datapath may report for it (any one of them)."""
+
+    outcome: str
+    delivered: bool
+    events: tuple[Events, ...]
+
+
+def event_reason(outcome: str) -> str:
+    """A model outcome as flow events name it (``policy-deny`` -> ``policy_deny``)."""
+    return outcome.replace("-", "_")
 
 
 class DatapathModel:
-    """Expected outcomes for a sequence of packets; keeps replies and fragment ports."""
+    """Expected outcomes and events for a sequence of packets; keeps connections (the
+    phase each was last judged in), replies, the flags seen per direction, and fragment
+    ports."""
 
     def __init__(self, decision: Decision, walk: str = CILIUM_WALK):
         self.decision = decision
@@ -78,7 +179,20 @@ class DatapathModel:
         self.endpoints: dict[int, ModelEndpoint] = {}
         self.ipcache: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, int] = {}
         self.replies: set[tuple] = set()
+        self.connections: dict[tuple, int] = {}  # flow -> phase judged in (-1: judge again)
+        self.seen: dict[tuple, int] = {}  # flow (either direction) -> SEEN | TCP flags seen
         self.fragments: dict[tuple, tuple[int, int]] = {}
+        self.phase = 0
+
+    def next_phase(self) -> None:
+        """Policy or the ipcache may have changed: a known connection may be judged again."""
+        self.phase += 1
+
+    def forget_endpoint(self, endpoint_id: int) -> None:
+        """A new pod under this id: none of the connections of the old one are its own."""
+        self.replies = {r for r in self.replies if r[0] != endpoint_id}
+        self.connections = {c: n for c, n in self.connections.items() if c[0] != endpoint_id}
+        self.seen = {c: n for c, n in self.seen.items() if c[0] != endpoint_id}
 
     def identity_of(self, address: str) -> int:
         ip = ipaddress.ip_address(address)
@@ -92,49 +206,100 @@ class DatapathModel:
     def delivery(self, endpoint_id: int, direction: str, frame: bytes) -> tuple[str, bool]:
         """The outcome at this hook, and whether the packet goes straight into a local pod
         (judged by that pod's ingress policy on the way)."""
-        outcome = self.outcome(endpoint_id, direction, frame)
+        prediction = self.predict(endpoint_id, direction, frame)
+        return prediction.outcome, prediction.delivered
+
+    def predict(self, endpoint_id: int, direction: str, frame: bytes,
+                local_delivery: bool = True) -> Prediction:
+        """:meth:`delivery` with the events (``local_delivery`` False: the datapath never
+        delivers into a pod itself, so only this hook judges)."""
+        outcome, events = self._judge(endpoint_id, direction, frame)
         p = parse(frame, self.walk)
-        if direction != EGRESS or outcome != FORWARDED or p.outcome != PARSED or p.family != 4:
-            return outcome, False
+        if not local_delivery or direction != EGRESS or outcome != FORWARDED or \
+                p.outcome != PARSED or p.family != 4:
+            return Prediction(outcome, False, events)
         target = next((e for e in self.endpoints.values() if e.ip == p.dst), None)
         if target is None or not target.local_delivery:
-            return outcome, False
-        outcome = self.outcome(target.id, INGRESS, frame)
-        return outcome, outcome == FORWARDED
+            return Prediction(outcome, False, events)
+        outcome, more = self._judge(target.id, INGRESS, frame)
+        both = tuple(a + b for a, b in itertools.product(events, more))
+        return Prediction(outcome, outcome == FORWARDED, both)
 
     def outcome(self, endpoint_id: int, direction: str, frame: bytes) -> str:
+        return self._judge(endpoint_id, direction, frame)[0]
+
+    def _judge(self, endpoint_id: int, direction: str,
+               frame: bytes) -> tuple[str, tuple[Events, ...]]:
+        """The outcome at one hook and the event lists it may report."""
         endpoint = self.endpoints[endpoint_id]
         p = parse(frame, self.walk)
+
+        def dropped(outcome: str, match: int = MATCH_NONE) -> tuple[str, tuple[Events, ...]]:
+            return outcome, ((ExpectedEvent(DROP, DROPPED, event_reason(outcome), endpoint_id,
+                                            direction, False, match),),)
         if p.outcome == ARP:
-            return FORWARDED
+            return FORWARDED, ((),)
         if p.outcome == NOT_IP:
-            return UNSUPPORTED_L3
+            return dropped(UNSUPPORTED_L3)
         if p.outcome == MALFORMED:
-            return MALFORMED_PACKET
+            return dropped(MALFORMED_PACKET)
         if p.link_control(leaving=direction == EGRESS):
-            return FORWARDED
+            return FORWARDED, ((),)
         if direction == EGRESS and not endpoint.owns(p.src):
-            return SPOOFED
+            return dropped(SPOOFED)
         sport, dport = p.sport, p.dport
         need = TRANSPORT_HEADER.get(p.protocol, 0)
         if p.fragment != FRAG_NONE and need:
             key = (p.src, p.dst, p.ip_id, p.protocol)
             if p.fragment == FRAG_FIRST:
                 if p.transport_short:
-                    return FRAG_TINY
+                    return dropped(FRAG_TINY)
                 self.fragments[key] = (sport, dport)
             elif p.fragment == FRAG_LATER:
                 if p.frag_offset < need:
-                    return FRAG_TINY
+                    return dropped(FRAG_TINY)
                 if key not in self.fragments:
-                    return FRAG_UNKNOWN
+                    return dropped(FRAG_UNKNOWN)
                 sport, dport = self.fragments[key]
         flow = (endpoint_id, direction, p.src, p.dst, sport, dport, p.protocol)
+        flags = SEEN | (p.tcp_flags & TRACED_FLAGS)
         if flow in self.replies:
-            return FORWARDED
+            return FORWARDED, (self._trace(flow, flags, True),)
         peer = self.identity_of(p.src if direction == INGRESS else p.dst)
-        verdict, why = self.decision(endpoint_id, direction, peer, p.protocol, dport)
-        if verdict is Verdict.ALLOW:
+        verdict, why, match = self.decision(endpoint_id, direction, peer, p.protocol, dport)
+        judged_in = self.connections.get(flow)
+        if verdict is Verdict.DENY and not endpoint.policy_audit:
+            if judged_in is not None:
+                self.connections[flow] = -1  # its entry stays, behind the endpoint: judged again
+            return dropped(_REASONS[why], match)
+        judged = ExpectedEvent(POLICY_VERDICT, EVENT_FORWARDED if verdict is Verdict.ALLOW
+                               else AUDIT, event_reason(_REASONS[why]), endpoint_id, direction,
+                               False, match)
+        if judged_in == self.phase:  # known, and nothing changed since it was judged
+            return FORWARDED, (self._trace(flow, flags, False),)
+        if judged_in is not None and judged_in >= 0:  # judged again, or not: either is right
+            alternatives = (self._trace(flow, flags, False, record=False), (judged,))
+        else:
+            alternatives = ((judged,),)
+        self.connections[flow] = self.phase
+        if judged_in is None:  # a new connection: tracked both ways
             back = EGRESS if direction == INGRESS else INGRESS
-            self.replies.add((endpoint_id, back, p.dst, p.src, dport, sport, p.protocol))
-        return _REASONS[why]
+            reverse = (endpoint_id, back, p.dst, p.src, dport, sport, p.protocol)
+            self.replies.add(reverse)
+            self.seen[reverse] = 0
+            self.seen[flow] = flags
+        else:  # its entry was there: judged again
+            self.seen[flow] = self.seen.get(flow, 0) | flags
+        return FORWARDED, alternatives
+
+    def _trace(self, flow: tuple, flags: int, is_reply: bool, record: bool = True) -> Events:
+        """A trace if this packet is the first of its direction or brings a SYN, FIN or RST
+        new for it (recorded unless ``record`` is false)."""
+        seen = self.seen.get(flow, 0)
+        if seen & flags == flags:
+            return ()
+        if record:
+            self.seen[flow] = seen | flags
+        endpoint_id, direction = flow[0], flow[1]
+        return (ExpectedEvent(TRACE, EVENT_FORWARDED, "forwarded", endpoint_id, direction,
+                              is_reply),)

@@ -169,6 +169,7 @@ class Parsed:
     transport_short: bool = False  # a first fragment without its whole transport header
     hop_limit: int = 0  # IPv6
     icmp_type: int | None = None  # ICMPv6, when the packet holds it
+    tcp_flags: int = 0  # TCP's flag bits, when the packet holds the TCP header
 
     def link_control(self, leaving: bool) -> bool:
         """An ICMPv6 message of the link itself: neighbour discovery with hop limit 255 or
@@ -232,7 +233,8 @@ def _with_ports(ip: bytes, offset: int, available: int, common: dict) -> Parsed:
             return Parsed(PARSED, transport_short=True, **common)
         return Parsed(MALFORMED)
     sport, dport = struct.unpack_from("!HH", ip, offset)
-    return Parsed(PARSED, sport=sport, dport=dport, **common)
+    flags = ip[offset + 13] if common["protocol"] == TCP else 0
+    return Parsed(PARSED, sport=sport, dport=dport, tcp_flags=flags, **common)
 
 
 def _parse_ipv6(ip: bytes, walk: str) -> Parsed:

@@ -36,7 +36,7 @@ from meshagent.policy.resolver import (
     judge,
     trace,
 )
-from meshagent.testing.datapath_model import DatapathModel, ModelEndpoint
+from meshagent.testing.datapath_model import DatapathModel, ModelEndpoint, match_type
 from meshagent.testing.packets import (
     AUTH,
     CILIUM_WALK,
@@ -85,6 +85,7 @@ class EndpointSpec:
     identity: int  # one of the first phase's identities, of the local cluster
     local_delivery: bool = True  # its MACs are known: local pods' packets go straight in
     ipv6: str | None = None  # dual stack
+    policy_audit: bool = False  # policy audit mode: what policy would drop passes, reported
 
     def address(self, family: int) -> str | None:
         return self.ipv6 if family == 6 else self.ip
@@ -148,12 +149,16 @@ class ResolvedWorld:
         self.ipcache: dict[Network, IPCacheEntry] = {}
         self.policies: dict[tuple, object] = {}
         self.model = DatapathModel(self.decision, walk)
-        self.model.endpoints = {e.id: ModelEndpoint(e.id, e.ip, e.local_delivery, e.ipv6)
+        self.model.endpoints = {e.id: ModelEndpoint(e.id, e.ip, e.local_delivery, e.ipv6,
+                                                    e.policy_audit)
                                 for e in scenario.endpoints}
 
     def decision(self, endpoint_id: int, direction: str, identity: int, protocol: int,
-                 port: int) -> tuple[Verdict, str]:
-        return judge(self.resolver.verdicts(endpoint_id), direction, identity, protocol, port)
+                 port: int) -> tuple[Verdict, str, int]:
+        """The resolver's verdict, why, and the match type of the entry that decided."""
+        verdicts = self.resolver.verdicts(endpoint_id)
+        verdict, why = judge(verdicts, direction, identity, protocol, port)
+        return verdict, why, match_type(verdicts, direction, identity, protocol, port, verdict)
 
     def explained(self, endpoint_id: int, direction: str, identity: int, protocol: int,
                   port: int) -> Verdict | None:
@@ -167,6 +172,7 @@ class ResolvedWorld:
     def enter(self, phase: Phase) -> list[tuple[ChangeKind, IPCacheEntry]]:
         """Apply a phase; the ipcache changes (map changes collect in ``changes``)."""
         before = dict(self.ipcache)
+        self.model.next_phase()
         wanted = {i.id: i.identity() for i in phase.identities}
         for number, identity in wanted.items():
             if self.identities.get(number) != identity:
@@ -372,7 +378,8 @@ def scenarios(draw, probes_per_phase: int = 80, phases: int = 2) -> Scenario:
             NAMESPACE_LABEL]
         ipv6 = f"fd00:1:1::{n + 1:x}" if draw(st.integers(0, 3)) > 0 else None
         endpoints.append(EndpointSpec(n + 1, f"10.1.1.{n + 1}", namespace, spec.id,
-                                      draw(st.integers(0, 3)) > 0, ipv6))
+                                      draw(st.integers(0, 3)) > 0, ipv6,
+                                      draw(st.integers(0, 4)) == 0))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = random.Random(seed)
     out, history = [], []
