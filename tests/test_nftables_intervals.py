@@ -40,7 +40,8 @@ keys = st.lists(st.tuples(st.sampled_from((0, 6, 17, 132, 1)),
 
 
 def oracle(group, protocol: int, port: int) -> tuple[str, bool] | None:
-    """The verdict, and whether a key of that verdict naming a protocol or port matched."""
+    """The verdict, and whether only keys of that verdict naming a protocol or port matched
+    (an entry for any protocol and port names the match first: the contract's model)."""
     matched = []
     for p, first, end, verdict in group:
         last = max(end, first)
@@ -53,7 +54,7 @@ def oracle(group, protocol: int, port: int) -> tuple[str, bool] | None:
     if not matched:
         return None
     verdict = DENY if any(v == DENY for v, _ in matched) else ALLOW
-    return verdict, any(l4 for v, l4 in matched if v == verdict)
+    return verdict, all(l4 for v, l4 in matched if v == verdict)
 
 
 @settings(max_examples=300, deadline=None)

@@ -19,6 +19,9 @@ def meshagent_addoption(parser):
     group.addoption("nftables-event-rate", type=int, default=1000,
                     help="policy verdicts and traces logged a second per endpoint and"
                          " direction (more are counted as lost events)")
+    group.addoption("nftables-drop-rate", type=int, default=50,
+                    help="drops logged a second per endpoint, direction, reason and match type"
+                         " (more are counted as lost events)")
     group.addoption("nftables-flow-timeout", type=int, default=21600,
                     help="seconds a flow's replies stay allowed after its last packet")
 

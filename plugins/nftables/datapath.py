@@ -74,12 +74,13 @@ class NftablesSettings:
     flow_timeout: int = 21600
     flows: bool = True  # --enable-hubble: policy verdicts and traces too, not only drops
     event_rate: int = 1000
+    drop_rate: int = 50
 
     @classmethod
     def from_config(cls, config) -> "NftablesSettings":
         return cls(config.get("nftables-table"), config.get("nftables-log-group"),
                    config.get("nftables-flow-timeout"), bool(config.get("enable-hubble")),
-                   config.get("nftables-event-rate"))
+                   config.get("nftables-event-rate"), config.get("nftables-drop-rate"))
 
 
 class NftablesDatapath:
@@ -87,9 +88,8 @@ class NftablesDatapath:
 
     def __init__(self, settings: NftablesSettings = NftablesSettings(),
                  events: FlowEventSink | None = None, device_of=socket.if_indextoname):
-        self.rules = Ruleset(settings.table, settings.log_group,
-                             flow_timeout=settings.flow_timeout, flows=settings.flows,
-                             event_rate=settings.event_rate)
+        self.rules = Ruleset(settings.table, settings.log_group, settings.drop_rate,
+                             settings.flow_timeout, settings.flows, settings.event_rate)
         self.events = events if events is not None else FlowEvents()  # flow events go here
         self.device_of = device_of
         self.nft = None
@@ -440,17 +440,24 @@ class NftablesDatapath:
         self._log_socket = netlink.open_nflog(self.rules.log_group)
         self._log_socket.setblocking(False)
         self._unlogged = self._read_unlogged()  # what an earlier agent's table counted is not ours
-        asyncio.get_running_loop().add_reader(self._log_socket.fileno(), self._read_log)
+        asyncio.get_running_loop().add_reader(self._log_socket.fileno(), self.read_events)
 
-    def _read_log(self) -> None:
+    def read_events(self) -> None:
+        """Publish every event the kernel has queued for the agent (called in the loop when
+        the log socket is readable)."""
+        while self._read_log():
+            pass
+
+    def _read_log(self) -> bool:
+        """One message's events; False when none was waiting."""
         try:
             data = self._log_socket.recv(1 << 20)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:  # ENOBUFS: messages were lost; the numbering's gap counts them
             if exc.errno != errno.ENOBUFS:
                 log.warning("nflog: %s", exc)
-            return
+            return True
         for seq, prefix, packet in netlink.nflog_packets(data):
             if seq is not None:
                 missed = (seq - self._next_seq) & 0xFFFFFFFF
@@ -464,6 +471,7 @@ class NftablesDatapath:
         if self._unlogged_check is None:  # events go over the rate only while events come
             self._unlogged_check = asyncio.get_running_loop().call_later(
                 1.0, self._count_unlogged)
+        return True
 
     def _read_unlogged(self) -> int:
         try:

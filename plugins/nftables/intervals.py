@@ -7,8 +7,9 @@ the eBPF datapath become partitions here:
   ranges, each with the identity of the longest prefix holding it (:func:`flatten_prefixes`);
 - one policy group's keys (protocol, port range, allow or deny; overlapping) become disjoint
   (protocol range, port range) segments, each with the verdict of every key covering it, deny
-  beating allow, and whether a key of that verdict naming a protocol or port covers it (the
-  policy match type's L4 half: the most specific entry names it) (:func:`policy_segments`).
+  beating allow, and whether only keys of that verdict naming a protocol or port cover it (the
+  policy match type's L4 half: an entry for any protocol and port, an L3 entry, names the
+  match before an L4 one, as the datapath contract's model says) (:func:`policy_segments`).
 """
 
 import ipaddress
@@ -22,7 +23,7 @@ ALLOW, DENY = "allow", "deny"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: (first address, last address, identity), addresses as integers
 Range = tuple[int, int, int]
-#: (first protocol, last protocol, first port, last port, verdict, a key with L4 decides)
+#: (first protocol, last protocol, first port, last port, verdict, L4 keys alone decide)
 Segment = tuple[int, int, int, int, str, bool]
 
 
@@ -57,8 +58,8 @@ def flatten_prefixes(rows: Iterable[tuple[Network, int]]) -> list[Range]:
 def policy_segments(keys: Iterable[tuple[int, int, int, str]]) -> list[Segment]:
     """One group's keys ``(protocol, port, end_port, verdict)`` — protocol 0: any, port 0:
     any — as disjoint segments over (protocol 0-255, port 0-65535), each with the verdict of
-    every key covering it (deny beats allow) and whether one of the keys of that verdict
-    covering it names a protocol or a port; what no key covers is left out. A packet of a
+    every key covering it (deny beats allow) and whether every key of that verdict covering
+    it names a protocol or a port; what no key covers is left out. A packet of a
     protocol without ports is looked up with port 0."""
     keys = list(keys)
     named = {p for p, _, _, _ in keys if p != ANY_PROTOCOL}
@@ -93,7 +94,7 @@ def policy_segments(keys: Iterable[tuple[int, int, int, str]]) -> list[Segment]:
 
 def _port_segments(ranges: list[tuple[int, int, str, bool]]) -> list[tuple[int, int, str, bool]]:
     """Overlapping port ranges with verdicts as disjoint ones, deny beating allow (and naming
-    L4 if a range of that verdict with L4 covers it), adjacent equal ones merged."""
+    L4 if every range of that verdict covering it does), adjacent equal ones merged."""
     bounds = sorted({r[0] for r in ranges} | {r[1] + 1 for r in ranges})
     out: list[tuple[int, int, str, bool]] = []
     for low, following in zip(bounds, bounds[1:], strict=False):
@@ -101,7 +102,7 @@ def _port_segments(ranges: list[tuple[int, int, str, bool]]) -> list[tuple[int, 
         if not here:
             continue
         verdict = DENY if any(v == DENY for v, _ in here) else ALLOW
-        l4 = any(l4 for v, l4 in here if v == verdict)
+        l4 = all(l4 for v, l4 in here if v == verdict)
         if out and out[-1][1] + 1 == low and out[-1][2:] == (verdict, l4):
             out[-1] = (out[-1][0], following - 1, verdict, l4)
         else:

@@ -168,14 +168,17 @@ def add_rules(family: str, table: str, rules: list[tuple[str, list[bytes]]]) -> 
 
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET, NFULNL_MSG_CONFIG = 0, 1
-NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_TIMEOUT, NFULA_CFG_FLAGS = 1, 2, 4, 6
+NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_QTHRESH, NFULA_CFG_FLAGS = 1, 2, 5, 6
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_COPY_PACKET = 2
 NFULNL_CFG_F_SEQ = 0x0001
 NFULA_PACKET_HDR, NFULA_PAYLOAD, NFULA_PREFIX, NFULA_SEQ = 1, 9, 10, 12
 NF_NETDEV_EGRESS = 1
 COPY_RANGE = 128  # enough for the IP and transport headers an event names
-FLUSH_TIMEOUT = 1  # hundredths of a second a logged packet may wait for others (default 100)
+# one netlink message per logged packet, sent as it is logged (the default batches up to 100
+# for up to a second): an event's time is when it happened, and whoever saw the packet judged
+# (a counter moved after its log rule) finds its event queued
+QUEUE_THRESHOLD = 1
 RECEIVE_BUFFER = 4 << 20  # bytes of messages the kernel may queue for the agent
 SO_RCVBUFFORCE = 33  # Linux's; Python's socket module does not name it
 
@@ -193,7 +196,7 @@ def open_nflog(group: int) -> socket.socket:
         kind = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
         for attr in (_attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND])),
                      _attr(NFULA_CFG_MODE, struct.pack("!IBx", COPY_RANGE, NFULNL_COPY_PACKET)),
-                     _attr(NFULA_CFG_TIMEOUT, struct.pack("!I", FLUSH_TIMEOUT)),
+                     _attr(NFULA_CFG_QTHRESH, struct.pack("!I", QUEUE_THRESHOLD)),
                      _attr(NFULA_CFG_FLAGS, struct.pack("!H", NFULNL_CFG_F_SEQ))):
             sock.send(_message(kind, NLM_F_ACK, 1, socket.AF_UNSPEC, attr, group))
             data = sock.recv(4096)

@@ -234,9 +234,10 @@ class EndpointRules:
             return (f'    limit name "ev_{e}_{d}" counter name {UNLOGGED} goto okd_{e}_{d}\n'
                     f"    {self._log(d, 'audit', reason, match)}\n"
                     f"    goto okd_{e}_{d}")
-        return (f"    limit rate over {rs.log_rate}/second counter name r_{reason}"
-                f" counter name {UNLOGGED} drop\n"
-                f"    counter name r_{reason} {self._log(d, 'drop', reason, match)} drop")
+        # logged before it is counted: who sees the counter move finds the event queued
+        return (f"    limit rate over {rs.log_rate}/second burst {rs.log_rate} packets"
+                f" counter name r_{reason} counter name {UNLOGGED} drop\n"
+                f"    {self._log(d, 'drop', reason, match)} counter name r_{reason} drop")
 
     def _events(self, d: str) -> None:
         """A direction's chains that name a policy verdict's match type, its event limit."""
@@ -302,10 +303,10 @@ class EndpointRules:
         self._chain(f"allowednp{fed}", f"""    update @repnp{family}_{e}_{back} {{ {ip} daddr . {ip} saddr . meta l4proto }}
     counter name r_forwarded accept""")
         # first judged packet of a connection and direction (allowed or audited): tracked
-        record = "\n".join(f"    tcp flags & {flag} != 0 add @{flag}{fed} {{ {tuple_} }}"
-                           for flag in TCP_FLAGS) if rs.flows else ""
-        self._chain(f"first{fed}", f"""    {later} jump fragports{sfx}
-    meta mark set th sport map @p2m
+        record = f"    jump trec{fed}" if rs.flows else ""
+        self._chain(f"fwdports{fed}", f"""    {later} goto fragports{sfx}
+    meta mark set th sport map @p2m""")
+        self._chain(f"first{fed}", f"""    jump fwdports{fed}
     add @fsn{fed} {{ {tuple_} }}
 {record}
     goto allowed{fed}""")
@@ -328,7 +329,11 @@ class EndpointRules:
         if rs.flows:
             on_reply, on_reply_np = f"goto reply{fed}", f"goto replynp{fed}"
             on_known = f"goto known{fed}"
-            self._chain(f"tflags{fed}", "\n".join(
+            # a later fragment has no TCP header; nftables reads IPv6's payload as one
+            self._chain(f"trec{fed}", f"    {later} return\n" + "\n".join(
+                f"    tcp flags & {flag} != 0 add @{flag}{fed} {{ {tuple_} }}"
+                for flag in TCP_FLAGS))
+            self._chain(f"tflags{fed}", f"    {later} return\n" + "\n".join(
                 f"    tcp flags & {flag} != 0 {tuple_} != @{flag}{fed} goto tnew{fed}"
                 for flag in TCP_FLAGS))
             self._chain(f"tnew{fed}", f"""{record}
