@@ -129,7 +129,8 @@ def match_type(verdicts: dict[MapKey, Verdict], direction: str, identity: int, p
 
 @attrs.frozen
 class ExpectedEvent:
-    """What of a flow event the model predicts (addresses and identities are the packet's)."""
+    """The part of a flow event the model predicts and the contract compares (a datapath's
+    own tests check addresses, ports and identities)."""
 
     kind: str
     verdict: str
