@@ -4,9 +4,9 @@ Random worlds (policies, identities, ipcache rows, endpoints, packets from
 :mod:`meshagent.testing.scenarios`) are resolved by the real default resolver; the datapath
 under test is fed through its contract only, by the core's feed as in the agent
 (:class:`~meshagent.datapath.feed.BatchFeed`: a ``reconcile`` for a world's first phase,
-batches after that), and every packet's outcome must equal the reference model's
+batches after that); every packet's outcome must equal the reference model's
 (:mod:`meshagent.testing.datapath_model`: the resolver's decision plus the packet rules), and
-the flow events it reported for the packet must be one of the lists the model predicts. The
+the flow events reported for it must be one of the lists the model predicts. The
 changes of a later phase go into the feed as raw streams with repeated keys (:func:`raw_stream`:
 deleted then re-added, added then deleted, ownership hand-overs, an endpoint removed while its
 policy changes are pending, then added again), which the feed folds into net changes. The
@@ -14,8 +14,8 @@ policy-semantics table runs through it too.
 
 A datapath plugin's tests subclass :class:`DatapathContract` and provide a ``judge`` fixture
 (class or module scope) returning a :class:`DatapathJudge`: its started datapath, the feed
-that is its only caller, a way to run one frame through it, and the events it reported. The eBPF plugin's judge runs
-its tc programs with ``BPF_PROG_TEST_RUN``.
+that is its only caller, a way to run one frame through it, and the events it reported. The
+eBPF plugin's judge runs its tc programs with ``BPF_PROG_TEST_RUN``.
 """
 
 import asyncio
