@@ -327,6 +327,9 @@ def test_events_from_hostile_log_lines_are_refused_or_bounded(judge):
         event = describe("ma:1:in:drop:policy_default:0 ", frame[:cut])
         assert event is not None and event.reason == "policy_default"
     assert describe("ma:1:in:drop:policy_default:0", frame).source_port == 1234
+    ping = Packet("10.1.1.9", "10.1.1.1", ICMP).frame()[14:]  # an echo request: type 8, code 0
+    assert [describe("ma:1:in:drop:policy_default:0", ping[:cut]).source_port
+            for cut in (21, 22, len(ping))] == [0, 8 << 8, 8 << 8]
     event = describe("ma:1:in:audit:policy_deny:3", frame)
     assert (event.kind, event.verdict, event.reason, event.match, event.is_reply) == \
         ("policy-verdict", "audit", "policy_deny", 3, False)

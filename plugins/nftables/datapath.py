@@ -572,7 +572,9 @@ class NftablesMetrics:
 
 
 def _headers(packet: bytes):
-    """``((src, sport), (dst, dport), protocol, tcp flags)`` of an IP packet, or None."""
+    """``((src, sport), (dst, dport), protocol, tcp flags)`` of an IP packet, or None. ICMP
+    and ICMPv6 have no ports: the source port is their ``type << 8 | code`` (where the
+    observer reads them, as the eBPF datapath reports them)."""
     if not packet:
         return None
     version = packet[0] >> 4
@@ -594,6 +596,8 @@ def _headers(packet: bytes):
     else:
         return None
     sport = dport = flags = 0
+    if protocol in (1, 58) and not later and offset + 2 <= len(packet):
+        sport = packet[offset] << 8 | packet[offset + 1]
     if protocol in (6, 17, 132) and not later and offset + 4 <= len(packet):
         sport = int.from_bytes(packet[offset:offset + 2], "big")
         dport = int.from_bytes(packet[offset + 2:offset + 4], "big")
