@@ -51,6 +51,7 @@ from meshagent.plugins.nftables.ruleset import (
     REASONS,
     UNLOGGED,
     Ruleset,
+    judged_sets,
     policy_map,
     verdict_target,
 )
@@ -62,6 +63,7 @@ PREFIX = re.compile(r"ma:([0-9]{1,10}):(in|out):([a-z]+):([a-z0-9_]+):([0-4])")
 EVENT_REASONS = {"drop": set(REASON_TEXT) - {"forwarded"}, "verdict": {"forwarded"},
                  "audit": {"policy_deny", "policy_default"}, "trace": {"forwarded"},
                  "reply": {"forwarded"}}
+
 
 class NftablesError(Exception):
     pass
@@ -88,8 +90,9 @@ class NftablesDatapath:
 
     def __init__(self, settings: NftablesSettings = NftablesSettings(),
                  events: FlowEventSink | None = None, device_of=socket.if_indextoname):
-        self.rules = Ruleset(settings.table, settings.log_group, settings.drop_rate,
-                             settings.flow_timeout, settings.flows, settings.event_rate)
+        self.rules = Ruleset(settings.table, settings.log_group, log_rate=settings.drop_rate,
+                             flow_timeout=settings.flow_timeout, flows=settings.flows,
+                             event_rate=settings.event_rate)
         self.events = events if events is not None else FlowEvents()  # flow events go here
         self.device_of = device_of
         self.nft = None
@@ -209,7 +212,9 @@ class NftablesDatapath:
     async def apply(self, batch: DatapathBatch) -> None:
         """The contract's order: endpoints added (their chains and maps made); the policy
         elements and the ipcache ranges together in one transaction, so a packet meets the
-        state before the batch or after it, nothing between; the services (counted, not
+        state before the batch or after it, nothing between (with it, the judged sets of the
+        endpoints whose verdicts may have changed, every endpoint's when the ipcache changed,
+        are flushed: their connections are judged again); the services (counted, not
         balanced); endpoints removed. Until the first sync, an adopted table is left as the
         last agent wrote it: changes are kept and written by the reconcile."""
         touched = set()
@@ -434,7 +439,7 @@ class NftablesDatapath:
         where = {"family": FAMILY, "table": self.rules.table}
         return [{"flush": {"set": {**where, "name": name}}}
                 for endpoint_id in sorted(endpoint_ids) if endpoint_id in self.endpoints
-                for name in self.rules.endpoint(endpoint_id, "-", "0.0.0.0", None).judged_sets()]
+                for name in judged_sets(endpoint_id)]
 
     def _open_log(self) -> None:
         self._log_socket = netlink.open_nflog(self.rules.log_group)

@@ -29,9 +29,8 @@ logs drops only) the first judged packet of each connection and direction (``ver
 ``audit`` when the endpoint is in audit mode and policy would have dropped it), the first
 packet of the reply direction (``reply``) and a TCP packet whose SYN, FIN or RST is new for its
 connection and direction (``trace``, ``reply``: the sets ``syn``, ``fin``, ``rst`` remember
-which it saw), at most
-``event_rate`` a second per endpoint and direction; those over the rate are counted in the
-counter ``unlogged``.
+which it saw), at most ``event_rate`` a second per endpoint and direction. Those over a rate
+are counted in the counter ``unlogged``.
 """
 
 import attrs
@@ -208,13 +207,8 @@ class EndpointRules:
                 out.append(f"flush chain {r} {chain}")
                 out += [f"add rule {r} {chain} {rule.strip()}" for rule in
                         self.policy_drop_body(reason, match, d, audit).splitlines()]
-        out += [f"flush set {r} {name}" for name in self.judged_sets()]
+        out += [f"flush set {r} {name}" for name in judged_sets(e)]
         return "\n".join(out)
-
-    def judged_sets(self) -> list[str]:
-        """The sets of connections judged under the current state (flushed when it changes)."""
-        return [f"{kind}{family}_{self.e}_{d}" for kind in ("fsn", "fsnnp")
-                for family in (4, 6) for d in DIRS.values()]
 
     def _chain(self, name: str, body: str) -> None:
         self.chains.append(name)
@@ -417,6 +411,13 @@ class EndpointRules:
 {control}
     {f"jump spoof6_{e}" if leaving else ""}
     goto l46{ed}""")
+
+
+def judged_sets(endpoint_id: int) -> list[str]:
+    """An endpoint's sets of connections judged under the current state (flushed when the
+    state changes)."""
+    return [f"{kind}{family}_{endpoint_id}_{d}" for kind in ("fsn", "fsnnp")
+            for family in (4, 6) for d in DIRS.values()]
 
 
 def policy_map(kind: str, family: int, endpoint_id: int, d: str) -> str:
