@@ -467,6 +467,8 @@ def test_audit_mode_passes_what_policy_would_drop_and_turning_it_off_cuts_it(jud
     driver.replay([lambda feed: feed.endpoint_added(attrs.evolve(client, policy_audit=False))])
     assert judged(judge, 1, out, attrs.evolve(default, tcp_flags=ACK)) == \
         (model.POLICY_DEFAULT, [drop("egress", "policy_default", 0)])
+    reply = attrs.evolve(default.reply(), tcp_flags=ACK)  # its reply entry is still there
+    assert judged(judge, 1, into, reply) == (model.FORWARDED, [])
     assert judged(judge, 1, out, denied) == \
         (model.POLICY_DENY, [drop("egress", "policy_deny", 3)])
 
