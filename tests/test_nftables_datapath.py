@@ -516,7 +516,8 @@ def test_events_the_socket_could_not_take_are_counted_exactly(judge, driver):
         judge.call(asyncio.sleep(0.2))  # the last one arrives: the gap before it is known
     finally:
         stop()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        from meshagent.plugins.nftables import netlink
+        sock.setsockopt(socket.SOL_SOCKET, netlink.SO_RCVBUFFORCE, netlink.RECEIVE_BUFFER)
     assert feed.lost_total - lost > 0, "the burst fit: the test proves nothing"
     assert len(got) + feed.lost_total - lost == 202
     assert got[-1].source_port == 998
