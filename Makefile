@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo bench docs clean
+.PHONY: setup test demo bench docs proto clean
 
 setup:  ## install system packages, kernel headers for bcc, bpffs, the venv (idempotent)
 	bash scripts/setup.sh
@@ -18,6 +18,9 @@ bench: setup  ## all benchmarks; writes bench/results/*.json and docs/performanc
 
 docs: setup  ## regenerate docs/plugin-hooks.md from the hook specs
 	$(PY) scripts/hookdocs.py > docs/plugin-hooks.md
+
+proto: setup  ## regenerate core/observe/api/*/*_pb2*.py from the Hubble .proto files
+	$(PY) scripts/genproto.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info contrib/*/*.egg-info .pytest_cache

@@ -225,6 +225,13 @@ def _endpoint_args(parser: argparse.ArgumentParser) -> None:
     for name in ("get", "delete"):
         sub = actions.add_parser(name, help=f"{name} one endpoint")
         sub.add_argument("id", type=int)
+    config = actions.add_parser(
+        "config", help="view or change an endpoint's options, as cilium endpoint config:"
+                       " ID lists them, ID PolicyAuditMode=Enabled|Disabled|Default sets one"
+                       " (Default: follow the agent's --policy-audit-mode)")
+    config.add_argument("id", type=int, nargs="?")
+    config.add_argument("settings", nargs="*", metavar="OPTION=VALUE")
+    config.add_argument("--list-options", action="store_true", help="list available options")
     for sub in actions.choices.values():
         add_output(sub)
         _add_socket_path(sub)
@@ -233,7 +240,14 @@ def _endpoint_args(parser: argparse.ArgumentParser) -> None:
 def _endpoint(args: argparse.Namespace) -> int:
     client = AgentClient(args.socket_path)
     if args.action == "list":
-        return _print_rows(args, "/endpoints", ENDPOINT_HEADER, _endpoint_row)
+        items = client.get("/endpoints")
+        if args.output == "json":
+            print_json(items)
+        else:
+            print(format_table([*ENDPOINT_HEADER] + [_endpoint_row(e) for e in items]))
+        return 0
+    if args.action == "config":
+        return _endpoint_config(client, args)
     if args.action == "create":
         body = {"netns": args.netns, "namespace": args.namespace, "labels": args.labels,
                 "pod_ifname": args.ifname, "pod_name": args.pod_name,
@@ -246,18 +260,63 @@ def _endpoint(args: argparse.Namespace) -> int:
     if args.output == "json":
         print_json(endpoint)
     else:
-        print(format_table([ENDPOINT_HEADER, _endpoint_row(endpoint)]))
+        print(format_table([*ENDPOINT_HEADER, _endpoint_row(endpoint)]))
     return 0
 
 
-ENDPOINT_HEADER = ("ENDPOINT", "IPV4", "IPV6", "IDENTITY", "POLICY REV", "INTERFACE",
-                   "NAMESPACE", "LABELS")
+def _endpoint_config(client: AgentClient, args: argparse.Namespace) -> int:
+    """``cilium endpoint config``'s behaviour: the options (``%-24s %s`` lines) or a change."""
+    if args.list_options:
+        from meshagent.endpoint.options import OPTIONS
+        for name, description in OPTIONS.items():
+            print(f"{name:<24} {description}")
+        return 0
+    if args.id is None:
+        raise UsageError("meshagent endpoint config: give an endpoint ID (or --list-options)")
+    if not args.settings:
+        config = client.get(f"/endpoints/{args.id}/config")
+        if args.output == "json":
+            print_json(config)
+        else:
+            for name, value in sorted(config["options"].items()):
+                print(f"{name:<24} {value}")
+        return 0
+    options = {}
+    for setting in args.settings:
+        name, sep, value = setting.partition("=")
+        if not sep or not name:
+            raise UsageError(f"cannot parse option {setting!r}: expected OPTION=VALUE, e.g."
+                             " PolicyAuditMode=Enabled")
+        options[name] = value
+    config = client.call("PATCH", f"/endpoints/{args.id}/config", json={"options": options})
+    if args.output == "json":
+        print_json(config)
+    else:
+        print(f"Endpoint {args.id} configuration updated successfully")
+    return 0
+
+
+# two header lines, as cilium endpoint list's
+ENDPOINT_HEADER = (("ENDPOINT", "POLICY (ingress)", "POLICY (egress)", "IPV4", "IPV6",
+                    "IDENTITY", "POLICY REV", "INTERFACE", "NAMESPACE", "LABELS"),
+                   ("", "ENFORCEMENT", "ENFORCEMENT", "", "", "", "", "", "", ""))
+
+#: Cilium's endpoint model's policy-enabled values -> the (ingress, egress) columns, as
+#: cilium endpoint list prints them (cilium-dbg/cmd/endpoint_list.go)
+POLICY_COLUMNS = {
+    "none": ("Disabled", "Disabled"), "both": ("Enabled", "Enabled"),
+    "ingress": ("Enabled", "Disabled"), "egress": ("Disabled", "Enabled"),
+    "audit-both": ("Disabled (Audit)", "Disabled (Audit)"),
+    "audit-ingress": ("Disabled (Audit)", "Disabled"),
+    "audit-egress": ("Disabled", "Disabled (Audit)"),
+}
 
 
 def _endpoint_row(e: dict) -> tuple[str, ...]:
     user = [label for label in e["labels"] if "io.kubernetes.pod.namespace" not in label
             and "io.cilium.k8s.policy.cluster" not in label]
-    return (str(e["id"]), e["ipv4"], e.get("ipv6") or "-", str(e["identity"]),
+    ingress, egress = POLICY_COLUMNS.get(e.get("policy_enabled"), ("Unknown", "Unknown"))
+    return (str(e["id"]), ingress, egress, e["ipv4"], e.get("ipv6") or "-", str(e["identity"]),
             str(e.get("policy_revision", "-")), e["ifname"], e["namespace"], " ".join(user))
 
 
@@ -372,6 +431,12 @@ def _policy(args: argparse.Namespace) -> int:
     for line in result["matched"]:
         print(f"matched:     {line}")
     print(f"verdict:     {result['verdict'].upper()}: {result['reason']}")
+    if result.get("policy_audit"):
+        endpoint = result["destination"]["endpoint"]
+        print(f"audit:       endpoint {endpoint} is in policy audit mode: "
+              + ("this traffic passes anyway, reported with verdict AUDIT"
+                 if result["verdict"] != "allow"
+                 else "traffic the policy denies would pass, reported with verdict AUDIT"))
     return 0 if result["verdict"] == "allow" else 1
 
 
@@ -471,7 +536,19 @@ def _monitor(args: argparse.Namespace) -> int:
         return 0
 
 
+def _observe_args(parser: argparse.ArgumentParser) -> None:
+    from meshagent.observe.cli import add_arguments
+    add_arguments(parser)
+
+
+def _observe(args: argparse.Namespace) -> int:
+    from meshagent.observe.cli import run
+    return run(args)
+
+
 CORE_COMMANDS = (
+    Command("observe", "observe flows as hubble observe does (Hubble's API: this agent, a"
+            " server, or --mesh for every node of every cluster)", _observe_args, _observe),
     Command("monitor", "stream datapath events (drops) from the running agent", _monitor_args,
             _monitor),
     Command("status", "show the agent's health, section by section", status_args, _status),

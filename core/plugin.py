@@ -68,6 +68,7 @@ from meshagent.model.jsonfields import to_jsonable
 from meshagent.model.node import Node
 from meshagent.model.service import Backend, Frontend, MergedService, Service, ServiceUpdate
 from meshagent.policy import (
+    AttributesVerdicts,
     ChangeQueue,
     EndpointChanges,
     MapChange,
@@ -77,6 +78,7 @@ from meshagent.policy import (
     PolicyRepository,
     PolicyResolver,
     PolicyUpdate,
+    ReportsEnforcement,
     Verdict,
 )
 from meshagent.policy.api import Policy, PolicyError, parse_document
@@ -107,7 +109,7 @@ __all__ = [
     "IdentityAllocator", "CollectsGarbage",
     "PolicyResolver", "PolicyRepository", "PolicyUpdate", "PolicyKey", "Policy", "PolicyError",
     "parse_document", "build_default_resolver", "MapKey", "MapState", "MapChange", "Verdict",
-    "EndpointChanges", "ChangeQueue",
+    "EndpointChanges", "ChangeQueue", "ReportsEnforcement", "AttributesVerdicts",
     "Datapath", "DatapathBatch", "FlowEvent", "FlowEventSink", "FlowEvents", "DROP",
     "POLICY_VERDICT", "TRACE", "FORWARDED", "DROPPED", "AUDIT", "MATCH_NONE", "MATCH_L3_ONLY",
     "MATCH_L3_L4", "MATCH_L4_ONLY", "MATCH_ALL", "PROTOCOL_NAMES", "REASON_TEXT", "flag_names", "host_port", "protocol_name", "verdict_metrics",

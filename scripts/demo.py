@@ -3,8 +3,9 @@
 Builds the lab (two dual-stack clusters in network namespaces, each with its own TLS etcd,
 meshed by the seed's clustermesh directory layout), runs redis in protected-db, checks
 redis-cli ping from the three clients over IPv4 and IPv6 before and after importing the seed's
-l4-policy.yaml unchanged, shows the stranger's dropped SYN, status and node list — and exits
-non-zero if any verdict differs from the seed's. Tears the lab down at the end (also on failure).
+l4-policy.yaml unchanged, shows the stranger's dropped SYN, status and node list, and the flows
+to protected-db from every node (``meshagent observe --mesh``) — and exits non-zero if any
+verdict differs from the seed's. Tears the lab down at the end (also on failure).
 ``--kvstoremesh``: each cluster runs KVStoreMesh, and the demo shows the agents hold no
 connection to the other cluster's etcd.
 """
@@ -67,6 +68,21 @@ def show_connections(lab: Lab) -> bool:
              for line in out.splitlines()}
     own, other = (lab.state["clusters"][c]["etcd"].split("//")[1] for c in ("cluster1", "cluster2"))
     return own in peers and other not in peers
+
+
+def show_flows(lab: Lab) -> bool:
+    """The story as Hubble tells it, from every node of both clusters: the stranger's SYN
+    dropped (and the employees' connections, where the datapath reports them)."""
+    args = ["--to-pod", "default/protected-db", "--last", "8", "--print-node-name"]
+    step("the flows to protected-db, from every node of both clusters (Hubble's API, mutual"
+         " TLS): meshagent observe --mesh")
+    print(f"$ meshagent lab observe -- {' '.join(args)}", flush=True)
+    out = subprocess.run(lab.observe_command(args), capture_output=True, text=True)
+    print(out.stdout + out.stderr, end="", flush=True)
+    seen = out.returncode == 0 and "default/stranger" in out.stdout and "DROPPED" in out.stdout
+    if not seen:
+        print("the stranger's dropped SYN is not among the flows ✗")
+    return seen
 
 
 def main(argv: list[str]) -> int:
@@ -159,6 +175,7 @@ def main(argv: list[str]) -> int:
         show("policy", "trace", "--src-ip", lab.state["pods"]["stranger"]["ip"],
              "--dst-endpoint", str(db["endpoint"]), "--dport", "6379/TCP", "--socket-path", s1,
              names=names)
+        ok &= show_flows(lab)
     except Exception as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
         ok = False

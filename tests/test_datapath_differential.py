@@ -12,6 +12,7 @@ MESHAGENT_DIFF_EXAMPLES=2000 (see docs/datapath.md).
 """
 
 import asyncio
+import contextlib
 import ctypes as ct
 import os
 import shutil
@@ -54,13 +55,17 @@ class KernelJudge:
     """The ebpf plugin (attaching nothing) with its programs compiled and pinned on a private
     bpffs: a :class:`~meshagent.testing.datapath_contract.DatapathJudge`."""
 
-    def __init__(self, bpffs: Path):
+    def __init__(self, bpffs: Path, **settings):
+        from meshagent.datapath.events import FlowEvents
         from meshagent.plugins.ebpf.datapath import EbpfDatapath, EbpfSettings
         from meshagent.plugins.ebpf.testrun import NoAttacher, ProgramRunner
         self.loop = asyncio.new_event_loop()
-        settings = EbpfSettings(bpffs, ipcache_max=65536, policy_max=65536, ct_tcp_max=65536,
-                                ct_any_max=65536)
-        self.datapath = EbpfDatapath(settings, attacher=NoAttacher())
+        settings = EbpfSettings(bpffs, **{"ipcache_max": 65536, "policy_max": 65536,
+                                          "ct_tcp_max": 65536, "ct_any_max": 65536, **settings})
+        self.sink = sink = FlowEvents()
+        self.reported: list = []
+        sink.subscribe(self.reported.append)
+        self.datapath = EbpfDatapath(settings, sink, attacher=NoAttacher())
         self.feed = BatchFeed(self.datapath)
         self.loop.run_until_complete(self.datapath.start())
         self.runner = ProgramRunner(self.datapath.pin_dir)
@@ -103,6 +108,12 @@ class KernelJudge:
     def outcome(self, endpoint_id: int, direction: str, frame: bytes) -> str:
         return self.delivery(endpoint_id, direction, frame)[0]
 
+    def events(self) -> list:
+        """What the programs reported since the last call: read out of the perf buffers."""
+        self.datapath.read_events()
+        out, self.reported[:] = list(self.reported), []
+        return out
+
 
 def redirect_problems(datapath, sent: bytes, delivered: bytes) -> str:
     """What is wrong with a frame redirected into a local pod ("" if nothing): it must be
@@ -129,17 +140,28 @@ def redirect_problems(datapath, sent: bytes, delivered: bytes) -> str:
     return f" (redirected with wrong {', '.join(problems)})" if problems else ""
 
 
-@pytest.fixture(scope="module")
-def judge():
+@contextlib.contextmanager
+def kernel_judge(**settings):
+    """A KernelJudge on a bpffs of its own (``settings``: EbpfSettings fields)."""
     tmp = Path(tempfile.mkdtemp(prefix="ma-diff-", dir="/tmp"))
     bpffs = tmp / "bpffs"
     bpffs.mkdir()
     os.system(f"mount -t bpf bpf {bpffs}")
-    kernel = KernelJudge(bpffs)
-    yield kernel
-    kernel.close()
-    os.system(f"umount -l {bpffs}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        kernel = KernelJudge(bpffs, **settings)
+        try:
+            yield kernel
+        finally:
+            kernel.close()
+    finally:
+        os.system(f"umount -l {bpffs}")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def judge():
+    with kernel_judge() as kernel:
+        yield kernel
 
 
 @pytest.fixture

@@ -26,6 +26,8 @@ def lab():
 
 
 class NodeAgent:
+    command: tuple[str, ...] = (MESHAGENT,)  # what runs the agent
+
     def __init__(self, lab: NetLab, node_ns: str, workdir, *args: str):
         self.lab, self.ns, self.args = lab, node_ns, args
         self.socket = workdir / f"{node_ns}.sock"
@@ -35,7 +37,7 @@ class NodeAgent:
         self.start()
 
     def start(self):
-        self.proc = self.lab.spawn(self.ns, MESHAGENT, "--socket-path", str(self.socket),
+        self.proc = self.lab.spawn(self.ns, *self.command, "--socket-path", str(self.socket),
                                    "--state-dir", str(self.state), *self.args, log=self.log,
                                    env=clean_env())
         deadline = time.monotonic() + 15

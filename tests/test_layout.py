@@ -64,13 +64,14 @@ def test_client_commands_import_only_the_client(tmp_path):
 CORE = Path(__file__).resolve().parent.parent / "core"
 #: The dependency direction, lowest first: a module imports only from its own layer or below.
 LAYERS = (
-    ("foundation", ("", "errors", "events", "client", "model", "runtime", "kvstore.keys")),
+    ("foundation", ("", "errors", "events", "client", "model", "runtime", "kvstore.keys",
+                    "observe.api", "observe.jsonformat")),
     ("contracts", ("kvstore", "kvstore.contract", "identity", "identity.contract", "datapath",
                    "datapath.contract", "policy", "policy.contract", "policy.api")),
     # what components build on: following, batching, locking, probing a kvstore
     ("kvstore helpers", ("kvstore.",)),
     ("components", ("kvstore.local", "kvstore.publisher", "identity.", "datapath.", "policy.",
-                    "clustermesh", "endpoint", "service")),
+                    "clustermesh", "endpoint", "service", "observe")),
     ("plugin machinery", ("hooks", "plugin")),
     ("agent", ("daemon", "cli", "kvstoremesh")),  # the two processes' composition roots
 )

@@ -64,10 +64,10 @@ def test_json_logs_are_one_object_per_line(agent_process):
 def test_text_logs_and_unknown_config_dir_files(agent_process, short_tmp):
     config_dir = short_tmp / "cm"
     config_dir.mkdir()
-    (config_dir / "enable-hubble").write_text("true")  # a key meant for someone else
+    (config_dir / "hubble-relay-image").write_text("x")  # a key meant for someone else
     agent = agent_process("--plugins", "memory", "--config-dir", str(config_dir))
     agent.signal(signal.SIGTERM)
     agent.proc.wait(timeout=5)
     log = agent.log.read_text()
-    assert "WARNING meshagent: config-dir file 'enable-hubble' names no option" in log
+    assert "WARNING meshagent: config-dir file 'hubble-relay-image' names no option" in log
     assert " INFO    meshagent.daemon.agent: agent started" in log

@@ -77,8 +77,25 @@
 #define VERDICT_ALLOW 1
 #define VERDICT_DENY 2
 
+/* Flow events (struct flow_event). FLOW_EVENTS 0 (--enable-hubble=false): drops only. */
+#ifndef FLOW_EVENTS
+#define FLOW_EVENTS 1
+#endif
+#define FLOW_DROP 1            /* kinds, numbered as Cilium's monitor message types */
+#define FLOW_TRACE 4
+#define FLOW_POLICY_VERDICT 5
+#define FLOW_FORWARDED 1       /* verdicts, numbered as Hubble's flow.Verdict */
+#define FLOW_DROPPED 2
+#define FLOW_AUDIT 4
+#define MATCH_NONE 0           /* policy match types, as Cilium's PolicyMatchType */
+#define MATCH_L3_ONLY 1
+#define MATCH_L3_L4 2
+#define MATCH_L4_ONLY 3
+#define MATCH_ALL 4
+
 #define ENDPOINT_LOCAL_DELIVERY 1  /* MACs known: local traffic may be redirected into it */
 #define ENDPOINT_HAS_IPV6 2        /* dual stack: ipv6 is its address */
+#define ENDPOINT_POLICY_AUDIT 4    /* what its policy would drop passes, reported as audit */
 
 struct endpoint_info {
     u32 endpoint_id;
@@ -126,7 +143,8 @@ struct policy_key {
 
 struct policy_value {
     u8 verdict;     /* VERDICT_ALLOW or VERDICT_DENY */
-    u8 pad[3];
+    u8 match;       /* MATCH_*: what kind of entry this is (its identity and protocol) */
+    u8 pad[2];
 };
 
 struct ct_key {
@@ -162,8 +180,12 @@ struct ct_value {
     u32 nat_ip;     /* network byte order */
     u16 nat_port;   /* host byte order */
     u8 flags;
-    u8 pad[5];
+    u8 seen;        /* CT_SEEN and the TCP flags (CT_TRACED_FLAGS) this direction reported */
+    u8 pad[4];
 };
+
+#define CT_SEEN 0x80           /* a packet of this direction was reported */
+#define CT_TRACED_FLAGS 0x07   /* FIN, SYN, RST: reported the first time in a direction */
 
 /* The first fragment's ports, for the fragments after it (as Cilium's lib/ipfrag.h). */
 struct ipfrag_key {
@@ -192,9 +214,10 @@ struct metrics_value {
     u64 bytes;
 };
 
-struct drop_event {
+/* One reported packet: a drop, a policy verdict or a trace (what FlowEvent says). */
+struct flow_event {
     u64 time_ns;
-    u32 reason;
+    u32 reason;     /* REASON_*: the drop's, an audit's would-be drop, or forwarded */
     u32 endpoint_id;
     u32 saddr;
     u32 daddr;
@@ -208,6 +231,11 @@ struct drop_event {
     u32 dst_identity;
     u32 saddr6[4];
     u32 daddr6[4];
+    u8 kind;        /* FLOW_DROP, FLOW_POLICY_VERDICT or FLOW_TRACE */
+    u8 verdict;     /* FLOW_FORWARDED, FLOW_DROPPED or FLOW_AUDIT */
+    u8 is_reply;    /* the reply direction of a tracked connection */
+    u8 match;       /* MATCH_*: the policy entry that decided (policy verdicts, drops) */
+    u32 pad;
 };
 
 struct lb_service_key {
@@ -245,9 +273,10 @@ struct flow {
     u8 has_l4;      /* the transport header is in this packet (not a later fragment) */
     u8 family;      /* 4 or 6 */
     u8 hop_limit;   /* IPv6 */
-    u8 icmp_type;   /* ICMPv6, when has_icmp */
+    u8 icmp_type;   /* ICMP or ICMPv6, when has_icmp */
     u8 has_icmp;
-    u8 pad[3];
+    u8 icmp_code;   /* when the packet holds it too (flow events report it) */
+    u8 pad[2];
     u32 saddr6[4];  /* IPv6 */
     u32 daddr6[4];
 };

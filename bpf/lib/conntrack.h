@@ -78,6 +78,18 @@ static __always_inline struct ct_value *ct_lookup(struct ct_key *key, struct end
     return value;
 }
 
+/* Whether a packet of a known connection is reported: the first of its direction, or one
+ * with a SYN, FIN or RST its direction had not shown (Cilium's monitor aggregation); then
+ * recorded, so the entry is written only when something is reported. */
+static __always_inline int ct_trace(struct ct_value *value, struct flow *f)
+{
+    u8 seen = CT_SEEN | (f->tcp_flags & CT_TRACED_FLAGS);
+    if ((value->seen & seen) == seen)
+        return 0;
+    value->seen |= seen;
+    return 1;
+}
+
 static __always_inline void ct_put(struct ct_key *key, struct ct_value *value)
 {
     if (key->protocol == IPPROTO_TCP)
@@ -102,7 +114,8 @@ static __always_inline void ct_create(struct endpoint_info *ep, u8 direction,
                                       struct flow *orig, struct flow *f, u64 now)
 {
     struct ct_key key = {};
-    struct ct_value value = {.last_seen_ns = now, .generation = ep->generation};
+    struct ct_value value = {.last_seen_ns = now, .generation = ep->generation,
+                             .seen = CT_SEEN | (f->tcp_flags & CT_TRACED_FLAGS)};
     int nat = orig->daddr != f->daddr || orig->dport != f->dport;
     ct_fill_key(&key, ep->endpoint_id, direction, orig);
     if (nat) {
@@ -117,6 +130,7 @@ static __always_inline void ct_create(struct endpoint_info *ep, u8 direction,
     key.dport = f->sport;
     key.direction = direction ^ 1;
     value.flags = CT_REPLY;
+    value.seen = 0;  /* its first packet is reported */
     value.nat_ip = 0;
     value.nat_port = 0;
     if (nat) {

@@ -65,7 +65,8 @@ static __always_inline void ct6_create(struct endpoint_info *ep, u8 direction, s
                                        u64 now)
 {
     struct ct6_key key = {};
-    struct ct_value value = {.last_seen_ns = now, .generation = ep->generation};
+    struct ct_value value = {.last_seen_ns = now, .generation = ep->generation,
+                             .seen = CT_SEEN | (f->tcp_flags & CT_TRACED_FLAGS)};
     ct6_fill_key(&key, ep->endpoint_id, direction, f, 0);
     ct6_put(&key, &value);
     ct6_fill_key(&key, ep->endpoint_id, direction, f, 1);
@@ -73,6 +74,7 @@ static __always_inline void ct6_create(struct endpoint_info *ep, u8 direction, s
     if (other && !(other->flags & CT_REPLY) && !ct_expired(other, f->protocol, ep, now))
         return;
     value.flags = CT_REPLY;
+    value.seen = 0;
     ct6_put(&key, &value);
 }
 

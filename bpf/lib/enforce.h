@@ -10,7 +10,13 @@
  *
  * A packet leaving a pod for another pod of this node is judged by the destination's ingress
  * policy right there, then redirected into the destination pod (bpf_redirect_peer), as
- * Cilium delivers locally: it skips the node's routing and the second veth. */
+ * Cilium delivers locally: it skips the node's routing and the second veth.
+ *
+ * Every hook reports through the flow_events perf array what core/datapath/events.py says:
+ * each drop; each packet policy judged that passes (forwarded, or an audit when the endpoint
+ * is in audit mode: what policy would drop passes and is tracked as if allowed); a trace for
+ * the first packet of a reply direction and a SYN, FIN or RST new for its direction. Drops
+ * other than policy's are never audited. */
 #ifndef MESHAGENT_ENFORCE_H
 #define MESHAGENT_ENFORCE_H
 
@@ -36,68 +42,125 @@ static __always_inline int pass(struct __sk_buff *skb)
     return TC_ACT_OK;
 }
 
-static __always_inline int drop(struct __sk_buff *skb, struct endpoint_info *ep, u8 direction,
-                                struct flow *f, int reason, u32 peer, u64 now)
+/* What one hook makes of a packet, for its flow event (kind 0: nothing to report). */
+struct judgement {
+    u32 reason;     /* REASON_*: the drop's, an audit's would-be drop, or forwarded */
+    u32 peer;       /* the peer's identity (0: not looked up) */
+    u8 kind;
+    u8 verdict;
+    u8 is_reply;
+    u8 match;
+};
+
+static __always_inline void report(struct __sk_buff *skb, struct endpoint_info *ep,
+                                   u8 direction, struct flow *f, struct judgement *j, u64 now)
 {
-    skb->cb[0] = reason;
-    account(reason, skb->len);
-    struct drop_event event = {.time_ns = now, .reason = reason,
+    if (!j->kind || (!FLOW_EVENTS && j->kind != FLOW_DROP))
+        return;
+    struct flow_event event = {.time_ns = now, .reason = j->reason,
                                .endpoint_id = ep->endpoint_id, .saddr = f->saddr,
                                .daddr = f->daddr, .sport = f->sport, .dport = f->dport,
                                .protocol = f->protocol, .tcp_flags = f->tcp_flags,
-                               .direction = direction, .family = f->family};
+                               .direction = direction, .family = f->family, .kind = j->kind,
+                               .verdict = j->verdict, .is_reply = j->is_reply,
+                               .match = j->match};
     __builtin_memcpy(event.saddr6, f->saddr6, 16);
     __builtin_memcpy(event.daddr6, f->daddr6, 16);
-    event.src_identity = direction == DIR_INGRESS ? peer : ep->identity;
-    event.dst_identity = direction == DIR_INGRESS ? ep->identity : peer;
-    drop_events.perf_submit(skb, &event, sizeof(event));
+    if (f->has_icmp)  /* ICMP has no ports: its type and code, as the observer reads them */
+        event.sport = ((u16)f->icmp_type << 8) | f->icmp_code;
+    event.src_identity = direction == DIR_INGRESS ? j->peer : ep->identity;
+    event.dst_identity = direction == DIR_INGRESS ? ep->identity : j->peer;
+    /* never waits: with the buffer full the event is lost, and userspace counts it */
+    flow_events.perf_submit(skb, &event, sizeof(event));
+}
+
+static __always_inline int drop(struct __sk_buff *skb, struct endpoint_info *ep, u8 direction,
+                                struct flow *f, int reason, struct judgement *j, u64 now)
+{
+    skb->cb[0] = reason;
+    account(reason, skb->len);
+    j->kind = FLOW_DROP;
+    j->verdict = FLOW_DROPPED;
+    j->reason = reason;
+    j->is_reply = 0;
+    if (reason != REASON_POLICY_DENY)
+        j->match = MATCH_NONE;
+    report(skb, ep, direction, f, j, now);
     return TC_ACT_SHOT;
 }
 
-static __always_inline int judge(struct endpoint_info *ep, u8 direction, struct flow *f,
-                                 u32 *peer)
+/* The peer: the source entering the pod, the destination leaving it. */
+static __always_inline u32 peer_identity(u8 direction, struct flow *f)
 {
-    /* the peer: the source entering the pod, the destination leaving it */
     if (f->family == 6)
-        *peer = ipcache6_identity(direction == DIR_INGRESS ? f->saddr6 : f->daddr6);
-    else
-        *peer = ipcache_identity(direction == DIR_INGRESS ? f->saddr : f->daddr);
-    return policy_check(ep->endpoint_id, direction, *peer, f->protocol, f->dport);
+        return ipcache6_identity(direction == DIR_INGRESS ? f->saddr6 : f->daddr6);
+    return ipcache_identity(direction == DIR_INGRESS ? f->saddr : f->daddr);
+}
+
+/* Policy for a new connection's packet, or a known one's judged again: REASON_FORWARDED
+ * (``j`` then holds its policy verdict: forwarded, or in audit mode an audit of what policy
+ * would have dropped, with that reason) or the drop reason (``j`` holds peer and match). */
+static __always_inline int judge(struct endpoint_info *ep, u8 direction, struct flow *f,
+                                 struct judgement *j)
+{
+    j->peer = peer_identity(direction, f);
+    int reason = policy_check(ep->endpoint_id, direction, j->peer, f->protocol, f->dport,
+                              &j->match);
+    if (reason != REASON_FORWARDED && !(ep->flags & ENDPOINT_POLICY_AUDIT))
+        return reason;
+    j->kind = FLOW_POLICY_VERDICT;
+    j->verdict = reason == REASON_FORWARDED ? FLOW_FORWARDED : FLOW_AUDIT;
+    j->reason = reason;
+    return REASON_FORWARDED;
+}
+
+/* A packet of a known connection that passes without policy: a trace when ct_trace says. */
+static __always_inline void known(struct ct_value *ct, u8 direction, struct flow *f,
+                                  struct judgement *j)
+{
+    if (!FLOW_EVENTS || !ct_trace(ct, f))
+        return;
+    j->kind = FLOW_TRACE;
+    j->verdict = FLOW_FORWARDED;
+    j->reason = REASON_FORWARDED;
+    j->is_reply = ct->flags & CT_REPLY ? 1 : 0;
+    j->peer = peer_identity(direction, f);
 }
 
 /* Conntrack, service frontend and policy for one endpoint and direction: REASON_FORWARDED
- * (the packet may have been rewritten by service NAT, and ``f`` with it) or a drop reason,
- * with ``peer`` set for the drop event. */
+ * (the packet may have been rewritten by service NAT, and ``f`` with it) or a drop reason;
+ * ``j`` says what to report. */
 static __always_inline int verdict(struct __sk_buff *skb, struct endpoint_info *ep,
-                                   u8 direction, struct flow *f, u64 now, u32 *peer)
+                                   u8 direction, struct flow *f, u64 now, struct judgement *j)
 {
     struct ct_key key = {};
     ct_fill_key(&key, ep->endpoint_id, direction, f);
     struct ct_value *ct = ct_lookup(&key, ep, now);
-    *peer = 0;
     if (ct) {
         if (ct->flags & CT_REPLY || ct->generation == ep->generation) {
+            known(ct, direction, f, j);
             ct_apply_nat(skb, f, ct);
             return REASON_FORWARDED;
         }
-        /* policy or the ipcache changed since this connection was judged: judge it again,
-         * against where it really goes */
+        /* policy, the ipcache or audit mode changed since this connection was judged:
+         * judge it again, against where it really goes */
         struct flow judged = *f;
         if (ct->flags & CT_NAT_DST) {
             judged.daddr = ct->nat_ip;
             judged.dport = ct->nat_port;
         }
-        int reason = judge(ep, direction, &judged, peer);
+        int reason = judge(ep, direction, &judged, j);
         if (reason != REASON_FORWARDED)
             return reason;
         ct->generation = ep->generation;
+        ct->seen |= CT_SEEN | (f->tcp_flags & CT_TRACED_FLAGS);
         ct_apply_nat(skb, f, ct);
         return REASON_FORWARDED;
     }
     struct flow orig = *f;
     if (direction == DIR_EGRESS)
         lb_select(skb, f);  /* policy judges the backend, not the frontend */
-    int reason = judge(ep, direction, f, peer);
+    int reason = judge(ep, direction, f, j);
     if (reason != REASON_FORWARDED)
         return reason;
     ct_create(ep, direction, &orig, f, now);
@@ -106,19 +169,22 @@ static __always_inline int verdict(struct __sk_buff *skb, struct endpoint_info *
 
 /* verdict() for IPv6: conntrack and policy. */
 static __always_inline int verdict6(struct endpoint_info *ep, u8 direction, struct flow *f,
-                                    u64 now, u32 *peer)
+                                    u64 now, struct judgement *j)
 {
     struct ct_value *ct = ct6_lookup(ep, direction, f, now);
-    *peer = 0;
-    if (ct && (ct->flags & CT_REPLY || ct->generation == ep->generation))
+    if (ct && (ct->flags & CT_REPLY || ct->generation == ep->generation)) {
+        known(ct, direction, f, j);
         return REASON_FORWARDED;
-    int reason = judge(ep, direction, f, peer);
+    }
+    int reason = judge(ep, direction, f, j);
     if (reason != REASON_FORWARDED)
         return reason;
-    if (ct)
-        ct->generation = ep->generation;  /* judged again after a change, and still allowed */
-    else
+    if (ct) {  /* judged again after a change, and still allowed */
+        ct->generation = ep->generation;
+        ct->seen |= CT_SEEN | (f->tcp_flags & CT_TRACED_FLAGS);
+    } else {
         ct6_create(ep, direction, f, now);
+    }
     return REASON_FORWARDED;
 }
 
@@ -157,38 +223,42 @@ static __always_inline int enforce(struct __sk_buff *skb, u8 direction)
     if (!ep)
         return TC_ACT_OK;  /* not an endpoint of ours */
     struct packet p = {};
+    struct judgement j = {};
     u64 now = bpf_ktime_get_ns();
     int reason = parse(skb, &p);
     if (reason == PARSE_ARP)
         return pass(skb);
     if (reason != REASON_FORWARDED)
-        return drop(skb, ep, direction, &p.f, reason, 0, now);
+        return drop(skb, ep, direction, &p.f, reason, &j, now);
     if (link_control(&p, direction))
         return pass(skb);
     int v6 = p.f.family == 6;
     if (direction == DIR_EGRESS && (v6 ? !own_ipv6(ep, &p.f) : p.f.saddr != ep->ipv4))
-        return drop(skb, ep, direction, &p.f, REASON_SPOOFED, 0, now);
+        return drop(skb, ep, direction, &p.f, REASON_SPOOFED, &j, now);
     reason = fragment_check(&p);
     if (reason != REASON_FORWARDED)
-        return drop(skb, ep, direction, &p.f, reason, 0, now);
-    u32 peer = 0;
+        return drop(skb, ep, direction, &p.f, reason, &j, now);
     if (v6) {
-        reason = verdict6(ep, direction, &p.f, now, &peer);
+        reason = verdict6(ep, direction, &p.f, now, &j);
         if (reason != REASON_FORWARDED)
-            return drop(skb, ep, direction, &p.f, reason, peer, now);
+            return drop(skb, ep, direction, &p.f, reason, &j, now);
+        report(skb, ep, direction, &p.f, &j, now);
         return pass(skb);
     }
-    reason = verdict(skb, ep, direction, &p.f, now, &peer);
+    reason = verdict(skb, ep, direction, &p.f, now, &j);
     if (reason != REASON_FORWARDED)
-        return drop(skb, ep, direction, &p.f, reason, peer, now);
+        return drop(skb, ep, direction, &p.f, reason, &j, now);
+    report(skb, ep, direction, &p.f, &j, now);
     if (direction == DIR_EGRESS) {
         u32 daddr = p.f.daddr;
         u32 *local = local_ips.lookup(&daddr);
         struct endpoint_info *dst = local ? endpoints.lookup(local) : 0;
         if (dst && dst->flags & ENDPOINT_LOCAL_DELIVERY) {
-            reason = verdict(skb, dst, DIR_INGRESS, &p.f, now, &peer);
+            struct judgement k = {};
+            reason = verdict(skb, dst, DIR_INGRESS, &p.f, now, &k);
             if (reason != REASON_FORWARDED)
-                return drop(skb, dst, DIR_INGRESS, &p.f, reason, peer, now);
+                return drop(skb, dst, DIR_INGRESS, &p.f, reason, &k, now);
+            report(skb, dst, DIR_INGRESS, &p.f, &k, now);
             int action = deliver_locally(skb, dst);
             if (action == TC_ACT_OK)
                 return pass(skb);  /* through the stack after all */

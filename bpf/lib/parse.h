@@ -91,6 +91,10 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *p)
         p->frag = FRAG_FIRST;
     if (p->frag == FRAG_LATER)
         return REASON_FORWARDED;  /* no transport header here: ports come from ipfrag */
+    if (f->protocol == IPPROTO_ICMP && tot_len - hlen >= 2 &&
+        bpf_skb_load_bytes(skb, ETH_HLEN + hlen, &f->icmp_type, 1) == 0 &&
+        bpf_skb_load_bytes(skb, ETH_HLEN + hlen + 1, &f->icmp_code, 1) == 0)
+        f->has_icmp = 1;  /* type and code, for flow events */
     u32 need = l4_min_len(f->protocol);
     if (!need)
         return REASON_FORWARDED;
@@ -170,8 +174,11 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct packet *p)
     if (p->frag == FRAG_LATER)
         return REASON_FORWARDED;  /* no transport header here: ports come from ipfrag6 */
     if (next == NEXTHDR_ICMPV6 && off + 1 <= end &&
-        bpf_skb_load_bytes(skb, off, &f->icmp_type, 1) == 0)
+        bpf_skb_load_bytes(skb, off, &f->icmp_type, 1) == 0) {
         f->has_icmp = 1;
+        if (off + 2 <= end)
+            bpf_skb_load_bytes(skb, off + 1, &f->icmp_code, 1);
+    }
     u32 need = l4_min_len(next);
     if (!need)
         return REASON_FORWARDED;

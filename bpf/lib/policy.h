@@ -2,33 +2,51 @@
  *
  * Userspace (plugins/ebpf/policymap.py) writes each (endpoint, direction, identity) group so
  * that its longest matching prefix carries the verdict of every rule covering the packet, deny
- * beating allow; across the two lookups a deny wins, then an allow, else the default deny. */
+ * beating allow; across the two lookups a deny wins, then an allow, else the default deny. Each
+ * entry carries its match type (L3 for a specific identity, L4 for a protocol), which the
+ * flow events report. */
 #ifndef MESHAGENT_POLICY_H
 #define MESHAGENT_POLICY_H
 
 #include "lib/maps.h"
 
-static __always_inline u8 policy_lookup(u32 endpoint_id, u8 direction, u32 identity,
-                                        u8 protocol, u16 port)
+/* The entry of one identity's group (0: any peer) for this packet, or 0. */
+static __always_inline struct policy_value *policy_lookup(u32 endpoint_id, u8 direction,
+                                                          u32 identity, u8 protocol, u16 port)
 {
     struct policy_key key = {.prefixlen = POLICY_PREFIX_FULL, .endpoint_id = endpoint_id,
                              .identity = identity, .direction = direction,
                              .protocol = protocol, .port = htons(port)};
-    struct policy_value *value = policy.lookup(&key);
-    return value ? value->verdict : 0;
+    return policy.lookup(&key);
 }
 
+/* REASON_FORWARDED, REASON_POLICY_DENY or REASON_POLICY_DEFAULT; ``match`` is the deciding
+ * entry's match type (the peer's identity before any identity, a deny before an allow;
+ * MATCH_NONE for a default drop). */
 static __always_inline int policy_check(u32 endpoint_id, u8 direction, u32 identity,
-                                        u8 protocol, u16 port)
+                                        u8 protocol, u16 port, u8 *match)
 {
-    u8 specific = identity ? policy_lookup(endpoint_id, direction, identity, protocol, port) : 0;
-    if (specific == VERDICT_DENY)
+    struct policy_value *specific = identity ? policy_lookup(endpoint_id, direction, identity,
+                                                             protocol, port) : 0;
+    struct policy_value *any = policy_lookup(endpoint_id, direction, 0, protocol, port);
+    *match = MATCH_NONE;
+    if (specific && specific->verdict == VERDICT_DENY) {
+        *match = specific->match;
         return REASON_POLICY_DENY;
-    u8 any = policy_lookup(endpoint_id, direction, 0, protocol, port);
-    if (any == VERDICT_DENY)
+    }
+    if (any && any->verdict == VERDICT_DENY) {
+        *match = any->match;
         return REASON_POLICY_DENY;
-    return specific == VERDICT_ALLOW || any == VERDICT_ALLOW ? REASON_FORWARDED
-                                                             : REASON_POLICY_DEFAULT;
+    }
+    if (specific && specific->verdict == VERDICT_ALLOW) {
+        *match = specific->match;
+        return REASON_FORWARDED;
+    }
+    if (any && any->verdict == VERDICT_ALLOW) {
+        *match = any->match;
+        return REASON_FORWARDED;
+    }
+    return REASON_POLICY_DEFAULT;
 }
 
 static __always_inline u32 ipcache_identity(u32 ip)

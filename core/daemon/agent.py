@@ -50,7 +50,14 @@ from meshagent.model.cluster import ClusterConfig
 from meshagent.model.ipcache import IPCache
 from meshagent.model.node import Node
 from meshagent.model.table import Table, Tables
+from meshagent.observe.flows import FlowMaker
+from meshagent.observe.metrics import HubbleCollector
+from meshagent.observe.names import Names
+from meshagent.observe.observer import Observer
+from meshagent.observe.peers import Peers
+from meshagent.observe.server import HubbleOptions, HubbleServer
 from meshagent.policy import default as policy_default
+from meshagent.policy.contract import AttributesVerdicts, Verdict
 from meshagent.policy.repository import LegacyResolverShim, Repository, adapt_resolver
 from meshagent.runtime.config import Config
 from meshagent.runtime.controller import Controller, ControllerManager
@@ -103,6 +110,25 @@ class Agent:
         self.flow_events = FlowEvents()  # what the datapath reports; observers subscribe
         self.drops = DropFeed(self.tables.identities.get)  # meshagent monitor
         self.flow_events.subscribe(self.drops.on_event)
+        # every flow event as Hubble flows (meshagent observe, the Hubble API, hubble_* metrics)
+        self.flow_names = Names(self.cluster.name, self.tables.identities.get,
+                                self.tables.ipcache.get)
+        self.observer = Observer(
+            FlowMaker(f"{self.cluster.name}/{config.node_name}", self.flow_names,
+                      self._deciding_policies,
+                      lambda: self.policy_resolver.revision if self.policy_resolver else 0),
+            config.get("hubble-event-buffer-capacity"),
+            lost=lambda: self.flow_events.lost_total)
+        self.flow_events.subscribe(self.observer.on_event)
+        # Hubble's API (--enable-hubble=false: none); its Peer service follows the node table
+        self.hubble_peers: Peers | None = None
+        self.hubble: HubbleServer | None = None
+        if config.get("enable-hubble"):
+            options = HubbleOptions.from_config(config)
+            self.hubble_peers = Peers(self.tables.nodes, tls=options.tls)
+            self.hubble = HubbleServer(self.observer, self.hubble_peers, options,
+                                       config.node_name, self.cluster.name, __version__,
+                                       lost_events=lambda: self.flow_events.lost_total)
         self.ownership = AddressOwnership(self.cluster.name, config.get("pod-cidr"),
                                           self.kvstore_addresses)
         self.local_sync = ClusterSync(self.cluster.name, self.cluster.id, self.cluster, self.tables)
@@ -115,7 +141,10 @@ class Agent:
         self.clustermesh: ClusterMesh | None = None  # built with the store
         # each component brings its own controllers, event handlers and status section
         for name, component in (("core.ownership", self.ownership),
-                                ("core.node-routes", self.node_routes)):
+                                ("core.node-routes", self.node_routes),
+                                ("core.observe", self.flow_names),
+                                ("core.hubble-peers", self.hubble_peers),
+                                ("core.hubble", self.hubble)):
             if component is not None:
                 plugins.register(component, name=name)
         kvstore = self.providers[KVSTORE.name]
@@ -153,6 +182,8 @@ class Agent:
                 build_app(state, self.hooks.api_routes(self.view)), self.config.socket_path))
             if addr := self.config.get("prometheus-serve-addr"):
                 await cleanup.enter_async_context(MetricsServer(self.metrics, addr))
+            if self.hubble is not None:
+                await cleanup.enter_async_context(self.hubble)
 
             for plugin, controller in self.hooks.controllers(self.view):
                 self.controllers.start(controller, plugin)
@@ -236,7 +267,8 @@ class Agent:
             datapath=self.datapath_feed, datapath_started=self.datapath_started,
             plugin_labels=lambda namespace, pod: hooks.endpoint_labels(
                 agent=self.view, namespace=namespace, pod_name=pod),
-            changed=lambda kind, endpoint: hooks.endpoint_changed(kind=kind, endpoint=endpoint))
+            changed=lambda kind, endpoint: hooks.endpoint_changed(kind=kind, endpoint=endpoint),
+            policy_audit_mode=config.get("policy-audit-mode"))
         self.plugins.register(self.endpoints, name="core.endpoints")
         self.plugins.register(self.datapath_feed, name="core.datapath")
 
@@ -248,6 +280,16 @@ class Agent:
         built = provider.factory(self.view)
         return adapt_resolver(built, provider.name) or check_provider(
             POLICY_RESOLVER, provider, built)
+
+    def _deciding_policies(self, endpoint: int, direction: str, identity: int, protocol: int,
+                           port: int, allowed: bool, match: int) -> tuple:
+        """The policies behind a verdict, if the loaded resolver can name them
+        (:class:`meshagent.policy.contract.AttributesVerdicts`); none otherwise."""
+        resolver = self.policy_resolver
+        if not isinstance(resolver, AttributesVerdicts):
+            return ()
+        return resolver.deciding_policies(endpoint, direction, identity, protocol, port,
+                                          Verdict.ALLOW if allowed else Verdict.DENY, match)
 
     def _follow_remote(self, name: str, config: ClusterConfig) -> ClusterSync:
         """A remote cluster's entries go to the tables, admitted by pod CIDR."""
@@ -375,6 +417,8 @@ class _AgentHooks:
         if agent.policy_resolver is None:
             sections.append(StatusSection(
                 "Policy", Health.DISABLED, "no policy resolver loaded"))
+        if agent.hubble is None:
+            sections.append(StatusSection("Hubble", Health.DISABLED, "--enable-hubble=false"))
         sections.append(self._controllers_section(agent))
         sections.append(StatusSection(
             "Plugins", Health.OK, ", ".join(agent.config.plugins),
@@ -404,6 +448,8 @@ class _AgentHooks:
     @hookimpl
     def meshagent_register_metrics(self, registry):
         registry.register(_AgentCollector(self.agent))
+        registry.register(HubbleCollector(self.agent.observer.metrics,
+                                          lambda: self.agent.flow_events.lost_total))
 
 
 class _AgentCollector:

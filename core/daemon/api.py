@@ -23,6 +23,7 @@ from meshagent.model.net import family_order
 if TYPE_CHECKING:  # types only: the API serves the components, it does not build them
     from meshagent.clustermesh.mesh import ClusterMesh
     from meshagent.endpoint.manager import EndpointManager
+    from meshagent.model.endpoint import Endpoint
     from meshagent.model.table import Tables
     from meshagent.datapath.drops import DropFeed
     from meshagent.datapath.progress import PolicyProgress
@@ -97,6 +98,8 @@ def build_app(api: APIState, extra_routes: list[tuple[str, Route]]) -> web.Appli
         Route("POST", "/endpoints", functools.partial(_endpoint_create, api)),
         Route("GET", "/endpoints/{id}", functools.partial(_endpoint_get, api)),
         Route("DELETE", "/endpoints/{id}", functools.partial(_endpoint_delete, api)),
+        Route("GET", "/endpoints/{id}/config", functools.partial(_endpoint_config_get, api)),
+        Route("PATCH", "/endpoints/{id}/config", functools.partial(_endpoint_config_patch, api)),
         # policy, for whichever resolver fills the slot: only its contract is used
         Route("GET", "/policy", functools.partial(_policy_get, api)),
         Route("POST", "/policy", functools.partial(_policy_import, api)),
@@ -183,7 +186,13 @@ async def _policy_trace(api: APIState, request: web.Request) -> web.Response:
     if not isinstance(body, dict) or not {"dst_endpoint", "port"} <= body.keys() <= TRACE_FIELDS:
         raise web.HTTPBadRequest(reason="expected a trace request: dst_endpoint, port and"
                                         " optionally protocol, src_identity, src_labels, src_ip")
-    return json_response(resolver.trace(**body))
+    result = resolver.trace(**body)
+    endpoint = api.endpoints.endpoints.get(body["dst_endpoint"])
+    audit = endpoint is not None and endpoint.policy_audit
+    # what the datapath does with it, in Hubble's verdict words (meshagent observe)
+    flow_verdict = "FORWARDED" if result.get("verdict") == "allow" else (
+        "AUDIT" if audit else "DROPPED")
+    return json_response({**result, "policy_audit": audit, "flow_verdict": flow_verdict})
 
 
 async def _healthz(api: APIState, request: web.Request) -> web.Response:
@@ -249,9 +258,22 @@ async def _endpoints(api: APIState, request: web.Request) -> web.Response:
     found = sorted(api.endpoints.endpoints.values(), key=lambda e: e.id)
     if container is not None:
         found = [e for e in found if e.container_id == container]
-    revisions = api.policy_progress.revisions
-    return json_response([{**to_jsonable(e), "policy_revision": revisions.get(e.id, 0)}
-                          for e in found])
+    return json_response([_endpoint_status(api, e) for e in found])
+
+
+def _endpoint_status(api: APIState, endpoint: "Endpoint") -> dict:
+    """An endpoint with what the agent knows of its policy: the revision its datapath state
+    reflects, and ``policy_enabled`` in the words of Cilium's endpoint model (null when the
+    resolver does not say which directions it enforces)."""
+    from meshagent.endpoint.options import policy_enabled
+    from meshagent.policy import ReportsEnforcement
+    resolver = api.resolver
+    enforced = resolver.enforced(endpoint.id) if isinstance(resolver, ReportsEnforcement) \
+        else None
+    return {**to_jsonable(endpoint),
+            "policy_revision": api.policy_progress.revisions.get(endpoint.id, 0),
+            "policy_enabled": None if enforced is None
+            else policy_enabled(*enforced, endpoint.policy_audit)}
 
 
 async def _endpoint_create(api: APIState, request: web.Request) -> web.Response:
@@ -272,7 +294,23 @@ def _endpoint_id(request: web.Request) -> int:
 
 
 async def _endpoint_get(api: APIState, request: web.Request) -> web.Response:
-    return json_response(api.endpoints.get(_endpoint_id(request)))
+    return json_response(_endpoint_status(api, api.endpoints.get(_endpoint_id(request))))
+
+
+async def _endpoint_config_get(api: APIState, request: web.Request) -> web.Response:
+    return json_response(api.endpoints.options(_endpoint_id(request)))
+
+
+async def _endpoint_config_patch(api: APIState, request: web.Request) -> web.Response:
+    """``{"options": {"PolicyAuditMode": "Enabled"}}``, as Cilium's PATCH /endpoint/{id}/config
+    takes it; answers with the endpoint's options then."""
+    endpoint_id = _endpoint_id(request)
+    body = await request.json()
+    options = body.get("options") if isinstance(body, dict) else None
+    if not isinstance(options, dict) or not options:
+        raise web.HTTPBadRequest(reason='expected {"options": {"NAME": "VALUE", ...}}')
+    await api.endpoints.configure(endpoint_id, options)
+    return json_response(api.endpoints.options(endpoint_id))
 
 
 async def _endpoint_delete(api: APIState, request: web.Request) -> web.Response:

@@ -7,7 +7,7 @@ A datapath reports, through the :class:`FlowEventSink` it is built with:
   ``forwarded``, or ``audit`` when the endpoint is in policy audit mode and the policy would
   have dropped it: ``reason`` then says why it would have), i.e. the first packet of a
   connection in the direction that opens it, and a packet of a known connection judged again
-  after its policy or the ipcache changed;
+  after its policy, the ipcache or the endpoint's audit mode changed;
 * **traces** of known connections (kind ``trace``, verdict ``forwarded``): the first packet of
   the reply direction (``is_reply``), and a TCP packet whose SYN, FIN or RST flag is new for
   its connection and direction. Nothing else of an established connection is reported
@@ -53,7 +53,7 @@ class FlowEvent:
     endpoint: int  # the endpoint whose hook judged it
     direction: str  # "ingress": entering the endpoint; "egress": leaving it
     source_ip: str  # "" when the packet could not be parsed that far
-    source_port: int
+    source_port: int  # ICMP and ICMPv6: type << 8 | code (destination_port 0)
     destination_ip: str
     destination_port: int
     protocol: int  # IP protocol number (0: not parsed)

@@ -20,6 +20,7 @@ import attrs
 from meshagent import hookimpl
 from meshagent.endpoint import podnet
 from meshagent.endpoint.ipam import HostScopeIPAM
+from meshagent.endpoint.options import POLICY_AUDIT_MODE, format_setting, parse_options
 from meshagent.errors import MeshagentError, UsageError
 from meshagent.events import ChangeKind
 from meshagent.identity import IdentityAllocator
@@ -33,6 +34,7 @@ from meshagent.model.endpoint import (
 from meshagent.model.identity import Identity
 from meshagent.model.ipcache import IPCacheEntry
 from meshagent.runtime.controller import Controller, ControllerHandle
+from meshagent.runtime.status import Health, StatusSection
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +77,17 @@ def host_interface_name(request: EndpointRequest) -> str:
 
 class EndpointManager:
     """The endpoints of this node, saved under ``directory`` and handed to the datapath
-    (through its feed: ``datapath``)."""
+    (through its feed: ``datapath``). ``policy_audit_mode`` is --policy-audit-mode: the audit
+    mode of every endpoint that has no setting of its own."""
 
     def __init__(self, *, cluster_name: str, node_ip: ipaddress.IPv4Address | None,
                  pod_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
                  directory: Path, allocator: IdentityAllocator, publisher: Publisher,
                  datapath: DatapathDoor, datapath_started: asyncio.Event,
-                 plugin_labels: LabelSource, changed: EndpointListener):
+                 plugin_labels: LabelSource, changed: EndpointListener,
+                 policy_audit_mode: bool = False):
         self.cluster_name = cluster_name
+        self.policy_audit_mode = policy_audit_mode
         self.node_ip = node_ip
         self.ipam = HostScopeIPAM(tuple(pod_cidrs))
         self.allocator = allocator
@@ -140,7 +145,8 @@ class EndpointManager:
             identity=identity.id, ifname=host_ifname, ifindex=wired["host_ifindex"],
             netns=request.netns, pod_ifname=request.pod_ifname,
             container_id=request.container_id, pod_name=request.pod_name,
-            host_mac=wired["host_mac"], pod_mac=wired["pod_mac"], plugin_labels=plugin_labels)
+            host_mac=wired["host_mac"], pod_mac=wired["pod_mac"], plugin_labels=plugin_labels,
+            policy_audit=self.policy_audit_mode)
         await self._activate(endpoint, undo)
         self._save(endpoint)
         log.info("endpoint %d created: %s in %s, identity %d", endpoint.id, address,
@@ -205,6 +211,69 @@ class EndpointManager:
         log.info("endpoint %d (%s/%s) relabelled: identity %d -> %d", endpoint.id,
                  endpoint.namespace, endpoint.pod_name, endpoint.identity, identity.id)
         return updated
+
+    # -- options (meshagent endpoint config) ----------------------------------------------------
+
+    def options(self, endpoint_id: int) -> dict:
+        """The endpoint's options as ``meshagent endpoint config`` shows them: ``options``,
+        what is in force; ``overrides``, what the endpoint sets itself (the rest follows the
+        agent's options)."""
+        endpoint = self.get(endpoint_id)
+        own = endpoint.policy_audit_mode
+        return {"id": endpoint.id,
+                "options": {POLICY_AUDIT_MODE: format_setting(endpoint.policy_audit)},
+                "overrides": {} if own is None else {POLICY_AUDIT_MODE: format_setting(own)}}
+
+    async def configure(self, endpoint_id: int, options: dict[str, str]) -> Endpoint:
+        """Set endpoint options (:mod:`meshagent.endpoint.options`; ``Default`` clears one).
+
+        Every option is checked first: UsageError naming an unknown name or value, and
+        nothing changed. A changed endpoint is handed to the datapath again through its feed
+        (as a relabel is), so the datapath enforces its new audit mode, then saved; if the
+        datapath refuses, the endpoint is handed back as it was and the error raised.
+        """
+        settings = parse_options(options)
+        await self.restored.wait()
+        async with self._lock:
+            endpoint = self.get(endpoint_id)
+            updated = endpoint
+            if POLICY_AUDIT_MODE in settings:
+                updated = self._audit_mode(attrs.evolve(
+                    endpoint, policy_audit_mode=settings[POLICY_AUDIT_MODE]))
+            if updated == endpoint:
+                return endpoint
+            try:
+                await self._activate(updated, [])
+            except BaseException:
+                await self._activate(endpoint, [])  # back to what it was
+                raise
+            self._save(updated)
+            log.info("endpoint %d (%s/%s): policy audit mode %s (%s)", endpoint.id,
+                     endpoint.namespace, endpoint.pod_name,
+                     format_setting(updated.policy_audit).lower(), _audit_source(updated))
+            return updated
+
+    def _audit_mode(self, endpoint: Endpoint) -> Endpoint:
+        """The endpoint with its effective audit mode: its own setting, else the agent's."""
+        own = endpoint.policy_audit_mode
+        return attrs.evolve(endpoint, policy_audit=self.policy_audit_mode if own is None
+                            else own)
+
+    @hookimpl
+    def meshagent_status(self, verbose):
+        """Section Endpoints: how many, and which are in policy audit mode (a warning: the
+        policy is not enforced for them)."""
+        audited = [e for _, e in sorted(self.endpoints.items()) if e.policy_audit]
+        summary = f"{len(self.endpoints)} endpoints"
+        if self.policy_audit_mode:
+            summary += f", policy audit mode on (--policy-audit-mode): {len(audited)} in it"
+        elif audited:
+            summary += f", {len(audited)} in policy audit mode"
+        details = [f"endpoint {e.id} ({e.namespace}/{e.pod_name or e.ipv4}): policy audit mode"
+                   f" ({_audit_source(e)})" for e in audited]
+        warn = audited or self.policy_audit_mode
+        return StatusSection("Endpoints", Health.WARNING if warn else Health.OK, summary,
+                             details=details)
 
     def _ipcache_entries(self, endpoint: Endpoint) -> list[IPCacheEntry]:
         """One per address of the endpoint (a /32, and a /128 in dual stack)."""
@@ -296,12 +365,18 @@ class EndpointManager:
                 undo.append(lambda address=address: _sync(self.ipam.release, address))
             identity = await self.allocator.allocate(saved.labels)
             undo.append(lambda: self.allocator.release(identity))
-            endpoint = attrs.evolve(saved, identity=identity.id, ifindex=ifindex)
+            # its own audit setting was saved with it; the agent's may have changed meanwhile
+            endpoint = self._audit_mode(attrs.evolve(saved, identity=identity.id,
+                                                     ifindex=ifindex))
             await self._activate(endpoint, undo)
         if endpoint != saved:
             self._save(endpoint)
         log.info("endpoint %d restored: %s, identity %d", endpoint.id, endpoint.ipv4,
                  endpoint.identity)
+
+
+def _audit_source(endpoint: Endpoint) -> str:
+    return "--policy-audit-mode" if endpoint.policy_audit_mode is None else "set on the endpoint"
 
 
 async def _sync(func, *args) -> None:

@@ -31,6 +31,9 @@ class Endpoint:
     #: in policy audit mode (the endpoint's own setting, else --policy-audit-mode): what the
     #: policy would drop passes, reported with verdict AUDIT
     policy_audit: bool = False
+    #: the endpoint's own PolicyAuditMode (``meshagent endpoint config``); None: it follows
+    #: --policy-audit-mode. Kept apart so a changed global reaches it after a restart.
+    policy_audit_mode: bool | None = None
 
     @property
     def addresses(self) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:

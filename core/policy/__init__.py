@@ -8,6 +8,7 @@ revisions), ``default`` the default resolver.
 """
 
 from meshagent.policy.contract import (
+    AttributesVerdicts,
     ChangeQueue,
     EndpointChanges,
     MapChange,
@@ -17,8 +18,10 @@ from meshagent.policy.contract import (
     PolicyRepository,
     PolicyResolver,
     PolicyUpdate,
+    ReportsEnforcement,
     Verdict,
 )
 
-__all__ = ["ChangeQueue", "EndpointChanges", "MapChange", "MapKey", "MapState", "PolicyKey",
-           "PolicyRepository", "PolicyResolver", "PolicyUpdate", "Verdict"]
+__all__ = ["AttributesVerdicts", "ChangeQueue", "EndpointChanges", "MapChange", "MapKey",
+           "MapState", "PolicyKey", "PolicyRepository", "PolicyResolver", "PolicyUpdate",
+           "ReportsEnforcement", "Verdict"]

@@ -179,6 +179,33 @@ class PolicyResolver(Protocol):
 
 
 @runtime_checkable
+class AttributesVerdicts(Protocol):
+    """An optional capability of a resolver: naming the policies behind a verdict, what flows
+    carry as Hubble's ``ingress_allowed_by``/``egress_denied_by`` and the like. The observer
+    leaves those fields empty with a resolver that lacks it."""
+
+    def deciding_policies(self, endpoint_id: int, direction: str, identity: int,
+                          protocol: int, port: int, verdict: Verdict, match: int
+                          ) -> tuple[PolicyKey, ...]:
+        """The policies whose rules give ``verdict`` to a packet of ``protocol``/``port``
+        between local endpoint ``endpoint_id`` and peer ``identity`` in ``direction``, at the
+        entry level ``match`` names (Cilium's PolicyMatchType: 1 L3-only, 2 L3-L4, 3 L4-only,
+        4 all), sorted; empty when no policy did (an implied allowance, an unknown endpoint).
+        Reads the state as of :attr:`PolicyResolver.revision`."""
+
+
+@runtime_checkable
+class ReportsEnforcement(Protocol):
+    """Optional for a resolver: the directions its policy is enforced in for an endpoint
+    (the POLICY ENFORCEMENT columns of ``meshagent endpoint list``, which say ``Unknown``
+    for a resolver without it)."""
+
+    def enforced(self, endpoint_id: int) -> tuple[bool, bool] | None:
+        """(ingress enforced, egress enforced) for a local endpoint; None for one it does not
+        know (yet)."""
+
+
+@runtime_checkable
 class LegacyPolicyResolver(Protocol):
     """A resolver written for meshagent 0.1's slot, which held the rules itself: still loaded
     for one release, through :class:`meshagent.policy.repository.LegacyResolverShim`, with a

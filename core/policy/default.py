@@ -22,9 +22,19 @@ from meshagent.policy.contract import (
     EndpointChanges,
     MapChange,
     MapState,
+    PolicyKey,
     PolicyUpdate,
+    Verdict,
 )
-from meshagent.policy.resolver import EGRESS, INGRESS, PolicyEndpoint, Resolver, Trace, trace
+from meshagent.policy.resolver import (
+    EGRESS,
+    INGRESS,
+    PolicyEndpoint,
+    Resolver,
+    Trace,
+    deciding_policies,
+    trace,
+)
 from meshagent.policy.worker import LARGE_POLICY, collections_held, rule_count
 
 log = logging.getLogger(__name__)
@@ -75,6 +85,11 @@ class DefaultResolver:
         r = self.resolver
         return (sum(1 for s in r.endpoints.values() if s.enforced[INGRESS] or s.enforced[EGRESS]),
                 len(r.endpoints))
+
+    def enforced(self, endpoint_id: int) -> tuple[bool, bool] | None:
+        """:class:`meshagent.policy.ReportsEnforcement`: the endpoint's enforced directions."""
+        state = self.resolver.endpoints.get(endpoint_id)
+        return None if state is None else (state.enforced[INGRESS], state.enforced[EGRESS])
 
     async def _catch_up(self) -> None:
         while self.resolver.recompute_pending(1):
@@ -136,6 +151,13 @@ class DefaultResolver:
                 "verdict": result.verdict.value, "reason": result.reason,
                 "enforced": result.enforced, "matched": list(result.matched),
                 "selecting_policies": list(result.selecting)}
+
+    def deciding_policies(self, endpoint_id: int, direction: str, identity: int,
+                          protocol: int, port: int, verdict: Verdict, match: int
+                          ) -> tuple[PolicyKey, ...]:
+        """:class:`meshagent.policy.contract.AttributesVerdicts`: from the rules in force."""
+        return deciding_policies(self.resolver, endpoint_id, direction, identity, protocol,
+                                 port, verdict, match)
 
     def _source_identity(self, identity_id, labels, ip) -> Identity:
         if identity_id is not None:

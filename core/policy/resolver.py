@@ -55,6 +55,7 @@ class Contribution:
     peer: Peer | None  # None: any peer
     ports: tuple[PortProtocol, ...]
     origin: str  # "CiliumNetworkPolicy default/x spec ingress[0]", or why it is implied
+    policy: tuple[str, str, str] | None = None  # the policy's key; None when implied
 
 
 @attrs.define
@@ -302,7 +303,7 @@ class Resolver:
                                             ("egressDeny", EGRESS, Verdict.DENY)):
             for j, item in enumerate(getattr(rule, _FIELDS[section])):
                 yield [Contribution(direction, verdict, peer, item.ports or (ANY_PORT,),
-                                    f"{where} {section}[{j}]")
+                                    f"{where} {section}[{j}]", policy.key)
                        for peer in self._peers(item, policy, rule)]
 
     def _peers(self, item: PeerRule, policy: Policy, rule: Rule) -> list[Peer | None]:
@@ -442,3 +443,44 @@ def trace(resolver: Resolver, endpoint_id: int, direction: str, peer: Identity, 
         verdict, reason = Verdict.DENY, f"denied by default ({direction} is enforced and no rule" \
                                         " allows it)"
     return Trace(verdict, reason, enforced, tuple(denies + allows), tuple(state.rules))
+
+
+def deciding_policies(resolver: Resolver, endpoint_id: int, direction: str, identity: int,
+                      protocol: int, port: int, verdict: Verdict, match: int
+                      ) -> tuple[tuple[str, str, str], ...]:
+    """The policies whose rule items give ``verdict`` to this packet with an entry of the
+    level ``match`` names (Cilium's PolicyMatchType: 1 the peer on any port, 2 the peer and a
+    protocol, 3 any peer and a protocol, 4 any peer on any port), sorted; what Hubble's
+    policy correlation reports as ``ingress_allowed_by`` and the like. Empty when the
+    endpoint is unknown, the verdict implied (nothing enforces the direction) or ``match``
+    names no level."""
+    state = resolver.endpoints.get(endpoint_id)
+    if state is None or match not in _LEVELS:
+        return ()
+    named_peer, named_protocol = _LEVELS[match]
+    known = resolver.cache.identities.get(identity)
+    peer = known[0] if known else Identity(identity, frozenset())
+    index = label_index(peer.labels)
+    found = set()
+    for peer_key, contributions in state.by_peer.items():
+        if (peer_key is not None) != named_peer:
+            continue
+        if peer_key is not None and not peer_key.matches(peer, index):
+            continue
+        for c in contributions:
+            if c.direction != direction or c.verdict is not verdict or c.policy is None:
+                continue
+            if any((p.protocol != "ANY") == named_protocol and _covers(p, protocol, port)
+                   for p in c.ports):
+                found.add(c.policy)
+    return tuple(sorted(found))
+
+
+#: PolicyMatchType -> (the entry names a peer, the entry names a protocol)
+_LEVELS = {1: (True, False), 2: (True, True), 3: (False, True), 4: (False, False)}
+
+
+def _covers(port: PortProtocol, protocol: int, number: int) -> bool:
+    if port.protocol != "ANY" and PROTOCOLS[port.protocol] != protocol:
+        return False
+    return not port.port or port.port <= number <= port.end_port

@@ -15,6 +15,7 @@ from meshagent.runtime.options import CONFIG_DIR, ParsedOptions, Parser, parse_b
 
 DEFAULT_PLUGINS = ("etcd", "ebpf")
 DEFAULT_RUN_DIR = DEFAULT_SOCKET.parent  # /var/run/meshagent
+DEFAULT_HUBBLE_SOCKET = DEFAULT_RUN_DIR / "hubble.sock"  # Cilium: /var/run/cilium/hubble.sock
 
 
 def parse_cidrs(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -29,6 +30,33 @@ def parse_node_ips(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Add
     if len({a.version for a in addresses}) != len(addresses):
         raise ValueError("give at most one address of each family (IPv4,IPv6)")
     return tuple(sorted(addresses, key=lambda a: a.version))
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """``:4244`` (every address), ``10.0.0.1:4244`` or ``[fd00::1]:4244`` -> (host, port),
+    host as gRPC takes it; ValueError says what is wrong."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not [HOST]:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        return "[::]", int(port)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: HOST must be an IP address") from None
+    return (f"[{host}]" if ":" in host else host), int(port)
+
+
+def parse_event_buffer_capacity(text: str | int) -> int:
+    """Cilium's rule for ``hubble-event-buffer-capacity``: one less than a power of two, at
+    most 65535 (1, 3, 7, ..., 4095, ..., 65535)."""
+    number = int(text)
+    if number < 1 or number > 65535 or number & (number + 1):
+        raise ValueError(f"{number} is not one less than a power of two between 1 and 65535"
+                         " (e.g. 4095)")
+    return number
 
 
 def add_bootstrap_options(parser: Parser) -> None:
@@ -80,6 +108,27 @@ def add_core_options(parser: Parser) -> None:
     parser.addoption("enable-hubble", type=parse_bool, default=True,
                      help="the datapath reports flow events (new connections, TCP SYN/FIN/RST,"
                           " drops) for meshagent observe and the Hubble API; false: drops only")
+    parser.addoption("hubble-socket-path", type=str, default="",
+                     help="unix socket of the Hubble API (Observer and Peer gRPC services);"
+                          f" default {DEFAULT_HUBBLE_SOCKET}, or <name>-hubble.sock beside a"
+                          " --socket-path of another name (one per agent)")
+    parser.addoption("hubble-listen-address", type=str, default="",
+                     help="also serve the Hubble API on TCP at [HOST]:PORT, e.g. :4244 (every"
+                          " address); with TLS unless --hubble-disable-tls; off when empty")
+    parser.addoption("hubble-tls-cert-file", type=str, default="",
+                     help="the Hubble server's certificate (PEM), for --hubble-listen-address")
+    parser.addoption("hubble-tls-key-file", type=str, default="",
+                     help="the Hubble server's private key (PEM), for --hubble-listen-address")
+    parser.addoption("hubble-tls-client-ca-files", type=parse_list, default=(),
+                     help="CA certificates (PEM files, comma-separated) that sign Hubble"
+                          " clients' certificates: given, a client must show one (mutual TLS)")
+    parser.addoption("hubble-disable-tls", type=parse_bool, default=False,
+                     help="serve --hubble-listen-address without TLS (anyone who reaches it"
+                          " reads every flow)")
+    parser.addoption("hubble-event-buffer-capacity", type=parse_event_buffer_capacity,
+                     default=4095,
+                     help="flows the agent keeps for meshagent observe and the Hubble API (the"
+                          " oldest go first); one less than a power of two, at most 65535")
     parser.addoption("datapath-sync-timeout", type=float, default=30.0,
                      help="seconds to wait for remote clusters before the first datapath"
                           " update after start (the datapath changes nothing before it)")
@@ -111,6 +160,14 @@ def add_core_options(parser: Parser) -> None:
                          help=f"{slot} provider to use (default: the only one the plugins offer)")
 
 
+def default_hubble_socket(socket_path: Path) -> Path:
+    """The default agent's Hubble socket is Cilium's name in our run dir; an agent given its
+    own API socket (tests, the lab: several agents in one directory) gets one beside it."""
+    if socket_path == DEFAULT_SOCKET:
+        return DEFAULT_HUBBLE_SOCKET
+    return socket_path.with_name(f"{socket_path.stem}-hubble.sock")
+
+
 @attrs.frozen
 class Config:
     """Every option's value and where it came from; built once, read by everyone."""
@@ -137,6 +194,17 @@ class Config:
             if cluster.id == 0:
                 raise UsageError("--clustermesh-config needs a --cluster-id (1.."
                                  f"{cluster.max_connected_clusters}) unique in the mesh")
+        if not values["hubble-socket-path"]:
+            values["hubble-socket-path"] = default_hubble_socket(Path(values["socket-path"]))
+        if listen := values["hubble-listen-address"]:
+            try:
+                parse_listen_address(listen)
+            except ValueError as exc:
+                raise UsageError(f"invalid --hubble-listen-address: {exc}") from None
+        if values["hubble-listen-address"] and not values["hubble-disable-tls"] and not (
+                values["hubble-tls-cert-file"] and values["hubble-tls-key-file"]):
+            raise UsageError("--hubble-listen-address needs --hubble-tls-cert-file and"
+                             " --hubble-tls-key-file (or --hubble-disable-tls)")
         if values["kvstore-lease-ttl"] < 1:
             raise UsageError(f"invalid --kvstore-lease-ttl={values['kvstore-lease-ttl']}:"
                              " must be at least 1 second")

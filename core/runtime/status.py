@@ -8,8 +8,8 @@ import enum
 import attrs
 
 # Sections appear in this order; others follow alphabetically.
-SECTION_ORDER = ("KVStore", "Kubernetes", "ClusterMesh", "Datapath", "Policy", "Controllers",
-                 "Plugins")
+SECTION_ORDER = ("KVStore", "Kubernetes", "ClusterMesh", "Datapath", "Policy", "Endpoints",
+                 "Controllers", "Plugins")
 
 
 class Health(enum.Enum):

@@ -8,6 +8,12 @@ wired by the node's agent. Each node runs ``meshagent --plugins etcd,ebpf --clus
 --clustermesh-config=…`` inside its namespace. Nothing is linked to the root namespace, so no
 traffic leaves. The lab's state is a JSON file in its directory, so ``up``, ``pod``, ``exec``,
 ``status`` and ``down`` can run as separate commands; ``down`` also cleans up after a failure.
+
+Every agent also serves Hubble's API on its node IP, port 4244, with mutual TLS: one Hubble
+CA for both clusters (Cilium's rule for Hubble across a ClusterMesh), a server certificate per
+node for Cilium's name ``<node>.<cluster>.hubble-grpc.cilium.io`` and a client certificate
+for the CLI; ``meshagent lab observe`` runs ``meshagent observe --mesh`` with them in
+cluster1's first node.
 """
 
 import argparse
@@ -33,6 +39,8 @@ REDIS_SERVER = ("redis-server", "--port", "6379", "--save", "", "--appendonly", 
 UNDERLAY_CIDR = 16  # 10.99.0.0/16: every node and etcd on one L2 segment
 UNDERLAY_CIDR6 = 64  # fd00:99::/64 beside it, in a dual-stack lab
 KVSTOREMESH_ETCD = "kvstoremesh-etcd.yaml"
+HUBBLE_PORT = 4244  # Cilium's hubble-listen-address port
+HUBBLE_DIR = "hubble"  # <dir>/hubble: ca.crt, client.crt/.key, <cluster>-<node>.crt/.key
 CILIUM_CLUSTER = "cluster2"  # the cluster --cilium-peer makes a Cilium one  # KVStoreMesh's own etcd config, beside etcd.yaml
 
 
@@ -170,6 +178,7 @@ class Lab:
                     n = cluster_id - 100
                     self._attach(self._ns(f"kvm{n}"), f"10.99.{n}.240")
                     self.start_kvstoremesh(cluster)
+            self._hubble_ca()
             for cluster, cluster_id in CLUSTERS.items():
                 if cilium_peer and cluster == CILIUM_CLUSTER:
                     self._start_cilium_cluster(etcd[cluster])
@@ -203,6 +212,7 @@ class Lab:
                 "state_dir": str(self.dir / "run" / f"{name}-state"), "bpffs": str(bpffs),
                 "name": f"node{i}"}
         (self.dir / "run").mkdir(exist_ok=True)
+        self._hubble_server_cert(cluster, node["name"])
         self.state["nodes"][name] = node
         self.save()
         self.start_agent(name)
@@ -241,6 +251,52 @@ class Lab:
             "identity": cilium.IDENTITY_ID, "cilium": True}
         self.save()
 
+    # -- Hubble ---------------------------------------------------------------------------------
+
+    @property
+    def hubble_dir(self) -> Path:
+        return self.dir / HUBBLE_DIR
+
+    def _hubble_ca(self) -> None:
+        """One Hubble CA for both clusters, and the CLI's client certificate."""
+        import trustme
+        from meshagent_dev.etcd import write_key
+        self.hubble_dir.mkdir(parents=True, exist_ok=True)
+        self._ca = trustme.CA(organization_name="meshagent lab Hubble CA")
+        self._ca.cert_pem.write_to_path(str(self.hubble_dir / "ca.crt"))
+        client = self._ca.issue_cert("hubble-cli.meshagent-lab.hubble-relay.cilium.io")
+        write_key(client.private_key_pem, self.hubble_dir / "client.key")
+        client.cert_chain_pems[0].write_to_path(str(self.hubble_dir / "client.crt"))
+
+    def _hubble_server_cert(self, cluster: str, node: str) -> None:
+        """The node's server certificate, for the name Cilium's peer service gives it."""
+        from meshagent_dev.etcd import write_key
+        cert = self._ca.issue_cert(hubble_server_name(cluster, node))
+        write_key(cert.private_key_pem, self.hubble_dir / f"{cluster}-{node}.key")
+        cert.cert_chain_pems[0].write_to_path(str(self.hubble_dir / f"{cluster}-{node}.crt"))
+
+    def hubble_args(self, name: str) -> list[str]:
+        """The agent's Hubble options: TCP on the node IP with mutual TLS (its unix socket is
+        the default, beside its API socket)."""
+        node = self.state["nodes"][name]
+        cert = self.hubble_dir / f"{node['cluster']}-{node['name']}"
+        return ["--hubble-listen-address", f"{node['ip']}:{HUBBLE_PORT}",
+                "--hubble-tls-cert-file", f"{cert}.crt", "--hubble-tls-key-file", f"{cert}.key",
+                "--hubble-tls-client-ca-files", str(self.hubble_dir / "ca.crt")]
+
+    def observe_command(self, args: Sequence[str] = (), node: str = "cluster1-node1") -> list[str]:
+        """``meshagent observe --mesh ARGS`` as run in ``node``'s namespace, with the lab's
+        client certificate (for :func:`subprocess.run`)."""
+        self._require_up()
+        if node not in self.state["nodes"]:
+            raise UsageError(f"no node {node}; nodes: {', '.join(self.state['nodes'])}")
+        return ["ip", "netns", "exec", self.state["nodes"][node]["ns"],
+                str(Path(sys.executable).with_name("meshagent")), "observe", "--mesh",
+                "--socket-path", self.state["nodes"][node]["socket"],
+                "--tls-ca-cert-files", str(self.hubble_dir / "ca.crt"),
+                "--tls-client-cert-file", str(self.hubble_dir / "client.crt"),
+                "--tls-client-key-file", str(self.hubble_dir / "client.key"), *args]
+
     def agent_command(self, name: str) -> list[str]:
         node = self.state["nodes"][name]
         cluster = node["cluster"]
@@ -256,7 +312,7 @@ class Lab:
                 "--pod-cidr", _both(node["pod_cidr"], node.get("pod_cidr6"), ","),
                 "--auto-direct-node-routes", *own,
                 "--socket-path", node["socket"], "--state-dir", node["state_dir"],
-                *self.state.get("agent_args", ())]
+                *self.hubble_args(name), *self.state.get("agent_args", ())]
 
     def kvstoremesh_socket(self, cluster: str) -> str:
         return str(self.dir / "run" / f"kvstoremesh-{cluster}.sock")
@@ -392,7 +448,16 @@ class Lab:
             ips = _both(pod["ip"], pod.get("ip6"))
             lines.append(f"  pod {name} on {pod['node']}: {ips} (identity"
                          f" {pod['identity']})")
+        if self.state.get("nodes"):
+            lines.append(f"  flows: meshagent lab observe -- [observe flags] (observe --mesh from"
+                         f" cluster1-node1; Hubble on every node IP:{HUBBLE_PORT}, mutual TLS,"
+                         f" certificates in {self.hubble_dir})")
         return "\n".join(lines)
+
+
+def hubble_server_name(cluster: str, node: str) -> str:
+    """Cilium's TLS server name of a node's Hubble server (pkg/hubble/peer)."""
+    return f"{node.replace('.', '-')}.{cluster.replace('.', '-')}.hubble-grpc.cilium.io"
 
 
 def _both(ipv4: str, ipv6: str | None, sep: str = ", ") -> str:
@@ -460,6 +525,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ex.add_argument("command", nargs=argparse.REMAINDER)
     sock = sub.add_parser("socket", help="print a node agent's API socket (for --socket-path)")
     sock.add_argument("node")
+    obs = sub.add_parser("observe", help="meshagent observe --mesh from a node, with the lab's"
+                         " Hubble certificates: lab observe [--node N] -- [observe flags]")
+    obs.add_argument("--node", default="cluster1-node1", help="where to run it")
+    obs.add_argument("args", nargs=argparse.REMAINDER,
+                     help="after --: meshagent observe's flags (--to-pod, -o json, -f...)")
     for p in sub.choices.values():
         p.add_argument("--dir", type=Path, default=argparse.SUPPRESS)
 
@@ -503,4 +573,7 @@ def run(args: argparse.Namespace) -> int:
         return lab.pod_exec(args.name, command).returncode
     elif args.action == "socket":
         print(lab.node_socket(args.node))
+    elif args.action == "observe":
+        extra = args.args[1:] if args.args[:1] == ["--"] else args.args
+        return subprocess.run(lab.observe_command(extra, args.node)).returncode
     return 0

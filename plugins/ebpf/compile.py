@@ -40,7 +40,7 @@ def main() -> int:
         for name in PROGRAMS:
             bpf, function = loaded[name]
             pin(function.fd, pin_dir / f"prog_{name}")
-            pin(bpf["drop_events"].get_fd(), pin_dir / f"events_{name}")
+            pin(bpf["flow_events"].get_fd(), pin_dir / f"events_{name}")
     except (DatapathError, OSError) as exc:
         print(str(exc), file=sys.stderr)
         return 1

@@ -18,9 +18,17 @@ import attrs
 
 from meshagent import hookimpl
 from meshagent.plugin import (
-    DatapathBatch,
+    AUDIT,
     DROP,
     DROPPED,
+    FORWARDED,
+    MATCH_ALL,
+    MATCH_L3_L4,
+    MATCH_L3_ONLY,
+    MATCH_L4_ONLY,
+    POLICY_VERDICT,
+    TRACE,
+    DatapathBatch,
     Endpoint,
     FlowEvent,
     FlowEventSink,
@@ -36,6 +44,13 @@ from meshagent.plugins.ebpf.maps import (
     DIR_INGRESS,
     ENDPOINT_HAS_IPV6,
     ENDPOINT_LOCAL_DELIVERY,
+    ENDPOINT_POLICY_AUDIT,
+    FLOW_AUDIT,
+    FLOW_DROP,
+    FLOW_DROPPED,
+    FLOW_FORWARDED,
+    FLOW_POLICY_VERDICT,
+    FLOW_TRACE,
     LOST_CB_TYPE,
     POLICY_PREFIX_STATIC,
     RAW_CB_TYPE,
@@ -43,8 +58,8 @@ from meshagent.plugins.ebpf.maps import (
     REASONS,
     VERDICT_ALLOW,
     VERDICT_DENY,
-    DropEvent,
     EndpointInfo,
+    FlowEventRecord,
     IPCache6Key,
     IPCacheKey,
     IPCacheValue,
@@ -96,13 +111,16 @@ class EbpfSettings:
     ct_any_max: int = 262144
     ct_timeout_tcp: float = 21600.0
     ct_timeout_any: float = 60.0
+    flow_events: bool = True  # False (--enable-hubble=false): the programs report drops only
+    event_pages: int = 64  # perf buffer pages per CPU and program (a power of two)
 
     @classmethod
     def from_config(cls, config) -> "EbpfSettings":
         return cls(Path(config.get("ebpf-bpf-root")), config.get("ebpf-ipcache-max"),
                    config.get("ebpf-policy-max"), config.get("ebpf-ct-tcp-max"),
                    config.get("ebpf-ct-any-max"), config.get("ebpf-ct-timeout-tcp"),
-                   config.get("ebpf-ct-timeout-any"))
+                   config.get("ebpf-ct-timeout-any"), config.get("enable-hubble"),
+                   config.get("ebpf-event-pages"))
 
     def defines(self) -> dict[str, int | str]:
         """The C constants the programs are compiled with."""
@@ -116,6 +134,7 @@ class EbpfSettings:
             "LB_SERVICES_MAX": 65536,
             "CT_LIFETIME_TCP_NS": f"{int(self.ct_timeout_tcp * 1e9)}ULL",
             "CT_LIFETIME_ANY_NS": f"{int(self.ct_timeout_any * 1e9)}ULL",
+            "FLOW_EVENTS": int(self.flow_events),
         }
 
 
@@ -197,7 +216,7 @@ class EbpfDatapath:
         self.generation = max([last.value if last else 0]
                               + [max(i.generation, i.born) for i in self.pinned_endpoints.values()])
         self._next_generation()
-        self._open_drop_events()
+        self._open_flow_events()
         self.started = True
         if self.replaced_maps:
             log.warning("pinned maps of another layout started afresh: %s (programs already"
@@ -205,12 +224,14 @@ class EbpfDatapath:
                         ", ".join(self.replaced_maps))
         log.info("eBPF programs loaded; maps pinned under %s", self.pin_dir)
 
-    def _open_drop_events(self) -> None:
-        """One perf reader per CPU on each program's pinned event array, read in the loop."""
+    def _open_flow_events(self) -> None:
+        """One perf reader per CPU on each program's pinned event array, read in the loop.
+        The programs never wait for room: what a full buffer could not take the reader
+        learns as a count, handed to the sink's ``lost``."""
         lib = bpf_lib()
         loop = asyncio.get_running_loop()
-        callback = RAW_CB_TYPE(lambda _, data, size: self._on_drop(0, data, size))
-        lost = ct.cast(None, LOST_CB_TYPE)
+        callback = RAW_CB_TYPE(lambda _, data, size: self._on_event(data))
+        lost = LOST_CB_TYPE(lambda _, count: self.events.lost(count))
         self._callbacks = (callback, lost)  # ctypes callbacks must outlive the readers
         for name in loader.PROGRAMS:
             map_fd = lib.bpf_obj_get(str(self.pin_dir / f"events_{name}").encode())
@@ -219,13 +240,15 @@ class EbpfDatapath:
             for cpu in range(possible_cpus()):
                 opts = PerfBufferOpts()
                 opts.pid, opts.cpu, opts.wakeup_events = -1, cpu, 1  # wake on every event
-                reader = lib.bpf_open_perf_buffer_opts(callback, lost, None, 16, ct.byref(opts))
+                reader = lib.bpf_open_perf_buffer_opts(callback, lost, None,
+                                                       self.settings.event_pages,
+                                                       ct.byref(opts))
                 if not reader:
-                    raise loader.DatapathError("could not open a perf buffer for drop events")
+                    raise loader.DatapathError("could not open a perf buffer for flow events")
                 fd = lib.perf_reader_fd(reader)
                 key, value = ct.c_int(cpu), ct.c_int(fd)
                 if lib.bpf_update_elem(map_fd, ct.byref(key), ct.byref(value), 0) != 0:
-                    raise loader.DatapathError(f"cannot register the drop event reader of"
+                    raise loader.DatapathError(f"cannot register the flow event reader of"
                                                f" {name} on CPU {cpu}")
                 loop.add_reader(fd, lib.perf_reader_event_read, reader)
                 self._readers.append((fd, reader))
@@ -262,6 +285,8 @@ class EbpfDatapath:
         flags = ENDPOINT_LOCAL_DELIVERY if endpoint.pod_mac and endpoint.host_mac else 0
         if endpoint.ipv6 is not None:
             flags |= ENDPOINT_HAS_IPV6
+        if endpoint.policy_audit:
+            flags |= ENDPOINT_POLICY_AUDIT
         info = EndpointInfo(endpoint.id, endpoint.identity, ip_bytes(endpoint.ipv4),
                             self.generation, endpoint.ifindex, mac_bytes(endpoint.pod_mac),
                             mac_bytes(endpoint.host_mac), flags, self.born[endpoint.id],
@@ -310,6 +335,10 @@ class EbpfDatapath:
             born = self._next_generation()
         self.born[endpoint.id] = born
         self.endpoints[endpoint.id] = endpoint
+        if held is not None and held.policy_audit != endpoint.policy_audit:
+            # what it tracked was judged in the other mode: judged again (audited
+            # connections are cut once audit mode is off)
+            self._next_generation()
         self._write_endpoint(endpoint)
         self.maps["local_ips"].put(ip_bytes(endpoint.ipv4), ct.c_uint32(endpoint.ifindex))
         if restoring:
@@ -403,7 +432,7 @@ class EbpfDatapath:
             if verdict is None:
                 table.delete(key)
             else:
-                table.put(key, _policy_value(verdict))
+                table.put(key, _policy_value(verdict, group, block))
         if wanted:
             self.installed[group] = wanted
         else:
@@ -415,8 +444,10 @@ class EbpfDatapath:
         for key, value in self.maps["policy"].items():
             group = (key.endpoint_id, key.direction, key.identity)
             block = Block(key.prefixlen - POLICY_PREFIX_STATIC, key.protocol, key.port)
-            installed.setdefault(group, {})[block] = \
-                "deny" if value.verdict == VERDICT_DENY else "allow"
+            verdict = "deny" if value.verdict == VERDICT_DENY else "allow"
+            installed.setdefault(group, {})[block] = verdict
+            if value.match != match_of(group, block):  # written before entries had it
+                self.maps["policy"].put(key, _policy_value(verdict, group, block))
         return installed
 
     async def reconcile(self, policies: dict[int, dict], ipcache: list[IPCacheEntry]) -> None:
@@ -510,20 +541,30 @@ class EbpfDatapath:
 
     # -- flow events ----------------------------------------------------------------------------
 
-    def _on_drop(self, cpu, data, size) -> None:
-        raw = ct.cast(data, ct.POINTER(DropEvent)).contents
-        self.events.publish(self.describe_drop(raw))
+    def _on_event(self, data) -> None:
+        raw = ct.cast(data, ct.POINTER(FlowEventRecord)).contents
+        self.events.publish(self.describe(raw))
 
-    def describe_drop(self, raw: DropEvent) -> FlowEvent:
+    def read_events(self) -> None:
+        """Hand what the perf buffers hold to the sink now, without waiting for the loop (a
+        program run with BPF_PROG_TEST_RUN has written its events once the run returns)."""
+        lib = bpf_lib()
+        for _, reader in self._readers:
+            lib.perf_reader_event_read(reader)
+
+    @staticmethod
+    def describe(raw: FlowEventRecord) -> FlowEvent:
         v6 = raw.family == 6
         return FlowEvent(
-            time_ns=raw.time_ns + boot_offset_ns(), kind=DROP, verdict=DROPPED,
+            time_ns=raw.time_ns + boot_offset_ns(), kind=KINDS.get(raw.kind, DROP),
+            verdict=VERDICTS.get(raw.verdict, DROPPED),
             reason=REASON_KEYS.get(raw.reason, str(raw.reason)), endpoint=raw.endpoint_id,
             direction="ingress" if raw.direction == DIR_INGRESS else "egress",
             source_ip=ip_text(raw.saddr6 if v6 else raw.saddr), source_port=raw.sport,
             destination_ip=ip_text(raw.daddr6 if v6 else raw.daddr),
             destination_port=raw.dport, protocol=raw.protocol, tcp_flags=raw.tcp_flags,
-            source_identity=raw.src_identity, destination_identity=raw.dst_identity)
+            source_identity=raw.src_identity, destination_identity=raw.dst_identity,
+            is_reply=bool(raw.is_reply), match=raw.match)
 
     # -- visibility -----------------------------------------------------------------------------
 
@@ -561,8 +602,22 @@ class EbpfDatapath:
         return StatusSection("Datapath", health, summary, details=details)
 
 
-def _policy_value(verdict: str) -> PolicyValue:
-    return PolicyValue(VERDICT_DENY if verdict == "deny" else VERDICT_ALLOW)
+KINDS = {FLOW_DROP: DROP, FLOW_POLICY_VERDICT: POLICY_VERDICT, FLOW_TRACE: TRACE}
+VERDICTS = {FLOW_FORWARDED: FORWARDED, FLOW_DROPPED: DROPPED, FLOW_AUDIT: AUDIT}
+
+
+def match_of(group: GroupKey, block: Block) -> int:
+    """An entry's match type, as its flow events report it: L3 for a peer's identity (not
+    any), L4 for an entry naming a protocol (Cilium's PolicyMatchType)."""
+    specific, l4 = group[2] != 0, block.bits > 0
+    if specific:
+        return MATCH_L3_L4 if l4 else MATCH_L3_ONLY
+    return MATCH_L4_ONLY if l4 else MATCH_ALL
+
+
+def _policy_value(verdict: str, group: GroupKey, block: Block) -> PolicyValue:
+    return PolicyValue(VERDICT_DENY if verdict == "deny" else VERDICT_ALLOW,
+                       match_of(group, block))
 
 
 class DatapathMetrics:

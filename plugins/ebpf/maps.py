@@ -40,6 +40,7 @@ REASON_KEYS = {number: key for key, text in REASON_TEXT.items() for number, name
 PROTOCOL_NAMES = {0: "any", **DROP_PROTOCOL_NAMES}  # policy keys name protocol 0 "any"
 POLICY_PREFIX_STATIC = 72  # endpoint_id, identity, direction: always matched whole
 CT_REPLY, CT_NAT_DST, CT_NAT_SRC = 1, 2, 4
+CT_SEEN = 0x80  # ct_value.seen: a packet of this direction was reported
 MAP_NAMES = ("endpoints", "local_ips", "ipcache", "ipcache6", "policy", "ct_tcp", "ct_any",
              "ct6_tcp", "ct6_any", "ipfrag", "ipfrag6", "metrics", "lb_services", "lb_backends",
              "generation")
@@ -47,6 +48,10 @@ MAP_NAMES = ("endpoints", "local_ips", "ipcache", "ipcache6", "policy", "ct_tcp"
 
 ENDPOINT_LOCAL_DELIVERY = 1
 ENDPOINT_HAS_IPV6 = 2
+ENDPOINT_POLICY_AUDIT = 4
+#: flow_event's kind and verdict numbers (Cilium's monitor types, Hubble's verdicts)
+FLOW_DROP, FLOW_TRACE, FLOW_POLICY_VERDICT = 1, 4, 5
+FLOW_FORWARDED, FLOW_DROPPED, FLOW_AUDIT = 1, 2, 4
 MAC = u8 * 6
 
 
@@ -76,7 +81,7 @@ class PolicyKey(ct.Structure):
 
 
 class PolicyValue(ct.Structure):
-    _fields_ = [("verdict", u8), ("pad", u8 * 3)]
+    _fields_ = [("verdict", u8), ("match", u8), ("pad", u8 * 2)]
 
 
 class CTKey(ct.Structure):
@@ -91,7 +96,7 @@ class CT6Key(ct.Structure):
 
 class CTValue(ct.Structure):
     _fields_ = [("last_seen_ns", u64), ("generation", u32), ("nat_ip", IPv4Bytes),
-                ("nat_port", u16), ("flags", u8), ("pad", u8 * 5)]
+                ("nat_port", u16), ("flags", u8), ("seen", u8), ("pad", u8 * 4)]
 
 
 class IPFragKey(ct.Structure):
@@ -112,11 +117,14 @@ class MetricsValue(ct.Structure):
     _fields_ = [("packets", u64), ("bytes", u64)]
 
 
-class DropEvent(ct.Structure):
+class FlowEventRecord(ct.Structure):
+    """``struct flow_event``: one reported packet, as the programs submit it."""
+
     _fields_ = [("time_ns", u64), ("reason", u32), ("endpoint_id", u32), ("saddr", IPv4Bytes),
                 ("daddr", IPv4Bytes), ("sport", u16), ("dport", u16), ("protocol", u8),
                 ("tcp_flags", u8), ("direction", u8), ("family", u8), ("src_identity", u32),
-                ("dst_identity", u32), ("saddr6", IPv6Bytes), ("daddr6", IPv6Bytes)]
+                ("dst_identity", u32), ("saddr6", IPv6Bytes), ("daddr6", IPv6Bytes),
+                ("kind", u8), ("verdict", u8), ("is_reply", u8), ("match", u8), ("pad", u32)]
 
 
 class LBServiceKey(ct.Structure):
@@ -161,7 +169,7 @@ C_STRUCTS = {
     "ipcache_value": IPCacheValue, "policy_key": PolicyKey, "policy_value": PolicyValue,
     "ct_key": CTKey, "ct6_key": CT6Key, "ct_value": CTValue, "ipfrag_key": IPFragKey,
     "ipfrag6_key": IPFrag6Key, "ipfrag_ports": IPFragPorts, "metrics_value": MetricsValue,
-    "drop_event": DropEvent, "lb_service_key": LBServiceKey, "lb_service": LBService,
+    "flow_event": FlowEventRecord, "lb_service_key": LBServiceKey, "lb_service": LBService,
     "lb_backend_key": LBBackendKey, "lb_backend": LBBackend,
 }
 

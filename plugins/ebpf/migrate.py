@@ -24,6 +24,7 @@ from meshagent.plugins.ebpf.maps import (
     CT_NAT_DST,
     CT_NAT_SRC,
     CT_REPLY,
+    CT_SEEN,
     DIR_EGRESS,
     DIR_INGRESS,
     CTKey,
@@ -97,7 +98,8 @@ def carry(previous: PreviousMaps, maps: dict[str, PinnedMap]) -> int:
         target = maps[name]
         for key, old in previous.conntrack[name].items():
             key = CTKey.from_buffer_copy(key)
-            value = CTValue(last_seen_ns=old.last_seen_ns, generation=0)
+            # established: its first packets were reported by the agent that saw them
+            value = CTValue(last_seen_ns=old.last_seen_ns, generation=0, seen=CT_SEEN)
             if old.packets == 0:  # the reply half
                 value.flags = CT_REPLY
                 frontend = _nat(previous, "lb_reverse_nat", key.daddr, key.saddr, key.dport,

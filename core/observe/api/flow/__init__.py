@@ -1,0 +1,1 @@
+"""Hubble's ``flow`` package: flow.proto and its generated modules."""

@@ -1,0 +1,1 @@
+"""Hubble's ``observer`` package: observer.proto and its generated modules."""

@@ -1,0 +1,1 @@
+"""Hubble's ``peer`` package: peer.proto and its generated modules."""

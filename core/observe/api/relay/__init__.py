@@ -1,0 +1,1 @@
+"""Hubble's ``relay`` package: relay.proto and its generated modules."""

@@ -1,0 +1,224 @@
+"""A datapath's flow event as the ``flow.Flow`` Hubble makes of the same packet.
+
+Field by field as Cilium's ``pkg/hubble/parser/threefour/parser.go`` fills them for the three
+monitor messages our events stand for:
+
+========================  =========================  ========================  ==================
+field                     drop (type 1)              policy verdict (type 5)   trace (type 4)
+========================  =========================  ========================  ==================
+verdict                   DROPPED                    FORWARDED, AUDIT, DROPPED FORWARDED
+drop_reason(_desc)        the reason                 the reason, if dropped    —
+event_type.sub_type       the reason's number        0                         observation point
+is_reply                  unset (unknown)            false; unset if dropped   the datapath's
+traffic_direction         the hook's direction       the hook's direction      the connection's
+policy_match_type         —                          the entry's level         —
+trace_observation_point   —                          —                         TO/FROM_ENDPOINT
+========================  =========================  ========================  ==================
+
+A drop by policy is reported twice by Cilium, a policy verdict and then a drop notification
+(``hubble observe`` shows "policy-verdict:none INGRESS DENIED" above "Policy denied DROPPED"),
+so one such event makes two flows here too. Policies are named (``*_allowed_by``,
+``*_denied_by``) on policy verdicts only, as Cilium's ``pkg/policy/correlation`` does: for
+FORWARDED, and for DROPPED by a deny rule (POLICY_DENY); never for AUDIT or a default deny.
+"""
+
+import uuid
+from collections.abc import Callable
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.protobuf.wrappers_pb2 import BoolValue
+
+from meshagent.datapath import events as ev
+from meshagent.observe.api.flow import flow_pb2
+from meshagent.observe.names import Names
+
+#: Our drop reasons as Cilium's (api/v1/flow/flow.proto DropReason, bpf/lib/common.h DROP_*).
+DROP_REASONS = {
+    "policy_default": flow_pb2.POLICY_DENIED,  # 133: no rule allows it
+    "policy_deny": flow_pb2.POLICY_DENY,  # 181: a deny rule
+    "spoofed": flow_pb2.INVALID_SOURCE_IP,  # 132: a pod's packet without its own address
+    "malformed": flow_pb2.INVALID_PACKET_DROPPED,  # 134
+    # a first fragment too short for the transport header: Cilium cannot read the ports of
+    # it either and drops it as a truncated header
+    "frag_tiny": flow_pb2.CT_TRUNCATED_OR_INVALID_HEADER,  # 135
+    "frag_unknown": flow_pb2.FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND,  # 175
+    "unsupported_l3": flow_pb2.UNSUPPORTED_L3_PROTOCOL,  # 139
+}
+POLICY_DROPS = ("policy_default", "policy_deny")
+#: Cilium's monitor message types (pkg/monitor/api/types.go)
+MESSAGE_DROP, MESSAGE_TRACE, MESSAGE_POLICY_VERDICT = 1, 4, 5
+#: Cilium's trace observation points as monitor sub-types (TraceToLxc, TraceFromLxc)
+TRACE_TO_ENDPOINT, TRACE_FROM_ENDPOINT = 0, 5
+TCP, UDP, ICMP, ICMPV6, SCTP = 6, 17, 1, 58, 132
+_FLAGS = (("FIN", 0x01), ("SYN", 0x02), ("RST", 0x04), ("PSH", 0x08), ("ACK", 0x10),
+          ("URG", 0x20), ("ECE", 0x40), ("CWR", 0x80))
+_SUMMARY_FLAGS = ("SYN", "ACK", "RST", "FIN", "PSH", "URG", "ECE", "CWR")  # getTCPFlags order
+#: gopacket's names (its ICMPv4TypeCode/ICMPv6TypeCode String()) of the ICMP types a pod
+#: commonly sees: type -> (name, code names or None when the type has no codes)
+_UNREACHABLE4 = ("Net", "Host", "Protocol", "Port", "FragmentationNeeded",
+                 "SourceRoutingFailed", "NetUnknown", "HostUnknown", "SourceIsolated",
+                 "NetAdminProhibited", "HostAdminProhibited", "NetTOS", "HostTOS",
+                 "CommAdminProhibited", "HostPrecedence", "PrecedenceCutoff")
+_ICMP4 = {0: ("EchoReply", None), 3: ("DestinationUnreachable", _UNREACHABLE4),
+          8: ("EchoRequest", None),
+          11: ("TimeExceeded", ("TTLExceeded", "FragmentReassemblyTimeExceeded"))}
+_ICMP6 = {1: ("DestinationUnreachable", ("NoRouteToDst", "AdminProhibited",
+                                          "BeyondScopeOfSrc", "AddressUnreachable",
+                                          "PortUnreachable", "SrcAddressFailedPolicy",
+                                          "RejectRouteToDst")),
+          2: ("PacketTooBig", None),
+          3: ("TimeExceeded", ("HopLimitExceeded", "FragmentReassemblyTimeExceeded")),
+          128: ("EchoRequest", None), 129: ("EchoReply", None),
+          133: ("RouterSolicitation", None), 134: ("RouterAdvertisement", None),
+          135: ("NeighborSolicitation", None), 136: ("NeighborAdvertisement", None)}
+
+#: (local endpoint, direction, peer identity, protocol, port, allow?, match) -> policy keys
+Attribution = Callable[[int, str, int, int, int, bool, int], tuple[tuple[str, str, str], ...]]
+POLICY_LABEL = "k8s:io.cilium.k8s.policy"
+
+
+class FlowMaker:
+    """Turns events into flows for node ``node_name`` (``<cluster>/<node>``); ``attribute``
+    names the deciding policies (None: the resolver cannot tell, the fields stay empty) and
+    ``revision`` is the policy revision it answers for."""
+
+    def __init__(self, node_name: str, names: Names, attribute: Attribution | None = None,
+                 revision: Callable[[], int] = lambda: 0):
+        self.node_name = node_name
+        self.names = names
+        self.attribute = attribute
+        self.revision = revision
+        self._cache: dict[tuple, list[flow_pb2.Policy]] = {}
+
+    def flows(self, event: ev.FlowEvent) -> list[flow_pb2.Flow]:
+        """The flows Cilium would report for ``event``: two for a drop by policy."""
+        if event.kind == ev.DROP:
+            drop = self._flow(event, MESSAGE_DROP)
+            if event.reason not in POLICY_DROPS:
+                return [drop]
+            return [self._flow(event, MESSAGE_POLICY_VERDICT), drop]
+        kind = MESSAGE_TRACE if event.kind == ev.TRACE else MESSAGE_POLICY_VERDICT
+        return [self._flow(event, kind)]
+
+    def _flow(self, event: ev.FlowEvent, kind: int) -> flow_pb2.Flow:
+        flow = flow_pb2.Flow(uuid=str(uuid.uuid4()), Type=flow_pb2.L3_L4,
+                             node_name=self.node_name)
+        flow.time.CopyFrom(timestamp(event.time_ns))
+        dropped = event.verdict == ev.DROPPED
+        flow.verdict = (flow_pb2.DROPPED if dropped else
+                        flow_pb2.AUDIT if event.verdict == ev.AUDIT else flow_pb2.FORWARDED)
+        code = DROP_REASONS.get(event.reason, 0) if dropped else 0
+        flow.drop_reason = flow.drop_reason_desc = code
+        if event.source_ip:
+            flow.IP.source, flow.IP.destination = event.source_ip, event.destination_ip
+            flow.IP.ipVersion = flow_pb2.IPv6 if event.ipv6 else flow_pb2.IPv4
+        _layer4(flow, event)
+        flow.source.CopyFrom(self.names.endpoint(event.source_ip, event.source_identity))
+        flow.destination.CopyFrom(self.names.endpoint(event.destination_ip,
+                                                      event.destination_identity))
+        ingress = event.direction == "ingress"
+        if kind == MESSAGE_TRACE:
+            point = TRACE_TO_ENDPOINT if ingress else TRACE_FROM_ENDPOINT
+            flow.event_type.type, flow.event_type.sub_type = kind, point
+            flow.trace_observation_point = (flow_pb2.TO_ENDPOINT if ingress
+                                            else flow_pb2.FROM_ENDPOINT)
+            flow.trace_reason = flow_pb2.REPLY if event.is_reply else flow_pb2.ESTABLISHED
+            flow.is_reply.CopyFrom(BoolValue(value=event.is_reply))
+            flow.reply = event.is_reply
+            ingress = ingress != event.is_reply  # the connection's direction
+        elif kind == MESSAGE_DROP:
+            flow.event_type.type, flow.event_type.sub_type = kind, code
+        else:
+            flow.event_type.type = kind
+            flow.policy_match_type = event.match
+            if not dropped:
+                flow.is_reply.CopyFrom(BoolValue(value=False))
+        flow.traffic_direction = flow_pb2.INGRESS if ingress else flow_pb2.EGRESS
+        flow.Summary = _summary(flow, event)
+        if kind == MESSAGE_POLICY_VERDICT and self.attribute is not None:
+            self._correlate(flow, event, ingress)
+        return flow
+
+    def _correlate(self, flow: flow_pb2.Flow, event: ev.FlowEvent, ingress: bool) -> None:
+        allowed = flow.verdict == flow_pb2.FORWARDED
+        if not (allowed or flow.drop_reason_desc == flow_pb2.POLICY_DENY) or not event.protocol:
+            return
+        peer = event.source_identity if ingress else event.destination_identity
+        revision = self.revision()
+        key = (event.endpoint, event.direction, peer, event.protocol, event.destination_port,
+               allowed, event.match, revision)
+        policies = self._cache.get(key)
+        if policies is None:
+            if len(self._cache) > 4096:  # a new revision, or many peers: start over
+                self._cache.clear()
+            named = self.attribute(event.endpoint, event.direction, peer, event.protocol,
+                                   event.destination_port, allowed, event.match)
+            policies = self._cache[key] = [policy_message(k, revision) for k in named]
+        target = (flow.ingress_allowed_by if allowed else flow.ingress_denied_by) if ingress \
+            else (flow.egress_allowed_by if allowed else flow.egress_denied_by)
+        target.extend(policies)
+
+
+def policy_message(key: tuple[str, str, str], revision: int) -> flow_pb2.Policy:
+    """A policy as Hubble names it: the labels Cilium derives from it
+    (``k8s:io.cilium.k8s.policy.derived-from=<kind>``, ``...name=``, ``...namespace=``; not
+    ``...uid=``, which meshagent policies do not have)."""
+    kind, namespace, name = key
+    labels = [f"{POLICY_LABEL}.derived-from={kind}", f"{POLICY_LABEL}.name={name}"]
+    if namespace:
+        labels.append(f"{POLICY_LABEL}.namespace={namespace}")
+    return flow_pb2.Policy(name=name, namespace=namespace, kind=kind, labels=labels,
+                           revision=revision)
+
+
+def timestamp(time_ns: int) -> Timestamp:
+    return Timestamp(seconds=time_ns // 1_000_000_000, nanos=time_ns % 1_000_000_000)
+
+
+def _layer4(flow: flow_pb2.Flow, event: ev.FlowEvent) -> None:
+    if event.protocol == TCP:
+        tcp = flow.l4.TCP
+        tcp.source_port, tcp.destination_port = event.source_port, event.destination_port
+        for name, bit in _FLAGS:
+            if event.tcp_flags & bit:
+                setattr(tcp.flags, name, True)
+        if not event.tcp_flags:
+            tcp.SetInParent()
+    elif event.protocol == UDP:
+        flow.l4.UDP.source_port = event.source_port
+        flow.l4.UDP.destination_port = event.destination_port
+        flow.l4.UDP.SetInParent()
+    elif event.protocol == SCTP:
+        flow.l4.SCTP.source_port = event.source_port
+        flow.l4.SCTP.destination_port = event.destination_port
+        flow.l4.SCTP.SetInParent()
+    elif event.protocol in (ICMP, ICMPV6):
+        # FlowEvent has no ICMP fields: type and code are read from source_port as the ICMP
+        # header's first two bytes (type << 8 | code); a datapath that leaves it 0 shows type 0
+        icmp = flow.l4.ICMPv4 if event.protocol == ICMP else flow.l4.ICMPv6
+        icmp.type, icmp.code = event.source_port >> 8, event.source_port & 0xFF
+        icmp.SetInParent()
+
+
+def _summary(flow: flow_pb2.Flow, event: ev.FlowEvent) -> str:
+    """Cilium's Summary: the last decoded layer's name, with TCP's flags and ICMP's type."""
+    which = flow.l4.WhichOneof("protocol")
+    if which == "TCP":
+        flags = flow.l4.TCP.flags
+        return "TCP Flags: " + ", ".join(n for n in _SUMMARY_FLAGS if getattr(flags, n))
+    if which in ("ICMPv4", "ICMPv6"):
+        icmp = getattr(flow.l4, which)
+        known = (_ICMP4 if which == "ICMPv4" else _ICMP6).get(icmp.type)
+        if known is None:
+            return f"{which} {icmp.type}({icmp.code})"
+        name, codes = known
+        if codes is None and not icmp.code:
+            return f"{which} {name}"
+        if codes is None or icmp.code >= len(codes):
+            return f"{which} {name}(Code: {icmp.code})"
+        return f"{which} {name}({codes[icmp.code]})"
+    if which is not None:
+        return which
+    if event.source_ip:
+        return "IPv6" if event.ipv6 else "IPv4"
+    return "Ethernet"

@@ -1,0 +1,93 @@
+"""Naming a flow's ends: the ``flow.Endpoint`` Hubble shows for an address and an identity.
+
+As Cilium's ``pkg/hubble/parser/common/endpoint.go`` (ResolveEndpoint) does it: an address of a
+local endpoint is named from the endpoint (its id, namespace, pod name, labels); any other
+from the ipcache (a pod of another node or cluster carries its namespace and pod name there,
+as Cilium's IPIdentityPair ``K8sNamespace``/``K8sPodName``) and the identity's labels. The
+identity is the datapath's, which judged the packet, not what the tables say now (when it
+gave none: the endpoint's or the ipcache's). Labels are
+sorted, ``source:key=value``; ``cluster_name`` is the identity's cluster label (a reserved
+identity has none).
+"""
+
+import ipaddress
+from collections.abc import Callable
+
+from meshagent import hookimpl
+from meshagent.events import ChangeKind
+from meshagent.model.endpoint import Endpoint
+from meshagent.model.identity import CLUSTER_LABEL, Identity, ReservedIdentity, label_value
+from meshagent.model.ipcache import IPCacheEntry, host_key
+from meshagent.observe.api.flow import flow_pb2
+
+
+_RESERVED = frozenset(int(r) for r in ReservedIdentity)
+_NAMED_MAX = 65536  # identities whose labels are kept at hand
+
+
+class Names:
+    """Names ends from the local endpoints (kept current by the endpoint events: registered
+    as plugin ``core.observe``), the identities (``identity``: number -> Identity or None)
+    and the ipcache (``ipcache``: host key -> the entry in force or None)."""
+
+    def __init__(self, cluster: str, identity: Callable[[int], Identity | None],
+                 ipcache: Callable[[bytes], IPCacheEntry | None]):
+        self.cluster = cluster
+        self._identity = identity
+        self._ipcache = ipcache
+        self._local: dict[str, Endpoint] = {}  # address text -> endpoint
+        self._named: dict[int, tuple[list[str], str]] = {}  # identity -> labels, cluster
+
+    @hookimpl
+    def meshagent_endpoint_changed(self, kind: ChangeKind, endpoint: Endpoint) -> None:
+        for address in endpoint.addresses:
+            if kind is ChangeKind.UPSERT:
+                self._local[str(address)] = endpoint
+            elif self._local.get(str(address), endpoint).id == endpoint.id:
+                self._local.pop(str(address), None)
+
+    @hookimpl
+    def meshagent_identity_changed(self, kind: ChangeKind, identity: Identity) -> None:
+        self._named.pop(identity.id, None)  # its labels are looked up again
+
+    def local(self, ip: str) -> Endpoint | None:
+        return self._local.get(ip)
+
+    def endpoint(self, ip: str, identity: int) -> flow_pb2.Endpoint:
+        local = self._local.get(ip)
+        if local is not None:
+            number = identity or local.identity
+            labels = self._labels(number)[0] or sorted(local.labels)
+            return flow_pb2.Endpoint(
+                ID=local.id, identity=number, cluster_name=self.cluster,
+                namespace=local.namespace, pod_name=local.pod_name, labels=labels)
+        entry = self._entry(ip)
+        if not identity and entry is not None:  # the datapath did not say: the ipcache's
+            identity = entry.identity
+        labels, cluster = self._labels(identity)
+        return flow_pb2.Endpoint(
+            identity=identity, cluster_name=cluster, labels=labels,
+            namespace=entry.namespace if entry else "", pod_name=entry.pod_name if entry else "")
+
+    def _labels(self, identity: int) -> tuple[list[str], str]:
+        """The identity's labels, sorted, and its cluster (a label of its own)."""
+        named = self._named.get(identity)
+        if named is None:
+            known = self._identity(identity)
+            if known is not None:
+                labels = known.labels
+            elif identity in _RESERVED:
+                labels = frozenset({ReservedIdentity(identity).label})
+            else:
+                return [], ""  # not known yet: asked again next time
+            if len(self._named) >= _NAMED_MAX:
+                self._named.clear()
+            named = self._named[identity] = (sorted(labels),
+                                             label_value(labels, CLUSTER_LABEL) or "")
+        return named
+
+    def _entry(self, ip: str) -> IPCacheEntry | None:
+        try:
+            return self._ipcache(host_key(ipaddress.ip_address(ip)))
+        except ValueError:
+            return None
