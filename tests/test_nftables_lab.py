@@ -115,6 +115,40 @@ def test_observe_shows_the_flows_the_table_logged(lab):
     assert all(f["l4"]["TCP"]["destination_port"] == 6379 for f in drops)
 
 
+def test_audit_mode_on_the_table_lets_the_stranger_in_until_it_is_turned_off(lab):
+    """protected-db in audit mode (``meshagent endpoint config``): its policy drop chains
+    audit, so the stranger gets PONG and its flow says AUDIT; audit mode off, it times out
+    again and the employee still gets in."""
+    db = lab.state["pods"]["protected-db"]
+
+    def audit(value: str) -> None:
+        result = run_cli("endpoint", "config", str(db["endpoint"]), f"PolicyAuditMode={value}",
+                         "--socket-path", socket(lab))
+        assert result.returncode == 0, result.stderr
+
+    audit("Enabled")
+    try:
+        assert redis_ping(lab, "stranger") == "PONG"
+        deadline = time.monotonic() + 20
+        while True:
+            result = subprocess.run(lab.observe_command(["--from-pod", "default/stranger",
+                                                         "--verdict", "AUDIT", "-o", "jsonpb"]),
+                                    capture_output=True, text=True, timeout=60, env=clean_env())
+            assert result.returncode == 0, result.stderr
+            audited = [json.loads(line)["flow"] for line in result.stdout.splitlines()
+                       if '"flow"' in line]
+            if audited or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert audited, result.stdout
+        assert {(f["destination"]["pod_name"], f["node_name"], f["traffic_direction"])
+                for f in audited} == {("protected-db", "cluster1/node1", "INGRESS")}
+    finally:
+        audit("Disabled")
+    assert redis_ping(lab, "stranger") == "timeout"
+    assert redis_ping(lab, "employee-c2") == "PONG"
+
+
 def test_nft_commands_read_the_table(lab):
     assert redis_ping(lab, "stranger") == "timeout"
     counters = json.loads(in_node(lab, MESHAGENT, "nft", "counters", "-o", "json").stdout)
