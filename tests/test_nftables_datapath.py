@@ -70,13 +70,18 @@ class NamespaceJudge:
         self.feed = BatchFeed(self.datapath)
         self.reported: list = []
         self.datapath.events.subscribe(self.reported.append)
-        self.call(self.datapath.start())
+        try:
+            self.call(self.datapath.start())
+        except BaseException:  # no namespace left behind by a datapath that did not start
+            self.close()
+            raise
 
     def close(self) -> None:
         from pyroute2 import netns as pynetns
         for sock in self.sockets.values():
             sock.close()
-        self.call(self.datapath.stop())
+        if self.datapath.started:
+            self.call(self.datapath.stop())
         self.loop.close()
         pynetns.setns(self.home)
         os.close(self.home)
