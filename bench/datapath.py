@@ -173,8 +173,8 @@ def load_extra_elements(lab: NetLab, node: str, server: int) -> None:
     """The same 10,000 ipcache and 1,000 policy entries as (b), as table elements."""
     t = "netdev meshagent"
     ipcache = ", ".join(f"10.200.{i // 250}.{i % 250 + 1} : {70000 + i}" for i in range(10_000))
-    policy = ", ".join(f"{70000 + i} . 6 . 0:18eb-0:18eb : goto denied_{server}_in"
-                       for i in range(1_000))
+    deny = f"drop_policy_deny_l3l4_{server}_in"
+    policy = ", ".join(f"{70000 + i} . 6 . 0:18eb-0:18eb : goto {deny}" for i in range(1_000))
     lab.exec(node, "nft", "-f", "-", input=f"add element {t} ipcache4 {{ {ipcache} }}\n"
              f"add element {t} spec4_{server}_in {{ {policy} }}\n")
 

@@ -360,6 +360,10 @@ async def test_the_agent_serves_hubble_beside_its_api_socket(agent_factory, shor
     hubble = [s for s in running.agent.status().sections if s.name == "Hubble"]
     assert [(s.health, s.summary) for s in hubble] == [
         (Health.OK, f"Current/Max Flows: 0/4095, seen 0; serving unix:{path}")]
+    running.agent.flow_events.lost(3)  # what a datapath says when its perf buffer overflowed
+    hubble = [s for s in running.agent.status().sections if s.name == "Hubble"]
+    assert hubble[0].summary == (f"Current/Max Flows: 0/4095, seen 0, 3 events lost by the"
+                                 f" datapath; serving unix:{path}")
     async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
         status = await _status(channel)
         assert status.num_connected_nodes.value == 1 and status.uptime_ns > 0

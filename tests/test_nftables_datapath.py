@@ -9,13 +9,24 @@ import time
 import uuid
 from pathlib import Path
 
+import attrs
 import pytest
 
 from meshagent.datapath.feed import BatchFeed
 from meshagent.testing import datapath_model as model
 from meshagent.testing.datapath_contract import DatapathContract, ScenarioDriver
 from meshagent.testing.packets import KERNEL_WALK
-from meshagent.testing.scenarios import ALL_EGRESS, ECHO, named_scenario, tcp
+from meshagent.testing.scenarios import (
+    ALL_EGRESS,
+    CLIENT,
+    CLIENT6,
+    ECHO,
+    ECHO2,
+    ECHO6,
+    REMOTE,
+    named_scenario,
+    tcp,
+)
 from meshagent_dev.netlab import can_run
 
 pytestmark = [pytest.mark.privileged, pytest.mark.skipif(not can_run(), reason="needs root")]
@@ -29,12 +40,16 @@ REASONS = {"forwarded": model.FORWARDED, "policy_deny": model.POLICY_DENY,
 class NamespaceJudge:
     """The nftables datapath in a private netns with a veth pair per endpoint (h<ifindex> on
     the host side, p<ifindex> in the "pod"); frames are sent on one end and judged by the
-    reason counters."""
+    reason counters. Its events are every one the table logged: the suite needs them all, so
+    the rates are high (the limits have tests of their own)."""
 
-    def __init__(self):
+    #: the contract's judge: every event logged
+    UNLIMITED = dict(event_rate=1_000_000, drop_rate=1_000_000)
+
+    def __init__(self, settings=None):
         from pyroute2 import netns as pynetns
 
-        from meshagent.plugins.nftables.datapath import NftablesDatapath
+        from meshagent.plugins.nftables.datapath import NftablesDatapath, NftablesSettings
         self.name = f"ma-nft-{uuid.uuid4().hex[:8]}"
         subprocess.run(["ip", "netns", "add", self.name], check=True)
         # no IPv6 of its own on the veths (router solicitations, MLD): only the test's frames
@@ -50,14 +65,23 @@ class NamespaceJudge:
         self.home = os.open("/proc/self/ns/net", os.O_RDONLY)
         pynetns.setns(self.name)
         self.loop = asyncio.new_event_loop()
-        self.datapath = NftablesDatapath(device_of=lambda ifindex: f"h{ifindex}")
+        self.datapath = NftablesDatapath(settings or NftablesSettings(**self.UNLIMITED),
+                                         device_of=lambda ifindex: f"h{ifindex}")
         self.feed = BatchFeed(self.datapath)
-        self.call(self.datapath.start())
+        self.reported: list = []
+        self.datapath.events.subscribe(self.reported.append)
+        try:
+            self.call(self.datapath.start())
+        except BaseException:  # no namespace left behind by a datapath that did not start
+            self.close()
+            raise
 
     def close(self) -> None:
         from pyroute2 import netns as pynetns
         for sock in self.sockets.values():
             sock.close()
+        if self.datapath.started:
+            self.call(self.datapath.stop())
         self.loop.close()
         pynetns.setns(self.home)
         os.close(self.home)
@@ -75,6 +99,17 @@ class NamespaceJudge:
             f"flush map {t} {name}{sfx}" for name in ("fsm", "fdm", "fsc", "fdc")
             for sfx in ("", "6")))
         assert rc == 0, err
+
+    def events(self) -> list:
+        """The events logged since the last call. A packet's log rule runs before the counter
+        its judgement moves, and the table's NFLOG messages are sent one by one as they are
+        logged, so once :meth:`delivery` returned its events are in the socket: read out."""
+        async def drain():
+            self.datapath.read_events()
+        self.call(drain())
+        out = list(self.reported)
+        self.reported.clear()
+        return out
 
     def delivery(self, endpoint_id: int, direction: str, frame: bytes) -> tuple[str, bool]:
         ifindex = 100 + endpoint_id
@@ -116,18 +151,18 @@ class TestNftablesDatapathContract(DatapathContract):
 
 
 def _names(table: str) -> set[str]:
-    """Every chain, map and set of the table."""
+    """Every chain, map, set and limit of the table."""
     import json
 
     import nftables
     nft = nftables.Nftables()
     nft.set_json_output(True)
     names = set()
-    for what in ("chains", "maps", "sets"):
+    for what in ("chains", "maps", "sets", "limits"):
         rc, out, err = nft.cmd(f"list {what} netdev")
         assert rc == 0, err
         for item in json.loads(out)["nftables"]:
-            for kind in ("chain", "map", "set"):
+            for kind in ("chain", "map", "set", "limit"):
                 if kind in item and item[kind]["table"] == table:
                     names.add(item[kind]["name"])
     return names
@@ -140,7 +175,8 @@ def test_removing_an_endpoint_leaves_nothing_of_it(judge, driver):
     driver.start(named_scenario([ALL_EGRESS], [tcp(ECHO, 80)]))
     before = _names(judge.datapath.rules.table)
     mine = {n for n in before if re.search(r"_1(_|$)", n) and n != ruleset.LAYOUT}
-    assert {"ep_1_ingress", "ep_1_egress", "spec4_1_out", "rep6_1_in"} <= mine
+    assert {"ep_1_ingress", "ep_1_egress", "spec4_1_out", "rep6_1_in", "fsn4_1_out",
+            "ev_1_in"} <= mine
     endpoint = driver.endpoints[1]
     driver.replay([lambda feed: feed.endpoint_removed(endpoint)])
     assert _names(judge.datapath.rules.table) == before - mine
@@ -167,7 +203,7 @@ def test_a_restarted_agent_keeps_enforcing_and_keeps_replies(judge, driver):
     """The table outlives the agent: a new one adopts it, changes nothing until its first
     sync (the old verdicts and reply entries hold), then enforces the new state."""
     from meshagent.events import ChangeKind
-    from meshagent.plugins.nftables.datapath import NftablesDatapath
+    from meshagent.plugins.nftables.datapath import NftablesDatapath, NftablesSettings
     from meshagent.policy.contract import MapChange, MapKey, Verdict
     deny = {**ALL_EGRESS, "egressDeny": [{"toPorts": [{"ports": [{"port": "6379",
                                                                    "protocol": "TCP"}]}]}]}
@@ -181,7 +217,9 @@ def test_a_restarted_agent_keeps_enforcing_and_keeps_replies(judge, driver):
     assert verdict(model.INGRESS, reply.frame()) == model.FORWARDED
 
     judge.call(judge.datapath.stop())
-    judge.datapath = NftablesDatapath(device_of=lambda ifindex: f"h{ifindex}")
+    judge.datapath = NftablesDatapath(NftablesSettings(**NamespaceJudge.UNLIMITED),
+                                      device_of=lambda ifindex: f"h{ifindex}")
+    judge.datapath.events.subscribe(judge.reported.append)
     judge.feed = BatchFeed(judge.datapath)
     judge.call(judge.datapath.start())
     assert judge.datapath.adopted
@@ -221,8 +259,13 @@ def test_a_batchs_ipcache_and_policy_changes_are_one_transaction(judge, driver):
         del nft.json_cmd
     assert len(sent) == 1
     maps = {command[verb]["element"]["name"] for command in sent[0]["nftables"]
-            for verb in command}
+            for verb in command if "element" in command[verb]}
     assert "ipcache4" in maps and any(name.startswith("spec4_1") for name in maps), maps
+    # and every endpoint's connections are judged again under the new state (the ipcache
+    # changed): the sets of judged connections are flushed in the same transaction
+    flushed = {command["flush"]["set"]["name"] for command in sent[0]["nftables"]
+               if "flush" in command}
+    assert {f"fsn4_{e}_out" for e in driver.endpoints} <= flushed, flushed
 
 
 def test_drops_are_noticed_with_reason_endpoint_and_addresses(judge, driver):
@@ -270,16 +313,263 @@ def test_a_refused_write_is_healed_by_the_next_reconcile(judge, driver):
     assert "10.9.0.0" not in listed and "10.9.1.1 : 0x00001092" in listed, listed
 
 
-def test_drop_notices_from_hostile_log_lines_are_refused_or_bounded(judge):
-    """The NFLOG group may carry another program's lines, or packets cut anywhere: a notice
+def test_events_from_hostile_log_lines_are_refused_or_bounded(judge):
+    """The NFLOG group may carry another program's lines, or packets cut anywhere: an event
     is made only of what was read, never an exception in the agent's loop."""
     from meshagent.testing.packets import Packet
-    describe = judge.datapath.describe_drop
-    for prefix in ("", "ma", "ma:1:in", "ma:x:in:malformed", "ma:1:up:malformed",
-                   "ma:1:in:nosuch", "xx:1:in:malformed"):
+    describe = judge.datapath.describe
+    for prefix in ("", "ma", "ma:1:in", "ma:1:in:policy_default", "ma:x:in:drop:malformed:0",
+                   "ma:1:up:drop:malformed:0", "ma:1:in:drop:nosuch:0", "xx:1:in:drop:malformed:0",
+                   "ma:1:in:drop:forwarded:0", "ma:1:in:verdict:policy_deny:2",
+                   "ma:1:in:audit:spoofed:0", "ma:1:in:audit:forwarded:0",
+                   "ma:1:in:drop:malformed:5",
+                   "ma:1:in:drop:malformed:", "ma:\u00b2:in:drop:malformed:0",
+                   "ma:12345678901:in:drop:malformed:0", "ma:1:in:bogus:forwarded:0",
+                   "ma:1:in:drop:malformed:0:extra"):
         assert describe(prefix, b"\x45" * 40) is None, prefix
     frame = Packet("10.1.1.9", "10.1.1.1", 6, 1234, 80).frame()[14:]
     for cut in range(len(frame) + 1):
-        event = describe("ma:1:in:policy_default", frame[:cut])
+        event = describe("ma:1:in:drop:policy_default:0 ", frame[:cut])
         assert event is not None and event.reason == "policy_default"
-    assert describe("ma:1:in:policy_default", frame).source_port == 1234
+    assert describe("ma:1:in:drop:policy_default:0", frame).source_port == 1234
+    ping = Packet("10.1.1.9", "10.1.1.1", ICMP).frame()[14:]  # an echo request: type 8, code 0
+    assert [describe("ma:1:in:drop:policy_default:0", ping[:cut]).source_port
+            for cut in (21, 22, len(ping))] == [0, 8 << 8, 8 << 8]
+    event = describe("ma:1:in:audit:policy_deny:3", frame)
+    assert (event.kind, event.verdict, event.reason, event.match, event.is_reply) == \
+        ("policy-verdict", "audit", "policy_deny", 3, False)
+    event = describe("ma:1:out:reply:forwarded:0", frame)
+    assert (event.kind, event.verdict, event.direction, event.is_reply) == \
+        ("trace", "forwarded", "egress", True)
+
+
+# -- flow events and policy audit mode ---------------------------------------------------------
+
+ECHO_ID = (101 << 16) + 258  # named_scenario's identities
+FIN, RST, ICMP = 0x01, 0x04, 1
+TO_ECHO_80 = {"egress": [{"toEndpoints": [{"matchLabels": {"app": "echo"}}],
+                          "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}]}
+
+
+def judged(judge, endpoint: int, direction: str, packet):
+    """The outcome of one packet at an endpoint's hook, and the events it was reported by as
+    ``(kind, verdict, reason, direction, is_reply, match)``."""
+    judge.events()
+    outcome = judge.delivery(endpoint, direction, packet.frame())[0]
+    return outcome, [(e.kind, e.verdict, e.reason, e.direction, e.is_reply, e.match)
+                     for e in judge.events()]
+
+
+def verdict(direction, match, verdict="forwarded", reason="forwarded"):
+    return ("policy-verdict", verdict, reason, direction, False, match)
+
+
+def trace(direction, is_reply):
+    return ("trace", "forwarded", "forwarded", direction, is_reply, 0)
+
+
+def drop(direction, reason, match):
+    return ("drop", "dropped", reason, direction, False, match)
+
+
+def test_a_connection_is_reported_once_then_its_first_reply_and_new_tcp_flags(judge, driver):
+    """Hubble's view of one TCP connection: the policy verdict of its first packet (match
+    L3+L4: the peer's identity and a port), the first reply, each of SYN/FIN/RST once per
+    direction; nothing else of it."""
+    from meshagent.testing.packets import ACK, Packet
+    driver.start(named_scenario([TO_ECHO_80], []))
+    syn = Packet(CLIENT, ECHO, 6, 40000, 80)
+    out, into = model.EGRESS, model.INGRESS
+    steps = [
+        (out, syn, [verdict("egress", 2)]),
+        (out, syn, []),  # a retransmitted SYN: judged, nothing new
+        (into, syn.reply(), [trace("ingress", True)]),  # SYN|ACK: the first reply
+        (into, attrs.evolve(syn.reply(), tcp_flags=ACK), []),
+        (out, attrs.evolve(syn, tcp_flags=ACK), []),
+        (out, attrs.evolve(syn, tcp_flags=FIN | ACK), [trace("egress", False)]),
+        (out, attrs.evolve(syn, tcp_flags=FIN | ACK), []),
+        (into, attrs.evolve(syn.reply(), tcp_flags=RST), [trace("ingress", True)]),
+        (into, attrs.evolve(syn.reply(), tcp_flags=RST | ACK), []),
+    ]
+    for n, (direction, packet, expected) in enumerate(steps):
+        assert judged(judge, 1, direction, packet) == (model.FORWARDED, expected), n
+    judge.events()
+    judge.delivery(1, out, Packet(CLIENT, ECHO, 6, 40001, 80).frame())
+    event, = judge.events()
+    assert (event.source_ip, event.source_port, event.destination_ip, event.destination_port,
+            event.protocol, event.tcp_flags) == (CLIENT, 40001, ECHO, 80, 6, 0x02)
+    assert (event.endpoint, event.source_identity, event.destination_identity) == \
+        (1, driver.endpoints[1].identity, ECHO_ID)
+
+
+def test_policy_verdicts_name_the_match_type_as_hubble_numbers_it(judge, driver):
+    """L3 only (the peer, any port) 1, L3+L4 2, L4 only (any peer, a port) 3, all 4, as the
+    contract's model decides: the peer's own entry before any identity's, an entry for any
+    protocol and port before one naming a port; IPv6 and portless protocols alike."""
+    from meshagent.testing.packets import Packet
+    l3 = {"egress": [{"toEndpoints": [{"matchLabels": {"app": "echo2"}}]}]}
+    l4 = {"egress": [{"toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}]}]}]}
+    worlds = [([TO_ECHO_80, l3, l4], [(Packet(CLIENT, ECHO2, 6, 40000, 8080), 1),
+                                      (Packet(CLIENT, ECHO2, 6, 40000, 443), 1),
+                                      (Packet(CLIENT, ECHO, 6, 40000, 80), 2),
+                                      (Packet(CLIENT, ECHO, 6, 40000, 443), 3),
+                                      (Packet(CLIENT6, ECHO6, 6, 40000, 80), 2),
+                                      (Packet(CLIENT, ECHO2, ICMP, 0, 0), 1)]),
+              ([ALL_EGRESS, l4], [(Packet(CLIENT, REMOTE, 17, 40000, 53), 4),
+                                  (Packet(CLIENT, ECHO, 6, 40000, 443), 4),
+                                  (Packet(CLIENT, REMOTE, ICMP, 0, 0), 4)])]
+    for policies, cases in worlds:
+        driver.start(named_scenario(policies, []))
+        for packet, match in cases:
+            assert judged(judge, 1, model.EGRESS, packet) == \
+                (model.FORWARDED, [verdict("egress", match)]), packet
+
+
+def test_drops_by_a_deny_rule_and_by_default_are_told_apart(judge, driver):
+    """A deny rule's drop is ``policy_deny`` with the deny entry's match type (Hubble's
+    POLICY_DENY, 181); no entry is ``policy_default`` with none (POLICY_DENIED, 133)."""
+    from meshagent.testing.packets import Packet
+    l3 = {"egress": [{"toEndpoints": [{"matchLabels": {"app": "echo"}}]}]}
+    deny_l4 = {"egressDeny": [{"toPorts": [{"ports": [{"port": "6379", "protocol": "TCP"}]}]}]}
+    deny_l3l4 = {"egressDeny": [{"toEndpoints": [{"matchLabels": {"app": "echo"}}],
+                                 "toPorts": [{"ports": [{"port": "22", "protocol": "TCP"}]}]}]}
+    driver.start(named_scenario([l3, deny_l4, deny_l3l4], []))
+    cases = [(Packet(CLIENT, ECHO, 6, 40000, 6379), drop("egress", "policy_deny", 3)),
+             (Packet(CLIENT, ECHO, 6, 40000, 22), drop("egress", "policy_deny", 2)),
+             (Packet(CLIENT, ECHO2, 6, 40000, 80), drop("egress", "policy_default", 0))]
+    for packet, event in cases:
+        outcome = model.POLICY_DENY if event[2] == "policy_deny" else model.POLICY_DEFAULT
+        assert judged(judge, 1, model.EGRESS, packet) == (outcome, [event]), packet
+        assert judged(judge, 1, model.EGRESS, packet) == (outcome, [event]), "every drop"
+
+
+def test_audit_mode_passes_what_policy_would_drop_and_turning_it_off_cuts_it(judge, driver):
+    """An endpoint in audit mode: a packet policy would drop passes, is tracked (its reply
+    passes) and is reported once as AUDIT with the reason and match it would have been
+    dropped with; a packet dropped for another reason is still dropped. Audit mode off: the
+    audited connection is judged again and dropped."""
+    from meshagent.testing.packets import ACK, Packet
+    deny = {"egressDeny": [{"toPorts": [{"ports": [{"port": "6379", "protocol": "TCP"}]}]}]}
+    driver.start(named_scenario([TO_ECHO_80, deny], []))
+    client = driver.endpoints[1]
+    driver.replay([lambda feed: feed.endpoint_added(attrs.evolve(client, policy_audit=True))])
+    default, denied = Packet(CLIENT, ECHO2, 6, 40000, 80), Packet(CLIENT, ECHO, 6, 40000, 6379)
+    out, into = model.EGRESS, model.INGRESS
+    audit = "audit"
+    assert judged(judge, 1, out, default) == \
+        (model.FORWARDED, [verdict("egress", 0, audit, "policy_default")])
+    assert judged(judge, 1, out, attrs.evolve(default, tcp_flags=ACK)) == (model.FORWARDED, [])
+    assert judged(judge, 1, into, default.reply()) == \
+        (model.FORWARDED, [trace("ingress", True)])
+    assert judged(judge, 1, out, denied) == \
+        (model.FORWARDED, [verdict("egress", 3, audit, "policy_deny")])
+    assert judged(judge, 1, out, Packet(CLIENT, ECHO, 6, 40000, 80)) == \
+        (model.FORWARDED, [verdict("egress", 2)])  # allowed is allowed
+    spoofed = Packet(ECHO2, ECHO, 6, 40000, 80)
+    assert judged(judge, 1, out, spoofed) == \
+        (model.SPOOFED, [drop("egress", "spoofed", 0)])  # never audited
+
+    driver.replay([lambda feed: feed.endpoint_added(attrs.evolve(client, policy_audit=False))])
+    assert judged(judge, 1, out, attrs.evolve(default, tcp_flags=ACK)) == \
+        (model.POLICY_DEFAULT, [drop("egress", "policy_default", 0)])
+    reply = attrs.evolve(default.reply(), tcp_flags=ACK)  # its reply entry is still there
+    assert judged(judge, 1, into, reply) == (model.FORWARDED, [])
+    assert judged(judge, 1, out, denied) == \
+        (model.POLICY_DENY, [drop("egress", "policy_deny", 3)])
+
+
+def test_a_policy_change_reports_known_connections_again(judge, driver):
+    """A connection allowed before a policy change is judged again: its next packet is a
+    policy verdict again (or a drop, if the change denies it)."""
+    from meshagent.events import ChangeKind
+    from meshagent.policy.contract import MapChange, MapKey, Verdict
+    from meshagent.testing.packets import ACK, Packet
+    driver.start(named_scenario([TO_ECHO_80], []))
+    syn = Packet(CLIENT, ECHO, 6, 40000, 80)
+    ack = attrs.evolve(syn, tcp_flags=ACK)
+    assert judged(judge, 1, model.EGRESS, syn)[1] == [verdict("egress", 2)]
+    assert judged(judge, 1, model.EGRESS, ack)[1] == []
+    other = MapChange(ChangeKind.UPSERT, MapKey(model.EGRESS, ECHO_ID, 17, 53, 53), Verdict.ALLOW)
+    driver.replay([lambda feed: feed.policy_changed({1: [other]})])
+    assert judged(judge, 1, model.EGRESS, ack)[1] == [verdict("egress", 2)]
+    assert judged(judge, 1, model.EGRESS, ack)[1] == []
+    deny = MapChange(ChangeKind.UPSERT, MapKey(model.EGRESS, 0, 6, 80, 80), Verdict.DENY)
+    driver.replay([lambda feed: feed.policy_changed({1: [deny]})])
+    assert judged(judge, 1, model.EGRESS, ack) == \
+        (model.POLICY_DENY, [drop("egress", "policy_deny", 3)])
+
+
+def test_events_the_socket_could_not_take_are_counted_exactly(judge, driver):
+    """A burst the agent does not read in time overflows the NFLOG socket: the kernel's
+    numbering tells how many were lost, so every event is either delivered or counted."""
+    from meshagent.testing.packets import Packet
+    driver.start(named_scenario([ALL_EGRESS], []))
+    feed, sock = judge.datapath.events, judge.datapath._log_socket
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    got = []
+    stop = feed.subscribe(got.append)
+    lost = feed.lost_total
+    try:
+        judge.call(asyncio.sleep(0.1))  # nothing from earlier tests left
+        got.clear()
+        lost = feed.lost_total
+        for port in range(200):  # 200 new connections, none read until all were sent
+            judge.delivery(1, model.EGRESS, Packet(CLIENT, REMOTE, 17, 1000 + port, 53).frame())
+        judge.delivery(1, model.EGRESS, Packet(CLIENT, REMOTE, 17, 999, 53).frame())
+        judge.call(asyncio.sleep(0.2))
+        judge.delivery(1, model.EGRESS, Packet(CLIENT, REMOTE, 17, 998, 53).frame())
+        judge.call(asyncio.sleep(0.2))  # the last one arrives: the gap before it is known
+    finally:
+        stop()
+        from meshagent.plugins.nftables import netlink
+        sock.setsockopt(socket.SOL_SOCKET, netlink.SO_RCVBUFFORCE, netlink.RECEIVE_BUFFER)
+    assert feed.lost_total - lost > 0, "the burst fit: the test proves nothing"
+    assert len(got) + feed.lost_total - lost == 202
+    assert got[-1].source_port == 998
+
+
+@pytest.fixture
+def other_judge():
+    """A judge of its own, for a datapath built with other settings."""
+    made = []
+
+    def make(settings):
+        made.append(NamespaceJudge(settings))
+        return made[-1]
+    yield make
+    for other in reversed(made):
+        other.close()
+
+
+def test_with_hubble_disabled_only_drops_are_logged(other_judge):
+    from meshagent.plugins.nftables.datapath import NftablesSettings
+    from meshagent.testing.packets import Packet
+    judge = other_judge(NftablesSettings(table="meshagent_drops", flows=False))
+    driver = ScenarioDriver(judge, local_delivery=False, walk=KERNEL_WALK)
+    driver.start(named_scenario([TO_ECHO_80], []))
+    syn = Packet(CLIENT, ECHO, 6, 40000, 80)
+    assert judged(judge, 1, model.EGRESS, syn) == (model.FORWARDED, [])
+    assert judged(judge, 1, model.INGRESS, syn.reply()) == (model.FORWARDED, [])
+    assert judged(judge, 1, model.EGRESS, Packet(CLIENT, ECHO2, 6, 40000, 80)) == \
+        (model.POLICY_DEFAULT, [drop("egress", "policy_default", 0)])
+
+
+def test_events_over_the_rate_are_counted_as_lost(other_judge):
+    """A flood of new connections cannot flood the agent: past the rate the table counts
+    instead of logging, and the agent reports those as lost."""
+    from meshagent.plugins.nftables.datapath import NftablesSettings
+    from meshagent.testing.packets import Packet
+    judge = other_judge(NftablesSettings(table="meshagent_rate", event_rate=5))
+    driver = ScenarioDriver(judge, local_delivery=False, walk=KERNEL_WALK)
+    driver.start(named_scenario([ALL_EGRESS], []))
+    feed = judge.datapath.events
+    got = []
+    stop = feed.subscribe(got.append)
+    try:
+        for port in range(40):
+            judge.delivery(1, model.EGRESS, Packet(CLIENT, REMOTE, 17, 1000 + port, 53).frame())
+        judge.call(asyncio.sleep(1.5))  # the count of those over the rate follows in a second
+    finally:
+        stop()
+    assert 5 <= len(got) < 40
+    assert len(got) + feed.lost_total == 40

@@ -39,23 +39,28 @@ keys = st.lists(st.tuples(st.sampled_from((0, 6, 17, 132, 1)),
                           st.sampled_from((ALLOW, DENY))), max_size=6)
 
 
-def oracle(group, protocol: int, port: int) -> str | None:
-    verdicts = set()
+def oracle(group, protocol: int, port: int) -> tuple[str, bool] | None:
+    """The verdict, and whether only keys of that verdict naming a protocol or port matched
+    (an entry for any protocol and port names the match first: the contract's model)."""
+    matched = []
     for p, first, end, verdict in group:
         last = max(end, first)
         if p == 0 and not first:
-            verdicts.add(verdict)
+            matched.append((verdict, False))
         elif p == 0 and protocol in PORT_PROTOCOLS and first <= port <= last:
-            verdicts.add(verdict)
+            matched.append((verdict, True))
         elif p != 0 and p == protocol and (not first or first <= port <= last):
-            verdicts.add(verdict)
-    return DENY if DENY in verdicts else (ALLOW if verdicts else None)
+            matched.append((verdict, True))
+    if not matched:
+        return None
+    verdict = DENY if any(v == DENY for v, _ in matched) else ALLOW
+    return verdict, all(l4 for v, l4 in matched if v == verdict)
 
 
 @settings(max_examples=300, deadline=None)
 @given(group=keys, probes=st.lists(st.tuples(st.sampled_from((0, 1, 6, 17, 47, 132, 255)),
                                              st.integers(0, 65535)), min_size=30, max_size=30))
-def test_policy_segments_give_every_packet_its_groups_verdict(group, probes):
+def test_policy_segments_give_every_packet_its_groups_verdict_and_match(group, probes):
     segments = policy_segments(group)
     for a in segments:  # disjoint in two dimensions
         for b in segments:
@@ -63,6 +68,6 @@ def test_policy_segments_give_every_packet_its_groups_verdict(group, probes):
                 assert a[1] < b[0] or b[1] < a[0] or a[3] < b[2] or b[3] < a[2]
     edges = [(s[0], s[2]) for s in segments] + [(s[1], s[3]) for s in segments]
     for protocol, port in probes + edges + [(6, 80), (17, 53), (1, 0)]:
-        got = next((s[4] for s in segments
+        got = next((s[4:] for s in segments
                     if s[0] <= protocol <= s[1] and s[2] <= port <= s[3]), None)
         assert got == oracle(group, protocol, port), (protocol, port, segments)

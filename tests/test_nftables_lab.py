@@ -13,7 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MESHAGENT, lab_up, redis_ping, redis_traffic, run_cli, seed_scene
+from conftest import (
+    MESHAGENT,
+    clean_env,
+    lab_up,
+    redis_ping,
+    redis_traffic,
+    run_cli,
+    seed_scene,
+)
 
 from meshagent.client import AgentClient
 from meshagent.errors import MeshagentError
@@ -73,6 +81,74 @@ def test_monitor_shows_the_strangers_syn(lab):
     assert event["destination"]["port"] == 6379 and event["tcp_flags"] == ["SYN"]
 
 
+def test_observe_shows_the_flows_the_table_logged(lab):
+    """Hubble's view on the nftables datapath (``meshagent observe --mesh``): the employee's
+    connection to protected-db is a forwarded policy verdict at both ends (entering the db:
+    the peer's identity and port, L3-L4) and its first reply is traced; the stranger's SYN
+    is dropped with POLICY_DENIED."""
+    assert redis_ping(lab, "employee-c2") == "PONG"
+    assert redis_ping(lab, "stranger") == "timeout"
+    deadline = time.monotonic() + 20
+    while True:  # the events reach the agent's buffer on their own time
+        result = subprocess.run(lab.observe_command(["--pod", "default/protected-db",
+                                                     "-o", "jsonpb"]),
+                                capture_output=True, text=True, timeout=60, env=clean_env())
+        assert result.returncode == 0, result.stderr
+        flows = [json.loads(line)["flow"] for line in result.stdout.splitlines()
+                 if "flow" in json.loads(line)]
+        verdicts = [f for f in flows if f["source"].get("pod_name") == "employee-c2"
+                    and f["verdict"] == "FORWARDED" and not f.get("is_reply")]
+        replies = [f for f in flows if f["destination"].get("pod_name") == "employee-c2"
+                   and f.get("is_reply")]
+        drops = [f for f in flows if f["source"].get("pod_name") == "stranger"
+                 and f["verdict"] == "DROPPED"]
+        if verdicts and replies and drops or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert verdicts and replies and drops, result.stdout
+    # both ends: leaving employee-c2's node in cluster2, entering protected-db's in cluster1
+    assert {f["node_name"] for f in verdicts} == {"cluster1/node1", "cluster2/node1"}
+    assert any(f.get("policy_match_type") == 2 for f in verdicts
+               if f["node_name"] == "cluster1/node1"), verdicts
+    assert {f["node_name"] for f in drops} == {"cluster1/node1"}
+    assert {f["drop_reason_desc"] for f in drops} == {"POLICY_DENIED"}
+    assert all(f["l4"]["TCP"]["destination_port"] == 6379 for f in drops)
+
+
+def test_audit_mode_on_the_table_lets_the_stranger_in_until_it_is_turned_off(lab):
+    """protected-db in audit mode (``meshagent endpoint config``): its policy drop chains
+    audit, so the stranger gets PONG and its flow says AUDIT; audit mode off, it times out
+    again and the employee still gets in."""
+    db = lab.state["pods"]["protected-db"]
+
+    def audit(value: str) -> None:
+        result = run_cli("endpoint", "config", str(db["endpoint"]), f"PolicyAuditMode={value}",
+                         "--socket-path", socket(lab))
+        assert result.returncode == 0, result.stderr
+
+    audit("Enabled")
+    try:
+        assert redis_ping(lab, "stranger") == "PONG"
+        deadline = time.monotonic() + 20
+        while True:
+            result = subprocess.run(lab.observe_command(["--from-pod", "default/stranger",
+                                                         "--verdict", "AUDIT", "-o", "jsonpb"]),
+                                    capture_output=True, text=True, timeout=60, env=clean_env())
+            assert result.returncode == 0, result.stderr
+            audited = [json.loads(line)["flow"] for line in result.stdout.splitlines()
+                       if '"flow"' in line]
+            if audited or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert audited, result.stdout
+        assert {(f["destination"]["pod_name"], f["node_name"], f["traffic_direction"])
+                for f in audited} == {("protected-db", "cluster1/node1", "INGRESS")}
+    finally:
+        audit("Disabled")
+    assert redis_ping(lab, "stranger") == "timeout"
+    assert redis_ping(lab, "employee-c2") == "PONG"
+
+
 def test_nft_commands_read_the_table(lab):
     assert redis_ping(lab, "stranger") == "timeout"
     counters = json.loads(in_node(lab, MESHAGENT, "nft", "counters", "-o", "json").stdout)
@@ -85,7 +161,7 @@ def test_nft_commands_read_the_table(lab):
     policy = json.loads(in_node(lab, MESHAGENT, "nft", "policy", "get", str(db),
                                 "-o", "json").stdout)
     allowed = {(row["map"], row["key"].split(" . ", 1)[1]) for row in policy
-               if row["verdict"].startswith("goto anyafter")}
+               if (row["verdict"], row["match"]) == ("allow", "L3-L4")}
     assert (f"spec4_{db}_in", "tcp . 6379") in allowed, policy
     assert (f"spec6_{db}_in", "tcp . 6379") in allowed, policy
 

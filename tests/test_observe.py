@@ -634,7 +634,7 @@ print((rss() - before) / len(observer.ring))
 
 def test_memory_per_flow_in_a_full_ring_is_bounded():
     """A full ring of realistic flows (six labels per end) costs about 3 KB a flow in process
-    memory (docs/observability-flows.md). Measured as resident memory in a fresh process:
+    memory (docs/observability.md, "Memory and cost"). Measured as resident memory in a fresh process:
     tracemalloc does not see protobuf's upb arenas, where a flow's fields live."""
     import subprocess
     import sys

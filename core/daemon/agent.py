@@ -127,7 +127,8 @@ class Agent:
             options = HubbleOptions.from_config(config)
             self.hubble_peers = Peers(self.tables.nodes, tls=options.tls)
             self.hubble = HubbleServer(self.observer, self.hubble_peers, options,
-                                       config.node_name, self.cluster.name, __version__)
+                                       config.node_name, self.cluster.name, __version__,
+                                       lost_events=lambda: self.flow_events.lost_total)
         self.ownership = AddressOwnership(self.cluster.name, config.get("pod-cidr"),
                                           self.kvstore_addresses)
         self.local_sync = ClusterSync(self.cluster.name, self.cluster.id, self.cluster, self.tables)

@@ -8,6 +8,7 @@ GetDebugEvents, GetNamespaces) answer UNIMPLEMENTED, as gRPC answers any unknown
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -69,8 +70,10 @@ class HubbleServer:
     socket. Registered as plugin ``core.hubble`` for its ``meshagent status`` line."""
 
     def __init__(self, source: FlowSource, peers: Peers, options: HubbleOptions,
-                 node_name: str, cluster: str, version: str):
+                 node_name: str, cluster: str, version: str,
+                 lost_events: Callable[[], int] = lambda: 0):
         self.options = options
+        self._lost_events = lost_events  # events the datapath could not hand over, so far
         self.tcp_port: int | None = None  # the bound port (``:0`` picks one)
         self._source = source
         self._peers = peers
@@ -142,9 +145,12 @@ class HubbleServer:
         where = f"unix:{self.options.socket_path}"
         if self.options.listen_address:
             where += f", {self.options.listen_address} ({self._tls_kind()})"
+        lost = self._lost_events()
         return StatusSection("Hubble", Health.OK,
                              f"Current/Max Flows: {status.num_flows}/{status.max_flows},"
-                             f" seen {status.seen_flows}; serving {where}")
+                             f" seen {status.seen_flows}"
+                             + (f", {lost} events lost by the datapath" if lost else "")
+                             + f"; serving {where}")
 
     def _credentials(self) -> grpc.ServerCredentials:
         options = self.options

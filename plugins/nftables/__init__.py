@@ -14,7 +14,14 @@ def meshagent_addoption(parser):
     group.addoption("nftables-table", type=str, default="meshagent",
                     help="the netdev table this agent owns (nothing else is touched)")
     group.addoption("nftables-log-group", type=int, default=7,
-                    help="NFLOG group the table logs drops to (meshagent monitor)")
+                    help="NFLOG group the table logs flow events to (drops, policy verdicts,"
+                         " traces)")
+    group.addoption("nftables-event-rate", type=int, default=1000,
+                    help="policy verdicts and traces logged a second per endpoint and"
+                         " direction (more are counted as lost events)")
+    group.addoption("nftables-drop-rate", type=int, default=50,
+                    help="drops logged a second per endpoint, direction, reason and match type"
+                         " (more are counted as lost events)")
     group.addoption("nftables-flow-timeout", type=int, default=21600,
                     help="seconds a flow's replies stay allowed after its last packet")
 

@@ -9,6 +9,10 @@ import re
 from meshagent.plugin import Command, MeshagentError, print_rows
 
 CLASSID = re.compile(r"^0:[0-9a-f]+$")
+#: a policy element's target chain: what it decides, and the match type it names
+TARGET = re.compile(r"^(?:(anyafter|anyafternp|anyok)|drop_policy_deny)_(l3|l3l4|l4|all)_")
+#: the match types as Cilium's monitor names them (pkg/monitor/api/types.go)
+MATCH_TEXT = {"l3": "L3-Only", "l3l4": "L3-L4", "l4": "L4-Only", "all": "all"}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -94,9 +98,17 @@ def _run(args: argparse.Namespace) -> int:
             for direction in ("in", "out"):
                 name = f"{kind}{family}_{args.endpoint}_{direction}"
                 for key, value in maps.get(name, []):
-                    rows.append({"map": name, "key": _text(key), "verdict": _text(value)})
-    return print_rows(args.output, ("MAP", "IDENTITY . PROTOCOL . PORTS", "VERDICT"),
-                      [(r["map"], r["key"], r["verdict"]) for r in rows], rows)
+                    rows.append({"map": name, "key": _text(key), **_decision(_text(value))})
+    return print_rows(args.output, ("MAP", "IDENTITY . PROTOCOL . PORTS", "VERDICT", "MATCH"),
+                      [(r["map"], r["key"], r["verdict"], r["match"]) for r in rows], rows)
+
+
+def _decision(verdict: str) -> dict:
+    """An element's ``goto <chain>`` as what it decides and the match type it names."""
+    found = TARGET.match(verdict.removeprefix("goto "))
+    if found is None:
+        return {"verdict": verdict, "match": "?"}
+    return {"verdict": "allow" if found[1] else "deny", "match": MATCH_TEXT[found[2]]}
 
 
 COMMANDS = (

@@ -4,11 +4,13 @@ Every batch's ipcache ranges and policy elements are one transaction of libnftab
 commands (atomic: a packet sees the state before or after it, never a half-written one);
 chains, created once per endpoint, are nft text through the same library. A restarted agent
 finds its table (by its layout chain) and keeps it, reply sets and all, until the first sync;
-then it rewrites each map in one transaction and deletes what is stale.
+then it rewrites each map in one transaction and deletes what is stale. Flow events come back
+from the table's NFLOG group and go to the agent's sink (:meth:`NftablesDatapath.describe`).
 """
 
 import asyncio
 import bisect
+import errno
 import ipaddress
 import json
 import logging
@@ -20,15 +22,17 @@ import attrs
 
 from meshagent import hookimpl
 from meshagent.plugin import (
-    DROP,
-    DROPPED,
+    MATCH_ALL,
+    MATCH_L3_L4,
+    MATCH_L3_ONLY,
+    MATCH_L4_ONLY,
+    REASON_TEXT,
     DatapathBatch,
     Endpoint,
     FlowEvent,
     FlowEvents,
     FlowEventSink,
     Health,
-    REASON_TEXT,
     StatusSection,
     verdict_metrics,
     world_identity,
@@ -42,15 +46,23 @@ from meshagent.plugins.nftables.intervals import (
 )
 from meshagent.plugins.nftables.ruleset import (
     DIRS,
+    EVENTS,
     FAMILY,
-    LAYOUT,
     REASONS,
+    UNLOGGED,
     Ruleset,
+    judged_sets,
     policy_map,
+    verdict_target,
 )
 
 log = logging.getLogger(__name__)
-
+#: ``ma:<endpoint>:<in|out>:<event>:<reason>:<match>``, the table's log prefixes (ruleset.py)
+PREFIX = re.compile(r"ma:([0-9]{1,10}):(in|out):([a-z]+):([a-z0-9_]+):([0-4])")
+#: the reasons each event may carry
+EVENT_REASONS = {"drop": set(REASON_TEXT) - {"forwarded"}, "verdict": {"forwarded"},
+                 "audit": {"policy_deny", "policy_default"}, "trace": {"forwarded"},
+                 "reply": {"forwarded"}}
 
 
 class NftablesError(Exception):
@@ -62,11 +74,15 @@ class NftablesSettings:
     table: str = "meshagent"
     log_group: int = 7
     flow_timeout: int = 21600
+    flows: bool = True  # --enable-hubble: policy verdicts and traces too, not only drops
+    event_rate: int = 1000
+    drop_rate: int = 50
 
     @classmethod
     def from_config(cls, config) -> "NftablesSettings":
         return cls(config.get("nftables-table"), config.get("nftables-log-group"),
-                   config.get("nftables-flow-timeout"))
+                   config.get("nftables-flow-timeout"), bool(config.get("enable-hubble")),
+                   config.get("nftables-event-rate"), config.get("nftables-drop-rate"))
 
 
 class NftablesDatapath:
@@ -74,8 +90,9 @@ class NftablesDatapath:
 
     def __init__(self, settings: NftablesSettings = NftablesSettings(),
                  events: FlowEventSink | None = None, device_of=socket.if_indextoname):
-        self.rules = Ruleset(settings.table, settings.log_group,
-                             flow_timeout=settings.flow_timeout)
+        self.rules = Ruleset(settings.table, settings.log_group, log_rate=settings.drop_rate,
+                             flow_timeout=settings.flow_timeout, flows=settings.flows,
+                             event_rate=settings.event_rate)
         self.events = events if events is not None else FlowEvents()  # flow events go here
         self.device_of = device_of
         self.nft = None
@@ -92,6 +109,11 @@ class NftablesDatapath:
         self.start_error = ""
         self.services = 0  # merged services asked for (not balanced here)
         self._log_socket: socket.socket | None = None
+        self._next_seq = 0  # the NFLOG message expected next: a gap is messages lost
+        self._unlogged = 0  # the table's count of events over the rate, as last reported
+        self._unlogged_check: asyncio.TimerHandle | None = None
+        self.lost_in_socket = 0  # events the kernel could not deliver (a full socket buffer)
+        self.lost_to_rate = 0  # events over the rate, counted but not logged by the table
 
     def _run(self, text: str) -> str:
         rc, out, err = self.nft.cmd(text)
@@ -142,7 +164,7 @@ class NftablesDatapath:
             return False
         chains = [item["chain"] for item in self._json(f"list chains {FAMILY}")
                   if item.get("chain", {}).get("table") == self.rules.table]
-        if LAYOUT not in {chain["name"] for chain in chains}:
+        if self.rules.layout not in {chain["name"] for chain in chains}:
             log.warning("nftables: table %s has another layout; replacing it", self.rules.ref)
             self._run(f"delete table {self.rules.ref}")
             return False
@@ -177,6 +199,9 @@ class NftablesDatapath:
 
     async def stop(self) -> None:
         """Leave the table: a restarted agent keeps enforcing with it."""
+        if self._unlogged_check is not None:
+            self._unlogged_check.cancel()
+            self._unlogged_check = None
         if self._log_socket is not None:
             asyncio.get_running_loop().remove_reader(self._log_socket.fileno())
             self._log_socket.close()
@@ -187,7 +212,9 @@ class NftablesDatapath:
     async def apply(self, batch: DatapathBatch) -> None:
         """The contract's order: endpoints added (their chains and maps made); the policy
         elements and the ipcache ranges together in one transaction, so a packet meets the
-        state before the batch or after it, nothing between; the services (counted, not
+        state before the batch or after it, nothing between (with it, the judged sets of the
+        endpoints whose verdicts may have changed, every endpoint's when the ipcache changed,
+        are flushed: their connections are judged again); the services (counted, not
         balanced); endpoints removed. Until the first sync, an adopted table is left as the
         last agent wrote it: changes are kept and written by the reconcile."""
         touched = set()
@@ -196,10 +223,11 @@ class NftablesDatapath:
         for endpoint_id, changes in batch.policy.items():
             touched |= self._change_groups(endpoint_id, changes)
         families = self._change_ipcache(batch.ipcache_upserts, batch.ipcache_deletes)
-        if (touched or families) and (self.synced or not self.adopted):
+        if (touched or families or batch.policy) and (self.synced or not self.adopted):
             groups, written = self._group_commands(touched)
             ranges, drawn = self._ipcache_commands(families)
-            self._transaction(groups + ranges)
+            judged = self._judged_flushes(self.endpoints if families else batch.policy)
+            self._transaction(groups + ranges + judged)
             self._committed(written, drawn)
         if batch.services is not None:
             self._count_services(batch.services)
@@ -213,13 +241,15 @@ class NftablesDatapath:
         again (a changed endpoint on another device got fresh, empty maps)."""
         device = self.device_of(endpoint.ifindex)
         ipv6 = str(endpoint.ipv6) if endpoint.ipv6 else None
-        rules = self.rules.endpoint(endpoint.id, device, str(endpoint.ipv4), ipv6)
+        rules = self.rules.endpoint(endpoint.id, device, str(endpoint.ipv4), ipv6,
+                                    endpoint.policy_audit)
         held = self.endpoints.get(endpoint.id)
         found = self.found.pop(endpoint.id, None)
         again: set = set()
         if found == device or (held is not None and self.device_of(held.ifindex) == device):
-            # restored, or changed in place: keep its reply sets and policy maps
-            self._run(rules.spoof_chains_text(str(endpoint.ipv4), ipv6))
+            # restored, or changed in place (a new identity, audit mode): keep its reply sets
+            # and policy maps; its connections are judged again
+            self._run(rules.kept_text(str(endpoint.ipv4), ipv6, endpoint.policy_audit))
         else:
             if held is not None or found is not None:
                 self._delete(endpoint.id)
@@ -248,6 +278,7 @@ class NftablesDatapath:
         commands += [f"delete map {t} {m}" for m in rules.maps]
         commands += [f"delete chain {t} {c}" for c in rules.chains if c not in rules.base_chains]
         commands += [f"delete set {t} {s}" for s in rules.sets]
+        commands += [f"delete limit {t} {name}" for name in rules.limits]
         self._run("\n".join(commands))
 
     # -- ipcache ------------------------------------------------------------------------------
@@ -337,22 +368,24 @@ class NftablesDatapath:
 
     def _elements(self, group) -> dict[str, set[tuple]]:
         """The map elements of one group (the peer's identity, or any: identity 0), each
-        ``(identity or None, protocol or protocol range, port range or None, chain)``."""
+        ``(identity or None, protocol or protocol range, port range or None, chain)``; the
+        chain names the verdict and the match type (L3 of the peer's identity or any, L4 if
+        the deciding key names a protocol or port)."""
         endpoint_id, d, identity = group
         keys = [(k.protocol, k.port, k.end_port, v.value)
                 for k, v in self.groups.get(group, {}).items()]
         e = endpoint_id
         ported, portless = ("spec", "spnp") if identity else ("any", "anynp")
         peer = identity or None
-        then = "anyafter" if identity else "allowed"
         out: dict[str, set[tuple]] = {}
         for family in (4, 6):  # each family's maps jump to its own chains
             to_ported = out.setdefault(policy_map(ported, family, e, d), set())
             to_portless = out.setdefault(policy_map(portless, family, e, d), set())
-            denied = f"denied_{e}_{d}"
-            for first, last, low, high, verdict in policy_segments(keys):
-                target = denied if verdict == DENY else policy_map(then, family, e, d)
-                target_np = denied if verdict == DENY else policy_map(then + "np", family, e, d)
+            for first, last, low, high, verdict, l4 in policy_segments(keys):
+                match = (MATCH_L3_L4 if l4 else MATCH_L3_ONLY) if identity else \
+                    (MATCH_L4_ONLY if l4 else MATCH_ALL)
+                target = verdict_target(verdict != DENY, match, True, family, e, d)
+                target_np = verdict_target(verdict != DENY, match, False, family, e, d)
                 for protocol in PORT_PROTOCOLS:
                     if first <= protocol <= last:
                         to_ported.add((peer, protocol, (low, high), target))
@@ -379,7 +412,8 @@ class NftablesDatapath:
         self.ipcache = {family: {e.prefix: e.identity for e in ipcache
                                  if e.version == family} for family in (4, 6)}
         ranges, drawn = self._ipcache_commands((4, 6), whole=whole)
-        self._transaction(commands + ranges)  # one: the whole state in force at once
+        judged = self._judged_flushes(self.endpoints)
+        self._transaction(commands + ranges + judged)  # one: the whole state in force at once
         self._committed(written, drawn)
         self.dirty = False
         for endpoint_id in list(self.found):  # endpoints the last agent had and this one not
@@ -397,34 +431,79 @@ class NftablesDatapath:
                         " use the ebpf datapath for services", count)
         self.services = count
 
-    # -- drop notices -------------------------------------------------------------------------
+    # -- flow events --------------------------------------------------------------------------
+
+    def _judged_flushes(self, endpoint_ids) -> list[dict]:
+        """Commands that forget which connections of these endpoints were judged: their next
+        packets are judged (and reported) again under the state the same transaction writes."""
+        where = {"family": FAMILY, "table": self.rules.table}
+        return [{"flush": {"set": {**where, "name": name}}}
+                for endpoint_id in sorted(endpoint_ids) if endpoint_id in self.endpoints
+                for name in judged_sets(endpoint_id)]
 
     def _open_log(self) -> None:
         self._log_socket = netlink.open_nflog(self.rules.log_group)
         self._log_socket.setblocking(False)
-        asyncio.get_running_loop().add_reader(self._log_socket.fileno(), self._read_log)
+        self._unlogged = self._read_unlogged()  # what an earlier agent's table counted is not ours
+        asyncio.get_running_loop().add_reader(self._log_socket.fileno(), self.read_events)
 
-    def _read_log(self) -> None:
+    def read_events(self) -> None:
+        """Publish every event the kernel has queued for the agent (called in the loop when
+        the log socket is readable)."""
+        while self._read_log():
+            pass
+
+    def _read_log(self) -> bool:
+        """One message's events; False when none was waiting."""
         try:
             data = self._log_socket.recv(1 << 20)
         except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:  # ENOBUFS: the kernel dropped notices; the counters have them
-            log.debug("nflog: %s", exc)
-            return
-        for prefix, packet in netlink.nflog_packets(data):
-            event = self.describe_drop(prefix, packet)
+            return False
+        except OSError as exc:  # ENOBUFS: messages were lost; the numbering's gap counts them
+            if exc.errno != errno.ENOBUFS:
+                log.warning("nflog: %s", exc)
+            return True
+        for seq, prefix, packet in netlink.nflog_packets(data):
+            if seq is not None:
+                missed = (seq - self._next_seq) & 0xFFFFFFFF
+                if 0 < missed < 1 << 31:  # the kernel numbered messages we never got
+                    self.lost_in_socket += missed
+                    self.events.lost(missed)
+                self._next_seq = (seq + 1) & 0xFFFFFFFF
+            event = self.describe(prefix, packet)
             if event is not None:
                 self.events.publish(event)
+        if self._unlogged_check is None:  # events go over the rate only while events come
+            self._unlogged_check = asyncio.get_running_loop().call_later(
+                1.0, self._count_unlogged)
+        return True
 
-    def describe_drop(self, prefix: str, packet: bytes) -> FlowEvent | None:
+    def _read_unlogged(self) -> int:
+        try:
+            return netlink.read_counters(FAMILY, self.rules.table).get(UNLOGGED, 0)
+        except OSError:
+            return self._unlogged
+
+    def _count_unlogged(self) -> None:
+        """Events the table did not log (over the rate) are lost to the agent: reported as
+        such a second after events came, and again while more are lost."""
+        self._unlogged_check = None
+        now = self._read_unlogged()
+        if now > self._unlogged:
+            self.lost_to_rate += now - self._unlogged
+            self.events.lost(now - self._unlogged)
+            self._unlogged_check = asyncio.get_running_loop().call_later(
+                1.0, self._count_unlogged)
+        self._unlogged = now
+
+    def describe(self, prefix: str, packet: bytes) -> FlowEvent | None:
         """An event from a logged packet (its network header on) and its prefix
-        ``ma:<endpoint>:<in|out>:<reason>``; None for what is not ours."""
-        parts = prefix.strip().split(":")
-        if len(parts) != 4 or parts[0] != "ma" or parts[3] not in REASON_TEXT or \
-                not parts[1].isdigit() or parts[2] not in ("in", "out"):
+        ``ma:<endpoint>:<in|out>:<event>:<reason>:<match>``; None for what is not ours."""
+        found = PREFIX.fullmatch(prefix.strip())
+        if found is None or found[4] not in EVENT_REASONS.get(found[3], ()):
             return None  # another program's log in our group
-        endpoint_id, d, reason = int(parts[1]), parts[2], parts[3]
+        endpoint_id, d, reason, match = int(found[1]), found[2], found[4], int(found[5])
+        kind, verdict, is_reply = EVENTS[found[3]]
         header = _headers(packet)
         src_ip = dst_ip = ""
         sport = dport = number = flag_bits = src_id = dst_id = 0
@@ -434,9 +513,9 @@ class NftablesDatapath:
             own = endpoint.identity if endpoint else 0
             src_id = own if d == "out" else self.identity_of(src_ip)
             dst_id = own if d == "in" else self.identity_of(dst_ip)
-        return FlowEvent(time.time_ns(), DROP, DROPPED, reason, endpoint_id,
+        return FlowEvent(time.time_ns(), kind, verdict, reason, endpoint_id,
                          "ingress" if d == "in" else "egress", src_ip, sport, dst_ip, dport,
-                         number, flag_bits, src_id, dst_id)
+                         number, flag_bits, src_id, dst_id, is_reply, match)
 
     # -- visibility ---------------------------------------------------------------------------
 
@@ -464,7 +543,14 @@ class NftablesDatapath:
                    " drops: " + (", ".join(f"{n} {r}" for r, n in drops.items()) or "none"))
         details = [f"ipcache4: {len(self.ranges[4])} ranges",
                    f"ipcache6: {len(self.ranges[6])} ranges",
-                   f"policy elements: {elements}", f"forwarded: {counts['forwarded']}"]
+                   f"policy elements: {elements}", f"forwarded: {counts['forwarded']}",
+                   "flow events: " + ("drops, policy verdicts and traces" if self.rules.flows
+                                      else "drops only (--enable-hubble=false)")
+                   + f"; lost: {self.lost_in_socket} (socket full),"
+                     f" {self.lost_to_rate} (over the rate)"]
+        audited = sorted(e.id for e in self.endpoints.values() if e.policy_audit)
+        if audited:
+            details.append("policy audit mode: endpoints " + ", ".join(map(str, audited)))
         health = Health.OK
         if self.services:
             health = Health.WARNING
@@ -491,7 +577,9 @@ class NftablesMetrics:
 
 
 def _headers(packet: bytes):
-    """``((src, sport), (dst, dport), protocol, tcp flags)`` of an IP packet, or None."""
+    """``((src, sport), (dst, dport), protocol, tcp flags)`` of an IP packet, or None. ICMP
+    and ICMPv6 have no ports: the source port is their ``type << 8 | code`` (where the
+    observer reads them, as the eBPF datapath reports them)."""
     if not packet:
         return None
     version = packet[0] >> 4
@@ -513,6 +601,8 @@ def _headers(packet: bytes):
     else:
         return None
     sport = dport = flags = 0
+    if protocol in (1, 58) and not later and offset + 2 <= len(packet):
+        sport = packet[offset] << 8 | packet[offset + 1]
     if protocol in (6, 17, 132) and not later and offset + 4 <= len(packet):
         sport = int.from_bytes(packet[offset:offset + 2], "big")
         dport = int.from_bytes(packet[offset + 2:offset + 4], "big")

@@ -7,7 +7,9 @@ the eBPF datapath become partitions here:
   ranges, each with the identity of the longest prefix holding it (:func:`flatten_prefixes`);
 - one policy group's keys (protocol, port range, allow or deny; overlapping) become disjoint
   (protocol range, port range) segments, each with the verdict of every key covering it, deny
-  beating allow (:func:`policy_segments`).
+  beating allow, and whether only keys of that verdict naming a protocol or port cover it (the
+  policy match type's L4 half: an entry for any protocol and port, an L3 entry, names the
+  match before an L4 one, as the datapath contract's model says) (:func:`policy_segments`).
 """
 
 import ipaddress
@@ -21,8 +23,8 @@ ALLOW, DENY = "allow", "deny"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: (first address, last address, identity), addresses as integers
 Range = tuple[int, int, int]
-#: (first protocol, last protocol, first port, last port, verdict)
-Segment = tuple[int, int, int, int, str]
+#: (first protocol, last protocol, first port, last port, verdict, L4 keys alone decide)
+Segment = tuple[int, int, int, int, str, bool]
 
 
 def flatten_prefixes(rows: Iterable[tuple[Network, int]]) -> list[Range]:
@@ -56,7 +58,8 @@ def flatten_prefixes(rows: Iterable[tuple[Network, int]]) -> list[Range]:
 def policy_segments(keys: Iterable[tuple[int, int, int, str]]) -> list[Segment]:
     """One group's keys ``(protocol, port, end_port, verdict)`` — protocol 0: any, port 0:
     any — as disjoint segments over (protocol 0-255, port 0-65535), each with the verdict of
-    every key covering it (deny beats allow); what no key covers is left out. A packet of a
+    every key covering it (deny beats allow) and whether every key of that verdict covering
+    it names a protocol or a port; what no key covers is left out. A packet of a
     protocol without ports is looked up with port 0."""
     keys = list(keys)
     named = {p for p, _, _, _ in keys if p != ANY_PROTOCOL}
@@ -77,29 +80,31 @@ def policy_segments(keys: Iterable[tuple[int, int, int, str]]) -> list[Segment]:
         covering = []
         for protocol, port, end, verdict in keys:
             if protocol == ANY_PROTOCOL and not port:
-                covering.append((0, 65535, verdict))
+                covering.append((0, 65535, verdict, False))
             elif protocol == ANY_PROTOCOL:
                 if single in PORT_PROTOCOLS:
-                    covering.append((port, max(end, port), verdict))
+                    covering.append((port, max(end, port), verdict, True))
             elif protocol == single:
-                covering.append((port, max(end, port), verdict) if port else (0, 65535, verdict))
-        for low, high, verdict in _port_segments(covering):
-            out.append((first, last, low, high, verdict))
+                covering.append((port, max(end, port), verdict, True) if port
+                                else (0, 65535, verdict, True))
+        for low, high, verdict, l4 in _port_segments(covering):
+            out.append((first, last, low, high, verdict, l4))
     return out
 
 
-def _port_segments(ranges: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
-    """Overlapping port ranges with verdicts as disjoint ones, deny beating allow, adjacent
-    ones of one verdict merged."""
+def _port_segments(ranges: list[tuple[int, int, str, bool]]) -> list[tuple[int, int, str, bool]]:
+    """Overlapping port ranges with verdicts as disjoint ones, deny beating allow (and naming
+    L4 if every range of that verdict covering it does), adjacent equal ones merged."""
     bounds = sorted({r[0] for r in ranges} | {r[1] + 1 for r in ranges})
-    out: list[tuple[int, int, str]] = []
+    out: list[tuple[int, int, str, bool]] = []
     for low, following in zip(bounds, bounds[1:], strict=False):
-        verdicts = {v for first, last, v in ranges if first <= low <= last}
-        if not verdicts:
+        here = [(v, l4) for first, last, v, l4 in ranges if first <= low <= last]
+        if not here:
             continue
-        verdict = DENY if DENY in verdicts else ALLOW
-        if out and out[-1][1] + 1 == low and out[-1][2] == verdict:
-            out[-1] = (out[-1][0], following - 1, verdict)
+        verdict = DENY if any(v == DENY for v, _ in here) else ALLOW
+        l4 = all(l4 for v, l4 in here if v == verdict)
+        if out and out[-1][1] + 1 == low and out[-1][2:] == (verdict, l4):
+            out[-1] = (out[-1][0], following - 1, verdict, l4)
         else:
-            out.append((low, following - 1, verdict))
+            out.append((low, following - 1, verdict, l4))
     return out

@@ -8,7 +8,9 @@
   fragment header's ``frag id`` inside a map lookup whose result is assigned, and for a map
   update with a key longer than 16 bytes it loads the value into a register inside the key
   (``--debug=netlink`` shows it), so the record is written under a corrupted key.
-* Drop notices: the packets the table logs to its NFLOG group (libnftables cannot read them).
+* Flow events: the packets the table logs to its NFLOG group (libnftables cannot read them),
+  numbered by the kernel so that the ones it could not deliver (a full socket buffer) are
+  counted exactly from the gaps.
 """
 
 import socket
@@ -166,22 +168,36 @@ def add_rules(family: str, table: str, rules: list[tuple[str, list[bytes]]]) -> 
 
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET, NFULNL_MSG_CONFIG = 0, 1
-NFULA_CFG_CMD, NFULA_CFG_MODE = 1, 2
+NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_QTHRESH, NFULA_CFG_FLAGS = 1, 2, 5, 6
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_COPY_PACKET = 2
-NFULA_PACKET_HDR, NFULA_PAYLOAD, NFULA_PREFIX = 1, 9, 10
+NFULNL_CFG_F_SEQ = 0x0001
+NFULA_PACKET_HDR, NFULA_PAYLOAD, NFULA_PREFIX, NFULA_SEQ = 1, 9, 10, 12
 NF_NETDEV_EGRESS = 1
-COPY_RANGE = 128  # enough for the IP and transport headers a notice names
+COPY_RANGE = 128  # enough for the IP and transport headers an event names
+# one netlink message per logged packet, sent as it is logged (the default batches up to 100
+# for up to a second): an event's time is when it happened, and whoever saw the packet judged
+# (a counter moved after its log rule) finds its event queued
+QUEUE_THRESHOLD = 1
+RECEIVE_BUFFER = 4 << 20  # bytes of messages the kernel may queue for the agent
+SO_RCVBUFFORCE = 33  # Linux's; Python's socket module does not name it
 
 
 def open_nflog(group: int) -> socket.socket:
-    """A netlink socket bound to NFLOG ``group``, copying the first bytes of each packet."""
+    """A netlink socket bound to NFLOG ``group``, copying the first bytes of each packet and
+    numbering the messages."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     try:
+        try:  # past net.core.rmem_max (as root): a burst waits here rather than being lost
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         sock.bind((0, 0))
         kind = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
         for attr in (_attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND])),
-                     _attr(NFULA_CFG_MODE, struct.pack("!IBx", COPY_RANGE, NFULNL_COPY_PACKET))):
+                     _attr(NFULA_CFG_MODE, struct.pack("!IBx", COPY_RANGE, NFULNL_COPY_PACKET)),
+                     _attr(NFULA_CFG_QTHRESH, struct.pack("!I", QUEUE_THRESHOLD)),
+                     _attr(NFULA_CFG_FLAGS, struct.pack("!H", NFULNL_CFG_F_SEQ))):
             sock.send(_message(kind, NLM_F_ACK, 1, socket.AF_UNSPEC, attr, group))
             data = sock.recv(4096)
             if struct.unpack_from("H", data, 4)[0] == NLMSG_ERROR:
@@ -195,7 +211,8 @@ def open_nflog(group: int) -> socket.socket:
 
 
 def nflog_packets(data: bytes):
-    """``(prefix, packet from its network header)`` of each logged packet in ``data``."""
+    """``(sequence number or None, prefix, packet from its network header)`` of each logged
+    packet in ``data``."""
     offset = 0
     while offset + 20 <= len(data):
         length, kind, _, _, _ = struct.unpack_from("IHHII", data, offset)
@@ -208,5 +225,6 @@ def nflog_packets(data: bytes):
             header = attrs.get(NFULA_PACKET_HDR, b"")
             if len(header) >= 3 and header[2] == NF_NETDEV_EGRESS:
                 packet = packet[14:]  # the egress hook logs from the Ethernet header
-            yield prefix, packet
+            seq = attrs.get(NFULA_SEQ, b"")
+            yield (struct.unpack("!I", seq)[0] if len(seq) == 4 else None), prefix, packet
         offset += (length + 3) & ~3

@@ -8,18 +8,29 @@ must be whole); the link's own ICMPv6 passes; the source check; fragments; repli
 
 nftables has no scratch registers that live across rules, and a map lookup cannot be part of a
 concatenation, so two packet fields the agent may overwrite carry values between rules:
-``meta mark`` (the source port, then the peer's identity) and ``meta priority`` (the
-destination port). Ports become those types through the constant maps ``p2m``/``p2c`` (port
--> mark, port -> classid). The peer's identity comes from an interval map (the ipcache
-flattened into disjoint ranges); policy is two lookups, the peer's identity and any identity,
-in verdict maps whose verdicts jump to small chains that combine them (deny beats allow). An
-allowed packet adds its reverse to the opposite direction's reply set (nftables' conntrack
-does not exist at netdev hooks). A later fragment takes its first fragment's ports from the
-fragment maps through the shared chains ``fragports``/``fragreply``; the IPv6 ones are written
-in netlink (:mod:`meshagent.plugins.nftables.netlink`) because nft 1.0.6 cannot say them.
+``meta mark`` (the source port, then the peer's identity, then the match type of the specific
+entry that allowed) and ``meta priority`` (the destination port). Ports become those types
+through the constant maps ``p2m``/``p2c`` (port -> mark, port -> classid). The peer's identity
+comes from an interval map (the ipcache flattened into disjoint ranges); policy is two
+lookups, the peer's identity and any identity, in verdict maps whose verdicts jump to small
+chains that combine them (deny beats allow) and name the match type (Hubble's numbering). An
+allowed packet adds its reverse to the opposite direction's reply set (nftables' conntrack does
+not exist at netdev hooks) and its own tuple to the direction's *judged* set ``fsn``: until the
+agent flushes that set (a policy, ipcache or audit change of the endpoint) its later packets
+pass without a lookup, as a conntrack entry of the current generation does in the eBPF
+datapath. A later fragment takes its first fragment's ports from the fragment maps through the
+shared chains ``fragports``/``fragreply``; the IPv6 ones are written in netlink
+(:mod:`meshagent.plugins.nftables.netlink`) because nft 1.0.6 cannot say them.
 
-Every drop is counted by reason and, at most ``log_rate`` a second per endpoint, direction and
-reason, logged to an NFLOG group with the prefix ``ma:<endpoint>:<in|out>:<reason>``.
+Flow events go to one NFLOG group with the prefix
+``ma:<endpoint>:<in|out>:<event>:<reason>:<match>`` (:data:`EVENTS`): every drop, at most
+``log_rate`` a second per endpoint, direction, reason and match type; and (unless the ruleset
+logs drops only) the first judged packet of each connection and direction (``verdict``, or
+``audit`` when the endpoint is in audit mode and policy would have dropped it), the first
+packet of the reply direction (``reply``) and a TCP packet whose SYN, FIN or RST is new for its
+connection and direction (``trace``, ``reply``: the sets ``syn``, ``fin``, ``rst`` remember
+which it saw), at most ``event_rate`` a second per endpoint and direction. Those over a rate
+are counted in the counter ``unlogged``.
 """
 
 import attrs
@@ -27,10 +38,19 @@ import attrs
 from meshagent.plugin import world_identity
 
 FAMILY = "netdev"
-LAYOUT = "layout_1"  # an empty chain naming the table's layout: another layout is replaced
+LAYOUT = "layout_2"  # an empty chain naming the table's layout: another layout is replaced
 REASONS = ("forwarded", "policy_deny", "policy_default", "spoofed", "frag_tiny",
            "frag_unknown", "malformed", "unsupported_l3")
 DIRS = {"ingress": "in", "egress": "out"}  # the pod's policy direction
+#: A log prefix's event: (kind, verdict, is_reply) of meshagent.datapath.events
+EVENTS = {"drop": ("drop", "dropped", False), "verdict": ("policy-verdict", "forwarded", False),
+          "audit": ("policy-verdict", "audit", False), "trace": ("trace", "forwarded", False),
+          "reply": ("trace", "forwarded", True)}
+#: Hubble's policy match types (meshagent.datapath.events.MATCH_*) as chain names say them
+MATCH_NAMES = {1: "l3", 2: "l3l4", 3: "l4", 4: "all"}
+SPECIFIC, ANY = (1, 2), (3, 4)  # the match types of an identity's entries, of any identity's
+UNLOGGED = "unlogged"  # the counter of events over the rate
+TCP_FLAGS = ("syn", "fin", "rst")  # the flags a trace reports once per connection and direction
 FRAG_TIMEOUT = "60s"
 FRAG_KEY = "ip saddr . ip daddr . ip id . meta l4proto"
 # nft 1.0.6 aborts (assertion ``dreg < ctx->reg_low``) writing a map from a concatenation with
@@ -68,12 +88,19 @@ class Ruleset:
 
     table: str = "meshagent"
     log_group: int = 7
-    log_rate: int = 50  # drop notices a second, per endpoint, direction and reason
+    log_rate: int = 50  # drop notices a second, per endpoint, direction, reason and match
     flow_timeout: int = 21600  # seconds a flow's replies stay allowed after its last packet
+    flows: bool = True  # log policy verdicts and traces too (False: drops only)
+    event_rate: int = 1000  # verdicts and traces logged a second, per endpoint and direction
 
     @property
     def ref(self) -> str:
         return f"{FAMILY} {self.table}"
+
+    @property
+    def layout(self) -> str:
+        """The layout chain's name: a table logging another set of events is another layout."""
+        return LAYOUT if self.flows else f"{LAYOUT}_drops"
 
     def table_text(self) -> str:
         """The table and what every endpoint shares: reason counters, the ipcaches, the port
@@ -86,8 +113,9 @@ class Ruleset:
         chains = "\n".join(f"  chain {c}{sfx} {{ }}" for c in SHARED_CHAINS for sfx in ("", "6"))
         return f"""table {self.ref} {{
   comment "meshagent datapath (do not edit: the agent owns this table)"
-  chain {LAYOUT} {{ }}
+  chain {self.layout} {{ }}
 {counters}
+  counter {UNLOGGED} {{}}
   map ipcache4 {{ type ipv4_addr : mark; flags interval; }}
   map ipcache6 {{ type ipv6_addr : mark; flags interval; }}
   map p2m {{ typeof th dport : meta mark; size 65536; }}
@@ -133,24 +161,28 @@ class Ruleset:
         return out
 
     def endpoint(self, endpoint_id: int, device: str, ipv4: str,
-                 ipv6: str | None) -> "EndpointRules":
-        return EndpointRules(self, endpoint_id, device, ipv4, ipv6)
+                 ipv6: str | None, audit: bool = False) -> "EndpointRules":
+        return EndpointRules(self, endpoint_id, device, ipv4, ipv6, audit)
 
 
 class EndpointRules:
-    """One endpoint's chains, maps and sets: the text that makes them, and their names (what
-    removing the endpoint deletes)."""
+    """One endpoint's chains, maps, sets and limits: the text that makes them, and their names
+    (what removing the endpoint deletes)."""
 
-    def __init__(self, ruleset: Ruleset, e: int, device: str, ipv4: str, ipv6: str | None):
+    def __init__(self, ruleset: Ruleset, e: int, device: str, ipv4: str, ipv6: str | None,
+                 audit: bool = False):
         self.ruleset, self.e = ruleset, e
         self.chains: list[str] = []
         self.maps: list[str] = []
         self.sets: list[str] = []
+        self.limits: list[str] = []
         self.parts: list[str] = []
         for direction, d in DIRS.items():
+            self._events(d)
             for reason in REASONS[1:]:
-                self._drop_chain(reason, d)
-            self._chain(f"denied_{e}_{d}", f"    goto drop_policy_deny_{e}_{d}")
+                for match in (SPECIFIC + ANY if reason == "policy_deny" else (0,)):
+                    self._chain(_drop_chain(reason, match, e, d),
+                                self.policy_drop_body(reason, match, d, audit))
             for family in (4, 6):
                 self._family(direction, d, family)
         for hook, d in (("ingress", "out"), ("egress", "in")):
@@ -160,27 +192,71 @@ class EndpointRules:
     def text(self) -> str:
         return f"table {self.ruleset.ref} {{" + "".join(self.parts) + "\n}"
 
-    def spoof_chains_text(self, ipv4: str, ipv6: str | None) -> str:
-        """Commands that rewrite only the source checks (a restored endpoint's addresses)."""
+    def kept_text(self, ipv4: str, ipv6: str | None, audit: bool) -> str:
+        """Commands, one transaction, for an endpoint handed over again on its device (a
+        restored or changed endpoint): its source checks and policy drops rewritten, and its
+        judged sets flushed, so its connections are judged again under the new state."""
         r, e = self.ruleset.ref, self.e
-        return "\n".join([f"flush chain {r} spoof4_{e}", f"flush chain {r} spoof6_{e}",
-                          f"add rule {r} spoof4_{e} {_spoof4(e, ipv4)}",
-                          f"add rule {r} spoof6_{e} {_spoof6(e, ipv6)}"])
+        out = [f"flush chain {r} spoof4_{e}", f"flush chain {r} spoof6_{e}",
+               f"add rule {r} spoof4_{e} {_spoof4(e, ipv4)}",
+               f"add rule {r} spoof6_{e} {_spoof6(e, ipv6)}"]
+        for d in DIRS.values():
+            for reason, match in (("policy_default", 0),
+                                  *(("policy_deny", m) for m in SPECIFIC + ANY)):
+                chain = _drop_chain(reason, match, e, d)
+                out.append(f"flush chain {r} {chain}")
+                out += [f"add rule {r} {chain} {rule.strip()}" for rule in
+                        self.policy_drop_body(reason, match, d, audit).splitlines()]
+        out += [f"flush set {r} {name}" for name in judged_sets(e)]
+        return "\n".join(out)
 
     def _chain(self, name: str, body: str) -> None:
         self.chains.append(name)
         self.parts.append(f"\n  chain {name} {{\n{body}\n  }}")
 
-    def _drop_chain(self, reason: str, d: str) -> None:
-        rs = self.ruleset
-        self._chain(f"drop_{reason}_{self.e}_{d}",
-                    f"    limit rate over {rs.log_rate}/second counter name r_{reason} drop\n"
-                    f"    counter name r_{reason} log prefix \"ma:{self.e}:{d}:{reason} \""
-                    f" group {rs.log_group} drop")
+    def _log(self, d: str, event: str, reason: str, match: int) -> str:
+        prefix = f"ma:{self.e}:{d}:{event}:{reason}:{match} "
+        return f'log prefix "{prefix}" group {self.ruleset.log_group}'
+
+    def policy_drop_body(self, reason: str, match: int, d: str, audit: bool) -> str:
+        """A drop chain: count and log the drop; for a policy drop of an endpoint in audit
+        mode: log an audit and pass the packet as allowed."""
+        rs, e = self.ruleset, self.e
+        if audit and reason in ("policy_deny", "policy_default"):
+            if not rs.flows:
+                return f"    goto okd_{e}_{d}"
+            return (f'    limit name "ev_{e}_{d}" counter name {UNLOGGED} goto okd_{e}_{d}\n'
+                    f"    {self._log(d, 'audit', reason, match)}\n"
+                    f"    goto okd_{e}_{d}")
+        # logged before it is counted: who sees the counter move finds the event queued
+        return (f"    limit rate over {rs.log_rate}/second burst {rs.log_rate} packets"
+                f" counter name r_{reason} counter name {UNLOGGED} drop\n"
+                f"    {self._log(d, 'drop', reason, match)} counter name r_{reason} drop")
+
+    def _events(self, d: str) -> None:
+        """A direction's chains that name a policy verdict's match type, its event limit."""
+        rs, e = self.ruleset, self.e
+        self.limits.append(f"ev_{e}_{d}")
+        self.parts.append(f"\n  limit ev_{e}_{d} {{ rate over {rs.event_rate}/second"
+                          f" burst {rs.event_rate} packets; }}")
+        for match in SPECIFIC + ANY:  # allowed, with this match type: logged, then tracked
+            body = f"    goto okd_{e}_{d}"
+            if rs.flows:
+                body = (f'    limit name "ev_{e}_{d}" counter name {UNLOGGED} goto okd_{e}_{d}\n'
+                        f"    {self._log(d, 'verdict', 'forwarded', match)}\n" + body)
+            self._chain(f"ok_{MATCH_NAMES[match]}_{e}_{d}", body)
+        for match in ANY:  # any identity allowed: a specific allow (mark 1, 2) names the match
+            self._chain(f"anyok_{MATCH_NAMES[match]}_{e}_{d}", "\n".join(
+                [f"    meta mark {m} goto ok_{MATCH_NAMES[m]}_{e}_{d}" for m in SPECIFIC]
+                + [f"    goto ok_{MATCH_NAMES[match]}_{e}_{d}"]))
+        self._chain(f"okd_{e}_{d}", f"""    meta protocol ip meta l4proto {PORTED} goto first4_{e}_{d}
+    meta protocol ip goto firstnp4_{e}_{d}
+    meta l4proto {PORTED} goto first6_{e}_{d}
+    goto firstnp6_{e}_{d}""")
 
     def _family(self, direction: str, d: str, family: int) -> None:
         sfx, ip, later, first, more, units, ipcache, world, fragment = FAMILIES[family]
-        e, timeout = self.e, f"{self.ruleset.flow_timeout}s"
+        rs, e, timeout = self.ruleset, self.e, f"{self.ruleset.flow_timeout}s"
         back = "out" if d == "in" else "in"
         peer = "saddr" if direction == "ingress" else "daddr"
         fed = f"{family}_{e}_{d}"
@@ -191,11 +267,15 @@ class EndpointRules:
                           (f"anynp{fed}", "meta l4proto")):
             self.maps.append(name)
             self.parts.append(f"\n  map {name} {{ typeof {key} : verdict; flags interval; }}")
-        for name, key in ((f"rep{fed}", f"{ip} saddr . {ip} daddr . meta l4proto . meta mark"
-                                        " . meta priority"),
-                          (f"repnp{fed}", f"{ip} saddr . {ip} daddr . meta l4proto")):
-            self.sets.append(name)
-            self.parts.append(f"\n  set {name} {{ typeof {key}; flags dynamic, timeout;"
+        tuple_ = f"{ip} saddr . {ip} daddr . meta l4proto . meta mark . meta priority"
+        tuple_np = f"{ip} saddr . {ip} daddr . meta l4proto"
+        sets = [("rep", tuple_), ("repnp", tuple_np), ("fsn", tuple_), ("fsnnp", tuple_np)]
+        if rs.flows:
+            # a set per flag: nft 1.0.6 aborts writing an IPv6 tuple with one more field
+            sets += [("rsn", tuple_), ("rsnnp", tuple_np)] + [(flag, tuple_) for flag in TCP_FLAGS]
+        for kind, key in sets:
+            self.sets.append(f"{kind}{fed}")
+            self.parts.append(f"\n  set {kind}{fed} {{ typeof {key}; flags dynamic, timeout;"
                               f" timeout {timeout}; }}")
         reply = f"{ip} daddr . {ip} saddr . meta l4proto . meta mark . meta priority"
         not_fragment = "\n".join(f"    {f} return" for f in fragment)
@@ -216,20 +296,68 @@ class EndpointRules:
     counter name r_forwarded accept""")
         self._chain(f"allowednp{fed}", f"""    update @repnp{family}_{e}_{back} {{ {ip} daddr . {ip} saddr . meta l4proto }}
     counter name r_forwarded accept""")
-        self._chain(f"anyafter{fed}", f"""    meta l4proto . meta priority vmap @any{fed}
+        # first judged packet of a connection and direction (allowed or audited): tracked
+        record = f"    jump trec{fed}" if rs.flows else ""
+        self._chain(f"fwdports{fed}", f"""    {later} goto fragports{sfx}
+    meta mark set th sport map @p2m""")
+        self._chain(f"first{fed}", f"""    jump fwdports{fed}
+    add @fsn{fed} {{ {tuple_} }}
+{record}
     goto allowed{fed}""")
-        self._chain(f"anyonly{fed}", f"""    meta l4proto . meta priority vmap @any{fed}
-    goto drop_policy_default{drop}""")
-        self._chain(f"anyafternp{fed}", f"""    meta l4proto vmap @anynp{fed}
+        self._chain(f"firstnp{fed}", f"""    add @fsnnp{fed} {{ {tuple_np} }}
     goto allowednp{fed}""")
-        self._chain(f"anyonlynp{fed}", f"""    meta l4proto vmap @anynp{fed}
+        for match in SPECIFIC:  # the peer's identity allowed: any identity's deny still wins
+            m = MATCH_NAMES[match]
+            self._chain(f"anyafter_{m}_{fed}", f"""    meta mark set {match}
+    meta l4proto . meta priority vmap @any{fed}
+    goto ok_{m}_{e}_{d}""")
+            self._chain(f"anyafternp_{m}_{fed}", f"""    meta mark set {match}
+    meta l4proto vmap @anynp{fed}
+    goto ok_{m}_{e}_{d}""")
+        self._chain(f"anyonly{fed}", f"""    meta mark set 0
+    meta l4proto . meta priority vmap @any{fed}
     goto drop_policy_default{drop}""")
-        self._chain(f"judge{fed}", f"""    {ip} saddr . {ip} daddr . meta l4proto . meta mark . meta priority @rep{fed} counter name r_forwarded accept
+        self._chain(f"anyonlynp{fed}", f"""    meta mark set 0
+    meta l4proto vmap @anynp{fed}
+    goto drop_policy_default{drop}""")
+        if rs.flows:
+            on_reply, on_reply_np = f"goto reply{fed}", f"goto replynp{fed}"
+            on_known = f"goto known{fed}"
+            # a later fragment has no TCP header; nftables reads IPv6's payload as one
+            self._chain(f"trec{fed}", f"    {later} return\n" + "\n".join(
+                f"    tcp flags & {flag} != 0 add @{flag}{fed} {{ {tuple_} }}"
+                for flag in TCP_FLAGS))
+            self._chain(f"tflags{fed}", f"    {later} return\n" + "\n".join(
+                f"    tcp flags & {flag} != 0 {tuple_} != @{flag}{fed} goto tnew{fed}"
+                for flag in TCP_FLAGS))
+            self._chain(f"tnew{fed}", f"""{record}
+    limit name "ev_{e}_{d}" counter name {UNLOGGED} return
+    {tuple_} @rep{fed} {self._log(d, 'reply', 'forwarded', 0)} return
+    {self._log(d, 'trace', 'forwarded', 0)}""")
+            self._chain(f"known{fed}", f"""    jump tflags{fed}
+    goto allowed{fed}""")
+            self._chain(f"replied{fed}", f"""    jump tflags{fed}
+    counter name r_forwarded accept""")
+            self._chain(f"reply{fed}", f"""    {tuple_} @rsn{fed} goto replied{fed}
+    add @rsn{fed} {{ {tuple_} }}
+{record}
+    limit name "ev_{e}_{d}" counter name {UNLOGGED} counter name r_forwarded accept
+    {self._log(d, 'reply', 'forwarded', 0)} counter name r_forwarded accept""")
+            self._chain(f"replynp{fed}", f"""    {tuple_np} @rsnnp{fed} counter name r_forwarded accept
+    add @rsnnp{fed} {{ {tuple_np} }}
+    limit name "ev_{e}_{d}" counter name {UNLOGGED} counter name r_forwarded accept
+    {self._log(d, 'reply', 'forwarded', 0)} counter name r_forwarded accept""")
+        else:
+            on_reply = on_reply_np = "counter name r_forwarded accept"
+            on_known = f"goto allowed{fed}"
+        self._chain(f"judge{fed}", f"""    {tuple_} @rep{fed} {on_reply}
+    {tuple_} @fsn{fed} {on_known}
     meta mark set {world}
     meta mark set {ip} {peer} map @{ipcache}
     meta mark . meta l4proto . meta priority vmap @spec{fed}
     goto anyonly{fed}""")
-        self._chain(f"judgenp{fed}", f"""    {ip} saddr . {ip} daddr . meta l4proto @repnp{fed} counter name r_forwarded accept
+        self._chain(f"judgenp{fed}", f"""    {tuple_np} @repnp{fed} {on_reply_np}
+    {tuple_np} @fsnnp{fed} goto allowednp{fed}
     meta mark set {world}
     meta mark set {ip} {peer} map @{ipcache}
     meta mark . meta l4proto vmap @spnp{fed}
@@ -285,10 +413,35 @@ class EndpointRules:
     goto l46{ed}""")
 
 
+def judged_sets(endpoint_id: int) -> list[str]:
+    """An endpoint's sets of connections judged under the current state (flushed when the
+    state changes)."""
+    return [f"{kind}{family}_{endpoint_id}_{d}" for kind in ("fsn", "fsnnp")
+            for family in (4, 6) for d in DIRS.values()]
+
+
 def policy_map(kind: str, family: int, endpoint_id: int, d: str) -> str:
-    """The name of one of an endpoint's policy maps (``spec``, ``any``, ``spnp``, ``anynp``)
-    or of a chain their verdicts jump to."""
+    """The name of one of an endpoint's policy maps (``spec``, ``any``, ``spnp``, ``anynp``)."""
     return f"{kind}{family}_{endpoint_id}_{d}"
+
+
+def verdict_target(allow: bool, match: int, ported: bool, family: int, endpoint_id: int,
+                   d: str) -> str:
+    """The chain a policy map element's verdict jumps to: a deny drops (or audits) naming its
+    match type; an allow of the peer's identity looks up any identity's deny next, an allow of
+    any identity is one (the peer's own allow, if any, names the match type)."""
+    m = MATCH_NAMES[match]
+    if not allow:
+        return _drop_chain("policy_deny", match, endpoint_id, d)
+    if match in SPECIFIC:
+        return f"anyafter{'' if ported else 'np'}_{m}_{family}_{endpoint_id}_{d}"
+    return f"anyok_{m}_{endpoint_id}_{d}"
+
+
+def _drop_chain(reason: str, match: int, e: int, d: str) -> str:
+    if reason == "policy_deny":
+        return f"drop_policy_deny_{MATCH_NAMES[match]}_{e}_{d}"
+    return f"drop_{reason}_{e}_{d}"
 
 
 def _spoof4(e: int, ipv4: str) -> str:
