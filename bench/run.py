@@ -266,11 +266,11 @@ def flows_cost(dp: dict, per_connection: float, lost: float) -> str:
     return ("What bounds (b) with flows is its agent: it spent"
             f" {cpu_us:.0f} µs of CPU per new connection, about {cpu_us / per_connection:.0f} µs"
             f" per event, where (a) makes a whole connection in {budget_us:.0f} µs of the"
-            f" machine's {dp['cores']} cores; its loop runs flat out, and the perf buffers"
-            f" overflow ({lost:.0%} of the events lost). A profile of the agent under this load"
-            " (py-spy, 2026-12-07) finds four fifths of its busy time in the perf reader's"
-            " callback, called once per event (the readers wake on every event): the record"
-            " decoded (its addresses through `ipaddress`), a FlowEvent published, and the"
+            f" machine's {dp['cores']} cores, and the perf buffers overflow ({lost:.0%} of the"
+            " events lost). A profile of the agent under this load (py-spy, 2026-12-07) finds"
+            " its loop busy all the time, four fifths of it in the perf reader's callback,"
+            " called once per event (the readers wake on every event): the record decoded (its"
+            " addresses through `ipaddress`), a FlowEvent published, and the"
             " observer building a Hubble Flow message from it at once (a uuid4, both endpoints'"
             " names and labels, the summary text, the metrics) — that Flow is half of the time."
             f" For (b) to stay at 90% of (a), flows may cost about {budget_us / 10:.0f} µs a"
@@ -319,22 +319,23 @@ def datapath_report(dp: dict) -> list[str]:
     flows = {key: dp["flows"][key] for key in ("b_meshagent_ebpf", "d_meshagent_nftables")}
     b_over_e = dp["b_over_e"]
     if flows_shown(dp):
-        counted = [f"({key[0]}) {f['hubble_flows_processed_total'] or 0:,} flows,"
-                   f" {f['hubble_lost_events_total'] or 0:,} events lost"
+        connections = dp["rounds"] * dp["connections"]
+
+        def events(f: dict) -> int:
+            return (f["hubble_flows_processed_total"] or 0) + (f["hubble_lost_events_total"] or 0)
+        counted = [f"({key[0]}) {f['hubble_flows_processed_total'] or 0:,} flows and"
+                   f" {f['hubble_lost_events_total'] or 0:,} events lost,"
+                   f" {events(f) / connections:.1f} events per new connection"
                    for key, f in dp["flows"].items() if key[0] in "bde"]
         b = dp["flows"]["b_meshagent_ebpf"]
-        events = b["hubble_flows_processed_total"] + (b["hubble_lost_events_total"] or 0)
+        lost = (b["hubble_lost_events_total"] or 0) / events(b)
         shown = (f"Flows processed by the agents' observers over the run: {'; '.join(counted)}"
-                 " ((e) reports drops only). In (b), that is"
-                 f" {events / (dp['rounds'] * dp['connections']):.1f} events per new connection"
-                 " (all of the run's, iperf3's and the PINGs' included, over its new"
-                 f" connections), {(b['hubble_lost_events_total'] or 0) / events:.0%} of them"
-                 " lost. What reporting them costs: (b) over (e),"
+                 " (all of the run's events, iperf3's and the PINGs' included, over its new"
+                 " connections; (e) reports drops only). What reporting them costs: (b) over (e),"
                  f" {b_over_e['new_conn_per_s']:.0%} of the connection rate,"
                  f" {b_over_e['redis_ping_rps']:.0%} of the PING rate and"
                  f" {b_over_e['iperf3_gbit_s']:.0%} of the throughput, and the agent CPU column.")
-        shown += "\n\n" + flows_cost(dp, events / (dp["rounds"] * dp["connections"]),
-                                     (b["hubble_lost_events_total"] or 0) / events)
+        shown += "\n\n" + flows_cost(dp, events(b) / connections, lost)
     else:
         silent = " and ".join(f"({key[0]})" for key, f in flows.items()
                               if not f["hubble_flows_processed_total"])
