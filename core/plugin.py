@@ -27,13 +27,17 @@ from meshagent.datapath.events import (
     MATCH_ALL,
     MATCH_L3_L4,
     MATCH_L3_ONLY,
+    MATCH_L3_PROTO,
     MATCH_L4_ONLY,
     MATCH_NONE,
+    MATCH_PROTO_ONLY,
+    MATCH_TEXT,
     POLICY_VERDICT,
     TRACE,
     FlowEvent,
     FlowEvents,
     FlowEventSink,
+    match_of,
 )
 from meshagent.errors import MeshagentError, PluginError, UsageError
 from meshagent.events import ChangeKind, PolicyChange
@@ -112,7 +116,8 @@ __all__ = [
     "EndpointChanges", "ChangeQueue", "ReportsEnforcement", "AttributesVerdicts",
     "Datapath", "DatapathBatch", "FlowEvent", "FlowEventSink", "FlowEvents", "DROP",
     "POLICY_VERDICT", "TRACE", "FORWARDED", "DROPPED", "AUDIT", "MATCH_NONE", "MATCH_L3_ONLY",
-    "MATCH_L3_L4", "MATCH_L4_ONLY", "MATCH_ALL", "PROTOCOL_NAMES", "REASON_TEXT", "flag_names", "host_port", "protocol_name", "verdict_metrics",
+    "MATCH_L3_L4", "MATCH_L4_ONLY", "MATCH_ALL", "MATCH_L3_PROTO", "MATCH_PROTO_ONLY",
+    "MATCH_TEXT", "match_of", "PROTOCOL_NAMES", "REASON_TEXT", "flag_names", "host_port", "protocol_name", "verdict_metrics",
     # values
     "ClusterInfo", "Node", "Identity", "ReservedIdentity", "world_identity", "Endpoint",
     "IPCacheEntry", "Service", "Frontend", "Backend", "MergedService", "ServiceUpdate",

@@ -1,6 +1,6 @@
 """The eBPF datapath's flow events beyond what the contract suite compares: the facts each
 record carries (addresses, ports, identities, flags, time), the match type of each kind of
-policy entry, losses when the perf buffer is full, and drops only when compiled for
+policy entry (Cilium 1.17+'s rule), losses when the perf buffer is full, and drops only when compiled for
 ``--enable-hubble=false``. The programs run on synthetic frames (BPF_PROG_TEST_RUN)."""
 
 import time
@@ -16,14 +16,16 @@ from meshagent.datapath.events import (
     MATCH_ALL,
     MATCH_L3_L4,
     MATCH_L3_ONLY,
+    MATCH_L3_PROTO,
     MATCH_L4_ONLY,
     MATCH_NONE,
+    MATCH_PROTO_ONLY,
     POLICY_VERDICT,
     TRACE,
 )
 from meshagent.policy.resolver import EGRESS, INGRESS
 from meshagent.testing.datapath_contract import ScenarioDriver
-from meshagent.testing.packets import TCP, Packet
+from meshagent.testing.packets import SCTP, TCP, UDP, Packet
 from meshagent.testing.scenarios import ALL_EGRESS, CLIENT, ECHO, ECHO2, REMOTE, named_scenario
 from meshagent_dev.netlab import can_run
 
@@ -84,13 +86,20 @@ def test_a_connection_between_two_local_pods_is_reported_once_per_news(judge, dr
 
 
 def test_each_kind_of_policy_entry_reports_its_match_type(judge, driver):
-    """Cilium's PolicyMatchType: the peer's identity without ports is L3-only, with ports
-    L3+L4; any peer with ports L4-only, without anything ALL; a default drop none; a deny
-    rule's drop the deny entry's."""
+    """Cilium 1.17+'s PolicyMatchType (bpf/lib/policy.h): the longest prefix over (protocol,
+    port) of each lookup; a deny of the peer's identity, then of any identity; of two allows
+    the peer's unless any identity's is longer. The peer's identity without a protocol is
+    L3-Only, with a protocol L3-Proto, with a port L3-L4; any peer: all, Proto-Only, L4-Only;
+    a default drop none."""
     rules = {"egress": [{"toEndpoints": [{"matchLabels": {"app": "echo"}}]},
+                        {"toEndpoints": [{"matchLabels": {"app": "echo"}}], "toPorts": [
+                            {"ports": [{"port": "3000", "protocol": "TCP"}]}]},
                         {"toEndpoints": [{"matchLabels": {"app": "echo2"}}], "toPorts": [
                             {"ports": [{"port": "9090", "protocol": "TCP"}]}]},
-                        {"toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}]}]}],
+                        {"toEndpoints": [{"matchLabels": {"app": "echo2"}}], "toPorts": [
+                            {"ports": [{"port": "0", "protocol": "UDP"}]}]},
+                        {"toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}]}]},
+                        {"toPorts": [{"ports": [{"port": "0", "protocol": "SCTP"}]}]}],
              "egressDeny": [{"toPorts": [{"ports": [{"port": "4096", "endPort": 8191,
                                                      "protocol": "TCP"}]}]}]}
     driver.start(named_scenario([rules], []))
@@ -102,10 +111,23 @@ def test_each_kind_of_policy_entry_reports_its_match_type(judge, driver):
         return event.kind, event.reason, event.match
     assert reported(Packet(CLIENT, ECHO, TCP, 40000, 80)) == \
         (POLICY_VERDICT, "forwarded", MATCH_L3_ONLY)
+    # the peer's any port and its port 3000: the longer prefix
+    assert reported(Packet(CLIENT, ECHO, TCP, 40000, 3000)) == \
+        (POLICY_VERDICT, "forwarded", MATCH_L3_L4)
     assert reported(Packet(CLIENT, ECHO2, TCP, 40000, 9090)) == \
         (POLICY_VERDICT, "forwarded", MATCH_L3_L4)
-    assert reported(Packet(CLIENT, REMOTE, 17, 40000, 53)) == \
+    assert reported(Packet(CLIENT, ECHO2, UDP, 40000, 5353)) == \
+        (POLICY_VERDICT, "forwarded", MATCH_L3_PROTO)
+    assert reported(Packet(CLIENT, REMOTE, UDP, 40000, 53)) == \
         (POLICY_VERDICT, "forwarded", MATCH_L4_ONLY)
+    # the peer's any port against any peer's UDP/53: any identity's prefix is longer
+    assert reported(Packet(CLIENT, ECHO, UDP, 40000, 53)) == \
+        (POLICY_VERDICT, "forwarded", MATCH_L4_ONLY)
+    # the peer's UDP against any peer's UDP/53: longer again
+    assert reported(Packet(CLIENT, ECHO2, UDP, 40001, 53)) == \
+        (POLICY_VERDICT, "forwarded", MATCH_L4_ONLY)
+    assert reported(Packet(CLIENT, REMOTE, SCTP, 40000, 80)) == \
+        (POLICY_VERDICT, "forwarded", MATCH_PROTO_ONLY)
     assert reported(Packet(CLIENT, ECHO, TCP, 40001, 5000)) == \
         (DROP, "policy_deny", MATCH_L4_ONLY)
     assert reported(Packet(CLIENT, WORLD, TCP, 40000, 80)) == \
@@ -152,27 +174,29 @@ def test_without_flow_events_the_programs_report_drops_only():
         assert quiet.events() == []
 
 
-def test_policy_entries_written_before_match_types_get_theirs_at_the_first_sync(judge, driver):
-    """An earlier agent's policy map has no match types (the byte was padding): the
-    reconcile of the first sync writes them, verdicts unchanged."""
-    from meshagent.plugins.ebpf.datapath import match_of
+def test_policy_entries_written_before_prefix_lengths_get_theirs_at_the_first_sync(judge,
+                                                                                    driver):
+    """An earlier agent's policy map holds a match type (or padding) where entries now keep
+    their prefix length: the reconcile of the first sync writes it, verdicts unchanged."""
     from meshagent.plugins.ebpf.maps import POLICY_PREFIX_STATIC
-    from meshagent.plugins.ebpf.policymap import Block
-    scenario = named_scenario([ALL_EGRESS], [])
+    to_echo = {"egress": [{"toEndpoints": [{"matchLabels": {"app": "echo"}}], "toPorts": [
+        {"ports": [{"port": "8080", "protocol": "TCP"}]}]}]}
+    scenario = named_scenario([ALL_EGRESS, to_echo], [])
     driver.start(scenario)
     table = judge.datapath.maps["policy"]
     written = {bytes(key): value.verdict for key, value in table.items()}
     assert written
     for key, value in table.items():
-        value.match = 0
+        value.prefix = 1  # the byte held MATCH_L3_ONLY
         table.put(key, value)
     driver.start(scenario)  # a reconcile, as after a restart
+    prefixes = set()
     for key, value in table.items():
-        group = (key.endpoint_id, key.direction, key.identity)
-        block = Block(key.prefixlen - POLICY_PREFIX_STATIC, key.protocol, key.port)
-        assert value.match == match_of(group, block) != 0
+        assert value.prefix == key.prefixlen - POLICY_PREFIX_STATIC
         assert value.verdict == written.pop(bytes(key))
+        prefixes.add(value.prefix)
     assert not written
+    assert prefixes == {0, 24}
 
 
 def test_a_burst_of_new_connections_fits_the_default_buffer(judge, driver):

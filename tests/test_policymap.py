@@ -5,17 +5,27 @@ prefixes per protocol."""
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from meshagent.datapath.events import (
+    MATCH_L3_L4,
+    MATCH_L3_PROTO,
+    MATCH_L4_ONLY,
+    MATCH_NONE,
+    MATCH_PROTO_ONLY,
+    match_of,
+)
 from meshagent.plugins.ebpf.policymap import (
     ALLOW,
     DENY,
     group_entries,
     key_blocks,
+    longest,
     lookup,
     ordered_writes,
     port_prefixes,
     safe_stages,
 )
 from meshagent.policy.resolver import MapKey, Verdict, judge
+from meshagent.testing.datapath_model import match_type
 
 
 @given(st.integers(1, 65535).flatmap(lambda a: st.tuples(st.just(a), st.integers(a, 65535))))
@@ -131,3 +141,56 @@ def test_one_stage_at_a_time_is_what_makes_it_safe():
     staged = {g: group_entries((p, s, e, v) for (p, s, e), v in safe_stages(old[g], new[g])[0]
                                .items()) for g in old}
     assert combined(staged, 6, 22) == DENY
+
+
+# -- the match type the kernel reports -------------------------------------------------------------
+
+
+def kernel_match(groups: dict, protocol: int, port: int) -> int:
+    """bpf/lib/policy.h's choice, in Python: each entry stores its own prefix length."""
+    found = {}
+    for name, entries in groups.items():
+        block = longest(entries, protocol, port)
+        found[name] = None if block is None else (entries[block], block.bits)
+    mine, anyone = found["id"], found["any"]
+    if mine and (mine[0] == DENY or not anyone or anyone[0] == ALLOW and anyone[1] <= mine[1]):
+        return match_of(True, mine[1])
+    return MATCH_NONE if anyone is None else match_of(False, anyone[1])
+
+
+@settings(max_examples=400, deadline=None)
+@given(GROUP_KEYS, GROUP_KEYS)
+# the five cases where Cilium 1.17+ differs from "the peer's identity first, L3 before L4"
+@example({(0, 0, 0): ALLOW, (6, 80, 80): ALLOW}, {})
+@example({(0, 0, 0): ALLOW}, {(6, 80, 80): ALLOW})
+@example({}, {(6, 80, 80): ALLOW, (0, 0, 0): ALLOW})
+@example({(6, 0, 0): ALLOW}, {})
+@example({}, {(6, 0, 0): ALLOW})
+@example({(0, 0, 0): DENY, (6, 0, 0): ALLOW}, {})  # an allow under a deny names the deny
+def test_the_entries_written_report_the_models_match_type(id_keys, any_keys):
+    peer = 1000
+    groups = {name: group_entries((p, s, e, v) for (p, s, e), v in keys.items())
+              for name, keys in (("id", id_keys), ("any", any_keys))}
+    verdicts = {MapKey("ingress", identity, p, s, e): Verdict(v)
+                for identity, keys in ((peer, id_keys), (0, any_keys))
+                for (p, s, e), v in keys.items()}
+    for proto in (1, 6, 17, 132):
+        for port in PROBE_PORTS:
+            port = port if proto != 1 else 0
+            assert kernel_match(groups, proto, port) == \
+                match_type(verdicts, "ingress", peer, proto, port), (proto, port, groups)
+
+
+def test_the_five_cases_where_cilium_differs_from_the_old_rule():
+    """Cilium 1.17+ bpf/lib/policy.h: the longer prefix decides, any identity only when
+    strictly longer; a protocol without a port is L3-Proto or Proto-Only."""
+    def match(id_keys: dict, any_keys: dict) -> int:
+        groups = {"id": group_entries((p, s, e, v) for (p, s, e), v in id_keys.items()),
+                  "any": group_entries((p, s, e, v) for (p, s, e), v in any_keys.items())}
+        return kernel_match(groups, 6, 80)
+    assert match({(0, 0, 0): ALLOW, (6, 80, 80): ALLOW}, {}) == MATCH_L3_L4
+    assert match({(0, 0, 0): ALLOW}, {(6, 80, 80): ALLOW}) == MATCH_L4_ONLY
+    assert match({}, {(6, 80, 80): ALLOW, (0, 0, 0): ALLOW}) == MATCH_L4_ONLY
+    assert match({(6, 0, 0): ALLOW}, {}) == MATCH_L3_PROTO
+    assert match({}, {(6, 0, 0): ALLOW}) == MATCH_PROTO_ONLY
+    assert match({(6, 80, 80): ALLOW}, {(6, 80, 80): ALLOW}) == MATCH_L3_L4  # a tie: the peer's

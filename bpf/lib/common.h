@@ -92,6 +92,8 @@
 #define MATCH_L3_L4 2
 #define MATCH_L4_ONLY 3
 #define MATCH_ALL 4
+#define MATCH_L3_PROTO 5
+#define MATCH_PROTO_ONLY 6
 
 #define ENDPOINT_LOCAL_DELIVERY 1  /* MACs known: local traffic may be redirected into it */
 #define ENDPOINT_HAS_IPV6 2        /* dual stack: ipv6 is its address */
@@ -143,7 +145,7 @@ struct policy_key {
 
 struct policy_value {
     u8 verdict;     /* VERDICT_ALLOW or VERDICT_DENY */
-    u8 match;       /* MATCH_*: what kind of entry this is (its identity and protocol) */
+    u8 prefix;      /* the entry's prefix length over protocol and port: 0, 8, 9-24 */
     u8 pad[2];
 };
 

@@ -3,8 +3,8 @@
  * Userspace (plugins/ebpf/policymap.py) writes each (endpoint, direction, identity) group so
  * that its longest matching prefix carries the verdict of every rule covering the packet, deny
  * beating allow; across the two lookups a deny wins, then an allow, else the default deny. Each
- * entry carries its match type (L3 for a specific identity, L4 for a protocol), which the
- * flow events report. */
+ * entry carries its own prefix length, which picks the entry that flow events name as Cilium
+ * 1.17+ does (bpf/lib/policy.h there): of two allows, any identity's only when it is longer. */
 #ifndef MESHAGENT_POLICY_H
 #define MESHAGENT_POLICY_H
 
@@ -20,9 +20,17 @@ static __always_inline struct policy_value *policy_lookup(u32 endpoint_id, u8 di
     return policy.lookup(&key);
 }
 
+/* The match type of an entry of the peer's identity (``peer``) or of any identity. */
+static __always_inline u8 policy_match(struct policy_value *entry, int peer)
+{
+    if (peer)
+        return entry->prefix > 8 ? MATCH_L3_L4 : entry->prefix ? MATCH_L3_PROTO : MATCH_L3_ONLY;
+    return entry->prefix == 0 ? MATCH_ALL : entry->prefix <= 8 ? MATCH_PROTO_ONLY : MATCH_L4_ONLY;
+}
+
 /* REASON_FORWARDED, REASON_POLICY_DENY or REASON_POLICY_DEFAULT; ``match`` is the deciding
- * entry's match type (the peer's identity before any identity, a deny before an allow;
- * MATCH_NONE for a default drop). */
+ * entry's match type (a deny of the peer's identity, then one of any identity; of two allows
+ * the peer's unless any identity's prefix is longer; MATCH_NONE for a default drop). */
 static __always_inline int policy_check(u32 endpoint_id, u8 direction, u32 identity,
                                         u8 protocol, u16 port, u8 *match)
 {
@@ -31,19 +39,19 @@ static __always_inline int policy_check(u32 endpoint_id, u8 direction, u32 ident
     struct policy_value *any = policy_lookup(endpoint_id, direction, 0, protocol, port);
     *match = MATCH_NONE;
     if (specific && specific->verdict == VERDICT_DENY) {
-        *match = specific->match;
+        *match = policy_match(specific, 1);
         return REASON_POLICY_DENY;
     }
     if (any && any->verdict == VERDICT_DENY) {
-        *match = any->match;
+        *match = policy_match(any, 0);
         return REASON_POLICY_DENY;
     }
-    if (specific && specific->verdict == VERDICT_ALLOW) {
-        *match = specific->match;
+    if (specific && (!any || any->prefix <= specific->prefix)) {
+        *match = policy_match(specific, 1);
         return REASON_FORWARDED;
     }
-    if (any && any->verdict == VERDICT_ALLOW) {
-        *match = any->match;
+    if (any) {
+        *match = policy_match(any, 0);
         return REASON_FORWARDED;
     }
     return REASON_POLICY_DEFAULT;

@@ -36,10 +36,27 @@ AUDIT = "audit"
 #: ``monitor/api`` PolicyMatchType and Hubble's ``policy_match_type``.
 MATCH_NONE = 0  # no entry (a default drop, or not judged by policy)
 MATCH_L3_ONLY = 1  # the peer's identity, any protocol and port
-MATCH_L3_L4 = 2  # the peer's identity and a protocol (and port)
-MATCH_L4_ONLY = 3  # any peer, a protocol (and port)
+MATCH_L3_L4 = 2  # the peer's identity, a protocol and port (or port range)
+MATCH_L4_ONLY = 3  # any peer, a protocol and port (or port range)
 MATCH_ALL = 4  # any peer, any protocol and port
-MATCHES = (MATCH_NONE, MATCH_L3_ONLY, MATCH_L3_L4, MATCH_L4_ONLY, MATCH_ALL)
+MATCH_L3_PROTO = 5  # the peer's identity, a protocol, any port
+MATCH_PROTO_ONLY = 6  # any peer, a protocol, any port
+MATCHES = (MATCH_NONE, MATCH_L3_ONLY, MATCH_L3_L4, MATCH_L4_ONLY, MATCH_ALL, MATCH_L3_PROTO,
+           MATCH_PROTO_ONLY)
+#: Cilium's PolicyMatchType.String() (pkg/monitor/api/types.go), as Hubble prints it
+MATCH_TEXT = {MATCH_NONE: "none", MATCH_L3_ONLY: "L3-Only", MATCH_L3_L4: "L3-L4",
+              MATCH_L4_ONLY: "L4-Only", MATCH_ALL: "all", MATCH_L3_PROTO: "L3-Proto",
+              MATCH_PROTO_ONLY: "Proto-Only"}
+
+
+def match_of(peer: bool, prefix: int) -> int:
+    """The match type a policy entry reports: one of the peer's identity (``peer``) or of
+    any identity, whose prefix over (protocol 8 bits, port 16 bits) is ``prefix`` bits long
+    (0 any protocol, 8 a protocol and any port, 9-24 a port block), as Cilium 1.17+'s
+    bpf/lib/policy.h names it."""
+    if peer:
+        return MATCH_L3_L4 if prefix > 8 else MATCH_L3_PROTO if prefix else MATCH_L3_ONLY
+    return MATCH_ALL if prefix == 0 else MATCH_PROTO_ONLY if prefix <= 8 else MATCH_L4_ONLY
 
 
 @attrs.frozen(slots=True)

@@ -38,14 +38,11 @@ from meshagent.datapath.events import (
     AUDIT,
     DROP,
     DROPPED,
-    MATCH_ALL,
-    MATCH_L3_L4,
-    MATCH_L3_ONLY,
-    MATCH_L4_ONLY,
     MATCH_NONE,
     POLICY_VERDICT,
     TRACE,
     FlowEvent,
+    match_of,
 )
 from meshagent.datapath.events import FORWARDED as EVENT_FORWARDED
 from meshagent.model.identity import world_identity
@@ -107,23 +104,48 @@ TRACED_FLAGS = 0x07  # FIN, SYN, RST
 SEEN = 0x100  # (in the model's seen flags) a packet of this direction went by
 
 
-def match_type(verdicts: dict[MapKey, Verdict], direction: str, identity: int, protocol: int,
-               port: int, verdict: Verdict) -> int:
-    """Which kind of entry gave ``verdict`` (the resolver's for this packet), numbered as
-    Cilium's PolicyMatchType, for a datapath that looks the peer's identity up before any
-    identity and takes, within one identity, a deny before an allow and an entry for any
-    protocol and port (an L3 entry) before one that names a protocol (an L4 entry).
-    MATCH_NONE when nothing matched (a default drop)."""
-    def deciding(peer: int) -> list[MapKey]:
-        return [k for k, v in verdicts.items() if k.identity == peer and v is verdict
-                and key_matches(k, direction, identity, protocol, port)]
+def key_prefix(key: MapKey, port: int) -> int:
+    """The length of the policy-map prefix over (protocol 8 bits, port 16 bits) that holds
+    ``port`` for this key, as Cilium's LPM policy map stores it: 0 any protocol and port, 8 a
+    protocol and any port, 24 one port; a range is cut into aligned power-of-two blocks, and
+    the packet meets the largest one holding its port."""
+    if key.port == 0:
+        return 0 if key.protocol == 0 else 8
+    for bits in range(17):  # the largest aligned block first
+        first = port >> (16 - bits) << (16 - bits)
+        if key.port <= first and first + (1 << (16 - bits)) - 1 <= key.end_port:
+            return 8 + bits
+    raise ValueError(f"port {port} is outside {key}")
 
-    def wide(keys: list[MapKey]) -> bool:
-        return any(k.protocol == 0 and k.port == 0 for k in keys)
-    if identity and (keys := deciding(identity)):
-        return MATCH_L3_ONLY if wide(keys) else MATCH_L3_L4
-    if keys := deciding(0):
-        return MATCH_ALL if wide(keys) else MATCH_L4_ONLY
+
+def match_type(verdicts: dict[MapKey, Verdict], direction: str, identity: int, protocol: int,
+               port: int) -> int:
+    """Which entry decides this packet, numbered as Cilium's PolicyMatchType, by the rule of
+    Cilium 1.17+ (bpf/lib/policy.h, "policy map precedence by LPM prefix length").
+
+    Two lookups, the peer's identity and any identity, each finding the longest prefix of its
+    group (an allow never stands under a deny of its group: Cilium leaves it out, so a group
+    with a deny covering the packet finds its longest deny). A deny of the peer's lookup
+    decides, then one of the any lookup's; between two allows the any-identity entry decides
+    only when its prefix is longer (a tie goes to the peer's). The deciding entry names the
+    match type (:func:`~meshagent.datapath.events.match_of`); MATCH_NONE when nothing
+    matched (a default drop)."""
+    def found(peer: int) -> tuple[Verdict, int] | None:
+        keys = [k for k in verdicts if k.identity == peer
+                and key_matches(k, direction, identity, protocol, port)]
+        denies = [k for k in keys if verdicts[k] is Verdict.DENY]
+        if not keys:
+            return None
+        verdict = Verdict.DENY if denies else Verdict.ALLOW
+        return verdict, max(key_prefix(k, port) for k in (denies or keys))
+
+    mine = found(identity) if identity else None
+    anyone = found(0)
+    if mine and (mine[0] is Verdict.DENY or not anyone or anyone[0] is Verdict.ALLOW
+                 and anyone[1] <= mine[1]):
+        return match_of(True, mine[1])
+    if anyone:
+        return match_of(False, anyone[1])
     return MATCH_NONE
 
 

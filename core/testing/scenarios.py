@@ -158,7 +158,7 @@ class ResolvedWorld:
         """The resolver's verdict, why, and the match type of the entry that decided."""
         verdicts = self.resolver.verdicts(endpoint_id)
         verdict, why = judge(verdicts, direction, identity, protocol, port)
-        return verdict, why, match_type(verdicts, direction, identity, protocol, port, verdict)
+        return verdict, why, match_type(verdicts, direction, identity, protocol, port)
 
     def explained(self, endpoint_id: int, direction: str, identity: int, protocol: int,
                   port: int) -> Verdict | None:

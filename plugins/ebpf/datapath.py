@@ -22,10 +22,6 @@ from meshagent.plugin import (
     DROP,
     DROPPED,
     FORWARDED,
-    MATCH_ALL,
-    MATCH_L3_L4,
-    MATCH_L3_ONLY,
-    MATCH_L4_ONLY,
     POLICY_VERDICT,
     TRACE,
     DatapathBatch,
@@ -432,7 +428,7 @@ class EbpfDatapath:
             if verdict is None:
                 table.delete(key)
             else:
-                table.put(key, _policy_value(verdict, group, block))
+                table.put(key, _policy_value(verdict, block))
         if wanted:
             self.installed[group] = wanted
         else:
@@ -446,8 +442,8 @@ class EbpfDatapath:
             block = Block(key.prefixlen - POLICY_PREFIX_STATIC, key.protocol, key.port)
             verdict = "deny" if value.verdict == VERDICT_DENY else "allow"
             installed.setdefault(group, {})[block] = verdict
-            if value.match != match_of(group, block):  # written before entries had it
-                self.maps["policy"].put(key, _policy_value(verdict, group, block))
+            if value.prefix != block.bits:  # written when the byte held a match type
+                self.maps["policy"].put(key, _policy_value(verdict, block))
         return installed
 
     async def reconcile(self, policies: dict[int, dict], ipcache: list[IPCacheEntry]) -> None:
@@ -606,18 +602,9 @@ KINDS = {FLOW_DROP: DROP, FLOW_POLICY_VERDICT: POLICY_VERDICT, FLOW_TRACE: TRACE
 VERDICTS = {FLOW_FORWARDED: FORWARDED, FLOW_DROPPED: DROPPED, FLOW_AUDIT: AUDIT}
 
 
-def match_of(group: GroupKey, block: Block) -> int:
-    """An entry's match type, as its flow events report it: L3 for a peer's identity (not
-    any), L4 for an entry naming a protocol (Cilium's PolicyMatchType)."""
-    specific, l4 = group[2] != 0, block.bits > 0
-    if specific:
-        return MATCH_L3_L4 if l4 else MATCH_L3_ONLY
-    return MATCH_L4_ONLY if l4 else MATCH_ALL
-
-
-def _policy_value(verdict: str, group: GroupKey, block: Block) -> PolicyValue:
-    return PolicyValue(VERDICT_DENY if verdict == "deny" else VERDICT_ALLOW,
-                       match_of(group, block))
+def _policy_value(verdict: str, block: Block) -> PolicyValue:
+    """An entry's value: its verdict and its prefix length (which names the match type)."""
+    return PolicyValue(VERDICT_DENY if verdict == "deny" else VERDICT_ALLOW, block.bits)
 
 
 class DatapathMetrics:

@@ -81,7 +81,7 @@ class PolicyKey(ct.Structure):
 
 
 class PolicyValue(ct.Structure):
-    _fields_ = [("verdict", u8), ("match", u8), ("pad", u8 * 2)]
+    _fields_ = [("verdict", u8), ("prefix", u8), ("pad", u8 * 2)]
 
 
 class CTKey(ct.Structure):

@@ -8,8 +8,13 @@ prefixes that cover it exactly (at most 30 for 16 bits), never one entry per por
 Deny must beat allow whatever the specificity: an allow on port 8080 inside a denied range
 4096-8191 must still be denied. So every prefix written carries the verdict of *all* keys of its
 group that cover it (deny if any denies): the longest prefix a packet matches is then inside
-every key that covers the packet, and its verdict is the packet's. A prefix whose verdict is
-the one its nearest written ancestor gives anyway is left out.
+every key that covers the packet, and its verdict is the packet's.
+
+Flow events name the match type by the prefix length of the entry that decided (Cilium 1.17+,
+where an allow under a deny of its group is left out, so a denied packet finds the longest
+deny covering it). A prefix is left out when a packet in it would find the same verdict and
+the same such length in its nearest ancestor; every prefix written is then one that its own
+verdict's keys own, and its value stores its own length.
 """
 
 from collections.abc import Iterable
@@ -96,19 +101,19 @@ def group_entries(keys: Iterable[tuple[int, int, int, str]]) -> dict[Block, str]
             owners.setdefault(block, set()).add(verdict)
     # A key covers a block exactly when one of its own blocks is the block or an ancestor of
     # it (its blocks are the maximal aligned ones), so only ancestors need looking at.
-    verdicts: dict[Block, str] = {}
+    # What a packet in the block must find: the verdict, and the prefix length of the entry
+    # Cilium would hold there (the longest of the keys with that verdict: an allow under a deny
+    # is left out), which names the match type.
+    found: dict[Block, tuple[str, int]] = {}
     written: dict[Block, str] = {}
     for block in sorted(owners):  # shortest first: ancestors are decided before descendants
-        covering = set()
-        nearest = None
-        for ancestor in ancestors(block):
-            if ancestor in owners:
-                covering |= owners[ancestor]
-                if ancestor != block:
-                    nearest = ancestor
-        verdicts[block] = DENY if DENY in covering else ALLOW
-        if nearest is None or verdicts[nearest] != verdicts[block]:
-            written[block] = verdicts[block]
+        covering = [(verdict, ancestor.bits) for ancestor in ancestors(block)
+                    if ancestor in owners for verdict in owners[ancestor]]
+        verdict = DENY if any(v == DENY for v, _ in covering) else ALLOW
+        found[block] = (verdict, max(bits for v, bits in covering if v == verdict))
+        nearest = [a for a in ancestors(block)[:-1] if a in owners]
+        if not nearest or found[nearest[-1]] != found[block]:
+            written[block] = verdict
     return written
 
 
@@ -168,11 +173,17 @@ def block_key(block: Block) -> tuple[int, int, int]:
     return (block.protocol, block.first_port, block.last_port)
 
 
-def lookup(entries: dict[Block, str], protocol: int, port: int) -> str | None:
-    """What the kernel finds in one group for a packet (the longest containing block)."""
+def longest(entries: dict[Block, str], protocol: int, port: int) -> Block | None:
+    """The entry the kernel finds in one group for a packet (the longest containing block)."""
     point = Block(PROTOCOL_BITS + PORT_BITS, protocol, port)
     best = None
     for block in entries:
         if block.contains(point) and (best is None or block.bits > best.bits):
             best = block
+    return best
+
+
+def lookup(entries: dict[Block, str], protocol: int, port: int) -> str | None:
+    """The verdict the kernel finds in one group for a packet."""
+    best = longest(entries, protocol, port)
     return None if best is None else entries[best]
