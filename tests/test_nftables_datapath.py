@@ -403,20 +403,31 @@ def test_a_connection_is_reported_once_then_its_first_reply_and_new_tcp_flags(ju
 
 
 def test_policy_verdicts_name_the_match_type_as_hubble_numbers_it(judge, driver):
-    """L3 only (the peer, any port) 1, L3+L4 2, L4 only (any peer, a port) 3, all 4, as the
-    contract's model decides: the peer's own entry before any identity's, an entry for any
-    protocol and port before one naming a port; IPv6 and portless protocols alike."""
+    """As Cilium 1.17+ (bpf/lib/policy.h) and the contract's model: the deciding entry is the
+    longest prefix over (protocol, port) of each lookup; of two allows the peer's unless any
+    identity's is longer. The peer's identity: L3-Only 1 (any protocol), L3-Proto 5 (a
+    protocol), L3-L4 2 (a port); any identity: all 4, Proto-Only 6, L4-Only 3. IPv6 and
+    portless protocols alike."""
     from meshagent.testing.packets import Packet
     l3 = {"egress": [{"toEndpoints": [{"matchLabels": {"app": "echo2"}}]}]}
+    l3l4 = {"egress": [{"toEndpoints": [{"matchLabels": {"app": "echo2"}}],
+                        "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}]}]}]}
     l4 = {"egress": [{"toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}]}]}]}
-    worlds = [([TO_ECHO_80, l3, l4], [(Packet(CLIENT, ECHO2, 6, 40000, 8080), 1),
-                                      (Packet(CLIENT, ECHO2, 6, 40000, 443), 1),
-                                      (Packet(CLIENT, ECHO, 6, 40000, 80), 2),
-                                      (Packet(CLIENT, ECHO, 6, 40000, 443), 3),
-                                      (Packet(CLIENT6, ECHO6, 6, 40000, 80), 2),
-                                      (Packet(CLIENT, ECHO2, ICMP, 0, 0), 1)]),
+    l3proto = {"egress": [{"toEndpoints": [{"matchLabels": {"app": "echo"}}],
+                           "toPorts": [{"ports": [{"port": "0", "protocol": "UDP"}]}]}]}
+    proto = {"egress": [{"toPorts": [{"ports": [{"port": "0", "protocol": "SCTP"}]}]}]}
+    worlds = [([TO_ECHO_80, l3, l3l4, l4, l3proto, proto],
+               [(Packet(CLIENT, ECHO2, 6, 40000, 9000), 1),
+                (Packet(CLIENT, ECHO2, 6, 40000, 8080), 2),  # the peer's port beats its any
+                (Packet(CLIENT, ECHO2, 6, 40000, 443), 3),  # any peer's port beats the peer's any
+                (Packet(CLIENT, ECHO, 6, 40000, 80), 2),
+                (Packet(CLIENT, ECHO, 6, 40000, 443), 3),
+                (Packet(CLIENT, ECHO, 17, 40000, 5353), 5),
+                (Packet(CLIENT, REMOTE, 132, 40000, 80), 6),
+                (Packet(CLIENT6, ECHO6, 6, 40000, 80), 2),
+                (Packet(CLIENT, ECHO2, ICMP, 0, 0), 1)]),
               ([ALL_EGRESS, l4], [(Packet(CLIENT, REMOTE, 17, 40000, 53), 4),
-                                  (Packet(CLIENT, ECHO, 6, 40000, 443), 4),
+                                  (Packet(CLIENT, ECHO, 6, 40000, 443), 3),  # the longer
                                   (Packet(CLIENT, REMOTE, ICMP, 0, 0), 4)])]
     for policies, cases in worlds:
         driver.start(named_scenario(policies, []))
@@ -433,9 +444,12 @@ def test_drops_by_a_deny_rule_and_by_default_are_told_apart(judge, driver):
     deny_l4 = {"egressDeny": [{"toPorts": [{"ports": [{"port": "6379", "protocol": "TCP"}]}]}]}
     deny_l3l4 = {"egressDeny": [{"toEndpoints": [{"matchLabels": {"app": "echo"}}],
                                  "toPorts": [{"ports": [{"port": "22", "protocol": "TCP"}]}]}]}
-    driver.start(named_scenario([l3, deny_l4, deny_l3l4], []))
+    deny_l3proto = {"egressDeny": [{"toEndpoints": [{"matchLabels": {"app": "echo2"}}],
+                                    "toPorts": [{"ports": [{"port": "0", "protocol": "UDP"}]}]}]}
+    driver.start(named_scenario([l3, deny_l4, deny_l3l4, deny_l3proto], []))
     cases = [(Packet(CLIENT, ECHO, 6, 40000, 6379), drop("egress", "policy_deny", 3)),
              (Packet(CLIENT, ECHO, 6, 40000, 22), drop("egress", "policy_deny", 2)),
+             (Packet(CLIENT, ECHO2, 17, 40000, 53), drop("egress", "policy_deny", 5)),
              (Packet(CLIENT, ECHO2, 6, 40000, 80), drop("egress", "policy_default", 0))]
     for packet, event in cases:
         outcome = model.POLICY_DENY if event[2] == "policy_deny" else model.POLICY_DEFAULT

@@ -13,6 +13,8 @@ from meshagent.plugins.nftables.intervals import (
     flatten_prefixes,
     policy_segments,
 )
+from meshagent.policy.contract import MapKey
+from meshagent.testing.datapath_model import key_prefix
 
 prefixes = st.builds(lambda a, n: ipaddress.IPv4Network((a, n), strict=False),
                      st.integers(0, 2**32 - 1).map(lambda a: a & 0x00FFFFFF | 0x0A000000),
@@ -39,22 +41,23 @@ keys = st.lists(st.tuples(st.sampled_from((0, 6, 17, 132, 1)),
                           st.sampled_from((ALLOW, DENY))), max_size=6)
 
 
-def oracle(group, protocol: int, port: int) -> tuple[str, bool] | None:
-    """The verdict, and whether only keys of that verdict naming a protocol or port matched
-    (an entry for any protocol and port names the match first: the contract's model)."""
+def oracle(group, protocol: int, port: int) -> tuple[str, int] | None:
+    """The verdict, and the longest prefix length of the keys of that verdict that match (the
+    entry Cilium's policy map finds; the model's :func:`key_prefix`)."""
     matched = []
     for p, first, end, verdict in group:
         last = max(end, first)
+        key = MapKey("ingress", 0, p, first, last)
         if p == 0 and not first:
-            matched.append((verdict, False))
+            matched.append((verdict, key_prefix(key, port)))
         elif p == 0 and protocol in PORT_PROTOCOLS and first <= port <= last:
-            matched.append((verdict, True))
+            matched.append((verdict, key_prefix(key, port)))
         elif p != 0 and p == protocol and (not first or first <= port <= last):
-            matched.append((verdict, True))
+            matched.append((verdict, key_prefix(key, port)))
     if not matched:
         return None
     verdict = DENY if any(v == DENY for v, _ in matched) else ALLOW
-    return verdict, all(l4 for v, l4 in matched if v == verdict)
+    return verdict, max(bits for v, bits in matched if v == verdict)
 
 
 @settings(max_examples=300, deadline=None)

@@ -6,13 +6,14 @@ import json
 import os
 import re
 
-from meshagent.plugin import Command, MeshagentError, print_rows
+from meshagent.plugin import MATCH_TEXT, Command, MeshagentError, match_of, print_rows
+from meshagent.plugins.nftables.ruleset import MATCH_NAMES
 
 CLASSID = re.compile(r"^0:[0-9a-f]+$")
 #: a policy element's target chain: what it decides, and the match type it names
-TARGET = re.compile(r"^(?:(anyafter|anyafternp|anyok)|drop_policy_deny)_(l3|l3l4|l4|all)_")
-#: the match types as Cilium's monitor names them (pkg/monitor/api/types.go)
-MATCH_TEXT = {"l3": "L3-Only", "l3l4": "L3-L4", "l4": "L4-Only", "all": "all"}
+#: (an allow names the deciding entry's prefix length, a deny its match type: ruleset.py)
+ALLOW_TARGET = re.compile(r"^(anyafter|anyafternp|anyok)_([0-9]+)_")
+DENY_TARGET = re.compile(r"^drop_policy_deny_([a-z0-9]+)_")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -105,10 +106,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _decision(verdict: str) -> dict:
     """An element's ``goto <chain>`` as what it decides and the match type it names."""
-    found = TARGET.match(verdict.removeprefix("goto "))
-    if found is None:
-        return {"verdict": verdict, "match": "?"}
-    return {"verdict": "allow" if found[1] else "deny", "match": MATCH_TEXT[found[2]]}
+    chain = verdict.removeprefix("goto ")
+    if found := ALLOW_TARGET.match(chain):
+        match = match_of(found[1] != "anyok", int(found[2]))
+        return {"verdict": "allow", "match": MATCH_TEXT[match]}
+    names = {name: number for number, name in MATCH_NAMES.items()}
+    if (found := DENY_TARGET.match(chain)) and found[1] in names:
+        return {"verdict": "deny", "match": MATCH_TEXT[names[found[1]]]}
+    return {"verdict": verdict, "match": "?"}
 
 
 COMMANDS = (

@@ -22,10 +22,6 @@ import attrs
 
 from meshagent import hookimpl
 from meshagent.plugin import (
-    MATCH_ALL,
-    MATCH_L3_L4,
-    MATCH_L3_ONLY,
-    MATCH_L4_ONLY,
     REASON_TEXT,
     DatapathBatch,
     Endpoint,
@@ -58,7 +54,7 @@ from meshagent.plugins.nftables.ruleset import (
 
 log = logging.getLogger(__name__)
 #: ``ma:<endpoint>:<in|out>:<event>:<reason>:<match>``, the table's log prefixes (ruleset.py)
-PREFIX = re.compile(r"ma:([0-9]{1,10}):(in|out):([a-z]+):([a-z0-9_]+):([0-4])")
+PREFIX = re.compile(r"ma:([0-9]{1,10}):(in|out):([a-z]+):([a-z0-9_]+):([0-6])")
 #: the reasons each event may carry
 EVENT_REASONS = {"drop": set(REASON_TEXT) - {"forwarded"}, "verdict": {"forwarded"},
                  "audit": {"policy_deny", "policy_default"}, "trace": {"forwarded"},
@@ -369,8 +365,8 @@ class NftablesDatapath:
     def _elements(self, group) -> dict[str, set[tuple]]:
         """The map elements of one group (the peer's identity, or any: identity 0), each
         ``(identity or None, protocol or protocol range, port range or None, chain)``; the
-        chain names the verdict and the match type (L3 of the peer's identity or any, L4 if
-        the deciding key names a protocol or port)."""
+        chain names the verdict and the deciding entry's prefix length (or, for a deny, its
+        match type)."""
         endpoint_id, d, identity = group
         keys = [(k.protocol, k.port, k.end_port, v.value)
                 for k, v in self.groups.get(group, {}).items()]
@@ -381,11 +377,10 @@ class NftablesDatapath:
         for family in (4, 6):  # each family's maps jump to its own chains
             to_ported = out.setdefault(policy_map(ported, family, e, d), set())
             to_portless = out.setdefault(policy_map(portless, family, e, d), set())
-            for first, last, low, high, verdict, l4 in policy_segments(keys):
-                match = (MATCH_L3_L4 if l4 else MATCH_L3_ONLY) if identity else \
-                    (MATCH_L4_ONLY if l4 else MATCH_ALL)
-                target = verdict_target(verdict != DENY, match, True, family, e, d)
-                target_np = verdict_target(verdict != DENY, match, False, family, e, d)
+            for first, last, low, high, verdict, prefix in policy_segments(keys):
+                allow, peer = verdict != DENY, bool(identity)
+                target = verdict_target(allow, peer, prefix, True, family, e, d)
+                target_np = verdict_target(allow, peer, prefix, False, family, e, d)
                 for protocol in PORT_PROTOCOLS:
                     if first <= protocol <= last:
                         to_ported.add((peer, protocol, (low, high), target))

@@ -7,9 +7,9 @@ the eBPF datapath become partitions here:
   ranges, each with the identity of the longest prefix holding it (:func:`flatten_prefixes`);
 - one policy group's keys (protocol, port range, allow or deny; overlapping) become disjoint
   (protocol range, port range) segments, each with the verdict of every key covering it, deny
-  beating allow, and whether only keys of that verdict naming a protocol or port cover it (the
-  policy match type's L4 half: an entry for any protocol and port, an L3 entry, names the
-  match before an L4 one, as the datapath contract's model says) (:func:`policy_segments`).
+  beating allow, and the prefix length of the entry Cilium's LPM policy map would find there
+  (0 any protocol, 8 a protocol, 9-24 a port block), which names the policy match type as
+  Cilium 1.17+ does (:func:`policy_segments`).
 """
 
 import ipaddress
@@ -23,8 +23,8 @@ ALLOW, DENY = "allow", "deny"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: (first address, last address, identity), addresses as integers
 Range = tuple[int, int, int]
-#: (first protocol, last protocol, first port, last port, verdict, L4 keys alone decide)
-Segment = tuple[int, int, int, int, str, bool]
+#: (first protocol, last protocol, first port, last port, verdict, deciding prefix length)
+Segment = tuple[int, int, int, int, str, int]
 
 
 def flatten_prefixes(rows: Iterable[tuple[Network, int]]) -> list[Range]:
@@ -58,9 +58,10 @@ def flatten_prefixes(rows: Iterable[tuple[Network, int]]) -> list[Range]:
 def policy_segments(keys: Iterable[tuple[int, int, int, str]]) -> list[Segment]:
     """One group's keys ``(protocol, port, end_port, verdict)`` — protocol 0: any, port 0:
     any — as disjoint segments over (protocol 0-255, port 0-65535), each with the verdict of
-    every key covering it (deny beats allow) and whether every key of that verdict covering
-    it names a protocol or a port; what no key covers is left out. A packet of a
-    protocol without ports is looked up with port 0."""
+    every key covering it (deny beats allow) and the prefix length of the entry that decides
+    it in Cilium's policy map (:func:`port_blocks`; the longest of the keys of that verdict);
+    what no key covers is left out. A packet of a protocol without ports is looked up with
+    port 0."""
     keys = list(keys)
     named = {p for p, _, _, _ in keys if p != ANY_PROTOCOL}
     if any(p == ANY_PROTOCOL and port for p, port, _, _ in keys):
@@ -80,31 +81,46 @@ def policy_segments(keys: Iterable[tuple[int, int, int, str]]) -> list[Segment]:
         covering = []
         for protocol, port, end, verdict in keys:
             if protocol == ANY_PROTOCOL and not port:
-                covering.append((0, 65535, verdict, False))
+                covering.append((0, 65535, verdict, 0))
             elif protocol == ANY_PROTOCOL:
                 if single in PORT_PROTOCOLS:
-                    covering.append((port, max(end, port), verdict, True))
+                    covering += [(a, b, verdict, bits) for a, b, bits in port_blocks(port, end)]
             elif protocol == single:
-                covering.append((port, max(end, port), verdict, True) if port
-                                else (0, 65535, verdict, True))
-        for low, high, verdict, l4 in _port_segments(covering):
-            out.append((first, last, low, high, verdict, l4))
+                covering += [(a, b, verdict, bits) for a, b, bits in port_blocks(port, end)] \
+                    if port else [(0, 65535, verdict, 8)]
+        for low, high, verdict, prefix in _port_segments(covering):
+            out.append((first, last, low, high, verdict, prefix))
     return out
 
 
-def _port_segments(ranges: list[tuple[int, int, str, bool]]) -> list[tuple[int, int, str, bool]]:
-    """Overlapping port ranges with verdicts as disjoint ones, deny beating allow (and naming
-    L4 if every range of that verdict covering it does), adjacent equal ones merged."""
+def port_blocks(first: int, last: int) -> list[tuple[int, int, int]]:
+    """``[(first, last, prefix length)]``: the aligned power-of-two port blocks a key's range
+    is cut into in Cilium's policy map (an LPM trie over protocol 8 bits and port 16 bits),
+    the fewest that cover it exactly."""
+    last = max(first, last)
+    out = []
+    while first <= last:
+        size = first & -first if first else 1 << 16  # the alignment of ``first``
+        while first + size - 1 > last:
+            size >>= 1
+        out.append((first, first + size - 1, 8 + 17 - size.bit_length()))
+        first += size
+    return out
+
+
+def _port_segments(ranges: list[tuple[int, int, str, int]]) -> list[tuple[int, int, str, int]]:
+    """Overlapping port ranges with verdicts and prefix lengths as disjoint ones, deny
+    beating allow (with the longest prefix of that verdict), adjacent equal ones merged."""
     bounds = sorted({r[0] for r in ranges} | {r[1] + 1 for r in ranges})
-    out: list[tuple[int, int, str, bool]] = []
+    out: list[tuple[int, int, str, int]] = []
     for low, following in zip(bounds, bounds[1:], strict=False):
-        here = [(v, l4) for first, last, v, l4 in ranges if first <= low <= last]
+        here = [(v, bits) for first, last, v, bits in ranges if first <= low <= last]
         if not here:
             continue
         verdict = DENY if any(v == DENY for v, _ in here) else ALLOW
-        l4 = all(l4 for v, l4 in here if v == verdict)
-        if out and out[-1][1] + 1 == low and out[-1][2:] == (verdict, l4):
-            out[-1] = (out[-1][0], following - 1, verdict, l4)
+        prefix = max(bits for v, bits in here if v == verdict)
+        if out and out[-1][1] + 1 == low and out[-1][2:] == (verdict, prefix):
+            out[-1] = (out[-1][0], following - 1, verdict, prefix)
         else:
-            out.append((low, following - 1, verdict, l4))
+            out.append((low, following - 1, verdict, prefix))
     return out

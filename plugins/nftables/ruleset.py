@@ -8,12 +8,13 @@ must be whole); the link's own ICMPv6 passes; the source check; fragments; repli
 
 nftables has no scratch registers that live across rules, and a map lookup cannot be part of a
 concatenation, so two packet fields the agent may overwrite carry values between rules:
-``meta mark`` (the source port, then the peer's identity, then the match type of the specific
-entry that allowed) and ``meta priority`` (the destination port). Ports become those types
+``meta mark`` (the source port, then the peer's identity, then one plus the prefix length of
+the specific entry that allowed) and ``meta priority`` (the destination port). Ports become those types
 through the constant maps ``p2m``/``p2c`` (port -> mark, port -> classid). The peer's identity
 comes from an interval map (the ipcache flattened into disjoint ranges); policy is two
 lookups, the peer's identity and any identity, in verdict maps whose verdicts jump to small
-chains that combine them (deny beats allow) and name the match type (Hubble's numbering). An
+chains that combine them (deny beats allow; of two allows the peer's unless any identity's
+prefix is longer, as Cilium 1.17+) and name the match type (Hubble's numbering). An
 allowed packet adds its reverse to the opposite direction's reply set (nftables' conntrack does
 not exist at netdev hooks) and its own tuple to the direction's *judged* set ``fsn``: until the
 agent flushes that set (a policy, ipcache or audit change of the endpoint) its later packets
@@ -35,10 +36,10 @@ are counted in the counter ``unlogged``.
 
 import attrs
 
-from meshagent.plugin import world_identity
+from meshagent.plugin import match_of, world_identity
 
 FAMILY = "netdev"
-LAYOUT = "layout_2"  # an empty chain naming the table's layout: another layout is replaced
+LAYOUT = "layout_3"  # an empty chain naming the table's layout: another layout is replaced
 REASONS = ("forwarded", "policy_deny", "policy_default", "spoofed", "frag_tiny",
            "frag_unknown", "malformed", "unsupported_l3")
 DIRS = {"ingress": "in", "egress": "out"}  # the pod's policy direction
@@ -47,8 +48,12 @@ EVENTS = {"drop": ("drop", "dropped", False), "verdict": ("policy-verdict", "for
           "audit": ("policy-verdict", "audit", False), "trace": ("trace", "forwarded", False),
           "reply": ("trace", "forwarded", True)}
 #: Hubble's policy match types (meshagent.datapath.events.MATCH_*) as chain names say them
-MATCH_NAMES = {1: "l3", 2: "l3l4", 3: "l4", 4: "all"}
-SPECIFIC, ANY = (1, 2), (3, 4)  # the match types of an identity's entries, of any identity's
+MATCH_NAMES = {1: "l3", 2: "l3l4", 3: "l4", 4: "all", 5: "l3proto", 6: "proto"}
+SPECIFIC, ANY = (1, 2, 5), (3, 4, 6)  # the match types of an identity's entries, of any identity's
+#: The prefix lengths a policy entry has in Cilium's LPM policy map (0 any protocol, 8 a
+#: protocol, 9-24 a port block): which of two allows decides, and so the match type
+PREFIXES = (0, 8, *range(9, 25))
+PORTLESS_PREFIXES = (0, 8)
 UNLOGGED = "unlogged"  # the counter of events over the rate
 TCP_FLAGS = ("syn", "fin", "rst")  # the flags a trace reports once per connection and direction
 FRAG_TIMEOUT = "60s"
@@ -245,10 +250,14 @@ class EndpointRules:
                 body = (f'    limit name "ev_{e}_{d}" counter name {UNLOGGED} goto okd_{e}_{d}\n'
                         f"    {self._log(d, 'verdict', 'forwarded', match)}\n" + body)
             self._chain(f"ok_{MATCH_NAMES[match]}_{e}_{d}", body)
-        for match in ANY:  # any identity allowed: a specific allow (mark 1, 2) names the match
-            self._chain(f"anyok_{MATCH_NAMES[match]}_{e}_{d}", "\n".join(
-                [f"    meta mark {m} goto ok_{MATCH_NAMES[m]}_{e}_{d}" for m in SPECIFIC]
-                + [f"    goto ok_{MATCH_NAMES[match]}_{e}_{d}"]))
+        for prefix in PREFIXES:  # any identity allowed: the peer's allow (mark: its prefix + 1,
+            # 0 if none) decides unless any identity's prefix is longer (Cilium 1.17+)
+            longer = "0" if prefix == 0 else f"0-{prefix}"
+            self._chain(f"anyok_{prefix}_{e}_{d}", "\n".join(
+                [f"    meta mark {longer} goto ok_{MATCH_NAMES[match_of(False, prefix)]}_{e}_{d}"]
+                + [f"    meta mark {p + 1} goto ok_{MATCH_NAMES[match_of(True, p)]}_{e}_{d}"
+                   for p in PORTLESS_PREFIXES]
+                + [f"    goto ok_{MATCH_NAMES[match_of(True, 24)]}_{e}_{d}"]))
         self._chain(f"okd_{e}_{d}", f"""    meta protocol ip meta l4proto {PORTED} goto first4_{e}_{d}
     meta protocol ip goto firstnp4_{e}_{d}
     meta l4proto {PORTED} goto first6_{e}_{d}
@@ -306,12 +315,14 @@ class EndpointRules:
     goto allowed{fed}""")
         self._chain(f"firstnp{fed}", f"""    add @fsnnp{fed} {{ {tuple_np} }}
     goto allowednp{fed}""")
-        for match in SPECIFIC:  # the peer's identity allowed: any identity's deny still wins
-            m = MATCH_NAMES[match]
-            self._chain(f"anyafter_{m}_{fed}", f"""    meta mark set {match}
+        for prefix in PREFIXES:  # the peer's identity allowed: any identity's deny still wins
+            m = MATCH_NAMES[match_of(True, prefix)]
+            self._chain(f"anyafter_{prefix}_{fed}", f"""    meta mark set {prefix + 1}
     meta l4proto . meta priority vmap @any{fed}
     goto ok_{m}_{e}_{d}""")
-            self._chain(f"anyafternp_{m}_{fed}", f"""    meta mark set {match}
+        for prefix in PORTLESS_PREFIXES:
+            m = MATCH_NAMES[match_of(True, prefix)]
+            self._chain(f"anyafternp_{prefix}_{fed}", f"""    meta mark set {prefix + 1}
     meta l4proto vmap @anynp{fed}
     goto ok_{m}_{e}_{d}""")
         self._chain(f"anyonly{fed}", f"""    meta mark set 0
@@ -425,17 +436,18 @@ def policy_map(kind: str, family: int, endpoint_id: int, d: str) -> str:
     return f"{kind}{family}_{endpoint_id}_{d}"
 
 
-def verdict_target(allow: bool, match: int, ported: bool, family: int, endpoint_id: int,
-                   d: str) -> str:
-    """The chain a policy map element's verdict jumps to: a deny drops (or audits) naming its
-    match type; an allow of the peer's identity looks up any identity's deny next, an allow of
-    any identity is one (the peer's own allow, if any, names the match type)."""
-    m = MATCH_NAMES[match]
+def verdict_target(allow: bool, peer: bool, prefix: int, ported: bool, family: int,
+                   endpoint_id: int, d: str) -> str:
+    """The chain a policy map element's verdict jumps to, for an entry of the peer's identity
+    (``peer``) or of any identity with a prefix of ``prefix`` bits: a deny drops (or audits)
+    naming its match type; an allow of the peer's identity looks any identity up next, whose
+    deny or longer allow decides; an allow of any identity compares its prefix with the
+    peer's own allow, if any."""
     if not allow:
-        return _drop_chain("policy_deny", match, endpoint_id, d)
-    if match in SPECIFIC:
-        return f"anyafter{'' if ported else 'np'}_{m}_{family}_{endpoint_id}_{d}"
-    return f"anyok_{m}_{endpoint_id}_{d}"
+        return _drop_chain("policy_deny", match_of(peer, prefix), endpoint_id, d)
+    if peer:
+        return f"anyafter{'' if ported else 'np'}_{prefix}_{family}_{endpoint_id}_{d}"
+    return f"anyok_{prefix}_{endpoint_id}_{d}"
 
 
 def _drop_chain(reason: str, match: int, e: int, d: str) -> str:
