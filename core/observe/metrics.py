@@ -26,7 +26,8 @@ _TRACE_POINTS = {0: "to-endpoint", 1: "to-proxy", 2: "to-host", 3: "to-stack",
                  4: "to-overlay", 5: "from-endpoint", 6: "from-proxy", 7: "from-host",
                  8: "from-stack", 9: "from-overlay", 10: "from-network", 11: "to-network"}
 #: Cilium's PolicyMatchType strings, lower-cased as the policy handler labels them
-_MATCHES = {0: "none", 1: "l3-only", 2: "l3-l4", 3: "l4-only", 4: "all"}
+_MATCHES = {0: "none", 1: "l3-only", 2: "l3-l4", 3: "l4-only", 4: "all", 5: "l3-proto",
+            6: "proto-only"}
 _HOST = 1  # reserved:host: the policy handler skips its verdicts
 
 

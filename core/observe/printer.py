@@ -37,7 +37,8 @@ TRACE_POINTS = {0: "to-endpoint", 1: "to-proxy", 2: "to-host", 3: "to-stack",
                 8: "from-stack", 9: "from-overlay", 10: "from-network", 11: "to-network",
                 12: "from-crypto", 13: "to-crypto"}
 #: pkg/monitor/api/types.go PolicyMatchType.String()
-POLICY_MATCH = {0: "none", 1: "L3-Only", 2: "L3-L4", 3: "L4-Only", 4: "all"}
+POLICY_MATCH = {0: "none", 1: "L3-Only", 2: "L3-L4", 3: "L4-Only", 4: "all", 5: "L3-Proto",
+                6: "Proto-Only"}
 #: pkg/identity/numericidentity.go reservedIdentityNames
 RESERVED_IDENTITIES = {0: "unknown", 1: "host", 2: "world", 3: "unmanaged", 4: "health",
                        5: "init", 6: "remote-node", 7: "kube-apiserver", 8: "ingress",

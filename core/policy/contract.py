@@ -190,7 +190,7 @@ class AttributesVerdicts(Protocol):
         """The policies whose rules give ``verdict`` to a packet of ``protocol``/``port``
         between local endpoint ``endpoint_id`` and peer ``identity`` in ``direction``, at the
         entry level ``match`` names (Cilium's PolicyMatchType: 1 L3-only, 2 L3-L4, 3 L4-only,
-        4 all), sorted; empty when no policy did (an implied allowance, an unknown endpoint).
+        4 all, 5 L3-Proto, 6 Proto-Only), sorted; empty when no policy did (an implied allowance, an unknown endpoint).
         Reads the state as of :attr:`PolicyResolver.revision`."""
 
 

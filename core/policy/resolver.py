@@ -449,15 +449,16 @@ def deciding_policies(resolver: Resolver, endpoint_id: int, direction: str, iden
                       protocol: int, port: int, verdict: Verdict, match: int
                       ) -> tuple[tuple[str, str, str], ...]:
     """The policies whose rule items give ``verdict`` to this packet with an entry of the
-    level ``match`` names (Cilium's PolicyMatchType: 1 the peer on any port, 2 the peer and a
-    protocol, 3 any peer and a protocol, 4 any peer on any port), sorted; what Hubble's
+    level ``match`` names (Cilium's PolicyMatchType: 1 the peer on any protocol, 5 the peer and
+    a protocol, 2 the peer and a port; 4 any peer on any protocol, 6 any peer and a protocol,
+    3 any peer and a port), sorted; what Hubble's
     policy correlation reports as ``ingress_allowed_by`` and the like. Empty when the
     endpoint is unknown, the verdict implied (nothing enforces the direction) or ``match``
     names no level."""
     state = resolver.endpoints.get(endpoint_id)
     if state is None or match not in _LEVELS:
         return ()
-    named_peer, named_protocol = _LEVELS[match]
+    named_peer, names = _LEVELS[match]
     known = resolver.cache.identities.get(identity)
     peer = known[0] if known else Identity(identity, frozenset())
     index = label_index(peer.labels)
@@ -470,14 +471,23 @@ def deciding_policies(resolver: Resolver, endpoint_id: int, direction: str, iden
         for c in contributions:
             if c.direction != direction or c.verdict is not verdict or c.policy is None:
                 continue
-            if any((p.protocol != "ANY") == named_protocol and _covers(p, protocol, port)
+            if any(_names(p) == names and _covers(p, protocol, port)
                    for p in c.ports):
                 found.add(c.policy)
     return tuple(sorted(found))
 
 
-#: PolicyMatchType -> (the entry names a peer, the entry names a protocol)
-_LEVELS = {1: (True, False), 2: (True, True), 3: (False, True), 4: (False, False)}
+#: PolicyMatchType -> (the entry names a peer, what of protocol and port it names)
+_LEVELS = {1: (True, "any"), 2: (True, "port"), 3: (False, "port"), 4: (False, "any"),
+           5: (True, "protocol"), 6: (False, "protocol")}
+
+
+def _names(port: PortProtocol) -> str:
+    """What an entry of this port names (Cilium's policy map: no protocol, a protocol on
+    any port, or a port)."""
+    if port.port:
+        return "port"
+    return "any" if port.protocol == "ANY" else "protocol"
 
 
 def _covers(port: PortProtocol, protocol: int, number: int) -> bool:

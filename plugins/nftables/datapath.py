@@ -378,9 +378,9 @@ class NftablesDatapath:
             to_ported = out.setdefault(policy_map(ported, family, e, d), set())
             to_portless = out.setdefault(policy_map(portless, family, e, d), set())
             for first, last, low, high, verdict, prefix in policy_segments(keys):
-                allow, peer = verdict != DENY, bool(identity)
-                target = verdict_target(allow, peer, prefix, True, family, e, d)
-                target_np = verdict_target(allow, peer, prefix, False, family, e, d)
+                allow, specific = verdict != DENY, bool(identity)
+                target = verdict_target(allow, specific, prefix, True, family, e, d)
+                target_np = verdict_target(allow, specific, prefix, False, family, e, d)
                 for protocol in PORT_PROTOCOLS:
                     if first <= protocol <= last:
                         to_ported.add((peer, protocol, (low, high), target))
