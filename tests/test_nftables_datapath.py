@@ -322,7 +322,7 @@ def test_events_from_hostile_log_lines_are_refused_or_bounded(judge):
                    "ma:1:up:drop:malformed:0", "ma:1:in:drop:nosuch:0", "xx:1:in:drop:malformed:0",
                    "ma:1:in:drop:forwarded:0", "ma:1:in:verdict:policy_deny:2",
                    "ma:1:in:audit:spoofed:0", "ma:1:in:audit:forwarded:0",
-                   "ma:1:in:drop:malformed:5",
+                   "ma:1:in:drop:malformed:7",
                    "ma:1:in:drop:malformed:", "ma:\u00b2:in:drop:malformed:0",
                    "ma:12345678901:in:drop:malformed:0", "ma:1:in:bogus:forwarded:0",
                    "ma:1:in:drop:malformed:0:extra"):
