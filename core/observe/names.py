@@ -8,6 +8,10 @@ identity is the datapath's, which judged the packet, not what the tables say now
 gave none: the endpoint's or the ipcache's). Labels are
 sorted, ``source:key=value``; ``cluster_name`` is the identity's cluster label (a reserved
 identity has none).
+
+:meth:`Names.end` is what the observer asks for each event: the name of an end as the tables
+say now, kept until they change it (an endpoint, an address's ipcache entry or an identity
+changes), so that naming the ends of the next event costs two dictionary lookups.
 """
 
 import ipaddress
@@ -17,12 +21,14 @@ from meshagent import hookimpl
 from meshagent.events import ChangeKind
 from meshagent.model.endpoint import Endpoint
 from meshagent.model.identity import CLUSTER_LABEL, Identity, ReservedIdentity, label_value
-from meshagent.model.ipcache import IPCacheEntry, host_key
+from meshagent.model.ipcache import IPCacheEntry, host_key, unpack_address
 from meshagent.observe.api.flow import flow_pb2
 
 
 _RESERVED = frozenset(int(r) for r in ReservedIdentity)
 _NAMED_MAX = 65536  # identities whose labels are kept at hand
+_ENDS_MAX = 4096  # addresses whose ends are kept named
+_IDENTITIES_MAX = 16  # identities an address is named with
 
 
 class Names:
@@ -37,10 +43,13 @@ class Names:
         self._ipcache = ipcache
         self._local: dict[str, Endpoint] = {}  # address text -> endpoint
         self._named: dict[int, tuple[list[str], str]] = {}  # identity -> labels, cluster
+        # address text -> identity -> its end, as endpoint() names it
+        self._ends: dict[str, dict[int, flow_pb2.Endpoint]] = {}
 
     @hookimpl
     def meshagent_endpoint_changed(self, kind: ChangeKind, endpoint: Endpoint) -> None:
         for address in endpoint.addresses:
+            self._ends.pop(str(address), None)
             if kind is ChangeKind.UPSERT:
                 self._local[str(address)] = endpoint
             elif self._local.get(str(address), endpoint).id == endpoint.id:
@@ -49,6 +58,27 @@ class Names:
     @hookimpl
     def meshagent_identity_changed(self, kind: ChangeKind, identity: Identity) -> None:
         self._named.pop(identity.id, None)  # its labels are looked up again
+        self._ends.clear()
+
+    @hookimpl
+    def meshagent_ipcache_changed(self, kind: ChangeKind, entry: IPCacheEntry) -> None:
+        if self._ends and entry.is_host:  # only a host's entry names an end
+            self._ends.pop(str(unpack_address(entry.packed)), None)
+
+    def end(self, ip: str, identity: int) -> flow_pb2.Endpoint:
+        """:meth:`endpoint`'s answer, the same message until the tables change it: shared,
+        never to be changed (copy it into a flow)."""
+        ends = self._ends.get(ip)
+        if ends is None:
+            if len(self._ends) >= _ENDS_MAX:
+                self._ends.clear()
+            ends = self._ends[ip] = {}
+        end = ends.get(identity)
+        if end is None:
+            if len(ends) >= _IDENTITIES_MAX:
+                ends.clear()
+            end = ends[identity] = self.endpoint(ip, identity)
+        return end
 
     def local(self, ip: str) -> Endpoint | None:
         return self._local.get(ip)
