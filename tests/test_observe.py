@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import json
 import pathlib
+import uuid
 
 import pytest
 from google.protobuf import json_format
@@ -312,6 +313,8 @@ async def test_flows_are_built_when_read_each_time_the_same():
     again = [r async for r in obs.get_flows(request)]
     assert first == again  # every field, uuid included
     assert len({r.flow.uuid for r in first}) == 3
+    assert all(str(uuid.UUID(r.flow.uuid)) == r.flow.uuid and uuid.UUID(r.flow.uuid).version == 4
+               for r in first)
     assert [r.flow.event_type.type for r in first] == [5, 1, 5]
     assert [p.name for p in first[2].flow.ingress_allowed_by] == [
         "clustermesh-ingress-l4-policy"]

@@ -22,6 +22,7 @@ so one such event makes two flows here too. Policies are named (``*_allowed_by``
 FORWARDED, and for DROPPED by a deny rule (POLICY_DENY); never for AUDIT or a default deny.
 """
 
+import functools
 import uuid
 from collections.abc import Callable, Sequence
 
@@ -113,7 +114,8 @@ class FlowMaker:
         self.revision = revision
         self._cache: dict[tuple, list[flow_pb2.Policy]] = {}
         self._recorded = 0
-        self._uuid_base = uuid.uuid4().int  # a record's number (< 2**62) changes its low bits
+        # a version 4 uuid: a record's number (< 2**62) changes only its random bits
+        self._uuid_base = uuid.uuid4().int
 
     def flows(self, event: ev.FlowEvent) -> list[flow_pb2.Flow]:
         """The flows Cilium would report for ``event``: two for a drop by policy."""
@@ -146,10 +148,12 @@ class FlowMaker:
         empty message, e.g. a response's ``flow``: no copy) or a new message."""
         event, kind = record.event, record.kind
         flow = flow_pb2.Flow() if into is None else into
-        flow.uuid = str(uuid.UUID(int=self._uuid_base ^ record.number, version=4))
+        digits = f"{self._uuid_base ^ record.number:032x}"  # as str(uuid.UUID) spells it
+        flow.uuid = (f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-"
+                     f"{digits[20:]}")
         flow.Type = flow_pb2.L3_L4
         flow.node_name = self.node_name
-        flow.time.CopyFrom(timestamp(event.time_ns))
+        flow.time.seconds, flow.time.nanos = divmod(event.time_ns, 1_000_000_000)
         dropped = event.verdict == ev.DROPPED
         flow.verdict = VERDICTS.get(event.verdict, flow_pb2.FORWARDED)
         code = DROP_REASONS.get(event.reason, 0) if dropped else 0
@@ -229,9 +233,8 @@ def _layer4(flow: flow_pb2.Flow, event: ev.FlowEvent) -> None:
     if event.protocol == TCP:
         tcp = flow.l4.TCP
         tcp.source_port, tcp.destination_port = event.source_port, event.destination_port
-        for name, bit in _FLAGS:
-            if event.tcp_flags & bit:
-                setattr(tcp.flags, name, True)
+        if event.tcp_flags & 0xFF:
+            tcp.flags.CopyFrom(_tcp_flags(event.tcp_flags & 0xFF))
         if not event.tcp_flags:
             tcp.SetInParent()
     elif event.protocol == UDP:
@@ -250,12 +253,23 @@ def _layer4(flow: flow_pb2.Flow, event: ev.FlowEvent) -> None:
         icmp.SetInParent()
 
 
+@functools.cache
+def _tcp_flags(bits: int) -> flow_pb2.TCPFlags:
+    """The flags set in ``bits`` (shared: copy it)."""
+    return flow_pb2.TCPFlags(**{name: True for name, bit in _FLAGS if bits & bit})
+
+
+@functools.cache
+def _tcp_summary(bits: int) -> str:
+    names = dict(_FLAGS)
+    return "TCP Flags: " + ", ".join(n for n in _SUMMARY_FLAGS if bits & names[n])
+
+
 def _summary(flow: flow_pb2.Flow, event: ev.FlowEvent) -> str:
     """Cilium's Summary: the last decoded layer's name, with TCP's flags and ICMP's type."""
     which = flow.l4.WhichOneof("protocol")
     if which == "TCP":
-        flags = flow.l4.TCP.flags
-        return "TCP Flags: " + ", ".join(n for n in _SUMMARY_FLAGS if getattr(flags, n))
+        return _tcp_summary(event.tcp_flags & 0xFF)
     if which in ("ICMPv4", "ICMPv6"):
         icmp = getattr(flow.l4, which)
         known = (_ICMP4 if which == "ICMPv4" else _ICMP6).get(icmp.type)
