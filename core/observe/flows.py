@@ -33,7 +33,7 @@ from google.protobuf.wrappers_pb2 import BoolValue
 
 from meshagent.datapath import events as ev
 from meshagent.observe.api.flow import flow_pb2
-from meshagent.observe.names import Names
+from meshagent.observe.names import NamedEnd, Names
 
 #: Our drop reasons as Cilium's (api/v1/flow/flow.proto DropReason, bpf/lib/common.h DROP_*).
 DROP_REASONS = {
@@ -92,8 +92,8 @@ class FlowRecord:
     event: ev.FlowEvent
     kind: int  # Cilium's monitor message: MESSAGE_DROP, MESSAGE_TRACE or MESSAGE_POLICY_VERDICT
     number: int  # the maker's count of the flows it recorded: the flow's uuid derives from it
-    source: flow_pb2.Endpoint  # Names.end's: shared, never changed
-    destination: flow_pb2.Endpoint
+    source: NamedEnd
+    destination: NamedEnd
     policies: Sequence[flow_pb2.Policy] = ()  # the deciding ones (a policy verdict's): shared
 
 
@@ -162,8 +162,8 @@ class FlowMaker:
             flow.IP.source, flow.IP.destination = event.source_ip, event.destination_ip
             flow.IP.ipVersion = flow_pb2.IPv6 if event.ipv6 else flow_pb2.IPv4
         _layer4(flow, event)
-        flow.source.CopyFrom(record.source)
-        flow.destination.CopyFrom(record.destination)
+        record.source.fill(flow.source)
+        record.destination.fill(flow.destination)
         ingress = event.direction == "ingress"
         if kind == MESSAGE_TRACE:
             point = TRACE_TO_ENDPOINT if ingress else TRACE_FROM_ENDPOINT
