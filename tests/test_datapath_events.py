@@ -201,3 +201,67 @@ def test_icmp_events_carry_type_and_code_where_the_observer_reads_them(judge, dr
     judge.delivery(1, EGRESS, bytes(unreachable))
     assert [(e.protocol, e.source_port, e.destination_port) for e in judge.events()] == \
         [(ICMP, 8 << 8, 0), (ICMPV6, 129 << 8, 0), (ICMP, 3 << 8 | 1, 0)]
+
+
+def _open(judge, syn: Packet) -> list:
+    """SYN, SYN-ACK, ACK between two local pods; the events of the SYN."""
+    judge.delivery(1, EGRESS, syn.frame())
+    events = judge.events()
+    judge.delivery(2, EGRESS, syn.reply().frame())
+    judge.delivery(1, EGRESS, attrs.evolve(syn, tcp_flags=ACK).frame())
+    judge.events()
+    return events
+
+
+def _close(judge, syn: Packet) -> None:
+    """A FIN each way, then the last ACK."""
+    judge.delivery(1, EGRESS, attrs.evolve(syn, tcp_flags=FIN | ACK).frame())
+    judge.delivery(2, EGRESS, attrs.evolve(syn.reply(), tcp_flags=FIN | ACK).frame())
+    judge.delivery(1, EGRESS, attrs.evolve(syn, tcp_flags=ACK).frame())
+    judge.events()
+
+
+def test_a_new_connection_on_a_closed_connections_tuple_is_judged_and_reported_again(judge,
+                                                                                    driver):
+    """Once both sides sent a FIN, or either an RST, a SYN on the same addresses and ports
+    is a new connection (Cilium's CT_REOPENED): judged by policy at both hooks again, and its
+    reply reported as a first reply again. One FIN is not a close."""
+    driver.start(named_scenario([ALL_EGRESS], []))
+    judge.events()
+    syn = Packet(CLIENT, ECHO, TCP, 41000, 8080)
+    verdicts = [(POLICY_VERDICT, 1, "egress"), (POLICY_VERDICT, 2, "ingress")]
+    assert [(e.kind, e.endpoint, e.direction) for e in _open(judge, syn)] == verdicts
+    _close(judge, syn)
+    assert [(e.kind, e.endpoint, e.direction) for e in _open(judge, syn)] == verdicts
+    judge.delivery(2, EGRESS, syn.reply().frame())
+    assert judge.events() == []  # the SYN-ACK of the new connection was reported in _open
+    # an RST either way closes it too
+    judge.delivery(2, EGRESS, attrs.evolve(syn.reply(), tcp_flags=0x04).frame())
+    judge.events()
+    assert [(e.kind, e.endpoint, e.direction) for e in _open(judge, syn)] == verdicts
+    # a FIN one way only: the connection is half closed, a SYN is one of its own
+    judge.delivery(1, EGRESS, attrs.evolve(syn, tcp_flags=FIN | ACK).frame())
+    judge.events()
+    judge.delivery(1, EGRESS, syn.frame())
+    assert judge.events() == []
+
+
+def test_a_closed_connection_is_forgotten_after_the_close_timeout():
+    """A closing connection's entries live ``ct_timeout_close`` (Cilium's CT_CLOSE_TIMEOUT),
+    not the TCP lifetime: a packet after that is judged as a new connection's."""
+    with kernel_judge(ct_timeout_close=0.5) as short:
+        driver = ScenarioDriver(short)
+        driver.start(named_scenario([ALL_EGRESS], []))
+        short.events()
+        syn = Packet(CLIENT, ECHO, TCP, 42000, 8080)
+        _open(short, syn)
+        late_ack = attrs.evolve(syn, tcp_flags=ACK).frame()
+        time.sleep(1)  # open, not closing: the TCP lifetime holds
+        short.delivery(1, EGRESS, late_ack)
+        assert short.events() == []
+        _close(short, syn)
+        short.delivery(1, EGRESS, late_ack)
+        assert short.events() == []  # within the close timeout: still known
+        time.sleep(1)
+        short.delivery(1, EGRESS, late_ack)
+        assert [e.kind for e in short.events()] == [POLICY_VERDICT, POLICY_VERDICT]

@@ -113,6 +113,8 @@ class EbpfSettings:
     ct_timeout_any: float = 60.0
     flow_events: bool = True  # False (--enable-hubble=false): the programs report drops only
     event_pages: int = 64  # perf buffer pages per CPU and program (a power of two)
+    ct_timeout_close: float = 10.0  # a closing TCP connection's entries (Cilium's
+    # CT_CLOSE_TIMEOUT)
 
     @classmethod
     def from_config(cls, config) -> "EbpfSettings":
@@ -134,6 +136,7 @@ class EbpfSettings:
             "LB_SERVICES_MAX": 65536,
             "CT_LIFETIME_TCP_NS": f"{int(self.ct_timeout_tcp * 1e9)}ULL",
             "CT_LIFETIME_ANY_NS": f"{int(self.ct_timeout_any * 1e9)}ULL",
+            "CT_CLOSE_TIMEOUT_NS": f"{int(self.ct_timeout_close * 1e9)}ULL",
             "FLOW_EVENTS": int(self.flow_events),
         }
 

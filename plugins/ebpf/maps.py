@@ -96,7 +96,8 @@ class CT6Key(ct.Structure):
 
 class CTValue(ct.Structure):
     _fields_ = [("last_seen_ns", u64), ("generation", u32), ("nat_ip", IPv4Bytes),
-                ("nat_port", u16), ("flags", u8), ("seen", u8), ("pad", u8 * 4)]
+                ("nat_port", u16), ("flags", u8), ("seen", u8), ("closing", u8),
+                ("pad", u8 * 3)]
 
 
 class IPFragKey(ct.Structure):
