@@ -3,6 +3,7 @@ record carries (addresses, ports, identities, flags, time), the match type of ea
 policy entry, losses when the perf buffer is full, and drops only when compiled for
 ``--enable-hubble=false``. The programs run on synthetic frames (BPF_PROG_TEST_RUN)."""
 
+import os
 import time
 
 import attrs
@@ -265,3 +266,52 @@ def test_a_closed_connection_is_forgotten_after_the_close_timeout():
         time.sleep(1)
         short.delivery(1, EGRESS, late_ack)
         assert [e.kind for e in short.events()] == [POLICY_VERDICT, POLICY_VERDICT]
+
+
+def test_a_lone_event_reaches_the_agent_within_100_ms():
+    """The kernel wakes the agent only once ``event_wakeup`` records are in a ring; the
+    agent's periodic read delivers a lone one, while its loop runs, within 100 ms."""
+    import asyncio
+    with kernel_judge() as lone:
+        driver = ScenarioDriver(lone)
+        driver.start(named_scenario([], []))
+        lone.events()
+
+        async def delay() -> float:
+            await asyncio.sleep(0.2)  # the poll's phase is anywhere
+            sent = time.perf_counter()
+            assert lone.outcome(1, EGRESS, Packet(ECHO, WORLD, TCP, 1000, 80).frame()) == \
+                "spoofed"
+            while not lone.reported:
+                await asyncio.sleep(0.001)
+                assert time.perf_counter() - sent < 1
+            return time.perf_counter() - sent
+        assert lone.call(delay()) < 0.1
+        assert [e.reason for e in lone.reported] == ["spoofed"]
+
+
+def test_a_ring_holding_event_wakeup_records_wakes_the_agent():
+    """With the periodic read an hour away, a burst reaches the sink through the kernel's
+    wakeup alone, in the order the program wrote it (one ring per CPU and program)."""
+    import asyncio
+    with kernel_judge(event_wakeup=16, event_poll=3600) as woken:
+        driver = ScenarioDriver(woken)
+        driver.start(named_scenario([], []))
+        woken.events()
+
+        async def burst() -> None:
+            await asyncio.sleep(0)
+            cpus = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, {min(cpus)})  # one CPU: one ring, whose order is kept
+            try:
+                for n in range(64):
+                    woken.run(1, EGRESS, Packet(ECHO, WORLD, TCP, 1000 + n, 80).frame())
+            finally:
+                os.sched_setaffinity(0, cpus)
+            deadline = time.perf_counter() + 2
+            while len(woken.reported) < 16 and time.perf_counter() < deadline:
+                await asyncio.sleep(0.005)
+        woken.call(burst())
+        ports = [e.source_port for e in woken.reported]
+        assert len(ports) >= 16
+        assert ports == sorted(ports)
