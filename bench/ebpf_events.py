@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import attrs
+
 ENDPOINT_IP = "10.200.0.1"
 
 
@@ -55,9 +57,11 @@ async def measure(args, bpffs: Path) -> dict:
     def count(_event) -> None:
         received[0] += 1
     sink.subscribe(count)
-    datapath = EbpfDatapath(EbpfSettings(bpffs, ipcache_max=1024, policy_max=1024,
-                                         ct_tcp_max=1024, ct_any_max=1024,
-                                         event_wakeup=args.wakeup),
+    settings = EbpfSettings(bpffs, ipcache_max=1024, policy_max=1024, ct_tcp_max=1024,
+                            ct_any_max=1024)
+    if args.wakeup is not None:
+        settings = attrs.evolve(settings, event_wakeup=args.wakeup)
+    datapath = EbpfDatapath(settings,
                             sink, attacher=NoAttacher())
     await datapath.start()
     info = EndpointInfo(endpoint_id=1, identity=1000, ifindex=LOOPBACK_IFINDEX)
@@ -76,7 +80,7 @@ async def measure(args, bpffs: Path) -> dict:
     after = resource.getrusage(resource.RUSAGE_SELF)
     await datapath.stop()
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wakeup": args.wakeup, "events": args.events, "received": received[0], "lost": sink.lost_total,
+    return {"wakeup": getattr(settings, "event_wakeup", 1), "events": args.events, "received": received[0], "lost": sink.lost_total,
             "seconds": round(elapsed, 2), "agent_cpu_s": round(cpu, 3),
             "us_per_event": round(cpu / max(1, received[0]) * 1e6, 2),
             "voluntary_switches": after.ru_nvcsw - before.ru_nvcsw}
@@ -87,8 +91,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200000)
     parser.add_argument("--rate", type=float, default=40000, help="events per second")
     parser.add_argument("--burst", type=int, default=8, help="program runs back to back")
-    parser.add_argument("--wakeup", type=int, default=32,
-                        help="records in a ring that wake the agent")
+    parser.add_argument("--wakeup", type=int, default=None,
+                        help="records in a ring that wake the agent (default: the plugin's)")
     parser.add_argument("--generate", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:
