@@ -315,3 +315,22 @@ def test_a_ring_holding_event_wakeup_records_wakes_the_agent():
         ports = [e.source_port for e in woken.reported]
         assert len(ports) >= 16
         assert ports == sorted(ports)
+
+
+def test_an_ipv6_connection_reopens_as_an_ipv4_one_does(judge, driver):
+    """IPv6 has conntrack maps of its own: the same closing and reopening, at one hook."""
+    from meshagent.testing.scenarios import CLIENT6, ECHO6
+    driver.start(named_scenario([ALL_EGRESS], []))
+    judge.events()
+    syn = Packet(CLIENT6, ECHO6, TCP, 43000, 8080)
+
+    def kinds(direction: str, packet: Packet) -> list:
+        judge.run(1, direction, packet.frame())
+        return [e.kind for e in judge.events()]
+    assert kinds(EGRESS, syn) == [POLICY_VERDICT]
+    assert kinds(INGRESS, syn.reply()) == [TRACE]
+    assert kinds(EGRESS, attrs.evolve(syn, tcp_flags=FIN | ACK)) == [TRACE]
+    assert kinds(EGRESS, syn) == []  # half closed: still the same connection
+    assert kinds(INGRESS, attrs.evolve(syn.reply(), tcp_flags=FIN | ACK)) == [TRACE]
+    assert kinds(EGRESS, syn) == [POLICY_VERDICT]
+    assert kinds(INGRESS, syn.reply()) == [TRACE]
