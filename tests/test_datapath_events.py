@@ -3,6 +3,7 @@ record carries (addresses, ports, identities, flags, time), the match type of ea
 policy entry (Cilium 1.17+'s rule), losses when the perf buffer is full, and drops only when compiled for
 ``--enable-hubble=false``. The programs run on synthetic frames (BPF_PROG_TEST_RUN)."""
 
+import os
 import time
 
 import attrs
@@ -225,3 +226,135 @@ def test_icmp_events_carry_type_and_code_where_the_observer_reads_them(judge, dr
     judge.delivery(1, EGRESS, bytes(unreachable))
     assert [(e.protocol, e.source_port, e.destination_port) for e in judge.events()] == \
         [(ICMP, 8 << 8, 0), (ICMPV6, 129 << 8, 0), (ICMP, 3 << 8 | 1, 0)]
+
+
+def _open(judge, syn: Packet) -> list:
+    """SYN, SYN-ACK, ACK between two local pods; the events of the SYN."""
+    judge.delivery(1, EGRESS, syn.frame())
+    events = judge.events()
+    judge.delivery(2, EGRESS, syn.reply().frame())
+    judge.delivery(1, EGRESS, attrs.evolve(syn, tcp_flags=ACK).frame())
+    judge.events()
+    return events
+
+
+def _close(judge, syn: Packet) -> None:
+    """A FIN each way, then the last ACK."""
+    judge.delivery(1, EGRESS, attrs.evolve(syn, tcp_flags=FIN | ACK).frame())
+    judge.delivery(2, EGRESS, attrs.evolve(syn.reply(), tcp_flags=FIN | ACK).frame())
+    judge.delivery(1, EGRESS, attrs.evolve(syn, tcp_flags=ACK).frame())
+    judge.events()
+
+
+def test_a_new_connection_on_a_closed_connections_tuple_is_judged_and_reported_again(judge,
+                                                                                    driver):
+    """Once both sides sent a FIN, or either an RST, a SYN on the same addresses and ports
+    is a new connection (Cilium's CT_REOPENED): judged by policy at both hooks again, and its
+    reply reported as a first reply again. One FIN is not a close."""
+    driver.start(named_scenario([ALL_EGRESS], []))
+    judge.events()
+    syn = Packet(CLIENT, ECHO, TCP, 41000, 8080)
+    verdicts = [(POLICY_VERDICT, 1, "egress"), (POLICY_VERDICT, 2, "ingress")]
+    assert [(e.kind, e.endpoint, e.direction) for e in _open(judge, syn)] == verdicts
+    _close(judge, syn)
+    assert [(e.kind, e.endpoint, e.direction) for e in _open(judge, syn)] == verdicts
+    judge.delivery(2, EGRESS, syn.reply().frame())
+    assert judge.events() == []  # the SYN-ACK of the new connection was reported in _open
+    # an RST either way closes it too
+    judge.delivery(2, EGRESS, attrs.evolve(syn.reply(), tcp_flags=0x04).frame())
+    judge.events()
+    assert [(e.kind, e.endpoint, e.direction) for e in _open(judge, syn)] == verdicts
+    # a FIN one way only: the connection is half closed, a SYN is one of its own
+    judge.delivery(1, EGRESS, attrs.evolve(syn, tcp_flags=FIN | ACK).frame())
+    judge.events()
+    judge.delivery(1, EGRESS, syn.frame())
+    assert judge.events() == []
+
+
+def test_a_closed_connection_is_forgotten_after_the_close_timeout():
+    """A closing connection's entries live ``ct_timeout_close`` (Cilium's CT_CLOSE_TIMEOUT),
+    not the TCP lifetime: a packet after that is judged as a new connection's."""
+    with kernel_judge(ct_timeout_close=0.5) as short:
+        driver = ScenarioDriver(short)
+        driver.start(named_scenario([ALL_EGRESS], []))
+        short.events()
+        syn = Packet(CLIENT, ECHO, TCP, 42000, 8080)
+        _open(short, syn)
+        late_ack = attrs.evolve(syn, tcp_flags=ACK).frame()
+        time.sleep(1)  # open, not closing: the TCP lifetime holds
+        short.delivery(1, EGRESS, late_ack)
+        assert short.events() == []
+        _close(short, syn)
+        short.delivery(1, EGRESS, late_ack)
+        assert short.events() == []  # within the close timeout: still known
+        time.sleep(1)
+        short.delivery(1, EGRESS, late_ack)
+        assert [e.kind for e in short.events()] == [POLICY_VERDICT, POLICY_VERDICT]
+
+
+def test_a_lone_event_reaches_the_agent_within_100_ms():
+    """The kernel wakes the agent only once ``event_wakeup`` records are in a ring; the
+    agent's periodic read delivers a lone one, while its loop runs, within 100 ms."""
+    import asyncio
+    with kernel_judge() as lone:
+        driver = ScenarioDriver(lone)
+        driver.start(named_scenario([], []))
+        lone.events()
+
+        async def delay() -> float:
+            await asyncio.sleep(0.2)  # the poll's phase is anywhere
+            sent = time.perf_counter()
+            assert lone.outcome(1, EGRESS, Packet(ECHO, WORLD, TCP, 1000, 80).frame()) == \
+                "spoofed"
+            while not lone.reported:
+                await asyncio.sleep(0.001)
+                assert time.perf_counter() - sent < 1
+            return time.perf_counter() - sent
+        assert lone.call(delay()) < 0.1
+        assert [e.reason for e in lone.reported] == ["spoofed"]
+
+
+def test_a_ring_holding_event_wakeup_records_wakes_the_agent():
+    """With the periodic read an hour away, a burst reaches the sink through the kernel's
+    wakeup alone, in the order the program wrote it (one ring per CPU and program)."""
+    import asyncio
+    with kernel_judge(event_wakeup=16, event_poll=3600) as woken:
+        driver = ScenarioDriver(woken)
+        driver.start(named_scenario([], []))
+        woken.events()
+
+        async def burst() -> None:
+            await asyncio.sleep(0)
+            cpus = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, {min(cpus)})  # one CPU: one ring, whose order is kept
+            try:
+                for n in range(64):
+                    woken.run(1, EGRESS, Packet(ECHO, WORLD, TCP, 1000 + n, 80).frame())
+            finally:
+                os.sched_setaffinity(0, cpus)
+            deadline = time.perf_counter() + 2
+            while len(woken.reported) < 16 and time.perf_counter() < deadline:
+                await asyncio.sleep(0.005)
+        woken.call(burst())
+        ports = [e.source_port for e in woken.reported]
+        assert len(ports) >= 16
+        assert ports == sorted(ports)
+
+
+def test_an_ipv6_connection_reopens_as_an_ipv4_one_does(judge, driver):
+    """IPv6 has conntrack maps of its own: the same closing and reopening, at one hook."""
+    from meshagent.testing.scenarios import CLIENT6, ECHO6
+    driver.start(named_scenario([ALL_EGRESS], []))
+    judge.events()
+    syn = Packet(CLIENT6, ECHO6, TCP, 43000, 8080)
+
+    def kinds(direction: str, packet: Packet) -> list:
+        judge.run(1, direction, packet.frame())
+        return [e.kind for e in judge.events()]
+    assert kinds(EGRESS, syn) == [POLICY_VERDICT]
+    assert kinds(INGRESS, syn.reply()) == [TRACE]
+    assert kinds(EGRESS, attrs.evolve(syn, tcp_flags=FIN | ACK)) == [TRACE]
+    assert kinds(EGRESS, syn) == []  # half closed: still the same connection
+    assert kinds(INGRESS, attrs.evolve(syn.reply(), tcp_flags=FIN | ACK)) == [TRACE]
+    assert kinds(EGRESS, syn) == [POLICY_VERDICT]
+    assert kinds(INGRESS, syn.reply()) == [TRACE]

@@ -76,3 +76,24 @@ def test_every_map_has_a_struct_pair_and_a_layout():
     for name in MAP_NAMES:
         key, value = TYPES[name]
         assert expected_layout(name, {})[1:3] == (ct.sizeof(key), ct.sizeof(value))
+
+
+def test_the_event_readers_struct_reads_every_field_of_flow_event_record():
+    """The reader decodes a record with one struct.unpack (plugins/ebpf/events.py RECORD):
+    each field of a FlowEventRecord (checked against the compiler above) comes out as
+    itself."""
+    from meshagent.plugins.ebpf.events import RECORD
+    from meshagent.plugins.ebpf.maps import FlowEventRecord
+    fields = [name for name, _ in FlowEventRecord._fields_ if name != "pad"]
+    record = FlowEventRecord()
+    for n, name in enumerate(fields, start=1):
+        value = getattr(record, name)
+        if isinstance(value, ct.Array):
+            value[:] = bytes(range(n, n + len(value)))
+        else:
+            setattr(record, name, n)
+    assert RECORD.size == ct.sizeof(FlowEventRecord)
+    decoded = dict(zip(fields, RECORD.unpack(bytes(record)), strict=True))
+    for name in fields:
+        value = getattr(record, name)
+        assert decoded[name] == (bytes(value) if isinstance(value, ct.Array) else value), name

@@ -6,12 +6,14 @@ import ipaddress
 import socket
 
 import aiohttp
+import attrs
 import pytest
 
-from meshagent.datapath.events import FORWARDED, MATCH_L3_L4, POLICY_VERDICT, FlowEvent
+from meshagent.datapath.events import FORWARDED, MATCH_L3_L4, POLICY_VERDICT, TRACE, FlowEvent
 from meshagent.errors import UsageError
 from meshagent.events import ChangeKind
 from meshagent.model.endpoint import Endpoint
+from meshagent.model.ipcache import IPCacheEntry
 from meshagent.observe.api.flow import flow_pb2
 from meshagent.observe.api.observer import observer_pb2
 from meshagent.policy.api import parse_policies
@@ -76,3 +78,34 @@ def test_the_capacity_option_takes_ciliums_values_only(value, short_tmp):
         build_agent(["--plugins", "memory", "--hubble-event-buffer-capacity", value,
                      "--socket-path", str(short_tmp / "a.sock"),
                      "--state-dir", str(short_tmp / "s")], {}, ())
+
+
+async def test_names_follow_the_agents_tables(agent_factory):
+    """The observer keeps named ends between events; the agent's ipcache and endpoint
+    changes reach it through the hooks, so the next event is named anew."""
+    running = await agent_factory(["--plugins", "memory", "--cluster-name", "cluster1",
+                                   "--cluster-id", "1", "--node-name", "node1"])
+    agent = running.agent
+    db, employee = IDS["db"], IDS["employee"]
+    for identity in (db, employee):
+        agent.tables.identities.upsert(identity.id, identity)
+    endpoint = Endpoint(7, "default", db.labels, ipaddress.IPv4Address("10.1.0.9"), db.id,
+                        pod_name="db-0")
+    agent.hooks.endpoint_changed(kind=ChangeKind.UPSERT, endpoint=endpoint)
+    prefix = ipaddress.ip_network("10.2.0.5/32")
+
+    def remote(pod: str) -> None:
+        agent.tables.ipcache.upsert(prefix, IPCacheEntry(
+            prefix, employee.id, "cluster1", host_ip="192.168.0.2", namespace="default",
+            pod_name=pod))
+        agent.flow_events.publish(FlowEvent(
+            1_700_000_000_000_000_000, TRACE, FORWARDED, "forwarded", 7, "ingress",
+            "10.2.0.5", 40000, "10.1.0.9", 6379, 6, 0x01, employee.id, db.id))
+    remote("employee-1")
+    agent.hooks.endpoint_changed(kind=ChangeKind.UPSERT, endpoint=attrs.evolve(
+        endpoint, pod_name="db-1"))
+    remote("employee-2")
+    answers = [r.flow async for r in agent.observer.get_flows(
+        observer_pb2.GetFlowsRequest(first=True))]
+    assert [(f.source.pod_name, f.destination.pod_name) for f in answers] == [
+        ("employee-1", "db-0"), ("employee-2", "db-1")]

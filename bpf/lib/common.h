@@ -183,11 +183,27 @@ struct ct_value {
     u16 nat_port;   /* host byte order */
     u8 flags;
     u8 seen;        /* CT_SEEN and the TCP flags (CT_TRACED_FLAGS) this direction reported */
-    u8 pad[4];
+    u8 closing;     /* CT_CLOSE_*: the FINs and RSTs the connection saw (either half) */
+    u8 pad[3];
 };
 
 #define CT_SEEN 0x80           /* a packet of this direction was reported */
 #define CT_TRACED_FLAGS 0x07   /* FIN, SYN, RST: reported the first time in a direction */
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+/* ct_value.closing. A connection is closing once both directions sent a FIN, or either an
+ * RST (Cilium's tx_closing and rx_closing): its entries then live CT_CLOSE_TIMEOUT_NS, and a
+ * SYN on them starts a new connection (Cilium's CT_REOPENED). */
+#define CT_CLOSE_FIN 1         /* this entry's direction sent a FIN */
+#define CT_CLOSE_FIN_OTHER 2   /* the other direction sent a FIN */
+#define CT_CLOSE_RST 4         /* an RST went either way */
+#ifndef CT_CLOSE_TIMEOUT_NS
+#define CT_CLOSE_TIMEOUT_NS 10000000000ULL  /* Cilium's CT_CLOSE_TIMEOUT: 10 s */
+#endif
 
 /* The first fragment's ports, for the fragments after it (as Cilium's lib/ipfrag.h). */
 struct ipfrag_key {

@@ -40,13 +40,39 @@ static __always_inline void ct_other_half(struct ct_key *key, struct ct_value *v
     ct_fill_key(other, key->endpoint_id, key->direction ^ 1, &back);
 }
 
-/* Whether an entry is past its idle lifetime, or older than the endpoint: an endpoint that
- * had its id before owned it. */
+static __always_inline int ct_closing(struct ct_value *value)
+{
+    return value->closing & CT_CLOSE_RST ||
+           (value->closing & (CT_CLOSE_FIN | CT_CLOSE_FIN_OTHER)) ==
+               (CT_CLOSE_FIN | CT_CLOSE_FIN_OTHER);
+}
+
+/* Whether an entry is past its idle lifetime (short once the connection is closing), or older
+ * than the endpoint: an endpoint that had its id before owned it. */
 static __always_inline int ct_expired(struct ct_value *value, u8 protocol,
                                       struct endpoint_info *ep, u64 now)
 {
-    u64 lifetime = protocol == IPPROTO_TCP ? CT_LIFETIME_TCP_NS : CT_LIFETIME_ANY_NS;
+    u64 lifetime = protocol != IPPROTO_TCP ? CT_LIFETIME_ANY_NS
+                   : ct_closing(value)     ? CT_CLOSE_TIMEOUT_NS
+                                           : CT_LIFETIME_TCP_NS;
     return now - value->last_seen_ns > lifetime || value->generation < ep->born;
+}
+
+/* A SYN without ACK on a closing connection's entry: a new connection on the old tuple. */
+static __always_inline int ct_reopens(struct ct_value *value, struct flow *f)
+{
+    return f->protocol == IPPROTO_TCP && (f->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN &&
+           ct_closing(value);
+}
+
+/* The bits a FIN or RST sets in its own direction's entry and in the other half's. */
+static __always_inline u8 ct_close_bits(u8 tcp_flags, int own)
+{
+    if (tcp_flags & TCP_RST)
+        return CT_CLOSE_RST;
+    if (tcp_flags & TCP_FIN)
+        return own ? CT_CLOSE_FIN : CT_CLOSE_FIN_OTHER;
+    return 0;
 }
 
 /* The live entry for this packet's tuple, or 0. An entry older than the endpoint belongs to
@@ -76,6 +102,34 @@ static __always_inline struct ct_value *ct_lookup(struct ct_key *key, struct end
             half->last_seen_ns = now;
     }
     return value;
+}
+
+/* A passing TCP packet of a known connection with a FIN or RST: both halves learn it (once),
+ * and their lifetime counts from now. */
+static __always_inline void ct_note_close(struct ct_key *key, struct ct_value *value,
+                                          struct flow *f, u64 now)
+{
+    u8 own = ct_close_bits(f->tcp_flags, 1);
+    if (f->protocol != IPPROTO_TCP || !own || (value->closing & own) == own)
+        return;
+    value->closing |= own;
+    value->last_seen_ns = now;
+    struct ct_key other = {};
+    ct_other_half(key, value, &other);
+    struct ct_value *half = ct_tcp.lookup(&other);
+    if (half) {
+        half->closing |= ct_close_bits(f->tcp_flags, 0);
+        half->last_seen_ns = now;
+    }
+}
+
+/* Forget a connection (both halves), for a new one on its tuple. */
+static __always_inline void ct_forget(struct ct_key *key, struct ct_value *value)
+{
+    struct ct_key other = {};
+    ct_other_half(key, value, &other);
+    ct_tcp.delete(&other);
+    ct_tcp.delete(key);
 }
 
 /* Whether a packet of a known connection is reported: the first of its direction, or one

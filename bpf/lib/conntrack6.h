@@ -51,6 +51,34 @@ static __always_inline struct ct_value *ct6_lookup(struct endpoint_info *ep, u8 
     return value;
 }
 
+/* ct_note_close() for IPv6. */
+static __always_inline void ct6_note_close(struct endpoint_info *ep, u8 direction,
+                                           struct ct_value *value, struct flow *f, u64 now)
+{
+    u8 own = ct_close_bits(f->tcp_flags, 1);
+    if (f->protocol != IPPROTO_TCP || !own || (value->closing & own) == own)
+        return;
+    value->closing |= own;
+    value->last_seen_ns = now;
+    struct ct6_key other = {};
+    ct6_fill_key(&other, ep->endpoint_id, direction, f, 1);
+    struct ct_value *half = ct6_tcp.lookup(&other);
+    if (half) {
+        half->closing |= ct_close_bits(f->tcp_flags, 0);
+        half->last_seen_ns = now;
+    }
+}
+
+/* ct_forget() for IPv6. */
+static __always_inline void ct6_forget(struct endpoint_info *ep, u8 direction, struct flow *f)
+{
+    struct ct6_key key = {};
+    ct6_fill_key(&key, ep->endpoint_id, direction, f, 1);
+    ct6_tcp.delete(&key);
+    ct6_fill_key(&key, ep->endpoint_id, direction, f, 0);
+    ct6_tcp.delete(&key);
+}
+
 static __always_inline void ct6_put(struct ct6_key *key, struct ct_value *value)
 {
     if (key->protocol == IPPROTO_TCP)

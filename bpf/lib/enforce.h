@@ -16,7 +16,11 @@
  * each drop; each packet policy judged that passes (forwarded, or an audit when the endpoint
  * is in audit mode: what policy would drop passes and is tracked as if allowed); a trace for
  * the first packet of a reply direction and a SYN, FIN or RST new for its direction. Drops
- * other than policy's are never audited. */
+ * other than policy's are never audited.
+ *
+ * A TCP connection whose both directions sent a FIN, or either an RST, is closing: its entries
+ * live 10 s more, and a SYN (without ACK) on them forgets it and starts a new connection,
+ * judged and reported as new (Cilium's CT_CLOSE_TIMEOUT and CT_REOPENED). */
 #ifndef MESHAGENT_ENFORCE_H
 #define MESHAGENT_ENFORCE_H
 
@@ -136,9 +140,14 @@ static __always_inline int verdict(struct __sk_buff *skb, struct endpoint_info *
     struct ct_key key = {};
     ct_fill_key(&key, ep->endpoint_id, direction, f);
     struct ct_value *ct = ct_lookup(&key, ep, now);
+    if (ct && ct_reopens(ct, f)) {  /* judged and tracked as the new connection it is */
+        ct_forget(&key, ct);
+        ct = 0;
+    }
     if (ct) {
         if (ct->flags & CT_REPLY || ct->generation == ep->generation) {
             known(ct, direction, f, j);
+            ct_note_close(&key, ct, f, now);
             ct_apply_nat(skb, f, ct);
             return REASON_FORWARDED;
         }
@@ -154,6 +163,7 @@ static __always_inline int verdict(struct __sk_buff *skb, struct endpoint_info *
             return reason;
         ct->generation = ep->generation;
         ct->seen |= CT_SEEN | (f->tcp_flags & CT_TRACED_FLAGS);
+        ct_note_close(&key, ct, f, now);
         ct_apply_nat(skb, f, ct);
         return REASON_FORWARDED;
     }
@@ -172,8 +182,13 @@ static __always_inline int verdict6(struct endpoint_info *ep, u8 direction, stru
                                     u64 now, struct judgement *j)
 {
     struct ct_value *ct = ct6_lookup(ep, direction, f, now);
+    if (ct && ct_reopens(ct, f)) {
+        ct6_forget(ep, direction, f);
+        ct = 0;
+    }
     if (ct && (ct->flags & CT_REPLY || ct->generation == ep->generation)) {
         known(ct, direction, f, j);
+        ct6_note_close(ep, direction, ct, f, now);
         return REASON_FORWARDED;
     }
     int reason = judge(ep, direction, f, j);
@@ -182,6 +197,7 @@ static __always_inline int verdict6(struct endpoint_info *ep, u8 direction, stru
     if (ct) {  /* judged again after a change, and still allowed */
         ct->generation = ep->generation;
         ct->seen |= CT_SEEN | (f->tcp_flags & CT_TRACED_FLAGS);
+        ct6_note_close(ep, direction, ct, f, now);
     } else {
         ct6_create(ep, direction, f, now);
     }

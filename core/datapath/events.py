@@ -59,9 +59,13 @@ def match_of(peer: bool, prefix: int) -> int:
     return MATCH_ALL if prefix == 0 else MATCH_PROTO_ONLY if prefix <= 8 else MATCH_L4_ONLY
 
 
-@attrs.frozen(slots=True)
+@attrs.define(slots=True, unsafe_hash=True)
 class FlowEvent:
-    """One reported packet, as the datapath saw it at one endpoint's hook."""
+    """One reported packet, as the datapath saw it at one endpoint's hook.
+
+    Never changed once published, but not ``frozen``: attrs sets a frozen class's fields
+    through ``object.__setattr__``, which made building one cost some 0.85 µs instead of 0.2,
+    for every event (plugins/ebpf/events.py builds one per kernel record)."""
 
     time_ns: int  # wall clock, nanoseconds since the epoch
     kind: str  # DROP, POLICY_VERDICT or TRACE

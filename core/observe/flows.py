@@ -22,15 +22,18 @@ so one such event makes two flows here too. Policies are named (``*_allowed_by``
 FORWARDED, and for DROPPED by a deny rule (POLICY_DENY); never for AUDIT or a default deny.
 """
 
+import functools
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+import attrs
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from meshagent.datapath import events as ev
 from meshagent.observe.api.flow import flow_pb2
-from meshagent.observe.names import Names
+from meshagent.observe.names import NamedEnd, Names
 
 #: Our drop reasons as Cilium's (api/v1/flow/flow.proto DropReason, bpf/lib/common.h DROP_*).
 DROP_REASONS = {
@@ -45,6 +48,8 @@ DROP_REASONS = {
     "unsupported_l3": flow_pb2.UNSUPPORTED_L3_PROTOCOL,  # 139
 }
 POLICY_DROPS = ("policy_default", "policy_deny")
+#: FlowEvent.verdict as Hubble's Verdict (any other: FORWARDED)
+VERDICTS = {ev.DROPPED: flow_pb2.DROPPED, ev.AUDIT: flow_pb2.AUDIT}
 #: Cilium's monitor message types (pkg/monitor/api/types.go)
 MESSAGE_DROP, MESSAGE_TRACE, MESSAGE_POLICY_VERDICT = 1, 4, 5
 #: Cilium's trace observation points as monitor sub-types (TraceToLxc, TraceFromLxc)
@@ -77,10 +82,29 @@ Attribution = Callable[[int, str, int, int, int, bool, int], tuple[tuple[str, st
 POLICY_LABEL = "k8s:io.cilium.k8s.policy"
 
 
+@attrs.define(slots=True, eq=False)
+class FlowRecord:
+    """A flow as the observer keeps it: the event, and what naming it takes from the moment it
+    happened (the ends as the tables named them then, the policies that decided), so that
+    :meth:`FlowMaker.build` makes the same Hubble flow whenever it is read. A record is a
+    fraction of a built flow's size and cost."""
+
+    event: ev.FlowEvent
+    kind: int  # Cilium's monitor message: MESSAGE_DROP, MESSAGE_TRACE or MESSAGE_POLICY_VERDICT
+    number: int  # the maker's count of the flows it recorded: the flow's uuid derives from it
+    source: NamedEnd
+    destination: NamedEnd
+    policies: Sequence[flow_pb2.Policy] = ()  # the deciding ones (a policy verdict's): shared
+
+
 class FlowMaker:
     """Turns events into flows for node ``node_name`` (``<cluster>/<node>``); ``attribute``
     names the deciding policies (None: the resolver cannot tell, the fields stay empty) and
-    ``revision`` is the policy revision it answers for."""
+    ``revision`` is the policy revision it answers for.
+
+    :meth:`records` is what happens for each event; :meth:`build` for each flow read. A
+    flow's uuid is random for this maker and the flow's number (Hubble's is random per flow):
+    the same record builds with the same uuid every time."""
 
     def __init__(self, node_name: str, names: Names, attribute: Attribution | None = None,
                  revision: Callable[[], int] = lambda: 0):
@@ -89,33 +113,57 @@ class FlowMaker:
         self.attribute = attribute
         self.revision = revision
         self._cache: dict[tuple, list[flow_pb2.Policy]] = {}
+        self._recorded = 0
+        # a version 4 uuid: a record's number (< 2**62) changes only its random bits
+        self._uuid_base = uuid.uuid4().int
 
     def flows(self, event: ev.FlowEvent) -> list[flow_pb2.Flow]:
         """The flows Cilium would report for ``event``: two for a drop by policy."""
-        if event.kind == ev.DROP:
-            drop = self._flow(event, MESSAGE_DROP)
-            if event.reason not in POLICY_DROPS:
-                return [drop]
-            return [self._flow(event, MESSAGE_POLICY_VERDICT), drop]
-        kind = MESSAGE_TRACE if event.kind == ev.TRACE else MESSAGE_POLICY_VERDICT
-        return [self._flow(event, kind)]
+        return [self.build(record) for record in self.records(event)]
 
-    def _flow(self, event: ev.FlowEvent, kind: int) -> flow_pb2.Flow:
-        flow = flow_pb2.Flow(uuid=str(uuid.uuid4()), Type=flow_pb2.L3_L4,
-                             node_name=self.node_name)
-        flow.time.CopyFrom(timestamp(event.time_ns))
+    def records(self, event: ev.FlowEvent) -> list[FlowRecord]:
+        """The records of the flows Cilium would report for ``event``: two for a drop by
+        policy (its policy verdict, then the drop)."""
+        names = self.names
+        source = names.end(event.source_ip, event.source_identity)
+        destination = names.end(event.destination_ip, event.destination_identity)
+        number = self._recorded
+        if event.kind == ev.TRACE:
+            self._recorded = number + 1
+            return [FlowRecord(event, MESSAGE_TRACE, number, source, destination)]
+        if event.kind != ev.DROP:
+            self._recorded = number + 1
+            return [FlowRecord(event, MESSAGE_POLICY_VERDICT, number, source, destination,
+                               self._policies(event))]
+        if event.reason not in POLICY_DROPS:
+            self._recorded = number + 1
+            return [FlowRecord(event, MESSAGE_DROP, number, source, destination)]
+        self._recorded = number + 2
+        return [FlowRecord(event, MESSAGE_POLICY_VERDICT, number, source, destination,
+                           self._policies(event)),
+                FlowRecord(event, MESSAGE_DROP, number + 1, source, destination)]
+
+    def build(self, record: FlowRecord, into: flow_pb2.Flow | None = None) -> flow_pb2.Flow:
+        """The Hubble flow of ``record``, the same fields each time; made in ``into`` (an
+        empty message, e.g. a response's ``flow``: no copy) or a new message."""
+        event, kind = record.event, record.kind
+        flow = flow_pb2.Flow() if into is None else into
+        digits = f"{self._uuid_base ^ record.number:032x}"  # as str(uuid.UUID) spells it
+        flow.uuid = (f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-"
+                     f"{digits[20:]}")
+        flow.Type = flow_pb2.L3_L4
+        flow.node_name = self.node_name
+        flow.time.seconds, flow.time.nanos = divmod(event.time_ns, 1_000_000_000)
         dropped = event.verdict == ev.DROPPED
-        flow.verdict = (flow_pb2.DROPPED if dropped else
-                        flow_pb2.AUDIT if event.verdict == ev.AUDIT else flow_pb2.FORWARDED)
+        flow.verdict = VERDICTS.get(event.verdict, flow_pb2.FORWARDED)
         code = DROP_REASONS.get(event.reason, 0) if dropped else 0
         flow.drop_reason = flow.drop_reason_desc = code
         if event.source_ip:
             flow.IP.source, flow.IP.destination = event.source_ip, event.destination_ip
             flow.IP.ipVersion = flow_pb2.IPv6 if event.ipv6 else flow_pb2.IPv4
         _layer4(flow, event)
-        flow.source.CopyFrom(self.names.endpoint(event.source_ip, event.source_identity))
-        flow.destination.CopyFrom(self.names.endpoint(event.destination_ip,
-                                                      event.destination_identity))
+        record.source.fill(flow.source)
+        record.destination.fill(flow.destination)
         ingress = event.direction == "ingress"
         if kind == MESSAGE_TRACE:
             point = TRACE_TO_ENDPOINT if ingress else TRACE_FROM_ENDPOINT
@@ -135,14 +183,22 @@ class FlowMaker:
                 flow.is_reply.CopyFrom(BoolValue(value=False))
         flow.traffic_direction = flow_pb2.INGRESS if ingress else flow_pb2.EGRESS
         flow.Summary = _summary(flow, event)
-        if kind == MESSAGE_POLICY_VERDICT and self.attribute is not None:
-            self._correlate(flow, event, ingress)
+        if record.policies:
+            allowed = flow.verdict == flow_pb2.FORWARDED
+            target = (flow.ingress_allowed_by if allowed else flow.ingress_denied_by) \
+                if ingress else (flow.egress_allowed_by if allowed else flow.egress_denied_by)
+            target.extend(record.policies)
         return flow
 
-    def _correlate(self, flow: flow_pb2.Flow, event: ev.FlowEvent, ingress: bool) -> None:
-        allowed = flow.verdict == flow_pb2.FORWARDED
-        if not (allowed or flow.drop_reason_desc == flow_pb2.POLICY_DENY) or not event.protocol:
-            return
+    def _policies(self, event: ev.FlowEvent) -> Sequence[flow_pb2.Policy]:
+        """The policies a policy verdict names: for FORWARDED, and for DROPPED by a deny
+        rule; asked at the event, as the policy revision then answers."""
+        if self.attribute is None or not event.protocol:
+            return ()
+        allowed = event.verdict not in VERDICTS  # FORWARDED
+        if not (allowed or (event.verdict == ev.DROPPED and event.reason == "policy_deny")):
+            return ()
+        ingress = event.direction == "ingress"
         peer = event.source_identity if ingress else event.destination_identity
         revision = self.revision()
         key = (event.endpoint, event.direction, peer, event.protocol, event.destination_port,
@@ -154,9 +210,7 @@ class FlowMaker:
             named = self.attribute(event.endpoint, event.direction, peer, event.protocol,
                                    event.destination_port, allowed, event.match)
             policies = self._cache[key] = [policy_message(k, revision) for k in named]
-        target = (flow.ingress_allowed_by if allowed else flow.ingress_denied_by) if ingress \
-            else (flow.egress_allowed_by if allowed else flow.egress_denied_by)
-        target.extend(policies)
+        return policies
 
 
 def policy_message(key: tuple[str, str, str], revision: int) -> flow_pb2.Policy:
@@ -179,9 +233,8 @@ def _layer4(flow: flow_pb2.Flow, event: ev.FlowEvent) -> None:
     if event.protocol == TCP:
         tcp = flow.l4.TCP
         tcp.source_port, tcp.destination_port = event.source_port, event.destination_port
-        for name, bit in _FLAGS:
-            if event.tcp_flags & bit:
-                setattr(tcp.flags, name, True)
+        if event.tcp_flags & 0xFF:
+            tcp.flags.CopyFrom(_tcp_flags(event.tcp_flags & 0xFF))
         if not event.tcp_flags:
             tcp.SetInParent()
     elif event.protocol == UDP:
@@ -200,12 +253,23 @@ def _layer4(flow: flow_pb2.Flow, event: ev.FlowEvent) -> None:
         icmp.SetInParent()
 
 
+@functools.cache
+def _tcp_flags(bits: int) -> flow_pb2.TCPFlags:
+    """The flags set in ``bits`` (shared: copy it)."""
+    return flow_pb2.TCPFlags(**{name: True for name, bit in _FLAGS if bits & bit})
+
+
+@functools.cache
+def _tcp_summary(bits: int) -> str:
+    names = dict(_FLAGS)
+    return "TCP Flags: " + ", ".join(n for n in _SUMMARY_FLAGS if bits & names[n])
+
+
 def _summary(flow: flow_pb2.Flow, event: ev.FlowEvent) -> str:
     """Cilium's Summary: the last decoded layer's name, with TCP's flags and ICMP's type."""
     which = flow.l4.WhichOneof("protocol")
     if which == "TCP":
-        flags = flow.l4.TCP.flags
-        return "TCP Flags: " + ", ".join(n for n in _SUMMARY_FLAGS if getattr(flags, n))
+        return _tcp_summary(event.tcp_flags & 0xFF)
     if which in ("ICMPv4", "ICMPv6"):
         icmp = getattr(flow.l4, which)
         known = (_ICMP4 if which == "ICMPv4" else _ICMP6).get(icmp.type)

@@ -18,48 +18,92 @@ from collections.abc import Callable
 
 from prometheus_client.core import CounterMetricFamily
 
+from meshagent.datapath import events as ev
 from meshagent.observe.api.flow import flow_pb2
+from meshagent.observe.flows import (
+    DROP_REASONS,
+    ICMP,
+    ICMPV6,
+    MESSAGE_DROP,
+    MESSAGE_POLICY_VERDICT,
+    MESSAGE_TRACE,
+    SCTP,
+    TCP,
+    UDP,
+    VERDICTS,
+    FlowRecord,
+)
 
-_TYPES = {1: "Drop", 3: "Capture", 4: "Trace", 5: "PolicyVerdict"}
-#: Cilium's TraceObservationPoints (pkg/monitor/api/types.go), by monitor sub-type
-_TRACE_POINTS = {0: "to-endpoint", 1: "to-proxy", 2: "to-host", 3: "to-stack",
-                 4: "to-overlay", 5: "from-endpoint", 6: "from-proxy", 7: "from-host",
-                 8: "from-stack", 9: "from-overlay", 10: "from-network", 11: "to-network"}
+_TYPES = {MESSAGE_DROP: "Drop", MESSAGE_TRACE: "Trace", MESSAGE_POLICY_VERDICT: "PolicyVerdict"}
+#: Hubble's FlowProtocol of the layer 4 a flow carries (FlowMaker fills these)
+_PROTOCOLS = {TCP: "TCP", UDP: "UDP", SCTP: "SCTP", ICMP: "ICMPv4", ICMPV6: "ICMPv6"}
 #: Cilium's PolicyMatchType strings, lower-cased as the policy handler labels them
 _MATCHES = {0: "none", 1: "l3-only", 2: "l3-l4", 3: "l4-only", 4: "all", 5: "l3-proto",
             6: "proto-only"}
 _HOST = 1  # reserved:host: the policy handler skips its verdicts
 
 
-def flow_protocol(flow: flow_pb2.Flow) -> str:
-    which = flow.l4.WhichOneof("protocol")
-    return which if which else "Unknown L4"
+def _protocol(number: int) -> str:
+    return _PROTOCOLS.get(number, "Unknown L4")
+
+
+def _verdict(verdict: str) -> str:
+    return flow_pb2.Verdict.Name(VERDICTS.get(verdict, flow_pb2.FORWARDED))
+
+
+def _direction(direction: str) -> str:
+    return "ingress" if direction == "ingress" else "egress"
 
 
 class FlowMetrics:
-    """Counts flows by the label values above; a Prometheus collector reads them."""
+    """Counts flows as they are recorded, by the event's fields the labels derive from (a
+    counter per tuple of them: no flow is built for it); the label values are made from them
+    when Prometheus scrapes (:attr:`flows`, :attr:`drops`, :attr:`verdicts`)."""
 
     def __init__(self):
-        self.flows: collections.Counter = collections.Counter()
-        self.drops: collections.Counter = collections.Counter()
-        self.verdicts: collections.Counter = collections.Counter()
+        # (protocol number, message type, hook direction, verdict)
+        self._flows: collections.Counter = collections.Counter()
+        self._drops: collections.Counter = collections.Counter()  # (reason, protocol number)
+        self._verdicts: collections.Counter = collections.Counter()  # (direction, match, verdict)
 
-    def count(self, flow: flow_pb2.Flow) -> None:
-        kind = flow.event_type.type
-        protocol = flow_protocol(flow)
-        if kind in _TYPES:
-            name = _TYPES[kind]
-            subtype = _TRACE_POINTS.get(flow.event_type.sub_type, "") if kind == 4 else ""
-        else:
-            name, subtype = "Unknown", str(kind)
-        verdict = flow_pb2.Verdict.Name(flow.verdict)
-        self.flows[protocol, name, subtype, verdict] += 1
-        if flow.verdict == flow_pb2.DROPPED:
-            self.drops[flow_pb2.DropReason.Name(flow.drop_reason_desc), protocol] += 1
-        if kind == 5 and flow.source.identity != _HOST:
-            direction = flow_pb2.TrafficDirection.Name(flow.traffic_direction).lower()
-            self.verdicts[direction, _MATCHES.get(flow.policy_match_type, "unknown"),
-                          verdict.lower()] += 1
+    def count(self, record: FlowRecord) -> None:
+        event = record.event
+        self._flows[event.protocol, record.kind, event.direction, event.verdict] += 1
+        if event.verdict == ev.DROPPED:
+            self._drops[event.reason, event.protocol] += 1
+        if record.kind == MESSAGE_POLICY_VERDICT and record.source.identity != _HOST:
+            self._verdicts[event.direction, event.match, event.verdict] += 1
+
+    @property
+    def flows(self) -> dict[tuple[str, str, str, str], int]:
+        """(protocol, type, subtype, verdict) -> flows: a trace's subtype is its observation
+        point (ingress: to-endpoint), the others have none."""
+        out: collections.Counter = collections.Counter()
+        for (protocol, kind, direction, verdict), count in self._flows.items():
+            subtype = ""
+            if kind == MESSAGE_TRACE:
+                subtype = "to-endpoint" if direction == "ingress" else "from-endpoint"
+            out[_protocol(protocol), _TYPES[kind], subtype,
+                _verdict(verdict)] += count
+        return dict(out)
+
+    @property
+    def drops(self) -> dict[tuple[str, str], int]:
+        """(reason as DropReason's name, protocol) -> dropped flows."""
+        out: collections.Counter = collections.Counter()
+        for (reason, protocol), count in self._drops.items():
+            out[flow_pb2.DropReason.Name(DROP_REASONS.get(reason, 0)), _protocol(protocol)] += \
+                count
+        return dict(out)
+
+    @property
+    def verdicts(self) -> dict[tuple[str, str, str], int]:
+        """(direction, match, action) -> policy verdicts, not counting the host's."""
+        out: collections.Counter = collections.Counter()
+        for (direction, match, verdict), count in self._verdicts.items():
+            out[_direction(direction), _MATCHES.get(match, "unknown"),
+                _verdict(verdict).lower()] += count
+        return dict(out)
 
 
 class HubbleCollector:

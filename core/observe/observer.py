@@ -1,6 +1,12 @@
 """The agent's observer: every flow event as Hubble flows, the recent ones in a ring buffer,
 and the ``GetFlows``/``ServerStatus`` answers of Hubble's Observer service.
 
+A flow is kept as its :class:`~meshagent.observe.flows.FlowRecord` (the event and the names
+it had then) and built into a Hubble flow only when a reader asks for it: each event costs a
+record and a count in the metrics. A reader's filters are applied to built flows; a request
+with none builds only the flows it sends. Every read builds anew (nothing built is kept), the
+same fields and uuid each time.
+
 ``GetFlows`` reads as Hubble's ``pkg/hubble/observer/local_observer.go`` does: with ``first``,
 from the oldest flow; with ``follow`` and neither ``number`` nor ``since``, only new flows;
 otherwise back from the newest until ``number`` flows match (or, with ``since``, to the first
@@ -28,29 +34,31 @@ from meshagent.datapath.events import FlowEvent
 from meshagent.observe.api.flow import flow_pb2
 from meshagent.observe.api.observer import observer_pb2
 from meshagent.observe.filters import Predicate, flows_filter
-from meshagent.observe.flows import FlowMaker, timestamp
+from meshagent.observe.flows import FlowMaker, FlowRecord, timestamp
 from meshagent.observe.metrics import FlowMetrics
 from meshagent.runtime.config import parse_event_buffer_capacity
 
 DEFAULT_CAPACITY = 4095  # Cilium's hubble-event-buffer-capacity
 FOLLOW_QUEUE = 4096  # flows a follower may be behind before it loses some
+#: what GetFlows reads: a flow recorded, the same built (it had to be, for the filters), or a
+#: notice of lost events
+_Item = FlowRecord | flow_pb2.Flow | observer_pb2.GetFlowsResponse
 
 
 class _Follower:
     """A GetFlows stream with follow: the flows it has yet to send, at most
     :data:`FOLLOW_QUEUE`; a count in their midst marks where it lost that many."""
 
-    def __init__(self, passes: Predicate):
-        self.passes = passes
-        self.items: collections.deque[flow_pb2.Flow | int] = collections.deque()
+    def __init__(self, passes: Predicate | None):
+        self.passes = passes  # None: every flow
+        self.items: collections.deque[_Item | int] = collections.deque()
         self.queued = 0  # flows in items
         self.missed = 0  # lost since the last flow queued
         self._ready = asyncio.Event()
 
-    def offer(self, flow: flow_pb2.Flow | observer_pb2.GetFlowsResponse) -> None:
-        """A flow (sent if it passes the filters), or a notice of lost events (always)."""
-        if isinstance(flow, flow_pb2.Flow) and not self.passes(flow):
-            return
+    def offer(self, flow: _Item) -> None:
+        """A flow that passed the filters (built, or a record to build when sent), or a
+        notice of lost events."""
         if self.queued >= FOLLOW_QUEUE:
             self.missed += 1
             return
@@ -61,7 +69,7 @@ class _Follower:
         self.queued += 1
         self._ready.set()
 
-    async def next(self) -> flow_pb2.Flow | observer_pb2.GetFlowsResponse | int:
+    async def next(self) -> _Item | int:
         """The next flow or notice, or how many this follower lost at this point."""
         while not self.items:
             if self.missed:
@@ -76,15 +84,15 @@ class _Follower:
 
 
 class Observer:
-    """Subscribe :meth:`on_event` to the agent's flow events; ``maker`` turns each into
-    flows, which are kept (the last ``capacity``), counted (``metrics``) and streamed."""
+    """Subscribe :meth:`on_event` to the agent's flow events; ``maker`` records each as flows,
+    which are kept (the last ``capacity``), counted (``metrics``) and streamed."""
 
     def __init__(self, maker: FlowMaker, capacity: int = DEFAULT_CAPACITY,
                  clock: Callable[[], float] = time.time, lost: Callable[[], int] = lambda: 0):
         self.maker = maker
         self.capacity = parse_event_buffer_capacity(capacity)
         # flows, and notices of events the datapath lost (GetFlowsResponse)
-        self.ring: collections.deque[flow_pb2.Flow | observer_pb2.GetFlowsResponse] = \
+        self.ring: collections.deque[FlowRecord | observer_pb2.GetFlowsResponse] = \
             collections.deque(maxlen=self.capacity)
         self.seen_flows = 0
         self._lost_total = lost  # how many events the datapath lost so far
@@ -100,15 +108,24 @@ class Observer:
         if lost > self._lost_seen:
             self._add_lost(lost - self._lost_seen)
             self._lost_seen = lost
-        for flow in self.maker.flows(event):
-            self.add(flow)
+        for record in self.maker.records(event):
+            self.add(record)
 
-    def add(self, flow: flow_pb2.Flow) -> None:
-        self.ring.append(flow)
+    def add(self, record: FlowRecord) -> None:
+        self.ring.append(record)
         self.seen_flows += 1
-        self.metrics.count(flow)
+        self.metrics.count(record)
+        if not self.followers:
+            return
+        built = None  # once for all the followers that filter
         for follower in self.followers:
-            follower.offer(flow)
+            if follower.passes is None:
+                follower.offer(record)
+                continue
+            if built is None:
+                built = self.maker.build(record)
+            if follower.passes(built):
+                follower.offer(built)
 
     def _add_lost(self, count: int) -> None:
         notice = self._notice(flow_pb2.PERF_EVENT_RING_BUFFER, count)
@@ -121,7 +138,8 @@ class Observer:
     def server_status(self) -> observer_pb2.ServerStatusResponse:
         now = self._clock()
         return observer_pb2.ServerStatusResponse(
-            num_flows=sum(1 for f in self.ring if isinstance(f, flow_pb2.Flow)), max_flows=self.capacity, seen_flows=self.seen_flows,
+            num_flows=sum(1 for f in self.ring if isinstance(f, FlowRecord)),
+            max_flows=self.capacity, seen_flows=self.seen_flows,
             uptime_ns=int((now - self.started) * 1e9), version=__version__,
             flows_rate=self._rate(now))
 
@@ -130,10 +148,10 @@ class Observer:
         since = now - 60.0
         count = 0
         oldest = None
-        for flow in reversed(self.ring):
-            if not isinstance(flow, flow_pb2.Flow):
+        for record in reversed(self.ring):
+            if not isinstance(record, FlowRecord):
                 continue
-            stamp = flow.time.seconds + flow.time.nanos / 1e9
+            stamp = record.event.time_ns / 1e9
             if stamp < since:
                 oldest = None
                 break
@@ -154,7 +172,9 @@ class Observer:
             raise ValueError("field_mask is not supported")
         since = _time_ns(request, "since")
         until = _time_ns(request, "until")
-        passes = flows_filter(request.whitelist, request.blacklist)
+        passes = None
+        if request.whitelist or request.blacklist:
+            passes = flows_filter(request.whitelist, request.blacklist)
         follower = None
         if request.follow:  # before reading the ring: nothing falls between the two
             follower = _Follower(passes)
@@ -162,57 +182,59 @@ class Observer:
         try:
             stored = self._stored(request, passes, since)
             sent = 0
-            for flow in stored:
+            for item in stored:
                 if not request.follow and request.number and sent >= request.number:
                     return
-                if not isinstance(flow, flow_pb2.Flow):
-                    yield flow  # a notice of lost events
+                if isinstance(item, observer_pb2.GetFlowsResponse):
+                    yield item  # a notice of lost events
                     continue
-                stamp = _ns(flow.time)
+                stamp = _when(item)
                 if until is not None and stamp > until:
                     return
                 if since is not None and stamp < since:
                     continue
                 sent += 1
-                yield response(flow)
+                yield self._response(item)
             if follower is None:
                 return
             while True:
-                flow = await follower.next()
-                if isinstance(flow, int):
-                    self.follow_lost += flow
-                    yield self._notice(flow_pb2.HUBBLE_RING_BUFFER, flow)
+                item = await follower.next()
+                if isinstance(item, int):
+                    self.follow_lost += item
+                    yield self._notice(flow_pb2.HUBBLE_RING_BUFFER, item)
                     continue
-                if not isinstance(flow, flow_pb2.Flow):
-                    yield flow
+                if isinstance(item, observer_pb2.GetFlowsResponse):
+                    yield item
                     continue
-                if until is not None and _ns(flow.time) > until:
+                if until is not None and _when(item) > until:
                     return
-                if since is not None and _ns(flow.time) < since:
+                if since is not None and _when(item) < since:
                     continue
-                yield response(flow)
+                yield self._response(item)
         finally:
             if follower is not None:
                 self.followers.discard(follower)
 
-    def _stored(self, request: observer_pb2.GetFlowsRequest, passes: Predicate,
-                since: int | None) -> list[flow_pb2.Flow]:
+    def _stored(self, request: observer_pb2.GetFlowsRequest, passes: Predicate | None,
+                since: int | None) -> list[_Item]:
         """The stored flows to read forward from, as Hubble's newRingReader picks its start;
-        the ones that fail the filters already left out."""
+        the ones that fail the filters already left out (those that passed them built)."""
         items = list(self.ring)
         if request.first and since is None:
-            return [f for f in items if not isinstance(f, flow_pb2.Flow) or passes(f)]
+            return [item for item in map(self._filtered(passes), items) if item is not None]
         if request.follow and not request.number and since is None:
             return []
+        filtered = self._filtered(passes)
         picked = []
         count = 0
         for item in reversed(items):
-            if not isinstance(item, flow_pb2.Flow):
+            if isinstance(item, observer_pb2.GetFlowsResponse):
                 picked.append(item)  # a notice: not a flow, never counted
                 continue
-            if not passes(item):
+            item = filtered(item)
+            if item is None:
                 continue
-            if since is not None and _ns(item.time) < since:
+            if since is not None and _when(item) < since:
                 break
             picked.append(item)
             count += 1
@@ -220,6 +242,28 @@ class Observer:
                 break
         picked.reverse()
         return picked
+
+    def _filtered(self, passes: Predicate | None) -> Callable[[_Item], _Item | None]:
+        """What of a stored item is read with ``passes``: the item itself (no filters; a
+        notice), its flow (built to be filtered), or None (filtered out)."""
+        if passes is None:
+            return lambda item: item
+
+        def filtered(item: _Item) -> _Item | None:
+            if not isinstance(item, FlowRecord):
+                return item
+            flow = self.maker.build(item)
+            return flow if passes(flow) else None
+        return filtered
+
+    def _response(self, item: FlowRecord | flow_pb2.Flow) -> observer_pb2.GetFlowsResponse:
+        if isinstance(item, flow_pb2.Flow):
+            return response(item)
+        answer = observer_pb2.GetFlowsResponse()
+        flow = self.maker.build(item, answer.flow)
+        answer.node_name = flow.node_name
+        answer.time.CopyFrom(flow.time)
+        return answer
 
     def _notice(self, source: int, count: int) -> observer_pb2.GetFlowsResponse:
         """``count`` events lost at ``source``, now."""
@@ -235,6 +279,11 @@ def response(flow: flow_pb2.Flow) -> observer_pb2.GetFlowsResponse:
 
 def _ns(stamp: Timestamp) -> int:
     return stamp.seconds * 1_000_000_000 + stamp.nanos
+
+
+def _when(item: FlowRecord | flow_pb2.Flow) -> int:
+    """A flow's time in nanoseconds, built or not."""
+    return item.event.time_ns if isinstance(item, FlowRecord) else _ns(item.time)
 
 
 def _time_ns(request: observer_pb2.GetFlowsRequest, name: str) -> int | None:

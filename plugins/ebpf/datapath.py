@@ -18,15 +18,8 @@ import attrs
 
 from meshagent import hookimpl
 from meshagent.plugin import (
-    AUDIT,
-    DROP,
-    DROPPED,
-    FORWARDED,
-    POLICY_VERDICT,
-    TRACE,
     DatapathBatch,
     Endpoint,
-    FlowEvent,
     FlowEventSink,
     FlowEvents,
     Health,
@@ -35,27 +28,18 @@ from meshagent.plugin import (
     verdict_metrics,
 )
 from meshagent.plugins.ebpf import loader, migrate
+from meshagent.plugins.ebpf.events import EventReader, PerfRing
 from meshagent.plugins.ebpf.maps import (
     DIR_EGRESS,
     DIR_INGRESS,
     ENDPOINT_HAS_IPV6,
     ENDPOINT_LOCAL_DELIVERY,
     ENDPOINT_POLICY_AUDIT,
-    FLOW_AUDIT,
-    FLOW_DROP,
-    FLOW_DROPPED,
-    FLOW_FORWARDED,
-    FLOW_POLICY_VERDICT,
-    FLOW_TRACE,
-    LOST_CB_TYPE,
     POLICY_PREFIX_STATIC,
-    RAW_CB_TYPE,
-    REASON_KEYS,
     REASONS,
     VERDICT_ALLOW,
     VERDICT_DENY,
     EndpointInfo,
-    FlowEventRecord,
     IPCache6Key,
     IPCacheKey,
     IPCacheValue,
@@ -65,14 +49,11 @@ from meshagent.plugins.ebpf.maps import (
     LBBackendKey,
     LBService,
     LBServiceKey,
-    PerfBufferOpts,
     PolicyKey,
     PolicyValue,
-    boot_offset_ns,
     bpf_lib,
     ip6_bytes,
     ip_bytes,
-    ip_text,
     mac_bytes,
     open_maps,
     possible_cpus,
@@ -109,6 +90,10 @@ class EbpfSettings:
     ct_timeout_any: float = 60.0
     flow_events: bool = True  # False (--enable-hubble=false): the programs report drops only
     event_pages: int = 64  # perf buffer pages per CPU and program (a power of two)
+    event_wakeup: int = 256  # records in a ring that wake the agent (of ~2,700 in 64 pages)
+    event_poll: float = 0.05  # seconds between reads of every ring (a lone record's wait)
+    ct_timeout_close: float = 10.0  # a closing TCP connection's entries (Cilium's
+    # CT_CLOSE_TIMEOUT)
 
     @classmethod
     def from_config(cls, config) -> "EbpfSettings":
@@ -130,6 +115,7 @@ class EbpfSettings:
             "LB_SERVICES_MAX": 65536,
             "CT_LIFETIME_TCP_NS": f"{int(self.ct_timeout_tcp * 1e9)}ULL",
             "CT_LIFETIME_ANY_NS": f"{int(self.ct_timeout_any * 1e9)}ULL",
+            "CT_CLOSE_TIMEOUT_NS": f"{int(self.ct_timeout_close * 1e9)}ULL",
             "FLOW_EVENTS": int(self.flow_events),
         }
 
@@ -186,7 +172,8 @@ class EbpfDatapath:
         self.synced = False
         self.started = False
         self.start_error = ""
-        self._readers: list[tuple[int, int]] = []
+        self._reader = EventReader(self.events)
+        self._poller: asyncio.Task | None = None
         self._event_maps: list[int] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -221,44 +208,49 @@ class EbpfDatapath:
         log.info("eBPF programs loaded; maps pinned under %s", self.pin_dir)
 
     def _open_flow_events(self) -> None:
-        """One perf reader per CPU on each program's pinned event array, read in the loop.
-        The programs never wait for room: what a full buffer could not take the reader
-        learns as a count, handed to the sink's ``lost``."""
+        """A perf ring per CPU on each program's pinned event array, read in the loop when the
+        kernel says ``event_wakeup`` records are in one, and all of them every
+        ``event_poll`` seconds (a lone record waits at most that). The programs never wait
+        for room: what a full ring could not take reaches the sink's ``lost``."""
         lib = bpf_lib()
         loop = asyncio.get_running_loop()
-        callback = RAW_CB_TYPE(lambda _, data, size: self._on_event(data))
-        lost = LOST_CB_TYPE(lambda _, count: self.events.lost(count))
-        self._callbacks = (callback, lost)  # ctypes callbacks must outlive the readers
         for name in loader.PROGRAMS:
             map_fd = lib.bpf_obj_get(str(self.pin_dir / f"events_{name}").encode())
             if map_fd < 0:
                 raise loader.DatapathError(f"cannot open the pinned event array of {name}")
+            # keep it open: the kernel drops perf entries when the map file that set them closes
+            self._event_maps.append(map_fd)
             for cpu in range(possible_cpus()):
-                opts = PerfBufferOpts()
-                opts.pid, opts.cpu, opts.wakeup_events = -1, cpu, 1  # wake on every event
-                reader = lib.bpf_open_perf_buffer_opts(callback, lost, None,
-                                                       self.settings.event_pages,
-                                                       ct.byref(opts))
-                if not reader:
-                    raise loader.DatapathError("could not open a perf buffer for flow events")
-                fd = lib.perf_reader_fd(reader)
-                key, value = ct.c_int(cpu), ct.c_int(fd)
+                try:
+                    ring = PerfRing(cpu, self.settings.event_pages, self.settings.event_wakeup)
+                except OSError as exc:
+                    raise loader.DatapathError(f"no perf ring for flow events: {exc}") from None
+                self._reader.rings.append(ring)
+                key, value = ct.c_int(cpu), ct.c_int(ring.fd)
                 if lib.bpf_update_elem(map_fd, ct.byref(key), ct.byref(value), 0) != 0:
                     raise loader.DatapathError(f"cannot register the flow event reader of"
                                                f" {name} on CPU {cpu}")
-                loop.add_reader(fd, lib.perf_reader_event_read, reader)
-                self._readers.append((fd, reader))
-            # keep it open: the kernel drops perf entries when the map file that set them closes
-            self._event_maps.append(map_fd)
+                loop.add_reader(ring.fd, self._reader.read, ring)
+        self._poller = asyncio.create_task(self._poll_events(), name="ebpf-flow-events")
+
+    async def _poll_events(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.event_poll)
+            try:
+                self._reader.read_all()
+            except Exception:
+                log.exception("reading flow events failed")
 
     async def stop(self) -> None:
         """Stop reading events; programs and pinned maps stay for the next agent."""
-        lib = bpf_lib()
         loop = asyncio.get_running_loop()
-        for fd, reader in self._readers:
-            loop.remove_reader(fd)
-            lib.perf_reader_free(reader)
-        self._readers.clear()
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
+        for ring in self._reader.rings:
+            loop.remove_reader(ring.fd)
+        self._reader.close()
         for map_fd in self._event_maps:
             os.close(map_fd)
         self._event_maps.clear()
@@ -537,30 +529,10 @@ class EbpfDatapath:
 
     # -- flow events ----------------------------------------------------------------------------
 
-    def _on_event(self, data) -> None:
-        raw = ct.cast(data, ct.POINTER(FlowEventRecord)).contents
-        self.events.publish(self.describe(raw))
-
     def read_events(self) -> None:
-        """Hand what the perf buffers hold to the sink now, without waiting for the loop (a
+        """Hand what the perf rings hold to the sink now, without waiting for the loop (a
         program run with BPF_PROG_TEST_RUN has written its events once the run returns)."""
-        lib = bpf_lib()
-        for _, reader in self._readers:
-            lib.perf_reader_event_read(reader)
-
-    @staticmethod
-    def describe(raw: FlowEventRecord) -> FlowEvent:
-        v6 = raw.family == 6
-        return FlowEvent(
-            time_ns=raw.time_ns + boot_offset_ns(), kind=KINDS.get(raw.kind, DROP),
-            verdict=VERDICTS.get(raw.verdict, DROPPED),
-            reason=REASON_KEYS.get(raw.reason, str(raw.reason)), endpoint=raw.endpoint_id,
-            direction="ingress" if raw.direction == DIR_INGRESS else "egress",
-            source_ip=ip_text(raw.saddr6 if v6 else raw.saddr), source_port=raw.sport,
-            destination_ip=ip_text(raw.daddr6 if v6 else raw.daddr),
-            destination_port=raw.dport, protocol=raw.protocol, tcp_flags=raw.tcp_flags,
-            source_identity=raw.src_identity, destination_identity=raw.dst_identity,
-            is_reply=bool(raw.is_reply), match=raw.match)
+        self._reader.read_all()
 
     # -- visibility -----------------------------------------------------------------------------
 
@@ -596,10 +568,6 @@ class EbpfDatapath:
                     " first sync" for ep_id in sorted(self.deferred)]
         health = Health.OK if full == len(self.endpoints) else Health.WARNING
         return StatusSection("Datapath", health, summary, details=details)
-
-
-KINDS = {FLOW_DROP: DROP, FLOW_POLICY_VERDICT: POLICY_VERDICT, FLOW_TRACE: TRACE}
-VERDICTS = {FLOW_FORWARDED: FORWARDED, FLOW_DROPPED: DROPPED, FLOW_AUDIT: AUDIT}
 
 
 def _policy_value(verdict: str, block: Block) -> PolicyValue:

@@ -96,7 +96,8 @@ class CT6Key(ct.Structure):
 
 class CTValue(ct.Structure):
     _fields_ = [("last_seen_ns", u64), ("generation", u32), ("nat_ip", IPv4Bytes),
-                ("nat_port", u16), ("flags", u8), ("seen", u8), ("pad", u8 * 4)]
+                ("nat_port", u16), ("flags", u8), ("seen", u8), ("closing", u8),
+                ("pad", u8 * 3)]
 
 
 class IPFragKey(ct.Structure):
@@ -254,14 +255,6 @@ def ip_text(raw: IPv4Bytes | IPv6Bytes) -> str:
     return str(ipaddress.ip_address(bytes(raw)))
 
 
-RAW_CB_TYPE = ct.CFUNCTYPE(None, ct.py_object, ct.c_void_p, ct.c_int)  # a perf event
-LOST_CB_TYPE = ct.CFUNCTYPE(None, ct.py_object, ct.c_ulonglong)
-
-
-class PerfBufferOpts(ct.Structure):
-    _fields_ = [("pid", ct.c_int), ("cpu", ct.c_int), ("wakeup_events", ct.c_int)]
-
-
 _SIGNATURES = {  # name: (result, arguments), as libbcc's Python binding declares them
     "bpf_obj_get": (ct.c_int, [ct.c_char_p]),
     "bpf_obj_pin": (ct.c_int, [ct.c_int, ct.c_char_p]),
@@ -271,11 +264,6 @@ _SIGNATURES = {  # name: (result, arguments), as libbcc's Python binding declare
     "bpf_delete_elem": (ct.c_int, [ct.c_int, ct.c_void_p]),
     "bpf_get_first_key": (ct.c_int, [ct.c_int, ct.c_void_p, ct.c_uint]),
     "bpf_get_next_key": (ct.c_int, [ct.c_int, ct.c_void_p, ct.c_void_p]),
-    "bpf_open_perf_buffer_opts": (ct.c_void_p, [RAW_CB_TYPE, LOST_CB_TYPE, ct.py_object,
-                                                ct.c_int, ct.POINTER(PerfBufferOpts)]),
-    "perf_reader_fd": (ct.c_int, [ct.c_void_p]),
-    "perf_reader_event_read": (None, [ct.c_void_p]),
-    "perf_reader_free": (None, [ct.c_void_p]),
 }
 
 
