@@ -264,19 +264,17 @@ def flows_cost(dp: dict, per_connection: float, lost: float) -> str:
     cpu_us = dp["agent_cpu_ms_per_1000_conn"]["b_meshagent_ebpf"]  # ms per 1,000 = µs per one
     budget_us = dp["cores"] * 1e6 / dp["results"]["a_no_programs"]["new_conn_per_s"]
     return ("What bounds (b) with flows is its agent: it spent"
-            f" {cpu_us:.0f} µs of CPU per new connection, about {cpu_us / per_connection:.0f} µs"
-            f" per event, where (a) makes a whole connection in {budget_us:.0f} µs of the"
-            f" machine's {dp['cores']} cores, and the perf buffers overflow ({lost:.0%} of the"
-            " events lost). A profile of the agent under this load (py-spy, 2026-12-07) finds"
-            " its loop busy all the time, four fifths of it in the perf reader's callback,"
-            " called once per event (the readers wake on every event): the record decoded (its"
-            " addresses through `ipaddress`), a FlowEvent published, and the"
-            " observer building a Hubble Flow message from it at once (a uuid4, both endpoints'"
-            " names and labels, the summary text, the metrics) — that Flow is half of the time."
-            f" For (b) to stay at 90% of (a), flows may cost about {budget_us / 10:.0f} µs a"
-            f" connection, {budget_us / 10 / per_connection:.1f} µs an event: fewer events must"
-            " reach Python per connection, or each must cost far less there (records read in"
-            " batches, Flows built when they are read rather than when they are stored).")
+            f" {cpu_us:.0f} µs of CPU per new connection, about"
+            f" {cpu_us / max(per_connection, 1):.1f} µs per event ({lost:.0%} of the events"
+            f" lost), where (a) makes a whole connection in {budget_us:.0f} µs of the machine's"
+            f" {dp['cores']} cores. Its parts, each measured on its own: the eBPF datapath's"
+            " reader (records read from the perf rings' memory in batches, one struct unpack"
+            " each: `bench/ebpf_events.py`) and the observer (each event stored as a small"
+            " record, the Hubble flow built only when read: `bench/observe_events.py`); see"
+            " docs/datapath.md and docs/observability.md. Every event is a Python object in"
+            f" the agent's loop; for (b) to stay at 90% of (a), flows may cost about"
+            f" {budget_us / 10:.0f} µs a connection, {budget_us / 10 / max(per_connection, 1):.1f}"
+            " µs an event.")
 
 
 def datapath_report(dp: dict) -> list[str]:
@@ -298,11 +296,10 @@ def datapath_report(dp: dict) -> list[str]:
              " (`redis-benchmark -t ping_inline -c 20 -k 0`: each PING on a connection of its"
              " own — connect, PING, PONG, close by the client). Each round's connections go to a"
              " redis of their own on a port of its own, from client ports 1024–65535 with no"
-             " TIME_WAIT reuse, so that none reuses an address and port pair a datapath's"
-             " conntrack still holds: the eBPF datapath keeps a closed TCP connection's entries"
-             " for its idle timeout (6 h), and takes such a connection for the old one, judged"
-             " and reported already (with `net.ipv4.tcp_tw_reuse=1`, its flows stopped after"
-             " the first two rounds). The ratios are medians of each"
+             " TIME_WAIT reuse, so that no round meets another round's closed connections in a"
+             " datapath's conntrack (the eBPF datapath keeps a closed TCP connection's entries"
+             " 10 s, Cilium's CT_CLOSE_TIMEOUT, and a new SYN on the same addresses and ports"
+             " starts a new connection). The ratios are medians of each"
              " round's own ratios to (a); the range beside the connection ratio is the lowest"
              " and highest round's. The agent's CPU time is read from /proc around each"
              " connection measurement, to one clock tick"
@@ -389,16 +386,16 @@ def datapath_report(dp: dict) -> list[str]:
               f" {dp['d_over_c']['redis_ping_rps']:.0%} /"
               f" {dp['d_over_c']['new_conn_per_s']:.0%} of iptables: every packet takes the"
               " node's routing between two veths (no redirect into the peer pod), and is judged"
-              " twice, leaving one pod and entering the other, each time by a chain of about 15"
-              " rules: netdev hooks have no conntrack, so the parse checks, the source check and"
-              " two port conversions (nftables keeps values between rules only in mark and"
-              " priority) run for every packet, replies take one reply-set lookup, and every"
-              " packet in a flow's own direction is judged by policy again (the ipcache interval"
-              " lookup and the concatenated-interval verdict maps) and refreshes its reply entry."
-              " Throughput (large segments) suffers less than the request rate (one small packet"
-              " per request each way). A set of established flows, emptied whenever the"
-              " endpoint's policy or the ipcache changes, would spare that second judgement; it"
-              " is not built yet. See docs/nftables.md.", ""]
+              " twice, leaving one pod and entering the other, each time by a chain of rules:"
+              " netdev hooks have no conntrack, so the parse checks, the source check and two"
+              " port conversions (nftables keeps values between rules only in mark and priority)"
+              " run for every packet, and replies take one reply-set lookup; a set of seen"
+              " connections (emptied whenever the endpoint's policy or the ipcache changes)"
+              " spares the later packets of a known connection the policy lookups, while a new"
+              " connection writes several set entries and logs its events (NFLOG, rate-limited"
+              " by `--nftables-event-rate`: what goes over is counted as lost). Throughput"
+              " (large segments) suffers less than the request rate (one small packet per"
+              " request each way). See docs/nftables.md.", ""]
     return lines
 
 
