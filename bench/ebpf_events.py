@@ -16,7 +16,6 @@ Needs root.
 import argparse
 import asyncio
 import ctypes as ct
-import os
 import resource
 import shutil
 import subprocess
