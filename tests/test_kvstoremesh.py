@@ -95,13 +95,20 @@ def remote(running, name="cluster2"):
     return running.agent.clustermesh.remotes[name]
 
 
+def remote_ready(running, name="cluster2") -> bool:
+    """Whether the agent has the remote and it is ready (an agent started without waiting
+    may not have read its clustermesh directory yet)."""
+    remotes = running.agent.clustermesh.remotes
+    return name in remotes and remotes[name].ready
+
+
 async def test_an_agent_reads_a_remote_through_the_cache_and_never_dials_it(kvmesh):
     await kvmesh.start(2)
     writer = await publish_employee(kvmesh)
     await kvmesh.kvstoremesh()
     kvmesh.via_cache()
     a1 = await kvmesh.start(1)
-    await eventually(lambda: remote(a1).ready, 10, "cluster2 ready through the cache")
+    await eventually(lambda: remote_ready(a1), 10, "cluster2 ready through the cache")
     r = remote(a1)
     assert r.source == "cache"
     assert kvmesh.etcd[1].url in r.store.status().summary  # the local etcd, never etcd2
@@ -180,7 +187,7 @@ async def test_a_killed_cache_process_loses_nothing_and_catches_up(kvmesh):
     proc = kvmesh.process()
     kvmesh.via_cache()
     a1 = await kvmesh.start(1, wait_ready=False)
-    await eventually(lambda: remote(a1).ready, 15, "cluster2 ready through the cache")
+    await eventually(lambda: remote_ready(a1), 15, "cluster2 ready through the cache")
     lost = []
     stop = asyncio.Event()
 
@@ -217,7 +224,7 @@ async def test_the_agent_option_reads_the_cache_and_waits_for_kvstoremesh(kvmesh
     await eventually(lambda: "is meshagent kvstoremesh running?" in remote(a1).problem(), 10,
                      "waiting for KVStoreMesh")
     await kvmesh.kvstoremesh()
-    await eventually(lambda: remote(a1).ready, 15, "ready through the cache")
+    await eventually(lambda: remote_ready(a1), 15, "ready through the cache")
     assert kvmesh.etcd[1].url in remote(a1).store.status().summary
     assert a1.agent.tables.identities.get(EMPLOYEE) is not None
     await writer.close()
@@ -229,7 +236,7 @@ async def test_a_cluster_leaving_the_kvstoremesh_config_is_withdrawn(kvmesh):
     await kvmesh.kvstoremesh()
     kvmesh.via_cache()
     a1 = await kvmesh.start(1, wait_ready=False)
-    await eventually(lambda: remote(a1).ready, 15, "ready through the cache")
+    await eventually(lambda: remote_ready(a1), 15, "ready through the cache")
     (kvmesh.kv_dir / "cluster2").unlink()
     await eventually(lambda: a1.agent.tables.identities.get(EMPLOYEE) is None
                      and a1.agent.tables.ipcache.count("cluster2") == 0, 15, "withdrawn")
