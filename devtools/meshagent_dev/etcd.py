@@ -21,9 +21,21 @@ ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: held open together while picked, since a port picked
+    and closed may be handed out again at once (an etcd's client and peer port once came out
+    the same, and it could not bind its own second listener)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 class EtcdServer:
@@ -43,8 +55,7 @@ class EtcdServer:
         self.host = host
         self.dir = Path(workdir or tempfile.mkdtemp(prefix=f"ma-{name}-", dir="/tmp"))
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.client_port = free_port()
-        self.peer_port = free_port()
+        self.client_port, self.peer_port = free_ports(2)
         self.proc: subprocess.Popen | None = None
         self.ca = None
         if tls:
