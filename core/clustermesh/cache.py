@@ -24,6 +24,7 @@ from meshagent.kvstore import (
     PAGE_SIZE,
     KeyValue,
     KVStore,
+    KVStoreError,
     KVStoreStatus,
     KVStoreUnavailable,
     Lease,
@@ -99,8 +100,26 @@ class _Reader:
     """One caller's watch of a prefix, served by a :class:`SharedWatch`."""
 
     prefix: str
-    after: int  # the last revision it was given (at first: the one it listed at)
+    revision: int  # of the last event given, or the one it listed at
+    # the keys given at that revision (one transaction writes many); None: all of it (listed)
+    given: set[str] | None = None
     queue: asyncio.Queue = attrs.field(factory=asyncio.Queue)  # WatchEvent or an exception
+
+    @property
+    def after(self) -> int:
+        """It has every change up to this revision."""
+        return self.revision if self.given is None else self.revision - 1
+
+    def wants(self, event: WatchEvent) -> bool:
+        """Whether ``event`` is new to it (and now given)."""
+        if event.revision > self.revision:
+            self.revision, self.given = event.revision, {event.key}
+            return True
+        if event.revision == self.revision and self.given is not None \
+                and event.key not in self.given:
+            self.given.add(event.key)
+            return True
+        return False
 
 
 class SharedWatch:
@@ -120,6 +139,7 @@ class SharedWatch:
         self.readers: dict[str, list[_Reader]] = {}  # cluster -> its readers
         self.ignored = 0
         self._task: asyncio.Task | None = None  # the watch, while anyone reads
+        self._ending: set[asyncio.Task] = set()  # replaced watches, until they have ended
         self._position = 0  # the last revision the running watch reached
 
     def _cluster(self, key: str) -> str:
@@ -147,18 +167,24 @@ class SharedWatch:
             readers.remove(reader)
             if not readers:
                 del self.readers[cluster]
-        if not self.readers and self._task is not None:
-            self._task.cancel()  # nobody reads: the watch goes
-            self._task = None
+        if not self.readers:
+            self._stop()  # nobody reads: the watch goes
 
     def _start(self) -> None:
-        """(Re)start the watch after the earliest revision a reader needs. A replaced watch
-        dispatches nothing more, even if its cancellation is swallowed on the way."""
-        if self._task is not None:
-            self._task.cancel()
+        """(Re)start the watch after the earliest revision a reader needs (the others skip
+        what they were given). A replaced watch dispatches nothing more, even if its
+        cancellation is swallowed on the way."""
+        self._stop()
         after = min(r.after for readers in self.readers.values() for r in readers)
         self._position = after
         self._task = asyncio.create_task(self._run(after), name=f"watch:{self.root}")
+
+    def _stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._ending.add(self._task)  # held until it has ended
+            self._task.add_done_callback(self._ending.discard)
+            self._task = None
 
     async def _run(self, after: int) -> None:
         me = asyncio.current_task()
@@ -172,15 +198,14 @@ class SharedWatch:
                     self.ignored += 1
                     continue
                 for reader in readers:
-                    if event.revision > reader.after and event.key.startswith(reader.prefix):
-                        reader.after = event.revision
+                    if event.key.startswith(reader.prefix) and reader.wants(event):
                         reader.queue.put_nowait(event)
         except RevisionCompacted as exc:
             if self._task is me:
                 self._compacted(exc)
         except Exception as exc:  # noqa: BLE001 - every reader learns of any failure
             if self._task is me:
-                self._fail(KVStoreUnavailable(f"watch of {self.root} failed: {exc}"))
+                self._fail(exc)
 
     def _compacted(self, exc: RevisionCompacted) -> None:
         """The readers that needed the compacted history list again; the rest go on."""
@@ -193,10 +218,13 @@ class SharedWatch:
         if self.readers:
             self._start()
 
-    def _fail(self, exc: KVStoreUnavailable) -> None:
+    def _fail(self, exc: Exception) -> None:
+        """Every reader fails as its own watch would have."""
+        kind = type(exc) if type(exc) in (KVStoreError, KVStoreUnavailable) else None
+        message = str(exc) if kind else f"watch of {self.root} failed: {exc!r}"
         for readers in self.readers.values():
             for reader in readers:
-                reader.queue.put_nowait(KVStoreUnavailable(str(exc)))
+                reader.queue.put_nowait((kind or KVStoreUnavailable)(message))
         self.readers.clear()
         self._task = None
 
