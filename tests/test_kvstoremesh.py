@@ -227,7 +227,8 @@ async def test_the_agent_option_reads_the_cache_and_waits_for_kvstoremesh(kvmesh
     writer = await publish_employee(kvmesh)
     kvmesh.connect(1, 2)  # the file names etcd2; the option makes the agent ignore that
     a1 = await kvmesh.start(1, "--clustermesh-read-cache", "true", wait_ready=False)
-    await eventually(lambda: "is meshagent kvstoremesh running?" in remote(a1).problem(), 10,
+    await eventually(lambda: "cluster2" in a1.agent.clustermesh.remotes
+                     and "is meshagent kvstoremesh running?" in remote(a1).problem(), 10,
                      "waiting for KVStoreMesh")
     await kvmesh.kvstoremesh()
     await eventually(lambda: remote_ready(a1), 15, "ready through the cache")
@@ -334,11 +335,20 @@ async def test_one_watch_per_kind_serves_every_cluster_read_from_the_cache(kvmes
     await eventually(lambda: remote_ready(a1, "cluster3") and identities.get(c3) is not None,
                      15, "cluster3 once its canaries are there")
     assert identities.get(c9) is None and identities.get(EMPLOYEE) is not None
+    # changes in one transaction (one revision, as KVStoreMesh writes its batches): every one
+    labels3 = format_labels(frozenset({"k8s:app=db", "k8s:io.kubernetes.pod.namespace=default",
+                                       "k8s:io.cilium.k8s.policy.cluster=cluster3"})).encode()
+    batch = [c3 + n for n in range(1, 20)]
+    await local.put_many([(CacheLayout(kvkeys.IDENTITIES, "cluster3").to_cache(
+        kvkeys.identity_key(number)), labels3) for number in batch])
+    await eventually(lambda: all(identities.get(n) is not None for n in batch), 10,
+                     "a transaction's changes")
     await asyncio.sleep(1)
     both = etcd_watchers(kvmesh.etcd[1], kvmesh.tmp)
 
     (kvmesh.mesh_dir[1] / "cluster3").unlink()
-    await eventually(lambda: identities.get(c3) is None, 15, "cluster3 withdrawn")
+    await eventually(lambda: identities.get(c3) is None and identities.count("cluster3") == 0,
+                     15, "cluster3 withdrawn")
     assert identities.get(EMPLOYEE) is not None and remote(a1).ready
     await asyncio.sleep(1)
     assert etcd_watchers(kvmesh.etcd[1], kvmesh.tmp) == both
