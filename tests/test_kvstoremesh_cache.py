@@ -368,3 +368,34 @@ async def test_a_compacted_history_fails_only_the_reader_that_needed_it(memory_k
     await eventually(lambda: got3 == [later], 5, "cluster3 still watching")
     assert not t3.done()
     await stop(t3)
+
+
+async def test_on_consul_each_cluster_read_from_the_cache_watches_on_its_own():
+    """The Consul client resumes a watch only from a listing of the same prefix: the shared
+    watch cannot start, and each cluster watches its own prefixes (as without it), in step."""
+    from meshagent.plugins.consul.client import ConsulKVStore
+    from meshagent_dev.consul import ConsulStandIn
+    server = await ConsulStandIn().start()
+    store = ConsulKVStore(server.url)
+    await store.connect()
+    try:
+        reader = CacheReader(store)
+        syncs = {name: cached_sync(name, cid) for name, cid in (("cluster2", 102),
+                                                                ("cluster3", 103))}
+        for cluster, base in (("cluster2", C2), ("cluster3", C3)):
+            await store.put(cached_identity(cluster, base + 300), labels_of(cluster))
+            await put_canaries(store, cluster)
+        tasks = [(await start(sync, reader))[0] for sync, _ in syncs.values()]
+        await eventually(lambda: all(all(s.synced.values()) for s, _ in syncs.values()), 10,
+                         "synced")
+        await store.put(cached_identity("cluster3", C3 + 301), labels_of("cluster3"))
+        await store.delete(cached_identity("cluster2", C2 + 300))
+        (s2, t2), (s3, t3) = syncs["cluster2"], syncs["cluster3"]
+        await eventually(lambda: sorted(t3.identities) == [C3 + 300, C3 + 301]
+                         and len(t2.identities) == 0, 10, "the changes")
+        for task in tasks:
+            assert not task.done()
+            await stop(task)
+    finally:
+        await store.close()
+        await server.stop()

@@ -95,6 +95,9 @@ def shared_root(prefix: str) -> str | None:
     return "/".join(parts[:4]) + "/"
 
 
+_ALONE = object()  # to a reader: watch your prefix on your own
+
+
 @attrs.define(eq=False)
 class _Reader:
     """One caller's watch of a prefix, served by a :class:`SharedWatch`."""
@@ -129,9 +132,12 @@ class SharedWatch:
     and in order; an event of a cluster nobody reads is counted in ``ignored``.
 
     A reader that needs history the running watch has passed (it listed before the watch got
-    where it is) restarts the watch from there; the others skip what they already had. A
-    compacted history fails only the readers that needed it; a failed watch fails every
-    reader (each cluster reconnects on its own, resuming from the revision it reached)."""
+    where it is) restarts the watch from there; the others skip what they already had. Where
+    the watch cannot start (a compacted history; a store that resumes a watch only from a
+    listing of the same prefix, as the Consul client does), the readers it could not serve
+    watch their own prefixes: a compacted history then makes only them list again. A failed
+    watch fails every reader (each cluster reconnects on its own, resuming from the revision
+    it reached)."""
 
     def __init__(self, store: KVStore, root: str):
         self.store = store
@@ -155,11 +161,17 @@ class SharedWatch:
         try:
             while True:
                 item = await reader.queue.get()
+                if item is _ALONE:
+                    break
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
             self._remove(cluster, reader)
+        # The shared watch cannot start where this reader is: its own watch then, which goes
+        # on or says itself that the history is gone (and the reader lists again).
+        async for event in self.store.watch(prefix, after_revision=reader.after):
+            yield event
 
     def _remove(self, cluster: str, reader: _Reader) -> None:
         readers = self.readers.get(cluster, [])
@@ -208,11 +220,12 @@ class SharedWatch:
                 self._fail(exc)
 
     def _compacted(self, exc: RevisionCompacted) -> None:
-        """The readers that needed the compacted history list again; the rest go on."""
+        """The shared watch cannot start where the readers behind ``exc.compacted`` are:
+        those watch on their own; the rest go on together."""
         readers = [r for rs in self.readers.values() for r in rs]
         behind = [r for r in readers if r.after < exc.compacted] or readers
         for reader in behind:
-            reader.queue.put_nowait(RevisionCompacted(reader.after, exc.compacted))
+            reader.queue.put_nowait(_ALONE)
             self._forget(reader)
         self._task = None
         if self.readers:
