@@ -9,7 +9,7 @@ from test_hostile_remote import GOOD_LABELS, LOCAL, new_sync
 
 from meshagent.clustermesh.cache import CacheLayout, CacheReader, SharedWatch
 from meshagent.clustermesh.sync import KINDS, ClusterSync
-from meshagent.kvstore import KVStoreUnavailable, RevisionCompacted
+from meshagent.kvstore import KVStore, KVStoreUnavailable, RevisionCompacted
 from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstoremesh.writer import CacheWriter
 from meshagent.model.cluster import ClusterConfig
@@ -219,12 +219,13 @@ async def test_every_cached_cluster_is_watched_through_one_watch_per_kind(memory
     counts = {}
     for through in ("store", "reader"):
         reader = CacheReader(store)
+        assert isinstance(reader, KVStore)  # what a remote's follower is given
         (s2, t2), (s3, t3) = cached_sync("cluster2", 102), cached_sync("cluster3", 103)
         (task2, synced2), (task3, synced3) = [await start(s, reader if through == "reader"
                                                           else store) for s in (s2, s3)]
         await asyncio.wait_for(asyncio.gather(synced2.wait(), synced3.wait()), 5)
         await store.put(cached_identity("cluster3", C3 + 301), labels_of("cluster3"))
-        await eventually(lambda: t3.identities.get(C3 + 301) is not None, 5, "the change")
+        await eventually(lambda t3=t3: t3.identities.get(C3 + 301) is not None, 5, "the change")
         counts[through] = len(server.watchers)
         assert sorted(t2.identities) == [C2 + 300]
         assert sorted(t3.identities) == [C3 + 300, C3 + 301]
@@ -321,7 +322,7 @@ async def test_one_watch_resumes_after_a_drop_and_lists_again_after_compaction(m
         await put_canaries(store, cluster)
     tasks = {name: (await start(sync, reader))[0] for name, (sync, _) in syncs.items()}
     await eventually(lambda: all(all(s.synced.values()) for s, _ in syncs.values()), 5, "synced")
-    (s2, t2), (s3, t3) = syncs["cluster2"], syncs["cluster3"]
+    t2, t3 = syncs["cluster2"][1], syncs["cluster3"][1]
 
     server.set_available(False)
     for task in tasks.values():
@@ -390,7 +391,7 @@ async def test_on_consul_each_cluster_read_from_the_cache_watches_on_its_own():
                          "synced")
         await store.put(cached_identity("cluster3", C3 + 301), labels_of("cluster3"))
         await store.delete(cached_identity("cluster2", C2 + 300))
-        (s2, t2), (s3, t3) = syncs["cluster2"], syncs["cluster3"]
+        t2, t3 = syncs["cluster2"][1], syncs["cluster3"][1]
         await eventually(lambda: sorted(t3.identities) == [C3 + 300, C3 + 301]
                          and len(t2.identities) == 0, 10, "the changes")
         for task in tasks:

@@ -184,8 +184,8 @@ class SharedWatch:
 
     def _start(self) -> None:
         """(Re)start the watch after the earliest revision a reader needs (the others skip
-        what they were given). A replaced watch dispatches nothing more, even if its
-        cancellation is swallowed on the way."""
+        what they were given). A replaced watch checks before each event that it is still
+        the running one: a swallowed cancellation must not make two dispatch."""
         self._stop()
         after = min(r.after for readers in self.readers.values() for r in readers)
         self._position = after
