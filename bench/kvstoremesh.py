@@ -12,7 +12,7 @@ cluster runs that cluster's agents. Reported for each mode, measured in one run:
 
 - connections to each etcd, from processes of other clusters and in all (``ss``, by the pid
   holding the client end), and its watchers (etcd's ``etcd_debugging_mvcc_watcher_total``),
-  in all and the agents' own (those gone once the agents are stopped, at the end);
+  in all and the agents' own (those gone while the agents are stopped a moment, once synced);
 - etcd CPU seconds (utime + stime of the servers) from the agents' start until all are synced;
 - seconds until every agent of every cluster has synced every remote cluster;
 - after cluster1's etcd restarts: seconds from a change written to it once it is back until
@@ -157,6 +157,9 @@ class Mode:
                      "--clustermesh-config", str(self.workdir / c.name / "kvstoremesh"),
                      "--kvstoremesh-socket-path", str(self.workdir / f"{c.name}.sock")],
                     stdout=log, stderr=subprocess.STDOUT)
+        self.start_workers()
+
+    def start_workers(self) -> None:
         for c in self.clusters:
             self.workers[c.name] = subprocess.Popen(
                 [sys.executable, str(HERE), "--worker", "--cluster", c.name, "--cluster-id",
@@ -206,6 +209,13 @@ def run_mode(name: str, clusters: list[Cluster], args, workdir: Path) -> dict:
         time.sleep(3)
         connections = [mode.connections(c) for c in clusters]
         watchers = [c.watchers() for c in clusters]
+        # the agents stopped, what is left are the KVStoreMesh replicators' own watchers;
+        # then the agents start again and sync before the restart below
+        mode.stop(workers_only=True)
+        time.sleep(2)
+        without_agents = [c.watchers() for c in clusters]
+        mode.start_workers()
+        mode.ask("ready", clusters)
         cpu_idle_before = [c.cpu_seconds() for c in clusters]
         time.sleep(5)
         cpu_idle = [round(c.cpu_seconds() - b, 2) for c, b in zip(clusters, cpu_idle_before)]
@@ -222,10 +232,6 @@ def run_mode(name: str, clusters: list[Cluster], args, workdir: Path) -> dict:
         cpu_restart = round(first.cpu_seconds() - cpu_restart_before, 2)
         progress(f"{name}: after {first.name}'s etcd restart, all agents had its change in"
                  f" {resynced:.1f}s")
-        # the agents gone, what is left are the KVStoreMesh replicators' own watchers
-        mode.stop(workers_only=True)
-        time.sleep(2)
-        without_agents = [c.watchers() for c in clusters]
     finally:
         mode.stop()
     return {"seconds_to_all_synced": round(synced, 2),
