@@ -215,9 +215,10 @@ def read_floor(config: Path, runs: int = 3) -> dict:
 
 
 @contextlib.contextmanager
-def timed_ebpf_apply(latencies: list[float]):
-    """Record, for every ipcache upsert the eBPF datapath writes, the seconds since the put
-    time its writer stored in the entry's pod name (``bench/propagation.py``'s writer does)."""
+def timed_ebpf_apply(arrivals: list[tuple[float, float]]):
+    """Record, for every ipcache upsert the eBPF datapath writes, the put time its writer
+    stored in the entry's pod name (``bench/rate.py``'s writer does) and the time it was
+    written into the BPF map."""
     from meshagent.plugins.ebpf.datapath import EbpfDatapath
     real_apply = EbpfDatapath.apply
 
@@ -226,7 +227,7 @@ def timed_ebpf_apply(latencies: list[float]):
         now = time.time()
         for entry in batch.ipcache_upserts:
             if entry.pod_name:
-                latencies.append(now - float(entry.pod_name))
+                arrivals.append((float(entry.pod_name), now))
 
     EbpfDatapath.apply = timed_apply
     try:

@@ -5,7 +5,8 @@ holds every address written), a fresh subject watching it, and ``--writers`` wri
 putting, between them, ``rate`` new ipcache entries per second for ``--seconds`` (each put its
 own etcd revision, so one watch event per update; each value carries its put time). The probe
 passes when the subject received every update within the probe and ``--drain`` seconds after
-it, with a p99 put → received latency ≤ ``--p99-ms``. Subjects:
+it, with a p99 put → received latency ≤ ``--p99-ms`` over the updates put after the first
+``--warmup`` seconds (a sustained rate, not the subject's first moments). Subjects:
 
 - ``bare``, the watch floor: the etcd plugin's watch of ``cilium/state/ip/v1/`` and
   ``json.loads`` of every value (what the agent must do at least), received once decoded;
@@ -61,8 +62,9 @@ async def main():
                                                value.encode()))
         pending.add(task); task.add_done_callback(pending.discard)
         n += count; written += 1
+    issued = time.monotonic() - start
     await asyncio.gather(*pending)
-    print(written, time.monotonic() - start)
+    print(written, issued)
 asyncio.run(main())
 '''
 
@@ -76,7 +78,8 @@ REMOTE = [
 ]
 
 
-async def bare(config: Path, workdir: Path, latencies: list[float]) -> AsyncIterator[None]:
+async def bare(config: Path, workdir: Path, arrivals: list[tuple[float, float]]
+               ) -> AsyncIterator[None]:
     """Watch the ipcache prefix from the current revision and decode every value."""
     from meshagent.plugins.etcd.client import EtcdKVStore
     from meshagent.plugins.etcd.config import load_etcd_config
@@ -88,7 +91,8 @@ async def bare(config: Path, workdir: Path, latencies: list[float]) -> AsyncIter
         events = store.watch(kvkeys.IPCACHE, after_revision=listing.revision)
         watching.set()
         async for event in events:
-            latencies.append(time.time() - float(json.loads(event.value)["K8sPodName"]))
+            put = float(json.loads(event.value)["K8sPodName"])
+            arrivals.append((put, time.time()))
     task = asyncio.create_task(watch())
     await watching.wait()
     await asyncio.sleep(0.5)  # the watch stream is open
@@ -99,7 +103,8 @@ async def bare(config: Path, workdir: Path, latencies: list[float]) -> AsyncIter
         await store.close()
 
 
-async def agent(config: Path, workdir: Path, latencies: list[float]) -> AsyncIterator[None]:
+async def agent(config: Path, workdir: Path, arrivals: list[tuple[float, float]]
+               ) -> AsyncIterator[None]:
     """The agent in this process, timing what its eBPF datapath writes."""
     from common import timed_ebpf_apply
 
@@ -109,7 +114,7 @@ async def agent(config: Path, workdir: Path, latencies: list[float]) -> AsyncIte
     mesh.mkdir()
     (mesh / "cluster2").write_text(config.read_text() + "kvstore: etcd\n")
     try:
-        with timed_ebpf_apply(latencies):
+        with timed_ebpf_apply(arrivals):
             daemon = build_agent(["--plugins", "memory,etcd,ebpf", "--kvstore", "memory",
                                   "--cluster-name", "cluster1", "--cluster-id", "101",
                                   "--clustermesh-config", str(mesh), "--ebpf-bpf-root",
@@ -136,19 +141,19 @@ SUBJECTS = {"bare": bare, "agent": agent}
 async def subject_main(name: str, config: Path, workdir: Path) -> None:
     """A subject process: says ``ready`` once it watches, then reads the number of updates
     written from stdin, waits for them (``drain`` seconds at most) and prints what it saw."""
-    latencies: list[float] = []
-    running = SUBJECTS[name](config, workdir, latencies)
+    arrivals: list[tuple[float, float]] = []  # (put time, arrival time) of each update
+    running = SUBJECTS[name](config, workdir, arrivals)
     await anext(running)
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
-    written, drain = (float(x) for x in (await loop.run_in_executor(
+    written, drain, counted_from = (float(x) for x in (await loop.run_in_executor(
         None, sys.stdin.readline)).split())
     deadline = time.monotonic() + drain
-    while len(latencies) < written and time.monotonic() < deadline:
+    while len(arrivals) < written and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
-    received = sorted(latencies)
+    received = sorted(arrived - put for put, arrived in arrivals if put >= counted_from)
     await anext(running, None)
-    print(json.dumps({"received": len(received),
+    print(json.dumps({"received": len(arrivals),
                       "p50_ms": percentile_ms(received, 0.5) if received else None,
                       "p99_ms": percentile_ms(received, 0.99) if received else None,
                       "max_ms": round(received[-1] * 1000, 1) if received else None}),
@@ -179,8 +184,8 @@ def probe(name: str, rate: int, args) -> dict:
         if any(w.returncode for w in writers):
             raise SystemExit(f"a writer failed at {rate}/s")
         written = sum(int(out[0]) for out in outputs)
-        took = max(float(out[1]) for out in outputs)
-        subject.stdin.write(f"{written} {args.drain}\n")
+        issued = max(float(out[1]) for out in outputs)  # when the last put was issued
+        subject.stdin.write(f"{written} {args.drain} {start_at + args.warmup}\n")
         subject.stdin.flush()
         seen = json.loads(subject.stdout.readline())
         subject.wait(30)
@@ -192,7 +197,7 @@ def probe(name: str, rate: int, args) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
     result = {"offered_per_s": rate, "written": written,
               # what the writers reached: below the offered rate, the writers were the bound
-              "written_per_s": round(written / max(took, args.seconds)), **seen,
+              "written_per_s": round(written / max(issued, args.seconds)), **seen,
               "kept_up": seen["received"] >= written}
     result["passed"] = result["kept_up"] and seen["p99_ms"] is not None and (
         seen["p99_ms"] <= args.p99_ms)
@@ -238,6 +243,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="length of each probe")
     parser.add_argument("--drain", type=float, default=2,
                         help="seconds after a probe for the last updates to arrive")
+    parser.add_argument("--warmup", type=float, default=1,
+                        help="seconds at the start of a probe whose updates must arrive but"
+                             " are not in the latencies")
     parser.add_argument("--writers", type=int, default=2, help="writer processes")
     parser.add_argument("--start", type=int, default=1000, help="the first rate probed")
     parser.add_argument("--ceiling", type=int, default=32000, help="the highest rate probed")
@@ -253,7 +261,8 @@ def main() -> None:
         return
     started = time.monotonic()
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
-              "seconds": args.seconds, "drain": args.drain, "writers": args.writers,
+              "seconds": args.seconds, "drain": args.drain, "warmup": args.warmup,
+              "writers": args.writers,
               "p99_ms_goal": args.p99_ms, "precision_per_s": args.precision}
     for name in args.subjects.split(","):
         progress(f"{name}: from {args.start}/s")
