@@ -172,7 +172,7 @@ def run_one(entries: int, workdir: Path, datapath: bool = True, floor_runs: int 
             if proc.poll() is not None or time.monotonic() - started > 1800:
                 break
             all_in = time.monotonic() - started
-            count = len(ipcache)  # a million keys: a million syscalls, about a second
+            count = len(ipcache)  # walks every key of the map, one syscall each
         rss = peak_rss_mib(proc.pid)
         result = {"entries": entries, "keys": keys, "datapath": datapath,
                   "read_floor_s": floor["seconds"], "read_floor_each_s": floor["each"],
