@@ -83,13 +83,15 @@ def fill(entries: int, workdir: Path, tag: str) -> tuple[EtcdServer, Path, int]:
 def start_agent(config: Path, workdir: Path, tag: str, bpffs: Path | None,
                 ipcache_max: int = 512_000) -> tuple[subprocess.Popen, Path, Path, float]:
     """The agent with ``config`` as its one remote: the process, its socket, its log and the
-    wall-clock time it was started."""
+    wall-clock time it was started. Every agent of a run has the same state dir, one after
+    the other, as an agent restarting on its node has: what it keeps there (a program cache,
+    say) is warm after the first run."""
     mesh = workdir / f"mesh{tag}"
     mesh.mkdir()
     (mesh / "cluster2").write_text(config.read_text() + "kvstore: etcd\n")
     sock, log = workdir / f"agent{tag}.sock", workdir / f"agent{tag}.log"
     spawned = time.time()
-    proc = subprocess.Popen(agent_command(mesh, sock, workdir / f"state{tag}", bpffs,
+    proc = subprocess.Popen(agent_command(mesh, sock, workdir / "state", bpffs,
                                           ipcache_max),
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     return proc, sock, log, spawned
@@ -114,8 +116,8 @@ def import_seconds(runs: int = 3) -> float:
 
 def startup_floor(workdir: Path, runs: int) -> dict:
     """The agent's own time to ready with no remote entries: the median of the runs after the
-    first, and the first apart. Each run: a fresh bpffs and state dir, the same remote etcd
-    holding only its cluster config and sync canaries."""
+    first, and the first apart. Each run: a fresh bpffs, the same remote etcd holding only its
+    cluster config and sync canaries."""
     server, config, _ = fill(0, workdir, "empty")
     try:
         each, phases = [], []

@@ -297,7 +297,8 @@ def sync_report(results: dict) -> list[str]:
         lines.append(
             f"{when(name)} (`{'make bench' if name == 'sync' else 'make bench-scale'}`): the"
             f" agent above, its remote holding no entries (only its cluster config and sync"
-            f" canaries), started {s['runs']} times with a fresh bpffs and state dir: ready in"
+            f" canaries), started {s['runs']} times with a fresh bpffs (the state dir kept, as on a"
+            f" node): ready in"
             f" {s['seconds']} s (the median after the first; each: {', '.join(map(str, s['each']))}"
             f" s; the first, whose program cache if any is cold, {s['first_run_seconds']} s). What"
             f" it spends its time on: a fresh interpreter importing `meshagent.cli` takes"
