@@ -59,6 +59,8 @@ def plots(results: dict) -> list[str]:
                    label="goal: 2 × read floor + start-up floor")
         ax[0].plot(xs, [r["read_floor_s"] for r in runs], ":", color="tab:green",
                    label="read floor")
+        ax[0].plot(xs, [r["budget_s"] - 2 * r["read_floor_s"] for r in runs], "-.",
+                   color="tab:purple", label="start-up floor")
         ax[0].set(xscale="log", yscale="log", xlabel="remote ipcache entries", ylabel="seconds",
                   title="ClusterMesh sync")
         ax[0].legend(fontsize=7)
