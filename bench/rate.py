@@ -229,11 +229,13 @@ def search(name: str, args) -> dict:
             low = middle
         else:
             high = middle
+    failing = next((p for p in probes if p["offered_per_s"] == high), None)
     return {"sustained_per_s": low, "first_failing_per_s": high,
             "probes": sorted(probes, key=lambda p: p["offered_per_s"]),
-            # the writers fell short of what was offered: the bound was theirs, not the subject's
-            "writer_bound": any(p["written_per_s"] < 0.95 * p["offered_per_s"] for p in probes
-                                if not p["passed"])}
+            # the writers fell short at the first failing rate: the bound was theirs, not the
+            # subject's (or the subject passed every rate up to --ceiling)
+            "writer_bound": failing is None or failing["written_per_s"] < 0.95 * failing[
+                "offered_per_s"]}
 
 
 def main() -> None:

@@ -347,9 +347,9 @@ def rate_report(rate: dict | None) -> list[str]:
     if "agent_over_bare" in rate:
         lines += ["", f"The agent sustains {rate['agent_over_bare']:.0%} of the bare watcher's"
                   f" rate (goal ≥ 80%)."
-                  + (" The writers fell short of the offered rate where the bare watcher failed:"
-                     " its figure is the writers' bound, not its own." if rate["bare"][
-                         "writer_bound"] else "")]
+                  + (" The bare watcher's figure is the writers' bound, not its own: they fell"
+                     " short of the first failing rate (or it passed every rate probed)."
+                     if rate["bare"]["writer_bound"] else "")]
     lines += ["", "![rate](perf-rate.png)", ""]
     return lines
 
