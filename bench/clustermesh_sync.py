@@ -34,7 +34,7 @@ from pathlib import Path
 from common import (
     BpfFs,
     agent_command,
-    log_times,
+    log_timeline,
     machine,
     peak_rss_mib,
     progress,
@@ -128,8 +128,11 @@ def startup_floor(workdir: Path, runs: int) -> dict:
                 proc, sock, log, spawned = start_agent(config, workdir, f"empty{n}", bpffs.path)
                 ready = wait_agent_ready(proc, sock, True, log) - spawned_mono
                 each.append(ready)
-                times = log_times(log, {"started": "agent started", "ready": "agent ready"})
-                phases.append({name: round(t - spawned, 3) for name, t in times.items()})
+                timeline = [(round(t - spawned, 3), msg) for t, msg in log_timeline(log)]
+                phases.append({name: next(t for t, msg in timeline if msg.startswith(start))
+                               for name, start in (("started", "agent started"),
+                                                   ("ready", "agent ready"))
+                               if any(msg.startswith(start) for _, msg in timeline)})
             finally:
                 stop(proc)
                 bpffs.close()
@@ -141,7 +144,11 @@ def startup_floor(workdir: Path, runs: int) -> dict:
                   # start to "agent started" (imports, plugins, options) and to "agent ready"
                   "log_seconds_to": {name: round(statistics.median(
                       p[name] for p in phases[1:] or phases if name in p), 3)
-                      for name in ("started", "ready") if any(name in p for p in phases)}}
+                      for name in ("started", "ready") if any(name in p for p in phases)},
+                  # the last run's log until ready, in seconds since its process started
+                  "last_log": [[0.0, "(the process started)"], *(
+                      [t, msg] for t, msg in timeline
+                      if t <= phases[-1].get("ready", float("inf")))]}
         progress(f"  start-up floor: {result['seconds']}s (first run {result['first_run_seconds']}s,"
                  f" each {result['each']}), importing meshagent.cli"
                  f" {result['import_meshagent_cli_seconds']}s, log {result['log_seconds_to']}")

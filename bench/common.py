@@ -152,22 +152,18 @@ def wait_agent_ready(proc: subprocess.Popen, sock: Path, datapath: bool, log: Pa
     raise SystemExit(f"agent not ready in {timeout:.0f}s: {log.read_text()[-4000:]}")
 
 
-def log_times(log: Path, messages: dict[str, str]) -> dict[str, float]:
-    """The wall-clock time of the first JSON log line whose message starts with each of
-    ``messages``' values, by its key (missing: not logged)."""
-    found: dict[str, float] = {}
+def log_timeline(log: Path) -> list[tuple[float, str]]:
+    """The wall-clock time and message of each JSON log line, in order."""
+    timeline = []
     for line in log.read_text().splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        for name, start in messages.items():
-            if name not in found and entry.get("msg", "").startswith(start):
-                stamp = entry["time"].rstrip("Z")
-                whole, _, ms = stamp.partition(".")
-                found[name] = (calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S"))
-                               + int(ms or 0) / 1000)
-    return found
+        whole, _, ms = entry["time"].rstrip("Z").partition(".")
+        timeline.append((calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S"))
+                         + int(ms or 0) / 1000, entry["msg"]))
+    return timeline
 
 
 # what the agent reads of a remote cluster, by prefix: one task each, as the agent reads its

@@ -308,9 +308,19 @@ def sync_report(results: dict) -> list[str]:
             f" \"agent started\" (imports, plugins, options, the state dir) {phases.get('started', '?')} s"
             f" after the process started and \"agent ready\" (the controllers, the datapath's"
             f" programs compiled and loaded, the remote connected and synced)"
-            f" {phases.get('ready', '?')} s after.")
+            f" {phases.get('ready', '?')} s after.{longest_wait(s.get('last_log', []))}")
         lines.append("")
     return lines
+
+
+def longest_wait(log: list[list]) -> str:
+    """The longest silence in a start-up's log, and the line that ended it."""
+    gaps = [(b[0] - a[0], b[1]) for a, b in zip(log, log[1:])]
+    if not gaps:
+        return ""
+    gap, message = max(gaps)
+    return (f" In the last run the log's longest silence was {gap:.2f} s, ended by"
+            f" \"{message}\".")
 
 
 def seconds(value: float | None) -> str:
