@@ -13,8 +13,9 @@ it, with a p99 put → received latency ≤ ``--p99-ms`` over the updates put af
 - ``agent``: the agent (cluster1, memory kvstore, eBPF datapath) with cluster2 as its remote,
   received once the eBPF datapath has written the entry into the BPF ipcache.
 
-For each subject the rate doubles from ``--start`` until a probe fails, then is bisected until
-the highest passing and the lowest failing rate are at most 2 × ``--precision`` apart. Goal: the
+For each subject the rate doubles from ``--start`` until a rate fails, then is bisected until
+the highest passing and the lowest failing rate are at most 2 × ``--precision`` apart; a rate
+fails when its probe fails ``1 + --retries`` times in a row. Goal: the
 agent's highest passing rate ≥ 80% of the bare watcher's.
 
     .venv/bin/python bench/rate.py [--seconds 10] [--subjects bare,agent] [--json FILE]
@@ -212,8 +213,13 @@ def search(name: str, args) -> dict:
     probes = []
 
     def passes(rate: int) -> bool:
-        probes.append(probe(name, rate, args))
-        return probes[-1]["passed"]
+        """A probe, repeated ``--retries`` times while it fails: one stall of a shared
+        machine is not the subject's bound, a rate it cannot sustain fails every time."""
+        for _ in range(1 + args.retries):
+            probes.append(probe(name, rate, args))
+            if probes[-1]["passed"]:
+                return True
+        return False
     low, high, rate = 0, None, args.start
     while high is None:
         if passes(rate):
@@ -229,7 +235,7 @@ def search(name: str, args) -> dict:
             low = middle
         else:
             high = middle
-    failing = next((p for p in probes if p["offered_per_s"] == high), None)
+    failing = next((p for p in reversed(probes) if p["offered_per_s"] == high), None)
     return {"sustained_per_s": low, "first_failing_per_s": high,
             "probes": sorted(probes, key=lambda p: p["offered_per_s"]),
             # the writers fell short at the first failing rate: the bound was theirs, not the
@@ -252,6 +258,8 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=1000, help="the first rate probed")
     parser.add_argument("--ceiling", type=int, default=32000, help="the highest rate probed")
     parser.add_argument("--precision", type=int, default=250, help="± updates/s")
+    parser.add_argument("--retries", type=int, default=1,
+                        help="times a failing probe is repeated before its rate counts as failed")
     parser.add_argument("--p99-ms", type=float, default=100)
     parser.add_argument("--json")
     parser.add_argument("--subject", choices=SUBJECTS, help=argparse.SUPPRESS)
@@ -265,7 +273,8 @@ def main() -> None:
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
               "seconds": args.seconds, "drain": args.drain, "warmup": args.warmup,
               "writers": args.writers,
-              "p99_ms_goal": args.p99_ms, "precision_per_s": args.precision}
+              "p99_ms_goal": args.p99_ms, "precision_per_s": args.precision,
+              "retries": args.retries}
     for name in args.subjects.split(","):
         progress(f"{name}: from {args.start}/s")
         result[name] = search(name, args)
