@@ -98,9 +98,15 @@ def start_agent(config: Path, workdir: Path, tag: str, bpffs: Path | None,
 
 
 def stop(proc: subprocess.Popen | None) -> None:
+    """SIGTERM, and SIGKILL if the agent has not exited a minute later (with a million
+    entries it once took more than ten seconds)."""
     if proc is not None and proc.poll() is None:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def import_seconds(runs: int = 3) -> float:
