@@ -611,8 +611,10 @@ def kvstoremesh_report(kvm: dict) -> list[str]:
             " a change after a restart take longer through the cache, and the cache's writes"
             " cost the local etcds CPU that direct reads do not. Watchers: read directly, an"
             " agent watches every kind of every remote on the remote's etcd; read through the"
-            " cache, the goal is one watch per kind over every cached cluster, so that the"
-            " agents' watchers of an etcd fall by the number of remote clusters.", ""]
+            " cache, an agent holds one watch per kind over every cached cluster (a SharedWatch,"
+            " docs/kvstoremesh.md), so the agents' watchers of an etcd fall by the number of"
+            " remote clusters; what remains is every other cluster's KVStoreMesh watching this"
+            " cluster's state.", ""]
 
 
 def identity_report(ids: dict) -> list[str]:
