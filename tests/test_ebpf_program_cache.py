@@ -151,3 +151,19 @@ def test_a_file_others_may_write_is_not_loaded(warm_cache, tmp_path):
     cache.chmod(0o777)
     assert progcache.lookup(cache, cache_file.stem) is None
 
+
+
+def test_the_option_names_the_cache_and_empty_turns_it_off():
+    from meshagent.plugins import ebpf
+    from meshagent.plugins.ebpf.datapath import EbpfSettings
+    from meshagent.runtime.config import Config, add_core_options
+    from meshagent.runtime.options import Parser
+
+    def settings(*args: str) -> EbpfSettings:
+        parser = Parser()
+        add_core_options(parser)
+        ebpf.meshagent_addoption(parser)
+        return EbpfSettings.from_config(Config.from_parsed(parser.parse(list(args), {})))
+    assert settings().program_cache == Path("/var/cache/meshagent/bpf")
+    assert settings("--ebpf-program-cache-dir", "/tmp/x").program_cache == Path("/tmp/x")
+    assert settings("--ebpf-program-cache-dir", "").program_cache is None

@@ -19,6 +19,7 @@ import base64
 import ctypes as ct
 import hashlib
 import json
+import logging
 import os
 import re
 import struct
@@ -26,6 +27,8 @@ import tempfile
 from pathlib import Path
 
 from meshagent.plugin import MeshagentError
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 BPF_PROG_TYPE_SCHED_CLS = 3
@@ -136,7 +139,8 @@ def lookup(cache_dir: Path, key: str) -> dict | None:
         return entry
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError, CacheError):
+    except (OSError, ValueError, KeyError, TypeError, CacheError) as exc:
+        log.warning("not using the cached eBPF programs %s: %s", path, exc)
         return None
 
 
