@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from test_datapath_differential import kernel_judge
+from test_datapath_differential import KernelJudge, kernel_judge
 
 from meshagent.plugins.ebpf import loader, progcache
 from meshagent.testing.datapath_contract import DatapathContract, ScenarioDriver
@@ -55,6 +55,27 @@ def test_the_first_start_fills_the_cache_and_the_next_loads_from_it(warm_cache):
         assert kernel.datapath.programs_cached
         assert set(kernel.datapath.programs) == set(loader.PROGRAMS)
     assert len(entries(warm_cache)) == 1
+
+
+def test_a_restart_from_the_cache_keeps_the_pinned_maps_and_their_entries(warm_cache, tmp_path):
+    import ctypes as ct
+    bpffs = tmp_path / "bpffs"
+    bpffs.mkdir()
+    assert os.system(f"mount -t bpf bpf {bpffs}") == 0
+    try:
+        first = KernelJudge(bpffs, program_cache=warm_cache)
+        assert first.datapath.programs_cached
+        first.datapath.maps["generation"].put(ct.c_uint32(0), ct.c_uint32(4242))
+        first.close()
+        again = KernelJudge(bpffs, program_cache=warm_cache)
+        try:
+            assert again.datapath.programs_cached
+            assert again.datapath.replaced_maps == []
+            assert again.datapath.generation > 4242  # the pinned map, as the last agent left it
+        finally:
+            again.close()
+    finally:
+        os.system(f"umount -l {bpffs}")
 
 
 @pytest.fixture(scope="module")
