@@ -158,7 +158,7 @@ def test_a_corrupt_file_is_compiled_again_and_replaced(warm_cache, tmp_path):
     assert masked_programs(cache / cache_file.name) == masked_programs(cache_file)
 
 
-def test_a_file_others_may_write_is_not_loaded(warm_cache, tmp_path):
+def test_a_file_others_may_write_or_own_is_not_loaded(warm_cache, tmp_path):
     (cache_file,) = entries(warm_cache)
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
@@ -170,6 +170,9 @@ def test_a_file_others_may_write_is_not_loaded(warm_cache, tmp_path):
     assert progcache.lookup(cache, cache_file.stem) is None
     copy.chmod(0o600)
     cache.chmod(0o777)
+    assert progcache.lookup(cache, cache_file.stem) is None
+    cache.chmod(0o700)
+    os.chown(copy, 65534, 65534)  # another user's (nobody's)
     assert progcache.lookup(cache, cache_file.stem) is None
 
 

@@ -104,7 +104,8 @@ def record(loaded: dict[str, tuple]) -> dict:
 
 
 def store(cache_dir: Path, key: str, entry: dict) -> Path:
-    """Write an entry atomically (readers see the old file or the new one, never half)."""
+    """Write an entry to a temporary file and rename it into place, so that a reader never
+    finds half of one."""
     cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     body = json.dumps(entry, separators=(",", ":")).encode()
     path = cache_dir / f"{key}.json"
