@@ -6,6 +6,8 @@ Privileged: each datapath gets a bpffs of its own, each test a cache directory o
 """
 
 import base64
+import hashlib
+import json
 import os
 import struct
 from pathlib import Path
@@ -30,7 +32,6 @@ def entries(cache: Path) -> list[Path]:
 def masked_programs(path: Path) -> dict[str, bytes]:
     """An entry's instructions with the map fds (which differ between loads) zeroed."""
     _, _, body = path.read_bytes().partition(b"\n")
-    import json
     out = {}
     for name, program in json.loads(body)["programs"].items():
         insns = bytearray(base64.b64decode(program["insns"]))
@@ -126,8 +127,6 @@ def test_a_changed_source_or_kernel_is_another_key_and_the_pin_dir_is_not():
 
 
 def test_a_changed_compiler_misses(warm_cache, tmp_path):
-    import hashlib
-    import json
     (cache_file,) = entries(warm_cache)
     _, _, body = cache_file.read_bytes().partition(b"\n")
     entry = json.loads(body)
