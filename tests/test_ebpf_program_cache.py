@@ -176,7 +176,7 @@ def test_a_file_others_may_write_or_own_is_not_loaded(warm_cache, tmp_path):
 
 
 
-def test_the_option_names_the_cache_and_empty_turns_it_off():
+def test_the_cache_is_in_the_state_dir_unless_told_and_can_be_turned_off():
     from meshagent.plugins import ebpf
     from meshagent.plugins.ebpf.datapath import EbpfSettings
     from meshagent.runtime.config import Config, add_core_options
@@ -187,6 +187,6 @@ def test_the_option_names_the_cache_and_empty_turns_it_off():
         add_core_options(parser)
         ebpf.meshagent_addoption(parser)
         return EbpfSettings.from_config(Config.from_parsed(parser.parse(list(args), {})))
-    assert settings().program_cache == Path("/var/cache/meshagent/bpf")
+    assert settings("--state-dir", "/run/x").program_cache == Path("/run/x/bpf-programs")
     assert settings("--ebpf-program-cache-dir", "/tmp/x").program_cache == Path("/tmp/x")
-    assert settings("--ebpf-program-cache-dir", "").program_cache is None
+    assert settings("--ebpf-program-cache=false").program_cache is None

@@ -102,9 +102,15 @@ class EbpfSettings:
                    config.get("ebpf-policy-max"), config.get("ebpf-ct-tcp-max"),
                    config.get("ebpf-ct-any-max"), config.get("ebpf-ct-timeout-tcp"),
                    config.get("ebpf-ct-timeout-any"), config.get("enable-hubble"),
-                   config.get("ebpf-event-pages"),
-                   program_cache=Path(config.get("ebpf-program-cache-dir"))
-                   if config.get("ebpf-program-cache-dir") else None)
+                   config.get("ebpf-event-pages"), program_cache=cls._program_cache(config))
+
+    @staticmethod
+    def _program_cache(config) -> Path | None:
+        """Where compiled programs are kept: in the state dir unless told (as Cilium keeps its
+        compiled templates in its state dir), none when the cache is off."""
+        if not config.get("ebpf-program-cache"):
+            return None
+        return Path(config.get("ebpf-program-cache-dir") or config.state_dir / "bpf-programs")
 
     def defines(self) -> dict[str, int | str]:
         """The C constants the programs are compiled with."""
