@@ -145,10 +145,12 @@ class BatchFeed:
                 added.append(endpoint)
             elif endpoint_id in held:
                 removed.append(held[endpoint_id])
-        present = (held.keys() | {e.id for e in added}) - {e.id for e in removed}
+        gone = {e.id for e in removed}
+        coming = {e.id for e in added}
         policy = {}
         for endpoint_id, changes in sorted(pending.policy.items()):
-            if endpoint_id in present:
+            # held or coming, and not leaving (no set of every endpoint held, batch by batch)
+            if (endpoint_id in held or endpoint_id in coming) and endpoint_id not in gone:
                 had = self.policy_keys.get(endpoint_id, set())
                 net = tuple(c for c in changes.values()
                             if c.kind is ChangeKind.UPSERT or c.key in had)

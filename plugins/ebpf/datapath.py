@@ -298,9 +298,12 @@ class EbpfDatapath:
             before.update(old)
             after.update(new)
         ipcache = bool(batch.ipcache_upserts or batch.ipcache_deletes)
-        if before or ipcache:
+        if before:
             self._step_groups(before, after, between=lambda: self._write_ipcache(
                 batch.ipcache_upserts, batch.ipcache_deletes))
+        elif ipcache:  # no group to step through (most remote updates): the ipcache alone
+            self._write_ipcache(batch.ipcache_upserts, batch.ipcache_deletes)
+        if before or ipcache:
             self._bump(list(self.endpoints) if ipcache else list(batch.policy))
         if batch.services is not None:
             self._update_services(batch.services)
