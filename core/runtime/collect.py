@@ -2,8 +2,8 @@
 
 A full collection walks every object the collector tracks, and the agent holds one or two per
 remote ipcache entry: with 100,000s of them a full collection stops the event loop for
-100s of ms, and every update arriving meanwhile waits that long (docs/performance.md,
-"Updates at the watch's pace"). What survived a full collection is the agent's state (table
+100s of ms, and every update arriving meanwhile waits that long (docs/architecture.md,
+"At the watch's pace"). What survived a full collection is the agent's state (table
 rows, plugins, modules); it goes by reference counting when it goes. So it is frozen out of
 later collections (:func:`gc.freeze`), which then walk only what came since. The price: a
 reference cycle among frozen objects that becomes garbage later is not reclaimed until the
