@@ -156,12 +156,12 @@ class BatchFeed:
                             if c.kind is ChangeKind.UPSERT or c.key in had)
                 if net:
                     policy[endpoint_id] = net
-        changes = pending.ipcache.values()
+        upserts, deletes = [], []
+        for kind, entry in pending.ipcache.values():
+            (upserts if kind is ChangeKind.UPSERT else deletes).append(entry)
         batch = DatapathBatch(
-            added=tuple(added), policy=policy,
-            ipcache_upserts=tuple(e for kind, e in changes if kind is ChangeKind.UPSERT),
-            ipcache_deletes=tuple(e for kind, e in changes if kind is ChangeKind.DELETE),
-            services=pending.services, removed=tuple(removed))
+            added=tuple(added), policy=policy, ipcache_upserts=tuple(upserts),
+            ipcache_deletes=tuple(deletes), services=pending.services, removed=tuple(removed))
         return batch, pending.waiters, pending.revision
 
     async def flush(self) -> None:
