@@ -361,7 +361,12 @@ class EbpfDatapath:
 
     def _bump(self, endpoint_ids: Iterable[int]) -> None:
         """Verdicts of these endpoints may have changed: their tracked connections are judged
-        again on their next packet (after the maps were written)."""
+        again on their next packet (after the maps were written). With no endpoint to judge
+        again no generation is spent (a remote update on a node without pods writes its
+        ipcache row alone)."""
+        endpoint_ids = list(endpoint_ids)
+        if not endpoint_ids:
+            return
         self._next_generation()
         for endpoint_id in endpoint_ids:
             endpoint = self.endpoints.get(endpoint_id)
