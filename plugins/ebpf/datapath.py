@@ -311,9 +311,12 @@ class EbpfDatapath:
             before.update(old)
             after.update(new)
         ipcache = bool(batch.ipcache_upserts or batch.ipcache_deletes)
-        if before or ipcache:
+        if before:
             self._step_groups(before, after, between=lambda: self._write_ipcache(
                 batch.ipcache_upserts, batch.ipcache_deletes))
+        elif ipcache:  # no group to step through (most remote updates): the ipcache alone
+            self._write_ipcache(batch.ipcache_upserts, batch.ipcache_deletes)
+        if before or ipcache:
             self._bump(list(self.endpoints) if ipcache else list(batch.policy))
         if batch.services is not None:
             self._update_services(batch.services)
@@ -371,7 +374,12 @@ class EbpfDatapath:
 
     def _bump(self, endpoint_ids: Iterable[int]) -> None:
         """Verdicts of these endpoints may have changed: their tracked connections are judged
-        again on their next packet (after the maps were written)."""
+        again on their next packet (after the maps were written). With no endpoint to judge
+        again no generation is spent (a remote update on a node without pods writes its
+        ipcache row alone)."""
+        endpoint_ids = list(endpoint_ids)
+        if not endpoint_ids:
+            return
         self._next_generation()
         for endpoint_id in endpoint_ids:
             endpoint = self.endpoints.get(endpoint_id)
