@@ -39,7 +39,7 @@ import attrs
 from meshagent.plugin import match_of, world_identity
 
 FAMILY = "netdev"
-LAYOUT = "layout_3"  # an empty chain naming the table's layout: another layout is replaced
+LAYOUT = "layout_4"  # an empty chain naming the table's layout: another layout is replaced
 REASONS = ("forwarded", "policy_deny", "policy_default", "spoofed", "frag_tiny",
            "frag_unknown", "malformed", "unsupported_l3")
 DIRS = {"ingress": "in", "egress": "out"}  # the pod's policy direction
@@ -63,6 +63,12 @@ FRAG_KEY = "ip saddr . ip daddr . ip id . meta l4proto"
 # fields and loads both addresses as one 32-byte raw payload (saddr . daddr).
 FRAG_KEY6 = "meta l4proto . frag id . @nh,64,256"
 PORTED = "{ tcp, udp, sctp }"
+#: Per ported protocol, what an established packet must show to pass at the top of its base
+#: chain: its transport header whole (the last byte of it read), and for TCP no SYN, FIN or
+#: RST (those are reported the first time a direction shows them: such a packet takes the
+#: full walk). The raw TCP load is bytes 13-19: the flags, then up to the header's end.
+ESTABLISHED = (("tcp", "@th,104,56 & 0x07000000000000 == 0"), ("udp", "@th,56,8 & 0 == 0"),
+               ("sctp", "@th,88,8 & 0 == 0"))
 FRAGMENT_MAPS = ("fsm", "fdm", "fsc", "fdc")  # source/destination port as mark/classid
 SENTINEL_MARK, SENTINEL_PRIORITY = "0xffffffff", "ffff:ffff"  # no port becomes these
 SHARED_CHAINS = ("fragrecord", "fragports", "fragreply")
@@ -101,6 +107,13 @@ class Ruleset:
     @property
     def ref(self) -> str:
         return f"{FAMILY} {self.table}"
+
+    @property
+    def established_timeout(self) -> int:
+        """Seconds an established entry lives (not refreshed by the packets it passes): a
+        tenth of the flow timeout, so that a long flow still takes the full walk, which
+        refreshes its reply entry, at least that often."""
+        return max(1, self.flow_timeout // 10)
 
     @property
     def layout(self) -> str:
@@ -286,6 +299,12 @@ class EndpointRules:
             self.sets.append(f"{kind}{fed}")
             self.parts.append(f"\n  set {kind}{fed} {{ typeof {key}; flags dynamic, timeout;"
                               f" timeout {timeout}; }}")
+        self.sets.append(f"est{fed}")
+        self.parts.append(f"\n  set est{fed} {{ typeof {established_key(ip)}; flags dynamic,"
+                          f" timeout; timeout {rs.established_timeout}s; }}")
+        # a packet that found its connection judged, or its reply seen: its connection is
+        # established (a later fragment has no transport header: the add does not apply)
+        establish = f"    add @est{fed} {{ {established_key(ip)} }}"
         reply = f"{ip} daddr . {ip} saddr . meta l4proto . meta mark . meta priority"
         not_fragment = "\n".join(f"    {f} return" for f in fragment)
         self._chain(f"whole{fed}", f"""    meta l4proto != {PORTED} return
@@ -346,8 +365,10 @@ class EndpointRules:
     {tuple_} @rep{fed} {self._log(d, 'reply', 'forwarded', 0)} return
     {self._log(d, 'trace', 'forwarded', 0)}""")
             self._chain(f"known{fed}", f"""    jump tflags{fed}
+{establish}
     goto allowed{fed}""")
             self._chain(f"replied{fed}", f"""    jump tflags{fed}
+{establish}
     counter name r_forwarded accept""")
             self._chain(f"reply{fed}", f"""    {tuple_} @rsn{fed} goto replied{fed}
     add @rsn{fed} {{ {tuple_} }}
@@ -359,8 +380,12 @@ class EndpointRules:
     limit name "ev_{e}_{d}" counter name {UNLOGGED} counter name r_forwarded accept
     {self._log(d, 'reply', 'forwarded', 0)} counter name r_forwarded accept""")
         else:
-            on_reply = on_reply_np = "counter name r_forwarded accept"
-            on_known = f"goto allowed{fed}"
+            on_reply, on_reply_np = f"goto replied{fed}", "counter name r_forwarded accept"
+            on_known = f"goto known{fed}"
+            self._chain(f"known{fed}", f"""{establish}
+    goto allowed{fed}""")
+            self._chain(f"replied{fed}", f"""{establish}
+    counter name r_forwarded accept""")
         self._chain(f"judge{fed}", f"""    {tuple_} @rep{fed} {on_reply}
     {tuple_} @fsn{fed} {on_known}
     meta mark set {world}
@@ -399,9 +424,19 @@ class EndpointRules:
         control = "\n".join(f"    {whole} {c}{within} counter name r_forwarded accept"
                             for c in LINK_CONTROL for whole in UNFRAGMENTED)
         self.chains.append(f"ep_{e}_{hook}")
+        # a packet of an established connection passes at once, if it is no fragment (IPv6:
+        # if it has no extension header)
+        established = "\n".join(
+            f"    meta protocol {ip} {proto_is.format(proto)}{whole}"
+            f" {established_key(ip)} @est{family}{ed} counter name r_forwarded accept"
+            for family, ip, proto_is in (
+                (4, "ip", "meta l4proto {} ip frag-off & 0x3fff == 0 "),
+                (6, "ip6", "ip6 nexthdr {} "))
+            for proto, whole in ESTABLISHED)
         self.parts.append(f"""
   chain ep_{e}_{hook} {{
     type filter hook {hook} device "{device}" priority 0; policy accept;
+{established}
     meta protocol arp counter name r_forwarded accept
     meta protocol ip meta l4proto 0-255 goto v4{ed}
     meta protocol ip6 meta l4proto 0-255 goto v6{ed}
@@ -424,10 +459,15 @@ class EndpointRules:
     goto l46{ed}""")
 
 
+def established_key(ip: str) -> str:
+    """The key of an established set: the packet's addresses, protocol and ports as read."""
+    return f"{ip} saddr . {ip} daddr . meta l4proto . th sport . th dport"
+
+
 def judged_sets(endpoint_id: int) -> list[str]:
-    """An endpoint's sets of connections judged under the current state (flushed when the
-    state changes)."""
-    return [f"{kind}{family}_{endpoint_id}_{d}" for kind in ("fsn", "fsnnp")
+    """An endpoint's sets of connections judged under the current state, and of connections
+    established under it (flushed when the state changes)."""
+    return [f"{kind}{family}_{endpoint_id}_{d}" for kind in ("fsn", "fsnnp", "est")
             for family in (4, 6) for d in DIRS.values()]
 
 
