@@ -56,6 +56,8 @@ PREFIXES = (0, 8, *range(9, 25))
 PORTLESS_PREFIXES = (0, 8)
 UNLOGGED = "unlogged"  # the counter of events over the rate
 TCP_FLAGS = ("syn", "fin", "rst")  # the flags a trace reports once per connection and direction
+CLOSE_TIMEOUT = 10  # seconds a closing TCP connection's elements live (Cilium's CT_CLOSE_TIMEOUT)
+CLOSED = ("rep", "fsn", "rsn", "fin")  # the sets a closing connection leaves early (and est, fins)
 FRAG_TIMEOUT = "60s"
 FRAG_KEY = "ip saddr . ip daddr . ip id . meta l4proto"
 # nft 1.0.6 aborts (assertion ``dreg < ctx->reg_low``) writing a map from a concatenation with
@@ -302,10 +304,23 @@ class EndpointRules:
         self.sets.append(f"est{fed}")
         self.parts.append(f"\n  set est{fed} {{ typeof {established_key(ip)}; flags dynamic,"
                           f" timeout; timeout {rs.established_timeout}s; }}")
+        self.sets.append(f"fins{fed}")  # the FINs a TCP connection sent, to know when it closes
+        self.parts.append(f"\n  set fins{fed} {{ typeof {established_key(ip)}; flags dynamic,"
+                          f" timeout; timeout {timeout}; }}")
         # a packet that found its connection judged, or its reply seen: its connection is
         # established (a later fragment has no transport header: the add does not apply)
         establish = f"    add @est{fed} {{ {established_key(ip)} }}"
         reply = f"{ip} daddr . {ip} saddr . meta l4proto . meta mark . meta priority"
+        self._close(ip, fed, f"{family}_{e}_{back}",
+                    [kind for kind, key in sets if key == tuple_ and kind in CLOSED])
+        # (close is jumped to from chains with one way in, and with the ports as the packet
+        # has them in mark and priority)
+        close = f"    tcp flags & (fin | rst) != 0 jump close{fed}"
+        # a known connection's FIN or RST passes, perhaps closing it (not refreshing its reply
+        # entry, which the connection's last packet on the full walk did)
+        self._chain(f"closing{fed}", f"""    jump close{fed}
+    counter name r_forwarded accept""")
+        to_closing = f"    tcp flags & (fin | rst) != 0 goto closing{fed}"
         not_fragment = "\n".join(f"    {f} return" for f in fragment)
         self._chain(f"whole{fed}", f"""    meta l4proto != {PORTED} return
 {not_fragment}
@@ -366,13 +381,16 @@ class EndpointRules:
     {self._log(d, 'trace', 'forwarded', 0)}""")
             self._chain(f"known{fed}", f"""    jump tflags{fed}
 {establish}
+{to_closing}
     goto allowed{fed}""")
             self._chain(f"replied{fed}", f"""    jump tflags{fed}
 {establish}
+{close}
     counter name r_forwarded accept""")
             self._chain(f"reply{fed}", f"""    {tuple_} @rsn{fed} goto replied{fed}
     add @rsn{fed} {{ {tuple_} }}
 {record}
+{close}
     limit name "ev_{e}_{d}" counter name {UNLOGGED} counter name r_forwarded accept
     {self._log(d, 'reply', 'forwarded', 0)} counter name r_forwarded accept""")
             self._chain(f"replynp{fed}", f"""    {tuple_np} @rsnnp{fed} counter name r_forwarded accept
@@ -383,8 +401,10 @@ class EndpointRules:
             on_reply, on_reply_np = f"goto replied{fed}", "counter name r_forwarded accept"
             on_known = f"goto known{fed}"
             self._chain(f"known{fed}", f"""{establish}
+{to_closing}
     goto allowed{fed}""")
             self._chain(f"replied{fed}", f"""{establish}
+{close}
     counter name r_forwarded accept""")
         self._chain(f"judge{fed}", f"""    {tuple_} @rep{fed} {on_reply}
     {tuple_} @fsn{fed} {on_known}
@@ -415,6 +435,30 @@ class EndpointRules:
     meta l4proto sctp @th,88,8 & 0 == 0 goto ported{fed}
     {more} goto drop_frag_tiny{drop}
     goto drop_malformed{drop}""")
+
+    def _close(self, ip: str, fed: str, back: str, kinds: list[str]) -> None:
+        """The chain a passing TCP packet with a FIN or RST jumps to (its ports in mark and
+        priority as the judge put them). Once both directions sent a FIN, or either an RST,
+        the connection is closing, as in the eBPF datapath: its elements in this endpoint's
+        sets (``kinds``, the established and FIN sets) expire CLOSE_TIMEOUT seconds later, so
+        closed connections leave the sets. An update would add a missing element: a lookup
+        guards each. (Each map lookup a rule binds costs the kernel a walk of the map when it
+        commits: the chain converts ports once.)"""
+        tuple_ = f"{ip} saddr . {ip} daddr . meta l4proto . meta mark . meta priority"
+        reply = f"{ip} daddr . {ip} saddr . meta l4proto . meta mark . meta priority"
+        raw, raw_reply = established_key(ip), \
+            f"{ip} daddr . {ip} saddr . meta l4proto . th dport . th sport"
+
+        def shorten(key: str, name: str) -> str:
+            return f"    {key} @{name} update @{name} {{ {key} timeout {CLOSE_TIMEOUT}s }}"
+        self._chain(f"close{fed}", "\n".join([
+            f"    tcp flags & fin != 0 add @fins{fed} {{ {raw} }}",
+            f"    tcp flags & rst == 0 {raw_reply} != @fins{back} return",
+            *(shorten(tuple_, f"{kind}{fed}") for kind in kinds),
+            shorten(raw, f"est{fed}"), shorten(raw, f"fins{fed}"),
+            "    meta mark set th dport map @p2m meta priority set th sport map @p2c",
+            *(shorten(reply, f"{kind}{back}") for kind in kinds),
+            shorten(raw_reply, f"est{back}"), shorten(raw_reply, f"fins{back}")]))
 
     def _hook(self, hook: str, d: str, device: str, ipv4: str, ipv6: str | None) -> None:
         e = self.e
