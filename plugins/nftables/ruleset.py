@@ -19,7 +19,11 @@ allowed packet adds its reverse to the opposite direction's reply set (nftables'
 not exist at netdev hooks) and its own tuple to the direction's *judged* set ``fsn``: until the
 agent flushes that set (a policy, ipcache or audit change of the endpoint) its later packets
 pass without a lookup, as a conntrack entry of the current generation does in the eBPF
-datapath. A later fragment takes its first fragment's ports from the fragment maps through the
+datapath. A packet that found its connection judged (or its reply seen) adds its raw tuple to
+the direction's *established* set ``est``, flushed with ``fsn``: a later packet of it with no
+SYN, FIN or RST, not a fragment, passes by one lookup at the top of the base chain (the
+packets the full walk would pass without an event). A connection that closes (a FIN both
+ways, or an RST) has its elements expire ``CLOSE_TIMEOUT`` seconds later. A later fragment takes its first fragment's ports from the fragment maps through the
 shared chains ``fragports``/``fragreply``; the IPv6 ones are written in netlink
 (:mod:`meshagent.plugins.nftables.netlink`) because nft 1.0.6 cannot say them.
 
