@@ -23,8 +23,9 @@ datapath. A packet that found its connection judged (or its reply seen) adds its
 the direction's *established* set ``est``, flushed with ``fsn``: a later packet of it with no
 SYN, FIN or RST, not a fragment, passes by one lookup at the top of the base chain (the
 packets the full walk would pass without an event). A connection that closes (a FIN both
-ways, or an RST) has its elements expire ``CLOSE_TIMEOUT`` seconds later. A later fragment takes its first fragment's ports from the fragment maps through the
-shared chains ``fragports``/``fragreply``; the IPv6 ones are written in netlink
+ways, or an RST) has its elements expire ``CLOSE_TIMEOUT`` seconds later. A later fragment
+takes its first fragment's ports from the fragment maps through the shared chains
+``fragports``/``fragreply``; the IPv6 ones are written in netlink
 (:mod:`meshagent.plugins.nftables.netlink`) because nft 1.0.6 cannot say them.
 
 Flow events go to one NFLOG group with the prefix
@@ -317,8 +318,7 @@ class EndpointRules:
         reply = f"{ip} daddr . {ip} saddr . meta l4proto . meta mark . meta priority"
         self._close(ip, fed, f"{family}_{e}_{back}",
                     [kind for kind, key in sets if key == tuple_ and kind in CLOSED])
-        # (close is jumped to from chains with one way in, and with the ports as the packet
-        # has them in mark and priority)
+        # (close is jumped to with the ports in mark and priority as the judge put them)
         close = f"    tcp flags & (fin | rst) != 0 jump close{fed}"
         # a known connection's FIN or RST passes, perhaps closing it (not refreshing its reply
         # entry, which the connection's last packet on the full walk did)
@@ -446,8 +446,8 @@ class EndpointRules:
         the connection is closing, as in the eBPF datapath: its elements in this endpoint's
         sets (``kinds``, the established and FIN sets) expire CLOSE_TIMEOUT seconds later, so
         closed connections leave the sets. An update would add a missing element: a lookup
-        guards each. (Each map lookup a rule binds costs the kernel a walk of the map when it
-        commits: the chain converts ports once.)"""
+        guards each. (Ports are converted once here: two conversions more per chain doubled
+        the kernel's time to add an endpoint, measured.)"""
         tuple_ = f"{ip} saddr . {ip} daddr . meta l4proto . meta mark . meta priority"
         reply = f"{ip} daddr . {ip} saddr . meta l4proto . meta mark . meta priority"
         raw, raw_reply = established_key(ip), \
