@@ -513,6 +513,89 @@ def test_a_policy_change_reports_known_connections_again(judge, driver):
         (model.POLICY_DENY, [drop("egress", "policy_deny", 3)])
 
 
+def set_elements(judge, name: str) -> dict[tuple, int]:
+    """One of the table's sets: each element's key, and the seconds until it expires."""
+    import json
+
+    import nftables
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    rc, out, err = nft.cmd(f"list set {judge.datapath.rules.ref} {name}")
+    assert rc == 0, err
+    found, = (o["set"] for o in json.loads(out)["nftables"] if "set" in o)
+    elements = {}
+    for element in found.get("elem", []):
+        key = element["elem"]["val"]["concat"]
+        elements[tuple(k if isinstance(k, (int, str)) else json.dumps(k) for k in key)] = \
+            element["elem"].get("expires", 0)
+    return elements
+
+
+def test_a_known_connection_passes_by_its_established_entry_until_a_change(judge, driver):
+    """After a packet found its connection judged (or its reply seen), the connection's later
+    packets without SYN, FIN or RST pass at the top of the hook by one set lookup: with its
+    judged entry gone, the next packet is still not judged again. A policy change empties
+    the established sets with the judged ones: the next packet is judged again."""
+    import nftables
+
+    from meshagent.events import ChangeKind
+    from meshagent.policy.contract import MapChange, MapKey, Verdict
+    from meshagent.testing.packets import ACK, Packet
+    driver.start(named_scenario([TO_ECHO_80], []))
+    syn = Packet(CLIENT, ECHO, 6, 40000, 80)
+    ack, reply = attrs.evolve(syn, tcp_flags=ACK), attrs.evolve(syn.reply(), tcp_flags=ACK)
+    out, into = model.EGRESS, model.INGRESS
+    assert judged(judge, 1, out, syn)[1] == [verdict("egress", 2)]
+    assert set_elements(judge, "est4_1_out") == {}  # a first packet is not established yet
+    assert judged(judge, 1, into, attrs.evolve(syn.reply(), tcp_flags=0x12))[1] == \
+        [trace("ingress", True)]
+    assert judged(judge, 1, out, ack) == (model.FORWARDED, [])
+    assert judged(judge, 1, into, reply) == (model.FORWARDED, [])
+    assert set(set_elements(judge, "est4_1_out")) == {(CLIENT, ECHO, "tcp", 40000, 80)}
+    assert set(set_elements(judge, "est4_1_in")) == {(ECHO, CLIENT, "tcp", 80, 40000)}
+    t = judge.datapath.rules.ref
+    rc, _, err = nftables.Nftables().cmd(f"flush set {t} fsn4_1_out")
+    assert rc == 0, err
+    assert judged(judge, 1, out, ack) == (model.FORWARDED, [])  # not judged: established
+    deny = MapChange(ChangeKind.UPSERT, MapKey(model.EGRESS, 0, 6, 80, 80), Verdict.DENY)
+    driver.replay([lambda feed: feed.policy_changed({1: [deny]})])
+    assert set_elements(judge, "est4_1_out") == {}
+    assert judged(judge, 1, out, ack) == \
+        (model.POLICY_DENY, [drop("egress", "policy_deny", 3)])
+
+
+def test_a_closing_connection_leaves_the_sets_soon(judge, driver):
+    """Once both directions of a TCP connection sent a FIN, or either an RST, its elements
+    expire 10 s later (Cilium's CT_CLOSE_TIMEOUT), not after the flow timeout: closed
+    connections do not fill the sets. Until then it is still known (no event)."""
+    from meshagent.plugins.nftables.ruleset import CLOSE_TIMEOUT
+    from meshagent.testing.packets import ACK, Packet
+    driver.start(named_scenario([TO_ECHO_80], []))
+    out, into = model.EGRESS, model.INGRESS
+    syn = Packet(CLIENT, ECHO, 6, 40000, 80)
+    for direction, packet in ((out, syn), (into, attrs.evolve(syn.reply(), tcp_flags=0x12)),
+                              (out, attrs.evolve(syn, tcp_flags=ACK)),
+                              (into, attrs.evolve(syn.reply(), tcp_flags=ACK)),
+                              (out, attrs.evolve(syn, tcp_flags=FIN | ACK))):
+        assert judged(judge, 1, direction, packet)[0] == model.FORWARDED
+    names = ("fsn4_1_out", "rep4_1_in", "rsn4_1_in", "est4_1_out", "est4_1_in", "fin4_1_out")
+    half = {name: set_elements(judge, name) for name in names}
+    assert all(len(v) == 1 and min(v.values()) > CLOSE_TIMEOUT for v in half.values()), \
+        half  # one FIN: half closed, not closing
+    assert judged(judge, 1, into, attrs.evolve(syn.reply(), tcp_flags=FIN | ACK)) == \
+        (model.FORWARDED, [trace("ingress", True)])
+    closing = {name: set_elements(judge, name) for name in names + ("fin4_1_in",)}
+    assert all(len(v) == 1 and max(v.values()) <= CLOSE_TIMEOUT
+               for v in closing.values()), closing
+    assert judged(judge, 1, out, attrs.evolve(syn, tcp_flags=ACK)) == (model.FORWARDED, [])
+    reset = Packet(CLIENT, ECHO, 6, 40001, 80)
+    for direction, packet in ((out, reset), (out, attrs.evolve(reset, tcp_flags=ACK)),
+                              (out, attrs.evolve(reset, tcp_flags=RST))):
+        assert judged(judge, 1, direction, packet)[0] == model.FORWARDED
+    key = (CLIENT, ECHO, "tcp", 40001, 80)
+    assert set_elements(judge, "est4_1_out")[key] <= CLOSE_TIMEOUT
+
+
 def test_events_the_socket_could_not_take_are_counted_exactly(judge, driver):
     """A burst the agent does not read in time overflows the NFLOG socket: the kernel's
     numbering tells how many were lost, so every event is either delivered or counted."""

@@ -19,8 +19,13 @@ allowed packet adds its reverse to the opposite direction's reply set (nftables'
 not exist at netdev hooks) and its own tuple to the direction's *judged* set ``fsn``: until the
 agent flushes that set (a policy, ipcache or audit change of the endpoint) its later packets
 pass without a lookup, as a conntrack entry of the current generation does in the eBPF
-datapath. A later fragment takes its first fragment's ports from the fragment maps through the
-shared chains ``fragports``/``fragreply``; the IPv6 ones are written in netlink
+datapath. A packet that found its connection judged (or its reply seen) adds its raw tuple to
+the direction's *established* set ``est``, flushed with ``fsn``: a later packet of it with no
+SYN, FIN or RST, not a fragment, passes by one lookup at the top of the base chain (the
+packets the full walk would pass without an event). A connection that closes (a FIN both
+ways, or an RST) has its elements expire ``CLOSE_TIMEOUT`` seconds later. A later fragment
+takes its first fragment's ports from the fragment maps through the shared chains
+``fragports``/``fragreply``; the IPv6 ones are written in netlink
 (:mod:`meshagent.plugins.nftables.netlink`) because nft 1.0.6 cannot say them.
 
 Flow events go to one NFLOG group with the prefix
@@ -39,7 +44,7 @@ import attrs
 from meshagent.plugin import match_of, world_identity
 
 FAMILY = "netdev"
-LAYOUT = "layout_3"  # an empty chain naming the table's layout: another layout is replaced
+LAYOUT = "layout_4"  # an empty chain naming the table's layout: another layout is replaced
 REASONS = ("forwarded", "policy_deny", "policy_default", "spoofed", "frag_tiny",
            "frag_unknown", "malformed", "unsupported_l3")
 DIRS = {"ingress": "in", "egress": "out"}  # the pod's policy direction
@@ -56,6 +61,8 @@ PREFIXES = (0, 8, *range(9, 25))
 PORTLESS_PREFIXES = (0, 8)
 UNLOGGED = "unlogged"  # the counter of events over the rate
 TCP_FLAGS = ("syn", "fin", "rst")  # the flags a trace reports once per connection and direction
+CLOSE_TIMEOUT = 10  # seconds a closing TCP connection's elements live (Cilium's CT_CLOSE_TIMEOUT)
+CLOSED = ("rep", "fsn", "rsn", "fin")  # the sets a closing connection leaves early (and est, fins)
 FRAG_TIMEOUT = "60s"
 FRAG_KEY = "ip saddr . ip daddr . ip id . meta l4proto"
 # nft 1.0.6 aborts (assertion ``dreg < ctx->reg_low``) writing a map from a concatenation with
@@ -63,6 +70,12 @@ FRAG_KEY = "ip saddr . ip daddr . ip id . meta l4proto"
 # fields and loads both addresses as one 32-byte raw payload (saddr . daddr).
 FRAG_KEY6 = "meta l4proto . frag id . @nh,64,256"
 PORTED = "{ tcp, udp, sctp }"
+#: Per ported protocol, what an established packet must show to pass at the top of its base
+#: chain: its transport header whole (the last byte of it read), and for TCP no SYN, FIN or
+#: RST (those are reported the first time a direction shows them: such a packet takes the
+#: full walk). The raw TCP load is bytes 13-19: the flags, then up to the header's end.
+ESTABLISHED = (("tcp", "@th,104,56 & 0x07000000000000 == 0"), ("udp", "@th,56,8 & 0 == 0"),
+               ("sctp", "@th,88,8 & 0 == 0"))
 FRAGMENT_MAPS = ("fsm", "fdm", "fsc", "fdc")  # source/destination port as mark/classid
 SENTINEL_MARK, SENTINEL_PRIORITY = "0xffffffff", "ffff:ffff"  # no port becomes these
 SHARED_CHAINS = ("fragrecord", "fragports", "fragreply")
@@ -101,6 +114,13 @@ class Ruleset:
     @property
     def ref(self) -> str:
         return f"{FAMILY} {self.table}"
+
+    @property
+    def established_timeout(self) -> int:
+        """Seconds an established entry lives (not refreshed by the packets it passes): a
+        tenth of the flow timeout, so that a long flow still takes the full walk, which
+        refreshes its reply entry, at least that often."""
+        return max(1, self.flow_timeout // 10)
 
     @property
     def layout(self) -> str:
@@ -286,7 +306,25 @@ class EndpointRules:
             self.sets.append(f"{kind}{fed}")
             self.parts.append(f"\n  set {kind}{fed} {{ typeof {key}; flags dynamic, timeout;"
                               f" timeout {timeout}; }}")
+        self.sets.append(f"est{fed}")
+        self.parts.append(f"\n  set est{fed} {{ typeof {established_key(ip)}; flags dynamic,"
+                          f" timeout; timeout {rs.established_timeout}s; }}")
+        self.sets.append(f"fins{fed}")  # the FINs a TCP connection sent, to know when it closes
+        self.parts.append(f"\n  set fins{fed} {{ typeof {established_key(ip)}; flags dynamic,"
+                          f" timeout; timeout {timeout}; }}")
+        # a packet that found its connection judged, or its reply seen: its connection is
+        # established (a later fragment has no transport header: the add does not apply)
+        establish = f"    add @est{fed} {{ {established_key(ip)} }}"
         reply = f"{ip} daddr . {ip} saddr . meta l4proto . meta mark . meta priority"
+        self._close(ip, fed, f"{family}_{e}_{back}",
+                    [kind for kind, key in sets if key == tuple_ and kind in CLOSED])
+        # (close is jumped to with the ports in mark and priority as the judge put them)
+        close = f"    tcp flags & (fin | rst) != 0 jump close{fed}"
+        # a known connection's FIN or RST passes, perhaps closing it (not refreshing its reply
+        # entry, which the connection's last packet on the full walk did)
+        self._chain(f"closing{fed}", f"""    jump close{fed}
+    counter name r_forwarded accept""")
+        to_closing = f"    tcp flags & (fin | rst) != 0 goto closing{fed}"
         not_fragment = "\n".join(f"    {f} return" for f in fragment)
         self._chain(f"whole{fed}", f"""    meta l4proto != {PORTED} return
 {not_fragment}
@@ -346,12 +384,17 @@ class EndpointRules:
     {tuple_} @rep{fed} {self._log(d, 'reply', 'forwarded', 0)} return
     {self._log(d, 'trace', 'forwarded', 0)}""")
             self._chain(f"known{fed}", f"""    jump tflags{fed}
+{establish}
+{to_closing}
     goto allowed{fed}""")
             self._chain(f"replied{fed}", f"""    jump tflags{fed}
+{establish}
+{close}
     counter name r_forwarded accept""")
             self._chain(f"reply{fed}", f"""    {tuple_} @rsn{fed} goto replied{fed}
     add @rsn{fed} {{ {tuple_} }}
 {record}
+{close}
     limit name "ev_{e}_{d}" counter name {UNLOGGED} counter name r_forwarded accept
     {self._log(d, 'reply', 'forwarded', 0)} counter name r_forwarded accept""")
             self._chain(f"replynp{fed}", f"""    {tuple_np} @rsnnp{fed} counter name r_forwarded accept
@@ -359,8 +402,14 @@ class EndpointRules:
     limit name "ev_{e}_{d}" counter name {UNLOGGED} counter name r_forwarded accept
     {self._log(d, 'reply', 'forwarded', 0)} counter name r_forwarded accept""")
         else:
-            on_reply = on_reply_np = "counter name r_forwarded accept"
-            on_known = f"goto allowed{fed}"
+            on_reply, on_reply_np = f"goto replied{fed}", "counter name r_forwarded accept"
+            on_known = f"goto known{fed}"
+            self._chain(f"known{fed}", f"""{establish}
+{to_closing}
+    goto allowed{fed}""")
+            self._chain(f"replied{fed}", f"""{establish}
+{close}
+    counter name r_forwarded accept""")
         self._chain(f"judge{fed}", f"""    {tuple_} @rep{fed} {on_reply}
     {tuple_} @fsn{fed} {on_known}
     meta mark set {world}
@@ -391,6 +440,30 @@ class EndpointRules:
     {more} goto drop_frag_tiny{drop}
     goto drop_malformed{drop}""")
 
+    def _close(self, ip: str, fed: str, back: str, kinds: list[str]) -> None:
+        """The chain a passing TCP packet with a FIN or RST jumps to (its ports in mark and
+        priority as the judge put them). Once both directions sent a FIN, or either an RST,
+        the connection is closing, as in the eBPF datapath: its elements in this endpoint's
+        sets (``kinds``, the established and FIN sets) expire CLOSE_TIMEOUT seconds later, so
+        closed connections leave the sets. An update would add a missing element: a lookup
+        guards each. (Ports are converted once here: two conversions more per chain doubled
+        the kernel's time to add an endpoint, measured.)"""
+        tuple_ = f"{ip} saddr . {ip} daddr . meta l4proto . meta mark . meta priority"
+        reply = f"{ip} daddr . {ip} saddr . meta l4proto . meta mark . meta priority"
+        raw, raw_reply = established_key(ip), \
+            f"{ip} daddr . {ip} saddr . meta l4proto . th dport . th sport"
+
+        def shorten(key: str, name: str) -> str:
+            return f"    {key} @{name} update @{name} {{ {key} timeout {CLOSE_TIMEOUT}s }}"
+        self._chain(f"close{fed}", "\n".join([
+            f"    tcp flags & fin != 0 add @fins{fed} {{ {raw} }}",
+            f"    tcp flags & rst == 0 {raw_reply} != @fins{back} return",
+            *(shorten(tuple_, f"{kind}{fed}") for kind in kinds),
+            shorten(raw, f"est{fed}"), shorten(raw, f"fins{fed}"),
+            "    meta mark set th dport map @p2m meta priority set th sport map @p2c",
+            *(shorten(reply, f"{kind}{back}") for kind in kinds),
+            shorten(raw_reply, f"est{back}"), shorten(raw_reply, f"fins{back}")]))
+
     def _hook(self, hook: str, d: str, device: str, ipv4: str, ipv6: str | None) -> None:
         e = self.e
         ed = f"_{e}_{d}"
@@ -399,9 +472,19 @@ class EndpointRules:
         control = "\n".join(f"    {whole} {c}{within} counter name r_forwarded accept"
                             for c in LINK_CONTROL for whole in UNFRAGMENTED)
         self.chains.append(f"ep_{e}_{hook}")
+        # a packet of an established connection passes at once, if it is no fragment (IPv6:
+        # if it has no extension header)
+        established = "\n".join(
+            f"    meta protocol {ip} {proto_is.format(proto)}{whole}"
+            f" {established_key(ip)} @est{family}{ed} counter name r_forwarded accept"
+            for family, ip, proto_is in (
+                (4, "ip", "meta l4proto {} ip frag-off & 0x3fff == 0 "),
+                (6, "ip6", "ip6 nexthdr {} "))
+            for proto, whole in ESTABLISHED)
         self.parts.append(f"""
   chain ep_{e}_{hook} {{
     type filter hook {hook} device "{device}" priority 0; policy accept;
+{established}
     meta protocol arp counter name r_forwarded accept
     meta protocol ip meta l4proto 0-255 goto v4{ed}
     meta protocol ip6 meta l4proto 0-255 goto v6{ed}
@@ -424,10 +507,15 @@ class EndpointRules:
     goto l46{ed}""")
 
 
+def established_key(ip: str) -> str:
+    """The key of an established set: the packet's addresses, protocol and ports as read."""
+    return f"{ip} saddr . {ip} daddr . meta l4proto . th sport . th dport"
+
+
 def judged_sets(endpoint_id: int) -> list[str]:
-    """An endpoint's sets of connections judged under the current state (flushed when the
-    state changes)."""
-    return [f"{kind}{family}_{endpoint_id}_{d}" for kind in ("fsn", "fsnnp")
+    """An endpoint's sets of connections judged under the current state, and of connections
+    established under it (flushed when the state changes)."""
+    return [f"{kind}{family}_{endpoint_id}_{d}" for kind in ("fsn", "fsnnp", "est")
             for family in (4, 6) for d in DIRS.values()]
 
 
