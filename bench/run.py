@@ -547,17 +547,17 @@ def datapath_report(dp: dict) -> list[str]:
               f" {dp['d_over_c']['iperf3_gbit_s']:.0%} /"
               f" {dp['d_over_c']['redis_ping_rps']:.0%} /"
               f" {dp['d_over_c']['new_conn_per_s']:.0%} of iptables: every packet takes the"
-              " node's routing between two veths (no redirect into the peer pod), and is judged"
-              " twice, leaving one pod and entering the other, each time by a chain of rules:"
-              " netdev hooks have no conntrack, so the parse checks, the source check and two"
-              " port conversions (nftables keeps values between rules only in mark and priority)"
-              " run for every packet, and replies take one reply-set lookup; a set of seen"
-              " connections (emptied whenever the endpoint's policy or the ipcache changes)"
-              " spares the later packets of a known connection the policy lookups, while a new"
-              " connection writes several set entries and logs its events (NFLOG, rate-limited"
-              " by `--nftables-event-rate`: what goes over is counted as lost). Throughput"
-              " (large segments) suffers less than the request rate (one small packet per"
-              " request each way). See docs/nftables.md.", ""]
+              " node's routing between two veths (no redirect into the peer pod) and is looked"
+              " at twice, leaving one pod and entering the other. Netdev hooks have no"
+              " conntrack, so the datapath keeps its own: a packet of a connection already"
+              " judged under the current policy and ipcache (TCP without SYN, FIN or RST, UDP,"
+              " SCTP, no fragment) passes at the top of its chain after one lookup in the"
+              " endpoint's established set, which every policy, ipcache or audit-mode change"
+              " empties so that each connection is judged once more. A new connection walks"
+              " the whole chain (parse checks, source check, port conversions, policy lookups),"
+              " writes several set entries and logs its events (NFLOG, rate-limited by"
+              " `--nftables-event-rate`: what goes over is counted as lost); a closed one"
+              " (FIN both ways, or RST) has its entries cut to 10 s. See docs/nftables.md.", ""]
     return lines
 
 
