@@ -11,6 +11,7 @@ import asyncio
 import ctypes as ct
 import logging
 import os
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -371,9 +372,7 @@ class EbpfDatapath:
                        deletes: Iterable[IPCacheEntry]) -> None:
         """Upserts before deletes: as a batch holds each prefix once, every address resolves
         to its old or its new identity on the way, never to a shorter prefix's for a moment."""
-        for entry in upserts:
-            name, key = _ipcache_row(entry)
-            self.maps[name].put(key, IPCacheValue(entry.identity, 0))
+        self._put_ipcache(upserts)
         for entry in deletes:
             name, key = _ipcache_row(entry)
             self.maps[name].delete(key)
@@ -481,17 +480,25 @@ class EbpfDatapath:
         """The ipcache exactly these rows: new ones first, then stale ones removed, so every
         address resolves to its old or its new identity on the way. Nothing of the size of
         the ipcache is built but a set of the entries' own keys: it may hold 100,000s."""
-        wanted = set()
-        for entry in ipcache:
-            name, key = _ipcache_row(entry)
-            self.maps[name].put(key, IPCacheValue(entry.identity, 0))
-            wanted.add(entry.key)
+        self._put_ipcache(ipcache)
+        wanted = {entry.key for entry in ipcache}
         for name in ("ipcache", "ipcache6"):
             table = self.maps[name]
             stale = [key for key in table.keys()
                      if bytes((key.prefixlen,)) + bytes(key.ip) not in wanted]
             for key in stale:
                 table.delete(key)
+
+    def _put_ipcache(self, entries: Iterable[IPCacheEntry]) -> None:
+        """Write these rows, in order, family by family, in batches (PinnedMap.put_many)."""
+        rows: dict[int, tuple[list[bytes], list[bytes]]] = {4: ([], []), 6: ([], [])}
+        for entry in entries:
+            keys, values = rows[4 if len(entry.key) == 5 else 6]
+            keys.append(_PREFIXLEN[entry.key[0]] + entry.key[1:])
+            values.append(_ipcache_value(entry.identity))
+        for version, (keys, values) in rows.items():
+            if keys:
+                self.maps["ipcache" if version == 4 else "ipcache6"].put_many(keys, values)
 
     def policy_entry_count(self) -> int:
         """Entries the policy map holds for the resolved verdicts (as written)."""
@@ -591,6 +598,18 @@ class DatapathMetrics:
 
     def describe(self):
         return []
+
+
+#: an ipcache key's head: the prefix length as the u32 of struct ipcache_key (and ipcache6_key)
+_PREFIXLEN = [struct.pack("=I", length) for length in range(129)]
+
+
+_IPCACHE_VALUE = struct.Struct("=II")  # struct ipcache_value: identity, flags
+
+
+def _ipcache_value(identity: int) -> bytes:
+    """struct ipcache_value of an identity (flags 0), as IPCacheValue lays it out."""
+    return _IPCACHE_VALUE.pack(identity, 0)
 
 
 def _ipcache_row(entry: IPCacheEntry) -> tuple[str, IPCacheKey | IPCache6Key]:
