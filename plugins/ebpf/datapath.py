@@ -374,7 +374,9 @@ class EbpfDatapath:
                        deletes: Iterable[IPCacheEntry]) -> None:
         """Upserts before deletes: as a batch holds each prefix once, every address resolves
         to its old or its new identity on the way, never to a shorter prefix's for a moment."""
-        self._put_ipcache(upserts)
+        for entry in upserts:
+            name, key = _ipcache_row(entry)
+            self.maps[name].put(key, IPCacheValue(entry.identity, 0))
         for entry in deletes:
             name, key = _ipcache_row(entry)
             self.maps[name].delete(key)
