@@ -66,12 +66,16 @@ async def follow_prefix(store: KVStore, prefix: str,
 
 @contextlib.contextmanager
 def _collection_paused():
-    """No cyclic garbage collection while a page is applied: a page's rows are the tables'
-    to keep, and each full collection on the way walks every row kept so far (100,000s)."""
+    """No cyclic garbage collection while a page is applied, and what it kept moved out of
+    the collector's sight afterwards (``gc.freeze``): a page's rows are the tables' to keep,
+    and each full collection on the way walked every row kept so far (a million). What else
+    is alive then is frozen with them: a cycle among those that turns to garbage later is not
+    collected, a few objects a page."""
     was = gc.isenabled()
     gc.disable()
     try:
         yield
+        gc.freeze()
     finally:
         if was:
             gc.enable()
