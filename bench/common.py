@@ -1,15 +1,20 @@
 """Shared pieces of the benchmarks: a populated remote etcd, an agent process, measurements."""
 
+import asyncio
+import calendar
 import contextlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from meshagent.client import AgentClient
+from meshagent.errors import MeshagentError
 from meshagent.kvstore import keys as kvkeys
 from meshagent.model.identity import format_labels
 
@@ -111,3 +116,117 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def agent_command(mesh: Path, sock: Path, state: Path, bpffs: Path | None,
+                  ipcache_max: int = 512_000) -> list[str]:
+    """The agent of the sync benchmarks and of the start-up floor: cluster1 on the memory
+    kvstore, the eBPF datapath (unless ``bpffs`` is None), remote clusters from ``mesh``; JSON
+    log lines, whose times say what start-up spent its time on."""
+    return [MESHAGENT, "--plugins", "memory,etcd,ebpf" if bpffs else "memory,etcd",
+            "--kvstore", "memory", "--cluster-name", "cluster1", "--cluster-id", "101",
+            "--clustermesh-config", str(mesh),
+            *(["--ebpf-bpf-root", str(bpffs), "--ebpf-ipcache-max", str(ipcache_max)]
+              if bpffs else []),
+            "--socket-path", str(sock), "--state-dir", str(state), "--log-format", "json"]
+
+
+def wait_agent_ready(proc: subprocess.Popen, sock: Path, datapath: bool, log: Path,
+                     remotes: int = 1, timeout: float = 1800) -> float:
+    """Poll ``/status`` until the agent is ready, its ``remotes`` remote clusters are ready and
+    (with a datapath) the datapath has synced; the monotonic time it first said so."""
+    client = AgentClient(sock)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = client.get("/status")
+            sections = {s["name"]: s["summary"] for s in status["sections"]}
+            if (status["ready"] and sections["ClusterMesh"].startswith(f"{remotes}/{remotes}")
+                    and (not datapath or ", synced" in sections["Datapath"])):
+                return time.monotonic()
+        except (MeshagentError, KeyError):
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"agent died: {log.read_text()[-4000:]}")
+        time.sleep(0.02)
+    raise SystemExit(f"agent not ready in {timeout:.0f}s: {log.read_text()[-4000:]}")
+
+
+def log_timeline(log: Path) -> list[tuple[float, str]]:
+    """The wall-clock time and message of each JSON log line, in order."""
+    timeline = []
+    for line in log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        whole, _, ms = entry["time"].rstrip("Z").partition(".")
+        timeline.append((calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S"))
+                         + int(ms or 0) / 1000, entry["msg"]))
+    return timeline
+
+
+# what the agent reads of a remote cluster, by prefix: one task each, as the agent reads its
+# kinds; every value decoded as the agent must (JSON, or an identity's label list)
+READ_PREFIXES = (kvkeys.CLUSTER_CONFIG, kvkeys.SYNCED, kvkeys.NODES, kvkeys.IDENTITIES,
+                 kvkeys.IPCACHE, kvkeys.SERVICES)
+
+
+async def read_once(store, prefix: str) -> int:
+    """List ``prefix`` in pages and decode every value; the number of keys read."""
+    count = 0
+    labels = prefix == kvkeys.IDENTITIES
+    timestamps = prefix == kvkeys.SYNCED
+    async for page in store.list_pages(prefix):
+        for item in page.items:
+            if labels:
+                item.value.decode().split(";")
+            elif timestamps:
+                item.value.decode()
+            else:
+                json.loads(item.value)
+        count += len(page.items)
+    return count
+
+
+def read_floor(config: Path, runs: int = 3) -> dict:
+    """The read floor: a bare Python reader (the etcd plugin's ``list_pages`` and the decode of
+    every value, no agent) over what the agent reads of a remote; the median of ``runs``, each
+    on a client already connected (connecting is part of the start-up floor)."""
+    from meshagent.plugins.etcd.client import EtcdKVStore
+    from meshagent.plugins.etcd.config import load_etcd_config
+
+    async def once() -> tuple[float, int]:
+        store = EtcdKVStore(load_etcd_config(config))
+        await store.get(kvkeys.cluster_config_key("cluster2"))  # connected, as the agent is
+        try:
+            started = time.perf_counter()
+            counts = await asyncio.gather(*(read_once(store, p) for p in READ_PREFIXES))
+            return time.perf_counter() - started, sum(counts)
+        finally:
+            await store.close()
+    timings = [asyncio.run(once()) for _ in range(runs)]
+    return {"seconds": round(statistics.median(t for t, _ in timings), 3),
+            "each": [round(t, 3) for t, _ in timings], "keys": timings[0][1]}
+
+
+@contextlib.contextmanager
+def timed_ebpf_apply(arrivals: list[tuple[float, float]]):
+    """Record, for every ipcache upsert the eBPF datapath writes, the put time its writer
+    stored in the entry's pod name (``bench/rate.py``'s writer does) and the time it was
+    written into the BPF map."""
+    from meshagent.plugins.ebpf.datapath import EbpfDatapath
+    real_apply = EbpfDatapath.apply
+
+    async def timed_apply(self, batch):
+        await real_apply(self, batch)
+        now = time.time()
+        for entry in batch.ipcache_upserts:
+            if entry.pod_name:
+                arrivals.append((float(entry.pod_name), now))
+
+    EbpfDatapath.apply = timed_apply
+    try:
+        yield
+    finally:
+        EbpfDatapath.apply = real_apply

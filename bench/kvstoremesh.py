@@ -11,7 +11,8 @@ direct mode one per remote cluster; cached, it reads every remote through its ow
 cluster runs that cluster's agents. Reported for each mode, measured in one run:
 
 - connections to each etcd, from processes of other clusters and in all (``ss``, by the pid
-  holding the client end), and its watchers (etcd's ``etcd_debugging_mvcc_watcher_total``);
+  holding the client end), and its watchers (etcd's ``etcd_debugging_mvcc_watcher_total``),
+  in all and the agents' own (those gone while the agents are stopped a moment, once synced);
 - etcd CPU seconds (utime + stime of the servers) from the agents' start until all are synced;
 - seconds until every agent of every cluster has synced every remote cluster;
 - after cluster1's etcd restarts: seconds from a change written to it once it is back until
@@ -156,6 +157,9 @@ class Mode:
                      "--clustermesh-config", str(self.workdir / c.name / "kvstoremesh"),
                      "--kvstoremesh-socket-path", str(self.workdir / f"{c.name}.sock")],
                     stdout=log, stderr=subprocess.STDOUT)
+        self.start_workers()
+
+    def start_workers(self) -> None:
         for c in self.clusters:
             self.workers[c.name] = subprocess.Popen(
                 [sys.executable, str(HERE), "--worker", "--cluster", c.name, "--cluster-id",
@@ -184,10 +188,11 @@ class Mode:
         pids = client_pids(c.etcd.client_port)
         return {"total": len(pids), "from_other_clusters": sum(1 for p in pids if p not in own)}
 
-    def stop(self) -> None:
-        for proc in [*self.workers.values(), *self.replicators.values()]:
-            proc.kill()
-            proc.wait()
+    def stop(self, workers_only: bool = False) -> None:
+        for proc in [*self.workers.values(), *([] if workers_only else self.replicators.values())]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def run_mode(name: str, clusters: list[Cluster], args, workdir: Path) -> dict:
@@ -204,6 +209,13 @@ def run_mode(name: str, clusters: list[Cluster], args, workdir: Path) -> dict:
         time.sleep(3)
         connections = [mode.connections(c) for c in clusters]
         watchers = [c.watchers() for c in clusters]
+        # the agents stopped, what is left are the KVStoreMesh replicators' own watchers;
+        # then the agents start again and sync before the restart below
+        mode.stop(workers_only=True)
+        time.sleep(2)
+        without_agents = [c.watchers() for c in clusters]
+        mode.start_workers()
+        mode.ask("ready", clusters)
         cpu_idle_before = [c.cpu_seconds() for c in clusters]
         time.sleep(5)
         cpu_idle = [round(c.cpu_seconds() - b, 2) for c, b in zip(clusters, cpu_idle_before)]
@@ -224,6 +236,8 @@ def run_mode(name: str, clusters: list[Cluster], args, workdir: Path) -> dict:
         mode.stop()
     return {"seconds_to_all_synced": round(synced, 2),
             "connections_per_etcd": connections, "watchers_per_etcd": watchers,
+            "watchers_per_etcd_without_agents": without_agents,
+            "agents_watchers_per_etcd": [w - o for w, o in zip(watchers, without_agents)],
             "etcd_cpu_seconds_during_sync": cpu_sync, "etcd_cpu_seconds_idle_5s": cpu_idle,
             "seconds_to_all_synced_after_restart": round(resynced, 2),
             "restarted_etcd_cpu_seconds_until_synced": cpu_restart}
@@ -275,11 +289,17 @@ def run(args) -> dict:
         "machine": machine(), "clusters": args.clusters, "agents_per_cluster": args.agents,
         "entries_per_cluster": args.entries, "keys_per_cluster": keys[0],
         "direct": d, "cached": c,
+        # read through the cache, an agent's watches of its own etcd fall by the number of
+        # remote clusters: one watch per kind over all of them, not one per kind per cluster
+        "goal_agents_watchers_fall": max(c["agents_watchers_per_etcd"]) * (args.clusters - 1)
+        <= max(d["agents_watchers_per_etcd"]),
         "direct_over_cached": {
             "connections_from_other_clusters": ratio(max(other), max(other_cached)),
             "connections_total": ratio(max(x["total"] for x in d["connections_per_etcd"]),
                                        max(x["total"] for x in c["connections_per_etcd"])),
             "watchers": ratio(max(d["watchers_per_etcd"]), max(c["watchers_per_etcd"])),
+            "agents_watchers": ratio(max(d["agents_watchers_per_etcd"]),
+                                     max(c["agents_watchers_per_etcd"])),
             "etcd_cpu_during_sync": ratio(sum(d["etcd_cpu_seconds_during_sync"]),
                                           sum(c["etcd_cpu_seconds_during_sync"])),
             "seconds_to_all_synced": ratio(d["seconds_to_all_synced"],

@@ -2,8 +2,10 @@
 and the eBPF policy map's size for policies with port ranges.
 
 10,000 identities (in two clusters), 1,000 policies, 100 local endpoints. Reports the time of a
-full resolution (every endpoint computed from scratch) and of adding one identity that several
-selectors match, and their ratio. Goal: incremental ≤ 10 ms. Then 1,000 policies whose rules
+full resolution cold (a fresh interpreter, an empty resolver given every identity, policy and
+endpoint: nothing is cached from an import; the median of three), of the endpoints alone once
+the rest is in, and of adding one identity that several selectors match. Goals: cold ≤ 100 ms,
+incremental ≤ 1 ms. Then 1,000 policies whose rules
 allow and deny port ranges (1 to 30,000 ports wide, over TCP, UDP or any protocol): the entries
 the ebpf plugin writes (port prefixes, deny folded in) against one entry per port.
 
@@ -14,6 +16,8 @@ import argparse
 import platform
 import random
 import statistics
+import subprocess
+import sys
 import time
 
 from common import report
@@ -61,7 +65,8 @@ spec:
     return "---\n".join(docs)
 
 
-def measure(args) -> dict:
+def world(args) -> tuple[list[Identity], list, list[PolicyEndpoint]]:
+    """The identities, parsed policies and endpoints of a run (the same for every seed 7)."""
     rng = random.Random(7)
     identities = make_identities(args.identities, rng)
     policies = parse_policies(make_policies(args.policies, rng))
@@ -71,16 +76,39 @@ def measure(args) -> dict:
     endpoints = [PolicyEndpoint(e.id, e.namespace, frozenset(
         {label for label in e.labels if "namespace" not in label}
         | {f"k8s:io.kubernetes.pod.namespace={e.namespace}"})) for e in endpoints]
+    return identities, policies, endpoints
 
+
+def resolve_all(identities, policies, endpoints) -> tuple[Resolver, float, float]:
+    """A fresh resolver fed everything: the resolver, the seconds from its creation until every
+    endpoint is resolved, and the seconds of the endpoints alone (after the import)."""
+    start = time.perf_counter()
     resolver = Resolver("cluster1")
     for identity in identities:
         resolver.add_identity(identity)
     for policy in policies:
         resolver.upsert_policy(policy)
-    start = time.perf_counter()
+    imported = time.perf_counter()
     for endpoint in endpoints:
         resolver.set_endpoint(endpoint)
-    full = time.perf_counter() - start
+    done = time.perf_counter()
+    return resolver, done - start, done - imported
+
+
+def cold(args, runs: int = 3) -> list[float]:
+    """Full resolution cold: each in a fresh interpreter (nothing cached by an earlier
+    resolver or import), from an empty resolver to every endpoint resolved."""
+    command = [sys.executable, __file__, "--cold-once", "--identities", str(args.identities),
+               "--policies", str(args.policies), "--endpoints", str(args.endpoints)]
+    return [float(subprocess.run(command, check=True, capture_output=True,
+                                 text=True).stdout.split()[-1]) for _ in range(runs)]
+
+
+def measure(args) -> dict:
+    rng = random.Random(8)
+    identities, policies, endpoints = world(args)
+    resolver, _, full = resolve_all(identities, policies, endpoints)
+    colds = cold(args)
 
     increments = []
     for i in range(args.repeat):
@@ -95,10 +123,17 @@ def measure(args) -> dict:
     return {
         "machine": f"{platform.node()} {platform.machine()} {platform.python_version()}",
         "identities": args.identities, "policies": args.policies, "endpoints": args.endpoints,
-        "map_entries": keys, "full_resolution_s": round(full, 4),
+        "map_entries": keys,
+        # cold: a fresh interpreter, an empty resolver, every identity, policy and endpoint
+        "full_resolution_cold_s": round(statistics.median(colds), 4),
+        "full_resolution_cold_each_s": [round(c, 4) for c in colds],
+        # the endpoints alone, once identities and policies are in (what was measured before)
+        "full_resolution_s": round(full, 4),
         "incremental_add_ms_median": round(inc * 1000, 3),
         "incremental_add_ms_max": round(max(increments) * 1000, 3),
-        "full_over_incremental": round(full / inc, 1),
+        "full_over_incremental": round(statistics.median(colds) / inc, 1),
+        "goal_cold_le_100ms": statistics.median(colds) <= 0.100,
+        "goal_incremental_le_1ms": inc <= 0.001,
         "goal_incremental_le_10ms": inc <= 0.010,
     }
 
@@ -171,7 +206,12 @@ def main() -> None:
     parser.add_argument("--endpoints", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--cold-once", action="store_true",
+                        help="print the seconds of one cold full resolution, and nothing else")
     args = parser.parse_args()
+    if args.cold_once:
+        print(resolve_all(*world(args))[1])
+        return
     result = measure(args)
     result["ranges"] = measure_ranges(args)
     report(result, args.json, "\n".join(f"{key:28} {value}" for key, value in result.items()))

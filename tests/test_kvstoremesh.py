@@ -8,17 +8,23 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import re
 import signal
+import ssl
 import subprocess
 import time
 import urllib.request
 
 import pytest
+import yaml
 from conftest import MESHAGENT, clean_env, run_cli
 from test_clustermesh import C2_BASE, Mesh
 
+from meshagent.clustermesh.cache import CacheLayout
+from meshagent.clustermesh.sync import KINDS
 from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstoremesh.command import build
+from meshagent.model.cluster import ClusterConfig
 from meshagent.model.identity import format_labels
 from meshagent.model.ipcache import IPCacheEntry, ipcache_to_json
 from meshagent.testing import eventually
@@ -221,7 +227,8 @@ async def test_the_agent_option_reads_the_cache_and_waits_for_kvstoremesh(kvmesh
     writer = await publish_employee(kvmesh)
     kvmesh.connect(1, 2)  # the file names etcd2; the option makes the agent ignore that
     a1 = await kvmesh.start(1, "--clustermesh-read-cache", "true", wait_ready=False)
-    await eventually(lambda: "is meshagent kvstoremesh running?" in remote(a1).problem(), 10,
+    await eventually(lambda: "cluster2" in a1.agent.clustermesh.remotes
+                     and "is meshagent kvstoremesh running?" in remote(a1).problem(), 10,
                      "waiting for KVStoreMesh")
     await kvmesh.kvstoremesh()
     await eventually(lambda: remote_ready(a1), 15, "ready through the cache")
@@ -282,5 +289,72 @@ async def test_replicas_elect_one_writer_and_a_standby_takes_over(kvmesh):
             break
         await asyncio.sleep(0.1)
     assert await copied() is not None
+    await writer.close()
+    await local.close()
+
+
+def etcd_watchers(server, tmp) -> int:
+    """The watchers etcd serves (``etcd_debugging_mvcc_watcher_total``, what
+    bench/kvstoremesh.py reports), read over its TLS client port."""
+    config = yaml.safe_load(server.client_config(tmp / "metrics-reader").read_text())
+    context = ssl.create_default_context(cafile=config["ca-file"])
+    context.load_cert_chain(config["cert-file"], config["key-file"])
+    text = urllib.request.urlopen(f"{server.url}/metrics", timeout=5,
+                                  context=context).read().decode()
+    return int(float(re.search(r"^etcd_debugging_mvcc_watcher_total (\S+)$", text,
+                               re.M).group(1)))
+
+
+async def test_one_watch_per_kind_serves_every_cluster_read_from_the_cache(kvmesh):
+    """``--clustermesh-read-cache`` with two cached clusters (cluster2 copied by KVStoreMesh,
+    cluster3's cache written here as another KVStoreMesh would): the same four watches of the
+    local etcd serve both, so cluster3 leaving takes none away and cluster2, the last, takes
+    all four. Each cluster still waits for its own canaries and is withdrawn alone, and a key
+    of a cluster not configured is applied to no one."""
+    await kvmesh.start(2)
+    writer = await publish_employee(kvmesh)
+    await kvmesh.kvstoremesh()
+    local = await kvmesh.writer(1)
+    c3, c9 = (103 << 16) + 300, (109 << 16) + 300
+    await local.put(kvkeys.cluster_config_key("cluster3"), ClusterConfig(
+        103, synced_canaries=True, cached=True, max_connected_clusters=255).to_json())
+    for cluster, number in (("cluster3", c3), ("cluster9", c9)):
+        labels = {"k8s:app=db", "k8s:io.kubernetes.pod.namespace=default",
+                  f"k8s:io.cilium.k8s.policy.cluster={cluster}"}
+        await local.put(CacheLayout(kvkeys.IDENTITIES, cluster).to_cache(
+            kvkeys.identity_key(number)), format_labels(frozenset(labels)).encode())
+    for name in ("cluster2", "cluster3"):  # the files only name the clusters
+        (kvmesh.mesh_dir[1] / name).write_text("endpoints: []\n")
+    a1 = await kvmesh.start(1, "--clustermesh-read-cache", "true", wait_ready=False)
+    identities = a1.agent.tables.identities
+    await eventually(lambda: remote_ready(a1), 15, "cluster2 ready through the cache")
+    await asyncio.sleep(0.5)
+    assert not remote(a1, "cluster3").ready and identities.get(c3) is None  # no canaries yet
+    for kind in KINDS:
+        await local.put(CacheLayout(kind.prefix, "cluster3").canary, b"2026-12-07T10:00:00Z")
+    await eventually(lambda: remote_ready(a1, "cluster3") and identities.get(c3) is not None,
+                     15, "cluster3 once its canaries are there")
+    assert identities.get(c9) is None and identities.get(EMPLOYEE) is not None
+    # changes in one transaction (one revision, as KVStoreMesh writes its batches): every one
+    labels3 = format_labels(frozenset({"k8s:app=db", "k8s:io.kubernetes.pod.namespace=default",
+                                       "k8s:io.cilium.k8s.policy.cluster=cluster3"})).encode()
+    batch = [c3 + n for n in range(1, 20)]
+    await local.put_many([(CacheLayout(kvkeys.IDENTITIES, "cluster3").to_cache(
+        kvkeys.identity_key(number)), labels3) for number in batch])
+    await eventually(lambda: all(identities.get(n) is not None for n in batch), 10,
+                     "a transaction's changes")
+    await asyncio.sleep(1)
+    both = etcd_watchers(kvmesh.etcd[1], kvmesh.tmp)
+
+    (kvmesh.mesh_dir[1] / "cluster3").unlink()
+    await eventually(lambda: identities.get(c3) is None and identities.count("cluster3") == 0,
+                     15, "cluster3 withdrawn")
+    assert identities.get(EMPLOYEE) is not None and remote(a1).ready
+    await asyncio.sleep(1)
+    assert etcd_watchers(kvmesh.etcd[1], kvmesh.tmp) == both
+    (kvmesh.mesh_dir[1] / "cluster2").unlink()
+    await eventually(lambda: identities.get(EMPLOYEE) is None, 15, "cluster2 withdrawn")
+    await eventually(lambda: etcd_watchers(kvmesh.etcd[1], kvmesh.tmp) == both - len(KINDS),
+                     10, "the four shared watches gone with the last reader")
     await writer.close()
     await local.close()

@@ -26,6 +26,7 @@ import attrs
 import yaml
 
 from meshagent import hookimpl
+from meshagent.clustermesh.cache import CacheReader
 from meshagent.clustermesh.noderoutes import NodeRoutes
 from meshagent.clustermesh.ownership import AddressOwnership
 from meshagent.clustermesh.sync import EntryChecks
@@ -463,6 +464,8 @@ class ClusterMesh:
         # client (the agent's own: no connection beyond the one every agent holds, and never
         # closed here); the files only name the clusters
         self.cache_store = cache_store
+        # ... and watched through one watch per kind for all of them
+        self.cache_reader = CacheReader(cache_store) if cache_store is not None else None
         self.section = section
         self.remotes: dict[str, RemoteCluster] = {}
         if ownership is not None:
@@ -476,8 +479,8 @@ class ClusterMesh:
 
     def open_store(self, remote: RemoteFile) -> KVStore:
         """A new client for a remote: the one its file describes, or the local cache's."""
-        if self.cache_store is not None:
-            return self.cache_store
+        if self.cache_reader is not None:
+            return self.cache_reader
         return self.backend_for(remote.path).client_from_file(remote.path)
 
     def _rights_changed(self) -> None:

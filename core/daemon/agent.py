@@ -25,6 +25,7 @@ from meshagent.clustermesh.ownership import AddressOwnership
 from meshagent.clustermesh.sync import ClusterSync
 from meshagent.daemon.api import APIState, build_app
 from meshagent.runtime.apiserver import APIServer
+from meshagent.runtime.collect import survivors_frozen
 from meshagent.datapath.drops import DropFeed
 from meshagent.datapath.events import FlowEvents
 from meshagent.datapath.feed import DatapathFeed
@@ -187,7 +188,8 @@ class Agent:
 
             for plugin, controller in self.hooks.controllers(self.view):
                 self.controllers.start(controller, plugin)
-            announce = asyncio.create_task(self._announce_ready(), name="announce-ready")
+            frozen = cleanup.enter_context(contextlib.ExitStack())
+            announce = asyncio.create_task(self._announce_ready(frozen), name="announce-ready")
             log.info("agent started: cluster %s (id %d), node %s, plugins %s",
                      self.cluster.name, self.cluster.id, self.config.node_name,
                      ",".join(self.config.plugins))
@@ -309,10 +311,12 @@ class Agent:
             out += [a for r in self.clustermesh.remotes.values() for a in r.known_addresses]
         return out
 
-    async def _announce_ready(self) -> None:
+    async def _announce_ready(self, frozen: contextlib.ExitStack) -> None:
         await self.controllers.wait_ready()
         self.ready = True
         self.ready_event.set()
+        # from here on a full collection walks only what came since the last one
+        frozen.enter_context(survivors_frozen())
         log.info("agent ready (%d controllers)", len(self.controllers.states))
 
     def status(self, verbose: bool = False) -> StatusReport:

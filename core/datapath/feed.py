@@ -145,21 +145,23 @@ class BatchFeed:
                 added.append(endpoint)
             elif endpoint_id in held:
                 removed.append(held[endpoint_id])
-        present = (held.keys() | {e.id for e in added}) - {e.id for e in removed}
+        gone = {e.id for e in removed}
+        coming = {e.id for e in added}
         policy = {}
         for endpoint_id, changes in sorted(pending.policy.items()):
-            if endpoint_id in present:
+            # held or coming, and not leaving (no set of every endpoint held, batch by batch)
+            if (endpoint_id in held or endpoint_id in coming) and endpoint_id not in gone:
                 had = self.policy_keys.get(endpoint_id, set())
                 net = tuple(c for c in changes.values()
                             if c.kind is ChangeKind.UPSERT or c.key in had)
                 if net:
                     policy[endpoint_id] = net
-        changes = pending.ipcache.values()
+        upserts, deletes = [], []
+        for kind, entry in pending.ipcache.values():
+            (upserts if kind is ChangeKind.UPSERT else deletes).append(entry)
         batch = DatapathBatch(
-            added=tuple(added), policy=policy,
-            ipcache_upserts=tuple(e for kind, e in changes if kind is ChangeKind.UPSERT),
-            ipcache_deletes=tuple(e for kind, e in changes if kind is ChangeKind.DELETE),
-            services=pending.services, removed=tuple(removed))
+            added=tuple(added), policy=policy, ipcache_upserts=tuple(upserts),
+            ipcache_deletes=tuple(deletes), services=pending.services, removed=tuple(removed))
         return batch, pending.waiters, pending.revision
 
     async def flush(self) -> None:

@@ -6,7 +6,9 @@ pod's /32 to that veth, and forwards. A dual-stack pod also gets its IPv6 addres
 default route via ``fe80::1``, the link-local address every host-side veth carries; the node
 routes the pod's /128 to the veth and forwards IPv6. An IPv4-only pod has IPv6 turned off on
 both ends. The agent runs in the node's network namespace: all host-side changes happen there.
-These functions block (netlink), so callers run them in a thread.
+These functions block (netlink), so callers run them in a thread. Each imports pyroute2 where it
+uses it: the import costs some 0.1 s of CPU, which an agent starting without pods need not pay
+before it is ready.
 
 Inside a pod's namespace we work with ``setns`` on the calling thread, not with pyroute2's
 ``NetNS``: that one forks a helper, and a forked child shares asyncio's signal wake-up socket,
@@ -20,9 +22,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from socket import AF_INET6
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from meshagent.errors import MeshagentError
 
@@ -69,6 +68,8 @@ def in_netns(path: Path) -> Iterator[None]:
 def prepare_node() -> None:
     """Once per agent: the gateway address on lo, and forwarding on (IPv6 too, where the
     kernel has it)."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         ipr.link("set", index=lo, state="up")
@@ -87,6 +88,8 @@ def create_pod_interface(netns: str, pod_ifname: str, host_ifname: str,
                          address6: ipaddress.IPv6Address | None = None) -> dict:
     """Make the veth pair and configure both ends (IPv6 too when ``address6`` is given); undo
     what was done if any step fails."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
     path = str(netns_path(netns))
     peer_tmp = "tmp" + host_ifname[3:]
     try:
@@ -142,6 +145,7 @@ def _without_ipv6(ifname: str) -> None:
 
 def remove_pod_interface(host_ifname: str) -> bool:
     """Delete the host-side veth (its peer goes with it, and so does the /32 route)."""
+    from pyroute2 import IPRoute
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=host_ifname)
         if found:
@@ -150,12 +154,14 @@ def remove_pod_interface(host_ifname: str) -> bool:
 
 
 def host_interface(host_ifname: str) -> int | None:
+    from pyroute2 import IPRoute
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=host_ifname)
         return found[0] if found else None
 
 
 def pod_interface_present(netns: str, pod_ifname: str) -> bool:
+    from pyroute2 import IPRoute
     try:
         with in_netns(netns_path(netns)), IPRoute() as ns:
             return bool(ns.link_lookup(ifname=pod_ifname))
@@ -164,11 +170,14 @@ def pod_interface_present(netns: str, pod_ifname: str) -> bool:
 
 
 def replace_route(cidr: str, via: str) -> None:
+    from pyroute2 import IPRoute
     with IPRoute() as ipr:
         ipr.route("replace", dst=cidr, gateway=via)
 
 
 def delete_route(cidr: str) -> None:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
     with IPRoute() as ipr:
         try:
             ipr.route("del", dst=cidr)

@@ -25,6 +25,11 @@ def meshagent_addoption(parser):
                     help="seconds an idle TCP connection stays tracked")
     group.addoption("ebpf-ct-timeout-any", type=float, default=60.0,
                     help="seconds an idle non-TCP flow stays tracked")
+    group.addoption("ebpf-program-cache", type=parse_bool, default=True,
+                    help="keep compiled programs by a hash of their source, defines, kernel and"
+                         " compiler, so a start with nothing changed need not compile them")
+    group.addoption("ebpf-program-cache-dir", type=str, default="",
+                    help="where compiled programs are kept (default: <state-dir>/bpf-programs)")
     group.addoption("ebpf-event-pages", type=int, default=64,
                     help="flow event perf buffer per CPU, in pages (a power of two); events"
                          " a full buffer cannot take are counted as lost")

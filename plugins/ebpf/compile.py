@@ -1,8 +1,11 @@
 """Compile, load and pin the tc programs in a child process: ``python -m
-meshagent.plugins.ebpf.compile PIN_DIR DEFINES_JSON``; prints ``{"replaced": [map, ...]}``.
+meshagent.plugins.ebpf.compile PIN_DIR DEFINES_JSON [CACHE_DIR]``; prints
+``{"replaced": [map, ...], "cache_error": "..."}``.
 
 bcc compiles with an in-process LLVM that peaks at some 150 MiB; doing it in a short-lived child
 keeps that out of the agent, which then opens the pinned programs and event arrays by path.
+Given a CACHE_DIR, the child also stores what it compiled there (see ``progcache``), under the
+key of the very sources it compiled.
 """
 
 import json
@@ -18,25 +21,22 @@ def pin(fd: int, path: Path) -> None:
         raise OSError(f"pinning {path} failed")
 
 
-def unpin_other_layouts(pin_dir: Path, defines: dict) -> list[str]:
-    """Remove pinned maps whose layout is not this version's (bcc would reuse them as they
-    are); programs still attached keep them alive until they are replaced."""
-    from meshagent.plugins.ebpf.maps import MAP_NAMES, expected_layout, pinned_layout
-    replaced = []
-    for name in MAP_NAMES:
-        found = pinned_layout(pin_dir / name)
-        if found is not None and found != expected_layout(name, defines):
-            (pin_dir / name).unlink()
-            replaced.append(name)
-    return replaced
-
-
 def main() -> int:
-    from meshagent.plugins.ebpf.loader import PROGRAMS, DatapathError, compile_programs
+    from meshagent.plugins.ebpf import progcache
+    from meshagent.plugins.ebpf.loader import (
+        PROGRAMS,
+        DatapathError,
+        compile_programs,
+        compiler_flags,
+        program_sources,
+        unpin_other_layouts,
+    )
     pin_dir, defines = Path(sys.argv[1]), json.loads(sys.argv[2])
+    cache_dir = Path(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] else None
     try:
         replaced = unpin_other_layouts(pin_dir, defines)
-        loaded = compile_programs(pin_dir, defines)
+        sources = program_sources()
+        loaded = compile_programs(pin_dir, defines, sources)
         for name in PROGRAMS:
             bpf, function = loaded[name]
             pin(function.fd, pin_dir / f"prog_{name}")
@@ -44,7 +44,14 @@ def main() -> int:
     except (DatapathError, OSError) as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    print(json.dumps({"replaced": replaced}), flush=True)
+    cache_error = ""
+    if cache_dir is not None:
+        try:
+            progcache.store(cache_dir, progcache.cache_key(
+                sources, compiler_flags(pin_dir, defines)), progcache.record(loaded))
+        except (progcache.CacheError, OSError) as exc:
+            cache_error = str(exc)
+    print(json.dumps({"replaced": replaced, "cache_error": cache_error}), flush=True)
     return 0
 
 

@@ -97,6 +97,7 @@ class EbpfSettings:
     event_poll: float = 0.05  # seconds between reads of every ring (a lone record's wait)
     ct_timeout_close: float = 10.0  # a closing TCP connection's entries (Cilium's
     # CT_CLOSE_TIMEOUT)
+    program_cache: Path | None = None  # compiled programs by content hash (None: always compile)
 
     @classmethod
     def from_config(cls, config) -> "EbpfSettings":
@@ -104,7 +105,15 @@ class EbpfSettings:
                    config.get("ebpf-policy-max"), config.get("ebpf-ct-tcp-max"),
                    config.get("ebpf-ct-any-max"), config.get("ebpf-ct-timeout-tcp"),
                    config.get("ebpf-ct-timeout-any"), config.get("enable-hubble"),
-                   config.get("ebpf-event-pages"))
+                   config.get("ebpf-event-pages"), program_cache=cls._program_cache(config))
+
+    @staticmethod
+    def _program_cache(config) -> Path | None:
+        """Where compiled programs are kept: in the state dir unless told (as Cilium keeps its
+        compiled templates in its state dir), none when the cache is off."""
+        if not config.get("ebpf-program-cache"):
+            return None
+        return Path(config.get("ebpf-program-cache-dir") or config.state_dir / "bpf-programs")
 
     def defines(self) -> dict[str, int | str]:
         """The C constants the programs are compiled with."""
@@ -167,6 +176,7 @@ class EbpfDatapath:
         self.installed: dict[GroupKey, dict[Block, str]] = {}  # group -> what the map holds
         self.generation = 0  # endpoint generations: bumped when verdicts may have changed
         self.replaced_maps: list[str] = []  # pinned maps of another layout, started afresh
+        self.programs_cached = False  # loaded from the program cache, no compiler run
         self.deferred: set[int] = set()  # endpoints whose programs wait for the first sync
         self.previous: "migrate.PreviousMaps | None" = None  # the last agent's, if replaced
         self.pinned_endpoints: dict[int, EndpointInfo] = {}  # ifindex -> as the last left it
@@ -186,7 +196,9 @@ class EbpfDatapath:
             loader.ensure_bpffs(self.settings.bpf_root)
             self.pin_dir.mkdir(exist_ok=True)
             self.previous = migrate.open_previous(self.pin_dir)  # before the compile unpins
-            self.replaced_maps = await loader.compile_in_child(self.pin_dir, self.defines)
+            loaded = await loader.load_programs(self.pin_dir, self.defines,
+                                                self.settings.program_cache)
+            self.replaced_maps, self.programs_cached = loaded.replaced, loaded.cached
             self.programs = {name: loader.PinnedProgram(self.pin_dir, name)
                              for name in loader.PROGRAMS}
         except loader.DatapathError as exc:
@@ -208,7 +220,8 @@ class EbpfDatapath:
             log.warning("pinned maps of another layout started afresh: %s (programs already"
                         " attached keep their old maps until the first sync)",
                         ", ".join(self.replaced_maps))
-        log.info("eBPF programs loaded; maps pinned under %s", self.pin_dir)
+        log.info("eBPF programs loaded%s; maps pinned under %s",
+                 " from the program cache" if self.programs_cached else "", self.pin_dir)
 
     def _open_flow_events(self) -> None:
         """A perf ring per CPU on each program's pinned event array, read in the loop when the
@@ -301,9 +314,12 @@ class EbpfDatapath:
             before.update(old)
             after.update(new)
         ipcache = bool(batch.ipcache_upserts or batch.ipcache_deletes)
-        if before or ipcache:
+        if before:
             self._step_groups(before, after, between=lambda: self._write_ipcache(
                 batch.ipcache_upserts, batch.ipcache_deletes))
+        elif ipcache:  # no group to step through (most remote updates): the ipcache alone
+            self._write_ipcache(batch.ipcache_upserts, batch.ipcache_deletes)
+        if before or ipcache:
             self._bump(list(self.endpoints) if ipcache else list(batch.policy))
         if batch.services is not None:
             self._update_services(batch.services)
@@ -361,7 +377,12 @@ class EbpfDatapath:
 
     def _bump(self, endpoint_ids: Iterable[int]) -> None:
         """Verdicts of these endpoints may have changed: their tracked connections are judged
-        again on their next packet (after the maps were written)."""
+        again on their next packet (after the maps were written). With no endpoint to judge
+        again no generation is spent (a remote update on a node without pods writes its
+        ipcache row alone)."""
+        endpoint_ids = list(endpoint_ids)
+        if not endpoint_ids:
+            return
         self._next_generation()
         for endpoint_id in endpoint_ids:
             endpoint = self.endpoints.get(endpoint_id)

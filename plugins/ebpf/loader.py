@@ -6,15 +6,17 @@ pinning them under ``<bpf-root>/meshagent``.
 """
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Protocol
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+import attrs
 
 from meshagent.plugin import MeshagentError
+
+log = logging.getLogger(__name__)
 
 PROGRAMS = ("from_container", "to_container")  # tc ingress, tc egress of the host veth
 PARENTS = {"from_container": "ffff:fff2", "to_container": "ffff:fff3"}
@@ -74,7 +76,19 @@ def ensure_bpffs(root: Path) -> None:
                             f" 'mount -t bpf bpf {root}' as root, or pass --bpf-root to a bpffs")
 
 
-def compile_programs(pin_dir: Path, defines: dict[str, int]) -> dict[str, tuple]:
+def program_sources() -> dict[str, str]:
+    """``{program name: its C source with the lib/ includes expanded}``."""
+    root = bpf_source_dir()
+    return {name: expand_includes(root / f"{name}.c", root) for name in PROGRAMS}
+
+
+def compiler_flags(pin_dir: Path, defines: dict) -> list[str]:
+    flags = [f'-DPIN_DIR="{pin_dir}"', "-Wno-unused-function", "-Wno-macro-redefined"]
+    return flags + [f"-D{name}={value}" for name, value in defines.items()]
+
+
+def compile_programs(pin_dir: Path, defines: dict[str, int],
+                     sources: dict[str, str] | None = None) -> dict[str, tuple]:
     """``{program name: (BPF object, loaded function)}``; DatapathError says what went wrong."""
     try:
         from bcc import BPF
@@ -85,14 +99,12 @@ def compile_programs(pin_dir: Path, defines: dict[str, int]) -> dict[str, tuple]
     if not Path(f"/lib/modules/{release}/build").exists():
         raise DatapathError(f"no kernel headers for {release}: install linux-headers-amd64 and"
                             f" link /lib/modules/{release}/build (make setup does)")
-    root = bpf_source_dir()
-    cflags = [f'-DPIN_DIR="{pin_dir}"', "-Wno-unused-function", "-Wno-macro-redefined"]
-    cflags += [f"-D{name}={value}" for name, value in defines.items()]
+    sources = sources or program_sources()
+    cflags = compiler_flags(pin_dir, defines)
     loaded = {}
     for name in PROGRAMS:
-        text = expand_includes(root / f"{name}.c", root)
         try:
-            bpf = BPF(text=text, cflags=cflags)
+            bpf = BPF(text=sources[name], cflags=cflags)
             function = bpf.load_func(name, BPF.SCHED_CLS)
         except Exception as exc:  # bcc raises plain Exception for compile and verifier errors
             detail = str(exc)
@@ -105,20 +117,73 @@ def compile_programs(pin_dir: Path, defines: dict[str, int]) -> dict[str, tuple]
     return loaded
 
 
-async def compile_in_child(pin_dir: Path, defines: dict) -> list[str]:
-    """Compile and pin the programs in a child process (keeps LLVM's peak out of the agent);
-    the names of pinned maps of another layout it had to start afresh."""
+def unpin_other_layouts(pin_dir: Path, defines: dict) -> list[str]:
+    """Remove pinned maps whose layout is not this version's (bcc would reuse them as they
+    are); programs still attached keep them alive until they are replaced."""
+    from meshagent.plugins.ebpf.maps import MAP_NAMES, expected_layout, pinned_layout
+    replaced = []
+    for name in MAP_NAMES:
+        found = pinned_layout(pin_dir / name)
+        if found is not None and found != expected_layout(name, defines):
+            (pin_dir / name).unlink()
+            replaced.append(name)
+    return replaced
+
+
+@attrs.frozen
+class Loaded:
+    """What loading the programs did: pinned maps of another layout it started afresh, and
+    whether the programs came from the program cache (no compiler run)."""
+
+    replaced: list[str]
+    cached: bool
+
+
+async def load_programs(pin_dir: Path, defines: dict, cache_dir: Path | None) -> Loaded:
+    """Load and pin the programs: from the program cache when it holds them (see
+    :mod:`meshagent.plugins.ebpf.progcache`), else compiled in a child that fills it."""
+    import asyncio
+
+    from meshagent.plugins.ebpf import progcache
+    if cache_dir is not None:
+        key = progcache.cache_key(program_sources(), compiler_flags(pin_dir, defines))
+        entry = progcache.lookup(cache_dir, key)
+        if entry is not None:
+            try:
+                replaced = await asyncio.to_thread(_load_cached, entry, pin_dir, defines)
+                return Loaded(replaced, cached=True)
+            except progcache.CacheError as exc:
+                log.warning("the cached eBPF programs could not be loaded (%s): compiling", exc)
+    return Loaded(await compile_in_child(pin_dir, defines, cache_dir), cached=False)
+
+
+def _load_cached(entry: dict, pin_dir: Path, defines: dict) -> list[str]:
+    from meshagent.plugins.ebpf import progcache
+    replaced = unpin_other_layouts(pin_dir, defines)
+    progcache.load(entry, pin_dir)
+    return replaced
+
+
+async def compile_in_child(pin_dir: Path, defines: dict, cache_dir: Path | None = None
+                           ) -> list[str]:
+    """Compile and pin the programs in a child process (keeps LLVM's peak out of the agent),
+    which stores them in ``cache_dir`` if given; the names of pinned maps of another layout
+    it had to start afresh."""
     import asyncio
     import sys
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "meshagent.plugins.ebpf.compile", str(pin_dir),
-        json.dumps(defines), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        json.dumps(defines), str(cache_dir or ""), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
     out, err = await child.communicate()
     if child.returncode != 0:
         message = err.decode().strip().splitlines()
         raise DatapathError(message[-1] if message else f"compiling the programs failed"
                                                         f" (exit {child.returncode})")
-    return json.loads(out.decode().strip().splitlines()[-1])["replaced"]
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    if result.get("cache_error"):
+        log.warning("the compiled eBPF programs were not cached: %s", result["cache_error"])
+    return result["replaced"]
 
 
 class PinnedProgram:
@@ -149,6 +214,8 @@ class TcAttacher:
 
     def attach(self, ifindex: int, programs: dict[str, "PinnedProgram"]) -> None:
         """Attach (or atomically replace) both programs on one veth."""
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
         with IPRoute() as ipr:
             try:
                 ipr.tc("add", "clsact", ifindex)
@@ -162,6 +229,8 @@ class TcAttacher:
 
     def attached(self, ifindex: int) -> list[str]:
         """Names of our programs attached to ``ifindex`` (for status and tests)."""
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
         names = []
         with IPRoute() as ipr:
             for parent in PARENTS.values():

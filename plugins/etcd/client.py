@@ -21,6 +21,7 @@ from aetcd import exceptions as etcd_errors  # noqa: E402
 from aetcd import rpc  # noqa: E402
 from aetcd import transactions as txn  # noqa: E402
 from aetcd.client import _handle_errors  # noqa: E402
+from aetcd.utils import prefix_range_end  # noqa: E402
 
 from meshagent.plugin import (  # noqa: E402
     EventType,
@@ -66,6 +67,7 @@ CHANNEL_OPTIONS = {
 # keys per Txn of create_many / put_many, for etcd's default --max-txn-ops of 128: it bounds a
 # Txn's ops, and a nested Txn's ops (here 1) by what its parent leaves (128 - 127 = 1)
 TXN_CHUNK = 127
+PUT = rpc.Event.EventType.PUT
 _CONNECTION_ERRORS = (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError,
                       asyncio.TimeoutError)
 
@@ -93,7 +95,26 @@ class _Client(aetcd.Client):
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
         self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel), timeout=None,
                                               metadata=self.metadata)
+        self.watchstub = rpc.WatchStub(self.channel)
         self._connected.set()
+
+    @_handle_errors
+    async def open_watch(self, prefix: bytes, start_revision: int):
+        """A watch of ``prefix`` on a gRPC stream of its own, once etcd created it: the stream
+        and its first response. Read raw, a response's events are taken in one go where
+        aetcd's watcher passes each through a queue and a task switch of their own."""
+        await self.connect()
+        call = self.watchstub.Watch(metadata=self.metadata)
+        try:
+            await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+                key=prefix, range_end=prefix_range_end(prefix), start_revision=start_revision)))
+            created = await call.read()
+        except BaseException:
+            call.cancel()
+            raise
+        if created is grpc.aio.EOF:
+            raise etcd_errors.ConnectionFailedError("watch stream ended before it was created")
+        return call, created
 
     @_handle_errors  # gRPC errors as aetcd's, as its own calls raise them
     async def range_page(self, start: bytes, end: bytes, limit: int, revision: int):
@@ -332,27 +353,38 @@ class EtcdKVStore:
     # -- watch ----------------------------------------------------------------------------------
 
     async def watch(self, prefix: str, *, after_revision: int) -> AsyncIterator[WatchEvent]:
-        watch = await self._call(lambda c: c.watch_prefix(
-            prefix.encode(), start_revision=after_revision + 1))
+        call, response = await self._call(lambda c: c.open_watch(prefix.encode(),
+                                                                  after_revision + 1))
         client = self._client
         try:
-            async for event in watch:
-                kind = EventType.PUT if event.kind == "PUT" else EventType.DELETE
-                yield WatchEvent(kind, decode_key(event.kv.key),
-                                 event.kv.value if kind is EventType.PUT else None,
-                                 event.kv.mod_revision)
-        except etcd_errors.RevisionCompactedError as exc:
-            raise RevisionCompacted(after_revision, exc.compacted_revision) from None
+            while response is not grpc.aio.EOF:
+                if response.compact_revision:
+                    raise RevisionCompacted(after_revision, response.compact_revision)
+                if response.canceled:
+                    raise etcd_errors.ClientError(f"watch canceled: {response.cancel_reason}")
+                for event in response.events:
+                    kv = event.kv
+                    if event.type == PUT:
+                        yield WatchEvent(EventType.PUT, decode_key(kv.key), kv.value,
+                                         kv.mod_revision)
+                    else:
+                        yield WatchEvent(EventType.DELETE, decode_key(kv.key), None,
+                                         kv.mod_revision)
+                try:
+                    response = await call.read()
+                except grpc.aio.AioRpcError as exc:
+                    etcd_errors._handle_exception(exc)  # as aetcd's own calls raise it
         except etcd_errors.ClientError as exc:
+            if self.closed:  # its channel went: the stream with it
+                raise KVStoreUnavailable("client is closed") from None
             if self._client is client:
                 await self._drop(exc)
             raise KVStoreUnavailable(f"watch of {prefix} lost: {self.last_error}") from None
         finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(watch.cancel(), 1)
+            call.cancel()
         if self.closed:
             raise KVStoreUnavailable("client is closed")
-        # aetcd ends the iteration without an error when its stream is torn down
+        # the server ended the stream without an error
         if self._client is client:
             await self._drop(ConnectionError("watch stream ended"))
         raise KVStoreUnavailable(f"watch of {prefix} ended: {self.last_error}")
