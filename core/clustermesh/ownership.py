@@ -36,8 +36,10 @@ LINE_END = V6_OFFSET + (1 << 128)
 
 
 
-def _at(address: Address) -> int:
-    """Where an address of either family sits on the line."""
+def _at(address: Address | bytes) -> int:
+    """Where an address of either family (or its 4 or 16 bytes) sits on the line."""
+    if isinstance(address, bytes):
+        return int.from_bytes(address, "big") + (V6_OFFSET if len(address) == 16 else 0)
     return int(address) + (V6_OFFSET if address.version == 6 else 0)
 
 
@@ -180,8 +182,8 @@ class AddressOwnership:
 
     # -- answers --------------------------------------------------------------------------------
 
-    def owner(self, address: Address) -> str | None:
-        """The cluster whose granted (or own) pod CIDR holds ``address``."""
+    def owner(self, address: Address | bytes) -> str | None:
+        """The cluster whose granted (or own) pod CIDR holds ``address`` (or its bytes)."""
         value = _at(address)
         index = bisect.bisect_right(self._starts, value) - 1
         if index >= 0:

@@ -52,6 +52,7 @@ class Kind:
     prefix: str
     table: str
     decode: Callable[["EntryChecks", str, bytes], tuple[Any, Any]]  # -> (table key, row)
+    key_of: Callable[[Any], Any]  # a row's table key (as decode gave it)
     max_value: int  # bytes: a larger value is rejected before it is decoded
     # a remote's row that decodes fine may still wait for the right to it: why, or ""
     admit: Callable[["ClusterSync", Any], str] | None = None
@@ -83,9 +84,10 @@ class PrefixSync:
         self.kind = kind
         self.table: Table = getattr(sync.tables, kind.table)
         self.position = Position()  # the revision reached; None: list before watching
-        self.owned: dict[str, Any] = {}  # kvstore key -> table key of rows we put there
+        # kvstore key -> the row we put there (its table key: kind.key_of): one dict slot
+        # per row, as a remote cluster may publish a million
+        self.owned: dict[str, Any] = {}
         self.held: dict[str, tuple[Any, Any, str]] = {}  # kvstore key -> (table key, row, why)
-        self.rows: dict[str, Any] = {}  # kvstore key -> the row we put there (to re-admit)
         self.synced = False
         self.cache = CacheLayout(kind.prefix, sync.cluster)
         self.legacy = (LegacyIPCache(sync.cluster, self._apply, self._holds)
@@ -124,7 +126,6 @@ class PrefixSync:
             self.legacy.clear()
         self.owned = {rename(key): value for key, value in self.owned.items()}
         self.held = {rename(key): value for key, value in self.held.items()}
-        self.rows = {rename(key): value for key, value in self.rows.items()}
         self.relist()
 
     def _heard(self) -> None:
@@ -136,10 +137,9 @@ class PrefixSync:
         the key had stays; the caller moves on to the next revision, never replaying it."""
         if value is None:
             self.held.pop(key, None)
-            self.rows.pop(key, None)
-            table_key = self.owned.pop(key, None)
-            if table_key is not None:
-                self.table.delete(table_key, self.sync.cluster)
+            row = self.owned.pop(key, None)
+            if row is not None:
+                self.table.delete(self.kind.key_of(row), self.sync.cluster)
             return
         state_key = key
         if self.sync.cached:
@@ -157,18 +157,15 @@ class PrefixSync:
         why = self.sync.admission(self.kind, row)
         if why:
             self.held[key] = (table_key, row, why)
-            self.rows.pop(key, None)
             old = self.owned.pop(key, None)
             if old is not None:
-                self.table.delete(old, self.sync.cluster)
+                self.table.delete(self.kind.key_of(old), self.sync.cluster)
             return
         self.held.pop(key, None)
         old = self.owned.get(key)
-        if old is not None and old != table_key:
-            self.table.delete(old, self.sync.cluster)
-        self.owned[key] = table_key
-        if self.kind.admit is not None and self.sync.ownership is not None:
-            self.rows[key] = row  # kept to check again when rights change
+        if old is not None and (old_key := self.kind.key_of(old)) != table_key:
+            self.table.delete(old_key, self.sync.cluster)
+        self.owned[key] = row  # also what is checked again when rights change
         self.table.upsert(table_key, row)
 
     def readmit(self) -> None:
@@ -177,8 +174,9 @@ class PrefixSync:
             return
         for key, (table_key, row, _) in list(self.held.items()):
             self._admit(key, table_key, row)
-        for key, row in list(self.rows.items()):
-            self._admit(key, self.owned[key], row)
+        if self.sync.ownership is not None:  # only a remote's rows are checked
+            for key, row in list(self.owned.items()):
+                self._admit(key, self.kind.key_of(row), row)
 
     def relist(self) -> None:
         """List again on the next run; the rows stay until then."""
@@ -206,6 +204,7 @@ class EntryChecks:
         self.remote = remote  # False: our own cluster, trusted with ranges of addresses
         self.rejected: Counter[str] = Counter()
         self.last_reject: dict[str, str] = {}
+        self.identities = local.identity_range(cluster_id)  # its range (ClusterInfo is frozen)
 
     def decode(self, kind: Kind, key: str, value: bytes) -> tuple[Any, Any] | None:
         """(table key, row) of a state key and its value, or None once it is rejected.
@@ -237,7 +236,7 @@ class EntryChecks:
         computes it (id << 16 | 256 .. id << 16 | 0xFFFF), never a reserved one."""
         if identity < 256:
             raise Rejected(f"reserved identity {identity} is not for clusters to publish")
-        allowed = self.local.identity_range(self.cluster_id)
+        allowed = self.identities
         if identity not in allowed:
             raise Rejected(f"identity {identity} is outside {self.cluster}'s range"
                            f" {allowed.start}..{allowed.stop - 1}")
@@ -437,10 +436,10 @@ def _ipcache(checks: EntryChecks, key: str, value: bytes):
 def _ipcache_admission(sync: ClusterSync, entry) -> str:
     """A remote's endpoint must be inside a pod CIDR granted to that cluster (or, where its
     clustermesh file trusts it, in none granted to anyone else)."""
-    address = entry.address
-    owner = sync.ownership.owner(address)
+    owner = sync.ownership.owner(entry.packed)
     if owner == sync.cluster:
         return ""
+    address = entry.address
     if owner is None:
         if sync.cluster in sync.ownership.trusted:
             return ""
@@ -471,6 +470,8 @@ def _service(checks: EntryChecks, key: str, value: bytes):
 
 
 def check_key(key: str) -> str:
+    if len(key) <= MAX_KEY_BYTES and key.isascii():  # a byte a character
+        return key
     try:
         size = len(key.encode("utf-8"))
     except UnicodeEncodeError:
@@ -490,8 +491,12 @@ def check_size(value: bytes, limit: int) -> bytes:
 #: Value size limits (bytes): far above what an agent writes (a node ~300, an identity ~200,
 #: an ipcache entry ~150), low enough that a hostile cluster cannot make us hold much.
 KINDS = (
-    Kind("nodes", kvkeys.NODES, "nodes", _node, 64 * 1024),
-    Kind("identities", kvkeys.IDENTITIES, "identities", _identity, 16 * 1024),
-    Kind("endpoints", kvkeys.IPCACHE, "ipcache", _ipcache, 4 * 1024, _ipcache_admission),
-    Kind("services", kvkeys.SERVICES, "services", _service, 1024 * 1024),
+    Kind("nodes", kvkeys.NODES, "nodes", _node, lambda node: (node.cluster, node.name),
+         64 * 1024),
+    Kind("identities", kvkeys.IDENTITIES, "identities", _identity,
+         lambda identity: identity.id, 16 * 1024),
+    Kind("endpoints", kvkeys.IPCACHE, "ipcache", _ipcache, lambda entry: entry.key, 4 * 1024,
+         _ipcache_admission),
+    Kind("services", kvkeys.SERVICES, "services", _service,
+         lambda service: (service.cluster, service.namespace, service.name), 1024 * 1024),
 )

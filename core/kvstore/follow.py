@@ -7,6 +7,8 @@ that keeps the :class:`Position` resumes from the revision it reached (a reconne
 list again unless the history is gone).
 """
 
+import contextlib
+import gc
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -62,6 +64,23 @@ async def follow_prefix(store: KVStore, prefix: str,
             position.revision = None
 
 
+@contextlib.contextmanager
+def _collection_paused():
+    """No cyclic garbage collection while a page is applied, and what it kept moved out of
+    the collector's sight afterwards (``gc.freeze``): a page's rows are the tables' to keep,
+    and each full collection on the way walked every row kept so far (a million). What else
+    is alive then is frozen with them: a cycle among those that turns to garbage later is not
+    collected, a few objects a page."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+        gc.freeze()
+    finally:
+        if was:
+            gc.enable()
+
+
 async def _list(store: KVStore, prefix: str, apply, known_keys) -> int:
     """Apply a listing of ``prefix``, page by page; its revision. A remote cluster's may hold
     100,000s of keys: one page is held at a time, and only the keys known before (none on a
@@ -70,10 +89,11 @@ async def _list(store: KVStore, prefix: str, apply, known_keys) -> int:
     revision = 0
     async for page in store.list_pages(prefix):
         revision = page.revision
-        for item in page.items:
-            gone.discard(item.key)
-            if (pending := apply(item.key, item.value)) is not None:
-                await pending
+        with _collection_paused():
+            for item in page.items:
+                gone.discard(item.key)
+                if (pending := apply(item.key, item.value)) is not None:
+                    await pending
         del page  # not held while the next one is read
     for key in gone:  # gone while nobody was watching
         if (pending := apply(key, None)) is not None:

@@ -6,6 +6,7 @@ identities. Reserved identities (below 256) need no allocation.
 
 import enum
 import re
+import sys
 
 import attrs
 
@@ -75,8 +76,9 @@ def format_labels(labels: frozenset[str]) -> str:
 
 
 def parse_labels(text: str) -> frozenset[str]:
-    """The inverse of :func:`format_labels`; ValueError names the bad label."""
-    labels = frozenset(part for part in text.split(";") if part)
+    """The inverse of :func:`format_labels`; ValueError names the bad label. Labels are
+    interned: most are in every identity of a namespace or cluster (60,000 of a remote's)."""
+    labels = frozenset(sys.intern(part) for part in text.split(";") if part)
     if not labels:
         raise ValueError("empty label set")
     for label in labels:

@@ -10,7 +10,9 @@ in one pass.
 import asyncio
 import ctypes as ct
 import logging
+import functools
 import os
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from meshagent.plugin import (
 from meshagent.plugins.ebpf import loader, migrate
 from meshagent.plugins.ebpf.events import EventReader, PerfRing
 from meshagent.plugins.ebpf.maps import (
+    BATCH_SIZE,
     DIR_EGRESS,
     DIR_INGRESS,
     ENDPOINT_HAS_IPV6,
@@ -500,19 +503,42 @@ class EbpfDatapath:
 
     def _replace_ipcache(self, ipcache: list[IPCacheEntry]) -> None:
         """The ipcache exactly these rows: new ones first, then stale ones removed, so every
-        address resolves to its old or its new identity on the way. Nothing of the size of
-        the ipcache is built but a set of the entries' own keys: it may hold 100,000s."""
-        wanted = set()
-        for entry in ipcache:
-            name, key = _ipcache_row(entry)
-            self.maps[name].put(key, IPCacheValue(entry.identity, 0))
-            wanted.add(entry.key)
-        for name in ("ipcache", "ipcache6"):
+        address resolves to its old or its new identity on the way. What the maps held
+        before is read first (on a first start, next to nothing): nothing of the size of
+        the rows is built, as a remote cluster may publish a million."""
+        before = {name: {bytes(key) for key in self.maps[name].keys()}
+                  for name in ("ipcache", "ipcache6")}
+        self._put_ipcache(ipcache, before)
+        for name, stale in before.items():
             table = self.maps[name]
-            stale = [key for key in table.keys()
-                     if bytes((key.prefixlen,)) + bytes(key.ip) not in wanted]
             for key in stale:
-                table.delete(key)
+                table.delete(table.key_type.from_buffer_copy(key))
+
+    def _put_ipcache(self, entries: Iterable[IPCacheEntry],
+                     written: dict[str, set[bytes]] | None = None) -> None:
+        """Write these rows, in order, family by family, BATCH_SIZE at a time (the keys and
+        values built for one batch only); each key written leaves ``written``'s set of its
+        map."""
+        rows: dict[str, tuple[list[bytes], list[bytes]]] = {"ipcache": ([], []),
+                                                            "ipcache6": ([], [])}
+
+        def flush(name: str) -> None:
+            keys, values = rows[name]
+            self.maps[name].put_many(keys, values)
+            if written is not None:
+                written[name].difference_update(keys)
+            keys.clear()
+            values.clear()
+        for entry in entries:
+            name = "ipcache" if len(entry.key) == 5 else "ipcache6"
+            keys, values = rows[name]
+            keys.append(_PREFIXLEN[entry.key[0]] + entry.key[1:])
+            values.append(_ipcache_value(entry.identity))
+            if len(keys) >= BATCH_SIZE:
+                flush(name)
+        for name, (keys, _) in rows.items():
+            if keys:
+                flush(name)
 
     def policy_entry_count(self) -> int:
         """Entries the policy map holds for the resolved verdicts (as written)."""
@@ -612,6 +638,19 @@ class DatapathMetrics:
 
     def describe(self):
         return []
+
+
+#: an ipcache key's head: the prefix length as the u32 of struct ipcache_key (and ipcache6_key)
+_PREFIXLEN = [struct.pack("=I", length) for length in range(129)]
+
+
+_IPCACHE_VALUE = struct.Struct("=II")  # struct ipcache_value: identity, flags
+
+
+@functools.lru_cache(maxsize=65536)  # one object per identity, not per row
+def _ipcache_value(identity: int) -> bytes:
+    """struct ipcache_value of an identity (flags 0), as IPCacheValue lays it out."""
+    return _IPCACHE_VALUE.pack(identity, 0)
 
 
 def _ipcache_row(entry: IPCacheEntry) -> tuple[str, IPCacheKey | IPCache6Key]:

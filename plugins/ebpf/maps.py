@@ -5,6 +5,7 @@ anything, so ``meshagent bpf ...`` reads the maps while the agent is down.
 """
 
 import ctypes as ct
+import errno
 import functools
 import ipaddress
 import os
@@ -264,7 +265,14 @@ _SIGNATURES = {  # name: (result, arguments), as libbcc's Python binding declare
     "bpf_delete_elem": (ct.c_int, [ct.c_int, ct.c_void_p]),
     "bpf_get_first_key": (ct.c_int, [ct.c_int, ct.c_void_p, ct.c_uint]),
     "bpf_get_next_key": (ct.c_int, [ct.c_int, ct.c_void_p, ct.c_void_p]),
+    # BPF_MAP_UPDATE_BATCH (kernel >= 5.6): fd, keys, values, in: how many, out: how many done
+    "bpf_update_batch": (ct.c_int, [ct.c_int, ct.c_void_p, ct.c_void_p, ct.POINTER(ct.c_uint32)]),
 }
+#: errno values of a kernel (or map type) without BPF_MAP_UPDATE_BATCH: EINVAL (an unknown
+#: command), EOPNOTSUPP and the kernel's ENOTSUPP (524, a map type without batch ops)
+_NO_BATCH = (errno.EINVAL, errno.EOPNOTSUPP, 524)
+#: elements per BPF_MAP_UPDATE_BATCH: bounds the key and value buffers built for one call
+BATCH_SIZE = 65536
 
 
 @functools.cache
@@ -311,6 +319,7 @@ class PinnedMap:
                                  f"{os.strerror(ct.get_errno() or 2)} (is the ebpf datapath"
                                  " running, and --bpf-root right?)")
         self._ncpus = possible_cpus() if self.percpu else 1
+        self.batches = not self.percpu  # False: put_many writes one element a syscall
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -328,9 +337,40 @@ class PinnedMap:
 
     def put(self, key, value) -> None:
         if self._lib.bpf_update_elem(self.fd, ct.byref(key), ct.byref(value), 0) != 0:
-            errno = ct.get_errno()
-            raise MeshagentError(f"updating BPF map {self.name} failed: {os.strerror(errno)}"
-                                 + (" (the map is full)" if errno == 7 else ""))
+            self._failed(ct.get_errno())
+
+    def _failed(self, error: int) -> None:
+        raise MeshagentError(f"updating BPF map {self.name} failed: {os.strerror(error)}"
+                             + (" (the map is full)" if error == errno.E2BIG else ""))
+
+    def put_many(self, keys: list[bytes], values: list[bytes]) -> None:
+        """``put`` of every key with its value (each the bytes of the map's key and value
+        type), in order, BATCH_SIZE a syscall (BPF_MAP_UPDATE_BATCH) where the kernel and
+        the map type take it, else one a syscall: a million ``put`` calls cost seconds."""
+        if len(keys) != len(values):
+            raise ValueError(f"{len(keys)} keys but {len(values)} values")
+        key_size, value_size = ct.sizeof(self.key_type), ct.sizeof(self.value_type)
+        done = 0
+        while done < len(keys) and self.batches:
+            chunk_keys = b"".join(keys[done:done + BATCH_SIZE])
+            chunk_values = b"".join(values[done:done + BATCH_SIZE])
+            count = len(chunk_keys) // key_size
+            if count * key_size != len(chunk_keys) or count * value_size != len(chunk_values):
+                raise ValueError(f"keys or values of {self.name} of the wrong size")
+            updated = ct.c_uint32(count)
+            if self._lib.bpf_update_batch(self.fd, chunk_keys, chunk_values,
+                                          ct.byref(updated)) != 0:
+                error = ct.get_errno()
+                if error not in _NO_BATCH:
+                    self._failed(error)
+                if updated.value == 0:  # refused outright: this kernel or map type has none
+                    self.batches = False
+                done += min(updated.value, count)
+                break  # the rest one by one: an element the kernel refused raises there
+            done += count
+        for key, value in zip(keys[done:], values[done:]):
+            if self._lib.bpf_update_elem(self.fd, key, value, 0) != 0:
+                self._failed(ct.get_errno())
 
     def delete(self, key) -> bool:
         return self._lib.bpf_delete_elem(self.fd, ct.byref(key)) == 0
