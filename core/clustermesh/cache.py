@@ -21,7 +21,6 @@ from contextlib import AbstractAsyncContextManager
 import attrs
 
 from meshagent.kvstore import (
-    PAGE_SIZE,
     KeyValue,
     KVStore,
     KVStoreError,
@@ -285,7 +284,10 @@ class CacheReader:
     async def list_prefix(self, prefix: str) -> Listing:
         return await self.store.list_prefix(prefix)
 
-    def list_pages(self, prefix: str, page_size: int = PAGE_SIZE) -> AsyncIterator[Listing]:
+    def list_pages(self, prefix: str, page_size: int | None = None) -> AsyncIterator[Listing]:
+        # unsaid, the store's own page size (the etcd plugin's differs from PAGE_SIZE)
+        if page_size is None:
+            return self.store.list_pages(prefix)
         return self.store.list_pages(prefix, page_size)
 
     async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:

@@ -72,7 +72,8 @@ class Listing:
     revision: int  # watch(prefix, after_revision=revision) continues from here
 
 
-#: Keys per page of :meth:`KVStore.list_pages`: few round trips, a few MiB at a time.
+#: Keys per page of :meth:`KVStore.list_pages`: few round trips, a few MiB at a time. A store
+#: may default to another size where its server favours it (the etcd plugin's pages are larger).
 PAGE_SIZE = 10_000
 
 

