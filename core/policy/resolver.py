@@ -24,15 +24,17 @@ from meshagent.policy.api import (
     Requirement,
     Rule,
 )
-from meshagent.policy.contract import MapChange, MapKey, Verdict
+from meshagent.policy.contract import MapChange, MapKey, PolicyKey, Verdict
 from meshagent.policy.selector import (
     CIDRPeer,
     EntityPeer,
     Peer,
     SelectorCache,
     SelectorPeer,
+    anchor,
+    compile_selector,
+    compiled_matches,
     label_index,
-    requirement_matches,
 )
 
 INGRESS, EGRESS = "ingress", "egress"
@@ -71,6 +73,74 @@ class EndpointState:
                 if c[0] or c[1]}
 
 
+class RuleIndex:
+    """The rules in force, each indexed by the labels one of which every endpoint it selects
+    carries (its endpoint selector's :func:`anchor`), so that an endpoint is checked only
+    against the rules that could select it — not against every rule of every policy."""
+
+    def __init__(self) -> None:
+        self._places: dict[PolicyKey, int] = {}  # a policy's place among them: dict order
+        self._sizes: dict[int, int] = {}  # place -> how many rules the policy there has
+        self._next = 0
+        self._rules: dict[tuple[int, int], tuple[Policy, int, Rule, tuple]] = {}
+        self._anchored: dict[tuple[str, str], set[tuple[int, int]]] = {}
+        self._unanchored: set[tuple[int, int]] = set()
+        self._anchors: dict[tuple[int, int], list[tuple[str, str]] | None] = {}
+
+    def put(self, policy: Policy) -> None:
+        """Index ``policy``'s rules; one of the same key keeps its place, as in a dict."""
+        place = self._places.get(policy.key)
+        if place is None:
+            place = self._places[policy.key] = self._next
+            self._next += 1
+        else:
+            self._drop(place)
+        self._sizes[place] = len(policy.rules)
+        for i, rule in enumerate(policy.rules):
+            at = (place, i)
+            self._rules[at] = (policy, i, rule, compile_selector(rule.endpoint_selector))
+            pairs = self._anchors[at] = anchor(rule.endpoint_selector)
+            if pairs is None:
+                self._unanchored.add(at)
+            for pair in pairs or ():
+                self._anchored.setdefault(pair, set()).add(at)
+
+    def remove(self, key: PolicyKey) -> None:
+        place = self._places.pop(key, None)
+        if place is not None:
+            self._drop(place)
+
+    def _drop(self, place: int) -> None:
+        for i in range(self._sizes.pop(place)):
+            at = (place, i)
+            del self._rules[at]
+            pairs = self._anchors.pop(at)
+            if pairs is None:
+                self._unanchored.discard(at)
+            for pair in pairs or ():
+                ats = self._anchored[pair]
+                ats.discard(at)
+                if not ats:
+                    del self._anchored[pair]
+
+    def selecting(self, endpoint: PolicyEndpoint, index: dict
+                  ) -> list[tuple[Policy, int, Rule]]:
+        """The rules selecting ``endpoint`` (whose :func:`label_index` is ``index``), in the
+        order of their policies and specs."""
+        candidates = set(self._unanchored)
+        for key, labels in index.items():
+            for _, value in labels:
+                candidates.update(self._anchored.get((key, value), ()))
+        out = []
+        for at in sorted(candidates):
+            policy, i, rule, compiled = self._rules[at]
+            if policy.namespace is not None and policy.namespace != endpoint.namespace:
+                continue
+            if compiled_matches(compiled, index):
+                out.append((policy, i, rule))
+        return out
+
+
 def reserved_identities() -> list[Identity]:
     return [Identity(int(r), frozenset({r.label})) for r in ReservedIdentity]
 
@@ -82,6 +152,7 @@ class Resolver:
         self.default_local_cluster = default_local_cluster
         self.on_change = on_change or (lambda endpoint_id, changes: None)
         self.policies: dict[tuple[str, str, str], Policy] = {}
+        self.rules = RuleIndex()  # the rules of the policies, indexed by what they select
         self.revision = 0
         self.cache = SelectorCache()
         self.endpoints: dict[int, EndpointState] = {}
@@ -144,6 +215,7 @@ class Resolver:
     def stage_policy(self, policy: Policy) -> int:
         """Put ``policy`` in force; endpoints catch up in :meth:`recompute_pending`."""
         self.policies[policy.key] = policy
+        self.rules.put(policy)
         self.revision += 1
         self.dirty.update(self.endpoints)
         return self.revision
@@ -152,6 +224,7 @@ class Resolver:
         self._made.pop(key, None)
         if self.policies.pop(key, None) is None:
             return self.revision
+        self.rules.remove(key)
         self.revision += 1
         self.dirty.update(self.endpoints)
         return self.revision
@@ -237,7 +310,7 @@ class Resolver:
         state = self.endpoints.get(endpoint_id)
         handed = self.handed.setdefault(endpoint_id, {})
         changes = []
-        for key in sorted(keys):
+        for key in sorted(keys, key=_order):
             counts = state.counts.get(key) if state else None
             new = None if not counts else (Verdict.DENY if counts[1] else Verdict.ALLOW)
             if handed.get(key) == new:
@@ -252,10 +325,7 @@ class Resolver:
             self.on_change(endpoint_id, changes)
 
     def _compute(self, endpoint: PolicyEndpoint) -> EndpointState:
-        index = label_index(endpoint.labels)
-        selecting = [(policy, i, rule) for policy in self.policies.values()
-                     for i, rule in enumerate(policy.rules) if self._selects(policy, rule, index,
-                                                                             endpoint)]
+        selecting = self.rules.selecting(endpoint, label_index(endpoint.labels))
         enforced = {d: any(rule.enforces(d) for _, _, rule in selecting) for d in (INGRESS, EGRESS)}
         state = EndpointState(endpoint, enforced,
                               sorted({policy.display for policy, _, _ in selecting}), {})
@@ -272,12 +342,6 @@ class Resolver:
             for key in _keys(contribution, ids):
                 self._count(state, key, contribution.verdict, +1)
         return state
-
-    @staticmethod
-    def _selects(policy: Policy, rule: Rule, index, endpoint: PolicyEndpoint) -> bool:
-        if policy.namespace is not None and policy.namespace != endpoint.namespace:
-            return False
-        return all(requirement_matches(r, index) for r in rule.endpoint_selector.requirements)
 
     def _contributions(self, policy: Policy) -> list[list[Contribution]]:
         """Per spec of ``policy``, what it contributes to an endpoint it selects: the same for
@@ -365,9 +429,15 @@ _FIELDS = {"ingress": "ingress", "ingressDeny": "ingress_deny", "egress": "egres
 
 
 def _keys(contribution: Contribution, identities: Iterable[int]) -> list[MapKey]:
-    return [MapKey(contribution.direction, identity, PROTOCOLS[port.protocol], port.port,
-                   port.end_port)
-            for identity in identities for port in contribution.ports]
+    direction = contribution.direction
+    ports = [(PROTOCOLS[port.protocol], port.port, port.end_port) for port in contribution.ports]
+    return [MapKey(direction, identity, protocol, port, end_port)
+            for identity in identities for protocol, port, end_port in ports]
+
+
+def _order(key: MapKey) -> tuple[str, int, int, int, int]:
+    """MapKey's own order (its fields in turn), without attrs' comparison per pair."""
+    return (key.direction, key.identity, key.protocol, key.port, key.end_port)
 
 
 def key_matches(key: MapKey, direction: str, identity: int, protocol: int, port: int) -> bool:
