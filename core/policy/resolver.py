@@ -66,11 +66,19 @@ class EndpointState:
     enforced: dict[str, bool]
     rules: list[str]  # the policies that select it, for trace
     by_peer: dict[Peer | None, list[Contribution]]
-    counts: dict[MapKey, list[int]] = attrs.field(factory=dict)  # key -> [allows, denies]
+    # per key, how many rule items allow it and how many deny it (none: not there)
+    allows: dict[MapKey, int] = attrs.field(factory=dict)
+    denies: dict[MapKey, int] = attrs.field(factory=dict)
+
+    def verdict(self, key: MapKey) -> Verdict | None:
+        if key in self.denies:
+            return Verdict.DENY
+        return Verdict.ALLOW if key in self.allows else None
 
     def verdicts(self) -> dict[MapKey, Verdict]:
-        return {k: Verdict.DENY if c[1] else Verdict.ALLOW for k, c in self.counts.items()
-                if c[0] or c[1]}
+        verdicts = dict.fromkeys(self.allows, Verdict.ALLOW)
+        verdicts.update(dict.fromkeys(self.denies, Verdict.DENY))
+        return verdicts
 
 
 class RuleIndex:
@@ -280,10 +288,12 @@ class Resolver:
             self._emit(endpoint_id, keys)
 
     def _count(self, state: EndpointState, key: MapKey, verdict: Verdict, delta: int) -> None:
-        counts = state.counts.setdefault(key, [0, 0])
-        counts[0 if verdict is Verdict.ALLOW else 1] += delta
-        if counts == [0, 0]:
-            del state.counts[key]
+        counts = state.allows if verdict is Verdict.ALLOW else state.denies
+        count = counts.get(key, 0) + delta
+        if count:
+            counts[key] = count
+        else:
+            del counts[key]
 
     def _recompute(self, endpoint: PolicyEndpoint) -> None:
         old = self.endpoints.get(endpoint.id)
@@ -294,7 +304,8 @@ class Resolver:
         for peer in state.by_peer:
             if peer is not None:
                 self.users.setdefault(peer, set()).add(endpoint.id)
-        self._emit(endpoint.id, set(self.handed.get(endpoint.id, ())) | set(state.counts))
+        self._emit(endpoint.id, set(self.handed.get(endpoint.id, ())).union(state.allows,
+                                                                            state.denies))
 
     def _drop_users(self, endpoint_id: int, state: EndpointState) -> None:
         for peer in state.by_peer:
@@ -311,8 +322,7 @@ class Resolver:
         handed = self.handed.setdefault(endpoint_id, {})
         changes = []
         for key in sorted(keys, key=_order):
-            counts = state.counts.get(key) if state else None
-            new = None if not counts else (Verdict.DENY if counts[1] else Verdict.ALLOW)
+            new = state.verdict(key) if state else None
             if handed.get(key) == new:
                 continue
             if new is None:

@@ -164,7 +164,8 @@ class SelectorCache:
     def __init__(self) -> None:
         self.identities: dict[int, tuple[Identity, dict]] = {}
         self.matches: dict[Peer, set[int]] = {}
-        self._by_label: dict[tuple[str, str], set[int]] = {}
+        self._labels: dict[str, _Label] = {}  # every label some identity carries
+        self._by_pair: dict[tuple[str, str], list[_Label]] = {}  # (key, value) -> its labels
         self._anchored: dict[tuple[str, str], set[Peer]] = {}
         self._unanchored: set[Peer] = set()
         self._member_of: dict[int, set[Peer]] = {}
@@ -177,23 +178,28 @@ class SelectorCache:
             return peer.matches(identity, index)
         return compiled_matches(compiled, index)
 
+    def _label(self, label: str) -> "_Label":
+        """A label not carried so far: parsed, then shared by every identity carrying it."""
+        source, _, rest = label.partition(":")
+        key, _, value = rest.partition("=")
+        parsed = self._labels[label] = _Label(key, ((source, value),), (key, value), set())
+        self._by_pair.setdefault(parsed.pair, []).append(parsed)
+        return parsed
+
     def add_identity(self, identity: Identity) -> list[Peer]:
         """Remember ``identity``; the peers that now match it (and did not before)."""
         number = identity.id
-        index: dict[str, list[tuple[str, str]]] = {}
+        # as label_index(identity.labels), its entries shared with every identity carrying
+        # the same labels (one dict an identity, not a list per label)
+        index: dict[str, tuple[tuple[str, str], ...]] = {}
         self.identities[number] = (identity, index)
         candidates = set(self._unanchored)
         for label in identity.labels:
-            source, _, rest = label.partition(":")
-            key, _, value = rest.partition("=")
-            index.setdefault(key, []).append((source, value))
-            pair = (key, value)
-            ids = self._by_label.get(pair)
-            if ids is None:
-                self._by_label[pair] = {number}
-            else:
-                ids.add(number)
-            anchored = self._anchored.get(pair)
+            parsed = self._labels.get(label) or self._label(label)
+            parsed.holders.add(number)
+            carried = index.get(parsed.key)
+            index[parsed.key] = parsed.entry if carried is None else carried + parsed.entry
+            anchored = self._anchored.get(parsed.pair)
             if anchored:
                 candidates |= anchored
         gained = []
@@ -208,17 +214,30 @@ class SelectorCache:
     def remove_identity(self, identity_id: int) -> list[Peer]:
         known = self.identities.pop(identity_id, None)
         if known is not None:
-            for key, labels in known[1].items():
-                for _, value in labels:
-                    ids = self._by_label.get((key, value))
-                    if ids is not None:
-                        ids.discard(identity_id)
-                        if not ids:
-                            del self._by_label[(key, value)]
+            for label in known[0].labels:
+                parsed = self._labels.get(label)
+                if parsed is None:
+                    continue
+                parsed.holders.discard(identity_id)
+                if not parsed.holders:
+                    del self._labels[label]
+                    same = self._by_pair[parsed.pair]
+                    same.remove(parsed)
+                    if not same:
+                        del self._by_pair[parsed.pair]
         lost = list(self._member_of.pop(identity_id, ()))
         for peer in lost:
             self.matches[peer].discard(identity_id)
         return lost
+
+    def _carrying(self, pair: tuple[str, str]) -> set[int] | frozenset[int]:
+        """The identities carrying ``pair`` under any source."""
+        labels = self._by_pair.get(pair)
+        if not labels:
+            return _NONE
+        if len(labels) == 1:
+            return labels[0].holders
+        return set().union(*(label.holders for label in labels))
 
     def ids(self, peer: Peer) -> set[int]:
         matched = self.matches.get(peer)
@@ -246,7 +265,7 @@ class SelectorCache:
         bounds = []
         for key, _, operator, values in compiled:
             if operator == "In":
-                found = [self._by_label.get((key, value), _NONE) for value in values]
+                found = [self._carrying((key, value)) for value in values]
                 bounds.append(found[0] if len(found) == 1 else set().union(*found))
         if not bounds:
             return {i for i, (_, index) in self.identities.items()
@@ -281,3 +300,13 @@ class SelectorCache:
 
 
 _NONE: frozenset[int] = frozenset()
+
+
+@attrs.define
+class _Label:
+    """A label some identity carries, split once for all of them."""
+
+    key: str
+    entry: tuple[tuple[str, str]]  # ((source, value),): its part of a label index
+    pair: tuple[str, str]  # (key, value)
+    holders: set[int]  # the identities carrying it
