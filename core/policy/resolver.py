@@ -106,8 +106,9 @@ class RuleIndex:
         self._sizes[place] = len(policy.rules)
         for i, rule in enumerate(policy.rules):
             at = (place, i)
-            self._rules[at] = (policy, i, rule, compile_selector(rule.endpoint_selector))
-            pairs = self._anchors[at] = anchor(rule.endpoint_selector)
+            compiled = compile_selector(rule.endpoint_selector)
+            self._rules[at] = (policy, i, rule, compiled)
+            pairs = self._anchors[at] = anchor(compiled)
             if pairs is None:
                 self._unanchored.add(at)
             for pair in pairs or ():

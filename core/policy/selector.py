@@ -17,7 +17,7 @@ from meshagent.model.identity import (
     Identity,
     ReservedIdentity,
 )
-from meshagent.policy.api import CIDRRule, EndpointSelector, Requirement
+from meshagent.policy.api import CIDRRule, EndpointSelector, Requirement, split_key
 
 NAMESPACE_KEY = "io.kubernetes.pod.namespace"
 
@@ -51,7 +51,8 @@ def requirement_matches(req: Requirement, index: dict[str, list[tuple[str, str]]
 
 def compile_selector(selector: EndpointSelector) -> tuple[Compiled, ...]:
     """The selector's requirements with their keys split once, not at every identity."""
-    return tuple((r.bare_key, r.source, r.operator, r.values) for r in selector.requirements)
+    return tuple((key, source, r.operator, r.values) for r in selector.requirements
+                 for source, key in (split_key(r.key),))
 
 
 def compiled_matches(compiled: tuple[Compiled, ...],
@@ -74,15 +75,22 @@ def _holds(key: str, source: str | None, operator: str, values: frozenset[str],
     return not found  # DoesNotExist
 
 
-def anchor(selector: EndpointSelector) -> list[tuple[str, str]] | None:
-    """(key, value) pairs one of which every set of labels the selector matches carries: its
-    most selective ``In`` requirement's; None when it has no ``In`` requirement."""
-    ins = [r for r in selector.requirements if r.operator == "In"]
-    if not ins:
+def anchor(compiled: tuple[Compiled, ...]) -> list[tuple[str, str]] | None:
+    """(key, value) pairs one of which every set of labels a selector (compiled) matches
+    carries: its most selective ``In`` requirement's; None when it has no ``In`` requirement."""
+    best = None
+    for requirement in compiled:
+        if requirement[2] == "In":
+            rank = (requirement[0] in _BROAD, len(requirement[3]))
+            if best is None or rank < best[0]:
+                best = (rank, requirement)
+    if best is None:
         return None
-    broad = (NAMESPACE_KEY, CLUSTER_LABEL)  # shared by many identities: last resort
-    best = min(ins, key=lambda r: (r.bare_key in broad, len(r.values), r.key))
-    return [(best.bare_key, value) for value in sorted(best.values)]
+    key, _, _, values = best[1]
+    return [(key, value) for value in values]
+
+
+_BROAD = (NAMESPACE_KEY, CLUSTER_LABEL)  # shared by many identities: an anchor's last resort
 
 
 @attrs.frozen(cache_hash=True)
@@ -254,7 +262,7 @@ class SelectorCache:
             self._unanchored.add(peer)
             return {i for i, known in self.identities.items() if peer.matches(*known)}
         compiled = self._compiled[peer] = compile_selector(peer.selector)
-        pairs = self._anchors[peer] = anchor(peer.selector)
+        pairs = self._anchors[peer] = anchor(compiled)
         if pairs is None:
             self._unanchored.add(peer)
         else:
