@@ -6,7 +6,7 @@ matches, and updates it one identity at a time.
 """
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import attrs
 
@@ -43,9 +43,12 @@ def label_index(labels: Iterable[str]) -> dict[str, list[tuple[str, str]]]:
 
 #: A requirement in the form matching reads it: (bare key, source or None, operator, values).
 Compiled = tuple[str, str | None, str, frozenset[str]]
+#: ``{key: [(source, value), ...]}``: what :func:`label_index` makes (the cache's own indexes
+#: hold tuples).
+LabelIndex = dict[str, Sequence[tuple[str, str]]]
 
 
-def requirement_matches(req: Requirement, index: dict[str, list[tuple[str, str]]]) -> bool:
+def requirement_matches(req: Requirement, index: LabelIndex) -> bool:
     return _holds(req.bare_key, req.source, req.operator, req.values, index)
 
 
@@ -55,8 +58,7 @@ def compile_selector(selector: EndpointSelector) -> tuple[Compiled, ...]:
                  for source, key in (split_key(r.key),))
 
 
-def compiled_matches(compiled: tuple[Compiled, ...],
-                     index: dict[str, list[tuple[str, str]]]) -> bool:
+def compiled_matches(compiled: tuple[Compiled, ...], index: LabelIndex) -> bool:
     for key, source, operator, values in compiled:
         if not _holds(key, source, operator, values, index):
             return False
@@ -64,7 +66,7 @@ def compiled_matches(compiled: tuple[Compiled, ...],
 
 
 def _holds(key: str, source: str | None, operator: str, values: frozenset[str],
-           index: dict[str, list[tuple[str, str]]]) -> bool:
+           index: LabelIndex) -> bool:
     found = [v for s, v in index.get(key, ()) if source is None or s == source]
     if operator == "In":
         return any(v in values for v in found)
@@ -162,11 +164,12 @@ class SelectorCache:
     """For every peer in use, the identities it matches; kept current one identity at a time.
 
     Indexed both ways so that neither a policy with thousands of selectors nor a mesh with
-    thousands of identities makes every change a full scan: identities by their labels'
-    (key, value) pairs, and each selector by the pairs one of which a matching identity must
-    carry (its anchor, see :func:`anchor`). A new selector's identities are the intersection of
-    what its ``In`` requirements could match, each then checked against every requirement; a
-    peer without an ``In`` requirement is checked against every identity.
+    thousands of identities makes every change a full scan: identities by label (each distinct
+    label split once, with the identities carrying it), and each selector by the (key, value)
+    pairs one of which a matching identity must carry (its anchor, see :func:`anchor`). A new
+    selector's identities are the intersection of what its ``In`` requirements could match,
+    each then checked against every requirement; a peer without an ``In`` requirement is
+    checked against every identity.
     """
 
     def __init__(self) -> None:
