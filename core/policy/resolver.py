@@ -24,15 +24,17 @@ from meshagent.policy.api import (
     Requirement,
     Rule,
 )
-from meshagent.policy.contract import MapChange, MapKey, Verdict
+from meshagent.policy.contract import MapChange, MapKey, PolicyKey, Verdict
 from meshagent.policy.selector import (
     CIDRPeer,
     EntityPeer,
     Peer,
     SelectorCache,
     SelectorPeer,
+    anchor,
+    compile_selector,
+    compiled_matches,
     label_index,
-    requirement_matches,
 )
 
 INGRESS, EGRESS = "ingress", "egress"
@@ -64,11 +66,88 @@ class EndpointState:
     enforced: dict[str, bool]
     rules: list[str]  # the policies that select it, for trace
     by_peer: dict[Peer | None, list[Contribution]]
-    counts: dict[MapKey, list[int]] = attrs.field(factory=dict)  # key -> [allows, denies]
+    # per key, how many rule items allow it and how many deny it (none: not there)
+    allows: dict[MapKey, int] = attrs.field(factory=dict)
+    denies: dict[MapKey, int] = attrs.field(factory=dict)
+
+    def verdict(self, key: MapKey) -> Verdict | None:
+        if key in self.denies:
+            return Verdict.DENY
+        return Verdict.ALLOW if key in self.allows else None
 
     def verdicts(self) -> dict[MapKey, Verdict]:
-        return {k: Verdict.DENY if c[1] else Verdict.ALLOW for k, c in self.counts.items()
-                if c[0] or c[1]}
+        verdicts = dict.fromkeys(self.allows, Verdict.ALLOW)
+        verdicts.update(dict.fromkeys(self.denies, Verdict.DENY))
+        return verdicts
+
+
+class RuleIndex:
+    """The rules in force, each indexed by the labels one of which every endpoint it selects
+    carries (its endpoint selector's :func:`anchor`), so that an endpoint is checked only
+    against the rules that could select it — not against every rule of every policy."""
+
+    def __init__(self) -> None:
+        self._places: dict[PolicyKey, int] = {}  # a policy's place among them: dict order
+        self._sizes: dict[int, int] = {}  # place -> how many rules the policy there has
+        self._next = 0
+        self._rules: dict[tuple[int, int], tuple[Policy, int, Rule, tuple]] = {}
+        self._anchored: dict[tuple[str, str], set[tuple[int, int]]] = {}
+        self._unanchored: set[tuple[int, int]] = set()
+        self._anchors: dict[tuple[int, int], list[tuple[str, str]] | None] = {}
+
+    def put(self, policy: Policy) -> None:
+        """Index ``policy``'s rules; one of the same key keeps its place, as in a dict."""
+        place = self._places.get(policy.key)
+        if place is None:
+            place = self._places[policy.key] = self._next
+            self._next += 1
+        else:
+            self._drop(place)
+        self._sizes[place] = len(policy.rules)
+        for i, rule in enumerate(policy.rules):
+            at = (place, i)
+            compiled = compile_selector(rule.endpoint_selector)
+            self._rules[at] = (policy, i, rule, compiled)
+            pairs = self._anchors[at] = anchor(compiled)
+            if pairs is None:
+                self._unanchored.add(at)
+            for pair in pairs or ():
+                self._anchored.setdefault(pair, set()).add(at)
+
+    def remove(self, key: PolicyKey) -> None:
+        place = self._places.pop(key, None)
+        if place is not None:
+            self._drop(place)
+
+    def _drop(self, place: int) -> None:
+        for i in range(self._sizes.pop(place)):
+            at = (place, i)
+            del self._rules[at]
+            pairs = self._anchors.pop(at)
+            if pairs is None:
+                self._unanchored.discard(at)
+            for pair in pairs or ():
+                ats = self._anchored[pair]
+                ats.discard(at)
+                if not ats:
+                    del self._anchored[pair]
+
+    def selecting(self, endpoint: PolicyEndpoint, index: dict
+                  ) -> list[tuple[Policy, int, Rule]]:
+        """The rules selecting ``endpoint`` (whose :func:`label_index` is ``index``), in the
+        order of their policies and specs."""
+        candidates = set(self._unanchored)
+        for key, labels in index.items():
+            for _, value in labels:
+                candidates.update(self._anchored.get((key, value), ()))
+        out = []
+        for at in sorted(candidates):
+            policy, i, rule, compiled = self._rules[at]
+            if policy.namespace is not None and policy.namespace != endpoint.namespace:
+                continue
+            if compiled_matches(compiled, index):
+                out.append((policy, i, rule))
+        return out
 
 
 def reserved_identities() -> list[Identity]:
@@ -82,6 +161,7 @@ class Resolver:
         self.default_local_cluster = default_local_cluster
         self.on_change = on_change or (lambda endpoint_id, changes: None)
         self.policies: dict[tuple[str, str, str], Policy] = {}
+        self.rules = RuleIndex()  # the rules of the policies, indexed by what they select
         self.revision = 0
         self.cache = SelectorCache()
         self.endpoints: dict[int, EndpointState] = {}
@@ -144,6 +224,7 @@ class Resolver:
     def stage_policy(self, policy: Policy) -> int:
         """Put ``policy`` in force; endpoints catch up in :meth:`recompute_pending`."""
         self.policies[policy.key] = policy
+        self.rules.put(policy)
         self.revision += 1
         self.dirty.update(self.endpoints)
         return self.revision
@@ -152,6 +233,7 @@ class Resolver:
         self._made.pop(key, None)
         if self.policies.pop(key, None) is None:
             return self.revision
+        self.rules.remove(key)
         self.revision += 1
         self.dirty.update(self.endpoints)
         return self.revision
@@ -207,10 +289,12 @@ class Resolver:
             self._emit(endpoint_id, keys)
 
     def _count(self, state: EndpointState, key: MapKey, verdict: Verdict, delta: int) -> None:
-        counts = state.counts.setdefault(key, [0, 0])
-        counts[0 if verdict is Verdict.ALLOW else 1] += delta
-        if counts == [0, 0]:
-            del state.counts[key]
+        counts = state.allows if verdict is Verdict.ALLOW else state.denies
+        count = counts.get(key, 0) + delta
+        if count:
+            counts[key] = count
+        else:
+            del counts[key]
 
     def _recompute(self, endpoint: PolicyEndpoint) -> None:
         old = self.endpoints.get(endpoint.id)
@@ -221,7 +305,8 @@ class Resolver:
         for peer in state.by_peer:
             if peer is not None:
                 self.users.setdefault(peer, set()).add(endpoint.id)
-        self._emit(endpoint.id, set(self.handed.get(endpoint.id, ())) | set(state.counts))
+        self._emit(endpoint.id, set(self.handed.get(endpoint.id, ())).union(state.allows,
+                                                                            state.denies))
 
     def _drop_users(self, endpoint_id: int, state: EndpointState) -> None:
         for peer in state.by_peer:
@@ -237,9 +322,8 @@ class Resolver:
         state = self.endpoints.get(endpoint_id)
         handed = self.handed.setdefault(endpoint_id, {})
         changes = []
-        for key in sorted(keys):
-            counts = state.counts.get(key) if state else None
-            new = None if not counts else (Verdict.DENY if counts[1] else Verdict.ALLOW)
+        for key in sorted(keys, key=_order):
+            new = state.verdict(key) if state else None
             if handed.get(key) == new:
                 continue
             if new is None:
@@ -252,10 +336,7 @@ class Resolver:
             self.on_change(endpoint_id, changes)
 
     def _compute(self, endpoint: PolicyEndpoint) -> EndpointState:
-        index = label_index(endpoint.labels)
-        selecting = [(policy, i, rule) for policy in self.policies.values()
-                     for i, rule in enumerate(policy.rules) if self._selects(policy, rule, index,
-                                                                             endpoint)]
+        selecting = self.rules.selecting(endpoint, label_index(endpoint.labels))
         enforced = {d: any(rule.enforces(d) for _, _, rule in selecting) for d in (INGRESS, EGRESS)}
         state = EndpointState(endpoint, enforced,
                               sorted({policy.display for policy, _, _ in selecting}), {})
@@ -272,12 +353,6 @@ class Resolver:
             for key in _keys(contribution, ids):
                 self._count(state, key, contribution.verdict, +1)
         return state
-
-    @staticmethod
-    def _selects(policy: Policy, rule: Rule, index, endpoint: PolicyEndpoint) -> bool:
-        if policy.namespace is not None and policy.namespace != endpoint.namespace:
-            return False
-        return all(requirement_matches(r, index) for r in rule.endpoint_selector.requirements)
 
     def _contributions(self, policy: Policy) -> list[list[Contribution]]:
         """Per spec of ``policy``, what it contributes to an endpoint it selects: the same for
@@ -365,9 +440,15 @@ _FIELDS = {"ingress": "ingress", "ingressDeny": "ingress_deny", "egress": "egres
 
 
 def _keys(contribution: Contribution, identities: Iterable[int]) -> list[MapKey]:
-    return [MapKey(contribution.direction, identity, PROTOCOLS[port.protocol], port.port,
-                   port.end_port)
-            for identity in identities for port in contribution.ports]
+    direction = contribution.direction
+    ports = [(PROTOCOLS[port.protocol], port.port, port.end_port) for port in contribution.ports]
+    return [MapKey(direction, identity, protocol, port, end_port)
+            for identity in identities for protocol, port, end_port in ports]
+
+
+def _order(key: MapKey) -> tuple[str, int, int, int, int]:
+    """MapKey's own order (its fields in turn), without attrs' comparison per pair."""
+    return (key.direction, key.identity, key.protocol, key.port, key.end_port)
 
 
 def key_matches(key: MapKey, direction: str, identity: int, protocol: int, port: int) -> bool:
