@@ -20,14 +20,28 @@ class Table(Generic[K, V]):
         self.kind = kind
         self._notify = notify
         self._rows: dict[K, V] = {}
+        self._counts: dict[str | None, int] = {}  # rows per cluster: status asks often
 
     def upsert(self, key: K, value: V) -> bool:
         """Store ``value``; tell observers only if it differs from what was there."""
-        if self._rows.get(key) == value:
+        old = self._rows.get(key)
+        if old == value:
             return False
+        if old is not None:
+            self._uncount(old)
         self._rows[key] = value
+        cluster = getattr(value, "cluster", None)
+        self._counts[cluster] = self._counts.get(cluster, 0) + 1
         self._notify(ChangeKind.UPSERT, value)
         return True
+
+    def _uncount(self, value: V) -> None:
+        cluster = getattr(value, "cluster", None)
+        left = self._counts[cluster] - 1
+        if left:
+            self._counts[cluster] = left
+        else:
+            del self._counts[cluster]
 
     def delete(self, key: K, cluster: str | None = None) -> V | None:
         """Remove the row, but only ``cluster``'s own when a cluster is given."""
@@ -35,6 +49,7 @@ class Table(Generic[K, V]):
         if value is None or (cluster is not None and getattr(value, "cluster", None) != cluster):
             return None
         del self._rows[key]
+        self._uncount(value)
         self._notify(ChangeKind.DELETE, value)
         return value
 
@@ -45,7 +60,7 @@ class Table(Generic[K, V]):
         return list(self._rows.values())
 
     def count(self, cluster: str) -> int:
-        return sum(1 for v in self._rows.values() if getattr(v, "cluster", None) == cluster)
+        return self._counts.get(cluster, 0)
 
     def __len__(self) -> int:
         return len(self._rows)
