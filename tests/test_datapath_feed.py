@@ -280,7 +280,7 @@ class Component:
     def __init__(self):
         self.recorder, self.resolver = Recorder(), Resolver()
         self.table = IPCache("cluster1",
-                             lambda kind, e: self.feed.meshagent_ipcache_changed(kind, e))
+                             lambda kind, e: self.feed.meshagent_ipcache_changes([(kind, e)]))
         self.ready, self.started, self.synced = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self.feed = DatapathFeed(self.recorder, self.resolver, self.table,
                                  agent_ready=self.ready, remotes_ready=lambda: True,

@@ -331,7 +331,8 @@ class Misspelled:
 
 async def test_a_misspelled_hook_stops_start_up_naming_plugin_and_hook(agent_factory, short_tmp):
     with pytest.raises(PluginError, match=r"plugin 'typo' implements unknown hook"
-                       r" meshagent_ipcache_change: .*did you mean meshagent_ipcache_changed\?"):
+                       r" meshagent_ipcache_change: .*did you mean meshagent_ipcache_changes"
+                       r" or meshagent_ipcache_changed\?"):
         await agent_factory(extra_plugins=[("typo", Misspelled())])
     assert not (short_tmp / "state0").exists()  # refused before any side effect
 
@@ -476,3 +477,50 @@ async def test_hook_calls_are_seen_by_pluggys_monitoring(agent_factory, hook_rec
         undo()
     calls = [plugins for name, plugins in seen if name == "meshagent_identity_changed"]
     assert len(calls) == 1 and "recorder" in calls[0]
+
+
+class BatchObserver:
+    def __init__(self):
+        self.batches = []
+
+    @meshagent.hookimpl
+    def meshagent_ipcache_changes(self, changes):
+        self.batches.append(list(changes))
+
+
+async def test_ipcache_changes_reach_batch_and_single_change_observers_in_order(
+        agent_factory, hook_recorder):
+    batch = BatchObserver()
+    running = await agent_factory(["--plugins", "memory"],
+                                  extra_plugins=[("recorder", hook_recorder), ("batch", batch)])
+    hook_recorder.calls.clear()
+    batch.batches.clear()
+    entries = [IPCacheEntry(ipaddress.ip_network(f"10.1.0.{i}/32"), 6619392, "cluster1")
+               for i in range(10, 13)]
+    changes = [(ChangeKind.UPSERT, e) for e in entries] + [(ChangeKind.DELETE, entries[0])]
+    running.agent.hooks.ipcache_changes(changes)
+    assert batch.batches == [changes]  # one call
+    assert hook_recorder.of("ipcache") == changes  # each one, in order
+
+
+async def test_a_listing_page_is_one_batch_of_ipcache_changes(agent_factory, hook_recorder):
+    """The tables hold ipcache notices while a page is applied: one call for the page."""
+    batch = BatchObserver()
+    running = await agent_factory(["--plugins", "memory"],
+                                  extra_plugins=[("recorder", hook_recorder), ("batch", batch)])
+    batch.batches.clear()
+    hook_recorder.calls.clear()
+    ipcache = running.agent.tables.ipcache
+    entries = [IPCacheEntry(ipaddress.ip_network(f"10.1.0.{i}/32"), 6619392, "cluster1")
+               for i in range(20, 25)]
+    with running.agent.tables.held():
+        for entry in entries:
+            ipcache.upsert(entry.prefix, entry)
+        with running.agent.tables.held():  # nested: still held until the outermost ends
+            ipcache.delete(entries[0].prefix)
+        assert batch.batches == [] and hook_recorder.of("ipcache") == []
+    expected = [(ChangeKind.UPSERT, e) for e in entries] + [(ChangeKind.DELETE, entries[0])]
+    assert batch.batches == [expected]
+    assert hook_recorder.of("ipcache") == expected
+    ipcache.delete(entries[1].prefix)  # not held: at once
+    assert batch.batches[-1] == [(ChangeKind.DELETE, entries[1])]

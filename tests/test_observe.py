@@ -289,7 +289,7 @@ async def test_a_flow_is_named_as_the_tables_were_when_it_happened():
     replaced = IPCacheEntry(prefix, EMPLOYEE_C2.id, "cluster2", namespace="istio-space",
                             pod_name="employee-9x")
     ipcache.upsert(prefix, replaced)
-    names.meshagent_ipcache_changed(kind=ChangeKind.UPSERT, entry=replaced)
+    names.meshagent_ipcache_changes([(ChangeKind.UPSERT, replaced)])
     relabelled = Identity(EMPLOYEE_C2.id, EMPLOYEE_C2.labels | {"k8s:version=2"}, "cluster2")
     identities[relabelled.id] = relabelled
     names.meshagent_identity_changed(kind=ChangeKind.UPSERT, identity=relabelled)

@@ -146,7 +146,8 @@ def test_an_installed_plugin_with_a_misspelled_hook_is_refused(tmp_path, short_t
                      "--socket-path", str(short_tmp / "s.sock"), env=env)
     assert result.returncode == 2
     assert ("plugin 'typo' implements unknown hook meshagent_ipcache_change: no meshagent hook"
-            " has that name (did you mean meshagent_ipcache_changed?)") in result.stderr
+            " has that name (did you mean meshagent_ipcache_changes or"
+            " meshagent_ipcache_changed?)") in result.stderr
     assert not (short_tmp / "state").exists()  # no side effect
     kvstoremesh = run_cli("kvstoremesh", "--plugins", "memory,typo", "--cluster-name", "c1",
                           "--cluster-id", "1", "--clustermesh-config", str(short_tmp),

@@ -116,7 +116,7 @@ class PrefixSync:
         legacy = None if self.sync.cached else self.legacy
         await follow_prefix(store, self.prefix, legacy.apply if legacy else self._apply,
                             lambda: [*self.owned, *self.held, *(legacy.keys() if legacy else ())],
-                            listed, self.position, self._heard)
+                            listed, self.position, self._heard, self.sync.tables.held)
 
     def rekey(self, cached: bool) -> None:
         """The cluster is read from the other place now (direct <-> cache): the keys of what

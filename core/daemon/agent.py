@@ -105,7 +105,8 @@ class Agent:
             identities=Table("identity",
                              lambda kind, v: hooks.identity_changed(kind=kind, identity=v)),
             ipcache=IPCache(self.cluster.name,
-                            lambda kind, v: hooks.ipcache_changed(kind=kind, entry=v)),
+                            lambda kind, v: hooks.ipcache_changed(kind=kind, entry=v),
+                            hooks.ipcache_changes),
             services=Table("service", lambda kind, v: hooks.service_changed(kind=kind, service=v)),
         )
         self.flow_events = FlowEvents()  # what the datapath reports; observers subscribe

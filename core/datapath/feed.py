@@ -279,9 +279,11 @@ class DatapathFeed:
             self.batches.services_changed(self.services)
 
     @hookimpl
-    def meshagent_ipcache_changed(self, kind, entry):
+    def meshagent_ipcache_changes(self, changes):
         if self.batches is not None and self._taken:  # before: in the full state
-            self.batches.ipcache_changed(kind, entry)
+            record = self.batches.ipcache_changed
+            for kind, entry in changes:
+                record(kind, entry)
 
     # -- controllers ------------------------------------------------------------------------------
 

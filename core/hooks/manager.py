@@ -150,11 +150,12 @@ class PluginManager:
             name = self.pm.get_name(exc.plugin)
             hooks = self.unknown_hooks(exc.plugin)
             known = [n for n in dir(hookspecs) if n.startswith(f"{PROJECT}_")]
-            guesses = [g for hook in hooks for g in difflib.get_close_matches(hook, known, n=1)]
+            # two guesses: a misspelling may be one letter from two hooks (..._changed/_changes)
+            guesses = [g for hook in hooks for g in difflib.get_close_matches(hook, known, n=2)]
             raise PluginError(
                 f"plugin {name!r} implements unknown hook{'s' if len(hooks) > 1 else ''}"
                 f" {', '.join(hooks)}: no {PROJECT} hook has that name"
-                + (f" (did you mean {', '.join(guesses)}?)" if guesses else "")
+                + (f" (did you mean {' or '.join(guesses)}?)" if guesses else "")
                 + "; see docs/plugin-hooks.md, or mark it @hookimpl(optionalhook=True)"
             ) from exc
 
@@ -263,7 +264,15 @@ class Hooks:
         self._notify("meshagent_identity_changed", kind=kind, identity=identity)
 
     def ipcache_changed(self, kind: ChangeKind, entry: Any) -> None:
-        self._notify("meshagent_ipcache_changed", kind=kind, entry=entry)
+        self.ipcache_changes([(kind, entry)])
+
+    def ipcache_changes(self, changes: list[tuple[ChangeKind, Any]]) -> None:
+        """Every change to the batch hook at once, then one by one to the single-change hook
+        (where a plugin implements it)."""
+        self._notify("meshagent_ipcache_changes", changes=changes)
+        if self.pm.hook.meshagent_ipcache_changed.get_hookimpls():
+            for kind, entry in changes:
+                self._notify("meshagent_ipcache_changed", kind=kind, entry=entry)
 
     def endpoint_changed(self, kind: ChangeKind, endpoint: Any) -> None:
         self._notify("meshagent_endpoint_changed", kind=kind, endpoint=endpoint)

@@ -231,6 +231,22 @@ def meshagent_ipcache_changed(kind, entry):
 
 
 @_hookspec
+def meshagent_ipcache_changes(changes):
+    """IP (or CIDR) to identity mappings changed: every change in the order it was made, many
+    at once where they came together (a page of a remote's listing), so that a million
+    entries are not a million calls. Each change is also given to
+    :func:`meshagent_ipcache_changed`: implement one of the two.
+
+    :param changes: a sequence of ``(kind, entry)`` pairs, a
+        :class:`meshagent.events.ChangeKind` and a
+        :class:`meshagent.model.ipcache.IPCacheEntry`; one prefix may change more than once
+        in a sequence (the last change is the one in force).
+    :returns: nothing.
+    :raises: as :func:`meshagent_node_changed`.
+    """
+
+
+@_hookspec
 def meshagent_endpoint_changed(kind, endpoint):
     """A local endpoint (pod) was created, regenerated or deleted.
 

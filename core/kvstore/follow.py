@@ -31,11 +31,15 @@ async def follow_prefix(store: KVStore, prefix: str,
                         known_keys: Callable[[], Iterable[str]],
                         on_listed: Callable[[], None],
                         position: Position | None = None,
-                        on_progress: Callable[[], None] | None = None) -> None:
+                        on_progress: Callable[[], None] | None = None,
+                        page_scope: Callable[[], contextlib.AbstractContextManager]
+                        = contextlib.nullcontext) -> None:
     """``apply(key, value)`` for every key under ``prefix`` (value None: deleted), forever;
     what it returns, if not None, is awaited (one key at a time, in order). ``known_keys`` are
     the keys applied so far (a listing deletes those it does not return); ``on_listed`` runs
-    each time the follower is caught up, ``on_progress`` after each listing and event.
+    each time the follower is caught up, ``on_progress`` after each listing and event;
+    ``page_scope()`` is entered around each page of a listing (the tables hold their change
+    notices in it).
 
     A synchronous ``apply`` is called without a coroutine per key: a remote cluster's listing
     may hold 100,000 of them."""
@@ -44,7 +48,7 @@ async def follow_prefix(store: KVStore, prefix: str,
     while True:
         if position.revision is None:
             try:
-                position.revision = await _list(store, prefix, apply, known_keys)
+                position.revision = await _list(store, prefix, apply, known_keys, page_scope)
             except RevisionCompacted as exc:  # between two pages: what they gave stays
                 log.info("%s: %s while listing; listing again", prefix, exc)
                 continue
@@ -81,7 +85,7 @@ def _collection_paused():
             gc.enable()
 
 
-async def _list(store: KVStore, prefix: str, apply, known_keys) -> int:
+async def _list(store: KVStore, prefix: str, apply, known_keys, page_scope) -> int:
     """Apply a listing of ``prefix``, page by page; its revision. A remote cluster's may hold
     100,000s of keys: one page is held at a time, and only the keys known before (none on a
     first listing) are kept aside, to delete those the listing does not return."""
@@ -89,7 +93,7 @@ async def _list(store: KVStore, prefix: str, apply, known_keys) -> int:
     revision = 0
     async for page in store.list_pages(prefix):
         revision = page.revision
-        with _collection_paused():
+        with _collection_paused(), page_scope():
             for item in page.items:
                 gone.discard(item.key)
                 if (pending := apply(item.key, item.value)) is not None:

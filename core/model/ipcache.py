@@ -1,5 +1,6 @@
 """IP (or CIDR) to identity mappings, the facts the datapath judges remote traffic by."""
 
+import contextlib
 import functools
 import ipaddress
 import json
@@ -197,9 +198,13 @@ class IPCache:
     (a remote cluster's million endpoints) keeps the entry alone, not even a tuple.
     """
 
-    def __init__(self, local_cluster: str, notify):
+    def __init__(self, local_cluster: str, notify, notify_many=None):
         self.local_cluster = local_cluster
-        self._notify = notify
+        self._notify = notify  # (kind, entry): one change
+        # [(kind, entry), ...], in order: every change, those made while held in one call
+        self._notify_many = notify_many
+        self._held_depth = 0
+        self._pending: list[tuple[ChangeKind, IPCacheEntry]] = []
         # prefix_key -> (source, entry, ...) by rank, or the entry when its cluster's is the
         # only claim
         self._claims: dict[bytes, tuple | IPCacheEntry] = {}
@@ -258,14 +263,37 @@ class IPCache:
         return gone
 
     def _changed(self, before: IPCacheEntry | None, after: IPCacheEntry | None) -> bool:
-        """Tell observers when the entry in force changed."""
+        """Tell observers when the entry in force changed (later, while held)."""
         if before == after:
             return False
-        if after is None:
-            self._notify(ChangeKind.DELETE, before)
+        change = (ChangeKind.DELETE, before) if after is None else (ChangeKind.UPSERT, after)
+        if self._held_depth:
+            self._pending.append(change)
+        elif self._notify_many is not None:
+            self._notify_many([change])
         else:
-            self._notify(ChangeKind.UPSERT, after)
+            self._notify(*change)
         return True
+
+    @contextlib.contextmanager
+    def held(self):
+        """Hold change notices until the outermost scope ends, then give them in order, in
+        one ``notify_many`` call (one ``notify`` each without it): a remote's listing is a
+        million changes, and a million hook calls cost more than the changes. Observers hear
+        of a change after it is made, as before, only later; the same prefix may change more
+        than once in one call."""
+        self._held_depth += 1
+        try:
+            yield
+        finally:
+            self._held_depth -= 1
+            if not self._held_depth and self._pending:
+                pending, self._pending = self._pending, []
+                if self._notify_many is not None:
+                    self._notify_many(pending)
+                else:
+                    for change in pending:
+                        self._notify(*change)
 
     def get(self, prefix: Network | bytes) -> IPCacheEntry | None:
         held = self._claims.get(prefix_key(prefix))

@@ -4,12 +4,16 @@ Every change goes through a table, and the table tells the plugins through the m
 hook. Rows carry their origin cluster; a cluster withdrawing a key only removes its own row.
 """
 
+import contextlib
 from collections.abc import Callable, Hashable, Iterator
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import attrs
 
 from meshagent.events import ChangeKind
+
+if TYPE_CHECKING:
+    from meshagent.model.ipcache import IPCache
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -75,5 +79,10 @@ class Tables:
 
     nodes: Table
     identities: Table
-    ipcache: Table
+    ipcache: "IPCache"
     services: Table
+
+    def held(self) -> contextlib.AbstractContextManager:
+        """Notices of ipcache changes held while a batch of rows is applied (a page of a
+        listing), then given to observers in one call (see :meth:`IPCache.held`)."""
+        return self.ipcache.held()

@@ -89,9 +89,12 @@ class Names:
         self._ends.clear()
 
     @hookimpl
-    def meshagent_ipcache_changed(self, kind: ChangeKind, entry: IPCacheEntry) -> None:
-        if self._ends and entry.is_host:  # only a host's entry names an end
-            self._ends.pop(str(unpack_address(entry.packed)), None)
+    def meshagent_ipcache_changes(self, changes: list[tuple[ChangeKind, IPCacheEntry]]) -> None:
+        if not self._ends:
+            return
+        for _, entry in changes:
+            if entry.is_host:  # only a host's entry names an end
+                self._ends.pop(str(unpack_address(entry.packed)), None)
 
     def end(self, ip: str, identity: int) -> NamedEnd:
         """:meth:`endpoint`'s answer, the same until the tables change it."""

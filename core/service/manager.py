@@ -122,8 +122,9 @@ class ServiceManager:
         self.service_changed(kind, service)
 
     @hookimpl
-    def meshagent_ipcache_changed(self, kind, entry):
-        if entry.key in self.backend_keys:
+    def meshagent_ipcache_changes(self, changes):
+        keys = self.backend_keys
+        if keys and any(entry.key in keys for _, entry in changes):
             self.remerge()  # backends follow their endpoints
 
     @hookimpl
