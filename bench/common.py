@@ -178,7 +178,9 @@ async def read_once(store, prefix: str) -> int:
     labels = prefix == kvkeys.IDENTITIES
     timestamps = prefix == kvkeys.SYNCED
     async for page in store.list_pages(prefix):
-        for item in page.items:
+        for at, item in enumerate(page.items, 1):
+            if not at % 2_000:
+                await asyncio.sleep(0)  # as the agent does: the store reads the next page ahead
             if labels:
                 item.value.decode().split(";")
             elif timestamps:

@@ -7,6 +7,7 @@ that keeps the :class:`Position` resumes from the revision it reached (a reconne
 list again unless the history is gone).
 """
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -17,6 +18,11 @@ import attrs
 from meshagent.kvstore.contract import EventType, KVStore, RevisionCompacted
 
 log = logging.getLogger(__name__)
+
+# keys applied between two turns of the event loop while listing: some 10-20 ms of work, so a
+# listing of a million keys does not keep the agent from answering (or a store from reading
+# ahead) for the whole of a page
+YIELD_EVERY = 2_000
 
 
 @attrs.define
@@ -94,10 +100,12 @@ async def _list(store: KVStore, prefix: str, apply, known_keys, page_scope) -> i
     async for page in store.list_pages(prefix):
         revision = page.revision
         with _collection_paused(), page_scope():
-            for item in page.items:
+            for at, item in enumerate(page.items, 1):
                 gone.discard(item.key)
                 if (pending := apply(item.key, item.value)) is not None:
                     await pending
+                elif not at % YIELD_EVERY:
+                    await asyncio.sleep(0)  # the loop's other work (and a store's next page)
         del page  # not held while the next one is read
     for key in gone:  # gone while nobody was watching
         if (pending := apply(key, None)) is not None:
