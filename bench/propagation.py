@@ -17,10 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BpfFs, machine, percentile_ms, progress, report
+from common import BpfFs, machine, percentile_ms, progress, report, timed_ebpf_apply
 
 from meshagent.cli import build_agent
-from meshagent.plugins.ebpf.datapath import EbpfDatapath
 from meshagent_dev.etcd import EtcdServer
 
 WRITER = r'''
@@ -58,63 +57,53 @@ async def run(args) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="ma-bench-prop-", dir="/tmp"))
     server = EtcdServer("prop", workdir=workdir / "etcd").start()
     bpffs = BpfFs()
-    latencies: list[float] = []
-    real_apply = EbpfDatapath.apply
-
-    async def timed_apply(self, batch):
-        await real_apply(self, batch)
-        now = time.time()
-        for entry in batch.ipcache_upserts:
-            if entry.pod_name:
-                latencies.append(now - float(entry.pod_name))
-
-    EbpfDatapath.apply = timed_apply
-    try:
-        config = server.client_config(workdir / "remote.yaml")
-        mesh = workdir / "mesh"
-        mesh.mkdir()
-        (mesh / "cluster2").write_text(config.read_text() + "kvstore: etcd\n")
-        # the remote's config first, so the agent is ready before the stream starts
-        subprocess.run([sys.executable, "-c", WRITER, str(config), "1", "0"], check=True,
-                       capture_output=True)
-        agent = build_agent(["--plugins", "memory,etcd,ebpf", "--kvstore", "memory",
-                             "--cluster-name", "cluster1", "--cluster-id", "101",
-                             "--clustermesh-config", str(mesh), "--ebpf-bpf-root",
-                             str(bpffs.path), "--socket-path", str(workdir / "a.sock"),
-                             "--state-dir", str(workdir / "state")], {})
-        task = asyncio.create_task(agent.run())
-        while not agent.datapath_synced.is_set():
-            await asyncio.sleep(0.05)
-        progress(f"agent synced; writing {args.rate}/s for {args.seconds}s")
-        writer = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", WRITER, str(config), str(args.rate), str(args.seconds),
-            stdout=asyncio.subprocess.PIPE)
-        last = 0
-        while writer.returncode is None:
-            try:
-                await asyncio.wait_for(writer.wait(), 5)
-            except asyncio.TimeoutError:
-                progress(f"  {len(latencies)} updates applied so far (+{len(latencies) - last})")
-                last = len(latencies)
-        written = int((await writer.stdout.read()).decode().split()[-1])
-        deadline = time.monotonic() + 10
-        while len(latencies) < written and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        agent.stop()
-        await task
-    finally:
-        EbpfDatapath.apply = real_apply
-        bpffs.close()
-        server.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
-    ordered = sorted(latencies)
+    arrivals: list[tuple[float, float]] = []  # (put time, written into the BPF map)
+    with timed_ebpf_apply(arrivals):
+        try:
+            config = server.client_config(workdir / "remote.yaml")
+            mesh = workdir / "mesh"
+            mesh.mkdir()
+            (mesh / "cluster2").write_text(config.read_text() + "kvstore: etcd\n")
+            # the remote's config first, so the agent is ready before the stream starts
+            subprocess.run([sys.executable, "-c", WRITER, str(config), "1", "0"], check=True,
+                           capture_output=True)
+            agent = build_agent(["--plugins", "memory,etcd,ebpf", "--kvstore", "memory",
+                                 "--cluster-name", "cluster1", "--cluster-id", "101",
+                                 "--clustermesh-config", str(mesh), "--ebpf-bpf-root",
+                                 str(bpffs.path), "--socket-path", str(workdir / "a.sock"),
+                                 "--state-dir", str(workdir / "state")], {})
+            task = asyncio.create_task(agent.run())
+            while not agent.datapath_synced.is_set():
+                await asyncio.sleep(0.05)
+            progress(f"agent synced; writing {args.rate}/s for {args.seconds}s")
+            writer = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", WRITER, str(config), str(args.rate), str(args.seconds),
+                stdout=asyncio.subprocess.PIPE)
+            last = 0
+            while writer.returncode is None:
+                try:
+                    await asyncio.wait_for(writer.wait(), 5)
+                except asyncio.TimeoutError:
+                    progress(f"  {len(arrivals)} updates applied so far (+{len(arrivals) - last})")
+                    last = len(arrivals)
+            written = int((await writer.stdout.read()).decode().split()[-1])
+            deadline = time.monotonic() + 10
+            while len(arrivals) < written and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            agent.stop()
+            await task
+        finally:
+            bpffs.close()
+            server.cleanup()
+            shutil.rmtree(workdir, ignore_errors=True)
+    ordered = sorted(arrived - put for put, arrived in arrivals)
     p99 = percentile_ms(ordered, 0.99)
     result = {"machine": machine(), "rate_per_s": args.rate, "seconds": args.seconds,
-              "written": written, "applied": len(latencies),
+              "written": written, "applied": len(arrivals),
               "p50_ms": percentile_ms(ordered, 0.50), "p99_ms": p99,
               "max_ms": round(max(ordered) * 1000, 1),
               "mean_ms": round(statistics.mean(ordered) * 1000, 1),
-              "kept_up": len(latencies) >= written and p99 < 1000,
+              "kept_up": len(arrivals) >= written and p99 < 1000,
               "goal_p99_le_100ms": p99 <= 100}
     return result
 
