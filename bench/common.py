@@ -120,9 +120,9 @@ def peak_rss_mib(pid: int) -> float:
 
 def agent_command(mesh: Path, sock: Path, state: Path, bpffs: Path | None,
                   ipcache_max: int = 512_000) -> list[str]:
-    """The agent of the sync benchmarks and of the start-up floor: cluster1 on the memory
-    kvstore, the eBPF datapath (unless ``bpffs`` is None), remote clusters from ``mesh``; JSON
-    log lines, whose times say what start-up spent its time on."""
+    """The agent of every benchmark (those running it in-process drop the executable):
+    cluster1 on the memory kvstore, the eBPF datapath (unless ``bpffs`` is None), remote
+    clusters from ``mesh``; JSON log lines, whose times say what start-up spent its time on."""
     return [MESHAGENT, "--plugins", "memory,etcd,ebpf" if bpffs else "memory,etcd",
             "--kvstore", "memory", "--cluster-name", "cluster1", "--cluster-id", "101",
             "--clustermesh-config", str(mesh),

@@ -17,7 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BpfFs, machine, percentile_ms, progress, report, timed_ebpf_apply
+from common import (
+    BpfFs,
+    agent_command,
+    machine,
+    percentile_ms,
+    progress,
+    report,
+    timed_ebpf_apply,
+)
 
 from meshagent.cli import build_agent
 from meshagent_dev.etcd import EtcdServer
@@ -67,11 +75,8 @@ async def run(args) -> dict:
             # the remote's config first, so the agent is ready before the stream starts
             subprocess.run([sys.executable, "-c", WRITER, str(config), "1", "0"], check=True,
                            capture_output=True)
-            agent = build_agent(["--plugins", "memory,etcd,ebpf", "--kvstore", "memory",
-                                 "--cluster-name", "cluster1", "--cluster-id", "101",
-                                 "--clustermesh-config", str(mesh), "--ebpf-bpf-root",
-                                 str(bpffs.path), "--socket-path", str(workdir / "a.sock"),
-                                 "--state-dir", str(workdir / "state")], {})
+            agent = build_agent(agent_command(mesh, workdir / "a.sock", workdir / "state",
+                                              bpffs.path)[1:], {})
             task = asyncio.create_task(agent.run())
             while not agent.datapath_synced.is_set():
                 await asyncio.sleep(0.05)

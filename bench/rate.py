@@ -107,7 +107,7 @@ async def bare(config: Path, workdir: Path, arrivals: list[tuple[float, float]]
 async def agent(config: Path, workdir: Path, arrivals: list[tuple[float, float]]
                ) -> AsyncIterator[None]:
     """The agent in this process, timing what its eBPF datapath writes."""
-    from common import timed_ebpf_apply
+    from common import agent_command, timed_ebpf_apply
 
     from meshagent.cli import build_agent
     bpffs = BpfFs()
@@ -116,11 +116,8 @@ async def agent(config: Path, workdir: Path, arrivals: list[tuple[float, float]]
     (mesh / "cluster2").write_text(config.read_text() + "kvstore: etcd\n")
     try:
         with timed_ebpf_apply(arrivals):
-            daemon = build_agent(["--plugins", "memory,etcd,ebpf", "--kvstore", "memory",
-                                  "--cluster-name", "cluster1", "--cluster-id", "101",
-                                  "--clustermesh-config", str(mesh), "--ebpf-bpf-root",
-                                  str(bpffs.path), "--socket-path", str(workdir / "a.sock"),
-                                  "--state-dir", str(workdir / "state")], {})
+            daemon = build_agent(agent_command(mesh, workdir / "a.sock", workdir / "state",
+                                               bpffs.path)[1:], {})
             task = asyncio.create_task(daemon.run())
             while not daemon.datapath_synced.is_set():
                 if task.done():
