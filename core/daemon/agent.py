@@ -104,9 +104,7 @@ class Agent:
             nodes=Table("node", lambda kind, v: hooks.node_changed(kind=kind, node=v)),
             identities=Table("identity",
                              lambda kind, v: hooks.identity_changed(kind=kind, identity=v)),
-            ipcache=IPCache(self.cluster.name,
-                            lambda kind, v: hooks.ipcache_changed(kind=kind, entry=v),
-                            hooks.ipcache_changes),
+            ipcache=IPCache(self.cluster.name, notify_many=hooks.ipcache_changes),
             services=Table("service", lambda kind, v: hooks.service_changed(kind=kind, service=v)),
         )
         self.flow_events = FlowEvents()  # what the datapath reports; observers subscribe

@@ -198,10 +198,11 @@ class IPCache:
     (a remote cluster's million endpoints) keeps the entry alone, not even a tuple.
     """
 
-    def __init__(self, local_cluster: str, notify, notify_many=None):
+    def __init__(self, local_cluster: str, notify=None, notify_many=None):
         self.local_cluster = local_cluster
-        self._notify = notify  # (kind, entry): one change
-        # [(kind, entry), ...], in order: every change, those made while held in one call
+        # observers: notify_many([(kind, entry), ...]) with every change in order, those made
+        # while held in one call; or, without it, notify(kind, entry) for each change
+        self._notify = notify
         self._notify_many = notify_many
         self._held_depth = 0
         self._pending: list[tuple[ChangeKind, IPCacheEntry]] = []
