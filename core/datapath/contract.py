@@ -43,7 +43,12 @@ class DatapathBatch:
        datapath that applies all of it in one atomic step meets this as it is (nftables).
     3. ``services`` — the whole current set of merged services, when it changed (None:
        unchanged); the first batch after a :meth:`Datapath.reconcile` always has it.
-    4. ``removed`` — endpoints gone, with every policy entry of theirs; last, so nothing is
+    4. ``proxy_port`` — the port the agent's DNS proxy listens on (TCP and UDP, both
+       families), when it changed (None: unchanged; 0: no proxy); the first batch after a
+       :meth:`Datapath.reconcile` always has it. A packet whose policy entry is
+       :attr:`~meshagent.policy.contract.Verdict.REDIRECT` goes to that port on this node,
+       its original destination kept (transparent proxying).
+    5. ``removed`` — endpoints gone, with every policy entry of theirs; last, so nothing is
        written for an endpoint after it went.
 
     ``policy`` holds entries only of endpoints the datapath holds once ``added`` is applied
@@ -59,12 +64,14 @@ class DatapathBatch:
     ipcache_upserts: tuple[IPCacheEntry, ...] = ()
     ipcache_deletes: tuple[IPCacheEntry, ...] = ()
     services: tuple[MergedService, ...] | None = None
+    proxy_port: int | None = None
     removed: tuple[Endpoint, ...] = ()
 
     @property
     def empty(self) -> bool:
         return not (self.added or self.policy or self.ipcache_upserts or self.ipcache_deletes
-                    or self.services is not None or self.removed)
+                    or self.services is not None or self.proxy_port is not None
+                    or self.removed)
 
 
 @runtime_checkable

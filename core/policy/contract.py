@@ -31,6 +31,9 @@ from meshagent.policy.api import Policy
 class Verdict(enum.Enum):
     ALLOW = "allow"
     DENY = "deny"
+    #: allowed, and delivered to the agent's DNS proxy instead of its destination: the entry
+    #: of a port rule with ``rules: dns`` (Cilium's policy entry with a proxy port)
+    REDIRECT = "redirect"
 
 
 @attrs.frozen(order=True)
