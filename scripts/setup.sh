@@ -12,6 +12,7 @@ apt_packages=(
   nftables python3-nftables        # the nftables datapath (libnftables and its bindings)
   python3-venv python3-pip
   iproute2 iputils-ping iptables redis-server redis-tools iperf3 openssl make
+  dnsmasq-base bind9-dnsutils      # the lab's DNS server (lab up --dns) and dig in its pods
 )
 
 log() { printf '[setup] %s\n' "$*"; }

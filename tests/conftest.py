@@ -88,15 +88,16 @@ def bpffs(short_tmp):
 @contextlib.contextmanager
 def lab_up(tmp_path_factory, name: str, nodes: int, agent_args: Sequence[str] = (),
            dual_stack: bool = False, datapath: str = "ebpf", kvstoremesh: bool = False,
-           cilium_peer: bool = False):
+           cilium_peer: bool = False, outside: Sequence = ()):
     """The two-cluster lab with ``nodes`` nodes per cluster, torn down afterwards (also when
-    setting it up failed)."""
+    setting it up failed); ``outside``: its DNS server and these outside hosts."""
     from meshagent_dev.lab import Lab
     # short (sockets live there) and unique across concurrent runs on one machine
     lab = Lab(Path(tempfile.mkdtemp(prefix=f"ma-{name}-", dir="/tmp")))
     try:
         lab.bring_up(nodes=nodes, agent_args=agent_args, dual_stack=dual_stack,
-                     datapath=datapath, kvstoremesh=kvstoremesh, cilium_peer=cilium_peer)
+                     datapath=datapath, kvstoremesh=kvstoremesh, cilium_peer=cilium_peer,
+                     outside=outside)
         yield lab
     finally:
         lab.tear_down(quiet=True)

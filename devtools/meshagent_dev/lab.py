@@ -29,6 +29,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import attrs
+
 from meshagent.errors import MeshagentError, UsageError
 
 DEFAULT_DIR = Path("/tmp/meshagent-lab")
@@ -41,11 +43,51 @@ UNDERLAY_CIDR6 = 64  # fd00:99::/64 beside it, in a dual-stack lab
 KVSTOREMESH_ETCD = "kvstoremesh-etcd.yaml"
 HUBBLE_PORT = 4244  # Cilium's hubble-listen-address port
 HUBBLE_DIR = "hubble"  # <dir>/hubble: ca.crt, client.crt/.key, <cluster>-<node>.crt/.key
-CILIUM_CLUSTER = "cluster2"  # the cluster --cilium-peer makes a Cilium one  # KVStoreMesh's own etcd config, beside etcd.yaml
+CILIUM_CLUSTER = "cluster2"  # the cluster --cilium-peer makes a Cilium one
+# --dns: the lab's "outside" is TEST-NET-1 (RFC 5737), outside every pod CIDR and node address,
+# so the agents' ipcache knows none of it (world). The underlay namespace routes it: its bridge
+# gets UNDERLAY_ROUTER, a second bridge holds the outside hosts, and every node routes
+# OUTSIDE_NET via UNDERLAY_ROUTER while the underlay routes each pod CIDR via its node.
+OUTSIDE_NET = "192.0.2.0/24"
+OUTSIDE_ROUTER = "192.0.2.1"
+UNDERLAY_ROUTER = "10.99.0.254"
+DNS_SERVER = "192.0.2.53"
+DNS_TTL = 60  # seconds, every outside name unless it gives its own
+DEFAULT_OUTSIDE = ("allowed.example.com", "other.example.com")
+DNS_DOMAIN = "example.com"  # dnsmasq answers NXDOMAIN for its other names, REFUSED elsewhere
+NETNS_ETC = Path("/etc/netns")  # ip netns exec bind-mounts /etc/netns/<ns>/* over /etc/*
 
 
 class LabError(MeshagentError):
     pass
+
+
+@attrs.frozen
+class OutsideHost:
+    """A host outside the clusters, with a name in the lab's DNS server."""
+
+    name: str
+    ttl: int = DNS_TTL  # seconds, in the DNS server's answers
+
+    @classmethod
+    def parse(cls, text: str, ttl: int = DNS_TTL) -> "OutsideHost":
+        """``NAME`` or ``NAME:TTL`` (the command line's form)."""
+        name, _, own = text.partition(":")
+        if own and not own.isdigit():
+            raise UsageError(f"--outside {text}: TTL {own!r} is not a number of seconds")
+        return cls(name.lower().rstrip("."), int(own) if own else ttl)
+
+
+def _check_outside(hosts: Sequence[OutsideHost]) -> None:
+    names = [host.name for host in hosts]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--outside: a name given twice in {', '.join(names)}")
+    for name in names:
+        if not name.endswith(f".{DNS_DOMAIN}"):
+            raise UsageError(f"--outside {name}: the lab's DNS server holds names under"
+                             f" {DNS_DOMAIN} only")
+    if len(names) > 40:
+        raise UsageError("--outside: at most 40 hosts")
 
 
 def _run(*cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -108,7 +150,8 @@ class Lab:
 
     def bring_up(self, nodes: int, agent_args: Sequence[str] = (),
                  dual_stack: bool = False, datapath: str = "ebpf",
-                 kvstoremesh: bool = False, cilium_peer: bool = False) -> None:
+                 kvstoremesh: bool = False, cilium_peer: bool = False,
+                 outside: Sequence[OutsideHost] = ()) -> None:
         """Both clusters with ``nodes`` nodes each; ``agent_args`` go to every agent (more
         plugins, another policy resolver). ``dual_stack``: nodes and pods get IPv6 addresses
         too (underlay fd00:99::/64, pod CIDRs fd00:<cluster>:<node>::/64). ``kvstoremesh``:
@@ -118,9 +161,12 @@ class Lab:
         its etcd shows it — written by :mod:`meshagent_dev.cilium` exactly as Cilium 1.17
         writes it, no meshagent agent in it — with its node ``worker1`` and its pod
         ``employee-c2`` (Cilium's ``employee-0``, 10.2.1.5, identity 6685228) as real
-        namespaces (docs/cilium.md)."""
+        namespaces (docs/cilium.md). ``outside``: a DNS server (dnsmasq) and these hosts, each
+        in a namespace of its own running redis, at world addresses the underlay routes; the
+        server holds their names and every pod resolves through it (docs/lab.md)."""
         if cilium_peer and (kvstoremesh or dual_stack or nodes != 1):
             raise LabError("--cilium-peer goes with one node per cluster, IPv4, no KVStoreMesh")
+        _check_outside(outside)
         if self.up:
             print(f"lab already up in {self.dir} ({self.state['nodes_per_cluster']} node(s) per"
                   " cluster); 'meshagent lab down' first to rebuild")
@@ -141,6 +187,8 @@ class Lab:
             _run("ip", "netns", "exec", self.state["underlay"], "ip", "link", "add", "br0",
                  "type", "bridge")
             _run("ip", "netns", "exec", self.state["underlay"], "ip", "link", "set", "br0", "up")
+            if outside:
+                self._start_outside(outside)
             etcd = {}
             for cluster, cluster_id in CLUSTERS.items():
                 n = cluster_id - 100
@@ -212,6 +260,8 @@ class Lab:
                 "state_dir": str(self.dir / "run" / f"{name}-state"), "bpffs": str(bpffs),
                 "name": f"node{i}"}
         (self.dir / "run").mkdir(exist_ok=True)
+        if self.state.get("dns"):
+            self._route_outside(ns, node_ip, node["pod_cidr"])
         self._hubble_server_cert(cluster, node["name"])
         self.state["nodes"][name] = node
         self.save()
@@ -250,6 +300,89 @@ class Lab:
             "ip": cilium.ENDPOINT_IP, "ip6": None, "endpoint": None,
             "identity": cilium.IDENTITY_ID, "cilium": True}
         self.save()
+
+    # -- the outside: a DNS server and hosts with names ------------------------------------------
+
+    def _start_outside(self, hosts: Sequence[OutsideHost]) -> None:
+        """The underlay becomes the router to OUTSIDE_NET; dnsmasq and each host get a
+        namespace on its second bridge; the hosts run redis (as the seed's pods do)."""
+        underlay = self.state["underlay"]
+        _run("ip", "netns", "exec", underlay, "ip", "addr", "add", f"{UNDERLAY_ROUTER}/"
+             f"{UNDERLAY_CIDR}", "dev", "br0")
+        _run("ip", "netns", "exec", underlay, "ip", "link", "add", "wan0", "type", "bridge")
+        prefix = ipaddress.ip_network(OUTSIDE_NET).prefixlen
+        _run("ip", "netns", "exec", underlay, "ip", "addr", "add", f"{OUTSIDE_ROUTER}/{prefix}",
+             "dev", "wan0")
+        _run("ip", "netns", "exec", underlay, "ip", "link", "set", "wan0", "up")
+        _run("ip", "netns", "exec", underlay, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        dns = {"ip": DNS_SERVER, "ns": self._outside_ns("dns", DNS_SERVER), "hosts": {}}
+        self.state["dns"] = dns
+        for i, host in enumerate(hosts):
+            address = str(ipaddress.ip_network(OUTSIDE_NET)[10 + i])
+            ns = self._outside_ns(f"out{i}", address)
+            dns["hosts"][host.name] = {"ip": address, "ns": ns, "ttl": host.ttl}
+            self.save()
+            self._spawn(ns, f"outside-{host.name}", list(REDIS_SERVER))
+        self.save()
+        self._spawn(dns["ns"], "dnsmasq", self.dnsmasq_command())
+        self._wait_dns()
+
+    def _outside_ns(self, name: str, address: str) -> str:
+        ns = self._ns(name)
+        n = len(self.state.setdefault("links", []))
+        outer = f"{self.state['prefix'][:7]}w{n}"
+        _run("ip", "link", "add", outer, "netns", self.state["underlay"], "type", "veth", "peer",
+             "name", "eth0", "netns", ns)
+        self.state["links"].append(outer)
+        _run("ip", "netns", "exec", self.state["underlay"], "ip", "link", "set", outer, "master",
+             "wan0", "up")
+        prefix = ipaddress.ip_network(OUTSIDE_NET).prefixlen
+        _run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{address}/{prefix}", "dev", "eth0")
+        _run("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up")
+        _run("ip", "netns", "exec", ns, "ip", "route", "add", "default", "via", OUTSIDE_ROUTER)
+        return ns
+
+    def dnsmasq_command(self) -> list[str]:
+        """dnsmasq with nothing of this machine's: no config file, resolv.conf or hosts file;
+        in the foreground on port 53 of its own namespace, every query logged (logs/dnsmasq.log)."""
+        dns = self.state["dns"]
+        records = [f"--host-record={name},{host['ip']},{host['ttl']}"
+                   for name, host in dns["hosts"].items()]
+        return ["dnsmasq", "--conf-file=/dev/null", "--keep-in-foreground", "--no-resolv",
+                "--no-hosts", "--port=53", f"--listen-address={dns['ip']}", "--bind-interfaces",
+                "--log-queries", "--log-facility=-", "--pid-file=",
+                f"--local=/{DNS_DOMAIN}/", *records]
+
+    def _wait_dns(self, timeout: float = 10) -> None:
+        """Until dnsmasq answers for the first host (asked from the underlay, the router)."""
+        dns = self.state["dns"]
+        name = next(iter(dns["hosts"]), DNS_DOMAIN)
+        deadline = time.monotonic() + timeout
+        while True:
+            out = _run("ip", "netns", "exec", self.state["underlay"], "dig", "+time=1",
+                       "+tries=1", f"@{dns['ip']}", name, check=False)
+            if "status: NOERROR" in out.stdout or "status: NXDOMAIN" in out.stdout:
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"dnsmasq did not answer within {timeout:.0f}s (see"
+                               f" {self.dir / 'logs' / 'dnsmasq.log'})")
+            time.sleep(0.1)
+
+    def _route_outside(self, node_ns: str, node_ip: str, pod_cidr: str) -> None:
+        """The node reaches OUTSIDE_NET through the underlay, which routes the node's pod CIDR
+        back to it (replies, and the DNS proxy's queries from the node)."""
+        _run("ip", "netns", "exec", node_ns, "ip", "route", "add", OUTSIDE_NET, "via",
+             UNDERLAY_ROUTER)
+        _run("ip", "netns", "exec", self.state["underlay"], "ip", "route", "add", pod_cidr,
+             "via", node_ip)
+
+    def _resolv_conf(self, ns: str) -> None:
+        """The pod resolves through the lab's DNS server: ``ip netns exec`` mounts this file over
+        /etc/resolv.conf. One try of two seconds, so a dropped query fails fast."""
+        directory = NETNS_ETC / ns
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "resolv.conf").write_text(
+            f"nameserver {self.state['dns']['ip']}\noptions timeout:2 attempts:1\n")
 
     # -- Hubble ---------------------------------------------------------------------------------
 
@@ -385,6 +518,8 @@ class Lab:
         if node not in self.state["nodes"]:
             raise UsageError(f"no node {node}; nodes: {', '.join(self.state['nodes'])}")
         ns = self._ns(f"pod-{name}")
+        if self.state.get("dns"):
+            self._resolv_conf(ns)
         client = AgentClient(Path(self.state["nodes"][node]["socket"]))
         endpoint = asyncio.run(client.request("POST", "/endpoints", json={
             "netns": ns, "namespace": namespace, "labels": labels, "pod_name": name},
@@ -419,6 +554,7 @@ class Lab:
             _kill(pid, signal.SIGTERM, wait=5)
         for ns in reversed(self.state.get("namespaces", [])):
             _run("ip", "netns", "del", ns, check=False)
+            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
         for mount in self.state.get("mounts", []):
             _run("umount", "-l", mount, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -448,6 +584,13 @@ class Lab:
             ips = _both(pod["ip"], pod.get("ip6"))
             lines.append(f"  pod {name} on {pod['node']}: {ips} (identity"
                          f" {pod['identity']})")
+        if self.state.get("dns"):
+            dns = self.state["dns"]
+            lines.append(f"  DNS server {dns['ip']}:53 (dnsmasq, every pod's resolv.conf; queries"
+                         f" in {self.dir / 'logs' / 'dnsmasq.log'})")
+            for name, host in dns["hosts"].items():
+                lines.append(f"  outside host {name}: {host['ip']} (redis on 6379, TTL"
+                             f" {host['ttl']}s)")
         if self.state.get("nodes"):
             lines.append(f"  flows: meshagent lab observe -- [observe flags] (observe --mesh from"
                          f" cluster1-node1; Hubble on every node IP:{HUBBLE_PORT}, mutual TLS,"
@@ -513,6 +656,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--cilium-peer", action="store_true",
                     help="cluster2 is a Cilium cluster: its etcd written as Cilium 1.17 writes"
                          " it, its pod employee-c2 a namespace (docs/cilium.md)")
+    up.add_argument("--dns", action="store_true",
+                    help="run a DNS server (dnsmasq) and outside hosts (redis) at world"
+                         f" addresses in {OUTSIDE_NET}; every pod resolves through it")
+    up.add_argument("--outside", action="append", metavar="NAME[:TTL]",
+                    help=f"an outside host under {DNS_DOMAIN} (repeat; implies --dns; default"
+                         f" {' and '.join(DEFAULT_OUTSIDE)})")
+    up.add_argument("--dns-ttl", type=int, default=DNS_TTL,
+                    help="the TTL of the DNS server's answers, seconds, where a host gives none")
     sub.add_parser("down", help="stop everything and remove the namespaces")
     sub.add_parser("status", help="what is running")
     pod = sub.add_parser("pod", help="create a pod on a node")
@@ -557,8 +708,11 @@ def run(args: argparse.Namespace) -> int:
     command = _exec_options(args) if args.action == "exec" else []
     lab = Lab(args.dir)
     if args.action == "up":
+        names = args.outside or (DEFAULT_OUTSIDE if args.dns else ())
+        outside = [OutsideHost.parse(name, args.dns_ttl) for name in names]
         lab.bring_up(args.nodes, dual_stack=args.dual_stack, datapath=args.datapath,
-                     kvstoremesh=args.kvstoremesh, cilium_peer=args.cilium_peer)
+                     kvstoremesh=args.kvstoremesh, cilium_peer=args.cilium_peer,
+                     outside=outside)
         print(lab.describe())
     elif args.action == "down":
         lab.tear_down()
