@@ -220,7 +220,8 @@ class Agent:
         self.services = ServiceManager(
             self.kvstore, self.cluster, config.get("pod-cidr"), self.tables, self.ready_event,
             merged_changed=lambda merged: self.datapath_feed.services_changed(merged),
-            source_plugins=lambda: self.hooks.service_sources(self.view))
+            source_plugins=lambda: self.hooks.service_sources(self.view),
+            policy_services=self._policy_services)
         self.plugins.register(self.services, name="core.services")
         cleanup.push_async_callback(self.publisher.close)  # revoke the lease before closing
         if mesh_dir := config.get("clustermesh-config"):
@@ -272,6 +273,12 @@ class Agent:
             policy_audit_mode=config.get("policy-audit-mode"))
         self.plugins.register(self.endpoints, name="core.endpoints")
         self.plugins.register(self.datapath_feed, name="core.datapath")
+
+    def _policy_services(self, services: list) -> None:
+        """The cluster's services, for the toServices rules of the core's repository (a 0.1
+        resolver, which holds the rules itself, has none)."""
+        if isinstance(self.policy_repository, Repository):
+            self.policy_repository.services_changed(services)
 
     def _build_policy_resolver(self):
         """The slot's resolver; one written for 0.1's contract through its shim."""

@@ -47,6 +47,10 @@ class Service:
     shared: bool = True
     affinity: str = "none"
     cluster_id: int = 0
+    # the Service's own labels and its pod selector (Kubernetes' spec.selector), as sorted
+    # (key, value) pairs: what toServices rules match and translate (docs/policy.md)
+    labels: tuple[tuple[str, str], ...] = ()
+    selector: tuple[tuple[str, str], ...] = ()
 
 
 def service_to_json(service: Service) -> bytes:
@@ -60,14 +64,15 @@ def service_to_json(service: Service) -> bytes:
         return out
     doc = {"cluster": service.cluster, "namespace": service.namespace, "name": service.name,
            "frontends": ports(service.frontends), "backends": ports(service.backends),
-           "hostnames": {}, "labels": {}, "selector": {}, "includeExternal": service.global_,
+           "hostnames": {}, "labels": dict(service.labels), "selector": dict(service.selector),
+           "includeExternal": service.global_,
            "shared": service.shared, "clusterID": service.cluster_id}
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
 # Cilium's ClusterService and loadbalancer.L4Addr, as encoding/json reads them
-SERVICE_FIELDS = GoNames("cluster", "namespace", "name", "frontends", "backends",
-                         "includeExternal", "shared", "clusterID")
+SERVICE_FIELDS = GoNames("cluster", "namespace", "name", "frontends", "backends", "labels",
+                         "selector", "includeExternal", "shared", "clusterID")
 PORT_FIELDS = GoNames("Protocol", "Port")
 
 
@@ -97,6 +102,13 @@ def service_from_json(data: bytes) -> Service:
                                                    default="TCP").upper(), name))
         return sorted(out, key=lambda item: (item[0].version, item[0], *item[1:]))
 
+    def string_map(what):
+        found = field(doc, what, dict, required=False, default={})
+        for key, value in found.items():
+            if not isinstance(value, str):
+                raise ValueError(f"field {what!r}: the value of {key!r} must be a string")
+        return tuple(sorted(found.items()))
+
     return Service(
         namespace=field(doc, "namespace", str), name=field(doc, "name", str), cluster=cluster,
         frontends=tuple(Frontend(ip, port, proto, name)
@@ -106,6 +118,7 @@ def service_from_json(data: bytes) -> Service:
         global_=field(doc, "includeExternal", bool, required=False, default=False),
         shared=field(doc, "shared", bool, required=False, default=False),
         cluster_id=field(doc, "clusterID", int, required=False, default=0),
+        labels=string_map("labels"), selector=string_map("selector"),
     )
 
 

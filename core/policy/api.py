@@ -24,10 +24,10 @@ ENTITIES = ("world", "cluster", "host", "remote-node", "all", "health", "init", 
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 _INGRESS_PEERS = {"fromEndpoints", "fromEntities", "fromCIDR", "fromCIDRSet"}
-_EGRESS_PEERS = {"toEndpoints", "toEntities", "toCIDR", "toCIDRSet"}
+_EGRESS_PEERS = {"toEndpoints", "toEntities", "toCIDR", "toCIDRSet", "toServices"}
 _UNSUPPORTED = {
     "fromRequires": "fromRequires", "toRequires": "toRequires", "toFQDNs": "DNS-based rules",
-    "toServices": "service-based rules", "fromGroups": "cloud groups", "toGroups": "cloud groups",
+    "fromGroups": "cloud groups", "toGroups": "cloud groups",
     "fromNodes": "node selectors", "toNodes": "node selectors", "icmps": "ICMP rules",
     "authentication": "mutual authentication", "nodeSelector": "host policies",
     "rules": "L7 rules", "serverNames": "TLS SNI rules", "terminatingTLS": "TLS termination",
@@ -123,17 +123,41 @@ class CIDRRule:
 
 
 @attrs.frozen
+class ServiceRef:
+    """One ``toServices`` item: a Service by name (``k8sService``) or by its labels
+    (``k8sServiceSelector``), in ``namespace`` ("": any namespace, as in Cilium)."""
+
+    namespace: str = ""
+    name: str | None = None  # k8sService.serviceName
+    selector: EndpointSelector | None = None  # k8sServiceSelector.selector
+
+    def describe(self) -> str:
+        where = f"namespace {self.namespace}" if self.namespace else "any namespace"
+        if self.name is not None:
+            return f"service {self.name} in {where}"
+        labels = ", ".join(f"{r.key} {r.operator} {sorted(r.values)}".rstrip(" []")
+                           for r in self.selector.requirements)
+        return f"services labelled {{{labels}}} in {where}"
+
+
+@attrs.frozen
 class PeerRule:
-    """One item of an ingress/egress (or deny) section: peers AND ports."""
+    """One item of an ingress/egress (or deny) section: peers AND ports.
+
+    ``services`` are the item's ``toServices``; the repository translates them into peers
+    for the resolver (:mod:`meshagent.policy.services`), which it adds to ``endpoints`` and
+    ``cidrs`` as Cilium adds its generated selectors and CIDRs."""
 
     endpoints: tuple[EndpointSelector, ...] | None = None  # None: not given
     entities: tuple[str, ...] | None = None
     cidrs: tuple[CIDRRule, ...] | None = None
     ports: tuple[PortProtocol, ...] = ()
+    services: tuple[ServiceRef, ...] | None = None
 
     @property
     def names_peers(self) -> bool:
-        return any(x is not None for x in (self.endpoints, self.entities, self.cidrs))
+        return any(x is not None for x in (self.endpoints, self.entities, self.cidrs,
+                                           self.services))
 
 
 @attrs.frozen
@@ -376,12 +400,53 @@ class _Parser:
                 collected.append(self.cidr_set(entry, f"{field}[{i}]"))
         if f"{prefix}CIDR" in item or f"{prefix}CIDRSet" in item:
             cidrs = tuple(collected)
+        services = None
+        if "toServices" in item:
+            services = self.services(item, path)
         ports = ()
         if "toPorts" in item:
             field = f"{path}.toPorts"
             ports = tuple(p for i, entry in enumerate(self.listing(item["toPorts"], field))
                           for p in self.port_rule(entry, f"{field}[{i}]"))
-        return PeerRule(endpoints, entities, cidrs, ports)
+        return PeerRule(endpoints, entities, cidrs, ports, services)
+
+    def services(self, item: dict, path: str) -> tuple[ServiceRef, ...]:
+        """``toServices``: alone among the peers, as Cilium's rule validation wants (its
+        generated selectors and CIDRs do not count, what a user writes does)."""
+        for other in ("toEndpoints", "toEntities", "toCIDR", "toCIDRSet"):
+            if other in item:
+                self.fail(path, f"combining ToServices and {other[0].upper()}{other[1:]} is"
+                                " not supported yet")
+        field = f"{path}.toServices"
+        return tuple(self.service_ref(entry, f"{field}[{i}]")
+                     for i, entry in enumerate(self.listing(item["toServices"], field)))
+
+    def service_ref(self, value: Any, path: str) -> ServiceRef:
+        value = self.mapping(value, path)
+        self.only(value, path, {"k8sService", "k8sServiceSelector"})
+        if ("k8sService" in value) == ("k8sServiceSelector" in value):
+            self.fail(path, "give one of k8sService or k8sServiceSelector")
+        if "k8sService" in value:
+            where = f"{path}.k8sService"
+            ref = self.mapping(value["k8sService"], where)
+            self.only(ref, where, {"serviceName", "namespace"})
+            name = ref.get("serviceName")
+            if not isinstance(name, str) or not name:
+                self.fail(f"{where}.serviceName", "is required")
+            return ServiceRef(self.service_namespace(ref, where), name=name)
+        where = f"{path}.k8sServiceSelector"
+        ref = self.mapping(value["k8sServiceSelector"], where)
+        self.only(ref, where, {"selector", "namespace"})
+        if "selector" not in ref:
+            self.fail(f"{where}.selector", "is required")
+        return ServiceRef(self.service_namespace(ref, where),
+                          selector=self.selector(ref["selector"], f"{where}.selector"))
+
+    def service_namespace(self, ref: dict, where: str) -> str:
+        namespace = ref.get("namespace") or ""
+        if not isinstance(namespace, str):
+            self.fail(f"{where}.namespace", "must be a string")
+        return namespace
 
     def selector(self, value: Any, path: str) -> EndpointSelector:
         value = self.mapping(value if value is not None else {}, path)

@@ -7,6 +7,10 @@ Every change, whatever its source, bumps the revision by one and is handed, in o
 loaded resolver (:meth:`meshagent.policy.PolicyResolver.apply`) — so a resolver receives every
 source's rules whether or not it wraps the default one.
 
+A policy naming Services (``toServices``) reaches the resolver translated into the peers those
+Services stand for (:mod:`meshagent.policy.services`), and again, with a new revision, whenever
+that translation changes with the cluster's Services; ``policies()`` keeps it as written.
+
 ``store`` and ``delete`` go through the kvstore and return once the change has come back by
 watch and been applied here, with the revision it made (``meshagent policy import`` prints it;
 ``meshagent policy wait`` waits for it to be enforced).
@@ -22,6 +26,7 @@ from meshagent.identity.cidr import CIDRIdentities
 from meshagent.kvstore import KVStore
 from meshagent.kvstore import keys as kvkeys
 from meshagent.kvstore.follow import follow_prefix
+from meshagent.model.service import Service
 from meshagent.model.table import Tables
 from meshagent.policy.api import Policy, PolicyError
 from meshagent.policy.contract import (
@@ -31,6 +36,7 @@ from meshagent.policy.contract import (
     PolicyUpdate,
 )
 from meshagent.policy.cidr import policy_cidrs
+from meshagent.policy.services import names_services, translate
 from meshagent.policy.worker import PolicyParser
 from meshagent.runtime.controller import Controller, ControllerHandle
 from meshagent.runtime.status import Health, StatusSection
@@ -58,6 +64,10 @@ class Repository:
         self.sources = sources  # (plugin, async iterable of PolicyUpdate) of source plugins
         self.parser = PolicyParser()
         self.rules: dict[PolicyKey, Policy] = {}
+        self.translated: dict[PolicyKey, Policy] = {}  # as the resolver has them
+        self.naming_services: set[PolicyKey] = set()  # the policies with toServices items
+        self.services: tuple[Service, ...] = ()  # the cluster's, as toServices sees them
+        self._services_wake = asyncio.Event()
         self.revision = 0
         self.kv_keys: dict[str, PolicyKey] = {}  # kvstore key -> policy key
         self.rejected: dict[str, str] = {}  # kvstore key -> why its document was refused
@@ -142,25 +152,58 @@ class Repository:
             key = update.policy_key
             if update.kind is ChangeKind.DELETE and key not in self.rules:
                 return self.revision
-            old = self.rules.get(key)
             if update.kind is ChangeKind.UPSERT:
                 self.rules[key] = update.policy
+                if names_services(update.policy):
+                    self.naming_services.add(key)
+                else:
+                    self.naming_services.discard(key)
+                await self._put(key, translate(update.policy, self.services))
             else:
                 del self.rules[key]
-            # the new rules' CIDRs exist before they are resolved; the old version's stay
-            # until it is out of force
-            self._cidr_identities([old] if old is not None else [])
-            self.revision += 1
-            await self.resolver.apply(update, self.revision)
-            self._cidr_identities([])
+                self.naming_services.discard(key)
+                await self._put(key, None)
             return self.revision
+
+    async def _put(self, key: PolicyKey, translated: Policy | None) -> None:
+        """Hand the resolver a policy as translated (None: deleted), with a new revision."""
+        old = self.translated.pop(key, None)
+        if translated is not None:
+            self.translated[key] = translated
+        # the new rules' CIDRs exist before they are resolved; the old version's stay
+        # until it is out of force
+        self._cidr_identities([old] if old is not None else [])
+        self.revision += 1
+        update = PolicyUpdate(ChangeKind.UPSERT, translated) if translated is not None else \
+            PolicyUpdate(ChangeKind.DELETE, key=key)
+        await self.resolver.apply(update, self.revision)
+        self._cidr_identities([])
+
+    def services_changed(self, services: list[Service]) -> None:
+        """The cluster's Services changed: the policies naming Services are translated again
+        (controller ``policy-services``)."""
+        self.services = tuple(services)
+        self._services_wake.set()
+
+    async def _follow_services(self, handle: ControllerHandle) -> None:
+        """Controller: re-translate the policies with ``toServices`` items when the Services
+        change; only those whose translation differs reach the resolver again."""
+        handle.ready()
+        while True:
+            await self._services_wake.wait()
+            self._services_wake.clear()
+            async with self._lock:
+                for key in sorted(self.naming_services):
+                    translated = translate(self.rules[key], self.services)
+                    if translated != self.translated.get(key):
+                        await self._put(key, translated)
 
     def _cidr_identities(self, also: list[Policy]) -> None:
         """Every CIDR (and except) of the rules (and of ``also``) gets a node-local identity
         and an ipcache prefix, so the datapath can tell those destinations apart from the rest
         of the world; any resolver sees them as identity events."""
         self.cidr_identities.apply_to(self.tables,
-                                      policy_cidrs([*self.rules.values(), *also]))
+                                      policy_cidrs([*self.translated.values(), *also]))
 
     async def _sync_kvstore(self, handle: ControllerHandle) -> None:
         """List then watch the cluster's policies; a bad document is refused, not fatal."""
@@ -196,7 +239,8 @@ class Repository:
 
     @hookimpl
     def meshagent_controllers(self):
-        controllers = [Controller("policy-sync", self._sync_kvstore)]
+        controllers = [Controller("policy-sync", self._sync_kvstore),
+                       Controller("policy-services", self._follow_services)]
         for plugin, source in self.sources():
             controllers.append(Controller(f"policy-source-{plugin}",
                                           lambda h, s=source: self._run_source(s, h)))

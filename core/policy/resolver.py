@@ -222,11 +222,19 @@ class Resolver:
             yield
 
     def stage_policy(self, policy: Policy) -> int:
-        """Put ``policy`` in force; endpoints catch up in :meth:`recompute_pending`."""
+        """Put ``policy`` in force; endpoints catch up in :meth:`recompute_pending`. A new
+        version that selects the same endpoints as the old one (a ``toServices`` policy
+        translated again as its Services change) touches only those."""
+        old = self.policies.get(policy.key)
         self.policies[policy.key] = policy
         self.rules.put(policy)
         self.revision += 1
-        self.dirty.update(self.endpoints)
+        if old is not None and _same_subjects(old, policy):
+            display = old.display
+            self.dirty.update(endpoint_id for endpoint_id, state in self.endpoints.items()
+                              if display in state.rules)
+        else:
+            self.dirty.update(self.endpoints)
         return self.revision
 
     def stage_delete(self, key: tuple[str, str, str]) -> int:
@@ -393,6 +401,13 @@ class Resolver:
             peers.append(None if entity == "all" else EntityPeer(entity, self.local_cluster))
         peers.extend(CIDRPeer(cidr) for cidr in item.cidrs or ())
         return peers
+
+
+def _same_subjects(old: Policy, new: Policy) -> bool:
+    """Whether two versions of a policy select the same endpoints: the same namespace and
+    endpoint selectors, spec by spec."""
+    return old.namespace == new.namespace and [r.endpoint_selector for r in old.rules] == [
+        r.endpoint_selector for r in new.rules]
 
 
 def peer_selector(selector: EndpointSelector, namespace: str | None,

@@ -120,4 +120,17 @@ def _service(doc: dict, where: str, cluster: str, backends: dict) -> Service:
     return Service(namespace, meta["name"], cluster, tuple(frontends), tuple(sorted(
         set(found), key=lambda b: (b.ip.version, b.ip, b.port, b.name))),
         global_=_bool_annotation(annotations, GLOBAL, False, where),
-        shared=_bool_annotation(annotations, SHARED, True, where), affinity=affinity)
+        shared=_bool_annotation(annotations, SHARED, True, where), affinity=affinity,
+        labels=_string_map(meta.get("labels"), f"{where}: metadata.labels"),
+        selector=_string_map(spec.get("selector"), f"{where}: spec.selector"))
+
+
+def _string_map(value, where: str) -> tuple[tuple[str, str], ...]:
+    """A Kubernetes label map as sorted pairs (toServices rules match the Service's labels
+    and translate its selector)."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ServiceError(f"{where} must map strings to strings")
+    return tuple(sorted(value.items()))

@@ -55,7 +55,8 @@ class ServiceManager:
     def __init__(self, store: KVStore, cluster: ClusterInfo, pod_cidrs: Sequence,
                  tables: Tables, agent_ready: asyncio.Event,
                  merged_changed: Callable[[list[MergedService]], None],
-                 source_plugins: Callable[[], list[tuple[str, object]]] = list):
+                 source_plugins: Callable[[], list[tuple[str, object]]] = list,
+                 policy_services: Callable[[list[Service]], None] = lambda services: None):
         self.store = store
         self.cluster = cluster
         self.pod_cidrs = tuple(pod_cidrs)  # this node's (--pod-cidr)
@@ -68,6 +69,9 @@ class ServiceManager:
         self.merged: dict[tuple[str, str], MergedService] = {}
         self.rejected: dict[str, str] = {}
         self._merged_changed = merged_changed  # the whole merged set, to the datapath feed
+        # this cluster's services, to the policy repository (toServices rules)
+        self._policy_services = policy_services
+        self._told_policy: tuple[Service, ...] | None = None
         self._merge_soon: asyncio.Handle | None = None
         self.exports: dict[str, bytes] = {}  # ClusterService key -> value, for remote clusters
         # the ipcache keys of every backend address a merge looks at: an ipcache change is
@@ -277,6 +281,10 @@ class ServiceManager:
             self.exports = exports
             self._export_wake.set()
         ours = {**self.sourced, **self.local}
+        cluster_services = tuple(ours[key] for key in sorted(ours))
+        if cluster_services != self._told_policy:
+            self._told_policy = cluster_services
+            self._policy_services(list(cluster_services))
         others = [s for s in self.tables.services.values()
                   if s.cluster != self.cluster.name]
         backend_ips = {b.ip for service in ours.values() for b in service.backends}
