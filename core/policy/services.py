@@ -19,8 +19,14 @@ import attrs
 
 from meshagent.model.endpoint import NAMESPACE_LABEL
 from meshagent.model.service import Service
-from meshagent.policy.api import CIDRRule, EndpointSelector, PeerRule, Policy, Requirement, \
-    ServiceRef
+from meshagent.policy.api import (
+    CIDRRule,
+    EndpointSelector,
+    PeerRule,
+    Policy,
+    Requirement,
+    ServiceRef,
+)
 from meshagent.policy.selector import compile_selector, compiled_matches
 
 
