@@ -67,11 +67,12 @@ LAYERS = (
     ("foundation", ("", "errors", "events", "client", "model", "runtime", "kvstore.keys",
                     "observe.api", "observe.jsonformat")),
     ("contracts", ("kvstore", "kvstore.contract", "identity", "identity.contract", "datapath",
-                   "datapath.contract", "policy", "policy.contract", "policy.api")),
+                   "datapath.contract", "policy", "policy.contract", "policy.api", "fqdn",
+                   "fqdn.contract", "fqdn.matchpattern")),
     # what components build on: following, batching, locking, probing a kvstore
     ("kvstore helpers", ("kvstore.",)),
     ("components", ("kvstore.local", "kvstore.publisher", "identity.", "datapath.", "policy.",
-                    "clustermesh", "endpoint", "service", "observe")),
+                    "fqdn.", "clustermesh", "endpoint", "service", "observe")),
     ("plugin machinery", ("hooks", "plugin")),
     ("agent", ("daemon", "cli", "kvstoremesh")),  # the two processes' composition roots
 )

@@ -17,6 +17,7 @@ from meshagent.testing.policy_cases import (  # noqa: F401 (re-exported for othe
     CASES,
     DB_SEL,
     EGRESS_CASES,
+    FQDN_CASES,
     FROM_ALL_ENDPOINTS,
     IDS,
     SEED,
@@ -52,6 +53,14 @@ def test_ingress_verdicts(name, text, peer, port, proto, expected):
 def test_egress_verdicts(name, spec, peer, port, expected):
     text = cnp("endpointSelector: {matchLabels: {app: employee}}\n" + spec)
     assert verdict(text, peer, port, TCP, direction=EGRESS,
+                   endpoint=IDS["employee"].labels) == expected
+
+
+@pytest.mark.parametrize("name, spec, peer, port, proto, expected", FQDN_CASES,
+                         ids=[c[0] for c in FQDN_CASES])
+def test_dns_aware_egress_verdicts(name, spec, peer, port, proto, expected):
+    text = cnp("endpointSelector: {matchLabels: {app: employee}}\n" + spec)
+    assert verdict(text, peer, port, proto, direction=EGRESS,
                    endpoint=IDS["employee"].labels) == expected
 
 

@@ -77,12 +77,15 @@ class ResolvesDNS(Protocol):
 
     @property
     def revision(self) -> int:
-        """Grows whenever the answers below may have changed (the repository revision)."""
+        """The repository revision the answers below reflect. They also follow identities
+        and endpoints between two revisions (a rule's servers are identities), so ask
+        again rather than keep an answer: both calls are cheap, made once until something
+        changes."""
 
     def dns_rules(self, endpoint_id: int) -> tuple[DNSRule, ...]:
-        """The DNS rules of a local endpoint's egress policy, as of :attr:`revision`; empty
-        when it has none (its DNS is then not redirected to the proxy)."""
+        """The DNS rules of a local endpoint's egress policy now; empty when it has none
+        (its DNS is then not redirected to the proxy)."""
 
     def fqdn_selectors(self) -> frozenset[FQDNSelector]:
         """Every ``toFQDNs`` selector of the policies in force that selects some local
-        endpoint's egress, as of :attr:`revision`."""
+        endpoint's egress, now; the same object as long as it did not change."""

@@ -7,12 +7,15 @@ document, the field path and the reason — never silently ignored.
 
 import ipaddress
 import json
+import re
 from typing import Any
 
 import attrs
 import yaml
 
 from meshagent.errors import UsageError
+from meshagent.fqdn import matchpattern
+from meshagent.fqdn.contract import FQDNSelector
 from meshagent.model.net import Network
 
 API_VERSION = "cilium.io/v2"
@@ -25,8 +28,25 @@ OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 _INGRESS_PEERS = {"fromEndpoints", "fromEntities", "fromCIDR", "fromCIDRSet"}
 _EGRESS_PEERS = {"toEndpoints", "toEntities", "toCIDR", "toCIDRSet", "toServices"}
+#: The L3 members of an ingress/egress rule, at most one kind per rule (Cilium's l3Members in
+#: pkg/policy/api/rule_validation.go), in the order the error names them.
+_INGRESS_MEMBERS = ("fromEndpoints", "fromCIDR", "fromCIDRSet", "fromEntities", "fromNodes",
+                    "fromGroups")
+_EGRESS_MEMBERS = ("toCIDR", "toCIDRSet", "toEndpoints", "toEntities", "toServices",
+                   "toGroups", "toNodes", "toFQDNs")
+#: The members whose combination with another is refused. meshagent has always accepted
+#: fromEndpoints/fromEntities/fromCIDR/fromCIDRSet (and the to- forms) together, resolving
+#: them as the union of their peers, and its random policy worlds (the datapath differential
+#: suite) rely on that; the members added since are held to Cilium's rule.
+_EXCLUSIVE_MEMBERS = {"toFQDNs"}
+#: L7 rule kinds of a port rule besides dns, refused by name
+_L7_KINDS = {"http": "HTTP", "kafka": "Kafka", "l7proto": "generic L7 (l7proto)",
+             "l7": "generic L7 (l7proto)"}
+MAX_FQDN_LENGTH = 255  # the CRD's maxLength of matchName and matchPattern
+_MATCH_NAME_CHARS = re.compile(r"^[-a-zA-Z0-9_.]+$")  # allowedMatchNameChars
+_MATCH_PATTERN_CHARS = re.compile(r"^[-a-zA-Z0-9_.*]+$")  # allowedPatternChars
 _UNSUPPORTED = {
-    "fromRequires": "fromRequires", "toRequires": "toRequires", "toFQDNs": "DNS-based rules",
+    "fromRequires": "fromRequires", "toRequires": "toRequires",
     "fromGroups": "cloud groups", "toGroups": "cloud groups",
     "fromNodes": "node selectors", "toNodes": "node selectors", "icmps": "ICMP rules",
     "authentication": "mutual authentication", "nodeSelector": "host policies",
@@ -112,6 +132,13 @@ class PortProtocol:
     protocol: str  # TCP, UDP, SCTP, ANY
 
 
+@attrs.frozen
+class DNSPortRule:
+    """A ``toPorts`` item with ``rules: dns``: its ports go to the DNS proxy, which lets
+    through the questions ``rules`` match (either field of an item matching)."""
+
+    ports: tuple[PortProtocol, ...]
+    rules: tuple[FQDNSelector, ...]
 
 
 @attrs.frozen
@@ -151,13 +178,26 @@ class PeerRule:
     endpoints: tuple[EndpointSelector, ...] | None = None  # None: not given
     entities: tuple[str, ...] | None = None
     cidrs: tuple[CIDRRule, ...] | None = None
-    ports: tuple[PortProtocol, ...] = ()
+    ports: tuple[PortProtocol, ...] = ()  # of every toPorts item, the DNS ones' too
     services: tuple[ServiceRef, ...] | None = None
+    fqdns: tuple[FQDNSelector, ...] | None = None  # toFQDNs (egress only)
+    dns: tuple[DNSPortRule, ...] = ()  # the toPorts items with rules: dns (egress only)
 
     @property
     def names_peers(self) -> bool:
         return any(x is not None for x in (self.endpoints, self.entities, self.cidrs,
-                                           self.services))
+                                           self.services, self.fqdns))
+
+    @property
+    def plain_ports(self) -> tuple[PortProtocol, ...]:
+        """:attr:`ports` without those of the DNS items: the ports it simply allows."""
+        if not self.dns:
+            return self.ports
+        out = list(self.ports)
+        for rule in self.dns:
+            for port in rule.ports:
+                out.remove(port)
+        return tuple(out)
 
 
 @attrs.frozen
@@ -377,9 +417,19 @@ class _Parser:
 
     def peer_rule(self, item: Any, path: str, peers: set[str], deny: bool) -> PeerRule:
         item = self.mapping(item, path)
-        self.only(item, path, peers | {"toPorts"})
         prefix = "from" if "fromEndpoints" in peers else "to"
-        endpoints = entities = cidrs = None
+        egress = prefix == "to"
+        if "toFQDNs" in item and (deny or not egress):
+            self.fail(f"{path}.toFQDNs", "unknown field (Cilium has toFQDNs in egress rules"
+                                         " only, not in ingress, ingressDeny or egressDeny)")
+        self.only(item, path, peers | {"toPorts"} | ({"toFQDNs"} if egress else set()))
+        present = [m for m in (_EGRESS_MEMBERS if egress else _INGRESS_MEMBERS)
+                   if isinstance(item.get(m), list) and item[m]]
+        if len(present) > 1 and _EXCLUSIVE_MEMBERS.intersection(present):
+            # Cilium's (rule_validation.go, Validate of Ingress/EgressCommonRule)
+            self.fail(path, f"combining {_member(present[0])} and {_member(present[1])} is"
+                            " not supported yet")
+        endpoints = entities = cidrs = fqdns = None
         if f"{prefix}Endpoints" in item:
             field = f"{path}.{prefix}Endpoints"
             endpoints = tuple(self.selector(s, f"{field}[{i}]")
@@ -403,12 +453,52 @@ class _Parser:
         services = None
         if "toServices" in item:
             services = self.services(item, path)
-        ports = ()
+        if "toFQDNs" in item:
+            field = f"{path}.toFQDNs"
+            fqdns = tuple(self.fqdn_selector(s, f"{field}[{i}]", dns_rule=False)
+                          for i, s in enumerate(self.listing(item["toFQDNs"], field)))
+        ports: list[PortProtocol] = []
+        dns: list[DNSPortRule] = []
         if "toPorts" in item:
             field = f"{path}.toPorts"
-            ports = tuple(p for i, entry in enumerate(self.listing(item["toPorts"], field))
-                          for p in self.port_rule(entry, f"{field}[{i}]"))
-        return PeerRule(endpoints, entities, cidrs, ports, services)
+            for i, entry in enumerate(self.listing(item["toPorts"], field)):
+                entry_ports, rules = self.port_rule(entry, f"{field}[{i}]", egress=egress,
+                                                    deny=deny)
+                ports += entry_ports
+                if rules is not None:
+                    dns.append(DNSPortRule(tuple(entry_ports), rules))
+        return PeerRule(endpoints, entities, cidrs, tuple(ports), services, fqdns,
+                         tuple(dns))
+
+    def fqdn_selector(self, value: Any, path: str, dns_rule: bool) -> FQDNSelector:
+        """A toFQDNs item (``dns_rule`` False: one of the two fields) or a ``rules: dns`` item
+        (either or both), checked as Cilium's FQDNSelector/PortRuleDNS (pkg/policy/api/fqdn.go)
+        and the CRD (one of the two required, at most 255 characters)."""
+        value = self.mapping(value, path)
+        self.only(value, path, {"matchName", "matchPattern"})
+        name, pattern = value.get("matchName", ""), value.get("matchPattern", "")
+        for key, text in (("matchName", name), ("matchPattern", pattern)):
+            if not isinstance(text, str):
+                self.fail(f"{path}.{key}", "must be a string")
+            if len(text) > MAX_FQDN_LENGTH:
+                self.fail(f"{path}.{key}", f"Too long: may not be longer than {MAX_FQDN_LENGTH}")
+        if not name and not pattern:
+            self.fail(path, "one of matchName or matchPattern is required")
+        if name and pattern and not dns_rule:
+            self.fail(path, "only one of MatchName or MatchPattern is allowed in an FQDNSelector")
+        if name and not _MATCH_NAME_CHARS.match(name):
+            self.fail(f"{path}.matchName", f'Invalid characters in MatchName: "{name}". Only'
+                                           " 0-9, a-z, A-Z and . and - characters are allowed")
+        if pattern and not _MATCH_PATTERN_CHARS.match(pattern):
+            self.fail(f"{path}.matchPattern", f'Invalid characters in MatchPattern: "{pattern}".'
+                                              " Only 0-9, a-z, A-Z and ., - and * characters"
+                                              " are allowed")
+        if pattern:
+            try:
+                matchpattern.validate(pattern)
+            except ValueError as exc:
+                self.fail(f"{path}.matchPattern", str(exc))
+        return FQDNSelector(name, pattern)
 
     def services(self, item: dict, path: str) -> tuple[ServiceRef, ...]:
         """``toServices``: alone among the peers, as Cilium's rule validation wants (its
@@ -506,9 +596,24 @@ class _Parser:
             excepts.append(network)
         return CIDRRule(cidr, tuple(excepts))
 
-    def port_rule(self, value: Any, path: str) -> list[PortProtocol]:
+    def port_rule(self, value: Any, path: str, *, egress: bool, deny: bool
+                  ) -> tuple[list[PortProtocol], tuple[FQDNSelector, ...] | None]:
+        """A toPorts item: its ports, and its DNS rules (None: it has none). Cilium's checks
+        and texts for L7 DNS rules (PortRule.Validate, L7Rules.Validate in
+        pkg/policy/api/rule_validation.go); other L7 kinds are refused by name."""
         value = self.mapping(value, path)
-        self.only(value, path, {"ports"})
+        if deny and "rules" in value:
+            self.fail(f"{path}.rules", "unknown field (Cilium's deny rules have no L7 rules)")
+        self.only(value, path, {"ports", "rules"})
+        rules = self.mapping(value.get("rules") or {}, f"{path}.rules")
+        self.only(rules, f"{path}.rules", {"dns", *_L7_KINDS})
+        for key in rules:
+            if key in _L7_KINDS:
+                self.fail(f"{path}.rules.{key}", f"{_L7_KINDS[key]} L7 rules are not supported"
+                                                 " by meshagent (only dns, on egress)")
+        dns = self.listing(rules.get("dns") or [], f"{path}.rules.dns")
+        if dns and not egress:
+            self.fail(f"{path}.rules.dns", "DNS rules are not allowed on ingress")
         out = []
         for i, entry in enumerate(self.listing(value.get("ports", []) or [], f"{path}.ports")):
             where = f"{path}.ports[{i}]"
@@ -529,11 +634,33 @@ class _Parser:
                 self.fail(f"{where}.endPort", f"must be a number from {port} to 65535")
             if end != port and port == 0:
                 self.fail(f"{where}.endPort", "a range needs a start port")
+            if dns and end > port:
+                self.fail(f"{where}.endPort", "DNS rules do not support port ranges")
             protocol = entry.get("protocol", "ANY")
             if protocol not in PROTOCOLS:
                 self.fail(f"{where}.protocol", f"must be one of {', '.join(PROTOCOLS)},"
                                                f" not {protocol!r}")
+            if dns and protocol not in _DNS_PROTOCOLS:
+                self.fail(f"{where}.protocol", f"DNS rules apply to {', '.join(_DNS_PROTOCOLS)}"
+                                               f" (the DNS proxy's), not {protocol}")
             out.append(PortProtocol(port, end, protocol))
+        if dns:
+            if not out:
+                self.fail(f"{path}.ports", "port 53 must be specified for DNS rules")
+            if any(p.port == 0 for p in out):
+                self.fail(f"{path}.ports", "L7 rules can not be used when a port is 0")
         if not out:
             self.fail(f"{path}.ports", "needs at least one port")
-        return out
+        if not dns:
+            return out, None  # rules: {} or dns: [] are no L7 rules (Cilium's IsEmpty)
+        return out, tuple(self.fqdn_selector(d, f"{path}.rules.dns[{i}]", dns_rule=True)
+                          for i, d in enumerate(dns))
+
+
+def _member(field: str) -> str:
+    """A field as Cilium's Go struct names it in errors: toFQDNs -> ToFQDNs."""
+    return field[0].upper() + field[1:]
+
+
+#: What a DNS rule's ports may be: the DNS proxy listens on UDP and TCP
+_DNS_PROTOCOLS = ("TCP", "UDP", "ANY")

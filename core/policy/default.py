@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from meshagent import hookimpl
 from meshagent.events import ChangeKind, PolicyChange
+from meshagent.fqdn.contract import DNSRule, FQDNSelector
 from meshagent.model.identity import Identity, world_identity
 from meshagent.model.table import Tables
 from meshagent.policy.api import PolicyError
@@ -33,6 +34,8 @@ from meshagent.policy.resolver import (
     Resolver,
     Trace,
     deciding_policies,
+    dns_rules,
+    fqdn_selectors,
     trace,
 )
 from meshagent.policy.worker import LARGE_POLICY, collections_held, rule_count
@@ -51,6 +54,9 @@ class DefaultResolver:
                                  on_change=self._changed)
         self.pending = ChangeQueue()
         self.revision = 0  # the repository's, once a change's map changes are all queued
+        # what the DNS proxy asked, until rules, identities or endpoints change
+        self._dns_rules: dict[int, tuple[DNSRule, ...]] = {}
+        self._fqdn_selectors: frozenset[FQDNSelector] | None = None
 
     # -- the PolicyResolver contract ------------------------------------------------------------
 
@@ -61,6 +67,7 @@ class DefaultResolver:
         large = update.policy is not None and rule_count(update.policy) >= LARGE_POLICY
         with collections_held(large):
             await self._apply(update, revision)
+        self._dns_changed()
         self.revision = revision
         self.pending.touch()  # the revision grew, with or without map changes
 
@@ -97,8 +104,29 @@ class DefaultResolver:
         for _ in self.resolver.forget_unused():
             await asyncio.sleep(0)
 
+    # -- ResolvesDNS (meshagent.fqdn.contract): what the DNS proxy enforces ---------------------
+
+    def dns_rules(self, endpoint_id: int) -> tuple[DNSRule, ...]:
+        """The endpoint's DNS rules, made once until something changes (asked per query)."""
+        rules = self._dns_rules.get(endpoint_id)
+        if rules is None:
+            rules = self._dns_rules[endpoint_id] = dns_rules(self.resolver, endpoint_id)
+        return rules
+
+    def fqdn_selectors(self) -> frozenset[FQDNSelector]:
+        """The same object until the rules or the endpoints change."""
+        if self._fqdn_selectors is None:
+            self._fqdn_selectors = fqdn_selectors(self.resolver)
+        return self._fqdn_selectors
+
+    def _dns_changed(self, selectors: bool = True) -> None:
+        self._dns_rules.clear()
+        if selectors:
+            self._fqdn_selectors = None
+
     @hookimpl
     def meshagent_identity_changed(self, kind, identity):
+        self._dns_changed(selectors=False)  # a rule's servers may have changed
         if kind is ChangeKind.UPSERT:
             self.resolver.add_identity(identity)
         else:
@@ -106,6 +134,7 @@ class DefaultResolver:
 
     @hookimpl
     def meshagent_endpoint_changed(self, kind, endpoint):
+        self._dns_changed()
         if kind is ChangeKind.UPSERT:
             self.resolver.set_endpoint(PolicyEndpoint(endpoint.id, endpoint.namespace,
                                                       endpoint.labels))

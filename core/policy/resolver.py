@@ -1,8 +1,9 @@
 """Resolving policies into per-endpoint map state, incrementally.
 
-For each local endpoint the resolver keeps ``{MapKey → allow|deny}``: (direction, peer identity
-or 0 for any, protocol or 0, port range or 0) — what the datapath looks up. Every key counts its
-contributions (how many rule items allow it, how many deny it); deny wins. An identity coming or
+For each local endpoint the resolver keeps ``{MapKey → allow|redirect|deny}``: (direction, peer
+identity or 0 for any, protocol or 0, port range or 0) — what the datapath looks up. Every key
+counts its contributions (how many rule items allow it, redirect it to the DNS proxy, deny it);
+deny wins over redirect, redirect over allow. An identity coming or
 going touches only the keys of the peers that match it, for the endpoints that use those peers;
 a policy or endpoint change recomputes the endpoints concerned. Only differences are handed on.
 Replies are the datapath's (conntrack): the resolver emits no reply rules.
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 import attrs
 
 from meshagent.events import ChangeKind
+from meshagent.fqdn.contract import DNSRule, FQDNSelector
 from meshagent.model.endpoint import NAMESPACE_LABEL
 from meshagent.model.identity import CLUSTER_LABEL, NAMESPACE_LABELS, Identity, ReservedIdentity
 from meshagent.policy.api import (
@@ -28,6 +30,7 @@ from meshagent.policy.contract import MapChange, MapKey, PolicyKey, Verdict
 from meshagent.policy.selector import (
     CIDRPeer,
     EntityPeer,
+    FQDNPeer,
     Peer,
     SelectorCache,
     SelectorPeer,
@@ -58,6 +61,7 @@ class Contribution:
     ports: tuple[PortProtocol, ...]
     origin: str  # "CiliumNetworkPolicy default/x spec ingress[0]", or why it is implied
     policy: tuple[str, str, str] | None = None  # the policy's key; None when implied
+    dns: tuple[FQDNSelector, ...] = ()  # a REDIRECT's questions the DNS proxy lets through
 
 
 @attrs.define
@@ -66,19 +70,27 @@ class EndpointState:
     enforced: dict[str, bool]
     rules: list[str]  # the policies that select it, for trace
     by_peer: dict[Peer | None, list[Contribution]]
-    # per key, how many rule items allow it and how many deny it (none: not there)
+    # per key, how many rule items allow it, redirect it and deny it (none: not there)
     allows: dict[MapKey, int] = attrs.field(factory=dict)
     denies: dict[MapKey, int] = attrs.field(factory=dict)
+    redirects: dict[MapKey, int] = attrs.field(factory=dict)
 
     def verdict(self, key: MapKey) -> Verdict | None:
         if key in self.denies:
             return Verdict.DENY
+        if key in self.redirects:
+            return Verdict.REDIRECT
         return Verdict.ALLOW if key in self.allows else None
 
     def verdicts(self) -> dict[MapKey, Verdict]:
         verdicts = dict.fromkeys(self.allows, Verdict.ALLOW)
+        verdicts.update(dict.fromkeys(self.redirects, Verdict.REDIRECT))
         verdicts.update(dict.fromkeys(self.denies, Verdict.DENY))
         return verdicts
+
+    def counts(self, verdict: Verdict) -> dict[MapKey, int]:
+        return self.denies if verdict is Verdict.DENY else (
+            self.redirects if verdict is Verdict.REDIRECT else self.allows)
 
 
 class RuleIndex:
@@ -297,7 +309,7 @@ class Resolver:
             self._emit(endpoint_id, keys)
 
     def _count(self, state: EndpointState, key: MapKey, verdict: Verdict, delta: int) -> None:
-        counts = state.allows if verdict is Verdict.ALLOW else state.denies
+        counts = state.counts(verdict)
         count = counts.get(key, 0) + delta
         if count:
             counts[key] = count
@@ -313,8 +325,8 @@ class Resolver:
         for peer in state.by_peer:
             if peer is not None:
                 self.users.setdefault(peer, set()).add(endpoint.id)
-        self._emit(endpoint.id, set(self.handed.get(endpoint.id, ())).union(state.allows,
-                                                                            state.denies))
+        self._emit(endpoint.id, set(self.handed.get(endpoint.id, ())).union(
+            state.allows, state.redirects, state.denies))
 
     def _drop_users(self, endpoint_id: int, state: EndpointState) -> None:
         for peer in state.by_peer:
@@ -385,9 +397,18 @@ class Resolver:
                                             ("egress", EGRESS, Verdict.ALLOW),
                                             ("egressDeny", EGRESS, Verdict.DENY)):
             for j, item in enumerate(getattr(rule, _FIELDS[section])):
-                yield [Contribution(direction, verdict, peer, item.ports or (ANY_PORT,),
-                                    f"{where} {section}[{j}]", policy.key)
-                       for peer in self._peers(item, policy, rule)]
+                origin = f"{where} {section}[{j}]"
+                peers = self._peers(item, policy, rule)
+                plain = item.plain_ports
+                made = [Contribution(direction, verdict, peer, plain or (ANY_PORT,), origin,
+                                     policy.key)
+                        for peer in peers if plain or not item.dns]
+                # a toPorts item with rules: dns sends its ports to the DNS proxy, for the
+                # item's peers, or any peer without (Cilium's implicit L3 allow-all)
+                made += [Contribution(direction, Verdict.REDIRECT, peer, dns.ports, origin,
+                                      policy.key, dns.rules)
+                         for dns in item.dns for peer in peers]
+                yield made
 
     def _peers(self, item: PeerRule, policy: Policy, rule: Rule) -> list[Peer | None]:
         if not item.names_peers:
@@ -400,6 +421,7 @@ class Resolver:
         for entity in item.entities or ():
             peers.append(None if entity == "all" else EntityPeer(entity, self.local_cluster))
         peers.extend(CIDRPeer(cidr) for cidr in item.cidrs or ())
+        peers.extend(FQDNPeer(selector) for selector in item.fqdns or ())
         return peers
 
 
@@ -475,16 +497,20 @@ def key_matches(key: MapKey, direction: str, identity: int, protocol: int, port:
 
 DENIED_BY_RULE, DENIED_BY_DEFAULT, ALLOWED = "denied by a deny rule", "denied by default", \
     "allowed"
+REDIRECTED = "allowed, through the DNS proxy"
 
 
 def judge(verdicts: dict[MapKey, Verdict], direction: str, identity: int, protocol: int,
           port: int) -> tuple[Verdict, str]:
-    """The verdict and why: deny if any matching key denies, allow if one allows, otherwise
-    denied by default. ``port`` is 0 for a protocol without ports."""
+    """The verdict and why: deny if any matching key denies, redirect (to the DNS proxy) if
+    one redirects, allow if one allows, otherwise denied by default. ``port`` is 0 for a
+    protocol without ports."""
     matching = {v for k, v in verdicts.items() if key_matches(k, direction, identity, protocol,
                                                                port)}
     if Verdict.DENY in matching:
         return Verdict.DENY, DENIED_BY_RULE
+    if Verdict.REDIRECT in matching:
+        return Verdict.REDIRECT, REDIRECTED
     if Verdict.ALLOW in matching:
         return Verdict.ALLOW, ALLOWED
     return Verdict.DENY, DENIED_BY_DEFAULT
@@ -492,14 +518,15 @@ def judge(verdicts: dict[MapKey, Verdict], direction: str, identity: int, protoc
 
 def decide(verdicts: dict[MapKey, Verdict], direction: str, identity: int, protocol: int,
            port: int) -> Verdict:
-    """Deny if any matching key denies, allow if one allows, otherwise denied by default."""
+    """Deny if any matching key denies, redirect if one redirects, allow if one allows,
+    otherwise denied by default."""
     return judge(verdicts, direction, identity, protocol, port)[0]
 
 
 @attrs.frozen
 class Trace:
     verdict: Verdict
-    reason: str  # "allowed", "denied by a deny rule", "denied by default"
+    reason: str  # "allowed", "allowed, through the DNS proxy", "denied by a deny rule", ...
     enforced: bool
     matched: tuple[str, ...]  # the contributions (rule items and peers) that matched
     selecting: tuple[str, ...]  # the policies that select the endpoint
@@ -510,7 +537,7 @@ def trace(resolver: Resolver, endpoint_id: int, direction: str, peer: Identity, 
     """Explain the verdict for ``peer`` talking to (ingress) or from (egress) an endpoint."""
     state = resolver.endpoints[endpoint_id]
     index = label_index(peer.labels)
-    allows, denies = [], []
+    allows, redirects, denies = [], [], []
     for peer_key, contributions in state.by_peer.items():
         if peer_key is not None and not peer_key.matches(peer, index):
             continue
@@ -526,19 +553,25 @@ def trace(resolver: Resolver, endpoint_id: int, direction: str, peer: Identity, 
                 ports = "any port" if not p.port else (
                     f"{p.port}-{p.end_port}/{p.protocol}" if p.end_port != p.port
                     else f"{p.port}/{p.protocol}")
-                (denies if c.verdict is Verdict.DENY else allows).append(
-                    f"{c.verdict.value}: {c.origin}: {what} on {ports}")
+                questions = f", DNS questions {', '.join(map(str, c.dns))}" if c.dns else ""
+                {Verdict.DENY: denies, Verdict.REDIRECT: redirects,
+                 Verdict.ALLOW: allows}[c.verdict].append(
+                    f"{c.verdict.value}: {c.origin}: {what} on {ports}{questions}")
                 break
     enforced = state.enforced[direction]
     if denies:
         verdict, reason = Verdict.DENY, "denied by a deny rule"
+    elif redirects:
+        verdict, reason = Verdict.REDIRECT, f"{REDIRECTED}, which answers only the questions" \
+                                            " its rules allow"
     elif allows:
         verdict, reason = Verdict.ALLOW, "allowed" if enforced else \
             f"allowed: no policy enforces {direction} for this endpoint"
     else:
         verdict, reason = Verdict.DENY, f"denied by default ({direction} is enforced and no rule" \
                                         " allows it)"
-    return Trace(verdict, reason, enforced, tuple(denies + allows), tuple(state.rules))
+    return Trace(verdict, reason, enforced, tuple(denies + redirects + allows),
+                 tuple(state.rules))
 
 
 def deciding_policies(resolver: Resolver, endpoint_id: int, direction: str, identity: int,
@@ -565,7 +598,9 @@ def deciding_policies(resolver: Resolver, endpoint_id: int, direction: str, iden
         if peer_key is not None and not peer_key.matches(peer, index):
             continue
         for c in contributions:
-            if c.direction != direction or c.verdict is not verdict or c.policy is None:
+            if c.direction != direction or c.policy is None or not (
+                    c.verdict is verdict or verdict is Verdict.ALLOW
+                    and c.verdict is Verdict.REDIRECT):  # a redirect allows, too
                 continue
             if any(_names(p) == names and _covers(p, protocol, port)
                    for p in c.ports):
@@ -590,3 +625,45 @@ def _covers(port: PortProtocol, protocol: int, number: int) -> bool:
     if port.protocol != "ANY" and PROTOCOLS[port.protocol] != protocol:
         return False
     return not port.port or port.port <= number <= port.end_port
+
+
+#: What a peer allowed on a redirected port without DNS rules may ask
+ANY_NAME = FQDNSelector(match_pattern="*")
+
+
+def dns_rules(resolver: Resolver, endpoint_id: int) -> tuple[DNSRule, ...]:
+    """The DNS proxy's rules for a local endpoint: per port, protocol and peer of its egress
+    REDIRECT contributions, the questions allowed (Cilium's per-selector DNS rules of an L4
+    filter with a DNS parser, pkg/policy/l4.go). A peer that the endpoint's policy allows on a
+    redirected port without DNS rules (an L3-only or L4-only rule) may ask anything of its
+    servers, as Cilium's wildcardL3L4Rule makes it (pkg/policy/rule.go)."""
+    state = resolver.endpoints.get(endpoint_id)
+    if state is None:
+        return ()
+    grouped: dict[tuple[int, str, Peer | None], list[FQDNSelector]] = {}
+    for peer, contributions in state.by_peer.items():
+        for c in contributions:
+            if c.direction == EGRESS and c.verdict is Verdict.REDIRECT:
+                for port in c.ports:
+                    grouped.setdefault((port.port, port.protocol, peer), []).extend(c.dns)
+    redirected = {(port, protocol) for port, protocol, _ in grouped}
+    for peer, contributions in state.by_peer.items():
+        for c in contributions:
+            if c.direction != EGRESS or c.verdict is not Verdict.ALLOW:
+                continue
+            for number, protocol in redirected:
+                for port in c.ports:
+                    if port.port and not port.port <= number <= port.end_port:
+                        continue
+                    if "ANY" in (port.protocol, protocol) or port.protocol == protocol:
+                        narrow = protocol if port.protocol == "ANY" else port.protocol
+                        grouped.setdefault((number, narrow, peer), []).append(ANY_NAME)
+    return tuple(DNSRule(port, protocol,
+                         None if peer is None else frozenset(resolver.cache.ids(peer)),
+                         tuple(dict.fromkeys(patterns)))
+                 for (port, protocol, peer), patterns in grouped.items())
+
+
+def fqdn_selectors(resolver: Resolver) -> frozenset[FQDNSelector]:
+    """The toFQDNs selectors of the rules in force for some local endpoint."""
+    return frozenset(peer.selector for peer in resolver.users if isinstance(peer, FQDNPeer))

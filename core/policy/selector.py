@@ -1,7 +1,7 @@
 """Peers of a rule, and which identities each one matches.
 
 A peer is an endpoint selector (with the namespace and cluster requirements the rule implies),
-an entity, a CIDR, or "any". The selector cache keeps, for every peer in use, the identities it
+an entity, a CIDR, a ``toFQDNs`` selector, or "any". The selector cache keeps, for every peer in use, the identities it
 matches, and updates it one identity at a time.
 """
 
@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
+from meshagent.fqdn.contract import FQDN_SOURCE, FQDNSelector
 from meshagent.model.identity import (
     CLUSTER_LABEL,
     WORLD_IDENTITIES,
@@ -157,7 +158,27 @@ class CIDRPeer:
         return f"CIDR {self.rule.cidr}{excepts}"
 
 
-Peer = SelectorPeer | EntityPeer | CIDRPeer
+@attrs.frozen(cache_hash=True)
+class FQDNPeer:
+    """A ``toFQDNs`` selector: the identities the DNS proxy gave the addresses of names it
+    matches, which carry its label ``fqdn:<matchName or matchPattern>`` (Cilium 1.16+)."""
+
+    selector: FQDNSelector
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        """The (key, value) of its label, as a label index holds it."""
+        return self.selector.label.removeprefix(f"{FQDN_SOURCE}:"), ""
+
+    def matches(self, identity: Identity, index) -> bool:
+        key, value = self.pair
+        return (FQDN_SOURCE, value) in index.get(key, ())
+
+    def describe(self) -> str:
+        return f"FQDN {self.selector}"
+
+
+Peer = SelectorPeer | EntityPeer | CIDRPeer | FQDNPeer
 
 
 class SelectorCache:
@@ -260,6 +281,10 @@ class SelectorCache:
 
     def _match_all(self, peer: Peer) -> set[int]:
         """Start following ``peer``: index it, and find every identity it matches."""
+        if isinstance(peer, FQDNPeer):  # only identities carrying its label can match
+            self._anchors[peer] = [peer.pair]
+            self._anchored.setdefault(peer.pair, set()).add(peer)
+            return {i for i in self._carrying(peer.pair) if peer.matches(*self.identities[i])}
         if not isinstance(peer, SelectorPeer):
             self._anchors[peer] = None
             self._unanchored.add(peer)

@@ -41,6 +41,11 @@ IDS = {
     "remote-node": Identity(6, frozenset({"reserved:remote-node"})),
     "cidr-10-1": Identity((1 << 24) + 1, frozenset({"cidr:10.1.0.0/16", "reserved:world"})),
     "cidr-10-1-5": Identity((1 << 24) + 2, frozenset({"cidr:10.1.5.0/24", "reserved:world"})),
+    "kube-dns": Identity(C1 + 307, L("kube-dns", "kube-system", k8s_app="kube-dns"), "cluster1"),
+    # what the DNS proxy gives an answered address: one fqdn: label per toFQDNs selector
+    # matching the name, and the world (Cilium 1.16+, pkg/fqdn/namemanager)
+    "fqdn-api": Identity((1 << 24) + 3, frozenset({"fqdn:api.example.com", "reserved:world"})),
+    "fqdn-www": Identity((1 << 24) + 4, frozenset({"fqdn:*.example.com", "reserved:world"})),
 }
 
 SEED = """
@@ -293,4 +298,48 @@ EGRESS_CASES = [
     ("egress deny", "egress:\n- toEntities: [all]\negressDeny:\n- toEntities: [world]\n",
      "world", 443, "deny"),
     ("ingress-only policy leaves egress open", "ingress:\n- {}\n", "world", 443, "allow"),
+]
+
+
+#: The standard pair of Cilium's DNS-aware egress (docs: "DNS-based" policies): questions to
+#: kube-dns go through the DNS proxy, and the names it answers are the only world allowed.
+TO_KUBE_DNS = ("- toEndpoints: [{matchLabels: {'k8s:io.kubernetes.pod.namespace': kube-system,"
+               " 'k8s:k8s-app': kube-dns}}]\n"
+               "  toPorts: [{ports: [{port: '53', protocol: ANY}],"
+               " rules: {dns: [{matchPattern: '*'}]}}]\n")
+DNS_PAIR = "egress:\n" + TO_KUBE_DNS + "- toFQDNs: [{matchName: api.example.com}]\n"
+DNS_ANY_SERVER = ("- toPorts: [{ports: [{port: '53', protocol: UDP}],"
+                  " rules: {dns: [{matchName: api.example.com}]}}]\n")
+
+#: (name, egress spec of the employee, peer, port, protocol, verdict)
+FQDN_CASES = [
+    ("dns rule: a question to kube-dns goes to the proxy", DNS_PAIR, "kube-dns", 53, UDP,
+     "redirect"),
+    ("dns rule: protocol ANY takes TCP questions too", DNS_PAIR, "kube-dns", 53, TCP,
+     "redirect"),
+    ("dns rule: another port to kube-dns is denied", DNS_PAIR, "kube-dns", 80, TCP, "deny"),
+    ("dns rule: another server is not the rule's", DNS_PAIR, "world", 53, UDP, "deny"),
+    ("toFQDNs: an address of the name is allowed", DNS_PAIR, "fqdn-api", 443, TCP, "allow"),
+    ("toFQDNs: the world without the name's label is denied", DNS_PAIR, "world", 443, TCP,
+     "deny"),
+    ("toFQDNs: another selector's address is denied", DNS_PAIR, "fqdn-www", 443, TCP, "deny"),
+    ("toFQDNs alone puts egress in default deny",
+     "egress:\n- toFQDNs: [{matchPattern: '*.example.com'}]\n", "kube-dns", 53, UDP, "deny"),
+    ("toFQDNs matchPattern selects its own label",
+     "egress:\n- toFQDNs: [{matchPattern: '*.example.com'}]\n", "fqdn-www", 80, TCP, "allow"),
+    ("toFQDNs with toPorts: the port only",
+     "egress:\n- toFQDNs: [{matchName: api.example.com}]\n"
+     "  toPorts: [{ports: [{port: '443', protocol: TCP}]}]\n", "fqdn-api", 80, TCP, "deny"),
+    ("dns rule without peers: any server (Cilium's implicit L3 allow-all)",
+     "egress:\n" + DNS_ANY_SERVER, "world", 53, UDP, "redirect"),
+    ("dns rule without peers: its protocol only",
+     "egress:\n" + DNS_ANY_SERVER, "world", 53, TCP, "deny"),
+    ("redirect beats allow", "egress:\n- toEntities: [all]\n" + DNS_ANY_SERVER, "kube-dns",
+     53, UDP, "redirect"),
+    ("deny beats redirect",
+     "egress:\n" + DNS_ANY_SERVER + "egressDeny:\n- toEntities: [world]\n", "world", 53, UDP,
+     "deny"),
+    ("rules: dns: [] is no L7 rule (Cilium's IsEmpty): plain allow",
+     "egress:\n- toPorts: [{ports: [{port: '53', protocol: UDP}], rules: {dns: []}}]\n",
+     "world", 53, UDP, "allow"),
 ]

@@ -37,9 +37,17 @@ from meshagent.events import ChangeKind
 from meshagent.model.endpoint import Endpoint
 from meshagent.policy.contract import MapState, PolicyResolver, Verdict
 from meshagent.policy.resolver import EGRESS, INGRESS, decide
-from meshagent.testing.policy_cases import CASES, EGRESS_CASES, IDS, SEED, TCP, cnp
+from meshagent.testing.policy_cases import (
+    CASES,
+    EGRESS_CASES,
+    FQDN_CASES,
+    IDS,
+    SEED,
+    TCP,
+    cnp,
+)
 
-CIDR_BASE = (1 << 24) + 0xF000  # the table's CIDR identities, clear of the agent's own
+CIDR_BASE = (1 << 24) + 0xF000  # the table's CIDR and FQDN identities, clear of the agent's own
 SETTLE_TIMEOUT = 5.0
 STILL_POLLS = 5  # 100 ms without a change: settled
 
@@ -113,7 +121,7 @@ class ResolverHarness:
                 if identity.id < 256:
                     self.ids[name] = identity.id  # reserved: every resolver knows them
                     continue
-                if any(label.startswith("cidr:") for label in identity.labels):
+                if any(label.startswith(("cidr:", "fqdn:")) for label in identity.labels):
                     identity = attrs.evolve(identity, id=CIDR_BASE + index)
                 self.ids[name] = identity.id
                 running.agent.tables.identities.upsert(identity.id, identity)
@@ -219,6 +227,15 @@ class PolicyResolverContract:
     async def test_egress_verdicts(self, harness, name, spec, peer, port, expected):
         text = cnp("endpointSelector: {matchLabels: {app: employee}}\n" + spec)
         got = await harness.verdict(text, peer, port, TCP, direction=EGRESS,
+                                    endpoint=IDS["employee"].labels)
+        assert got == expected, name
+
+    @pytest.mark.parametrize("name, spec, peer, port, proto, expected", FQDN_CASES,
+                             ids=[c[0] for c in FQDN_CASES])
+    async def test_dns_aware_egress_verdicts(self, harness, name, spec, peer, port, proto,
+                                             expected):
+        text = cnp("endpointSelector: {matchLabels: {app: employee}}\n" + spec)
+        got = await harness.verdict(text, peer, port, proto, direction=EGRESS,
                                     endpoint=IDS["employee"].labels)
         assert got == expected, name
 
