@@ -15,7 +15,7 @@ from meshagent.model.identity import Identity
 from meshagent.policy.api import EndpointSelector, PolicyError, Requirement, parse_policies
 from meshagent.policy.contract import MapKey, Verdict
 from meshagent.policy.services import selects, translate
-from meshagent.service.kubernetes import parse_services
+from meshagent.service.kubernetes import ServiceError, parse_services
 from meshagent.testing.resolver_contract import RecordingDatapath, add_endpoint
 
 CLIENT_POLICY = """
@@ -278,3 +278,16 @@ def test_a_new_translation_recomputes_only_the_endpoints_the_policy_selects():
         policy.rules[0], endpoint_selector=EndpointSelector()),))
     resolver.stage_policy(moved)  # other endpoints now: every one is looked at
     assert resolver.dirty == {7, 8}
+
+
+def test_the_kubernetes_source_keeps_a_services_labels_and_selector():
+    from meshagent.plugins.k8s.translate import service_from
+    service = service_from({"metadata": {"name": "db", "namespace": "shop",
+                                         "labels": {"tier": "db"}},
+                            "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 5432}],
+                                     "selector": {"app": "pg"}}}, [], "cluster1")
+    assert (service.labels, service.selector) == ((("tier", "db"),), (("app", "pg"),))
+    with pytest.raises(ServiceError, match=r"spec.selector must map strings to strings"):
+        service_from({"metadata": {"name": "db", "namespace": "shop"},
+                      "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 5432}],
+                               "selector": {"app": 5}}}, [], "cluster1")
