@@ -78,9 +78,9 @@ def test_to_services_parses_both_forms_with_an_empty_namespace_meaning_any():
     ("{toServices: [{k8sService: {serviceName: a, port: 80}}]}",
      "spec.egress[0].toServices[0].k8sService.port: unknown field"),
     ("{toServices: [{k8sService: {serviceName: a}}], toCIDRSet: [{cidr: 10.0.0.0/8}]}",
-     "spec.egress[0]: combining ToServices and ToCIDRSet is not supported yet"),
+     "spec.egress[0]: combining ToCIDRSet and ToServices is not supported yet"),
     ("{toServices: [{k8sService: {serviceName: a}}], toEndpoints: [{}]}",
-     "spec.egress[0]: combining ToServices and ToEndpoints is not supported yet"),
+     "spec.egress[0]: combining ToEndpoints and ToServices is not supported yet"),
     ("{toServices: {k8sService: {serviceName: a}}}",
      "spec.egress[0].toServices: must be a list, not dict"),
 ])

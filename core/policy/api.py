@@ -38,7 +38,7 @@ _EGRESS_MEMBERS = ("toCIDR", "toCIDRSet", "toEndpoints", "toEntities", "toServic
 #: fromEndpoints/fromEntities/fromCIDR/fromCIDRSet (and the to- forms) together, resolving
 #: them as the union of their peers, and its random policy worlds (the datapath differential
 #: suite) rely on that; the members added since are held to Cilium's rule.
-_EXCLUSIVE_MEMBERS = {"toFQDNs"}
+_EXCLUSIVE_MEMBERS = {"toFQDNs", "toServices"}
 #: L7 rule kinds of a port rule besides dns, refused by name
 _L7_KINDS = {"http": "HTTP", "kafka": "Kafka", "l7proto": "generic L7 (l7proto)",
              "l7": "generic L7 (l7proto)"}
@@ -501,12 +501,8 @@ class _Parser:
         return FQDNSelector(name, pattern)
 
     def services(self, item: dict, path: str) -> tuple[ServiceRef, ...]:
-        """``toServices``: alone among the peers, as Cilium's rule validation wants (its
-        generated selectors and CIDRs do not count, what a user writes does)."""
-        for other in ("toEndpoints", "toEntities", "toCIDR", "toCIDRSet"):
-            if other in item:
-                self.fail(path, f"combining ToServices and {other[0].upper()}{other[1:]} is"
-                                " not supported yet")
+        """``toServices`` (alone among the peers: :data:`_EXCLUSIVE_MEMBERS`; the selectors
+        and CIDRs generated from it do not count, as in Cilium)."""
         field = f"{path}.toServices"
         return tuple(self.service_ref(entry, f"{field}[{i}]")
                      for i, entry in enumerate(self.listing(item["toServices"], field)))
