@@ -31,6 +31,8 @@ from meshagent.datapath.events import FlowEvents
 from meshagent.datapath.feed import DatapathFeed
 from meshagent.datapath.progress import PolicyProgress
 from meshagent.endpoint.manager import EndpointManager
+from meshagent.fqdn.contract import ResolvesDNS
+from meshagent.fqdn.manager import FQDN, FQDNOptions
 from meshagent.hooks.manager import PluginManager
 from meshagent.hooks.slots import (
     DATAPATH,
@@ -157,6 +159,7 @@ class Agent:
         self.policy_repository: Any = None  # the core's Repository, or a 0.1 resolver's shim
         self.policy_progress = PolicyProgress()  # the revision each endpoint enforces
         self.datapath: Any = None
+        self.fqdn: FQDN | None = None  # the DNS proxy, with a resolver that offers DNS rules
 
     def stop(self) -> None:
         """Ask the agent to shut down (what SIGTERM does)."""
@@ -273,6 +276,24 @@ class Agent:
             policy_audit_mode=config.get("policy-audit-mode"))
         self.plugins.register(self.endpoints, name="core.endpoints")
         self.plugins.register(self.datapath_feed, name="core.datapath")
+        self.fqdn = self._build_fqdn()
+
+    def _build_fqdn(self) -> FQDN | None:
+        """The DNS proxy, when a datapath can send it DNS traffic and the resolver says what
+        to allow (:class:`~meshagent.fqdn.contract.ResolvesDNS`); built before any
+        controller runs, so the names it restores are in force before the datapath's first
+        full state."""
+        config = self.config
+        if not (config.get("enable-dns-proxy") and self.datapath is not None
+                and isinstance(self.policy_resolver, ResolvesDNS)):
+            return None
+        feed = self.datapath_feed
+        fqdn = FQDN(self.cluster.name, self.tables, self.policy_resolver,
+                    FQDNOptions.from_config(config), config.state_dir,
+                    datapath_applied=feed.applied, set_proxy_port=feed.set_proxy_port,
+                    publish=self.drops.publish)
+        self.plugins.register(fqdn, name="core.fqdn")
+        return fqdn
 
     def _policy_services(self, services: list) -> None:
         """The cluster's services, for the toServices rules of the core's repository (a 0.1
@@ -429,6 +450,8 @@ class _AgentHooks:
                 "Policy", Health.DISABLED, "no policy resolver loaded"))
         if agent.hubble is None:
             sections.append(StatusSection("Hubble", Health.DISABLED, "--enable-hubble=false"))
+        if agent.fqdn is None:
+            sections.append(StatusSection("DNS proxy", Health.DISABLED, _no_dns_proxy(agent)))
         sections.append(self._controllers_section(agent))
         sections.append(StatusSection(
             "Plugins", Health.OK, ", ".join(agent.config.plugins),
@@ -460,6 +483,15 @@ class _AgentHooks:
         registry.register(_AgentCollector(self.agent))
         registry.register(HubbleCollector(self.agent.observer.metrics,
                                           lambda: self.agent.flow_events.lost_total))
+
+
+def _no_dns_proxy(agent: Agent) -> str:
+    """Why the agent runs no DNS proxy (rules: dns and toFQDNs then allow nothing)."""
+    if not agent.config.get("enable-dns-proxy"):
+        return "--enable-dns-proxy=false"
+    if agent.datapath is None:
+        return "no datapath loaded"
+    return "the policy resolver offers no DNS rules (ResolvesDNS)"
 
 
 class _AgentCollector:

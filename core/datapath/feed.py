@@ -28,6 +28,10 @@ from meshagent.runtime.controller import Controller, ControllerHandle
 
 log = logging.getLogger(__name__)
 
+#: Turns of the loop :meth:`DatapathFeed.applied` gives the policy stream to take the map
+#: changes a resolver queued (the default resolver's reach the feed in one).
+_TURNS = 4
+
 
 @attrs.define
 class _Pending:
@@ -118,6 +122,10 @@ class BatchFeed:
     def services_changed(self, services: Iterable[MergedService]) -> None:
         self._queue[-1].services = tuple(services)
         self.wake.set()
+
+    def barrier(self) -> asyncio.Future:
+        """A future done once every change queued so far is applied (or failed)."""
+        return self._waiter(self._queue[-1])
 
     def _waiter(self, pending: _Pending) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
@@ -277,6 +285,22 @@ class DatapathFeed:
         self.services = tuple(services)
         if self.batches is not None and self._taken:
             self.batches.services_changed(self.services)
+
+    def set_proxy_port(self, port: int) -> None:
+        """The agent's DNS proxy listens on ``port`` (stand-in until the datapath side of
+        issue 33 hands it to the datapath)."""
+        self.proxy_port = port
+
+    async def applied(self) -> None:
+        """Return once the datapath applied every change handed to the feed so far: the
+        ipcache's, and the resolver's map changes they caused (a resolver queues those as it
+        hears of an identity; the feed takes them within a few turns of the loop). What the
+        DNS proxy waits for before a pod gets an answer."""
+        if self.batches is None:
+            return
+        for _ in range(_TURNS):
+            await asyncio.sleep(0)
+        await self.batches.barrier()
 
     @hookimpl
     def meshagent_ipcache_changes(self, changes):

@@ -22,6 +22,11 @@ def cidr_identity(number: int, prefix: Network, cluster: str) -> Identity:
                     cluster)
 
 
+def local_identity_numbers(tables: Tables) -> set[int]:
+    """The node-local identity numbers in use (CIDR and FQDN identities share the range)."""
+    return {number for number in tables.identities if number & LOCAL_IDENTITY_FLAG}
+
+
 def free_local_identity(taken: set[int]) -> int:
     """The lowest node-local identity number not in ``taken``."""
     return next(n for n in range(LOCAL_IDENTITY_FLAG | 1, LOCAL_IDENTITY_FLAG << 1)
@@ -35,13 +40,13 @@ class CIDRIdentities:
         self.cluster = cluster
         self.identities: dict[Network, Identity] = {}
 
-    def want(self, wanted: set[Network]) -> tuple[list[tuple[Network, Identity]],
-                                                  list[tuple[Network, Identity]]]:
+    def want(self, wanted: set[Network], taken_elsewhere: set[int] = frozenset()
+             ) -> tuple[list[tuple[Network, Identity]], list[tuple[Network, Identity]]]:
         """Make the prefixes held ``wanted``: (those added, those removed), each with its
-        identity, in a stable order (IPv4 first)."""
+        identity, in a stable order (IPv4 first); new numbers avoid ``taken_elsewhere``."""
         removed = [(prefix, self.identities.pop(prefix))
                    for prefix in sorted(set(self.identities) - wanted, key=family_order)]
-        taken = {i.id for i in self.identities.values()}
+        taken = {i.id for i in self.identities.values()} | set(taken_elsewhere)
         added = []
         for prefix in sorted(wanted - set(self.identities), key=family_order):
             number = free_local_identity(taken)
@@ -53,7 +58,7 @@ class CIDRIdentities:
     def apply_to(self, tables: Tables, wanted: set[Network]) -> None:
         """:meth:`want`, and the agent's tables follow: the identities, and each prefix in the
         ipcache under the policies' source (this node's own, never a cluster's)."""
-        added, removed = self.want(wanted)
+        added, removed = self.want(wanted, local_identity_numbers(tables))
         for prefix, identity in removed:
             tables.ipcache.delete(prefix, POLICY_SOURCE)
             tables.identities.delete(identity.id)

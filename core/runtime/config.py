@@ -10,6 +10,7 @@ import attrs
 
 from meshagent.client import DEFAULT_SOCKET
 from meshagent.errors import UsageError
+from meshagent.fqdn.options import add_fqdn_options
 from meshagent.model.cluster import ClusterInfo
 from meshagent.runtime.options import CONFIG_DIR, ParsedOptions, Parser, parse_bool, parse_list
 
@@ -155,6 +156,7 @@ def add_core_options(parser: Parser) -> None:
                           " the node; off when empty")
     parser.addoption("shutdown-timeout", type=float, default=3.0,
                      help="seconds to let controllers finish after SIGTERM before cancelling")
+    add_fqdn_options(parser)
     for slot in ("kvstore", "identity-allocator", "policy-resolver", "datapath"):
         parser.addoption(slot, type=str, default="",
                          help=f"{slot} provider to use (default: the only one the plugins offer)")
