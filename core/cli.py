@@ -491,9 +491,64 @@ def _lab(args: argparse.Namespace) -> int:
     return _lab_module().run(args)
 
 
+def _fqdn_args(parser: argparse.ArgumentParser) -> None:
+    kinds = parser.add_subparsers(dest="kind", required=True)
+    cache = kinds.add_parser("cache", help="the names the DNS proxy saw, per endpoint")
+    actions = cache.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="list the cache (cilium fqdn cache list)")
+    listing.add_argument("-e", "--endpoint", default="",
+                         help="List cache entries for a specific endpoint id")
+    listing.add_argument("-p", "--matchpattern", default="",
+                         help="List cache entries with FQDN that match matchpattern")
+    listing.add_argument("-s", "--source", default="", choices=("", "lookup", "connection"),
+                         help="List cache entries from a specific source (lookup, connection)")
+    listing.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    clean = actions.add_parser("clean", help="forget names, and what they allowed")
+    clean.add_argument("-f", "--force", action="store_true", help="Skip confirmation")
+    clean.add_argument("-p", "--matchpattern", default="",
+                       help="Delete cache entries with FQDNs that match matchpattern")
+    for sub in actions.choices.values():
+        _add_socket_path(sub)
+
+
+def _fqdn(args: argparse.Namespace) -> int:
+    """Cilium's ``fqdn cache list`` and ``fqdn cache clean``, their columns and messages."""
+    client = AgentClient(args.socket_path)
+    if args.action == "list":
+        return _fqdn_list(client, args.endpoint, args.matchpattern, args.source, args.output)
+    if not args.force:
+        print("Following cache entries are going to be deleted:")
+        _fqdn_list(client, "", args.matchpattern, "", "text")
+        print("The command is non-revertible, do you want to continue [y/N]?")
+        if sys.stdin.readline().strip() != "y":
+            return 0
+    client.call("DELETE", "/fqdn/cache", params={"matchpattern": args.matchpattern})
+    print("FQDN proxy cache cleared")
+    return 0
+
+
+def _fqdn_list(client: AgentClient, endpoint: str, pattern: str, source: str,
+               output: str) -> int:
+    params = {key: value for key, value in (("endpoint", endpoint), ("matchpattern", pattern),
+                                            ("source", source)) if value}
+    rows = client.get("/fqdn/cache", params=params)
+    if output == "json":
+        print_json(rows)
+        return 0
+    table = [("Endpoint", "Source", "FQDN", "TTL", "ExpirationTime", "IPs")]
+    table += [(str(r["endpoint-id"]), r["source"], r["fqdn"], str(r["ttl"]),
+               r["expiration-time"], ",".join(r["ips"])) for r in rows]
+    # Go's tabwriter as Cilium sets it up: minimum width 5, padding 3
+    widths = [max(5, max(len(row[i]) for row in table)) + 3 for i in range(len(table[0]))]
+    for row in table:
+        print("".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
 def _monitor_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--type", choices=("drop",), default=None,
-                        help="only events of this type (datapaths send drops)")
+    parser.add_argument("--type", choices=("drop", "l7"), default=None,
+                        help="only events of this type (datapaths send drops, the DNS proxy"
+                             " l7 records)")
     parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
     parser.add_argument("--count", type=int, default=0, help="stop after N events")
 
@@ -506,6 +561,7 @@ def _monitor(args: argparse.Namespace) -> int:
 
     from meshagent.client import API_PREFIX
     from meshagent.datapath.drops import format_drop
+    from meshagent.fqdn.record import format_l7
 
     async def stream() -> int:
         connector = aiohttp.UnixConnector(path=str(args.socket_path))
@@ -521,8 +577,9 @@ def _monitor(args: argparse.Namespace) -> int:
                         event = json.loads(line)
                         if args.type and event.get("type") != args.type:
                             continue
-                        print(json.dumps(event) if args.output == "json" else format_drop(event),
-                              flush=True)
+                        text = format_l7(event) if event.get("type") == "l7" else \
+                            format_drop(event)
+                        print(json.dumps(event) if args.output == "json" else text, flush=True)
                         seen += 1
                         if args.count and seen >= args.count:
                             return 0
@@ -549,7 +606,8 @@ def _observe(args: argparse.Namespace) -> int:
 CORE_COMMANDS = (
     Command("observe", "observe flows as hubble observe does (Hubble's API: this agent, a"
             " server, or --mesh for every node of every cluster)", _observe_args, _observe),
-    Command("monitor", "stream datapath events (drops) from the running agent", _monitor_args,
+    Command("monitor", "stream datapath events (drops) and DNS proxy records from the running"
+            " agent", _monitor_args,
             _monitor),
     Command("status", "show the agent's health, section by section", status_args, _status),
     Command("plugins", "list plugins: name, status, origin, slots filled, hooks",
@@ -563,6 +621,8 @@ CORE_COMMANDS = (
     Command("endpoint", "create, list, get and delete local endpoints (pods)", _endpoint_args,
             _endpoint),
     Command("policy", "import, delete, get and trace network policies", _policy_args, _policy),
+    Command("fqdn", "the DNS proxy's name cache: list and clean (cilium fqdn cache)",
+            _fqdn_args, _fqdn),
     Command("service", "apply, delete and list services (global ones span clusters)",
             _service_args, _service),
     Command("lab", "the seed's two clusters on this machine, in network namespaces",

@@ -180,7 +180,7 @@ class Agent:
                 config=self.config, tables=self.tables, services=self.services,
                 endpoints=self.endpoints, clustermesh=self.clustermesh,
                 resolver=self.policy_resolver, repository=self.policy_repository,
-                policy_progress=self.policy_progress, drops=self.drops)
+                policy_progress=self.policy_progress, drops=self.drops, fqdn=self.fqdn)
             await cleanup.enter_async_context(APIServer(
                 build_app(state, self.hooks.api_routes(self.view)), self.config.socket_path))
             if addr := self.config.get("prometheus-serve-addr"):

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # types only: the API serves the components, it does not buil
     from meshagent.model.table import Tables
     from meshagent.datapath.drops import DropFeed
     from meshagent.datapath.progress import PolicyProgress
+    from meshagent.fqdn.manager import FQDN
     from meshagent.policy import PolicyRepository, PolicyResolver
     from meshagent.runtime.config import Config
     from meshagent.runtime.status import StatusReport
@@ -76,6 +77,7 @@ class APIState:
     repository: "PolicyRepository | None"
     policy_progress: "PolicyProgress"
     drops: "DropFeed"
+    fqdn: "FQDN | None" = None  # the DNS proxy and its names (None: no proxy runs)
 
 
 def build_app(api: APIState, extra_routes: list[tuple[str, Route]]) -> web.Application:
@@ -107,6 +109,8 @@ def build_app(api: APIState, extra_routes: list[tuple[str, Route]]) -> web.Appli
               functools.partial(_policy_delete, api)),
         Route("POST", "/policy/trace", functools.partial(_policy_trace, api)),
         Route("GET", "/policy/wait", functools.partial(_policy_wait, api)),
+        Route("GET", "/fqdn/cache", functools.partial(_fqdn_cache, api)),
+        Route("DELETE", "/fqdn/cache", functools.partial(_fqdn_cache_clean, api)),
     ]
     owners: dict[tuple[str, str], str] = {}
     for owner, route in [("core", r) for r in core] + extra_routes:
@@ -315,3 +319,37 @@ async def _endpoint_config_patch(api: APIState, request: web.Request) -> web.Res
 
 async def _endpoint_delete(api: APIState, request: web.Request) -> web.Response:
     return json_response(await api.endpoints.delete(_endpoint_id(request)))
+
+
+def _fqdn_query(api: APIState, request: web.Request) -> tuple[int | None, str]:
+    """The ``endpoint`` and ``matchpattern`` filters of the fqdn routes."""
+    if api.fqdn is None:
+        raise web.HTTPNotFound(reason="no DNS proxy runs on this agent (meshagent status says"
+                                      " why)")
+    raw = request.query.get("endpoint", "")
+    if raw and not raw.isdigit():
+        raise web.HTTPBadRequest(reason=f"invalid endpoint {raw!r}: an endpoint ID")
+    pattern = request.query.get("matchpattern", "")
+    return (int(raw) if raw else None), pattern
+
+
+async def _fqdn_cache(api: APIState, request: web.Request) -> web.Response:
+    """``meshagent fqdn cache list``: Cilium's DNSLookup rows."""
+    endpoint, pattern = _fqdn_query(api, request)
+    source = request.query.get("source", "")
+    if source not in ("", "lookup", "connection"):
+        raise web.HTTPBadRequest(reason=f"invalid source {source!r}: lookup or connection")
+    try:
+        return json_response(api.fqdn.lookups(endpoint, pattern, source))
+    except ValueError as exc:
+        raise web.HTTPBadRequest(reason=str(exc)) from None
+
+
+async def _fqdn_cache_clean(api: APIState, request: web.Request) -> web.Response:
+    """``meshagent fqdn cache clean``: the names go, and what they allowed."""
+    endpoint, pattern = _fqdn_query(api, request)
+    try:
+        api.fqdn.clean(endpoint, pattern)
+    except ValueError as exc:
+        raise web.HTTPBadRequest(reason=str(exc)) from None
+    return json_response({"cleared": True})

@@ -30,6 +30,12 @@ def rfc3339(stamp: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def rfc3339_millis(stamp: float) -> str:
+    """go-openapi's strfmt.DateTime (what Cilium's API models carry): milliseconds."""
+    moment = datetime.datetime.fromtimestamp(stamp, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
 def parse_rfc3339(text: str) -> float:
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 

@@ -24,13 +24,12 @@ import dns.rdatatype
 
 from meshagent import hookimpl
 from meshagent.events import ChangeKind
-from meshagent.fqdn.cache import CacheEntry, EndpointNames, rfc3339
+from meshagent.fqdn.cache import CacheEntry, EndpointNames, rfc3339_millis
 from meshagent.fqdn.contract import FQDNSelector, ResolvesDNS
 from meshagent.fqdn.names import NameManager
 from meshagent.fqdn.proxy import REJECT_CODES, DNSProxy, ProxyOptions, Request
 from meshagent.fqdn.record import DNSRecord
 from meshagent.fqdn import matchpattern
-from meshagent.hooks.additions import Route, json_response
 from meshagent.model.endpoint import Endpoint
 from meshagent.model.identity import world_identity
 from meshagent.model.ipcache import IPCacheEntry
@@ -331,8 +330,9 @@ class FQDN:
                                       if e is entry), key=lambda a: (a.version, a))
                         rows.append({"endpoint-id": eid, "source": "lookup",
                                      "fqdn": entry.name, "ttl": entry.ttl,
-                                     "lookup-time": rfc3339(entry.lookup_time),
-                                     "expiration-time": rfc3339(entry.expiration_time),
+                                     "lookup-time": rfc3339_millis(entry.lookup_time),
+                                     "expiration-time": rfc3339_millis(
+                                         entry.expiration_time),
                                      "ips": [str(ip) for ip in ips]})
             if source in ("", "connection"):
                 for zombie in names.zombies.values():
@@ -351,24 +351,6 @@ class FQDN:
         self._changed()
 
     @hookimpl
-    def meshagent_api_routes(self, agent):
-        return [Route("GET", "/fqdn/cache", self._get_cache),
-                Route("DELETE", "/fqdn/cache", self._delete_cache)]
-
-    async def _get_cache(self, request):
-        endpoint, pattern = _query(request)
-        source = request.query.get("source", "")
-        if source not in ("", "lookup", "connection"):
-            return json_response({"error": f"invalid source {source!r}: lookup or connection"},
-                                 400)
-        return json_response(self.lookups(endpoint, pattern, source))
-
-    async def _delete_cache(self, request):
-        endpoint, pattern = _query(request)
-        self.clean(endpoint, pattern)
-        return json_response({"cleared": True})
-
-    @hookimpl
     def meshagent_status(self, verbose: bool):
         proxy = self.proxy
         if not proxy.port:
@@ -385,22 +367,10 @@ class FQDN:
 
 
 def _matcher(pattern: str) -> Callable[[str], bool]:
-    """Names a ``--matchpattern`` selects (every name without one)."""
+    """Names a ``--matchpattern`` selects (every name without one); ValueError with
+    Cilium's text for a bad pattern."""
     if not pattern:
         return lambda name: True
     matchpattern.validate(pattern)
     selector = FQDNSelector(match_pattern=pattern)
     return selector.matches
-
-
-def _query(request) -> tuple[int | None, str]:
-    from meshagent.errors import UsageError
-    raw = request.query.get("endpoint", "")
-    if raw and not raw.isdigit():
-        raise UsageError(f"invalid endpoint {raw!r}: an endpoint ID")
-    pattern = request.query.get("matchpattern", "")
-    try:
-        _matcher(pattern)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    return (int(raw) if raw else None), pattern
