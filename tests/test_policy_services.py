@@ -134,6 +134,17 @@ def test_a_service_selector_matches_the_services_labels_and_namespace():
     assert selects(ref, cache) and not selects(ref, elsewhere) and not selects(ref, unlabelled)
 
 
+def test_a_service_change_concerns_the_policies_naming_it_in_either_version():
+    from meshagent.policy.services import names_any
+    (policy,) = parse_policies(CLIENT_POLICY.replace(
+        "k8sService: {serviceName: db, namespace: default}",
+        "k8sServiceSelector: {selector: {matchLabels: {tier: cache}}}"))
+    cache = services(service_yaml("redis", ["10.1.0.5"], labels={"tier": "cache"}))
+    relabelled = services(service_yaml("redis", ["10.1.0.5"], labels={"tier": "db"}))
+    assert names_any(policy, cache) and not names_any(policy, relabelled)
+    assert names_any(policy, cache + relabelled)  # the old version matched: it concerns it
+
+
 def test_naming_no_known_service_allows_nothing():
     (policy,) = parse_policies(CLIENT_POLICY)
     (item,) = translate(policy, services(service_yaml("web", ["10.1.0.5"]))).rules[0].egress

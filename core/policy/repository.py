@@ -36,7 +36,7 @@ from meshagent.policy.contract import (
     PolicyUpdate,
 )
 from meshagent.policy.cidr import policy_cidrs
-from meshagent.policy.services import names_services, translate
+from meshagent.policy.services import names_any, names_services, translate
 from meshagent.policy.worker import PolicyParser
 from meshagent.runtime.controller import Controller, ControllerHandle
 from meshagent.runtime.status import Health, StatusSection
@@ -66,7 +66,9 @@ class Repository:
         self.rules: dict[PolicyKey, Policy] = {}
         self.translated: dict[PolicyKey, Policy] = {}  # as the resolver has them
         self.naming_services: set[PolicyKey] = set()  # the policies with toServices items
-        self.services: tuple[Service, ...] = ()  # the cluster's, as toServices sees them
+        # the cluster's services by (namespace, name), as toServices sees them
+        self.services: dict[tuple[str, str], Service] = {}
+        self._changed_services: list[Service] = []  # old and new versions, not re-translated yet
         self._services_wake = asyncio.Event()
         self.revision = 0
         self.kv_keys: dict[str, PolicyKey] = {}  # kvstore key -> policy key
@@ -158,7 +160,7 @@ class Repository:
                     self.naming_services.add(key)
                 else:
                     self.naming_services.discard(key)
-                await self._put(key, translate(update.policy, self.services))
+                await self._put(key, translate(update.policy, self.services.values()))
             else:
                 del self.rules[key]
                 self.naming_services.discard(key)
@@ -180,23 +182,34 @@ class Repository:
         self._cidr_identities([])
 
     def services_changed(self, services: list[Service]) -> None:
-        """The cluster's Services changed: the policies naming Services are translated again
-        (controller ``policy-services``)."""
-        self.services = tuple(services)
-        self._services_wake.set()
+        """The cluster's Services are now ``services``: the policies naming one that changed
+        are translated again (controller ``policy-services``)."""
+        new = {(s.namespace, s.name): s for s in services}
+        old = self.services
+        self._changed_services += [s for k, s in old.items() if new.get(k) != s]
+        self._changed_services += [s for k, s in new.items() if old.get(k) != s]
+        self.services = new
+        if self._changed_services:
+            self._services_wake.set()
 
     async def _follow_services(self, handle: ControllerHandle) -> None:
-        """Controller: re-translate the policies with ``toServices`` items when the Services
-        change; only those whose translation differs reach the resolver again."""
+        """Controller: re-translate the policies whose ``toServices`` items select a Service
+        that changed (its old or new version); only those whose translation differs reach
+        the resolver again."""
         handle.ready()
         while True:
             await self._services_wake.wait()
             self._services_wake.clear()
+            changed, self._changed_services = self._changed_services, []
             async with self._lock:
                 for key in sorted(self.naming_services):
-                    translated = translate(self.rules[key], self.services)
+                    policy = self.rules[key]
+                    if not names_any(policy, changed):
+                        continue
+                    translated = translate(policy, self.services.values())
                     if translated != self.translated.get(key):
                         await self._put(key, translated)
+                    await asyncio.sleep(0)  # many such policies do not hold the loop
 
     def _cidr_identities(self, also: list[Policy]) -> None:
         """Every CIDR (and except) of the rules (and of ``also``) gets a node-local identity

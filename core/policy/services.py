@@ -36,6 +36,14 @@ def names_services(policy: Policy) -> bool:
                for item in rule.egress + rule.egress_deny)
 
 
+def names_any(policy: Policy, services: Iterable[Service]) -> bool:
+    """Whether a ``toServices`` item of ``policy`` selects one of ``services``: the policies
+    a change of those Services may concern (Cilium's ``cnpMatchesService``)."""
+    refs = [ref for rule in policy.rules for item in rule.egress + rule.egress_deny
+            for ref in item.services or ()]
+    return any(selects(ref, service) for service in services for ref in refs)
+
+
 def selects(ref: ServiceRef, service: Service) -> bool:
     """Cilium's ``serviceRefMatches``/``serviceSelectorMatches``: the namespace ("" any),
     then the name or the selector on the Service's labels (of any source)."""
