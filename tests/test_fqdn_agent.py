@@ -115,6 +115,7 @@ async def test_cache_list_clean_status_and_restart(agent_factory, short_tmp):
     running = await agent_factory(args(short_tmp / "state"),
                                   extra_plugins=[("dnstest", again)])
     agent = running.agent
+    await asyncio.wait_for(agent.datapath_synced.wait(), 10)
     restored = agent.tables.ipcache.get(host_key(ADDRESS))
     assert restored is not None
     assert again.reconciled_ipcache.get(ADDRESS) == restored.identity
