@@ -353,12 +353,18 @@ def _policy_args(parser: argparse.ArgumentParser) -> None:
                         help="a CiliumClusterwideNetworkPolicy")
     get = actions.add_parser("get", help="the policies in force")
     get.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml")
-    tr = actions.add_parser("trace", help="explain the verdict for a source reaching an endpoint")
+    tr = actions.add_parser("trace", help="explain the verdict for a source reaching an endpoint"
+                                          " (or an endpoint reaching a destination)")
     source = tr.add_mutually_exclusive_group(required=True)
     source.add_argument("--src-labels", help="app=x,... (k8s: prefix added where missing)")
     source.add_argument("--src-identity", type=int)
     source.add_argument("--src-ip")
-    tr.add_argument("--dst-endpoint", type=int, required=True)
+    source.add_argument("--src-endpoint", type=int, help="a local endpoint: trace its egress")
+    destination = tr.add_mutually_exclusive_group(required=True)
+    destination.add_argument("--dst-endpoint", type=int)
+    destination.add_argument("--dst-labels", help="with --src-endpoint: app=x,...")
+    destination.add_argument("--dst-identity", type=int, help="with --src-endpoint")
+    destination.add_argument("--dst-ip", help="with --src-endpoint")
     tr.add_argument("--dport", required=True, help="PORT or PORT/PROTO (default TCP)")
     tr.add_argument("-o", "--output", choices=("text", "json"), default="text")
     for sub in actions.choices.values():
@@ -410,34 +416,48 @@ def _policy(args: argparse.Namespace) -> int:
     port, _, proto = args.dport.partition("/")
     if not port.isdigit():
         raise UsageError(f"invalid --dport={args.dport!r}: expected PORT or PORT/PROTO")
-    body = {"dst_endpoint": args.dst_endpoint, "port": int(port), "protocol": proto or "TCP"}
-    if args.src_labels is not None:
-        body["src_labels"] = [label if ":" in label.split("=")[0] else f"k8s:{label}"
-                              for label in args.src_labels.split(",") if label]
-    elif args.src_identity is not None:
-        body["src_identity"] = args.src_identity
+    egress = args.src_endpoint is not None
+    if egress == (args.dst_endpoint is not None):
+        raise UsageError("give --dst-endpoint with a source (ingress), or --src-endpoint with"
+                         " a destination (egress)")
+    local, side = ("src", "dst") if egress else ("dst", "src")
+    body = {f"{local}_endpoint": getattr(args, f"{local}_endpoint"), "port": int(port),
+            "protocol": proto or "TCP"}
+    labels, identity = getattr(args, f"{side}_labels"), getattr(args, f"{side}_identity")
+    if labels is not None:
+        body[f"{side}_labels"] = [label if ":" in label.split("=")[0] else f"k8s:{label}"
+                                  for label in labels.split(",") if label]
+    elif identity is not None:
+        body[f"{side}_identity"] = identity
     else:
-        body["src_ip"] = args.src_ip
+        body[f"{side}_ip"] = getattr(args, f"{side}_ip")
     result = client.call("POST", "/policy/trace", json=body)
     if args.output == "json":
         print_json(result)
         return 0
-    src = result["source"]
-    print(f"source:      identity {src['identity']} from cluster {src['cluster']}:"
-          f" {' '.join(src['labels'])}")
-    print(f"destination: endpoint {result['destination']['endpoint']}, port"
-          f" {result['port']}/{result['protocol']} (ingress)")
+    direction = result.get("direction", "ingress")
+    where = f"port {result['port']}/{result['protocol']} ({direction})"
+    print(f"source:      {_trace_side(result['source'])}")
+    print(f"destination: {_trace_side(result['destination'])}, {where}")
     print(f"policies:    {', '.join(result['selecting_policies']) or 'none selects it'}")
     for line in result["matched"]:
         print(f"matched:     {line}")
     print(f"verdict:     {result['verdict'].upper()}: {result['reason']}")
     if result.get("policy_audit"):
-        endpoint = result["destination"]["endpoint"]
+        endpoint = result["source" if direction == "egress" else "destination"]["endpoint"]
         print(f"audit:       endpoint {endpoint} is in policy audit mode: "
               + ("this traffic passes anyway, reported with verdict AUDIT"
-                 if result["verdict"] != "allow"
+                 if result["verdict"] == "deny"
                  else "traffic the policy denies would pass, reported with verdict AUDIT"))
-    return 0 if result["verdict"] == "allow" else 1
+    return 0 if result["verdict"] in ("allow", "redirect") else 1
+
+
+def _trace_side(side: dict) -> str:
+    """A trace's local endpoint, or its peer (identity, cluster, labels)."""
+    if "endpoint" in side:
+        return f"endpoint {side['endpoint']}"
+    return (f"identity {side['identity']} from cluster {side['cluster']}:"
+            f" {' '.join(side['labels'])}")
 
 
 def _service_args(parser: argparse.ArgumentParser) -> None:

@@ -268,3 +268,70 @@ async def test_the_default_resolver_answers_the_proxy_and_follows_changes():
     assert default.dns_rules(1)[0].servers == {IDS["kube-dns"].id}
     await default.apply(PolicyUpdate(ChangeKind.DELETE, key=policy.key), 2)
     assert default.dns_rules(1) == () and default.fqdn_selectors() == frozenset()
+
+
+# -- in a running agent -------------------------------------------------------------------------
+
+async def test_redirects_reach_the_datapath_and_trace_explains_egress(agent_factory, tmp_path):
+    """Through the agent: the DNS pair imported, a redirect entry reaches the datapath for
+    kube-dns, an fqdn identity arriving later gets its allow, and ``policy trace
+    --src-endpoint`` explains both (exit 0: a redirect is allowed)."""
+    import asyncio
+    import ipaddress
+    import json
+
+    from conftest import run_cli
+
+    from meshagent.model.endpoint import Endpoint
+    from meshagent.testing import eventually
+    from meshagent.testing.resolver_contract import RecordingDatapath, add_endpoint
+
+    datapath = RecordingDatapath()
+    running = await agent_factory(
+        ["--plugins", "memory", "--cluster-name", "cluster1", "--cluster-id", "101",
+         "--memory-store", f"fqdn-{tmp_path.name[-8:]}"],
+        extra_plugins=[("recording", datapath)])
+    agent = running.agent
+    assert isinstance(agent.policy_resolver, ResolvesDNS)
+    for name in ("employee", "kube-dns"):
+        agent.tables.identities.upsert(IDS[name].id, IDS[name])
+    await add_endpoint(agent, Endpoint(3, "default", IDS["employee"].labels,
+                                       ipaddress.ip_address("10.1.1.3"), IDS["employee"].id))
+    path = tmp_path / "dns.yaml"
+    path.write_text(cnp(EMPLOYEE + DNS_PAIR, name="dns"))
+
+    def cli(*args):
+        return asyncio.to_thread(run_cli, *args, "--socket-path", str(running.socket_path))
+
+    assert (await cli("policy", "import", str(path))).returncode == 0
+    kube_dns = MapKey(EGRESS, IDS["kube-dns"].id, 0, 53, 53)
+    await eventually(lambda: datapath.state.get(3, {}).get(kube_dns) is Verdict.REDIRECT)
+    fqdn = Identity((1 << 24) + 0xF100, IDS["fqdn-api"].labels)  # clear of the agent's own
+    agent.tables.identities.upsert(fqdn.id, fqdn)
+    await eventually(lambda: datapath.state[3].get(MapKey(EGRESS, fqdn.id, 0, 0, 0))
+                     is Verdict.ALLOW)
+    assert agent.policy_resolver.dns_rules(3)[0] == DNSRule(
+        53, "ANY", frozenset({IDS["kube-dns"].id}), (FQDNSelector(match_pattern="*"),))
+
+    redirected = await cli("policy", "trace", "--src-endpoint", "3", "--dst-identity",
+                           str(IDS["kube-dns"].id), "--dport", "53/UDP")
+    assert redirected.returncode == 0, redirected.stderr
+    assert "source:      endpoint 3" in redirected.stdout
+    assert "port 53/UDP (egress)" in redirected.stdout
+    assert "verdict:     REDIRECT: allowed, through the DNS proxy" in redirected.stdout
+    assert "DNS questions MatchName: , MatchPattern: *" in redirected.stdout
+    allowed = json.loads((await cli("policy", "trace", "--src-endpoint", "3", "--dst-labels",
+                                    "fqdn:api.example.com,reserved:world", "--dport", "443",
+                                    "-o", "json")).stdout)
+    assert allowed["verdict"] == "allow" and allowed["destination"]["identity"] == fqdn.id
+    assert any("FQDN MatchName: api.example.com" in m for m in allowed["matched"])
+    refused = json.loads((await cli("policy", "trace", "--src-endpoint", "3", "--dst-ip",
+                                    "192.0.2.1", "--dport", "53/UDP", "-o", "json")).stdout)
+    assert (refused["verdict"], refused["flow_verdict"]) == ("deny", "DROPPED")
+    as_json = json.loads((await cli("policy", "trace", "--src-endpoint", "3", "--dst-identity",
+                                    str(IDS["kube-dns"].id), "--dport", "53/UDP", "-o",
+                                    "json")).stdout)
+    assert as_json["flow_verdict"] == "REDIRECTED" and as_json["direction"] == "egress"
+    mixed = await cli("policy", "trace", "--src-endpoint", "3", "--dst-endpoint", "3",
+                      "--dport", "53")
+    assert mixed.returncode != 0

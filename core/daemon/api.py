@@ -182,20 +182,33 @@ async def _policy_wait(api: APIState, request: web.Request) -> web.Response:
 
 
 TRACE_FIELDS = {"dst_endpoint", "port", "protocol", "src_identity", "src_labels", "src_ip"}
+#: an egress trace: a local source endpoint and the destination peer
+EGRESS_TRACE_FIELDS = {"src_endpoint", "port", "protocol", "dst_identity", "dst_labels",
+                       "dst_ip"}
 
 
 async def _policy_trace(api: APIState, request: web.Request) -> web.Response:
     resolver = _resolver(api)
     body = await request.json()
-    if not isinstance(body, dict) or not {"dst_endpoint", "port"} <= body.keys() <= TRACE_FIELDS:
+    egress = isinstance(body, dict) and "src_endpoint" in body
+    fields = EGRESS_TRACE_FIELDS if egress else TRACE_FIELDS
+    local = "src_endpoint" if egress else "dst_endpoint"
+    if not isinstance(body, dict) or not {local, "port"} <= body.keys() <= fields:
         raise web.HTTPBadRequest(reason="expected a trace request: dst_endpoint, port and"
-                                        " optionally protocol, src_identity, src_labels, src_ip")
-    result = resolver.trace(**body)
-    endpoint = api.endpoints.endpoints.get(body["dst_endpoint"])
+                                        " optionally protocol, src_identity, src_labels, src_ip;"
+                                        " or src_endpoint, port and optionally protocol,"
+                                        " dst_identity, dst_labels, dst_ip")
+    try:
+        result = resolver.trace(**body)
+    except TypeError:
+        if not egress:
+            raise
+        raise web.HTTPBadRequest(reason="the loaded policy resolver cannot trace egress")
+    endpoint = api.endpoints.endpoints.get(body[local])
     audit = endpoint is not None and endpoint.policy_audit
     # what the datapath does with it, in Hubble's verdict words (meshagent observe)
-    flow_verdict = "FORWARDED" if result.get("verdict") == "allow" else (
-        "AUDIT" if audit else "DROPPED")
+    flow_verdict = {"allow": "FORWARDED", "redirect": "REDIRECTED"}.get(
+        result.get("verdict"), "AUDIT" if audit else "DROPPED")
     return json_response({**result, "policy_audit": audit, "flow_verdict": flow_verdict})
 
 

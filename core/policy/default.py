@@ -159,23 +159,37 @@ class DefaultResolver:
     async def close(self) -> None:
         """Nothing runs besides the agent."""
 
-    def trace(self, dst_endpoint: int, port: int, protocol: str = "TCP",
+    def trace(self, dst_endpoint: int | None = None, port: int = 0, protocol: str = "TCP",
               src_identity: int | None = None, src_labels: list[str] | None = None,
-              src_ip: str | None = None) -> dict:
-        """Explain the verdict for a source talking to a local endpoint."""
+              src_ip: str | None = None, src_endpoint: int | None = None,
+              dst_identity: int | None = None, dst_labels: list[str] | None = None,
+              dst_ip: str | None = None) -> dict:
+        """Explain the verdict for a peer talking to a local endpoint (``dst_endpoint`` and
+        the source as ``src_*``: ingress), or for a local endpoint talking to a peer
+        (``src_endpoint`` and the destination as ``dst_*``: egress, where DNS rules and
+        ``toFQDNs`` are)."""
         from meshagent.policy.api import PROTOCOLS
-        if dst_endpoint not in self.resolver.endpoints:
-            raise PolicyError(f"no local endpoint {dst_endpoint}")
-        source = self._source_identity(src_identity, src_labels, src_ip)
+        egress = src_endpoint is not None
+        if egress == (dst_endpoint is not None):
+            raise PolicyError("give dst_endpoint and a source (ingress), or src_endpoint and a"
+                              " destination (egress)")
+        local = src_endpoint if egress else dst_endpoint
+        if local not in self.resolver.endpoints:
+            raise PolicyError(f"no local endpoint {local}")
+        peer = self._peer_identity("dst", dst_identity, dst_labels, dst_ip) if egress else \
+            self._peer_identity("src", src_identity, src_labels, src_ip)
         proto = PROTOCOLS.get(protocol.upper())
         if proto is None:
             raise PolicyError(f"unknown protocol {protocol!r}")
-        result: Trace = trace(self.resolver, dst_endpoint, INGRESS, source, proto, port)
-        return {"source": {"identity": source.id, "cluster": source.cluster or "(reserved)",
-                           "labels": sorted(source.labels)},
-                "destination": {"endpoint": dst_endpoint,
-                                "labels": sorted(self.resolver.endpoints[dst_endpoint]
-                                                 .endpoint.labels)},
+        result: Trace = trace(self.resolver, local, EGRESS if egress else INGRESS, peer, proto,
+                              port)
+        remote = {"identity": peer.id, "cluster": peer.cluster or "(reserved)",
+                  "labels": sorted(peer.labels)}
+        endpoint = {"endpoint": local,
+                    "labels": sorted(self.resolver.endpoints[local].endpoint.labels)}
+        return {"source": endpoint if egress else remote,
+                "destination": remote if egress else endpoint,
+                "direction": EGRESS if egress else INGRESS,
                 "port": port, "protocol": protocol.upper(),
                 "verdict": result.verdict.value, "reason": result.reason,
                 "enforced": result.enforced, "matched": list(result.matched),
@@ -188,7 +202,7 @@ class DefaultResolver:
         return deciding_policies(self.resolver, endpoint_id, direction, identity, protocol,
                                  port, verdict, match)
 
-    def _source_identity(self, identity_id, labels, ip) -> Identity:
+    def _peer_identity(self, side: str, identity_id, labels, ip) -> Identity:
         if identity_id is not None:
             found = self.resolver.cache.identities.get(int(identity_id))
             if found is None:
@@ -204,7 +218,7 @@ class DefaultResolver:
             try:
                 address = ipaddress.ip_address(ip)
             except ValueError:
-                raise PolicyError(f"src_ip {ip!r} is not an IPv4 or IPv6 address") from None
+                raise PolicyError(f"{side}_ip {ip!r} is not an IPv4 or IPv6 address") from None
             best = None
             for entry in self.tables.ipcache.values():
                 if entry.version == address.version and (
@@ -215,7 +229,8 @@ class DefaultResolver:
             number = best.identity if best else int(world_identity(address.version))
             found = self.resolver.cache.identities.get(number)
             return found[0] if found else Identity(number, frozenset(), "")
-        raise PolicyError("give the source as src_identity, src_labels or src_ip")
+        raise PolicyError(f"give the {'source' if side == 'src' else 'destination'} as"
+                          f" {side}_identity, {side}_labels or {side}_ip")
 
 
 def build_default(agent) -> DefaultResolver:
