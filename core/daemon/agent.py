@@ -54,6 +54,7 @@ from meshagent.model.ipcache import IPCache
 from meshagent.model.node import Node
 from meshagent.model.table import Table, Tables
 from meshagent.observe.flows import FlowMaker
+from meshagent.observe.l7 import dns_flow
 from meshagent.observe.metrics import HubbleCollector
 from meshagent.observe.names import Names
 from meshagent.observe.observer import Observer
@@ -291,7 +292,7 @@ class Agent:
         fqdn = FQDN(self.cluster.name, self.tables, self.policy_resolver,
                     FQDNOptions.from_config(config), config.state_dir,
                     datapath_applied=feed.applied, set_proxy_port=feed.set_proxy_port,
-                    publish=self.drops.publish)
+                    publish=self._dns_record)
         self.plugins.register(fqdn, name="core.fqdn")
         return fqdn
 
@@ -300,6 +301,12 @@ class Agent:
         resolver, which holds the rules itself, has none)."""
         if isinstance(self.policy_repository, Repository):
             self.policy_repository.services_changed(services)
+
+    def _dns_record(self, record) -> None:
+        """A DNS proxy record: to meshagent monitor, and as an L7 flow to the observer."""
+        self.drops.publish(record)
+        self.observer.add_flow(dns_flow(record, self.observer.maker.node_name,
+                                        self.flow_names))
 
     def _build_policy_resolver(self):
         """The slot's resolver; one written for 0.1's contract through its shim."""

@@ -92,7 +92,8 @@ class Observer:
         self.maker = maker
         self.capacity = parse_event_buffer_capacity(capacity)
         # flows, and notices of events the datapath lost (GetFlowsResponse)
-        self.ring: collections.deque[FlowRecord | observer_pb2.GetFlowsResponse] = \
+        self.ring: collections.deque[FlowRecord | flow_pb2.Flow
+                                     | observer_pb2.GetFlowsResponse] = \
             collections.deque(maxlen=self.capacity)
         self.seen_flows = 0
         self._lost_total = lost  # how many events the datapath lost so far
@@ -127,6 +128,15 @@ class Observer:
             if follower.passes(built):
                 follower.offer(built)
 
+    def add_flow(self, flow: flow_pb2.Flow) -> None:
+        """A flow made elsewhere (the DNS proxy's L7 flows): kept and streamed as the
+        datapath's are; not counted in the hubble_* metrics."""
+        self.ring.append(flow)
+        self.seen_flows += 1
+        for follower in self.followers:
+            if follower.passes is None or follower.passes(flow):
+                follower.offer(flow)
+
     def _add_lost(self, count: int) -> None:
         notice = self._notice(flow_pb2.PERF_EVENT_RING_BUFFER, count)
         self.ring.append(notice)
@@ -138,7 +148,8 @@ class Observer:
     def server_status(self) -> observer_pb2.ServerStatusResponse:
         now = self._clock()
         return observer_pb2.ServerStatusResponse(
-            num_flows=sum(1 for f in self.ring if isinstance(f, FlowRecord)),
+            num_flows=sum(1 for f in self.ring
+                          if isinstance(f, FlowRecord | flow_pb2.Flow)),
             max_flows=self.capacity, seen_flows=self.seen_flows,
             uptime_ns=int((now - self.started) * 1e9), version=__version__,
             flows_rate=self._rate(now))
@@ -149,9 +160,9 @@ class Observer:
         count = 0
         oldest = None
         for record in reversed(self.ring):
-            if not isinstance(record, FlowRecord):
+            if isinstance(record, observer_pb2.GetFlowsResponse):
                 continue
-            stamp = record.event.time_ns / 1e9
+            stamp = _when(record) / 1e9
             if stamp < since:
                 oldest = None
                 break
@@ -250,9 +261,9 @@ class Observer:
             return lambda item: item
 
         def filtered(item: _Item) -> _Item | None:
-            if not isinstance(item, FlowRecord):
+            if isinstance(item, observer_pb2.GetFlowsResponse):
                 return item
-            flow = self.maker.build(item)
+            flow = self.maker.build(item) if isinstance(item, FlowRecord) else item
             return flow if passes(flow) else None
         return filtered
 
