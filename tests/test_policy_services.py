@@ -233,8 +233,14 @@ async def test_a_to_services_rule_follows_the_services_backends(agent_factory, t
     assert set().union(*datapath.touched[batches:]) == {7}
     # a service the policy does not name changes nothing
     await agent.services.apply(service_yaml("web", ["10.1.5.9"]), "t")
+    # nor does a remote cluster's ClusterService of the same name, global or not: only this
+    # cluster's services are toServices targets (as they reach the tables through ClusterMesh)
+    (remote,) = parse_services(service_yaml("db", ["10.2.5.1"]).replace(
+        "name: db,", "name: db, annotations: {service.cilium.io/global: 'true'},"), "cluster2")
+    agent.tables.services.upsert(("cluster2", "default", "db"), remote)
     await asyncio.sleep(0.3)
     assert agent.policy_repository.revision == revision + 2
+    assert allowed() == {"10.1.5.2"}
     # the service goes: nothing is allowed to it any more, and its CIDR identity goes too
     assert await agent.services.delete("default", "db")
     await until(lambda: allowed() == set(), "service deleted")
