@@ -158,6 +158,10 @@ def test_service_labels_and_selector_travel_in_the_cluster_service_json():
                                        labels={"tier": "cache"}))
     assert service.labels == (("tier", "cache"),) and service.selector == (("app", "redis"),)
     assert service_from_json(service_to_json(service)) == service
+    # what a Cilium agent's encoding/json reads of it (tests/cilium/reader.py)
+    from cilium import reader
+    read = reader.go_unmarshal(reader.CLUSTER_SERVICE, service_to_json(service))
+    assert (read["labels"], read["selector"]) == ({"tier": "cache"}, {"app": "redis"})
     decoded = service_from_json(b'{"cluster":"c2","namespace":"default","name":"db",'
                                 b'"Labels":{"tier":"cache"},"SELECTOR":{"app":"redis"}}')
     assert (decoded.labels, decoded.selector) == ((("tier", "cache"),), (("app", "redis"),))
