@@ -256,12 +256,14 @@ async def test_the_default_resolver_answers_the_proxy_and_follows_changes():
             default.meshagent_identity_changed(kind=ChangeKind.UPSERT, identity=identity)
     (policy,) = parse_policies(cnp(EMPLOYEE + DNS_PAIR))
     await default.apply(PolicyUpdate(ChangeKind.UPSERT, policy), 1)
-    assert default.fqdn_selectors() == frozenset()  # no endpoint selected yet
-    default.meshagent_endpoint_changed(kind=ChangeKind.UPSERT, endpoint=Endpoint(
-        1, "default", IDS["employee"].labels, None, 0))
+    # the policy's selectors before any endpoint it selects: the names are labelled by the
+    # time a pod of it asks (the proxy reads them again when the revision moves)
     selectors = default.fqdn_selectors()
     assert selectors == {FQDNSelector("api.example.com")}
-    assert default.fqdn_selectors() is selectors  # made once
+    assert default.dns_rules(1) == ()
+    default.meshagent_endpoint_changed(kind=ChangeKind.UPSERT, endpoint=Endpoint(
+        1, "default", IDS["employee"].labels, None, 0))
+    assert default.fqdn_selectors() is selectors  # made once per revision
     assert default.dns_rules(1)[0].servers == frozenset()  # kube-dns not known yet
     assert default.dns_rules(1) is default.dns_rules(1)
     default.meshagent_identity_changed(kind=ChangeKind.UPSERT, identity=IDS["kube-dns"])

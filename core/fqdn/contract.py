@@ -77,9 +77,9 @@ class ResolvesDNS(Protocol):
 
     @property
     def revision(self) -> int:
-        """The repository revision the answers below reflect. They also follow identities
-        and endpoints between two revisions (a rule's servers are identities), so ask
-        again rather than keep an answer: both calls are cheap, made once until something
+        """The repository revision the answers below reflect. :meth:`dns_rules` also follows
+        identities and endpoints between two revisions (a rule's servers are identities), so
+        ask again rather than keep its answer: it is cheap, made once until something
         changes."""
 
     def dns_rules(self, endpoint_id: int) -> tuple[DNSRule, ...]:
@@ -87,5 +87,5 @@ class ResolvesDNS(Protocol):
         (its DNS is then not redirected to the proxy)."""
 
     def fqdn_selectors(self) -> frozenset[FQDNSelector]:
-        """Every ``toFQDNs`` selector of the policies in force that selects some local
-        endpoint's egress, now; the same object as long as it did not change."""
+        """Every ``toFQDNs`` selector of the policies in force, whichever endpoints they
+        select; it changes only with :attr:`revision`."""

@@ -67,7 +67,7 @@ class DefaultResolver:
         large = update.policy is not None and rule_count(update.policy) >= LARGE_POLICY
         with collections_held(large):
             await self._apply(update, revision)
-        self._dns_changed()
+        self._dns_changed(selectors=True)
         self.revision = revision
         self.pending.touch()  # the revision grew, with or without map changes
 
@@ -114,19 +114,19 @@ class DefaultResolver:
         return rules
 
     def fqdn_selectors(self) -> frozenset[FQDNSelector]:
-        """The same object until the rules or the endpoints change."""
+        """The same object until the rules change."""
         if self._fqdn_selectors is None:
             self._fqdn_selectors = fqdn_selectors(self.resolver)
         return self._fqdn_selectors
 
-    def _dns_changed(self, selectors: bool = True) -> None:
+    def _dns_changed(self, selectors: bool = False) -> None:
         self._dns_rules.clear()
         if selectors:
             self._fqdn_selectors = None
 
     @hookimpl
     def meshagent_identity_changed(self, kind, identity):
-        self._dns_changed(selectors=False)  # a rule's servers may have changed
+        self._dns_changed()  # a rule's servers may have changed
         if kind is ChangeKind.UPSERT:
             self.resolver.add_identity(identity)
         else:

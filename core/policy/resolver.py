@@ -665,5 +665,8 @@ def dns_rules(resolver: Resolver, endpoint_id: int) -> tuple[DNSRule, ...]:
 
 
 def fqdn_selectors(resolver: Resolver) -> frozenset[FQDNSelector]:
-    """The toFQDNs selectors of the rules in force for some local endpoint."""
-    return frozenset(peer.selector for peer in resolver.users if isinstance(peer, FQDNPeer))
+    """The toFQDNs selectors of the policies in force, whichever endpoints they select: they
+    change with the rules only (an endpoint arriving later finds its names labelled)."""
+    return frozenset(selector for policy in resolver.policies.values()
+                     for rule in policy.rules for item in rule.egress
+                     for selector in item.fqdns or ())
