@@ -352,7 +352,11 @@ def _policy_args(parser: argparse.ArgumentParser) -> None:
     delete.add_argument("--clusterwide", action="store_true",
                         help="a CiliumClusterwideNetworkPolicy")
     get = actions.add_parser("get", help="the policies in force")
-    get.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml")
+    get.add_argument("-o", "--output", choices=("yaml", "json", "rules"), default="yaml",
+                     help="yaml: the documents; json: documents and rules; rules: each rule"
+                          " with its labels, as cilium policy get prints them")
+    get.add_argument("labels", nargs="*", metavar="LABEL",
+                     help="[source:]key[=value]: only the rules carrying every one (-o rules)")
     tr = actions.add_parser("trace", help="explain the verdict for a source reaching an endpoint"
                                           " (or an endpoint reaching a destination)")
     source = tr.add_mutually_exclusive_group(required=True)
@@ -377,6 +381,22 @@ def _policy_wait(client: AgentClient, revision: int, timeout: float) -> int:
                 timeout=timeout + 10)
     print(f"revision {revision} enforced on every local endpoint")
     return 0
+
+
+def _rule_has_labels(rule: dict, wanted: list[str]) -> bool:
+    """Whether ``rule`` carries every label of ``wanted`` (``[source:]key[=value]``; without a
+    source, any source's)."""
+    have = {(label["source"], label["key"], label.get("value", ""))
+            for label in rule.get("labels", [])}
+    for text in wanted:
+        source, sep, rest = text.partition(":")
+        if not sep:
+            source, rest = "", text
+        key, _, value = rest.partition("=")
+        if not any(k == key and v == value and (not source or s == source)
+                   for s, k, v in have):
+            return False
+    return True
 
 
 def _policy(args: argparse.Namespace) -> int:
@@ -405,6 +425,13 @@ def _policy(args: argparse.Namespace) -> int:
         return 0
     if args.action == "get":
         body = client.get("/policy")
+        if args.output == "rules":
+            # cilium-dbg/cmd/policy_get.go: the agent's indented JSON, then the revision
+            rules = [r for r in body["rules"] if _rule_has_labels(r, args.labels)]
+            print(f"{json.dumps(rules, indent=2)}\nRevision: {body['revision']}")
+            return 0
+        if args.labels:
+            raise UsageError("meshagent policy get: LABEL filters need -o rules")
         if args.output == "json":
             print_json(body)
         else:

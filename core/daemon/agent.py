@@ -47,6 +47,7 @@ from meshagent.hooks.slots import (
 )
 from meshagent.identity import CollectsGarbage
 from meshagent.identity import allocator as identityalloc
+from meshagent.identity.node import NodeIdentities
 from meshagent.kvstore.local import LocalStore
 from meshagent.kvstore.publisher import Publisher
 from meshagent.model.cluster import ClusterConfig
@@ -142,12 +143,16 @@ class Agent:
         self.node_routes = NodeRoutes(self.ownership, config.node_name, config.get(
             "node-route-delete-grace")) if config.get("auto-direct-node-routes") else None
         self.clustermesh: ClusterMesh | None = None  # built with the store
+        # every other node's address as the identity of its labels, for fromNodes/toNodes
+        self.node_identities = NodeIdentities(self.tables, self.cluster.name, config.node_name) \
+            if config.get("enable-node-selector-labels") else None
         # each component brings its own controllers, event handlers and status section
         for name, component in (("core.ownership", self.ownership),
                                 ("core.node-routes", self.node_routes),
                                 ("core.observe", self.flow_names),
                                 ("core.hubble-peers", self.hubble_peers),
-                                ("core.hubble", self.hubble)):
+                                ("core.hubble", self.hubble),
+                                ("core.node-identities", self.node_identities)):
             if component is not None:
                 plugins.register(component, name=name)
         kvstore = self.providers[KVSTORE.name]
@@ -215,7 +220,7 @@ class Agent:
         cleanup.push_async_callback(self.kvstore.close)
         config = self.config
         node = Node(config.node_name, self.cluster.name, self.cluster.id, self._node_ip(4),
-                    config.get("pod-cidr"), self._node_ip(6))
+                    config.get("pod-cidr"), self._node_ip(6), config.get("local-node-labels"))
         self.publisher = Publisher(self.kvstore, self.cluster, node,
                                    config.get("kvstore-lease-ttl"))
         self.plugins.register(self.publisher, name="core.publisher")
@@ -249,7 +254,8 @@ class Agent:
             else:
                 self.policy_repository = Repository(
                     self.kvstore, self.policy_resolver,
-                    lambda: self.hooks.policy_sources(self.view), self.tables, self.cluster.name)
+                    lambda: self.hooks.policy_sources(self.view), self.tables, self.cluster.name,
+                    node_selector_labels=config.get("enable-node-selector-labels"))
                 self.plugins.register(self.policy_repository, name="core.policy-repository")
                 cleanup.push_async_callback(self.policy_repository.close)
         self.datapath = build(DATAPATH)

@@ -136,8 +136,10 @@ def _repository(api: APIState) -> "PolicyRepository":
 
 async def _policy_get(api: APIState, request: web.Request) -> web.Response:
     repository = _repository(api)
+    policies = repository.policies()
     return json_response({"revision": repository.revision,
-                          "policies": [p.document for p in repository.policies()]})
+                          "policies": [p.document for p in policies],
+                          "rules": [rule for p in policies for rule in p.rules_json()]})
 
 
 async def _policy_import(api: APIState, request: web.Request) -> web.Response:

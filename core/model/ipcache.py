@@ -184,16 +184,19 @@ POLICY_SOURCE = ":policy"
 #: The source of the addresses the DNS proxy saw answered for ``toFQDNs`` names: ranked last,
 #: so it never takes an address from a cluster's entry (a pod, a node) or a policy's CIDR.
 FQDN_SOURCE = ":fqdn"
+#: The source of node addresses given node identities (``--enable-node-selector-labels``).
+NODE_SOURCE = ":nodes"
 
 
 class IPCache:
     """IP prefix → identity, from several sources at once, one entry in force per prefix.
 
-    Every cluster (and this node's policies, for CIDR identities, and its DNS proxy, for
-    ``toFQDNs`` addresses) claims prefixes under its own name; a claim never replaces another
-    source's. The one in force is the local cluster's, then the policies', then the remote
-    cluster that claimed the prefix first (as Cilium's ipcache prefers local sources over
-    ClusterMesh), then the DNS proxy's. Withdrawing a claim brings the next one
+    Every cluster (and this node's policies, for CIDR identities, its node identities, and its
+    DNS proxy, for ``toFQDNs`` addresses) claims prefixes under its own name; a claim never
+    replaces another source's. The one in force is the local cluster's, then the node
+    identities', then the policies', then the remote cluster that claimed the prefix first (as
+    Cilium's ipcache prefers local sources over ClusterMesh), then the DNS proxy's. Withdrawing
+    a claim brings the next one
     into force, never removes another source's. Observers hear of the entry in force only.
 
     Prefixes are given as networks or as :func:`prefix_key` (what the ClusterMesh sync has).
@@ -218,7 +221,7 @@ class IPCache:
     def _tier(self, source: str) -> int:
         if source == self.local_cluster:
             return 0
-        return 1 if source == POLICY_SOURCE else 3 if source == FQDN_SOURCE else 2
+        return {NODE_SOURCE: 1, POLICY_SOURCE: 2, FQDN_SOURCE: 4}.get(source, 3)
 
     def upsert(self, prefix: Network | bytes, entry: IPCacheEntry,
                source: str | None = None) -> bool:

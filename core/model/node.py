@@ -5,6 +5,7 @@ import json
 
 import attrs
 
+from meshagent.model.identity import LABEL_KEY, LABEL_VALUE, MAX_LABELS
 from meshagent.model.jsonfields import (
     GoNames,
     field,
@@ -26,6 +27,7 @@ class Node:
     ipv4: ipaddress.IPv4Address | None = None
     pod_cidrs: tuple[Network, ...] = ()  # IPv4 ones first, then IPv6 ones
     ipv6: ipaddress.IPv6Address | None = None
+    labels: tuple[tuple[str, str], ...] = ()  # (key, value), sorted: the node's Labels
 
     @property
     def full_name(self) -> str:
@@ -50,12 +52,14 @@ def node_to_json(node: Node) -> bytes:
             doc[f"{family}AllocCIDR"] = _cidr_json(cidrs[0])
             if cidrs[1:]:
                 doc[f"{family}SecondaryAllocCIDRs"] = [_cidr_json(c) for c in cidrs[1:]]
+    if node.labels:
+        doc["Labels"] = dict(node.labels)
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
 # Cilium's node.Node (pkg/node/types/node.go) and its Address, as encoding/json reads them
 NODE_FIELDS = GoNames("Name", "Cluster", "IPAddresses", "IPv4AllocCIDR", "IPv4SecondaryAllocCIDRs",
-                      "IPv6AllocCIDR", "IPv6SecondaryAllocCIDRs", "ClusterID")
+                      "IPv6AllocCIDR", "IPv6SecondaryAllocCIDRs", "ClusterID", "Labels")
 ADDRESS_FIELDS = GoNames("Type", "IP")
 CIDR_FIELDS = GoNames("IP", "Mask")
 
@@ -81,8 +85,21 @@ def node_from_json(data: bytes) -> Node:
         for cidr in ([primary] if primary else []) + list(
                 field(doc, f"{family}SecondaryAllocCIDRs", list, required=False, default=[])):
             cidrs.append(_cidr_from_json(cidr, f"{family}AllocCIDR", parse))
+    labels = node_labels(field(doc, "Labels", dict, required=False, default={}))
     return Node(name, cluster, cluster_id, node_ip(addresses, 4), tuple(cidrs),
-                node_ip(addresses, 6))
+                node_ip(addresses, 6), labels)
+
+
+def node_labels(labels: dict) -> tuple[tuple[str, str], ...]:
+    """A node's ``Labels`` (Kubernetes labels: key and value syntax, at most MAX_LABELS),
+    sorted; ValueError says which one is wrong."""
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"field 'Labels': {len(labels)} labels, more than {MAX_LABELS}")
+    for key, value in labels.items():
+        if not isinstance(value, str) or not LABEL_KEY.match(key) or not LABEL_VALUE.match(value):
+            raise ValueError(f"field 'Labels': {str(key)[:80]!r}={str(value)[:80]!r} is not a"
+                             " Kubernetes label")
+    return tuple(sorted(labels.items()))
 
 
 def node_ip(addresses: list[tuple[str, Address]], version: int) -> Address | None:

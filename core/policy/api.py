@@ -26,8 +26,8 @@ ENTITIES = ("world", "cluster", "host", "remote-node", "all", "health", "init", 
             "kube-apiserver")
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
-_INGRESS_PEERS = {"fromEndpoints", "fromEntities", "fromCIDR", "fromCIDRSet"}
-_EGRESS_PEERS = {"toEndpoints", "toEntities", "toCIDR", "toCIDRSet", "toServices"}
+_INGRESS_PEERS = {"fromEndpoints", "fromEntities", "fromCIDR", "fromCIDRSet", "fromNodes"}
+_EGRESS_PEERS = {"toEndpoints", "toEntities", "toCIDR", "toCIDRSet", "toServices", "toNodes"}
 #: The L3 members of an ingress/egress rule, at most one kind per rule (Cilium's l3Members in
 #: pkg/policy/api/rule_validation.go), in the order the error names them.
 _INGRESS_MEMBERS = ("fromEndpoints", "fromCIDR", "fromCIDRSet", "fromEntities", "fromNodes",
@@ -38,7 +38,7 @@ _EGRESS_MEMBERS = ("toCIDR", "toCIDRSet", "toEndpoints", "toEntities", "toServic
 #: fromEndpoints/fromEntities/fromCIDR/fromCIDRSet (and the to- forms) together, resolving
 #: them as the union of their peers, and its random policy worlds (the datapath differential
 #: suite) rely on that; the members added since are held to Cilium's rule.
-_EXCLUSIVE_MEMBERS = {"toFQDNs", "toServices"}
+_EXCLUSIVE_MEMBERS = {"toFQDNs", "toServices", "fromNodes", "toNodes"}
 #: L7 rule kinds of a port rule besides dns, refused by name
 _L7_KINDS = {"http": "HTTP", "kafka": "Kafka", "l7proto": "generic L7 (l7proto)",
              "l7": "generic L7 (l7proto)"}
@@ -48,7 +48,7 @@ _MATCH_PATTERN_CHARS = re.compile(r"^[-a-zA-Z0-9_.*]+$")  # allowedPatternChars
 _UNSUPPORTED = {
     "fromRequires": "fromRequires", "toRequires": "toRequires",
     "fromGroups": "cloud groups", "toGroups": "cloud groups",
-    "fromNodes": "node selectors", "toNodes": "node selectors", "icmps": "ICMP rules",
+    "icmps": "ICMP rules",
     "authentication": "mutual authentication", "nodeSelector": "host policies",
     "rules": "L7 rules", "serverNames": "TLS SNI rules", "terminatingTLS": "TLS termination",
     "originatingTLS": "TLS origination", "listener": "Envoy listeners",
@@ -58,6 +58,11 @@ _UNSUPPORTED = {
 
 class PolicyError(UsageError):
     """A policy document is invalid or uses something meshagent does not enforce."""
+
+
+#: Cilium's error (pkg/policy/api/rule_validation.go) for node peers without the option.
+NODE_SELECTOR_LABELS_OFF = ("FromNodes/ToNodes rules can only be applied when the"
+                            " \"enable-node-selector-labels\" flag is set")
 
 
 def split_key(key: str) -> tuple[str | None, str]:
@@ -182,11 +187,12 @@ class PeerRule:
     services: tuple[ServiceRef, ...] | None = None
     fqdns: tuple[FQDNSelector, ...] | None = None  # toFQDNs (egress only)
     dns: tuple[DNSPortRule, ...] = ()  # the toPorts items with rules: dns (egress only)
+    nodes: tuple[EndpointSelector, ...] | None = None  # fromNodes / toNodes
 
     @property
     def names_peers(self) -> bool:
         return any(x is not None for x in (self.endpoints, self.entities, self.cidrs,
-                                           self.services, self.fqdns))
+                                           self.services, self.fqdns, self.nodes))
 
     @property
     def plain_ports(self) -> tuple[PortProtocol, ...]:
@@ -201,6 +207,35 @@ class PeerRule:
 
 
 @attrs.frozen
+class RuleLabel:
+    """One of a rule's ``labels`` (Cilium's labels.Label): metadata that names the rule, never
+    matched against endpoints."""
+
+    key: str
+    value: str = ""
+    source: str = "unspec"
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.key}={self.value}" if self.value else \
+            f"{self.source}:{self.key}"
+
+    def to_json(self) -> dict:
+        """Cilium's JSON of a label: ``value`` left out when empty."""
+        out = {"key": self.key}
+        if self.value:
+            out["value"] = self.value
+        out["source"] = self.source
+        return out
+
+
+#: The label keys Cilium derives for a rule from its policy (pkg/k8s/apis/cilium.io/const.go).
+POLICY_LABEL_DERIVED_FROM = "io.cilium.k8s.policy.derived-from"
+POLICY_LABEL_NAME = "io.cilium.k8s.policy.name"
+POLICY_LABEL_NAMESPACE = "io.cilium.k8s.policy.namespace"
+POLICY_LABEL_UID = "io.cilium.k8s.policy.uid"
+
+
+@attrs.frozen
 class Rule:
     endpoint_selector: EndpointSelector
     ingress: tuple[PeerRule, ...] = ()
@@ -210,6 +245,12 @@ class Rule:
     default_deny_ingress: bool | None = None  # None: on when the rule has ingress rules
     default_deny_egress: bool | None = None
     description: str = ""
+    labels: tuple[RuleLabel, ...] = ()  # as written in the spec, not the derived ones
+
+    @property
+    def uses_nodes(self) -> bool:
+        return any(item.nodes is not None for section in (
+            self.ingress, self.ingress_deny, self.egress, self.egress_deny) for item in section)
 
     def enforces(self, direction: str) -> bool:
         explicit = self.default_deny_ingress if direction == "ingress" else self.default_deny_egress
@@ -228,6 +269,42 @@ class Policy:
     rules: tuple[Rule, ...]
     # the document as given, as JSON: what is stored, and read back only when asked for
     document_json: str = attrs.field(eq=False, repr=False, default="{}")
+    uid: str = ""  # metadata.uid, when the document has one (Kubernetes gives one)
+    # a top-level description, as Cilium's older examples put it: Kubernetes prunes it (the
+    # CRD's schema has no such field) and Cilium's preflight check warns; kept here only
+    description: str = ""
+
+    def rule_labels(self, rule: Rule) -> tuple[RuleLabel, ...]:
+        """The rule's labels as Cilium's CNP parser makes them (ParseToCiliumLabels in
+        pkg/k8s/apis/cilium.io/utils/utils.go): the policy's (GetPolicyLabels: derived-from,
+        name, namespace unless clusterwide, uid; source k8s) and the rule's own, sorted by
+        key."""
+        derived = [RuleLabel(POLICY_LABEL_DERIVED_FROM, self.kind, "k8s"),
+                   RuleLabel(POLICY_LABEL_NAME, self.name, "k8s")]
+        if self.namespace is not None:
+            derived.append(RuleLabel(POLICY_LABEL_NAMESPACE, self.namespace, "k8s"))
+        derived.append(RuleLabel(POLICY_LABEL_UID, self.uid, "k8s"))
+        return tuple(sorted(derived + list(rule.labels), key=lambda label: label.key))
+
+    def rules_json(self) -> list[dict]:
+        """Each rule as ``cilium policy get`` prints it: the spec as written, with ``labels``
+        (:meth:`rule_labels`) and ``description``, in the order of Cilium's api.Rule JSON."""
+        document = self.document
+        specs = ([document["spec"]] if "spec" in document else []) + list(
+            document.get("specs") or [])
+        out = []
+        for spec, rule in zip(specs, self.rules, strict=True):
+            item = {key: spec[key] for key in _RULE_JSON_ORDER if key in spec}
+            item["labels"] = [label.to_json() for label in self.rule_labels(rule)]
+            if rule.description:
+                item["description"] = rule.description
+            out.append({key: item[key] for key in _RULE_JSON_ORDER if key in item})
+        return out
+
+    def check_node_peers(self, enabled: bool) -> None:
+        """Refuse node peers unless ``--enable-node-selector-labels``, as Cilium does."""
+        if not enabled and any(rule.uses_nodes for rule in self.rules):
+            raise PolicyError(f"{self.display}: {NODE_SELECTOR_LABELS_OFF}")
 
     @property
     def document(self) -> dict:
@@ -241,6 +318,11 @@ class Policy:
     def display(self) -> str:
         return f"{self.kind} {self.namespace}/{self.name}" if self.namespace else \
             f"{self.kind} {self.name}"
+
+
+#: The keys of Cilium's api.Rule JSON (MarshalJSON in pkg/policy/api/rule.go), in its order.
+_RULE_JSON_ORDER = ("endpointSelector", "nodeSelector", "ingress", "ingressDeny", "egress",
+                    "egressDeny", "labels", "enableDefaultDeny", "description", "log")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +412,10 @@ def parse_document(document: Any, where: str) -> Policy:
         p.fail("kind", f"must be {CNP} or {CCNP}, not {kind!r}")
     if doc.get("apiVersion") != API_VERSION:
         p.fail("apiVersion", f"must be {API_VERSION!r}, not {doc.get('apiVersion')!r}")
-    p.only(doc, "", {"apiVersion", "kind", "metadata", "spec", "specs", "status"})
+    p.only(doc, "", {"apiVersion", "kind", "metadata", "spec", "specs", "status", "description"})
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        p.fail("description", "must be a string")
     meta = p.mapping(doc.get("metadata"), "metadata")
     name = meta.get("name")
     if not isinstance(name, str) or not name:
@@ -361,7 +446,10 @@ def parse_document(document: Any, where: str) -> Policy:
                 for r in rules)
     if count > MAX_RULES:
         p.fail("spec", f"{count} rules, more than the limit of {MAX_RULES}")
-    return Policy(kind, name, namespace, rules, json.dumps(doc))
+    uid = meta.get("uid", "")
+    if not isinstance(uid, str):
+        p.fail("metadata.uid", "must be a string")
+    return Policy(kind, name, namespace, rules, json.dumps(doc), uid, description)
 
 
 class _Parser:
@@ -411,9 +499,36 @@ class _Parser:
         for key, value in default_deny.items():
             if not isinstance(value, bool):
                 self.fail(f"{path}.enableDefaultDeny.{key}", "must be true or false")
+        description = spec.get("description", "")
+        if not isinstance(description, str):
+            self.fail(f"{path}.description", "must be a string")
+        labels = tuple(self.rule_label(label, f"{path}.labels[{i}]") for i, label in enumerate(
+            self.listing(spec.get("labels", []) or [], f"{path}.labels")))
         return Rule(selector, sections["ingress"], sections["ingressDeny"], sections["egress"],
                     sections["egressDeny"], default_deny.get("ingress"),
-                    default_deny.get("egress"), str(spec.get("description", "")))
+                    default_deny.get("egress"), description, labels)
+
+    def rule_label(self, value: Any, path: str) -> RuleLabel:
+        """A label as Cilium's labels.Label reads it from JSON (pkg/labels/labels.go
+        UnmarshalJSON): an object ``{key, value, source}`` or the short form
+        ``[source:]key[=value]``; no source is ``unspec`` (ParseToCiliumLabels)."""
+        if isinstance(value, str):
+            if not value:
+                self.fail(path, "invalid Label: Failed to parse \"\" as a string")
+            source, sep, rest = value.partition(":")
+            if not sep:
+                source, rest = "", value
+            key, _, label_value = rest.partition("=")
+        else:
+            value = self.mapping(value, path)
+            self.only(value, path, {"key", "value", "source"})
+            key, label_value, source = (value.get(k, "") for k in ("key", "value", "source"))
+            for name, text in (("key", key), ("value", label_value), ("source", source)):
+                if not isinstance(text, str):
+                    self.fail(f"{path}.{name}", "must be a string")
+        if not key:
+            self.fail(f"{path}.key", "invalid Label: it does not contain label key")
+        return RuleLabel(key, label_value, source or "unspec")
 
     def peer_rule(self, item: Any, path: str, peers: set[str], deny: bool) -> PeerRule:
         item = self.mapping(item, path)
@@ -429,7 +544,11 @@ class _Parser:
             # Cilium's (rule_validation.go, Validate of Ingress/EgressCommonRule)
             self.fail(path, f"combining {_member(present[0])} and {_member(present[1])} is"
                             " not supported yet")
-        endpoints = entities = cidrs = fqdns = None
+        endpoints = entities = cidrs = fqdns = nodes = None
+        if f"{prefix}Nodes" in item:
+            field = f"{path}.{prefix}Nodes"
+            nodes = tuple(self.selector(s, f"{field}[{i}]")
+                          for i, s in enumerate(self.listing(item[f"{prefix}Nodes"], field)))
         if f"{prefix}Endpoints" in item:
             field = f"{path}.{prefix}Endpoints"
             endpoints = tuple(self.selector(s, f"{field}[{i}]")
@@ -468,7 +587,7 @@ class _Parser:
                 if rules is not None:
                     dns.append(DNSPortRule(tuple(entry_ports), rules))
         return PeerRule(endpoints, entities, cidrs, tuple(ports), services, fqdns,
-                         tuple(dns))
+                         tuple(dns), nodes)
 
     def fqdn_selector(self, value: Any, path: str, dns_rule: bool) -> FQDNSelector:
         """A toFQDNs item (``dns_rule`` False: one of the two fields) or a ``rules: dns`` item

@@ -56,8 +56,10 @@ class Repository:
     ``core.policy-repository`` (its controllers follow the kvstore and every source)."""
 
     def __init__(self, store: KVStore, resolver: PolicyResolver,
-                 sources: Callable[[], list[tuple[str, object]]], tables: Tables, cluster: str):
+                 sources: Callable[[], list[tuple[str, object]]], tables: Tables, cluster: str,
+                 *, node_selector_labels: bool = False):
         self.kvstore = store
+        self.node_selector_labels = node_selector_labels  # fromNodes/toNodes allowed
         self.resolver = resolver
         self.tables = tables  # CIDR identities of the rules go in, for any resolver
         self.cidr_identities = CIDRIdentities(cluster)
@@ -82,7 +84,10 @@ class Repository:
     async def import_policies(self, text: str, source: str) -> list[Policy]:
         """Validate (raises PolicyError); storing them is :meth:`store`'s job. Parsed in the
         policy worker process: a big import neither stalls the agent nor can exhaust it."""
-        return await self.parser.parse_text(text, source)
+        policies = await self.parser.parse_text(text, source)
+        for policy in policies:
+            policy.check_node_peers(self.node_selector_labels)
+        return policies
 
     async def store(self, policies: list[Policy]) -> int:
         waits = []
@@ -232,6 +237,7 @@ class Repository:
             return
         try:
             policy = await self.parser.parse_stored(value, key)
+            policy.check_node_peers(self.node_selector_labels)
         except PolicyError as exc:
             self.rejected[key] = str(exc)
             log.error("refusing stored policy %s: %s (the last good version stays)", key, exc)
@@ -245,6 +251,12 @@ class Repository:
     async def _run_source(self, source, handle: ControllerHandle) -> None:
         handle.ready()
         async for update in source:
+            if update.kind is ChangeKind.UPSERT:
+                try:
+                    update.policy.check_node_peers(self.node_selector_labels)
+                except PolicyError as exc:
+                    log.error("refusing %s: %s", update.policy.display, exc)
+                    continue
             await self.apply(update)
 
     async def close(self) -> None:

@@ -422,6 +422,8 @@ class Resolver:
             peers.append(None if entity == "all" else EntityPeer(entity, self.local_cluster))
         peers.extend(CIDRPeer(cidr) for cidr in item.cidrs or ())
         peers.extend(FQDNPeer(selector) for selector in item.fqdns or ())
+        peers.extend(SelectorPeer(node_peer_selector(selector, cluster))
+                     for selector in item.nodes or ())
         return peers
 
 
@@ -430,6 +432,23 @@ def _same_subjects(old: Policy, new: Policy) -> bool:
     endpoint selectors, spec by spec."""
     return old.namespace == new.namespace and [r.endpoint_selector for r in old.rules] == [
         r.endpoint_selector for r in new.rules]
+
+
+def node_peer_selector(selector: EndpointSelector, cluster: str | None) -> EndpointSelector:
+    """What a ``fromNodes``/``toNodes`` selector selects: nodes other than this one
+    (``reserved:remote-node``), of the local cluster under ``--policy-default-local-cluster``
+    unless it names a cluster. Cilium's parseToCiliumIngressCommonRule /
+    parseToCiliumEgressCommonRule (pkg/k8s/apis/cilium.io/utils/utils.go): the selector as
+    written (any label source, so ``role: worker`` matches ``node:role=worker``), plus
+    ``reserved:remote-node`` Exists and addClusterFilterByDefault."""
+    selector = selector.with_requirement(Requirement(REMOTE_NODE_KEY, "Exists"))
+    if cluster is not None and not selector.has_key(CLUSTER_LABEL):
+        selector = selector.with_requirement(Requirement(
+            f"k8s:{CLUSTER_LABEL}", "In", frozenset({cluster})))
+    return selector
+
+
+REMOTE_NODE_KEY = "reserved:remote-node"
 
 
 def peer_selector(selector: EndpointSelector, namespace: str | None,

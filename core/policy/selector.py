@@ -26,6 +26,7 @@ NAMESPACE_KEY = "io.kubernetes.pod.namespace"
 _CLUSTER_RESERVED = {ReservedIdentity.HOST, ReservedIdentity.REMOTE_NODE,
                      ReservedIdentity.HEALTH, ReservedIdentity.INIT, ReservedIdentity.UNMANAGED,
                      ReservedIdentity.KUBE_APISERVER}
+_REMOTE_NODE_LABEL = ReservedIdentity.REMOTE_NODE.label
 _ENTITY_IDS = {"host": ReservedIdentity.HOST, "remote-node": ReservedIdentity.REMOTE_NODE,
                "health": ReservedIdentity.HEALTH, "init": ReservedIdentity.INIT,
                "unmanaged": ReservedIdentity.UNMANAGED,
@@ -122,9 +123,12 @@ class EntityPeer:
         if self.entity == "world":  # both families, as Cilium's dual-stack world
             return identity.id in WORLD_IDENTITIES or not WORLD_LABELS.isdisjoint(identity.labels)
         if self.entity == "cluster":
-            if identity.id in _CLUSTER_RESERVED:
+            if identity.id in _CLUSTER_RESERVED or _REMOTE_NODE_LABEL in identity.labels:
                 return True
             return any(v == self.local_cluster for _, v in index.get(CLUSTER_LABEL, ()))
+        if self.entity == "remote-node":  # a node identity of its labels is one too
+            return identity.id == ReservedIdentity.REMOTE_NODE or \
+                _REMOTE_NODE_LABEL in identity.labels
         return identity.id == _ENTITY_IDS[self.entity]
 
     def describe(self) -> str:

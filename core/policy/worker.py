@@ -71,7 +71,8 @@ def _packed(policy: Policy) -> tuple:
                                         ("egress_deny", rule.egress_deny))}
         shell = attrs.evolve(rule, ingress=(), ingress_deny=(), egress=(), egress_deny=())
         rules.append((pickle.dumps(shell), sections))
-    return (policy.document_json, policy.kind, policy.name, policy.namespace, rules)
+    return (policy.document_json, policy.kind, policy.name, policy.namespace, rules,
+            policy.uid, policy.description)
 
 
 def _parse_text(text: str, source: str) -> list[tuple]:
@@ -88,10 +89,11 @@ def _parse_stored(value: bytes, where: str) -> list[tuple]:
 
 async def _unpacked(packed: tuple) -> Policy:
     """The policy again, unpickled a chunk at a time with the loop free in between."""
-    document, kind, name, namespace, parts = packed
+    document, kind, name, namespace, parts, uid, description = packed
     chunks = sum(len(c) for _, sections in parts for c in sections.values())
     with collections_held(chunks * CHUNK >= LARGE_POLICY):
-        return await _unpack(document, kind, name, namespace, parts)
+        policy = await _unpack(document, kind, name, namespace, parts)
+    return attrs.evolve(policy, uid=uid, description=description)
 
 
 async def _unpack(document, kind, name, namespace, parts) -> Policy:

@@ -11,6 +11,7 @@ import attrs
 from meshagent.client import DEFAULT_SOCKET
 from meshagent.errors import UsageError
 from meshagent.model.cluster import ClusterInfo
+from meshagent.model.identity import LABEL_KEY, LABEL_VALUE
 from meshagent.runtime.options import CONFIG_DIR, ParsedOptions, Parser, parse_bool, parse_list
 
 DEFAULT_PLUGINS = ("etcd", "ebpf")
@@ -30,6 +31,17 @@ def parse_node_ips(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Add
     if len({a.version for a in addresses}) != len(addresses):
         raise ValueError("give at most one address of each family (IPv4,IPv6)")
     return tuple(sorted(addresses, key=lambda a: a.version))
+
+
+def parse_node_labels(text: str) -> tuple[tuple[str, str], ...]:
+    """``key=value,...`` as Kubernetes labels, sorted by key."""
+    labels = {}
+    for word in parse_list(text):
+        key, sep, value = word.partition("=")
+        if not sep or not LABEL_KEY.match(key) or not LABEL_VALUE.match(value):
+            raise ValueError(f"{word!r} is not a Kubernetes label key=value")
+        labels[key] = value
+    return tuple(sorted(labels.items()))
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:
@@ -87,6 +99,13 @@ def add_core_options(parser: Parser) -> None:
     parser.addoption("pod-cidr", type=parse_cidrs, default=(),
                      help="this node's pod CIDR(s), comma-separated, IPv4 and/or IPv6,"
                           " published with the node")
+    parser.addoption("local-node-labels", type=parse_node_labels, default=(),
+                     help="this node's labels (key=value, comma-separated), published with the"
+                          " node (its Labels) for fromNodes/toNodes selectors")
+    parser.addoption("enable-node-selector-labels", type=parse_bool, default=False,
+                     help="allow fromNodes/toNodes in policies: every other node's address gets"
+                          " the identity of its labels (node:key=value, reserved:remote-node,"
+                          " its cluster)")
     parser.addoption("auto-direct-node-routes", type=parse_bool, default=False,
                      help="route every other node's pod CIDR via that node's IP (nodes on one"
                           " L2 network)")
