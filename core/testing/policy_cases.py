@@ -20,6 +20,12 @@ def L(app: str, ns: str = "default", cluster: str = "cluster1", **extra: str) ->
     return frozenset(labels)
 
 
+def node_labels(cluster: str, **labels: str) -> frozenset:
+    return frozenset({"reserved:remote-node", f"k8s:io.cilium.k8s.policy.cluster={cluster}"}
+                     | {f"node:{k}={v}" for k, v in labels.items()})
+
+
+NODES = 2 << 24  # Cilium's remote-node identity scope
 NS_TEAM_A = frozenset({"k8s:io.cilium.k8s.namespace.labels.team=a"})
 
 IDS = {
@@ -36,6 +42,13 @@ IDS = {
     "employee-team-a": Identity(C1 + 306, L("employee", "other") | NS_TEAM_A, "cluster1"),
     "employee-c2-team-a": Identity(C2 + 302, L("employee", "other", "cluster2") | NS_TEAM_A,
                                    "cluster2"),
+    # a pod carrying the label a node selector names: fromNodes must not select it
+    "pod-role-worker": Identity(C1 + 307, L("worker-pod", role="worker"), "cluster1"),
+    # other nodes under --enable-node-selector-labels: the identity of their labels
+    # (meshagent.identity.node: reserved:remote-node, the cluster, node:<key>=<value>)
+    "node-worker": Identity(NODES + 1, node_labels("cluster1", role="worker"), "cluster1"),
+    "node-infra": Identity(NODES + 2, node_labels("cluster1", role="infra"), "cluster1"),
+    "node-worker-c2": Identity(NODES + 3, node_labels("cluster2", role="worker"), "cluster1"),
     "world": Identity(2, frozenset({"reserved:world"})),
     "host": Identity(1, frozenset({"reserved:host"})),
     "remote-node": Identity(6, frozenset({"reserved:remote-node"})),
@@ -94,6 +107,8 @@ DB_SEL = "endpointSelector:\n  matchLabels:\n    app: protected-db\n"
 FROM_ALL_ENDPOINTS = DB_SEL + "ingress:\n- fromEndpoints: [{}]\n"
 FROM_TEAM_A = DB_SEL + ("ingress:\n- fromEndpoints: [{matchLabels: "
                         "{io.cilium.k8s.namespace.labels.team: a}}]\n")
+
+FROM_WORKER_NODES = DB_SEL + "ingress:\n- fromNodes: [{matchLabels: {role: worker}}]\n"
 
 
 CASES = [
@@ -207,6 +222,41 @@ CASES = [
      "remote-node", 1, TCP, "allow"),
     ("entity all: remote clusters too", cnp(DB_SEL + "ingress:\n- fromEntities: [all]\n"),
      "employee-c2", 1, TCP, "allow"),
+    ("entity remote-node: a node identity of its labels",
+     cnp(DB_SEL + "ingress:\n- fromEntities: [remote-node]\n"), "node-infra", 1, TCP, "allow"),
+    ("entity cluster: other clusters' nodes too",
+     cnp(DB_SEL + "ingress:\n- fromEntities: [cluster]\n"), "node-worker-c2", 1, TCP, "allow"),
+    ("entity world is not a node", cnp(DB_SEL + "ingress:\n- fromEntities: [world]\n"),
+     "node-worker", 1, TCP, "deny"),
+    # -- node peers (fromNodes/toNodes: the selector, reserved:remote-node, the local cluster) --
+    ("fromNodes selects a node by its labels", cnp(FROM_WORKER_NODES), "node-worker", 1, TCP,
+     "allow"),
+    ("fromNodes: a node with other labels denied", cnp(FROM_WORKER_NODES), "node-infra", 1, TCP,
+     "deny"),
+    ("fromNodes: not a pod with the same label", cnp(FROM_WORKER_NODES), "pod-role-worker", 1,
+     TCP, "deny"),
+    ("fromNodes: never the local host", cnp(DB_SEL + "ingress:\n- fromNodes: [{}]\n"), "host", 1,
+     TCP, "deny"),
+    ("fromNodes empty selector: every node of the cluster",
+     cnp(DB_SEL + "ingress:\n- fromNodes: [{}]\n"), "node-infra", 1, TCP, "allow"),
+    ("fromNodes: local cluster only (default)", cnp(FROM_WORKER_NODES), "node-worker-c2", 1,
+     TCP, "deny"),
+    ("FLAT: fromNodes: every cluster", "FLAT:" + cnp(FROM_WORKER_NODES), "node-worker-c2", 1,
+     TCP, "allow"),
+    ("fromNodes naming a cluster selects its nodes",
+     cnp(DB_SEL + "ingress:\n- fromNodes: [{matchLabels: {role: worker, "
+                  "io.cilium.k8s.policy.cluster: cluster2}}]\n"), "node-worker-c2", 1, TCP,
+     "allow"),
+    ("fromNodes with toPorts: other ports denied",
+     cnp(DB_SEL + "ingress:\n- fromNodes: [{matchLabels: {role: worker}}]\n"
+                  "  toPorts: [{ports: [{port: '6379', protocol: TCP}]}]\n"),
+     "node-worker", 6380, TCP, "deny"),
+    ("fromNodes with matchExpressions NotIn",
+     cnp(DB_SEL + "ingress:\n- fromNodes: [{matchExpressions: [{key: role, operator: NotIn, "
+                  "values: [worker]}]}]\n"), "node-infra", 1, TCP, "allow"),
+    ("ingressDeny fromNodes beats an allow",
+     cnp(DB_SEL + "ingress:\n- fromEntities: [all]\ningressDeny:\n- fromNodes: "
+                  "[{matchLabels: {role: worker}}]\n"), "node-worker", 1, TCP, "deny"),
     # -- CIDR ------------------------------------------------------------------------------------
     ("fromCIDR matches its CIDR identity", cnp(DB_SEL + "ingress:\n- fromCIDR: [10.1.0.0/16]\n"),
      "cidr-10-1", 1, TCP, "allow"),
@@ -298,6 +348,12 @@ EGRESS_CASES = [
     ("egress deny", "egress:\n- toEntities: [all]\negressDeny:\n- toEntities: [world]\n",
      "world", 443, "deny"),
     ("ingress-only policy leaves egress open", "ingress:\n- {}\n", "world", 443, "allow"),
+    ("egress to nodes by label", "egress:\n- toNodes: [{matchLabels: {role: infra}}]\n",
+     "node-infra", 10250, "allow"),
+    ("egress to nodes: other nodes denied",
+     "egress:\n- toNodes: [{matchLabels: {role: infra}}]\n", "node-worker", 10250, "deny"),
+    ("egressDeny toNodes", "egress:\n- toEntities: [all]\negressDeny:\n- toNodes: [{}]\n",
+     "node-worker", 10250, "deny"),
 ]
 
 

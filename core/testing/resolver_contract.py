@@ -114,7 +114,8 @@ class ResolverHarness:
             running = await self.agent_factory([
                 *self.agent_args, "--cluster-name", "cluster1", "--cluster-id", "101",
                 "--node-name", "node1", "--memory-store", f"contract-{uuid.uuid4().hex[:8]}",
-                f"--policy-default-local-cluster={str(default_local_cluster).lower()}"],
+                f"--policy-default-local-cluster={str(default_local_cluster).lower()}",
+                "--enable-node-selector-labels=true"],  # the table has fromNodes/toNodes
                 extra_plugins=[("contract-datapath", datapath), *self.extra_plugins])
             await _until(running.agent.datapath_synced.is_set, "the datapath's first sync")
             for index, (name, identity) in enumerate(sorted(IDS.items())):
