@@ -413,14 +413,14 @@ def parse_document(document: Any, where: str) -> Policy:
     if doc.get("apiVersion") != API_VERSION:
         p.fail("apiVersion", f"must be {API_VERSION!r}, not {doc.get('apiVersion')!r}")
     p.only(doc, "", {"apiVersion", "kind", "metadata", "spec", "specs", "status", "description"})
-    description = doc.get("description", "")
-    if not isinstance(description, str):
-        p.fail("description", "must be a string")
     meta = p.mapping(doc.get("metadata"), "metadata")
     name = meta.get("name")
     if not isinstance(name, str) or not name:
         p.fail("metadata.name", "is required")
     p.where = f"{where} ({kind} {name})"
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        p.fail("description", "must be a string")
     namespace = meta.get("namespace")
     if kind == CCNP:
         if namespace is not None:
