@@ -161,3 +161,17 @@ async def test_policy_get_shows_rules_with_their_labels(agent_factory, tmp_path)
         assert len(json.loads(filtered.stdout.rsplit("\n", 2)[0])) == count, labels
     # the default output is still the documents
     assert "kind: CiliumNetworkPolicy" in (await cli(running, "policy", "get")).stdout
+
+
+def test_a_node_address_ranks_after_the_local_clusters_entry_and_before_policy_cidrs():
+    from meshagent.model.ipcache import NODE_SOURCE, POLICY_SOURCE, IPCache, IPCacheEntry
+    ipcache = IPCache("cluster1")
+    prefix = ipaddress.ip_network("10.0.0.2/32")
+    ipcache.upsert(prefix, IPCacheEntry(prefix, (1 << 24) + 1, "cluster1"), POLICY_SOURCE)
+    ipcache.upsert(prefix, IPCacheEntry(prefix, SCOPE + 1, "cluster1"), NODE_SOURCE)
+    assert ipcache.get(prefix).identity == SCOPE + 1
+    ipcache.upsert(prefix, IPCacheEntry(prefix, 70000, "cluster1"))
+    assert ipcache.get(prefix).identity == 70000
+    ipcache.delete(prefix, "cluster1")
+    ipcache.delete(prefix, NODE_SOURCE)
+    assert ipcache.get(prefix).identity == (1 << 24) + 1
