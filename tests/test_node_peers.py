@@ -165,7 +165,7 @@ async def test_policy_get_shows_rules_with_their_labels(agent_factory, tmp_path)
 
 def test_a_node_address_ranks_after_the_local_clusters_entry_and_before_policy_cidrs():
     from meshagent.model.ipcache import NODE_SOURCE, POLICY_SOURCE, IPCache, IPCacheEntry
-    ipcache = IPCache("cluster1")
+    ipcache = IPCache("cluster1", notify_many=lambda changes: None)
     prefix = ipaddress.ip_network("10.0.0.2/32")
     ipcache.upsert(prefix, IPCacheEntry(prefix, (1 << 24) + 1, "cluster1"), POLICY_SOURCE)
     ipcache.upsert(prefix, IPCacheEntry(prefix, SCOPE + 1, "cluster1"), NODE_SOURCE)
