@@ -120,3 +120,8 @@ def test_descriptions_are_kept_where_they_were_written():
     assert [r.description for r in specs.rules] == ["web tier from the outside",
                                                     "api tier from the web tier"]
     assert specs.description == ""
+
+
+def test_the_policy_tables_identities_have_numbers_of_their_own():
+    numbers = [identity.id for identity in IDS.values()]
+    assert len(set(numbers)) == len(numbers)

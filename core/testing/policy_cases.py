@@ -43,7 +43,7 @@ IDS = {
     "employee-c2-team-a": Identity(C2 + 302, L("employee", "other", "cluster2") | NS_TEAM_A,
                                    "cluster2"),
     # a pod carrying the label a node selector names: fromNodes must not select it
-    "pod-role-worker": Identity(C1 + 307, L("worker-pod", role="worker"), "cluster1"),
+    "pod-role-worker": Identity(C1 + 320, L("worker-pod", role="worker"), "cluster1"),
     # other nodes under --enable-node-selector-labels: the identity of their labels
     # (meshagent.identity.node: reserved:remote-node, the cluster, node:<key>=<value>)
     "node-worker": Identity(NODES + 1, node_labels("cluster1", role="worker"), "cluster1"),
