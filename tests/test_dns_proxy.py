@@ -1,6 +1,7 @@
 """The DNS proxy on a real network: a pod's dig, TPROXYed by nftables to the proxy, a real
 DNS server behind it (tests/dnsnet.py). The policy side is a stand-in resolver meeting
-:class:`meshagent.fqdn.contract.ResolvesDNS`; the tables are the agent's."""
+:class:`meshagent.fqdn.contract.ResolvesDNS` (and, in the last test, the default resolver);
+the tables are the agent's."""
 
 import asyncio
 import ipaddress
@@ -8,6 +9,7 @@ import json
 import os
 import socket
 
+import attrs
 import pytest
 
 from meshagent.events import ChangeKind
@@ -50,16 +52,20 @@ class StandInResolver:
         self.revision += 1
 
 
-def tables() -> Tables:
-    changes = []
+def tables(identity_listeners=()) -> Tables:
+    """The agent's tables; identity changes go to each of ``identity_listeners``."""
+    def identity_changed(kind, identity):
+        for listener in identity_listeners:
+            listener(kind, identity)
     return Tables(nodes=Table("node", lambda *a: None),
-                  identities=Table("identity", lambda kind, v: changes.append((kind, v))),
-                  ipcache=IPCache("c1", notify_many=lambda batch: changes.extend(batch)),
+                  identities=Table("identity", identity_changed),
+                  ipcache=IPCache("c1", notify_many=lambda batch: None),
                   services=Table("service", lambda *a: None))
 
 
 class World:
-    def __init__(self, fqdn, resolver, tables, records, applied, pod, server_log):
+    def __init__(self, fqdn, resolver, tables, records, applied, pod, server_log, listeners):
+        self.identity_listeners = listeners
         self.fqdn, self.resolver, self.tables = fqdn, resolver, tables
         self.records, self.applied, self.pod, self.server_log = (
             records, applied, pod, server_log)
@@ -72,7 +78,8 @@ async def world(tmp_path):
         async with dnsnet.dns_server(server) as server_log:
             resolver = StandInResolver()
             assert isinstance(resolver, ResolvesDNS)
-            t = tables()
+            listeners = []
+            t = tables(listeners)
             records, applied, ports = [], [], []
 
             async def datapath_applied():
@@ -88,7 +95,7 @@ async def world(tmp_path):
                 ipaddress.IPv4Address(POD4), 1234, ipv6=ipaddress.IPv6Address(POD6)))
             await fqdn.proxy.start()
             try:
-                yield World(fqdn, resolver, t, records, applied, pod, server_log)
+                yield World(fqdn, resolver, t, records, applied, pod, server_log, listeners)
             finally:
                 await fqdn.proxy.stop()
 
@@ -261,3 +268,49 @@ async def test_both_families_listen_on_one_port(world):
     families = set(world.fqdn.proxy.families)
     assert socket.AF_INET in families
     assert world.fqdn.proxy.port
+
+
+REAL_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: dns-aware, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules:
+        dns: [{matchPattern: "*.example.com"}]
+  - toFQDNs: [{matchName: allowed.example.com}]
+"""
+
+
+async def test_the_default_resolver_drives_the_proxy_and_allows_the_answered_address(world):
+    """The real resolver: its DNS rules decide, its toFQDNs selector labels the answer, and
+    its map state allows the answered address's identity (and no other)."""
+    from meshagent.policy.api import parse_policies
+    from meshagent.policy.contract import PolicyUpdate, Verdict
+    from meshagent.policy.default import DefaultResolver
+    resolver = DefaultResolver("c1", world.tables, lambda **kw: None,
+                               default_local_cluster=True)
+    world.identity_listeners.append(resolver.meshagent_identity_changed)
+    endpoint = world.fqdn.endpoints[ENDPOINT]
+    resolver.meshagent_endpoint_changed(ChangeKind.UPSERT, attrs.evolve(
+        endpoint, labels=frozenset({"k8s:app=client", "k8s:io.kubernetes.pod.namespace=default",
+                                    "k8s:io.cilium.k8s.policy.cluster=c1"})))
+    [policy] = parse_policies(REAL_POLICY)
+    await resolver.apply(PolicyUpdate(ChangeKind.UPSERT, policy), 1)
+    world.fqdn.resolver = resolver
+    world.fqdn.meshagent_policy_changed(ChangeKind.UPSERT, None)
+
+    assert status_of(await dig(world.pod, SERVER4, "elsewhere.org")) == "REFUSED"
+    out = await dig(world.pod, SERVER4, "allowed.example.com")
+    assert addresses(out) == ["203.0.113.10"]
+    await dig(world.pod, SERVER4, "other.example.com")
+    allowed = world.tables.ipcache.get(host_key(ipaddress.ip_address("203.0.113.10")))
+    assert allowed is not None
+    assert world.tables.ipcache.get(host_key(ipaddress.ip_address("203.0.113.20"))) is None
+    egress = {key.identity: verdict for key, verdict in resolver.snapshot()[ENDPOINT].items()
+              if key.direction == "egress"}
+    assert egress.get(allowed.identity) is Verdict.ALLOW
+    assert Verdict.ALLOW not in {v for i, v in egress.items() if i not in (allowed.identity,)}
