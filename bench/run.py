@@ -2,7 +2,7 @@
 ``make bench-scale``.
 
 ``make bench`` runs the ClusterMesh sync beside its floors (100,000 entries), propagation,
-identity allocation, policy resolution, datapath and KVStoreMesh benchmarks; ``make
+identity allocation, policy resolution, datapath, KVStoreMesh and DNS proxy benchmarks; ``make
 bench-scale`` (``--scale``) the million-entry sync beside its floors and the rate curves of the
 agent and a bare watcher. Each writes its JSON to bench/results/; the report, docs/performance.md
 with its PNG plots, is written from every result there, each section dated by its run. Needs
@@ -258,7 +258,24 @@ def report(results: dict, args) -> str:
         lines += policy_report(pol)
     if (dp := results.get("datapath")) is not None:
         lines += datapath_report(dp)
+    if (dns := results.get("dnsproxy")) is not None:
+        lines += dnsproxy_report(dns)
     return "\n".join(lines)
+
+
+def dnsproxy_report(dns: dict) -> list[str]:
+    """The DNS proxy's cost per lookup beside the same server reached straight."""
+    lines = [f"## DNS proxy ({when('dnsproxy')})", "",
+             f"`.venv/bin/python bench/dnsproxy.py --seconds {dns['seconds']:g}` — a pod's"
+             " lookups (each a new name) through the DNS proxy (TPROXY, rules checked, the"
+             " answer's address given an fqdn identity; no datapath wait) and straight to the"
+             " same dnsmasq, one after the other in one run (docs/dns.md).", "",
+             "| path | in flight | lookups/s | p50 | p99 | errors |",
+             "|---|---|---|---|---|---|"]
+    for r in dns["runs"]:
+        lines.append(f"| {r['path']} | {r['concurrency']} | {r['lookups_per_s']:,} |"
+                     f" {r['p50_ms']} ms | {r['p99_ms']} ms | {r['errors']} |")
+    return lines + [""]
 
 
 def sync_report(results: dict) -> list[str]:
@@ -711,6 +728,7 @@ def main() -> None:
              *(["--requests", "20000", "--connections", "10000"] if q else []))
         step("kvstoremesh", "kvstoremesh.py", *(["--agents", "4", "--entries", "500"]
                                                 if q else []))
+        step("dnsproxy", "dnsproxy.py", "--seconds", "2" if q else "5")
     results = saved()
     made = plots(results)
     (DOCS / "performance.md").write_text(report(results, args))

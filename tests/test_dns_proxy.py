@@ -1,5 +1,5 @@
 """The DNS proxy on a real network: a pod's dig, TPROXYed by nftables to the proxy, a real
-DNS server behind it (tests/dnsnet.py). The policy side is a stand-in resolver meeting
+DNS server behind it (meshagent_dev.dnsnet). The policy side is a stand-in resolver meeting
 :class:`meshagent.fqdn.contract.ResolvesDNS` (and, in the last test, the default resolver);
 the tables are the agent's."""
 
@@ -20,8 +20,8 @@ from meshagent.identity.cidr import LOCAL_IDENTITY_FLAG
 from meshagent.model.endpoint import Endpoint
 from meshagent.model.ipcache import FQDN_SOURCE, IPCache, host_key
 from meshagent.model.table import Table, Tables
-from tests import dnsnet
-from tests.dnsnet import POD4, POD6, SERVER4, SERVER6, addresses, dig, status_of
+from meshagent_dev import dnsnet
+from meshagent_dev.dnsnet import POD4, POD6, SERVER4, SERVER6, addresses, dig, status_of
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 

@@ -147,6 +147,11 @@ class EndpointNames:
         self.cache = DNSCache()
         self.zombies: dict[Address, Zombie] = {}
 
+    def holds(self, name: str, ip: Address) -> bool:
+        zombie = self.zombies.get(ip)
+        return ip in self.cache.names.get(name, ()) or (zombie is not None
+                                                         and name in zombie.names)
+
     def pairs(self) -> set[tuple[str, Address]]:
         """Every (name, address) the endpoint holds, by lookup or by connection."""
         held = {(name, ip) for name, ips in self.cache.names.items() for ip in ips}

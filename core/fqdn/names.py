@@ -9,6 +9,7 @@ matched by the same selectors share one identity. An address no selector matches
 nothing (it stays the world, or whatever else the ipcache says).
 """
 
+import collections
 from collections.abc import Callable
 
 from meshagent.fqdn.cache import CacheEntry, EndpointNames
@@ -21,7 +22,12 @@ from meshagent.model.table import Tables
 
 
 class NameManager:
-    """The endpoints' names and the identities they give their addresses."""
+    """The endpoints' names and the identities they give their addresses.
+
+    Kept incrementally, so an answer costs the same with ten names cached or a hundred
+    thousand: how many endpoints hold each (name, address) pair, each name's labels (the
+    selectors matching it, asked once per name and selector set), and per address how many of
+    its names carry each label."""
 
     def __init__(self, cluster: str, tables: Tables, max_ips: int, grace: float):
         self.cluster = cluster
@@ -31,6 +37,9 @@ class NameManager:
         self.endpoints: dict[int, EndpointNames] = {}
         self.selectors: frozenset[FQDNSelector] = frozenset()
         self.labels: dict[Address, frozenset[str]] = {}  # the fqdn labels each address has
+        self._holders: dict[Address, dict[str, int]] = {}  # address -> name -> endpoints
+        self._counts: dict[Address, collections.Counter] = {}  # address -> label -> names
+        self._name_labels: dict[str, frozenset[str]] = {}
         self._identities: dict[tuple[frozenset[str], int], Identity] = {}  # (labels, family)
         self._keys: dict[int, tuple[frozenset[str], int]] = {}  # identity -> its key above
         self._users: dict[int, int] = {}  # identity -> addresses with it
@@ -40,6 +49,7 @@ class NameManager:
     def observe(self, endpoint_id: int, entry: CacheEntry) -> bool:
         """An answer the endpoint got; True if some address's identity changed."""
         names = self.endpoints.setdefault(endpoint_id, EndpointNames())
+        new = [ip for ip in entry.ips if not names.holds(entry.name, ip)]
         names.cache.update(entry)
         for ip in entry.ips:  # looked up again: no longer held by its connection alone
             zombie = names.zombies.get(ip)
@@ -47,28 +57,38 @@ class NameManager:
                 zombie.names.discard(entry.name)
                 if not zombie.names:
                     del names.zombies[ip]
-        return self._relabel(set(entry.ips))
+        for ip in new:
+            self._add(entry.name, ip)
+        return self._sync(new)
 
     def set_selectors(self, selectors: frozenset[FQDNSelector]) -> bool:
         """The ``toFQDNs`` selectors in force now: known addresses gain and lose labels."""
         if selectors == self.selectors:
             return False
         self.selectors = selectors
-        return self._relabel(self._held())
+        self._name_labels = {}
+        self._counts = {}
+        for ip, names in self._holders.items():
+            counts = self._counts[ip] = collections.Counter()
+            for name in names:
+                counts.update(self._labels_of(name))
+        return self._sync(set(self._holders) | set(self.labels))
 
     def collect(self, now: float, connected: Callable[[int], set[Address] | None]) -> bool:
         """Cilium's DNS garbage collection: expire lookups, keep addresses in use
         (``connected(endpoint)``: its live connections' remote addresses, None: unknown)."""
-        before = self._held()
+        touched = set()
         for endpoint_id, names in self.endpoints.items():
+            before = names.pairs()
             names.collect(now, self.max_ips, self.grace, connected(endpoint_id))
-        return self._relabel(before)
+            touched |= self._drop(before - names.pairs())
+        return self._sync(touched)
 
     def forget_endpoint(self, endpoint_id: int) -> bool:
         names = self.endpoints.pop(endpoint_id, None)
         if names is None:
             return False
-        return self._relabel({ip for _, ip in names.pairs()})
+        return self._sync(self._drop(names.pairs()))
 
     def clean(self, endpoint_id: int | None, match: Callable[[str], bool]) -> bool:
         """``fqdn cache clean``: forget the names ``match`` accepts (of one endpoint, or
@@ -77,37 +97,61 @@ class NameManager:
         for eid, names in self.endpoints.items():
             if endpoint_id is not None and eid != endpoint_id:
                 continue
-            touched.update(ip for _, ip in names.cache.forget(match))
+            before = names.pairs()
+            names.cache.forget(match)
             for ip, zombie in list(names.zombies.items()):
                 if any(match(n) for n in zombie.names):
                     del names.zombies[ip]
-                    touched.add(ip)
-        return self._relabel(touched)
+            touched |= self._drop(before - names.pairs())
+        return self._sync(touched)
 
     def restore(self, endpoints: dict[int, EndpointNames]) -> None:
+        for endpoint_id in list(self.endpoints):
+            self.forget_endpoint(endpoint_id)
         self.endpoints = endpoints
-        self._relabel(self._held())
+        for names in endpoints.values():
+            for name, ip in names.pairs():
+                self._add(name, ip)
+        self._sync(set(self._holders))
 
     # -- labels and identities ------------------------------------------------------------------
 
-    def _held(self) -> set[Address]:
-        return {ip for names in self.endpoints.values() for _, ip in names.pairs()} | set(
-            self.labels)
+    def _labels_of(self, name: str) -> frozenset[str]:
+        labels = self._name_labels.get(name)
+        if labels is None:
+            labels = self._name_labels[name] = frozenset(
+                s.label for s in self.selectors if s.matches(name))
+        return labels
 
-    def names_of(self, ip: Address) -> set[str]:
-        return {name for names in self.endpoints.values() for name, held in names.pairs()
-                if held == ip}
+    def _add(self, name: str, ip: Address) -> None:
+        """One more endpoint holds (name, ip)."""
+        holders = self._holders.setdefault(ip, {})
+        held = holders.get(name, 0)
+        holders[name] = held + 1
+        if not held:
+            self._counts.setdefault(ip, collections.Counter()).update(self._labels_of(name))
 
-    def _relabel(self, ips: set[Address]) -> bool:
+    def _drop(self, pairs: set[tuple[str, Address]]) -> set[Address]:
+        """One endpoint fewer holds each pair; the addresses touched."""
+        for name, ip in pairs:
+            holders = self._holders[ip]
+            holders[name] -= 1
+            if holders[name]:
+                continue
+            del holders[name]
+            counts = self._counts[ip]
+            counts.subtract(self._labels_of(name))
+            if not holders:
+                del self._holders[ip]
+                del self._counts[ip]
+        return {ip for _, ip in pairs}
+
+    def _sync(self, ips) -> bool:
         """Give each of ``ips`` the labels its names earn now; True if any changed."""
         changed = False
-        by_ip: dict[Address, set[str]] = {ip: set() for ip in ips}
-        for names in self.endpoints.values():
-            for name, ip in names.pairs():
-                if ip in by_ip:
-                    by_ip[ip].add(name)
-        for ip, names in by_ip.items():
-            labels = frozenset(s.label for s in self.selectors if any(s.matches(n) for n in names))
+        for ip in ips:
+            counts = self._counts.get(ip)
+            labels = frozenset(k for k, n in counts.items() if n > 0) if counts else frozenset()
             if labels != self.labels.get(ip, frozenset()):
                 self._assign(ip, labels)
                 changed = True

@@ -360,31 +360,19 @@ def _send_from(wire: bytes, source: tuple[Address, int], client: tuple) -> None:
             log.debug("DNS proxy: UDP send buffer full; answer to %s lost", client)
 
 
-class _Answer(asyncio.DatagramProtocol):
-    def __init__(self, query_id: int):
-        self.query_id = query_id
-        self.answer: asyncio.Future = asyncio.get_running_loop().create_future()
-
-    def datagram_received(self, data: bytes, addr) -> None:
-        # the first datagram carrying our ID (others are not answers to us)
-        if len(data) >= 2 and struct.unpack("!H", data[:2])[0] == self.query_id \
-                and not self.answer.done():
-            self.answer.set_result(data)
-
-    def error_received(self, exc: Exception) -> None:
-        if not self.answer.done():
-            self.answer.set_exception(exc)
-
-
 async def _udp_exchange(wire: bytes, ip: str, port: int, query_id: int) -> bytes:
+    """One question over a fresh connected UDP socket (a new source port each, as Cilium's
+    per-request dial); the first datagram carrying its ID is the answer."""
     loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_datagram_endpoint(
-        lambda: _Answer(query_id), remote_addr=(ip, port))
-    try:
-        transport.sendto(wire)
-        return await protocol.answer
-    finally:
-        transport.close()
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        sock.connect((ip, port))
+        await loop.sock_sendall(sock, wire)
+        while True:
+            data = await loop.sock_recv(sock, MAX_UDP_MESSAGE)
+            if len(data) >= 2 and struct.unpack("!H", data[:2])[0] == query_id:
+                return data
 
 
 async def _tcp_exchange(wire: bytes, ip: str, port: int) -> bytes:

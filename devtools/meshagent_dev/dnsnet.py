@@ -1,9 +1,9 @@
-"""A small real network for the DNS proxy's tests: a "pod" namespace behind a veth from a
-"host" namespace, where nftables TPROXYs the pod's DNS (UDP and TCP 53, to any server, both
-families) to the proxy's port, as the datapaths do; a real DNS server (dnspython) answers on
-192.0.2.53 and fd00:53::53 in a "server" namespace behind another veth. The test's thread
-enters the host namespace, so the proxy's sockets live there; the server's are opened in
-its own."""
+"""A small real network for the DNS proxy's tests and bench/dnsproxy.py: a "pod" namespace
+behind a veth from a "host" namespace, where nftables TPROXYs the pod's DNS (UDP and TCP 53,
+to any server, both families) to the proxy's port, as the datapaths do; a real DNS server
+(dnspython here, dnsmasq in the bench) answers on 192.0.2.53 and fd00:53::53 in a "server"
+namespace behind another veth. The caller's thread enters the host namespace, so the proxy's
+sockets live there; the server's are opened in its own."""
 
 import asyncio
 import contextlib
@@ -69,6 +69,7 @@ def dns_network(port: int):
                     "ip route add local 0.0.0.0/0 dev lo table 100",
                     "ip -6 rule add fwmark 0x200 lookup 100",
                     "ip -6 route add local ::/0 dev lo table 100",
+                    "sysctl -qw net.ipv4.ip_forward=1",
                     "sysctl -qw net.ipv6.conf.all.forwarding=1"):
             sh(*cmd.split(), ns=host)
         for cmd in ("ip link set lo up", "ip link set eth0 up",
