@@ -445,7 +445,8 @@ class Lab:
                 "--pod-cidr", _both(node["pod_cidr"], node.get("pod_cidr6"), ","),
                 "--auto-direct-node-routes", *own,
                 "--socket-path", node["socket"], "--state-dir", node["state_dir"],
-                *self.hubble_args(name), *self.state.get("agent_args", ())]
+                *self.hubble_args(name), *self.state.get("agent_args", ()),
+                *node.get("agent_args", ())]
 
     def kvstoremesh_socket(self, cluster: str) -> str:
         return str(self.dir / "run" / f"kvstoremesh-{cluster}.sock")
@@ -471,6 +472,16 @@ class Lab:
 
     def start_agent(self, name: str) -> None:
         self._spawn(self.state["nodes"][name]["ns"], f"agent-{name}", self.agent_command(name))
+
+    def restart_agent(self, name: str, extra_args: Sequence[str]) -> None:
+        """Start ``name``'s agent again with ``extra_args`` after the lab's own (kept for later
+        restarts): options of one node, such as its labels; returns once every agent is
+        ready."""
+        self.state["nodes"][name]["agent_args"] = list(extra_args)
+        self.save()
+        self.stop_agent(name)
+        self.start_agent(name)
+        self._wait_ready()
 
     def stop_agent(self, name: str) -> None:
         pid = self.state["pids"].pop(f"agent-{name}", None)
