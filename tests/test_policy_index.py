@@ -2,7 +2,9 @@
 requirements) change nothing: on random worlds and random sequences of changes, its map state,
 what it handed on, and the order of each peer's contributions equal those of a straightforward
 resolution that checks every rule against every endpoint and every selector against every
-identity, label by label."""
+identity, label by label. The worlds have DNS-aware egress too: ``toFQDNs`` peers, identities
+the DNS proxy labelled ``fqdn:<selector>``, and DNS rules (redirects; deny > redirect >
+allow)."""
 
 import json
 
@@ -21,7 +23,7 @@ from meshagent.policy.resolver import (
     peer_selector,
     reserved_identities,
 )
-from meshagent.policy.selector import CIDRPeer, EntityPeer, SelectorPeer
+from meshagent.policy.selector import CIDRPeer, EntityPeer, FQDNPeer, SelectorPeer
 
 NAMESPACE = "io.kubernetes.pod.namespace"
 CLUSTER = "io.cilium.k8s.policy.cluster"
@@ -42,6 +44,13 @@ label_sets = st.tuples(
             min_size=1, max_size=1) | st.just(set()),
     st.sets(label, max_size=3)).map(
     lambda parts: frozenset(f"{s}:{k}={v}" for part in parts for s, k, v in part))
+#: toFQDNs selectors, and the labels the DNS proxy gives an address of a name they match
+FQDNS = [{"matchName": "a.example.com"}, {"matchPattern": "*.example.com"},
+         {"matchName": "A.example.com"}]
+FQDN_LABELS = ["fqdn:a.example.com", "fqdn:*.example.com", "fqdn:A.example.com"]
+# an answered address: world, and the labels of the selectors that matched its name
+fqdn_label_sets = st.sets(st.sampled_from(FQDN_LABELS), min_size=1).map(
+    lambda labels: frozenset(labels) | {"reserved:world"})
 
 
 @st.composite
@@ -80,8 +89,13 @@ selector = st.one_of(
 
 
 @st.composite
-def item(draw, prefix: str) -> dict:
+def item(draw, prefix: str, section: str = "") -> dict:
     out: dict = {}
+    if section == "egress" and draw(st.integers(0, 3)) == 0:
+        out["toFQDNs"] = draw(st.lists(st.sampled_from(FQDNS), min_size=1, max_size=2))
+        if draw(st.booleans()):
+            out["toPorts"] = [{"ports": [{"port": "443", "protocol": "TCP"}]}]
+        return out  # alone among the peers, as Cilium wants
     if draw(st.booleans()):
         out[f"{prefix}Endpoints"] = draw(st.lists(selector, min_size=1, max_size=2))
     if draw(st.integers(0, 4)) == 0:
@@ -93,6 +107,12 @@ def item(draw, prefix: str) -> dict:
         out["toPorts"] = [{"ports": [draw(st.sampled_from([
             {"port": "80", "protocol": "TCP"}, {"port": "53", "protocol": "UDP"},
             {"port": "1000", "endPort": 1010}, {"port": "80"}]))]}]
+    if section == "egress" and draw(st.integers(0, 2)) == 0:
+        out.setdefault("toPorts", []).append({
+            "ports": [draw(st.sampled_from([{"port": "53", "protocol": "UDP"},
+                                            {"port": "53", "protocol": "ANY"},
+                                            {"port": "80"}]))],
+            "rules": {"dns": draw(st.lists(st.sampled_from(FQDNS), min_size=1, max_size=2))}})
     return out
 
 
@@ -102,7 +122,7 @@ def policy(draw, name: int) -> Policy:
     for section, prefix in (("ingress", "from"), ("ingressDeny", "from"), ("egress", "to"),
                             ("egressDeny", "to")):
         if draw(st.booleans()):
-            spec[section] = draw(st.lists(item(prefix), min_size=1, max_size=2))
+            spec[section] = draw(st.lists(item(prefix, section), min_size=1, max_size=2))
     clusterwide = draw(st.integers(0, 3)) == 0
     document = {"apiVersion": "cilium.io/v2",
                 "kind": "CiliumClusterwideNetworkPolicy" if clusterwide
@@ -126,7 +146,8 @@ def change(draw, what: str | None = None):
     what = what or draw(st.sampled_from(["identity+", "identity+", "identity+", "identity-",
                                          "policy+", "policy-", "endpoint+", "endpoint-"]))
     if what == "identity+":
-        return what, Identity(1000 + draw(st.integers(0, 15)), draw(label_sets), "cluster1")
+        labels = draw(label_sets if draw(st.integers(0, 3)) else fqdn_label_sets)
+        return what, Identity(1000 + draw(st.integers(0, 15)), labels, "cluster1")
     if what == "identity-":
         return what, 1000 + draw(st.integers(0, 15))
     if what == "policy+":
@@ -168,6 +189,9 @@ def naive_selects(selector, labels: frozenset[str]) -> bool:
 def naive_peer_matches(peer, identity: Identity) -> bool:
     if isinstance(peer, SelectorPeer):
         return naive_selects(peer.selector, identity.labels)
+    if isinstance(peer, FQDNPeer):
+        written = peer.selector.match_name or peer.selector.match_pattern
+        return f"fqdn:{written}" in identity.labels
     return peer.matches(identity, None if isinstance(peer, CIDRPeer) else _index(identity))
 
 
@@ -208,10 +232,19 @@ def naive(policies: dict, identities: dict, endpoint: PolicyEndpoint, cluster: s
                     for entity in peer_rule.entities or ():
                         peers.append(None if entity == "all" else EntityPeer(entity, cluster))
                     peers.extend(CIDRPeer(c) for c in peer_rule.cidrs or ())
+                    peers.extend(FQDNPeer(s) for s in peer_rule.fqdns or ())
+                    origin = f"{where} {section}[{j}]"
+                    redirected = [p for dns in peer_rule.dns for p in dns.ports]
+                    plain = [p for p in peer_rule.ports if p not in redirected or
+                             peer_rule.ports.count(p) > redirected.count(p)]
                     for peer in peers:
-                        contributions.append((direction, verdict, peer,
-                                              peer_rule.ports or (ANY_PORT,),
-                                              f"{where} {section}[{j}]"))
+                        if plain or not peer_rule.dns:
+                            contributions.append((direction, verdict, peer,
+                                                  tuple(plain) or (ANY_PORT,), origin))
+                    for dns in peer_rule.dns:
+                        for peer in peers:
+                            contributions.append((direction, Verdict.REDIRECT, peer,
+                                                  dns.ports, origin))
     for direction, on in enforced.items():
         if not on:
             contributions.append((direction, Verdict.ALLOW, None, (ANY_PORT,),
@@ -225,9 +258,12 @@ def naive(policies: dict, identities: dict, endpoint: PolicyEndpoint, cluster: s
         for n in ids:
             for port in ports:
                 key = MapKey(direction, n, PROTOCOLS[port.protocol], port.port, port.end_port)
-                if verdict is Verdict.DENY or key not in verdicts:
+                if key not in verdicts or RANK[verdict] > RANK[verdicts[key]]:
                     verdicts[key] = verdict
     return verdicts, by_peer
+
+
+RANK = {Verdict.ALLOW: 0, Verdict.REDIRECT: 1, Verdict.DENY: 2}
 
 
 # -- the property -----------------------------------------------------------------------------
