@@ -10,7 +10,7 @@ which is how a reader lists then watches without a gap.
 """
 
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -214,3 +214,8 @@ class NodeKeys(Protocol):
 
     def unwant(self, key: str) -> None:
         """Delete ``key``: now if the store answers, else as soon as it does again."""
+
+    def set_node_labels(self, labels: Mapping[str, str]) -> None:
+        """This node's labels as a source knows them (the Kubernetes Node's), published with
+        the node in place of ``--local-node-labels``; ValueError if one is not a Kubernetes
+        label."""

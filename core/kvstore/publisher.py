@@ -10,13 +10,16 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections.abc import Mapping
+
+import attrs
 
 from meshagent import hookimpl
 from meshagent.kvstore import KVStore, KVStoreError, Lease, LeaseExpired
 from meshagent.kvstore import keys as kvkeys
 from meshagent.model.cluster import ClusterConfig, ClusterInfo
 from meshagent.model.ipcache import IPCacheEntry, ipcache_to_json
-from meshagent.model.node import Node, node_to_json
+from meshagent.model.node import Node, node_labels, node_to_json
 from meshagent.runtime.controller import Controller, ControllerHandle
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,16 @@ class Publisher:
 
     async def wait_published(self) -> None:
         await self.published.wait()
+
+    def set_node_labels(self, labels: Mapping[str, str]) -> None:
+        """This node's labels as a source knows them (the Kubernetes Node's): published with
+        the node from now on, in place of ``--local-node-labels``."""
+        node = attrs.evolve(self.node, labels=node_labels(dict(labels)))
+        if node == self.node:
+            return
+        self.node = node
+        if self._node_key() in self.wanted:  # else run() publishes it with the rest
+            self.want(self._node_key(), node_to_json(node))
 
     def endpoints_restored(self) -> None:
         """Every endpoint of an earlier run is back in ``wanted``: what that run left on the

@@ -57,6 +57,7 @@ class Resource:
 
 
 NAMESPACES = Resource("namespaces", "Namespace", "v1", False)
+NODES = Resource("nodes", "Node", "v1", False)
 PODS = Resource("pods", "Pod", "v1", True)
 SERVICES = Resource("services", "Service", "v1", True)
 ENDPOINT_SLICES = Resource("endpointslices", "EndpointSlice", "discovery.k8s.io/v1", True)

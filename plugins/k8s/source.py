@@ -1,7 +1,8 @@
 """One agent's view of its Kubernetes cluster, and what it feeds the agent from it.
 
-Six reflectors (Namespaces, this node's Pods, Services, EndpointSlices, CNPs, CCNPs) keep local
-copies current. From them: the identity labels of this node's pods (asked for when an endpoint
+Seven reflectors (Namespaces, this node's Node and Pods, Services, EndpointSlices, CNPs, CCNPs)
+keep local copies current. From them: this node's labels (published with the node), the
+identity labels of this node's pods (asked for when an endpoint
 is created, pushed again when a pod's or its namespace's labels change), policies for the
 default resolver and services for the service manager. A resource that cannot be used is
 refused with its name, shown in status, and its last good version stays in force.
@@ -32,6 +33,7 @@ from meshagent.plugins.k8s.client import (
     CNPS,
     ENDPOINT_SLICES,
     NAMESPACES,
+    NODES,
     PODS,
     SERVICES,
     TRANSIENT,
@@ -94,6 +96,7 @@ class KubernetesSource:
         specs = [
             ("k8s-namespaces", NAMESPACES, self._namespace_changed, "", None),
             ("k8s-pods", PODS, self._pod_changed, f"spec.nodeName={self.node_name}", None),
+            ("k8s-node", NODES, self._node_changed, f"metadata.name={self.node_name}", None),
             ("k8s-policies", CNPS, self._policy_changed, "", self.policy_updates),
             ("k8s-clusterwide-policies", CCNPS, self._policy_changed, "", self.policy_updates),
             ("k8s-services", SERVICES, self._service_changed, "", self.service_updates),
@@ -126,6 +129,19 @@ class KubernetesSource:
     def _namespace_changed(self, resource: Resource, change: Change) -> None:
         if change.kind is ChangeKind.UPSERT:  # a deleted one's pods go first
             self._queue_stale(lambda endpoint: endpoint.namespace == change.key[1])
+
+    def _node_changed(self, resource: Resource, change: Change) -> None:
+        """This node's Node: its labels are the node's, published for fromNodes/toNodes
+        selectors elsewhere (Cilium's node.Labels). A deleted Node leaves them as they were."""
+        if change.kind is not ChangeKind.UPSERT or self.agent is None:
+            return
+        labels = change.obj.get("metadata", {}).get("labels") or {}
+        try:
+            self.agent.node_keys.set_node_labels(labels)
+            self.refused.pop(f"Node {self.node_name}", None)
+        except ValueError as exc:
+            self.refused[f"Node {self.node_name}"] = f"labels not published: {exc}"
+            log.error("Node %s: labels not published: %s", self.node_name, exc)
 
     def _pod_changed(self, resource: Resource, change: Change) -> None:
         arrived = self._pod_arrived.get(change.key)
