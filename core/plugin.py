@@ -10,7 +10,8 @@ docs/writing-plugins.md walks through a plugin end to end.
 """
 
 from meshagent import PROJECT, hookimpl
-from meshagent.datapath import Datapath, DatapathBatch
+from meshagent.datapath import Datapath, DatapathBatch, ReportsConnections
+from meshagent.datapath.proxyroute import NoProxyRoutes, ProxyRoutes
 from meshagent.datapath.drops import (
     PROTOCOL_NAMES,
     REASON_TEXT,
@@ -33,6 +34,7 @@ from meshagent.datapath.events import (
     MATCH_PROTO_ONLY,
     MATCH_TEXT,
     POLICY_VERDICT,
+    REDIRECTED,
     TRACE,
     FlowEvent,
     FlowEvents,
@@ -114,8 +116,8 @@ __all__ = [
     "PolicyResolver", "PolicyRepository", "PolicyUpdate", "PolicyKey", "Policy", "PolicyError",
     "parse_document", "build_default_resolver", "MapKey", "MapState", "MapChange", "Verdict",
     "EndpointChanges", "ChangeQueue", "ReportsEnforcement", "AttributesVerdicts",
-    "Datapath", "DatapathBatch", "FlowEvent", "FlowEventSink", "FlowEvents", "DROP",
-    "POLICY_VERDICT", "TRACE", "FORWARDED", "DROPPED", "AUDIT", "MATCH_NONE", "MATCH_L3_ONLY",
+    "Datapath", "DatapathBatch", "ReportsConnections", "ProxyRoutes", "NoProxyRoutes", "FlowEvent", "FlowEventSink", "FlowEvents", "DROP",
+    "POLICY_VERDICT", "TRACE", "FORWARDED", "DROPPED", "AUDIT", "REDIRECTED", "MATCH_NONE", "MATCH_L3_ONLY",
     "MATCH_L3_L4", "MATCH_L4_ONLY", "MATCH_ALL", "MATCH_L3_PROTO", "MATCH_PROTO_ONLY",
     "MATCH_TEXT", "match_of", "PROTOCOL_NAMES", "REASON_TEXT", "flag_names", "host_port", "protocol_name", "verdict_metrics",
     # values

@@ -179,7 +179,29 @@ async def test_services_are_the_whole_latest_set_and_follow_every_reconcile():
     assert [b.services for b in recorder.batches] == [(one, two)]
     await feed.reconcile({}, [], [two])
     await feed.flush()
-    assert recorder.calls[-1] == ("apply", DatapathBatch(services=(two,)))
+    assert recorder.calls[-1] == ("apply", DatapathBatch(services=(two,), proxy_port=0))
+
+
+async def test_the_proxy_port_is_the_latest_and_follows_every_reconcile():
+    feed, recorder = await fed(lambda f: f.proxy_port_changed(4001),
+                               lambda f: f.proxy_port_changed(4002))
+    assert [b.proxy_port for b in recorder.batches] == [4002]
+    await _flush(feed, [lambda f: f.ipcache_changed(UPSERT, entry(1002))])
+    assert recorder.batches[-1].proxy_port is None  # unchanged
+    await feed.reconcile({}, [], [])
+    await feed.flush()
+    assert recorder.calls[-1] == ("apply", DatapathBatch(services=(), proxy_port=4002))
+
+
+async def test_a_proxy_port_before_the_first_reconcile_waits_for_it():
+    recorder = Recorder()
+    feed = BatchFeed(recorder)
+    feed.proxy_port_changed(4001)
+    await _flush(feed, [lambda f: f.endpoint_added(endpoint(1))])
+    assert recorder.batches == [DatapathBatch(added=(endpoint(1),))]  # endpoints only
+    await feed.reconcile({}, [], [])
+    await feed.flush()
+    assert recorder.batches[-1].proxy_port == 4001
 
 
 async def test_a_refused_batch_fails_its_waiters_and_its_endpoints_count_as_held():
@@ -314,6 +336,30 @@ async def test_until_the_sync_only_endpoints_pass_then_the_full_state_then_batch
     assert after[0].services == (service,)  # the first batch after the full state
     assert {e for b in after for e in b.ipcache_upserts} == {entry(1002)}
     assert [b.policy for b in after if b.policy] == [{1: (put(22),)}]
+    sync.cancel()
+
+
+async def test_set_proxy_port_reaches_the_datapath_after_the_sync_and_in_the_next_batch():
+    c = Component()
+    feed, recorder, resolver = c.feed, c.recorder, c.resolver
+    with pytest.raises(ValueError, match="not a port number"):
+        feed.set_proxy_port(65536)
+    feed.set_proxy_port(4001)  # before the sync: kept for the batch after the full state
+    c.ready.set()
+    c.started.set()
+    sync = asyncio.create_task(feed._sync(resolver, Handle()))
+    await asyncio.wait_for(c.synced.wait(), 5)
+    for _ in range(100):
+        if recorder.batches:
+            break
+        await asyncio.sleep(0.01)
+    assert recorder.batches[0].proxy_port == 4001
+    feed.set_proxy_port(0)  # the proxy stopped
+    for _ in range(100):
+        if len(recorder.batches) > 1:
+            break
+        await asyncio.sleep(0.01)
+    assert recorder.batches[-1].proxy_port == 0
     sync.cancel()
 
 

@@ -72,10 +72,23 @@
                                   * header */
 #define REASON_UNSUPPORTED_L3 7  /* neither IPv4, IPv6 nor ARP: it cannot be judged, so it is
                                   * dropped */
-#define REASON_MAX 8
+#define REASON_REDIRECTED 8      /* not a drop: handed to the DNS proxy's socket */
+#define REASON_PROXY_LOOKUP 9    /* to be redirected, but no proxy socket (Cilium's
+                                  * DROP_PROXY_LOOKUP_FAILED) */
+#define REASON_PROXY_ASSIGN 10   /* the proxy's socket found, bpf_sk_assign refused it
+                                  * (DROP_PROXY_SET_FAILED) */
+#define REASON_PROXY_UNSUPPORTED 11 /* a redirect entry for a packet the proxy cannot take:
+                                     * entering the pod, or neither TCP nor UDP
+                                     * (DROP_PROXY_UNKNOWN_PROTO) */
+#define REASON_MAX 12
 
 #define VERDICT_ALLOW 1
 #define VERDICT_DENY 2
+#define VERDICT_REDIRECT 3  /* allowed, and delivered to the DNS proxy (Cilium: a proxy port) */
+
+/* A packet for the proxy carries this mark (as Cilium's MARK_MAGIC_TO_PROXY, the port in the
+ * upper 16 bits): the agent's ip rule sends it to a table that delivers everything locally. */
+#define MARK_MAGIC_TO_PROXY 0x0200
 
 /* Flow events (struct flow_event). FLOW_EVENTS 0 (--enable-hubble=false): drops only. */
 #ifndef FLOW_EVENTS
@@ -87,6 +100,7 @@
 #define FLOW_FORWARDED 1       /* verdicts, numbered as Hubble's flow.Verdict */
 #define FLOW_DROPPED 2
 #define FLOW_AUDIT 4
+#define FLOW_REDIRECTED 5
 #define MATCH_NONE 0           /* policy match types, as Cilium's PolicyMatchType */
 #define MATCH_L3_ONLY 1
 #define MATCH_L3_L4 2
@@ -144,7 +158,7 @@ struct policy_key {
 #define POLICY_PREFIX_FULL 96
 
 struct policy_value {
-    u8 verdict;     /* VERDICT_ALLOW or VERDICT_DENY */
+    u8 verdict;     /* VERDICT_ALLOW, VERDICT_DENY or VERDICT_REDIRECT */
     u8 prefix;      /* the entry's prefix length over protocol and port: 0, 8, 9-24 */
     u8 pad[2];
 };
@@ -175,6 +189,7 @@ struct ct6_key {
 #define CT_REPLY 1     /* the reply direction of a connection: passes without policy */
 #define CT_NAT_DST 2   /* rewrite the destination to nat_ip:nat_port (service -> backend) */
 #define CT_NAT_SRC 4   /* rewrite the source to nat_ip:nat_port (backend -> service) */
+#define CT_PROXY 8     /* a forward entry whose packets go to the DNS proxy (a redirect) */
 
 struct ct_value {
     u64 last_seen_ns;
@@ -250,7 +265,7 @@ struct flow_event {
     u32 saddr6[4];
     u32 daddr6[4];
     u8 kind;        /* FLOW_DROP, FLOW_POLICY_VERDICT or FLOW_TRACE */
-    u8 verdict;     /* FLOW_FORWARDED, FLOW_DROPPED or FLOW_AUDIT */
+    u8 verdict;     /* FLOW_FORWARDED, FLOW_DROPPED, FLOW_AUDIT or FLOW_REDIRECTED */
     u8 is_reply;    /* the reply direction of a tracked connection */
     u8 match;       /* MATCH_*: the policy entry that decided (policy verdicts, drops) */
     u32 pad;

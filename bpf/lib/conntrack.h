@@ -162,18 +162,20 @@ static __always_inline int ct_live_forward(struct ct_key *key, struct endpoint_i
 }
 
 /* Track an allowed connection. ``orig`` is the packet as it reached the hook, ``f`` as it
- * leaves (after a service DNAT, if any): the forward entry is keyed by the first, the reply
- * entry by the reverse of the second, and undoes the DNAT. */
+ * leaves (after a service DNAT, if any): the forward entry is keyed by the first (and says
+ * CT_PROXY when its packets go to the DNS proxy), the reply entry by the reverse of the
+ * second, and undoes the DNAT. */
 static __always_inline void ct_create(struct endpoint_info *ep, u8 direction,
-                                      struct flow *orig, struct flow *f, u64 now)
+                                      struct flow *orig, struct flow *f, u64 now, u8 proxy)
 {
     struct ct_key key = {};
     struct ct_value value = {.last_seen_ns = now, .generation = ep->generation,
-                             .seen = CT_SEEN | (f->tcp_flags & CT_TRACED_FLAGS)};
+                             .seen = CT_SEEN | (f->tcp_flags & CT_TRACED_FLAGS),
+                             .flags = proxy ? CT_PROXY : 0};
     int nat = orig->daddr != f->daddr || orig->dport != f->dport;
     ct_fill_key(&key, ep->endpoint_id, direction, orig);
     if (nat) {
-        value.flags = CT_NAT_DST;
+        value.flags |= CT_NAT_DST;
         value.nat_ip = f->daddr;
         value.nat_port = f->dport;
     }

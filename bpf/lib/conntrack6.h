@@ -90,11 +90,12 @@ static __always_inline void ct6_put(struct ct6_key *key, struct ct_value *value)
 /* Track an allowed connection under both its directions; the reply half never replaces a
  * live forward entry of a connection the other way (it would never be judged again). */
 static __always_inline void ct6_create(struct endpoint_info *ep, u8 direction, struct flow *f,
-                                       u64 now)
+                                       u64 now, u8 proxy)
 {
     struct ct6_key key = {};
     struct ct_value value = {.last_seen_ns = now, .generation = ep->generation,
-                             .seen = CT_SEEN | (f->tcp_flags & CT_TRACED_FLAGS)};
+                             .seen = CT_SEEN | (f->tcp_flags & CT_TRACED_FLAGS),
+                             .flags = proxy ? CT_PROXY : 0};
     ct6_fill_key(&key, ep->endpoint_id, direction, f, 0);
     ct6_put(&key, &value);
     ct6_fill_key(&key, ep->endpoint_id, direction, f, 1);

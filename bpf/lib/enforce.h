@@ -12,6 +12,11 @@
  * policy right there, then redirected into the destination pod (bpf_redirect_peer), as
  * Cilium delivers locally: it skips the node's routing and the second veth.
  *
+ * A packet leaving the pod whose policy entry is a redirect (TCP or UDP) is tracked as an
+ * allowed one, its forward entry remembering the redirect, and it and every later packet of
+ * its direction go to the DNS proxy's socket on this node (lib/proxy.h), never to their
+ * destination: the proxy's answer, sent from the destination's address, passes as a reply.
+ *
  * Every hook reports through the flow_events perf array what core/datapath/events.py says:
  * each drop; each packet policy judged that passes (forwarded, or an audit when the endpoint
  * is in audit mode: what policy would drop passes and is tracked as if allowed); a trace for
@@ -29,6 +34,7 @@
 #include "lib/lb.h"
 #include "lib/parse.h"
 #include "lib/policy.h"
+#include "lib/proxy.h"
 
 static __always_inline void account(u32 reason, u32 bytes)
 {
@@ -54,6 +60,7 @@ struct judgement {
     u8 verdict;
     u8 is_reply;
     u8 match;
+    u8 redirect;    /* the packet goes to the DNS proxy */
 };
 
 static __always_inline void report(struct __sk_buff *skb, struct endpoint_info *ep,
@@ -93,6 +100,21 @@ static __always_inline int drop(struct __sk_buff *skb, struct endpoint_info *ep,
     return TC_ACT_SHOT;
 }
 
+/* To the DNS proxy (lib/proxy.h), reported as judged; when the proxy cannot take it, dropped
+ * and reported again as a drop (as Cilium sends a policy verdict, then the drop). */
+static __always_inline int redirect_to_proxy(struct __sk_buff *skb, struct endpoint_info *ep,
+                                             u8 direction, struct flow *f, struct judgement *j,
+                                             u64 now)
+{
+    report(skb, ep, direction, f, j, now);
+    int reason = to_proxy(skb, f);
+    if (reason != REASON_REDIRECTED)
+        return drop(skb, ep, direction, f, reason, j, now);
+    skb->cb[0] = REASON_REDIRECTED;
+    account(REASON_REDIRECTED, skb->len);
+    return TC_ACT_OK;
+}
+
 /* The peer: the source entering the pod, the destination leaving it. */
 static __always_inline u32 peer_identity(u8 direction, struct flow *f)
 {
@@ -108,12 +130,20 @@ static __always_inline int judge(struct endpoint_info *ep, u8 direction, struct 
                                  struct judgement *j)
 {
     j->peer = peer_identity(direction, f);
+    j->redirect = 0;
     int reason = policy_check(ep->endpoint_id, direction, j->peer, f->protocol, f->dport,
-                              &j->match);
+                              &j->match, &j->redirect);
+    if (j->redirect && (direction != DIR_EGRESS ||
+                        (f->protocol != IPPROTO_TCP && f->protocol != IPPROTO_UDP))) {
+        j->redirect = 0;  /* the proxy takes TCP and UDP leaving a pod only */
+        return REASON_PROXY_UNSUPPORTED;
+    }
     if (reason != REASON_FORWARDED && !(ep->flags & ENDPOINT_POLICY_AUDIT))
         return reason;
     j->kind = FLOW_POLICY_VERDICT;
-    j->verdict = reason == REASON_FORWARDED ? FLOW_FORWARDED : FLOW_AUDIT;
+    j->verdict = reason != REASON_FORWARDED ? FLOW_AUDIT
+                 : j->redirect             ? FLOW_REDIRECTED
+                                           : FLOW_FORWARDED;
     j->reason = reason;
     return REASON_FORWARDED;
 }
@@ -146,6 +176,7 @@ static __always_inline int verdict(struct __sk_buff *skb, struct endpoint_info *
     }
     if (ct) {
         if (ct->flags & CT_REPLY || ct->generation == ep->generation) {
+            j->redirect = ct->flags & CT_PROXY ? 1 : 0;
             known(ct, direction, f, j);
             ct_note_close(&key, ct, f, now);
             ct_apply_nat(skb, f, ct);
@@ -162,6 +193,7 @@ static __always_inline int verdict(struct __sk_buff *skb, struct endpoint_info *
         if (reason != REASON_FORWARDED)
             return reason;
         ct->generation = ep->generation;
+        ct->flags = j->redirect ? ct->flags | CT_PROXY : ct->flags & ~CT_PROXY;
         ct->seen |= CT_SEEN | (f->tcp_flags & CT_TRACED_FLAGS);
         ct_note_close(&key, ct, f, now);
         ct_apply_nat(skb, f, ct);
@@ -173,7 +205,7 @@ static __always_inline int verdict(struct __sk_buff *skb, struct endpoint_info *
     int reason = judge(ep, direction, f, j);
     if (reason != REASON_FORWARDED)
         return reason;
-    ct_create(ep, direction, &orig, f, now);
+    ct_create(ep, direction, &orig, f, now, j->redirect);
     return REASON_FORWARDED;
 }
 
@@ -187,6 +219,7 @@ static __always_inline int verdict6(struct endpoint_info *ep, u8 direction, stru
         ct = 0;
     }
     if (ct && (ct->flags & CT_REPLY || ct->generation == ep->generation)) {
+        j->redirect = ct->flags & CT_PROXY ? 1 : 0;
         known(ct, direction, f, j);
         ct6_note_close(ep, direction, ct, f, now);
         return REASON_FORWARDED;
@@ -196,10 +229,11 @@ static __always_inline int verdict6(struct endpoint_info *ep, u8 direction, stru
         return reason;
     if (ct) {  /* judged again after a change, and still allowed */
         ct->generation = ep->generation;
+        ct->flags = j->redirect ? ct->flags | CT_PROXY : ct->flags & ~CT_PROXY;
         ct->seen |= CT_SEEN | (f->tcp_flags & CT_TRACED_FLAGS);
         ct6_note_close(ep, direction, ct, f, now);
     } else {
-        ct6_create(ep, direction, f, now);
+        ct6_create(ep, direction, f, now, j->redirect);
     }
     return REASON_FORWARDED;
 }
@@ -258,12 +292,16 @@ static __always_inline int enforce(struct __sk_buff *skb, u8 direction)
         reason = verdict6(ep, direction, &p.f, now, &j);
         if (reason != REASON_FORWARDED)
             return drop(skb, ep, direction, &p.f, reason, &j, now);
+        if (j.redirect)
+            return redirect_to_proxy(skb, ep, direction, &p.f, &j, now);
         report(skb, ep, direction, &p.f, &j, now);
         return pass(skb);
     }
     reason = verdict(skb, ep, direction, &p.f, now, &j);
     if (reason != REASON_FORWARDED)
         return drop(skb, ep, direction, &p.f, reason, &j, now);
+    if (j.redirect)
+        return redirect_to_proxy(skb, ep, direction, &p.f, &j, now);
     report(skb, ep, direction, &p.f, &j, now);
     if (direction == DIR_EGRESS) {
         u32 daddr = p.f.daddr;

@@ -34,6 +34,8 @@ BPF_TABLE_PINNED("hash", struct lb_backend_key, struct lb_backend, lb_backends,
 /* The last endpoint generation given out, so that a restarted agent goes on from there even
  * when other maps were started afresh. Only the agent reads and writes it. */
 BPF_TABLE_PINNED("array", u32, u32, generation, 1, PIN_DIR "/generation");
+/* The port the agent's DNS proxy listens on (0: none), written by the agent. */
+BPF_TABLE_PINNED("array", u32, u32, proxy_port, 1, PIN_DIR "/proxy_port");
 BPF_PERF_OUTPUT(flow_events);
 
 #endif

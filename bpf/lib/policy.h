@@ -2,7 +2,9 @@
  *
  * Userspace (plugins/ebpf/policymap.py) writes each (endpoint, direction, identity) group so
  * that its longest matching prefix carries the verdict of every rule covering the packet, deny
- * beating allow; across the two lookups a deny wins, then an allow, else the default deny. Each
+ * beating redirect beating allow; across the two lookups a deny wins, then a redirect (Cilium's
+ * proxy-port priority: a DNS rule for any peer redirects where an L3 allow covers the peer),
+ * then an allow, else the default deny. Each
  * entry carries its own prefix length, which picks the entry that flow events name as Cilium
  * 1.17+ does (bpf/lib/policy.h there): of two allows, any identity's only when it is longer. */
 #ifndef MESHAGENT_POLICY_H
@@ -29,10 +31,11 @@ static __always_inline u8 policy_match(struct policy_value *entry, int peer)
 }
 
 /* REASON_FORWARDED, REASON_POLICY_DENY or REASON_POLICY_DEFAULT; ``match`` is the deciding
- * entry's match type (a deny of the peer's identity, then one of any identity; of two allows
- * the peer's unless any identity's prefix is longer; MATCH_NONE for a default drop). */
+ * entry's match type (a deny of the peer's identity, then one of any identity, then a
+ * redirect of each in that order; of two allows the peer's unless any identity's prefix is
+ * longer; MATCH_NONE for a default drop); ``redirect`` is set when a redirect decided. */
 static __always_inline int policy_check(u32 endpoint_id, u8 direction, u32 identity,
-                                        u8 protocol, u16 port, u8 *match)
+                                        u8 protocol, u16 port, u8 *match, u8 *redirect)
 {
     struct policy_value *specific = identity ? policy_lookup(endpoint_id, direction, identity,
                                                              protocol, port) : 0;
@@ -45,6 +48,16 @@ static __always_inline int policy_check(u32 endpoint_id, u8 direction, u32 ident
     if (any && any->verdict == VERDICT_DENY) {
         *match = policy_match(any, 0);
         return REASON_POLICY_DENY;
+    }
+    if (specific && specific->verdict == VERDICT_REDIRECT) {
+        *match = policy_match(specific, 1);
+        *redirect = 1;
+        return REASON_FORWARDED;
+    }
+    if (any && any->verdict == VERDICT_REDIRECT) {
+        *match = policy_match(any, 0);
+        *redirect = 1;
+        return REASON_FORWARDED;
     }
     if (specific && (!any || any->prefix <= specific->prefix)) {
         *match = policy_match(specific, 1);

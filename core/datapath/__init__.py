@@ -2,6 +2,6 @@
 it folds endpoints, ipcache changes, the policy resolver's map changes and services into
 batches of net changes."""
 
-from meshagent.datapath.contract import Datapath, DatapathBatch
+from meshagent.datapath.contract import Datapath, DatapathBatch, ReportsConnections
 
-__all__ = ["Datapath", "DatapathBatch"]
+__all__ = ["Datapath", "DatapathBatch", "ReportsConnections"]

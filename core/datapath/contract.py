@@ -10,6 +10,7 @@ changes: a datapath never sees two changes of one key in a batch, and never has 
 about several callers' orderings.
 """
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -98,3 +99,16 @@ class Datapath(Protocol):
 
     async def stop(self) -> None:
         """Stop; keep pinned state so a restarted agent finds it as it was."""
+
+
+@runtime_checkable
+class ReportsConnections(Protocol):
+    """An optional capability of a datapath: the live connections of its endpoints, what the
+    DNS proxy asks before it lets an expired name's address go (Cilium keeps an address alive
+    while a connection uses it: its DNS zombies, marked alive by the conntrack GC)."""
+
+    async def connected_peers(self) -> Mapping[int, frozenset[ipaddress.IPv4Address
+                                                              | ipaddress.IPv6Address]]:
+        """Per local endpoint id, the remote addresses it has opened connections to that are
+        still tracked (not expired), by the address the connection really goes to (a
+        service's backend, not its frontend). Endpoints without one are left out."""

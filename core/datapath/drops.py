@@ -26,6 +26,11 @@ REASON_TEXT = {
     "frag_unknown": "fragment without its first fragment",
     "malformed": "malformed packet",
     "unsupported_l3": "unsupported L3 protocol (neither IPv4, IPv6 nor ARP)",
+    # a REDIRECT entry's packet: delivered to the DNS proxy (not a drop), or why it could not be
+    "redirected": "redirected to the DNS proxy",
+    "proxy_lookup": "socket lookup failed (the DNS proxy is not listening)",
+    "proxy_assign": "socket assign failed",
+    "proxy_unsupported": "proxy redirection not supported for protocol",
 }
 #: Protocol numbers as notices and inspection commands name them (others: the number).
 PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
@@ -154,11 +159,15 @@ def verdict_metrics(rows) -> list:
                                      labels=["reason"])
     forwarded = CounterMetricFamily("meshagent_forward_count", "packets forwarded")
     forwarded_bytes = CounterMetricFamily("meshagent_forward_bytes", "bytes forwarded")
+    passed = (REASON_TEXT["forwarded"], REASON_TEXT["redirected"])  # to the proxy: not dropped
+    passed_rows = [(packets, size) for reason, packets, size in rows if reason in passed]
+    if passed_rows:
+        forwarded.add_metric([], sum(packets for packets, _ in passed_rows))
+        if any(size is not None for _, size in passed_rows):
+            forwarded_bytes.add_metric([], sum(size or 0 for _, size in passed_rows))
     for reason, packets, size in rows:
-        if reason == REASON_TEXT["forwarded"]:
-            forwarded.add_metric([], packets)
-            if size is not None:
-                forwarded_bytes.add_metric([], size)
+        if reason in passed:
+            continue
         else:
             drops.add_metric([reason], packets)
             if size is not None:

@@ -4,7 +4,7 @@ A datapath reports, through the :class:`FlowEventSink` it is built with:
 
 * every **drop** (kind ``drop``, verdict ``dropped``), with its reason;
 * every packet **judged by policy** that passed (kind ``policy-verdict``, verdict
-  ``forwarded``, or ``audit`` when the endpoint is in policy audit mode and the policy would
+  ``forwarded``, ``redirected`` when it goes to the agent's DNS proxy, or ``audit`` when the endpoint is in policy audit mode and the policy would
   have dropped it: ``reason`` then says why it would have), i.e. the first packet of a
   connection in the direction that opens it, and a packet of a known connection judged again
   after its policy, the ipcache or the endpoint's audit mode changed;
@@ -32,6 +32,8 @@ TRACE = "trace"
 FORWARDED = "forwarded"
 DROPPED = "dropped"
 AUDIT = "audit"
+#: a policy verdict that sends the packet to the agent's DNS proxy (Hubble's REDIRECTED)
+REDIRECTED = "redirected"
 #: ``FlowEvent.match``: which kind of policy entry decided, numbered as Cilium's
 #: ``monitor/api`` PolicyMatchType and Hubble's ``policy_match_type``.
 MATCH_NONE = 0  # no entry (a default drop, or not judged by policy)
@@ -69,7 +71,7 @@ class FlowEvent:
 
     time_ns: int  # wall clock, nanoseconds since the epoch
     kind: str  # DROP, POLICY_VERDICT or TRACE
-    verdict: str  # FORWARDED, DROPPED or AUDIT
+    verdict: str  # FORWARDED, DROPPED, AUDIT or REDIRECTED
     reason: str  # a key of ``meshagent.datapath.drops.REASON_TEXT``: "forwarded", "policy_deny", ...
     endpoint: int  # the endpoint whose hook judged it
     direction: str  # "ingress": entering the endpoint; "egress": leaving it

@@ -41,6 +41,7 @@ class _Pending:
     policy: dict[int, dict[MapKey, MapChange]] = attrs.Factory(dict)
     ipcache: dict[bytes, tuple[ChangeKind, IPCacheEntry]] = attrs.Factory(dict)
     services: tuple[MergedService, ...] | None = None
+    proxy_port: int | None = None
     waiters: list[asyncio.Future] = attrs.Factory(list)
     revision: int | None = None  # the policy revision whose changes are all in (or before) it
 
@@ -65,6 +66,8 @@ class BatchFeed:
       given (never added here, or removed) are dropped, and so are those pending when it is
       removed.
     - services: the latest whole set.
+    - the DNS proxy's port: the latest; the first batch after a :meth:`reconcile` always
+      carries it (0 until the proxy said where it listens).
 
     The datapath is called by :meth:`flush` and :meth:`reconcile` only, one call at a time.
     """
@@ -74,6 +77,8 @@ class BatchFeed:
         self.progress = progress or PolicyProgress()
         self.endpoints: dict[int, Endpoint] = {}  # what the datapath holds
         self.policy_keys: dict[int, set[MapKey]] = {}  # the policy keys it holds, per endpoint
+        self.proxy_port = 0  # the DNS proxy's, as last told
+        self.reconciled = False  # whether the datapath got its first full state
         self.wake = asyncio.Event()  # set when something is pending
         self._applying: set[int] = set()  # the endpoints added by the batch being applied
         self._queue: list[_Pending] = [_Pending()]
@@ -127,6 +132,14 @@ class BatchFeed:
         """A future done once every change queued so far is applied (or failed)."""
         return self._waiter(self._queue[-1])
 
+    def proxy_port_changed(self, port: int) -> None:
+        """The DNS proxy listens on ``port`` now (0: no proxy). Before the first
+        :meth:`reconcile` it is only kept: that reconcile's next batch carries it."""
+        self.proxy_port = port
+        if self.reconciled:
+            self._queue[-1].proxy_port = port
+            self.wake.set()
+
     def _waiter(self, pending: _Pending) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         pending.waiters.append(future)
@@ -138,7 +151,7 @@ class BatchFeed:
     @property
     def pending(self) -> bool:
         return any(p.endpoints or p.policy or p.ipcache or p.waiters or p.services is not None
-                   or p.revision is not None for p in self._queue)
+                   or p.proxy_port is not None or p.revision is not None for p in self._queue)
 
     def take(self) -> tuple[DatapathBatch, list[asyncio.Future], int | None]:
         """The next batch (the oldest pending one, folded), its waiters and the policy
@@ -169,7 +182,8 @@ class BatchFeed:
             (upserts if kind is ChangeKind.UPSERT else deletes).append(entry)
         batch = DatapathBatch(
             added=tuple(added), policy=policy, ipcache_upserts=tuple(upserts),
-            ipcache_deletes=tuple(deletes), services=pending.services, removed=tuple(removed))
+            ipcache_deletes=tuple(deletes), services=pending.services,
+            proxy_port=pending.proxy_port, removed=tuple(removed))
         return batch, pending.waiters, pending.revision
 
     async def flush(self) -> None:
@@ -223,8 +237,8 @@ class BatchFeed:
                         services: Iterable[MergedService], revision: int = 0) -> None:
         """The datapath's full state (the first, or a fresh one after a failure): it replaces
         every pending policy and ipcache change. Endpoints still on their way get their map
-        state after them; endpoints nobody added are left out. The services follow in the
-        next batch."""
+        state after them; endpoints nobody added are left out. The services and the DNS
+        proxy's port follow in the next batch."""
         for pending in self._queue:
             pending.policy.clear()
             pending.ipcache.clear()
@@ -236,6 +250,8 @@ class BatchFeed:
                     key: MapChange(ChangeKind.UPSERT, key, verdict)
                     for key, verdict in state.items()}
         self._queue[0].services = tuple(services)
+        self._queue[0].proxy_port = self.proxy_port
+        self.reconciled = True
         self.wake.set()
         await self.datapath.reconcile(held, ipcache)
         self.policy_keys = {ep: set(state) for ep, state in held.items()}
@@ -262,6 +278,7 @@ class DatapathFeed:
         self.started = started  # set here: the datapath may be called
         self.synced = synced  # set here: it got its first full state
         self.services: tuple[MergedService, ...] = ()  # the latest merged set
+        self.proxy_port = 0  # where the DNS proxy listens, as last told (0: no proxy)
         self._taken = False  # the first full state is taken: pass the changes after it on
 
     # -- the door's inputs ------------------------------------------------------------------------
@@ -287,9 +304,14 @@ class DatapathFeed:
             self.batches.services_changed(self.services)
 
     def set_proxy_port(self, port: int) -> None:
-        """The agent's DNS proxy listens on ``port`` (stand-in until the datapath side of
-        issue 33 hands it to the datapath)."""
+        """The agent's DNS proxy listens on ``port`` (TCP and UDP, both families; 0: it
+        stopped): the datapath gets it in its next batch, and again after each reconcile.
+        Called once the proxy's sockets are bound."""
+        if not 0 <= port <= 65535:
+            raise ValueError(f"proxy port {port} is not a port number")
         self.proxy_port = port
+        if self.batches is not None:
+            self.batches.proxy_port_changed(port)
 
     async def applied(self) -> None:
         """Return once the datapath applied every change handed to the feed so far: the

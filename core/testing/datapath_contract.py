@@ -19,9 +19,11 @@ eBPF plugin's judge runs its tc programs with ``BPF_PROG_TEST_RUN``.
 """
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -31,6 +33,7 @@ import attrs
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from meshagent.datapath import Datapath
 from meshagent.datapath.events import (
@@ -48,12 +51,17 @@ from meshagent.model.endpoint import Endpoint
 from meshagent.model.ipcache import IPCacheEntry
 from meshagent.policy.contract import MapChange, MapKey, Verdict
 from meshagent.policy.resolver import EGRESS, INGRESS
+from meshagent.policy.resolver import judge as judge_verdicts
 from meshagent.testing import datapath_model as model
-from meshagent.testing.packets import CILIUM_WALK, TCP, Packet
+from meshagent.testing.packets import ACK, CILIUM_WALK, ICMP, SCTP, TCP, UDP, Packet
 from meshagent.testing.policy_cases import CASES, EGRESS_CASES, IDS, cnp
 from meshagent.testing.scenarios import (
     CLIENT,
+    CLIENT6,
     ECHO,
+    ECHO6,
+    REMOTE,
+    REMOTE6,
     EndpointSpec,
     IdentitySpec,
     Phase,
@@ -66,6 +74,8 @@ from meshagent.testing.scenarios import (
 )
 
 T = TypeVar("T")
+IP_TRANSPARENT = 19  # linux/in.h
+IPV6_TRANSPARENT = 75  # linux/in6.h
 #: every kind and verdict of flow event the random run must have seen reported
 EVENT_KINDS = ("event drop dropped", "event policy-verdict forwarded",
                "event policy-verdict audit", "event trace forwarded")
@@ -355,7 +365,9 @@ class DatapathContract:
 
     ``probes_run`` and ``outcomes_seen`` add up over the random run; the last test checks
     the run was big enough and saw every outcome (``expected_outcomes``), so no path of the
-    datapath went untested.
+    datapath went untested. The REDIRECT tests open the DNS proxy's sockets (TCP and UDP,
+    both families, IP_TRANSPARENT, on one free port) in the test's network namespace, where
+    the judge's datapath must look for them.
     """
 
     min_probes = 10_000
@@ -455,3 +467,195 @@ class DatapathContract:
         probe = scenario.phases[0].probes[0]
         got, _ = driver.judge.delivery(1, direction, probe.packet.frame())
         assert (got == model.FORWARDED) == (expected == "allow"), got
+
+
+    # -- REDIRECT: packets for the DNS proxy ----------------------------------------------------
+
+    @pytest.fixture
+    def proxy_port(self) -> Iterator[int]:
+        """The DNS proxy's port, with its four sockets listening as the proxy's do."""
+        with proxy_sockets() as port:
+            yield port
+
+    def test_redirect_precedence_and_tracking(self, driver, proxy_port):
+        """deny > redirect > allow, within a group and across the peer's and any identity's
+        (a DNS rule for any peer redirects where an L3 allow covers the peer); a redirected
+        connection's later packets go to the proxy too, its replies pass; a redirect entry
+        for a packet entering the pod, or neither TCP nor UDP, drops it."""
+        echo, remote = _named_identities()
+        verdicts = {
+            MapKey(EGRESS, 0, UDP, 53, 53): Verdict.REDIRECT,
+            MapKey(EGRESS, 0, TCP, 53, 53): Verdict.REDIRECT,
+            MapKey(EGRESS, 0, 0, 53, 53): Verdict.REDIRECT,  # any protocol: SCTP too
+            MapKey(EGRESS, echo, 0, 0, 0): Verdict.ALLOW,
+            MapKey(EGRESS, remote, UDP, 50, 60): Verdict.DENY,
+            MapKey(EGRESS, 0, TCP, 80, 80): Verdict.ALLOW,
+            MapKey(INGRESS, 0, UDP, 53, 53): Verdict.REDIRECT,
+        }
+        world = RedirectWorld(driver, proxy_port)
+        world.enter(verdicts)
+        udp = Packet(CLIENT, ECHO, UDP, 40000, 53)
+        syn = Packet(CLIENT, ECHO, TCP, 40001, 53)
+        checks = [
+            (EGRESS, udp, model.REDIRECTED),  # any identity's redirect over echo's L3 allow
+            (INGRESS, udp.reply(), model.FORWARDED),  # the proxy's answer: a reply
+            (EGRESS, udp, model.REDIRECTED),  # known: still to the proxy
+            (EGRESS, syn, model.REDIRECTED),
+            (INGRESS, syn.reply(), model.FORWARDED),
+            (EGRESS, attrs.evolve(syn, tcp_flags=ACK), model.REDIRECTED),
+            (EGRESS, Packet(CLIENT, ECHO, TCP, 40002, 80), model.FORWARDED),
+            (EGRESS, Packet(CLIENT, "198.18.0.1", UDP, 40003, 53), model.REDIRECTED),
+            (EGRESS, Packet(CLIENT, REMOTE, UDP, 40004, 53), model.POLICY_DENY),
+            (EGRESS, Packet(CLIENT, ECHO, SCTP, 40005, 53), model.PROXY_UNSUPPORTED),
+            (INGRESS, Packet(ECHO, CLIENT, UDP, 40006, 53), model.PROXY_UNSUPPORTED),
+            (EGRESS, Packet(CLIENT6, "2001:db8::1", UDP, 40007, 53), model.REDIRECTED),
+        ]
+        for direction, packet, outcome in checks:
+            assert world.probe(1, direction, packet) == [], (direction, packet)
+            assert world.last == outcome, (direction, packet, world.last)
+
+    @settings(max_examples=max(10, EXAMPLES // 4), deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                     HealthCheck.function_scoped_fixture,
+                                     HealthCheck.differing_executors])
+    @given(data=st.data())
+    def test_redirect_verdicts_equal_the_models(self, driver, proxy_port, data):
+        """Random map states of allows, denies and redirects (two phases: the second through
+        the feed's changes), random TCP, UDP, SCTP and ICMP packets of both families and
+        their replies and later packets: every outcome and event as the model says."""
+        echo, remote = _named_identities()
+        world = RedirectWorld(driver, proxy_port)
+        differences = []
+        for _ in range(2):
+            world.enter(data.draw(redirect_verdicts(echo, remote)))
+            for packet, direction in data.draw(st.lists(redirect_packets(), min_size=4,
+                                                        max_size=12)):
+                differences += world.probe(1, direction, packet)
+                if direction == EGRESS:
+                    differences += world.probe(1, INGRESS, packet.reply())
+                    differences += world.probe(1, EGRESS, attrs.evolve(packet, tcp_flags=ACK))
+        assert not differences, "\n".join(differences[:10])
+
+
+@contextlib.contextmanager
+def proxy_sockets() -> Iterator[int]:
+    """TCP and UDP, IPv4 and IPv6 sockets on one free port of the wildcard addresses, with
+    IP_TRANSPARENT as a transparent proxy has them; yields the port."""
+    for _ in range(20):
+        opened: list[socket.socket] = []
+        try:
+            for family, kind in ((socket.AF_INET, socket.SOCK_STREAM),
+                                 (socket.AF_INET, socket.SOCK_DGRAM),
+                                 (socket.AF_INET6, socket.SOCK_STREAM),
+                                 (socket.AF_INET6, socket.SOCK_DGRAM)):
+                sock = socket.socket(family, kind)
+                opened.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+                else:
+                    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                port = opened[0].getsockname()[1] if len(opened) > 1 else 0
+                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+                if kind == socket.SOCK_STREAM:
+                    sock.listen(16)
+        except OSError:
+            for sock in opened:
+                sock.close()
+            continue
+        try:
+            yield opened[0].getsockname()[1]
+        finally:
+            for sock in opened:
+                sock.close()
+        return
+    raise RuntimeError("no free port for the proxy's sockets")
+
+
+def _named_identities() -> tuple[int, int]:
+    """The identities of echo and of the remote employee in the named scenario."""
+    phase = named_scenario([], []).phases[0]
+    by_ip = {prefix.split("/")[0]: identity for prefix, identity in phase.ipcache}
+    return by_ip[ECHO], by_ip[REMOTE]
+
+
+class RedirectWorld:
+    """The named scenario's endpoints (client 1, echo 2, echo2 3) and ipcache, without
+    policy; endpoint 1's map state then set by hand (the resolver does not take part), the
+    DNS proxy's port given to the datapath, and the model judging with those states."""
+
+    def __init__(self, driver: ScenarioDriver, proxy_port: int):
+        self.driver = driver
+        scenario = named_scenario([], [])
+        world = driver.start(scenario)
+        self.states: dict[int, dict[MapKey, Verdict]] = world.verdicts()
+        self.model = model.DatapathModel(self.decision, driver.walk)
+        self.model.endpoints = {e.id: model.ModelEndpoint(e.id, e.ip, e.local_delivery, e.ipv6)
+                                for e in scenario.endpoints}
+        for prefix, identity in scenario.phases[0].ipcache:
+            self.model.ipcache[ipaddress.ip_network(prefix)] = identity
+        driver.replay([lambda feed: feed.proxy_port_changed(proxy_port)])
+        driver.judge.events()
+        self.last = ""
+
+    def decision(self, endpoint_id: int, direction: str, identity: int, protocol: int,
+                 port: int) -> tuple[Verdict, str, int]:
+        verdicts = self.states.get(endpoint_id, {})
+        verdict, why = judge_verdicts(verdicts, direction, identity, protocol, port)
+        return verdict, why, model.match_type(verdicts, direction, identity, protocol, port)
+
+    def enter(self, verdicts: dict[MapKey, Verdict]) -> None:
+        """Endpoint 1's map state becomes ``verdicts``, through the feed."""
+        changes = [MapChange(ChangeKind.DELETE, key, None) for key in self.states.get(1, {})
+                   if key not in verdicts]
+        changes += [MapChange(ChangeKind.UPSERT, key, verdict)
+                    for key, verdict in verdicts.items()]
+        self.driver.replay([lambda feed: feed.policy_changed({1: changes})])
+        self.states[1] = dict(verdicts)
+        self.model.next_phase()
+        self.driver.judge.events()
+
+    def probe(self, endpoint_id: int, direction: str, packet: Packet) -> list[str]:
+        """One packet through the datapath and the model: what differs, described."""
+        frame = packet.frame()
+        expected = self.model.predict(endpoint_id, direction, frame,
+                                      self.driver.local_delivery)
+        got = self.driver.judge.delivery(endpoint_id, direction, frame)
+        self.last = got[0]
+        reported = tuple(model.ExpectedEvent.of(e) for e in self.driver.judge.events())
+        where = f"endpoint {endpoint_id} {direction} {packet}"
+        if got != (expected.outcome, expected.delivered):
+            return [f"{where}: datapath {got}, model {(expected.outcome, expected.delivered)}"]
+        if reported not in expected.events:
+            return [f"{where}: events [{', '.join(map(str, reported))}], model expects "
+                    + " or ".join(f"[{', '.join(map(str, e))}]" for e in expected.events)]
+        return []
+
+
+def redirect_verdicts(echo: int, remote: int) -> st.SearchStrategy[dict[MapKey, Verdict]]:
+    """Map states of one endpoint over a few identities, protocols and ports around 53."""
+    keys = st.builds(
+        MapKey, st.sampled_from((EGRESS, EGRESS, EGRESS, INGRESS)),
+        st.sampled_from((0, echo, remote, 2, 10)), st.sampled_from((0, TCP, UDP, SCTP)),
+        st.sampled_from(((0, 0), (53, 53), (50, 60), (48, 63), (80, 80)))
+    ).map(lambda k: MapKey(k.direction, k.identity, k.protocol, *k.port))
+    return st.dictionaries(keys, st.sampled_from(tuple(Verdict)), max_size=7)
+
+
+def redirect_packets() -> st.SearchStrategy[tuple[Packet, str]]:
+    """A packet leaving or entering endpoint 1 (client), to or from echo, the remote
+    employee or the world, of either family."""
+    def packet(six: bool, peer: str, protocol: int, sport: int, dport: int, leaving: bool):
+        me = CLIENT6 if six else CLIENT
+        other = {ECHO: ECHO6, REMOTE: REMOTE6, "198.18.0.1": "2001:db8::1"}[peer] if six \
+            else peer
+        if protocol == ICMP and six:
+            protocol = 58
+        src, dst = (me, other) if leaving else (other, me)
+        ports = (0, 0) if protocol in (ICMP, 58) else (sport, dport)
+        return Packet(src, dst, protocol, *ports), EGRESS if leaving else INGRESS
+    return st.builds(packet, st.booleans(), st.sampled_from((ECHO, REMOTE, "198.18.0.1")),
+                     st.sampled_from((TCP, UDP, UDP, SCTP, ICMP)),
+                     st.integers(40000, 40100), st.sampled_from((53, 55, 80, 53)),
+                     st.sampled_from((True, True, False)))

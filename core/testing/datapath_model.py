@@ -45,12 +45,14 @@ from meshagent.datapath.events import (
     match_of,
 )
 from meshagent.datapath.events import FORWARDED as EVENT_FORWARDED
+from meshagent.datapath.events import REDIRECTED as EVENT_REDIRECTED
 from meshagent.model.identity import world_identity
 from meshagent.policy.contract import MapKey
 from meshagent.policy.resolver import (
     ALLOWED,
     DENIED_BY_DEFAULT,
     DENIED_BY_RULE,
+    REDIRECTED as REDIRECTED_BY_RULE,
     Verdict,
     key_matches,
 )
@@ -78,8 +80,16 @@ FRAG_TINY = "frag-tiny"
 FRAG_UNKNOWN = "frag-unknown"
 MALFORMED_PACKET = "malformed"
 UNSUPPORTED_L3 = "unsupported-l3"  # neither IPv4, IPv6 nor ARP: never passes unjudged
+#: delivered to the DNS proxy's socket on this node, its destination kept (a REDIRECT entry)
+REDIRECTED = "redirected"
+#: a REDIRECT entry for a packet the proxy cannot take: entering the pod, or neither TCP nor
+#: UDP (Cilium's DROP_PROXY_UNKNOWN_PROTO)
+PROXY_UNSUPPORTED = "proxy-unsupported"
+#: the transport protocols a packet may be redirected to the proxy with
+PROXIED_PROTOCOLS = (6, 17)
 
-_REASONS = {ALLOWED: FORWARDED, DENIED_BY_RULE: POLICY_DENY, DENIED_BY_DEFAULT: POLICY_DEFAULT}
+_REASONS = {ALLOWED: FORWARDED, DENIED_BY_RULE: POLICY_DENY, DENIED_BY_DEFAULT: POLICY_DEFAULT,
+            REDIRECTED_BY_RULE: FORWARDED}
 
 
 @attrs.frozen
@@ -124,25 +134,32 @@ def match_type(verdicts: dict[MapKey, Verdict], direction: str, identity: int, p
     Cilium 1.17+ (bpf/lib/policy.h, "policy map precedence by LPM prefix length").
 
     Two lookups, the peer's identity and any identity, each finding the longest prefix of its
-    group (an allow never stands under a deny of its group: Cilium leaves it out, so a group
-    with a deny covering the packet finds its longest deny). A deny of the peer's lookup
-    decides, then one of the any lookup's; between two allows the any-identity entry decides
-    only when its prefix is longer (a tie goes to the peer's). The deciding entry names the
-    match type (:func:`~meshagent.datapath.events.match_of`); MATCH_NONE when nothing
-    matched (a default drop)."""
+    group (an allow never stands under a deny or a redirect of its group, nor a redirect under
+    a deny: a group's entry covering the packet has the strongest verdict of its keys that
+    cover it, deny > redirect > allow, and the longest prefix among those keys). A deny of
+    the peer's lookup decides, then one of the any lookup's, then a redirect of the peer's,
+    then one of any's; between two allows the any-identity entry decides only when its
+    prefix is longer (a tie goes to the peer's). The deciding entry names the match type
+    (:func:`~meshagent.datapath.events.match_of`); MATCH_NONE when nothing matched (a
+    default drop)."""
+    rank = {Verdict.ALLOW: 0, Verdict.REDIRECT: 1, Verdict.DENY: 2}
+
     def found(peer: int) -> tuple[Verdict, int] | None:
         keys = [k for k in verdicts if k.identity == peer
                 and key_matches(k, direction, identity, protocol, port)]
-        denies = [k for k in keys if verdicts[k] is Verdict.DENY]
         if not keys:
             return None
-        verdict = Verdict.DENY if denies else Verdict.ALLOW
-        return verdict, max(key_prefix(k, port) for k in (denies or keys))
+        verdict = max((verdicts[k] for k in keys), key=rank.__getitem__)
+        return verdict, max(key_prefix(k, port) for k in keys if verdicts[k] is verdict)
 
     mine = found(identity) if identity else None
     anyone = found(0)
-    if mine and (mine[0] is Verdict.DENY or not anyone or anyone[0] is Verdict.ALLOW
-                 and anyone[1] <= mine[1]):
+    for verdict in (Verdict.DENY, Verdict.REDIRECT):
+        if mine and mine[0] is verdict:
+            return match_of(True, mine[1])
+        if anyone and anyone[0] is verdict:
+            return match_of(False, anyone[1])
+    if mine and (not anyone or anyone[1] <= mine[1]):
         return match_of(True, mine[1])
     if anyone:
         return match_of(False, anyone[1])
@@ -295,11 +312,21 @@ class DatapathModel:
             if judged_in is not None:
                 self.connections[flow] = -1  # its entry stays, behind the endpoint: judged again
             return dropped(_REASONS[why], match)
-        judged = ExpectedEvent(POLICY_VERDICT, EVENT_FORWARDED if verdict is Verdict.ALLOW
-                               else AUDIT, event_reason(_REASONS[why]), endpoint_id, direction,
+        if verdict is Verdict.REDIRECT and (direction == INGRESS
+                                            or p.protocol not in PROXIED_PROTOCOLS):
+            if judged_in is not None:
+                self.connections[flow] = -1
+            return dropped(PROXY_UNSUPPORTED)
+        # a redirected connection goes to the proxy with every packet of its direction; its
+        # verdict changes only with a change that has it judged again
+        outcome = REDIRECTED if verdict is Verdict.REDIRECT else FORWARDED
+        judged = ExpectedEvent(POLICY_VERDICT, {Verdict.ALLOW: EVENT_FORWARDED,
+                                                Verdict.REDIRECT: EVENT_REDIRECTED}.get(
+                                                    verdict, AUDIT),
+                               event_reason(_REASONS[why]), endpoint_id, direction,
                                False, match)
         if judged_in == self.phase:  # known, and nothing changed since it was judged
-            return FORWARDED, (self._trace(flow, flags, False),)
+            return outcome, (self._trace(flow, flags, False),)
         if judged_in is not None and judged_in >= 0:  # judged again, or not: either is right
             alternatives = (self._trace(flow, flags, False, record=False), (judged,))
         else:
@@ -313,7 +340,7 @@ class DatapathModel:
             self.seen[flow] = flags
         else:  # its entry was there: judged again
             self.seen[flow] = self.seen.get(flow, 0) | flags
-        return FORWARDED, alternatives
+        return outcome, alternatives
 
     def _trace(self, flow: tuple, flags: int, is_reply: bool, record: bool = True) -> Events:
         """A trace if this packet is the first of its direction or brings a SYN, FIN or RST

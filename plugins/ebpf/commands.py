@@ -17,7 +17,7 @@ from meshagent.plugins.ebpf.maps import (
     POLICY_PREFIX_STATIC,
     PROTOCOL_NAMES,
     REASONS,
-    VERDICT_DENY,
+    VERDICT_NAMES,
     PinnedMap,
     ip_text,
     read_metrics,
@@ -72,7 +72,7 @@ def _bpf(args: argparse.Namespace) -> int:
                          "protocol": PROTOCOL_NAMES.get(k.protocol, k.protocol)
                          if block.bits else "any",
                          "port": ports,
-                         "verdict": "deny" if v.verdict == VERDICT_DENY else "allow"})
+                         "verdict": VERDICT_NAMES.get(v.verdict, str(v.verdict))})
         rows.sort(key=lambda r: (r["direction"], str(r["identity"]), str(r["port"])))
         columns = ("direction", "identity", "protocol", "port", "verdict")
         return print_rows(args.output, ("DIRECTION", "IDENTITY", "PROTO", "PORT", "VERDICT"),

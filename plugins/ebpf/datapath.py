@@ -26,6 +26,7 @@ from meshagent.plugin import (
     FlowEvents,
     Health,
     IPCacheEntry,
+    ProxyRoutes,
     StatusSection,
     verdict_metrics,
 )
@@ -33,6 +34,8 @@ from meshagent.plugins.ebpf import loader, migrate
 from meshagent.plugins.ebpf.events import EventReader, PerfRing
 from meshagent.plugins.ebpf.maps import (
     BATCH_SIZE,
+    CT_NAT_DST,
+    CT_REPLY,
     DIR_EGRESS,
     DIR_INGRESS,
     ENDPOINT_HAS_IPV6,
@@ -40,8 +43,8 @@ from meshagent.plugins.ebpf.maps import (
     ENDPOINT_POLICY_AUDIT,
     POLICY_PREFIX_STATIC,
     REASONS,
-    VERDICT_ALLOW,
-    VERDICT_DENY,
+    VERDICT_NAMES,
+    VERDICT_NUMBERS,
     EndpointInfo,
     IPCache6Key,
     IPCacheKey,
@@ -157,15 +160,18 @@ class EbpfDatapath:
     """Meets :class:`meshagent.datapath.Datapath`; registered as ``ebpf``.
 
     ``events`` gets its flow events (``meshagent.datapath.events``); ``attacher`` puts the
-    programs on a veth (tests that run the programs on synthetic packets pass one that
-    attaches nothing).
+    programs on a veth and ``proxy_routes`` routes packets marked for the DNS proxy to it
+    (tests that run the programs on synthetic packets pass ones that do nothing).
     """
 
     def __init__(self, settings: EbpfSettings, events: FlowEventSink | None = None,
-                 attacher: "loader.Attacher | None" = None):
+                 attacher: "loader.Attacher | None" = None, proxy_routes=None):
         self.settings = settings
         self.events = events if events is not None else FlowEvents()
         self.attacher = attacher or loader.TcAttacher()
+        self.proxy_routes = proxy_routes or ProxyRoutes()
+        self.routed = False  # the to-proxy rule and table are installed
+        self.proxy_port = 0  # where the DNS proxy listens (0: no proxy)
         self.pin_dir = settings.bpf_root / "meshagent"
         self.defines = settings.defines()
         self.programs: dict[str, loader.PinnedProgram] = {}
@@ -258,8 +264,13 @@ class EbpfDatapath:
                 log.exception("reading flow events failed")
 
     async def stop(self) -> None:
-        """Stop reading events; programs and pinned maps stay for the next agent."""
+        """Stop reading events; programs and pinned maps stay for the next agent, the
+        to-proxy routing goes (the proxy stops with the agent; the next one routes again once
+        its proxy listens)."""
         loop = asyncio.get_running_loop()
+        if self.routed:
+            await asyncio.to_thread(self.proxy_routes.remove)
+            self.routed = False
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
@@ -323,8 +334,22 @@ class EbpfDatapath:
             self._bump(list(self.endpoints) if ipcache else list(batch.policy))
         if batch.services is not None:
             self._update_services(batch.services)
+        if batch.proxy_port is not None:
+            await self._set_proxy_port(batch.proxy_port)
         for endpoint in batch.removed:
             self._remove_endpoint(endpoint)
+
+    async def _set_proxy_port(self, port: int) -> None:
+        """Where redirected packets go: the routing first, so that no packet is marked for
+        a proxy the node would forward; without a proxy, no routing."""
+        if port and not self.routed:
+            await asyncio.to_thread(self.proxy_routes.install)
+            self.routed = True
+        self.maps["proxy_port"].put(ct.c_uint32(0), ct.c_uint32(port))
+        self.proxy_port = port
+        if not port and self.routed:
+            await asyncio.to_thread(self.proxy_routes.remove)
+            self.routed = False
 
     async def _add_endpoint(self, endpoint: Endpoint) -> None:
         held = self.endpoints.get(endpoint.id)
@@ -456,7 +481,7 @@ class EbpfDatapath:
         for key, value in self.maps["policy"].items():
             group = (key.endpoint_id, key.direction, key.identity)
             block = Block(key.prefixlen - POLICY_PREFIX_STATIC, key.protocol, key.port)
-            verdict = "deny" if value.verdict == VERDICT_DENY else "allow"
+            verdict = VERDICT_NAMES.get(value.verdict, "deny")
             installed.setdefault(group, {})[block] = verdict
             if value.prefix != block.bits:  # written when the byte held a match type
                 self.maps["policy"].put(key, _policy_value(verdict, block))
@@ -540,6 +565,30 @@ class EbpfDatapath:
             if keys:
                 flush(name)
 
+    # -- connections (ReportsConnections) ------------------------------------------------------
+
+    async def connected_peers(self) -> dict[int, frozenset]:
+        """Per endpoint, the peers of its tracked connections it opened (leaving the pod)
+        whose entries have not expired: read from the conntrack maps, in a thread."""
+        return await asyncio.to_thread(self._connected_peers)
+
+    def _connected_peers(self) -> dict[int, frozenset]:
+        import ipaddress
+        import time
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        lifetimes = {True: self.settings.ct_timeout_tcp * 1e9,
+                     False: self.settings.ct_timeout_any * 1e9}
+        peers: dict[int, set] = {}
+        for name in ("ct_tcp", "ct_any", "ct6_tcp", "ct6_any"):
+            lifetime = lifetimes[name.endswith("tcp")]
+            for key, value in self.maps[name].items():
+                if value.flags & CT_REPLY or key.direction != DIR_EGRESS or \
+                        now - value.last_seen_ns > lifetime:
+                    continue
+                raw = value.nat_ip if value.flags & CT_NAT_DST else key.daddr
+                peers.setdefault(key.endpoint_id, set()).add(ipaddress.ip_address(bytes(raw)))
+        return {endpoint: frozenset(addresses) for endpoint, addresses in peers.items()}
+
     def policy_entry_count(self) -> int:
         """Entries the policy map holds for the resolved verdicts (as written)."""
         return sum(len(entries) for entries in self.installed.values())
@@ -619,7 +668,7 @@ class EbpfDatapath:
 
 def _policy_value(verdict: str, block: Block) -> PolicyValue:
     """An entry's value: its verdict and its prefix length (which names the match type)."""
-    return PolicyValue(VERDICT_DENY if verdict == "deny" else VERDICT_ALLOW, block.bits)
+    return PolicyValue(VERDICT_NUMBERS[verdict], block.bits)
 
 
 class DatapathMetrics:

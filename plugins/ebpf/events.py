@@ -25,6 +25,7 @@ from meshagent.plugin import (
     DROPPED,
     FORWARDED,
     POLICY_VERDICT,
+    REDIRECTED,
     TRACE,
     FlowEvent,
     FlowEventSink,
@@ -36,6 +37,7 @@ from meshagent.plugins.ebpf.maps import (
     FLOW_DROPPED,
     FLOW_FORWARDED,
     FLOW_POLICY_VERDICT,
+    FLOW_REDIRECTED,
     FLOW_TRACE,
     REASON_KEYS,
     boot_offset_ns,
@@ -110,7 +112,8 @@ RECORD = struct.Struct("<QII4s4sHHBBBBII16s16sBBBB4x")
 SAMPLE = struct.Struct("<IHHI" + RECORD.format[1:])
 
 KINDS = {FLOW_DROP: DROP, FLOW_POLICY_VERDICT: POLICY_VERDICT, FLOW_TRACE: TRACE}
-VERDICTS = {FLOW_FORWARDED: FORWARDED, FLOW_DROPPED: DROPPED, FLOW_AUDIT: AUDIT}
+VERDICTS = {FLOW_FORWARDED: FORWARDED, FLOW_DROPPED: DROPPED, FLOW_AUDIT: AUDIT,
+            FLOW_REDIRECTED: REDIRECTED}
 _ADDRESS_CACHE = 65536  # texts kept per family before the cache starts afresh
 
 

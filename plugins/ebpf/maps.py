@@ -21,10 +21,15 @@ IPv4Bytes = u8 * 4
 IPv6Bytes = u8 * 16
 
 DIR_INGRESS, DIR_EGRESS = 0, 1
-VERDICT_ALLOW, VERDICT_DENY = 1, 2
+VERDICT_ALLOW, VERDICT_DENY, VERDICT_REDIRECT = 1, 2, 3
+VERDICT_NUMBERS = {"allow": VERDICT_ALLOW, "deny": VERDICT_DENY, "redirect": VERDICT_REDIRECT}
+VERDICT_NAMES = {number: name for name, number in VERDICT_NUMBERS.items()}
 REASON_FORWARDED, REASON_POLICY_DENY, REASON_POLICY_DEFAULT = 0, 1, 2
 REASON_SPOOFED, REASON_FRAG_TINY, REASON_FRAG_UNKNOWN, REASON_MALFORMED = 3, 4, 5, 6
 REASON_UNSUPPORTED_L3 = 7
+REASON_REDIRECTED, REASON_PROXY_LOOKUP, REASON_PROXY_ASSIGN, REASON_PROXY_UNSUPPORTED = 8, 9, 10, 11
+#: what the programs mark a packet for the proxy with (bpf/lib/common.h), under this mask
+MARK_MAGIC_TO_PROXY, MARK_MAGIC_MASK = 0x0200, 0x0F00
 REASONS = {  # the programs' reason numbers, named as every datapath names them
     REASON_FORWARDED: REASON_TEXT["forwarded"],
     REASON_POLICY_DENY: REASON_TEXT["policy_deny"],
@@ -34,17 +39,21 @@ REASONS = {  # the programs' reason numbers, named as every datapath names them
     REASON_FRAG_UNKNOWN: REASON_TEXT["frag_unknown"],
     REASON_MALFORMED: REASON_TEXT["malformed"],
     REASON_UNSUPPORTED_L3: REASON_TEXT["unsupported_l3"],
+    REASON_REDIRECTED: REASON_TEXT["redirected"],
+    REASON_PROXY_LOOKUP: REASON_TEXT["proxy_lookup"],
+    REASON_PROXY_ASSIGN: REASON_TEXT["proxy_assign"],
+    REASON_PROXY_UNSUPPORTED: REASON_TEXT["proxy_unsupported"],
 }
 #: the programs' reason numbers as flow events name them (keys of REASON_TEXT)
 REASON_KEYS = {number: key for key, text in REASON_TEXT.items() for number, named
                in REASONS.items() if named == text}
 PROTOCOL_NAMES = {0: "any", **DROP_PROTOCOL_NAMES}  # policy keys name protocol 0 "any"
 POLICY_PREFIX_STATIC = 72  # endpoint_id, identity, direction: always matched whole
-CT_REPLY, CT_NAT_DST, CT_NAT_SRC = 1, 2, 4
+CT_REPLY, CT_NAT_DST, CT_NAT_SRC, CT_PROXY = 1, 2, 4, 8
 CT_SEEN = 0x80  # ct_value.seen: a packet of this direction was reported
 MAP_NAMES = ("endpoints", "local_ips", "ipcache", "ipcache6", "policy", "ct_tcp", "ct_any",
              "ct6_tcp", "ct6_any", "ipfrag", "ipfrag6", "metrics", "lb_services", "lb_backends",
-             "generation")
+             "generation", "proxy_port")
 
 
 ENDPOINT_LOCAL_DELIVERY = 1
@@ -52,7 +61,7 @@ ENDPOINT_HAS_IPV6 = 2
 ENDPOINT_POLICY_AUDIT = 4
 #: flow_event's kind and verdict numbers (Cilium's monitor types, Hubble's verdicts)
 FLOW_DROP, FLOW_TRACE, FLOW_POLICY_VERDICT = 1, 4, 5
-FLOW_FORWARDED, FLOW_DROPPED, FLOW_AUDIT = 1, 2, 4
+FLOW_FORWARDED, FLOW_DROPPED, FLOW_AUDIT, FLOW_REDIRECTED = 1, 2, 4, 5
 MAC = u8 * 6
 
 
@@ -161,6 +170,7 @@ TYPES = {
     "lb_services": (LBServiceKey, LBService),
     "lb_backends": (LBBackendKey, LBBackend),
     "generation": (u32, u32),
+    "proxy_port": (u32, u32),
 }
 
 
@@ -191,10 +201,11 @@ MAP_SPECS = {
     "ct6_any": (MAP_LRU_HASH, "CT6_ANY_MAX", 65536, 0),
     "ipfrag": (MAP_LRU_HASH, "IPFRAG_MAX", 8192, 0),
     "ipfrag6": (MAP_LRU_HASH, "IPFRAG_MAX", 8192, 0),
-    "metrics": (MAP_PERCPU_ARRAY, "REASON_MAX", 8, 0),
+    "metrics": (MAP_PERCPU_ARRAY, "REASON_MAX", 12, 0),
     "lb_services": (MAP_HASH, "LB_SERVICES_MAX", 65536, 0),
     "lb_backends": (MAP_HASH, "LB_BACKENDS_MAX", 65536, 0),
     "generation": (MAP_ARRAY, "", 1, 0),
+    "proxy_port": (MAP_ARRAY, "", 1, 0),
 }
 
 

@@ -6,9 +6,10 @@ entries of one (endpoint, direction, identity). A port range becomes the few ali
 prefixes that cover it exactly (at most 30 for 16 bits), never one entry per port.
 
 Deny must beat allow whatever the specificity: an allow on port 8080 inside a denied range
-4096-8191 must still be denied. So every prefix written carries the verdict of *all* keys of its
-group that cover it (deny if any denies): the longest prefix a packet matches is then inside
-every key that covers the packet, and its verdict is the packet's.
+4096-8191 must still be denied; and a redirect (to the DNS proxy) beats an allow the same way,
+as a deny beats it. So every prefix written carries the strongest verdict of *all* keys of its
+group that cover it (deny > redirect > allow): the longest prefix a packet matches is then
+inside every key that covers the packet, and its verdict is the packet's.
 
 Flow events name the match type by the prefix length of the entry that decided (Cilium 1.17+,
 where an allow under a deny of its group is left out, so a denied packet finds the longest
@@ -25,7 +26,9 @@ ANY_PROTOCOL = 0
 #: A rule with ports but protocol ANY: the protocols that carry ports (as Cilium expands it).
 PORT_PROTOCOLS = (6, 17, 132)
 PROTOCOL_BITS, PORT_BITS = 8, 16
-ALLOW, DENY = "allow", "deny"
+ALLOW, DENY, REDIRECT = "allow", "deny", "redirect"
+#: which verdict wins where keys of one group overlap
+RANK = {ALLOW: 0, REDIRECT: 1, DENY: 2}
 
 
 @attrs.frozen(order=True)
@@ -109,7 +112,7 @@ def group_entries(keys: Iterable[tuple[int, int, int, str]]) -> dict[Block, str]
     for block in sorted(owners):  # shortest first: ancestors are decided before descendants
         covering = [(verdict, ancestor.bits) for ancestor in ancestors(block)
                     if ancestor in owners for verdict in owners[ancestor]]
-        verdict = DENY if any(v == DENY for v, _ in covering) else ALLOW
+        verdict = max((v for v, _ in covering), key=RANK.__getitem__)
         found[block] = (verdict, max(bits for v, bits in covering if v == verdict))
         nearest = [a for a in ancestors(block)[:-1] if a in owners]
         if not nearest or found[nearest[-1]] != found[block]:
@@ -141,14 +144,15 @@ def safe_stages(old: Keys, new: Keys) -> list[Keys]:
     change applied group after group could, for a moment, pair one group's new allow with the
     other's old lack of a deny. Every group of an endpoint therefore steps through the same
     three stages together: old plus new's denies (tighter than old), then without the allows
-    new drops (tighter than both), then new. No packet that both old and new deny is allowed
-    on the way (tests/test_policymap.py simulates it write by write).
+    and redirects new drops (tighter than both), then new. No packet that both old and new
+    deny is allowed on the way (tests/test_policymap.py simulates it write by write). A key
+    that allows in one state and redirects in the other redirects in the middle stage.
     """
     tighter = dict(old)
     tighter.update({k: DENY for k, v in new.items() if v == DENY})
     both = {k: DENY for k in old.keys() | new.keys() if DENY in (old.get(k), new.get(k))}
-    both.update({k: ALLOW for k in old.keys() & new.keys()
-                 if old[k] == ALLOW and new[k] == ALLOW})
+    both.update({k: max(old[k], new[k], key=RANK.__getitem__)
+                 for k in old.keys() & new.keys() if DENY not in (old[k], new[k])})
     return [tighter, both, new]
 
 

@@ -19,6 +19,7 @@ SYS_BPF = 321  # x86_64
 BPF_PROG_TEST_RUN = 10
 SK_BUFF_SIZE = 192  # sizeof(struct __sk_buff)
 SK_BUFF_CB0 = 48  # offsetof(struct __sk_buff, cb[0])
+SK_BUFF_MARK = 8  # offsetof(struct __sk_buff, mark)
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 LOOPBACK_IFINDEX = 1
 
@@ -40,6 +41,7 @@ class RunResult:
     action: int  # TC_ACT_OK, TC_ACT_SHOT or TC_ACT_REDIRECT (into a local pod)
     reason: int  # the program's cb[0]
     frame: bytes  # as the program left it (rewritten by service NAT, for one)
+    mark: int = 0  # skb->mark as the program left it
 
 
 class ProgramRunner:
@@ -68,7 +70,8 @@ class ProgramRunner:
             errno = ct.get_errno()
             raise OSError(errno, f"BPF_PROG_TEST_RUN: {os.strerror(errno)}")
         reason = struct.unpack_from("I", ctx_out, SK_BUFF_CB0)[0]
-        return RunResult(attr.retval, reason, data_out.raw[:attr.data_size_out])
+        mark = struct.unpack_from("I", ctx_out, SK_BUFF_MARK)[0]
+        return RunResult(attr.retval, reason, data_out.raw[:attr.data_size_out], mark)
 
 
 class NoAttacher:
