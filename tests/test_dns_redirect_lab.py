@@ -10,7 +10,8 @@ DNS proxy (TCP and UDP on one port, IP_TRANSPARENT), as core/fqdn's proxy listen
 Pod ``a`` has REDIRECT entries for UDP and TCP port 53 to any peer (what a ``rules: dns`` port
 rule resolves to), pod ``b`` none. Checked: a's queries (UDP and TCP, to the outside server
 and to an address where nothing is) arrive at the proxy's sockets with their original
-destination; the proxy's answers, sent from that destination's address, reach the pod; later
+destination; the proxy's answers, sent from that destination (address and port), reach the
+pod as replies of the connection; later
 packets of the TCP connection go the same way; nothing of a's reaches the outside server,
 while b's queries do; stopping the datapath takes the ip rule and table away.
 """
@@ -39,7 +40,7 @@ PY = "/usr/bin/python3"
 SERVER = "10.88.1.53"  # the outside host's DNS server
 NOWHERE = "10.99.0.1"  # no host has it
 PODS = {"a": "10.77.0.2", "b": "10.77.0.3"}
-IP_TRANSPARENT, IP_RECVORIGDSTADDR, IP_PKTINFO = 19, 20, 8
+IP_TRANSPARENT, IP_RECVORIGDSTADDR = 19, 20
 SOL_IP = 0
 
 # In a pod: one UDP query and one TCP exchange of two messages; prints what came back.
@@ -173,15 +174,21 @@ class Proxy:
                 data, ancillary, _, peer = self.udp.recvmsg(200, 64)
             except OSError:
                 return
+            if peer is None:  # shut down
+                return
             original = None
             for level, kind, value in ancillary:
                 if level == SOL_IP and kind == IP_RECVORIGDSTADDR:
                     port, raw = struct.unpack_from("!H4s", value, 2)
                     original = (socket.inet_ntoa(raw), port)
             self.arrived.append(("udp", data.decode(), peer[0], original))
-            # the answer from the original destination: IP_PKTINFO's ipi_spec_dst
-            pktinfo = struct.pack("=I4s4s", 0, socket.inet_aton(original[0]), bytes(4))
-            self.udp.sendmsg([b"proxy"], [(SOL_IP, IP_PKTINFO, pktinfo)], 0, peer)
+            # the answer from the original destination, address and port: a transparent
+            # socket bound to it (IP_PKTINFO alone would keep the proxy's port as source)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as answer:
+                answer.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+                answer.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                answer.bind(original)
+                answer.sendto(b"proxy", peer)
 
     def _serve_tcp(self) -> None:
         while True:
@@ -242,10 +249,13 @@ def bpffs():
 
 
 def verdicts(redirect: bool) -> dict:
+    """Everything allowed (b); or (a) egress allowed but DNS redirected, and no ingress
+    allowed at all: the proxy's answers must pass as replies of the pod's connections."""
     from meshagent.policy.contract import MapKey, Verdict
-    out = {MapKey(d, 0, 0, 0, 0): Verdict.ALLOW for d in ("ingress", "egress")}
-    if redirect:
-        out.update({MapKey("egress", 0, proto, 53, 53): Verdict.REDIRECT for proto in (6, 17)})
+    if not redirect:
+        return {MapKey(d, 0, 0, 0, 0): Verdict.ALLOW for d in ("ingress", "egress")}
+    out = {MapKey("egress", 0, 0, 0, 0): Verdict.ALLOW}
+    out.update({MapKey("egress", 0, proto, 53, 53): Verdict.REDIRECT for proto in (6, 17)})
     return out
 
 
@@ -273,8 +283,9 @@ def test_a_pods_dns_goes_to_the_proxy_with_its_destination_and_nowhere_else(net,
                          for n, (pod, address) in enumerate(PODS.items())}
 
             async def setup():
-                await asyncio.gather(*(feed.endpoint_added(e) for e in endpoints.values()))
+                added = [feed.endpoint_added(e) for e in endpoints.values()]
                 await feed.flush()
+                await asyncio.gather(*added)
                 await feed.reconcile({endpoints["a"].id: verdicts(True),
                                       endpoints["b"].id: verdicts(False)}, [], ())
                 feed.proxy_port_changed(proxy.port)
