@@ -374,6 +374,7 @@ class DatapathContract:
     expected_outcomes: tuple[str, ...] = OUTCOMES
     expected_events: tuple[str, ...] = EVENT_KINDS
     expects_local_delivery = True
+    redirects = True  # False: the datapath does not deliver REDIRECT entries to the proxy
     ipv6_walk = CILIUM_WALK  # or KERNEL_WALK (meshagent.testing.packets)
     # scenarios a random run once failed on (as ``fail_with`` saved them), replayed every
     # run on every datapath: a bug one datapath had, another must not have either
@@ -474,6 +475,8 @@ class DatapathContract:
     @pytest.fixture
     def proxy_port(self) -> Iterator[int]:
         """The DNS proxy's port, with its four sockets listening as the proxy's do."""
+        if not self.redirects:
+            pytest.skip("this datapath does not redirect to the DNS proxy (redirects = False)")
         with proxy_sockets() as port:
             yield port
 

@@ -53,6 +53,16 @@ from meshagent.plugins.nftables.ruleset import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _enforced(verdict: str) -> str:
+    """The verdict this datapath enforces for an entry: a redirect to the DNS proxy is not
+    implemented here yet, so such an entry drops as a deny does (closed, never open)."""
+    if verdict == "redirect":
+        log.warning("the nftables datapath does not redirect to the DNS proxy: a REDIRECT"
+                    " entry drops its packets")
+        return "deny"
+    return verdict
 #: ``ma:<endpoint>:<in|out>:<event>:<reason>:<match>``, the table's log prefixes (ruleset.py)
 PREFIX = re.compile(r"ma:([0-9]{1,10}):(in|out):([a-z]+):([a-z0-9_]+):([0-6])")
 #: the reasons each event may carry
@@ -368,7 +378,7 @@ class NftablesDatapath:
         chain names the verdict and the deciding entry's prefix length (or, for a deny, its
         match type)."""
         endpoint_id, d, identity = group
-        keys = [(k.protocol, k.port, k.end_port, v.value)
+        keys = [(k.protocol, k.port, k.end_port, _enforced(v.value))
                 for k, v in self.groups.get(group, {}).items()]
         e = endpoint_id
         ported, portless = ("spec", "spnp") if identity else ("any", "anynp")
