@@ -46,10 +46,17 @@ DROP_REASONS = {
     "frag_tiny": flow_pb2.CT_TRUNCATED_OR_INVALID_HEADER,  # 135
     "frag_unknown": flow_pb2.FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND,  # 175
     "unsupported_l3": flow_pb2.UNSUPPORTED_L3_PROTOCOL,  # 139
+    # a packet for the DNS proxy that could not be handed to it (bpf/lib/common.h
+    # DROP_PROXY_LOOKUP_FAILED, DROP_PROXY_SET_FAILED, DROP_PROXY_UNKNOWN_PROTO)
+    "proxy_lookup": flow_pb2.SOCKET_LOOKUP_FAILED,  # 178
+    "proxy_assign": flow_pb2.SOCKET_ASSIGN_FAILED,  # 179
+    "proxy_unsupported": flow_pb2.PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL,  # 180
 }
 POLICY_DROPS = ("policy_default", "policy_deny")
 #: FlowEvent.verdict as Hubble's Verdict (any other: FORWARDED)
-VERDICTS = {ev.DROPPED: flow_pb2.DROPPED, ev.AUDIT: flow_pb2.AUDIT}
+VERDICTS = {ev.DROPPED: flow_pb2.DROPPED, ev.AUDIT: flow_pb2.AUDIT,
+            ev.REDIRECTED: flow_pb2.REDIRECTED}  # to the DNS proxy: Hubble's policy verdict
+# with a proxy port (pkg/hubble/parser/threefour: a verdict > 0 is REDIRECTED)
 #: Cilium's monitor message types (pkg/monitor/api/types.go)
 MESSAGE_DROP, MESSAGE_TRACE, MESSAGE_POLICY_VERDICT = 1, 4, 5
 #: Cilium's trace observation points as monitor sub-types (TraceToLxc, TraceFromLxc)
