@@ -184,12 +184,10 @@ def test_an_identity_labelled_for_two_selectors_is_selected_by_both():
 
 def test_dns_rules_for_the_proxy():
     resolver = resolver_with(cnp(EMPLOYEE + DNS_PAIR))
-    anything = (FQDNSelector(match_pattern="*"),)
-    # the toFQDNs peer is allowed on every port, 53 too: its servers may be asked anything
-    # (wildcardL3L4Rule, below), though its packets to port 53 are not redirected
+    # the toFQDNs peer is allowed on every port, 53 too, but none of its packets to port 53
+    # is redirected (the redirect is kube-dns's): no wildcard rule for it (below)
     assert dns_rules(resolver, 1) == (
-        DNSRule(53, "ANY", frozenset({IDS["kube-dns"].id}), anything),
-        DNSRule(53, "ANY", frozenset({IDS["fqdn-api"].id}), anything))
+        DNSRule(53, "ANY", frozenset({IDS["kube-dns"].id}), (FQDNSelector(match_pattern="*"),)),)
     assert fqdn_selectors(resolver) == {FQDNSelector(match_name="api.example.com")}
     assert dns_rules(resolver, 99) == ()
 
@@ -219,6 +217,20 @@ def test_a_peer_allowed_on_a_redirected_port_without_dns_rules_may_ask_anything(
     assert kube_system == DNSRule(53, "ANY", frozenset({IDS["kube-dns"].id}), anything)
     assert (world.port, world.protocol, world.patterns) == (53, "UDP", anything)
     assert {2, IDS["fqdn-api"].id} <= world.servers and IDS["kube-dns"].id not in world.servers
+
+
+def test_a_wildcard_covers_only_the_servers_whose_packets_are_redirected():
+    """An L3-only allow of every cluster endpoint beside a DNS rule for kube-dns: only
+    kube-dns's packets to port 53 reach the proxy, so only kube-dns may be asked anything;
+    several allowed peers make one rule per port and protocol."""
+    resolver = resolver_with(egress(
+        "- toEndpoints: [{matchLabels: {'k8s:io.kubernetes.pod.namespace': kube-system,"
+        " 'k8s:k8s-app': kube-dns}}]\n"
+        "  toPorts: [{ports: [{port: '53', protocol: UDP}], rules: {dns: [{matchName: a.com}]}}]\n"
+        "- toEntities: [cluster]\n- toEntities: [all]\n"))
+    assert dns_rules(resolver, 1) == (
+        DNSRule(53, "UDP", frozenset({IDS["kube-dns"].id}), (FQDNSelector("a.com"),)),
+        DNSRule(53, "UDP", frozenset({IDS["kube-dns"].id}), (FQDNSelector(match_pattern="*"),)))
     assert decide(resolver.verdicts(1), EGRESS, IDS["kube-dns"].id, UDP, 53) is Verdict.REDIRECT
 
 

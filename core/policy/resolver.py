@@ -654,33 +654,50 @@ def dns_rules(resolver: Resolver, endpoint_id: int) -> tuple[DNSRule, ...]:
     """The DNS proxy's rules for a local endpoint: per port, protocol and peer of its egress
     REDIRECT contributions, the questions allowed (Cilium's per-selector DNS rules of an L4
     filter with a DNS parser, pkg/policy/l4.go). A peer that the endpoint's policy allows on a
-    redirected port without DNS rules (an L3-only or L4-only rule) may ask anything of its
-    servers, as Cilium's wildcardL3L4Rule makes it (pkg/policy/rule.go)."""
+    redirected port without DNS rules (an L3-only or L4-only rule) may ask anything of those
+    of its servers whose packets are redirected, as Cilium's wildcardL3L4Rule makes it
+    (pkg/policy/rule.go): one more rule per port and protocol."""
     state = resolver.endpoints.get(endpoint_id)
     if state is None:
         return ()
     grouped: dict[tuple[int, str, Peer | None], list[FQDNSelector]] = {}
+    scope: dict[tuple[int, str], set[int] | None] = {}  # redirected servers (None: any)
     for peer, contributions in state.by_peer.items():
         for c in contributions:
             if c.direction == EGRESS and c.verdict is Verdict.REDIRECT:
                 for port in c.ports:
-                    grouped.setdefault((port.port, port.protocol, peer), []).extend(c.dns)
-    redirected = {(port, protocol) for port, protocol, _ in grouped}
+                    at = (port.port, port.protocol)
+                    grouped.setdefault((*at, peer), []).extend(c.dns)
+                    known = scope.get(at, set())
+                    scope[at] = None if peer is None or known is None else \
+                        known | resolver.cache.ids(peer)
+    wildcard: dict[tuple[int, str], set[int] | None] = {}
     for peer, contributions in state.by_peer.items():
         for c in contributions:
             if c.direction != EGRESS or c.verdict is not Verdict.ALLOW:
                 continue
-            for number, protocol in redirected:
+            for (number, protocol), redirected in scope.items():
                 for port in c.ports:
                     if port.port and not port.port <= number <= port.end_port:
                         continue
-                    if "ANY" in (port.protocol, protocol) or port.protocol == protocol:
-                        narrow = protocol if port.protocol == "ANY" else port.protocol
-                        grouped.setdefault((number, narrow, peer), []).append(ANY_NAME)
-    return tuple(DNSRule(port, protocol,
-                         None if peer is None else frozenset(resolver.cache.ids(peer)),
-                         tuple(dict.fromkeys(patterns)))
-                 for (port, protocol, peer), patterns in grouped.items())
+                    if "ANY" not in (port.protocol, protocol) and port.protocol != protocol:
+                        continue
+                    at = (number, protocol if port.protocol == "ANY" else port.protocol)
+                    servers = redirected if peer is None else (
+                        set(resolver.cache.ids(peer)) if redirected is None
+                        else redirected & resolver.cache.ids(peer))
+                    if servers is not None and not servers:
+                        continue  # none of its packets to this port is redirected
+                    known = wildcard.get(at, set())
+                    wildcard[at] = None if servers is None or known is None else known | servers
+    rules = [DNSRule(port, protocol,
+                     None if peer is None else frozenset(resolver.cache.ids(peer)),
+                     tuple(dict.fromkeys(patterns)))
+             for (port, protocol, peer), patterns in grouped.items()]
+    rules += [DNSRule(port, protocol, None if servers is None else frozenset(servers),
+                      (ANY_NAME,))
+              for (port, protocol), servers in wildcard.items()]
+    return tuple(rules)
 
 
 def fqdn_selectors(resolver: Resolver) -> frozenset[FQDNSelector]:

@@ -1,8 +1,8 @@
 """Peers of a rule, and which identities each one matches.
 
 A peer is an endpoint selector (with the namespace and cluster requirements the rule implies),
-an entity, a CIDR, a ``toFQDNs`` selector, or "any". The selector cache keeps, for every peer in use, the identities it
-matches, and updates it one identity at a time.
+an entity, a CIDR, a ``toFQDNs`` selector, or "any". The selector cache keeps, for every peer
+in use, the identities it matches, and updates it one identity at a time.
 """
 
 import ipaddress
