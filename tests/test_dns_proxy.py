@@ -314,3 +314,14 @@ async def test_the_default_resolver_drives_the_proxy_and_allows_the_answered_add
               if key.direction == "egress"}
     assert egress.get(allowed.identity) is Verdict.ALLOW
     assert Verdict.ALLOW not in {v for i, v in egress.items() if i not in (allowed.identity,)}
+
+
+async def test_no_answer_before_the_rules_are_known_after_a_start(world):
+    """An agent still listing its policies: no DNS rules yet means no answer (the client
+    asks again), not REFUSED; once ready, no rules means REFUSED."""
+    ready = []
+    world.fqdn.ready = lambda: bool(ready)
+    assert status_of(await dig(world.pod, SERVER4, "allowed.example.com")) == "timeout"
+    assert world.fqdn.proxy.stats["not_ready"] == 1
+    ready.append(True)
+    assert status_of(await dig(world.pod, SERVER4, "allowed.example.com")) == "REFUSED"

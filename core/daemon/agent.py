@@ -298,7 +298,7 @@ class Agent:
         fqdn = FQDN(self.cluster.name, self.tables, self.policy_resolver,
                     FQDNOptions.from_config(config), config.state_dir,
                     datapath_applied=feed.applied, set_proxy_port=feed.set_proxy_port,
-                    publish=self._dns_record)
+                    publish=self._dns_record, ready=lambda: self.ready)
         self.plugins.register(fqdn, name="core.fqdn")
         return fqdn
 

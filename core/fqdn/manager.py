@@ -27,7 +27,7 @@ from meshagent.events import ChangeKind
 from meshagent.fqdn.cache import CacheEntry, EndpointNames, rfc3339_millis
 from meshagent.fqdn.contract import FQDNSelector, ResolvesDNS
 from meshagent.fqdn.names import NameManager
-from meshagent.fqdn.proxy import REJECT_CODES, DNSProxy, ProxyOptions, Request
+from meshagent.fqdn.proxy import REJECT_CODES, DNSProxy, NotReady, ProxyOptions, Request
 from meshagent.fqdn.record import DNSRecord
 from meshagent.fqdn import matchpattern
 from meshagent.model.endpoint import Endpoint
@@ -108,6 +108,7 @@ class FQDN:
                  set_proxy_port: Callable[[int], None],
                  publish: Callable[[DNSRecord], None],
                  connected: Callable[[int], set[Address] | None] = lambda endpoint: None,
+                 ready: Callable[[], bool] = lambda: True,
                  clock: Callable[[], float] = time.time):
         self.tables = tables
         self.resolver = resolver
@@ -117,6 +118,7 @@ class FQDN:
         self.set_proxy_port = set_proxy_port
         self.publish = publish
         self.connected = connected  # per endpoint, its live connections' remote addresses
+        self.ready = ready  # the agent listed its policies: the rules are known
         self.clock = clock
         self.names = NameManager(cluster, tables, options.max_ips_per_hostname,
                                  options.idle_grace)
@@ -166,12 +168,14 @@ class FQDN:
         return self.by_ip.get(ip)
 
     def allowed(self, endpoint: int, request: Request) -> bool:
+        rules = self.resolver.dns_rules(endpoint)
+        if not rules and not self.ready():
+            raise NotReady  # after a start, before the policies are listed: ask again later
         server_ip, port = request.server
         identity = self.identity_of(server_ip)
         name = request.qname
         return any(rule.port == port and rule.protocol in (request.protocol, "ANY")
-                   and rule.allows(identity, name)
-                   for rule in self.resolver.dns_rules(endpoint))
+                   and rule.allows(identity, name) for rule in rules)
 
     async def answered(self, endpoint: int, request: Request,
                        response: dns.message.Message) -> None:

@@ -15,7 +15,8 @@ the answer reaches the pod — take note of the answer. Per question (Cilium's o
   (REFUSED by default), no answer records;
 - no endpoint for the source, an unreadable destination, over
   ``--dnsproxy-concurrency-limit``, an upstream error: SERVFAIL;
-- upstream timeout: no reply at all (the client asks again);
+- upstream timeout, or the rules not known yet after a start: no reply at all (the client
+  asks again);
 - otherwise the server's answer, with the pod's message ID (the upstream one is random).
 
 A message that is not DNS is dropped; nothing a pod sends can stop the proxy.
@@ -68,6 +69,12 @@ class Request:
         return self.message.question[0].name.to_text().lower() if self.message.question else ""
 
 
+class NotReady(Exception):
+    """Raised by :meth:`Gate.allowed` when the rules are not known yet (the agent is still
+    listing its policies after a start): the question gets no answer, and the client asks
+    again."""
+
+
 class Gate(Protocol):
     """What the proxy asks of the agent."""
 
@@ -75,7 +82,8 @@ class Gate(Protocol):
         """The local endpoint with that address (None: none)."""
 
     def allowed(self, endpoint: int, request: Request) -> bool:
-        """Whether the endpoint's DNS rules allow the question of that server."""
+        """Whether the endpoint's DNS rules allow the question of that server; may raise
+        :class:`NotReady`."""
 
     async def answered(self, endpoint: int, request: Request,
                        response: dns.message.Message) -> None:
@@ -104,7 +112,8 @@ class DNSProxy:
         self.families: list[int] = []
         self.in_flight = 0
         self.tasks: set[asyncio.Task] = set()
-        self.stats = {"requests": 0, "refused": 0, "errors": 0, "timeouts": 0, "dropped": 0}
+        self.stats = {"requests": 0, "refused": 0, "errors": 0, "timeouts": 0, "dropped": 0,
+                      "not_ready": 0}
 
     # -- sockets --------------------------------------------------------------------------------
 
@@ -254,7 +263,12 @@ class DNSProxy:
             await self._error(reply, None, request,
                               f"no local endpoint has address {request.client[0]}")
             return
-        if not gate.allowed(endpoint, request):
+        try:
+            allowed = gate.allowed(endpoint, request)
+        except NotReady:
+            self.stats["not_ready"] += 1
+            return
+        if not allowed:
             self.stats["refused"] += 1
             response = dns.message.make_response(request.message)
             response.set_rcode(self.options.reject_rcode)
