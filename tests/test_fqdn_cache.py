@@ -45,7 +45,7 @@ class Resolver:
         return self.selectors
 
 
-def make(tmp_path, connected=lambda ep: None, selectors=(PATTERN,), **options):
+def make(tmp_path, connections=None, selectors=(PATTERN,), **options):
     clock = Clock()
     tables = Tables(nodes=Table("node", lambda *a: None),
                     identities=Table("identity", lambda *a: None),
@@ -56,7 +56,7 @@ def make(tmp_path, connected=lambda ep: None, selectors=(PATTERN,), **options):
         pass
     fqdn = FQDN("c1", tables, Resolver(selectors), FQDNOptions(ProxyOptions(), **options),
                 tmp_path, datapath_applied=applied, set_proxy_port=lambda port: None,
-                publish=lambda record: None, connected=connected, clock=clock)
+                publish=lambda record: None, connections=connections, clock=clock)
     fqdn.meshagent_endpoint_changed(ChangeKind.UPSERT, Endpoint(
         EP, "default", frozenset(), POD, 1000))
     return fqdn, clock
@@ -80,10 +80,10 @@ async def test_an_address_goes_at_the_first_collection_after_its_ttl(tmp_path):
     await answer(fqdn, clock, "a.example.com.", "A", ["203.0.113.1"], 30)
     assert identity_of(fqdn, "203.0.113.1") is not None
     clock.now += 29
-    fqdn.collect()
+    await fqdn.collect()
     assert identity_of(fqdn, "203.0.113.1") is not None
     clock.now += 2
-    fqdn.collect()
+    await fqdn.collect()
     assert identity_of(fqdn, "203.0.113.1") is None
     assert fqdn.lookups() == []
     assert not [i for i in fqdn.tables.identities.values() if i.id & LOCAL_IDENTITY_FLAG]
@@ -94,16 +94,19 @@ async def test_min_ttl_stretches_short_answers(tmp_path):
     await answer(fqdn, clock, "a.example.com.", "A", ["203.0.113.1"], 5)
     assert fqdn.lookups()[0]["ttl"] == 300
     clock.now += 200
-    fqdn.collect()
+    await fqdn.collect()
     assert identity_of(fqdn, "203.0.113.1") is not None
 
 
 async def test_a_live_connection_keeps_its_address_as_a_connection_entry(tmp_path):
-    live = {EP: {ipaddress.ip_address("203.0.113.1")}}
-    fqdn, clock = make(tmp_path, connected=lambda ep: live.get(ep, set()))
+    live = {EP: frozenset({ipaddress.ip_address("203.0.113.1")})}
+
+    async def connected_peers():  # as a datapath's ReportsConnections answers
+        return dict(live)
+    fqdn, clock = make(tmp_path, connections=connected_peers)
     await answer(fqdn, clock, "a.example.com.", "A", ["203.0.113.1", "203.0.113.2"], 30)
     clock.now += 60
-    fqdn.collect()
+    await fqdn.collect()
     assert identity_of(fqdn, "203.0.113.1") is not None  # connected
     assert identity_of(fqdn, "203.0.113.2") is None  # idle
     [row] = fqdn.lookups()
@@ -112,18 +115,20 @@ async def test_a_live_connection_keeps_its_address_as_a_connection_entry(tmp_pat
     assert fqdn.lookups(source="lookup") == []
     live.clear()  # the connection ended
     clock.now += 200
-    fqdn.collect()
+    await fqdn.collect()
     assert identity_of(fqdn, "203.0.113.1") is None
 
 
 async def test_idle_grace_period_keeps_an_address_a_while(tmp_path):
-    fqdn, clock = make(tmp_path, connected=lambda ep: set(), idle_grace=30)
+    async def none():
+        return {}
+    fqdn, clock = make(tmp_path, connections=none, idle_grace=30)
     await answer(fqdn, clock, "a.example.com.", "A", ["203.0.113.1"], 10)
     clock.now += 11
-    fqdn.collect()
+    await fqdn.collect()
     assert identity_of(fqdn, "203.0.113.1") is not None
     clock.now += 30
-    fqdn.collect()
+    await fqdn.collect()
     assert identity_of(fqdn, "203.0.113.1") is None
 
 
@@ -132,7 +137,7 @@ async def test_the_earliest_expiring_addresses_go_over_the_per_name_limit(tmp_pa
     await answer(fqdn, clock, "a.example.com.", "A", ["203.0.113.1", "203.0.113.2"], 30)
     clock.now += 5
     await answer(fqdn, clock, "a.example.com.", "A", ["203.0.113.3"], 30)
-    fqdn.collect()
+    await fqdn.collect()
     kept = {ip for row in fqdn.lookups() for ip in row["ips"]}
     assert len(kept) == 2 and "203.0.113.3" in kept
 

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import attrs
@@ -107,7 +107,8 @@ class FQDN:
                  datapath_applied: Callable[[], Awaitable[None]],
                  set_proxy_port: Callable[[int], None],
                  publish: Callable[[DNSRecord], None],
-                 connected: Callable[[int], set[Address] | None] = lambda endpoint: None,
+                 connections: Callable[[], Awaitable[Mapping[int, frozenset[Address]]]]
+                 | None = None,
                  ready: Callable[[], bool] = lambda: True,
                  clock: Callable[[], float] = time.time):
         self.tables = tables
@@ -117,7 +118,8 @@ class FQDN:
         self.datapath_applied = datapath_applied
         self.set_proxy_port = set_proxy_port
         self.publish = publish
-        self.connected = connected  # per endpoint, its live connections' remote addresses
+        # the datapath's live connections (ReportsConnections.connected_peers), None: unknown
+        self.connections = connections
         self.ready = ready  # the agent listed its policies: the rules are known
         self.clock = clock
         self.names = NameManager(cluster, tables, options.max_ips_per_hostname,
@@ -242,12 +244,15 @@ class FQDN:
             self._revision = revision
             self.names.set_selectors(frozenset(self.resolver.fqdn_selectors()))
 
-    def collect(self) -> None:
-        """One garbage collection (Cilium's dns-garbage-collector-job)."""
+    async def collect(self) -> None:
+        """One garbage collection (Cilium's dns-garbage-collector-job): an address whose
+        lookups expired stays while the datapath reports a connection of the endpoint to it."""
+        peers = await self.connections() if self.connections is not None else None
         self.refresh_selectors()
         for endpoint_id in [e for e in self.names.endpoints if e not in self.endpoints]:
             self.names.forget_endpoint(endpoint_id)  # its pod is gone
-        self.names.collect(self.clock(), self.connected)
+        self.names.collect(self.clock(), lambda endpoint: None if peers is None
+                           else peers.get(endpoint, frozenset()))
         self._changed()
 
     @hookimpl
@@ -303,7 +308,7 @@ class FQDN:
         handle.ready()
         while True:
             await asyncio.sleep(self.options.gc_interval)
-            self.collect()
+            await self.collect()
 
     async def _writer(self, handle: ControllerHandle) -> None:
         handle.ready()
