@@ -120,6 +120,11 @@ async def test_cache_list_clean_status_and_restart(agent_factory, short_tmp):
     assert restored is not None
     assert again.reconciled_ipcache.get(ADDRESS) == restored.identity
     assert agent.fqdn.proxy.port == fqdn.proxy.port  # the port it had, free again
+    for _ in range(50):  # handed to the datapath
+        if again.proxy_ports:
+            break
+        await asyncio.sleep(0.05)
+    assert again.proxy_ports[-1] == agent.fqdn.proxy.port
 
     env = clean_env(MESHAGENT_SOCKET_PATH=str(running.socket_path))
     refused = await asyncio.to_thread(

@@ -26,6 +26,7 @@ from meshagent.clustermesh.sync import ClusterSync
 from meshagent.daemon.api import APIState, build_app
 from meshagent.runtime.apiserver import APIServer
 from meshagent.runtime.collect import survivors_frozen
+from meshagent.datapath import ReportsConnections
 from meshagent.datapath.drops import DropFeed
 from meshagent.datapath.events import FlowEvents
 from meshagent.datapath.feed import DatapathFeed
@@ -298,7 +299,9 @@ class Agent:
         fqdn = FQDN(self.cluster.name, self.tables, self.policy_resolver,
                     FQDNOptions.from_config(config), config.state_dir,
                     datapath_applied=feed.applied, set_proxy_port=feed.set_proxy_port,
-                    publish=self._dns_record, ready=lambda: self.ready)
+                    publish=self._dns_record, ready=lambda: self.ready,
+                    connections=self.datapath.connected_peers
+                    if isinstance(self.datapath, ReportsConnections) else None)
         self.plugins.register(fqdn, name="core.fqdn")
         return fqdn
 
