@@ -66,6 +66,7 @@ from meshagent.kvstore import (
 )
 from meshagent.kvstore.batch import check_distinct, create_each, put_each
 from meshagent.kvstore.lock import kv_lock
+from meshagent.fqdn.contract import DNSRule, FQDNSelector, ResolvesDNS
 from meshagent.model.cluster import ClusterInfo
 from meshagent.model.endpoint import Endpoint
 from meshagent.model.identity import Identity, ReservedIdentity, world_identity
@@ -116,6 +117,7 @@ __all__ = [
     "PolicyResolver", "PolicyRepository", "PolicyUpdate", "PolicyKey", "Policy", "PolicyError",
     "parse_document", "build_default_resolver", "MapKey", "MapState", "MapChange", "Verdict",
     "EndpointChanges", "ChangeQueue", "ReportsEnforcement", "AttributesVerdicts",
+    "ResolvesDNS", "DNSRule", "FQDNSelector",
     "Datapath", "DatapathBatch", "ReportsConnections", "ProxyRoutes", "NoProxyRoutes", "FlowEvent", "FlowEventSink", "FlowEvents", "DROP",
     "POLICY_VERDICT", "TRACE", "FORWARDED", "DROPPED", "AUDIT", "REDIRECTED", "MATCH_NONE", "MATCH_L3_ONLY",
     "MATCH_L3_L4", "MATCH_L4_ONLY", "MATCH_ALL", "MATCH_L3_PROTO", "MATCH_PROTO_ONLY",
