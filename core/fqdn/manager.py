@@ -10,6 +10,7 @@ cluster's FQDN state is never imported, and this node's never leaves it.
 """
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -78,7 +79,6 @@ class Answer:
 
 def read_answer(qname: str, response: dns.message.Message) -> Answer:
     """The addresses of ``qname``'s chain (its CNAMEs followed) and the chain's lowest TTL."""
-    import ipaddress
     chain, cnames, ips, ttls, types = {qname}, [], [], [], []
     for rrset in response.answer:
         owner = rrset.name.to_text().lower()

@@ -23,6 +23,7 @@ A message that is not DNS is dropped; nothing a pod sends can stop the proxy.
 """
 
 import asyncio
+import ipaddress
 import logging
 import secrets
 import socket
@@ -186,9 +187,9 @@ class DNSProxy:
                 log.debug("DNS proxy: UDP receive failed: %s", exc)
                 return
             server = _original_destination(ancillary)
-            self._spawn(self._udp_question(sock, data, client, server))
+            self._spawn(self._udp_question(data, client, server))
 
-    async def _udp_question(self, sock: socket.socket, data: bytes, client, server) -> None:
+    async def _udp_question(self, data: bytes, client, server) -> None:
         async def reply(wire: bytes) -> None:
             _send_from(wire, server, client)
         await self._question(data, "UDP", _endpoint(client), server, reply)
@@ -338,7 +339,6 @@ def _transparent(family: int, kind: int) -> socket.socket:
 
 
 def _endpoint(sockaddr) -> tuple[Address, int] | None:
-    import ipaddress
     if not sockaddr:
         return None
     ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
@@ -349,7 +349,6 @@ def _endpoint(sockaddr) -> tuple[Address, int] | None:
 
 def _original_destination(ancillary) -> tuple[Address, int] | None:
     """The ``IP_ORIGDSTADDR``/``IPV6_ORIGDSTADDR`` of a datagram (a sockaddr_in/in6)."""
-    import ipaddress
     for level, kind, data in ancillary:
         if level == socket.SOL_IP and kind == IP_RECVORIGDSTADDR and len(data) >= 8:
             port = struct.unpack("!H", data[2:4])[0]
@@ -366,12 +365,12 @@ def _send_from(wire: bytes, source: tuple[Address, int], client: tuple) -> None:
     ``sessionUDP`` does): the pod takes only an answer from the server it asked."""
     ip, port = source
     family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-    with _transparent(family, socket.SOCK_DGRAM) as sock:
-        sock.bind((str(ip), port))
-        try:
+    try:
+        with _transparent(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((str(ip), port))
             sock.sendto(wire, client)
-        except BlockingIOError:
-            log.debug("DNS proxy: UDP send buffer full; answer to %s lost", client)
+    except OSError as exc:  # the address taken by a socket of this node, a full buffer
+        log.warning("DNS proxy: cannot answer %s from %s:%d: %s", client[0], ip, port, exc)
 
 
 async def _udp_exchange(wire: bytes, ip: str, port: int, query_id: int) -> bytes:
