@@ -138,6 +138,9 @@ async def test_tcp_and_ipv6_keep_their_protocol_and_family(world):
     assert status_of(out) == "NOERROR" and addresses(out) == ["2001:db8::10"]
     assert world.server_log[-1][0] == "TCP"
     assert ipaddress.ip_address(world.server_log[-1][1]).version == 6
+    out = await dig(world.pod, SERVER6, "six.example.com", "AAAA")  # UDP, from [server]:53
+    assert status_of(out) == "NOERROR" and addresses(out) == ["2001:db8::10"]
+    assert world.server_log[-1][0] == "UDP"
 
 
 async def test_rules_are_per_protocol_port_and_server_identity(world):
