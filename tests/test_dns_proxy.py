@@ -113,6 +113,9 @@ async def test_allowed_query_is_forwarded_to_the_server_the_pod_asked(world):
     proto, client, query_id, name = world.server_log[-1]
     assert (proto, name) == ("UDP", "allowed.example.com.")
     assert client != POD4
+    # the server saw another message ID than the pod's (random), and the pod got its own
+    pod_id = int(out.split(" id: ")[1].split()[0])
+    assert query_id != pod_id
 
 
 async def test_refused_query_gets_REFUSED_and_never_reaches_the_server(world):

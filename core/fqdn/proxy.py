@@ -64,6 +64,7 @@ class Request:
     protocol: str  # "UDP" or "TCP"
     message: dns.message.Message
     received: float  # time.time()
+    wire: bytes = b""  # the message as the pod sent it
 
     @property
     def qname(self) -> str:
@@ -243,10 +244,10 @@ class DNSProxy:
         self.stats["requests"] += 1
         if server is None or client is None:
             request = Request(client or _NOWHERE, server or _NOWHERE, protocol, message,
-                              time.time())
+                              time.time(), data)
             await self._error(reply, None, request, "cannot read the original destination")
             return
-        request = Request(client, server, protocol, message, time.time())
+        request = Request(client, server, protocol, message, time.time(), data)
         limit = self.options.concurrency_limit
         if limit and self.in_flight >= limit:
             await self._error(reply, None, request, "concurrency limit reached")
@@ -279,7 +280,7 @@ class DNSProxy:
             return
         gate.record(endpoint, request, None, "Forwarded", "Allowed by policy")
         try:
-            response = await self._forward(request)
+            response, wire = await self._forward(request)
         except TimeoutError:
             self.stats["timeouts"] += 1  # no reply: the client asks again
             log.debug("DNS proxy: %s did not answer %s in time", request.server, request.qname)
@@ -288,7 +289,7 @@ class DNSProxy:
             await self._error(reply, endpoint, request, f"forwarding failed: {exc}")
             return
         await gate.answered(endpoint, request, response)
-        await reply(response.to_wire(max_size=MAX_UDP_MESSAGE))
+        await reply(wire)
         gate.record(endpoint, request, response, "Forwarded", "Allowed by policy")
 
     async def _error(self, reply, endpoint, request: Request, why: str) -> None:
@@ -301,22 +302,23 @@ class DNSProxy:
             log.debug("DNS proxy: cannot send SERVFAIL: %s", exc)
         self.gate.record(endpoint, request, None, "Error", f"Error: {why}")
 
-    async def _forward(self, request: Request) -> dns.message.Message:
+    async def _forward(self, request: Request) -> tuple[dns.message.Message, bytes]:
         """The question to the server the pod asked, over the pod's protocol, under a random
-        ID; the answer with the pod's ID again."""
-        query = dns.message.from_wire(request.message.to_wire())
-        query.id = secrets.randbelow(65536)
+        ID; the answer read, and as the server sent it but for the pod's ID (the bytes are
+        passed on, not re-encoded)."""
+        query_id = secrets.randbelow(65536)
+        query = struct.pack("!H", query_id) + request.wire[2:]
         ip, port = request.server
         async with asyncio.timeout(self.options.forward_timeout):
             if request.protocol == "UDP":
-                wire = await _udp_exchange(query.to_wire(), str(ip), port, query.id)
+                wire = await _udp_exchange(query, str(ip), port, query_id)
             else:
-                wire = await _tcp_exchange(query.to_wire(), str(ip), port)
+                wire = await _tcp_exchange(query, str(ip), port)
         response = dns.message.from_wire(wire)
-        if response.id != query.id:
+        if response.id != query_id:
             raise ValueError("the answer's ID is not the question's")
         response.id = request.message.id
-        return response
+        return response, struct.pack("!H", request.message.id) + wire[2:]
 
 
 _NOWHERE = (None, 0)
