@@ -13,7 +13,7 @@ from meshagent.events import ChangeKind
 from meshagent.fqdn.cache import CacheEntry
 from meshagent.fqdn.contract import FQDNSelector
 from meshagent.model.endpoint import Endpoint
-from meshagent.model.ipcache import host_key
+from meshagent.model.ipcache import IPCacheEntry, host_key
 from meshagent.policy.default import DefaultResolver
 from tests.conftest import MESHAGENT, clean_env, run_cli
 
@@ -89,6 +89,13 @@ async def test_cache_list_clean_status_and_restart(agent_factory, short_tmp):
     entry = agent.tables.ipcache.get(host_key(ADDRESS))
     assert entry is not None
     env = clean_env(MESHAGENT_SOCKET_PATH=str(running.socket_path))
+
+    # a server's identity follows the ipcache (the proxy remembers it between changes)
+    server = ipaddress.ip_address("192.0.2.53")
+    assert fqdn.identity_of(server) == 2
+    agent.tables.ipcache.upsert(host_key(server), IPCacheEntry(host_key(server), 777,
+                                                               agent.cluster.name))
+    assert fqdn.identity_of(server) == 777
 
     listed = await asyncio.to_thread(run_cli, "fqdn", "cache", "list", env=env)
     assert listed.returncode == 0, listed.stderr

@@ -127,6 +127,7 @@ class FQDN:
         self.proxy = DNSProxy(self, options.proxy)
         self.endpoints: dict[int, Endpoint] = {}
         self.by_ip: dict[Address, int] = {}
+        self._server_identities: dict[Address, int] = {}
         self._revision = -1  # the resolver revision the selectors are from
         self._dirty = asyncio.Event()  # the names changed: save them
         self.timeouts = 0  # answers released before the datapath applied them
@@ -224,7 +225,18 @@ class FQDN:
             str(request.server[0]), request.server[1], request.qname, qtypes, **fields))
 
     def identity_of(self, ip: Address) -> int:
-        """The server's identity by the ipcache's longest prefix; the world when none."""
+        """The server's identity by the ipcache's longest prefix; the world when none.
+        Remembered until the ipcache changes (a few servers answer every question)."""
+        known = self._server_identities.get(ip)
+        if known is None:
+            known = self._server_identities[ip] = self._longest_prefix(ip)
+        return known
+
+    @hookimpl
+    def meshagent_ipcache_changes(self, changes):
+        self._server_identities.clear()
+
+    def _longest_prefix(self, ip: Address) -> int:
         bits = ip.max_prefixlen
         packed = int(ip)
         for length in range(bits, -1, -1):
