@@ -17,11 +17,16 @@ from meshagent.errors import UsageError
 from meshagent.fqdn import matchpattern
 from meshagent.fqdn.contract import FQDNSelector
 from meshagent.model.net import Network
+from meshagent.policy import icmp
 
 API_VERSION = "cilium.io/v2"
 CNP = "CiliumNetworkPolicy"
 CCNP = "CiliumClusterwideNetworkPolicy"
-PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ANY": 0}
+#: Protocol names as policies and traces say them, and their numbers: a ``toPorts`` entry may
+#: name the first four (pkg/policy/api/l4.go: "Matching on ICMP is not supported"); ICMP and
+#: ICMPv6 are the protocols of ``icmps`` rules.
+PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ANY": 0, "ICMP": 1, "ICMPv6": 58}
+PORT_PROTOCOLS = ("TCP", "UDP", "SCTP", "ANY")
 ENTITIES = ("world", "cluster", "host", "remote-node", "all", "health", "init", "unmanaged",
             "kube-apiserver")
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
@@ -48,7 +53,6 @@ _MATCH_PATTERN_CHARS = re.compile(r"^[-a-zA-Z0-9_.*]+$")  # allowedPatternChars
 _UNSUPPORTED = {
     "fromRequires": "fromRequires", "toRequires": "toRequires",
     "fromGroups": "cloud groups", "toGroups": "cloud groups",
-    "icmps": "ICMP rules",
     "authentication": "mutual authentication", "nodeSelector": "host policies",
     "rules": "L7 rules", "serverNames": "TLS SNI rules", "terminatingTLS": "TLS termination",
     "originatingTLS": "TLS origination", "listener": "Envoy listeners",
@@ -132,9 +136,9 @@ class EndpointSelector:
 
 @attrs.frozen
 class PortProtocol:
-    port: int  # 0: any port
+    port: int  # 0: any port; for ICMP and ICMPv6 the type (an ``icmps`` rule)
     end_port: int  # == port unless a range
-    protocol: str  # TCP, UDP, SCTP, ANY
+    protocol: str  # TCP, UDP, SCTP, ANY, ICMP, ICMPv6
 
 
 @attrs.frozen
@@ -537,7 +541,11 @@ class _Parser:
         if "toFQDNs" in item and (deny or not egress):
             self.fail(f"{path}.toFQDNs", "unknown field (Cilium has toFQDNs in egress rules"
                                          " only, not in ingress, ingressDeny or egressDeny)")
-        self.only(item, path, peers | {"toPorts"} | ({"toFQDNs"} if egress else set()))
+        self.only(item, path, peers | {"toPorts", "icmps"} | ({"toFQDNs"} if egress else set()))
+        if "icmps" in item and "toPorts" in item:
+            # Cilium's errUnsupportedICMPWithToPorts (pkg/policy/api/rule_validation.go)
+            self.fail(f"{path}.icmps", "the ICMPs block may only be present without ToPorts."
+                                       " Define a separate rule to use ToPorts")
         present = [m for m in (_EGRESS_MEMBERS if egress else _INGRESS_MEMBERS)
                    if isinstance(item.get(m), list) and item[m]]
         if len(present) > 1 and _EXCLUSIVE_MEMBERS.intersection(present):
@@ -586,6 +594,10 @@ class _Parser:
                 ports += entry_ports
                 if rules is not None:
                     dns.append(DNSPortRule(tuple(entry_ports), rules))
+        if "icmps" in item:
+            field = f"{path}.icmps"
+            ports += [p for i, entry in enumerate(self.listing(item["icmps"], field))
+                      for p in self.icmp_rule(entry, f"{field}[{i}]")]
         return PeerRule(endpoints, entities, cidrs, tuple(ports), services, fqdns,
                          tuple(dns), nodes)
 
@@ -752,9 +764,11 @@ class _Parser:
             if dns and end > port:
                 self.fail(f"{where}.endPort", "DNS rules do not support port ranges")
             protocol = entry.get("protocol", "ANY")
-            if protocol not in PROTOCOLS:
-                self.fail(f"{where}.protocol", f"must be one of {', '.join(PROTOCOLS)},"
-                                               f" not {protocol!r}")
+            if protocol not in PORT_PROTOCOLS:
+                hint = "; ICMP is matched by an icmps rule" if protocol in ("ICMP", "ICMPv6") \
+                    else ""
+                self.fail(f"{where}.protocol", f"must be one of {', '.join(PORT_PROTOCOLS)},"
+                                               f" not {protocol!r}{hint}")
             if dns and protocol not in _DNS_PROTOCOLS:
                 self.fail(f"{where}.protocol", f"DNS rules apply to {', '.join(_DNS_PROTOCOLS)}"
                                                f" (the DNS proxy's), not {protocol}")
@@ -770,6 +784,50 @@ class _Parser:
             return out, None  # rules: {} or dns: [] are no L7 rules (Cilium's IsEmpty)
         return out, tuple(self.fqdn_selector(d, f"{path}.rules.dns[{i}]", dns_rule=True)
                           for i, d in enumerate(dns))
+
+    def icmp_rule(self, value: Any, path: str) -> list[PortProtocol]:
+        """An ``icmps`` item: each field a port entry of ICMP/ICMPv6 whose port is the type, as
+        Cilium's ICMPField.PortProtocol (pkg/policy/api/icmp.go) makes it, with its errors."""
+        value = self.mapping(value, path)
+        self.only(value, path, {"fields"})
+        fields = self.listing(value.get("fields", []) or [], f"{path}.fields")
+        if not fields:
+            self.fail(f"{path}.fields", "needs at least one field")
+        if len(fields) > icmp.MAX_FIELDS:
+            self.fail(f"{path}.fields", f"too many types, the max is {icmp.MAX_FIELDS}")
+        out = []
+        for i, entry in enumerate(fields):
+            where = f"{path}.fields[{i}]"
+            entry = self.mapping(entry, where)
+            self.only(entry, where, {"family", "type"})
+            family = entry.get("family", icmp.IPV4)
+            if family == "":
+                family = icmp.IPV4  # Cilium reads an empty family as IPv4
+            if family not in icmp.FAMILIES:
+                self.fail(f"{where}.family", f"wrong family: {family}")
+            if "type" not in entry:
+                self.fail(f"{where}.type", "is required")
+            kind = entry["type"]
+            if isinstance(kind, str):
+                if kind not in icmp.TYPES[family]:
+                    self.fail(f"{where}.type", f"ICMP type {kind} not found in {family}")
+                number = icmp.TYPES[family][kind]
+            elif isinstance(kind, int) and not isinstance(kind, bool):
+                if not 0 <= kind <= 255:
+                    self.fail(f"{where}.type", f"{kind} is out of range 0..255")
+                number = kind
+            else:
+                self.fail(f"{where}.type", "must be a type number (0..255) or a type name")
+            if number == 0:
+                # Cilium keys the rule with the type as its port, and port 0 is every port:
+                # its rule for type 0 matches every ICMP type (cilium/cilium#41304)
+                named = f"type {kind} (0)" if isinstance(kind, str) else "type 0"
+                self.fail(f"{where}.type", f"{named} is refused: Cilium enforces a rule"
+                                           f" for type 0 as one for every {family} ICMP type"
+                                           " (cilium/cilium#41304); echo replies to an allowed"
+                                           " echo request pass as replies")
+            out.append(PortProtocol(number, number, icmp.PROTOCOL[family]))
+        return out
 
 
 def _member(field: str) -> str:

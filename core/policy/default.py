@@ -178,9 +178,11 @@ class DefaultResolver:
             raise PolicyError(f"no local endpoint {local}")
         peer = self._peer_identity("dst", dst_identity, dst_labels, dst_ip) if egress else \
             self._peer_identity("src", src_identity, src_labels, src_ip)
-        proto = PROTOCOLS.get(protocol.upper())
-        if proto is None:
+        names = {name.upper(): name for name in PROTOCOLS}
+        if protocol.upper() not in names:
             raise PolicyError(f"unknown protocol {protocol!r}")
+        protocol = names[protocol.upper()]  # ICMPv6 as Cilium spells it
+        proto = PROTOCOLS[protocol]
         result: Trace = trace(self.resolver, local, EGRESS if egress else INGRESS, peer, proto,
                               port)
         remote = {"identity": peer.id, "cluster": peer.cluster or "(reserved)",
@@ -190,7 +192,7 @@ class DefaultResolver:
         return {"source": endpoint if egress else remote,
                 "destination": remote if egress else endpoint,
                 "direction": EGRESS if egress else INGRESS,
-                "port": port, "protocol": protocol.upper(),
+                "port": port, "protocol": protocol,
                 "verdict": result.verdict.value, "reason": result.reason,
                 "enforced": result.enforced, "matched": list(result.matched),
                 "selecting_policies": list(result.selecting)}

@@ -507,11 +507,20 @@ def _order(key: MapKey) -> tuple[str, int, int, int, int]:
     return (key.direction, key.identity, key.protocol, key.port, key.end_port)
 
 
+#: The protocols with ports: a port entry of any protocol (``ANY``) is one of each of them, as
+#: in Cilium's policy map; an ICMP packet's port is its type, which only an ICMP entry names.
+PORTED = frozenset({PROTOCOLS["TCP"], PROTOCOLS["UDP"], PROTOCOLS["SCTP"]})
+
+
 def key_matches(key: MapKey, direction: str, identity: int, protocol: int, port: int) -> bool:
-    """Whether a map key covers this packet (the datapath's lookup, in Python)."""
-    return (key.direction == direction and key.identity in (0, identity)
-            and key.protocol in (0, protocol)
-            and (key.port == 0 or key.port <= port <= key.end_port))
+    """Whether a map key covers this packet (the datapath's lookup, in Python). ``port`` is
+    the ICMP type for ICMP and ICMPv6, 0 for a packet without one."""
+    if key.direction != direction or key.identity not in (0, identity):
+        return False
+    if key.port == 0:
+        return key.protocol in (0, protocol)
+    return (key.protocol == protocol or key.protocol == 0 and protocol in PORTED) \
+        and key.port <= port <= key.end_port
 
 
 DENIED_BY_RULE, DENIED_BY_DEFAULT, ALLOWED = "denied by a deny rule", "denied by default", \
@@ -564,9 +573,7 @@ def trace(resolver: Resolver, endpoint_id: int, direction: str, peer: Identity, 
             if c.direction != direction:
                 continue
             for p in c.ports:
-                if p.protocol not in ("ANY",) and PROTOCOLS[p.protocol] != protocol:
-                    continue
-                if p.port and not p.port <= port <= p.end_port:
+                if not _covers(p, protocol, port):
                     continue
                 what = "any peer" if peer_key is None else peer_key.describe()
                 ports = "any port" if not p.port else (
@@ -641,9 +648,9 @@ def _names(port: PortProtocol) -> str:
 
 
 def _covers(port: PortProtocol, protocol: int, number: int) -> bool:
-    if port.protocol != "ANY" and PROTOCOLS[port.protocol] != protocol:
-        return False
-    return not port.port or port.port <= number <= port.end_port
+    """Whether a rule's port entry covers a packet: :func:`key_matches` on the entry."""
+    key = MapKey("", 0, PROTOCOLS[port.protocol], port.port, port.end_port)
+    return key_matches(key, "", 0, protocol, number)
 
 
 #: What a peer allowed on a redirected port without DNS rules may ask
@@ -678,6 +685,8 @@ def dns_rules(resolver: Resolver, endpoint_id: int) -> tuple[DNSRule, ...]:
                 continue
             for (number, protocol), redirected in scope.items():
                 for port in c.ports:
+                    if port.protocol in ("ICMP", "ICMPv6"):
+                        continue  # its port is a type
                     if port.port and not port.port <= number <= port.end_port:
                         continue
                     if "ANY" not in (port.protocol, protocol) and port.protocol != protocol:
