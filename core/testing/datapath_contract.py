@@ -53,7 +53,7 @@ from meshagent.policy.contract import MapChange, MapKey, Verdict
 from meshagent.policy.resolver import EGRESS, INGRESS
 from meshagent.policy.resolver import judge as judge_verdicts
 from meshagent.testing import datapath_model as model
-from meshagent.testing.packets import ACK, CILIUM_WALK, ICMP, SCTP, TCP, UDP, Packet
+from meshagent.testing.packets import ACK, CILIUM_WALK, ICMP, SCTP, TCP, UDP, Packet, parse
 from meshagent.testing.policy_cases import CASES, EGRESS_CASES, IDS, cnp
 from meshagent.testing.scenarios import (
     CLIENT,
@@ -307,7 +307,7 @@ def resolver_self_check(scenario: Scenario) -> list[str]:
             p = probe.packet
             peer = p.src if probe.direction == INGRESS else p.dst
             identity = world.model.identity_of(peer)
-            port = p.dport if p.protocol in (6, 17, 132) else 0
+            port = parse(p.frame()).dport
             explained = world.explained(probe.endpoint, probe.direction, identity, p.protocol,
                                         port)
             decided = world.decision(probe.endpoint, probe.direction, identity, p.protocol,
@@ -339,7 +339,8 @@ def table_scenario(text: str, peer: str, port: int, proto: int, direction: str,
         (EndpointSpec(1, "10.9.0.1", namespace, IDS[endpoint].id),),
         (Phase(tuple(IdentitySpec(i.id, tuple(sorted(i.labels)), i.cluster)
                      for i in pods.values()), tuple(ipcache), documents,
-               (Probe(1, direction, Packet(src, dst, proto, 40000, port)),)),),
+               (Probe(1, direction, Packet(src, dst, proto, 40000, port,
+                                           icmp_type=port if proto == ICMP else None)),)),),
         default_local_cluster=not flat)
 
 

@@ -4,10 +4,12 @@ datapath is tested against (docs/datapath.md, "What every datapath enforces").
 It is the resolver's decision plus the packet-level rules around it, in this order: ARP
 passes, any other frame that is neither IPv4 nor IPv6 is dropped; a malformed IP packet is
 dropped; the link's own ICMPv6 control messages (neighbour discovery, MLD) pass as ARP does; a
-packet leaving a pod with a source that is not the pod's (of its family) is dropped;
-fragments follow RFC 1858 and take their first fragment's ports; a reply of an allowed
-connection passes; every other packet gets the resolver's verdict for (endpoint, direction,
-peer identity, protocol, destination port), the peer identity being the longest ipcache
+packet leaving a pod with a source that is not the pod's (of its family) is dropped; ICMPv4
+fragmentation-needed passes; fragments follow RFC 1858 and take their first fragment's ports;
+a reply of an allowed connection passes; every other packet gets the resolver's verdict for
+(endpoint, direction, peer identity, protocol, destination port — for ICMP and ICMPv6 the
+type, :func:`~meshagent.testing.packets.icmp_ports`; 0 when the packet does not show it),
+the peer identity being the longest ipcache
 prefix of the peer's family holding the peer's address (world of that family if none: 2 for
 IPv4, 10 for IPv6).
 An allowed packet makes its reverse a reply. As in Cilium, connection state only ever lets
@@ -287,6 +289,8 @@ class DatapathModel:
             return FORWARDED, ((),)
         if direction == EGRESS and not endpoint.owns(p.src):
             return dropped(SPOOFED)
+        if p.frag_needed:  # path MTU discovery always works (untracked, unreported)
+            return FORWARDED, ((),)
         sport, dport = p.sport, p.dport
         need = TRANSPORT_HEADER.get(p.protocol, 0)
         if p.fragment != FRAG_NONE and need:

@@ -28,6 +28,21 @@ MLD_TYPES = frozenset({130, 131, 132, 143})
 #: every byte up to and including TCP's flags, UDP's and SCTP's common header (RFC 1858).
 TRANSPORT_HEADER = {TCP: 20, UDP: 8, SCTP: 12}
 SYN, ACK = 0x02, 0x10
+#: ICMP echo request and reply per protocol: the one ICMP exchange tracked as a connection
+#: (Cilium's conntrack), so a reply passes as a reply
+ECHO_REQUEST, ECHO_REPLY = {ICMP: 8, ICMPV6: 128}, {ICMP: 0, ICMPV6: 129}
+DEST_UNREACH, FRAG_NEEDED = 3, 4  # ICMPv4 "fragmentation needed": it always passes
+
+
+def icmp_ports(protocol: int, icmp_type: int) -> tuple[int, int]:
+    """The (source, destination) "ports" an ICMP or ICMPv6 message is judged and tracked
+    under: the destination is its type, which policy matches as a port (Cilium's
+    bpf/lib/policy.h); the source is the type of its echo partner for an echo request or
+    reply, else 0. So an echo reply is the reverse of its request, and a message of another
+    type is no reply of anything."""
+    partner = {ECHO_REQUEST[protocol]: ECHO_REPLY[protocol],
+               ECHO_REPLY[protocol]: ECHO_REQUEST[protocol]}.get(icmp_type, 0)
+    return partner, icmp_type
 MORE_FRAGMENTS = 0x2000
 
 
@@ -51,6 +66,7 @@ class Packet:
     ext_headers: tuple[int, ...] = ()  # IPv6: extension headers before the transport
     hop_limit: int = 64  # IPv6
     icmp_type: int | None = None  # ICMP(v6): None is an echo request
+    icmp_code: int = 0
     truncate: int = 0  # IPv6: bytes cut off the end before the payload length is written
 
     @property
@@ -58,7 +74,13 @@ class Packet:
         return 6 if ":" in self.src else 4
 
     def reply(self) -> "Packet":
-        """The same flow, the other way."""
+        """The same flow, the other way: for ICMP and ICMPv6 an echo reply to an echo request
+        (with its identifier) and the other way round, a message of another type as it is."""
+        if self.protocol in (ICMP, ICMPV6):
+            request, reply = ECHO_REQUEST[self.protocol], ECHO_REPLY[self.protocol]
+            kind = request if self.icmp_type is None else self.icmp_type
+            kind = {request: reply, reply: request}.get(kind, kind)
+            return attrs.evolve(self, src=self.dst, dst=self.src, icmp_type=kind)
         return attrs.evolve(self, src=self.dst, dst=self.src, sport=self.dport,
                             dport=self.sport, tcp_flags=SYN | ACK if self.tcp_flags == SYN
                             else self.tcp_flags)
@@ -135,7 +157,7 @@ class Packet:
         if self.protocol in (ICMP, ICMPV6):
             echo = 8 if self.protocol == ICMP else 128
             kind = echo if self.icmp_type is None else self.icmp_type
-            return struct.pack("!BBHHH", kind, 0, 0, self.sport, 1)
+            return struct.pack("!BBHHH", kind, self.icmp_code, 0, self.sport, 1)
         return b""
 
 
@@ -168,8 +190,16 @@ class Parsed:
     frag_offset: int = 0
     transport_short: bool = False  # a first fragment without its whole transport header
     hop_limit: int = 0  # IPv6
-    icmp_type: int | None = None  # ICMPv6, when the packet holds it
+    icmp_type: int | None = None  # ICMP or ICMPv6, when the packet holds it
+    icmp_code: int | None = None  # likewise
     tcp_flags: int = 0  # TCP's flag bits, when the packet holds the TCP header
+
+    @property
+    def frag_needed(self) -> bool:
+        """ICMPv4 fragmentation needed (destination unreachable, code 4): it passes without
+        policy, as Cilium's ALLOW_ICMP_FRAG_NEEDED lets it (path MTU discovery)."""
+        return self.family == 4 and self.protocol == ICMP and \
+            self.icmp_type == DEST_UNREACH and self.icmp_code == FRAG_NEEDED
 
     def link_control(self, leaving: bool) -> bool:
         """An ICMPv6 message of the link itself: neighbour discovery with hop limit 255 or
@@ -226,6 +256,13 @@ def _with_ports(ip: bytes, offset: int, available: int, common: dict) -> Parsed:
     bytes: its ports when its protocol has them; a short header is malformed, or marked so
     in a first fragment."""
     need = TRANSPORT_HEADER.get(common["protocol"], 0)
+    if common["protocol"] in ECHO_REQUEST and available >= 1 and \
+            (common["protocol"] == ICMP) == (common.get("family", 4) == 4):
+        kind = ip[offset]
+        code = ip[offset + 1] if available >= 2 else None
+        sport, dport = icmp_ports(common["protocol"], kind)
+        return Parsed(PARSED, sport=sport, dport=dport, icmp_type=kind, icmp_code=code,
+                      **common)
     if not need:
         return Parsed(PARSED, **common)
     if available < need:
@@ -255,8 +292,6 @@ def _parse_ipv6(ip: bytes, walk: str) -> Parsed:
                   fragment=fragment, ip_id=ip_id, frag_offset=frag_offset, hop_limit=ip[7])
     if fragment == FRAG_LATER:
         return Parsed(PARSED, **common)
-    if following == ICMPV6 and offset + 1 <= end:
-        common["icmp_type"] = ip[offset]
     return _with_ports(ip, offset, end - offset, common)
 
 

@@ -10,7 +10,7 @@ and through the kernel. A case whose text starts with ``FLAT:`` runs with
 from meshagent.model.identity import Identity
 
 C1, C2 = 101 << 16, 102 << 16
-TCP, UDP, SCTP = 6, 17, 132
+TCP, UDP, SCTP, ICMP = 6, 17, 132, 1
 
 
 def L(app: str, ns: str = "default", cluster: str = "cluster1", **extra: str) -> frozenset:
@@ -286,6 +286,40 @@ CASES = [
     ("clusterwide deny beats a namespaced allow",
      cnp(DB_SEL + "ingress:\n- fromEntities: [all]\n") + "---\n"
      + ccnp(DB_SEL + "ingressDeny:\n- fromEntities: [world]\n"), "world", 1, TCP, "deny"),
+    # -- ICMP (the port is the type: pkg/policy/api/icmp.go, bpf/lib/policy.h) ---------------
+    ("icmps: an echo rule allows echo requests",
+     cnp(DB_SEL + "ingress:\n- icmps: [{fields: [{type: 8, family: IPv4}]}]\n"),
+     "stranger", 8, ICMP, "allow"),
+    ("icmps: an echo rule allows no other ICMP type",
+     cnp(DB_SEL + "ingress:\n- icmps: [{fields: [{type: 8}]}]\n"), "stranger", 13, ICMP,
+     "deny"),
+    ("icmps: an echo rule allows no TCP to port 8",
+     cnp(DB_SEL + "ingress:\n- icmps: [{fields: [{type: 8}]}]\n"), "stranger", 8, TCP,
+     "deny"),
+    ("icmps: a type by its name",
+     cnp(DB_SEL + "ingress:\n- icmps: [{fields: [{type: TimeExceeded}]}]\n"), "stranger",
+     11, ICMP, "allow"),
+    ("icmps: an ICMPv6 type is not an ICMPv4 one",
+     cnp(DB_SEL + "ingress:\n- icmps: [{fields: [{type: 128, family: IPv6}]}]\n"),
+     "stranger", 128, ICMP, "deny"),
+    ("icmps: with an L3 peer, the peer",
+     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {app: employee}}]\n"
+         "  icmps: [{fields: [{type: EchoRequest}]}]\n"), "employee", 8, ICMP, "allow"),
+    ("icmps: with an L3 peer, not another peer",
+     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {app: employee}}]\n"
+         "  icmps: [{fields: [{type: EchoRequest}]}]\n"), "stranger", 8, ICMP, "deny"),
+    ("icmps: a deny of one type beats an allow of everything",
+     cnp(DB_SEL + "ingress:\n- fromEntities: [all]\n"
+         "ingressDeny:\n- icmps: [{fields: [{type: 8}]}]\n"), "stranger", 8, ICMP, "deny"),
+    ("icmps: a deny of one type leaves the others",
+     cnp(DB_SEL + "ingress:\n- fromEntities: [all]\n"
+         "ingressDeny:\n- icmps: [{fields: [{type: 8}]}]\n"), "stranger", 11, ICMP, "allow"),
+    ("icmps: a port rule of any protocol does not cover ICMP types",
+     cnp(DB_SEL + "ingress:\n- toPorts: [{ports: [{port: '8'}]}]\n"), "stranger", 8, ICMP,
+     "deny"),
+    ("icmps: an L3-only rule covers every ICMP type",
+     cnp(DB_SEL + "ingress:\n- fromEndpoints: [{matchLabels: {app: employee}}]\n"),
+     "employee", 13, ICMP, "allow"),
     # -- clusterwide and namespaces ------------------------------------------------------------
     ("clusterwide empty endpointSelector selects every endpoint",
      ccnp("endpointSelector: {}\ningress:\n- {}\n"), "stranger", 1, TCP, "deny"),

@@ -237,6 +237,13 @@ ENTITIES = ("world", "cluster", "host", "remote-node", "all")
 PORTS = (1, 22, 53, 80, 443, 1023, 1024, 4095, 4096, 6379, 8080, 8191, 8192, 30000, 31000,
          32767, 32768, 65534, 65535)
 PROTOCOLS = ("TCP", "UDP", "SCTP", "ANY", None)
+#: ICMP types rules name and probes carry, per family: echo both ways, errors, others. No
+#: ICMPv6 type 0 (reserved): a datapath may track it with a later fragment's (typeless) tuple.
+ICMP_TYPES = {4: (8, 0, 3, 11, 13, 14, 5, 42), 6: (128, 129, 1, 2, 3, 4, 135, 160)}
+ICMP_NAMES = {4: ("EchoRequest", "Echo", "DestinationUnreachable", "TimeExceeded",
+                  "Timestamp"),
+              6: ("EchoRequest", "EchoReply", "PacketTooBig", "DestinationUnreachable",
+                  "NeighborSolicitation")}
 
 
 def labels_of(app: str, namespace: str, cluster: str, tier: str | None) -> tuple[str, ...]:
@@ -311,6 +318,24 @@ def port_rules(draw) -> list:
 
 
 @st.composite
+def icmp_rules(draw) -> list:
+    """An ``icmps`` item: one to three fields, by number or name, either family (type 0,
+    which Cilium would read as every type, is refused, so never drawn)."""
+    fields = []
+    for _ in range(draw(st.integers(1, 3))):
+        family = draw(st.sampled_from((4, 4, 6)))
+        kind = draw(st.one_of(st.sampled_from([t for t in ICMP_TYPES[family] if t]),
+                              st.sampled_from(ICMP_NAMES[family])))
+        field: dict = {"type": kind}
+        if family == 6:
+            field["family"] = "IPv6"
+        elif draw(st.booleans()):
+            field["family"] = "IPv4"
+        fields.append(field)
+    return [{"fields": fields}]
+
+
+@st.composite
 def peer_rules(draw, direction: str) -> dict:
     prefix = "from" if direction == INGRESS else "to"
     item: dict = {}
@@ -336,7 +361,10 @@ def peer_rules(draw, direction: str) -> dict:
     if kind.startswith("none") or draw(st.booleans()):
         if kind.startswith("none") and draw(st.integers(0, 4)) == 0:
             return item  # {}: selects nothing, but the direction is enforced
-        item["toPorts"] = draw(port_rules())
+        if draw(st.integers(0, 3)) == 0:
+            item["icmps"] = draw(icmp_rules())
+        else:
+            item["toPorts"] = draw(port_rules())
     return item
 
 
@@ -482,6 +510,12 @@ def make_probes(rng: random.Random, phase: Phase, endpoints: list[EndpointSpec],
         src, dst = (peer, mine) if direction == INGRESS else (mine, peer)
         packet = Packet(src, dst, protocol, rng.choice(ports + [rng.randrange(1024, 65536)]),
                         rng.choice(ports), ip_id=rng.randrange(65536), payload=rng.randrange(64))
+        if protocol in (ICMP, ICMPV6):  # a type of the rules or another; fragmentation needed
+            kind = rng.choice(ICMP_TYPES[family] + (rng.randrange(256),))
+            if family == 6 and kind == 0:
+                kind = 128
+            packet = attrs.evolve(packet, icmp_type=kind, icmp_code=rng.choice(
+                (0, 0, 4) if kind == 3 else (0,)))
         roll = rng.random()
         earlier = history + probes
         if roll < 0.12 and earlier:  # the reply of an earlier packet
