@@ -1,6 +1,7 @@
 /* The verdict for one packet at one endpoint's hook.
  *
- * Order: parse (malformed: drop) -> source check (leaving the pod) -> fragment rules ->
+ * Order: parse (malformed: drop) -> source check (leaving the pod) -> ICMPv4 fragmentation
+ * needed passes -> fragment rules ->
  * conntrack (one lookup; a reply passes, a known forward packet passes unless policy or the
  * ipcache changed since it was judged) -> service frontend (new connections leaving a pod) ->
  * policy (two LPM lookups) -> track it. IPv6 takes the same steps with its own ipcache and
@@ -77,8 +78,10 @@ static __always_inline void report(struct __sk_buff *skb, struct endpoint_info *
                                .match = j->match};
     __builtin_memcpy(event.saddr6, f->saddr6, 16);
     __builtin_memcpy(event.daddr6, f->daddr6, 16);
-    if (f->has_icmp)  /* ICMP has no ports: its type and code, as the observer reads them */
+    if (f->has_icmp) {  /* ICMP has no ports: its type and code, as the observer reads them */
         event.sport = ((u16)f->icmp_type << 8) | f->icmp_code;
+        event.dport = 0;
+    }
     event.src_identity = direction == DIR_INGRESS ? j->peer : ep->identity;
     event.dst_identity = direction == DIR_INGRESS ? ep->identity : j->peer;
     /* never waits: with the buffer full the event is lost, and userspace counts it */
@@ -113,6 +116,14 @@ static __always_inline int redirect_to_proxy(struct __sk_buff *skb, struct endpo
     skb->cb[0] = REASON_REDIRECTED;
     account(REASON_REDIRECTED, skb->len);
     return TC_ACT_OK;
+}
+
+/* ICMPv4 fragmentation needed (destination unreachable, code 4): it passes without policy or
+ * tracking, so path MTU discovery always works (Cilium's ALLOW_ICMP_FRAG_NEEDED). */
+static __always_inline int frag_needed(struct flow *f)
+{
+    return f->family == 4 && f->protocol == IPPROTO_ICMP && f->has_icmp &&
+           f->icmp_type == 3 && f->icmp_code == 4;
 }
 
 /* The peer: the source entering the pod, the destination leaving it. */
@@ -285,6 +296,8 @@ static __always_inline int enforce(struct __sk_buff *skb, u8 direction)
     int v6 = p.f.family == 6;
     if (direction == DIR_EGRESS && (v6 ? !own_ipv6(ep, &p.f) : p.f.saddr != ep->ipv4))
         return drop(skb, ep, direction, &p.f, REASON_SPOOFED, &j, now);
+    if (frag_needed(&p.f))
+        return pass(skb);
     reason = fragment_check(&p);
     if (reason != REASON_FORWARDED)
         return drop(skb, ep, direction, &p.f, reason, &j, now);

@@ -60,6 +60,18 @@ static __always_inline int linear(struct __sk_buff *skb, u32 len)
     return bpf_skb_pull_data(skb, len) == 0;
 }
 
+/* An ICMP or ICMPv6 message whose type the packet shows (``f->icmp_type``): its "ports", what
+ * policy and conntrack see. The destination port is the type, which policy looks up as the
+ * port (Cilium's bpf/lib/policy.h); the source port is the echo partner's type for an echo
+ * request or reply (``request``, ``reply``: the family's), else 0, so that an echo reply is
+ * the reverse of its request and a message of another type the reply of nothing. */
+static __always_inline void icmp_ports(struct flow *f, u8 request, u8 reply)
+{
+    f->has_icmp = 1;
+    f->dport = f->icmp_type;
+    f->sport = f->icmp_type == request ? reply : f->icmp_type == reply ? request : 0;
+}
+
 /* REASON_FORWARDED when ``p`` is filled from an IPv4 packet, or REASON_MALFORMED. */
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *p)
 {
@@ -91,10 +103,12 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *p)
         p->frag = FRAG_FIRST;
     if (p->frag == FRAG_LATER)
         return REASON_FORWARDED;  /* no transport header here: ports come from ipfrag */
-    if (f->protocol == IPPROTO_ICMP && tot_len - hlen >= 2 &&
-        bpf_skb_load_bytes(skb, ETH_HLEN + hlen, &f->icmp_type, 1) == 0 &&
-        bpf_skb_load_bytes(skb, ETH_HLEN + hlen + 1, &f->icmp_code, 1) == 0)
-        f->has_icmp = 1;  /* type and code, for flow events */
+    if (f->protocol == IPPROTO_ICMP && tot_len - hlen >= 1 &&
+        bpf_skb_load_bytes(skb, ETH_HLEN + hlen, &f->icmp_type, 1) == 0) {
+        if (tot_len - hlen >= 2)
+            bpf_skb_load_bytes(skb, ETH_HLEN + hlen + 1, &f->icmp_code, 1);
+        icmp_ports(f, 8, 0);
+    }
     u32 need = l4_min_len(f->protocol);
     if (!need)
         return REASON_FORWARDED;
@@ -175,9 +189,9 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct packet *p)
         return REASON_FORWARDED;  /* no transport header here: ports come from ipfrag6 */
     if (next == NEXTHDR_ICMPV6 && off + 1 <= end &&
         bpf_skb_load_bytes(skb, off, &f->icmp_type, 1) == 0) {
-        f->has_icmp = 1;
         if (off + 2 <= end)
             bpf_skb_load_bytes(skb, off + 1, &f->icmp_code, 1);
+        icmp_ports(f, 128, 129);
     }
     u32 need = l4_min_len(next);
     if (!need)

@@ -258,7 +258,7 @@ class DatapathModel:
         outcome, events = self._judge(endpoint_id, direction, frame)
         p = parse(frame, self.walk)
         if not local_delivery or direction != EGRESS or outcome != FORWARDED or \
-                p.outcome != PARSED or p.family != 4:
+                p.outcome != PARSED or p.family != 4 or p.frag_needed:
             return Prediction(outcome, False, events)
         target = next((e for e in self.endpoints.values() if e.ip == p.dst), None)
         if target is None or not target.local_delivery:
