@@ -37,6 +37,7 @@ from meshagent.plugins.nftables import netlink
 from meshagent.plugins.nftables.intervals import (
     DENY,
     PORT_PROTOCOLS,
+    TYPED_PROTOCOLS,
     flatten_prefixes,
     policy_segments,
 )
@@ -197,6 +198,7 @@ class NftablesDatapath:
         self._run(self.rules.table_text())
         for first in range(0, 65536, 8192):
             self._run(self.rules.conversion_elements(first, first + 8191))
+        self._run(self.rules.icmp_elements())
         for chain, rule in self.rules.shared_rules():
             if isinstance(rule, str):
                 self._run(f"add rule {self.rules.ref} {chain} {rule}")
@@ -391,7 +393,7 @@ class NftablesDatapath:
                 allow, specific = verdict != DENY, bool(identity)
                 target = verdict_target(allow, specific, prefix, True, family, e, d)
                 target_np = verdict_target(allow, specific, prefix, False, family, e, d)
-                for protocol in PORT_PROTOCOLS:
+                for protocol in TYPED_PROTOCOLS:  # ICMP's port: its type
                     if first <= protocol <= last:
                         to_ported.add((peer, protocol, (low, high), target))
                 if low == 0:

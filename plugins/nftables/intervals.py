@@ -18,6 +18,9 @@ from collections.abc import Iterable
 ANY_PROTOCOL = 0
 #: A key with ports but protocol ANY covers the protocols that carry ports (as Cilium).
 PORT_PROTOCOLS = (6, 17, 132)
+#: The protocols looked up with a port in the ported maps: those with ports, and ICMP and
+#: ICMPv6, whose port is the type (a packet that shows no type is looked up without one)
+TYPED_PROTOCOLS = PORT_PROTOCOLS + (1, 58)
 ALLOW, DENY = "allow", "deny"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -44,7 +44,7 @@ import attrs
 from meshagent.plugin import match_of, world_identity
 
 FAMILY = "netdev"
-LAYOUT = "layout_4"  # an empty chain naming the table's layout: another layout is replaced
+LAYOUT = "layout_5"  # an empty chain naming the table's layout: another layout is replaced
 REASONS = ("forwarded", "policy_deny", "policy_default", "spoofed", "frag_tiny",
            "frag_unknown", "malformed", "unsupported_l3")
 DIRS = {"ingress": "in", "egress": "out"}  # the pod's policy direction
@@ -70,6 +70,16 @@ FRAG_KEY = "ip saddr . ip daddr . ip id . meta l4proto"
 # fields and loads both addresses as one 32-byte raw payload (saddr . daddr).
 FRAG_KEY6 = "meta l4proto . frag id . @nh,64,256"
 PORTED = "{ tcp, udp, sctp }"
+#: ICMP per family: its protocol, its type expression, and the type every ICMP map is keyed by.
+#: A message whose type the packet shows is judged and tracked as a ported one, its "ports"
+#: those of meshagent.testing.packets.icmp_ports (the destination its type, the source its
+#: echo partner's type or 0), converted by the constant maps ``i<family><what>`` (``s``: the
+#: partner as mark, ``sc`` as classid; ``c``: the type as classid, ``m`` as mark); one without
+#: a type (a later fragment, an empty header) is judged as a protocol without ports.
+ICMP_FAMILIES = {4: ("icmp", "icmp type", "icmp_type", (8, 0)),
+                 6: ("ipv6-icmp", "icmpv6 type", "icmpv6_type", (128, 129))}
+ICMP_MAPS = (("s", "mark"), ("sc", "classid"), ("c", "classid"), ("m", "mark"))
+TYPED = "@th,0,8 & 0 == 0"  # the transport header shows (at least) its first byte
 #: Per ported protocol, what an established packet must show to pass at the top of its base
 #: chain: its transport header whole (the last byte of it read), and for TCP no SYN, FIN or
 #: RST (those are reported the first time a direction shows them: such a packet takes the
@@ -83,6 +93,8 @@ RECORDS = (("sport", "mark", "fsm"), ("dport", "mark", "fdm"),  # port, where to
            ("sport", "priority", "fsc"), ("dport", "priority", "fdc"))
 LOOKUPS = {"fragports": (("mark", "fsm"), ("priority", "fdc")),  # as the policy steps want
            "fragreply": (("mark", "fdm"), ("priority", "fsc"))}  # the other way round
+#: ICMPv4 fragmentation needed: it passes without policy (Cilium's ALLOW_ICMP_FRAG_NEEDED)
+FRAG_NEEDED = "icmp type destination-unreachable icmp code frag-needed"
 UNFRAGMENTED = ("exthdr frag missing", "frag frag-off 0 frag more-fragments 0")
 LINK_CONTROL = ("icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit,"
                 " nd-neighbor-advert, nd-redirect } ip6 hoplimit 255",
@@ -136,6 +148,9 @@ class Ruleset:
             f" flags dynamic, timeout; timeout {FRAG_TIMEOUT}; }}"
             for sfx, key in (("", FRAG_KEY), ("6", FRAG_KEY6)) for name in FRAGMENT_MAPS)
         chains = "\n".join(f"  chain {c}{sfx} {{ }}" for c in SHARED_CHAINS for sfx in ("", "6"))
+        icmp = "\n".join(f"  map i{family}{what} {{ type {key} : {data}; }}"
+                         for family, (_, _, key, _) in ICMP_FAMILIES.items()
+                         for what, data in ICMP_MAPS)
         return f"""table {self.ref} {{
   comment "meshagent datapath (do not edit: the agent owns this table)"
   chain {self.layout} {{ }}
@@ -145,6 +160,7 @@ class Ruleset:
   map ipcache6 {{ type ipv6_addr : mark; flags interval; }}
   map p2m {{ typeof th dport : meta mark; size 65536; }}
   map p2c {{ typeof th dport : meta priority; size 65536; }}
+{icmp}
 {frag}
 {chains}
 }}"""
@@ -155,6 +171,19 @@ class Ruleset:
         classids = ", ".join(f"{p} : 0:{p:x}" for p in range(first, last + 1))
         return f"add element {self.ref} p2m {{ {marks} }}\n" \
                f"add element {self.ref} p2c {{ {classids} }}"
+
+    def icmp_elements(self) -> str:
+        """Every ICMP and ICMPv6 type into the ICMP conversion maps (:data:`ICMP_FAMILIES`)."""
+        out = []
+        for family, (_, _, _, (request, reply)) in ICMP_FAMILIES.items():
+            partner = {request: reply, reply: request}
+            for what, data in ICMP_MAPS:
+                def value(kind: int) -> int:
+                    return partner.get(kind, 0) if what in ("s", "sc") else kind
+                items = ", ".join(f"{t} : {value(t)}" if data == "mark" else
+                                  f"{t} : 0:{value(t):x}" for t in range(256))
+                out.append(f"add element {self.ref} i{family}{what} {{ {items} }}")
+        return "\n".join(out)
 
     def shared_rules(self) -> list[tuple[str, str | list[bytes]]]:
         """The shared chains' rules, in order, each ``(chain, rule)``: nft text, or netlink
@@ -278,13 +307,17 @@ class EndpointRules:
                 + [f"    meta mark {p + 1} goto ok_{MATCH_NAMES[match_of(True, p)]}_{e}_{d}"
                    for p in PORTLESS_PREFIXES]
                 + [f"    goto ok_{MATCH_NAMES[match_of(True, 24)]}_{e}_{d}"]))
-        self._chain(f"okd_{e}_{d}", f"""    meta protocol ip meta l4proto {PORTED} goto first4_{e}_{d}
+        self._chain(f"okd_{e}_{d}", f"""    meta protocol ip meta l4proto icmp goto okicmp4_{e}_{d}
+    meta protocol ip6 meta l4proto ipv6-icmp goto okicmp6_{e}_{d}
+    meta protocol ip meta l4proto {PORTED} goto first4_{e}_{d}
     meta protocol ip goto firstnp4_{e}_{d}
     meta l4proto {PORTED} goto first6_{e}_{d}
     goto firstnp6_{e}_{d}""")
 
     def _family(self, direction: str, d: str, family: int) -> None:
         sfx, ip, later, first, more, units, ipcache, world, fragment = FAMILIES[family]
+        proto, icmp_type, _, _ = ICMP_FAMILIES[family]
+        i = f"i{family}"
         rs, e, timeout = self.ruleset, self.e, f"{self.ruleset.flow_timeout}s"
         back = "out" if d == "in" else "in"
         peer = "saddr" if direction == "ingress" else "daddr"
@@ -336,7 +369,12 @@ class EndpointRules:
     jump fragreply{sfx}
     meta mark != {SENTINEL_MARK} meta priority != {SENTINEL_PRIORITY} update @rep{family}_{e}_{back} {{ {reply} }}
     counter name r_forwarded accept""")
-        self._chain(f"allowed{fed}", f"""    {later} goto allowedlater{fed}
+        self._chain(f"allowedicmp{fed}", f"""    meta mark set {icmp_type} map @{i}m
+    meta priority set {icmp_type} map @{i}sc
+    update @rep{family}_{e}_{back} {{ {reply} }}
+    counter name r_forwarded accept""")
+        self._chain(f"allowed{fed}", f"""    meta l4proto {proto} goto allowedicmp{fed}
+    {later} goto allowedlater{fed}
     meta mark set th dport map @p2m
     meta priority set th sport map @p2c
     update @rep{family}_{e}_{back} {{ {reply} }}
@@ -345,7 +383,8 @@ class EndpointRules:
     counter name r_forwarded accept""")
         # first judged packet of a connection and direction (allowed or audited): tracked
         record = f"    jump trec{fed}" if rs.flows else ""
-        self._chain(f"fwdports{fed}", f"""    {later} goto fragports{sfx}
+        self._chain(f"fwdports{fed}", f"""    meta l4proto {proto} meta mark set {icmp_type} map @{i}s return
+    {later} goto fragports{sfx}
     meta mark set th sport map @p2m""")
         self._chain(f"first{fed}", f"""    jump fwdports{fed}
     add @fsn{fed} {{ {tuple_} }}
@@ -432,7 +471,18 @@ class EndpointRules:
     jump fragports{sfx}
     meta mark != {SENTINEL_MARK} meta priority != {SENTINEL_PRIORITY} goto judge{fed}
     goto drop_frag_unknown{drop}""")
-        self._chain(f"l4{fed}", f"""    meta l4proto != {PORTED} goto judgenp{fed}
+        self._chain(f"icmp{fed}", f"""    meta mark set {icmp_type} map @{i}s
+    meta priority set {icmp_type} map @{i}c
+    goto judge{fed}""")
+        # the kernel reads a later fragment's payload as its transport header: ask first
+        self._chain(f"icmpcheck{fed}", f"""    {later} goto judgenp{fed}
+    {TYPED} goto icmp{fed}
+    goto judgenp{fed}""")
+        self._chain(f"okicmp{fed}", f"""    {later} goto firstnp{fed}
+    {TYPED} goto first{fed}
+    goto firstnp{fed}""")
+        self._chain(f"l4{fed}", f"""    meta l4proto {proto} goto icmpcheck{fed}
+    meta l4proto != {PORTED} goto judgenp{fed}
     {later} goto later{fed}
     meta l4proto tcp @th,152,8 & 0 == 0 goto ported{fed}
     meta l4proto udp @th,56,8 & 0 == 0 goto ported{fed}
@@ -496,6 +546,7 @@ class EndpointRules:
             self._chain(f"spoof6_{e}", f"    {_spoof6(e, ipv6)}")
         self._chain(f"v4{ed}", f"""    jump whole4{ed}
     {f"jump spoof4_{e}" if leaving else ""}
+    ip frag-off & 0x1fff == 0 {FRAG_NEEDED} counter name r_forwarded accept
     goto l44{ed}""")
         self._chain(f"fragcut6{ed}", f"""    frag id 0-4294967295 return
     goto drop_malformed{ed}""")
