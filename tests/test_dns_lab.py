@@ -1,14 +1,22 @@
 """The lab's DNS server and outside hosts (``lab up --dns``), then issue 33's "Done when" for
 DNS-aware egress end to end: real agents, real namespaces, dnsmasq, redis on the outside hosts.
 
-One lab per datapath for the module; the tests run in order.
+One lab per datapath for the module; the tests run in order. Pods on cluster1-node1: ``strict``
+may ask only for allowed.example.com, ``lenient`` for any name; both may reach allowed.example.com
+(and ``lenient`` short.example.com, whose answers live two seconds) by name, on redis's port.
+``client`` has no policy. The issue's other lab checks use the same outside hosts: ``pinger``
+may only ping them (``icmps``), ``svc-client`` may reach the backends of a Service
+(``toServices``) as they change.
 """
 
 import ipaddress
 import subprocess
+import sys
+import time
 
 import pytest
-from conftest import lab_up
+from conftest import lab_up, run_cli
+from test_services import service_yaml
 
 from meshagent_dev.lab import DNS_SERVER, NETNS_ETC, OUTSIDE_NET, Lab, OutsideHost
 from meshagent_dev.netlab import can_run
@@ -16,16 +24,65 @@ from meshagent_dev.netlab import can_run
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not can_run(), reason="needs root, ip netns and BPF")]
 
-ALLOWED, OTHER = "allowed.example.com", "other.example.com"
+ALLOWED, OTHER, SHORT = "allowed.example.com", "other.example.com", "short.example.com"
+SHORT_TTL = 2
+NODE = "cluster1-node1"
+# the DNS proxy collects expired addresses every second here (Cilium: every minute), and uses
+# the servers' TTLs as they are (Cilium's default)
+AGENT_ARGS = ("--tofqdns-min-ttl=0", "--tofqdns-gc-interval=1")
+
+
+def cnp(name: str, app: str, dns: str, fqdns: str) -> str:
+    """A policy for pods ``app``: DNS (port 53, UDP and TCP, any server) for the ``dns`` rules,
+    redis (6379/TCP) to the ``fqdns`` selectors; nothing else out."""
+    return f"""apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: {name}, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: {app}}}}}
+  egress:
+  - toPorts:
+    - ports: [{{port: "53", protocol: ANY}}]
+      rules:
+        dns: [{dns}]
+  - toFQDNs: [{fqdns}]
+    toPorts:
+    - ports: [{{port: "6379", protocol: TCP}}]
+"""
+
+
+STRICT = cnp("fqdn-strict", "strict", f"{{matchName: {ALLOWED}}}", f"{{matchName: {ALLOWED}}}")
+LENIENT = cnp("fqdn-lenient", "lenient", '{matchPattern: "*"}',
+              f"{{matchName: {ALLOWED}}}, {{matchPattern: 'short.*.com'}}")
+
+# one connection to redis at argv[1], by name: PING when it opens and again once argv[2] exists
+HELD_CONNECTION = r'''
+import os, socket, sys, time
+conn = socket.create_connection((sys.argv[1], 6379), timeout=3)
+def ping():
+    try:
+        conn.sendall(b"PING\r\n")
+        return conn.recv(100).decode().strip()
+    except OSError as error:
+        return type(error).__name__
+print(ping(), flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.05)
+print(ping(), flush=True)
+'''
 
 
 @pytest.fixture(scope="module", params=["ebpf", "nftables"])
 def lab(request, tmp_path_factory):
-    outside = [OutsideHost(ALLOWED), OutsideHost(OTHER)]
+    outside = [OutsideHost(ALLOWED), OutsideHost(OTHER), OutsideHost(SHORT, SHORT_TTL)]
     with lab_up(tmp_path_factory, f"dns-{request.param}", nodes=1, datapath=request.param,
-                outside=outside) as lab:
-        lab.pod_create("client", "cluster1-node1", "default", "app=client")
+                outside=outside, agent_args=AGENT_ARGS) as lab:
+        lab.pod_create("client", NODE, "default", "app=client")
         lab.pod_create("client-c2", "cluster2-node1", "default", "app=client")
+        lab.pod_create("strict", NODE, "default", "app=strict")
+        lab.pod_create("lenient", NODE, "default", "app=lenient")
+        lab.pod_create("pinger", NODE, "default", "app=pinger")
+        lab.pod_create("svc-client", NODE, "default", "app=svc-client")
         yield lab
 
 
@@ -76,3 +133,158 @@ def test_lab_answers_carry_the_configured_ttl(lab):
                        text=True, timeout=10)
     name, ttl, *_ = out.stdout.split()
     assert (name, int(ttl)) == (f"{ALLOWED}.", lab.state["dns"]["hosts"][ALLOWED]["ttl"])
+
+
+# -- issue 33, "Done when" ------------------------------------------------------------------------
+
+
+def ip_of(lab: Lab, name: str) -> str:
+    return lab.state["dns"]["hosts"][name]["ip"]
+
+
+def socket_of(lab: Lab) -> str:
+    return lab.state["nodes"][NODE]["socket"]
+
+
+def dnsmasq_queries(lab: Lab, name: str) -> int:
+    """How many questions for ``name`` reached the DNS server."""
+    log = (lab.dir / "logs" / "dnsmasq.log").read_text()
+    return sum(f"] {name} from " in line for line in log.splitlines())
+
+
+def fqdn_cache(lab: Lab) -> str:
+    result = run_cli("fqdn", "cache", "list", "--socket-path", socket_of(lab))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_fqdn_policy_allows_the_looked_up_name_and_nothing_else(lab, tmp_path):
+    for name, text in (("strict", STRICT), ("lenient", LENIENT)):
+        (tmp_path / f"{name}.yaml").write_text(text)
+        result = run_cli("policy", "import", str(tmp_path / f"{name}.yaml"), "--wait",
+                         "--socket-path", socket_of(lab))
+        assert result.returncode == 0, result.stderr
+    # no lookup through the proxy yet: the allowed host's address is not reachable
+    for pod in ("strict", "lenient"):
+        assert redis(lab, pod, ip_of(lab, ALLOWED)) == "timeout"
+    asked = dnsmasq_queries(lab, OTHER)
+    # strict: the allowed name resolves and answers; the other is REFUSED by the proxy, which
+    # never asks the server
+    assert dig(lab, "strict", ALLOWED) == ("NOERROR", [ip_of(lab, ALLOWED)])
+    assert redis(lab, "strict", ALLOWED) == "PONG"
+    assert redis(lab, "strict", ip_of(lab, ALLOWED)) == "PONG"  # looked up now
+    assert dig(lab, "strict", OTHER) == ("REFUSED", [])
+    assert redis(lab, "strict", OTHER) not in ("PONG", "timeout")  # no address to try
+    assert redis(lab, "strict", ip_of(lab, OTHER)) == "timeout"
+    assert dnsmasq_queries(lab, OTHER) == asked
+    # lenient: the other name resolves, but its connection is dropped
+    assert dig(lab, "lenient", OTHER) == ("NOERROR", [ip_of(lab, OTHER)])
+    assert dnsmasq_queries(lab, OTHER) == asked + 1
+    assert redis(lab, "lenient", OTHER) == "timeout"
+    assert redis(lab, "lenient", ALLOWED) == "PONG"
+    # a pod without policy is not redirected, and reaches everything
+    assert redis(lab, "client", OTHER) == "PONG"
+    assert f"{ALLOWED}." in fqdn_cache(lab)
+
+
+def test_after_an_agent_restart_the_allowed_name_keeps_working(lab):
+    lab.stop_agent(NODE)
+    lab.start_agent(NODE)
+    lab.wait_ready()
+    # the name cache came back with the agent: its address is reachable without a new lookup
+    assert f"{ALLOWED}." in fqdn_cache(lab)
+    assert redis(lab, "strict", ip_of(lab, ALLOWED)) == "PONG"
+    assert redis(lab, "strict", ALLOWED) == "PONG"
+    assert dig(lab, "strict", OTHER) == ("REFUSED", [])
+    assert redis(lab, "strict", ip_of(lab, OTHER)) == "timeout"
+    assert redis(lab, "lenient", OTHER) == "timeout"
+
+
+def test_an_expired_address_is_dropped_until_the_next_lookup(lab):
+    assert dig(lab, "lenient", SHORT) == ("NOERROR", [ip_of(lab, SHORT)])
+    assert f"{SHORT}." in fqdn_cache(lab)
+    time.sleep(SHORT_TTL + 3)  # past the TTL, and a collection or two
+    assert redis(lab, "lenient", ip_of(lab, SHORT)) == "timeout"
+    assert redis(lab, "lenient", SHORT) == "PONG"  # looked up again
+
+
+def test_an_open_connection_outlives_its_address_ttl(lab, tmp_path):
+    go = tmp_path / "go"
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.state["pods"]["lenient"]["ns"],
+                             sys.executable, "-c", HELD_CONNECTION, SHORT, str(go)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "+PONG"
+        time.sleep(SHORT_TTL + 3)
+        go.touch()
+        assert proc.stdout.readline().strip() == "+PONG"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+ICMP_ECHO = f"""apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: echo-only, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: pinger}}}}
+  egress:
+  - toCIDR: [{OUTSIDE_NET}]
+    icmps:
+    - fields:
+      - {{type: EchoRequest, family: IPv4}}
+"""
+
+TO_SERVICES = """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: to-outside-db, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: svc-client}}
+  egress:
+  - toServices:
+    - k8sService: {serviceName: outside-db, namespace: default}
+"""
+
+
+def import_policy(lab: Lab, tmp_path, name: str, text: str) -> None:
+    (tmp_path / f"{name}.yaml").write_text(text)
+    result = run_cli("policy", "import", str(tmp_path / f"{name}.yaml"), "--wait",
+                     "--socket-path", socket_of(lab))
+    assert result.returncode == 0, result.stderr
+
+
+def ping(lab: Lab, pod: str, address: str) -> bool:
+    out = lab.pod_exec(pod, ["ping", "-c", "1", "-W", "1", address], capture_output=True,
+                       timeout=5)
+    return out.returncode == 0
+
+
+def test_an_icmp_echo_rule_allows_ping_and_nothing_else(lab, tmp_path):
+    allowed, other = ip_of(lab, ALLOWED), ip_of(lab, OTHER)
+    assert ping(lab, "pinger", allowed) and redis(lab, "pinger", allowed) == "PONG"
+    import_policy(lab, tmp_path, "echo", ICMP_ECHO)
+    assert ping(lab, "pinger", allowed) and ping(lab, "pinger", other)
+    assert redis(lab, "pinger", allowed) == "timeout"
+    assert dig(lab, "pinger", ALLOWED) == ("timeout", [])  # DNS is UDP: dropped as well
+    assert ping(lab, "client", allowed)  # the policy's pod only
+
+
+def test_a_to_services_rule_follows_the_service_backends(lab, tmp_path):
+    allowed, other = ip_of(lab, ALLOWED), ip_of(lab, OTHER)
+
+    def apply(backend: str) -> None:
+        path = tmp_path / "service.yaml"
+        path.write_text(service_yaml("10.96.0.20", [backend], name="outside-db",
+                                     annotations={}))
+        result = run_cli("service", "apply", str(path), "--socket-path", socket_of(lab))
+        assert result.returncode == 0, result.stderr
+
+    apply(allowed)
+    import_policy(lab, tmp_path, "to-services", TO_SERVICES)
+    assert redis(lab, "svc-client", allowed) == "PONG"
+    assert redis(lab, "svc-client", other) == "timeout"
+    apply(other)  # the backend moves: the rule follows it
+    deadline = time.monotonic() + 10
+    while redis(lab, "svc-client", other) != "PONG":
+        assert time.monotonic() < deadline, "the new backend never allowed"
+    assert redis(lab, "svc-client", allowed) == "timeout"

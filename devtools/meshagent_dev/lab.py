@@ -233,7 +233,7 @@ class Lab:
                     continue
                 for i in range(1, nodes + 1):
                     self._start_node(cluster, cluster_id, i)
-            self._wait_ready()
+            self.wait_ready()
             self.state["ready"] = True
             self.save()
         except BaseException:
@@ -489,7 +489,8 @@ class Lab:
         if pid:
             _kill(pid, signal.SIGTERM, wait=10)
 
-    def _wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until every agent is ready and sees its remote cluster."""
         from meshagent.client import AgentClient
         deadline = time.monotonic() + timeout
         for name, node in self.state["nodes"].items():
