@@ -502,6 +502,11 @@ class Lab:
                         break
                 except MeshagentError:
                     pass
+                pid = self.state.get("pids", {}).get(f"agent-{name}")
+                if pid is None or _exited(pid):  # e.g. an option it does not know
+                    log = self.dir / "logs" / f"agent-{name}.log"
+                    tail = log.read_text().strip().splitlines()[-3:] if log.exists() else []
+                    raise LabError(f"agent {name} exited: " + " / ".join(tail))
                 if time.monotonic() > deadline:
                     raise LabError(f"agent {name} not ready within {timeout:.0f}s (see"
                                    f" {self.dir / 'logs' / f'agent-{name}.log'})")
@@ -626,6 +631,15 @@ def _alive(pid: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` is gone; reaps it if it is our child (a zombie still answers kill 0)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == pid
+    except ChildProcessError:
+        return not _alive(pid)
 
 
 def _kill(pid: int, sig: int, wait: float) -> None:
