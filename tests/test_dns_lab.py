@@ -16,9 +16,8 @@ import time
 
 import pytest
 from conftest import lab_up, run_cli
-from test_services import service_yaml
 
-from meshagent_dev.lab import DNS_SERVER, NETNS_ETC, OUTSIDE_NET, Lab, OutsideHost
+from meshagent_dev.lab import DNS_SERVER, NETNS_ETC, OUTSIDE_NET, REDIS_SERVER, Lab, OutsideHost
 from meshagent_dev.netlab import can_run
 
 pytestmark = [pytest.mark.privileged,
@@ -237,12 +236,12 @@ spec:
 
 TO_SERVICES = """apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
-metadata: {name: to-outside-db, namespace: default}
+metadata: {name: to-db, namespace: default}
 spec:
   endpointSelector: {matchLabels: {app: svc-client}}
   egress:
   - toServices:
-    - k8sService: {serviceName: outside-db, namespace: default}
+    - k8sService: {serviceName: db, namespace: default}
 """
 
 
@@ -270,21 +269,36 @@ def test_an_icmp_echo_rule_allows_ping_and_nothing_else(lab, tmp_path):
 
 
 def test_a_to_services_rule_follows_the_service_backends(lab, tmp_path):
-    allowed, other = ip_of(lab, ALLOWED), ip_of(lab, OTHER)
+    for pod in ("db-a", "db-b"):
+        lab.pod_create(pod, NODE, "default", f"app={pod}")
+        lab.pod_spawn(pod, f"redis-{pod}", list(REDIS_SERVER))
+    a, b = (lab.state["pods"][pod]["ip"] for pod in ("db-a", "db-b"))
+    time.sleep(0.5)  # redis listening
 
     def apply(backend: str) -> None:
+        """Service default/db, whose pod selector picks ``backend`` (and its Endpoints)."""
         path = tmp_path / "service.yaml"
-        path.write_text(service_yaml("10.96.0.20", [backend], name="outside-db",
-                                     annotations={}))
+        ip = lab.state["pods"][backend]["ip"]
+        path.write_text(f"""apiVersion: v1
+kind: Service
+metadata: {{name: db, namespace: default}}
+spec: {{clusterIP: 10.96.0.20, ports: [{{port: 6379}}], selector: {{app: {backend}}}}}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {{name: db, namespace: default}}
+subsets: [{{addresses: [{{ip: {ip}}}], ports: [{{port: 6379}}]}}]
+""")
         result = run_cli("service", "apply", str(path), "--socket-path", socket_of(lab))
         assert result.returncode == 0, result.stderr
 
-    apply(allowed)
+    apply("db-a")
     import_policy(lab, tmp_path, "to-services", TO_SERVICES)
-    assert redis(lab, "svc-client", allowed) == "PONG"
-    assert redis(lab, "svc-client", other) == "timeout"
-    apply(other)  # the backend moves: the rule follows it
+    assert redis(lab, "svc-client", a) == "PONG"
+    assert redis(lab, "svc-client", b) == "timeout"
+    assert redis(lab, "svc-client", ip_of(lab, ALLOWED)) == "timeout"
+    apply("db-b")  # the service's backends change: the rule follows them
     deadline = time.monotonic() + 10
-    while redis(lab, "svc-client", other) != "PONG":
+    while redis(lab, "svc-client", b) != "PONG":
         assert time.monotonic() < deadline, "the new backend never allowed"
-    assert redis(lab, "svc-client", allowed) == "timeout"
+    assert redis(lab, "svc-client", a) == "timeout"
