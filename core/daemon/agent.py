@@ -301,7 +301,8 @@ class Agent:
                     datapath_applied=feed.applied, set_proxy_port=feed.set_proxy_port,
                     publish=self._dns_record, ready=lambda: self.ready,
                     connections=self.datapath.connected_peers
-                    if isinstance(self.datapath, ReportsConnections) else None)
+                    if isinstance(self.datapath, ReportsConnections) else None,
+                    endpoints_restored=self.endpoints.restored)
         self.plugins.register(fqdn, name="core.fqdn")
         return fqdn
 

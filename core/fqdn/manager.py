@@ -110,6 +110,7 @@ class FQDN:
                  connections: Callable[[], Awaitable[Mapping[int, frozenset[Address]]]]
                  | None = None,
                  ready: Callable[[], bool] = lambda: True,
+                 endpoints_restored: asyncio.Event | None = None,
                  clock: Callable[[], float] = time.time):
         self.tables = tables
         self.resolver = resolver
@@ -121,6 +122,9 @@ class FQDN:
         # the datapath's live connections (ReportsConnections.connected_peers), None: unknown
         self.connections = connections
         self.ready = ready  # the agent listed its policies: the rules are known
+        # the endpoints of the run before are back: until then a collection would take their
+        # restored names for those of pods that are gone
+        self.endpoints_restored = endpoints_restored
         self.clock = clock
         self.names = NameManager(cluster, tables, options.max_ips_per_hostname,
                                  options.idle_grace)
@@ -318,6 +322,8 @@ class FQDN:
 
     async def _gc(self, handle: ControllerHandle) -> None:
         handle.ready()
+        if self.endpoints_restored is not None:
+            await self.endpoints_restored.wait()
         while True:
             await asyncio.sleep(self.options.gc_interval)
             await self.collect()
