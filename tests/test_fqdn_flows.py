@@ -60,3 +60,31 @@ async def test_records_become_l7_flows(agent_factory, short_tmp):
     assert "identity 4321->2, verdict Denied DNS Query: other.example.com. A" in shown[0]
     assert shown[1].endswith("verdict Forwarded DNS Query: allowed.example.com. A TTL: 30"
                              " Answer: '203.0.113.10'")
+
+
+async def test_meshagent_monitor_prints_dns_records(agent_factory, short_tmp):
+    import asyncio
+
+    from tests.conftest import MESHAGENT, clean_env
+    running = await agent_factory(args(short_tmp / "state"),
+                                  extra_plugins=[("dnstest", Providers())])
+    proc = await asyncio.create_subprocess_exec(
+        MESHAGENT, "monitor", "--type", "l7", "--count", "1",
+        env=clean_env(MESHAGENT_SOCKET_PATH=str(running.socket_path)),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        for _ in range(100):  # until the monitor listens
+            if running.agent.drops.listeners:
+                break
+            await asyncio.sleep(0.05)
+        running.agent.fqdn.publish(record())
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    # the stream's handler notices the monitor left at its next write (it waits until then)
+    running.agent.fqdn.publish(record())
+    assert proc.returncode == 0, err
+    assert ("<- Request dns from 12 ([k8s:app=client]) to 0 ([reserved:world]), identity"
+            " 4321->2, verdict Denied DNS Query: other.example.com. A") in out.decode()
