@@ -180,3 +180,16 @@ async def test_nothing_for_errors_or_empty_answers(tmp_path):
     response.set_rcode(dns.rcode.NXDOMAIN)
     await fqdn.answered(EP, Request((POD, 1), SERVER, "UDP", query, clock()), response)
     assert fqdn.lookups() == []
+
+
+async def test_remembered_name_labels_are_bounded_and_stay_right(tmp_path, monkeypatch):
+    from meshagent.fqdn import names
+    monkeypatch.setattr(names, "NAME_LABELS_KEPT", 2)
+    fqdn, clock = make(tmp_path)
+    for i in range(5):
+        await answer(fqdn, clock, f"n{i}.example.com.", "A", [f"203.0.113.{i}"], 30)
+    assert len(fqdn.names._name_labels) <= 2
+    assert all(identity_of(fqdn, f"203.0.113.{i}") is not None for i in range(5))
+    clock.now += 31
+    await fqdn.collect()
+    assert not [i for i in fqdn.tables.identities.values() if i.id & LOCAL_IDENTITY_FLAG]

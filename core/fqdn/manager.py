@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 HISTORY_FILE = "dns-history.json"  # the endpoints' names (Cilium keeps them per endpoint)
 PORT_FILE = "dns-proxy-port"  # the port, re-used after a restart if free
+SERVERS_KEPT = 4096  # server identities remembered between ipcache changes
 
 
 @attrs.frozen
@@ -233,6 +234,8 @@ class FQDN:
         Remembered until the ipcache changes (a few servers answer every question)."""
         known = self._server_identities.get(ip)
         if known is None:
+            if len(self._server_identities) >= SERVERS_KEPT:  # a pod asking everywhere
+                self._server_identities.clear()
             known = self._server_identities[ip] = self._longest_prefix(ip)
         return known
 

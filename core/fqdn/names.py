@@ -21,6 +21,11 @@ from meshagent.model.net import Address
 from meshagent.model.table import Tables
 
 
+#: Names whose labels are remembered (asked again after that: the same selectors, the same
+#: answer), so a pod asking ever new names does not grow the agent.
+NAME_LABELS_KEPT = 65536
+
+
 class NameManager:
     """The endpoints' names and the identities they give their addresses.
 
@@ -119,6 +124,8 @@ class NameManager:
     def _labels_of(self, name: str) -> frozenset[str]:
         labels = self._name_labels.get(name)
         if labels is None:
+            if len(self._name_labels) >= NAME_LABELS_KEPT:  # names come and go: start over
+                self._name_labels = {}
             labels = self._name_labels[name] = frozenset(
                 s.label for s in self.selectors if s.matches(name))
         return labels
