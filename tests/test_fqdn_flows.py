@@ -88,3 +88,35 @@ async def test_meshagent_monitor_prints_dns_records(agent_factory, short_tmp):
     assert proc.returncode == 0, err
     assert ("<- Request dns from 12 ([k8s:app=client]) to 0 ([reserved:world]), identity"
             " 4321->2, verdict Denied DNS Query: other.example.com. A") in out.decode()
+
+
+async def test_flows_carry_the_names_the_endpoint_looked_up(agent_factory, short_tmp):
+    """Hubble's destination_names (egress) and source_names (ingress): the names the local
+    endpoint got the remote address for, without the final dot."""
+    import time
+
+    from meshagent.datapath.events import FORWARDED, TRACE, FlowEvent
+    from meshagent.fqdn.cache import CacheEntry
+    running = await agent_factory(args(short_tmp / "state"),
+                                  extra_plugins=[("dnstest", Providers())])
+    agent = running.agent
+    agent.hooks.endpoint_changed(kind=ChangeKind.UPSERT, endpoint=Endpoint(
+        12, "default", frozenset({"k8s:app=client"}), ipaddress.IPv4Address("10.1.0.12"),
+        4321))
+    for name in ("allowed.example.com.", "alias.example.com."):
+        agent.fqdn.names.observe(12, CacheEntry(name, time.time(), 300,
+                                                (ipaddress.ip_address("203.0.113.10"),)))
+    out = FlowEvent(1_700_000_000_000_000_000, TRACE, FORWARDED, "forwarded", 12, "egress",
+                    "10.1.0.12", 40000, "203.0.113.10", 443, 6, 0x02, 4321, 2)
+    back = FlowEvent(1_700_000_000_100_000_000, TRACE, FORWARDED, "forwarded", 12, "ingress",
+                     "203.0.113.10", 443, "10.1.0.12", 40000, 6, 0x12, 2, 4321, is_reply=True)
+    other = FlowEvent(1_700_000_000_200_000_000, TRACE, FORWARDED, "forwarded", 12, "egress",
+                      "10.1.0.12", 40001, "203.0.113.99", 443, 6, 0x02, 4321, 2)
+    for event in (out, back, other):
+        agent.flow_events.publish(event)
+    flows = [a.flow async for a in agent.observer.get_flows(
+        observer_pb2.GetFlowsRequest(number=3))]
+    assert list(flows[0].destination_names) == ["alias.example.com", "allowed.example.com"]
+    assert list(flows[0].source_names) == []
+    assert list(flows[1].source_names) == ["alias.example.com", "allowed.example.com"]
+    assert list(flows[2].destination_names) == []

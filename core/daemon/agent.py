@@ -121,7 +121,9 @@ class Agent:
         self.observer = Observer(
             FlowMaker(f"{self.cluster.name}/{config.node_name}", self.flow_names,
                       self._deciding_policies,
-                      lambda: self.policy_resolver.revision if self.policy_resolver else 0),
+                      lambda: self.policy_resolver.revision if self.policy_resolver else 0,
+                      dns_names=lambda endpoint, ip: self.fqdn.names_of(endpoint, ip)
+                      if self.fqdn is not None else ()),
             config.get("hubble-event-buffer-capacity"),
             lost=lambda: self.flow_events.lost_total)
         self.flow_events.subscribe(self.observer.on_event)

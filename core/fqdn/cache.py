@@ -94,6 +94,7 @@ class DNSCache:
 
     def __init__(self) -> None:
         self.names: dict[str, dict[Address, CacheEntry]] = {}
+        self.by_ip: dict[Address, set[str]] = {}  # the other way round (Cilium's LookupIP)
 
     def update(self, entry: CacheEntry) -> bool:
         """Take an answer; True if some address of the name now expires later (or is new)."""
@@ -104,7 +105,15 @@ class DNSCache:
             if old is None or old.expiration_time < entry.expiration_time:
                 held[ip] = entry
                 changed = changed or old is None or old.expiration_time != entry.expiration_time
+            self.by_ip.setdefault(ip, set()).add(entry.name)
         return changed
+
+    def _unindex(self, name: str, ip: Address) -> None:
+        names = self.by_ip.get(ip)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self.by_ip[ip]
 
     def entries(self) -> list[CacheEntry]:
         """Each lookup still holding some address, once, oldest first."""
@@ -128,6 +137,7 @@ class DNSCache:
             for rank, (ip, entry) in enumerate(by_expiry):
                 if entry.expiration_time <= now or rank >= max_ips:
                     del held[ip]
+                    self._unindex(name, ip)
                     removed.append((name, ip))
             if not held:
                 del self.names[name]
@@ -137,6 +147,8 @@ class DNSCache:
         """Remove every name ``match(name)`` accepts; the pairs removed."""
         removed = [(name, ip) for name in list(self.names) if match(name)
                    for ip in self.names.pop(name)]
+        for name, ip in removed:
+            self._unindex(name, ip)
         return removed
 
 

@@ -229,6 +229,15 @@ class FQDN:
             if request.server[0] is not None else 0,
             str(request.server[0]), request.server[1], request.qname, qtypes, **fields))
 
+    def names_of(self, endpoint_id: int, ip: str) -> tuple[str, ...]:
+        """The names the endpoint looked up and got ``ip`` for, without the final dot:
+        a flow's ``destination_names`` (Hubble's DNSGetter.GetNamesOf)."""
+        names = self.names.endpoints.get(endpoint_id)
+        if names is None or not names.cache.by_ip:
+            return ()
+        found = names.cache.by_ip.get(ipaddress.ip_address(ip))
+        return tuple(sorted(n.removesuffix(".") for n in found)) if found else ()
+
     def identity_of(self, ip: Address) -> int:
         """The server's identity by the ipcache's longest prefix; the world when none.
         Remembered until the ipcache changes (a few servers answer every question)."""

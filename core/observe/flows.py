@@ -102,6 +102,7 @@ class FlowRecord:
     source: NamedEnd
     destination: NamedEnd
     policies: Sequence[flow_pb2.Policy] = ()  # the deciding ones (a policy verdict's): shared
+    names: tuple[str, ...] = ()  # the DNS names the local endpoint got the remote address for
 
 
 class FlowMaker:
@@ -114,11 +115,14 @@ class FlowMaker:
     the same record builds with the same uuid every time."""
 
     def __init__(self, node_name: str, names: Names, attribute: Attribution | None = None,
-                 revision: Callable[[], int] = lambda: 0):
+                 revision: Callable[[], int] = lambda: 0,
+                 dns_names: Callable[[int, str], tuple[str, ...]] | None = None):
         self.node_name = node_name
         self.names = names
         self.attribute = attribute
         self.revision = revision
+        # (local endpoint, remote address) -> the names it looked up for it (the DNS proxy's)
+        self.dns_names = dns_names
         self._cache: dict[tuple, list[flow_pb2.Policy]] = {}
         self._recorded = 0
         # a version 4 uuid: a record's number (< 2**62) changes only its random bits
@@ -134,21 +138,25 @@ class FlowMaker:
         names = self.names
         source = names.end(event.source_ip, event.source_identity)
         destination = names.end(event.destination_ip, event.destination_identity)
+        dns = ()
+        if self.dns_names is not None and event.endpoint and event.source_ip:
+            remote = event.destination_ip if event.direction == "egress" else event.source_ip
+            dns = self.dns_names(event.endpoint, remote)
         number = self._recorded
         if event.kind == ev.TRACE:
             self._recorded = number + 1
-            return [FlowRecord(event, MESSAGE_TRACE, number, source, destination)]
+            return [FlowRecord(event, MESSAGE_TRACE, number, source, destination, (), dns)]
         if event.kind != ev.DROP:
             self._recorded = number + 1
             return [FlowRecord(event, MESSAGE_POLICY_VERDICT, number, source, destination,
-                               self._policies(event))]
+                               self._policies(event), dns)]
         if event.reason not in POLICY_DROPS:
             self._recorded = number + 1
-            return [FlowRecord(event, MESSAGE_DROP, number, source, destination)]
+            return [FlowRecord(event, MESSAGE_DROP, number, source, destination, (), dns)]
         self._recorded = number + 2
         return [FlowRecord(event, MESSAGE_POLICY_VERDICT, number, source, destination,
-                           self._policies(event)),
-                FlowRecord(event, MESSAGE_DROP, number + 1, source, destination)]
+                           self._policies(event), dns),
+                FlowRecord(event, MESSAGE_DROP, number + 1, source, destination, (), dns)]
 
     def build(self, record: FlowRecord, into: flow_pb2.Flow | None = None) -> flow_pb2.Flow:
         """The Hubble flow of ``record``, the same fields each time; made in ``into`` (an
@@ -171,6 +179,9 @@ class FlowMaker:
         _layer4(flow, event)
         record.source.fill(flow.source)
         record.destination.fill(flow.destination)
+        if record.names:  # Hubble: the names the local endpoint resolved the remote end from
+            (flow.destination_names if event.direction == "egress"
+             else flow.source_names).extend(record.names)
         ingress = event.direction == "ingress"
         if kind == MESSAGE_TRACE:
             point = TRACE_TO_ENDPOINT if ingress else TRACE_FROM_ENDPOINT
