@@ -20,6 +20,11 @@ HEAD = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}
     ("kind: CiliumNetworkPolicy\napiVersion: cilium.io/v2\nspec: {}\n", "metadata"),
     (HEAD, "spec: is required"),
     (HEAD + "spec: {ingress: []}\n", "spec.endpointSelector: is required"),
+    # a null selector is no selector (Kubernetes drops the null), never "every endpoint"
+    (HEAD + "spec: {endpointSelector: null, ingress: []}\n",
+     "spec.endpointSelector: must be a label selector ({} selects every endpoint), not null"),
+    (HEAD + "spec:\n  endpointSelector: {}\n  ingress:\n  - fromEndpoints: [null]\n",
+     "spec.ingress[0].fromEndpoints[0]: must be a label selector"),
     (HEAD + "spec:\n  endpointSelector: {}\n  ingress:\n  - toFQDNs: [{matchName: x.com}]\n",
      "spec.ingress[0].toFQDNs: unknown field (Cilium has toFQDNs in egress rules only"),
     (HEAD + "spec:\n  endpointSelector: {}\n  ingress:\n  - toPorts:\n    - ports: [{port: '80'}]\n"

@@ -666,7 +666,9 @@ class _Parser:
         return namespace
 
     def selector(self, value: Any, path: str) -> EndpointSelector:
-        value = self.mapping(value if value is not None else {}, path)
+        if value is None:  # through Kubernetes a null selector is no selector at all
+            self.fail(path, "must be a label selector ({} selects every endpoint), not null")
+        value = self.mapping(value, path)
         self.only(value, path, {"matchLabels", "matchExpressions"})
         requirements = []
         labels = self.mapping(value.get("matchLabels", {}) or {}, f"{path}.matchLabels")
