@@ -63,6 +63,7 @@ GENERATED = {
     "by-labels": [([f"app=redis {NS}=platform"], [])],
     "clusterwide-deny": [([], ["10.1.9.9/32"])],
     "several-services": [([], [])],  # users, sessions and metrics are not in the cluster
+    "empty-item": [([], []), ([], [])],  # no Service named: nothing generated
 }
 
 

@@ -171,6 +171,8 @@ class ServiceRef:
         where = f"namespace {self.namespace}" if self.namespace else "any namespace"
         if self.name is not None:
             return f"service {self.name} in {where}"
+        if self.selector is None:
+            return "no service (an empty toServices item)"
         labels = ", ".join(f"{r.key} {r.operator} {sorted(r.values)}".rstrip(" []")
                            for r in self.selector.requirements)
         return f"services labelled {{{labels}}} in {where}"
@@ -641,8 +643,10 @@ class _Parser:
     def service_ref(self, value: Any, path: str) -> ServiceRef:
         value = self.mapping(value, path)
         self.only(value, path, {"k8sService", "k8sServiceSelector"})
-        if ("k8sService" in value) == ("k8sServiceSelector" in value):
+        if "k8sService" in value and "k8sServiceSelector" in value:
             self.fail(path, "give one of k8sService or k8sServiceSelector")
+        if not value:  # Cilium's examples/policies/service-empty.yaml: selects no Service
+            return ServiceRef()
         if "k8sService" in value:
             where = f"{path}.k8sService"
             ref = self.mapping(value["k8sService"], where)

@@ -51,6 +51,8 @@ def selects(ref: ServiceRef, service: Service) -> bool:
         return False
     if ref.name is not None:
         return ref.name == service.name
+    if ref.selector is None:  # an empty item, as Cilium reads it: no Service
+        return False
     index: dict[str, list[tuple[str, str]]] = {}
     for key, value in service.labels:
         index.setdefault(key, []).append(("k8s", value))
