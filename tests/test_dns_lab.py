@@ -74,14 +74,11 @@ print(ping(), flush=True)
 # what does not work yet, by test and datapath: run, reported as xfail (XPASS once it works)
 NFT_REDIRECT = ("the nftables datapath drops REDIRECT entries on main (no redirect to the DNS"
                 " proxy yet; branch i33-dnsdp brings it): the pods' DNS times out")
-ICMP = "icmps rules are refused on main (not merged yet; branch i33-icmp)"
 KNOWN_GAPS: dict[tuple[str, str], str] = {
     ("test_fqdn_policy_allows_the_looked_up_name_and_nothing_else", "nftables"): NFT_REDIRECT,
     ("test_after_an_agent_restart_the_allowed_name_keeps_working", "nftables"): NFT_REDIRECT,
     ("test_an_expired_address_is_dropped_until_the_next_lookup", "nftables"): NFT_REDIRECT,
     ("test_an_open_connection_outlives_its_address_ttl", "nftables"): NFT_REDIRECT,
-    ("test_an_icmp_echo_rule_allows_ping_and_nothing_else", "ebpf"): ICMP,
-    ("test_an_icmp_echo_rule_allows_ping_and_nothing_else", "nftables"): ICMP,
 }
 
 
@@ -281,11 +278,14 @@ def ping(lab: Lab, pod: str, address: str) -> bool:
 
 def test_an_icmp_echo_rule_allows_ping_and_nothing_else(lab, tmp_path):
     allowed, other = ip_of(lab, ALLOWED), ip_of(lab, OTHER)
+    client = lab.state["pods"]["client"]["ip"]
     assert ping(lab, "pinger", allowed) and redis(lab, "pinger", allowed) == "PONG"
+    assert ping(lab, "pinger", client)
     import_policy(lab, tmp_path, "echo", ICMP_ECHO)
     assert ping(lab, "pinger", allowed) and ping(lab, "pinger", other)
     assert redis(lab, "pinger", allowed) == "timeout"
     assert dig(lab, "pinger", ALLOWED) == ("timeout", [])  # DNS is UDP: dropped as well
+    assert not ping(lab, "pinger", client)  # a pod: outside the CIDR
     assert ping(lab, "client", allowed)  # the policy's pod only
 
 
