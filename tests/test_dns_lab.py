@@ -4,9 +4,8 @@ DNS-aware egress end to end: real agents, real namespaces, dnsmasq, redis on the
 One lab per datapath for the module; the tests run in order. Pods on cluster1-node1: ``strict``
 may ask only for allowed.example.com, ``lenient`` for any name; both may reach allowed.example.com
 (and ``lenient`` short.example.com, whose answers live two seconds) by name, on redis's port.
-``client`` has no policy. The issue's other lab checks use the same outside hosts: ``pinger``
-may only ping them (``icmps``), ``svc-client`` may reach the backends of a Service
-(``toServices``) as they change.
+``client`` has no policy. ``svc-client`` may reach the backends of a Service (``toServices``)
+as they change (ICMP rules have their own lab test, test_icmp_lab.py).
 """
 
 import ipaddress
@@ -98,7 +97,6 @@ def lab(request, tmp_path_factory):
         lab.pod_create("client-c2", "cluster2-node1", "default", "app=client")
         lab.pod_create("strict", NODE, "default", "app=strict")
         lab.pod_create("lenient", NODE, "default", "app=lenient")
-        lab.pod_create("pinger", NODE, "default", "app=pinger")
         lab.pod_create("svc-client", NODE, "default", "app=svc-client")
         yield lab
 
@@ -240,18 +238,6 @@ def test_an_open_connection_outlives_its_address_ttl(lab, tmp_path):
         proc.wait()
 
 
-ICMP_ECHO = f"""apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {{name: echo-only, namespace: default}}
-spec:
-  endpointSelector: {{matchLabels: {{app: pinger}}}}
-  egress:
-  - toCIDR: [{OUTSIDE_NET}]
-    icmps:
-    - fields:
-      - {{type: EchoRequest, family: IPv4}}
-"""
-
 TO_SERVICES = """apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata: {name: to-db, namespace: default}
@@ -268,25 +254,6 @@ def import_policy(lab: Lab, tmp_path, name: str, text: str) -> None:
     result = run_cli("policy", "import", str(tmp_path / f"{name}.yaml"), "--wait",
                      "--socket-path", socket_of(lab))
     assert result.returncode == 0, result.stderr
-
-
-def ping(lab: Lab, pod: str, address: str) -> bool:
-    out = lab.pod_exec(pod, ["ping", "-c", "1", "-W", "1", address], capture_output=True,
-                       timeout=5)
-    return out.returncode == 0
-
-
-def test_an_icmp_echo_rule_allows_ping_and_nothing_else(lab, tmp_path):
-    allowed, other = ip_of(lab, ALLOWED), ip_of(lab, OTHER)
-    client = lab.state["pods"]["client"]["ip"]
-    assert ping(lab, "pinger", allowed) and redis(lab, "pinger", allowed) == "PONG"
-    assert ping(lab, "pinger", client)
-    import_policy(lab, tmp_path, "echo", ICMP_ECHO)
-    assert ping(lab, "pinger", allowed) and ping(lab, "pinger", other)
-    assert redis(lab, "pinger", allowed) == "timeout"
-    assert dig(lab, "pinger", ALLOWED) == ("timeout", [])  # DNS is UDP: dropped as well
-    assert not ping(lab, "pinger", client)  # a pod: outside the CIDR
-    assert ping(lab, "client", allowed)  # the policy's pod only
 
 
 def test_a_to_services_rule_follows_the_service_backends(lab, tmp_path):
