@@ -386,3 +386,35 @@ async def test_a_refused_batch_starts_the_feed_again_from_a_fresh_reconcile():
         await asyncio.sleep(0.01)
     assert recorder.calls[0] == ("reconcile", {}, [entry(1002)])
     again.cancel()
+
+
+async def test_applied_returns_once_the_ipcache_change_and_the_map_changes_it_caused_are_in():
+    """What the DNS proxy waits for before a pod gets an answer: an ipcache upsert, and the
+    map changes a resolver queues as it hears of the new identity, both applied."""
+    c = Component()
+    feed, recorder, resolver, table = c.feed, c.recorder, c.resolver, c.table
+    slow = asyncio.Event()
+    applying = recorder.apply
+
+    async def apply_slowly(batch):  # a datapath taking its time over each batch
+        await slow.wait()
+        await applying(batch)
+    recorder.apply = apply_slowly
+    c.ready.set()
+    c.started.set()
+    feed.endpoint_added(endpoint(1))
+    sync = asyncio.create_task(feed._sync(resolver, Handle()))
+    slow.set()
+    await asyncio.wait_for(c.synced.wait(), 5)
+    slow.clear()
+    table.upsert(PREFIX, entry(1003))
+    resolver.queue.put_nowait({1: [put(443)]})  # the resolver's answer to the identity
+    waiting = asyncio.create_task(feed.applied())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # the datapath has not applied it yet
+    slow.set()
+    await asyncio.wait_for(waiting, 5)
+    applied = recorder.batches
+    assert entry(1003) in {e for b in applied for e in b.ipcache_upserts}
+    assert put(443) in [c for b in applied for c in b.policy.get(1, ())]
+    sync.cancel()

@@ -193,3 +193,22 @@ async def test_remembered_name_labels_are_bounded_and_stay_right(tmp_path, monke
     clock.now += 31
     await fqdn.collect()
     assert not [i for i in fqdn.tables.identities.values() if i.id & LOCAL_IDENTITY_FLAG]
+
+
+async def test_an_answer_waits_for_the_datapath_at_most_the_max_delay(tmp_path):
+    import asyncio
+    import time as wall
+    fqdn, clock = make(tmp_path, response_max_delay=0.2)
+    stuck = asyncio.Event()
+
+    async def never():  # a datapath that does not get to it
+        await stuck.wait()
+    fqdn.datapath_applied = never
+    started = wall.monotonic()
+    await answer(fqdn, clock, "a.example.com.", "A", ["203.0.113.1"], 30)
+    waited = wall.monotonic() - started
+    assert 0.2 <= waited < 1.0 and fqdn.timeouts == 1
+    # an answer no selector wants does not wait at all
+    started = wall.monotonic()
+    await answer(fqdn, clock, "elsewhere.org.", "A", ["198.51.100.1"], 30)
+    assert wall.monotonic() - started < 0.1 and fqdn.timeouts == 1
