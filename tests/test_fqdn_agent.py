@@ -88,6 +88,12 @@ async def test_cache_list_clean_status_and_restart(agent_factory, short_tmp):
     fqdn._changed()
     entry = agent.tables.ipcache.get(host_key(ADDRESS))
     assert entry is not None
+    # the node's own: never published (no other node or cluster imports it)
+    await asyncio.sleep(0.2)
+    published = await agent.kvstore.list_prefix("cilium/state/")
+    assert not [kv for kv in published.items if "203.0.113.10" in kv.key
+                or b"203.0.113.10" in kv.value]
+    assert not [kv for kv in published.items if str(entry.identity) in kv.key]
     env = clean_env(MESHAGENT_SOCKET_PATH=str(running.socket_path))
 
     # a server's identity follows the ipcache (the proxy remembers it between changes)
