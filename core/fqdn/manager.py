@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -396,7 +397,7 @@ class FQDN:
             return StatusSection("DNS proxy", Health.WARNING, "not listening yet")
         names = {name for n in self.names.endpoints.values() for name, _ in n.pairs()}
         stats = proxy.stats
-        families = "/".join("IPv6" if f == 10 else "IPv4" for f in proxy.families)
+        families = "/".join("IPv6" if f == socket.AF_INET6 else "IPv4" for f in proxy.families)
         return StatusSection(
             "DNS proxy", Health.OK,
             f"port {proxy.port} (UDP, TCP; {families}), {len(names)} names cached,"
