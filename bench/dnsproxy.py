@@ -30,7 +30,8 @@ from common import machine, percentile_ms, progress, report
 
 CLIENT = r"""
 import asyncio, json, os, socket, struct, sys, time
-server, port, concurrency, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+server, port = sys.argv[1], int(sys.argv[2])
+concurrency, seconds = int(sys.argv[3]), float(sys.argv[4])
 
 def query(qid, name):
     labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
