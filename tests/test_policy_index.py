@@ -4,7 +4,8 @@ what it handed on, and the order of each peer's contributions equal those of a s
 resolution that checks every rule against every endpoint and every selector against every
 identity, label by label. The worlds have DNS-aware egress too: ``toFQDNs`` peers, identities
 the DNS proxy labelled ``fqdn:<selector>``, and DNS rules (redirects; deny > redirect >
-allow)."""
+allow); and node peers (``fromNodes``/``toNodes``) with node identities (``node:`` labels,
+``reserved:remote-node``, a cluster)."""
 
 import json
 
@@ -20,6 +21,7 @@ from meshagent.policy.resolver import (
     INGRESS,
     PolicyEndpoint,
     Resolver,
+    node_peer_selector,
     peer_selector,
     reserved_identities,
 )
@@ -44,6 +46,14 @@ label_sets = st.tuples(
             min_size=1, max_size=1) | st.just(set()),
     st.sets(label, max_size=3)).map(
     lambda parts: frozenset(f"{s}:{k}={v}" for part in parts for s, k, v in part))
+#: another node's identity (meshagent.identity.node): reserved:remote-node, its cluster, and
+#: its labels under the node source
+node_label_sets = st.tuples(
+    st.sampled_from(["cluster1", "cluster2"]),
+    st.sets(st.sampled_from(sorted(VALUES)).flatmap(
+        lambda key: st.tuples(st.just(key), st.sampled_from(VALUES[key]))), max_size=2)).map(
+    lambda parts: frozenset({"reserved:remote-node", f"k8s:{CLUSTER}={parts[0]}"}
+                            | {f"node:{k}={v}" for k, v in parts[1]}))
 #: toFQDNs selectors, and the labels the DNS proxy gives an address of a name they match
 FQDNS = [{"matchName": "a.example.com"}, {"matchPattern": "*.example.com"},
          {"matchName": "A.example.com"}]
@@ -96,6 +106,11 @@ def item(draw, prefix: str, section: str = "") -> dict:
         if draw(st.booleans()):
             out["toPorts"] = [{"ports": [{"port": "443", "protocol": "TCP"}]}]
         return out  # alone among the peers, as Cilium wants
+    if draw(st.integers(0, 5)) == 0:
+        out[f"{prefix}Nodes"] = draw(st.lists(selector, min_size=1, max_size=2))
+        if draw(st.booleans()):
+            out["toPorts"] = [{"ports": [{"port": "80", "protocol": "TCP"}]}]
+        return out  # alone among the peers, as Cilium wants
     if draw(st.booleans()):
         out[f"{prefix}Endpoints"] = draw(st.lists(selector, min_size=1, max_size=2))
     if draw(st.integers(0, 4)) == 0:
@@ -146,7 +161,8 @@ def change(draw, what: str | None = None):
     what = what or draw(st.sampled_from(["identity+", "identity+", "identity+", "identity-",
                                          "policy+", "policy-", "endpoint+", "endpoint-"]))
     if what == "identity+":
-        labels = draw(label_sets if draw(st.integers(0, 3)) else fqdn_label_sets)
+        labels = draw(draw(st.sampled_from([label_sets, label_sets, label_sets,
+                                            fqdn_label_sets, node_label_sets])))
         return what, Identity(1000 + draw(st.integers(0, 15)), labels, "cluster1")
     if what == "identity-":
         return what, 1000 + draw(st.integers(0, 15))
@@ -233,6 +249,8 @@ def naive(policies: dict, identities: dict, endpoint: PolicyEndpoint, cluster: s
                         peers.append(None if entity == "all" else EntityPeer(entity, cluster))
                     peers.extend(CIDRPeer(c) for c in peer_rule.cidrs or ())
                     peers.extend(FQDNPeer(s) for s in peer_rule.fqdns or ())
+                    peers.extend(SelectorPeer(node_peer_selector(s, cluster))
+                                 for s in peer_rule.nodes or ())
                     origin = f"{where} {section}[{j}]"
                     redirected = [p for dns in peer_rule.dns for p in dns.ports]
                     plain = [p for p in peer_rule.ports if p not in redirected or

@@ -234,6 +234,13 @@ CIDRS = CIDRS4 + CIDRS6
 #: where a CIDRSet's cidr is drawn from: no host prefixes
 SET_CIDRS = tuple(c for c in CIDRS if not c.endswith(("/32", "/128")))
 ENTITIES = ("world", "cluster", "host", "remote-node", "all")
+#: other nodes under --enable-node-selector-labels (meshagent.identity.node), in some worlds
+NODE_IDENTITIES = tuple(
+    IdentitySpec((2 << 24) + n, tuple(sorted({"reserved:remote-node",
+                                               f"k8s:{CLUSTER_LABEL}={cluster}",
+                                               f"node:role={role}"})), LOCAL)
+    for n, (cluster, role) in enumerate(((LOCAL, "worker"), (LOCAL, "infra"),
+                                         (REMOTE, "worker")), 1))
 PORTS = (1, 22, 53, 80, 443, 1023, 1024, 4095, 4096, 6379, 8080, 8191, 8192, 30000, 31000,
          32767, 32768, 65534, 65535)
 PROTOCOLS = ("TCP", "UDP", "SCTP", "ANY", None)
@@ -290,6 +297,20 @@ def selectors(draw) -> dict:
     return {"matchExpressions": [expr]}
 
 
+@st.composite
+def node_selectors(draw) -> dict:
+    kind = draw(st.sampled_from(("empty", "role", "role-cluster", "not-infra")))
+    if kind == "empty":
+        return {}
+    role = draw(st.sampled_from(("worker", "infra")))
+    if kind == "role":
+        return {"matchLabels": {"role": role}}
+    if kind == "role-cluster":
+        return {"matchLabels": {"role": role, CLUSTER_LABEL: draw(st.sampled_from((LOCAL,
+                                                                                   REMOTE)))}}
+    return {"matchExpressions": [{"key": "role", "operator": "NotIn", "values": ["infra"]}]}
+
+
 #: Ranges that overlap one another in every way (nested, crossing, equal, adjacent), so deny
 #: and allow rules meet at different specificities.
 RANGES = ((80, 80), (443, 443), (6379, 6379), (8080, 8080), (4096, 8191), (8000, 8100),
@@ -339,8 +360,11 @@ def icmp_rules(draw) -> list:
 def peer_rules(draw, direction: str) -> dict:
     prefix = "from" if direction == INGRESS else "to"
     item: dict = {}
-    kind = draw(st.sampled_from(("endpoints", "entities", "cidr", "cidrset", "none", "none")))
-    if kind == "endpoints":
+    kind = draw(st.sampled_from(("endpoints", "entities", "cidr", "cidrset", "none", "none",
+                                 "nodes")))
+    if kind == "nodes":
+        item[f"{prefix}Nodes"] = draw(st.lists(node_selectors(), min_size=1, max_size=2))
+    elif kind == "endpoints":
         item[f"{prefix}Endpoints"] = draw(st.lists(selectors(), min_size=1, max_size=2))
     elif kind == "entities":
         item[f"{prefix}Entities"] = draw(st.lists(st.sampled_from(ENTITIES), min_size=1,
@@ -399,6 +423,8 @@ def scenarios(draw, probes_per_phase: int = 80, phases: int = 2) -> Scenario:
         identities += (IdentitySpec((101 << 16) + 300, labels_of("db", "default", LOCAL, None),
                                     LOCAL),)
         local = [identities[-1]]
+    if draw(st.integers(0, 2)) == 0:  # a third of the worlds: their cost is the suite's
+        identities += NODE_IDENTITIES  # never an endpoint's
     endpoints = []
     for n in range(draw(st.integers(1, 3))):
         spec = draw(st.sampled_from(local))
