@@ -41,6 +41,8 @@ from meshagent.datapath.events import (
     DROP,
     DROPPED,
     FORWARDED,
+    MATCH_L3_L4,
+    MATCH_L4_ONLY,
     POLICY_VERDICT,
     TRACE,
     FlowEvent,
@@ -53,7 +55,17 @@ from meshagent.policy.contract import MapChange, MapKey, Verdict
 from meshagent.policy.resolver import EGRESS, INGRESS
 from meshagent.policy.resolver import judge as judge_verdicts
 from meshagent.testing import datapath_model as model
-from meshagent.testing.packets import ACK, CILIUM_WALK, ICMP, SCTP, TCP, UDP, Packet, parse
+from meshagent.testing.packets import (
+    ACK,
+    CILIUM_WALK,
+    ICMP,
+    ICMPV6,
+    SCTP,
+    TCP,
+    UDP,
+    Packet,
+    parse,
+)
 from meshagent.testing.policy_cases import CASES, EGRESS_CASES, IDS, cnp
 from meshagent.testing.scenarios import (
     CLIENT,
@@ -79,6 +91,15 @@ IPV6_TRANSPARENT = 75  # linux/in6.h
 #: every kind and verdict of flow event the random run must have seen reported
 EVENT_KINDS = ("event drop dropped", "event policy-verdict forwarded",
                "event policy-verdict audit", "event trace forwarded")
+#: ICMP messages judged by an entry of their type (an ``icmps`` rule): allowed, and denied
+ICMP_KINDS = ("icmp by type policy-verdict forwarded", "icmp by type drop dropped")
+
+
+def icmp_by_type(frame: bytes, walk: str) -> bool:
+    """Whether ``frame`` is an ICMP or ICMPv6 message that shows its type (so that policy can
+    judge it by an entry of its type)."""
+    parsed = parse(frame, walk)
+    return parsed.protocol in (ICMP, ICMPV6) and parsed.icmp_type is not None
 #: every outcome a judge may report (the model's names)
 OUTCOMES = (model.FORWARDED, model.POLICY_DENY, model.POLICY_DEFAULT, model.SPOOFED,
             model.FRAG_TINY, model.FRAG_UNKNOWN, model.MALFORMED_PACKET, model.UNSUPPORTED_L3)
@@ -268,6 +289,11 @@ class ScenarioDriver:
                     for event in reported:
                         kind = f"event {event.kind} {event.verdict}"
                         tally[kind] = tally.get(kind, 0) + 1
+                    if icmp_by_type(frame, self.walk):  # decided by an entry of its type
+                        for event in reported:
+                            if event.match in (MATCH_L3_L4, MATCH_L4_ONLY):
+                                kind = f"icmp by type {event.kind} {event.verdict}"
+                                tally[kind] = tally.get(kind, 0) + 1
                 where = f"phase {n} probe {i}: endpoint {probe.endpoint} {probe.direction}" \
                         f" {probe.packet}"
                 if got != (expected.outcome, expected.delivered):
@@ -417,6 +443,8 @@ class DatapathContract:
             assert seen.get("delivered", 0) > 0, seen
         assert set(cls.expected_events) <= set(seen), \
             f"events never reported: {set(cls.expected_events) - set(seen)}"
+        assert set(ICMP_KINDS) <= set(seen), \
+            f"ICMP never judged by type: {set(ICMP_KINDS) - set(seen)}"
 
     def test_kept_cases(self, driver):
         if self.kept_cases is None:

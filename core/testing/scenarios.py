@@ -25,6 +25,7 @@ from meshagent.model.identity import CLUSTER_LABEL, Identity, ReservedIdentity
 from meshagent.model.ipcache import IPCacheEntry
 from meshagent.policy.api import parse_document
 from meshagent.identity.cidr import CIDRIdentities
+from meshagent.policy import icmp
 from meshagent.policy.cidr import policy_cidrs
 from meshagent.policy.resolver import (
     EGRESS,
@@ -385,7 +386,7 @@ def peer_rules(draw, direction: str) -> dict:
     if kind.startswith("none") or draw(st.booleans()):
         if kind.startswith("none") and draw(st.integers(0, 4)) == 0:
             return item  # {}: selects nothing, but the direction is enforced
-        if draw(st.integers(0, 3)) == 0:
+        if draw(st.integers(0, 2)) == 0:
             item["icmps"] = draw(icmp_rules())
         else:
             item["toPorts"] = draw(port_rules())
@@ -510,6 +511,22 @@ def _ports(rng: random.Random, phase: Phase) -> list[int]:
     return sorted(p for p in edges if 0 <= p <= 65535)
 
 
+def _icmp_types(phase: Phase) -> dict[int, list[int]]:
+    """Per family, the ICMP types the phase's ``icmps`` rules name."""
+    out: dict[int, list[int]] = {4: [], 6: []}
+    for text in phase.policies:
+        spec = json.loads(text)["spec"]
+        for section in ("ingress", "ingressDeny", "egress", "egressDeny"):
+            for item in spec.get(section, []):
+                for rule in item.get("icmps", []):
+                    for field in rule["fields"]:
+                        family = 6 if field.get("family") == "IPv6" else 4
+                        kind = field["type"]
+                        names = icmp.TYPES[icmp.IPV6 if family == 6 else icmp.IPV4]
+                        out[family].append(kind if isinstance(kind, int) else names[kind])
+    return out
+
+
 def _port_entries(document: dict) -> list[dict]:
     spec = document["spec"]
     out = []
@@ -523,6 +540,7 @@ def _port_entries(document: dict) -> list[dict]:
 def make_probes(rng: random.Random, phase: Phase, endpoints: list[EndpointSpec], count: int,
                 history: list[Probe]) -> list[Probe]:
     addresses, ports = _addresses(rng, phase), _ports(rng, phase)
+    named = _icmp_types(phase)
     probes: list[Probe] = []
     firsts: list[Probe] = []
     own = [a for e in endpoints for a in (e.ip, e.ipv6) if a]
@@ -531,13 +549,15 @@ def make_probes(rng: random.Random, phase: Phase, endpoints: list[EndpointSpec],
         direction = rng.choice((INGRESS, EGRESS))
         peer = rng.choice(addresses + own)
         family = 6 if ":" in peer else 4
-        protocol = rng.choice((TCP, TCP, UDP, UDP, SCTP, ICMPV6 if family == 6 else ICMP, 47))
+        icmp_protocol = ICMPV6 if family == 6 else ICMP
+        protocol = rng.choice((TCP, TCP, UDP, UDP, SCTP, icmp_protocol, icmp_protocol, 47))
         mine = endpoint.address(family) or "fd00:1:1::ff"  # not its own: an IPv4-only pod
         src, dst = (peer, mine) if direction == INGRESS else (mine, peer)
         packet = Packet(src, dst, protocol, rng.choice(ports + [rng.randrange(1024, 65536)]),
                         rng.choice(ports), ip_id=rng.randrange(65536), payload=rng.randrange(64))
         if protocol in (ICMP, ICMPV6):  # a type of the rules or another; fragmentation needed
-            kind = rng.choice(ICMP_TYPES[family] + (rng.randrange(256),))
+            kind = rng.choice(named[family] * 6 + list(ICMP_TYPES[family])
+                              + [rng.randrange(256)])
             if family == 6 and kind == 0:
                 kind = 128
             packet = attrs.evolve(packet, icmp_type=kind, icmp_code=rng.choice(
