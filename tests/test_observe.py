@@ -150,6 +150,28 @@ def test_a_forwarded_policy_verdict_names_the_allowing_policy():
     assert not flow.egress_allowed_by
 
 
+def test_an_icmp_verdict_names_the_policy_of_its_type():
+    """An ICMP event carries its type in the source port (``type << 8 | code``): the policy
+    whose icmps rule has that type is the one named."""
+    names, resolver = world()
+    for policy in parse_policies(cnp(DB_SEL + "ingress:\n- icmps: [{fields: [{type: 8}]}]\n",
+                                     name="ping")):
+        resolver.upsert_policy(policy)
+
+    def attribute(endpoint, direction, identity, protocol, port, allowed, match):
+        return deciding_policies(resolver, endpoint, direction, identity, protocol, port,
+                                 Verdict.ALLOW if allowed else Verdict.DENY, match)
+    icmp = FlowMaker("cluster1/node1", names, attribute, lambda: 12)
+
+    def echo(kind: int):
+        return icmp.flows(event(POLICY_VERDICT, FORWARDED, "forwarded",
+                                src=(REMOTE_POD, kind << 8),
+                                dst=(DB_V4, 0), protocol=1, flags=0,
+                                identities=(EMPLOYEE_C2.id, DB.id), match=MATCH_L4_ONLY))[0]
+    assert [p.name for p in echo(8).ingress_allowed_by] == ["ping"]
+    assert not echo(13).ingress_allowed_by
+
+
 def test_an_audit_passes_unattributed_with_no_drop_reason():
     [flow] = maker().flows(event(POLICY_VERDICT, AUDIT, "policy_default",
                                  identities=(STRANGER.id, DB.id)))

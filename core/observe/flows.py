@@ -219,14 +219,17 @@ class FlowMaker:
         ingress = event.direction == "ingress"
         peer = event.source_identity if ingress else event.destination_identity
         revision = self.revision()
-        key = (event.endpoint, event.direction, peer, event.protocol, event.destination_port,
-               allowed, event.match, revision)
+        port = event.destination_port
+        if event.protocol in (ICMP, ICMPV6):  # its type, which an icmps rule names as a port
+            port = event.source_port >> 8
+        key = (event.endpoint, event.direction, peer, event.protocol, port, allowed,
+               event.match, revision)
         policies = self._cache.get(key)
         if policies is None:
             if len(self._cache) > 4096:  # a new revision, or many peers: start over
                 self._cache.clear()
             named = self.attribute(event.endpoint, event.direction, peer, event.protocol,
-                                   event.destination_port, allowed, event.match)
+                                   port, allowed, event.match)
             policies = self._cache[key] = [policy_message(k, revision) for k in named]
         return policies
 
