@@ -3,8 +3,8 @@
 Network namespaces of this run: a node, two pods wired to it as the agent wires them (a /32
 on eth0, a default route via 169.254.1.1, proxy ARP on the host side), and an "outside" host
 behind the node with a UDP and TCP server on port 53. The datapath under test runs in the test
-process, moved into the node's namespace, with its programs attached to the pods' veths and
-its host routing for the proxy installed; the test's own transparent sockets stand in for the
+process, moved into the node's namespace, with its programs (eBPF) or chains (nftables) on the
+pods' veths and its host routing for the proxy installed; the test's own transparent sockets stand in for the
 DNS proxy (TCP and UDP on one port, IP_TRANSPARENT), as core/fqdn's proxy listens.
 
 Pod ``a`` has REDIRECT entries for UDP and TCP port 53 to any peer (what a ``rules: dns`` port
@@ -259,20 +259,28 @@ def verdicts(redirect: bool) -> dict:
     return out
 
 
-def test_a_pods_dns_goes_to_the_proxy_with_its_destination_and_nowhere_else(net, bpffs):
+def make_datapath(kind: str, bpffs: Path, routes):
+    if kind == "ebpf":
+        from meshagent.plugins.ebpf.datapath import EbpfDatapath, EbpfSettings
+        return EbpfDatapath(EbpfSettings(bpffs, ipcache_max=1024, policy_max=1024,
+                                         ct_tcp_max=1024, ct_any_max=1024),
+                            proxy_routes=routes)
+    from meshagent.plugins.nftables.datapath import NftablesDatapath, NftablesSettings
+    return NftablesDatapath(NftablesSettings(), proxy_routes=routes)
+
+
+@pytest.mark.parametrize("kind", ["ebpf", "nftables"])
+def test_a_pods_dns_goes_to_the_proxy_with_its_destination_and_nowhere_else(net, bpffs, kind):
     from meshagent.datapath.feed import BatchFeed
     from meshagent.datapath.proxyroute import ProxyRoutes
     from meshagent.model.endpoint import Endpoint
-    from meshagent.plugins.ebpf.datapath import EbpfDatapath, EbpfSettings
     outside_log = Path(tempfile.mkdtemp(prefix="ma-dr-log-")) / "outside.log"
     server = net.spawn(net.outside, PY, "-c", OUTSIDE, str(outside_log))
     assert server.stdout.readline().strip() == "ready"
     with inside(net.node):
         loop = asyncio.new_event_loop()
         routes = ProxyRoutes()
-        datapath = EbpfDatapath(EbpfSettings(bpffs, ipcache_max=1024, policy_max=1024,
-                                             ct_tcp_max=1024, ct_any_max=1024),
-                                proxy_routes=routes)
+        datapath = make_datapath(kind, bpffs, routes)
         proxy = Proxy()
         try:
             loop.run_until_complete(datapath.start())

@@ -34,7 +34,9 @@ pytestmark = [pytest.mark.privileged, pytest.mark.skipif(not can_run(), reason="
 REASONS = {"forwarded": model.FORWARDED, "policy_deny": model.POLICY_DENY,
            "policy_default": model.POLICY_DEFAULT, "spoofed": model.SPOOFED,
            "frag_tiny": model.FRAG_TINY, "frag_unknown": model.FRAG_UNKNOWN,
-           "malformed": model.MALFORMED_PACKET, "unsupported_l3": model.UNSUPPORTED_L3}
+           "malformed": model.MALFORMED_PACKET, "unsupported_l3": model.UNSUPPORTED_L3,
+           "redirected": model.REDIRECTED, "proxy_lookup": "proxy-lookup-failed",
+           "proxy_unsupported": model.PROXY_UNSUPPORTED}
 
 
 class NamespaceJudge:
@@ -146,7 +148,6 @@ def driver(judge):
 
 class TestNftablesDatapathContract(DatapathContract):
     expects_local_delivery = False
-    redirects = False  # a REDIRECT entry drops here (docs/nftables.md)
     ipv6_walk = KERNEL_WALK
     kept_cases = Path(__file__).parent / "datapath_cases"
 
@@ -672,19 +673,3 @@ def test_events_over_the_rate_are_counted_as_lost(other_judge):
     assert 5 <= len(got) < 40
     assert len(got) + feed.lost_total == 40
 
-
-def test_a_redirect_entry_drops_until_this_datapath_redirects(judge, driver):
-    """The nftables datapath has no path to the DNS proxy yet: a REDIRECT entry fails closed
-    (a deny), never open."""
-    from meshagent.events import ChangeKind
-    from meshagent.policy.contract import MapChange, MapKey, Verdict
-    from meshagent.testing.packets import UDP, Packet
-    from meshagent.testing.scenarios import CLIENT, REMOTE
-    driver.start(named_scenario([ALL_EGRESS], []))
-    redirect = MapChange(ChangeKind.UPSERT, MapKey(model.EGRESS, 0, UDP, 53, 53),
-                         Verdict.REDIRECT)
-    driver.replay([lambda feed: feed.policy_changed({1: [redirect]})])
-    query = Packet(CLIENT, REMOTE, UDP, 40000, 53)
-    assert judge.delivery(1, model.EGRESS, query.frame())[0] == model.POLICY_DENY
-    other = Packet(CLIENT, REMOTE, UDP, 40000, 54)
-    assert judge.delivery(1, model.EGRESS, other.frame())[0] == model.FORWARDED

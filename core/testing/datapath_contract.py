@@ -543,7 +543,8 @@ class DatapathContract:
             (EGRESS, Packet(CLIENT6, "2001:db8::1", UDP, 40007, 53), model.REDIRECTED),
         ]
         for direction, packet, outcome in checks:
-            assert world.probe(1, direction, packet) == [], (direction, packet)
+            differences = world.probe(1, direction, packet)
+            assert differences == [], differences
             assert world.last == outcome, (direction, packet, world.last)
 
     @settings(max_examples=max(10, EXAMPLES // 4), deadline=None, database=None,

@@ -22,6 +22,7 @@ import attrs
 
 from meshagent import hookimpl
 from meshagent.plugin import (
+    ProxyRoutes,
     REASON_TEXT,
     DatapathBatch,
     Endpoint,
@@ -35,7 +36,6 @@ from meshagent.plugin import (
 )
 from meshagent.plugins.nftables import netlink
 from meshagent.plugins.nftables.intervals import (
-    DENY,
     PORT_PROTOCOLS,
     TYPED_PROTOCOLS,
     flatten_prefixes,
@@ -55,19 +55,11 @@ from meshagent.plugins.nftables.ruleset import (
 
 log = logging.getLogger(__name__)
 
-
-def _enforced(verdict: str) -> str:
-    """The verdict this datapath enforces for an entry: a redirect to the DNS proxy is not
-    implemented here yet, so such an entry drops as a deny does (closed, never open)."""
-    if verdict == "redirect":
-        log.warning("the nftables datapath does not redirect to the DNS proxy: a REDIRECT"
-                    " entry drops its packets")
-        return "deny"
-    return verdict
 #: ``ma:<endpoint>:<in|out>:<event>:<reason>:<match>``, the table's log prefixes (ruleset.py)
 PREFIX = re.compile(r"ma:([0-9]{1,10}):(in|out):([a-z]+):([a-z0-9_]+):([0-6])")
 #: the reasons each event may carry
 EVENT_REASONS = {"drop": set(REASON_TEXT) - {"forwarded"}, "verdict": {"forwarded"},
+                 "redirect": {"forwarded"},
                  "audit": {"policy_deny", "policy_default"}, "trace": {"forwarded"},
                  "reply": {"forwarded"}}
 
@@ -96,12 +88,14 @@ class NftablesDatapath:
     """Meets :class:`meshagent.datapath.Datapath`."""
 
     def __init__(self, settings: NftablesSettings = NftablesSettings(),
-                 events: FlowEventSink | None = None, device_of=socket.if_indextoname):
+                 events: FlowEventSink | None = None, device_of=socket.if_indextoname,
+                 proxy_routes=None):
         self.rules = Ruleset(settings.table, settings.log_group, log_rate=settings.drop_rate,
                              flow_timeout=settings.flow_timeout, flows=settings.flows,
                              event_rate=settings.event_rate)
         self.events = events if events is not None else FlowEvents()  # flow events go here
         self.device_of = device_of
+        self.proxy_routes = proxy_routes or ProxyRoutes()  # packets marked for the DNS proxy
         self.nft = None
         self.endpoints: dict[int, Endpoint] = {}
         self.groups: dict[tuple[int, str, int], dict] = {}  # (ep, dir, identity) -> keys
@@ -115,6 +109,8 @@ class NftablesDatapath:
         self.started = False
         self.start_error = ""
         self.services = 0  # merged services asked for (not balanced here)
+        self.proxy_port = 0  # where the DNS proxy listens (0: none; its packets drop)
+        self.routed = False  # the to-proxy rule and table are installed
         self._log_socket: socket.socket | None = None
         self._next_seq = 0  # the NFLOG message expected next: a gap is messages lost
         self._unlogged = 0  # the table's count of events over the rate, as last reported
@@ -206,7 +202,11 @@ class NftablesDatapath:
                 netlink.add_rules(FAMILY, self.rules.table, [(chain, rule)])
 
     async def stop(self) -> None:
-        """Leave the table: a restarted agent keeps enforcing with it."""
+        """Leave the table: a restarted agent keeps enforcing with it. Packets for the DNS
+        proxy (which stops with the agent) are dropped from now on, and the proxy's table
+        and host routing go: a rule left behind would misroute the next run's packets."""
+        if self.started and (self.proxy_port or self.routed):
+            await self._set_proxy_port(0)
         if self._unlogged_check is not None:
             self._unlogged_check.cancel()
             self._unlogged_check = None
@@ -239,8 +239,32 @@ class NftablesDatapath:
             self._committed(written, drawn)
         if batch.services is not None:
             self._count_services(batch.services)
+        if batch.proxy_port is not None:
+            await self._set_proxy_port(batch.proxy_port)
         for endpoint in batch.removed:
             self._remove_endpoint(endpoint)
+
+    async def _set_proxy_port(self, port: int) -> None:
+        """Where packets for the DNS proxy go: the host routing and the proxy table first,
+        then the netdev table's shared chain marks them for it; without a proxy, that chain
+        drops them first, then the rest goes."""
+        ref = self.rules.ref
+        proxy_table = f"inet {self.rules.table}_proxy"
+        if port:
+            if not self.routed:
+                await asyncio.to_thread(self.proxy_routes.install)
+                self.routed = True
+            # (nft 1.0.6 has no "destroy": adding the table first makes the delete safe)
+            self._run(f"add table {proxy_table}\ndelete table {proxy_table}\n"
+                      + self.rules.proxy_table_text(port))
+        self._run(f"flush chain {ref} toproxy\nadd rule {ref} toproxy"
+                  f" {self.rules.toproxy_rule(port)}")
+        if not port:
+            self._run(f"add table {proxy_table}\ndelete table {proxy_table}")
+            if self.routed:
+                await asyncio.to_thread(self.proxy_routes.remove)
+                self.routed = False
+        self.proxy_port = port
 
     # -- endpoints ----------------------------------------------------------------------------
 
@@ -380,7 +404,7 @@ class NftablesDatapath:
         chain names the verdict and the deciding entry's prefix length (or, for a deny, its
         match type)."""
         endpoint_id, d, identity = group
-        keys = [(k.protocol, k.port, k.end_port, _enforced(v.value))
+        keys = [(k.protocol, k.port, k.end_port, v.value)
                 for k, v in self.groups.get(group, {}).items()]
         e = endpoint_id
         ported, portless = ("spec", "spnp") if identity else ("any", "anynp")
@@ -390,9 +414,9 @@ class NftablesDatapath:
             to_ported = out.setdefault(policy_map(ported, family, e, d), set())
             to_portless = out.setdefault(policy_map(portless, family, e, d), set())
             for first, last, low, high, verdict, prefix in policy_segments(keys):
-                allow, specific = verdict != DENY, bool(identity)
-                target = verdict_target(allow, specific, prefix, True, family, e, d)
-                target_np = verdict_target(allow, specific, prefix, False, family, e, d)
+                specific = bool(identity)
+                target = verdict_target(verdict, specific, prefix, True, family, e, d)
+                target_np = verdict_target(verdict, specific, prefix, False, family, e, d)
                 for protocol in TYPED_PROTOCOLS:  # ICMP's port: its type
                     if first <= protocol <= last:
                         to_ported.add((peer, protocol, (low, high), target))

@@ -7,7 +7,7 @@ the eBPF datapath become partitions here:
   ranges, each with the identity of the longest prefix holding it (:func:`flatten_prefixes`);
 - one policy group's keys (protocol, port range, allow or deny; overlapping) become disjoint
   (protocol range, port range) segments, each with the verdict of every key covering it, deny
-  beating allow, and the prefix length of the entry Cilium's LPM policy map would find there
+  beating redirect beating allow, and the prefix length of the entry Cilium's LPM policy map would find there
   (0 any protocol, 8 a protocol, 9-24 a port block), which names the policy match type as
   Cilium 1.17+ does (:func:`policy_segments`).
 """
@@ -21,7 +21,8 @@ PORT_PROTOCOLS = (6, 17, 132)
 #: The protocols looked up with a port in the ported maps: those with ports, and ICMP and
 #: ICMPv6, whose port is the type (a packet that shows no type is looked up without one)
 TYPED_PROTOCOLS = PORT_PROTOCOLS + (1, 58)
-ALLOW, DENY = "allow", "deny"
+ALLOW, DENY, REDIRECT = "allow", "deny", "redirect"
+RANK = {ALLOW: 0, REDIRECT: 1, DENY: 2}  # where keys overlap: deny > redirect > allow
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: (first address, last address, identity), addresses as integers
@@ -61,7 +62,7 @@ def flatten_prefixes(rows: Iterable[tuple[Network, int]]) -> list[Range]:
 def policy_segments(keys: Iterable[tuple[int, int, int, str]]) -> list[Segment]:
     """One group's keys ``(protocol, port, end_port, verdict)`` — protocol 0: any, port 0:
     any — as disjoint segments over (protocol 0-255, port 0-65535), each with the verdict of
-    every key covering it (deny beats allow) and the prefix length of the entry that decides
+    every key covering it (deny > redirect > allow) and the prefix length of the entry that decides
     it in Cilium's policy map (:func:`port_blocks`; the longest of the keys of that verdict);
     what no key covers is left out. A packet of a protocol without ports is looked up with
     port 0."""
@@ -113,14 +114,15 @@ def port_blocks(first: int, last: int) -> list[tuple[int, int, int]]:
 
 def _port_segments(ranges: list[tuple[int, int, str, int]]) -> list[tuple[int, int, str, int]]:
     """Overlapping port ranges with verdicts and prefix lengths as disjoint ones, deny
-    beating allow (with the longest prefix of that verdict), adjacent equal ones merged."""
+    beating redirect beating allow (with the longest prefix of that verdict), adjacent equal
+    ones merged."""
     bounds = sorted({r[0] for r in ranges} | {r[1] + 1 for r in ranges})
     out: list[tuple[int, int, str, int]] = []
     for low, following in zip(bounds, bounds[1:], strict=False):
         here = [(v, bits) for first, last, v, bits in ranges if first <= low <= last]
         if not here:
             continue
-        verdict = DENY if any(v == DENY for v, _ in here) else ALLOW
+        verdict = max((v for v, _ in here), key=RANK.__getitem__)
         prefix = max(bits for v, bits in here if v == verdict)
         if out and out[-1][1] + 1 == low and out[-1][2:] == (verdict, prefix):
             out[-1] = (out[-1][0], following - 1, verdict, prefix)

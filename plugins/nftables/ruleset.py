@@ -46,12 +46,15 @@ from meshagent.plugin import match_of, world_identity
 FAMILY = "netdev"
 LAYOUT = "layout_5"  # an empty chain naming the table's layout: another layout is replaced
 REASONS = ("forwarded", "policy_deny", "policy_default", "spoofed", "frag_tiny",
-           "frag_unknown", "malformed", "unsupported_l3")
+           "frag_unknown", "malformed", "unsupported_l3", "redirected", "proxy_lookup",
+           "proxy_unsupported")
+DROP_REASONS = tuple(r for r in REASONS[1:] if r != "redirected")  # each has drop chains
 DIRS = {"ingress": "in", "egress": "out"}  # the pod's policy direction
 #: A log prefix's event: (kind, verdict, is_reply) of meshagent.datapath.events
 EVENTS = {"drop": ("drop", "dropped", False), "verdict": ("policy-verdict", "forwarded", False),
           "audit": ("policy-verdict", "audit", False), "trace": ("trace", "forwarded", False),
-          "reply": ("trace", "forwarded", True)}
+          "reply": ("trace", "forwarded", True),
+          "redirect": ("policy-verdict", "redirected", False)}
 #: Hubble's policy match types (meshagent.datapath.events.MATCH_*) as chain names say them
 MATCH_NAMES = {1: "l3", 2: "l3l4", 3: "l4", 4: "all", 5: "l3proto", 6: "proto"}
 SPECIFIC, ANY = (1, 2, 5), (3, 4, 6)  # the match types of an identity's entries, of any identity's
@@ -88,6 +91,13 @@ ESTABLISHED = (("tcp", "@th,104,56 & 0x07000000000000 == 0"), ("udp", "@th,56,8 
                ("sctp", "@th,88,8 & 0 == 0"))
 FRAGMENT_MAPS = ("fsm", "fdm", "fsc", "fdc")  # source/destination port as mark/classid
 SENTINEL_MARK, SENTINEL_PRIORITY = "0xffffffff", "ffff:ffff"  # no port becomes these
+#: A packet for the DNS proxy leaves the netdev table with Cilium's to-proxy mark (0x200 under
+#: 0xf00, the port above) and this priority, which no port conversion gives: the proxy table's
+#: prerouting chain takes a mark that only looks like it (a port or an identity left in the
+#: mark) for what it is, and clears it.
+MARK_MAGIC_TO_PROXY, MARK_MAGIC_MASK = 0x0200, 0x0F00
+PROXY_PRIORITY = "ffff:fffe"
+PEER_REDIRECT = 100  # the mark's base while the peer's redirect (plus its prefix) waits
 SHARED_CHAINS = ("fragrecord", "fragports", "fragreply")
 RECORDS = (("sport", "mark", "fsm"), ("dport", "mark", "fdm"),  # port, where to, map
            ("sport", "priority", "fsc"), ("dport", "priority", "fdc"))
@@ -163,6 +173,34 @@ class Ruleset:
 {icmp}
 {frag}
 {chains}
+  chain toproxy {{
+    {self.toproxy_rule(0)}
+  }}
+}}"""
+
+    def toproxy_rule(self, port: int) -> str:
+        """The shared chain's rule that hands a packet to the DNS proxy on ``port`` (0: no
+        proxy listens; the packet is dropped, counted)."""
+        if not port:
+            return "counter name r_proxy_lookup drop"
+        mark = MARK_MAGIC_TO_PROXY | port << 16
+        return f"meta mark set {mark:#x} meta priority set {PROXY_PRIORITY}" \
+               " counter name r_redirected accept"
+
+    def proxy_table_text(self, port: int) -> str:
+        """The ``inet`` table whose prerouting chain delivers packets marked for the proxy to
+        its socket on ``port`` (nftables' tproxy, as Cilium's iptables TPROXY rules): the
+        connection's own socket, else the one listening; none: dropped."""
+        return f"""table inet {self.table}_proxy {{
+  comment "meshagent: packets for the DNS proxy (do not edit: the agent owns this table)"
+  chain prerouting {{
+    type filter hook prerouting priority raw; policy accept;
+    meta mark & {MARK_MAGIC_MASK:#x} == {MARK_MAGIC_TO_PROXY:#x} meta priority != {PROXY_PRIORITY} meta mark set 0 return
+    meta mark & {MARK_MAGIC_MASK:#x} != {MARK_MAGIC_TO_PROXY:#x} return
+    meta nfproto ipv4 meta l4proto {{ tcp, udp }} tproxy ip to :{port} accept
+    meta nfproto ipv6 meta l4proto {{ tcp, udp }} tproxy ip6 to :{port} accept
+    drop
+  }}
 }}"""
 
     def conversion_elements(self, first: int, last: int) -> str:
@@ -233,7 +271,7 @@ class EndpointRules:
         self.parts: list[str] = []
         for direction, d in DIRS.items():
             self._events(d)
-            for reason in REASONS[1:]:
+            for reason in DROP_REASONS:
                 for match in (SPECIFIC + ANY if reason == "policy_deny" else (0,)):
                     self._chain(_drop_chain(reason, match, e, d),
                                 self.policy_drop_body(reason, match, d, audit))
@@ -299,11 +337,34 @@ class EndpointRules:
                 body = (f'    limit name "ev_{e}_{d}" counter name {UNLOGGED} goto okd_{e}_{d}\n'
                         f"    {self._log(d, 'verdict', 'forwarded', match)}\n" + body)
             self._chain(f"ok_{MATCH_NAMES[match]}_{e}_{d}", body)
+            # redirected to the DNS proxy, with this match type: only TCP and UDP leaving
+            # the pod can go there (the others are dropped before any verdict is logged)
+            body = f"    goto rdd_{e}_{d}"
+            if rs.flows:
+                body = (f'    limit name "ev_{e}_{d}" counter name {UNLOGGED} goto rdd_{e}_{d}\n'
+                        f"    {self._log(d, 'redirect', 'forwarded', match)}\n" + body)
+            unsupported = f"goto drop_proxy_unsupported_{e}_{d}"
+            body = (f"    meta l4proto != {{ tcp, udp }} {unsupported}\n" + body if d == "out"
+                    else f"    {unsupported}")
+            self._chain(f"rdok_{MATCH_NAMES[match]}_{e}_{d}", body)
+        # the peer's redirect waiting in the mark (PEER_REDIRECT + its prefix) beats any
+        # identity's allow and redirect; it names its own match type
+        peer_redirect = "\n".join(
+            [f"    meta mark {PEER_REDIRECT + p} goto rdok_{MATCH_NAMES[match_of(True, p)]}_{e}_{d}"
+             for p in PORTLESS_PREFIXES]
+            + [f"    meta mark {PEER_REDIRECT + 9}-{PEER_REDIRECT + 24}"
+               f" goto rdok_{MATCH_NAMES[match_of(True, 24)]}_{e}_{d}"])
+        for prefix in PREFIXES:  # any identity redirects: unless the peer's redirect waits
+            self._chain(f"anyrd_{prefix}_{e}_{d}", peer_redirect + f"""
+    goto rdok_{MATCH_NAMES[match_of(False, prefix)]}_{e}_{d}""")
+        self._chain(f"rdd_{e}_{d}", f"""    meta protocol ip goto rdfirst4_{e}_{d}
+    goto rdfirst6_{e}_{d}""")
         for prefix in PREFIXES:  # any identity allowed: the peer's allow (mark: its prefix + 1,
             # 0 if none) decides unless any identity's prefix is longer (Cilium 1.17+)
             longer = "0" if prefix == 0 else f"0-{prefix}"
             self._chain(f"anyok_{prefix}_{e}_{d}", "\n".join(
-                [f"    meta mark {longer} goto ok_{MATCH_NAMES[match_of(False, prefix)]}_{e}_{d}"]
+                [peer_redirect]
+                + [f"    meta mark {longer} goto ok_{MATCH_NAMES[match_of(False, prefix)]}_{e}_{d}"]
                 + [f"    meta mark {p + 1} goto ok_{MATCH_NAMES[match_of(True, p)]}_{e}_{d}"
                    for p in PORTLESS_PREFIXES]
                 + [f"    goto ok_{MATCH_NAMES[match_of(True, 24)]}_{e}_{d}"]))
@@ -331,7 +392,9 @@ class EndpointRules:
             self.parts.append(f"\n  map {name} {{ typeof {key} : verdict; flags interval; }}")
         tuple_ = f"{ip} saddr . {ip} daddr . meta l4proto . meta mark . meta priority"
         tuple_np = f"{ip} saddr . {ip} daddr . meta l4proto"
-        sets = [("rep", tuple_), ("repnp", tuple_np), ("fsn", tuple_), ("fsnnp", tuple_np)]
+        # prx: the judged connections whose packets go to the DNS proxy (flushed with fsn)
+        sets = [("rep", tuple_), ("repnp", tuple_np), ("fsn", tuple_), ("fsnnp", tuple_np),
+                ("prx", tuple_)]
         if rs.flows:
             # a set per flag: nft 1.0.6 aborts writing an IPv6 tuple with one more field
             sets += [("rsn", tuple_), ("rsnnp", tuple_np)] + [(flag, tuple_) for flag in TCP_FLAGS]
@@ -379,6 +442,19 @@ class EndpointRules:
     meta priority set th sport map @p2c
     update @rep{family}_{e}_{back} {{ {reply} }}
     counter name r_forwarded accept""")
+        # to the DNS proxy: tracked as allowed (its reply passes), never established (each
+        # packet takes the walk to be marked for the proxy)
+        self._chain(f"redirectlater{fed}", f"""    meta mark set {SENTINEL_MARK} meta priority set {SENTINEL_PRIORITY}
+    jump fragreply{sfx}
+    meta mark != {SENTINEL_MARK} meta priority != {SENTINEL_PRIORITY} update @rep{family}_{e}_{back} {{ {reply} }}
+    goto toproxy""")
+        self._chain(f"redirect{fed}", f"""    {later} goto redirectlater{fed}
+    meta mark set th dport map @p2m
+    meta priority set th sport map @p2c
+    update @rep{family}_{e}_{back} {{ {reply} }}
+    goto toproxy""")
+        self._chain(f"closingrd{fed}", f"""    jump close{fed}
+    goto toproxy""")
         self._chain(f"allowednp{fed}", f"""    update @repnp{family}_{e}_{back} {{ {ip} daddr . {ip} saddr . meta l4proto }}
     counter name r_forwarded accept""")
         # first judged packet of a connection and direction (allowed or audited): tracked
@@ -390,6 +466,11 @@ class EndpointRules:
     add @fsn{fed} {{ {tuple_} }}
 {record}
     goto allowed{fed}""")
+        self._chain(f"rdfirst{fed}", f"""    jump fwdports{fed}
+    add @fsn{fed} {{ {tuple_} }}
+    add @prx{fed} {{ {tuple_} }}
+{record}
+    goto redirect{fed}""")
         self._chain(f"firstnp{fed}", f"""    add @fsnnp{fed} {{ {tuple_np} }}
     goto allowednp{fed}""")
         for prefix in PREFIXES:  # the peer's identity allowed: any identity's deny still wins
@@ -402,6 +483,16 @@ class EndpointRules:
             self._chain(f"anyafternp_{prefix}_{fed}", f"""    meta mark set {prefix + 1}
     meta l4proto vmap @anynp{fed}
     goto ok_{m}_{e}_{d}""")
+        for prefix in PREFIXES:  # the peer's identity redirects: any identity's deny still wins
+            m = MATCH_NAMES[match_of(True, prefix)]
+            self._chain(f"anyafterrd_{prefix}_{fed}", f"""    meta mark set {PEER_REDIRECT + prefix}
+    meta l4proto . meta priority vmap @any{fed}
+    goto rdok_{m}_{e}_{d}""")
+        for prefix in PORTLESS_PREFIXES:
+            m = MATCH_NAMES[match_of(True, prefix)]
+            self._chain(f"anyafterrdnp_{prefix}_{fed}", f"""    meta mark set {PEER_REDIRECT + prefix}
+    meta l4proto vmap @anynp{fed}
+    goto rdok_{m}_{e}_{d}""")
         self._chain(f"anyonly{fed}", f"""    meta mark set 0
     meta l4proto . meta priority vmap @any{fed}
     goto drop_policy_default{drop}""")
@@ -426,6 +517,9 @@ class EndpointRules:
 {establish}
 {to_closing}
     goto allowed{fed}""")
+            self._chain(f"knownrd{fed}", f"""    jump tflags{fed}
+    tcp flags & (fin | rst) != 0 goto closingrd{fed}
+    goto redirect{fed}""")
             self._chain(f"replied{fed}", f"""    jump tflags{fed}
 {establish}
 {close}
@@ -446,10 +540,13 @@ class EndpointRules:
             self._chain(f"known{fed}", f"""{establish}
 {to_closing}
     goto allowed{fed}""")
+            self._chain(f"knownrd{fed}", f"""    tcp flags & (fin | rst) != 0 goto closingrd{fed}
+    goto redirect{fed}""")
             self._chain(f"replied{fed}", f"""{establish}
 {close}
     counter name r_forwarded accept""")
         self._chain(f"judge{fed}", f"""    {tuple_} @rep{fed} {on_reply}
+    {tuple_} @prx{fed} goto knownrd{fed}
     {tuple_} @fsn{fed} {on_known}
     meta mark set {world}
     meta mark set {ip} {peer} map @{ipcache}
@@ -566,7 +663,7 @@ def established_key(ip: str) -> str:
 def judged_sets(endpoint_id: int) -> list[str]:
     """An endpoint's sets of connections judged under the current state, and of connections
     established under it (flushed when the state changes)."""
-    return [f"{kind}{family}_{endpoint_id}_{d}" for kind in ("fsn", "fsnnp", "est")
+    return [f"{kind}{family}_{endpoint_id}_{d}" for kind in ("fsn", "fsnnp", "est", "prx")
             for family in (4, 6) for d in DIRS.values()]
 
 
@@ -575,17 +672,23 @@ def policy_map(kind: str, family: int, endpoint_id: int, d: str) -> str:
     return f"{kind}{family}_{endpoint_id}_{d}"
 
 
-def verdict_target(allow: bool, peer: bool, prefix: int, ported: bool, family: int,
+def verdict_target(verdict: str, peer: bool, prefix: int, ported: bool, family: int,
                    endpoint_id: int, d: str) -> str:
-    """The chain a policy map element's verdict jumps to, for an entry of the peer's identity
-    (``peer``) or of any identity with a prefix of ``prefix`` bits: a deny drops (or audits)
-    naming its match type; an allow of the peer's identity looks any identity up next, whose
-    deny or longer allow decides; an allow of any identity compares its prefix with the
-    peer's own allow, if any."""
-    if not allow:
+    """The chain a policy map element's verdict (``allow``, ``deny``, ``redirect``) jumps to,
+    for an entry of the peer's identity (``peer``) or of any identity with a prefix of
+    ``prefix`` bits: a deny drops (or audits) naming its match type; an allow or a redirect
+    of the peer's identity looks any identity up next, whose deny (or, for an allow, redirect
+    or longer allow) decides; an allow or a redirect of any identity is weighed against what
+    the peer's lookup left in the mark (deny > redirect > allow)."""
+    if verdict == "deny":
         return _drop_chain("policy_deny", match_of(peer, prefix), endpoint_id, d)
+    np = "" if ported else "np"
+    if verdict == "redirect":
+        if peer:
+            return f"anyafterrd{np}_{prefix}_{family}_{endpoint_id}_{d}"
+        return f"anyrd_{prefix}_{endpoint_id}_{d}"
     if peer:
-        return f"anyafter{'' if ported else 'np'}_{prefix}_{family}_{endpoint_id}_{d}"
+        return f"anyafter{np}_{prefix}_{family}_{endpoint_id}_{d}"
     return f"anyok_{prefix}_{endpoint_id}_{d}"
 
 
