@@ -13,7 +13,8 @@ and to an address where nothing is) arrive at the proxy's sockets with their ori
 destination; the proxy's answers, sent from that destination (address and port), reach the
 pod as replies of the connection; later
 packets of the TCP connection go the same way; nothing of a's reaches the outside server,
-while b's queries do; stopping the datapath takes the ip rule and table away.
+while b's queries do; the datapath reports (ReportsConnections) the addresses each pod has
+connections with; stopping the datapath takes the ip rule and table away. On both datapaths.
 """
 
 import asyncio
@@ -271,6 +272,7 @@ def make_datapath(kind: str, bpffs: Path, routes):
 
 @pytest.mark.parametrize("kind", ["ebpf", "nftables"])
 def test_a_pods_dns_goes_to_the_proxy_with_its_destination_and_nowhere_else(net, bpffs, kind):
+    from meshagent.datapath import ReportsConnections
     from meshagent.datapath.feed import BatchFeed
     from meshagent.datapath.proxyroute import ProxyRoutes
     from meshagent.model.endpoint import Endpoint
@@ -304,6 +306,8 @@ def test_a_pods_dns_goes_to_the_proxy_with_its_destination_and_nowhere_else(net,
             a_out = net.run_in(net.prefix + "-a", PY, "-c", CLIENT, SERVER, "a").split("\n")
             a_nowhere = net.run_in(net.prefix + "-a", PY, "-c", CLIENT, NOWHERE, "n").split("\n")
             b_out = net.run_in(net.prefix + "-b", PY, "-c", CLIENT, SERVER, "b").split("\n")
+            assert isinstance(datapath, ReportsConnections)
+            peers = loop.run_until_complete(datapath.connected_peers())
         finally:
             proxy.close()
             loop.run_until_complete(datapath.stop())
@@ -324,6 +328,10 @@ def test_a_pods_dns_goes_to_the_proxy_with_its_destination_and_nowhere_else(net,
     # b: no redirect entry, so the real server answered; the server saw nothing of a's
     assert b_out[:3] == [f"udp outside {SERVER} 53", f"tcp outside {SERVER}",
                          f"tcp outside {SERVER}"]
+    # the connections each pod opened, redirected or not, with the addresses it asked for
+    a_id, b_id = 1, 2
+    assert peers[a_id] == {ipaddress.ip_address(SERVER), ipaddress.ip_address(NOWHERE)}
+    assert peers[b_id] == {ipaddress.ip_address(SERVER)}
     seen = outside_log.read_text().splitlines()
     assert sorted(seen) == sorted([f"udp b from {PODS['b']}", f"tcp b 1 from {PODS['b']}",
                                    f"tcp b 2 from {PODS['b']}"])

@@ -266,6 +266,27 @@ class NftablesDatapath:
                 self.routed = False
         self.proxy_port = port
 
+    # -- connections (ReportsConnections) --------------------------------------------------
+
+    async def connected_peers(self) -> dict[int, frozenset]:
+        """Per endpoint, the peers of the connections it opened that are still tracked: the
+        sources of the elements of its reply sets for packets entering it (``rep``,
+        ``repnp``), which a connection's packets refresh and which expire with it."""
+        peers: dict[int, set] = {}
+        for endpoint_id in list(self.endpoints):
+            for family in (4, 6):
+                for kind in ("rep", "repnp"):
+                    name = f"{kind}{family}_{endpoint_id}_in"
+                    for item in self._json(f"list set {self.rules.ref} {name}"):
+                        for element in item.get("set", {}).get("elem", []):
+                            value = element.get("elem", {}).get("val", element) \
+                                if isinstance(element, dict) else element
+                            fields = value.get("concat", []) if isinstance(value, dict) else []
+                            if fields:
+                                peers.setdefault(endpoint_id, set()).add(
+                                    ipaddress.ip_address(fields[0]))
+        return {endpoint: frozenset(addresses) for endpoint, addresses in peers.items()}
+
     # -- endpoints ----------------------------------------------------------------------------
 
     def _add_endpoint(self, endpoint: Endpoint) -> set:

@@ -44,7 +44,7 @@ import attrs
 from meshagent.plugin import match_of, world_identity
 
 FAMILY = "netdev"
-LAYOUT = "layout_5"  # an empty chain naming the table's layout: another layout is replaced
+LAYOUT = "layout_6"  # an empty chain naming the table's layout: another layout is replaced
 REASONS = ("forwarded", "policy_deny", "policy_default", "spoofed", "frag_tiny",
            "frag_unknown", "malformed", "unsupported_l3", "redirected", "proxy_lookup",
            "proxy_unsupported")
