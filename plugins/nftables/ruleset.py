@@ -98,6 +98,16 @@ SENTINEL_MARK, SENTINEL_PRIORITY = "0xffffffff", "ffff:ffff"  # no port becomes 
 MARK_MAGIC_TO_PROXY, MARK_MAGIC_MASK = 0x0200, 0x0F00
 PROXY_PRIORITY = "ffff:fffe"
 PEER_REDIRECT = 100  # the mark's base while the peer's redirect (plus its prefix) waits
+#: A redirect's chains need only the prefix lengths that name different match types: the
+#: shortest of each class (0; 8; 9-24 as 24 for the peer's, as 9 for any identity's)
+PEER_CLASSES, ANY_CLASSES = (0, 8, 24), (0, 8, 9)
+
+
+def prefix_class(prefix: int, peer: bool) -> int:
+    """The prefix length standing for ``prefix`` in a redirect's chains (same match type)."""
+    if prefix <= 8:
+        return prefix if prefix in (0, 8) else 8
+    return 24 if peer else 9
 SHARED_CHAINS = ("fragrecord", "fragports", "fragreply")
 RECORDS = (("sport", "mark", "fsm"), ("dport", "mark", "fdm"),  # port, where to, map
            ("sport", "priority", "fsc"), ("dport", "priority", "fdc"))
@@ -354,7 +364,7 @@ class EndpointRules:
              for p in PORTLESS_PREFIXES]
             + [f"    meta mark {PEER_REDIRECT + 9}-{PEER_REDIRECT + 24}"
                f" goto rdok_{MATCH_NAMES[match_of(True, 24)]}_{e}_{d}"])
-        for prefix in PREFIXES:  # any identity redirects: unless the peer's redirect waits
+        for prefix in ANY_CLASSES:  # any identity redirects: unless the peer's redirect waits
             self._chain(f"anyrd_{prefix}_{e}_{d}", peer_redirect + f"""
     goto rdok_{MATCH_NAMES[match_of(False, prefix)]}_{e}_{d}""")
         self._chain(f"rdd_{e}_{d}", f"""    meta protocol ip goto rdfirst4_{e}_{d}
@@ -483,7 +493,7 @@ class EndpointRules:
             self._chain(f"anyafternp_{prefix}_{fed}", f"""    meta mark set {prefix + 1}
     meta l4proto vmap @anynp{fed}
     goto ok_{m}_{e}_{d}""")
-        for prefix in PREFIXES:  # the peer's identity redirects: any identity's deny still wins
+        for prefix in PEER_CLASSES:  # the peer's identity redirects: any identity's deny wins
             m = MATCH_NAMES[match_of(True, prefix)]
             self._chain(f"anyafterrd_{prefix}_{fed}", f"""    meta mark set {PEER_REDIRECT + prefix}
     meta l4proto . meta priority vmap @any{fed}
@@ -685,8 +695,8 @@ def verdict_target(verdict: str, peer: bool, prefix: int, ported: bool, family: 
     np = "" if ported else "np"
     if verdict == "redirect":
         if peer:
-            return f"anyafterrd{np}_{prefix}_{family}_{endpoint_id}_{d}"
-        return f"anyrd_{prefix}_{endpoint_id}_{d}"
+            return f"anyafterrd{np}_{prefix_class(prefix, True)}_{family}_{endpoint_id}_{d}"
+        return f"anyrd_{prefix_class(prefix, False)}_{endpoint_id}_{d}"
     if peer:
         return f"anyafter{np}_{prefix}_{family}_{endpoint_id}_{d}"
     return f"anyok_{prefix}_{endpoint_id}_{d}"
