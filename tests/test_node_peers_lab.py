@@ -1,5 +1,5 @@
 """fromNodes with real traffic: a pod of cluster1 admits a client in the host network of a node
-whose labels its policy selects, and no other node, pod or world address (eBPF datapath).
+whose labels its policy selects, and no other node, pod or world address; on each datapath.
 
 Every agent runs with --enable-node-selector-labels; cluster1-node2 and cluster2-node2 are
 labelled role=worker, cluster2-node1 role=infra (each agent restarted with
@@ -36,9 +36,9 @@ spec:
 """
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    with lab_up(tmp_path_factory, "nodes", nodes=2,
+@pytest.fixture(scope="module", params=["ebpf", "nftables"])
+def lab(tmp_path_factory, request):
+    with lab_up(tmp_path_factory, f"nodes-{request.param}", nodes=2, datapath=request.param,
                 agent_args=["--enable-node-selector-labels=true"]) as lab:
         for name, labels in LABELS.items():
             lab.restart_agent(name, ["--local-node-labels", labels])

@@ -481,7 +481,7 @@ class Lab:
         self.save()
         self.stop_agent(name)
         self.start_agent(name)
-        self._wait_ready()
+        self.wait_ready()
 
     def stop_agent(self, name: str) -> None:
         pid = self.state["pids"].pop(f"agent-{name}", None)
