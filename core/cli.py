@@ -412,6 +412,8 @@ def _policy(args: argparse.Namespace) -> int:
                                ok=(201,))
             for name in done["imported"]:
                 print(f"imported {name}")
+            for warning in done.get("warnings", ()):
+                print(f"warning: {warning}", file=sys.stderr)
             revision = max(revision, done["revision"])
         print(f"revision {revision}")
         return _policy_wait(client, revision, args.timeout) if args.wait else 0

@@ -175,3 +175,23 @@ def test_a_node_address_ranks_after_the_local_clusters_entry_and_before_policy_c
     ipcache.delete(prefix, "cluster1")
     ipcache.delete(prefix, NODE_SOURCE)
     assert ipcache.get(prefix).identity == (1 << 24) + 1
+
+
+async def test_a_top_level_description_is_imported_with_ciliums_warning(agent_factory, tmp_path):
+    running = await agent_factory(ARGS)
+    path = tmp_path / "old-style.yaml"
+    path.write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n"
+                    "description: L3 ingress from env=qa\nmetadata: {name: l3-ingress-qa}\n"
+                    "spec:\n  endpointSelector: {matchLabels: {app: foo}}\n  ingress:\n"
+                    "  - fromEndpoints: [{matchLabels: {env: qa}}]\n")
+    imported = await cli(running, "policy", "import", str(path))
+    assert imported.returncode == 0, imported.stderr
+    assert "imported CiliumNetworkPolicy default/l3-ingress-qa" in imported.stdout
+    assert imported.stderr.strip() == (
+        "warning: CiliumNetworkPolicy default/l3-ingress-qa: It seems you have a policy with a"
+        " top-level description. This field is no longer supported. Please migrate your"
+        " policy's description field under `spec` or `specs`.")
+    (policy,) = running.agent.policy_repository.policies()
+    assert policy.description == "L3 ingress from env=qa"
+    assert json.loads((await cli(running, "policy", "get", "-o", "json")).stdout)[
+        "policies"][0]["description"] == "L3 ingress from env=qa"

@@ -148,8 +148,8 @@ async def _policy_import(api: APIState, request: web.Request) -> web.Response:
     policies = await repository.import_policies(body.get("text", ""),
                                                 body.get("source", "request"))
     revision = await repository.store(policies)
-    return json_response({"imported": [p.display for p in policies], "revision": revision},
-                         status=201)
+    return json_response({"imported": [p.display for p in policies], "revision": revision,
+                          "warnings": [w for p in policies for w in p.warnings]}, status=201)
 
 
 async def _policy_delete(api: APIState, request: web.Request) -> web.Response:

@@ -64,6 +64,10 @@ class PolicyError(UsageError):
     """A policy document is invalid or uses something meshagent does not enforce."""
 
 
+#: Cilium's preflight warning for a top-level description (warnTopLevelDescriptionField).
+TOP_LEVEL_DESCRIPTION = ("It seems you have a policy with a top-level description. This field"
+                         " is no longer supported. Please migrate your policy's description"
+                         " field under `spec` or `specs`.")
 #: Cilium's error (pkg/policy/api/rule_validation.go) for node peers without the option.
 NODE_SELECTOR_LABELS_OFF = ("FromNodes/ToNodes rules can only be applied when the"
                             " \"enable-node-selector-labels\" flag is set")
@@ -306,6 +310,14 @@ class Policy:
                 item["description"] = rule.description
             out.append({key: item[key] for key in _RULE_JSON_ORDER if key in item})
         return out
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What Cilium's preflight check (``cilium-dbg preflight validate-cnp``,
+        pkg/k8s/apis/cilium.io/v2/validator) warns about in an accepted policy."""
+        if self.description:
+            return (f"{self.display}: {TOP_LEVEL_DESCRIPTION}",)
+        return ()
 
     def check_node_peers(self, enabled: bool) -> None:
         """Refuse node peers unless ``--enable-node-selector-labels``, as Cilium does."""
