@@ -358,6 +358,23 @@ def icmp_rules(draw) -> list:
 
 
 @st.composite
+def icmp_policy(draw, index: int) -> str:
+    """A clusterwide policy of ``icmps`` rules for every local pod, allow and deny sections
+    in either direction: the random policies alone rarely have an ICMP rule select the pod
+    an ICMP packet of the rule's type is probed at."""
+    spec: dict = {"endpointSelector": {}}
+    for section in ("ingress", "egress", "ingressDeny", "egressDeny"):
+        if draw(st.booleans()):
+            item: dict = {"icmps": draw(icmp_rules())}
+            if draw(st.integers(0, 3)) == 0:
+                prefix = "from" if section.startswith("ingress") else "to"
+                item[f"{prefix}Entities"] = [draw(st.sampled_from(ENTITIES))]
+            spec[section] = [item]
+    return json.dumps({"apiVersion": "cilium.io/v2", "kind": "CiliumClusterwideNetworkPolicy",
+                       "metadata": {"name": f"icmp{index}"}, "spec": spec}, sort_keys=True)
+
+
+@st.composite
 def peer_rules(draw, direction: str) -> dict:
     prefix = "from" if direction == INGRESS else "to"
     item: dict = {}
@@ -445,6 +462,8 @@ def scenarios(draw, probes_per_phase: int = 80, phases: int = 2) -> Scenario:
             phase_identities = tuple(i for i in identities
                                      if i.id in keep or draw(st.integers(0, 3)) > 0)
         docs = tuple(draw(policies(n)) for n in range(draw(st.integers(0, 4))))
+        if draw(st.integers(0, 2)) == 0:  # ICMP by type, allowed and denied, for every pod
+            docs += (draw(icmp_policy(len(docs))),)
         if phase_index and out and draw(st.booleans()):
             docs = out[-1].policies[:draw(st.integers(0, len(out[-1].policies)))] + docs[:1]
         ipcache = world_ipcache(rng, identities, endpoints, phase_index)
