@@ -9,12 +9,13 @@ as they change (ICMP rules have their own lab test, test_icmp_lab.py).
 """
 
 import ipaddress
+import re
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import lab_up, run_cli
+from conftest import MESHAGENT, lab_up, run_cli
 
 from meshagent_dev.lab import DNS_SERVER, NETNS_ETC, OUTSIDE_NET, REDIS_SERVER, Lab, OutsideHost
 from meshagent_dev.netlab import can_run
@@ -179,6 +180,10 @@ def test_fqdn_policy_allows_the_looked_up_name_and_nothing_else(lab, tmp_path):
         result = run_cli("policy", "import", str(tmp_path / f"{name}.yaml"), "--wait",
                          "--socket-path", socket_of(lab))
         assert result.returncode == 0, result.stderr
+    monitor_out = tmp_path / "monitor.out"
+    monitor = subprocess.Popen([MESHAGENT, "monitor", "--socket-path", socket_of(lab)],
+                               stdout=open(monitor_out, "w"), stderr=subprocess.STDOUT)
+    time.sleep(1)  # listening
     # no lookup through the proxy yet: the allowed host's address is not reachable
     for pod in ("strict", "lenient"):
         assert redis(lab, pod, ip_of(lab, ALLOWED)) == "timeout"
@@ -200,6 +205,18 @@ def test_fqdn_policy_allows_the_looked_up_name_and_nothing_else(lab, tmp_path):
     # a pod without policy is not redirected, and reaches everything
     assert redis(lab, "client", OTHER) == "PONG"
     assert f"{ALLOWED}." in fqdn_cache(lab)
+    # meshagent monitor showed the DNS verdicts and the drops
+    time.sleep(0.5)
+    monitor.kill()
+    monitor.wait()
+    shown = monitor_out.read_text()
+    strict_ep, lenient_ep = (lab.state["pods"][pod]["endpoint"] for pod in ("strict", "lenient"))
+    assert re.search(rf"Request dns from {strict_ep} .* verdict Denied DNS Query: {OTHER}\. A",
+                     shown), shown
+    assert re.search(rf"Response dns to {lenient_ep} .* verdict Forwarded DNS Query: {OTHER}\."
+                     rf" A .*Answer: '{ip_of(lab, OTHER)}'", shown), shown
+    assert re.search(rf"drop \(.*\) endpoint {lenient_ep} egress: [0-9.:]+ ->"
+                     rf" {ip_of(lab, OTHER)}:6379 tcp SYN", shown), shown
 
 
 def test_after_an_agent_restart_the_allowed_name_keeps_working(lab):
