@@ -71,24 +71,6 @@ print(ping(), flush=True)
 '''
 
 
-# what does not work yet, by test and datapath: run, reported as xfail (XPASS once it works)
-NFT_REDIRECT = ("the nftables datapath drops REDIRECT entries on main (no redirect to the DNS"
-                " proxy yet; branch i33-dnsdp brings it): the pods' DNS times out")
-KNOWN_GAPS: dict[tuple[str, str], str] = {
-    ("test_fqdn_policy_allows_the_looked_up_name_and_nothing_else", "nftables"): NFT_REDIRECT,
-    ("test_after_an_agent_restart_the_allowed_name_keeps_working", "nftables"): NFT_REDIRECT,
-    ("test_an_expired_address_is_dropped_until_the_next_lookup", "nftables"): NFT_REDIRECT,
-    ("test_an_open_connection_outlives_its_address_ttl", "nftables"): NFT_REDIRECT,
-}
-
-
-@pytest.fixture(autouse=True)
-def known_gap(request, lab):
-    reason = KNOWN_GAPS.get((request.node.originalname, lab.state["datapath"]))
-    if reason:
-        request.applymarker(pytest.mark.xfail(strict=False, reason=reason))
-
-
 @pytest.fixture(scope="module", params=["ebpf", "nftables"])
 def lab(request, tmp_path_factory):
     outside = [OutsideHost(ALLOWED), OutsideHost(OTHER), OutsideHost(SHORT, SHORT_TTL)]
