@@ -9,6 +9,7 @@ as they change (ICMP rules have their own lab test, test_icmp_lab.py).
 """
 
 import ipaddress
+import json
 import re
 import subprocess
 import sys
@@ -199,6 +200,28 @@ def test_fqdn_policy_allows_the_looked_up_name_and_nothing_else(lab, tmp_path):
                      rf" A .*Answer: '{ip_of(lab, OTHER)}'", shown), shown
     assert re.search(rf"drop \(.*\) endpoint {lenient_ep} egress: [0-9.:]+ ->"
                      rf" {ip_of(lab, OTHER)}:6379 tcp SYN", shown), shown
+
+
+def test_a_remote_cluster_never_imports_the_fqdn_state(lab):
+    def listed(node: str, what: str) -> list[dict]:
+        out = run_cli(what, "list", "-o", "json", "--socket-path",
+                      lab.state["nodes"][node]["socket"])
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    outside = ipaddress.ip_network(OUTSIDE_NET)
+    # cluster1's node: the answered address a toFQDNs selector selects, with a node-local fqdn
+    # identity (other.example.com, answered too but selected by none, stays plain world)
+    local = {e["prefix"]: e["identity"] for e in listed(NODE, "ip")
+             if ipaddress.ip_network(e["prefix"]).subnet_of(outside)}
+    assert set(local) == {f"{ip_of(lab, ALLOWED)}/32"}
+    labels = {i["id"]: i["labels"] for i in listed(NODE, "identity")}
+    assert f"fqdn:{ALLOWED}" in labels[local[f"{ip_of(lab, ALLOWED)}/32"]]
+    # cluster2's: none of it (its pods asked no proxy)
+    assert not [e for e in listed("cluster2-node1", "ip")
+                if ipaddress.ip_network(e["prefix"]).subnet_of(outside)]
+    assert not [i for i in listed("cluster2-node1", "identity")
+                if any(label.startswith("fqdn:") for label in i["labels"])]
 
 
 def test_after_an_agent_restart_the_allowed_name_keeps_working(lab):
