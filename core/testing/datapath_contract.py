@@ -32,7 +32,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import attrs
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from meshagent.datapath import Datapath
@@ -182,7 +182,8 @@ def raw_stream(world: ResolvedWorld, ipcache_before: dict, ipcache_changes: list
     ghost = IPCacheEntry(GHOST_PREFIX, 4242, "cluster1")
     steps += [ipcache(ChangeKind.UPSERT, ghost), ipcache(ChangeKind.DELETE, ghost)]
 
-    flip = {Verdict.ALLOW: Verdict.DENY, Verdict.DENY: Verdict.ALLOW, None: Verdict.ALLOW}
+    flip = {Verdict.ALLOW: Verdict.DENY, Verdict.DENY: Verdict.ALLOW,
+            Verdict.REDIRECT: Verdict.ALLOW, None: Verdict.ALLOW}
     for endpoint_id in sorted(endpoints):
         changes = policy_changes.get(endpoint_id, [])
         raw = []
@@ -420,7 +421,14 @@ class DatapathContract:
                                      # one run per datapath's subclass (database=None)
                                      HealthCheck.differing_executors])
     @given(scenario=scenarios(probes_per_phase=PROBES_PER_PHASE))
-    def test_verdicts_equal_the_resolvers_on_random_worlds(self, driver, scenario):
+    def test_verdicts_equal_the_resolvers_on_random_worlds(self, driver, dns_proxy, scenario):
+        """Every world's DNS rules redirect to the test's DNS proxy sockets (worlds with DNS
+        rules are left out for a datapath that does not redirect)."""
+        if dns_proxy is None:
+            assume(not any('"dns"' in doc for phase in scenario.phases
+                           for doc in phase.policies))
+        elif driver.feed.proxy_port != dns_proxy:
+            driver.replay([lambda feed: feed.proxy_port_changed(dns_proxy)])
         cls = type(self)
         if "outcomes_seen" not in vars(cls):  # each datapath's tally of its own
             cls.outcomes_seen = {}
@@ -441,6 +449,8 @@ class DatapathContract:
         assert ipv6 <= set(seen), f"IPv6 outcomes never seen: {ipv6 - set(seen)}"
         if cls.expects_local_delivery:
             assert seen.get("delivered", 0) > 0, seen
+        if cls.redirects:  # the worlds' DNS rules sent packets of both families to the proxy
+            assert {model.REDIRECTED, f"{model.REDIRECTED} ipv6"} <= set(seen), seen
         assert set(cls.expected_events) <= set(seen), \
             f"events never reported: {set(cls.expected_events) - set(seen)}"
         assert set(ICMP_KINDS) <= set(seen), \
@@ -500,6 +510,16 @@ class DatapathContract:
 
 
     # -- REDIRECT: packets for the DNS proxy ----------------------------------------------------
+
+    @pytest.fixture
+    def dns_proxy(self) -> Iterator[int | None]:
+        """The DNS proxy's port, its sockets listening, for the random worlds; None for a
+        datapath that does not redirect."""
+        if not self.redirects:
+            yield None
+            return
+        with proxy_sockets() as port:
+            yield port
 
     @pytest.fixture
     def proxy_port(self) -> Iterator[int]:

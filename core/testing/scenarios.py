@@ -420,6 +420,15 @@ def policies(draw, index: int) -> str:
         count = draw(st.sampled_from((0, 0, 1, 1, 2) if "Deny" not in section else (0, 0, 1)))
         if count:
             spec[section] = [draw(peer_rules(direction)) for _ in range(count)]
+            if section == "egress" and draw(st.integers(0, 2)) == 0:
+                # a DNS rule: its port goes to the DNS proxy (REDIRECT entries), for its peers
+                # or (as kube-dns rules often are written) for any
+                protocol = draw(st.sampled_from(("UDP", "TCP", "ANY")))
+                if draw(st.booleans()):
+                    spec[section][0] = {}
+                spec[section][0].pop("icmps", None)  # no toPorts beside icmps (Cilium)
+                spec[section][0]["toPorts"] = [{"ports": [{"port": "53", "protocol": protocol}],
+                                                "rules": {"dns": [{"matchPattern": "*"}]}}]
     if draw(st.integers(0, 5)) == 0:
         spec["enableDefaultDeny"] = {d: draw(st.booleans()) for d in
                                      draw(st.sets(st.sampled_from(("ingress", "egress")),
