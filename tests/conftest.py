@@ -179,3 +179,26 @@ def redis_ping(lab, pod: str, family: int = 4) -> str:
         return out.stdout.strip()
     except subprocess.TimeoutExpired:
         return "timeout"
+
+
+@pytest.fixture(scope="module", params=["ebpf", "nftables"])
+def kernel_driver(request):
+    """A scenario driver on each datapath in turn (the differential machinery's), for tests
+    that walk a scenario of their own through both kernels."""
+    from meshagent.testing.datapath_contract import ScenarioDriver
+    from meshagent.testing.packets import KERNEL_WALK
+    from meshagent_dev.netlab import can_run
+
+    if not can_run():
+        pytest.skip("needs root and BPF")
+    if request.param == "ebpf":
+        from test_datapath_differential import kernel_judge
+        with kernel_judge() as judge:
+            yield ScenarioDriver(judge)
+    else:
+        from test_nftables_datapath import NamespaceJudge
+        judge = NamespaceJudge()
+        try:
+            yield ScenarioDriver(judge, local_delivery=False, walk=KERNEL_WALK)
+        finally:
+            judge.close()

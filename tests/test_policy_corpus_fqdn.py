@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from corpus import assert_refused, expectation
+
 from meshagent.model.identity import Identity
-from meshagent.policy.api import PROTOCOLS, PolicyError, parse_policies
+from meshagent.policy.api import PROTOCOLS, parse_policies
 from meshagent.policy.resolver import EGRESS, PolicyEndpoint, Resolver, decide
 from meshagent.testing.policy_cases import IDS
 
@@ -18,12 +20,6 @@ CORPUS = Path(__file__).parent / "policy_corpus" / "fqdn"
 DOCUMENTS = sorted(CORPUS.glob("*.yaml"))
 PEERS = {**IDS, "fqdn-deep": Identity((1 << 24) + 5, frozenset({"fqdn:**.example.com",
                                                                 "reserved:world"}))}
-
-
-def expectation(path: Path) -> str:
-    first = path.read_text().splitlines()[0]
-    assert first.startswith("# expect: "), f"{path.name}: first line must say # expect:"
-    return first.removeprefix("# expect: ")
 
 
 def verdict_lines(path: Path) -> list[tuple[str, int, str, str]]:
@@ -45,9 +41,7 @@ def test_the_corpus_has_documents_of_both_kinds():
 def test_each_document_is_parsed_and_resolved_as_it_says(path):
     expected = expectation(path)
     if expected != "accepted":
-        with pytest.raises(PolicyError) as caught:
-            parse_policies(path.read_text(), path.name)
-        assert str(caught.value).endswith(f"): {expected.removeprefix('error: ')}")
+        assert_refused(path, expected)
         return
     resolver = Resolver("cluster1")
     for identity in PEERS.values():

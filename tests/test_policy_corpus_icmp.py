@@ -9,14 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
-from test_datapath_differential import kernel_judge
-from test_nftables_datapath import NamespaceJudge
 
-from meshagent.policy.api import PROTOCOLS, PolicyError, parse_policies
+from corpus import assert_refused, expectation
+
+from meshagent.policy.api import PROTOCOLS, parse_policies
 from meshagent.policy.resolver import PolicyEndpoint, Resolver, decide
 from meshagent.testing.datapath_contract import ScenarioDriver
 from meshagent.testing.datapath_model import FORWARDED, INGRESS
-from meshagent.testing.packets import ICMP, ICMPV6, KERNEL_WALK, Packet
+from meshagent.testing.packets import ICMP, ICMPV6, Packet
 from meshagent.testing.policy_cases import IDS
 from meshagent.testing.scenarios import EndpointSpec, IdentitySpec, Phase, Probe, Scenario
 
@@ -25,12 +25,6 @@ DOCUMENTS = sorted(CORPUS.glob("*.yaml"))
 ACCEPTED = [p for p in DOCUMENTS if p.read_text().startswith("# expect: accepted")]
 ENDPOINT = "employee"
 POD4, POD6 = "10.9.0.1", "fd00:9::1"
-
-
-def expectation(path: Path) -> str:
-    first = path.read_text().splitlines()[0]
-    assert first.startswith("# expect: "), f"{path.name}: first line must say # expect:"
-    return first.removeprefix("# expect: ")
 
 
 def verdict_lines(path: Path) -> list[tuple[str, str, int, str, str]]:
@@ -52,9 +46,7 @@ def test_the_corpus_has_documents_of_both_kinds():
 def test_each_document_is_parsed_and_resolved_as_it_says(path):
     expected = expectation(path)
     if expected != "accepted":
-        with pytest.raises(PolicyError) as caught:
-            parse_policies(path.read_text(), path.name)
-        assert str(caught.value).endswith(f"): {expected.removeprefix('error: ')}")
+        assert_refused(path, expected)
         return
     resolver = Resolver("cluster1")
     for identity in IDS.values():
@@ -120,27 +112,7 @@ def check(driver: ScenarioDriver, path: Path) -> None:
     assert got == [verdict == "allow" for *_, verdict in verdict_lines(path)]
 
 
-@pytest.fixture(scope="module")
-def ebpf():
-    with kernel_judge() as kernel:
-        yield ScenarioDriver(kernel)
-
-
-@pytest.fixture(scope="module")
-def nftables():
-    judge = NamespaceJudge()
-    yield ScenarioDriver(judge, local_delivery=False, walk=KERNEL_WALK)
-    judge.close()
-
-
 @pytest.mark.privileged
 @pytest.mark.parametrize("path", ACCEPTED, ids=lambda p: p.stem)
-def test_each_accepted_document_on_the_ebpf_datapath(ebpf, path):
-    check(ebpf, path)
-
-
-@pytest.mark.privileged
-@pytest.mark.parametrize("path", ACCEPTED, ids=lambda p: p.stem)
-def test_each_accepted_document_on_the_nftables_datapath(nftables, path):
-    check(nftables, path)
-
+def test_each_accepted_document_on_both_datapaths(kernel_driver, path):
+    check(kernel_driver, path)

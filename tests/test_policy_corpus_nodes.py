@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from corpus import assert_refused, expectation
+
 from meshagent.policy.api import NODE_SELECTOR_LABELS_OFF, PolicyError, parse_policies
 from meshagent.policy.resolver import EGRESS, INGRESS, PolicyEndpoint, Resolver, decide
 from meshagent.testing.policy_cases import IDS, TCP
@@ -50,12 +52,6 @@ RULE_LABELS = {
 }
 
 
-def expectation(path: Path) -> str:
-    first = path.read_text().splitlines()[0]
-    assert first.startswith("# expect: "), f"{path.name}: first line must say # expect:"
-    return first.removeprefix("# expect: ")
-
-
 @pytest.mark.parametrize("documents", [NODES, LABELS], ids=["nodes", "labels"])
 def test_the_corpus_has_documents_of_both_kinds(documents):
     kinds = {expectation(p) == "accepted" for p in documents}
@@ -66,9 +62,7 @@ def test_the_corpus_has_documents_of_both_kinds(documents):
 def test_each_document_is_parsed_as_it_says(path):
     expected = expectation(path)
     if expected != "accepted":
-        with pytest.raises(PolicyError) as caught:
-            parse_policies(path.read_text(), path.name)
-        assert str(caught.value).endswith(f"): {expected.removeprefix('error: ')}")
+        assert_refused(path, expected)
         return
     (policy,) = parse_policies(path.read_text(), path.name)
     table = RESOLVED if path.parent.name == "nodes" else RULE_LABELS

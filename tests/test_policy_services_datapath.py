@@ -14,11 +14,8 @@ from meshagent.policy.api import parse_document
 from meshagent.policy.resolver import EGRESS
 from meshagent.policy.services import translate
 from meshagent.service.kubernetes import parse_services
-from meshagent.testing.datapath_contract import ScenarioDriver
 from meshagent.testing.datapath_model import FORWARDED, POLICY_DEFAULT
-from meshagent.testing.packets import KERNEL_WALK
 from meshagent.testing.scenarios import ECHO, ECHO2, ResolvedWorld, Scenario, named_scenario, tcp
-from meshagent_dev.netlab import can_run
 
 OUTSIDE_A, OUTSIDE_B = "192.0.2.10", "192.0.2.11"
 RULE = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
@@ -95,23 +92,6 @@ def test_each_phase_allows_the_services_backends_and_nothing_else():
         assert all(p.direction == EGRESS for p in phase.probes)
 
 
-@pytest.fixture(scope="module", params=["ebpf", "nftables"])
-def driver(request):
-    if not can_run():
-        pytest.skip("needs root and BPF")
-    if request.param == "ebpf":
-        from test_datapath_differential import kernel_judge
-        with kernel_judge() as judge:
-            yield ScenarioDriver(judge)
-    else:
-        from test_nftables_datapath import NamespaceJudge
-        judge = NamespaceJudge()
-        try:
-            yield ScenarioDriver(judge, local_delivery=False, walk=KERNEL_WALK)
-        finally:
-            judge.close()
-
-
 @pytest.mark.privileged
-def test_the_datapaths_follow_the_translation_phase_by_phase(driver):
-    assert driver.run(scenario()) == []
+def test_the_datapaths_follow_the_translation_phase_by_phase(kernel_driver):
+    assert kernel_driver.run(scenario()) == []
