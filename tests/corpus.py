@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from meshagent.policy.api import PolicyError, parse_policies
+from meshagent.policy.resolver import PolicyEndpoint, Resolver
 
 CORPUS = Path(__file__).parent / "policy_corpus"
 
@@ -26,3 +27,21 @@ def assert_refused(path: Path, expected: str) -> None:
     with pytest.raises(PolicyError) as caught:
         parse_policies(path.read_text(), path.name)
     assert str(caught.value).endswith(f"): {expected.removeprefix('error: ')}")
+
+
+def verdict_lines(path: Path) -> list[list[str]]:
+    """The words of each ``# verdict: ...`` line: what an accepted document resolves to."""
+    return [line.removeprefix("# verdict: ").split() for line in path.read_text().splitlines()
+            if line.startswith("# verdict: ")]
+
+
+def resolve(path: Path, identities, endpoint_labels) -> Resolver:
+    """A resolver holding ``identities``, the document's policies and endpoint 1 with
+    ``endpoint_labels`` in namespace default."""
+    resolver = Resolver("cluster1")
+    for identity in identities:
+        resolver.add_identity(identity)
+    for policy in parse_policies(path.read_text(), path.name):
+        resolver.upsert_policy(policy)
+    resolver.set_endpoint(PolicyEndpoint(1, "default", endpoint_labels))
+    return resolver

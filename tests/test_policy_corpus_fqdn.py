@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+import corpus
 from corpus import assert_refused, expectation
 
 from meshagent.model.identity import Identity
-from meshagent.policy.api import PROTOCOLS, parse_policies
-from meshagent.policy.resolver import EGRESS, PolicyEndpoint, Resolver, decide
+from meshagent.policy.api import PROTOCOLS
+from meshagent.policy.resolver import EGRESS, decide
 from meshagent.testing.policy_cases import IDS
 
 CORPUS = Path(__file__).parent / "policy_corpus" / "fqdn"
@@ -23,13 +24,9 @@ PEERS = {**IDS, "fqdn-deep": Identity((1 << 24) + 5, frozenset({"fqdn:**.example
 
 
 def verdict_lines(path: Path) -> list[tuple[str, int, str, str]]:
-    out = []
-    for line in path.read_text().splitlines():
-        if line.startswith("# verdict: "):
-            peer, port, verdict = line.removeprefix("# verdict: ").split()
-            number, protocol = port.split("/")
-            out.append((peer, int(number), protocol, verdict))
-    return out
+    """``# verdict: <peer> <port>/<protocol> <verdict>`` lines."""
+    return [(peer, int(port.split("/")[0]), port.split("/")[1], verdict)
+            for peer, port, verdict in corpus.verdict_lines(path)]
 
 
 def test_the_corpus_has_documents_of_both_kinds():
@@ -43,12 +40,7 @@ def test_each_document_is_parsed_and_resolved_as_it_says(path):
     if expected != "accepted":
         assert_refused(path, expected)
         return
-    resolver = Resolver("cluster1")
-    for identity in PEERS.values():
-        resolver.add_identity(identity)
-    for policy in parse_policies(path.read_text(), path.name):
-        resolver.upsert_policy(policy)
-    resolver.set_endpoint(PolicyEndpoint(1, "default", IDS["employee"].labels))
+    resolver = corpus.resolve(path, PEERS.values(), IDS["employee"].labels)
     wanted = verdict_lines(path)
     assert wanted, f"{path.name}: an accepted document says what it resolves to"
     got = [(peer, port, protocol, decide(resolver.verdicts(1), EGRESS, PEERS[peer].id,

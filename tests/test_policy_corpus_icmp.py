@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+import corpus
 from corpus import assert_refused, expectation
 
 from meshagent.policy.api import PROTOCOLS, parse_policies
-from meshagent.policy.resolver import PolicyEndpoint, Resolver, decide
+from meshagent.policy.resolver import decide
 from meshagent.testing.datapath_contract import ScenarioDriver
 from meshagent.testing.datapath_model import FORWARDED, INGRESS
 from meshagent.testing.packets import ICMP, ICMPV6, Packet
@@ -28,13 +29,9 @@ POD4, POD6 = "10.9.0.1", "fd00:9::1"
 
 
 def verdict_lines(path: Path) -> list[tuple[str, str, int, str, str]]:
-    out = []
-    for line in path.read_text().splitlines():
-        if line.startswith("# verdict: "):
-            direction, peer, port, verdict = line.removeprefix("# verdict: ").split()
-            number, protocol = port.split("/")
-            out.append((direction, peer, int(number), protocol, verdict))
-    return out
+    """``# verdict: <direction> <peer> <type>/<protocol> <verdict>`` lines."""
+    return [(direction, peer, int(port.split("/")[0]), port.split("/")[1], verdict)
+            for direction, peer, port, verdict in corpus.verdict_lines(path)]
 
 
 def test_the_corpus_has_documents_of_both_kinds():
@@ -48,12 +45,7 @@ def test_each_document_is_parsed_and_resolved_as_it_says(path):
     if expected != "accepted":
         assert_refused(path, expected)
         return
-    resolver = Resolver("cluster1")
-    for identity in IDS.values():
-        resolver.add_identity(identity)
-    for policy in parse_policies(path.read_text(), path.name):
-        resolver.upsert_policy(policy)
-    resolver.set_endpoint(PolicyEndpoint(1, "default", IDS[ENDPOINT].labels))
+    resolver = corpus.resolve(path, IDS.values(), IDS[ENDPOINT].labels)
     wanted = verdict_lines(path)
     assert wanted, f"{path.name}: an accepted document says what it resolves to"
     got = [(direction, peer, port, protocol,
