@@ -13,6 +13,7 @@ from meshagent.errors import MeshagentError
 log = logging.getLogger(__name__)
 
 SOCKET_MODE = 0o660  # root and the socket's group
+STREAM_GRACE = 1.0  # seconds
 
 
 class APIServer:
@@ -26,7 +27,10 @@ class APIServer:
     async def start(self) -> None:
         await remove_stale_socket(self.socket_path)
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # a stream (meshagent monitor, observe -f) ends only when its client goes: on stop,
+        # streams get this long to finish before they are cancelled (aiohttp waits 60 s)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                     shutdown_timeout=STREAM_GRACE)
         await self._runner.setup()
         await web.UnixSite(self._runner, str(self.socket_path)).start()
         os.chmod(self.socket_path, SOCKET_MODE)
