@@ -1,6 +1,7 @@
 """Shared helpers: run the real ``meshagent`` executable, start it as a process, bring a lab
 up for a module."""
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -85,6 +86,20 @@ def bpffs(short_tmp):
     subprocess.run(["umount", "-l", str(root)], check=False)
 
 
+_program_cache: list[str] = []
+
+
+def shared_program_cache() -> str:
+    """One compiled-program cache for the lab agents of this test run: the first agent of a
+    program compiles it, the others load it (plugins/ebpf/progcache.py; its own tests cover
+    the misses). Removed when the run ends."""
+    if not _program_cache:
+        path = tempfile.mkdtemp(prefix="ma-progcache-", dir="/tmp")
+        atexit.register(shutil.rmtree, path, True)
+        _program_cache.append(path)
+    return _program_cache[0]
+
+
 @contextlib.contextmanager
 def lab_up(tmp_path_factory, name: str, nodes: int, agent_args: Sequence[str] = (),
            dual_stack: bool = False, datapath: str = "ebpf", kvstoremesh: bool = False,
@@ -94,6 +109,8 @@ def lab_up(tmp_path_factory, name: str, nodes: int, agent_args: Sequence[str] = 
     from meshagent_dev.lab import Lab
     # short (sockets live there) and unique across concurrent runs on one machine
     lab = Lab(Path(tempfile.mkdtemp(prefix=f"ma-{name}-", dir="/tmp")))
+    if datapath == "ebpf":
+        agent_args = ["--ebpf-program-cache-dir", shared_program_cache(), *agent_args]
     try:
         lab.bring_up(nodes=nodes, agent_args=agent_args, dual_stack=dual_stack,
                      datapath=datapath, kvstoremesh=kvstoremesh, cilium_peer=cilium_peer,
